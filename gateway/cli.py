@@ -1,0 +1,284 @@
+"""
+``gatewayctl``: the administrator's command line. It works whether or not
+the gateway runs: with ``--db`` it talks to that server, otherwise it
+shares (or briefly starts) the embedded PostgreSQL of ``--data-dir``.
+
+Results go to stdout (``device add`` prints the token alone, so
+``TOKEN=$(gatewayctl device add truck-17)`` works); everything else goes to
+stderr. Errors are one line and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import psycopg2
+
+from gateway import embedded, schema, tokens
+from gateway.config import ConfigError, load_toml
+from gateway.readings import format_ts, is_name, parse_ts
+
+EXPORT_BATCH = 10_000
+
+
+class CommandError(Exception):
+    """Ends the command with a one-line message and status 1."""
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace) -> tuple[Path, str | None]:
+    file_values: dict[str, Any] = {}
+    if args.config:
+        try:
+            file_values = load_toml(Path(args.config).expanduser())
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+    data_dir = args.data_dir or file_values.get("data-dir") or "./gateway-data"
+    db = args.db or file_values.get("db") or os.environ.get("GATEWAY_DB") or None
+    return Path(data_dir).expanduser(), db
+
+
+@contextlib.contextmanager
+def database(args: argparse.Namespace) -> Iterator[Any]:
+    """A migrated connection to the gateway's database."""
+    data_dir, db = _settings(args)
+    pg = None
+    if db is None:
+        if not data_dir.exists():
+            data_dir.mkdir(mode=0o700, parents=True)
+        pg = embedded.EmbeddedPostgres(data_dir / "pg")
+        try:
+            dsn = pg.start()
+        except embedded.EmbeddedDatabaseError as e:
+            raise CommandError(str(e)) from None
+    else:
+        dsn = db
+    try:
+        try:
+            conn = embedded.connect(dsn, connect_timeout=10)
+        except psycopg2.Error as e:
+            raise CommandError(f"cannot connect to the database: {str(e).strip().splitlines()[0]}") from None
+        try:
+            schema.migrate(conn)
+            yield conn
+        except schema.SchemaError as e:
+            raise CommandError(str(e)) from None
+        finally:
+            conn.close()
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+# -- commands ------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    with database(args):
+        _note(f"schema is at version {schema.LATEST}")
+
+
+def cmd_device_add(args: argparse.Namespace) -> None:
+    if not is_name(args.name):
+        raise CommandError(f"device name {args.name!r}: use 1-64 characters of A-Z a-z 0-9 _ . : -")
+    new = tokens.new_token()
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO devices (name, token_id, token_hash) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (args.name, new.token_id, new.digest),
+            )
+            if cur.rowcount == 0:
+                raise CommandError(f"device {args.name!r} exists already")
+        conn.commit()
+    print(new.token)
+    _note(f"device {args.name} added; the token above is shown only once")
+
+
+def cmd_device_list(args: argparse.Namespace) -> None:
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT name, created_at, last_seen, revoked_at FROM devices ORDER BY name"
+        )
+        rows = [
+            (name, _when(created), _when(seen) or "never", _when(revoked) or "-")
+            for name, created, seen, revoked in cur.fetchall()
+        ]
+    header = ("NAME", "CREATED", "LAST SEEN", "REVOKED")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _when(value: Any) -> str:
+    return value.astimezone().isoformat(timespec="seconds") if value is not None else ""
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE devices SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
+                (args.name,),
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no device {args.name!r}")
+        conn.commit()
+    _note(f"device {args.name} revoked; its token is refused from now on")
+
+
+EXPORT_SQL = """
+SELECT d.name, r.metric, (extract(epoch FROM r.ts) * 1000000)::bigint, r.value,
+       (extract(epoch FROM r.received_at) * 1000000)::bigint
+FROM readings r JOIN devices d ON d.id = r.device_id
+WHERE ({device} IS NULL OR d.name = {device})
+  AND ({since} IS NULL OR r.ts >= timestamptz 'epoch' + {since} * interval '1 microsecond')
+  AND ({until} IS NULL OR r.ts < timestamptz 'epoch' + {until} * interval '1 microsecond')
+ORDER BY r.id
+""".format(device="%(device)s::text", since="%(since)s::bigint", until="%(until)s::bigint")
+
+
+def _time_arg(option: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_ts(int(text) if text.lstrip("-").isdigit() else text)
+    except ValueError as e:
+        raise CommandError(f"{option} {text!r} {e}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    params = {
+        "device": args.device,
+        "since": _time_arg("--since", args.since),
+        "until": _time_arg("--until", args.until),
+    }
+    out = sys.stdout
+    with database(args) as conn:
+        if args.device is not None:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM devices WHERE name = %s", (args.device,))
+                if cur.fetchone() is None:
+                    raise CommandError(f"no device {args.device!r}")
+        # A named cursor streams rows from the server in batches: constant
+        # memory however many millions of rows there are.
+        with conn.cursor(name="export") as cur:
+            cur.itersize = EXPORT_BATCH
+            cur.execute(EXPORT_SQL, params)
+            count = _write_rows(cur, args.format, out)
+        conn.rollback()
+    _note(f"exported {count} readings")
+
+
+def _write_rows(rows: Any, fmt: str, out: TextIO) -> int:
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(("device", "metric", "ts", "value", "received_at"))
+        for device, metric, ts, value, received in rows:
+            writer.writerow((device, metric, format_ts(ts), repr(value), format_ts(received)))
+            count += 1
+    else:
+        dumps = json.JSONEncoder(separators=(",", ":")).encode
+        for device, metric, ts, value, received in rows:
+            out.write(
+                dumps(
+                    {
+                        "device": device,
+                        "metric": metric,
+                        "ts": format_ts(ts),
+                        "value": value,
+                        "received_at": format_ts(received),
+                    }
+                )
+                + "\n"
+            )
+            count += 1
+    out.flush()
+    return count
+
+
+# -- parsing -----------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="the gateway's data directory [default: ./gateway-data]")
+    common.add_argument("--db", help="PostgreSQL connection string of an external server (or $GATEWAY_DB)")
+    common.add_argument("--config", "-c", help="the gateway's TOML config file (data-dir and db are read from it)")
+
+    parser = argparse.ArgumentParser(
+        prog="gatewayctl", description="Administer a txgateway and its database.", parents=[common]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", parents=[common], help="apply schema migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    device = sub.add_parser("device", parents=[common], help="add, list and revoke devices")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("add", parents=[common], help="register a device; prints its token on stdout")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_device_add)
+    p = dsub.add_parser("list", parents=[common], help="list devices")
+    p.set_defaults(func=cmd_device_list)
+    p = dsub.add_parser("revoke", parents=[common], help="refuse a device's token from now on")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_device_revoke)
+
+    p = sub.add_parser("export", parents=[common], help="stream stored readings to stdout")
+    p.add_argument("--device", help="only this device")
+    p.add_argument("--since", help="only readings at or after this time (RFC 3339 or epoch ms)")
+    p.add_argument("--until", help="only readings before this time (RFC 3339 or epoch ms)")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="[default: jsonl]")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _merge_common(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    # Common options may stand before or after the command; argparse gives
+    # the sub-parser's default (None) precedence, so re-read them from the top.
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--data-dir")
+    top.add_argument("--db")
+    top.add_argument("--config", "-c")
+    known, _ = top.parse_known_args(argv)
+    for key in ("data_dir", "db", "config"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(known, key))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _merge_common(build_parser().parse_args(argv), argv)
+    try:
+        args.func(args)
+    except CommandError as e:
+        print(f"gatewayctl: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (| head); not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except psycopg2.Error as e:
+        print(f"gatewayctl: database error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

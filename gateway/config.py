@@ -1,0 +1,256 @@
+"""
+Options of the gateway: one table of settings, read from the command line
+and from an optional TOML file with the same keys (the command line wins).
+
+Every value goes through the parser named in its table row, so a bad value
+from either source stops the start with one line that names the option and
+what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from twisted.python import usage
+
+from gateway.endpoints import EndpointSpec, parse_endpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the option."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"--{option}: {message}")
+        self.option = option
+
+
+def _positive_int(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a whole number")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if not lo <= number <= hi:
+            raise ValueError(f"{number} is outside {lo}..{hi}")
+        return number
+
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number of seconds")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if not lo <= number <= hi:
+            raise ValueError(f"{number:g} is outside {lo:g}..{hi:g} seconds")
+        return number
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def _readable_file(value: Any) -> Path:
+    path = Path(_text(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a readable file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
+    return path
+
+
+def _directory(value: Any) -> Path:
+    path = Path(_text(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a directory")
+    return path
+
+
+def _dsn(value: Any) -> str:
+    from psycopg2.extensions import parse_dsn
+
+    text = _text(value)
+    try:
+        parse_dsn(text)
+    except Exception as e:  # psycopg2.ProgrammingError, with libpq's words
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unparsable"
+        raise ValueError(f"not a valid PostgreSQL connection string: {reason}") from None
+    return text
+
+
+def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
+    def parse(value: Any) -> EndpointSpec:
+        return parse_endpoint(_text(value), kinds)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data-dir", "./gateway-data", _directory,
+            "Directory for everything the gateway keeps (embedded database, "
+            "TLS certificate); created mode 0700."),
+    Setting("db", None, _dsn,
+            "PostgreSQL connection string of an external server. Without it an "
+            "embedded PostgreSQL runs in DATA_DIR/pg."),
+    Setting("https", "ssl:8443", _server_endpoint(("ssl", "tcp")),
+            "Endpoint of the HTTPS API, as a Twisted endpoint string. An ssl: "
+            "endpoint without privateKey= uses --tls-cert/--tls-key or the data "
+            "directory's certificate; tcp: serves plain HTTP (behind a TLS proxy)."),
+    Setting("tls-cert", None, _readable_file,
+            "PEM certificate (with its chain) for ssl: endpoints."),
+    Setting("tls-key", None, _readable_file,
+            "PEM private key of --tls-cert."),
+    Setting("max-body", 1024 * 1024, _positive_int(1024, 64 * 1024 * 1024),
+            "Largest request body in bytes, enforced while reading."),
+    Setting("request-timeout", 30.0, _seconds(1, 3600),
+            "Seconds a client may stay silent mid-request or idle between requests."),
+    Setting("pool-size", 4, _positive_int(1, 64),
+            "Database connections the store keeps open."),
+    Setting("max-batch", 5000, _positive_int(1, 100_000),
+            "Most readings committed in one transaction."),
+    Setting("commit-delay", 0.002, _seconds(0, 1),
+            "Seconds a batch waits for more readings before it commits, "
+            "when a connection is free."),
+    Setting("max-queue", 100_000, _positive_int(1, 10_000_000),
+            "Most readings waiting for COMMIT; past it writers get 503 + Retry-After."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    data_dir: Path
+    db: str | None
+    https: EndpointSpec
+    tls_cert: Path | None
+    tls_key: Path | None
+    max_body: int
+    request_timeout: float
+    pool_size: int
+    max_batch: int
+    commit_delay: float
+    max_queue: int
+    config_file: Path | None = None
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "pg"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; keys are the long option names (``-`` or ``_``)."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("config", f"{str(path)!r} cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", f"{str(path)!r} is not valid TOML: {e}") from None
+    return {key.replace("_", "-"): value for key, value in data.items()}
+
+
+def build_config(
+    command_line: Mapping[str, Any],
+    file_values: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> GatewayConfig:
+    """Merge defaults < config file < command line, and check every value."""
+    file_values = dict(file_values or {})
+    for key in file_values:
+        if key not in _BY_NAME:
+            known = ", ".join(sorted(_BY_NAME))
+            raise ConfigError("config", f"{str(config_file)!r}: unknown key {key!r} (known: {known})")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = command_line.get(setting.name)
+        if raw is None:
+            raw = file_values.get(setting.name)
+        if raw is None:
+            raw = setting.default
+        if raw is None:
+            values[setting.name] = None
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as e:
+            raise ConfigError(setting.name, str(e)) from None
+    if (values["tls-cert"] is None) != (values["tls-key"] is None):
+        missing = "tls-key" if values["tls-key"] is None else "tls-cert"
+        raise ConfigError(missing, "--tls-cert and --tls-key go together; give both")
+    return GatewayConfig(
+        config_file=config_file,
+        **{name.replace("-", "_"): value for name, value in values.items()},
+    )
+
+
+class Options(usage.Options):
+    """``twistd gateway`` options."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Accepts readings from field devices over HTTPS, stores each one once in "
+        "PostgreSQL and acknowledges it only after COMMIT. With no options it runs "
+        "an embedded PostgreSQL in ./gateway-data and serves HTTPS on port 8443."
+    )
+    optParameters = [["config", "c", None, "TOML file holding any of these options by their long names."]] + [
+        [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")]
+        for s in SETTINGS
+    ]
+
+    gateway_config: GatewayConfig
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # twistd answers a usage error with its whole help text; one line that
+        # names the option is what an operator reading a unit's journal needs.
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd gateway: {e} (see: twistd gateway --help)") from None
+
+    def postOptions(self) -> None:
+        try:
+            file_values: dict[str, Any] = {}
+            config_file = None
+            if self["config"] is not None:
+                config_file = Path(os.path.expanduser(self["config"]))
+                file_values = load_toml(config_file)
+            self.gateway_config = build_config(
+                {s.name: self[s.name] for s in SETTINGS}, file_values, config_file
+            )
+        except ConfigError as e:
+            raise SystemExit(f"twistd gateway: {e}") from None

@@ -1,0 +1,82 @@
+"""
+The embedded PostgreSQL: a server from the ``pgserver`` package living in
+``DATA_DIR/pg``, reached over a Unix socket inside that directory (no TCP
+port), with fsync and synchronous_commit at their safe defaults.
+
+pgserver counts the processes using one data directory in a file and stops
+the server when the last one lets go, so ``gatewayctl`` shares the server of
+a running gateway and starts (then stops) its own when none runs. A process
+killed with SIGKILL never removes itself from that count; stale entries are
+pruned before each start, so the server still stops with the last live user.
+
+Every call here blocks (initdb, pg_ctl): the server runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import psycopg2
+
+
+class EmbeddedDatabaseError(Exception):
+    """The embedded PostgreSQL could not be started."""
+
+
+def _pgserver():
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, CI).
+        warnings.simplefilter("ignore")
+        import pgserver
+        import pgserver.postgres_server
+    return pgserver
+
+
+def _prune_dead_users(pg_dir: Path) -> None:
+    import psutil
+
+    pgserver = _pgserver()
+    from pgserver.utils import DiskList
+
+    with pgserver.postgres_server.PostgresServer._lock:
+        users = DiskList(pg_dir / ".handle_pids.json")
+        pids = users.get()
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            users.put(alive)
+
+
+class EmbeddedPostgres:
+    """Start, share and stop the data directory's PostgreSQL."""
+
+    def __init__(self, pg_dir: Path) -> None:
+        self.pg_dir = Path(pg_dir).resolve()
+        self._server = None
+
+    def start(self) -> str:
+        """Start (or join) the server; return a libpq connection string."""
+        pgserver = _pgserver()
+        self.pg_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            if self.pg_dir.exists():
+                _prune_dead_users(self.pg_dir)
+            self._server = pgserver.get_server(self.pg_dir, cleanup_mode="stop")
+            dsn = self._server.get_uri()
+        except Exception as e:
+            log = self.pg_dir / "log"
+            hint = f"; see {log}" if log.exists() else ""
+            raise EmbeddedDatabaseError(f"embedded PostgreSQL in {self.pg_dir} did not start: {e}{hint}") from e
+        return dsn
+
+    def stop(self) -> None:
+        """Let go of the server; it stops if no other process uses it."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.cleanup()
+
+
+def connect(dsn: str, **extra) -> "psycopg2.extensions.connection":
+    """A synchronous connection, for the command line and start-up work."""
+    return psycopg2.connect(dsn, application_name=os.environ.get("PGAPPNAME", "txgateway"), **extra)

@@ -1,0 +1,168 @@
+"""
+Group commit: the policy that turns many small writes into few transactions.
+
+Theory of operation. Writers call ``submit(item, size)`` and get a Deferred
+that fires after the transaction holding their item has committed. Items
+wait in one FIFO queue. A batch leaves the queue when a commit slot is free
+(there are as many slots as database connections) and either the queue holds
+``max_batch`` readings, ``max_delay`` seconds have passed since the oldest
+waiting item arrived, or a transaction has just finished (whatever arrived
+while it was in flight has already waited one commit time). The queue is
+bounded by ``max_queue`` readings: past it ``submit`` fails at once with
+``Overloaded`` so the caller can tell its client to retry, instead of
+holding memory without end.
+
+The policy knows nothing about SQL: ``commit(items)`` is injected and
+returns a Deferred firing with one outcome per item, a result or an
+Exception instance. Time comes from an injected ``IReactorTime``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+log = Logger()
+
+
+class Overloaded(Exception):
+    """The commit queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Closed(Exception):
+    """The store is shutting down and takes no more writes."""
+
+
+@dataclass
+class _Waiting(Generic[T]):
+    item: T
+    size: int
+    arrived: float
+    deferred: Deferred = field(default_factory=Deferred)
+
+
+class GroupCommit(Generic[T]):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        commit: Callable[[list[T]], Deferred],
+        *,
+        slots: int,
+        max_batch: int,
+        max_delay: float,
+        max_queue: int,
+    ) -> None:
+        self._clock = clock
+        self._commit = commit
+        self.slots = slots
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.max_queue = max_queue
+        self._queue: deque[_Waiting[T]] = deque()
+        self.queued = 0  # readings waiting, not yet in a transaction
+        self.in_flight = 0  # transactions under way
+        self._timer: IDelayedCall | None = None
+        self._closed = False
+        self._idle: list[Deferred] = []
+
+    def submit(self, item: T, size: int) -> Deferred:
+        if self._closed:
+            return fail(Closed("the store is shutting down"))
+        if self.queued + size > self.max_queue and self.queued > 0:
+            return fail(
+                Overloaded(
+                    f"{self.queued} readings are waiting for the database (limit {self.max_queue})"
+                )
+            )
+        waiting = _Waiting(item, size, self._clock.seconds())
+        self._queue.append(waiting)
+        self.queued += size
+        self._pump(just_finished=False)
+        return waiting.deferred
+
+    def _take_batch(self) -> list[_Waiting[T]]:
+        batch = [self._queue.popleft()]
+        total = batch[0].size
+        while self._queue and total + self._queue[0].size <= self.max_batch:
+            waiting = self._queue.popleft()
+            batch.append(waiting)
+            total += waiting.size
+        self.queued -= total
+        return batch
+
+    def _pump(self, just_finished: bool) -> None:
+        while self._queue and self.in_flight < self.slots:
+            due = (
+                just_finished
+                or self._closed
+                or self.max_delay <= 0
+                or self.queued >= self.max_batch
+                or self._clock.seconds() >= self._queue[0].arrived + self.max_delay
+            )
+            if not due:
+                self._arm_timer()
+                return
+            self._start(self._take_batch())
+            just_finished = False
+        self._maybe_idle()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            return
+        delay = max(0.0, self._queue[0].arrived + self.max_delay - self._clock.seconds())
+        self._timer = self._clock.callLater(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._pump(just_finished=False)
+
+    def _start(self, batch: list[_Waiting[T]]) -> None:
+        self.in_flight += 1
+        try:
+            d = self._commit([w.item for w in batch])
+        except Exception:
+            d = fail()
+        d.addBoth(self._finished, batch)
+
+    def _finished(self, outcomes: Any, batch: list[_Waiting[T]]) -> None:
+        self.in_flight -= 1
+        if isinstance(outcomes, Failure):
+            outcomes = [outcomes.value] * len(batch)
+        for waiting, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                waiting.deferred.errback(Failure(outcome))
+            else:
+                waiting.deferred.callback(outcome)
+        self._pump(just_finished=True)
+
+    def _maybe_idle(self) -> None:
+        if not self._queue and self.in_flight == 0:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close(self) -> Deferred:
+        """Refuse new writes; fire when everything queued has committed."""
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._queue and self.in_flight == 0:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        self._pump(just_finished=False)
+        return d
+

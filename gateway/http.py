@@ -1,0 +1,280 @@
+"""
+The HTTPS API: ``POST /v1/readings`` and ``GET /healthz``.
+
+twisted.web reads a whole body before it calls a resource and has no body
+limit of its own, so ``LimitedRequest`` counts body bytes as they arrive
+(chunked bodies included) and answers 413 and closes the connection as
+soon as the limit is passed, before buffering more. Bodies are held in
+memory (bounded by that limit), never in temporary files. A request must
+also arrive whole within ``request_timeout`` of its headers.
+
+Every answer is JSON. Errors are ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+from gateway.ingest import Ingest
+from gateway.readings import IngestError, InvalidInput, WriteResult
+from gateway.store import IStore
+
+log = Logger()
+
+SAMPLE_BYTES = 4096  # how much of an over-long body is kept as evidence
+JSON_TYPES = (b"application/json",)
+
+
+def _json(request: server.Request, status: int, doc: dict[str, Any], retry_after: int | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    if retry_after is not None:
+        request.setHeader(b"retry-after", str(retry_after).encode())
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def _error_body(code: str, message: str) -> dict[str, str]:
+    return {"error": code, "message": message}
+
+
+def answer_later(request: server.Request, d: Any) -> Any:
+    """Write the bytes d fires with, unless the client has gone meanwhile."""
+    gone: list[Any] = []
+    request.notifyFinish().addBoth(gone.append)
+
+    def write(body: bytes) -> None:
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    d.addCallback(write)
+    return server.NOT_DONE_YET
+
+
+def source_of(request: server.Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", "?")
+    port = getattr(peer, "port", "?")
+    scheme = "https" if request.isSecure() else "http"
+    return f"{scheme} {host}:{port}"
+
+
+class LimitedRequest(server.Request):
+    """A Request that refuses bodies over the site's limit while reading them."""
+
+    _received = 0
+    _refused = False
+    _deadline = None
+
+    def gotLength(self, length: int | None) -> None:
+        site = self.channel.site
+        self.content = io.BytesIO()
+        self._received = 0
+        self._deadline = site.clock.callLater(site.request_timeout, self._too_slow)
+        if length is not None and length > site.max_body:
+            self._refuse(413, "body_too_large", f"the body is {length} bytes; the limit is {site.max_body}")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        site = self.channel.site
+        if self._received > site.max_body:
+            sample = self.content.getvalue()[:SAMPLE_BYTES]
+            self._refuse(413, "body_too_large", f"the body is over the limit of {site.max_body} bytes", sample)
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_deadline()
+        if self._refused:
+            return  # already answered; the connection is closing
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        timeout = self.channel.site.request_timeout
+        self._refuse(408, "request_timeout", f"the request did not arrive whole within {timeout:g} seconds")
+
+    def _refuse(self, status: int, code: str, message: str, sample: bytes = b"") -> None:
+        """Answer at once, bypassing the resource, and close the connection."""
+        self._refused = True
+        self._cancel_deadline()
+        self.content = io.BytesIO()
+        body = json.dumps(_error_body(code, message)).encode() + b"\n"
+        head = (
+            f"HTTP/1.1 {status} {http.RESPONSES.get(status, b'Error').decode()}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        self.channel.transport.write(head + body)
+        self.channel.loseConnection()
+        site = self.channel.site
+        source = source_of(self)
+        log.warn("refused request from {source}: {code}: {reason}", source=source, code=code, reason=message)
+        site.store.reject(source, f"{code}: {message}", sample)
+
+
+class JsonResource(resource.Resource):
+    isLeaf = True
+    allowed: tuple[bytes, ...] = ()
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in self.allowed:
+            request.setHeader(b"allow", b", ".join(self.allowed))
+            return _json(request, 405, _error_body("method_not_allowed", f"use {b', '.join(self.allowed).decode()}"))
+        return super().render(request)
+
+
+class NotFound(JsonResource):
+    allowed = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")
+
+    def render(self, request: server.Request) -> bytes:
+        return _json(request, 404, _error_body("not_found", f"no such resource: {request.path.decode('latin-1')}"))
+
+
+class ReadingsResource(JsonResource):
+    """POST /v1/readings: a device's readings, answered after COMMIT."""
+
+    allowed = (b"POST",)
+
+    def __init__(self, ingest: Ingest) -> None:
+        super().__init__()
+        self.ingest = ingest
+
+    def render_POST(self, request: server.Request) -> Any:
+        d = self._handle(request)
+
+        def failed(f: Failure) -> bytes:
+            if f.check(IngestError):
+                e = f.value
+                return _json(request, e.status, _error_body(e.code, e.message), e.retry_after)
+            log.failure("ingest failed unexpectedly", f)
+            return _json(request, 500, _error_body("internal_error", "the gateway failed; retry later"))
+
+        d.addCallback(lambda result: self._accepted(request, result))
+        d.addErrback(failed)
+        # If the client has gone by now its readings are stored all the
+        # same; it will send them again and hear they are duplicates.
+        return answer_later(request, d)
+
+    def _handle(self, request: server.Request) -> Any:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._handle_async(request))
+
+    async def _handle_async(self, request: server.Request) -> WriteResult:
+        source = source_of(request)
+        device = await self.ingest.authenticate(_bearer(request), source)
+        body = request.content.getvalue()
+        headers = request.requestHeaders
+        if not headers.hasHeader(b"content-length") and b"chunked" not in b",".join(
+            headers.getRawHeaders(b"transfer-encoding", [])
+        ).lower():
+            error = IngestError("send the body with Content-Length or chunked encoding", "length_required")
+            error.status = 411
+            await self.ingest.refused(source, error, body, device)
+            raise error
+        content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+        if content_type not in JSON_TYPES:
+            error = InvalidInput("the body must be application/json", "unsupported_media_type")
+            error.status = 415
+            await self.ingest.refused(source, error, body, device)
+            raise error
+        return await self.ingest.write_json(device, body, source)
+
+    @staticmethod
+    def _accepted(request: server.Request, result: WriteResult) -> bytes:
+        return _json(request, 200, {"accepted": result.accepted, "duplicates": result.duplicates})
+
+
+def _bearer(request: server.Request) -> str | None:
+    value = request.getHeader(b"authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip().decode("latin-1") or None
+
+
+class HealthResource(JsonResource):
+    """GET /healthz: 200 when the database answers, 503 otherwise."""
+
+    allowed = (b"GET", b"HEAD")
+
+    def __init__(self, store: IStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def render_GET(self, request: server.Request) -> Any:
+        def ok(_: Any) -> bytes:
+            return _json(request, 200, {"status": "ok", "database": "ok", "queue": self._queue()})
+
+        def down(f: Failure) -> bytes:
+            reason = f.value.message if f.check(IngestError) else str(f.value)
+            return _json(request, 503, {"status": "unavailable", "database": reason, "queue": self._queue()}, 5)
+
+        return answer_later(request, self.store.check().addCallbacks(ok, down))
+
+    render_HEAD = render_GET
+
+    def _queue(self) -> int:
+        return getattr(self.store, "queue_depth", 0)
+
+
+class Root(resource.Resource):
+    def __init__(self, ingest: Ingest, store: IStore) -> None:
+        super().__init__()
+        v1 = resource.Resource()
+        v1.putChild(b"readings", ReadingsResource(ingest))
+        v1.getChild = lambda path, request: NotFound()  # type: ignore[method-assign]
+        self.putChild(b"v1", v1)
+        self.putChild(b"healthz", HealthResource(store))
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> bytes:
+        return NotFound().render(request)
+
+
+class GatewaySite(server.Site):
+    requestFactory = LimitedRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        store: IStore,
+        *,
+        clock: IReactorTime,
+        max_body: int,
+        request_timeout: float,
+    ) -> None:
+        super().__init__(Root(ingest, store), timeout=request_timeout)
+        self.store = store
+        self.clock = clock
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+
+    def log(self, request: server.Request) -> None:
+        # No access log line per request: at thousands of requests a second
+        # it would cost more than the request. Refusals are logged where made.
+        pass

@@ -1,0 +1,122 @@
+"""
+The one ingest path every transport uses: authenticate the device,
+normalise and validate what it sent, store it, and only then answer.
+
+Parsing is pure (bytes in, readings or InvalidInput out); ``Ingest`` joins
+it to an IStore. Refused input is kept in the store's rejected-input table
+with the reason, so nothing disappears without a trace.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gateway.readings import (
+    Device,
+    IngestError,
+    InvalidInput,
+    Reading,
+    StoreRejected,
+    Unauthorized,
+    WriteResult,
+    is_name,
+    parse_ts,
+    parse_value,
+)
+from gateway.store import IStore
+
+log = Logger()
+
+_READING_KEYS = frozenset(("metric", "ts", "value"))
+
+
+def parse_reading(item: Any, where: str) -> Reading:
+    if not isinstance(item, dict):
+        raise InvalidInput(f'{where}: must be an object with "metric", "ts" and "value"')
+    if item.keys() != _READING_KEYS:
+        missing = sorted(_READING_KEYS - item.keys())
+        if missing:
+            raise InvalidInput(f"{where}.{missing[0]}: missing")
+        extra = sorted(item.keys() - _READING_KEYS)
+        raise InvalidInput(f"{where}.{extra[0]}: unknown field (allowed: metric, ts, value)")
+    metric = item["metric"]
+    if not is_name(metric):
+        raise InvalidInput(f"{where}.metric: must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    try:
+        ts = parse_ts(item["ts"])
+    except ValueError as e:
+        raise InvalidInput(f"{where}.ts: {e}") from None
+    try:
+        value = parse_value(item["value"])
+    except ValueError as e:
+        raise InvalidInput(f"{where}.value: {e}") from None
+    return Reading(metric, ts, value)
+
+
+def parse_readings_json(body: bytes) -> list[Reading]:
+    """``{"readings": [{"metric", "ts", "value"}, …]}`` → readings, or InvalidInput."""
+    try:
+        doc = json.loads(body.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
+    except ValueError as e:
+        raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(doc, dict) or "readings" not in doc:
+        raise InvalidInput('the body must be a JSON object with a "readings" list', code="invalid_body")
+    extra = sorted(k for k in doc if k != "readings")
+    if extra:
+        raise InvalidInput(f"{extra[0]}: unknown field (allowed: readings)", code="invalid_body")
+    items = doc["readings"]
+    if not isinstance(items, list):
+        raise InvalidInput("readings: must be a list", code="invalid_body")
+    return [parse_reading(item, f"readings[{i}]") for i, item in enumerate(items)]
+
+
+class Ingest:
+    """Authenticate → normalise → store → answer, for every transport."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+
+    async def authenticate(self, token: str | None, source: str) -> Device:
+        device = await self.store.authenticate(token) if token else None
+        if device is None:
+            log.warn("refused {source}: missing, unknown or revoked device token", source=source)
+            raise Unauthorized("missing, unknown or revoked device token")
+        return device
+
+    async def store_readings(self, device: Device, readings: Sequence[Reading], source: str, raw: bytes) -> WriteResult:
+        try:
+            return await self.store.write(device, readings)
+        except StoreRejected as e:
+            await self.refused(source, e, raw, device)
+            raise
+
+    async def refused(self, source: str, error: IngestError, raw: bytes, device: Device | None) -> None:
+        """Log input that gets an error, and keep it with the reason."""
+        name = device.name if device else None
+        log.warn(
+            "refused input from {source} (device {device}): {code}: {reason}",
+            source=source,
+            device=name,
+            code=error.code,
+            reason=error.message,
+        )
+        await self.store.reject(source, f"{error.code}: {error.message}", raw, name)
+
+    def write_json(self, device: Device, body: bytes, source: str) -> Deferred:
+        """Parse a JSON body and store it; fires with WriteResult or fails with IngestError."""
+
+        async def run() -> WriteResult:
+            try:
+                readings = parse_readings_json(body)
+            except InvalidInput as e:
+                await self.refused(source, e, body, device)
+                raise
+            return await self.store_readings(device, readings, source, body)
+
+        return Deferred.fromCoroutine(run())

@@ -1,0 +1,234 @@
+"""
+A small pool of asynchronous PostgreSQL connections (txpostgres) that
+notices a dead database and reconnects by itself.
+
+Theory of operation. Each slot holds one connection and runs one piece of
+work at a time. ``run(work)`` lends an idle connection to ``work`` (a
+function returning a Deferred); when none is idle the caller waits in a
+bounded FIFO. A connection that comes back closed, or an OperationalError /
+InterfaceError, marks the slot down: its work fails with StoreUnavailable
+(the caller answers 503 + Retry-After) and the slot reconnects with
+exponential backoff and jitter. When no slot is up or connecting, ``run``
+fails at once rather than queueing callers behind a database that is gone.
+
+libpq keepalives and TCP_USER_TIMEOUT make a silent network partition show
+up as an error within about half a minute; a server-side statement timeout
+bounds any one statement.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any, Callable
+
+import psycopg2
+import psycopg2.extensions
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import txpostgres
+
+from gateway.readings import StoreOverloaded, StoreUnavailable
+
+log = Logger()
+
+CONNECT_TIMEOUT = 10.0
+BACKOFF_FIRST = 0.2
+BACKOFF_CAP = 5.0
+
+_SESSION = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+    "application_name": "txgateway",
+}
+
+
+def session_dsn(dsn: str, statement_timeout_ms: int = 30_000) -> str:
+    """The user's DSN plus our session settings, where the user set none."""
+    given = psycopg2.extensions.parse_dsn(dsn)
+    extra = {k: v for k, v in _SESSION.items() if k not in given}
+    options = given.get("options", "")
+    if "statement_timeout" not in options:
+        extra["options"] = (options + f" -c statement_timeout={statement_timeout_ms}").strip()
+    return psycopg2.extensions.make_dsn(dsn, **extra)
+
+
+def is_connection_error(error: BaseException) -> bool:
+    if isinstance(error, psycopg2.extensions.QueryCanceledError):
+        return False  # statement timeout: the connection itself is fine
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
+class _Slot:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.conn: txpostgres.Connection | None = None
+        self.state = "down"  # down | connecting | idle | busy
+        self.backoff = BACKOFF_FIRST
+        self.retry: IDelayedCall | None = None
+        self.released: Deferred | None = None  # fires when the current work ends
+
+
+class PgPool:
+    def __init__(self, reactor: Any, size: int, max_waiters: int = 1000) -> None:
+        self._reactor = reactor
+        self._dsn = ""
+        self._slots = [_Slot(i) for i in range(size)]
+        self._waiters: deque[tuple[Callable[[Any], Deferred], Deferred]] = deque()
+        self.max_waiters = max_waiters
+        self.last_error = "not connected yet"
+        self._closing = False
+
+    # -- state ---------------------------------------------------------
+
+    @property
+    def up(self) -> int:
+        return sum(1 for s in self._slots if s.state in ("idle", "busy"))
+
+    def _hopeful(self) -> bool:
+        return any(s.state != "down" for s in self._slots)
+
+    # -- connecting ----------------------------------------------------
+
+    def start(self, dsn: str) -> Deferred:
+        """Connect every slot; fires with how many are up once all have tried."""
+        from twisted.internet.defer import DeferredList
+
+        self._dsn = session_dsn(dsn)
+        return DeferredList([self._connect(s) for s in self._slots]).addCallback(lambda _: self.up)
+
+    def _connect(self, slot: _Slot) -> Deferred:
+        slot.retry = None
+        if self._closing:
+            return succeed(None)
+        slot.state = "connecting"
+        conn = txpostgres.Connection(reactor=self._reactor)
+        slot.conn = conn
+        timer = self._reactor.callLater(CONNECT_TIMEOUT, self._connect_timeout, conn)
+        d = conn.connect(self._dsn)
+
+        def connected(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if self._closing:
+                conn.close()
+                slot.state = "down"
+                return
+            if slot.backoff > BACKOFF_FIRST:
+                log.info("database connection {slot} is back", slot=slot.index)
+            slot.state = "idle"
+            slot.backoff = BACKOFF_FIRST
+            self._serve(slot)
+
+        def failed(f: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            self._slot_down(slot, f.value)
+
+        d.addCallbacks(connected, failed)
+        return d
+
+    def _connect_timeout(self, conn: txpostgres.Connection) -> None:
+        # libpq's connect_timeout only applies to blocking connects.
+        self.last_error = f"connecting took longer than {CONNECT_TIMEOUT:g}s"
+        conn.close()
+
+    def _slot_down(self, slot: _Slot, error: BaseException) -> None:
+        was = slot.state
+        slot.state = "down"
+        if slot.conn is not None:
+            try:
+                slot.conn.close()
+            except Exception:
+                pass
+            slot.conn = None
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.last_error = text
+        if self._closing:
+            return
+        if was != "connecting" or slot.backoff == BACKOFF_FIRST:
+            log.warn("database connection {slot} lost: {error}", slot=slot.index, error=text)
+        delay = slot.backoff * random.uniform(0.5, 1.0)
+        slot.backoff = min(slot.backoff * 2, BACKOFF_CAP)
+        slot.retry = self._reactor.callLater(delay, self._connect, slot)
+        if not self._hopeful():
+            self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for _, d in waiters:
+            d.errback(Failure(StoreUnavailable(f"database unavailable: {self.last_error}")))
+
+    # -- lending -------------------------------------------------------
+
+    def run(self, work: Callable[[Any], Deferred]) -> Deferred:
+        """Run ``work(connection)`` on a free connection; fires with its result."""
+        if self._closing:
+            return fail(StoreUnavailable("the gateway is shutting down"))
+        for slot in self._slots:
+            if slot.state == "idle":
+                return self._lend(slot, work)
+        if not self._hopeful():
+            return fail(StoreUnavailable(f"database unavailable: {self.last_error}"))
+        if len(self._waiters) >= self.max_waiters:
+            return fail(StoreOverloaded(f"{len(self._waiters)} requests are waiting for a database connection"))
+        d: Deferred = Deferred()
+        self._waiters.append((work, d))
+        return d
+
+    def _lend(self, slot: _Slot, work: Callable[[Any], Deferred]) -> Deferred:
+        slot.state = "busy"
+        slot.released = Deferred()
+        conn = slot.conn
+        try:
+            d = work(conn)
+        except Exception:
+            d = fail()
+
+        def done(result: Any) -> Any:
+            released, slot.released = slot.released, None
+            self._reactor.callLater(0, released.callback, None)
+            if (isinstance(result, Failure) and is_connection_error(result.value)) or conn.closed:
+                error = result.value if isinstance(result, Failure) else Exception("connection closed")
+                self._slot_down(slot, error)
+                if isinstance(result, Failure) and not isinstance(result.value, StoreUnavailable):
+                    return Failure(StoreUnavailable(f"database unavailable: {self.last_error}"))
+                return result
+            if isinstance(result, Failure) and isinstance(result.value, psycopg2.extensions.QueryCanceledError):
+                result = Failure(StoreUnavailable("the database did not answer in time"))
+            slot.state = "idle"
+            self._serve(slot)
+            return result
+
+        return d.addBoth(done)
+
+    def _serve(self, slot: _Slot) -> None:
+        if slot.state == "idle" and self._waiters:
+            work, d = self._waiters.popleft()
+            self._lend(slot, work).chainDeferred(d)
+
+    def close(self) -> Deferred:
+        """Close every connection once its current work is done."""
+        self._closing = True
+        self._fail_waiters()
+        pending = []
+        for slot in self._slots:
+            if slot.retry is not None and slot.retry.active():
+                slot.retry.cancel()
+            if slot.released is not None:
+                pending.append(slot.released)
+        from twisted.internet.defer import gatherResults
+
+        def close_all(_: Any) -> None:
+            for slot in self._slots:
+                if slot.conn is not None:
+                    slot.conn.close()
+                    slot.conn = None
+                slot.state = "down"
+
+        return gatherResults(pending).addCallback(close_all)

@@ -1,0 +1,160 @@
+"""
+The product's words as types: a Reading, a Device, the outcome of a write,
+and the errors the ingest path answers with. Also the normalisation of
+what devices send (timestamps, metric names, values) shared by every
+transport.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+ONE_US = datetime.timedelta(microseconds=1)
+
+# datetime's range: 0001-01-01 .. 9999-12-31, in microseconds from the epoch
+MIN_TS_US = (datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc) - EPOCH) // ONE_US
+MAX_TS_US = (datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.timezone.utc) - EPOCH) // ONE_US
+
+NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
+_is_name = re.compile(NAME_PATTERN + r"\Z").match
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))\Z"
+)
+
+
+class Reading(NamedTuple):
+    metric: str
+    ts_us: int  # microseconds since 1970-01-01T00:00:00Z
+    value: float
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    accepted: int  # newly stored
+    duplicates: int  # already stored (a retransmission)
+
+
+class IngestError(Exception):
+    """An answer to the sender that is not an ack; carries status and code."""
+
+    status = 400
+    code = "bad_request"
+    retry_after: int | None = None
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(IngestError):
+    status = 400
+    code = "invalid_reading"
+
+
+class Unauthorized(IngestError):
+    status = 401
+    code = "unauthorized"
+
+
+class StoreUnavailable(IngestError):
+    """The database cannot be reached; nothing was stored."""
+
+    status = 503
+    code = "database_unavailable"
+    retry_after = 5
+
+
+class StoreOverloaded(IngestError):
+    status = 503
+    code = "overloaded"
+    retry_after = 1
+
+
+class StoreRejected(IngestError):
+    """The database refused a reading; the sender's other readings were stored."""
+
+    status = 422
+    code = "rejected_by_database"
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def is_name(text: Any) -> bool:
+    return isinstance(text, str) and _is_name(text) is not None
+
+
+def parse_rfc3339(text: str) -> int:
+    """RFC 3339 with a zone → microseconds since the epoch (finer digits are cut)."""
+    m = _RFC3339.match(text)
+    if m is None:
+        raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
+    year, month, day, hour, minute, second, frac, z, sign, oh, om = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    if z:
+        tz = datetime.timezone.utc
+    else:
+        if int(oh) > 23 or int(om) > 59:
+            raise ValueError("has an offset out of range")
+        offset = datetime.timedelta(hours=int(oh), minutes=int(om))
+        tz = datetime.timezone(offset if sign == "+" else -offset)
+    try:
+        dt = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
+    except ValueError as e:
+        raise ValueError(f"is not a valid date and time ({e})") from None
+    try:
+        return (dt - EPOCH) // ONE_US
+    except OverflowError:  # pragma: no cover - only at the very ends of the range
+        raise ValueError("is out of range") from None
+
+
+def parse_ts(value: Any) -> int:
+    """A device timestamp: RFC 3339 text, or whole epoch milliseconds."""
+    if isinstance(value, str):
+        ts = parse_rfc3339(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ts = value * 1000
+    else:
+        raise ValueError("must be an RFC 3339 string or whole epoch milliseconds")
+    if not MIN_TS_US <= ts <= MAX_TS_US:
+        raise ValueError("is outside years 0001..9999")
+    return ts
+
+
+def parse_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("is too large for a 64-bit float") from None
+    if not math.isfinite(number):
+        raise ValueError("must be finite")
+    return number
+
+
+def format_ts(ts_us: int) -> str:
+    """Microseconds since the epoch → RFC 3339 in UTC, with as many digits as needed."""
+    dt = EPOCH + datetime.timedelta(microseconds=ts_us)
+    text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
+    if dt.microsecond:
+        frac = f"{dt.microsecond:06d}"
+        if frac.endswith("000"):
+            frac = frac[:3]
+        text += "." + frac
+    return text + "Z"

@@ -1,0 +1,215 @@
+"""
+Assembles the gateway from its options: the one module that touches the
+global reactor (in ``makeService``); everything below takes it as an
+argument.
+
+Start order. ``privilegedStartService`` makes the data directory and the
+TLS certificate and binds the listening ports, so a port in use or a bad
+certificate stops the start at once with one line. ``startService`` then
+starts the embedded PostgreSQL and applies migrations in a thread (both
+block), and opens the store's connection pool. Until the pool is up,
+ingest answers 503 with Retry-After: nothing is accepted that could not
+be committed. Stop order is the reverse: stop listening, let the store
+commit and answer what is in flight, close the pool, stop the database.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg2.extensions
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from gateway import embedded, schema
+from gateway.config import GatewayConfig, Options
+from gateway.endpoints import EndpointSpec
+from gateway.http import GatewaySite
+from gateway.ingest import Ingest
+from gateway.store import PostgresStore
+from gateway.tls import TLSConfigError, make_self_signed, server_options
+
+__all__ = ["Options", "makeService", "GatewayService"]
+
+log = Logger()
+
+
+class StartError(Exception):
+    """The gateway cannot start; the message says why in one line."""
+
+
+def describe_dsn(dsn: str) -> str:
+    """A DSN fit for a log line: no password."""
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "(unparsable)"
+    parts.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
+
+
+def prepare_database(config: GatewayConfig, embedded_pg: embedded.EmbeddedPostgres | None) -> str:
+    """Start the embedded server if there is one, apply migrations; return the DSN. Blocks."""
+    dsn = config.db if embedded_pg is None else embedded_pg.start()
+    try:
+        conn = embedded.connect(dsn, connect_timeout=10)
+    except psycopg2.Error as e:
+        raise StartError(f"--db: cannot connect: {str(e).strip().splitlines()[0]}") from None
+    try:
+        applied = schema.migrate(conn)
+    except schema.SchemaError as e:
+        raise StartError(f"database schema: {e}") from None
+    finally:
+        conn.close()
+    if applied:
+        log.info("database schema migrated to version {version}", version=applied[-1])
+    return dsn
+
+
+class GatewayService(MultiService):
+    def __init__(self, config: GatewayConfig, reactor: Any, *, exit_on_failure: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.exit_on_failure = exit_on_failure
+        self.embedded = None if config.db else embedded.EmbeddedPostgres(config.pg_dir)
+        self.store = PostgresStore(
+            reactor,
+            pool_size=config.pool_size,
+            max_batch=config.max_batch,
+            commit_delay=config.commit_delay,
+            max_queue=config.max_queue,
+        )
+        self.ingest = Ingest(self.store)
+        self.site = GatewaySite(
+            self.ingest,
+            self.store,
+            clock=reactor,
+            max_body=config.max_body,
+            request_timeout=config.request_timeout,
+        )
+        self.https_port: Any = None
+        self.ready: Deferred = Deferred()  # fires when the store is connected
+        self.failure: str | None = None
+
+    # -- start ---------------------------------------------------------
+
+    def _tls_factory(self, spec: EndpointSpec) -> Any:
+        if spec.private_key is not None:
+            cert, key = spec.cert_key, spec.private_key
+            option = "https"
+        elif self.config.tls_cert is not None:
+            cert, key = self.config.tls_cert, self.config.tls_key
+            option = "tls-cert"
+        else:
+            made = make_self_signed(self.config.tls_dir)
+            cert, key = made.cert_path, made.key_path
+            option = "tls-cert"
+            log.info(
+                "{what} self-signed TLS certificate {path}, SHA-256 fingerprint {fingerprint}",
+                what="made" if made.created else "using",
+                path=str(made.cert_path),
+                fingerprint=made.fingerprint,
+            )
+        try:
+            return server_options(cert, key, spec.extra_cert_chain)
+        except TLSConfigError as e:
+            raise StartError(f"--{option}: {e}") from None
+
+    def _listen(self, spec: EndpointSpec, factory: Any, option: str) -> Any:
+        if spec.tls:
+            factory = TLSMemoryBIOFactory(self._tls_factory(spec), False, factory)
+        endpoint = serverFromString(self.reactor, spec.tcp_description())
+        result: list[Any] = []
+        endpoint.listen(factory).addBoth(result.append)  # TCP binds synchronously
+        port = result[0]
+        if not hasattr(port, "getHost"):
+            raise StartError(f"--{option}: cannot listen on {spec}: {port.getErrorMessage()}")
+        return port
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            self._fail(f"--data-dir: cannot create {str(self.config.data_dir)!r}: {e.strerror}", startup=True)
+            return
+        try:
+            spec = self.config.https
+            self.https_port = self._listen(spec, self.site, "https")
+        except StartError as e:
+            self._fail(str(e), startup=True)
+            return
+        host = self.https_port.getHost()
+        if not spec.tls:
+            log.warn("--https {spec} serves plain HTTP: device tokens cross the network in clear", spec=str(spec))
+        log.info(
+            "listening for {scheme} on {host}:{port}",
+            scheme="HTTPS" if spec.tls else "HTTP",
+            host=host.host,
+            port=host.port,
+        )
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        where = (
+            f"embedded PostgreSQL in {self.config.pg_dir}"
+            if self.embedded
+            else f"PostgreSQL at {describe_dsn(self.config.db or '')}"
+        )
+        log.info("database: {where}", where=where)
+        dsn = await deferToThread(prepare_database, self.config, self.embedded)
+        up = await self.store.connect(dsn)
+        if up == 0:
+            raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
+        self.store.setServiceParent(self)
+        log.info("gateway ready: {up} database connections", up=up)
+        self.ready.callback(self)
+
+    def _start_failed(self, f: Any) -> None:
+        message = str(f.value) if f.check(StartError, embedded.EmbeddedDatabaseError) else None
+        if message is None:
+            log.failure("gateway failed to start", f)
+            message = f"{f.type.__name__}: {f.getErrorMessage()}"
+        self._fail(message, startup=False)
+
+    def _fail(self, message: str, startup: bool) -> None:
+        self.failure = message
+        if not self.ready.called:
+            self.ready.errback(StartError(message))
+            self.ready.addErrback(lambda _: None)
+        if not self.exit_on_failure:
+            return
+        if startup:
+            # Still inside twistd's start, before the reactor runs.
+            raise SystemExit(f"twistd gateway: {message}")
+        log.critical("gateway cannot start: {message}", message=message)
+        # twistd exits 0 after a normal reactor stop; a failed start must not.
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.reactor.stop()
+
+    # -- stop ----------------------------------------------------------
+
+    async def _stop(self) -> None:
+        if self.https_port is not None:
+            await self.https_port.stopListening()
+        await super().stopService()  # the store: commits and answers what is in flight
+        if self.embedded is not None:
+            await deferToThread(self.embedded.stop)
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+
+def makeService(options: Options) -> GatewayService:
+    from twisted.internet import reactor
+
+    return GatewayService(options.gateway_config, reactor, exit_on_failure=True)

@@ -1,0 +1,393 @@
+"""
+Storage behind one interface, IStore, with two implementations: the real
+one on PostgreSQL and an in-memory one for tests of the layers above.
+
+Durability argument (PostgresStore). ``write`` hands the device's readings
+to the group commit queue; its Deferred fires only after the statement
+holding them has returned from the server. Each batch is one
+``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING RETURNING`` run
+outside an explicit transaction, so the statement is its own transaction and
+its successful return *is* the COMMIT (with fsync and synchronous_commit on).
+Rows are sorted by the natural key before insertion so two batches that
+overlap take their unique-index locks in the same order and cannot
+deadlock each other; a deadlock or serialisation failure from elsewhere is
+retried. The natural key (device, metric, ts) makes a retransmission a
+no-op: RETURNING tells which readings were new, the rest are duplicates.
+
+When the server refuses a batch for its data (a constraint, a value out
+of range, an encoding error), the batch is split in halves and retried
+until the refused readings stand alone: everything else commits, and only
+the writers whose readings were refused get an error, naming the reading.
+A lost connection fails the batch as StoreUnavailable: nothing is
+acknowledged, and the devices send again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import psycopg2
+import psycopg2.errors
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from gateway import tokens
+from gateway.groupcommit import Closed, GroupCommit, Overloaded
+from gateway.pool import PgPool
+from gateway.readings import (
+    Device,
+    Reading,
+    StoreOverloaded,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+)
+
+log = Logger()
+
+DEADLOCK_RETRIES = 5
+AUTH_CACHE_TTL = 1.0  # a revoked token stops working within this many seconds
+AUTH_CACHE_SIZE = 10_000
+LAST_SEEN_INTERVAL = 5.0
+MAX_REJECTS_IN_FLIGHT = 64
+CHECK_TIMEOUT = 2.0
+
+INSERT_READINGS = """
+INSERT INTO readings (device_id, metric, ts, value)
+SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond', v
+FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) AS u(d, m, t, v)
+ORDER BY d, m, t
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+RETURNING device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint
+"""
+
+UPDATE_LAST_SEEN = """
+UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at))
+FROM unnest(%s::integer[], %s::float8[]) AS u(id, at)
+WHERE d.id = u.id
+"""
+
+FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL FROM devices WHERE token_id = %s"
+
+INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
+
+
+class IStore(Interface):
+    def authenticate(token: str) -> Deferred:
+        """Fire with the Device a bearer token belongs to, or None."""
+
+    def write(device: Device, readings: Sequence[Reading]) -> Deferred:
+        """
+        Store readings once each; fire with WriteResult after COMMIT.
+        Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
+        """
+
+    def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        """Keep input that was refused, with why; fire when kept (never errbacks)."""
+
+    def check() -> Deferred:
+        """Fire when the database answers; errback StoreUnavailable otherwise."""
+
+
+def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -> Deferred:
+    """
+    A Deferred with d's result, or failing with ``error`` after ``seconds``.
+    d itself is left to finish: cancelling a query half-way would leave its
+    connection in an unknown state.
+    """
+    out: Deferred = Deferred()
+    timer = clock.callLater(seconds, lambda: out.called or out.errback(Failure(error)))
+
+    def passthrough(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    d.addBoth(passthrough)
+    return out
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "pgerror", None) or str(error)
+    text = text.strip()
+    if text.startswith("ERROR:"):
+        text = text[6:].strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@implementer(IStore)
+class PostgresStore(Service):
+    name = "store"
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        clock: IReactorTime | None = None,
+        pool_size: int = 4,
+        max_batch: int = 5000,
+        commit_delay: float = 0.002,
+        max_queue: int = 100_000,
+    ) -> None:
+        self._clock = clock or reactor
+        self.pool = PgPool(reactor, pool_size)
+        self.committer: GroupCommit[tuple[int, Sequence[Reading]]] = GroupCommit(
+            self._clock,
+            self._commit,
+            slots=pool_size,
+            max_batch=max_batch,
+            max_delay=commit_delay,
+            max_queue=max_queue,
+        )
+        self._auth_cache: dict[str, tuple[float, Any]] = {}
+        self._seen: dict[int, float] = {}
+        self._last_seen_loop = LoopingCall(self._flush_last_seen)
+        self._last_seen_loop.clock = self._clock
+        self._rejects_in_flight = 0
+        self.batches = 0
+        self.commit_seconds = 0.0
+
+    # -- lifecycle -----------------------------------------------------
+
+    def connect(self, dsn: str) -> Deferred:
+        """Open the pool; fires with the number of connections up."""
+        return self.pool.start(dsn)
+
+    def startService(self) -> None:
+        super().startService()
+        self._last_seen_loop.start(LAST_SEEN_INTERVAL, now=False)
+
+    async def _stop(self) -> None:
+        await self.committer.close()
+        if self._last_seen_loop.running:
+            self._last_seen_loop.stop()
+        await self._flush_last_seen()
+        await self.pool.close()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    # -- IStore --------------------------------------------------------
+
+    def write(self, device: Device, readings: Sequence[Reading]) -> Deferred:
+        if not readings:
+            return succeed(WriteResult(0, 0))
+        d = self.committer.submit((device.id, readings), len(readings))
+        return d.addErrback(self._translate)
+
+    @staticmethod
+    def _translate(f: Failure) -> Failure:
+        if f.check(Overloaded):
+            return Failure(StoreOverloaded(str(f.value)))
+        if f.check(Closed):
+            return Failure(StoreUnavailable(str(f.value)))
+        return f
+
+    def authenticate(self, token: str) -> Deferred:
+        return Deferred.fromCoroutine(self._authenticate(token))
+
+    async def _authenticate(self, token: str) -> Device | None:
+        parts = tokens.split_token(token)
+        if parts is None:
+            tokens.secret_matches("x" * 43, None)
+            return None
+        token_id, secret = parts
+        now = self._clock.seconds()
+        cached = self._auth_cache.get(token_id)
+        if cached is not None and cached[0] > now:
+            row = cached[1]
+        else:
+            rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE, (token_id,)))
+            row = rows[0] if rows else None
+            if len(self._auth_cache) >= AUTH_CACHE_SIZE:
+                self._auth_cache.pop(next(iter(self._auth_cache)))
+            self._auth_cache[token_id] = (now + AUTH_CACHE_TTL, row)
+        if row is None or row[3]:
+            tokens.secret_matches(secret, None)
+            return None
+        if not tokens.secret_matches(secret, bytes(row[2])):
+            return None
+        return Device(row[0], row[1])
+
+    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
+            log.warn("rejected input from {source} not kept: too many being written", source=source)
+            return succeed(None)
+        self._rejects_in_flight += 1
+        d = self.pool.run(
+            lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw)))
+        )
+
+        def done(result: Any) -> None:
+            self._rejects_in_flight -= 1
+            if isinstance(result, Failure):
+                log.warn(
+                    "rejected input from {source} not kept: {error}",
+                    source=source,
+                    error=_first_line(result.value),
+                )
+
+        return d.addBoth(done)
+
+    def check(self) -> Deferred:
+        answer = self.pool.run(lambda c: c.runQuery("SELECT 1")).addCallback(lambda _: None)
+        return within(answer, CHECK_TIMEOUT, self._clock, StoreUnavailable(f"no answer in {CHECK_TIMEOUT:g}s"))
+
+    @property
+    def queue_depth(self) -> int:
+        return self.committer.queued
+
+    # -- the batch -----------------------------------------------------
+
+    def _commit(self, items: list[tuple[int, Sequence[Reading]]]) -> Deferred:
+        return self.pool.run(lambda conn: Deferred.fromCoroutine(self._write_batch(conn, items)))
+
+    async def _write_batch(self, conn: Any, items: list[tuple[int, Sequence[Reading]]]) -> list[Any]:
+        started = time.perf_counter()
+        first: dict[tuple[int, str, int], int] = {}
+        duplicates = [0] * len(items)
+        rows: list[tuple[int, str, int, float, int, int]] = []
+        for i, (device_id, readings) in enumerate(items):
+            for j, r in enumerate(readings):
+                key = (device_id, r.metric, r.ts_us)
+                if key in first:
+                    duplicates[i] += 1  # the same reading twice in one batch
+                    continue
+                first[key] = i
+                rows.append((device_id, r.metric, r.ts_us, r.value, i, j))
+        inserted, refused = await self._insert_isolating(conn, rows)
+        new = [0] * len(items)
+        for device_id, metric, ts_us, _, i, _ in rows:
+            if (device_id, metric, ts_us) in inserted:
+                new[i] += 1
+        for row in rows:
+            if id(row) not in refused and (row[0], row[1], row[2]) not in inserted:
+                duplicates[row[4]] += 1
+        outcomes: list[Any] = [WriteResult(new[i], duplicates[i]) for i in range(len(items))]
+        for row_id, (row, reason) in refused.items():
+            i, j = row[4], row[5]
+            current = outcomes[i]
+            if not isinstance(current, StoreRejected) or j < current.index:
+                outcomes[i] = StoreRejected(f"readings[{j}]: the database refused it: {reason}", j)
+        now = self._clock.seconds()
+        for device_id, _ in items:
+            self._seen[device_id] = now
+        self.batches += 1
+        self.commit_seconds += time.perf_counter() - started
+        return outcomes
+
+    async def _insert(self, conn: Any, rows: list[tuple]) -> set[tuple[int, str, int]]:
+        columns = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                result = await conn.runQuery(INSERT_READINGS, columns)
+            except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
+                continue
+            return {(r[0], r[1], r[2]) for r in result}
+        raise AssertionError("unreachable")
+
+    async def _insert_isolating(
+        self, conn: Any, rows: list[tuple]
+    ) -> tuple[set[tuple[int, str, int]], dict[int, tuple[tuple, str]]]:
+        """Insert rows; on a data error, bisect until the refused rows stand alone."""
+        try:
+            return await self._insert(conn, rows), {}
+        except (psycopg2.DataError, psycopg2.IntegrityError) as e:
+            if len(rows) == 1:
+                log.warn(
+                    "the database refused a reading of device {device_id}, metric {metric}: {error}",
+                    device_id=rows[0][0],
+                    metric=rows[0][1],
+                    error=_first_line(e),
+                )
+                return set(), {id(rows[0]): (rows[0], _first_line(e))}
+        half = len(rows) // 2
+        inserted, refused = await self._insert_isolating(conn, rows[:half])
+        more_inserted, more_refused = await self._insert_isolating(conn, rows[half:])
+        return inserted | more_inserted, {**refused, **more_refused}
+
+    # -- last seen -----------------------------------------------------
+
+    def _flush_last_seen(self) -> Deferred:
+        """Write devices' last-seen times, off the hot path, a few seconds late."""
+        if not self._seen:
+            return succeed(None)
+        seen, self._seen = self._seen, {}
+        ids = sorted(seen)
+        d = self.pool.run(lambda c: c.runOperation(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids])))
+
+        def failed(f: Failure) -> None:
+            for device_id, at in seen.items():
+                self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
+            log.warn("last-seen times not written yet: {error}", error=_first_line(f.value))
+
+        return d.addErrback(failed)
+
+
+@implementer(IStore)
+class MemoryStore:
+    """IStore in memory, for tests of the transports and the ingest path."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, tuple[Device, bytes, bool]] = {}
+        self.readings: dict[tuple[int, str, int], float] = {}
+        self.rejected: list[tuple[str, str | None, str, bytes]] = []
+        self.available = True
+        self._next_id = 1
+
+    def add_device(self, name: str) -> str:
+        new = tokens.new_token()
+        self.devices[new.token_id] = (Device(self._next_id, name), new.digest, False)
+        self._next_id += 1
+        return new.token
+
+    def revoke(self, name: str) -> None:
+        for token_id, (device, digest, _) in list(self.devices.items()):
+            if device.name == name:
+                self.devices[token_id] = (device, digest, True)
+
+    def authenticate(self, token: str) -> Deferred:
+        parts = tokens.split_token(token)
+        if parts is None:
+            return succeed(None)
+        entry = self.devices.get(parts[0])
+        if entry is None or entry[2] or not tokens.secret_matches(parts[1], entry[1]):
+            return succeed(None)
+        return succeed(entry[0])
+
+    def write(self, device: Device, readings: Sequence[Reading]) -> Deferred:
+        from twisted.internet.defer import fail
+
+        if not self.available:
+            return fail(StoreUnavailable("database unavailable"))
+        new = dup = 0
+        for r in readings:
+            key = (device.id, r.metric, r.ts_us)
+            if key in self.readings:
+                dup += 1
+            else:
+                self.readings[key] = r.value
+                new += 1
+        return succeed(WriteResult(new, dup))
+
+    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        self.rejected.append((source, device, reason, raw))
+        return succeed(None)
+
+    def check(self) -> Deferred:
+        from twisted.internet.defer import fail
+
+        return succeed(None) if self.available else fail(StoreUnavailable("database unavailable"))

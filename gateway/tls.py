@@ -1,0 +1,162 @@
+"""
+TLS for every listener: TLS 1.2 or newer, ECDHE key exchange with AEAD
+ciphers only (Mozilla's "intermediate" list without the DHE entries), and a
+self-signed certificate made in the data directory when none is given.
+
+Twisted's default cipher list still admits RSA key exchange and CBC modes,
+so the list is always set here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+CERT_NAME = "gateway.crt"
+KEY_NAME = "gateway.key"
+
+
+class TLSConfigError(Exception):
+    """A certificate or key cannot be used."""
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    cert_path: Path
+    key_path: Path
+    fingerprint: str  # SHA-256 of the leaf certificate, colon-separated hex
+    created: bool  # made on this start
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_self_signed(
+    tls_dir: Path, hostname: str | None = None, now: datetime.datetime | None = None
+) -> ServerCredentials:
+    """
+    Return the data directory's certificate, making it on first use: an
+    ECDSA P-256 key and a certificate for localhost, 127.0.0.1, ::1 and the
+    host name, valid ten years.
+    """
+    cert_path, key_path = tls_dir / CERT_NAME, tls_dir / KEY_NAME
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        return ServerCredentials(cert_path, key_path, fingerprint_of(cert), created=False)
+
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(tls_dir, 0o700)
+    hostname = hostname or socket.gethostname()
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    if hostname and hostname != "localhost":
+        names.append(x509.DNSName(hostname))
+    names += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost"),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "txgateway")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return ServerCredentials(cert_path, key_path, fingerprint_of(cert), created=True)
+
+
+def server_options(cert_path: Path, key_path: Path, extra_chain: Path | None = None) -> ssl.CertificateOptions:
+    """
+    CertificateOptions for a listener. The certificate file may hold the
+    chain after the leaf. Raises TLSConfigError, naming the file, when the
+    key or certificates cannot be loaded or do not belong together.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TLSConfigError(f"{str(cert_path)!r} holds no PEM certificate ({e})") from None
+    if extra_chain is not None:
+        try:
+            certs += x509.load_pem_x509_certificates(extra_chain.read_bytes())
+        except (OSError, ValueError) as e:
+            raise TLSConfigError(f"{str(extra_chain)!r} holds no PEM certificate ({e})") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise TLSConfigError(f"{str(key_path)!r} holds no unencrypted PEM private key ({e})") from None
+    options = ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(certs[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+    )
+    try:
+        context = options.getContext()
+    except SSL.Error as e:
+        raise TLSConfigError(f"{str(key_path)!r} does not match {str(cert_path)!r} ({e})") from None
+    # Idle TLS connections keep 30+ KB of buffers each unless OpenSSL frees
+    # them between records; the context is cached, so this holds for all.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return options
+
+
+def certificate_fingerprint(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    return fingerprint_of(cert)
+

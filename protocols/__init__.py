@@ -1,0 +1,4 @@
+"""
+Wire formats as pure code: bytes in, events out; events in, bytes out.
+Nothing here imports Twisted or does I/O.
+"""

@@ -1,0 +1,102 @@
+"""
+Shared fixtures. Storage tests use a real PostgreSQL: the one named by
+GATEWAY_TEST_DSN (its role needs CREATEDB), or else an embedded server
+started once for the session in a temporary directory. Each test that
+needs a database gets a fresh one, copied from a migrated template.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from gateway import embedded, schema
+
+_counter = itertools.count()
+
+
+def _admin(dsn: str):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn():
+    """DSN of a PostgreSQL server the tests may create databases on."""
+    given = os.environ.get("GATEWAY_TEST_DSN")
+    if given:
+        yield given
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="gw-test-pg-"))
+    pg = embedded.EmbeddedPostgres(tmp / "pg")
+    dsn = pg.start()
+    try:
+        yield dsn
+    finally:
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server_dsn):
+    name = f"gw_template_{os.getpid()}"
+    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name}")
+    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
+    conn = psycopg2.connect(dsn)
+    schema.migrate(conn)
+    conn.close()
+    yield name
+    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture
+def db_dsn(pg_server_dsn, template_db):
+    """A fresh, migrated database for one test."""
+    name = f"gw_t{os.getpid()}_{next(_counter)}"
+    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    yield psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
+    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sql(db_dsn):
+    """Run one statement on the test database; returns rows (or None)."""
+    conns = []
+
+    def run(statement, params=None):
+        if not conns:
+            c = psycopg2.connect(db_dsn)
+            c.autocommit = True
+            conns.append(c)
+        with conns[0].cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else None
+
+    yield run
+    for c in conns:
+        c.close()
+
+
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> str:
+    """A console script installed beside this interpreter (twistd, gatewayctl)."""
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed beside {sys.executable}: install the project first")
+    return str(path)

@@ -1,0 +1,124 @@
+"""Options from the command line and the TOML file, and their errors."""
+
+import subprocess
+
+import pytest
+
+from gateway.config import ConfigError, Options, build_config
+from gateway.endpoints import parse_endpoint
+from tests.conftest import script
+
+
+def test_defaults():
+    config = build_config({})
+    assert str(config.data_dir) == "gateway-data"
+    assert config.db is None
+    assert config.https.kind == "ssl" and config.https.port == 8443
+    assert config.max_body == 1024 * 1024
+
+
+def test_file_values_and_command_line_wins(tmp_path):
+    config = build_config({"max-body": "2048"}, {"max-body": 4096, "pool-size": 2, "db": "dbname=x"})
+    assert config.max_body == 2048
+    assert config.pool_size == 2
+    assert config.db == "dbname=x"
+
+
+def test_options_read_the_config_file(tmp_path):
+    f = tmp_path / "gw.toml"
+    f.write_text('data_dir = "/srv/gw"\nhttps = "ssl:9443"\ncommit-delay = 0.01\n')
+    options = Options()
+    options.parseOptions(["--config", str(f), "--https", "tcp:8080"])
+    config = options.gateway_config
+    assert str(config.data_dir) == "/srv/gw"
+    assert config.https.kind == "tcp" and config.https.port == 8080
+    assert config.commit_delay == 0.01
+
+
+@pytest.mark.parametrize(
+    "values,option,words",
+    [
+        ({"max-body": "lots"}, "max-body", "not a whole number"),
+        ({"max-body": "1"}, "max-body", "outside"),
+        ({"pool-size": "0"}, "pool-size", "outside"),
+        ({"https": "ssl:99999"}, "https", "port"),
+        ({"https": "unix:/tmp/s"}, "https", "endpoint type"),
+        ({"https": "ssl:8443:privateKey=/nonexistent.pem"}, "https", "not a readable file"),
+        ({"https": "tcp:80:colour=blue"}, "https", "unknown parameter"),
+        ({"tls-cert": "/nonexistent.crt"}, "tls-cert", "not a readable file"),
+        ({"db": "host=x port"}, "db", "not a valid PostgreSQL connection string"),
+        ({"commit-delay": "-1"}, "commit-delay", "outside"),
+    ],
+)
+def test_bad_values_name_the_option(values, option, words):
+    with pytest.raises(ConfigError) as e:
+        build_config(values)
+    assert e.value.option == option
+    assert str(e.value).startswith(f"--{option}: ")
+    assert words in str(e.value)
+
+
+def test_cert_without_key_is_refused(tmp_path):
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="--tls-key: .*give both"):
+        build_config({"tls-cert": str(cert)})
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        build_config({}, {"colour": "blue"})
+
+
+def test_endpoint_strings():
+    spec = parse_endpoint(r"ssl:8443:interface=127.0.0.1:backlog=100")
+    assert (spec.port, spec.interface, spec.backlog) == (8443, "127.0.0.1", 100)
+    assert spec.tcp_description() == "tcp:8443:interface=127.0.0.1:backlog=100"
+    spec = parse_endpoint(r"tcp:port=0:interface=\:\:1")
+    assert spec.interface == "::1" and spec.port == 0
+    assert parse_endpoint(spec.tcp_description()).interface == "::1"
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--max-body", "huge"], "--max-body: 'huge' is not a whole number"),
+        (["--https", "ssl:notaport"], "--https: 'ssl:notaport': port 'notaport'"),
+        (["--frobnicate"], "option --frobnicate not recognized"),
+    ],
+)
+def test_twistd_stops_with_one_line(tmp_path, argv, words):
+    proc = subprocess.run(
+        [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(tmp_path / "d"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert words in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_twistd_port_in_use_stops_with_one_line(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        proc = subprocess.run(
+            [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(tmp_path / "d"),
+             "--https", f"ssl:{port}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        busy.close()
+    assert proc.returncode != 0
+    # twistd has taken over stderr by now: the line arrives through its log
+    output = proc.stdout + proc.stderr
+    assert "twistd gateway: --https: cannot listen on" in output
+    assert "Address already in use" in output
+    assert "Traceback" not in output

@@ -1,0 +1,141 @@
+"""Group commit policy, driven by task.Clock and a commit function we control."""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from gateway.groupcommit import Closed, GroupCommit, Overloaded
+
+
+class Commits:
+    """Records each batch handed to commit; the test fires them."""
+
+    def __init__(self):
+        self.batches: list[tuple[list, Deferred]] = []
+
+    def __call__(self, items):
+        d = Deferred()
+        self.batches.append((list(items), d))
+        return d
+
+    def finish(self, index=0, outcomes=None):
+        items, d = self.batches[index]
+        d.callback(outcomes if outcomes is not None else [f"ok:{i}" for i in items])
+
+
+def make(slots=1, max_batch=10, max_delay=0.005, max_queue=100):
+    clock, commits = Clock(), Commits()
+    gc = GroupCommit(clock, commits, slots=slots, max_batch=max_batch, max_delay=max_delay, max_queue=max_queue)
+    return gc, clock, commits
+
+
+def results(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_a_lone_write_waits_the_delay_then_commits():
+    gc, clock, commits = make()
+    r = results(gc.submit("a", 1))
+    assert commits.batches == []
+    clock.advance(0.004)
+    assert commits.batches == []
+    clock.advance(0.001)
+    assert [b for b, _ in commits.batches] == [["a"]]
+    assert r == []  # not before the commit returns
+    commits.finish()
+    assert r == ["ok:a"]
+
+
+def test_writes_arriving_within_the_delay_share_one_transaction():
+    gc, clock, commits = make()
+    ra, rb = results(gc.submit("a", 2)), results(gc.submit("b", 3))
+    clock.advance(0.005)
+    assert [b for b, _ in commits.batches] == [["a", "b"]]
+    commits.finish()
+    assert ra == ["ok:a"] and rb == ["ok:b"]
+
+
+def test_a_full_batch_goes_without_waiting():
+    gc, clock, commits = make(max_batch=5)
+    gc.submit("a", 3)
+    gc.submit("b", 2)
+    assert [b for b, _ in commits.batches] == [["a", "b"]]
+
+
+def test_batches_are_bounded_by_count():
+    gc, clock, commits = make(max_batch=5, slots=1)
+    for name in "abcd":
+        gc.submit(name, 2)
+    clock.advance(0.005)
+    assert [b for b, _ in commits.batches] == [["a", "b"]]
+    commits.finish(0)
+    # what waited during the first commit goes at once, as a group
+    assert [b for b, _ in commits.batches] == [["a", "b"], ["c", "d"]]
+
+
+def test_writes_during_a_commit_are_coalesced_into_the_next():
+    gc, clock, commits = make(slots=1, max_delay=0)
+    gc.submit("a", 1)
+    assert len(commits.batches) == 1
+    for name in "bcd":
+        gc.submit(name, 1)
+    assert len(commits.batches) == 1  # the only slot is busy
+    commits.finish(0)
+    assert [b for b, _ in commits.batches] == [["a"], ["b", "c", "d"]]
+
+
+def test_slots_bound_concurrent_transactions():
+    gc, clock, commits = make(slots=2, max_delay=0, max_batch=1)
+    for name in "abc":
+        gc.submit(name, 1)
+    assert len(commits.batches) == 2
+    assert gc.in_flight == 2 and gc.queued == 1
+
+
+def test_full_queue_refuses_at_once():
+    gc, clock, commits = make(slots=1, max_delay=0, max_queue=5, max_batch=1)
+    gc.submit("a", 1)  # in flight, no longer queued
+    gc.submit("b", 4)
+    r = results(gc.submit("c", 2))
+    assert isinstance(r[0].value, Overloaded)
+    assert "limit 5" in str(r[0].value)
+
+
+def test_one_oversized_write_is_still_taken_when_the_queue_is_empty():
+    gc, clock, commits = make(max_queue=5, max_batch=5, max_delay=0)
+    r = results(gc.submit("big", 50))
+    assert r == []
+    assert [b for b, _ in commits.batches] == [["big"]]
+
+
+def test_each_writer_gets_its_own_outcome():
+    gc, clock, commits = make(max_delay=0, slots=1)
+    gc.submit("x", 1)
+    ra, rb = results(gc.submit("a", 1)), results(gc.submit("b", 1))
+    commits.finish(0)
+    commits.finish(1, outcomes=[ValueError("refused a"), "ok:b"])
+    assert isinstance(ra[0].value, ValueError)
+    assert rb == ["ok:b"]
+
+
+def test_a_failed_commit_fails_every_writer_in_it():
+    gc, clock, commits = make(max_delay=0, slots=1)
+    gc.submit("x", 1)
+    ra, rb = results(gc.submit("a", 1)), results(gc.submit("b", 1))
+    commits.finish(0)
+    commits.batches[1][1].errback(RuntimeError("connection lost"))
+    assert isinstance(ra[0].value, RuntimeError) and isinstance(rb[0].value, RuntimeError)
+    assert gc.in_flight == 0
+
+
+def test_close_commits_what_waits_then_refuses():
+    gc, clock, commits = make(max_delay=10)
+    r = results(gc.submit("a", 1))
+    closed = results(gc.close())
+    assert [b for b, _ in commits.batches] == [["a"]]  # no waiting for the delay
+    assert closed == []
+    commits.finish()
+    assert r == ["ok:a"] and closed == [None]
+    late = results(gc.submit("b", 1))
+    assert isinstance(late[0].value, Closed)
