@@ -23,10 +23,14 @@ from gateway import embedded, schema
 _counter = itertools.count()
 
 
-def _admin(dsn: str):
+def _admin_sql(dsn: str, statement: str) -> None:
     conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    return conn
+    try:
+        conn.autocommit = True  # CREATE/DROP DATABASE refuse transactions
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -49,27 +53,23 @@ def pg_server_dsn():
 @pytest.fixture(scope="session")
 def template_db(pg_server_dsn):
     name = f"gw_template_{os.getpid()}"
-    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
+    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
+    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
     dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
     conn = psycopg2.connect(dsn)
     schema.migrate(conn)
     conn.close()
     yield name
-    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture
 def db_dsn(pg_server_dsn, template_db):
     """A fresh, migrated database for one test."""
     name = f"gw_t{os.getpid()}_{next(_counter)}"
-    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
-    with _admin(pg_server_dsn) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -1,0 +1,246 @@
+"""
+IStore: one contract run against MemoryStore and PostgresStore (a real
+PostgreSQL), then the PostgreSQL-only behaviour: group commit under
+concurrency, isolation of a refused reading, outages and reconnection.
+"""
+
+from __future__ import annotations
+
+import random
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from gateway import tokens
+from gateway.readings import Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
+from gateway.store import IStore, MemoryStore, PostgresStore
+
+
+def add_pg_device(sql, name: str, revoked: bool = False) -> str:
+    new = tokens.new_token()
+    sql(
+        "INSERT INTO devices (name, token_id, token_hash, revoked_at) VALUES (%s, %s, %s, %s)",
+        (name, new.token_id, new.digest, "now" if revoked else None),
+    )
+    return new.token
+
+
+async def open_pg_store(dsn: str, **kw) -> PostgresStore:
+    store = PostgresStore(reactor, **kw)
+    await store.connect(dsn)
+    store.startService()
+    return store
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "postgres"])
+async def kit(request):
+    """(store, add_device(name, revoked=False) -> token, stored_count())"""
+    if request.param == "memory":
+        store = MemoryStore()
+
+        def add(name, revoked=False):
+            token = store.add_device(name)
+            if revoked:
+                store.revoke(name)
+            return token
+
+        yield store, add, lambda: len(store.readings), lambda: len(store.rejected)
+        return
+    sql = request.getfixturevalue("sql")
+    store = await open_pg_store(request.getfixturevalue("db_dsn"))
+    yield (
+        store,
+        lambda name, revoked=False: add_pg_device(sql, name, revoked),
+        lambda: sql("SELECT count(*) FROM readings")[0][0],
+        lambda: sql("SELECT count(*) FROM rejected_input")[0][0],
+    )
+    await store.stopService()
+
+
+def readings(n: int, metric: str = "oil_temp", start: int = 0) -> list[Reading]:
+    return [Reading(metric, (start + i) * 1000, float(i)) for i in range(n)]
+
+
+def test_implements_istore(kit):
+    assert verifyObject(IStore, kit[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticate(kit):
+    store, add, _, _ = kit
+    token = add("truck-17")
+    device = await store.authenticate(token)
+    assert isinstance(device, Device) and device.name == "truck-17"
+    token_id, secret = tokens.split_token(token)
+    wrong = token_id + "." + ("A" if secret[0] != "A" else "B") + secret[1:]
+    assert await store.authenticate(wrong) is None
+    assert await store.authenticate("nonsense") is None
+    assert await store.authenticate(tokens.new_token().token) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_device_is_refused(kit):
+    store, add, _, _ = kit
+    token = add("old-truck", revoked=True)
+    assert await store.authenticate(token) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_then_retransmit_counts_duplicates(kit):
+    store, add, stored, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    assert await store.write(device, readings(10)) == WriteResult(10, 0)
+    assert await store.write(device, readings(15)) == WriteResult(5, 10)
+    assert stored() == 15
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_reading_twice_in_one_write(kit):
+    store, add, stored, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    r = Reading("rpm", 5_000, 1.0)
+    assert await store.write(device, [r, r, Reading("rpm", 5_000, 2.0)]) == WriteResult(1, 2)
+    assert stored() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_do_not_share_keys(kit):
+    store, add, stored, _ = kit
+    a = await store.authenticate(add("a"))
+    b = await store.authenticate(add("b"))
+    assert await store.write(a, readings(3)) == WriteResult(3, 0)
+    assert await store.write(b, readings(3)) == WriteResult(3, 0)
+    assert stored() == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_reject_keeps_input(kit):
+    store, _, _, rejected = kit
+    await store.reject("https 127.0.0.1:1", "invalid_json: x", b"{", "truck-1")
+    assert rejected() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_answers(kit):
+    assert await kit[0].check() is None
+
+
+# -- PostgreSQL only -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_timestamps_keep_microseconds(db_dsn, sql):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "t"))
+        ts = 1795341600123456  # 2026-11-22T10:00:00.123456Z
+        await store.write(device, [Reading("m", ts, 1.5), Reading("m", -62135596800000000, 2.0)])
+        rows = sql("SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), value FROM readings ORDER BY ts")
+        assert rows == [("0001-01-01 00:00:00.000000", 2.0), ("2026-11-22 10:00:00.123456", 1.5)]
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sql):
+    """50 writers, overlapping keys, several connections: exactly once, honest counts."""
+    store = await open_pg_store(db_dsn, pool_size=4, max_batch=500, commit_delay=0.001)
+    try:
+        devices = [await store.authenticate(add_pg_device(sql, f"d{i}")) for i in range(5)]
+        rng = random.Random(7)
+        writes = []
+        for w in range(50):
+            device = devices[w % 5]
+            start = rng.randrange(0, 200)
+            writes.append((device, readings(rng.randrange(1, 60), start=start)))
+        results = await gatherResults([store.write(d, r) for d, r in writes])
+        distinct = {(d.id, r.metric, r.ts_us) for d, rs in writes for r in rs}
+        assert sum(res.accepted for res in results) == len(distinct)
+        for (d, rs), res in zip(writes, results):
+            assert res.accepted + res.duplicates == len(rs)
+        assert sql("SELECT count(*) FROM readings")[0][0] == len(distinct)
+        assert store.batches < 50  # writes were grouped into fewer transactions
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql):
+    """The database refuses one reading; its batch-mates commit, its sender hears which one."""
+    sql("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (value <> 666)")
+    store = await open_pg_store(db_dsn, pool_size=1, commit_delay=0.05)
+    try:
+        a = await store.authenticate(add_pg_device(sql, "a"))
+        b = await store.authenticate(add_pg_device(sql, "b"))
+        bad = readings(5)
+        bad[2] = Reading("oil_temp", bad[2].ts_us, 666.0)
+        da, db = store.write(a, bad), store.write(b, readings(7))
+        results = await DeferredList([da, db], consumeErrors=True)
+        (ok_a, res_a), (ok_b, res_b) = results
+        assert not ok_a and res_a.check(StoreRejected)
+        assert res_a.value.index == 2 and "readings[2]" in res_a.value.message
+        assert "no_666" in res_a.value.message
+        assert ok_b and res_b == WriteResult(7, 0)
+        assert store.batches == 1  # they did share one batch
+        counts = dict(sql("SELECT d.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id GROUP BY 1"))
+        assert counts == {"a": 4, "b": 7}
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_queue_is_refused_not_buffered(db_dsn, sql):
+    store = await open_pg_store(db_dsn, pool_size=1, commit_delay=0, max_queue=10)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        first = store.write(device, readings(5))  # in flight
+        queued = [store.write(device, readings(5, start=100)), store.write(device, readings(5, start=200))]
+        with pytest.raises(StoreOverloaded):
+            await store.write(device, readings(1, start=300))
+        assert [await d for d in [first, *queued]] == [WriteResult(5, 0)] * 3
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_database_is_unavailable():
+    store = PostgresStore(reactor, pool_size=2)
+    up = await store.connect("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2")
+    assert up == 0
+    device = Device(1, "a")
+    with pytest.raises(StoreUnavailable):
+        await store.write(device, readings(1))
+    with pytest.raises(StoreUnavailable):
+        await store.check()
+    await store.pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnects_after_connections_are_killed(db_dsn, sql):
+    store = await open_pg_store(db_dsn, pool_size=2, commit_delay=0)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        assert await store.write(device, readings(3)) == WriteResult(3, 0)
+        killed = sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'txgateway' AND datname = current_database()"
+        )[0][0]
+        assert killed == 2
+        outcomes = []
+        for _ in range(100):  # the pool reconnects with backoff; give it up to ~10 s
+            try:
+                outcomes.append(await store.write(device, readings(3, start=10)))
+                break
+            except StoreUnavailable as e:
+                outcomes.append(e)
+                await deferLater(reactor, 0.1, lambda: None)
+        assert outcomes[-1] in (WriteResult(3, 0), WriteResult(0, 3))
+        assert sql("SELECT count(*) FROM readings")[0][0] == 6
+        assert await store.check() is None
+    finally:
+        await store.stopService()
