@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 
 CIPHERS = (
@@ -140,9 +140,9 @@ def server_options(cert_path: Path, key_path: Path, extra_chain: Path | None = N
     except (OSError, ValueError, TypeError) as e:
         raise TLSConfigError(f"{str(key_path)!r} holds no unencrypted PEM private key ({e})") from None
     options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(certs[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        privateKey=key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
+        certificate=certs[0],  # type: ignore[arg-type]
+        extraCertChain=certs[1:],  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )

@@ -1,0 +1,141 @@
+"""
+The real service tree in-process: HTTPS on 127.0.0.1 port 0 with the data
+directory's self-signed certificate, a real PostgreSQL behind it, clients
+that verify the certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import ssl
+import stat
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.ssl import Certificate
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from gateway.config import build_config
+from gateway.service import GatewayService
+from tests.test_store import add_pg_device
+
+
+class Gateway:
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+        self.port = service.https_port.getHost().port
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.cert_path = service.config.tls_dir / "gateway.crt"
+        cert = Certificate.loadPEM(self.cert_path.read_bytes())
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=cert), pool=self.pool)
+        self.http = treq.client.HTTPClient(agent)
+
+    async def post(self, token: str, readings: list[dict]) -> tuple[int, dict]:
+        response = await self.http.post(
+            self.url + "/v1/readings",
+            data=json.dumps({"readings": readings}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway(tmp_path, db_dsn):
+    config = build_config({"data-dir": str(tmp_path / "data"), "db": db_dsn, "https": "ssl:0:interface=127.0.0.1"})
+    service = GatewayService(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    await service.ready
+    gw = Gateway(service)
+    yield gw
+    await gw.pool.closeCachedConnections()
+    await service.stopService()
+
+
+def reading(i: int, metric: str = "oil_temp") -> dict:
+    return {"metric": metric, "ts": 1763805600000 + i, "value": i / 2}
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_over_tls_then_retransmit(gateway, sql):
+    token = add_pg_device(sql, "truck-17")
+    assert await gateway.post(token, [reading(i) for i in range(3)]) == (200, {"accepted": 3, "duplicates": 0})
+    assert await gateway.post(token, [reading(i) for i in range(4)]) == (200, {"accepted": 1, "duplicates": 3})
+    assert sql("SELECT count(*) FROM readings")[0][0] == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifty_concurrent_clients_overlapping(gateway, sql):
+    """Every reading stored once; every client told the truth about new and duplicate."""
+    tokens = [add_pg_device(sql, f"truck-{i}") for i in range(5)]
+    rng = random.Random(11)
+    requests = []
+    for c in range(50):
+        start = rng.randrange(0, 100)
+        requests.append((c % 5, [reading(i) for i in range(start, start + rng.randrange(1, 40))]))
+    answers = await gatherResults([Deferred.fromCoroutine(gateway.post(tokens[dev], rs)) for dev, rs in requests])
+    assert all(code == 200 for code, _ in answers)
+    distinct = {(dev, r["ts"]) for dev, rs in requests for r in rs}
+    assert sum(body["accepted"] for _, body in answers) == len(distinct)
+    for (dev, rs), (_, body) in zip(requests, answers):
+        assert body["accepted"] + body["duplicates"] == len(rs)
+    assert sql("SELECT count(*) FROM readings")[0][0] == len(distinct)
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_token_is_refused_within_a_second(gateway, sql):
+    token = add_pg_device(sql, "truck-9")
+    assert (await gateway.post(token, [reading(1)]))[0] == 200
+    sql("UPDATE devices SET revoked_at = now() WHERE name = 'truck-9'")
+    await deferLater(reactor, 1.1, lambda: None)
+    code, body = await gateway.post(token, [reading(2)])
+    assert (code, body["error"]) == (401, "unauthorized")
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz(gateway):
+    response = await gateway.http.get(gateway.url + "/healthz")
+    assert response.code == 200
+    assert (await response.json())["database"] == "ok"
+
+
+def test_certificate_is_made_private(gateway):
+    tls_dir = gateway.service.config.tls_dir
+    assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tls_dir / "gateway.key").stat().st_mode) == 0o600
+
+
+def _handshake(port: int, cafile: str, **settings) -> str:
+    ctx = ssl.create_default_context(cafile=cafile)
+    for key, value in settings.items():
+        if key == "ciphers":
+            ctx.set_ciphers(value)
+        else:
+            setattr(ctx, key, value)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return f"{tls.version()} {tls.cipher()[0]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_policy(gateway):
+    cafile = str(gateway.cert_path)
+    modern = await deferToThread(_handshake, gateway.port, cafile)
+    assert modern.startswith("TLSv1.3")
+    tls12 = await deferToThread(_handshake, gateway.port, cafile, maximum_version=ssl.TLSVersion.TLSv1_2)
+    assert tls12.startswith("TLSv1.2 ECDHE-") and ("GCM" in tls12 or "CHACHA20" in tls12)
+    # OpenSSL's own default would accept CBC suites; the gateway must not.
+    with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+        await deferToThread(
+            _handshake, gateway.port, cafile,
+            maximum_version=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA",
+        )
