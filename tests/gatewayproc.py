@@ -1,0 +1,92 @@
+"""A gateway run as users run it: ``twistd -n gateway`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import script
+
+READY = re.compile(r"gateway ready")
+LISTENING = re.compile(r"listening for HTTPS on [\d.]+:(\d+)")
+
+
+class GatewayProcess:
+    def __init__(self, data_dir: Path, *extra: str, cwd: Path | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.extra = list(extra)
+        self.cwd = cwd or self.data_dir.parent
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._new_line = threading.Condition()
+
+    def start(self, timeout: float = 60.0) -> "GatewayProcess":
+        self.lines = []
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(self.data_dir),
+             "--https", "ssl:0:interface=127.0.0.1", *self.extra],
+            cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise AssertionError("gateway did not become ready:\n" + "".join(self.lines[-40:]))
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+            m = LISTENING.search(line)
+            if m:
+                self.port = int(m.group(1))
+            if READY.search(line):
+                self._ready.set()
+
+    @property
+    def cert(self) -> str:
+        return str(self.data_dir / "tls" / "gateway.crt")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._new_line.wait(left)
+        raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.lines[-40:]))
+
+
+def gatewayctl(*args: str, data_dir: Path | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    argv = [script("gatewayctl"), *args]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, **kw.pop("env", {})}, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gatewayctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc

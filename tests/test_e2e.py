@@ -1,0 +1,172 @@
+"""
+The gateway as a user meets it: ``twistd -n gateway`` in a subprocess with
+its embedded PostgreSQL, ``gatewayctl`` and ``curl`` as in README.rst.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pwd
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.gatewayproc import GatewayProcess, gatewayctl
+
+BODY = '{"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}'
+
+
+def curl_post(gw: GatewayProcess, token: str, body: str = BODY) -> dict:
+    """README's curl command, pointed at the test's port."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed by the README's quick start and by this test: install curl")
+    out = subprocess.run(
+        ["curl", "-sS", "--cacert", gw.cert, f"https://localhost:{gw.port}/v1/readings",
+         "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def post(gw: GatewayProcess, token: str | None, body: str = BODY, path: str = "/v1/readings"):
+    ctx = ssl.create_default_context(cafile=gw.cert)
+    conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=ctx, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
+    response = conn.getresponse()
+    result = response.status, dict(response.getheaders()), json.loads(response.read())
+    conn.close()
+    return result
+
+
+def postmaster(data_dir) -> psutil.Process | None:
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    if not pid_file.exists():
+        return None
+    try:
+        return psutil.Process(int(pid_file.read_text().split()[0]))
+    except psutil.NoSuchProcess:
+        return None
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    os.chmod(tmp_path, 0o755)  # the embedded server's user must reach the data dir
+    return tmp_path
+
+
+@pytest.fixture
+def gateway(workdir):
+    gw = GatewayProcess(workdir / "gateway-data", cwd=workdir)
+    yield gw
+    gw.kill()
+    pm = postmaster(gw.data_dir)
+    if pm is not None:  # a test that killed the gateway leaves its database behind
+        pm.send_signal(signal.SIGINT)
+        pm.wait(30)
+
+
+def test_quick_start_then_kill_9_loses_nothing(gateway):
+    gateway.start()
+    assert "self-signed TLS certificate" in gateway.wait_for_line("SHA-256 fingerprint [0-9A-F:]{95}")
+    added = gatewayctl("device", "add", "truck-17", data_dir=gateway.data_dir)
+    token = added.stdout.strip()
+    assert added.stdout == token + "\n" and len(token) == 60  # the token alone on stdout
+    assert "truck-17" in added.stderr
+
+    assert curl_post(gateway, token) == {"accepted": 1, "duplicates": 0}
+    gateway.kill()  # SIGKILL right after the 200
+
+    gateway.start()
+    assert curl_post(gateway, token) == {"accepted": 0, "duplicates": 1}
+
+    csv_out = gatewayctl("export", "--format", "csv", data_dir=gateway.data_dir).stdout.splitlines()
+    assert csv_out[0] == "device,metric,ts,value,received_at"
+    assert len(csv_out) == 2
+    assert csv_out[1].startswith("truck-17,oil_temp,2026-11-22T10:00:00.250Z,81.5,")
+    jsonl = [json.loads(line) for line in gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()]
+    assert [(r["device"], r["metric"], r["ts"], r["value"]) for r in jsonl] == [
+        ("truck-17", "oil_temp", "2026-11-22T10:00:00.250Z", 81.5)
+    ]
+    assert set(jsonl[0]) == {"device", "metric", "ts", "value", "received_at"}
+
+    # twistd re-raises the signal it stopped for once shutdown is complete
+    assert gateway.stop() == -signal.SIGTERM
+    assert "Main loop terminated." in gateway.log()
+    assert "Traceback" not in gateway.log()
+    assert postmaster(gateway.data_dir) is None  # the embedded database stopped with it
+
+
+def test_bad_requests_get_their_errors(gateway):
+    gateway.start()
+    token = gatewayctl("device", "add", "truck-1", data_dir=gateway.data_dir).stdout.strip()
+    status, _, body = post(gateway, token, '{"readings": [{"metric": "oil_temp", "ts": "noon", "value": 1}]}')
+    assert (status, body["error"]) == (400, "invalid_reading") and body["message"].startswith("readings[0].ts")
+    status, _, body = post(gateway, "0123456789abcdef." + "x" * 43)
+    assert (status, body["error"]) == (401, "unauthorized")
+    status, _, body = post(gateway, token, "x" * (1024 * 1024 + 1))
+    assert (status, body["error"]) == (413, "body_too_large")
+    status, _, body = post(gateway, None, None, "/healthz")
+    assert (status, body["status"]) == (200, "ok")
+
+
+def test_database_outage_answers_503_then_recovers(gateway):
+    gateway.start()
+    token = gatewayctl("device", "add", "truck-2", data_dir=gateway.data_dir).stdout.strip()
+    assert post(gateway, token)[0] == 200
+
+    pm = postmaster(gateway.data_dir)
+    pm.send_signal(signal.SIGINT)  # fast shutdown: every connection is cut
+    pm.wait(30)
+
+    later = BODY.replace("10:00:00.250Z", "10:00:01Z")
+    status, headers, body = post(gateway, token, later)
+    assert (status, body["error"]) == (503, "database_unavailable")
+    assert int(headers["Retry-After"]) > 0
+    status, _, body = post(gateway, None, None, "/healthz")
+    assert status == 503 and body["status"] == "unavailable"
+
+    restart_embedded(gateway.data_dir / "pg")
+    deadline = time.monotonic() + 30
+    while True:  # the pool reconnects with backoff (at most 5 s between tries)
+        status, _, body = post(gateway, token, later)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        assert status == 503
+        time.sleep(0.5)
+    assert (status, body) == (200, {"accepted": 1, "duplicates": 0})
+    rows = gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()
+    assert len(rows) == 2
+
+
+def restart_embedded(pg_dir) -> None:
+    """Start the stopped cluster again the way pgserver does (as its user when root)."""
+    from gateway.embedded import _pgserver
+
+    _pgserver()
+    from pgserver._commands import pg_ctl
+
+    user = "pgserver" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {pg_dir}", "-l", str(pg_dir / "log"), "start"],
+           pgdata=pg_dir, user=user if os.geteuid() == 0 else None, timeout=30)
+
+
+def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):
+    data_dir = workdir / "gateway-data"
+    gatewayctl("device", "add", "truck-3", data_dir=data_dir)
+    listed = gatewayctl("device", "list", data_dir=data_dir).stdout.splitlines()
+    assert listed[0].split() == ["NAME", "CREATED", "LAST", "SEEN", "REVOKED"]
+    assert listed[1].split()[0] == "truck-3" and "never" in listed[1]
+    gatewayctl("device", "revoke", "truck-3", data_dir=data_dir)
+    again = gatewayctl("device", "add", "truck-3", data_dir=data_dir, check=False)
+    assert again.returncode == 1 and again.stderr.strip() == "gatewayctl: device 'truck-3' exists already"
+    assert postmaster(data_dir) is None

@@ -1,0 +1,38 @@
+"""README.rst says what the code does: the test command, the options."""
+
+import re
+from pathlib import Path
+
+import docutils.core
+
+from gateway.config import SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.rst").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = next(line.strip() for line in README.splitlines() if "python -m pytest" in line)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
+
+
+def test_every_option_is_documented():
+    for setting in SETTINGS:
+        assert f"``--{setting.name}``" in README, setting.name
+
+
+def test_readme_is_valid_restructuredtext():
+    docutils.core.publish_string(README, writer="null", settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_every_error_code_is_documented():
+    codes = set()
+    for path in (ROOT / "gateway").glob("*.py"):
+        codes |= set(re.findall(r'code = "([a-z_]+)"', path.read_text()))
+        codes |= set(re.findall(r'IngestError\([^)]*?"([a-z_]+)"\)', path.read_text()))
+        codes |= set(re.findall(r'_refuse\(\d+, "([a-z_]+)"', path.read_text()))
+    codes.discard("bad_request")  # the base class's placeholder
+    assert codes, "no error codes found"
+    for code in codes:
+        assert f"``{code}``" in README, code
