@@ -17,7 +17,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
+from collections.abc import Iterator
 
 import psycopg2
 
@@ -107,9 +108,7 @@ def cmd_device_add(args: argparse.Namespace) -> None:
 
 def cmd_device_list(args: argparse.Namespace) -> None:
     with database(args) as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT name, created_at, last_seen, revoked_at FROM devices ORDER BY name"
-        )
+        cur.execute("SELECT name, created_at, last_seen, revoked_at FROM devices ORDER BY name")
         rows = [
             (name, _when(created), _when(seen) or "never", _when(revoked) or "-")
             for name, created, seen, revoked in cur.fetchall()

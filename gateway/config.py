@@ -13,7 +13,8 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from twisted.python import usage
 
@@ -116,33 +117,54 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("data-dir", "./gateway-data", _directory,
-            "Directory for everything the gateway keeps (embedded database, "
-            "TLS certificate); created mode 0700."),
-    Setting("db", None, _dsn,
-            "PostgreSQL connection string of an external server. Without it an "
-            "embedded PostgreSQL runs in DATA_DIR/pg."),
-    Setting("https", "ssl:8443", _server_endpoint(("ssl", "tcp")),
-            "Endpoint of the HTTPS API, as a Twisted endpoint string. An ssl: "
-            "endpoint without privateKey= uses --tls-cert/--tls-key or the data "
-            "directory's certificate; tcp: serves plain HTTP (behind a TLS proxy)."),
-    Setting("tls-cert", None, _readable_file,
-            "PEM certificate (with its chain) for ssl: endpoints."),
-    Setting("tls-key", None, _readable_file,
-            "PEM private key of --tls-cert."),
-    Setting("max-body", 1024 * 1024, _positive_int(1024, 64 * 1024 * 1024),
-            "Largest request body in bytes, enforced while reading."),
-    Setting("request-timeout", 30.0, _seconds(1, 3600),
-            "Seconds a client may stay silent mid-request or idle between requests."),
-    Setting("pool-size", 4, _positive_int(1, 64),
-            "Database connections the store keeps open."),
-    Setting("max-batch", 5000, _positive_int(1, 100_000),
-            "Most readings committed in one transaction."),
-    Setting("commit-delay", 0.002, _seconds(0, 1),
-            "Seconds a batch waits for more readings before it commits, "
-            "when a connection is free."),
-    Setting("max-queue", 100_000, _positive_int(1, 10_000_000),
-            "Most readings waiting for COMMIT; past it writers get 503 + Retry-After."),
+    Setting(
+        "data-dir",
+        "./gateway-data",
+        _directory,
+        "Directory for everything the gateway keeps (embedded database, TLS certificate); created mode 0700.",
+    ),
+    Setting(
+        "db",
+        None,
+        _dsn,
+        "PostgreSQL connection string of an external server. Without it an embedded PostgreSQL runs in DATA_DIR/pg.",
+    ),
+    Setting(
+        "https",
+        "ssl:8443",
+        _server_endpoint(("ssl", "tcp")),
+        "Endpoint of the HTTPS API, as a Twisted endpoint string. An ssl: "
+        "endpoint without privateKey= uses --tls-cert/--tls-key or the data "
+        "directory's certificate; tcp: serves plain HTTP (behind a TLS proxy).",
+    ),
+    Setting("tls-cert", None, _readable_file, "PEM certificate (with its chain) for ssl: endpoints."),
+    Setting("tls-key", None, _readable_file, "PEM private key of --tls-cert."),
+    Setting(
+        "max-body",
+        1024 * 1024,
+        _positive_int(1024, 64 * 1024 * 1024),
+        "Largest request body in bytes, enforced while reading.",
+    ),
+    Setting(
+        "request-timeout",
+        30.0,
+        _seconds(1, 3600),
+        "Seconds a client may stay silent mid-request or idle between requests.",
+    ),
+    Setting("pool-size", 4, _positive_int(1, 64), "Database connections the store keeps open."),
+    Setting("max-batch", 5000, _positive_int(1, 100_000), "Most readings committed in one transaction."),
+    Setting(
+        "commit-delay",
+        0.002,
+        _seconds(0, 1),
+        "Seconds a batch waits for more readings before it commits, when a connection is free.",
+    ),
+    Setting(
+        "max-queue",
+        100_000,
+        _positive_int(1, 10_000_000),
+        "Most readings waiting for COMMIT; past it writers get 503 + Retry-After.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -228,8 +250,7 @@ class Options(usage.Options):
         "an embedded PostgreSQL in ./gateway-data and serves HTTPS on port 8443."
     )
     optParameters = [["config", "c", None, "TOML file holding any of these options by their long names."]] + [
-        [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")]
-        for s in SETTINGS
+        [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")] for s in SETTINGS
     ]
 
     gateway_config: GatewayConfig
@@ -249,8 +270,6 @@ class Options(usage.Options):
             if self["config"] is not None:
                 config_file = Path(os.path.expanduser(self["config"]))
                 file_values = load_toml(config_file)
-            self.gateway_config = build_config(
-                {s.name: self[s.name] for s in SETTINGS}, file_values, config_file
-            )
+            self.gateway_config = build_config({s.name: self[s.name] for s in SETTINGS}, file_values, config_file)
         except ConfigError as e:
             raise SystemExit(f"twistd gateway: {e}") from None

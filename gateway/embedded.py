@@ -77,6 +77,6 @@ class EmbeddedPostgres:
             server.cleanup()
 
 
-def connect(dsn: str, **extra) -> "psycopg2.extensions.connection":
+def connect(dsn: str, **extra) -> psycopg2.extensions.connection:
     """A synchronous connection, for the command line and start-up work."""
     return psycopg2.connect(dsn, application_name=os.environ.get("PGAPPNAME", "txgateway"), **extra)

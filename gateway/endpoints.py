@@ -101,9 +101,7 @@ def parse_endpoint(description: str, kinds: tuple[str, ...] = ("tcp", "ssl")) ->
         raise ValueError(f"{description!r}: {e}") from None
     kind = parts[0]
     if kind not in kinds:
-        raise ValueError(
-            f"{description!r}: endpoint type must be one of {', '.join(k + ':' for k in kinds)}"
-        )
+        raise ValueError(f"{description!r}: endpoint type must be one of {', '.join(k + ':' for k in kinds)}")
     positional: list[str] = []
     named: dict[str, str] = {}
     allowed = _SSL_KEYS if kind == "ssl" else _TCP_KEYS

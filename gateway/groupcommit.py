@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -81,11 +82,7 @@ class GroupCommit(Generic[T]):
         if self._closed:
             return fail(Closed("the store is shutting down"))
         if self.queued + size > self.max_queue and self.queued > 0:
-            return fail(
-                Overloaded(
-                    f"{self.queued} readings are waiting for the database (limit {self.max_queue})"
-                )
-            )
+            return fail(Overloaded(f"{self.queued} readings are waiting for the database (limit {self.max_queue})"))
         waiting = _Waiting(item, size, self._clock.seconds())
         self._queue.append(waiting)
         self.queued += size
@@ -165,4 +162,3 @@ class GroupCommit(Generic[T]):
         self._idle.append(d)
         self._pump(just_finished=False)
         return d
-

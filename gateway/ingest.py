@@ -10,7 +10,8 @@ with the reason, so nothing disappears without a trace.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger

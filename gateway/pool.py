@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
@@ -54,7 +55,11 @@ def session_dsn(dsn: str, statement_timeout_ms: int = 30_000) -> str:
     extra = {k: v for k, v in _SESSION.items() if k not in given}
     options = given.get("options", "")
     if "statement_timeout" not in options:
-        extra["options"] = (options + f" -c statement_timeout={statement_timeout_ms}").strip()
+        options += f" -c statement_timeout={statement_timeout_ms}"
+    # An ack promises durability: whatever the server's default, our
+    # commits wait for the WAL flush.
+    options += " -c synchronous_commit=on"
+    extra["options"] = options.strip()
     return psycopg2.extensions.make_dsn(dsn, **extra)
 
 

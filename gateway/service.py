@@ -62,10 +62,20 @@ def prepare_database(config: GatewayConfig, embedded_pg: embedded.EmbeddedPostgr
         raise StartError(f"--db: cannot connect: {str(e).strip().splitlines()[0]}") from None
     try:
         applied = schema.migrate(conn)
+        with conn.cursor() as cur:
+            cur.execute("SHOW fsync")
+            fsync = cur.fetchone()[0]
+        conn.rollback()
     except schema.SchemaError as e:
         raise StartError(f"database schema: {e}") from None
     finally:
         conn.close()
+    if fsync != "on":
+        log.critical(
+            "the database runs with fsync={fsync}: a power cut can lose readings the gateway "
+            "has acknowledged; turn fsync on in postgresql.conf",
+            fsync=fsync,
+        )
     if applied:
         log.info("database schema migrated to version {version}", version=applied[-1])
     return dsn

@@ -25,7 +25,8 @@ acknowledged, and the devices send again.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import psycopg2
 import psycopg2.errors
@@ -225,9 +226,7 @@ class PostgresStore(Service):
             log.warn("rejected input from {source} not kept: too many being written", source=source)
             return succeed(None)
         self._rejects_in_flight += 1
-        d = self.pool.run(
-            lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw)))
-        )
+        d = self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
 
         def done(result: Any) -> None:
             self._rejects_in_flight -= 1
@@ -275,7 +274,7 @@ class PostgresStore(Service):
             if id(row) not in refused and (row[0], row[1], row[2]) not in inserted:
                 duplicates[row[4]] += 1
         outcomes: list[Any] = [WriteResult(new[i], duplicates[i]) for i in range(len(items))]
-        for row_id, (row, reason) in refused.items():
+        for row, reason in refused.values():
             i, j = row[4], row[5]
             current = outcomes[i]
             if not isinstance(current, StoreRejected) or j < current.index:

@@ -85,8 +85,12 @@ def make_self_signed(
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost"),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "txgateway")])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "txgateway"),
+        ]
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -99,9 +103,15 @@ def make_self_signed(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -159,4 +169,3 @@ def server_options(cert_path: Path, key_path: Path, extra_chain: Path | None = N
 def certificate_fingerprint(cert_path: Path) -> str:
     cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
     return fingerprint_of(cert)
-

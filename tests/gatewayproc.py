@@ -27,13 +27,25 @@ class GatewayProcess:
         self._ready = threading.Event()
         self._new_line = threading.Condition()
 
-    def start(self, timeout: float = 60.0) -> "GatewayProcess":
+    def start(self, timeout: float = 60.0) -> GatewayProcess:
         self.lines = []
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(self.data_dir),
-             "--https", "ssl:0:interface=127.0.0.1", *self.extra],
-            cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                script("twistd"),
+                "-n",
+                "--pidfile=",
+                "gateway",
+                "--data-dir",
+                str(self.data_dir),
+                "--https",
+                "ssl:0:interface=127.0.0.1",
+                *self.extra,
+            ],
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         if not self._ready.wait(timeout):
@@ -86,7 +98,9 @@ def gatewayctl(*args: str, data_dir: Path | None = None, check: bool = True, **k
     argv = [script("gatewayctl"), *args]
     if data_dir is not None:
         argv += ["--data-dir", str(data_dir)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, **kw.pop("env", {})}, **kw)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, env={**os.environ, **kw.pop("env", {})}, **kw
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"gatewayctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc

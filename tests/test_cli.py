@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
 import subprocess
 
 import psycopg2
 import psycopg2.extensions
-import pytest
 
 from gateway import schema
 from tests.conftest import _admin_sql, script
@@ -37,11 +35,15 @@ def test_device_lifecycle(db_dsn, sql):
 
 def _fill(sql, devices=("a", "b"), n=5):
     for name in devices:
-        ctl_id = sql("INSERT INTO devices (name, token_id, token_hash) VALUES (%s, md5(%s), '\\x00') RETURNING id",
-                     (name, name))[0][0]
-        sql("INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT %s, 'm', timestamptz '2026-01-01T00:00:00Z' + g * interval '1 hour', g FROM generate_series(0, %s) g",
-            (ctl_id, n - 1))
+        ctl_id = sql(
+            "INSERT INTO devices (name, token_id, token_hash) VALUES (%s, md5(%s), '\\x00') RETURNING id", (name, name)
+        )[0][0]
+        sql(
+            "INSERT INTO readings (device_id, metric, ts, value) "
+            "SELECT %s, 'm', timestamptz '2026-01-01T00:00:00Z' + g * interval '1 hour', g "
+            "FROM generate_series(0, %s) g",
+            (ctl_id, n - 1),
+        )
 
 
 def test_export_filters_and_formats(db_dsn, sql):
@@ -50,11 +52,23 @@ def test_export_filters_and_formats(db_dsn, sql):
     assert len(lines) == 10
     first = json.loads(lines[0])
     assert first["device"] == "a" and first["ts"] == "2026-01-01T00:00:00Z" and first["value"] == 0.0
-    only_b = ctl(db_dsn, "export", "--device", "b", "--since", "2026-01-01T01:00:00Z",
-                 "--until", "2026-01-01T03:00:00Z", "--format", "csv").stdout
+    only_b = ctl(
+        db_dsn,
+        "export",
+        "--device",
+        "b",
+        "--since",
+        "2026-01-01T01:00:00Z",
+        "--until",
+        "2026-01-01T03:00:00Z",
+        "--format",
+        "csv",
+    ).stdout
     rows = list(csv.DictReader(io.StringIO(only_b)))
     assert [(r["device"], r["ts"], r["value"]) for r in rows] == [
-        ("b", "2026-01-01T01:00:00Z", "1.0"), ("b", "2026-01-01T02:00:00Z", "2.0")]
+        ("b", "2026-01-01T01:00:00Z", "1.0"),
+        ("b", "2026-01-01T02:00:00Z", "2.0"),
+    ]
     epoch_ms = ctl(db_dsn, "export", "--since", "1767232800000").stdout.splitlines()  # 02:00Z
     assert len(epoch_ms) == 6
     bad = ctl(db_dsn, "export", "--since", "soon", check=False)
@@ -65,16 +79,29 @@ def test_export_filters_and_formats(db_dsn, sql):
 
 def test_export_memory_does_not_grow_with_rows(db_dsn, sql):
     """200,000 rows stream through in about the memory of 2,000."""
+
     def peak_rss_kb(n):
         sql("TRUNCATE readings")
-        sql("INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT 1, 'm', timestamptz 'epoch' + g * interval '1 second', g FROM generate_series(1, %s) g", (n,))
+        sql(
+            "INSERT INTO readings (device_id, metric, ts, value) "
+            "SELECT 1, 'm', timestamptz 'epoch' + g * interval '1 second', g FROM generate_series(1, %s) g",
+            (n,),
+        )
         proc = subprocess.run(
-            [sys_executable(), "-c",
-             "import resource, sys; from gateway.cli import main; rc = main(sys.argv[1:]); "
-             "sys.stderr.write('RSS %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
-             "export", "--db", db_dsn],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300, check=True,
+            [
+                sys_executable(),
+                "-c",
+                "import resource, sys; from gateway.cli import main; rc = main(sys.argv[1:]); "
+                "sys.stderr.write('RSS %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+                "export",
+                "--db",
+                db_dsn,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            check=True,
         )
         assert f"exported {n} readings" in proc.stderr
         return int(proc.stderr.split("RSS ")[1].split()[0])
@@ -96,8 +123,10 @@ def test_migrate_twice_and_concurrently(pg_server_dsn):
     _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
     dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
     try:
-        procs = [subprocess.Popen([script("gatewayctl"), "migrate", "--db", dsn], stderr=subprocess.PIPE, text=True)
-                 for _ in range(4)]
+        procs = [
+            subprocess.Popen([script("gatewayctl"), "migrate", "--db", dsn], stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
         for p in procs:
             assert p.wait(60) == 0, p.stderr.read()
         assert ctl(dsn, "migrate").returncode == 0

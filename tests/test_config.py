@@ -110,9 +110,19 @@ def test_twistd_port_in_use_stops_with_one_line(tmp_path):
     port = busy.getsockname()[1]
     try:
         proc = subprocess.run(
-            [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(tmp_path / "d"),
-             "--https", f"ssl:{port}:interface=127.0.0.1"],
-            capture_output=True, text=True, timeout=60,
+            [
+                script("twistd"),
+                "-n",
+                "--pidfile=",
+                "gateway",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--https",
+                f"ssl:{port}:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     finally:
         busy.close()

@@ -28,9 +28,23 @@ def curl_post(gw: GatewayProcess, token: str, body: str = BODY) -> dict:
     if shutil.which("curl") is None:
         pytest.fail("curl is needed by the README's quick start and by this test: install curl")
     out = subprocess.run(
-        ["curl", "-sS", "--cacert", gw.cert, f"https://localhost:{gw.port}/v1/readings",
-         "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json", "-d", body],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            gw.cert,
+            f"https://localhost:{gw.port}/v1/readings",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -156,8 +170,12 @@ def restart_embedded(pg_dir) -> None:
     from pgserver._commands import pg_ctl
 
     user = "pgserver" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-    pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {pg_dir}", "-l", str(pg_dir / "log"), "start"],
-           pgdata=pg_dir, user=user if os.geteuid() == 0 else None, timeout=30)
+    pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {pg_dir}", "-l", str(pg_dir / "log"), "start"],
+        pgdata=pg_dir,
+        user=user if os.geteuid() == 0 else None,
+        timeout=30,
+    )
 
 
 def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):

@@ -25,7 +25,9 @@ class Client:
         self.store = MemoryStore()
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
-        self.site = GatewaySite(Ingest(self.store), self.store, clock=self.clock, max_body=max_body, request_timeout=timeout)
+        self.site = GatewaySite(
+            Ingest(self.store), self.store, clock=self.clock, max_body=max_body, request_timeout=timeout
+        )
         self.site.callLater = self.clock.callLater  # HTTPChannel's idle timer
         self.site._reactor = self.clock
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4711))
@@ -42,7 +44,9 @@ class Client:
         if body is not None:
             hdrs[b"Content-Length"] = str(len(body)).encode()
         hdrs.update(headers or {})
-        head = b"%s %s HTTP/1.1\r\n" % (method, path) + b"".join(b"%s: %s\r\n" % kv for kv in hdrs.items() if kv[1] is not None)
+        head = b"%s %s HTTP/1.1\r\n" % (method, path) + b"".join(
+            b"%s: %s\r\n" % kv for kv in hdrs.items() if kv[1] is not None
+        )
         self.send(head + b"\r\n" + (body or b""))
 
     def responses(self) -> list[tuple[int, dict, dict]]:
@@ -53,7 +57,7 @@ class Client:
             head, _, rest = data.partition(b"\r\n\r\n")
             lines = head.split(b"\r\n")
             status = int(lines[0].split()[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(b":") for l in lines[1:])}
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
             if b"content-length" in headers:
                 n = int(headers[b"content-length"])
                 body, data = rest[:n], rest[n:]
@@ -105,13 +109,15 @@ def test_revoked_token_gets_401():
 
 def test_bad_reading_is_named_and_kept():
     c = Client()
-    bad = json.dumps({"readings": [{"metric": "a", "ts": 1, "value": 1}, {"metric": "a", "ts": "x", "value": 1}]}).encode()
+    bad = json.dumps(
+        {"readings": [{"metric": "a", "ts": 1, "value": 1}, {"metric": "a", "ts": "x", "value": 1}]}
+    ).encode()
     c.request(body=bad)
     status, _, body = c.only()
     assert status == 400 and body["error"] == "invalid_reading"
     assert body["message"].startswith("readings[1].ts:")
     assert c.store.readings == {}  # the request is refused whole
-    (source, device, reason, raw), = c.store.rejected
+    ((source, device, reason, raw),) = c.store.rejected
     assert source == "http 10.0.0.1:4711" and device == "truck-17"
     assert reason.startswith("invalid_reading: readings[1].ts") and raw == bad
 
@@ -148,8 +154,10 @@ def test_declared_length_over_limit_is_413_before_the_body():
 
 def test_chunked_body_over_limit_is_413_while_reading():
     c = Client(max_body=1024)
-    c.send(b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
-           b"Content-Type: application/json\r\nAuthorization: Bearer " + c.token.encode() + b"\r\n\r\n")
+    c.send(
+        b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer " + c.token.encode() + b"\r\n\r\n"
+    )
     for _ in range(2):
         c.send(b"200\r\n" + b"x" * 0x200 + b"\r\n")
     assert c.transport.value() == b""  # 1024 bytes: still within the limit
@@ -161,8 +169,10 @@ def test_chunked_body_over_limit_is_413_while_reading():
 
 def test_chunked_body_within_limit_is_accepted():
     c = Client()
-    c.send(b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
-           b"Content-Type: application/json\r\nAuthorization: Bearer " + c.token.encode() + b"\r\n\r\n")
+    c.send(
+        b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer " + c.token.encode() + b"\r\n\r\n"
+    )
     c.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY))
     assert c.only()[:1] == (200,)
 
@@ -207,3 +217,32 @@ def test_healthz_follows_the_database():
     (s1, _, b1), (s2, h2, b2) = c.responses()
     assert (s1, b1["status"]) == (200, "ok")
     assert (s2, b2["status"]) == (503, "unavailable") and b"retry-after" in h2
+
+
+def test_headers_that_drip_in_get_408_at_the_deadline():
+    c = Client(timeout=30)
+    c.send(b"POST /v1/readings HTTP/1.1\r\n")
+    for i in range(29):
+        c.clock.advance(1)
+        c.send(b"X-Drip-%d: 1\r\n" % i)
+    assert c.transport.value() == b""
+    c.clock.advance(1)
+    status, _, body = c.only()
+    assert status == 408 and body["error"] == "request_timeout"
+    assert c.transport.disconnecting
+
+
+def test_a_slow_database_does_not_trip_the_request_deadline():
+    """The deadline covers arrival only; waiting for COMMIT is the store's business."""
+    from twisted.internet.defer import Deferred
+
+    c = Client(timeout=30)
+    pending = Deferred()
+    c.store.write = lambda device, readings: pending
+    c.request()
+    c.clock.advance(60)
+    assert c.transport.value() == b""
+    from gateway.readings import WriteResult
+
+    pending.callback(WriteResult(1, 0))
+    assert c.only()[0] == 200

@@ -77,9 +77,20 @@ def test_value_accepts_ints_and_floats():
     assert parse_value(-1.25) == -1.25
 
 
-@pytest.mark.parametrize("name,ok", [("oil_temp", True), ("a" * 64, True), ("a" * 65, False),
-                                     ("", False), ("oil temp", False), ("temp/1", False),
-                                     ("engine.rpm:avg-1", True), ("é", False), (3, False)])
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("oil_temp", True),
+        ("a" * 64, True),
+        ("a" * 65, False),
+        ("", False),
+        ("oil temp", False),
+        ("temp/1", False),
+        ("engine.rpm:avg-1", True),
+        ("é", False),
+        (3, False),
+    ],
+)
 def test_names(name, ok):
     assert is_name(name) is ok
 

@@ -86,7 +86,7 @@ async def test_fifty_concurrent_clients_overlapping(gateway, sql):
     assert all(code == 200 for code, _ in answers)
     distinct = {(dev, r["ts"]) for dev, rs in requests for r in rs}
     assert sum(body["accepted"] for _, body in answers) == len(distinct)
-    for (dev, rs), (_, body) in zip(requests, answers):
+    for (_, rs), (_, body) in zip(requests, answers):
         assert body["accepted"] + body["duplicates"] == len(rs)
     assert sql("SELECT count(*) FROM readings")[0][0] == len(distinct)
 
@@ -136,6 +136,49 @@ async def test_tls_policy(gateway):
     # OpenSSL's own default would accept CBC suites; the gateway must not.
     with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
         await deferToThread(
-            _handshake, gateway.port, cafile,
-            maximum_version=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA",
+            _handshake,
+            gateway.port,
+            cafile,
+            maximum_version=ssl.TLSVersion.TLSv1_2,
+            ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA",
         )
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
+    from gateway.tls import make_self_signed
+
+    own = make_self_signed(tmp_path / "own", hostname="gw.plant.example")
+    config = build_config(
+        {
+            "data-dir": str(tmp_path / "data"),
+            "db": db_dsn,
+            "https": "ssl:0:interface=127.0.0.1",
+            "tls-cert": str(own.cert_path),
+            "tls-key": str(own.key_path),
+        }
+    )
+    service = GatewayService(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        await service.ready
+        port = service.https_port.getHost().port
+        answer = await deferToThread(_handshake, port, str(own.cert_path))
+        assert answer.startswith("TLSv1.3")
+        assert not (tmp_path / "data" / "tls").exists()  # no certificate made when one is given
+    finally:
+        await service.stopService()
+
+
+def test_session_settings_keep_commits_durable(db_dsn, sql):
+    from gateway.pool import session_dsn
+    import psycopg2
+
+    conn = psycopg2.connect(session_dsn(db_dsn + " options='-c synchronous_commit=off'"))
+    with conn.cursor() as cur:
+        cur.execute("SHOW synchronous_commit")
+        assert cur.fetchone()[0] == "on"
+        cur.execute("SHOW statement_timeout")
+        assert cur.fetchone()[0] == "30s"
+    conn.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -161,7 +160,7 @@ async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sq
         results = await gatherResults([store.write(d, r) for d, r in writes])
         distinct = {(d.id, r.metric, r.ts_us) for d, rs in writes for r in rs}
         assert sum(res.accepted for res in results) == len(distinct)
-        for (d, rs), res in zip(writes, results):
+        for (_, rs), res in zip(writes, results):
             assert res.accepted + res.duplicates == len(rs)
         assert sql("SELECT count(*) FROM readings")[0][0] == len(distinct)
         assert store.batches < 50  # writes were grouped into fewer transactions

@@ -36,7 +36,7 @@ def client(max_version=None, ciphers=None) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     if max_version is not None:
         ctx.set_max_proto_version(max_version)
-    ctx.set_cipher_list((ciphers or "DEFAULT") .encode() + b":@SECLEVEL=0")
+    ctx.set_cipher_list((ciphers or "DEFAULT").encode() + b":@SECLEVEL=0")
     return ctx
 
 
@@ -51,12 +51,20 @@ def rsa_ctx(tmp_path):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     (tmp_path / "rsa.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "rsa.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    (tmp_path / "rsa.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return server_options(tmp_path / "rsa.crt", tmp_path / "rsa.key").getContext()
 
 
