@@ -75,6 +75,8 @@ WHERE d.id = u.id
 """
 
 FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL FROM devices WHERE token_id = %s"
+FIND_DEVICE_BY_NAME = "SELECT id, token_hash, revoked_at IS NOT NULL FROM devices WHERE name = %s"
+_DUMMY_TOKEN = "0" * 16 + "." + "A" * 43
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
 
@@ -82,6 +84,9 @@ INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALU
 class IStore(Interface):
     def authenticate(token: str) -> Deferred:
         """Fire with the Device a bearer token belongs to, or None."""
+
+    def device_key(name: str) -> Deferred:
+        """Fire with (Device, stored key) of a device that is not revoked, or None."""
 
     def write(device: Device, readings: Sequence[Reading]) -> Deferred:
         """
@@ -201,9 +206,9 @@ class PostgresStore(Service):
     async def _authenticate(self, token: str) -> Device | None:
         parts = tokens.split_token(token)
         if parts is None:
-            tokens.secret_matches("x" * 43, None)
+            tokens.token_matches(_DUMMY_TOKEN, None)
             return None
-        token_id, secret = parts
+        token_id = parts[0]
         now = self._clock.seconds()
         cached = self._auth_cache.get(token_id)
         if cached is not None and cached[0] > now:
@@ -215,11 +220,21 @@ class PostgresStore(Service):
                 self._auth_cache.pop(next(iter(self._auth_cache)))
             self._auth_cache[token_id] = (now + AUTH_CACHE_TTL, row)
         if row is None or row[3]:
-            tokens.secret_matches(secret, None)
+            tokens.token_matches(token, None)
             return None
-        if not tokens.secret_matches(secret, bytes(row[2])):
+        if not tokens.token_matches(token, bytes(row[2])):
             return None
         return Device(row[0], row[1])
+
+    def device_key(self, name: str) -> Deferred:
+        return Deferred.fromCoroutine(self._device_key(name))
+
+    async def _device_key(self, name: str) -> tuple[Device, bytes] | None:
+        rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE_BY_NAME, (name,)))
+        if not rows or rows[0][2]:
+            return None
+        device_id, stored, _ = rows[0]
+        return Device(device_id, name), bytes(stored)
 
     def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
@@ -363,9 +378,15 @@ class MemoryStore:
         if parts is None:
             return succeed(None)
         entry = self.devices.get(parts[0])
-        if entry is None or entry[2] or not tokens.secret_matches(parts[1], entry[1]):
+        if entry is None or entry[2] or not tokens.token_matches(token, entry[1]):
             return succeed(None)
         return succeed(entry[0])
+
+    def device_key(self, name: str) -> Deferred:
+        for device, stored, revoked in self.devices.values():
+            if device.name == name and not revoked:
+                return succeed((device, stored))
+        return succeed(None)
 
     def write(self, device: Device, readings: Sequence[Reading]) -> Deferred:
         from twisted.internet.defer import fail

@@ -83,6 +83,19 @@ async def test_authenticate(kit):
 
 
 @pytest_twisted.ensureDeferred
+async def test_device_key_for_the_binary_protocol(kit):
+    store, add, _, _ = kit
+    token = add("truck-5")
+    add("truck-6", revoked=True)
+    device, stored = await store.device_key("truck-5")
+    assert device.name == "truck-5"
+    nonce = b"n" * 32
+    assert tokens.proof_matches(tokens.auth_proof(token, nonce, "truck-5"), stored, nonce, "truck-5")
+    assert await store.device_key("truck-6") is None
+    assert await store.device_key("nobody") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_revoked_device_is_refused(kit):
     store, add, _, _ = kit
     token = add("old-truck", revoked=True)
