@@ -1,0 +1,38 @@
+"""Two TGP connections joined by an in-memory link: no sockets, no reactor."""
+
+from __future__ import annotations
+
+from protocols import tgp
+
+
+def drain(conn: tgp.Connection) -> list:
+    events = []
+    while True:
+        event = conn.next_event()
+        if event is tgp.NEED_DATA or event is tgp.CONNECTION_CLOSED:
+            return events
+        events.append(event)
+
+
+class Pair:
+    def __init__(self, **limits) -> None:
+        self.gateway = tgp.Connection(tgp.GATEWAY, **limits)
+        self.device = tgp.Connection(tgp.DEVICE, **limits)
+        self.wire: list[tuple[str, bytes]] = []  # everything sent, in order
+
+    def send(self, sender: str, event) -> list:
+        """Send from 'device' or 'gateway'; return what the other side decodes."""
+        ours, theirs = (self.device, self.gateway) if sender == "device" else (self.gateway, self.device)
+        data = ours.send(event)
+        self.wire.append((sender, data))
+        theirs.receive_data(data)
+        return drain(theirs)
+
+    def handshake(self, name: str = "truck-17") -> None:
+        assert self.send("device", tgp.Hello(name, (1,), "fw 1.0")) == [tgp.Hello(name, (1,), "fw 1.0")]
+        nonce = bytes(range(32))
+        assert self.send("gateway", tgp.Challenge(1, nonce)) == [tgp.Challenge(1, nonce)]
+        assert self.send("device", tgp.Auth(b"p" * 32)) == [tgp.Auth(b"p" * 32)]
+        welcome = tgp.Welcome(1, 1_795_341_600_000_000, 65536, 32, 30, 120)
+        assert self.send("gateway", welcome) == [welcome]
+        assert self.gateway.state == self.device.state == tgp.READY
