@@ -339,7 +339,12 @@ _TYPE_OF = {
 # (UNEXPECTED_MESSAGE) when the peer does.
 
 START, HELLO_SENT, CHALLENGED, AUTH_SENT, READY, CLOSED = (
-    "START", "HELLO_SENT", "CHALLENGED", "AUTH_SENT", "READY", "CLOSED",
+    "START",
+    "HELLO_SENT",
+    "CHALLENGED",
+    "AUTH_SENT",
+    "READY",
+    "CLOSED",
 )
 
 _T = MessageType
@@ -761,9 +766,7 @@ class Connection:
         if isinstance(e, Auth):
             return e.proof
         if isinstance(e, Welcome):
-            return _WELCOME.pack(
-                e.version, e.server_time_us, e.max_frame, e.window, e.heartbeat_s, e.idle_timeout_s
-            )
+            return _WELCOME.pack(e.version, e.server_time_us, e.max_frame, e.window, e.heartbeat_s, e.idle_timeout_s)
         if isinstance(e, (Ping, Pong)):
             return _U64.pack(e.payload)
         assert isinstance(e, (Reject, Bye))
@@ -828,4 +831,3 @@ def choose_version(hello: Hello) -> int | None:
     """The highest version both ends speak, or None."""
     common = set(hello.versions) & set(VERSIONS)
     return max(common) if common else None
-

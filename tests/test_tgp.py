@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import tgp
-from tests.tgp_helpers import Pair, drain
+from tests.tgp_helpers import Pair
 
 F64 = tgp.ValueType.F64
 
@@ -206,8 +206,14 @@ def test_hello_round_trips(device, versions, firmware):
     assert Pair().send("device", event) == [event]
 
 
-@given(st.binary(min_size=32, max_size=32), st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, 2**32 - 1), u16, u16,
-       u16)
+@given(
+    st.binary(min_size=32, max_size=32),
+    st.integers(-(1 << 63), (1 << 63) - 1),
+    st.integers(0, 2**32 - 1),
+    u16,
+    u16,
+    u16,
+)
 def test_handshake_messages_round_trip(nonce, now, max_frame, window, heartbeat, idle):
     pair = Pair()
     pair.send("device", tgp.Hello("d"))
@@ -235,8 +241,14 @@ value_for = {
 
 @st.composite
 def declared_data(draw):
-    metrics = draw(st.lists(st.tuples(metric_names, st.sampled_from(list(tgp.ValueType))), min_size=1, max_size=5,
-                            unique_by=lambda m: m[0]))
+    metrics = draw(
+        st.lists(
+            st.tuples(metric_names, st.sampled_from(list(tgp.ValueType))),
+            min_size=1,
+            max_size=5,
+            unique_by=lambda m: m[0],
+        )
+    )
     declare = tgp.Declare(1, tuple(tgp.Metric(i + 1, t, n) for i, (n, t) in enumerate(metrics)))
     readings = []
     for _ in range(draw(st.integers(0, 30))):
