@@ -122,6 +122,8 @@ def start_gateway(dsn: str, data_dir: Path) -> tuple[subprocess.Popen, int]:
             str(data_dir),
             "--https",
             "ssl:0:interface=127.0.0.1",
+            "--device",
+            "tcp:0:interface=127.0.0.1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -114,6 +114,7 @@ class Setting:
     default: Any
     parse: Callable[[Any], Any]
     help: str
+    multiple: bool = False  # may be given more than once (a list in TOML)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -136,6 +137,33 @@ SETTINGS: tuple[Setting, ...] = (
         "Endpoint of the HTTPS API, as a Twisted endpoint string. An ssl: "
         "endpoint without privateKey= uses --tls-cert/--tls-key or the data "
         "directory's certificate; tcp: serves plain HTTP (behind a TLS proxy).",
+    ),
+    Setting(
+        "device",
+        ("tcp:9000",),
+        _server_endpoint(("ssl", "tcp")),
+        "Endpoint for devices speaking the binary protocol (TGP); repeat for several. "
+        "ssl: endpoints use the same certificate as --https.",
+        multiple=True,
+    ),
+    Setting(
+        "device-ca",
+        None,
+        _readable_file,
+        "PEM CA certificates: ssl: device endpoints then require a client certificate "
+        "signed by one of them, naming the device (CN or DNS SAN).",
+    ),
+    Setting(
+        "device-window",
+        32,
+        _positive_int(1, 1024),
+        "DATA frames a device may have unacknowledged before the gateway stops reading from it.",
+    ),
+    Setting(
+        "device-idle-timeout",
+        120.0,
+        _seconds(5, 86400),
+        "Seconds of silence after which a device session is closed (devices ping to stay open).",
     ),
     Setting("tls-cert", None, _readable_file, "PEM certificate (with its chain) for ssl: endpoints."),
     Setting("tls-key", None, _readable_file, "PEM private key of --tls-cert."),
@@ -175,6 +203,10 @@ class GatewayConfig:
     data_dir: Path
     db: str | None
     https: EndpointSpec
+    device: tuple[EndpointSpec, ...]
+    device_ca: Path | None
+    device_window: int
+    device_idle_timeout: float
     tls_cert: Path | None
     tls_key: Path | None
     max_body: int
@@ -228,8 +260,12 @@ def build_config(
             values[setting.name] = None
             continue
         try:
-            values[setting.name] = setting.parse(raw)
-        except ValueError as e:
+            if setting.multiple:
+                items = [raw] if isinstance(raw, str) else list(raw)
+                values[setting.name] = tuple(setting.parse(item) for item in items)
+            else:
+                values[setting.name] = setting.parse(raw)
+        except (ValueError, TypeError) as e:
             raise ConfigError(setting.name, str(e)) from None
     if (values["tls-cert"] is None) != (values["tls-key"] is None):
         missing = "tls-key" if values["tls-key"] is None else "tls-cert"
@@ -250,10 +286,21 @@ class Options(usage.Options):
         "an embedded PostgreSQL in ./gateway-data and serves HTTPS on port 8443."
     )
     optParameters = [["config", "c", None, "TOML file holding any of these options by their long names."]] + [
-        [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")] for s in SETTINGS
+        [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")]
+        for s in SETTINGS
+        if not s.multiple
     ]
 
     gateway_config: GatewayConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["device"] = None
+
+    def opt_device(self, endpoint: str) -> None:
+        self["device"] = [*(self["device"] or []), endpoint]
+
+    opt_device.__doc__ = _BY_NAME["device"].help + " [default: tcp:9000]"
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with its whole help text; one line that

@@ -77,6 +77,18 @@ class GroupCommit(Generic[T]):
         self._timer: IDelayedCall | None = None
         self._closed = False
         self._idle: list[Deferred] = []
+        self._room: list[Deferred] = []
+
+    def has_room(self, size: int) -> bool:
+        return self.queued + size <= self.max_queue or self.queued == 0
+
+    def wait_for_room(self) -> Deferred:
+        """Fires once the queue has drained to half its limit (for backpressure)."""
+        if self.queued <= self.max_queue // 2:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._room.append(d)
+        return d
 
     def submit(self, item: T, size: int) -> Deferred:
         if self._closed:
@@ -143,6 +155,10 @@ class GroupCommit(Generic[T]):
             else:
                 waiting.deferred.callback(outcome)
         self._pump(just_finished=True)
+        if self._room and self.queued <= self.max_queue // 2:
+            waiting, self._room = self._room, []
+            for d in waiting:
+                d.callback(None)
 
     def _maybe_idle(self) -> None:
         if not self._queue and self.in_flight == 0:

@@ -158,3 +158,14 @@ def format_ts(ts_us: int) -> str:
             frac = frac[:3]
         text += "." + frac
     return text + "Z"
+
+
+def check_reading(metric: str, ts_us: int, value: float, where: str) -> Reading:
+    """A decoded reading checked against the same rules as JSON input."""
+    if not is_name(metric):
+        raise InvalidInput(f"{where}.metric: must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    if not MIN_TS_US <= ts_us <= MAX_TS_US:
+        raise InvalidInput(f"{where}.ts: is outside years 0001..9999")
+    if not math.isfinite(value):
+        raise InvalidInput(f"{where}.value: must be finite")
+    return Reading(metric, ts_us, value)

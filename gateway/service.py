@@ -28,11 +28,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway import embedded, schema
 from gateway.config import GatewayConfig, Options
+from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
 from gateway.endpoints import EndpointSpec
 from gateway.http import GatewaySite
 from gateway.ingest import Ingest
 from gateway.store import PostgresStore
 from gateway.tls import TLSConfigError, make_self_signed, server_options
+from protocols import tgp
 
 __all__ = ["Options", "makeService", "GatewayService"]
 
@@ -103,13 +105,17 @@ class GatewayService(MultiService):
             max_body=config.max_body,
             request_timeout=config.request_timeout,
         )
+        self.registry = DeviceRegistry()
+        self.device_settings = DeviceSettings(window=config.device_window, idle_timeout=config.device_idle_timeout)
         self.https_port: Any = None
+        self.device_ports: list[Any] = []
+        self.device_factories: list[DeviceFactory] = []
         self.ready: Deferred = Deferred()  # fires when the store is connected
         self.failure: str | None = None
 
     # -- start ---------------------------------------------------------
 
-    def _tls_factory(self, spec: EndpointSpec) -> Any:
+    def _tls_factory(self, spec: EndpointSpec, client_ca: Any = None) -> Any:
         if spec.private_key is not None:
             cert, key = spec.cert_key, spec.private_key
             option = "https"
@@ -127,13 +133,15 @@ class GatewayService(MultiService):
                 fingerprint=made.fingerprint,
             )
         try:
-            return server_options(cert, key, spec.extra_cert_chain)
+            return server_options(cert, key, spec.extra_cert_chain, client_ca)
         except TLSConfigError as e:
+            if client_ca is not None and str(client_ca) in str(e):
+                option = "device-ca"
             raise StartError(f"--{option}: {e}") from None
 
-    def _listen(self, spec: EndpointSpec, factory: Any, option: str) -> Any:
+    def _listen(self, spec: EndpointSpec, factory: Any, option: str, client_ca: Any = None) -> Any:
         if spec.tls:
-            factory = TLSMemoryBIOFactory(self._tls_factory(spec), False, factory)
+            factory = TLSMemoryBIOFactory(self._tls_factory(spec, client_ca), False, factory)
         endpoint = serverFromString(self.reactor, spec.tcp_description())
         result: list[Any] = []
         endpoint.listen(factory).addBoth(result.append)  # TCP binds synchronously
@@ -151,19 +159,32 @@ class GatewayService(MultiService):
         try:
             spec = self.config.https
             self.https_port = self._listen(spec, self.site, "https")
+            self._announce(self.https_port, "HTTPS" if spec.tls else "HTTP")
+            if not spec.tls:
+                log.warn("--https {spec} serves plain HTTP: device tokens cross the network in clear", spec=str(spec))
+            for spec in self.config.device:
+                factory = DeviceFactory(
+                    self.ingest,
+                    self.registry,
+                    clock=self.reactor,
+                    settings=self.device_settings,
+                    tls=spec.tls,
+                    require_client_cert=spec.tls and self.config.device_ca is not None,
+                )
+                client_ca = self.config.device_ca if spec.tls else None
+                port = self._listen(spec, factory, "device", client_ca)
+                self.device_factories.append(factory)
+                self.device_ports.append(port)
+                self._announce(port, "TGP over TLS" if spec.tls else "TGP")
         except StartError as e:
             self._fail(str(e), startup=True)
             return
-        host = self.https_port.getHost()
-        if not spec.tls:
-            log.warn("--https {spec} serves plain HTTP: device tokens cross the network in clear", spec=str(spec))
-        log.info(
-            "listening for {scheme} on {host}:{port}",
-            scheme="HTTPS" if spec.tls else "HTTP",
-            host=host.host,
-            port=host.port,
-        )
         super().privilegedStartService()
+
+    @staticmethod
+    def _announce(port: Any, what: str) -> None:
+        host = port.getHost()
+        log.info("listening for {what} on {host}:{port}", what=what, host=host.host, port=host.port)
 
     def startService(self) -> None:
         super().startService()
@@ -209,9 +230,16 @@ class GatewayService(MultiService):
     # -- stop ----------------------------------------------------------
 
     async def _stop(self) -> None:
-        if self.https_port is not None:
-            await self.https_port.stopListening()
-        await super().stopService()  # the store: commits and answers what is in flight
+        for port in [self.https_port, *self.device_ports]:
+            if port is not None:
+                await port.stopListening()
+        sessions = [session for factory in self.device_factories for session in factory.connections]
+        for session in sessions:
+            session.stop_reading()
+        # The store commits what is in flight; the devices' ACKs go out as it does.
+        await super().stopService()
+        for session in sessions:
+            session.end(tgp.ErrorCode.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
         if self.embedded is not None:
             await deferToThread(self.embedded.stop)
 

@@ -97,6 +97,12 @@ class IStore(Interface):
     def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
 
+    def has_room(size: int) -> bool:
+        """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""
+
+    def wait_for_room() -> Deferred:
+        """Fire when the write queue has drained enough to take writes again."""
+
     def check() -> Deferred:
         """Fire when the database answers; errback StoreUnavailable otherwise."""
 
@@ -262,6 +268,12 @@ class PostgresStore(Service):
     def queue_depth(self) -> int:
         return self.committer.queued
 
+    def has_room(self, size: int) -> bool:
+        return self.committer.has_room(size)
+
+    def wait_for_room(self) -> Deferred:
+        return self.committer.wait_for_room()
+
     # -- the batch -----------------------------------------------------
 
     def _commit(self, items: list[tuple[int, Sequence[Reading]]]) -> Deferred:
@@ -411,3 +423,9 @@ class MemoryStore:
         from twisted.internet.defer import fail
 
         return succeed(None) if self.available else fail(StoreUnavailable("database unavailable"))
+
+    def has_room(self, size: int) -> bool:
+        return True
+
+    def wait_for_room(self) -> Deferred:
+        return succeed(None)

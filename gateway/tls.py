@@ -130,11 +130,15 @@ def make_self_signed(
     return ServerCredentials(cert_path, key_path, fingerprint_of(cert), created=True)
 
 
-def server_options(cert_path: Path, key_path: Path, extra_chain: Path | None = None) -> ssl.CertificateOptions:
+def server_options(
+    cert_path: Path, key_path: Path, extra_chain: Path | None = None, client_ca: Path | None = None
+) -> ssl.CertificateOptions:
     """
     CertificateOptions for a listener. The certificate file may hold the
-    chain after the leaf. Raises TLSConfigError, naming the file, when the
-    key or certificates cannot be loaded or do not belong together.
+    chain after the leaf. With ``client_ca``, clients must present a
+    certificate signed by one of its certificates. Raises TLSConfigError,
+    naming the file, when the key or certificates cannot be loaded or do
+    not belong together.
     """
     try:
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
@@ -149,7 +153,20 @@ def server_options(cert_path: Path, key_path: Path, extra_chain: Path | None = N
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:
         raise TLSConfigError(f"{str(key_path)!r} holds no unencrypted PEM private key ({e})") from None
+    trust = {}
+    if client_ca is not None:
+        try:
+            authorities = x509.load_pem_x509_certificates(client_ca.read_bytes())
+        except (OSError, ValueError) as e:
+            raise TLSConfigError(f"{str(client_ca)!r} holds no PEM certificate ({e})") from None
+        trust = {
+            "trustRoot": ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in authorities]
+            ),
+            "requireCertificate": True,
+        }
     options = ssl.CertificateOptions(
+        **trust,
         privateKey=key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
         certificate=certs[0],  # type: ignore[arg-type]
         extraCertChain=certs[1:],  # type: ignore[arg-type]

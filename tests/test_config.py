@@ -89,7 +89,17 @@ def test_endpoint_strings():
 )
 def test_twistd_stops_with_one_line(tmp_path, argv, words):
     proc = subprocess.run(
-        [script("twistd"), "-n", "--pidfile=", "gateway", "--data-dir", str(tmp_path / "d"), *argv],
+        [
+            script("twistd"),
+            "-n",
+            "--pidfile=",
+            "gateway",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--device",
+            "tcp:0:interface=127.0.0.1",
+            *argv,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

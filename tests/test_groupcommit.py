@@ -139,3 +139,15 @@ def test_close_commits_what_waits_then_refuses():
     assert r == ["ok:a"] and closed == [None]
     late = results(gc.submit("b", 1))
     assert isinstance(late[0].value, Closed)
+
+
+def test_room_for_backpressure():
+    gc, clock, commits = make(slots=1, max_delay=0, max_queue=10, max_batch=100)
+    gc.submit("a", 1)  # in flight
+    gc.submit("b", 8)
+    assert gc.has_room(2) and not gc.has_room(3)
+    room = results(gc.wait_for_room())
+    assert room == []  # 8 waiting, more than half of 10
+    commits.finish(0)  # b goes into a transaction: the queue is empty
+    assert room == [None]
+    assert results(gc.wait_for_room()) == [None]

@@ -50,7 +50,14 @@ class Gateway:
 
 @pytest_twisted.async_yield_fixture
 async def gateway(tmp_path, db_dsn):
-    config = build_config({"data-dir": str(tmp_path / "data"), "db": db_dsn, "https": "ssl:0:interface=127.0.0.1"})
+    config = build_config(
+        {
+            "data-dir": str(tmp_path / "data"),
+            "db": db_dsn,
+            "https": "ssl:0:interface=127.0.0.1",
+            "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
+        }
+    )
     service = GatewayService(config, reactor)
     service.privilegedStartService()
     service.startService()
@@ -154,6 +161,7 @@ async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
             "data-dir": str(tmp_path / "data"),
             "db": db_dsn,
             "https": "ssl:0:interface=127.0.0.1",
+            "device": "tcp:0:interface=127.0.0.1",
             "tls-cert": str(own.cert_path),
             "tls-key": str(own.key_path),
         }

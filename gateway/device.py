@@ -1,0 +1,470 @@
+"""
+The gateway end of TGP: a thin Twisted protocol around ``protocols.tgp``.
+
+Theory of operation. ``dataReceived`` feeds the codec and handles events
+one at a time. The handshake needs the database (the device's stored
+key), so while that lookup runs no further event is taken. Once READY,
+each DECLARE or DATA frame gets an entry in ``_answers``, a FIFO of
+Deferreds; DATA goes through the same ingest path as HTTPS and its
+Deferred fires after COMMIT. Answers are written strictly in frame order:
+when the head of the FIFO has fired, its ACK or NACK goes out, then the
+next. So an ACK always means "this frame and every one before it are
+settled".
+
+Backpressure. A device may have ``window`` frames unanswered; past that,
+and whenever the store's write queue has no room for a frame, the
+protocol stops taking events and pauses the transport (the kernel's
+socket buffer then pushes back on the device), resuming when answers
+drain or the store has room again. Nothing is buffered without bound.
+
+Failures. A protocol error from the device gets a NACK with its code and
+the connection closes; so does a frame that could not be stored because
+the database is down or full (RETRY_LATER with a delay): the device
+reconnects and sends again whatever was not acknowledged. A frame whose
+readings are refused (INVALID_READING, UNKNOWN_METRIC, REJECTED_BY_DATABASE)
+gets a NACK, is kept in rejected_input, and the session goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway import tokens
+from gateway.ingest import Ingest
+from gateway.readings import (
+    Device,
+    IngestError,
+    InvalidInput,
+    StoreOverloaded,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+    check_reading,
+    is_name,
+)
+from protocols import tgp
+
+log = Logger()
+
+E = tgp.ErrorCode
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    max_frame: int = 64 * 1024
+    max_metrics: int = 1024
+    window: int = 32
+    handshake_timeout: float = 10.0  # from accept (TLS handshake included) to WELCOME
+    heartbeat: int = 30  # the device pings after this many idle seconds
+    idle_timeout: float = 120.0  # silence after which the gateway closes
+
+
+class DeviceRegistry:
+    """Devices online on this gateway; a new session of a device replaces the old one."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, DeviceProtocol] = {}
+
+    def register(self, name: str, session: DeviceProtocol) -> None:
+        old = self.sessions.get(name)
+        self.sessions[name] = session
+        if old is not None and old is not session:
+            old.end(E.REPLACED, "a newer connection of this device replaced this one")
+
+    def unregister(self, name: str, session: DeviceProtocol) -> None:
+        if self.sessions.get(name) is session:
+            del self.sessions[name]
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+
+class DeviceProtocol(protocol.Protocol):
+    def __init__(self, factory: DeviceFactory) -> None:
+        self.factory = factory
+        settings = factory.settings
+        self.conn = tgp.Connection(tgp.GATEWAY, max_frame=settings.max_frame, max_metrics=settings.max_metrics)
+        self.device: Device | None = None
+        self.claimed_name: str | None = None
+        self._stored_key: bytes | None = None
+        self._nonce = b""
+        # frames awaiting their answer, in order: [seq, settled, outcome]
+        self._answers: deque[list[Any]] = deque()
+        self._busy = False  # waiting on the database during the handshake
+        self._held: Any = None  # an event waiting for room in the store
+        self._paused = False
+        self._closing = False
+        self._timer: Any = None
+        self.source = "tgp ?"
+        self.readings = 0
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        peer = self.transport.getPeer()
+        scheme = "tgp+tls" if self.factory.tls else "tgp"
+        self.source = f"{scheme} {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.factory.connections.add(self)
+        self._set_timer(self.factory.settings.handshake_timeout, self._handshake_too_slow)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.factory.connections.discard(self)
+        if self.device is not None:
+            self.factory.registry.unregister(self.device.name, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.conn.receive_data(data)
+        if self.conn.state == tgp.READY:
+            self._set_timer(self.factory.settings.idle_timeout, self._idle_too_long)
+        self._process()
+
+    # -- events ----------------------------------------------------------
+
+    def _process(self) -> None:
+        while not (self._closing or self._busy or self._paused or self._held is not None):
+            try:
+                event = self.conn.next_event()
+            except tgp.RemoteProtocolError as e:
+                self._refuse_connection(e.code, e.message)
+                return
+            if event is tgp.NEED_DATA:
+                return
+            if event is tgp.CONNECTION_CLOSED:
+                self.transport.loseConnection()
+                return
+            self._handle(event)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, tgp.Data):
+            self._data(event)
+        elif isinstance(event, tgp.Declare):
+            self._declare(event)
+        elif isinstance(event, tgp.InvalidFrame):
+            self._refuse_frame(event.seq, event.code, event.message, event.raw)
+        elif isinstance(event, tgp.Ping):
+            self._send(tgp.Pong(event.payload))
+        elif isinstance(event, tgp.Pong):
+            pass
+        elif isinstance(event, tgp.Hello):
+            self._hello(event)
+        elif isinstance(event, tgp.Auth):
+            self._auth(event)
+        elif isinstance(event, tgp.Bye):
+            self._closing = True
+            self.transport.loseConnection()
+
+    def _hello(self, hello: tgp.Hello) -> None:
+        version = tgp.choose_version(hello)
+        if version is None:
+            self._reject(E.UNSUPPORTED_VERSION, f"this gateway speaks TGP versions {list(tgp.VERSIONS)}")
+            return
+        self.claimed_name = hello.device
+        self._busy = True
+        lookup = self.factory.store.device_key(hello.device) if is_name(hello.device) else succeed(None)
+
+        def found(result: tuple[Device, bytes] | None) -> None:
+            self._busy = False
+            if self._closing:
+                return
+            if result is not None:
+                self.device, self._stored_key = result
+            # An unknown name gets a challenge too, so names cannot be probed.
+            self._nonce = os.urandom(tgp.NONCE_SIZE)
+            self._send(tgp.Challenge(version, self._nonce))
+            self._process()
+
+        def failed(f: Failure) -> None:
+            self._busy = False
+            if f.check(StoreUnavailable, StoreOverloaded):
+                self._reject(E.RETRY_LATER, f"the gateway cannot check credentials now: {f.value.message}")
+            else:
+                log.failure("device lookup failed", f)
+                self._reject(E.INTERNAL_ERROR, "the gateway failed; retry later")
+
+        lookup.addCallbacks(found, failed)
+
+    def _auth(self, auth: tgp.Auth) -> None:
+        name = self.claimed_name or ""
+        ok = tokens.proof_matches(auth.proof, self._stored_key, self._nonce, name)
+        if not ok or self.device is None:
+            self.device = None
+            self._reject(E.AUTH_FAILED, "unknown device, revoked device or wrong token")
+            return
+        if not self.factory.certificate_allows(self.transport, name):
+            self.device = None
+            self._reject(E.AUTH_FAILED, "the client certificate does not name this device")
+            return
+        settings = self.factory.settings
+        self.factory.registry.register(name, self)
+        self._send(
+            tgp.Welcome(
+                self.conn.version or 1,
+                int(self.factory.clock.seconds() * 1_000_000),
+                settings.max_frame,
+                settings.window,
+                settings.heartbeat,
+                int(settings.idle_timeout),
+            )
+        )
+        self._set_timer(settings.idle_timeout, self._idle_too_long)
+        log.info("device {device} connected from {source}", device=name, source=self.source)
+
+    def _declare(self, declare: tgp.Declare) -> None:
+        bad = [m for m in declare.metrics if not is_name(m.name)]
+        if bad:
+            self._refuse_frame(
+                declare.seq,
+                E.BAD_DECLARATION,
+                f"metric {bad[0].id}: name {bad[0].name!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+                b"",
+            )
+            return
+        self._queue_answer(declare.seq, succeed(WriteResult(0, 0)))
+
+    def _data(self, data: tgp.Data) -> None:
+        assert self.device is not None
+        try:
+            readings = [check_reading(m, ts, v, f"readings[{i}]") for i, (m, ts, v) in enumerate(data.readings)]
+        except InvalidInput as e:
+            self._refuse_frame(data.seq, E.INVALID_READING, e.message, _render(data))
+            return
+        store = self.factory.store
+        if not store.has_room(len(readings)):
+            self._hold(data)
+            return
+        self.readings += len(readings)
+        stored = self.factory.ingest.store_readings(self.device, readings, self.source, _render(data))
+        self._queue_answer(data.seq, Deferred.fromCoroutine(stored))
+
+    # -- answers, in order -----------------------------------------------
+
+    def _queue_answer(self, seq: int, d: Deferred) -> None:
+        entry: list[Any] = [seq, False, None]
+        self._answers.append(entry)
+        if len(self._answers) >= self.factory.settings.window:
+            self._pause()
+        d.addBoth(self._answer_ready, entry)
+
+    def _answer_ready(self, outcome: Any, entry: list[Any]) -> None:
+        entry[1], entry[2] = True, outcome
+        while self._answers and self._answers[0][1]:
+            seq, _, result = self._answers.popleft()
+            if not self._closing:
+                self._send_answer(seq, result)
+        if self._paused and len(self._answers) <= self.factory.settings.window // 2:
+            self._resume()
+
+    def _send_answer(self, seq: int, outcome: Any) -> None:
+        if isinstance(outcome, WriteResult):
+            self._send(tgp.Ack(seq, min(outcome.accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF)))
+            return
+        if isinstance(outcome, _Refusal):
+            self._send(tgp.Nack(seq, outcome.code, outcome.message))
+            return
+        error = outcome.value if isinstance(outcome, Failure) else outcome
+        if isinstance(error, StoreRejected):
+            self._send(tgp.Nack(seq, E.REJECTED_BY_DATABASE, error.message))
+        elif isinstance(error, (StoreUnavailable, StoreOverloaded)):
+            self._send(tgp.Nack(seq, E.RETRY_LATER, error.message, error.retry_after or 1))
+            self._close()
+        else:
+            log.failure("storing a frame failed", outcome if isinstance(outcome, Failure) else None)
+            self._send(tgp.Nack(seq, E.INTERNAL_ERROR, "the gateway failed; retry later", 5))
+            self._close()
+
+    # -- backpressure ----------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+            self._process()
+
+    def _hold(self, event: tgp.Data) -> None:
+        """Keep one frame until the store has room; read nothing more meanwhile."""
+        self._held = event
+        self.transport.pauseProducing()
+
+        def room(_: Any) -> None:
+            held, self._held = self._held, None
+            if self._closing or held is None:
+                return
+            if not self._paused:
+                self.transport.resumeProducing()
+            self._data(held)
+            self._process()
+
+        self.factory.store.wait_for_room().addCallback(room)
+
+    # -- refusals and endings ---------------------------------------------
+
+    def _refuse_frame(self, seq: int, code: tgp.ErrorCode, message: str, raw: bytes) -> None:
+        error = IngestError(message, code.name.lower())
+        Deferred.fromCoroutine(self.factory.ingest.refused(self.source, error, raw, self.device))
+        self._queue_answer(seq, succeed(_Refusal(code, message)))
+
+    def _refuse_connection(self, code: int, message: str) -> None:
+        log.warn(
+            "closing {source} (device {device}): {code}: {reason}",
+            source=self.source,
+            device=self.device.name if self.device else self.claimed_name,
+            code=_code_name(code),
+            reason=message,
+        )
+        self._send(tgp.Nack(0, code, message))
+        self._close()
+
+    def _reject(self, code: tgp.ErrorCode, reason: str) -> None:
+        log.warn(
+            "refused {source} (device {device}): {code}: {reason}",
+            source=self.source,
+            device=self.claimed_name,
+            code=code.name,
+            reason=reason,
+        )
+        if self.conn.state in (tgp.HELLO_SENT, tgp.AUTH_SENT):
+            self._send(tgp.Reject(code, reason))
+        self._close()
+
+    def stop_reading(self) -> None:
+        """Take no more frames (shutdown); answers for those taken still go out."""
+        self._pause()
+
+    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+        """Say BYE and close (replaced by a newer connection, shutting down)."""
+        if self._closing:
+            return
+        if self.conn.state == tgp.READY:
+            self._send(tgp.Bye(code, reason))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _send(self, event: tgp.Event) -> None:
+        try:
+            data = self.conn.send(event)
+        except tgp.LocalProtocolError:
+            return  # the state moved on (the peer said BYE meanwhile)
+        self.transport.write(data)
+
+    # -- timers ----------------------------------------------------------
+
+    def _set_timer(self, seconds: float, what: Any) -> None:
+        self._cancel_timer()
+        self._timer = self.factory.clock.callLater(seconds, what)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _handshake_too_slow(self) -> None:
+        self._timer = None
+        if self.conn.state == tgp.READY:
+            return
+        log.warn(
+            "closing {source}: no handshake within {seconds}s",
+            source=self.source,
+            seconds=self.factory.settings.handshake_timeout,
+        )
+        self._close()
+
+    def _idle_too_long(self) -> None:
+        self._timer = None
+        self.end(E.TIMEOUT, f"nothing received for {self.factory.settings.idle_timeout:g} seconds")
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    code: tgp.ErrorCode
+    message: str
+
+
+def no_delay(transport: Any) -> None:
+    """Send small frames (ACKs) at once: Nagle's algorithm would hold them for the peer's delayed ACK."""
+    while transport is not None:
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+            return
+        transport = getattr(transport, "transport", None)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return tgp.ErrorCode(code).name
+    except ValueError:
+        return str(code)
+
+
+def _render(data: tgp.Data) -> bytes:
+    """A DATA frame's readings as JSON lines, for the rejected-input table."""
+    return json.dumps({"seq": data.seq, "readings": [list(r) for r in data.readings]}, allow_nan=True).encode()
+
+
+class DeviceFactory(protocol.Factory):
+    protocol = DeviceProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        registry: DeviceRegistry,
+        *,
+        clock: IReactorTime,
+        settings: DeviceSettings = DeviceSettings(),
+        tls: bool = False,
+        require_client_cert: bool = False,
+    ) -> None:
+        self.ingest = ingest
+        self.store = ingest.store
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.connections: set[DeviceProtocol] = set()
+        self.started = time.monotonic()
+
+    def buildProtocol(self, addr: Any) -> DeviceProtocol:
+        return DeviceProtocol(self)
+
+    def certificate_allows(self, transport: Any, name: str) -> bool:
+        """With client certificates required, the certificate must name the device (CN or SAN)."""
+        if not self.require_client_cert:
+            return True
+        cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
+        if cert is None:
+            return False
+        from cryptography import x509
+
+        c = cert.to_cryptography()
+        names = {a.value for a in c.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+        try:
+            san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names |= set(san.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            pass
+        return name in names
