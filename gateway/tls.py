@@ -162,8 +162,7 @@ def server_options(
         trust = {
             "trustRoot": ssl.trustRootFromCertificates(
                 [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in authorities]
-            ),
-            "requireCertificate": True,
+            ),  # a trust root makes the certificate required
         }
     options = ssl.CertificateOptions(
         **trust,

@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.conftest import script
 
 READY = re.compile(r"gateway ready")
-LISTENING = re.compile(r"listening for HTTPS on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS) on [\d.]+:(\d+)")
 
 
 class GatewayProcess:
@@ -22,7 +22,9 @@ class GatewayProcess:
         self.extra = list(extra)
         self.cwd = cwd or self.data_dir.parent
         self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
+        self.port: int | None = None  # HTTPS
+        self.tgp_port: int | None = None
+        self.tgp_tls_port: int | None = None
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._new_line = threading.Condition()
@@ -64,7 +66,8 @@ class GatewayProcess:
                 self._new_line.notify_all()
             m = LISTENING.search(line)
             if m:
-                self.port = int(m.group(1))
+                attr = {"HTTPS": "port", "TGP": "tgp_port", "TGP over TLS": "tgp_tls_port"}[m.group(1)]
+                setattr(self, attr, int(m.group(2)))
             if READY.search(line):
                 self._ready.set()
 

@@ -188,3 +188,32 @@ def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):
     again = gatewayctl("device", "add", "truck-3", data_dir=data_dir, check=False)
     assert again.returncode == 1 and again.stderr.strip() == "gatewayctl: device 'truck-3' exists already"
     assert postmaster(data_dir) is None
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "tls", "https"])
+def test_simulated_devices_as_in_the_readme(gateway, protocol):
+    """README: gatewayctl simulate --target localhost:9000 --devices 10 --rate 1000 --duration 10"""
+    gateway.start()
+    port = {"tcp": gateway.tgp_port, "tls": gateway.tgp_tls_port, "https": gateway.port}[protocol]
+    out = gatewayctl(
+        "simulate",
+        "--target",
+        f"localhost:{port}",
+        "--devices",
+        "10",
+        "--rate",
+        "1000",
+        "--duration",
+        "3",
+        "--protocol",
+        protocol,
+        "--json",
+        data_dir=gateway.data_dir,
+    )
+    summary = json.loads(out.stdout)
+    assert {"acked", "rate", "p50_ms", "p99_ms", "errors"} <= summary.keys()
+    assert summary["errors"] == {} and summary["duplicates"] == 0
+    assert summary["acked"] >= 2000  # 3 s at 1,000/s, less what is still in flight at the end
+    assert "acked" in out.stderr  # the progress line
+    stored = gatewayctl("export", "--format", "csv", data_dir=gateway.data_dir).stdout.count("\nsim-")
+    assert stored >= summary["acked"]

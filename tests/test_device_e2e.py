@@ -1,0 +1,235 @@
+"""
+TGP end to end: the real service on 127.0.0.1, real TCP and real TLS, a
+real PostgreSQL. A device drops its connection with frames in flight,
+reconnects and sends again what was not acknowledged: every reading is
+stored once and every ACK told the truth.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+
+from gateway import tokens
+from gateway.config import build_config
+from gateway.service import GatewayService
+from protocols import tgp
+from tests.test_store import add_pg_device
+from tests.tgp_helpers import drain
+
+
+class DeviceClient(Protocol):
+    def __init__(self) -> None:
+        self.conn = tgp.Connection(tgp.DEVICE)
+        self.events: DeferredQueue = DeferredQueue()
+        self.closed: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        for event in drain(self.conn):
+            self.events.put(event)
+
+    def connectionLost(self, reason=None) -> None:
+        self.events.put(None)
+        self.closed.callback(None)
+
+    def send(self, event) -> None:
+        self.transport.write(self.conn.send(event))
+
+
+async def open_session(endpoint, name: str, token: str) -> DeviceClient:
+    device = await endpoint.connect(Factory.forProtocol(DeviceClient))
+    device.send(tgp.Hello(name))
+    challenge = await device.events.get()
+    assert isinstance(challenge, tgp.Challenge), challenge
+    device.send(tgp.Auth(tokens.auth_proof(token, challenge.nonce, name)))
+    welcome = await device.events.get()
+    assert isinstance(welcome, tgp.Welcome), welcome
+    device.send(tgp.Declare(1, (tgp.Metric(1, tgp.ValueType.F64, "oil_temp"),)))
+    assert await device.events.get() == tgp.Ack(1)
+    return device
+
+
+def frame_readings(frame: int, per_frame: int = 50) -> tuple:
+    base = 1_795_341_600_000_000 + frame * per_frame * 1000
+    return tuple(("oil_temp", base + i * 1000, frame + i / 100) for i in range(per_frame))
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway(tmp_path, db_dsn):
+    config = build_config(
+        {
+            "data-dir": str(tmp_path / "data"),
+            "db": db_dsn,
+            "https": "ssl:0:interface=127.0.0.1",
+            "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
+        }
+    )
+    service = GatewayService(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    await service.ready
+    yield service
+    await service.stopService()
+
+
+def endpoints(service):
+    tcp_port = service.device_ports[0].getHost().port
+    tls_port = service.device_ports[1].getHost().port
+    trust = Certificate.loadPEM((service.config.tls_dir / "gateway.crt").read_bytes())
+    return {
+        "tcp": TCP4ClientEndpoint(reactor, "127.0.0.1", tcp_port),
+        "tls": wrapClientTLS(
+            optionsForClientTLS("localhost", trust), TCP4ClientEndpoint(reactor, "127.0.0.1", tls_port)
+        ),
+    }
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_drop_with_frames_in_flight_then_resend(gateway, sql, transport):
+    token = add_pg_device(sql, "truck-17")
+    endpoint = endpoints(gateway)[transport]
+    frames = {n: frame_readings(n) for n in range(10)}
+
+    first = await open_session(endpoint, "truck-17", token)
+    for i, n in enumerate(frames):
+        first.send(tgp.Data(2 + i, frames[n]))
+    acked_first = []
+    while len(acked_first) < 3:
+        event = await first.events.get()
+        assert isinstance(event, tgp.Ack)
+        acked_first.append(event)
+    first.transport.abortConnection()  # frames still in flight
+    await first.closed
+    while (event := first.events.pending and first.events.pending.pop(0)) not in (None, False):
+        if isinstance(event, tgp.Ack):
+            acked_first.append(event)
+    acked_frames = {a.seq - 2 for a in acked_first}
+    assert all(a.accepted == 50 and a.duplicates == 0 for a in acked_first)
+
+    resend = [n for n in frames if n not in acked_frames]
+    second = await open_session(endpoint, "truck-17", token)
+    for i, n in enumerate(resend):
+        second.send(tgp.Data(2 + i, frames[n]))
+    acks = [await second.events.get() for _ in resend]
+    second.send(tgp.Bye())
+    await second.closed
+    assert [a.seq for a in acks] == list(range(2, 2 + len(resend)))  # in order
+    for a in acks:
+        assert a.accepted + a.duplicates == 50  # honest: each resent reading is new or a duplicate
+
+    total = sum(a.accepted for a in acked_first) + sum(a.accepted for a in acks)
+    assert total == 500  # every reading counted new exactly once
+    assert sql("SELECT count(*), count(DISTINCT ts) FROM readings") == [(500, 500)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_are_stored_through_the_shared_ingest_path(gateway, sql):
+    """A refused reading is kept in rejected_input like an HTTPS one."""
+    token = add_pg_device(sql, "truck-18")
+    device = await open_session(endpoints(gateway)["tcp"], "truck-18", token)
+    device.send(tgp.Data(2, (("oil_temp", 0, float("inf")),)))
+    nack = await device.events.get()
+    assert (nack.code, nack.fatal) == (tgp.ErrorCode.INVALID_READING, False)
+    device.send(tgp.Data(3, frame_readings(1, 5)))
+    assert await device.events.get() == tgp.Ack(3, 5, 0)
+    device.transport.loseConnection()
+    await device.closed
+    rows = sql("SELECT source, device, reason FROM rejected_input")
+    assert len(rows) == 1 and rows[0][0].startswith("tgp 127.0.0.1:") and rows[0][1] == "truck-18"
+    assert rows[0][2] == "invalid_reading: readings[0].value: must be finite"
+
+
+# -- client certificates -----------------------------------------------------
+
+
+def _ca_and_client(tmp_path, cn: str):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plant CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path = tmp_path / "ca.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca_path, PrivateCertificate.loadPEM(pem)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificate_must_name_the_device(tmp_path, db_dsn, sql):
+    ca_path, truck17_cert = _ca_and_client(tmp_path, "truck-17")
+    config = build_config(
+        {
+            "data-dir": str(tmp_path / "data"),
+            "db": db_dsn,
+            "https": "ssl:0:interface=127.0.0.1",
+            "device": "ssl:0:interface=127.0.0.1",
+            "device-ca": str(ca_path),
+        }
+    )
+    service = GatewayService(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        await service.ready
+        port = service.device_ports[0].getHost().port
+        trust = Certificate.loadPEM((config.tls_dir / "gateway.crt").read_bytes())
+
+        def endpoint(client_cert=None):
+            options = optionsForClientTLS("localhost", trust, client_cert)
+            return wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+
+        token17, token18 = add_pg_device(sql, "truck-17"), add_pg_device(sql, "truck-18")
+        device = await open_session(endpoint(truck17_cert), "truck-17", token17)
+        device.transport.loseConnection()
+        await device.closed
+
+        # a certificate naming truck-17 does not let truck-18's token in
+        other = await endpoint(truck17_cert).connect(Factory.forProtocol(DeviceClient))
+        other.send(tgp.Hello("truck-18"))
+        challenge = await other.events.get()
+        other.send(tgp.Auth(tokens.auth_proof(token18, challenge.nonce, "truck-18")))
+        reject = await other.events.get()
+        assert reject.code == tgp.ErrorCode.AUTH_FAILED and "certificate" in reject.reason
+        await other.closed
+
+        # no certificate at all: the TLS handshake fails, nothing is read
+        bare = await endpoint().connect(Factory.forProtocol(DeviceClient))
+        bare.send(tgp.Hello("truck-17"))
+        assert await bare.events.get() is None
+    finally:
+        await service.stopService()
