@@ -24,57 +24,15 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import psycopg2
-import psycopg2.extensions
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import Gateway, ceiling, fresh_database, server_version, workspace
 
-from gateway import embedded, schema, tokens  # noqa: E402
-from gateway.store import INSERT_READINGS  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-def fresh_database(server_dsn: str, name: str) -> str:
-    admin = psycopg2.connect(server_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    dsn = psycopg2.extensions.make_dsn(server_dsn, dbname=name)
-    conn = psycopg2.connect(dsn)
-    schema.migrate(conn)
-    conn.close()
-    return dsn
-
-
-def ceiling(dsn: str, duration: float, batch: int = 5000) -> dict:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True  # each statement its own transaction, as in the gateway
-    with conn.cursor() as cur:
-        cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('ceiling', 'c', '\\x00') RETURNING id")
-        device = cur.fetchone()[0]
-        n = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < duration:
-            ts = list(range(n * 1000, (n + batch) * 1000, 1000))
-            cur.execute(INSERT_READINGS, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
-            assert len(cur.fetchall()) == batch
-            n += batch
-        elapsed = time.perf_counter() - start
-    conn.close()
-    return {"readings": n, "seconds": elapsed, "readings_per_s": n / elapsed}
-
+from gateway import tokens
 
 WRK_SCRIPT = r"""
 local tokens = {}
@@ -107,39 +65,6 @@ function request()
   }, '{"readings":[' .. table.concat(parts, ",") .. ']}')
 end
 """
-
-
-def start_gateway(dsn: str, data_dir: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [
-            str(BIN / "twistd"),
-            "-n",
-            "--pidfile=",
-            "gateway",
-            "--db",
-            dsn,
-            "--data-dir",
-            str(data_dir),
-            "--https",
-            "ssl:0:interface=127.0.0.1",
-            "--device",
-            "tcp:0:interface=127.0.0.1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    port = None
-    for line in proc.stdout:
-        m = re.search(r"listening for HTTPS on [\d.]+:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if "gateway ready" in line:
-            break
-    else:
-        raise SystemExit("the gateway did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, port
 
 
 def parse_wrk(out: str) -> dict:
@@ -199,24 +124,15 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("http_load: wrk is needed (Debian: apt-get install wrk)")
 
-    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    os.chmod(tmp, 0o755)
-    pg = None
-    server_dsn = args.db
-    if server_dsn is None:
-        pg = embedded.EmbeddedPostgres(tmp / "pg")
-        server_dsn = pg.start()
-    gateway_proc = None
-    try:
+    with workspace(args.db) as (tmp, server_dsn):
         figures: dict = {
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+            "machine": {
+                "cores": os.cpu_count(),
+                "python": platform.python_version(),
+                "postgresql": server_version(server_dsn),
+            },
+            "ceiling": ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration),
         }
-        conn = psycopg2.connect(server_dsn)
-        figures["machine"]["postgresql"] = conn.server_version
-        conn.close()
-
-        figures["ceiling"] = ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration)
-
         dsn = fresh_database(server_dsn, "bench_gateway")
         conn = psycopg2.connect(dsn)
         lines = []
@@ -232,30 +148,24 @@ def main() -> None:
         tokens_file = tmp / "tokens.txt"
         tokens_file.write_text("\n".join(lines) + "\n")
 
-        gateway_proc, port = start_gateway(dsn, tmp / "gw")
-        gateway = psutil.Process(gateway_proc.pid)
-        for run, per_request in enumerate((1, 100)):
-            figures[f"https{per_request}"] = http_run(
-                port, tokens_file, per_request, args.connections, args.duration, run, gateway
-            )
-        figures["gateway_rss_mb"] = gateway.memory_info().rss / 2**20
+        gateway = Gateway(dsn, tmp / "gw")
+        try:
+            process = psutil.Process(gateway.proc.pid)
+            for run, per_request in enumerate((1, 100)):
+                figures[f"https{per_request}"] = http_run(
+                    gateway.ports["https"], tokens_file, per_request, args.connections, args.duration, run, process
+                )
+            figures["gateway_rss_mb"] = process.memory_info().rss / 2**20
+        finally:
+            gateway.stop()
 
         conn = psycopg2.connect(dsn)
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM readings")
             stored = cur.fetchone()[0]
         conn.close()
-        acked = sum(
-            figures[k]["requests"] * n - figures[k]["errors"] * n for k, n in (("https1", 1), ("https100", 100))
-        )
+        acked = sum((figures[k]["requests"] - figures[k]["errors"]) * n for k, n in (("https1", 1), ("https100", 100)))
         figures["stored"], figures["acked"] = stored, acked
-    finally:
-        if gateway_proc is not None:
-            gateway_proc.terminate()
-            gateway_proc.wait(30)
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     ceiling_rps = figures["ceiling"]["readings_per_s"]
     print(

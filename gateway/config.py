@@ -183,9 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-batch", 5000, _positive_int(1, 100_000), "Most readings committed in one transaction."),
     Setting(
         "commit-delay",
-        0.002,
+        0.0,
         _seconds(0, 1),
-        "Seconds a batch waits for more readings before it commits, when a connection is free.",
+        "Seconds a batch waits for more readings before it commits when a connection is free. "
+        "Writes that arrive while every connection is busy are grouped anyway.",
     ),
     Setting(
         "max-queue",

@@ -49,6 +49,8 @@ from gateway.readings import (
     StoreOverloaded,
     StoreRejected,
     StoreUnavailable,
+    MAX_TS_US,
+    MIN_TS_US,
     WriteResult,
     check_reading,
     is_name,
@@ -94,7 +96,9 @@ class DeviceProtocol(protocol.Protocol):
     def __init__(self, factory: DeviceFactory) -> None:
         self.factory = factory
         settings = factory.settings
-        self.conn = tgp.Connection(tgp.GATEWAY, max_frame=settings.max_frame, max_metrics=settings.max_metrics)
+        self.conn = tgp.Connection(
+            tgp.GATEWAY, max_frame=settings.max_frame, max_metrics=settings.max_metrics, valid_name=is_name
+        )
         self.device: Device | None = None
         self.claimed_name: str | None = None
         self._stored_key: bytes | None = None
@@ -226,30 +230,21 @@ class DeviceProtocol(protocol.Protocol):
         log.info("device {device} connected from {source}", device=name, source=self.source)
 
     def _declare(self, declare: tgp.Declare) -> None:
-        bad = [m for m in declare.metrics if not is_name(m.name)]
-        if bad:
-            self._refuse_frame(
-                declare.seq,
-                E.BAD_DECLARATION,
-                f"metric {bad[0].id}: name {bad[0].name!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
-                b"",
-            )
-            return
+        # Names were checked by the codec (valid_name): nothing to store.
         self._queue_answer(declare.seq, succeed(WriteResult(0, 0)))
 
     def _data(self, data: tgp.Data) -> None:
         assert self.device is not None
-        try:
-            readings = [check_reading(m, ts, v, f"readings[{i}]") for i, (m, ts, v) in enumerate(data.readings)]
-        except InvalidInput as e:
-            self._refuse_frame(data.seq, E.INVALID_READING, e.message, _render(data))
+        readings = data.readings  # (metric, ts_us, value); names were checked when declared
+        problem = first_invalid(readings)
+        if problem is not None:
+            self._refuse_frame(data.seq, E.INVALID_READING, problem, _render(data))
             return
-        store = self.factory.store
-        if not store.has_room(len(readings)):
+        if not self.factory.store.has_room(len(readings)):
             self._hold(data)
             return
         self.readings += len(readings)
-        stored = self.factory.ingest.store_readings(self.device, readings, self.source, _render(data))
+        stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
         self._queue_answer(data.seq, Deferred.fromCoroutine(stored))
 
     # -- answers, in order -----------------------------------------------
@@ -402,6 +397,20 @@ class DeviceProtocol(protocol.Protocol):
 class _Refusal:
     code: tgp.ErrorCode
     message: str
+
+
+def first_invalid(readings: tuple[tuple[str, int, float], ...]) -> str | None:
+    """Why the first reading that breaks the ingest rules does, or None (a fast path for decoded frames)."""
+    for i, (metric, ts_us, value) in enumerate(readings):
+        if not (MIN_TS_US <= ts_us <= MAX_TS_US and -_INF < value < _INF):
+            try:
+                check_reading(metric, ts_us, value, f"readings[{i}]")
+            except InvalidInput as e:
+                return e.message
+    return None
+
+
+_INF = float("inf")
 
 
 def no_delay(transport: Any) -> None:

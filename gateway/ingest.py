@@ -10,8 +10,8 @@ with the reason, so nothing disappears without a trace.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
-from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -90,11 +90,14 @@ class Ingest:
             raise Unauthorized("missing, unknown or revoked device token")
         return device
 
-    async def store_readings(self, device: Device, readings: Sequence[Reading], source: str, raw: bytes) -> WriteResult:
+    async def store_readings(
+        self, device: Device, readings: Sequence[Reading], source: str, raw: Callable[[], bytes]
+    ) -> WriteResult:
+        """Store readings; ``raw()`` renders the input for the rejected-input table if refused."""
         try:
             return await self.store.write(device, readings)
         except StoreRejected as e:
-            await self.refused(source, e, raw, device)
+            await self.refused(source, e, raw(), device)
             raise
 
     async def refused(self, source: str, error: IngestError, raw: bytes, device: Device | None) -> None:
@@ -118,6 +121,6 @@ class Ingest:
             except InvalidInput as e:
                 await self.refused(source, e, body, device)
                 raise
-            return await self.store_readings(device, readings, source, body)
+            return await self.store_readings(device, readings, source, lambda: body)
 
         return Deferred.fromCoroutine(run())

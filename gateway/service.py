@@ -34,6 +34,7 @@ from gateway.http import GatewaySite
 from gateway.ingest import Ingest
 from gateway.store import PostgresStore
 from gateway.tls import TLSConfigError, make_self_signed, server_options
+from gateway.tuning import tune_gc
 from protocols import tgp
 
 __all__ = ["Options", "makeService", "GatewayService"]
@@ -202,6 +203,7 @@ class GatewayService(MultiService):
         if up == 0:
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
+        tune_gc()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)
 

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from gateway import tokens
 from gateway.device import no_delay
+from gateway.tuning import tune_gc
 from protocols import tgp
 
 log = Logger()
@@ -49,8 +50,11 @@ class Stats:
     latencies: list[float] = field(default_factory=list)  # seconds, a bounded sample
     seen: int = 0
     connected: int = 0
+    measure_from: float = 0.0  # clock time before which latencies are not sampled (warm-up)
 
-    def latency(self, seconds: float) -> None:
+    def latency(self, seconds: float, now: float) -> None:
+        if now < self.measure_from:
+            return
         self.seen += 1
         if len(self.latencies) < LATENCY_SAMPLES:
             self.latencies.append(seconds)
@@ -160,7 +164,8 @@ class TGPClient(protocol.Protocol):
             if readings:
                 stats.acked += len(readings)
                 stats.duplicates += event.duplicates
-                stats.latency(self.sim.clock.seconds() - sent_at)
+                now = self.sim.clock.seconds()
+                stats.latency(now - sent_at, now)
             self.device.backoff = BACKOFF_FIRST
             self.pump()
         elif isinstance(event, tgp.Nack):
@@ -275,7 +280,8 @@ class HTTPSDevice:
                 result = json.loads(content)
                 stats.acked += len(readings)
                 stats.duplicates += result["duplicates"]
-                stats.latency(self.sim.clock.seconds() - started)
+                now = self.sim.clock.seconds()
+                stats.latency(now - started, now)
                 self.busy = False
                 self.pump()
                 return
@@ -366,23 +372,31 @@ class Simulation:
             for i, device in enumerate(self.devices):
                 self.clock.callLater(i / max(1, len(self.devices)) * min(1.0, len(self.devices) / 1000), device.connect)
         if self.rate > 0:
-            per_device = self.rate / len(self.devices)
-            interval = max(0.01, min(1.0, self.batch / per_device))
-            self._carry = [0.0] * len(self.devices)
+            self._start_producing()
 
-            def produce() -> None:
-                for i, device in enumerate(self.devices):
-                    self._carry[i] += per_device * interval
-                    n = int(self._carry[i])
-                    if n:
-                        self._carry[i] -= n
-                        device.make_readings(n)
-                        if device.client is not None:
-                            device.client.pump()
+    def _start_producing(self) -> None:
+        """
+        Each device makes readings at its share of the rate and sends a frame
+        when it has a batch (or a second's worth, if that is less). Devices
+        start at random points of their cycle, as a real fleet would, rather
+        than all sending on the same tick.
+        """
+        per_device = self.rate / len(self.devices)
+        threshold = max(1, min(self.batch, int(per_device)))
+        tick = max(0.01, min(1.0, len(self.devices) / 100_000))
+        carry = [random.uniform(0, threshold) for _ in self.devices]
 
-            self._producer = task.LoopingCall(produce)
-            self._producer.clock = self.clock
-            self._producer.start(interval, now=True)
+        def produce() -> None:
+            for i, device in enumerate(self.devices):
+                carry[i] += per_device * tick
+                if carry[i] >= threshold:
+                    n = int(carry[i])
+                    carry[i] -= n
+                    device.make_readings(n)
+
+        self._producer = task.LoopingCall(produce)
+        self._producer.clock = self.clock
+        self._producer.start(tick, now=False)
 
     def stop(self) -> None:
         self.stopping = True
@@ -404,6 +418,7 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
         "p50_ms": round(s.percentile(50), 3),
         "p95_ms": round(s.percentile(95), 3),
         "p99_ms": round(s.percentile(99), 3),
+        "latency_samples": len(s.latencies),
         "errors": dict(s.errors),
         "reconnects": s.reconnects,
         "unacked": sum(len(d.backlog) for d in sim.devices)
@@ -414,8 +429,12 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
 
 
 def run(reactor: Any, args: Any, devices: list[tuple[str, str]], trust: Any) -> defer.Deferred:
+    tune_gc()  # the load generator's own pauses would show as ack latency
     sim = Simulation(reactor, args, devices, trust)
     started = time.monotonic()
+    # Connecting, authenticating and the first backlog are not the steady
+    # state: ack latencies are sampled after the first fifth of the run.
+    sim.stats.measure_from = reactor.seconds() + min(2.0, args.duration / 5)
     sim.start()
     progress = None
     if not args.quiet:

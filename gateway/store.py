@@ -107,6 +107,34 @@ class IStore(Interface):
         """Fire when the database answers; errback StoreUnavailable otherwise."""
 
 
+_QUOTED: dict[str, str] = {}
+
+
+def _quoted(name: str) -> str:
+    quoted = _QUOTED.get(name)
+    if quoted is None:
+        quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if len(_QUOTED) < 100_000:
+            _QUOTED[name] = quoted
+    return quoted
+
+
+def array_literals(rows: list[tuple]) -> tuple[str, str, str, str]:
+    """
+    The batch's four columns as PostgreSQL array literals ('{1,2,3}').
+    Handing psycopg2 Python lists makes it adapt every element into an
+    ARRAY[...] expression on the reactor thread, which cost a third of the
+    gateway's CPU; joining the text here costs a fraction of that. Values are
+    finite floats (checked on ingest), so repr() is exact and never 'nan'.
+    """
+    return (
+        "{" + ",".join([str(r[0]) for r in rows]) + "}",
+        "{" + ",".join([_quoted(r[1]) for r in rows]) + "}",
+        "{" + ",".join([str(r[2]) for r in rows]) + "}",
+        "{" + ",".join([repr(r[3]) for r in rows]) + "}",
+    )
+
+
 def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -> Deferred:
     """
     A Deferred with d's result, or failing with ``error`` after ``seconds``.
@@ -148,7 +176,7 @@ class PostgresStore(Service):
         clock: IReactorTime | None = None,
         pool_size: int = 4,
         max_batch: int = 5000,
-        commit_delay: float = 0.002,
+        commit_delay: float = 0.0,
         max_queue: int = 100_000,
     ) -> None:
         self._clock = clock or reactor
@@ -285,13 +313,13 @@ class PostgresStore(Service):
         duplicates = [0] * len(items)
         rows: list[tuple[int, str, int, float, int, int]] = []
         for i, (device_id, readings) in enumerate(items):
-            for j, r in enumerate(readings):
-                key = (device_id, r.metric, r.ts_us)
+            for j, (metric, ts_us, value) in enumerate(readings):
+                key = (device_id, metric, ts_us)
                 if key in first:
                     duplicates[i] += 1  # the same reading twice in one batch
                     continue
                 first[key] = i
-                rows.append((device_id, r.metric, r.ts_us, r.value, i, j))
+                rows.append((device_id, metric, ts_us, value, i, j))
         inserted, refused = await self._insert_isolating(conn, rows)
         new = [0] * len(items)
         for device_id, metric, ts_us, _, i, _ in rows:
@@ -314,7 +342,7 @@ class PostgresStore(Service):
         return outcomes
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> set[tuple[int, str, int]]:
-        columns = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+        columns = array_literals(rows)
         for attempt in range(DEADLOCK_RETRIES):
             try:
                 result = await conn.runQuery(INSERT_READINGS, columns)
@@ -406,12 +434,12 @@ class MemoryStore:
         if not self.available:
             return fail(StoreUnavailable("database unavailable"))
         new = dup = 0
-        for r in readings:
-            key = (device.id, r.metric, r.ts_us)
+        for metric, ts_us, value in readings:
+            key = (device.id, metric, ts_us)
             if key in self.readings:
                 dup += 1
             else:
-                self.readings[key] = r.value
+                self.readings[key] = value
                 new += 1
         return succeed(WriteResult(new, dup))
 

@@ -30,6 +30,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+from collections.abc import Callable
 
 MAGIC = b"TG"
 VERSIONS = (1,)  # protocol versions this codec speaks
@@ -482,8 +483,11 @@ class Connection:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_metrics: int = DEFAULT_MAX_METRICS,
+        valid_name: Callable[[str], bool] | None = None,
     ) -> None:
         self.our_role = our_role
+        # the receiver's rule for metric names; a DECLARE breaking it is refused
+        self.valid_name = valid_name
         self.their_role = DEVICE if our_role is GATEWAY else GATEWAY
         self.max_frame = max_frame  # largest payload we accept
         self.max_metrics = max_metrics
@@ -647,6 +651,9 @@ class Connection:
                 vtype = ValueType(type_code)
             except ValueError:
                 problems.append(f"metric {metric_id}: unknown value type {type_code}")
+                continue
+            if self.valid_name is not None and not self.valid_name(name):
+                problems.append(f"metric {metric_id}: name {name!r} is not allowed")
                 continue
             known = self._theirs.get(metric_id) or new.get(metric_id)
             if known is not None and known != (name, vtype):

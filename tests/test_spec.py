@@ -24,7 +24,7 @@ def spec_frames() -> list[tuple[str, str, bytes]]:
             frames.append(current)
         elif current is not None and line.startswith("    "):
             current[3] += bytes.fromhex(line[4:52])
-    for sender, name, size, data in frames:
+    for _, name, size, data in frames:
         assert len(data) == size, f"{name}: the heading says {size} bytes, the dump has {len(data)}"
     return [(sender, name, bytes(data)) for sender, name, _, data in frames]
 

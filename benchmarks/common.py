@@ -1,0 +1,174 @@
+"""What every benchmark here needs: a PostgreSQL, the ceiling, a gateway process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway import embedded, schema  # noqa: E402
+from gateway.store import INSERT_READINGS  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def workspace(db: str | None) -> Iterator[tuple[Path, str]]:
+    """A temporary directory and a PostgreSQL server DSN (embedded unless given)."""
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    os.chmod(tmp, 0o755)
+    pg = None
+    try:
+        if db is None:
+            pg = embedded.EmbeddedPostgres(tmp / "pg")
+            db = pg.start()
+        yield tmp, db
+    finally:
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fresh_database(server_dsn: str, name: str) -> str:
+    admin = psycopg2.connect(server_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    dsn = psycopg2.extensions.make_dsn(server_dsn, dbname=name)
+    conn = psycopg2.connect(dsn)
+    schema.migrate(conn)
+    conn.close()
+    return dsn
+
+
+def server_version(dsn: str) -> int:
+    conn = psycopg2.connect(dsn)
+    try:
+        return conn.server_version
+    finally:
+        conn.close()
+
+
+def ceiling(dsn: str, duration: float, batch: int = 5000) -> dict:
+    """One process, the gateway's schema and batch statement, no protocol: the database's limit."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True  # each statement its own transaction, as in the gateway
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('ceiling', 'c', '\\x00') RETURNING id")
+        device = cur.fetchone()[0]
+        n = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < duration:
+            ts = list(range(n * 1000, (n + batch) * 1000, 1000))
+            cur.execute(INSERT_READINGS, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
+            assert len(cur.fetchall()) == batch
+            n += batch
+        elapsed = time.perf_counter() - start
+    conn.close()
+    return {"readings": n, "seconds": elapsed, "readings_per_s": n / elapsed}
+
+
+LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS) on [\d.]+:(\d+)")
+
+
+class Gateway:
+    """``twistd -n gateway`` on loopback ports chosen by the kernel."""
+
+    def __init__(self, dsn: str, data_dir: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "twistd"),
+                "-n",
+                "--pidfile=",
+                "gateway",
+                "--db",
+                dsn,
+                "--data-dir",
+                str(data_dir),
+                "--https",
+                "ssl:0:interface=127.0.0.1",
+                "--device",
+                "tcp:0:interface=127.0.0.1",
+                "--device",
+                "ssl:0:interface=127.0.0.1",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.ports: dict[str, int] = {}
+        self.data_dir = data_dir
+        for line in self.proc.stdout:
+            m = LISTENING.search(line)
+            if m:
+                self.ports[{"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls"}[m.group(1)]] = int(m.group(2))
+            if "gateway ready" in line:
+                break
+        else:
+            raise SystemExit("the gateway did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def simulate(
+    gateway: Gateway, dsn: str, protocol: str, devices: int, rate: float, duration: float, batch: int = 100
+) -> dict:
+    import json
+
+    out = subprocess.run(
+        [
+            str(BIN / "gatewayctl"),
+            "simulate",
+            "--db",
+            dsn,
+            "--data-dir",
+            str(gateway.data_dir),
+            "--target",
+            f"localhost:{gateway.ports[protocol]}",
+            "--protocol",
+            protocol,
+            "--devices",
+            str(devices),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--batch",
+            str(batch),
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"simulate failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def raise_fd_limit() -> int:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
