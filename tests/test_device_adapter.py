@@ -309,3 +309,24 @@ def test_unexpected_write_result_shapes_do_not_crash():
     h.store.write = lambda device, readings: succeed(WriteResult(70000, 0))
     h.data(2)
     assert h.events() == [tgp.Ack(2, 0xFFFF, 0)]
+
+
+# -- hostile bytes ------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=8), st.booleans())
+def test_random_bytes_never_escape_the_adapter(chunks, after_login):
+    """Garbage before or after the handshake: a NACK or nothing, never an exception, never a hang."""
+    h = Harness()
+    if after_login:
+        h.login()
+    for chunk in chunks:
+        h.proto.dataReceived(chunk)  # must not raise
+    h.clock.advance(200)  # the handshake or idle timer has fired: the connection does not linger
+    assert h.transport.disconnecting
+    h.proto.connectionLost(None)
+    assert h.registry.sessions.get("truck-17") is not h.proto
