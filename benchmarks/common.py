@@ -130,40 +130,34 @@ class Gateway:
         self.proc.wait(60)
 
 
+def simulate_argv(
+    gateway: Gateway, dsn: str, protocol: str, devices: int, rate: float, duration: float, batch: int = 100
+) -> list[str]:
+    return [
+        str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(gateway.data_dir),
+        "--target", f"localhost:{gateway.ports[protocol]}", "--protocol", protocol, "--devices", str(devices),
+        "--rate", str(rate), "--duration", str(duration), "--batch", str(batch), "--quiet",
+    ]  # fmt: skip
+
+
 def simulate(
     gateway: Gateway, dsn: str, protocol: str, devices: int, rate: float, duration: float, batch: int = 100
 ) -> dict:
+    """Run ``gatewayctl simulate`` to the end; its JSON summary."""
     import json
 
-    out = subprocess.run(
-        [
-            str(BIN / "gatewayctl"),
-            "simulate",
-            "--db",
-            dsn,
-            "--data-dir",
-            str(gateway.data_dir),
-            "--target",
-            f"localhost:{gateway.ports[protocol]}",
-            "--protocol",
-            protocol,
-            "--devices",
-            str(devices),
-            "--rate",
-            str(rate),
-            "--duration",
-            str(duration),
-            "--batch",
-            str(batch),
-            "--json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    argv = simulate_argv(gateway, dsn, protocol, devices, rate, duration, batch) + ["--json"]
+    out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"simulate failed: {out.stderr}")
     return json.loads(out.stdout)
+
+
+def machine(server_dsn: str) -> dict:
+    import os
+    import platform
+
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "postgresql": server_version(server_dsn)}
 
 
 def raise_fd_limit() -> int:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -30,7 +28,7 @@ from pathlib import Path
 import psutil
 import psycopg2
 
-from common import Gateway, ceiling, fresh_database, server_version, workspace
+from common import Gateway, ceiling, fresh_database, machine, workspace
 
 from gateway import tokens
 
@@ -126,11 +124,7 @@ def main() -> None:
 
     with workspace(args.db) as (tmp, server_dsn):
         figures: dict = {
-            "machine": {
-                "cores": os.cpu_count(),
-                "python": platform.python_version(),
-                "postgresql": server_version(server_dsn),
-            },
+            "machine": machine(server_dsn),
             "ceiling": ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration),
         }
         dsn = fresh_database(server_dsn, "bench_gateway")

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
-from common import BIN, Gateway, ceiling, fresh_database, raise_fd_limit, server_version, simulate, workspace
+from common import Gateway, ceiling, fresh_database, machine, raise_fd_limit, simulate, simulate_argv, workspace
 
 
 def idle_rss(gateway: Gateway, dsn: str, protocol: str, devices: int) -> dict:
@@ -34,27 +32,7 @@ def idle_rss(gateway: Gateway, dsn: str, protocol: str, devices: int) -> dict:
     process = psutil.Process(gateway.proc.pid)
     before = process.memory_info().rss
     sim = subprocess.Popen(
-        [
-            str(BIN / "gatewayctl"),
-            "simulate",
-            "--db",
-            dsn,
-            "--data-dir",
-            str(gateway.data_dir),
-            "--target",
-            f"localhost:{gateway.ports[protocol]}",
-            "--protocol",
-            protocol,
-            "--devices",
-            str(devices),
-            "--rate",
-            str(devices / 60),
-            "--batch",
-            "1",
-            "--duration",
-            "600",
-            "--quiet",
-        ],
+        simulate_argv(gateway, dsn, protocol, devices, rate=devices / 60, duration=600, batch=1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -99,12 +77,7 @@ def main() -> None:
 
     with workspace(args.db) as (tmp, server_dsn):
         figures: dict = {
-            "machine": {
-                "cores": os.cpu_count(),
-                "python": platform.python_version(),
-                "postgresql": server_version(server_dsn),
-                "fd_limit": fd_limit,
-            },
+            "machine": {**machine(server_dsn), "fd_limit": fd_limit},
             "ceiling": ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration),
         }
         dsn = fresh_database(server_dsn, "bench_gateway")

@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 import pytest
+import pytest_twisted
 
 from gateway import embedded, schema
 
@@ -100,3 +101,36 @@ def script(name: str) -> str:
     if not path.exists():
         pytest.fail(f"{name} is not installed beside {sys.executable}: install the project first")
     return str(path)
+
+
+async def start_service(tmp_path: Path, db_dsn: str, **settings):
+    """The real service tree on 127.0.0.1, ports chosen by the kernel, started and ready."""
+    from twisted.internet import reactor
+
+    from gateway.config import build_config
+    from gateway.service import GatewayService
+
+    values = {
+        "data-dir": str(tmp_path / "data"),
+        "db": db_dsn,
+        "https": "ssl:0:interface=127.0.0.1",
+        "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
+    }
+    values.update({key.replace("_", "-"): value for key, value in settings.items()})
+    service = GatewayService(build_config(values), reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        await service.ready
+    except Exception:
+        await service.stopService()
+        raise
+    return service
+
+
+@pytest_twisted.async_yield_fixture
+async def service(tmp_path, db_dsn):
+    """A running gateway service with the defaults and loopback endpoints."""
+    svc = await start_service(tmp_path, db_dsn)
+    yield svc
+    await svc.stopService()

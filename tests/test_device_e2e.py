@@ -23,8 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
 from gateway import tokens
-from gateway.config import build_config
-from gateway.service import GatewayService
+from tests.conftest import start_service
 from protocols import tgp
 from tests.test_store import add_pg_device
 from tests.tgp_helpers import drain
@@ -67,22 +66,9 @@ def frame_readings(frame: int, per_frame: int = 50) -> tuple:
     return tuple(("oil_temp", base + i * 1000, frame + i / 100) for i in range(per_frame))
 
 
-@pytest_twisted.async_yield_fixture
-async def gateway(tmp_path, db_dsn):
-    config = build_config(
-        {
-            "data-dir": str(tmp_path / "data"),
-            "db": db_dsn,
-            "https": "ssl:0:interface=127.0.0.1",
-            "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
-        }
-    )
-    service = GatewayService(config, reactor)
-    service.privilegedStartService()
-    service.startService()
-    await service.ready
-    yield service
-    await service.stopService()
+@pytest.fixture
+def gateway(service):
+    return service
 
 
 def endpoints(service):
@@ -208,20 +194,9 @@ def _ca_and_client(tmp_path, cn: str):
 @pytest_twisted.ensureDeferred
 async def test_client_certificate_must_name_the_device(tmp_path, db_dsn, sql):
     ca_path, truck17_cert = _ca_and_client(tmp_path, "truck-17")
-    config = build_config(
-        {
-            "data-dir": str(tmp_path / "data"),
-            "db": db_dsn,
-            "https": "ssl:0:interface=127.0.0.1",
-            "device": "ssl:0:interface=127.0.0.1",
-            "device-ca": str(ca_path),
-        }
-    )
-    service = GatewayService(config, reactor)
-    service.privilegedStartService()
-    service.startService()
+    service = await start_service(tmp_path, db_dsn, device="ssl:0:interface=127.0.0.1", device_ca=str(ca_path))
+    config = service.config
     try:
-        await service.ready
         port = service.device_ports[0].getHost().port
         trust = Certificate.loadPEM((config.tls_dir / "gateway.crt").read_bytes())
 

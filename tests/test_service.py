@@ -22,8 +22,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from gateway.config import build_config
 from gateway.service import GatewayService
+from tests.conftest import start_service
 from tests.test_store import add_pg_device
 
 
@@ -49,23 +49,10 @@ class Gateway:
 
 
 @pytest_twisted.async_yield_fixture
-async def gateway(tmp_path, db_dsn):
-    config = build_config(
-        {
-            "data-dir": str(tmp_path / "data"),
-            "db": db_dsn,
-            "https": "ssl:0:interface=127.0.0.1",
-            "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
-        }
-    )
-    service = GatewayService(config, reactor)
-    service.privilegedStartService()
-    service.startService()
-    await service.ready
+async def gateway(service):
     gw = Gateway(service)
     yield gw
     await gw.pool.closeCachedConnections()
-    await service.stopService()
 
 
 def reading(i: int, metric: str = "oil_temp") -> dict:
@@ -156,21 +143,8 @@ async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
     from gateway.tls import make_self_signed
 
     own = make_self_signed(tmp_path / "own", hostname="gw.plant.example")
-    config = build_config(
-        {
-            "data-dir": str(tmp_path / "data"),
-            "db": db_dsn,
-            "https": "ssl:0:interface=127.0.0.1",
-            "device": "tcp:0:interface=127.0.0.1",
-            "tls-cert": str(own.cert_path),
-            "tls-key": str(own.key_path),
-        }
-    )
-    service = GatewayService(config, reactor)
-    service.privilegedStartService()
-    service.startService()
+    service = await start_service(tmp_path, db_dsn, tls_cert=str(own.cert_path), tls_key=str(own.key_path))
     try:
-        await service.ready
         port = service.https_port.getHost().port
         answer = await deferToThread(_handshake, port, str(own.cert_path))
         assert answer.startswith("TLSv1.3")
