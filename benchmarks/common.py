@@ -57,6 +57,14 @@ def fresh_database(server_dsn: str, name: str) -> str:
     return dsn
 
 
+def drop_database(server_dsn: str, name: str) -> None:
+    admin = psycopg2.connect(server_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
 def server_version(dsn: str) -> int:
     conn = psycopg2.connect(dsn)
     try:

@@ -24,7 +24,17 @@ import time
 from pathlib import Path
 
 import psutil
-from common import Gateway, ceiling, fresh_database, machine, raise_fd_limit, simulate, simulate_argv, workspace
+from common import (
+    Gateway,
+    ceiling,
+    drop_database,
+    fresh_database,
+    machine,
+    raise_fd_limit,
+    simulate,
+    simulate_argv,
+    workspace,
+)
 
 
 def idle_rss(gateway: Gateway, dsn: str, protocol: str, devices: int) -> dict:
@@ -92,8 +102,9 @@ def main() -> None:
         finally:
             gateway.stop()
         # Latency at half the rate, in a steady state: a fresh database and
-        # gateway, not one still vacuuming the millions of rows just written.
+        # gateway, not a server still vacuuming the millions of rows just written.
         half = figures["tcp_max"]["rate"] / 2
+        drop_database(server_dsn, "bench_gateway")  # its autovacuum would compete with the next run
         dsn = fresh_database(server_dsn, "bench_gateway_half")
         gateway = Gateway(dsn, tmp / "gw")
         try:

@@ -368,9 +368,10 @@ class Simulation:
                 if self.rate == 0:
                     device.client.pump()
         else:
-            # Spread the connects over a second so thousands of devices do not arrive at once.
+            # Spread the connects (500 a second) so thousands of devices do not arrive at
+            # once, as a fleet coming back after an outage does not either.
             for i, device in enumerate(self.devices):
-                self.clock.callLater(i / max(1, len(self.devices)) * min(1.0, len(self.devices) / 1000), device.connect)
+                self.clock.callLater(i / 500, device.connect)
         if self.rate > 0:
             self._start_producing()
 
