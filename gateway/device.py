@@ -106,8 +106,11 @@ class DeviceProtocol(protocol.Protocol):
         # frames awaiting their answer, in order: [seq, settled, outcome]
         self._answers: deque[list[Any]] = deque()
         self._busy = False  # waiting on the database during the handshake
-        self._held: Any = None  # an event waiting for room in the store
-        self._paused = False
+        # Flow control: the transport is paused while any of these holds.
+        self._window_full = False  # `window` frames unanswered (until half have been answered)
+        self._held: Any = None  # a frame waiting for room in the store
+        self._stopped = False  # the gateway is shutting down
+        self._transport_paused = False
         self._closing = False
         self._timer: Any = None
         self.source = "tgp ?"
@@ -141,7 +144,7 @@ class DeviceProtocol(protocol.Protocol):
     # -- events ----------------------------------------------------------
 
     def _process(self) -> None:
-        while not (self._closing or self._busy or self._paused or self._held is not None):
+        while not (self._closing or self._busy or self._window_full or self._held is not None or self._stopped):
             try:
                 event = self.conn.next_event()
             except tgp.RemoteProtocolError as e:
@@ -252,8 +255,7 @@ class DeviceProtocol(protocol.Protocol):
     def _queue_answer(self, seq: int, d: Deferred) -> None:
         entry: list[Any] = [seq, False, None]
         self._answers.append(entry)
-        if len(self._answers) >= self.factory.settings.window:
-            self._pause()
+        self._flow()
         d.addBoth(self._answer_ready, entry)
 
     def _answer_ready(self, outcome: Any, entry: list[Any]) -> None:
@@ -262,8 +264,7 @@ class DeviceProtocol(protocol.Protocol):
             seq, _, result = self._answers.popleft()
             if not self._closing:
                 self._send_answer(seq, result)
-        if self._paused and len(self._answers) <= self.factory.settings.window // 2:
-            self._resume()
+        self._flow()
 
     def _send_answer(self, seq: int, outcome: Any) -> None:
         if isinstance(outcome, WriteResult):
@@ -285,29 +286,35 @@ class DeviceProtocol(protocol.Protocol):
 
     # -- backpressure ----------------------------------------------------
 
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
+    def _flow(self) -> None:
+        """Pause or resume the transport, and take buffered frames, as the reasons say."""
+        window, waiting = self.factory.settings.window, len(self._answers)
+        if self._window_full and waiting <= window // 2:
+            self._window_full = False
+        elif not self._window_full and waiting >= window:
+            self._window_full = True
+        stop = self._window_full or self._held is not None or self._stopped
+        if self._closing:
+            return
+        if stop and not self._transport_paused:
+            self._transport_paused = True
             self.transport.pauseProducing()
-
-    def _resume(self) -> None:
-        if self._paused and not self._closing:
-            self._paused = False
+        elif not stop and self._transport_paused:
+            self._transport_paused = False
             self.transport.resumeProducing()
-            self._process()
+            self._process()  # frames that arrived before the pause took effect
 
     def _hold(self, event: tgp.Data) -> None:
-        """Keep one frame until the store has room; read nothing more meanwhile."""
+        """Keep one frame until the store has room; take nothing more meanwhile."""
         self._held = event
-        self.transport.pauseProducing()
+        self._flow()
 
         def room(_: Any) -> None:
             held, self._held = self._held, None
             if self._closing or held is None:
                 return
-            if not self._paused:
-                self.transport.resumeProducing()
-            self._data(held)
+            self._data(held)  # may hold it again if another connection took the room
+            self._flow()
             self._process()
 
         self.factory.store.wait_for_room().addCallback(room)
@@ -344,7 +351,8 @@ class DeviceProtocol(protocol.Protocol):
 
     def stop_reading(self) -> None:
         """Take no more frames (shutdown); answers for those taken still go out."""
-        self._pause()
+        self._stopped = True
+        self._flow()
 
     def end(self, code: tgp.ErrorCode, reason: str) -> None:
         """Say BYE and close (replaced by a newer connection, shutting down)."""

@@ -185,6 +185,32 @@ def test_a_full_store_holds_the_frame_and_stops_reading():
     assert h.events() == [tgp.Ack(2, 3, 0)]
 
 
+def test_a_held_frame_keeps_the_transport_paused_while_the_window_drains():
+    store = ManualStore()
+    h = Harness(store, window=4)
+    h.login()
+    for seq in range(2, 6):
+        h.data(seq, start=seq * 10)  # 4 unanswered: the window is full
+    assert h.transport.producerState == "paused"
+    store.room = False
+    for i in range(3):
+        store.finish(i)  # the window drains to 1 ...
+    h.data(6, start=60)  # ... but arrives with no room in the store
+    assert h.transport.producerState == "paused"
+    store.finish(3)  # answers drained entirely: still paused, a frame is held
+    assert h.transport.producerState == "paused"
+    h.data(7, start=70)  # bytes that were already in flight stay in the codec
+    assert len(store.pending) == 4
+    store.room = True
+    for waiter in store.room_waiters:
+        waiter.callback(None)
+    assert h.transport.producerState == "producing"
+    assert len(store.pending) == 6  # the held frame and the buffered one were taken
+    store.finish(4)
+    store.finish(5)
+    assert [e.seq for e in h.events()] == [2, 3, 4, 5, 6, 7]
+
+
 def test_invalid_reading_is_nacked_kept_and_the_session_goes_on():
     h = Harness()
     h.login()
