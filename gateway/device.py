@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -463,7 +462,6 @@ class DeviceFactory(protocol.Factory):
         self.tls = tls
         self.require_client_cert = require_client_cert
         self.connections: set[DeviceProtocol] = set()
-        self.started = time.monotonic()
 
     def buildProtocol(self, addr: Any) -> DeviceProtocol:
         return DeviceProtocol(self)

@@ -180,8 +180,3 @@ def server_options(
     # them between records; the context is cached, so this holds for all.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return options
-
-
-def certificate_fingerprint(cert_path: Path) -> str:
-    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
-    return fingerprint_of(cert)
