@@ -224,3 +224,30 @@ async def test_client_certificate_must_name_the_device(tmp_path, db_dsn, sql):
         assert await bare.events.get() is None
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_store_queue_slows_devices_down_instead_of_refusing_them(tmp_path, db_dsn, sql):
+    """Five devices pipelining into a queue of 300 readings: paused, never refused, all stored once."""
+    service = await start_service(tmp_path, db_dsn, max_queue=300, pool_size=1, device="tcp:0:interface=127.0.0.1")
+    waits = []
+    wait_for_room = service.store.wait_for_room
+    service.store.wait_for_room = lambda: waits.append(1) or wait_for_room()
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.device_ports[0].getHost().port)
+        devices = []
+        for i in range(5):
+            name = f"truck-{i}"
+            devices.append(await open_session(endpoint, name, add_pg_device(sql, name)))
+        for device in devices:
+            for n in range(20):
+                device.send(tgp.Data(2 + n, frame_readings(n)))
+        for device in devices:
+            answers = [await device.events.get() for _ in range(20)]
+            assert answers == [tgp.Ack(2 + n, 50, 0) for n in range(20)]
+            device.transport.loseConnection()
+            await device.closed
+        assert sql("SELECT count(*) FROM readings") == [(5 * 20 * 50,)]
+        assert waits  # the queue did fill: frames were held, not refused
+    finally:
+        await service.stopService()
