@@ -475,10 +475,11 @@ class DeviceFactory(protocol.Factory):
             return False
         from cryptography import x509
 
-        c = cert.to_cryptography()
-        names = {a.value for a in c.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+        if hasattr(cert, "to_cryptography"):  # pyOpenSSL's X509, from Twisted's own TLS
+            cert = cert.to_cryptography()
+        names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
         try:
-            san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             names |= set(san.get_values_for_type(x509.DNSName))
         except x509.ExtensionNotFound:
             pass

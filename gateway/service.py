@@ -33,6 +33,7 @@ from gateway.endpoints import EndpointSpec
 from gateway.http import GatewaySite
 from gateway.ingest import Ingest
 from gateway.store import PostgresStore
+from gateway.stdtls import TLSServerFactory, server_context
 from gateway.tls import TLSConfigError, make_self_signed, server_options
 from gateway.tuning import tune_gc
 from protocols import tgp
@@ -116,33 +117,38 @@ class GatewayService(MultiService):
 
     # -- start ---------------------------------------------------------
 
-    def _tls_factory(self, spec: EndpointSpec, client_ca: Any = None) -> Any:
+    def _credentials(self, spec: EndpointSpec, option: str) -> tuple[Any, Any, str]:
+        """(certificate, key, the option they come from) for a TLS endpoint."""
         if spec.private_key is not None:
-            cert, key = spec.cert_key, spec.private_key
-            option = "https"
-        elif self.config.tls_cert is not None:
-            cert, key = self.config.tls_cert, self.config.tls_key
-            option = "tls-cert"
-        else:
-            made = make_self_signed(self.config.tls_dir)
-            cert, key = made.cert_path, made.key_path
-            option = "tls-cert"
+            return spec.cert_key, spec.private_key, option
+        if self.config.tls_cert is not None:
+            return self.config.tls_cert, self.config.tls_key, "tls-cert"
+        made = make_self_signed(self.config.tls_dir)
+        if made.created or not getattr(self, "_announced_certificate", False):
+            self._announced_certificate = True
             log.info(
                 "{what} self-signed TLS certificate {path}, SHA-256 fingerprint {fingerprint}",
                 what="made" if made.created else "using",
                 path=str(made.cert_path),
                 fingerprint=made.fingerprint,
             )
+        return made.cert_path, made.key_path, "tls-cert"
+
+    def _tls_wrapped(self, spec: EndpointSpec, factory: Any, option: str, client_ca: Any) -> Any:
+        cert, key, source = self._credentials(spec, option)
         try:
-            return server_options(cert, key, spec.extra_cert_chain, client_ca)
+            if option == "device":
+                # Devices idle by the thousand: the ssl module's TLS costs half the memory (gateway/stdtls.py).
+                return TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory)
+            return TLSMemoryBIOFactory(server_options(cert, key, spec.extra_cert_chain), False, factory)
         except TLSConfigError as e:
             if client_ca is not None and str(client_ca) in str(e):
-                option = "device-ca"
-            raise StartError(f"--{option}: {e}") from None
+                source = "device-ca"
+            raise StartError(f"--{source}: {e}") from None
 
     def _listen(self, spec: EndpointSpec, factory: Any, option: str, client_ca: Any = None) -> Any:
         if spec.tls:
-            factory = TLSMemoryBIOFactory(self._tls_factory(spec, client_ca), False, factory)
+            factory = self._tls_wrapped(spec, factory, option, client_ca)
         endpoint = serverFromString(self.reactor, spec.tcp_description())
         result: list[Any] = []
         endpoint.listen(factory).addBoth(result.append)  # TCP binds synchronously
