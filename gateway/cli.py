@@ -24,7 +24,7 @@ import psycopg2
 
 from gateway import embedded, schema, tokens
 from gateway.config import ConfigError, load_toml
-from gateway.readings import format_ts, is_name, parse_ts
+from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 
 EXPORT_BATCH = 10_000
 
@@ -91,7 +91,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 def cmd_device_add(args: argparse.Namespace) -> None:
     if not is_name(args.name):
-        raise CommandError(f"device name {args.name!r}: use 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
     new = tokens.new_token()
     with database(args) as conn:
         with conn.cursor() as cur:

@@ -87,9 +87,6 @@ class DeviceRegistry:
         if self.sessions.get(name) is session:
             del self.sessions[name]
 
-    def __len__(self) -> int:
-        return len(self.sessions)
-
 
 class DeviceProtocol(protocol.Protocol):
     def __init__(self, factory: DeviceFactory) -> None:
@@ -113,7 +110,6 @@ class DeviceProtocol(protocol.Protocol):
         self._closing = False
         self._timer: Any = None
         self.source = "tgp ?"
-        self.readings = 0
 
     # -- connection ------------------------------------------------------
 
@@ -137,7 +133,7 @@ class DeviceProtocol(protocol.Protocol):
             return
         self.conn.receive_data(data)
         if self.conn.state == tgp.READY:
-            self._set_timer(self.factory.settings.idle_timeout, self._idle_too_long)
+            self._touch()
         self._process()
 
     # -- events ----------------------------------------------------------
@@ -245,7 +241,6 @@ class DeviceProtocol(protocol.Protocol):
         if not self.factory.store.has_room(len(readings)):
             self._hold(data)
             return
-        self.readings += len(readings)
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
         self._queue_answer(data.seq, Deferred.fromCoroutine(stored))
 
@@ -378,6 +373,13 @@ class DeviceProtocol(protocol.Protocol):
     def _set_timer(self, seconds: float, what: Any) -> None:
         self._cancel_timer()
         self._timer = self.factory.clock.callLater(seconds, what)
+
+    def _touch(self) -> None:
+        """Restart the idle timer; once READY it is the only timer, so reset it in place."""
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.factory.settings.idle_timeout)
+        else:
+            self._set_timer(self.factory.settings.idle_timeout, self._idle_too_long)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -20,6 +20,7 @@ from gateway.readings import (
     Device,
     IngestError,
     InvalidInput,
+    NAME_RULE,
     Reading,
     StoreRejected,
     Unauthorized,
@@ -46,7 +47,7 @@ def parse_reading(item: Any, where: str) -> Reading:
         raise InvalidInput(f"{where}.{extra[0]}: unknown field (allowed: metric, ts, value)")
     metric = item["metric"]
     if not is_name(metric):
-        raise InvalidInput(f"{where}.metric: must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise InvalidInput(f"{where}.metric: {NAME_RULE}")
     try:
         ts = parse_ts(item["ts"])
     except ValueError as e:

@@ -21,6 +21,7 @@ MIN_TS_US = (datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc) - EPOCH) /
 MAX_TS_US = (datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.timezone.utc) - EPOCH) // ONE_US
 
 NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
+NAME_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . : -"
 _is_name = re.compile(NAME_PATTERN + r"\Z").match
 
 _RFC3339 = re.compile(
@@ -163,7 +164,7 @@ def format_ts(ts_us: int) -> str:
 def check_reading(metric: str, ts_us: int, value: float, where: str) -> Reading:
     """A decoded reading checked against the same rules as JSON input."""
     if not is_name(metric):
-        raise InvalidInput(f"{where}.metric: must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise InvalidInput(f"{where}.metric: {NAME_RULE}")
     if not MIN_TS_US <= ts_us <= MAX_TS_US:
         raise InvalidInput(f"{where}.ts: is outside years 0001..9999")
     if not math.isfinite(value):

@@ -111,6 +111,7 @@ class GatewayService(MultiService):
         self.device_settings = DeviceSettings(window=config.device_window, idle_timeout=config.device_idle_timeout)
         self.https_port: Any = None
         self.device_ports: list[Any] = []
+        self._announced_certificate = False
         self.device_factories: list[DeviceFactory] = []
         self.ready: Deferred = Deferred()  # fires when the store is connected
         self.failure: str | None = None
@@ -124,7 +125,7 @@ class GatewayService(MultiService):
         if self.config.tls_cert is not None:
             return self.config.tls_cert, self.config.tls_key, "tls-cert"
         made = make_self_signed(self.config.tls_dir)
-        if made.created or not getattr(self, "_announced_certificate", False):
+        if made.created or not self._announced_certificate:
             self._announced_certificate = True
             log.info(
                 "{what} self-signed TLS certificate {path}, SHA-256 fingerprint {fingerprint}",

@@ -25,14 +25,11 @@ from typing import Any
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.logger import Logger
 
 from gateway import tokens
 from gateway.device import no_delay
 from gateway.tuning import tune_gc
 from protocols import tgp
-
-log = Logger()
 
 METRIC = "sim.temp"
 MAX_BACKLOG = 100_000  # readings a simulated device keeps
@@ -137,6 +134,8 @@ class TGPClient(protocol.Protocol):
         self.ready = False
         self.retry_after: float | None = None
         self._last_sent = 0.0
+        self._last_heard = 0.0
+        self._idle_timeout = 0.0
         self._heartbeat: Any = None
 
     def connectionMade(self) -> None:
@@ -145,6 +144,7 @@ class TGPClient(protocol.Protocol):
         self.transport.write(self.conn.send(tgp.Hello(self.device.name, tgp.VERSIONS, "txgateway-simulator")))
 
     def dataReceived(self, data: bytes) -> None:
+        self._last_heard = self.sim.clock.seconds()
         self.conn.receive_data(data)
         while True:
             try:
@@ -185,6 +185,7 @@ class TGPClient(protocol.Protocol):
             self.transport.write(self.conn.send(tgp.Auth(proof)))
         elif isinstance(event, tgp.Welcome):
             self.window = max(1, event.window)
+            self._idle_timeout = float(event.idle_timeout_s or 120)
             self.seq = 1
             self.transport.write(self.conn.send(tgp.Declare(1, (tgp.Metric(1, tgp.ValueType.F64, METRIC),))))
             self.in_flight[1] = ([], self.sim.clock.seconds())
@@ -206,7 +207,12 @@ class TGPClient(protocol.Protocol):
             self.transport.loseConnection()
 
     def ping(self) -> None:
-        if self.ready and self.sim.clock.seconds() - self._last_sent >= 1:
+        now = self.sim.clock.seconds()
+        if self.ready and now - self._last_heard > self._idle_timeout:
+            # SPEC: silence for idle_timeout_s means the connection is dead; reconnect and resend.
+            self.sim.stats.errors["gateway silent"] += 1
+            self.transport.abortConnection()
+        elif self.ready and now - self._last_sent >= 1:
             self.transport.write(self.conn.send(tgp.Ping(0)))
 
     def pump(self) -> None:

@@ -185,10 +185,6 @@ class TLSServerProtocol(ProtocolWrapper):
         der = self._tls.getpeercert(binary_form=True) if self._handshaken else None
         return x509.load_der_x509_certificate(der) if der else None
 
-    @property
-    def tls_version(self) -> str | None:
-        return self._tls.version() if self._handshaken else None
-
 
 class TLSServerFactory(WrappingFactory):
     protocol = TLSServerProtocol  # type: ignore[assignment]

@@ -726,7 +726,7 @@ class Connection:
         state = self.state
         self._advance(self.our_role, kind, remote=False)
         try:
-            payload = self._encode(kind, event)
+            payload = self._encode(event)
         except Exception:
             self.state = state
             raise
@@ -737,7 +737,7 @@ class Connection:
         if seq != self.last_seq_sent + 1:
             raise LocalProtocolError(ErrorCode.BAD_SEQUENCE, f"frame number {seq}, expected {self.last_seq_sent + 1}")
 
-    def _encode(self, kind: MessageType, e: Event) -> bytes:
+    def _encode(self, e: Event) -> bytes:
         if isinstance(e, Data):
             return self._encode_data(e)
         if isinstance(e, Declare):
