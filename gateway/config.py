@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from twisted.python import usage
 
 from gateway.endpoints import EndpointSpec, parse_endpoint
+from gateway.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,7 +31,7 @@ class ConfigError(Exception):
     """A setting has a bad value; the message names the option."""
 
     def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"--{option}: {message}")
+        super().__init__(f"--{option}: {message}" if option else message)
         self.option = option
 
 
@@ -99,6 +100,22 @@ def _dsn(value: Any) -> str:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "unparsable"
         raise ValueError(f"not a valid PostgreSQL connection string: {reason}") from None
     return text
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(value: Any) -> float:
+    """A duration: seconds, or a number with s, m, h or d ('30d')."""
+    text = str(value).strip()
+    unit = _UNITS.get(text[-1:], None) if text else None
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration such as 3600, 90m, 12h or 30d") from None
+    if not 60 <= seconds <= 100 * 365 * 86400:
+        raise ValueError(f"{value!r} is outside 1 minute..100 years")
+    return seconds
 
 
 def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
@@ -194,6 +211,49 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int(1, 10_000_000),
         "Most readings waiting for COMMIT; past it writers get 503 + Retry-After.",
     ),
+    Setting(
+        "upload-url",
+        (),
+        check_url,
+        "Upload stored readings to this HTTPS URL, in gzipped JSON-lines batches; repeat for several "
+        "sinks (each keeps its own place). [[sink]] tables in the config file give names, headers "
+        "and edge reduction.",
+        multiple=True,
+    ),
+    Setting(
+        "upload-ca",
+        None,
+        ca_file,
+        "PEM CA certificates to trust for upload URLs instead of the system's (a private CA).",
+    ),
+    Setting("upload-batch", 5000, _positive_int(1, 1_000_000), "Most readings in one upload batch."),
+    Setting(
+        "upload-batch-bytes",
+        1024 * 1024,
+        _positive_int(1024, 256 * 1024 * 1024),
+        "Most compressed bytes in one upload batch.",
+    ),
+    Setting(
+        "upload-flush",
+        5.0,
+        _seconds(0.01, 86400),
+        "Seconds the oldest waiting reading may wait before a batch that is not full is sent (plus up to 20% jitter).",
+    ),
+    Setting(
+        "upload-backoff",
+        1.0,
+        _seconds(0.01, 3600),
+        "First retry delay in seconds after a failed upload; doubles per failure, with full jitter.",
+    ),
+    Setting("upload-backoff-cap", 60.0, _seconds(0.01, 86400), "Longest retry delay in seconds."),
+    Setting("upload-timeout", 30.0, _seconds(1, 3600), "Seconds one upload request may take."),
+    Setting(
+        "retention",
+        None,
+        _age,
+        "Delete readings older than this (3600, 90m, 12h, 30d) once every sink has uploaded them. "
+        "Without it readings are kept.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -216,6 +276,16 @@ class GatewayConfig:
     max_batch: int
     commit_delay: float
     max_queue: int
+    upload_url: tuple[str, ...] = ()
+    upload_ca: Path | None = None
+    upload_batch: int = 5000
+    upload_batch_bytes: int = 1024 * 1024
+    upload_flush: float = 5.0
+    upload_backoff: float = 1.0
+    upload_backoff_cap: float = 60.0
+    upload_timeout: float = 30.0
+    retention: float | None = None
+    sinks: tuple[Sink, ...] = ()
     config_file: Path | None = None
 
     @property
@@ -246,9 +316,10 @@ def build_config(
 ) -> GatewayConfig:
     """Merge defaults < config file < command line, and check every value."""
     file_values = dict(file_values or {})
+    sink_tables = file_values.pop("sink", [])
     for key in file_values:
         if key not in _BY_NAME:
-            known = ", ".join(sorted(_BY_NAME))
+            known = ", ".join(sorted([*_BY_NAME, "sink"]))
             raise ConfigError("config", f"{str(config_file)!r}: unknown key {key!r} (known: {known})")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -273,8 +344,31 @@ def build_config(
         raise ConfigError(missing, "--tls-cert and --tls-key go together; give both")
     return GatewayConfig(
         config_file=config_file,
+        sinks=_sinks(values, sink_tables),
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
+
+
+def _sinks(values: Mapping[str, Any], tables: Any) -> tuple[Sink, ...]:
+    """Sinks from --upload-url and from the config file's [[sink]] tables."""
+    defaults = {
+        "ca": values["upload-ca"],
+        "batch": values["upload-batch"],
+        "batch_bytes": values["upload-batch-bytes"],
+        "flush": values["upload-flush"],
+        "backoff": values["upload-backoff"],
+        "backoff_cap": values["upload-backoff-cap"],
+        "timeout": values["upload-timeout"],
+    }
+    sinks = [Sink(name=name_from_url(url), url=url, **defaults) for url in values["upload-url"]]
+    if not isinstance(tables, list):
+        raise ConfigError("", "[[sink]]: give sinks as an array of tables ([[sink]] headings)")
+    try:
+        sinks += [sink_from_table(table, defaults, index=i) for i, table in enumerate(tables)]
+        check_unique(sinks)
+    except SinkError as e:
+        raise ConfigError("", str(e)) from None
+    return tuple(sinks)
 
 
 class Options(usage.Options):
@@ -296,12 +390,18 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["device"] = None
+        for setting in SETTINGS:
+            if setting.multiple:
+                self[setting.name] = None
 
-    def opt_device(self, endpoint: str) -> None:
-        self["device"] = [*(self["device"] or []), endpoint]
+    @staticmethod
+    def _repeatable(setting: Setting) -> Callable[[Options, str], None]:
+        def opt(self: Options, value: str) -> None:
+            self[setting.name] = [*(self[setting.name] or []), value]
 
-    opt_device.__doc__ = _BY_NAME["device"].help + " [default: tcp:9000]"
+        default = f" [default: {', '.join(setting.default)}]" if setting.default else ""
+        opt.__doc__ = setting.help + default
+        return opt
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with its whole help text; one line that
@@ -321,3 +421,8 @@ class Options(usage.Options):
             self.gateway_config = build_config({s.name: self[s.name] for s in SETTINGS}, file_values, config_file)
         except ConfigError as e:
             raise SystemExit(f"twistd gateway: {e}") from None
+
+
+for _setting in SETTINGS:
+    if _setting.multiple:
+        setattr(Options, "opt_" + _setting.name.replace("-", "_"), Options._repeatable(_setting))

@@ -53,6 +53,61 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX rejected_input_received_at ON rejected_input (received_at);
         """,
     ),
+    (
+        2,
+        "upload order, sinks, batches",
+        """
+        -- The transaction that stored a reading. Every transaction below the
+        -- oldest one still running has ended, so readings ordered by
+        -- (tx, id) below that horizon form a prefix that can no longer grow:
+        -- the uploader reads in that order and never skips a reading whose
+        -- transaction committed late.
+        ALTER TABLE readings ADD COLUMN tx xid8 NOT NULL DEFAULT '1';
+        ALTER TABLE readings ALTER COLUMN tx SET DEFAULT pg_current_xact_id();
+        CREATE INDEX readings_upload_order ON readings (tx, id);
+        CREATE TABLE upload_sinks (
+            name          text PRIMARY KEY,
+            url           text NOT NULL,
+            cursor_tx     xid8 NOT NULL DEFAULT '0',
+            cursor_id     bigint NOT NULL DEFAULT 0,
+            created_at    timestamptz NOT NULL DEFAULT now(),
+            batches_sent  bigint NOT NULL DEFAULT 0,
+            readings_sent bigint NOT NULL DEFAULT 0,
+            failures      bigint NOT NULL DEFAULT 0,
+            last_sent_at  timestamptz,
+            last_error    text,
+            last_error_at timestamptz
+        );
+        CREATE TABLE upload_batches (
+            id          bigserial PRIMARY KEY,
+            sink        text NOT NULL REFERENCES upload_sinks (name) ON DELETE CASCADE,
+            key         uuid NOT NULL UNIQUE,
+            after_tx    xid8 NOT NULL,
+            after_id    bigint NOT NULL,
+            last_tx     xid8 NOT NULL,
+            last_id     bigint NOT NULL,
+            readings    integer NOT NULL,
+            payload     bytea,
+            state       text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'parked')),
+            owner       text,
+            lease_until timestamptz NOT NULL DEFAULT now(),
+            attempts    integer NOT NULL DEFAULT 0,
+            status      integer,
+            response    text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            parked_at   timestamptz
+        );
+        CREATE INDEX upload_batches_sink ON upload_batches (sink, state, id);
+        CREATE TABLE upload_deadband (
+            sink      text NOT NULL REFERENCES upload_sinks (name) ON DELETE CASCADE,
+            device_id integer NOT NULL,
+            metric    text NOT NULL,
+            value     double precision NOT NULL,
+            ts        timestamptz NOT NULL,
+            PRIMARY KEY (sink, device_id, metric)
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

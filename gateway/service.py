@@ -36,6 +36,7 @@ from gateway.store import PostgresStore
 from gateway.stdtls import TLSServerFactory, server_context
 from gateway.tls import TLSConfigError, make_self_signed, server_options
 from gateway.tuning import tune_gc
+from gateway.uploader import Uploader, gateway_id
 from protocols import tgp
 
 __all__ = ["Options", "makeService", "GatewayService"]
@@ -113,6 +114,7 @@ class GatewayService(MultiService):
         self.device_ports: list[Any] = []
         self._announced_certificate = False
         self.device_factories: list[DeviceFactory] = []
+        self.uploader: Uploader | None = None
         self.ready: Deferred = Deferred()  # fires when the store is connected
         self.failure: str | None = None
 
@@ -210,6 +212,14 @@ class GatewayService(MultiService):
         if up == 0:
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
+        if self.config.sinks or self.config.retention is not None:
+            uploader = Uploader(
+                self.reactor, self.config.sinks, gateway_id(self.config.data_dir), retention=self.config.retention
+            )
+            await uploader.connect(dsn)
+            self.store.listeners.append(uploader.committed)
+            uploader.setServiceParent(self)
+            self.uploader = uploader
         tune_gc()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)

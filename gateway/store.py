@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg2
 import psycopg2.errors
@@ -196,6 +196,7 @@ class PostgresStore(Service):
         self._rejects_in_flight = 0
         self.batches = 0
         self.commit_seconds = 0.0
+        self.listeners: list[Callable[[int], None]] = []  # told how many new readings each batch committed
 
     # -- lifecycle -----------------------------------------------------
 
@@ -339,6 +340,10 @@ class PostgresStore(Service):
             self._seen[device_id] = now
         self.batches += 1
         self.commit_seconds += time.perf_counter() - started
+        added = sum(new)
+        if added:
+            for listener in self.listeners:
+                listener(added)
         return outcomes
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> set[tuple[int, str, int]]:

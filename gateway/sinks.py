@@ -1,0 +1,248 @@
+"""
+Where the uploader sends readings: sinks, from ``--upload-url`` or from
+``[[sink]]`` tables in the config file, each checked before anything starts.
+
+A sink's secrets (header values read from an environment variable or a
+file) live only in ``Sink.headers``, which no repr, log line or status
+output shows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+from gateway.readings import NAME_RULE, is_name
+
+# Headers the uploader sets itself; a sink may not override them.
+RESERVED_HEADERS = {"content-type", "content-encoding", "content-length", "idempotency-key", "host"}
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class SinkError(Exception):
+    """A sink is misconfigured; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Edge reduction for the metrics matching ``match`` (a shell-style pattern)."""
+
+    match: str
+    deadband: float | None = None  # send only when the value moved by more than this...
+    heartbeat: float | None = None  # ...or this many seconds have passed since the last one sent
+    aggregate: float | None = None  # or: send min/max/mean/count per interval of this many seconds
+
+    def matches(self, metric: str) -> bool:
+        return fnmatch.fnmatchcase(metric, self.match)
+
+
+@dataclass(frozen=True)
+class Sink:
+    name: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    ca: Path | None = None
+    batch: int = 5000
+    batch_bytes: int = 1024 * 1024
+    flush: float = 5.0
+    backoff: float = 1.0
+    backoff_cap: float = 60.0
+    timeout: float = 30.0
+    gzip_level: int = 6
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def reduced(self) -> bool:
+        return bool(self.rules)
+
+    def rule_for(self, metric: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(metric):
+                return rule
+        return None
+
+
+def check_url(url: Any) -> str:
+    """An https:// URL, or http:// to a loopback address only."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{url!r} is not a URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"{url!r} has a bad port") from None
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ValueError(f"{url!r}: plain http:// is allowed to a loopback address only; use https://")
+    if parts.username or parts.password:
+        raise ValueError(f"{url!r}: put credentials in a header from a file or the environment, not in the URL")
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def name_from_url(url: str) -> str:
+    parts = urlsplit(url)
+    name = parts.hostname or "sink"
+    if parts.port:
+        name += f":{parts.port}"
+    return name[:64]
+
+
+def _header_value(name: str, value: Any, environ: Mapping[str, str]) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict) and set(value) == {"env"}:
+        if value["env"] not in environ:
+            raise ValueError(f"headers.{name}: environment variable {value['env']} is not set")
+        text = environ[value["env"]]
+    elif isinstance(value, dict) and set(value) == {"file"}:
+        path = Path(str(value["file"])).expanduser()
+        try:
+            text = path.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"headers.{name}: {str(path)!r} cannot be read: {e.strerror}") from None
+    else:
+        raise ValueError(f'headers.{name}: give a string, {{ env = "VAR" }} or {{ file = "/path" }}')
+    if not text or "\r" in text or "\n" in text:
+        raise ValueError(f"headers.{name}: the value is empty or spans lines")
+    return text
+
+
+def _headers(value: Any, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError("headers: give a table of header names and values")
+    out = []
+    for name, raw in value.items():
+        if not _TOKEN.match(name):
+            raise ValueError(f"headers: {name!r} is not a header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"headers: {name} is set by the uploader")
+        out.append((name, _header_value(name, raw, environ)))
+    return tuple(out)
+
+
+def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise ValueError(f"{value!r} is not a {'whole ' if integer else ''}number")
+        if not lo <= value <= hi:
+            raise ValueError(f"{value:g} is outside {lo:g}..{hi:g}")
+        return value
+
+    return parse
+
+
+def _rule(value: Any) -> Rule:
+    if not isinstance(value, dict):
+        raise ValueError("reduce: each entry is a table with match and deadband or aggregate")
+    unknown = set(value) - {"match", "deadband", "heartbeat", "aggregate"}
+    if unknown:
+        raise ValueError(f"reduce: unknown key {sorted(unknown)[0]!r}")
+    match = value.get("match")
+    if not isinstance(match, str) or not match:
+        raise ValueError("reduce: match must be a metric name pattern such as 'oil_*'")
+    number = _number(0, 1e12)
+    deadband = number(value["deadband"]) if "deadband" in value else None
+    heartbeat = _number(1, 86400 * 365)(value["heartbeat"]) if "heartbeat" in value else None
+    aggregate = _number(1, 86400)(value["aggregate"]) if "aggregate" in value else None
+    if (deadband is None) == (aggregate is None):
+        raise ValueError(f"reduce {match!r}: give either deadband (with an optional heartbeat) or aggregate")
+    if heartbeat is not None and deadband is None:
+        raise ValueError(f"reduce {match!r}: heartbeat goes with deadband")
+    return Rule(match, deadband, heartbeat, aggregate)
+
+
+# [[sink]] key -> (Sink field, parser)
+_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "batch": ("batch", _number(1, 1_000_000, integer=True)),
+    "batch-bytes": ("batch_bytes", _number(1024, 256 * 1024 * 1024, integer=True)),
+    "flush": ("flush", _number(0.01, 86400)),
+    "backoff": ("backoff", _number(0.01, 3600)),
+    "backoff-cap": ("backoff_cap", _number(0.01, 86400)),
+    "timeout": ("timeout", _number(1, 3600)),
+    "gzip-level": ("gzip_level", _number(1, 9, integer=True)),
+}
+
+
+def sink_from_table(
+    table: Any, defaults: Mapping[str, Any], environ: Mapping[str, str] | None = None, index: int = 0
+) -> Sink:
+    """A ``[[sink]]`` table of the config file as a Sink; ValueError names the key."""
+    environ = os.environ if environ is None else environ
+    if not isinstance(table, dict):
+        raise SinkError(f"[[sink]] #{index + 1}: not a table")
+    table = {k.replace("_", "-"): v for k, v in table.items()}
+    label = f"[[sink]] {table.get('name') or table.get('url') or '#' + str(index + 1)!r}"
+    try:
+        unknown = set(table) - {"name", "url", "headers", "ca", "reduce", *_FIELDS}
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        url = check_url(table.get("url"))
+        name = table.get("name", name_from_url(url))
+        if not is_name(name):
+            raise ValueError(f"name: {NAME_RULE}")
+        values: dict[str, Any] = dict(defaults)
+        for key, (attr, parse) in _FIELDS.items():
+            if key in table:
+                values[attr] = parse(table[key])
+        if "ca" in table:
+            values["ca"] = _ca_path(table["ca"])
+        headers = _headers(table.get("headers", {}), environ)
+        reduce = table.get("reduce", [])
+        if not isinstance(reduce, list):
+            raise ValueError("reduce: give a list of tables ([[sink.reduce]])")
+        rules = tuple(_rule(r) for r in reduce)
+    except ValueError as e:
+        raise SinkError(f"{label}: {e}") from None
+    return Sink(name=name, url=url, headers=headers, rules=rules, **values)
+
+
+def ca_certificates(path: Path) -> list[bytes]:
+    """The PEM certificates of a CA file; ValueError when it holds none."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
+    if not blocks:
+        raise ValueError(f"{str(path)!r} holds no PEM certificate")
+    return blocks
+
+
+def ca_file(value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    ca_certificates(path)
+    return path
+
+
+def _ca_path(value: Any) -> Path:
+    try:
+        return ca_file(value)
+    except ValueError as e:
+        raise ValueError(f"ca: {e}") from None
+
+
+def check_unique(sinks: list[Sink]) -> None:
+    seen: set[str] = set()
+    for sink in sinks:
+        if sink.name in seen:
+            raise SinkError(
+                f"two sinks are named {sink.name!r}; give each a distinct name in a [[sink]] table of the config file"
+            )
+        seen.add(sink.name)

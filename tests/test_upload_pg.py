@@ -1,0 +1,347 @@
+"""
+The uploader against a real PostgreSQL and a real HTTPS receiver (with its
+own CA) that fails, delays, refuses and drops connections on a script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from collections import Counter, defaultdict
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from gateway.pool import PgPool
+from gateway.sinks import Rule, Sink
+from gateway.uploader import Batch, HTTPSender, Ledger, Uploader, Wait
+from tests.certs import TestCA
+from tests.receiver import Receiver, listen
+from tests.test_store import add_pg_device
+
+
+async def until(condition, timeout: float = 30.0, step: float = 0.02, what: str = "condition"):
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            pytest.fail(f"{what} not reached in {timeout:g}s")
+        await deferLater(reactor, step, lambda: None)
+        waited += step
+
+
+def add_readings(sql, device: str, count: int, start: int = 0, metric: str = "oil_temp", value=None) -> None:
+    """``count`` readings of one device, one second apart, in one transaction."""
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) "
+        "SELECT d.id, %s, timestamptz '2026-01-01' + make_interval(secs => i), coalesce(%s, i) "
+        "FROM devices d, generate_series(%s, %s) i WHERE d.name = %s",
+        (metric, value, start, start + count - 1, device),
+    )
+
+
+def key_of(line) -> tuple:
+    return (line["device"], line["metric"], line["ts"])
+
+
+@pytest.fixture
+def ca(tmp_path):
+    ca = TestCA()
+    ca.write(tmp_path / "upload-ca.pem")
+    return ca
+
+
+@pytest.fixture
+def receiver(ca):
+    receiver = Receiver(reactor)
+    port = listen(reactor, receiver, ca)
+    receiver.url = f"https://localhost:{port.getHost().port}/ingest"
+    yield receiver
+    port.stopListening()
+
+
+def fast_sink(receiver, tmp_path, **changes) -> Sink:
+    values = dict(
+        name="cloud",
+        url=receiver.url,
+        ca=tmp_path / "upload-ca.pem",
+        batch=100,
+        flush=0.05,
+        backoff=0.02,
+        backoff_cap=0.2,
+        timeout=5.0,
+    )
+    values.update(changes)
+    return Sink(**values)
+
+
+async def running_uploader(db_dsn, *sinks, owner="gw-a", retention=None) -> Uploader:
+    uploader = Uploader(reactor, sinks, owner, retention=retention)
+    await uploader.connect(db_dsn)
+    uploader.startService()
+    return uploader
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_reading_arrives_in_order_through_failures(db_dsn, sql, receiver, tmp_path):
+    for name in ("truck-1", "truck-2", "truck-3"):
+        add_pg_device(sql, name)
+    receiver.script.extend(
+        [("status", 500), "drop", ("status", 429, 1), ("delay", 0.3), ("status", 503), "ok", "drop", ("status", 502)]
+    )
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path))
+    try:
+        for chunk in range(10):  # readings keep arriving while batches fail
+            for name in ("truck-1", "truck-2", "truck-3"):
+                add_readings(sql, name, 70, start=chunk * 70)
+            await deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: len({key_of(r) for r in receiver.readings}) == 2100, what="all 2100 readings")
+    finally:
+        await uploader.stopService()
+    stored = {
+        (d, "oil_temp", ts)
+        for d, ts in sql(
+            "SELECT d.name, to_char(r.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+            "FROM readings r JOIN devices d ON d.id = r.device_id"
+        )
+    }
+    assert {key_of(r) for r in receiver.readings} == stored
+    # each device's readings arrive in the order they were stored
+    seen = defaultdict(list)
+    for line in receiver.readings:
+        seen[line["device"]].append(line["ts"])
+    for device, stamps in seen.items():
+        assert stamps == sorted(stamps), device
+        assert len(stamps) == 700
+    # every failed attempt was retried with the same key; batches hold disjoint readings
+    assert len(receiver.attempts) == len(receiver.accepted) + 6
+    assert len({b.key for b in receiver.accepted}) == len(receiver.accepted)
+    assert all(len(b.lines) <= 100 for b in receiver.accepted)
+    retried = {key for key, n in Counter(receiver.attempts).items() if n > 1}
+    assert retried and retried <= {b.key for b in receiver.accepted}
+    assert sql("SELECT count(*) FROM upload_batches") == [(0,)]
+    sent, readings_sent, failures = sql("SELECT batches_sent, readings_sent, failures FROM upload_sinks")[0]
+    assert (sent, readings_sent, failures) == (len(receiver.accepted), 2100, 6)
+    first = receiver.accepted[0]
+    assert first.headers["user-agent"].startswith("txgateway/")
+    assert set(first.lines[0]) == {"device", "metric", "ts", "value", "received_at"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    add_readings(sql, "truck-1", 250)
+    receiver.script.extend(["ok", ("status", 400)])
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path))
+    try:
+        await until(lambda: len(receiver.accepted) == 2, what="two batches accepted")
+        parked = sql("SELECT key::text, status, response, readings, state FROM upload_batches")
+        assert len(parked) == 1
+        key, status, response, readings, state = parked[0]
+        assert (status, readings, state) == (400, 100, "parked")
+        assert json.loads(response) == {"error": "scripted 400"}
+        assert receiver.attempts[1] == key and key not in {b.key for b in receiver.accepted}
+        assert "HTTP 400" in sql("SELECT last_error FROM upload_sinks")[0][0]
+        assert uploader.loops["cloud"].counters.parked == 1
+
+        from gateway.cli import main
+
+        assert main(["upload", "retry-dead", "cloud", "--db", db_dsn]) == 0
+        await until(lambda: len(receiver.accepted) == 3, what="the parked batch sent again")
+    finally:
+        await uploader.stopService()
+    assert receiver.accepted[-1].key == key
+    assert len({key_of(r) for r in receiver.readings}) == 250
+    assert sql("SELECT count(*) FROM upload_batches") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    late = psycopg2.connect(db_dsn)
+    with late.cursor() as cur:  # takes the lower id, commits last
+        cur.execute(
+            "INSERT INTO readings (device_id, metric, ts, value) "
+            "SELECT id, 'late', '2026-01-01', 1 FROM devices WHERE name = 'truck-1' RETURNING id"
+        )
+        late_id = cur.fetchone()[0]
+    add_readings(sql, "truck-1", 10)
+    assert min(row[0] for row in sql("SELECT id FROM readings WHERE metric = 'oil_temp'")) > late_id
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=5))
+    try:
+        await deferLater(reactor, 0.5, lambda: None)
+        # nothing stored after the open transaction began is final yet
+        assert receiver.readings == []
+        late.commit()
+        await until(lambda: len(receiver.readings) == 11, what="all 11 readings")
+    finally:
+        late.close()
+        await uploader.stopService()
+    assert receiver.readings[0]["metric"] == "late"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateways_send_disjoint_batches_that_cover_everything(db_dsn, sql, receiver, tmp_path):
+    for name in ("truck-1", "truck-2"):
+        add_pg_device(sql, name)
+    sink = fast_sink(receiver, tmp_path, batch=50)
+    a = await running_uploader(db_dsn, sink, owner="gw-a")
+    b = await running_uploader(db_dsn, sink, owner="gw-b")
+    try:
+        for chunk in range(20):
+            add_readings(sql, "truck-1", 40, start=chunk * 40)
+            add_readings(sql, "truck-2", 40, start=chunk * 40)
+            await deferLater(reactor, 0.02, lambda: None)
+        await until(lambda: len(receiver.readings) >= 1600, what="1600 readings")
+        await deferLater(reactor, 0.3, lambda: None)
+    finally:
+        await a.stopService()
+        await b.stopService()
+    keys = [key_of(r) for r in receiver.readings]
+    assert len(keys) == len(set(keys)) == 1600
+    assert len(receiver.attempts) == len(set(receiver.attempts))
+    sent = {loop.counters.batches_sent for loop in (a.loops["cloud"], b.loops["cloud"])}
+    assert 0 not in sent, "both gateways took part"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    add_readings(sql, "truck-1", 30)
+    sink = fast_sink(receiver, tmp_path, batch=20)
+    pool = PgPool(reactor, 1)
+    await pool.start(db_dsn)
+    try:
+        await Ledger(pool, "gw-a").register([sink])
+        cut = await Ledger(pool, "gw-a").cut(sink)
+        assert isinstance(cut, Batch) and cut.readings == 20
+        # gw-a dies here, after cutting (and perhaps sending). gw-b waits for the lease...
+        assert await Ledger(pool, "gw-b").claim(sink) is None
+        # ...while gw-a, restarted, takes it back at once: same key, same bytes
+        again = await Ledger(pool, "gw-a").claim(sink)
+        assert (again.key, again.body, again.readings) == (cut.key, cut.body, 20)
+        sql("UPDATE upload_batches SET lease_until = now() - interval '1 second'")
+        taken = await Ledger(pool, "gw-b").claim(sink)
+        assert (taken.key, taken.body) == (cut.key, cut.body)
+        rest = await Ledger(pool, "gw-b").cut(sink, force=True)
+        assert isinstance(rest, Batch) and rest.readings == 10 and rest.key != cut.key
+        assert isinstance(await Ledger(pool, "gw-b").cut(sink, force=True), Wait)
+    finally:
+        await pool.close()
+    lines = gzip.decompress(cut.body).decode().splitlines()
+    assert [json.loads(line)["value"] for line in lines] == list(range(20))
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_respect_the_compressed_size_limit(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) SELECT d.id, 'm' || i, now(), random() "
+        "FROM devices d, generate_series(1, 3000) i"
+    )
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=3000, batch_bytes=16384))
+    try:
+        await until(lambda: len(receiver.readings) == 3000, what="3000 readings")
+    finally:
+        await uploader.stopService()
+    sizes = [len(b.body) for b in receiver.accepted]
+    assert len(sizes) >= 3 and max(sizes) <= 16384
+    assert sorted(sizes)[-2] > 16384 / 2, "batches are cut near the limit, not far below it"
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_and_host_name_are_verified(db_dsn, sql, receiver, tmp_path, ca):
+    add_pg_device(sql, "truck-1")
+    add_readings(sql, "truck-1", 5)
+    other = TestCA("someone else")
+    other.write(tmp_path / "other-ca.pem")
+    wrong_name = Receiver(reactor)
+    port = listen(reactor, wrong_name, ca, names=("other.example",))
+    untrusted = fast_sink(receiver, tmp_path, name="untrusted", ca=tmp_path / "other-ca.pem")
+    misnamed = fast_sink(receiver, tmp_path, name="misnamed", url=f"https://127.0.0.1:{port.getHost().port}/x")
+    uploader = await running_uploader(db_dsn, untrusted, misnamed)
+    try:
+        await until(lambda: all(loop.counters.failures >= 2 for loop in uploader.loops.values()), what="failures")
+    finally:
+        await uploader.stopService()
+        await port.stopListening()
+    assert receiver.accepted == [] and wrong_name.accepted == []
+    assert "not trusted" in uploader.loops["untrusted"].counters.last_error
+    assert "does not name the host" in uploader.loops["misnamed"].counters.last_error
+    errors = dict(sql("SELECT name, last_error FROM upload_sinks"))
+    assert "not trusted" in errors["untrusted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_edge_reduction_sends_deadband_and_aggregates(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    values = [20.0, 20.1, 20.2, 21.0, 21.05, 25.0]
+    for i, v in enumerate(values):
+        add_readings(sql, "truck-1", 1, start=i, metric="oil_temp", value=v)
+    add_readings(sql, "truck-1", 120, metric="vibration")  # values 0..119, 2 minutes
+    add_readings(sql, "truck-1", 3, metric="fuel")
+    rules = (Rule("oil_*", deadband=0.5), Rule("vib*", aggregate=60))
+    receiver.script.append(("status", 500))
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=1000, rules=rules))
+    try:
+        await until(lambda: len(receiver.accepted) == 1, what="one batch")
+    finally:
+        await uploader.stopService()
+    lines = receiver.accepted[0].lines
+    assert [line["value"] for line in lines if line["metric"] == "oil_temp"] == [20.0, 21.0, 25.0]
+    assert [line["value"] for line in lines if line["metric"] == "fuel"] == [0, 1, 2]
+    aggregates = [line for line in lines if line["metric"] == "vibration"]
+    assert [(a["count"], a["min"], a["max"], a["mean"], a["interval"]) for a in aggregates] == [
+        (60, 0, 59, 29.5, 60),
+        (60, 60, 119, 89.5, 60),
+    ]
+    # the retried batch was the same bytes, and the deadband remembers what was sent
+    assert receiver.attempts[0] == receiver.accepted[0].key
+    assert sql("SELECT metric, value FROM upload_deadband") == [("oil_temp", 25.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_deletes_only_what_every_sink_has_sent(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    add_readings(sql, "truck-1", 300)
+    sql("UPDATE readings SET received_at = now() - interval '2 days'")
+    receiver.script.extend(["ok", ("status", 400)])  # the second batch is parked
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path), retention=86400)
+    try:
+        await until(lambda: len(receiver.accepted) == 2, what="two batches")
+        add_readings(sql, "truck-1", 5, start=1000)  # new readings are kept
+        retention = uploader.getServiceNamed("retention")
+        await until(lambda: sql("SELECT count(*) FROM upload_batches") == [(1,)], what="the parked batch")
+        await retention.sweep()
+    finally:
+        await uploader.stopService()
+    # the sent batch before the parked one is gone; the parked batch and everything after it stay
+    left = sql("SELECT min(value), max(value), count(*) FROM readings")[0]
+    assert left == (100, 1004, 205)
+
+
+def test_sink_repr_hides_header_values():
+    sink = Sink(name="cloud", url="https://x.example/", headers=(("Authorization", "Bearer s3cret"),))
+    assert "s3cret" not in repr(sink) and "s3cret" not in str(dataclasses.asdict(sink).keys())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sender_sends_headers_and_reads_the_refusal(receiver, tmp_path):
+    sink = fast_sink(receiver, tmp_path, headers=(("Authorization", "Bearer s3cret"),))
+    sender = HTTPSender(reactor, sink)
+    receiver.script.append(("status", 429, "7"))
+    batch = Batch(1, "0f0e0d0c-0b0a-4908-8706-050403020100", ("0", 0), ("0", 0), 1, gzip.compress(b'{"a":1}\n'))
+    try:
+        refused = await sender.send(batch)
+        accepted = await sender.send(batch)
+    finally:
+        await sender.close()
+    assert (refused.status, refused.retry_after) == (429, "7")
+    assert json.loads(refused.body) == {"error": "scripted 429"}
+    assert accepted.status == 200
+    got = receiver.accepted[0]
+    assert got.key == batch.key and got.headers["authorization"] == "Bearer s3cret"
+    assert got.lines == [{"a": 1}]
