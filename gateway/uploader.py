@@ -11,11 +11,13 @@ therefore still sorts after the sink's cursor: the cursor never passes a
 reading that could yet appear. (Ordering by id alone would skip it: ids are
 handed out before COMMIT, in a different order.)
 
-Claims. Cutting a batch is one transaction that locks the sink's row
-(``FOR UPDATE SKIP LOCKED``), reads the readings after the cursor, records
+Claims. Cutting a batch is one short transaction that locks the sink's
+row (``FOR UPDATE``), reads the readings after the cursor, records
 the batch — its range, its size and a random Idempotency-Key — and moves
-the cursor past it. The batch row then belongs to one gateway for a lease;
-on 2xx it is deleted. A batch whose lease ran out (its gateway died) is
+the cursor past it; the body is made afterwards from the range, with no
+lock held, so the bodies of the next batches are made while one is sent.
+The batch row then belongs to one gateway for a lease; on 2xx it is
+deleted. A batch whose lease ran out (its gateway died) is
 claimed by whichever gateway asks first (``SKIP LOCKED`` again), and a
 restarted gateway reclaims its own at once. Since a batch is a fixed range
 of readings that retention leaves alone until it is sent, a retried batch
@@ -33,16 +35,17 @@ import gzip
 import random
 import socket
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
@@ -62,7 +65,6 @@ from gateway.sinks import Sink, ca_certificates
 log = Logger()
 
 LEASE = 60.0  # seconds a batch stays with its gateway beyond the request timeout
-BUSY_WAIT = 0.2  # another gateway is cutting a batch of this sink
 RETRY_AFTER_CAP = 3600.0
 RESPONSE_KEEP = 4096  # bytes of a refusal kept with the parked batch
 RETENTION_INTERVAL = 60.0
@@ -82,18 +84,24 @@ AFTER = "(r.tx, r.id) > (%(after_tx)s::xid8, %(after_id)s)"
 SETTLED = "r.tx < pg_snapshot_xmin(pg_current_snapshot())"
 IN_RANGE = f"{AFTER} AND (r.tx, r.id) <= (%(last_tx)s::xid8, %(last_id)s)"
 
-RAW_CONTENT = """
-SELECT count(*), max(p.tx)::text,
-       (array_agg(p.id ORDER BY p.tx DESC, p.id DESC))[1],
-       coalesce(extract(epoch FROM now() - min(p.received_at)), 0)::float8,
-       coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.id), '')
-FROM (SELECT r.tx, r.id, r.received_at, {line} AS line
+# The body of a batch: its range of readings, as lines. The LIMIT (the
+# batch's size) keeps the planner on the (tx, id) index whatever it
+# guesses of the range.
+RANGE_RAW = f"""
+SELECT count(*), coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.id), '')
+FROM (SELECT r.tx, r.id, {LINE} AS line
       FROM readings r JOIN devices d ON d.id = r.device_id
-      WHERE {where} ORDER BY r.tx, r.id {limit}) p
+      WHERE {IN_RANGE} ORDER BY r.tx, r.id LIMIT %(n)s) p
 """
 
-NEXT_RAW = RAW_CONTENT.format(line=LINE, where=f"{AFTER} AND {SETTLED}", limit="LIMIT %(n)s")
-RANGE_RAW = RAW_CONTENT.format(line=LINE, where=IN_RANGE, limit="")
+BOUNDARY = f"""
+SELECT count(*), max(p.tx)::text, (array_agg(p.id ORDER BY p.tx DESC, p.id DESC))[1],
+       coalesce(extract(epoch FROM now() - min(p.received_at)), 0)::float8
+FROM (SELECT r.tx, r.id, r.received_at FROM readings r
+      WHERE {AFTER} AND {SETTLED} ORDER BY r.tx, r.id LIMIT %(n)s) p
+"""
+NTH_IN_RANGE = f"SELECT r.tx::text, r.id FROM readings r WHERE {IN_RANGE} ORDER BY r.tx, r.id OFFSET %(n)s - 1 LIMIT 1"
+SHRINK = "UPDATE upload_batches SET last_tx = %s::xid8, last_id = %s, readings = %s WHERE id = %s"
 
 ROWS = """
 SELECT r.tx::text, r.id, r.device_id, d.name, r.metric, (extract(epoch FROM r.ts) * 1000000)::bigint,
@@ -103,7 +111,8 @@ FROM readings r JOIN devices d ON d.id = r.device_id
 WHERE {where} ORDER BY r.tx, r.id {limit}
 """
 
-LOCK_SINK = "SELECT cursor_tx::text, cursor_id FROM upload_sinks WHERE name = %s FOR UPDATE SKIP LOCKED"
+# Waits while another gateway cuts a batch of this sink (or records a send): both take milliseconds.
+LOCK_SINK = "SELECT cursor_tx::text, cursor_id FROM upload_sinks WHERE name = %s FOR UPDATE"
 
 INSERT_BATCH = """
 INSERT INTO upload_batches (sink, key, after_tx, after_id, last_tx, last_id, readings, payload, owner, lease_until)
@@ -117,6 +126,7 @@ CLAIM = """
 UPDATE upload_batches SET owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s)
 WHERE id = (SELECT id FROM upload_batches
             WHERE sink = %(sink)s AND state = 'pending' AND (lease_until < now() OR owner = %(owner)s)
+              AND id <> ALL (%(holding)s::bigint[])
             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id, key::text, after_tx::text, after_id, last_tx::text, last_id, readings, payload, attempts
 """
@@ -230,7 +240,7 @@ class Batch:
     after: tuple[str, int]
     last: tuple[str, int]
     readings: int
-    body: bytes
+    body: bytes | None  # None until made (Ledger.fill)
     attempts: int = 0
     verdict: Verdict | None = None  # decided but not yet recorded in the database
 
@@ -340,91 +350,149 @@ class Ledger:
 
         return self._interaction(work)
 
-    def claim(self, sink: Sink) -> Deferred:
-        """An unsent batch whose gateway is gone (or is this one, restarted), or None."""
+    def claim(self, sink: Sink, holding: Collection[int] = ()) -> Deferred:
+        """
+        An unsent batch whose gateway is gone (or is this one, restarted and
+        not ``holding`` it), or None. Its body is made by ``fill``.
+        """
 
         async def work(cur: Any) -> Batch | None:
-            await cur.execute(CLAIM, {"owner": self.owner, "lease": LEASE + sink.timeout, "sink": sink.name})
+            params = {"owner": self.owner, "lease": LEASE + sink.timeout, "sink": sink.name, "holding": list(holding)}
+            await cur.execute(CLAIM, params)
             row = cur.fetchone()
             if row is None:
                 return None
             batch_id, key, after_tx, after_id, last_tx, last_id, readings, payload, attempts = row
-            if payload is not None:
-                body = bytes(payload)
-            else:
-                params = {"after_tx": after_tx, "after_id": after_id, "last_tx": last_tx, "last_id": last_id}
-                await cur.execute(RANGE_RAW, params)
-                count, _, _, _, text = cur.fetchone()
-                if count != readings:
-                    log.warn(
-                        "batch {key} of sink {sink} held {readings} readings, {count} are left; sending those",
-                        key=key,
-                        sink=sink.name,
-                        readings=readings,
-                        count=count,
-                    )
-                body = await deferToThread(gzip_body, text, sink.gzip_level)
+            body = bytes(payload) if payload is not None else None
             return Batch(batch_id, key, (after_tx, after_id), (last_tx, last_id), readings, body, attempts)
 
         return self._interaction(work)
 
     def cut(self, sink: Sink, force: bool = False) -> Deferred:
-        """A new batch of the readings after the sink's cursor; Wait if none is due yet."""
+        """
+        A new batch of the readings after the sink's cursor, or Wait if none
+        is due yet. The sink's row stays locked only while the batch's range
+        is decided; ``fill`` then makes its body with no lock held, so bodies
+        of consecutive batches can be made side by side.
+        """
+        if sink.reduced:
+            return self._interaction(lambda cur: self._cut_reduced(cur, sink, force))
 
         async def work(cur: Any) -> Batch | Wait:
             await cur.execute(LOCK_SINK, (sink.name,))
             row = cur.fetchone()
-            if row is None:
-                return Wait(BUSY_WAIT)
+            if row is None:  # removed with gatewayctl upload remove
+                return Wait(sink.flush)
             after = (row[0], row[1])
-            limit = sink.batch
-            while True:
-                params = {"after_tx": after[0], "after_id": after[1]}
-                if sink.reduced:
-                    count, last, age, text, state = await self._reduced(cur, sink, params, limit)
-                else:
-                    state = None
-                    await cur.execute(NEXT_RAW, {**params, "n": limit})
-                    count, last_tx, last_id, age, text = cur.fetchone()
-                    last = (last_tx, last_id)
-                if count == 0:
-                    return Wait(sink.flush)
-                if count < sink.batch and age < sink.flush and not force:
-                    return Wait(sink.flush - age)
-                body = await deferToThread(gzip_body, text, sink.gzip_level)
-                if len(body) <= sink.batch_bytes or count == 1:
-                    break
-                limit = max(1, min(count - 1, count * sink.batch_bytes * 9 // (len(body) * 10)))
-            key = str(uuid.uuid4())
-            await cur.execute(
-                INSERT_BATCH,
-                {
-                    "sink": sink.name,
-                    "key": key,
-                    "after_tx": after[0],
-                    "after_id": after[1],
-                    "last_tx": last[0],
-                    "last_id": last[1],
-                    "readings": count,
-                    "payload": body if sink.reduced else None,
-                    "owner": self.owner,
-                    "lease": LEASE + sink.timeout,
-                },
-            )
-            batch_id = cur.fetchone()[0]
-            await cur.execute(ADVANCE, (last[0], last[1], sink.name))
-            if state:
-                ids, metrics = zip(*state)
-                values, stamps = zip(*state.values())
-                await cur.execute(SAVE_DEADBAND, (sink.name, list(ids), list(metrics), list(values), list(stamps)))
-            return Batch(batch_id, key, after, last, count, body)
+            await cur.execute(BOUNDARY, {"after_tx": after[0], "after_id": after[1], "n": sink.batch})
+            count, last_tx, last_id, age = cur.fetchone()
+            if count == 0:
+                return Wait(sink.flush)
+            if count < sink.batch and age < sink.flush and not force:
+                return Wait(sink.flush - age)
+            return await self._record_cut(cur, sink, after, (last_tx, last_id), count, None)
 
         return self._interaction(work)
 
+    async def _record_cut(
+        self, cur: Any, sink: Sink, after: tuple[str, int], last: tuple[str, int], count: int, body: bytes | None
+    ) -> Batch:
+        batch = await self._insert_batch(cur, sink, after, last, count, body)
+        await cur.execute(ADVANCE, (last[0], last[1], sink.name))
+        return batch
+
+    async def _insert_batch(
+        self, cur: Any, sink: Sink, after: tuple[str, int], last: tuple[str, int], count: int, body: bytes | None
+    ) -> Batch:
+        key = str(uuid.uuid4())
+        await cur.execute(
+            INSERT_BATCH,
+            {
+                "sink": sink.name,
+                "key": key,
+                "after_tx": after[0],
+                "after_id": after[1],
+                "last_tx": last[0],
+                "last_id": last[1],
+                "readings": count,
+                "payload": body,
+                "owner": self.owner,
+                "lease": LEASE + sink.timeout,
+            },
+        )
+        return Batch(cur.fetchone()[0], key, after, last, count, body)
+
+    async def _cut_reduced(self, cur: Any, sink: Sink, force: bool) -> Batch | Wait:
+        """Reduced sinks: the body depends on what was sent before, so it is made and kept with the cut."""
+        await cur.execute(LOCK_SINK, (sink.name,))
+        row = cur.fetchone()
+        if row is None:
+            return Wait(sink.flush)
+        after = (row[0], row[1])
+        limit = sink.batch
+        while True:
+            count, last, age, text, state = await self._reduced(cur, sink, after, limit)
+            if count == 0:
+                return Wait(sink.flush)
+            if count < sink.batch and age < sink.flush and not force:
+                return Wait(sink.flush - age)
+            body = await deferToThread(gzip_body, text, sink.gzip_level)
+            if len(body) <= sink.batch_bytes or count == 1:
+                break
+            limit = max(1, min(count - 1, count * sink.batch_bytes * 9 // (len(body) * 10)))
+        batch = await self._record_cut(cur, sink, after, last, count, body)
+        if state:
+            ids, metrics = zip(*state)
+            values, stamps = zip(*state.values())
+            await cur.execute(SAVE_DEADBAND, (sink.name, list(ids), list(metrics), list(values), list(stamps)))
+        return batch
+
+    def fill(self, sink: Sink, batch: Batch) -> Deferred:
+        """
+        Make the batch's body from its range (fires with a list of batches).
+        A body over the sink's byte limit splits the batch, in the database,
+        into two that are sent one after the other.
+        """
+        return Deferred.fromCoroutine(self._fill(sink, batch))
+
+    async def _fill(self, sink: Sink, batch: Batch) -> list[Batch]:
+        if batch.body is not None:
+            return [batch]
+        params = {"after_tx": batch.after[0], "after_id": batch.after[1], "last_tx": batch.last[0]}
+        params.update(last_id=batch.last[1], n=batch.readings)
+        rows = await self.pool.run(lambda conn: conn.runQuery(RANGE_RAW, params))
+        count, text = rows[0]
+        if count != batch.readings:
+            log.warn(
+                "batch {key} of sink {sink} held {readings} readings, {count} are left; sending those",
+                key=batch.key,
+                sink=sink.name,
+                readings=batch.readings,
+                count=count,
+            )
+        body = await deferToThread(gzip_body, text, sink.gzip_level)
+        if len(body) <= sink.batch_bytes or batch.readings < 2 or count != batch.readings:
+            batch.body = body
+            return [batch]
+        first = max(1, min(batch.readings - 1, batch.readings * sink.batch_bytes * 9 // (len(body) * 10)))
+        head, tail = await self._interaction(lambda cur: self._split(cur, sink, batch, first))
+        return [*await self._fill(sink, head), *await self._fill(sink, tail)]
+
+    async def _split(self, cur: Any, sink: Sink, batch: Batch, first: int) -> tuple[Batch, Batch]:
+        params = {"after_tx": batch.after[0], "after_id": batch.after[1], "last_tx": batch.last[0]}
+        params.update(last_id=batch.last[1], n=first)
+        await cur.execute(NTH_IN_RANGE, params)
+        mid_tx, mid_id = cur.fetchone()
+        await cur.execute(SHRINK, (mid_tx, mid_id, first, batch.id))
+        head = Batch(batch.id, batch.key, batch.after, (mid_tx, mid_id), first, None, batch.attempts)
+        tail = await self._insert_batch(cur, sink, (mid_tx, mid_id), batch.last, batch.readings - first, None)
+        return head, tail
+
     async def _reduced(
-        self, cur: Any, sink: Sink, params: dict[str, Any], limit: int
+        self, cur: Any, sink: Sink, after: tuple[str, int], limit: int
     ) -> tuple[int, tuple[str, int], float, str, State]:
-        await cur.execute(ROWS.format(where=f"{AFTER} AND {SETTLED}", limit="LIMIT %(n)s"), {**params, "n": limit})
+        params = {"after_tx": after[0], "after_id": after[1], "n": limit}
+        await cur.execute(ROWS.format(where=f"{AFTER} AND {SETTLED}", limit="LIMIT %(n)s"), params)
         fetched = cur.fetchall()
         if not fetched:
             return 0, ("0", 0), 0.0, "", {}
@@ -586,6 +654,7 @@ class SinkUploader:
     """
 
     JITTER = 0.2
+    AHEAD = 2  # batches made ready while one is being sent
 
     def __init__(
         self,
@@ -603,6 +672,10 @@ class SinkUploader:
         self.counters = SinkCounters()
         self.paused = False
         self._batch: Batch | None = None
+        self._ready: deque[Batch] = deque()  # made, to be sent in this order
+        self._ahead: deque[Deferred] = deque()  # being made: each fires with list[Batch] or Wait
+        self._cutting = DeferredLock()  # cuts one at a time, so batches queue in cursor order
+        self.holding: set[int] = set()  # ids of the batches in memory
         self._fresh = 0
         self._force = False
         self._timer: Any = None
@@ -623,7 +696,11 @@ class SinkUploader:
         self._cancel_timer()
         if self._request is not None:
             self._request.cancel()
-        return self._cycle if self._cycle is not None else succeed(None)
+        pending = [self._cycle] if self._cycle is not None else []
+        for ahead in self._ahead:
+            ahead.addErrback(lambda _: None)  # the batch stays in the database, with this gateway
+            pending.append(ahead)
+        return gatherResults(pending).addCallback(lambda _: None)
 
     def committed(self, count: int) -> None:
         """The store committed ``count`` new readings: wake early once a full batch is waiting."""
@@ -703,19 +780,45 @@ class SinkUploader:
                 self._schedule(delay)
                 return
 
+    async def _prepare(self) -> list[Batch] | Wait:
+        """The next batch (one left behind first, else a new one) with its body; or Wait."""
+        async with self._cutting:
+            batch = await self.ledger.claim(self.sink, self.holding)
+            if batch is None:
+                batch = await self.ledger.cut(self.sink, force=self._force)
+                if isinstance(batch, Wait):
+                    return batch
+            self.holding.add(batch.id)
+        try:
+            batches = await self.ledger.fill(self.sink, batch)
+        except Exception:
+            self.holding.discard(batch.id)  # claimed again (by this gateway) on the next try
+            raise
+        self.holding.update(b.id for b in batches)
+        return batches
+
+    async def _next(self) -> float | None:
+        """Take the next batch to send, or a delay to wait for one."""
+        if not self._ready:
+            made = await (self._ahead.popleft() if self._ahead else self._prepare())
+            if isinstance(made, Wait):
+                self._fresh = 0
+                self._force = False
+                return made.seconds + self.sink.flush * self.JITTER * self.rand()
+            self._ready.extend(made)
+        self._batch = self._ready.popleft()
+        while len(self._ahead) < self.AHEAD and not self._stopping:
+            self._ahead.append(Deferred.fromCoroutine(self._prepare()))
+        return None
+
     async def _step(self) -> float | None:
         """One move; returns a delay to sleep for, or None to go on at once."""
+        if self._batch is None:
+            delay = await self._next()
+            if delay is not None:
+                return delay
         batch = self._batch
-        if batch is None:
-            batch = await self.ledger.claim(self.sink)
-            if batch is None:
-                cut = await self.ledger.cut(self.sink, force=self._force)
-                if isinstance(cut, Wait):
-                    self._fresh = 0
-                    self._force = False
-                    return cut.seconds + self.sink.flush * self.JITTER * self.rand()
-                batch = cut
-            self._batch = batch
+        assert batch is not None
         if batch.verdict is None:
             self._request = self.sender.send(batch)
             try:
@@ -735,6 +838,7 @@ class SinkUploader:
             batch.verdict = None
             return verdict.delay
         self._batch = None
+        self.holding.discard(batch.id)
         return None
 
     def _note(self, batch: Batch) -> None:
@@ -844,7 +948,7 @@ class Uploader(MultiService):
     name = "uploader"
 
     def __init__(
-        self, reactor: Any, sinks: tuple[Sink, ...], owner: str, retention: float | None = None, pool_size: int = 2
+        self, reactor: Any, sinks: tuple[Sink, ...], owner: str, retention: float | None = None, pool_size: int = 3
     ) -> None:
         super().__init__()
         self.reactor = reactor

@@ -38,3 +38,16 @@ def test_http_benchmark_runs_or_names_what_it_needs(tmp_path):
     figures = json.loads((tmp_path / "out.json").read_text())
     assert figures["https1"]["requests"] > 0 and figures["https100"]["requests"] > 0
     assert figures["stored"] >= figures["acked"]
+
+
+def test_upload_benchmark_reports_every_figure(tmp_path):
+    out = run(
+        "upload_load.py", "--duration", "2", "--outage", "2", "--steady", "2", "--devices", "5", tmp_path=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "out.json").read_text())
+    assert figures["tcp_max"]["acked"] > 0
+    assert figures["upload"]["readings"] >= figures["tcp_max"]["acked"] and figures["upload"]["rate"] > 0
+    assert figures["outage"]["refused_requests"] > 0
+    assert figures["outage"]["backlog_delivered_s"] is not None
+    assert "x the ingest rate" in out.stdout

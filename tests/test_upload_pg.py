@@ -215,20 +215,23 @@ async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, rec
     pool = PgPool(reactor, 1)
     await pool.start(db_dsn)
     try:
-        await Ledger(pool, "gw-a").register([sink])
-        cut = await Ledger(pool, "gw-a").cut(sink)
+        a, b = Ledger(pool, "gw-a"), Ledger(pool, "gw-b")
+        await a.register([sink])
+        cut = await a.cut(sink)
         assert isinstance(cut, Batch) and cut.readings == 20
+        [cut] = await a.fill(sink, cut)
         # gw-a dies here, after cutting (and perhaps sending). gw-b waits for the lease...
-        assert await Ledger(pool, "gw-b").claim(sink) is None
-        # ...while gw-a, restarted, takes it back at once: same key, same bytes
-        again = await Ledger(pool, "gw-a").claim(sink)
+        assert await b.claim(sink) is None
+        # ...while gw-a, restarted, takes it back at once (unless it still holds it): same key, same bytes
+        assert await a.claim(sink, holding=[cut.id]) is None
+        [again] = await a.fill(sink, await a.claim(sink))
         assert (again.key, again.body, again.readings) == (cut.key, cut.body, 20)
         sql("UPDATE upload_batches SET lease_until = now() - interval '1 second'")
-        taken = await Ledger(pool, "gw-b").claim(sink)
+        [taken] = await b.fill(sink, await b.claim(sink))
         assert (taken.key, taken.body) == (cut.key, cut.body)
-        rest = await Ledger(pool, "gw-b").cut(sink, force=True)
+        rest = await b.cut(sink, force=True)
         assert isinstance(rest, Batch) and rest.readings == 10 and rest.key != cut.key
-        assert isinstance(await Ledger(pool, "gw-b").cut(sink, force=True), Wait)
+        assert isinstance(await b.cut(sink, force=True), Wait)
     finally:
         await pool.close()
     lines = gzip.decompress(cut.body).decode().splitlines()
