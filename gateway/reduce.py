@@ -20,9 +20,11 @@ Metrics that match no rule are sent as they are.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 
+from gateway.readings import EPOCH
 from gateway.sinks import Sink
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -44,10 +46,6 @@ State = dict[tuple[int, str], tuple[float, int]]
 
 def wire_ts(ts_us: int) -> str:
     """RFC 3339 in UTC with microseconds, as uploaded lines carry it."""
-    import datetime
-
-    from gateway.readings import EPOCH
-
     dt = EPOCH + datetime.timedelta(microseconds=ts_us)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

@@ -36,7 +36,7 @@ import random
 import socket
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from io import BytesIO
 from pathlib import Path
@@ -61,6 +61,7 @@ from gateway import __version__
 from gateway.pool import PgPool
 from gateway.reduce import Row, State, reduce_rows
 from gateway.sinks import Sink, ca_certificates
+from gateway.store import _first_line
 
 log = Logger()
 
@@ -536,12 +537,6 @@ class Ledger:
 
         return self._interaction(work)
 
-    def status(self) -> Deferred:
-        def rows(result: list[tuple]) -> list[dict[str, Any]]:
-            return [dict(zip(STATUS_FIELDS, row)) for row in result]
-
-        return self.pool.run(lambda conn: conn.runQuery(STATUS)).addCallback(rows)
-
 
 # -- the HTTP side ----------------------------------------------------------
 
@@ -641,7 +636,6 @@ class SinkCounters:
     parked: int = 0
     last_error: str = ""
     last_sent_at: float | None = None
-    history: list[str] = field(default_factory=list)
 
 
 class SinkUploader:
@@ -766,8 +760,6 @@ class SinkUploader:
             except Exception as e:
                 if self._stopping:
                     return
-                from gateway.store import _first_line
-
                 log.warn(
                     "uploader of sink {sink}: the database is unavailable: {error}",
                     sink=self.sink.name,
