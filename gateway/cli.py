@@ -24,7 +24,7 @@ import psycopg2
 
 from gateway import embedded, schema, tokens
 from gateway.config import ConfigError, load_toml
-from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
+from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name, parse_ts
 
 EXPORT_BATCH = 10_000
 
@@ -123,6 +123,11 @@ def _when(value: Any) -> str:
     return value.astimezone().isoformat(timespec="seconds") if value is not None else ""
 
 
+# Every gateway sharing the database LISTENs on this channel and closes the
+# device's sessions whose credentials are no longer valid (gateway/devicewatch.py).
+NOTIFY_DEVICE = "SELECT pg_notify('gateway_devices', %s)"
+
+
 def cmd_device_revoke(args: argparse.Namespace) -> None:
     with database(args) as conn:
         with conn.cursor() as cur:
@@ -132,8 +137,76 @@ def cmd_device_revoke(args: argparse.Namespace) -> None:
             )
             if cur.fetchone() is None:
                 raise CommandError(f"no device {args.name!r}")
+            cur.execute(NOTIFY_DEVICE, (args.name,))
         conn.commit()
-    _note(f"device {args.name} revoked; its token is refused from now on")
+    _note(f"device {args.name} revoked; its token is refused and its open connections are closed")
+
+
+def cmd_device_rotate(args: argparse.Namespace) -> None:
+    new = tokens.new_token()
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE devices SET token_id = %s, token_hash = %s, revoked_at = NULL WHERE name = %s RETURNING 1",
+                (new.token_id, new.digest, args.name),
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no device {args.name!r}")
+            cur.execute(NOTIFY_DEVICE, (args.name,))
+        conn.commit()
+    print(new.token)
+    _note(
+        f"device {args.name} has a new token (above, shown only once); the old one is refused "
+        "and connections made with it are closed"
+    )
+
+
+DEVICE_SHOW = """
+SELECT d.id, d.name, d.created_at, d.last_seen, d.last_source, d.revoked_at,
+       (SELECT count(*) FROM readings r WHERE r.device_id = d.id),
+       (SELECT count(DISTINCT r.metric) FROM readings r WHERE r.device_id = d.id),
+       (SELECT max(r.ts) FROM readings r WHERE r.device_id = d.id),
+       (SELECT count(*) FROM rejected_input j WHERE j.device = d.name),
+       (SELECT j.reason FROM rejected_input j WHERE j.device = d.name ORDER BY j.received_at DESC LIMIT 1),
+       (SELECT max(j.received_at) FROM rejected_input j WHERE j.device = d.name)
+FROM devices d WHERE d.name = %s
+"""
+
+
+def cmd_device_show(args: argparse.Namespace) -> None:
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute(DEVICE_SHOW, (args.name,))
+        row = cur.fetchone()
+    if row is None:
+        raise CommandError(f"no device {args.name!r}")
+    _, name, created, seen, source, revoked, readings, metrics, newest, rejected, reason, rejected_at = row
+    transport, _, address = (source or "").partition(" ")
+    doc = {
+        "name": name,
+        "status": "revoked" if revoked else "active",
+        "created": _when(created),
+        "revoked": _when(revoked) or None,
+        "last_seen": _when(seen) or None,
+        "transport": transport or None,
+        "address": address or None,
+        "readings": readings,
+        "metrics": metrics,
+        "newest_reading": format_ts(_epoch_us(newest)) if newest is not None else None,
+        "rejected_inputs": rejected,
+        "last_rejected": _when(rejected_at) or None,
+        "last_rejection": reason,
+    }
+    if args.json:
+        print(json.dumps(doc))
+        return
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        print(f"{key.replace('_', ' ').ljust(width)}  {'-' if value is None else value}")
+
+
+def _epoch_us(ts: Any) -> int:
+    delta = ts - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 EXPORT_SQL = """
@@ -369,16 +442,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", parents=[common], help="apply schema migrations")
     p.set_defaults(func=cmd_migrate)
 
-    device = sub.add_parser("device", parents=[common], help="add, list and revoke devices")
+    device = sub.add_parser("device", parents=[common], help="add, list, show, revoke and rotate devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     p = dsub.add_parser("add", parents=[common], help="register a device; prints its token on stdout")
     p.add_argument("name")
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("list", parents=[common], help="list devices")
     p.set_defaults(func=cmd_device_list)
-    p = dsub.add_parser("revoke", parents=[common], help="refuse a device's token from now on")
+    p = dsub.add_parser("show", parents=[common], help="one device: last seen, transport, counters")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object")
+    p.set_defaults(func=cmd_device_show)
+    p = dsub.add_parser(
+        "revoke", parents=[common], help="refuse a device's token from now on and close its connections"
+    )
     p.add_argument("name")
     p.set_defaults(func=cmd_device_revoke)
+    p = dsub.add_parser(
+        "rotate", parents=[common], help="give a device a new token (printed on stdout); the old one stops working"
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_device_rotate)
 
     p = sub.add_parser("export", parents=[common], help="stream stored readings to stdout")
     p.add_argument("--device", help="only this device")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from twisted.python import usage
 
 from gateway.endpoints import EndpointSpec, parse_endpoint
+from gateway.logs import FORMATS, LEVELS
 from gateway.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
 if sys.version_info >= (3, 11):
@@ -116,6 +117,23 @@ def _age(value: Any) -> float:
     if not 60 <= seconds <= 100 * 365 * 86400:
         raise ValueError(f"{value!r} is outside 1 minute..100 years")
     return seconds
+
+
+def _local_endpoint(value: Any) -> EndpointSpec:
+    """A tcp: endpoint; a bare port number listens on 127.0.0.1 only."""
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else _text(value)
+    if text.isdigit():
+        text = f"tcp:{text}:interface=127.0.0.1"
+    return parse_endpoint(text, ("tcp",))
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
 
 
 def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
@@ -248,6 +266,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload-backoff-cap", 60.0, _seconds(0.01, 86400), "Longest retry delay in seconds."),
     Setting("upload-timeout", 30.0, _seconds(1, 3600), "Seconds one upload request may take."),
     Setting(
+        "sink-stall",
+        300.0,
+        _seconds(10, 7 * 86400),
+        "Seconds a sink may have readings waiting without sending a batch before /healthz answers 503.",
+    ),
+    Setting(
+        "metrics",
+        None,
+        _local_endpoint,
+        "Serve /metrics and /healthz as plain HTTP on this endpoint (a bare port number listens on 127.0.0.1 "
+        "only) instead of /metrics on the HTTPS port.",
+    ),
+    Setting(
+        "manhole",
+        None,
+        _local_endpoint,
+        "Serve an SSH console (a Python prompt in the running gateway) on this endpoint; a bare port number "
+        "listens on 127.0.0.1 only. Public keys only, from DATA_DIR/manhole/authorized_keys.",
+    ),
+    Setting(
+        "manhole-keys",
+        None,
+        _readable_file,
+        "OpenSSH authorized_keys file for the console instead of DATA_DIR/manhole/authorized_keys.",
+    ),
+    Setting("log-format", "text", _choice(*FORMATS), "Log lines as text, or as one JSON object per line (json)."),
+    Setting("log-level", "info", _choice(*LEVELS), "Least important log level written: " + ", ".join(LEVELS) + "."),
+    Setting(
         "retention",
         None,
         _age,
@@ -285,6 +331,12 @@ class GatewayConfig:
     upload_backoff_cap: float = 60.0
     upload_timeout: float = 30.0
     retention: float | None = None
+    sink_stall: float = 300.0
+    metrics: EndpointSpec | None = None
+    manhole: EndpointSpec | None = None
+    manhole_keys: Path | None = None
+    log_format: str = "text"
+    log_level: str = "info"
     sinks: tuple[Sink, ...] = ()
     config_file: Path | None = None
 
@@ -295,6 +347,14 @@ class GatewayConfig:
     @property
     def tls_dir(self) -> Path:
         return self.data_dir / "tls"
+
+    @property
+    def manhole_dir(self) -> Path:
+        return self.data_dir / "manhole"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.manhole_keys or self.manhole_dir / "authorized_keys"
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -387,6 +447,8 @@ class Options(usage.Options):
     ]
 
     gateway_config: GatewayConfig
+    command_line: dict[str, Any]
+    parent: Any = None  # twistd's own options, set by twistd before parsing ours
 
     def __init__(self) -> None:
         super().__init__()
@@ -418,7 +480,8 @@ class Options(usage.Options):
             if self["config"] is not None:
                 config_file = Path(os.path.expanduser(self["config"]))
                 file_values = load_toml(config_file)
-            self.gateway_config = build_config({s.name: self[s.name] for s in SETTINGS}, file_values, config_file)
+            self.command_line = {s.name: self[s.name] for s in SETTINGS if self[s.name] is not None}
+            self.gateway_config = build_config(self.command_line, file_values, config_file)
         except ConfigError as e:
             raise SystemExit(f"twistd gateway: {e}") from None
 

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway import tokens
-from gateway.ingest import Ingest
+from gateway.ingest import Ingest, peer_of
 from gateway.readings import (
     Device,
     IngestError,
@@ -97,7 +97,7 @@ class DeviceProtocol(protocol.Protocol):
         )
         self.device: Device | None = None
         self.claimed_name: str | None = None
-        self._stored_key: bytes | None = None
+        self.stored_key: bytes | None = None
         self._nonce = b""
         # frames awaiting their answer, in order: [seq, settled, outcome]
         self._answers: deque[list[Any]] = deque()
@@ -110,6 +110,10 @@ class DeviceProtocol(protocol.Protocol):
         self._closing = False
         self._timer: Any = None
         self.source = "tgp ?"
+        self.since = factory.clock.seconds()
+        self.frames = 0  # DATA frames acknowledged
+        self.readings = 0  # readings stored new
+        self.last_error = ""
 
     # -- connection ------------------------------------------------------
 
@@ -185,7 +189,7 @@ class DeviceProtocol(protocol.Protocol):
             if self._closing:
                 return
             if result is not None:
-                self.device, self._stored_key = result
+                self.device, self.stored_key = result
             # An unknown name gets a challenge too, so names cannot be probed.
             self._nonce = os.urandom(tgp.NONCE_SIZE)
             self._send(tgp.Challenge(version, self._nonce))
@@ -203,7 +207,7 @@ class DeviceProtocol(protocol.Protocol):
 
     def _auth(self, auth: tgp.Auth) -> None:
         name = self.claimed_name or ""
-        ok = tokens.proof_matches(auth.proof, self._stored_key, self._nonce, name)
+        ok = tokens.proof_matches(auth.proof, self.stored_key, self._nonce, name)
         if not ok or self.device is None:
             self.device = None
             self._reject(E.AUTH_FAILED, "unknown device, revoked device or wrong token")
@@ -247,7 +251,7 @@ class DeviceProtocol(protocol.Protocol):
     # -- answers, in order -----------------------------------------------
 
     def _queue_answer(self, seq: int, d: Deferred) -> None:
-        entry: list[Any] = [seq, False, None]
+        entry: list[Any] = [seq, False, None, self.factory.clock.seconds()]
         self._answers.append(entry)
         self._flow()
         d.addBoth(self._answer_ready, entry)
@@ -255,19 +259,24 @@ class DeviceProtocol(protocol.Protocol):
     def _answer_ready(self, outcome: Any, entry: list[Any]) -> None:
         entry[1], entry[2] = True, outcome
         while self._answers and self._answers[0][1]:
-            seq, _, result = self._answers.popleft()
+            seq, _, result, arrived = self._answers.popleft()
             if not self._closing:
-                self._send_answer(seq, result)
+                self._send_answer(seq, result, arrived)
         self._flow()
 
-    def _send_answer(self, seq: int, outcome: Any) -> None:
+    def _send_answer(self, seq: int, outcome: Any, arrived: float) -> None:
         if isinstance(outcome, WriteResult):
             self._send(tgp.Ack(seq, min(outcome.accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF)))
+            self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
+            self.frames += 1
+            self.readings += outcome.accepted
             return
         if isinstance(outcome, _Refusal):
+            self.last_error = f"{outcome.code.name}: {outcome.message}"
             self._send(tgp.Nack(seq, outcome.code, outcome.message))
             return
         error = outcome.value if isinstance(outcome, Failure) else outcome
+        self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
         if isinstance(error, StoreRejected):
             self._send(tgp.Nack(seq, E.REJECTED_BY_DATABASE, error.message))
         elif isinstance(error, (StoreUnavailable, StoreOverloaded)):
@@ -321,10 +330,13 @@ class DeviceProtocol(protocol.Protocol):
         self._queue_answer(seq, succeed(_Refusal(code, message)))
 
     def _refuse_connection(self, code: int, message: str) -> None:
-        log.warn(
+        device = self.device.name if self.device else self.claimed_name
+        self.factory.metrics.rejected(self.source, _code_name(code).lower(), self.device and self.device.name, message)
+        self.factory.ingest.refusals.warn(
+            device or peer_of(self.source),
             "closing {source} (device {device}): {code}: {reason}",
             source=self.source,
-            device=self.device.name if self.device else self.claimed_name,
+            device=device,
             code=_code_name(code),
             reason=message,
         )
@@ -332,7 +344,9 @@ class DeviceProtocol(protocol.Protocol):
         self._close()
 
     def _reject(self, code: tgp.ErrorCode, reason: str) -> None:
-        log.warn(
+        self.factory.metrics.rejected(self.source, code.name.lower())
+        self.factory.ingest.refusals.warn(
+            peer_of(self.source),
             "refused {source} (device {device}): {code}: {reason}",
             source=self.source,
             device=self.claimed_name,
@@ -458,6 +472,7 @@ class DeviceFactory(protocol.Factory):
     ) -> None:
         self.ingest = ingest
         self.store = ingest.store
+        self.metrics = ingest.metrics
         self.registry = registry
         self.clock = clock
         self.settings = settings

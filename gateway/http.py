@@ -1,5 +1,6 @@
 """
-The HTTPS API: ``POST /v1/readings`` and ``GET /healthz``.
+The HTTPS API: ``POST /v1/readings``, ``GET /healthz`` and (unless
+``--metrics`` serves it elsewhere) ``GET /metrics``.
 
 twisted.web reads a whole body before it calls a resource and has no body
 limit of its own, so ``LimitedRequest`` counts body bytes as they arrive
@@ -22,7 +23,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from gateway.ingest import Ingest
+from gateway.health import Health
+from gateway.ingest import Ingest, peer_of
+from gateway.metrics import MetricsResource
 from gateway.readings import IngestError, InvalidInput, WriteResult
 from gateway.store import IStore
 
@@ -135,7 +138,14 @@ class LimitedRequest(server.Request):
         self.channel.loseConnection()
         site = self.channel.site
         source = source_of(self)
-        log.warn("refused request from {source}: {code}: {reason}", source=source, code=code, reason=message)
+        site.ingest.metrics.rejected(source, code)
+        site.ingest.refusals.warn(
+            peer_of(source),
+            "refused request from {source}: {code}: {reason}",
+            source=source,
+            code=code,
+            reason=message,
+        )
         site.store.reject(source, f"{code}: {message}", sample)
 
 
@@ -167,6 +177,7 @@ class ReadingsResource(JsonResource):
         self.ingest = ingest
 
     def render_POST(self, request: server.Request) -> Any:
+        arrived = self.ingest.clock.seconds()
         d = self._handle(request)
 
         def failed(f: Failure) -> bytes:
@@ -176,7 +187,7 @@ class ReadingsResource(JsonResource):
             log.failure("ingest failed unexpectedly", f)
             return _json(request, 500, _error_body("internal_error", "the gateway failed; retry later"))
 
-        d.addCallback(lambda result: self._accepted(request, result))
+        d.addCallback(lambda result: self._accepted(request, result, arrived))
         d.addErrback(failed)
         # If the client has gone by now its readings are stored all the
         # same; it will send them again and hear they are duplicates.
@@ -208,8 +219,8 @@ class ReadingsResource(JsonResource):
             raise error
         return await self.ingest.write_json(device, body, source)
 
-    @staticmethod
-    def _accepted(request: server.Request, result: WriteResult) -> bytes:
+    def _accepted(self, request: server.Request, result: WriteResult, arrived: float) -> bytes:
+        self.ingest.metrics.acked(source_of(request), self.ingest.clock.seconds() - arrived)
         return _json(request, 200, {"accepted": result.accepted, "duplicates": result.duplicates})
 
 
@@ -224,38 +235,54 @@ def _bearer(request: server.Request) -> str | None:
 
 
 class HealthResource(JsonResource):
-    """GET /healthz: 200 when the database answers, 503 otherwise."""
+    """GET /healthz: 200 when the database, the queue and every sink are well, 503 otherwise."""
 
     allowed = (b"GET", b"HEAD")
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, health: Health) -> None:
         super().__init__()
-        self.store = store
+        self.health = health
 
     def render_GET(self, request: server.Request) -> Any:
-        def ok(_: Any) -> bytes:
-            return _json(request, 200, {"status": "ok", "database": "ok", "queue": self._queue()})
+        def answer(result: tuple[bool, dict[str, Any]]) -> bytes:
+            healthy, doc = result
+            return _json(request, 200 if healthy else 503, doc, None if healthy else 5)
 
-        def down(f: Failure) -> bytes:
-            reason = f.value.message if f.check(IngestError) else str(f.value)
-            return _json(request, 503, {"status": "unavailable", "database": reason, "queue": self._queue()}, 5)
-
-        return answer_later(request, self.store.check().addCallbacks(ok, down))
+        return answer_later(request, self.health.check().addCallback(answer))
 
     render_HEAD = render_GET
 
-    def _queue(self) -> int:
-        return getattr(self.store, "queue_depth", 0)
+
+def operations_resources(health: Health, metrics: Any) -> dict[bytes, resource.Resource]:
+    """/healthz and /metrics, for the HTTPS site or the --metrics site."""
+    return {b"healthz": HealthResource(health), b"metrics": MetricsResource(metrics)}
+
+
+class OperationsRoot(resource.Resource):
+    """The --metrics endpoint's site: /metrics and /healthz only."""
+
+    def __init__(self, health: Health, metrics: Any) -> None:
+        super().__init__()
+        for name, child in operations_resources(health, metrics).items():
+            self.putChild(name, child)
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> bytes:
+        return NotFound().render(request)
 
 
 class Root(resource.Resource):
-    def __init__(self, ingest: Ingest, store: IStore) -> None:
+    def __init__(self, ingest: Ingest, health: Health, metrics_here: bool) -> None:
         super().__init__()
         v1 = resource.Resource()
         v1.putChild(b"readings", ReadingsResource(ingest))
         v1.getChild = lambda path, request: NotFound()  # type: ignore[method-assign]
         self.putChild(b"v1", v1)
-        self.putChild(b"healthz", HealthResource(store))
+        for name, child in operations_resources(health, ingest.metrics).items():
+            if name != b"metrics" or metrics_here:
+                self.putChild(name, child)
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()
@@ -276,15 +303,34 @@ class GatewaySite(server.Site):
         clock: IReactorTime,
         max_body: int,
         request_timeout: float,
+        health: Health | None = None,
+        metrics_here: bool = True,
     ) -> None:
         # The API takes JSON, never forms: without form parsing twisted.web
         # skips its Content-Type parsing through the email package, which
         # cost a quarter of the CPU of a one-reading request.
-        super().__init__(Root(ingest, store), timeout=request_timeout, parsePOSTFormSubmission=False)
+        health = health or Health(store, stall_after=300.0)
+        super().__init__(Root(ingest, health, metrics_here), timeout=request_timeout, parsePOSTFormSubmission=False)
+        self.ingest = ingest
         self.store = store
         self.clock = clock
         self.max_body = max_body
         self.request_timeout = request_timeout
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        self.open_connections += 1
+        lost = channel.connectionLost
+
+        def connectionLost(reason: Failure) -> None:
+            self.open_connections -= 1
+            lost(reason)
+
+        channel.connectionLost = connectionLost
+        return channel
 
     def log(self, request: server.Request) -> None:
         # No access log line per request: at thousands of requests a second

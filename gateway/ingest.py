@@ -14,7 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from gateway.logs import RateLimitedLog
+from gateway.metrics import GatewayMetrics
 
 from gateway.readings import (
     Device,
@@ -81,13 +85,23 @@ def parse_readings_json(body: bytes) -> list[Reading]:
 class Ingest:
     """Authenticate → normalise → store → answer, for every transport."""
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, store: IStore, clock: IReactorTime, metrics: GatewayMetrics | None = None) -> None:
         self.store = store
+        self.clock = clock
+        self.metrics = metrics or GatewayMetrics(clock)
+        # A device that keeps sending bad input must not flood the log.
+        self.refusals = RateLimitedLog(log, clock)
 
     async def authenticate(self, token: str | None, source: str) -> Device:
         device = await self.store.authenticate(token) if token else None
         if device is None:
-            log.warn("refused {source}: missing, unknown or revoked device token", source=source)
+            self.metrics.rejected(source, "unauthorized")
+            self.refusals.warn(
+                peer_of(source),
+                "refused {source}: missing, unknown or revoked device token",
+                source=source,
+                code="unauthorized",
+            )
             raise Unauthorized("missing, unknown or revoked device token")
         return device
 
@@ -96,15 +110,19 @@ class Ingest:
     ) -> WriteResult:
         """Store readings; ``raw()`` renders the input for the rejected-input table if refused."""
         try:
-            return await self.store.write(device, readings)
+            result: WriteResult = await self.store.write(device, readings, source)
         except StoreRejected as e:
             await self.refused(source, e, raw(), device)
             raise
+        self.metrics.stored(device.name, source, result.accepted, result.duplicates)
+        return result
 
     async def refused(self, source: str, error: IngestError, raw: bytes, device: Device | None) -> None:
         """Log input that gets an error, and keep it with the reason."""
         name = device.name if device else None
-        log.warn(
+        self.metrics.rejected(source, error.code, name, error.message)
+        self.refusals.warn(
+            name or peer_of(source),
             "refused input from {source} (device {device}): {code}: {reason}",
             source=source,
             device=name,
@@ -125,3 +143,9 @@ class Ingest:
             return await self.store_readings(device, readings, source, lambda: body)
 
         return Deferred.fromCoroutine(run())
+
+
+def peer_of(source: str) -> str:
+    """The peer's host in a source string ('https 10.0.0.5:4431' → '10.0.0.5'), the rate limit's key."""
+    address = source.partition(" ")[2]
+    return address.rpartition(":")[0] or address

@@ -88,6 +88,8 @@ class PgPool:
         self.max_waiters = max_waiters
         self.last_error = "not connected yet"
         self._closing = False
+        # Run on every new connection (LISTEN, say) before it takes work; a failure drops the connection.
+        self.on_connect: Callable[[Any], Deferred] | None = None
 
     # -- state ---------------------------------------------------------
 
@@ -116,6 +118,8 @@ class PgPool:
         slot.conn = conn
         timer = self._reactor.callLater(CONNECT_TIMEOUT, self._connect_timeout, conn)
         d = conn.connect(self._dsn)
+        if self.on_connect is not None:
+            d.addCallback(lambda _: self.on_connect(conn))
 
         def connected(_: Any) -> None:
             if timer.active():

@@ -108,6 +108,15 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        "where devices were last heard from; rejected input by device",
+        """
+        -- 'tgp+tls 10.0.0.5:40112': the transport and address of the device's last stored reading.
+        ALTER TABLE devices ADD COLUMN last_source text;
+        CREATE INDEX rejected_input_device ON rejected_input (device, received_at);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -11,11 +11,18 @@ block), and opens the store's connection pool. Until the pool is up,
 ingest answers 503 with Retry-After: nothing is accepted that could not
 be committed. Stop order is the reverse: stop listening, let the store
 commit and answer what is in flight, close the pool, stop the database.
+
+SIGHUP re-reads the config file and applies what can change while running
+(sinks, limits, the log level); the log says what changed and what waits
+for a restart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg2.extensions
@@ -23,15 +30,22 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import server
 
 from gateway import embedded, schema
-from gateway.config import GatewayConfig, Options
+from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
+from gateway.console import BANNER, Console
 from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
+from gateway.devicewatch import DeviceWatch
 from gateway.endpoints import EndpointSpec
-from gateway.http import GatewaySite
+from gateway.health import Health
+from gateway.http import GatewaySite, OperationsRoot
 from gateway.ingest import Ingest
+from gateway.logs import LevelFilter, make_observer, twistd_log_file
+from gateway.manhole import ManholeError, console_factory
+from gateway.metrics import GatewayMetrics, counter, gauge
 from gateway.store import PostgresStore
 from gateway.stdtls import TLSServerFactory, server_context
 from gateway.tls import TLSConfigError, make_self_signed, server_options
@@ -86,12 +100,46 @@ def prepare_database(config: GatewayConfig, embedded_pg: embedded.EmbeddedPostgr
     return dsn
 
 
+# Settings a SIGHUP applies while running; every other change waits for a restart.
+LIVE_SETTINGS = frozenset(
+    (
+        "log_level",
+        "max_body",
+        "request_timeout",
+        "max_queue",
+        "device_window",
+        "device_idle_timeout",
+        "sink_stall",
+        "sinks",
+        "upload_url",
+        "upload_ca",
+        "upload_batch",
+        "upload_batch_bytes",
+        "upload_flush",
+        "upload_backoff",
+        "upload_backoff_cap",
+        "upload_timeout",
+    )
+)
+
+
 class GatewayService(MultiService):
-    def __init__(self, config: GatewayConfig, reactor: Any, *, exit_on_failure: bool = False) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        *,
+        exit_on_failure: bool = False,
+        command_line: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.exit_on_failure = exit_on_failure
+        self.command_line = dict(command_line or {})  # kept for SIGHUP: the command line still wins
+        self.log_levels = LevelFilter(config.log_level)
+        self.log_observer: Any = None  # installed as the application's ILogObserver by twistd
+        self.metrics = GatewayMetrics(reactor)
         self.embedded = None if config.db else embedded.EmbeddedPostgres(config.pg_dir)
         self.store = PostgresStore(
             reactor,
@@ -100,17 +148,26 @@ class GatewayService(MultiService):
             commit_delay=config.commit_delay,
             max_queue=config.max_queue,
         )
-        self.ingest = Ingest(self.store)
+        self.store.batch_observers.append(self.metrics.committed)
+        self.ingest = Ingest(self.store, reactor, self.metrics)
+        self.health = Health(self.store, stall_after=config.sink_stall, uploader=lambda: self.uploader)
         self.site = GatewaySite(
             self.ingest,
             self.store,
             clock=reactor,
             max_body=config.max_body,
             request_timeout=config.request_timeout,
+            health=self.health,
+            metrics_here=config.metrics is None,
         )
+        self.console = Console(self)
+        self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self.store.forget_credentials)
+        self.metrics.live.sources.append(self._live_metrics)
         self.registry = DeviceRegistry()
         self.device_settings = DeviceSettings(window=config.device_window, idle_timeout=config.device_idle_timeout)
         self.https_port: Any = None
+        self.metrics_port: Any = None
+        self.manhole_port: Any = None
         self.device_ports: list[Any] = []
         self._announced_certificate = False
         self.device_factories: list[DeviceFactory] = []
@@ -186,6 +243,20 @@ class GatewayService(MultiService):
                 self.device_factories.append(factory)
                 self.device_ports.append(port)
                 self._announce(port, "TGP over TLS" if spec.tls else "TGP")
+            if self.config.metrics is not None:
+                site = server.Site(OperationsRoot(self.health, self.metrics), timeout=self.config.request_timeout)
+                site.displayTracebacks = False
+                self.metrics_port = self._listen(self.config.metrics, site, "metrics")
+                self._announce(self.metrics_port, "/metrics and /healthz (HTTP)")
+            if self.config.manhole is not None:
+                try:
+                    factory = console_factory(
+                        self.config.manhole_dir, self.config.authorized_keys, self.console.namespace, BANNER
+                    )
+                except ManholeError as e:
+                    raise StartError(f"--manhole: {e}") from None
+                self.manhole_port = self._listen(self.config.manhole, factory, "manhole")
+                self._announce(self.manhole_port, "the SSH console")
         except StartError as e:
             self._fail(str(e), startup=True)
             return
@@ -212,17 +283,29 @@ class GatewayService(MultiService):
         if up == 0:
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
+        self.dsn = dsn
         if self.config.sinks or self.config.retention is not None:
-            uploader = Uploader(
-                self.reactor, self.config.sinks, gateway_id(self.config.data_dir), retention=self.config.retention
-            )
-            await uploader.connect(dsn)
-            self.store.listeners.append(uploader.committed)
-            uploader.setServiceParent(self)
-            self.uploader = uploader
+            await self._start_uploader(self.config.sinks)
+        await self.watch.start(dsn)
+        if self.exit_on_failure:  # the real process (twistd), not a test's
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         tune_gc()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)
+
+    async def _start_uploader(self, sinks: tuple[Any, ...]) -> None:
+        uploader = Uploader(self.reactor, sinks, gateway_id(self.config.data_dir), retention=self.config.retention)
+        await uploader.connect(self.dsn)
+        self.store.listeners.append(uploader.committed)
+        uploader.setServiceParent(self)
+        self.uploader = uploader
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands its Application here before it starts logging; an
+        # ILogObserver on it replaces twistd's own (for --log-format json).
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def _start_failed(self, f: Any) -> None:
         message = str(f.value) if f.check(StartError, embedded.EmbeddedDatabaseError) else None
@@ -249,9 +332,10 @@ class GatewayService(MultiService):
     # -- stop ----------------------------------------------------------
 
     async def _stop(self) -> None:
-        for port in [self.https_port, *self.device_ports]:
+        for port in [self.https_port, *self.device_ports, self.metrics_port, self.manhole_port]:
             if port is not None:
                 await port.stopListening()
+        await self.watch.stop()
         sessions = [session for factory in self.device_factories for session in factory.connections]
         for session in sessions:
             session.stop_reading()
@@ -265,8 +349,133 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
+    # -- what the console, /metrics and the device watch read ------------
+
+    def connections(self) -> dict[str, int]:
+        """Open connections by transport."""
+        out = {("https" if self.config.https.tls else "http"): self.site.open_connections}
+        for factory in self.device_factories:
+            key = "tgp+tls" if factory.tls else "tgp"
+            out[key] = out.get(key, 0) + len(factory.connections)
+        return out
+
+    def online_sessions(self) -> dict[str, list[Any]]:
+        """TGP sessions by device name (authenticated ones)."""
+        out: dict[str, list[Any]] = {}
+        for factory in self.device_factories:
+            for session in factory.connections:
+                if session.device is not None:
+                    out.setdefault(session.device.name, []).append(session)
+        return out
+
+    def close_device(self, name: str, code: Any, reason: str) -> int:
+        sessions = self.online_sessions().get(name, [])
+        for session in sessions:
+            session.end(code, reason)
+        return len(sessions)
+
+    def _revoked(self, session: Any, reason: str) -> None:
+        log.info(
+            "closing device {device} at {source}: {reason}",
+            device=session.device.name,
+            source=session.source,
+            reason=reason,
+        )
+        session.end(tgp.ErrorCode.AUTH_FAILED, reason)
+
+    def _live_metrics(self) -> Iterator[Any]:
+        conns = gauge("gateway_connections", "Open connections, by transport.", labels=["transport"])
+        for transport, count in sorted(self.connections().items()):
+            conns.add_metric([transport], count)
+        yield conns
+        yield gauge("gateway_store_queue_readings", "Readings waiting for COMMIT.", self.store.queue_depth)
+        yield gauge(
+            "gateway_store_queue_limit",
+            "Readings that may wait before writers get 503.",
+            self.store.committer.max_queue,
+        )
+        yield gauge("gateway_database_connections", "Open connections of the store's pool.", self.store.pool.up)
+        if self.uploader is None:
+            return
+        status = self.uploader.sink_status()
+        families = {
+            "lag": gauge(
+                "gateway_upload_lag_seconds", "Age of the oldest reading not yet sent to the sink.", labels=["sink"]
+            ),
+            "pending": gauge("gateway_upload_pending_batches", "Batches cut and not yet sent.", labels=["sink"]),
+            "parked": gauge(
+                "gateway_upload_parked_batches", "Batches the sink refused for good (dead letters).", labels=["sink"]
+            ),
+            "paused": gauge("gateway_upload_paused", "1 while the sink is paused from the console.", labels=["sink"]),
+            "batches": counter("gateway_upload_batches_sent", "Batches this process sent.", ["sink"]),
+            "readings": counter("gateway_upload_readings_sent", "Readings this process sent.", ["sink"]),
+            "failures": counter("gateway_upload_failures", "Failed attempts (to be retried).", ["sink"]),
+        }
+        for name, s in status.items():
+            families["lag"].add_metric([name], s.get("lag_seconds") or 0.0)
+            families["pending"].add_metric([name], s.get("pending_batches") or 0)
+            families["parked"].add_metric([name], s.get("parked_batches") or 0)
+            families["paused"].add_metric([name], 1 if s["paused"] else 0)
+            families["batches"].add_metric([name], s["batches_sent"])
+            families["readings"].add_metric([name], s["readings_sent"])
+            families["failures"].add_metric([name], s["failures"])
+        yield from families.values()
+
+    # -- SIGHUP ----------------------------------------------------------
+
+    def reload(self) -> Deferred:
+        """Re-read the config file; apply what can change live, log what needs a restart."""
+        return Deferred.fromCoroutine(self._reload()).addErrback(lambda f: log.failure("reload failed", f))
+
+    async def _reload(self) -> list[str]:
+        path = self.config.config_file
+        if path is None:
+            log.info("SIGHUP: the gateway was started without --config; nothing to re-read")
+            return []
+        try:
+            new = build_config(self.command_line, load_toml(path), path)
+        except ConfigError as e:
+            log.error("SIGHUP: {path} not applied, the running settings stay: {error}", path=str(path), error=str(e))
+            return []
+        old = self.config
+        changed = [f.name for f in dataclasses.fields(GatewayConfig) if getattr(old, f.name) != getattr(new, f.name)]
+        live = [name for name in changed if name in LIVE_SETTINGS]
+        later = [name for name in changed if name not in LIVE_SETTINGS]
+        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in live})
+        applied = [name.replace("_", "-") for name in live if name != "sinks" and not name.startswith("upload_")]
+        self.log_levels.set(new.log_level)
+        self.site.max_body = new.max_body
+        self.site.request_timeout = new.request_timeout
+        self.site.timeOut = new.request_timeout
+        self.store.committer.max_queue = new.max_queue
+        self.health.stall_after = new.sink_stall
+        settings = dataclasses.replace(
+            self.device_settings, window=new.device_window, idle_timeout=new.device_idle_timeout
+        )
+        self.device_settings = settings
+        for factory in self.device_factories:
+            factory.settings = settings
+        if new.sinks != old.sinks:
+            if self.uploader is not None:
+                applied += await self.uploader.reconfigure(new.sinks)
+            elif new.sinks:
+                await self._start_uploader(new.sinks)
+                applied += [f"sink {sink.name} added" for sink in new.sinks]
+        log.info(
+            "SIGHUP: re-read {path}; applied: {applied}; needs a restart: {later}",
+            path=str(path),
+            applied=", ".join(applied) or "nothing",
+            later=", ".join(n.replace("_", "-") for n in later) or "nothing",
+        )
+        return applied + [f"restart: {n.replace('_', '-')}" for n in later]
+
 
 def makeService(options: Options) -> GatewayService:
     from twisted.internet import reactor
 
-    return GatewayService(options.gateway_config, reactor, exit_on_failure=True)
+    config = options.gateway_config
+    service = GatewayService(config, reactor, exit_on_failure=True, command_line=options.command_line)
+    twistd = options.parent
+    if twistd is None or not twistd.get("syslog"):
+        service.log_observer = make_observer(config.log_format, twistd_log_file(twistd), service.log_levels)
+    return service

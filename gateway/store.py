@@ -69,8 +69,9 @@ RETURNING device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint
 """
 
 UPDATE_LAST_SEEN = """
-UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at))
-FROM unnest(%s::integer[], %s::float8[]) AS u(id, at)
+UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at)),
+                        last_source = coalesce(u.source, d.last_source)
+FROM unnest(%s::integer[], %s::float8[], %s::text[]) AS u(id, at, source)
 WHERE d.id = u.id
 """
 
@@ -88,9 +89,10 @@ class IStore(Interface):
     def device_key(name: str) -> Deferred:
         """Fire with (Device, stored key) of a device that is not revoked, or None."""
 
-    def write(device: Device, readings: Sequence[Reading]) -> Deferred:
+    def write(device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
         """
         Store readings once each; fire with WriteResult after COMMIT.
+        ``source`` ('tgp 10.0.0.5:40112') is kept as where the device was last heard from.
         Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
         """
 
@@ -191,12 +193,14 @@ class PostgresStore(Service):
         )
         self._auth_cache: dict[str, tuple[float, Any]] = {}
         self._seen: dict[int, float] = {}
+        self._sources: dict[int, str] = {}  # device id → where its last write came from
         self._last_seen_loop = LoopingCall(self._flush_last_seen)
         self._last_seen_loop.clock = self._clock
         self._rejects_in_flight = 0
         self.batches = 0
         self.commit_seconds = 0.0
         self.listeners: list[Callable[[int], None]] = []  # told how many new readings each batch committed
+        self.batch_observers: list[Callable[[int, float], None]] = []  # told each batch's size and duration
 
     # -- lifecycle -----------------------------------------------------
 
@@ -221,9 +225,11 @@ class PostgresStore(Service):
 
     # -- IStore --------------------------------------------------------
 
-    def write(self, device: Device, readings: Sequence[Reading]) -> Deferred:
+    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
         if not readings:
             return succeed(WriteResult(0, 0))
+        if source:
+            self._sources[device.id] = source
         d = self.committer.submit((device.id, readings), len(readings))
         return d.addErrback(self._translate)
 
@@ -260,6 +266,10 @@ class PostgresStore(Service):
         if not tokens.token_matches(token, bytes(row[2])):
             return None
         return Device(row[0], row[1])
+
+    def forget_credentials(self) -> None:
+        """A device changed (revoked, rotated): look every token up again."""
+        self._auth_cache.clear()
 
     def device_key(self, name: str) -> Deferred:
         return Deferred.fromCoroutine(self._device_key(name))
@@ -338,8 +348,11 @@ class PostgresStore(Service):
         now = self._clock.seconds()
         for device_id, _ in items:
             self._seen[device_id] = now
+        elapsed = time.perf_counter() - started
         self.batches += 1
-        self.commit_seconds += time.perf_counter() - started
+        self.commit_seconds += elapsed
+        for observe in self.batch_observers:
+            observe(len(rows), elapsed)
         added = sum(new)
         if added:
             for listener in self.listeners:
@@ -386,7 +399,8 @@ class PostgresStore(Service):
             return succeed(None)
         seen, self._seen = self._seen, {}
         ids = sorted(seen)
-        d = self.pool.run(lambda c: c.runOperation(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids])))
+        sources = [self._sources.pop(i, None) for i in ids]
+        d = self.pool.run(lambda c: c.runOperation(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids], sources)))
 
         def failed(f: Failure) -> None:
             for device_id, at in seen.items():
@@ -433,7 +447,7 @@ class MemoryStore:
                 return succeed((device, stored))
         return succeed(None)
 
-    def write(self, device: Device, readings: Sequence[Reading]) -> Deferred:
+    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
         from twisted.internet.defer import fail
 
         if not self.available:

@@ -182,15 +182,8 @@ DELETE FROM readings WHERE id IN (
     ORDER BY r.tx, r.id LIMIT %(chunk)s)
 """
 
-STATUS = """
-SELECT s.name, s.url, s.cursor_tx::text, s.cursor_id, s.batches_sent, s.readings_sent, s.failures,
-       s.last_sent_at, s.last_error, s.last_error_at,
-       (SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'),
-       (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'),
-       (SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
-       (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
-       (SELECT count(*) FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)),
-       extract(epoch FROM now() - (
+# Seconds the oldest reading not yet sent to sink s has waited (NULL: none waits); uses (tx, id).
+_LAG = """extract(epoch FROM now() - (
            SELECT min(f.at) FROM (
                SELECT (SELECT r.received_at FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)
                        ORDER BY r.tx, r.id LIMIT 1) AS at
@@ -198,9 +191,40 @@ SELECT s.name, s.url, s.cursor_tx::text, s.cursor_id, s.batches_sent, s.readings
                SELECT (SELECT r.received_at FROM readings r WHERE (r.tx, r.id) > (b.after_tx, b.after_id)
                        ORDER BY r.tx, r.id LIMIT 1)
                FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'
-           ) f))::float8
+           ) f))::float8"""
+
+_BATCHES = """(SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = '{state}')"""
+
+STATUS = f"""
+SELECT s.name, s.url, s.cursor_tx::text, s.cursor_id, s.batches_sent, s.readings_sent, s.failures,
+       s.last_sent_at, s.last_error, s.last_error_at,
+       {_BATCHES.format(state="pending")},
+       (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'),
+       {_BATCHES.format(state="parked")},
+       (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
+       (SELECT count(*) FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)),
+       {_LAG}
 FROM upload_sinks s ORDER BY s.name
 """
+
+# What the running gateway watches (every few seconds): only index lookups, no counting of readings.
+LIVE_STATUS = f"""
+SELECT s.name, {_LAG}, extract(epoch FROM now() - s.last_sent_at)::float8,
+       {_BATCHES.format(state="pending")}, {_BATCHES.format(state="parked")},
+       s.batches_sent, s.readings_sent, s.failures
+FROM upload_sinks s WHERE s.name = ANY(%s)
+"""
+LIVE_FIELDS = (
+    "lag_seconds",
+    "idle_seconds",
+    "pending_batches",
+    "parked_batches",
+    "batches_sent_all",
+    "readings_sent_all",
+    "failures_all",
+)
+MONITOR_INTERVAL = 5.0
+
 STATUS_FIELDS = (
     "name",
     "url",
@@ -947,9 +971,18 @@ class Uploader(MultiService):
         self.sinks = sinks
         self.pool = PgPool(reactor, pool_size)
         self.ledger = Ledger(self.pool, owner)
-        self.loops = {sink.name: SinkUploader(sink, self.ledger, HTTPSender(reactor, sink), reactor) for sink in sinks}
+        self.loops = {sink.name: self._loop(sink) for sink in sinks}
+        self.retention: Retention | None = None
         if retention is not None:
-            Retention(self.ledger, retention, reactor).setServiceParent(self)
+            self.retention = Retention(self.ledger, retention, reactor)
+            self.retention.setServiceParent(self)
+        # The sinks' state in the database (lag, batches), read every few seconds for /healthz and /metrics.
+        self._live: dict[str, dict[str, Any]] = {}
+        self._monitor = LoopingCall(self.look)
+        self._monitor.clock = reactor
+
+    def _loop(self, sink: Sink) -> SinkUploader:
+        return SinkUploader(sink, self.ledger, HTTPSender(self.reactor, sink), self.reactor)
 
     async def connect(self, dsn: str) -> None:
         """Open the connections and register the sinks; errbacks when the database cannot be reached."""
@@ -957,6 +990,9 @@ class Uploader(MultiService):
         if up == 0:
             raise ConnectionError(f"no connection for the uploader: {self.pool.last_error}")
         known = await self.ledger.register(list(self.sinks))
+        self._warn_unconfigured(known)
+
+    def _warn_unconfigured(self, known: list[str]) -> None:
         for name in sorted(set(known) - set(self.loops)):
             log.warn(
                 "sink {sink} is in the database but not configured here: its unsent readings are kept "
@@ -971,10 +1007,77 @@ class Uploader(MultiService):
     def startService(self) -> None:
         super().startService()
         for loop in self.loops.values():
-            loop.start()
-            log.info("uploading to sink {sink} at {url}", sink=loop.sink.name, url=loop.sink.url)
+            self._start_loop(loop)
+        self._monitor.start(MONITOR_INTERVAL, now=True)
+
+    @staticmethod
+    def _start_loop(loop: SinkUploader) -> None:
+        loop.start()
+        log.info("uploading to sink {sink} at {url}", sink=loop.sink.name, url=loop.sink.url)
+
+    # -- watching ------------------------------------------------------
+
+    def look(self) -> Deferred:
+        """Read every sink's lag and batches from the database (never errbacks)."""
+        names = sorted(self.loops)
+
+        def got(rows: list[tuple]) -> None:
+            now = self.reactor.seconds()
+            self._live = {row[0]: {**dict(zip(LIVE_FIELDS, row[1:])), "checked_at": now} for row in rows}
+
+        def failed(f: Failure) -> None:
+            log.debug("sink status not read: {error}", error=_first_line(f.value))
+
+        d = self.pool.run(lambda c: c.runQuery(LIVE_STATUS, (names,)))
+        return d.addCallbacks(got, failed)
+
+    def sink_status(self) -> dict[str, dict[str, Any]]:
+        """Per configured sink: the database's figures (as last read) and this process's counters."""
+        out = {}
+        for name, loop in sorted(self.loops.items()):
+            live = self._live.get(name, {"checked_at": None})
+            c = loop.counters
+            out[name] = {
+                **live,
+                "paused": loop.paused,
+                "batches_sent": c.batches_sent,
+                "readings_sent": c.readings_sent,
+                "failures": c.failures,
+                "parked": c.parked,
+                "last_error": c.last_error,
+            }
+        return out
+
+    # -- changing sinks while running (SIGHUP) ------------------------------
+
+    async def reconfigure(self, sinks: tuple[Sink, ...]) -> list[str]:
+        """Take a new list of sinks: stop removed and changed ones, start new and changed ones. Says what changed."""
+        old = {loop.sink.name: loop.sink for loop in self.loops.values()}
+        new = {sink.name: sink for sink in sinks}
+        changes = []
+        for name in sorted(old):
+            if new.get(name) != old[name]:
+                loop = self.loops.pop(name)
+                await loop.stop()
+                await loop.sender.close()
+                if name not in new:
+                    changes.append(f"sink {name} removed")
+        added = [sink for name, sink in new.items() if old.get(name) != sink]
+        if added:
+            self._warn_unconfigured(await self.ledger.register(added))
+        for sink in added:
+            loop = self.loops[sink.name] = self._loop(sink)
+            changes.append(f"sink {sink.name} {'changed' if sink.name in old else 'added'}")
+            if self.running:
+                self._start_loop(loop)
+        self.sinks = sinks
+        if changes and self.running:
+            self.look()
+        return changes
 
     async def _stop(self) -> None:
+        if self._monitor.running:
+            self._monitor.stop()
         for loop in self.loops.values():
             await loop.stop()
         await super().stopService()

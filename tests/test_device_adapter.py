@@ -33,7 +33,7 @@ class ManualStore(MemoryStore):
         self.room = True
         self.room_waiters: list[Deferred] = []
 
-    def write(self, device, readings):
+    def write(self, device, readings, source=""):
         d = Deferred()
         self.pending.append((d, device, list(readings)))
         return d
@@ -58,7 +58,7 @@ class Harness:
         self.clock = clock or Clock()
         self.registry = registry if registry is not None else DeviceRegistry()
         self.factory = DeviceFactory(
-            Ingest(self.store), self.registry, clock=self.clock, settings=DeviceSettings(**settings)
+            Ingest(self.store, self.clock), self.registry, clock=self.clock, settings=DeviceSettings(**settings)
         )
         peer = IPv4Address("TCP", "10.1.2.3", 5555)
         self.proto = self.factory.buildProtocol(peer)
@@ -332,7 +332,7 @@ def test_commits_finishing_after_the_device_left_are_not_answered():
 def test_unexpected_write_result_shapes_do_not_crash():
     h = Harness()
     h.login()
-    h.store.write = lambda device, readings: succeed(WriteResult(70000, 0))
+    h.store.write = lambda device, readings, source="": succeed(WriteResult(70000, 0))
     h.data(2)
     assert h.events() == [tgp.Ack(2, 0xFFFF, 0)]
 

@@ -26,7 +26,7 @@ class Client:
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
         self.site = GatewaySite(
-            Ingest(self.store), self.store, clock=self.clock, max_body=max_body, request_timeout=timeout
+            Ingest(self.store, self.clock), self.store, clock=self.clock, max_body=max_body, request_timeout=timeout
         )
         self.site.callLater = self.clock.callLater  # HTTPChannel's idle timer
         self.site._reactor = self.clock
@@ -238,7 +238,7 @@ def test_a_slow_database_does_not_trip_the_request_deadline():
 
     c = Client(timeout=30)
     pending = Deferred()
-    c.store.write = lambda device, readings: pending
+    c.store.write = lambda device, readings, source="": pending
     c.request()
     c.clock.advance(60)
     assert c.transport.value() == b""

@@ -1,0 +1,210 @@
+"""
+What an administrator finds at the console's prompt: the live service
+objects and a few helpers that answer the usual questions at a glance.
+Results are dicts and lists (easy to pick apart at the prompt) whose repr
+is laid out for reading.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from protocols import tgp
+
+BANNER = """txgateway console: a Python prompt inside the running gateway. Careful: it is live.
+  status()              uptime, connections, readings/s, store queue and commit time, sinks
+  devices()             devices online: address, transport, since, readings, last error
+  kick(name)            close a device's connections (it may reconnect)
+  sinks()               the uploader's sinks; pause(sink), resume(sink), flush(sink) (no name: all)
+  gateway, store, uploader, metrics, config   the live objects
+  help()                this text; help(obj) for any object's documentation
+Ctrl-D (or closing the input) ends the session."""
+
+
+class Report(dict):
+    """A dict shown as aligned 'key: value' lines."""
+
+    def __repr__(self) -> str:
+        return "\n".join(_lines(self, 0))
+
+
+class Table(list):
+    """A list of dicts shown as a table."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "(none)"
+        columns = list(self[0].keys())
+        rows = [[_show(row.get(c)) for c in columns] for row in self]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        head = "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()
+        return "\n".join([head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows])
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.0f}"
+    return str(value)
+
+
+def _lines(doc: dict, depth: int) -> list[str]:
+    out = []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            out.append("  " * depth + f"{key}:" + ("" if value else " (none)"))
+            out.extend(_lines(value, depth + 1))
+        else:
+            out.append("  " * depth + f"{key}: {_show(value)}")
+    return out
+
+
+def _ago(clock_now: float, then: float | None) -> str:
+    if then is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(then)) + f" ({clock_now - then:.0f}s ago)"
+
+
+class Console:
+    """The helpers, bound to one GatewayService."""
+
+    ACTIVE_HTTP = 120.0  # an HTTPS device counts as online this long after its last request
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    def namespace(self) -> dict[str, Any]:
+        g = self.gateway
+        return {
+            "gateway": g,
+            "store": g.store,
+            "uploader": g.uploader,
+            "metrics": g.metrics,
+            "config": g.config,
+            "status": self.status,
+            "devices": self.devices,
+            "kick": self.kick,
+            "sinks": self.sinks,
+            "pause": self.pause,
+            "resume": self.resume,
+            "flush": self.flush,
+            "help": self.help,
+        }
+
+    def help(self, obj: Any = None) -> None:
+        """This console's helpers; help(obj) shows obj's documentation."""
+        if obj is None:
+            print(BANNER)
+        else:
+            import pydoc
+
+            print(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+
+    def status(self) -> Report:
+        """Uptime, connections per transport, readings/s over the last minute, store, sinks."""
+        g = self.gateway
+        m = g.metrics
+        now = g.reactor.seconds()
+        commit = m.commit_window.mean()
+        report = Report(
+            uptime_seconds=round(now - m.started, 1),
+            database="up" if g.ready.called and g.failure is None else (g.failure or "starting"),
+            connections=Report(g.connections()),
+            readings_per_second=round(m.accepted_window.per_second(), 1),
+            store=Report(
+                queue_depth=g.store.queue_depth,
+                commit_ms=None if commit is None else round(commit * 1000, 2),
+                batches_per_second=round(m.commit_window.per_second(), 1),
+                database_connections=g.store.pool.up,
+            ),
+            sinks=Report(
+                {
+                    name: Report(
+                        lag_seconds=s.get("lag_seconds"),
+                        paused=s["paused"],
+                        pending_batches=s.get("pending_batches"),
+                        parked_batches=s.get("parked_batches"),
+                        sent=s["readings_sent"],
+                        last_error=s["last_error"] or None,
+                    )
+                    for name, s in (g.uploader.sink_status() if g.uploader else {}).items()
+                }
+            ),
+        )
+        return report
+
+    def devices(self) -> Table:
+        """Devices online: TGP sessions, and HTTPS devices heard from in the last two minutes."""
+        g = self.gateway
+        now = g.reactor.seconds()
+        rows = []
+        for factory in g.device_factories:
+            for session in factory.connections:
+                if session.device is None:
+                    continue
+                rows.append(
+                    {
+                        "device": session.device.name,
+                        "transport": session.source.split(" ")[0],
+                        "address": session.source.partition(" ")[2],
+                        "since": _ago(now, session.since),
+                        "readings": session.readings,
+                        "last_error": session.last_error or None,
+                    }
+                )
+        for seen in reversed(g.metrics.activity.values()):
+            if now - seen.last > self.ACTIVE_HTTP:
+                break
+            if seen.transport in ("https", "http"):
+                rows.append(
+                    {
+                        "device": seen.name,
+                        "transport": seen.transport,
+                        "address": seen.address,
+                        "since": _ago(now, seen.since),
+                        "readings": seen.readings,
+                        "last_error": seen.last_error or None,
+                    }
+                )
+        return Table(sorted(rows, key=lambda r: (r["device"], r["transport"])))
+
+    def kick(self, name: str) -> int:
+        """Close a device's TGP connections (BYE NORMAL; it may reconnect). Returns how many were closed."""
+        return self.gateway.close_device(name, tgp.ErrorCode.NORMAL, "closed by an administrator")
+
+    def sinks(self) -> list[str]:
+        """The names of the uploader's sinks."""
+        uploader = self.gateway.uploader
+        return sorted(uploader.loops) if uploader else []
+
+    def _loops(self, sink: str | None) -> list[Any]:
+        uploader = self.gateway.uploader
+        loops = uploader.loops if uploader else {}
+        if sink is None:
+            return list(loops.values())
+        if sink not in loops:
+            raise KeyError(f"no sink {sink!r}; sinks: {', '.join(sorted(loops)) or '(none)'}")
+        return [loops[sink]]
+
+    def pause(self, sink: str | None = None) -> list[str]:
+        """Stop sending to a sink (all with no name) until resume(); readings wait in the database."""
+        loops = self._loops(sink)
+        for loop in loops:
+            loop.pause()
+        return [loop.sink.name for loop in loops]
+
+    def resume(self, sink: str | None = None) -> list[str]:
+        """Start sending to a paused sink (all with no name) again."""
+        loops = self._loops(sink)
+        for loop in loops:
+            loop.resume()
+        return [loop.sink.name for loop in loops]
+
+    def flush(self, sink: str | None = None) -> list[str]:
+        """Send what waits for a sink now, without waiting for a full batch or the flush interval."""
+        loops = self._loops(sink)
+        for loop in loops:
+            loop.flush()
+        return [loop.sink.name for loop in loops]

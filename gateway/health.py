@@ -1,0 +1,70 @@
+"""
+``GET /healthz``: is this gateway doing its job? Healthy means all of:
+
+- the database answers a query within two seconds;
+- the ingest queue has room (when it is full, writers are answered 503);
+- every sink is moving: a sink whose oldest waiting reading is older than
+  ``stall_after`` seconds and which has sent nothing for as long is
+  *stalled*. A gateway that reports healthy while forwarding nothing is the
+  failure that goes unnoticed longest, so a stalled sink makes the whole
+  answer 503, paused or not.
+
+The sinks' figures come from the uploader's last look at the database
+(every few seconds, ``SinkMonitor``), so a probe never runs the slower
+status queries itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+
+from gateway.readings import IngestError
+from gateway.store import IStore
+
+
+class Health:
+    def __init__(self, store: IStore, *, stall_after: float, uploader: Callable[[], Any] = lambda: None) -> None:
+        self.store = store
+        self.stall_after = stall_after
+        self.uploader = uploader
+
+    def check(self) -> Deferred:
+        """Fires with (healthy, document); never errbacks."""
+
+        def answer(database: str) -> tuple[bool, dict[str, Any]]:
+            queue = {"depth": getattr(self.store, "queue_depth", 0), "ok": self.store.has_room(1)}
+            sinks = self.sinks()
+            healthy = database == "ok" and queue["ok"] and all(s["ok"] for s in sinks.values())
+            doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
+            return healthy, doc
+
+        def down(f: Any) -> str:
+            return f.value.message if f.check(IngestError) else str(f.value)
+
+        return self.store.check().addCallbacks(lambda _: "ok", down).addCallback(answer)
+
+    def sinks(self) -> dict[str, dict[str, Any]]:
+        uploader = self.uploader()
+        if uploader is None:
+            return {}
+        return {name: sink_health(status, self.stall_after) for name, status in uploader.sink_status().items()}
+
+
+def sink_health(status: dict[str, Any], stall_after: float) -> dict[str, Any]:
+    """One sink's entry: its figures, ``ok`` and, when not ok, the problem in words."""
+    lag = status.get("lag_seconds")
+    idle = status.get("idle_seconds")  # since the last batch any gateway sent
+    doc = {**status, "ok": True}
+    if status.get("checked_at") is None:
+        doc.update(ok=False, problem="the sink's state has not been read from the database yet")
+    elif lag is not None and lag > stall_after and (idle is None or idle > stall_after):
+        doc.update(
+            ok=False,
+            problem=f"readings have waited {lag:.0f}s and nothing was sent for "
+            + ("ever" if idle is None else f"{idle:.0f}s")
+            + (" (the sink is paused)" if status.get("paused") else ""),
+        )
+    return doc

@@ -1,0 +1,266 @@
+"""
+The SSH console (``--manhole``): a Python prompt inside the running
+gateway, for administrators. ``twisted.conch`` provides SSH and the
+interpreter; this module adds what a production console needs:
+
+- Public keys only. The portal has one checker, for public keys, so the
+  server offers no other method: passwords and keyboard-interactive are
+  refused before they are tried. Keys are read from an OpenSSH
+  ``authorized_keys`` file at each login, so adding or removing a key needs
+  no restart (a small local file, read once per login).
+- A persistent Ed25519 host key in ``DATA_DIR/manhole/``, made on first
+  start with ``cryptography`` and written 0600, so clients can pin it.
+- Each factory has its own key dictionaries (conch's ``ConchFactory`` keeps
+  them on the class, shared by every instance).
+- Sessions with a terminal (``ssh -p PORT admin@host``) get conch's
+  colouring line editor; sessions without one (``ssh -T … < script``) get a
+  plain prompt with no terminal control sequences; a command
+  (``ssh … 'status()'``) runs, prints its result, and the session ends
+  with exit status 0 (1 if it raised). Closing the client's input (EOF)
+  ends any session cleanly, which conch's stock session does not handle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch import manhole, manhole_ssh
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.insults import insults
+from twisted.conch.interfaces import IConchUser, ISession
+from twisted.conch.ssh import keys
+from twisted.cred import portal
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+MAX_LINE = 64 * 1024  # longest line a plain session buffers
+
+
+class ManholeError(Exception):
+    """The console cannot start; the message says why in one line."""
+
+
+def host_key(directory: Path) -> tuple[keys.Key, bool]:
+    """The console's host key, made (mode 0600) on first use; (key, made now?)."""
+    path = directory / HOST_KEY_NAME
+    made = False
+    if not path.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private = ed25519.Ed25519PrivateKey.generate()
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        path.with_name(HOST_KEY_NAME + ".pub").write_bytes(public + b" txgateway-console\n")
+        made = True
+    try:
+        return keys.Key.fromFile(str(path)), made
+    except (OSError, keys.BadKeyError) as e:
+        raise ManholeError(f"host key {str(path)!r} cannot be read: {e}") from None
+
+
+@implementer(IAuthorizedKeysDB)
+class AuthorizedKeysFile:
+    """Every key in one OpenSSH authorized_keys file, for any user name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
+        try:
+            with self.path.open("rb") as f:
+                return list(readAuthorizedKeyFile(f, parseKey=keys.Key.fromString))
+        except OSError as e:
+            log.warn("console: {path} cannot be read: {error}", path=str(self.path), error=e.strerror)
+            return []
+
+    def count(self) -> int:
+        return len(self.getAuthorizedKeys(b""))
+
+
+class _Glue:
+    """A transport made of two functions."""
+
+    def __init__(self, write: Callable[[bytes], Any], lose: Callable[[], Any]) -> None:
+        self.write = write
+        self.loseConnection = lose
+        self.disconnecting = False
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+
+class PlainConsole(protocol.Protocol):
+    """A prompt without terminal control: lines in, output out (ssh -T, scripts, commands)."""
+
+    def __init__(self, namespace: dict[str, Any], banner: str, prompt: bool = True) -> None:
+        self.namespace = namespace
+        self.banner = banner
+        self.prompt = prompt
+        self._buffer = b""
+        self.failed = False
+
+    def connectionMade(self) -> None:
+        self.interpreter = manhole.ManholeInterpreter(self, self.namespace)
+        if self.prompt:
+            self.transport.write(self.banner.encode() + b"\n>>> ")
+
+    def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        if "Traceback (most recent call last)" in text:
+            self.failed = True
+        self.transport.write(text.encode("utf-8"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_LINE:
+            self._buffer = b""
+            self.addOutput("line too long; discarded\n")
+        for line in lines:
+            self.run(line)
+
+    def run(self, line: bytes) -> bool:
+        more = self.interpreter.push(line)
+        if self.prompt:
+            self.transport.write(b"... " if more else b">>> ")
+        return bool(more)
+
+    def pending(self) -> list[Deferred]:
+        return [d for _, d in self.interpreter._pendingDeferreds.values()]
+
+
+class ConsoleSession(manhole_ssh.TerminalSession):
+    """A session that handles no-terminal use, commands, window changes and EOF."""
+
+    width, height = 80, 24
+    namespace_factory: Callable[[], dict[str, Any]]
+    banner: str
+
+    def getPty(self, term: bytes, windowSize: Any, attrs: Any) -> None:
+        self.height, self.width = windowSize[:2]
+        self.pty = True
+
+    def openShell(self, proto: Any) -> None:
+        if getattr(self, "pty", False):
+            namespace, banner = self.namespace_factory(), self.banner
+
+            class Console(manhole.ColoredManhole):
+                def initializeScreen(self) -> None:
+                    self.terminal.reset()
+                    self.terminal.write(banner.encode().replace(b"\n", b"\r\n") + b"\r\n")
+                    self.terminal.write(self.ps[self.pn])
+                    self.setInsertMode()
+
+            self.terminal = insults.ServerProtocol(Console, namespace)
+            self.transportFactory(proto, self.terminal, IConchUser(self.original), self.width, self.height)
+            self.proto = proto
+            return
+        self._plain(proto, PlainConsole(self.namespace_factory(), self.banner))
+
+    def execCommand(self, proto: Any, cmd: bytes) -> None:
+        console = PlainConsole(self.namespace_factory(), self.banner, prompt=False)
+        self._plain(proto, console)
+        more = False
+        for line in cmd.replace(b"\r\n", b"\n").split(b"\n"):
+            more = console.run(line)
+        if more:
+            console.run(b"")
+        self._finish_when_done(console)
+
+    def _plain(self, proto: Any, console: PlainConsole) -> None:
+        self.proto, self.console = proto, console
+        proto.makeConnection(_Glue(console.dataReceived, self._end))
+        console.makeConnection(_Glue(proto.write, self._end))
+
+    def _finish_when_done(self, console: PlainConsole) -> None:
+        pending = console.pending()
+        if pending:
+            d = pending[0]
+            d.addBoth(lambda result: (self._finish_when_done(console), result)[1])
+            return
+        self._end(1 if console.failed else 0)
+
+    def _end(self, status: int = 0) -> None:
+        proto = getattr(self, "proto", None)
+        if proto is None or getattr(self, "_ended", False):
+            return
+        self._ended = True
+        reason = ProcessDone(None) if status == 0 else ProcessTerminated(status)
+        proto.processEnded(Failure(reason))
+
+    def windowChanged(self, newWindowSize: Any) -> None:
+        self.height, self.width = newWindowSize[:2]
+        terminal = getattr(self, "terminal", None)
+        if terminal is not None and terminal.terminalProtocol is not None:
+            terminal.terminalProtocol.terminalSize(self.width, self.height)
+
+    def eofReceived(self) -> None:
+        console = getattr(self, "console", None)
+        if console is not None:
+            if console._buffer:
+                console.run(console._buffer)
+                console._buffer = b""
+            self._finish_when_done(console)
+        else:
+            self._end(0)
+
+
+class ConsoleRealm(manhole_ssh.TerminalRealm):
+    def __init__(self, namespace: Callable[[], dict[str, Any]], banner: str) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.banner = banner
+
+    def _getAvatar(self, avatarId: bytes) -> Any:
+        user = super()._getAvatar(avatarId)
+        session = ConsoleSession(user.original)
+        session.transportFactory = self.transportFactory
+        session.namespace_factory = self.namespace
+        session.banner = self.banner
+        user.original.setComponent(ISession, session)
+        log.info("console: {user} logged in", user=avatarId.decode("utf-8", "replace"))
+        return user
+
+
+def console_factory(
+    key_dir: Path, authorized_keys: Path, namespace: Callable[[], dict[str, Any]], banner: str
+) -> manhole_ssh.ConchFactory:
+    """An SSH factory for the console: public keys from ``authorized_keys``, a host key in ``key_dir``."""
+    key, made = host_key(key_dir)
+    keydb = AuthorizedKeysFile(authorized_keys)
+    factory = manhole_ssh.ConchFactory(portal.Portal(ConsoleRealm(namespace, banner), [SSHPublicKeyChecker(keydb)]))
+    # conch keeps these on the class, shared by every factory: give this one its own.
+    factory.publicKeys = {key.sshType(): key.public()}
+    factory.privateKeys = {key.sshType(): key}
+    log.info(
+        "console: {what} host key {path}, fingerprint {fingerprint}",
+        what="made" if made else "using",
+        path=str(key_dir / HOST_KEY_NAME),
+        fingerprint=key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64),
+    )
+    if keydb.count() == 0:
+        log.warn(
+            "console: no keys in {path}: nobody can log in until one is added (no restart needed)",
+            path=str(authorized_keys),
+        )
+    return factory
