@@ -56,8 +56,13 @@ def host_key(directory: Path) -> tuple[keys.Key, bool]:
     """The console's host key, made (mode 0600) on first use; (key, made now?)."""
     path = directory / HOST_KEY_NAME
     made = False
-    if not path.exists():
+    try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:  # it holds a private key: the owner's alone
+            directory.chmod(0o700)
+    except OSError as e:
+        raise ManholeError(f"{str(directory)!r}: {e.strerror}") from None
+    if not path.exists():
         private = ed25519.Ed25519PrivateKey.generate()
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
@@ -118,6 +123,7 @@ class PlainConsole(protocol.Protocol):
         self.prompt = prompt
         self._buffer = b""
         self.failed = False
+        self._line_open = False  # output so far does not end with a newline
 
     def connectionMade(self) -> None:
         self.interpreter = manhole.ManholeInterpreter(self, self.namespace)
@@ -126,9 +132,11 @@ class PlainConsole(protocol.Protocol):
 
     def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-        if "Traceback (most recent call last)" in text:
+        if "Traceback (most recent call last)" in text or text.startswith("SyntaxError"):
             self.failed = True
-        self.transport.write(text.encode("utf-8"))
+        if text:
+            self._line_open = not text.endswith("\n")
+            self.transport.write(text.encode("utf-8"))
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -141,6 +149,8 @@ class PlainConsole(protocol.Protocol):
 
     def run(self, line: bytes) -> bool:
         more = self.interpreter.push(line)
+        if self._line_open:  # a displayed result ends its line
+            self.addOutput("\n")
         if self.prompt:
             self.transport.write(b"... " if more else b">>> ")
         return bool(more)
@@ -183,8 +193,9 @@ class ConsoleSession(manhole_ssh.TerminalSession):
         more = False
         for line in cmd.replace(b"\r\n", b"\n").split(b"\n"):
             more = console.run(line)
-        if more:
-            console.run(b"")
+        if more and console.run(b""):
+            console.addOutput("SyntaxError: the command is incomplete\n")
+            console.failed = True
         self._finish_when_done(console)
 
     def _plain(self, proto: Any, console: PlainConsole) -> None:
@@ -256,7 +267,8 @@ def console_factory(
         "console: {what} host key {path}, fingerprint {fingerprint}",
         what="made" if made else "using",
         path=str(key_dir / HOST_KEY_NAME),
-        fingerprint=key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64),
+        # as ssh and ssh-keygen -l show it
+        fingerprint="SHA256:" + key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64).rstrip("="),
     )
     if keydb.count() == 0:
         log.warn(

@@ -136,7 +136,7 @@ class GatewayMetrics:
         self._counts = Counts()
         self.accepted_window = RateWindow(clock)
         self.commit_window = RateWindow(clock)
-        self.activity: OrderedDict[str, DeviceActivity] = OrderedDict()
+        self.activity: OrderedDict[tuple[str, str], DeviceActivity] = OrderedDict()  # by (device, transport)
 
     # -- recording (hot path) -------------------------------------------
 
@@ -180,14 +180,15 @@ class GatewayMetrics:
     def _seen(self, device: str, transport: str, source: str) -> DeviceActivity:
         now = self.clock.seconds()
         activity = self.activity
-        seen = activity.get(device)
+        key = (device, transport)
+        seen = activity.get(key)
         if seen is None:
-            seen = activity[device] = DeviceActivity(device, transport, source.partition(" ")[2], now, now)
+            seen = activity[key] = DeviceActivity(device, transport, source.partition(" ")[2], now, now)
             if len(activity) > ACTIVITY_SIZE:
                 activity.popitem(last=False)
         else:
-            activity.move_to_end(device)
-            seen.transport, seen.address, seen.last = transport, source.partition(" ")[2], now
+            activity.move_to_end(key)
+            seen.address, seen.last = source.partition(" ")[2], now
         return seen
 
     # -- reading -----------------------------------------------------------

@@ -13,7 +13,16 @@ from pathlib import Path
 from tests.conftest import script
 
 READY = re.compile(r"gateway ready")
-LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS) on [\d.]+:(\d+)")
+LISTENING = re.compile(
+    r"listening for (HTTPS|TGP|TGP over TLS|the SSH console|/metrics and /healthz \(HTTP\)) on [\d.]+:(\d+)"
+)
+PORTS = {
+    "HTTPS": "port",
+    "TGP": "tgp_port",
+    "TGP over TLS": "tgp_tls_port",
+    "the SSH console": "manhole_port",
+    "/metrics and /healthz (HTTP)": "metrics_port",
+}
 
 
 class GatewayProcess:
@@ -25,6 +34,8 @@ class GatewayProcess:
         self.port: int | None = None  # HTTPS
         self.tgp_port: int | None = None
         self.tgp_tls_port: int | None = None
+        self.manhole_port: int | None = None
+        self.metrics_port: int | None = None
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._new_line = threading.Condition()
@@ -66,8 +77,7 @@ class GatewayProcess:
                 self._new_line.notify_all()
             m = LISTENING.search(line)
             if m:
-                attr = {"HTTPS": "port", "TGP": "tgp_port", "TGP over TLS": "tgp_tls_port"}[m.group(1)]
-                setattr(self, attr, int(m.group(2)))
+                setattr(self, PORTS[m.group(1)], int(m.group(2)))
             if READY.search(line):
                 self._ready.set()
 

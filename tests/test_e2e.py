@@ -158,6 +158,8 @@ def test_database_outage_answers_503_then_recovers(gateway):
         assert status == 503
         time.sleep(0.5)
     assert (status, body) == (200, {"accepted": 1, "duplicates": 0})
+    status, _, body = post(gateway, None, None, "/healthz")
+    assert (status, body["status"], body["database"]) == (200, "ok", "ok")
     rows = gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()
     assert len(rows) == 2
 
