@@ -309,3 +309,17 @@ async def test_last_source_is_stored_with_last_seen(service, sql):
         assert source.startswith("https 127.0.0.1:")
     finally:
         await gw.pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revocation_missed_while_not_listening_is_caught_on_reconnect(service, sql):
+    token = add_pg_device(sql, "truck-r")
+    device = await open_session(endpoints(service)["tcp"], "truck-r", token)
+    # Cut the LISTEN connection, then revoke with no notice reaching this gateway.
+    sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+    sql("UPDATE devices SET revoked_at = now() WHERE name = 'truck-r'")
+    service.watch._beat()  # the heartbeat finds the connection dead; it reconnects and checks everyone
+    bye = await device.events.get()
+    assert isinstance(bye, tgp.Bye) and bye.code == tgp.ErrorCode.AUTH_FAILED and "revoked" in bye.reason
+    await device.closed
+    assert service.watch.closed == 1
