@@ -61,6 +61,15 @@ def _lines(doc: dict, depth: int) -> list[str]:
     return out
 
 
+def _database_state(gateway: Any) -> str:
+    if gateway.failure is not None:
+        return gateway.failure
+    if not gateway.ready.called:
+        return "starting"
+    pool = gateway.store.pool
+    return "up" if pool.up else f"down: {pool.last_error}"
+
+
 def _ago(clock_now: float, then: float | None) -> str:
     if then is None:
         return "-"
@@ -110,7 +119,7 @@ class Console:
         commit = m.commit_window.mean()
         report = Report(
             uptime_seconds=round(now - m.started, 1),
-            database="up" if g.ready.called and g.failure is None else (g.failure or "starting"),
+            database=_database_state(g),
             connections=Report(g.connections()),
             readings_per_second=round(m.accepted_window.per_second(), 1),
             store=Report(

@@ -48,6 +48,12 @@ def test_options_read_the_config_file(tmp_path):
         ({"tls-cert": "/nonexistent.crt"}, "tls-cert", "not a readable file"),
         ({"db": "host=x port"}, "db", "not a valid PostgreSQL connection string"),
         ({"commit-delay": "-1"}, "commit-delay", "outside"),
+        ({"manhole": "ssl:2222"}, "manhole", "endpoint type must be one of tcp:"),
+        ({"metrics": "tcp:9100:colour=blue"}, "metrics", "unknown parameter"),
+        ({"manhole-keys": "/nonexistent/authorized_keys"}, "manhole-keys", "not a readable file"),
+        ({"log-format": "xml"}, "log-format", "'xml' is not one of text, json"),
+        ({"log-level": "chatty"}, "log-level", "is not one of debug"),
+        ({"sink-stall": "1"}, "sink-stall", "outside"),
     ],
 )
 def test_bad_values_name_the_option(values, option, words):
@@ -70,6 +76,14 @@ def test_unknown_key_in_file_is_named(tmp_path):
         build_config({}, {"colour": "blue"})
 
 
+def test_a_bare_port_for_the_console_or_metrics_means_loopback_only():
+    config = build_config({"manhole": "2222", "metrics": 9100})
+    assert config.manhole.tcp_description() == "tcp:2222:interface=127.0.0.1"
+    assert config.metrics.tcp_description() == "tcp:9100:interface=127.0.0.1"
+    assert build_config({"manhole": "tcp:2222:interface=10.0.0.1"}).manhole.interface == "10.0.0.1"
+    assert build_config({}).manhole is None  # off unless asked for
+
+
 def test_endpoint_strings():
     spec = parse_endpoint(r"ssl:8443:interface=127.0.0.1:backlog=100")
     assert (spec.port, spec.interface, spec.backlog) == (8443, "127.0.0.1", 100)
@@ -85,6 +99,7 @@ def test_endpoint_strings():
         (["--max-body", "huge"], "--max-body: 'huge' is not a whole number"),
         (["--https", "ssl:notaport"], "--https: 'ssl:notaport': port 'notaport'"),
         (["--frobnicate"], "option --frobnicate not recognized"),
+        (["--log-format", "xml"], "--log-format: 'xml' is not one of text, json"),
     ],
 )
 def test_twistd_stops_with_one_line(tmp_path, argv, words):
