@@ -22,7 +22,6 @@ interpreter; this module adds what a production console needs:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -41,6 +40,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from gateway.tls import write_private
 
 log = Logger()
 
@@ -67,13 +68,7 @@ def host_key(directory: Path) -> tuple[keys.Key, bool]:
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private(path, pem)
         public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         path.with_name(HOST_KEY_NAME + ".pub").write_bytes(public + b" txgateway-console\n")
         made = True

@@ -50,7 +50,8 @@ def fingerprint_of(cert: x509.Certificate) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file atomically, mode 0600 from its creation, and fsync it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -118,7 +119,7 @@ def make_self_signed(
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(
+    write_private(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -126,7 +127,7 @@ def make_self_signed(
             serialization.NoEncryption(),
         ),
     )
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return ServerCredentials(cert_path, key_path, fingerprint_of(cert), created=True)
 
 
