@@ -7,7 +7,8 @@ interpreter; this module adds what a production console needs:
   server offers no other method: passwords and keyboard-interactive are
   refused before they are tried. Keys are read from an OpenSSH
   ``authorized_keys`` file at each login, so adding or removing a key needs
-  no restart (a small local file, read once per login).
+  no restart (a small local file, read once per login). A connection
+  that has not logged in within 30 seconds is dropped.
 - A persistent Ed25519 host key in ``DATA_DIR/manhole/``, made on first
   start with ``cryptography`` and written 0600, so clients can pin it.
 - Each factory has its own key dictionaries (conch's ``ConchFactory`` keeps
@@ -33,6 +34,7 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readA
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.ssh import keys
+from twisted.conch.ssh.connection import SSHConnection
 from twisted.cred import portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
@@ -47,6 +49,7 @@ log = Logger()
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 MAX_LINE = 64 * 1024  # longest line a plain session buffers
+LOGIN_TIMEOUT = 30.0  # seconds from connecting to logged in
 
 
 class ManholeError(Exception):
@@ -248,13 +251,43 @@ class ConsoleRealm(manhole_ssh.TerminalRealm):
         return user
 
 
+class ConsoleFactory(manhole_ssh.ConchFactory):
+    """conch's factory with a login deadline: a connection not logged in within it is dropped."""
+
+    login_timeout = LOGIN_TIMEOUT
+
+    def __init__(self, portal: Any, clock: Any) -> None:
+        super().__init__(portal)
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> Any:
+        transport = super().buildProtocol(addr)
+        timer = self.clock.callLater(self.login_timeout, self._too_slow, transport)
+        lost = transport.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            lost(reason)
+
+        transport.connectionLost = connectionLost
+        return transport
+
+    @staticmethod
+    def _too_slow(transport: Any) -> None:
+        if not isinstance(transport.service, SSHConnection):  # still before (or during) the login
+            log.warn("console: {peer} did not log in in time", peer=str(transport.transport.getPeer()))
+            transport.transport.loseConnection()
+
+
 def console_factory(
-    key_dir: Path, authorized_keys: Path, namespace: Callable[[], dict[str, Any]], banner: str
-) -> manhole_ssh.ConchFactory:
+    key_dir: Path, authorized_keys: Path, namespace: Callable[[], dict[str, Any]], banner: str, clock: Any
+) -> ConsoleFactory:
     """An SSH factory for the console: public keys from ``authorized_keys``, a host key in ``key_dir``."""
     key, made = host_key(key_dir)
     keydb = AuthorizedKeysFile(authorized_keys)
-    factory = manhole_ssh.ConchFactory(portal.Portal(ConsoleRealm(namespace, banner), [SSHPublicKeyChecker(keydb)]))
+    realm = ConsoleRealm(namespace, banner)
+    factory = ConsoleFactory(portal.Portal(realm, [SSHPublicKeyChecker(keydb)]), clock)
     # conch keeps these on the class, shared by every factory: give this one its own.
     factory.publicKeys = {key.sshType(): key.public()}
     factory.privateKeys = {key.sshType(): key}

@@ -251,7 +251,11 @@ class GatewayService(MultiService):
             if self.config.manhole is not None:
                 try:
                     factory = console_factory(
-                        self.config.manhole_dir, self.config.authorized_keys, self.console.namespace, BANNER
+                        self.config.manhole_dir,
+                        self.config.authorized_keys,
+                        self.console.namespace,
+                        BANNER,
+                        self.reactor,
                     )
                 except ManholeError as e:
                     raise StartError(f"--manhole: {e}") from None

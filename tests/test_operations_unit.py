@@ -194,3 +194,24 @@ def test_metrics_remember_device_activity_per_transport():
     assert (https.readings, https.since) == (2, 5)
     assert metrics.sample("gateway_readings_accepted_total", {"transport": "tgp"}) == 10
     assert metrics.sample("gateway_inputs_rejected_total", {"transport": "tgp", "reason": "invalid_reading"}) == 1
+
+
+def test_a_console_connection_that_does_not_log_in_is_dropped(tmp_path):
+    from twisted.internet.address import IPv4Address
+
+    from gateway.manhole import LOGIN_TIMEOUT, console_factory
+
+    clock = Clock()
+    factory = console_factory(tmp_path / "m", tmp_path / "authorized_keys", dict, "hi", clock)
+    factory.startFactory()
+    peer = IPv4Address("TCP", "127.0.0.1", 50000)
+    transport = StringTransport(peerAddress=peer)
+    proto = factory.buildProtocol(peer)
+    proto.makeConnection(transport)
+    assert transport.value().startswith(b"SSH-2.0-")  # the server said hello
+    clock.advance(LOGIN_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionError("gone")))
+    assert not clock.getDelayedCalls()
