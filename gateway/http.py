@@ -18,6 +18,7 @@ import io
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -178,7 +179,8 @@ class ReadingsResource(JsonResource):
 
     def render_POST(self, request: server.Request) -> Any:
         arrived = self.ingest.clock.seconds()
-        d = self._handle(request)
+        source = source_of(request)
+        d = Deferred.fromCoroutine(self._handle(request, source))
 
         def failed(f: Failure) -> bytes:
             if f.check(IngestError):
@@ -187,19 +189,13 @@ class ReadingsResource(JsonResource):
             log.failure("ingest failed unexpectedly", f)
             return _json(request, 500, _error_body("internal_error", "the gateway failed; retry later"))
 
-        d.addCallback(lambda result: self._accepted(request, result, arrived))
+        d.addCallback(lambda result: self._accepted(request, result, source, arrived))
         d.addErrback(failed)
         # If the client has gone by now its readings are stored all the
         # same; it will send them again and hear they are duplicates.
         return answer_later(request, d)
 
-    def _handle(self, request: server.Request) -> Any:
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(self._handle_async(request))
-
-    async def _handle_async(self, request: server.Request) -> WriteResult:
-        source = source_of(request)
+    async def _handle(self, request: server.Request, source: str) -> WriteResult:
         device = await self.ingest.authenticate(_bearer(request), source)
         body = request.content.getvalue()
         headers = request.requestHeaders
@@ -219,8 +215,8 @@ class ReadingsResource(JsonResource):
             raise error
         return await self.ingest.write_json(device, body, source)
 
-    def _accepted(self, request: server.Request, result: WriteResult, arrived: float) -> bytes:
-        self.ingest.metrics.acked(source_of(request), self.ingest.clock.seconds() - arrived)
+    def _accepted(self, request: server.Request, result: WriteResult, source: str, arrived: float) -> bytes:
+        self.ingest.metrics.acked(source, self.ingest.clock.seconds() - arrived)
         return _json(request, 200, {"accepted": result.accepted, "duplicates": result.duplicates})
 
 
