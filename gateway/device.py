@@ -111,7 +111,6 @@ class DeviceProtocol(protocol.Protocol):
         self._timer: Any = None
         self.source = "tgp ?"
         self.since = factory.clock.seconds()
-        self.frames = 0  # DATA frames acknowledged
         self.readings = 0  # readings stored new
         self.last_error = ""
 
@@ -268,7 +267,6 @@ class DeviceProtocol(protocol.Protocol):
         if isinstance(outcome, WriteResult):
             self._send(tgp.Ack(seq, min(outcome.accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF)))
             self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
-            self.frames += 1
             self.readings += outcome.accepted
             return
         if isinstance(outcome, _Refusal):
@@ -404,7 +402,9 @@ class DeviceProtocol(protocol.Protocol):
         self._timer = None
         if self.conn.state == tgp.READY:
             return
-        log.warn(
+        self.factory.metrics.rejected(self.source, "timeout")
+        self.factory.ingest.refusals.warn(
+            peer_of(self.source),
             "closing {source}: no handshake within {seconds}s",
             source=self.source,
             seconds=self.factory.settings.handshake_timeout,

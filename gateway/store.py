@@ -405,6 +405,9 @@ class PostgresStore(Service):
         def failed(f: Failure) -> None:
             for device_id, at in seen.items():
                 self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
+            for device_id, source in zip(ids, sources):
+                if source is not None:
+                    self._sources.setdefault(device_id, source)
             log.warn("last-seen times not written yet: {error}", error=_first_line(f.value))
 
         return d.addErrback(failed)
