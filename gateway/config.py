@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from twisted.python import usage
 
 from gateway.endpoints import EndpointSpec, parse_endpoint
+from gateway.journal import parse_size
 from gateway.logs import FORMATS, LEVELS
 from gateway.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
@@ -64,6 +65,19 @@ def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
         return number
 
     return parse
+
+
+def _rate(value: Any) -> float:
+    """Readings per second, 0 for no limit."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of readings per second")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number of readings per second") from None
+    if not 0 <= number <= 10_000_000:
+        raise ValueError(f"{number:g} is outside 0..10000000 readings per second")
+    return number
 
 
 def _text(value: Any) -> str:
@@ -230,6 +244,39 @@ SETTINGS: tuple[Setting, ...] = (
         "Most readings waiting for COMMIT; past it writers get 503 + Retry-After.",
     ),
     Setting(
+        "journal-max-bytes",
+        "1G",
+        parse_size,
+        "Most bytes of readings kept in DATA_DIR/journal while the database cannot take them (512M, 2G); "
+        "past it writers get 503 + Retry-After. 0 turns the journal off: writers get 503 while the database is away.",
+    ),
+    Setting(
+        "shutdown-timeout",
+        30.0,
+        _seconds(1, 3600),
+        "Seconds SIGTERM/SIGINT may take to finish in-flight commits and answer them before the gateway "
+        "closes what is left and exits.",
+    ),
+    Setting(
+        "max-connections",
+        20_000,
+        _positive_int(1, 1_000_000),
+        "Most open client connections (HTTPS and devices together); past it new ones are closed at once.",
+    ),
+    Setting(
+        "max-connections-per-address",
+        1000,
+        _positive_int(1, 1_000_000),
+        "Most open connections from one IP address (devices behind one NAT share an address).",
+    ),
+    Setting(
+        "device-rate",
+        5000.0,
+        _rate,
+        "Readings per second one device may send, averaged over 10 seconds (bursts up to 10 seconds' worth); "
+        "past it HTTPS answers 429 and TGP a RATE_LIMITED NACK. 0: no limit.",
+    ),
+    Setting(
         "upload-url",
         (),
         check_url,
@@ -322,6 +369,11 @@ class GatewayConfig:
     max_batch: int
     commit_delay: float
     max_queue: int
+    journal_max_bytes: int = 1024**3
+    shutdown_timeout: float = 30.0
+    max_connections: int = 20_000
+    max_connections_per_address: int = 1000
+    device_rate: float = 5000.0
     upload_url: tuple[str, ...] = ()
     upload_ca: Path | None = None
     upload_batch: int = 5000
@@ -347,6 +399,10 @@ class GatewayConfig:
     @property
     def tls_dir(self) -> Path:
         return self.data_dir / "tls"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal"
 
     @property
     def manhole_dir(self) -> Path:

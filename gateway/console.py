@@ -128,6 +128,7 @@ class Console:
                 batches_per_second=round(m.commit_window.per_second(), 1),
                 database_connections=g.store.pool.up,
             ),
+            journal=Report(g.store.journal_status() or {"off": True}),
             sinks=Report(
                 {
                     name: Report(

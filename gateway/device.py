@@ -45,6 +45,7 @@ from gateway.readings import (
     Device,
     IngestError,
     InvalidInput,
+    RateLimited,
     StoreOverloaded,
     StoreRejected,
     StoreUnavailable,
@@ -277,6 +278,8 @@ class DeviceProtocol(protocol.Protocol):
         self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
         if isinstance(error, StoreRejected):
             self._send(tgp.Nack(seq, E.REJECTED_BY_DATABASE, error.message))
+        elif isinstance(error, RateLimited):
+            self._send(tgp.Nack(seq, E.RATE_LIMITED, error.message, error.retry_after))
         elif isinstance(error, (StoreUnavailable, StoreOverloaded)):
             self._send(tgp.Nack(seq, E.RETRY_LATER, error.message, error.retry_after or 1))
             self._close()

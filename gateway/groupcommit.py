@@ -79,6 +79,10 @@ class GroupCommit(Generic[T]):
         self._idle: list[Deferred] = []
         self._room: list[Deferred] = []
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def has_room(self, size: int) -> bool:
         return self.queued + size <= self.max_queue or self.queued == 0
 

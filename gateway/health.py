@@ -3,6 +3,8 @@
 
 - the database answers a query within two seconds;
 - the ingest queue has room (when it is full, writers are answered 503);
+- the outage journal, if any, has room (when it is full and the database
+  is away, writers are answered 503);
 - every sink is moving: a sink whose oldest waiting reading is older than
   ``stall_after`` seconds and which has sent nothing for as long is
   *stalled*. A gateway that reports healthy while forwarding nothing is the
@@ -37,8 +39,16 @@ class Health:
         def answer(database: str) -> tuple[bool, dict[str, Any]]:
             queue = {"depth": getattr(self.store, "queue_depth", 0), "ok": self.store.has_room(1)}
             sinks = self.sinks()
-            healthy = database == "ok" and queue["ok"] and all(s["ok"] for s in sinks.values())
+            journal = getattr(self.store, "journal_status", lambda: None)()
+            healthy = (
+                database == "ok"
+                and queue["ok"]
+                and (journal is None or journal["ok"])
+                and all(s["ok"] for s in sinks.values())
+            )
             doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
+            if journal is not None:
+                doc["journal"] = journal
             return healthy, doc
 
         def down(f: Any) -> str:

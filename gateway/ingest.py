@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.limits import DeviceRates, OverLimit
 from gateway.logs import RateLimitedLog
 from gateway.metrics import GatewayMetrics
 
@@ -25,6 +26,7 @@ from gateway.readings import (
     IngestError,
     InvalidInput,
     NAME_RULE,
+    RateLimited,
     Reading,
     StoreRejected,
     Unauthorized,
@@ -85,10 +87,17 @@ def parse_readings_json(body: bytes) -> list[Reading]:
 class Ingest:
     """Authenticate → normalise → store → answer, for every transport."""
 
-    def __init__(self, store: IStore, clock: IReactorTime, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        metrics: GatewayMetrics | None = None,
+        rates: DeviceRates | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.metrics = metrics or GatewayMetrics(clock)
+        self.rates = rates or DeviceRates(0, clock)
         # A device that keeps sending bad input must not flood the log.
         self.refusals = RateLimitedLog(log, clock)
 
@@ -109,6 +118,24 @@ class Ingest:
         self, device: Device, readings: Sequence[Reading], source: str, raw: Callable[[], bytes]
     ) -> WriteResult:
         """Store readings; ``raw()`` renders the input for the rejected-input table if refused."""
+        try:
+            self.rates.take(device.name, len(readings))
+        except OverLimit as e:
+            error = RateLimited(
+                f"device {device.name} sends more than {self.rates.rate:g} readings/s; "
+                f"send these again in {e.retry_after}s",
+                e.retry_after,
+            )
+            self.metrics.rejected(source, error.code, device.name, error.message)
+            self.refusals.warn(
+                device.name,
+                "refused input from {source} (device {device}): {code}: {reason}",
+                source=source,
+                device=device.name,
+                code=error.code,
+                reason=error.message,
+            )
+            raise error from None
         try:
             result: WriteResult = await self.store.write(device, readings, source)
         except StoreRejected as e:

@@ -217,8 +217,8 @@ def gauge(name: str, documentation: str, value: float | None = None, labels: lis
     return GaugeMetricFamily(name, documentation, value=value, labels=labels)
 
 
-def counter(name: str, documentation: str, labels: list[str]) -> Any:
-    return CounterMetricFamily(name, documentation, labels=labels)
+def counter(name: str, documentation: str, labels: list[str], value: float | None = None) -> Any:
+    return CounterMetricFamily(name, documentation, value=value, labels=labels or None)
 
 
 class MetricsResource(resource.Resource):

@@ -85,6 +85,17 @@ class StoreOverloaded(IngestError):
     retry_after = 1
 
 
+class RateLimited(IngestError):
+    """The device sends faster than --device-rate; nothing of this write was stored."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class StoreRejected(IngestError):
     """The database refused a reading; the sender's other readings were stored."""
 

@@ -27,11 +27,12 @@ from typing import Any
 
 import psycopg2.extensions
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from gateway import embedded, schema
@@ -43,6 +44,8 @@ from gateway.endpoints import EndpointSpec
 from gateway.health import Health
 from gateway.http import GatewaySite, OperationsRoot
 from gateway.ingest import Ingest
+from gateway.journal import Journal, JournalError
+from gateway.limits import ConnectionLimits, DeviceRates, LimitedFactory
 from gateway.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.manhole import ManholeError, console_factory
 from gateway.metrics import GatewayMetrics, counter, gauge
@@ -141,15 +144,18 @@ class GatewayService(MultiService):
         self.log_observer: Any = None  # installed as the application's ILogObserver by twistd
         self.metrics = GatewayMetrics(reactor)
         self.embedded = None if config.db else embedded.EmbeddedPostgres(config.pg_dir)
+        self.journal = Journal(config.journal_dir, config.journal_max_bytes) if config.journal_max_bytes else None
         self.store = PostgresStore(
             reactor,
             pool_size=config.pool_size,
             max_batch=config.max_batch,
             commit_delay=config.commit_delay,
             max_queue=config.max_queue,
+            journal=self.journal,
         )
         self.store.batch_observers.append(self.metrics.committed)
-        self.ingest = Ingest(self.store, reactor, self.metrics)
+        self.ingest = Ingest(self.store, reactor, self.metrics, DeviceRates(config.device_rate, reactor))
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_address, self._refused)
         self.health = Health(self.store, stall_after=config.sink_stall, uploader=lambda: self.uploader)
         self.site = GatewaySite(
             self.ingest,
@@ -174,6 +180,7 @@ class GatewayService(MultiService):
         self.uploader: Uploader | None = None
         self.ready: Deferred = Deferred()  # fires when the store is connected
         self.failure: str | None = None
+        self._stopping = False
 
     # -- start ---------------------------------------------------------
 
@@ -209,6 +216,9 @@ class GatewayService(MultiService):
     def _listen(self, spec: EndpointSpec, factory: Any, option: str, client_ca: Any = None) -> Any:
         if spec.tls:
             factory = self._tls_wrapped(spec, factory, option, client_ca)
+        if option in ("https", "device"):
+            # Outside TLS: a connection over the limits costs no handshake.
+            factory = LimitedFactory(factory, self.limits)
         endpoint = serverFromString(self.reactor, spec.tcp_description())
         result: list[Any] = []
         endpoint.listen(factory).addBoth(result.append)  # TCP binds synchronously
@@ -223,6 +233,19 @@ class GatewayService(MultiService):
         except OSError as e:
             self._fail(f"--data-dir: cannot create {str(self.config.data_dir)!r}: {e.strerror}", startup=True)
             return
+        if self.journal is not None:
+            try:
+                self.journal.open()
+            except JournalError as e:
+                self._fail(f"--data-dir: journal: {e}", startup=True)
+                return
+            if self.journal.bytes:
+                log.info(
+                    "journal: {bytes} bytes in {segments} segments from an earlier run; replayed once the "
+                    "database answers",
+                    bytes=self.journal.bytes,
+                    segments=self.journal.segments,
+                )
         try:
             spec = self.config.https
             self.https_port = self._listen(spec, self.site, "https")
@@ -273,7 +296,28 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.exit_on_failure:  # the real process (twistd), not a test's
+            self.reactor.callWhenRunning(self._take_signals)
         Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
+
+    def _take_signals(self) -> None:
+        # twistd's own handlers stop the reactor and then kill the process
+        # with the same signal, so a clean stop would end with status -15.
+        # Ours stop it the same way and let the process exit 0 once done.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, frame: self.reactor.callFromThread(self._signalled, number))
+
+    def _signalled(self, number: int) -> None:
+        name = signal.Signals(number).name
+        if self._stopping:
+            log.warn("{signal} again: the gateway is already stopping", signal=name)
+            return
+        log.info(
+            "{signal}: stopping; writes under way get up to {timeout:g}s to commit and be answered",
+            signal=name,
+            timeout=self.config.shutdown_timeout,
+        )
+        self.reactor.stop()
 
     async def _start(self) -> None:
         where = (
@@ -347,11 +391,55 @@ class GatewayService(MultiService):
         await super().stopService()
         for session in sessions:
             session.end(tgp.ErrorCode.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
+        if self.journal is not None:
+            await self.journal.close()
         if self.embedded is not None:
             await deferToThread(self.embedded.stop)
 
     def stopService(self) -> Deferred:
-        return Deferred.fromCoroutine(self._stop())
+        """Stop as in the module's docstring; past --shutdown-timeout, cut what is left and finish."""
+        self._stopping = True
+        stopped = Deferred.fromCoroutine(self._stop())
+        timeout = self.config.shutdown_timeout
+        out: Deferred = Deferred()
+
+        def finished(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+            if isinstance(result, Failure):
+                log.failure("stopping the gateway failed", result)
+
+        def too_slow() -> None:
+            in_flight = self.store.committer.in_flight + self.store.queue_depth
+            log.warn(
+                "stopping took over {timeout:g}s; closing what is left (unanswered writes are not acknowledged: "
+                "devices send them again): {pending} batches/readings in the store",
+                timeout=timeout,
+                pending=in_flight,
+            )
+            for factory in self.device_factories:
+                for session in list(factory.connections):
+                    session.transport.abortConnection()
+            hurry = deferToThread(self.embedded.stop) if self.embedded is not None else succeed(None)
+            hurry.addBoth(lambda _: out.called or out.callback(None))
+
+        timer = self.reactor.callLater(timeout, too_slow)
+        stopped.addBoth(finished)
+        return out
+
+    def _refused(self, address: str, why: str) -> None:
+        limit = self.limits.max_total if why == "total" else self.limits.max_per_address
+        self.metrics.rejected(f"tcp {address}:0", f"connection_limit_{why}")
+        self.ingest.refusals.warn(
+            address,
+            "refused a connection from {address}: {count} open connections {scope} (limit {limit})",
+            address=address,
+            count=self.limits.total if why == "total" else self.limits.by_address.get(address, 0),
+            scope="in all" if why == "total" else "from this address",
+            limit=limit,
+        )
 
     # -- what the console, /metrics and the device watch read ------------
 
@@ -399,6 +487,7 @@ class GatewayService(MultiService):
             self.store.committer.max_queue,
         )
         yield gauge("gateway_database_connections", "Open connections of the store's pool.", self.store.pool.up)
+        yield from self._journal_metrics()
         if self.uploader is None:
             return
         status = self.uploader.sink_status()
@@ -424,6 +513,25 @@ class GatewayService(MultiService):
             families["readings"].add_metric([name], s["readings_sent"])
             families["failures"].add_metric([name], s["failures"])
         yield from families.values()
+
+    def _journal_metrics(self) -> Iterator[Any]:
+        journal = self.journal
+        if journal is None:
+            return
+        for name, text, value in (
+            ("bytes", "Bytes in the outage journal (on disk and being written).", journal.bytes),
+            ("limit_bytes", "--journal-max-bytes.", journal.max_bytes),
+            ("segments", "Segment files in the outage journal.", journal.segments),
+        ):
+            yield gauge(f"gateway_journal_{name}", text, value)
+        for name, text, value in (
+            ("readings_written", "Readings acknowledged from the journal.", self.store.journaled_readings),
+            ("readings_replayed", "Journal readings committed (new or found stored).", self.store.replayed_readings),
+            ("fsyncs", "Journal group fsyncs.", journal.fsyncs),
+            ("damaged_records", "Damaged journal regions moved aside to journal/damaged/.", journal.damaged_regions),
+            ("torn_bytes", "Bytes of torn last writes dropped after a crash.", journal.torn_bytes),
+        ):
+            yield counter(f"gateway_journal_{name}", text, [], value)
 
     # -- SIGHUP ----------------------------------------------------------
 

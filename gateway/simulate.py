@@ -137,6 +137,7 @@ class TGPClient(protocol.Protocol):
         self._last_heard = 0.0
         self._idle_timeout = 0.0
         self._heartbeat: Any = None
+        self._quiet_until = 0.0  # rate-limited: send nothing before then
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -171,6 +172,12 @@ class TGPClient(protocol.Protocol):
         elif isinstance(event, tgp.Nack):
             name = _code_name(event.code)
             readings, _ = self.in_flight.pop(event.seq, ([], 0.0))
+            if event.code == tgp.ErrorCode.RATE_LIMITED:  # SPEC: send them again after retry_after_s
+                stats.errors[name] += 1
+                self.device.give_back(readings)
+                self._quiet_until = self.sim.clock.seconds() + event.retry_after_s
+                self.sim.clock.callLater(event.retry_after_s, self.pump)
+                return
             if event.fatal or event.code == tgp.ErrorCode.RETRY_LATER:
                 stats.errors[name] += 1
                 if readings:
@@ -217,7 +224,7 @@ class TGPClient(protocol.Protocol):
 
     def pump(self) -> None:
         """Send frames while the window has room and readings wait."""
-        if not self.ready:
+        if not self.ready or self.sim.clock.seconds() < self._quiet_until:
             return
         while len(self.in_flight) < self.window and (self.device.backlog or self.sim.rate == 0):
             if self.sim.stopping:

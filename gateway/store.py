@@ -20,6 +20,15 @@ until the refused readings stand alone: everything else commits, and only
 the writers whose readings were refused get an error, naming the reading.
 A lost connection fails the batch as StoreUnavailable: nothing is
 acknowledged, and the devices send again.
+
+With a journal (gateway/journal.py), a write that the database cannot take
+now (no connection is up, the batch's connection was lost, or the queue is
+full) is appended to the journal instead and acknowledged once the journal
+is fsync'd. Whether the lost batch committed or not does not matter: the
+journal's copy is replayed through the same idempotent INSERT, in order,
+once a connection is up again, and each segment is deleted only after all
+of its readings have committed. Devices that authenticated before the
+outage keep being recognised from the last answer the database gave.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from zope.interface import Interface, implementer
 
 from gateway import tokens
 from gateway.groupcommit import Closed, GroupCommit, Overloaded
+from gateway.journal import Journal, Scan, encode
 from gateway.pool import PgPool
 from gateway.readings import (
     Device,
@@ -58,6 +68,8 @@ AUTH_CACHE_SIZE = 10_000
 LAST_SEEN_INTERVAL = 5.0
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
+REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
+KNOWN_DEVICES = 100_000  # credentials remembered for use while the database is away
 
 INSERT_READINGS = """
 INSERT INTO readings (device_id, metric, ts, value)
@@ -180,6 +192,7 @@ class PostgresStore(Service):
         max_batch: int = 5000,
         commit_delay: float = 0.0,
         max_queue: int = 100_000,
+        journal: Journal | None = None,
     ) -> None:
         self._clock = clock or reactor
         self.pool = PgPool(reactor, pool_size)
@@ -192,6 +205,15 @@ class PostgresStore(Service):
             max_queue=max_queue,
         )
         self._auth_cache: dict[str, tuple[float, Any]] = {}
+        # The last answer the database gave per token and per name, used only while it is away.
+        self._known_tokens: dict[str, Any] = {}
+        self._known_keys: dict[str, tuple[int, bytes]] = {}
+        self.journal = journal
+        self._replay_loop = LoopingCall(self._replay_due)
+        self._replay_loop.clock = self._clock
+        self._replaying: Deferred | None = None
+        self.journaled_readings = 0  # acknowledged from the journal
+        self.replayed_readings = 0  # committed from the journal (new or found stored)
         self._seen: dict[int, float] = {}
         self._sources: dict[int, str] = {}  # device id → where its last write came from
         self._last_seen_loop = LoopingCall(self._flush_last_seen)
@@ -211,9 +233,15 @@ class PostgresStore(Service):
     def startService(self) -> None:
         super().startService()
         self._last_seen_loop.start(LAST_SEEN_INTERVAL, now=False)
+        if self.journal is not None:
+            self._replay_loop.start(REPLAY_INTERVAL, now=True)
 
     async def _stop(self) -> None:
+        if self._replay_loop.running:
+            self._replay_loop.stop()
         await self.committer.close()
+        if self._replaying is not None:
+            await self._replaying
         if self._last_seen_loop.running:
             self._last_seen_loop.stop()
         await self._flush_last_seen()
@@ -230,8 +258,30 @@ class PostgresStore(Service):
             return succeed(WriteResult(0, 0))
         if source:
             self._sources[device.id] = source
-        d = self.committer.submit((device.id, readings), len(readings))
+        size = len(readings)
+        journal = self.journal
+        if journal is not None and (self.pool.up == 0 or not self.committer.has_room(size)):
+            return self._to_journal(device, readings, source)
+        d = self.committer.submit((device.id, readings), size)
+        if journal is not None:
+            d.addErrback(self._journal_instead, device, readings, source)
         return d.addErrback(self._translate)
+
+    def _journal_instead(self, f: Failure, device: Device, readings: Sequence[Reading], source: str) -> Any:
+        """The database could not take the write (it went away, or the queue is full): journal it."""
+        if f.check(Overloaded, StoreUnavailable) and not self.committer.closed:
+            return self._to_journal(device, readings, source)
+        return f
+
+    def _to_journal(self, device: Device, readings: Sequence[Reading], source: str) -> Deferred:
+        assert self.journal is not None
+        size = len(readings)
+
+        def synced(_: Any) -> WriteResult:
+            self.journaled_readings += size
+            return WriteResult(size, 0)
+
+        return self.journal.append(encode(device.id, device.name, source, readings)).addCallback(synced)
 
     @staticmethod
     def _translate(f: Failure) -> Failure:
@@ -255,11 +305,18 @@ class PostgresStore(Service):
         if cached is not None and cached[0] > now:
             row = cached[1]
         else:
-            rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE, (token_id,)))
-            row = rows[0] if rows else None
-            if len(self._auth_cache) >= AUTH_CACHE_SIZE:
-                self._auth_cache.pop(next(iter(self._auth_cache)))
-            self._auth_cache[token_id] = (now + AUTH_CACHE_TTL, row)
+            try:
+                rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE, (token_id,)))
+            except (StoreUnavailable, StoreOverloaded):
+                row = self._known_tokens.get(token_id) if self.journal is not None else None
+                if row is None:
+                    raise
+            else:
+                row = rows[0] if rows else None
+                _remember(self._known_tokens, token_id, row if row is not None and not row[3] else None)
+                if len(self._auth_cache) >= AUTH_CACHE_SIZE:
+                    self._auth_cache.pop(next(iter(self._auth_cache)))
+                self._auth_cache[token_id] = (now + AUTH_CACHE_TTL, row)
         if row is None or row[3]:
             tokens.token_matches(token, None)
             return None
@@ -270,23 +327,37 @@ class PostgresStore(Service):
     def forget_credentials(self) -> None:
         """A device changed (revoked, rotated): look every token up again."""
         self._auth_cache.clear()
+        self._known_tokens.clear()
+        self._known_keys.clear()
 
     def device_key(self, name: str) -> Deferred:
         return Deferred.fromCoroutine(self._device_key(name))
 
     async def _device_key(self, name: str) -> tuple[Device, bytes] | None:
-        rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE_BY_NAME, (name,)))
+        try:
+            rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE_BY_NAME, (name,)))
+        except (StoreUnavailable, StoreOverloaded):
+            known = self._known_keys.get(name) if self.journal is not None else None
+            if known is None:
+                raise
+            return Device(known[0], name), known[1]
         if not rows or rows[0][2]:
+            _remember(self._known_keys, name, None)
             return None
         device_id, stored, _ = rows[0]
+        _remember(self._known_keys, name, (device_id, bytes(stored)))
         return Device(device_id, name), bytes(stored)
+
+    def keep_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        """Insert into rejected_input; errbacks if it could not be kept."""
+        return self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
 
     def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
             log.warn("rejected input from {source} not kept: too many being written", source=source)
             return succeed(None)
         self._rejects_in_flight += 1
-        d = self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
+        d = self.keep_rejected(source, reason, raw, device)
 
         def done(result: Any) -> None:
             self._rejects_in_flight -= 1
@@ -306,6 +377,19 @@ class PostgresStore(Service):
     @property
     def queue_depth(self) -> int:
         return self.committer.queued
+
+    def journal_status(self) -> dict[str, Any] | None:
+        """The journal's figures for /healthz and the console; None without a journal."""
+        journal = self.journal
+        if journal is None:
+            return None
+        return {
+            "bytes": journal.bytes,
+            "limit": journal.max_bytes,
+            "segments": journal.segments,
+            "ok": journal.has_room(1),
+            "replaying": self._replaying is not None,
+        }
 
     def has_room(self, size: int) -> bool:
         return self.committer.has_room(size)
@@ -391,6 +475,101 @@ class PostgresStore(Service):
         more_inserted, more_refused = await self._insert_isolating(conn, rows[half:])
         return inserted | more_inserted, {**refused, **more_refused}
 
+    # -- journal replay --------------------------------------------------
+
+    def _replay_due(self) -> None:
+        journal = self.journal
+        if journal is None or self._replaying is not None or self.committer.closed or self.pool.up == 0:
+            return
+        if not journal.bytes:
+            return
+        journal.seal()
+        if not journal.sealed():
+            return
+
+        def done(result: Any) -> None:
+            self._replaying = None
+            if isinstance(result, Failure):
+                if result.check(StoreUnavailable, StoreOverloaded, Closed, Overloaded):
+                    log.info("journal replay paused: {error}", error=_first_line(result.value))
+                else:
+                    log.failure("journal replay failed", result)
+
+        self._replaying = Deferred.fromCoroutine(self.replay())
+        self._replaying.addBoth(done)
+
+    async def replay(self) -> int:
+        """Commit every sealed journal segment, oldest first, deleting each once done; return readings."""
+        assert self.journal is not None
+        total = 0
+        for path in self.journal.sealed():
+            result: Scan = await self.journal.read(path)
+            self._report_damage(path, result)
+            new = duplicates = 0
+            pending: list[tuple[Any, Deferred]] = []
+            for record in result.records:
+                if not self.committer.has_room(len(record.readings)):
+                    new, duplicates = await self._replayed(pending, new, duplicates)
+                    pending = []
+                    await self.committer.wait_for_room()
+                submitted = self.committer.submit((record.device_id, record.readings), len(record.readings))
+                pending.append((record, submitted))
+            new, duplicates = await self._replayed(pending, new, duplicates)
+            await self.journal.remove(path)
+            self.replayed_readings += new + duplicates
+            total += new + duplicates
+            log.info(
+                "journal: replayed {segment}: {new} readings stored, {duplicates} were stored already",
+                segment=path.name,
+                new=new,
+                duplicates=duplicates,
+            )
+        return total
+
+    async def _replayed(self, pending: list[tuple[Any, Deferred]], new: int, duplicates: int) -> tuple[int, int]:
+        """Wait for submitted journal records; keep those the database refuses; raise if it went away."""
+        from twisted.internet.defer import DeferredList
+
+        outcomes = await DeferredList([d for _, d in pending], consumeErrors=True)
+        error: Failure | None = None
+        for (record, _), (ok, outcome) in zip(pending, outcomes):
+            if ok:
+                new += outcome.accepted
+                duplicates += outcome.duplicates
+            elif outcome.check(StoreRejected):
+                # Acknowledged to the device long ago: it must not vanish. The other readings committed.
+                await self.keep_rejected(
+                    record.source,
+                    f"rejected_by_database: {outcome.value.message} (replayed from the journal)",
+                    record.payload,
+                    record.device,
+                )
+            elif error is None:
+                error = outcome
+        if error is not None:
+            error.raiseException()
+        return new, duplicates
+
+    def _report_damage(self, path: Any, result: Scan) -> None:
+        assert self.journal is not None
+        self.journal.counted(result)
+        if result.torn:
+            log.info(
+                "journal: dropped {bytes} bytes at the end of {segment}: a write cut short by a crash, "
+                "never acknowledged",
+                bytes=result.torn,
+                segment=path.name,
+            )
+        for offset, region in result.damaged:
+            log.warn(
+                "journal: {bytes} damaged bytes at offset {offset} of {segment} moved to {aside}; "
+                "the records around them are replayed",
+                bytes=len(region),
+                offset=offset,
+                segment=path.name,
+                aside=str(self.journal.damaged_dir / f"{path.stem}-{offset}.bad"),
+            )
+
     # -- last seen -----------------------------------------------------
 
     def _flush_last_seen(self) -> Deferred:
@@ -411,6 +590,16 @@ class PostgresStore(Service):
             log.warn("last-seen times not written yet: {error}", error=_first_line(f.value))
 
         return d.addErrback(failed)
+
+
+def _remember(table: dict[str, Any], key: str, value: Any) -> None:
+    """Keep (or with None, forget) the latest answer for key, newest last, within KNOWN_DEVICES."""
+    table.pop(key, None)
+    if value is None:
+        return
+    if len(table) >= KNOWN_DEVICES:
+        table.pop(next(iter(table)))
+    table[key] = value
 
 
 @implementer(IStore)

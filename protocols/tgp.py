@@ -89,6 +89,7 @@ class ErrorCode(enum.IntEnum):
     BAD_DECLARATION = 21
     INVALID_READING = 22
     REJECTED_BY_DATABASE = 23
+    RATE_LIMITED = 24
 
 
 class ValueType(enum.IntEnum):
