@@ -52,32 +52,26 @@ def _positive_int(lo: int, hi: int) -> Callable[[Any], int]:
     return parse
 
 
-def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
+def _number(lo: float, hi: float, unit: str) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a number of seconds")
+            raise ValueError(f"{value!r} is not a number of {unit}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a number of seconds") from None
+            raise ValueError(f"{value!r} is not a number of {unit}") from None
         if not lo <= number <= hi:
-            raise ValueError(f"{number:g} is outside {lo:g}..{hi:g} seconds")
+            raise ValueError(f"{number:g} is outside {lo:g}..{hi:g} {unit}")
         return number
 
     return parse
 
 
-def _rate(value: Any) -> float:
-    """Readings per second, 0 for no limit."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number of readings per second")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{value!r} is not a number of readings per second") from None
-    if not 0 <= number <= 10_000_000:
-        raise ValueError(f"{number:g} is outside 0..10000000 readings per second")
-    return number
+def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
+    return _number(lo, hi, "seconds")
+
+
+_rate = _number(0, 10_000_000, "readings per second")  # 0: no limit
 
 
 def _text(value: Any) -> str:
@@ -213,6 +207,12 @@ SETTINGS: tuple[Setting, ...] = (
         120.0,
         _seconds(5, 86400),
         "Seconds of silence after which a device session is closed (devices ping to stay open).",
+    ),
+    Setting(
+        "device-handshake-timeout",
+        10.0,
+        _seconds(1, 600),
+        "Seconds from a device connection's accept (TLS handshake included) to the end of its TGP handshake.",
     ),
     Setting("tls-cert", None, _readable_file, "PEM certificate (with its chain) for ssl: endpoints."),
     Setting("tls-key", None, _readable_file, "PEM private key of --tls-cert."),
@@ -370,6 +370,7 @@ class GatewayConfig:
     commit_delay: float
     max_queue: int
     journal_max_bytes: int = 1024**3
+    device_handshake_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     max_connections: int = 20_000
     max_connections_per_address: int = 1000

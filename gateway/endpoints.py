@@ -36,12 +36,16 @@ class EndpointSpec:
         parts = [f"tcp:{self.port}"]
         if self.interface:
             parts.append("interface=" + _escape(self.interface))
-        if self.backlog is not None:
-            parts.append(f"backlog={self.backlog}")
+        # Twisted listens with a backlog of 50; after a gateway restart a whole
+        # fleet reconnects at once, so take more (the kernel caps it at somaxconn).
+        parts.append(f"backlog={self.backlog if self.backlog is not None else DEFAULT_BACKLOG}")
         return ":".join(parts)
 
     def __str__(self) -> str:
         return self.text
+
+
+DEFAULT_BACKLOG = 1024
 
 
 def _escape(value: str) -> str:

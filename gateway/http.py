@@ -6,8 +6,15 @@ twisted.web reads a whole body before it calls a resource and has no body
 limit of its own, so ``LimitedRequest`` counts body bytes as they arrive
 (chunked bodies included) and answers 413 and closes the connection as
 soon as the limit is passed, before buffering more. Bodies are held in
-memory (bounded by that limit), never in temporary files. A request must
-also arrive whole within ``request_timeout`` of its headers.
+memory (bounded by that limit), never in temporary files.
+
+Deadlines. twisted.web's idle timer restarts with every byte, so a client
+dripping one byte at a time would hold a connection for ever. Here a
+request's first line must arrive within ``request_timeout`` of the
+connection opening (TLS handshake included) or of the previous answer, and
+the rest of the request (headers and body) within ``request_timeout`` of
+that first line; a connection that misses either is answered 408 (or, with
+no request begun, just cut) and closed.
 
 Every answer is JSON. Errors are ``{"error": code, "message": text}``.
 """
@@ -81,11 +88,11 @@ class LimitedRequest(server.Request):
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
         super().__init__(channel, *args, **kw)
         # The channel makes a request when its first line arrives; from then
-        # on, headers and body together have request_timeout to arrive. The
-        # channel's own idle timer restarts with every byte, so alone it
-        # would let a client drip a request in for ever.
+        # on, headers and body together have request_timeout to arrive.
         site = channel.site
         self._deadline = site.clock.callLater(site.request_timeout, self._too_slow)
+        if isinstance(channel, GatewayChannel):
+            channel.request_begun()
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site
@@ -122,6 +129,9 @@ class LimitedRequest(server.Request):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        transport = getattr(self.channel, "transport", None)
+        if transport is None or transport.disconnecting:
+            return  # already refused (a bad request line) and closing
         timeout = self.channel.site.request_timeout
         self._refuse(408, "request_timeout", f"the request did not arrive whole within {timeout:g} seconds")
 
@@ -148,6 +158,72 @@ class LimitedRequest(server.Request):
             reason=message,
         )
         site.store.reject(source, f"{code}: {message}", sample)
+
+
+class GatewayChannel(http.HTTPChannel):
+    """An HTTPChannel with a deadline for each request's first line (see the module's docstring)."""
+
+    _waiting = None
+    _served = 0
+    _heard = False  # bytes of a next request have arrived
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._wait_for_request()
+
+    def _wait_for_request(self) -> None:
+        site = self.site
+        self._waiting = site.clock.callLater(site.request_timeout, self._no_request)
+
+    def request_begun(self) -> None:
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = True
+        super().dataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        self._served += 1
+        self._heard = False
+        super().requestDone(request)
+        if self.persistent and not self.requests and self._waiting is None and not self.transport.disconnecting:
+            self._wait_for_request()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.request_begun()
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        # twisted.web logs each connection it times out; under a crowd of
+        # idle sockets that is a flood. A keep-alive connection going quiet
+        # after its requests is normal; one that never sent a whole request
+        # is refused like the others, counted and rate-limited.
+        self.request_begun()
+        if self.requests or not self._served or self._heard:
+            self._refused("idle for {seconds:g}s before a whole request arrived")
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def _no_request(self) -> None:
+        self._waiting = None
+        if self.requests:
+            return
+        if self._served and not self._heard:  # a keep-alive connection gone quiet: fine
+            self.loseConnection()
+            return
+        self._refused("no request within {seconds:g}s")
+        self.transport.abortConnection()
+
+    def _refused(self, why: str) -> None:
+        peer = self.transport.getPeer()
+        source = f"http {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        site = self.site
+        site.ingest.metrics.rejected(source, "request_timeout")
+        seconds = site.request_timeout
+        site.ingest.refusals.warn(peer_of(source), "closing {source}: " + why, source=source, seconds=seconds)
 
 
 class JsonResource(resource.Resource):
@@ -289,6 +365,7 @@ class Root(resource.Resource):
 
 class GatewaySite(server.Site):
     requestFactory = LimitedRequest
+    protocol = GatewayChannel
     displayTracebacks = False
 
     def __init__(

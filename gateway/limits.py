@@ -83,13 +83,14 @@ class LimitedFactory(WrappingFactory):
         if not self.limits.admit(address):
             return None
         try:
-            built = super().buildProtocol(addr)
+            wrapped = self.wrappedFactory.buildProtocol(addr)
         except BaseException:
             self.limits.release(address)
             raise
-        if built is None:
+        if wrapped is None:
             self.limits.release(address)
             return None
+        built = self.protocol(self, wrapped)
         built.address = address
         return built
 

@@ -78,8 +78,8 @@ def test_unknown_key_in_file_is_named(tmp_path):
 
 def test_a_bare_port_for_the_console_or_metrics_means_loopback_only():
     config = build_config({"manhole": "2222", "metrics": 9100})
-    assert config.manhole.tcp_description() == "tcp:2222:interface=127.0.0.1"
-    assert config.metrics.tcp_description() == "tcp:9100:interface=127.0.0.1"
+    assert config.manhole.tcp_description() == "tcp:2222:interface=127.0.0.1:backlog=1024"
+    assert config.metrics.tcp_description() == "tcp:9100:interface=127.0.0.1:backlog=1024"
     assert build_config({"manhole": "tcp:2222:interface=10.0.0.1"}).manhole.interface == "10.0.0.1"
     assert build_config({}).manhole is None  # off unless asked for
 
