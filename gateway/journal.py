@@ -236,6 +236,7 @@ class Journal:
         self._idle: list[Deferred] = []
         self._truncated: tuple[Path, int] | None = None  # set by a failed write
         self._closed = False
+        self.full = False  # the last append was refused for want of room
         # counters, for /metrics and the console
         self.appended_records = 0
         self.fsyncs = 0
@@ -324,11 +325,13 @@ class Journal:
         if self._closed:
             return fail(StoreUnavailable("the gateway is shutting down"))
         if not self.has_room(len(record)):
+            self.full = True
             return fail(
                 JournalFull(
                     f"the database is unavailable and the journal is full ({self.bytes} of {self.max_bytes} bytes)"
                 )
             )
+        self.full = False
         self._pending.append(record)
         self._pending_bytes += len(record)
         d: Deferred = Deferred()
@@ -449,6 +452,7 @@ class Journal:
             _fsync_dir(self.directory)
 
         def removed(_: Any) -> None:
+            self.full = False
             self._sizes.pop(path, None)
             if path == self._last_write:
                 self._last_write = None

@@ -112,6 +112,8 @@ LIVE_SETTINGS = frozenset(
         "max_queue",
         "device_window",
         "device_idle_timeout",
+        "device_handshake_timeout",
+        "device_rate",
         "sink_stall",
         "sinks",
         "upload_url",
@@ -170,7 +172,11 @@ class GatewayService(MultiService):
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self.store.forget_credentials)
         self.metrics.live.sources.append(self._live_metrics)
         self.registry = DeviceRegistry()
-        self.device_settings = DeviceSettings(window=config.device_window, idle_timeout=config.device_idle_timeout)
+        self.device_settings = DeviceSettings(
+            window=config.device_window,
+            idle_timeout=config.device_idle_timeout,
+            handshake_timeout=config.device_handshake_timeout,
+        )
         self.https_port: Any = None
         self.metrics_port: Any = None
         self.manhole_port: Any = None
@@ -562,8 +568,12 @@ class GatewayService(MultiService):
         self.store.committer.max_queue = new.max_queue
         self.health.stall_after = new.sink_stall
         settings = dataclasses.replace(
-            self.device_settings, window=new.device_window, idle_timeout=new.device_idle_timeout
+            self.device_settings,
+            window=new.device_window,
+            idle_timeout=new.device_idle_timeout,
+            handshake_timeout=new.device_handshake_timeout,
         )
+        self.ingest.rates.rate = new.device_rate
         self.device_settings = settings
         for factory in self.device_factories:
             factory.settings = settings

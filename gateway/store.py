@@ -387,7 +387,7 @@ class PostgresStore(Service):
             "bytes": journal.bytes,
             "limit": journal.max_bytes,
             "segments": journal.segments,
-            "ok": journal.has_room(1),
+            "ok": not journal.full,
             "replaying": self._replaying is not None,
         }
 

@@ -1,0 +1,388 @@
+"""
+The gateway under the failures users meet, for real: ``twistd -n gateway``
+in a subprocess with its embedded PostgreSQL, devices in threads over TCP,
+TLS and HTTPS that keep a record of every acknowledgement they received.
+The database is stopped and started mid-load, the gateway is killed with
+SIGKILL mid-load, the journal is filled and damaged, sockets are left idle
+by the thousand, headers are dripped, garbage is sent. Each test ends by
+checking the record against the database: every acknowledged reading is
+stored exactly once, and nothing is stored that was never sent.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import resource
+import signal
+import socket
+import ssl
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from gateway.journal import FILE_MAGIC, HEADER, scan
+from tests.gatewayproc import GatewayProcess, gatewayctl
+from tests.loadclients import HTTPSDevice, TGPDevice, check_nothing_lost
+from tests.test_e2e import post, postmaster, restart_embedded, workdir  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def make_gateway(workdir):  # noqa: F811 (the fixture imported from test_e2e)
+    made = []
+
+    def make(*extra: str) -> GatewayProcess:
+        gw = GatewayProcess(workdir / "gateway-data", "--device-rate", "0", *extra, cwd=workdir)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.kill()
+    pm = postmaster(workdir / "gateway-data")
+    if pm is not None:
+        pm.send_signal(signal.SIGINT)
+        pm.wait(30)
+
+
+def add_devices(gw: GatewayProcess, names: list[str]) -> dict[str, str]:
+    return {name: gatewayctl("device", "add", name, data_dir=gw.data_dir).stdout.strip() for name in names}
+
+
+def fleet(gw: GatewayProcess, tokens: dict[str, str]) -> list:
+    """One device per transport (two on HTTPS), started; those with a token."""
+    devices = [
+        TGPDevice("tcp-1", tokens.get("tcp-1", ""), lambda: gw.tgp_port),
+        TGPDevice("tls-1", tokens.get("tls-1", ""), lambda: gw.tgp_tls_port, cafile=gw.cert),
+        HTTPSDevice("https-1", tokens.get("https-1", ""), lambda: gw.port, cafile=gw.cert),
+        HTTPSDevice("https-2", tokens.get("https-2", ""), lambda: gw.port, cafile=gw.cert, per_send=1),
+    ]
+    devices = [d for d in devices if d.device in tokens]
+    for d in devices:
+        d.start()
+    return devices
+
+
+NAMES = ["tcp-1", "tls-1", "https-1", "https-2"]
+
+
+def wait_until(what, timeout: float = 30.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def all_acking(devices, since: float) -> bool:
+    return all(d.acked_between(since) > 0 for d in devices)
+
+
+def health(gw: GatewayProcess) -> tuple[int, dict]:
+    status, _, body = post(gw, None, None, "/healthz")
+    return status, body
+
+
+def drained(gw: GatewayProcess) -> bool:
+    try:
+        status, body = health(gw)
+    except OSError:
+        return False
+    return status == 200 and body["journal"]["bytes"] == 0
+
+
+def stop_database(gw: GatewayProcess) -> None:
+    pm = postmaster(gw.data_dir)
+    pm.send_signal(signal.SIGINT)  # fast shutdown: every connection is cut
+    pm.wait(30)
+
+
+def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make_gateway):
+    gw = make_gateway().start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    try:
+        assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
+        stop_database(gw)
+        down = time.monotonic()
+        # Sessions open before the outage go on; new ones are recognised from the last answer.
+        assert wait_until(lambda: all_acking(devices, down + 0.5), 20), [d.errors for d in devices]
+        time.sleep(1.0)
+        status, body = health(gw)
+        assert status == 503 and body["journal"]["bytes"] > 0
+        restart_embedded(gw.data_dir / "pg")
+        up = time.monotonic()
+        during = sum(d.acked_between(down, up) for d in devices)
+        assert wait_until(lambda: drained(gw), 60), health(gw)
+        assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20)
+    finally:
+        for d in devices:
+            d.stop()
+    counts = check_nothing_lost(gw.data_dir, devices)
+    print(f"outage: {during} readings acknowledged while the database was down; {counts}")
+    assert during > 0 and counts["acked"] > during
+    assert re.search(r"journal: replayed \d+\.seg: \d+ readings stored", gw.log())
+    assert gw.stop() == 0
+
+
+def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):
+    gw = make_gateway().start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    rounds = 0
+    rng = random.Random(6)
+    try:
+        for i in range(6):
+            since = time.monotonic()
+            assert wait_until(lambda since=since: all_acking(devices, since), 30), [d.errors for d in devices]
+            time.sleep(rng.uniform(0.1, 1.0))
+            if i == 3:  # once with the database away, so the journal holds acknowledged readings
+                stop_database(gw)
+                time.sleep(1.0)
+                assert gw.wait_for_line("journal|database connection")
+            gw.kill()
+            rounds += 1
+            gw.start()
+        since = time.monotonic()
+        assert wait_until(lambda: all_acking(devices, since), 30)
+        assert wait_until(lambda: drained(gw), 60), health(gw)
+    finally:
+        for d in devices:
+            d.stop()
+    counts = check_nothing_lost(gw.data_dir, devices)
+    print(f"kill -9: {rounds} rounds under load; {counts}")
+    assert rounds == 6
+
+
+def test_a_full_journal_refuses_with_retry_advice_then_replays(make_gateway):
+    gw = make_gateway("--journal-max-bytes", "64K").start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    try:
+        assert wait_until(lambda: all_acking(devices, 0), 20)
+        stop_database(gw)
+        full = wait_until(lambda: all(d.errors.get("503 journal_full") for d in devices[2:]), 30)
+        assert full, [d.errors for d in devices]
+        assert wait_until(lambda: all(d.errors.get("RETRY_LATER") for d in devices[:2]), 30), [
+            d.errors for d in devices
+        ]
+        status, body = health(gw)
+        assert status == 503 and body["journal"]["ok"] is False
+        assert body["journal"]["bytes"] <= 64 * 1024
+        restart_embedded(gw.data_dir / "pg")
+        assert wait_until(lambda: drained(gw), 60), health(gw)
+        since = time.monotonic()
+        assert wait_until(lambda: all_acking(devices, since), 20)
+    finally:
+        for d in devices:
+            d.stop()
+    check_nothing_lost(gw.data_dir, devices)
+
+
+def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gateway):
+    gw = make_gateway().start()
+    token = add_devices(gw, ["truck-9"])["truck-9"]
+    assert post(gw, token)[0] == 200  # the device is known before the outage
+    stop_database(gw)
+    bodies = [
+        f'{{"readings": [{{"metric": "oil_temp", "ts": "2026-11-22T11:00:0{i}Z", "value": {i}}}]}}' for i in range(5)
+    ]
+    for body in bodies:
+        assert post(gw, token, body)[2] == {"accepted": 1, "duplicates": 0}
+    gw.kill()
+    [segment] = sorted((gw.data_dir / "journal").glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    records = scan(bytes(data), last_write=True).records
+    assert len(records) == 5
+    third = len(FILE_MAGIC) + sum(HEADER.size + len(r.payload) for r in records[:2])
+    data[third + HEADER.size + 5] ^= 0x20  # one flipped bit inside the third record
+    segment.write_bytes(bytes(data))
+
+    gw.start()  # starts the embedded database again too
+    assert wait_until(lambda: drained(gw), 60), health(gw)
+    line = gw.wait_for_line("damaged bytes")
+    assert f"at offset {third}" in line and "moved to" in line
+    exported = gatewayctl("export", data_dir=gw.data_dir).stdout
+    kept = sorted(re.findall(r"11:00:0(\d)Z", exported))
+    assert kept == ["0", "1", "3", "4"]  # the damaged record's reading is set aside, not replayed
+    [aside] = (gw.data_dir / "journal" / "damaged").iterdir()
+    assert b'"2026' not in aside.read_bytes() and b"oil_temp" in aside.read_bytes()
+    ctx = ssl.create_default_context(cafile=gw.cert)
+    ctx.check_hostname = False
+    metrics = urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/metrics", context=ctx, timeout=10).read().decode()
+    assert "gateway_journal_damaged_records_total 1.0" in metrics
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        pytest.fail(f"this test needs {wanted} file descriptors; the hard limit is {hard} (raise it: ulimit -Hn)")
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except (TimeoutError, ssl.SSLError):
+        return False
+
+
+def test_idle_sockets_dripped_headers_and_connection_caps(make_gateway):
+    idle = 2000
+    _raise_fd_limit(2 * idle + 512)  # the gateway inherits it
+    gw = make_gateway(
+        "--request-timeout", "6", "--device-handshake-timeout", "8", "--max-connections-per-address", str(idle + 40)
+    ).start()
+    proc = psutil.Process(gw.proc.pid)
+    rss_before = proc.memory_info().rss
+    devices = fleet(gw, add_devices(gw, NAMES[:1]))
+    sockets = []
+    ctx = ssl.create_default_context(cafile=gw.cert)
+    ctx.check_hostname = False
+    try:
+        assert wait_until(lambda: devices[0].acked_between(0) > 0, 10)
+        opened_at = time.monotonic()
+        for i in range(idle):
+            sockets.append(socket.create_connection(("127.0.0.1", gw.tgp_port if i % 2 else gw.port)))
+        assert wait_until(lambda: open_connections(gw, ctx) >= idle, 10)
+        # Over the per-address cap (the device holds one more), new connections are closed at once.
+        extra = [socket.create_connection(("127.0.0.1", gw.tgp_port)) for _ in range(60)]
+        time.sleep(0.5)
+        refused = sum(_closed_by_peer(s, 0.05) for s in extra)
+        for s in extra:
+            s.close()
+        assert 20 <= refused <= 60
+        assert sum(_closed_by_peer(s, 0.01) for s in sockets[-100:]) == 0  # those within the cap stay open
+        held_for = time.monotonic() - opened_at
+        rss_with = proc.memory_info().rss
+        since = time.monotonic()
+        assert wait_until(lambda: devices[0].acked_between(since) > 0, 10)  # still served
+        # Dripping a request one byte at a time does not hold a connection past the deadlines
+        # (the first line within 6 s of connecting, the rest within 6 s of the first line).
+        drip = ctx.wrap_socket(socket.create_connection(("127.0.0.1", gw.port)))
+        started = time.monotonic()
+        answer = None
+        for byte in b"POST /v1/readings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+            try:
+                drip.sendall(bytes([byte]))
+                drip.settimeout(0.2)
+                answer = drip.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError as e:
+                answer = repr(e)
+            break
+        dripped_for = time.monotonic() - started
+        assert answer is not None and dripped_for < 2 * 6 + 2, (answer, dripped_for)
+        assert answer == b"" or b"408" in answer or "Error" in answer
+        # Idle sockets that never speak are closed by the deadlines (6 s HTTP, 8 s TGP handshake).
+        sample = sockets[:50] + sockets[-50:]
+        assert sum(_closed_by_peer(s, 10.0) for s in sample) == len(sample)
+        # Refusals are counted, and logged at most 5 a minute per address.
+        log = gw.log()
+        assert "Timing out client" not in log
+        assert len(re.findall(r"closing (http|tgp) 127\.0\.0\.1:\d+: ", log)) <= 5
+        metrics = urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/metrics", context=ctx, timeout=10).read()
+        counted = re.search(
+            rb'gateway_inputs_rejected_total\{reason="connection_limit_address",transport="tcp"\} (\d+)', metrics
+        )
+        assert counted and int(counted.group(1)) == refused
+    finally:
+        for s in sockets:
+            s.close()
+        for d in devices:
+            d.stop()
+    print(
+        f"drip: cut after {dripped_for:.1f}s with {answer[:12]!r}; "
+        f"idle: {idle} sockets held {held_for:.1f}s; gateway RSS {rss_before / 2**20:.0f} MB before, "
+        f"{rss_with / 2**20:.0f} MB with them; {refused}/60 over the cap refused at once"
+    )
+    check_nothing_lost(gw.data_dir, devices)
+    assert rss_with - rss_before < 200 * 2**20
+
+
+def open_connections(gw: GatewayProcess, ctx) -> int:
+    metrics = urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/metrics", context=ctx, timeout=10).read()
+    return sum(int(float(n)) for n in re.findall(rb"^gateway_connections\{[^}]*\} (\S+)", metrics, re.M))
+
+
+def test_garbage_on_every_port_is_refused_and_devices_are_unharmed(make_gateway):
+    gw = make_gateway("--request-timeout", "2", "--device-handshake-timeout", "2").start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    rng = random.Random(42)
+    ctx = ssl.create_default_context(cafile=gw.cert)
+    ctx.check_hostname = False
+    tried = 0
+    try:
+        assert wait_until(lambda: all_acking(devices, 0), 20)
+        for _ in range(4):  # 4 waves of 60 connections, all at once
+            wave = []
+            for i in range(60):
+                kind = ("tgp", "tgp+tls", "https-raw", "https")[i % 4]
+                port = {"tgp": gw.tgp_port, "tgp+tls": gw.tgp_tls_port}.get(kind, gw.port)
+                garbage = rng.randbytes(rng.choice((1, 7, 64, 500, 4000)))
+                if i % 8 < 4:  # a valid-looking start, then garbage
+                    garbage = (b"TG" if kind.startswith("tgp") else b"POST /v1/readings HTTP/1.1\r\n") + garbage
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                try:
+                    if kind in ("tgp+tls", "https"):
+                        s = ctx.wrap_socket(s)
+                    s.sendall(garbage)
+                except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                    pass  # refused while sending
+                wave.append(s)
+                tried += 1
+            # Each is answered with an error or cut within the 2 s deadlines.
+            assert sum(_answered_or_closed(s, 5.0) for s in wave) == len(wave)
+            for s in wave:
+                s.close()
+        since = time.monotonic()
+        assert wait_until(lambda: all_acking(devices, since), 20)
+        assert health(gw)[0] == 200
+    finally:
+        for d in devices:
+            d.stop()
+    counts = check_nothing_lost(gw.data_dir, devices)
+    print(f"garbage: {tried} inputs tried; {counts}")
+    assert "Traceback" not in gw.log()
+    assert gw.stop() == 0
+
+
+def _answered_or_closed(sock: socket.socket, within: float) -> bool:
+    """Read until the gateway closes; True once it has (answers before that are fine)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def test_sigterm_under_load_answers_what_it_took_and_exits_0(make_gateway):
+    gw = make_gateway("--shutdown-timeout", "20").start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    try:
+        assert wait_until(lambda: all_acking(devices, 0), 20)
+        started = time.monotonic()
+        assert gw.stop(timeout=30) == 0
+        took = time.monotonic() - started
+        assert took < 20
+        assert wait_until(lambda: any(d.byes for d in devices[:2]), 5) or "SHUTTING_DOWN" in str(
+            [d.errors for d in devices[:2]]
+        )
+    finally:
+        for d in devices:
+            d.stop()
+    assert "SIGTERM: stopping" in gw.log() and "Traceback" not in gw.log()
+    assert postmaster(gw.data_dir) is None
+    check_nothing_lost(gw.data_dir, devices)
