@@ -99,6 +99,8 @@ async def test_every_reading_arrives_in_order_through_failures(db_dsn, sql, rece
                 add_readings(sql, name, 70, start=chunk * 70)
             await deferLater(reactor, 0.05, lambda: None)
         await until(lambda: len({key_of(r) for r in receiver.readings}) == 2100, what="all 2100 readings")
+        # The last batch's row goes once its 2xx is recorded, a moment after the receiver has it.
+        await until(lambda: sql("SELECT count(*) FROM upload_batches") == [(0,)], what="every batch settled")
     finally:
         await uploader.stopService()
     stored = {
