@@ -26,7 +26,7 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -219,7 +219,8 @@ class GatewayChannel(http.HTTPChannel):
 
     def _refused(self, why: str) -> None:
         peer = self.transport.getPeer()
-        source = f"http {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        scheme = "https" if ISSLTransport(self.transport, None) is not None else "http"
+        source = f"{scheme} {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         site = self.site
         site.ingest.metrics.rejected(source, "request_timeout")
         seconds = site.request_timeout

@@ -87,14 +87,10 @@ class Scan:
     damaged: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, bytes) of each damaged region
     torn: int = 0  # bytes of a torn last write, dropped
 
-    @property
-    def readings(self) -> int:
-        return sum(len(r.readings) for r in self.records)
-
 
 def encode(device_id: int, device: str, source: str, readings: Sequence[Reading]) -> bytes:
     payload = json.dumps(
-        {"d": device_id, "n": device, "s": source, "r": [list(r) for r in readings]},
+        {"d": device_id, "n": device, "s": source, "r": readings},
         separators=(",", ":"),
         allow_nan=False,
     ).encode()

@@ -110,10 +110,6 @@ class DeviceRates:
         self._buckets: dict[str, tuple[float, float]] = {}  # name → (tokens, at)
         self.refusals = 0
 
-    @property
-    def burst(self) -> float:
-        return self.rate * BURST_SECONDS
-
     def take(self, name: str, count: int) -> None:
         """Spend ``count`` readings of the device's allowance, or raise OverLimit."""
         rate = self.rate

@@ -418,12 +418,12 @@ class GatewayService(MultiService):
                 log.failure("stopping the gateway failed", result)
 
         def too_slow() -> None:
-            in_flight = self.store.committer.in_flight + self.store.queue_depth
             log.warn(
                 "stopping took over {timeout:g}s; closing what is left (unanswered writes are not acknowledged: "
-                "devices send them again): {pending} batches/readings in the store",
+                "devices send them again): {batches} transactions under way, {queued} readings queued",
                 timeout=timeout,
-                pending=in_flight,
+                batches=self.store.committer.in_flight,
+                queued=self.store.queue_depth,
             )
             for factory in self.device_factories:
                 for session in list(factory.connections):

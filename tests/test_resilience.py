@@ -286,7 +286,7 @@ def test_idle_sockets_dripped_headers_and_connection_caps(make_gateway):
         # Refusals are counted, and logged at most 5 a minute per address.
         log = gw.log()
         assert "Timing out client" not in log
-        assert len(re.findall(r"closing (http|tgp) 127\.0\.0\.1:\d+: ", log)) <= 5
+        assert len(re.findall(r"closing (https?|tgp) 127\.0\.0\.1:\d+: ", log)) <= 5
         metrics = urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/metrics", context=ctx, timeout=10).read()
         counted = re.search(
             rb'gateway_inputs_rejected_total\{reason="connection_limit_address",transport="tcp"\} (\d+)', metrics
