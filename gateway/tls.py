@@ -20,8 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
-from twisted.internet import ssl
 
 CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -129,55 +127,3 @@ def make_self_signed(
     )
     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return ServerCredentials(cert_path, key_path, fingerprint_of(cert), created=True)
-
-
-def server_options(
-    cert_path: Path, key_path: Path, extra_chain: Path | None = None, client_ca: Path | None = None
-) -> ssl.CertificateOptions:
-    """
-    CertificateOptions for a listener. The certificate file may hold the
-    chain after the leaf. With ``client_ca``, clients must present a
-    certificate signed by one of its certificates. Raises TLSConfigError,
-    naming the file, when the key or certificates cannot be loaded or do
-    not belong together.
-    """
-    try:
-        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise TLSConfigError(f"{str(cert_path)!r} holds no PEM certificate ({e})") from None
-    if extra_chain is not None:
-        try:
-            certs += x509.load_pem_x509_certificates(extra_chain.read_bytes())
-        except (OSError, ValueError) as e:
-            raise TLSConfigError(f"{str(extra_chain)!r} holds no PEM certificate ({e})") from None
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise TLSConfigError(f"{str(key_path)!r} holds no unencrypted PEM private key ({e})") from None
-    trust = {}
-    if client_ca is not None:
-        try:
-            authorities = x509.load_pem_x509_certificates(client_ca.read_bytes())
-        except (OSError, ValueError) as e:
-            raise TLSConfigError(f"{str(client_ca)!r} holds no PEM certificate ({e})") from None
-        trust = {
-            "trustRoot": ssl.trustRootFromCertificates(
-                [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in authorities]
-            ),  # a trust root makes the certificate required
-        }
-    options = ssl.CertificateOptions(
-        **trust,
-        privateKey=key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
-        certificate=certs[0],  # type: ignore[arg-type]
-        extraCertChain=certs[1:],  # type: ignore[arg-type]
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-    )
-    try:
-        context = options.getContext()
-    except SSL.Error as e:
-        raise TLSConfigError(f"{str(key_path)!r} does not match {str(cert_path)!r} ({e})") from None
-    # Idle TLS connections keep 30+ KB of buffers each unless OpenSSL frees
-    # them between records; the context is cached, so this holds for all.
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    return options

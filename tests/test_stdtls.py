@@ -113,3 +113,59 @@ def test_mismatched_key_is_named(tmp_path):
     a, b = make_self_signed(tmp_path / "a"), make_self_signed(tmp_path / "b")
     with pytest.raises(TLSConfigError, match="cannot be used together"):
         server_context(a.cert_path, b.key_path)
+
+
+class Refuser(Protocol):
+    """Answers the first bytes with b'NO' and closes, as a 413 does mid-body."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"NO")
+        self.transport.loseConnection()
+
+
+async def refuser(tmp_path, clock=None):
+    made = make_self_signed(tmp_path / "tls")
+    factory = TLSServerFactory(server_context(made.cert_path, made.key_path), Factory.forProtocol(Refuser), clock)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    return port, made.cert_path
+
+
+def _send_on_after_refusal(port: int, cafile: str) -> bytes:
+    ctx = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"x" * 3_000_000)  # the server refused after the first record
+            got = b""
+            while chunk := tls.recv(4096):
+                got += chunk
+            return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_still_sending_gets_the_answer_sent_before_the_close(tmp_path):
+    port, cert = await refuser(tmp_path)
+    try:
+        # Closing TCP at once would reset the connection under the client's
+        # sendall and lose b'NO'; the server drains until the client's close_notify.
+        assert await deferToThread(_send_on_after_refusal, port.getHost().port, str(cert)) == b"NO"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_never_answers_close_notify_is_cut_after_the_linger(tmp_path):
+    from twisted.internet.task import Clock
+
+    from gateway.stdtls import LINGER
+
+    clock = Clock()
+    port, cert = await refuser(tmp_path, clock)
+    try:
+        client = await connect(port.getHost().port, cert)
+        client.transport.write(b"hello")
+        assert await client.received.get() == b"NO"
+        assert not client.closed.called  # Twisted's client end waits for its own close, not answering ours
+        clock.advance(LINGER)
+        await client.closed
+    finally:
+        await port.stopListening()
