@@ -140,6 +140,11 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path))
     try:
         await until(lambda: len(receiver.accepted) == 2, what="two batches accepted")
+        # The second accepted batch's row goes a moment after its 2xx arrives.
+        await until(
+            lambda: sql("SELECT count(*) FROM upload_batches WHERE state <> 'parked'") == [(0,)],
+            what="the accepted batches settled",
+        )
         parked = sql("SELECT key::text, status, response, readings, state FROM upload_batches")
         assert len(parked) == 1
         key, status, response, readings, state = parked[0]
