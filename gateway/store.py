@@ -79,6 +79,16 @@ ORDER BY d, m, t
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
 
+BEGIN_INSERT_READINGS = "BEGIN;" + INSERT_READINGS
+
+# Small batches (one-reading requests) are bound by the gateway's round trips,
+# not by the database's work per row: one statement, its own transaction.
+SMALL_BATCH = 200
+COUNT_INSERT_READINGS = f"WITH new AS ({INSERT_READINGS} RETURNING 1) SELECT count(*), pg_current_xact_id() FROM new"
+NEW_IN_TRANSACTION = """
+SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = %s::xid8
+"""
+
 # The batch's own transaction stored exactly the rows it found new; asked only
 # when some were not (a retransmission). A RETURNING clause on every insert
 # cost the database 7% of its time per reading for an answer seldom needed.
@@ -238,6 +248,10 @@ class PostgresStore(Service):
             max_queue=max_queue,
         )
         self._auth_cache: dict[str, tuple[float, Any]] = {}
+        # Whole tokens proven within AUTH_CACHE_TTL: a device sending a request
+        # after request skips the key derivation and the coroutine (7% of a
+        # one-reading request's CPU). A revoke or rotate notice clears it.
+        self._verified: dict[str, tuple[float, Device]] = {}
         # The last answer the database gave per token and per name, used only while it is away.
         self._known_tokens: dict[str, Any] = {}
         self._known_keys: dict[str, tuple[int, bytes]] = {}
@@ -325,6 +339,9 @@ class PostgresStore(Service):
         return f
 
     def authenticate(self, token: str) -> Deferred:
+        hit = self._verified.get(token)
+        if hit is not None and hit[0] > self._clock.seconds():
+            return succeed(hit[1])
         return Deferred.fromCoroutine(self._authenticate(token))
 
     async def _authenticate(self, token: str) -> Device | None:
@@ -355,11 +372,16 @@ class PostgresStore(Service):
             return None
         if not tokens.token_matches(token, bytes(row[2])):
             return None
-        return Device(row[0], row[1])
+        device = Device(row[0], row[1])
+        if len(self._verified) >= AUTH_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[token] = (now + AUTH_CACHE_TTL, device)
+        return device
 
     def forget_credentials(self) -> None:
         """A device changed (revoked, rotated): look every token up again."""
         self._auth_cache.clear()
+        self._verified.clear()
         self._known_tokens.clear()
         self._known_keys.clear()
 
@@ -463,19 +485,44 @@ class PostgresStore(Service):
         return outcomes
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str, int]] | None:
-        """Insert in one transaction: None when every row was new, else the keys (device, metric, µs) of the new."""
+        """
+        Insert in one transaction: None when every row was new, else the keys
+        (device, metric, µs) of the new. BEGIN travels with the INSERT, so the
+        usual batch costs two round trips, not three: for the small batches of
+        one-reading requests the round trips are most of the gateway's work.
+        """
         columns = array_literals(rows)
+        if len(rows) <= SMALL_BATCH:
+            return await self._insert_small(conn, rows, columns)
+        for attempt in range(DEADLOCK_RETRIES):
+            cursor = conn.cursor()
+            try:
+                await cursor.execute(BEGIN_INSERT_READINGS, columns)
+                new = None
+                if cursor.rowcount != len(rows):
+                    await cursor.execute(NEW_IN_THIS_TRANSACTION)
+                    new = cursor.fetchall()
+                await cursor.execute("COMMIT")
+                return new
+            except psycopg2.Error as e:
+                try:
+                    await cursor.execute("ROLLBACK")
+                except psycopg2.Error:
+                    pass  # the connection is gone: the pool sees to it
+                if not isinstance(e, (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)):
+                    raise
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
+        raise AssertionError("unreachable")
 
-        async def insert(cursor: Any) -> list[tuple[int, str, int]] | None:
-            await cursor.execute(INSERT_READINGS, columns)
-            if cursor.rowcount == len(rows):
-                return None
-            await cursor.execute(NEW_IN_THIS_TRANSACTION)
-            return cursor.fetchall()
-
+    async def _insert_small(self, conn: Any, rows: list[tuple], columns: tuple) -> list[tuple[int, str, int]] | None:
+        """One statement, one round trip: the count, and which rows were new only when some were not."""
         for attempt in range(DEADLOCK_RETRIES):
             try:
-                return await conn.runInteraction(lambda cursor: Deferred.fromCoroutine(insert(cursor)))
+                ((count, tx),) = await conn.runQuery(COUNT_INSERT_READINGS, columns)
+                if count == len(rows):
+                    return None
+                return await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e

@@ -182,25 +182,41 @@ async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sq
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql):
+@pytest.mark.parametrize("n", [5, 700])  # one statement; BEGIN + INSERT + COMMIT, bisected down to one
+async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql, n):
     """The database refuses one reading; its batch-mates commit, its sender hears which one."""
-    sql("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (value <> 666)")
+    sql("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (value <> -666)")
     store = await open_pg_store(db_dsn, pool_size=1, commit_delay=0.05)
     try:
         a = await store.authenticate(add_pg_device(sql, "a"))
         b = await store.authenticate(add_pg_device(sql, "b"))
-        bad = readings(5)
-        bad[2] = Reading("oil_temp", bad[2].ts_us, 666.0)
-        da, db = store.write(a, bad), store.write(b, readings(7))
+        bad = readings(n)
+        bad[2] = Reading("oil_temp", bad[2].ts_us, -666.0)
+        da, db = store.write(a, bad), store.write(b, readings(n + 2))
         results = await DeferredList([da, db], consumeErrors=True)
         (ok_a, res_a), (ok_b, res_b) = results
         assert not ok_a and res_a.check(StoreRejected)
         assert res_a.value.index == 2 and "readings[2]" in res_a.value.message
         assert "no_666" in res_a.value.message
-        assert ok_b and res_b == WriteResult(7, 0)
+        assert ok_b and res_b == WriteResult(n + 2, 0)
         assert store.batches == 1  # they did share one batch
         counts = dict(sql("SELECT d.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id GROUP BY 1"))
-        assert counts == {"a": 4, "b": 7}
+        assert counts == {"a": n - 1, "b": n + 2}
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("n", [50, 1000])  # below and above SMALL_BATCH: both statement shapes
+async def test_retransmitted_and_repeated_readings_in_a_batch_of_either_size(db_dsn, sql, n):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        assert await store.write(device, readings(n)) == WriteResult(n, 0)
+        batch = readings(2 * n)  # its first half is stored already
+        batch.append(batch[-1])  # and one reading twice in this write
+        assert await store.write(device, batch) == WriteResult(n, n + 1)
+        assert sql("SELECT count(*) FROM readings") == [(2 * n,)]
     finally:
         await store.stopService()
 
