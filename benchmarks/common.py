@@ -75,17 +75,18 @@ def server_version(dsn: str) -> int:
 
 def ceiling(dsn: str, duration: float, batch: int = 5000) -> dict:
     """One process, the gateway's schema and batch statement, no protocol: the database's limit."""
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True  # each statement its own transaction, as in the gateway
+    conn = psycopg2.connect(dsn)  # each batch its own transaction, as in the gateway
     with conn.cursor() as cur:
         cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('ceiling', 'c', '\\x00') RETURNING id")
         device = cur.fetchone()[0]
+        conn.commit()
         n = 0
         start = time.perf_counter()
         while time.perf_counter() - start < duration:
             ts = list(range(n * 1000, (n + batch) * 1000, 1000))
             cur.execute(INSERT_READINGS, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
-            assert len(cur.fetchall()) == batch
+            assert cur.rowcount == batch
+            conn.commit()
             n += batch
         elapsed = time.perf_counter() - start
     conn.close()

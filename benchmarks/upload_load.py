@@ -1,18 +1,8 @@
 """
-Uploader throughput and recovery, against the TGP/TCP ingest rate of the
-same machine in the same run.
-
-1. TGP/TCP ingest, as fast as acknowledged (``gatewayctl simulate``): the
-   rate the uploader must beat by 2x, and a backlog of stored readings.
-2. A gateway started on that database with ``--upload-url`` to a local HTTPS
-   receiver (another process: decompresses and counts): readings/s from
-   start until the backlog is delivered.
-3. Steady ingest at half the TCP rate while the receiver answers 503 for
-   OUTAGE seconds: seconds from the end of the outage until every reading
-   stored before it ended has been delivered, and until the lag is back
-   under two flush intervals.
-
-    python benchmarks/upload_load.py [--quick] [--json FILE] [--db DSN]
+The uploader under load: a local HTTPS receiver (a subprocess, ``python
+upload_load.py --serve DIR``: decompresses, counts, honours Idempotency-Key,
+answers 503 while DIR/down exists), the rate at which a backlog reaches it,
+and the time to catch up after it was down.
 """
 
 from __future__ import annotations
@@ -28,7 +18,7 @@ from pathlib import Path
 
 import psycopg2
 
-from common import BIN, Gateway, drop_database, fresh_database, machine, simulate, simulate_argv, workspace
+from common import Gateway, simulate_argv
 
 FLUSH = 5.0
 
@@ -200,59 +190,8 @@ def outage(tmp: Path, dsn: str, receiver: Receiver, rate: float, seconds: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short runs (5 s ingest, 10 s outage)")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of TCP ingest at the most")
-    parser.add_argument("--outage", type=float, default=60.0, help="seconds the receiver refuses")
-    parser.add_argument("--steady", type=float, default=10.0, help="seconds of ingest before the outage")
-    parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--db", help="PostgreSQL server DSN (default: embedded, in a temporary directory)")
-    parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        serve(Path(args.serve))
-        return
-    if args.quick:
-        args.duration, args.outage = 5.0, 10.0
-    if not (BIN / "twistd").exists():
-        raise SystemExit("install the project first: pip install -e '.[bench]'")
-
-    with workspace(args.db) as (tmp, server_dsn):
-        figures: dict = {"machine": machine(server_dsn)}
-        dsn = fresh_database(server_dsn, "bench_upload")
-        gateway = Gateway(dsn, tmp / "gw")
-        try:
-            figures["tcp_max"] = simulate(gateway, dsn, "tcp", args.devices, 0, args.duration)
-        finally:
-            gateway.stop()
-        receiver = Receiver(tmp / "receiver")
-        try:
-            figures["upload"] = drain_rate(tmp, dsn, receiver, stored(dsn))
-        finally:
-            receiver.stop()
-        drop_database(server_dsn, "bench_upload")
-        dsn = fresh_database(server_dsn, "bench_outage")
-        receiver = Receiver(tmp / "receiver-outage")
-        try:
-            half = figures["tcp_max"]["rate"] / 2
-            figures["outage"] = outage(tmp, dsn, receiver, half, args.outage, args.devices, args.steady)
-        finally:
-            receiver.stop()
-
-    tcp, up, out = figures["tcp_max"], figures["upload"], figures["outage"]
-    print(f"machine: {figures['machine']}")
-    print(f"TGP/TCP ingest, most acknowledged:   {tcp['rate']:>10,.0f} readings/s  (baseline, 1.00)")
-    print(
-        f"uploader, backlog of {up['readings']:,} readings: {up['rate']:>10,.0f} readings/s  "
-        f"({up['rate'] / tcp['rate']:.2f}x the ingest rate)"
-    )
-    print(
-        f"{out['outage_s']:.0f} s receiver outage under {out['ingest_rate']:,.0f} readings/s of ingest: "
-        f"backlog of {out['owed_readings']:,} delivered {out['backlog_delivered_s']} s after it ended; "
-        f"lag under {2 * FLUSH:.0f} s after {out['lag_under_2_flush_s']} s"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    parser.add_argument("--serve", required=True, help="serve, writing the port and CA into this directory")
+    serve(Path(parser.parse_args().serve))
 
 
 if __name__ == "__main__":

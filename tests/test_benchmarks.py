@@ -1,4 +1,8 @@
-"""The benchmark commands of README.rst run and report what they promise (briefly: figures are not checked)."""
+"""
+``benchmarks/run.py`` runs end to end and reports what README.rst promises,
+in a tiny configuration: the figures themselves are for the benchmark's own
+runs, not for a test on a shared machine.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +14,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+FLAT_KEYS = (
+    "ceiling_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps tcp_p50_ms tcp_p99_ms "
+    "idle_conns idle_rss_mb uploader_rps"
+).split()
 
-def run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(tmp_path / "out.json")],
+
+def test_the_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "1", "--devices", "5", "--idle", "20",
+         "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-
-
-def test_tgp_benchmark_reports_every_figure(tmp_path):
-    out = run("tgp_load.py", "--duration", "2", "--devices", "5", "--idle", "20", tmp_path=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "out.json").read_text())
-    assert figures["ceiling"]["readings_per_s"] > 0
-    for run_name in ("tcp_max", "tls_max", "tcp_half"):
-        assert figures[run_name]["acked"] > 0 and figures[run_name]["errors"] == {}
-    assert {(i["protocol"], i["connected"]) for i in figures["idle"]} == {("tcp", 20), ("tls", 20)}
-    assert "x ceiling" in out.stdout
-
-
-def test_http_benchmark_runs_or_names_what_it_needs(tmp_path):
-    out = run("http_load.py", "--duration", "2", "--connections", "4", "--devices", "4", tmp_path=tmp_path)
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None:  # .ci/run installs it; here, the benchmark must say what it needs
         assert out.returncode != 0 and "wrk is needed" in out.stderr
         return
     assert out.returncode == 0, out.stdout + out.stderr
     figures = json.loads((tmp_path / "out.json").read_text())
-    assert figures["https1"]["requests"] > 0 and figures["https100"]["requests"] > 0
-    assert figures["stored"] >= figures["acked"]
-
-
-def test_upload_benchmark_reports_every_figure(tmp_path):
-    out = run(
-        "upload_load.py", "--duration", "2", "--outage", "2", "--steady", "2", "--devices", "5", tmp_path=tmp_path
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "out.json").read_text())
-    assert figures["tcp_max"]["acked"] > 0
-    assert figures["upload"]["readings"] >= figures["tcp_max"]["acked"] and figures["upload"]["rate"] > 0
-    assert figures["outage"]["refused_requests"] > 0
-    assert figures["outage"]["backlog_delivered_s"] is not None
-    assert "x the ingest rate" in out.stdout
+    for key in FLAT_KEYS:
+        assert figures[key] > 0, key
+    assert figures["idle_conns"] == 20
+    assert set(figures["machine"]) >= {"cores", "python", "postgresql"}
+    for run in ("tcp", "tls", "https1", "https100"):
+        for rate in ("max", "half"):
+            f = figures[f"{run}_{rate}"]
+            assert f["acked"] > 0 and f["gateway_cpu_s_per_million"] > 0 and f["gateway_rss_mb"] > 0, (run, rate)
+            assert not f["errors"], (run, rate, f["errors"])
+    # The baselines stored what they acknowledged, each reading on its own commit.
+    assert figures["naive_tcp"]["stored"] >= figures["naive_tcp"]["acked"] > 0
+    assert figures["flask"]["stored"] >= figures["flask"]["acked"] > 0
+    assert figures["outage"]["refused_requests"] > 0 and figures["outage"]["backlog_delivered_s"] is not None
+    assert len(figures["targets"]) == 6
+    for text in ("x ceiling", "thread-pool server", "Flask", "idle TCP devices", "uploader:"):
+        assert text in out.stdout

@@ -1,0 +1,459 @@
+"""
+txgateway side by side with the database's own limit and with the servers
+users would otherwise write, in one run on one machine.
+
+    pip install '.[bench]'            # and wrk (Debian: apt-get install wrk)
+    python benchmarks/run.py [--quick] [--json FILE] [--db DSN]
+
+1. Database ceiling: one process inserting the same rows into the same
+   schema with the gateway's own statement, 5,000 per statement, no network,
+   no protocol.
+2. Baselines, written as a competent user would:
+   a thread-pool TGP server committing each reading with psycopg2 before its
+   ack (naive_tcp.py, driven by ``gatewayctl simulate`` like the gateway), and
+   a Flask app under gunicorn's sync workers committing each request
+   (naive_flask.py, plain HTTP: its TLS is not even counted), driven by
+   ``wrk`` like the gateway's HTTPS.
+3. The gateway (``twistd -n gateway``): TGP over TCP and TLS (``gatewayctl
+   simulate``, many devices, 100 readings a frame), HTTPS with 1 and with
+   100 readings a request (``wrk``, 64 keep-alive connections), each at
+   the most it acknowledges and then at about half of that: readings/s,
+   ack latency p50/p99, gateway CPU seconds per million readings, RSS.
+4. Connections: the gateway's RSS with 10,000 idle authenticated devices.
+5. Uploader: readings/s delivered to a local HTTPS receiver from a backlog,
+   and the catch-up time after the receiver was down for 60 s under steady
+   ingest.
+
+The load generators share the two cores with the gateway and PostgreSQL.
+``--quick`` (under three minutes) runs shorter, with a shorter outage; the
+full run takes under thirty. Without ``--db`` PostgreSQL is embedded, in a
+temporary directory; with it, the server's role must be able to create
+databases. ``--json`` writes every figure, flat keys first (``ceiling_rps``,
+``tcp_rps``, ...), for comparison across commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from common import (
+    BIN,
+    ROOT,
+    Gateway,
+    ceiling,
+    drop_database,
+    fresh_database,
+    machine,
+    raise_fd_limit,
+    simulate,
+    simulate_argv,
+    workspace,
+)
+from http_load import need_wrk, provision, wrk
+from upload_load import Receiver, drain_rate, outage, stored
+
+HERE = Path(__file__).resolve().parent
+CONNECTIONS = 64  # HTTP keep-alive connections, for the gateway and for Flask alike
+NAIVE_THREADS = 64  # the thread pool, one device each (PostgreSQL allows 100 connections)
+
+TARGETS = {  # name: (figure, at least)
+    "TCP >= 50% of the database ceiling": ("tcp_x_ceiling", 0.5),
+    "TCP >= 20x the thread-pool server": ("tcp_x_naive", 20.0),
+    "HTTPS 100/request >= 30% of the ceiling": ("https100_x_ceiling", 0.3),
+    "HTTPS 1/request >= 3x Flask": ("https1_x_flask", 3.0),
+}
+
+
+def port_from(path: Path, proc: subprocess.Popen, what: str) -> int:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- baselines -----------------------------------------------------------------
+
+
+def naive_tcp(tmp: Path, server_dsn: str, duration: float) -> dict:
+    dsn = fresh_database(server_dsn, "bench_naive")
+    port_file = tmp / "naive.port"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "naive_tcp.py"), "--db", dsn, "--threads", str(NAIVE_THREADS),
+         "--port-file", str(port_file)],
+    )  # fmt: skip
+    try:
+        port = port_from(port_file, proc, "naive_tcp.py")
+        argv = [
+            str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(tmp / "naive"),
+            "--target", f"localhost:{port}", "--protocol", "tcp", "--devices", str(NAIVE_THREADS),
+            "--rate", "0", "--duration", str(duration), "--batch", "100", "--quiet", "--json",
+        ]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"simulate against naive_tcp.py failed: {out.stderr}")
+        result = json.loads(out.stdout)
+    finally:
+        stop(proc)
+    result["stored"] = stored(dsn)
+    drop_database(server_dsn, "bench_naive")
+    return result
+
+
+def flask(tmp: Path, server_dsn: str, duration: float) -> dict:
+    dsn = fresh_database(server_dsn, "bench_flask")
+    tokens_file = tmp / "flask-tokens.txt"
+    provision(dsn, CONNECTIONS, tokens_file)
+    workers = 2 * (os.cpu_count() or 1) + 1  # gunicorn's own advice
+    import socket
+
+    with socket.socket() as s:  # gunicorn takes a port number; let the kernel choose one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "sync", "--bind", f"127.0.0.1:{port}",
+         "--backlog", "2048", "--chdir", str(HERE), "--log-level", "warning", "naive_flask:app"],
+        env=dict(os.environ, GATEWAY_BENCH_DSN=dsn),
+    )  # fmt: skip
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 60
+        while True:  # up when it answers (405: the route exists, GET is not allowed)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/readings", timeout=1)
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("gunicorn did not start") from None
+                time.sleep(0.1)
+        result = wrk(f"http://127.0.0.1:{port}/v1/readings", tokens_file, 1, CONNECTIONS, duration, run=0)
+    finally:
+        stop(proc)
+    result["workers"] = workers
+    result["stored"] = stored(dsn)
+    drop_database(server_dsn, "bench_flask")
+    return result
+
+
+# -- the gateway ---------------------------------------------------------------
+
+
+class Measured:
+    """A gateway process's CPU seconds across a run, and its RSS after it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.process = psutil.Process(gateway.proc.pid)
+
+    def __call__(self, run, *args, **kw) -> dict:
+        before = sum(self.process.cpu_times()[:2])
+        result = run(*args, **kw)
+        cpu = sum(self.process.cpu_times()[:2]) - before
+        result["gateway_cpu_s_per_million"] = cpu / max(1, result["acked"]) * 1e6
+        result["gateway_rss_mb"] = self.process.memory_info().rss / 2**20
+        if "rate" in result:  # gatewayctl simulate's summary
+            result["readings_per_s"] = result["rate"]
+        return result
+
+
+def settle(server_dsn: str) -> None:
+    """Checkpoint between runs, so that no run pays for the WAL of the one before (needs superuser)."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(server_dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CHECKPOINT")
+        conn.close()
+    except psycopg2.Error:
+        pass
+
+
+def on_fresh_gateway(tmp: Path, server_dsn: str, name: str, run, keep: bool = False) -> tuple[dict, str]:
+    """``run(gateway, dsn, tokens_file, measured)`` on a new database and gateway; (its result, the database)."""
+    dsn = fresh_database(server_dsn, f"bench_{name}")
+    tokens_file = tmp / f"{name}-tokens.txt"
+    provision(dsn, CONNECTIONS, tokens_file)
+    settle(server_dsn)
+    gateway = Gateway(dsn, tmp / f"gw-{name}")
+    try:
+        result = run(gateway, dsn, tokens_file, Measured(gateway))
+    finally:
+        gateway.stop()
+    if not keep:
+        drop_database(server_dsn, f"bench_{name}")
+    return result, dsn
+
+
+def gateway_runs(tmp: Path, server_dsn: str, args: argparse.Namespace, figures: dict) -> str:
+    """
+    Each transport at the most the gateway acknowledges, then at about half
+    of it; each run on a new database and gateway, so that none is slowed by
+    the vacuuming or the WAL of millions of rows from the one before. Returns
+    the database of the TCP run, kept as the uploader's backlog.
+    """
+
+    def tgp(protocol: str, rate: float):
+        return lambda gateway, dsn, _, measured: measured(
+            simulate, gateway, dsn, protocol, args.devices, rate, args.duration, 100
+        )
+
+    def https(per_request: int, run: int, half_of: float | None = None):
+        def go(gateway, dsn, tokens_file, measured):
+            url = f"https://127.0.0.1:{gateway.ports['https']}/v1/readings"
+            delay_ms = 0
+            if half_of is not None:
+                # Each connection waits after each answer; a 2 s probe tells how long answers
+                # take at about that rate, and the wait is shortened by that much.
+                cycle_ms = CONNECTIONS / (half_of / 2) * 1000
+                probe = wrk(url, tokens_file, per_request, CONNECTIONS, 2, run + 10, round(cycle_ms))
+                answer_ms = CONNECTIONS / max(1.0, probe["requests_per_s"]) * 1000 - round(cycle_ms)
+                delay_ms = max(1, round(cycle_ms - max(0.0, answer_ms)))
+            return measured(wrk, url, tokens_file, per_request, CONNECTIONS, args.duration, run, delay_ms)
+
+        return go
+
+    figures["tcp_max"], backlog = on_fresh_gateway(tmp, server_dsn, "tcp_max", tgp("tcp", 0), keep=True)
+    figures["tls_max"], _ = on_fresh_gateway(tmp, server_dsn, "tls_max", tgp("tls", 0))
+    for run, n in enumerate((1, 100)):
+        figures[f"https{n}_max"], _ = on_fresh_gateway(tmp, server_dsn, f"https{n}_max", https(n, run))
+    for protocol in ("tcp", "tls"):
+        half = figures[f"{protocol}_max"]["rate"] / 2
+        figures[f"{protocol}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"{protocol}_half", tgp(protocol, half))
+    for run, n in enumerate((1, 100), start=2):
+        most = figures[f"https{n}_max"]["requests_per_s"]
+        figures[f"https{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"https{n}_half", https(n, run, most))
+    return backlog
+
+
+def idle(tmp: Path, dsn: str, protocol: str, devices: int) -> dict:
+    """The gateway's RSS once ``devices`` devices are connected, each sending one reading a minute."""
+    gateway = Gateway(dsn, tmp / f"gw-idle-{protocol}")  # fresh: RSS not inflated by the load runs
+    process = psutil.Process(gateway.proc.pid)
+    before = process.memory_info().rss
+    sim = subprocess.Popen(
+        simulate_argv(gateway, dsn, protocol, devices, rate=devices / 60, duration=3600, batch=1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    try:
+        connected = 0
+        while time.monotonic() - started < 300:
+            port = gateway.ports[protocol]
+            connected = sum(
+                1
+                for c in process.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+            )
+            if connected >= devices:
+                break
+            time.sleep(1)
+        all_in = time.monotonic() - started
+        time.sleep(3)  # the last handshakes finished, the declarations acknowledged
+        rss = process.memory_info().rss
+    finally:
+        stop(sim)
+        gateway.stop()
+    return {
+        "protocol": protocol,
+        "devices": devices,
+        "connected": connected,
+        "connect_s": all_in,
+        "rss_mb": rss / 2**20,
+        "rss_before_mb": before / 2**20,
+        "kb_per_device": (rss - before) / 1024 / max(1, connected),
+    }
+
+
+def uploader(tmp: Path, server_dsn: str, dsn: str, args: argparse.Namespace, figures: dict) -> None:
+    receiver = Receiver(tmp / "receiver")
+    try:
+        figures["upload"] = drain_rate(tmp, dsn, receiver, stored(dsn))
+    finally:
+        receiver.stop()
+    drop_database(server_dsn, "bench_tcp_max")
+    settle(server_dsn)
+    dsn = fresh_database(server_dsn, "bench_outage")
+    receiver = Receiver(tmp / "receiver-outage")
+    try:
+        half = figures["tcp_max"]["rate"] / 2
+        figures["outage"] = outage(tmp, dsn, receiver, half, args.outage, args.devices, args.steady)
+    finally:
+        receiver.stop()
+    drop_database(server_dsn, "bench_outage")
+
+
+# -- report --------------------------------------------------------------------
+
+
+def flat(figures: dict) -> dict:
+    """The figures compared across commits, as flat keys."""
+    ceiling_rps = figures["ceiling"]["readings_per_s"]
+    idle_tcp = next(i for i in figures["idle"] if i["protocol"] == "tcp")
+    out = {
+        "ceiling_rps": ceiling_rps,
+        "naive_tcp_rps": figures["naive_tcp"]["rate"],
+        "flask_rps": figures["flask"]["readings_per_s"],
+        "tcp_rps": figures["tcp_max"]["rate"],
+        "tls_rps": figures["tls_max"]["rate"],
+        "https1_rps": figures["https1_max"]["readings_per_s"],
+        "https100_rps": figures["https100_max"]["readings_per_s"],
+        "tcp_p50_ms": figures["tcp_half"]["p50_ms"],
+        "tcp_p99_ms": figures["tcp_half"]["p99_ms"],
+        "tcp_half_rps": figures["tcp_half"]["rate"],
+        "tcp_cpu_s_per_million": figures["tcp_max"]["gateway_cpu_s_per_million"],
+        "idle_conns": idle_tcp["connected"],
+        "idle_rss_mb": idle_tcp["rss_mb"],
+        "uploader_rps": figures["upload"]["rate"],
+        "outage_s": figures["outage"]["outage_s"],
+        "catch_up_s": figures["outage"]["backlog_delivered_s"],
+    }
+    out["tcp_x_ceiling"] = out["tcp_rps"] / ceiling_rps
+    out["tcp_x_naive"] = out["tcp_rps"] / out["naive_tcp_rps"]
+    out["https100_x_ceiling"] = out["https100_rps"] / ceiling_rps
+    out["https1_x_flask"] = out["https1_rps"] / out["flask_rps"]
+    return out
+
+
+def targets(summary: dict, figures: dict) -> dict[str, bool]:
+    met = {name: summary[key] >= least for name, (key, least) in TARGETS.items()}
+    met["TCP ack p99 < 50 ms at half rate"] = summary["tcp_p99_ms"] < 50
+    met["10,000 idle devices < 400 MB RSS"] = summary["idle_conns"] >= 10_000 and summary["idle_rss_mb"] < 400
+    return met
+
+
+def report(figures: dict, summary: dict) -> str:
+    ceiling_rps = summary["ceiling_rps"]
+    lines = [f"machine: {json.dumps(figures['machine'])}", ""]
+    head = f"{'run':<40}{'readings/s':>12}{'x ceiling':>10}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/M':>9}{'RSS MB':>8}"
+    lines += [head + f"{'errors':>8}", "-" * (len(head) + 8)]
+
+    def row(label: str, f: dict, errors: int | None = None) -> None:
+        rps = f["readings_per_s"] if "readings_per_s" in f else f["rate"]
+        cpu = f"{f['gateway_cpu_s_per_million']:>9.1f}" if "gateway_cpu_s_per_million" in f else f"{'':>9}"
+        rss = f"{f['gateway_rss_mb']:>8.0f}" if "gateway_rss_mb" in f else f"{'':>8}"
+        if errors is None:
+            errors = sum(f["errors"].values()) if isinstance(f["errors"], dict) else f["errors"] + f["socket_errors"]
+        lines.append(
+            f"{label:<40}{rps:>12,.0f}{rps / ceiling_rps:>10.2f}{f['p50_ms']:>8.1f}{f['p99_ms']:>8.1f}{cpu}{rss}"
+            f"{errors:>8}"
+        )
+
+    lines.append(f"{'database ceiling (1 process, no protocol)':<40}{ceiling_rps:>12,.0f}{1:>10.2f}")
+    row(f"baseline: thread pool, TCP ({NAIVE_THREADS} dev)", figures["naive_tcp"])
+    row(f"baseline: Flask+gunicorn, HTTP ({figures['flask']['workers']} w)", figures["flask"])
+    for key, label in (
+        ("tcp", f"txgateway TGP/TCP ({figures['devices']} dev)"),
+        ("tls", f"txgateway TGP/TLS ({figures['devices']} dev)"),
+        ("https1", f"txgateway HTTPS, 1/request ({CONNECTIONS} conn)"),
+        ("https100", f"txgateway HTTPS, 100/request ({CONNECTIONS} conn)"),
+    ):
+        row(label + " most", figures[f"{key}_max"])
+        row(label + " half", figures[f"{key}_half"])
+    lines.append("")
+    lines.append(
+        f"TCP: {summary['tcp_x_ceiling']:.2f}x the ceiling, {summary['tcp_x_naive']:.1f}x the thread-pool server; "
+        f"HTTPS 100/request: {summary['https100_x_ceiling']:.2f}x the ceiling; "
+        f"HTTPS 1/request: {summary['https1_x_flask']:.1f}x Flask"
+    )
+    for i in figures["idle"]:
+        lines.append(
+            f"{i['connected']:,} idle {i['protocol'].upper()} devices (connected in {i['connect_s']:.0f} s): "
+            f"gateway RSS {i['rss_mb']:.0f} MB ({i['kb_per_device']:.1f} KB each over {i['rss_before_mb']:.0f} MB)"
+        )
+    up, out = figures["upload"], figures["outage"]
+    lines.append(
+        f"uploader: {up['rate']:,.0f} readings/s from a backlog of {up['readings']:,} "
+        f"({up['rate'] / summary['tcp_rps']:.2f}x the TCP ingest rate)"
+    )
+    lines.append(
+        f"receiver down {out['outage_s']:.0f} s under {out['ingest_rate']:,.0f} readings/s of ingest: the "
+        f"{out['owed_readings']:,} readings owed delivered {_seconds(out['backlog_delivered_s'])} after it came back; "
+        f"lag under 10 s after {_seconds(out['lag_under_2_flush_s'])}"
+    )
+    lines.append("")
+    for name, ok in figures["targets"].items():
+        lines.append(f"{'met   ' if ok else 'MISSED'} {name}")
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs: under three minutes")
+    parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--db", help="PostgreSQL server DSN (default: embedded, in a temporary directory)")
+    parser.add_argument("--duration", type=float, help="seconds per load run [full: 20, quick: 4]")
+    parser.add_argument("--devices", type=int, default=100, help="simulated TGP devices [100]")
+    parser.add_argument("--idle", type=int, default=10_000, help="idle devices held [10000]")
+    parser.add_argument("--outage", type=float, help="seconds the upload receiver is down [full: 60, quick: 10]")
+    parser.add_argument("--steady", type=float, help="seconds of ingest before the outage [full: 10, quick: 3]")
+    args = parser.parse_args()
+    defaults = (4.0, 10.0, 3.0) if args.quick else (20.0, 60.0, 10.0)
+    for name, value in zip(("duration", "outage", "steady"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    need_wrk()
+    if not (BIN / "twistd").exists() or not (BIN / "gunicorn").exists():
+        raise SystemExit(f"install the benchmarks' needs first: pip install '{ROOT}[bench]'")
+    fd_limit = raise_fd_limit()
+    if fd_limit < args.idle + 1000:
+        raise SystemExit(f"--idle {args.idle}: the file-descriptor limit is {fd_limit}; raise the hard limit")
+
+    started = time.monotonic()
+    with workspace(args.db) as (tmp, server_dsn):
+        figures: dict = {
+            "machine": {**machine(server_dsn), "fd_limit": fd_limit},
+            "quick": args.quick,
+            "duration_s": args.duration,
+            "devices": args.devices,
+        }
+        figures["ceiling"] = ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration)
+        drop_database(server_dsn, "bench_ceiling")
+        settle(server_dsn)
+        figures["naive_tcp"] = naive_tcp(tmp, server_dsn, args.duration)
+        settle(server_dsn)
+        figures["flask"] = flask(tmp, server_dsn, args.duration)
+        dsn = gateway_runs(tmp, server_dsn, args, figures)
+        settle(server_dsn)
+        uploader(tmp, server_dsn, dsn, args, figures)
+        settle(server_dsn)
+        dsn = fresh_database(server_dsn, "bench_idle")
+        figures["idle"] = [
+            idle(tmp, dsn, protocol, args.idle) for protocol in (("tcp",) if args.quick else ("tcp", "tls"))
+        ]
+    figures["seconds"] = time.monotonic() - started
+    summary = flat(figures)
+    figures["targets"] = targets(summary, figures)
+    print(report(figures, summary))
+    print(f"\n({figures['seconds']:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "machine": figures["machine"], **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
