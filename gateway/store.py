@@ -4,15 +4,19 @@ one on PostgreSQL and an in-memory one for tests of the layers above.
 
 Durability argument (PostgresStore). ``write`` hands the device's readings
 to the group commit queue; its Deferred fires only after the statement
-holding them has returned from the server. Each batch is one
-``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING RETURNING`` run
-outside an explicit transaction, so the statement is its own transaction and
-its successful return *is* the COMMIT (with fsync and synchronous_commit on).
-Rows are sorted by the natural key before insertion so two batches that
-overlap take their unique-index locks in the same order and cannot
-deadlock each other; a deadlock or serialisation failure from elsewhere is
-retried. The natural key (device, metric, ts) makes a retransmission a
-no-op: RETURNING tells which readings were new, the rest are duplicates.
+holding them has committed. Each batch is one
+``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING`` in a transaction
+of its own: up to ``SMALL_BATCH`` rows, one statement outside an explicit
+transaction (its successful return *is* the COMMIT, with fsync and
+synchronous_commit on) that counts the rows it inserted; bigger batches,
+``BEGIN`` sent with the INSERT, the row count read, then ``COMMIT``, whose
+return is the acknowledgement. Rows are sorted by the natural key before
+insertion so two batches that overlap take their unique-index locks in the
+same order and cannot deadlock each other; a deadlock or serialisation
+failure from elsewhere is retried. The natural key (device, metric, ts)
+makes a retransmission a no-op: when fewer rows were inserted than sent,
+the rows carrying the batch's transaction id (the ``tx`` column) are the
+new ones, the rest are duplicates.
 
 When the server refuses a batch for its data (a constraint, a value out
 of range, an encoding error), the batch is split in halves and retried
