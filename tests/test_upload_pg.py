@@ -158,6 +158,7 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
 
         assert main(["upload", "retry-dead", "cloud", "--db", db_dsn]) == 0
         await until(lambda: len(receiver.accepted) == 3, what="the parked batch sent again")
+        await until(lambda: sql("SELECT count(*) FROM upload_batches") == [(0,)], what="its row gone after the 2xx")
     finally:
         await uploader.stopService()
     assert receiver.accepted[-1].key == key
