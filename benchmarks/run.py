@@ -93,18 +93,18 @@ def stop(proc: subprocess.Popen) -> None:
 # -- baselines -----------------------------------------------------------------
 
 
-def naive_tcp(tmp: Path, server_dsn: str, duration: float) -> dict:
+def naive_tcp(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict:
     dsn = fresh_database(server_dsn, "bench_naive")
     port_file = tmp / "naive.port"
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "naive_tcp.py"), "--db", dsn, "--threads", str(NAIVE_THREADS),
+        [sys.executable, str(HERE / "naive_tcp.py"), "--db", dsn, "--threads", str(devices),
          "--port-file", str(port_file)],
     )  # fmt: skip
     try:
         port = port_from(port_file, proc, "naive_tcp.py")
         argv = [
             str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(tmp / "naive"),
-            "--target", f"localhost:{port}", "--protocol", "tcp", "--devices", str(NAIVE_THREADS),
+            "--target", f"localhost:{port}", "--protocol", "tcp", "--devices", str(devices),
             "--rate", "0", "--duration", str(duration), "--batch", "100", "--quiet", "--json",
         ]  # fmt: skip
         out = subprocess.run(argv, capture_output=True, text=True)
@@ -361,7 +361,7 @@ def report(figures: dict, summary: dict) -> str:
         )
 
     lines.append(f"{'database ceiling (1 process, no protocol)':<40}{ceiling_rps:>12,.0f}{1:>10.2f}")
-    row(f"baseline: thread pool, TCP ({NAIVE_THREADS} dev)", figures["naive_tcp"])
+    row(f"baseline: thread pool, TCP ({figures['naive_tcp']['devices']} dev)", figures["naive_tcp"])
     row(f"baseline: Flask+gunicorn, HTTP ({figures['flask']['workers']} w)", figures["flask"])
     for key, label in (
         ("tcp", f"txgateway TGP/TCP ({figures['devices']} dev)"),
@@ -435,7 +435,8 @@ def main() -> None:
         figures["ceiling"] = ceiling(fresh_database(server_dsn, "bench_ceiling"), args.duration)
         drop_database(server_dsn, "bench_ceiling")
         settle(server_dsn)
-        figures["naive_tcp"] = naive_tcp(tmp, server_dsn, args.duration)
+        # One thread and one database connection per device, up to NAIVE_THREADS.
+        figures["naive_tcp"] = naive_tcp(tmp, server_dsn, args.duration, min(NAIVE_THREADS, args.devices))
         settle(server_dsn)
         figures["flask"] = flask(tmp, server_dsn, args.duration)
         dsn = gateway_runs(tmp, server_dsn, args, figures)

@@ -22,7 +22,7 @@ FLAT_KEYS = (
 
 def test_the_benchmark_reports_every_figure(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "1", "--devices", "5", "--idle", "20",
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "2", "--devices", "5", "--idle", "20",
          "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
