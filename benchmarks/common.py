@@ -150,6 +150,7 @@ class Gateway:
 def simulate_argv(
     gateway: Gateway, dsn: str, protocol: str, devices: int, rate: float, duration: float, batch: int = 100
 ) -> list[str]:
+    """``gatewayctl simulate`` against ``gateway`` (or any server given as its data_dir and ports)."""
     return [
         str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(gateway.data_dir),
         "--target", f"localhost:{gateway.ports[protocol]}", "--protocol", protocol, "--devices", str(devices),

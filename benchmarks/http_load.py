@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg2
 
-from gateway import tokens
+from gateway.cli import provision_simulated
 
 WRK_SCRIPT = r"""
 local tokens = {}
@@ -57,20 +57,13 @@ def need_wrk() -> None:
 
 
 def provision(dsn: str, count: int, tokens_file: Path) -> None:
-    """Devices http-0 … http-N-1; their tokens, one per line, in ``tokens_file``."""
+    """Devices sim-0 … sim-N-1, as ``gatewayctl simulate`` makes them; their tokens in ``tokens_file``."""
     conn = psycopg2.connect(dsn)
-    lines = []
-    with conn, conn.cursor() as cur:
-        for i in range(count):
-            new = tokens.new_token()
-            cur.execute(
-                "INSERT INTO devices (name, token_id, token_hash) VALUES (%s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET token_id = EXCLUDED.token_id, token_hash = EXCLUDED.token_hash",
-                (f"http-{i}", new.token_id, new.digest),
-            )
-            lines.append(new.token)
-    conn.close()
-    tokens_file.write_text("\n".join(lines) + "\n")
+    try:
+        devices = provision_simulated(conn, count)
+    finally:
+        conn.close()
+    tokens_file.write_text("".join(token + "\n" for _, token in devices))
 
 
 def parse_wrk(out: str) -> dict:

@@ -37,10 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 
@@ -101,16 +105,8 @@ def naive_tcp(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict
          "--port-file", str(port_file)],
     )  # fmt: skip
     try:
-        port = port_from(port_file, proc, "naive_tcp.py")
-        argv = [
-            str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(tmp / "naive"),
-            "--target", f"localhost:{port}", "--protocol", "tcp", "--devices", str(devices),
-            "--rate", "0", "--duration", str(duration), "--batch", "100", "--quiet", "--json",
-        ]  # fmt: skip
-        out = subprocess.run(argv, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"simulate against naive_tcp.py failed: {out.stderr}")
-        result = json.loads(out.stdout)
+        target = SimpleNamespace(data_dir=tmp / "naive", ports={"tcp": port_from(port_file, proc, "naive_tcp.py")})
+        result = simulate(target, dsn, "tcp", devices, 0, duration, 100)
     finally:
         stop(proc)
     result["stored"] = stored(dsn)
@@ -123,8 +119,6 @@ def flask(tmp: Path, server_dsn: str, duration: float) -> dict:
     tokens_file = tmp / "flask-tokens.txt"
     provision(dsn, CONNECTIONS, tokens_file)
     workers = 2 * (os.cpu_count() or 1) + 1  # gunicorn's own advice
-    import socket
-
     with socket.socket() as s:  # gunicorn takes a port number; let the kernel choose one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -134,8 +128,6 @@ def flask(tmp: Path, server_dsn: str, duration: float) -> dict:
         env=dict(os.environ, GATEWAY_BENCH_DSN=dsn),
     )  # fmt: skip
     try:
-        import urllib.request
-
         deadline = time.monotonic() + 60
         while True:  # up when it answers (405: the route exists, GET is not allowed)
             try:

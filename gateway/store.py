@@ -83,22 +83,22 @@ ORDER BY d, m, t
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
 
-BEGIN_INSERT_READINGS = "BEGIN;" + INSERT_READINGS
+# A batch's transaction stored exactly the rows it found new. Which ones is
+# asked only when some were not (a retransmission): a RETURNING clause on
+# every insert cost the database 7% of its time per reading for an answer
+# seldom needed.
+_NEW_ROWS = "SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = "
 
 # Small batches (one-reading requests) are bound by the gateway's round trips,
-# not by the database's work per row: one statement, its own transaction.
+# not by the database's work per row: one statement, its own transaction,
+# counting what it inserted and naming that transaction.
 SMALL_BATCH = 200
 COUNT_INSERT_READINGS = f"WITH new AS ({INSERT_READINGS} RETURNING 1) SELECT count(*), pg_current_xact_id() FROM new"
-NEW_IN_TRANSACTION = """
-SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = %s::xid8
-"""
+NEW_IN_TRANSACTION = _NEW_ROWS + "%s::xid8"
 
-# The batch's own transaction stored exactly the rows it found new; asked only
-# when some were not (a retransmission). A RETURNING clause on every insert
-# cost the database 7% of its time per reading for an answer seldom needed.
-NEW_IN_THIS_TRANSACTION = """
-SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = pg_current_xact_id()
-"""
+# Bigger batches: BEGIN travels with the INSERT, the row count is read, then COMMIT.
+BEGIN_INSERT_READINGS = "BEGIN;" + INSERT_READINGS
+NEW_IN_THIS_TRANSACTION = _NEW_ROWS + "pg_current_xact_id()"
 
 UPDATE_LAST_SEEN = """
 UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at)),
@@ -377,9 +377,7 @@ class PostgresStore(Service):
         if not tokens.token_matches(token, bytes(row[2])):
             return None
         device = Device(row[0], row[1])
-        if len(self._verified) >= AUTH_CACHE_SIZE:
-            self._verified.pop(next(iter(self._verified)))
-        self._verified[token] = (now + AUTH_CACHE_TTL, device)
+        _remember(self._verified, token, (now + AUTH_CACHE_TTL, device), AUTH_CACHE_SIZE)
         return device
 
     def forget_credentials(self) -> None:
@@ -489,48 +487,41 @@ class PostgresStore(Service):
         return outcomes
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str, int]] | None:
-        """
-        Insert in one transaction: None when every row was new, else the keys
-        (device, metric, µs) of the new. BEGIN travels with the INSERT, so the
-        usual batch costs two round trips, not three: for the small batches of
-        one-reading requests the round trips are most of the gateway's work.
-        """
+        """Insert in one transaction: None when every row was new, else the keys (device, metric, µs) of the new."""
         columns = array_literals(rows)
-        if len(rows) <= SMALL_BATCH:
-            return await self._insert_small(conn, rows, columns)
-        for attempt in range(DEADLOCK_RETRIES):
-            cursor = conn.cursor()
-            try:
-                await cursor.execute(BEGIN_INSERT_READINGS, columns)
-                new = None
-                if cursor.rowcount != len(rows):
-                    await cursor.execute(NEW_IN_THIS_TRANSACTION)
-                    new = cursor.fetchall()
-                await cursor.execute("COMMIT")
-                return new
-            except psycopg2.Error as e:
-                try:
-                    await cursor.execute("ROLLBACK")
-                except psycopg2.Error:
-                    pass  # the connection is gone: the pool sees to it
-                if not isinstance(e, (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)):
-                    raise
-                if attempt == DEADLOCK_RETRIES - 1:
-                    raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
-        raise AssertionError("unreachable")
-
-    async def _insert_small(self, conn: Any, rows: list[tuple], columns: tuple) -> list[tuple[int, str, int]] | None:
-        """One statement, one round trip: the count, and which rows were new only when some were not."""
+        shape = self._insert_small if len(rows) <= SMALL_BATCH else self._insert_large
         for attempt in range(DEADLOCK_RETRIES):
             try:
-                ((count, tx),) = await conn.runQuery(COUNT_INSERT_READINGS, columns)
-                if count == len(rows):
-                    return None
-                return await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
+                return await shape(conn, len(rows), columns)
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _insert_small(conn: Any, count: int, columns: tuple) -> list[tuple[int, str, int]] | None:
+        """One statement, one round trip; committed when it returns."""
+        ((inserted, tx),) = await conn.runQuery(COUNT_INSERT_READINGS, columns)
+        return None if inserted == count else await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
+
+    @staticmethod
+    async def _insert_large(conn: Any, count: int, columns: tuple) -> list[tuple[int, str, int]] | None:
+        """BEGIN with the INSERT, then COMMIT: two round trips; committed when COMMIT returns."""
+        cursor = conn.cursor()
+        try:
+            await cursor.execute(BEGIN_INSERT_READINGS, columns)
+            new = None
+            if cursor.rowcount != count:
+                await cursor.execute(NEW_IN_THIS_TRANSACTION)
+                new = cursor.fetchall()
+            await cursor.execute("COMMIT")
+            return new
+        except psycopg2.Error:
+            try:
+                await cursor.execute("ROLLBACK")
+            except psycopg2.Error:
+                pass  # the connection is gone: the pool sees to it
+            raise
 
     async def _insert_isolating(
         self, conn: Any, rows: list[tuple]
@@ -674,12 +665,12 @@ class PostgresStore(Service):
         return d.addErrback(failed)
 
 
-def _remember(table: dict[str, Any], key: str, value: Any) -> None:
-    """Keep (or with None, forget) the latest answer for key, newest last, within KNOWN_DEVICES."""
+def _remember(table: dict[str, Any], key: str, value: Any, limit: int = KNOWN_DEVICES) -> None:
+    """Keep (or with None, forget) the latest answer for key, newest last, within ``limit`` keys."""
     table.pop(key, None)
     if value is None:
         return
-    if len(table) >= KNOWN_DEVICES:
+    if len(table) >= limit:
         table.pop(next(iter(table)))
     table[key] = value
 
