@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway import embedded, schema  # noqa: E402
-from gateway.store import INSERT_READINGS  # noqa: E402
+from gateway.store import WRITE_BATCH  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -84,8 +84,8 @@ def ceiling(dsn: str, duration: float, batch: int = 5000) -> dict:
         start = time.perf_counter()
         while time.perf_counter() - start < duration:
             ts = list(range(n * 1000, (n + batch) * 1000, 1000))
-            cur.execute(INSERT_READINGS, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
-            assert cur.rowcount == batch
+            cur.execute(WRITE_BATCH, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
+            assert cur.fetchone()[0] == batch
             conn.commit()
             n += batch
         elapsed = time.perf_counter() - start

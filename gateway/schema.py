@@ -117,6 +117,82 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX rejected_input_device ON rejected_input (device, received_at);
         """,
     ),
+    (
+        4,
+        "digital twin, device types, API tokens, quarantine, alerts",
+        """
+        -- The latest value of each (device, metric), written in the readings' own transaction.
+        CREATE TABLE twin (
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            ts          timestamptz NOT NULL,
+            value       double precision NOT NULL,
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (device_id, metric)
+        );
+        INSERT INTO twin (device_id, metric, ts, value)
+        SELECT DISTINCT ON (device_id, metric) device_id, metric, ts, value
+        FROM readings ORDER BY device_id, metric, ts DESC, id;
+        -- A device's readings in time order, for the read API.
+        CREATE INDEX readings_device_time ON readings (device_id, ts);
+        -- The [device_types.NAME] mapping its JSON is read with; the silence limit of this device alone.
+        ALTER TABLE devices ADD COLUMN device_type text CHECK (device_type ~ '^[A-Za-z0-9_.:-]{1,64}$');
+        ALTER TABLE devices ADD COLUMN expected_interval double precision CHECK (expected_interval > 0);
+        CREATE TABLE api_tokens (
+            id          serial PRIMARY KEY,
+            name        text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9_.:-]{1,64}$'),
+            role        text NOT NULL CHECK (role IN ('reader', 'admin')),
+            token_id    text NOT NULL UNIQUE,
+            token_hash  bytea NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            revoked_at  timestamptz,
+            last_used   timestamptz
+        );
+        -- Readings that failed a quality rule: kept, not stored as readings, not uploaded.
+        CREATE TABLE quarantine (
+            id          bigserial PRIMARY KEY,
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            ts          timestamptz NOT NULL,
+            value       double precision NOT NULL,
+            rule        text NOT NULL,
+            source      text NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT quarantine_natural_key UNIQUE (device_id, metric, ts)
+        );
+        CREATE INDEX quarantine_device_time ON quarantine (device_id, received_at);
+        CREATE TABLE alerts (
+            id          bigserial PRIMARY KEY,
+            rule        text NOT NULL,
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            message     text NOT NULL,
+            fired_at    timestamptz NOT NULL DEFAULT now(),
+            fired_ts    timestamptz NOT NULL,
+            fired_value double precision NOT NULL,
+            cleared_at  timestamptz,
+            cleared_ts  timestamptz,
+            cleared_value double precision
+        );
+        -- One open alert per rule and device, whichever gateway saw the reading.
+        CREATE UNIQUE INDEX alerts_open ON alerts (rule, device_id) WHERE cleared_at IS NULL;
+        CREATE INDEX alerts_fired_at ON alerts (fired_at);
+        -- Webhook notices, sent at least once each, in order, with the uploader's retry policy.
+        CREATE TABLE alert_notices (
+            id          bigserial PRIMARY KEY,
+            key         uuid NOT NULL UNIQUE DEFAULT gen_random_uuid(),
+            alert_id    bigint NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
+            body        text NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            attempts    integer NOT NULL DEFAULT 0,
+            due_at      timestamptz NOT NULL DEFAULT now(),
+            sent_at     timestamptz,
+            parked_at   timestamptz,
+            last_error  text
+        );
+        CREATE INDEX alert_notices_due ON alert_notices (due_at, id) WHERE sent_at IS NULL AND parked_at IS NULL;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

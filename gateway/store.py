@@ -4,19 +4,18 @@ one on PostgreSQL and an in-memory one for tests of the layers above.
 
 Durability argument (PostgresStore). ``write`` hands the device's readings
 to the group commit queue; its Deferred fires only after the statement
-holding them has committed. Each batch is one
-``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING`` in a transaction
-of its own: up to ``SMALL_BATCH`` rows, one statement outside an explicit
-transaction (its successful return *is* the COMMIT, with fsync and
-synchronous_commit on) that counts the rows it inserted; bigger batches,
-``BEGIN`` sent with the INSERT, the row count read, then ``COMMIT``, whose
-return is the acknowledgement. Rows are sorted by the natural key before
-insertion so two batches that overlap take their unique-index locks in the
-same order and cannot deadlock each other; a deadlock or serialisation
-failure from elsewhere is retried. The natural key (device, metric, ts)
-makes a retransmission a no-op: when fewer rows were inserted than sent,
-the rows carrying the batch's transaction id (the ``tx`` column) are the
-new ones, the rest are duplicates.
+holding them has committed. Each batch is one statement outside an
+explicit transaction, so its successful return *is* the COMMIT (with fsync
+and synchronous_commit on): ``INSERT … SELECT … FROM unnest(…) ON CONFLICT
+DO NOTHING`` for the readings, the digital twin's newer-only upsert of the
+latest value per (device, metric), and a count of the rows inserted. Rows
+are sorted by the natural key before insertion, and twin rows by (device,
+metric), so two batches that overlap take their locks in the same order
+and cannot deadlock each other; a deadlock or serialisation failure from
+elsewhere is retried. The natural key (device, metric, ts) makes a
+retransmission a no-op: when fewer rows were inserted than sent, the rows
+carrying the batch's transaction id (the ``tx`` column) are the new ones,
+the rest are duplicates.
 
 When the server refuses a batch for its data (a constraint, a value out
 of range, an encoding error), the batch is split in halves and retried
@@ -75,30 +74,35 @@ CHECK_TIMEOUT = 2.0
 REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
 KNOWN_DEVICES = 100_000  # credentials remembered for use while the database is away
 
-INSERT_READINGS = """
-INSERT INTO readings (device_id, metric, ts, value)
-SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond', v
-FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) AS u(d, m, t, v)
-ORDER BY d, m, t
-ON CONFLICT (device_id, metric, ts) DO NOTHING
+# The batch and the digital twin in one statement, so one transaction. The
+# ordinal n makes both choices the same when a batch holds one key twice:
+# the readings keep the first copy and the twin takes that copy too. The
+# twin moves only forward in time, so a late reading never replaces a newer
+# one, whichever gateway stores it.
+WRITE_BATCH = """
+WITH u AS MATERIALIZED (
+    SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v, n
+    FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) WITH ORDINALITY AS u(d, m, t, v, n)
+), new AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT d, m, ts, v FROM u ORDER BY d, m, ts, n
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    RETURNING 1
+), latest AS (
+    INSERT INTO twin AS t (device_id, metric, ts, value)
+    SELECT DISTINCT ON (d, m) d, m, ts, v FROM u ORDER BY d, m, ts DESC, n
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = EXCLUDED.ts, value = EXCLUDED.value, updated_at = now()
+    WHERE t.ts < EXCLUDED.ts
+)
+SELECT count(*), pg_current_xact_id() FROM new
 """
 
-# A batch's transaction stored exactly the rows it found new. Which ones is
-# asked only when some were not (a retransmission): a RETURNING clause on
-# every insert cost the database 7% of its time per reading for an answer
-# seldom needed.
-_NEW_ROWS = "SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = "
-
-# Small batches (one-reading requests) are bound by the gateway's round trips,
-# not by the database's work per row: one statement, its own transaction,
-# counting what it inserted and naming that transaction.
-SMALL_BATCH = 200
-COUNT_INSERT_READINGS = f"WITH new AS ({INSERT_READINGS} RETURNING 1) SELECT count(*), pg_current_xact_id() FROM new"
-NEW_IN_TRANSACTION = _NEW_ROWS + "%s::xid8"
-
-# Bigger batches: BEGIN travels with the INSERT, the row count is read, then COMMIT.
-BEGIN_INSERT_READINGS = "BEGIN;" + INSERT_READINGS
-NEW_IN_THIS_TRANSACTION = _NEW_ROWS + "pg_current_xact_id()"
+# Which rows the batch's transaction stored is asked only when some were not
+# new (a retransmission): a RETURNING clause naming every key cost the
+# database 7% of its time per reading for an answer seldom needed.
+NEW_IN_TRANSACTION = (
+    "SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = %s::xid8"
+)
 
 UPDATE_LAST_SEEN = """
 UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at)),
@@ -487,41 +491,19 @@ class PostgresStore(Service):
         return outcomes
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str, int]] | None:
-        """Insert in one transaction: None when every row was new, else the keys (device, metric, µs) of the new."""
+        """
+        Insert in one transaction (one statement, committed when it returns): None when every row
+        was new, else the keys (device, metric, µs) of the new ones.
+        """
         columns = array_literals(rows)
-        shape = self._insert_small if len(rows) <= SMALL_BATCH else self._insert_large
         for attempt in range(DEADLOCK_RETRIES):
             try:
-                return await shape(conn, len(rows), columns)
+                ((inserted, tx),) = await conn.runQuery(WRITE_BATCH, columns)
+                return None if inserted == len(rows) else await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
         raise AssertionError("unreachable")
-
-    @staticmethod
-    async def _insert_small(conn: Any, count: int, columns: tuple) -> list[tuple[int, str, int]] | None:
-        """One statement, one round trip; committed when it returns."""
-        ((inserted, tx),) = await conn.runQuery(COUNT_INSERT_READINGS, columns)
-        return None if inserted == count else await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
-
-    @staticmethod
-    async def _insert_large(conn: Any, count: int, columns: tuple) -> list[tuple[int, str, int]] | None:
-        """BEGIN with the INSERT, then COMMIT: two round trips; committed when COMMIT returns."""
-        cursor = conn.cursor()
-        try:
-            await cursor.execute(BEGIN_INSERT_READINGS, columns)
-            new = None
-            if cursor.rowcount != count:
-                await cursor.execute(NEW_IN_THIS_TRANSACTION)
-                new = cursor.fetchall()
-            await cursor.execute("COMMIT")
-            return new
-        except psycopg2.Error:
-            try:
-                await cursor.execute("ROLLBACK")
-            except psycopg2.Error:
-                pass  # the connection is gone: the pool sees to it
-            raise
 
     async def _insert_isolating(
         self, conn: Any, rows: list[tuple]

@@ -6,8 +6,11 @@ concurrency, isolation of a refused reading, outages and reconnection.
 
 from __future__ import annotations
 
+import os
 import random
 
+import psycopg2
+import psycopg2.extensions
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -15,7 +18,7 @@ from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from gateway import tokens
+from gateway import schema, tokens
 from gateway.readings import Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
 from gateway.store import IStore, MemoryStore, PostgresStore
 
@@ -207,7 +210,7 @@ async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql, n):
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("n", [50, 1000])  # below and above SMALL_BATCH: both statement shapes
+@pytest.mark.parametrize("n", [50, 1000])
 async def test_retransmitted_and_repeated_readings_in_a_batch_of_either_size(db_dsn, sql, n):
     store = await open_pg_store(db_dsn)
     try:
@@ -272,3 +275,85 @@ async def test_reconnects_after_connections_are_killed(db_dsn, sql):
         assert await store.check() is None
     finally:
         await store.stopService()
+
+
+def twin_rows(sql) -> dict[tuple[str, str], tuple[int, float]]:
+    rows = sql(
+        "SELECT d.name, t.metric, (extract(epoch FROM t.ts) * 1000000)::bigint, t.value "
+        "FROM twin t JOIN devices d ON d.id = t.device_id"
+    )
+    return {(name, metric): (ts, value) for name, metric, ts, value in rows}
+
+
+@pytest_twisted.ensureDeferred
+async def test_twin_keeps_the_newest_value_and_ignores_late_older_readings(db_dsn, sql):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        await store.write(device, [Reading("oil_temp", 2_000, 80.0), Reading("density", 1_000, 0.9)])
+        await store.write(device, [Reading("oil_temp", 1_000, 70.0)])  # late and older: stored, twin unmoved
+        assert twin_rows(sql) == {("a", "oil_temp"): (2_000, 80.0), ("a", "density"): (1_000, 0.9)}
+        await store.write(device, [Reading("oil_temp", 3_000, 90.0), Reading("oil_temp", 2_500, 85.0)])
+        assert twin_rows(sql)[("a", "oil_temp")] == (3_000, 90.0)
+        # One key twice in a batch: the readings keep the first copy, and so does the twin.
+        await store.write(device, [Reading("oil_temp", 4_000, 1.0), Reading("oil_temp", 4_000, 2.0)])
+        assert sql("SELECT value FROM readings WHERE ts = timestamptz 'epoch' + interval '4 ms'") == [(1.0,)]
+        assert twin_rows(sql)[("a", "oil_temp")] == (4_000, 1.0)
+        # A retransmission with another value changes neither.
+        await store.write(device, [Reading("oil_temp", 4_000, 3.0)])
+        assert twin_rows(sql)[("a", "oil_temp")] == (4_000, 1.0)
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twin_newer_only_across_two_gateways_sharing_the_database(db_dsn, sql):
+    """Interleaved writes from two stores: the twin ends at the newest reading whichever committed last."""
+    first, second = await open_pg_store(db_dsn), await open_pg_store(db_dsn)
+    try:
+        device = await first.authenticate(add_pg_device(sql, "a"))
+        writes = []
+        for i in range(200):
+            store = first if i % 2 else second
+            ts = (i * 7919) % 200  # a scrambled order of 0..199
+            writes.append(store.write(device, [Reading("oil_temp", ts * 1000, float(ts))]))
+        for d in writes:
+            await d
+        assert twin_rows(sql) == {("a", "oil_temp"): (199_000, 199.0)}
+        assert sql("SELECT count(*) FROM readings")[0][0] == 200
+    finally:
+        await first.stopService()
+        await second.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_fills_the_twin_from_readings_stored_before_it(pg_server_dsn):
+    from tests.conftest import _admin_sql
+
+    name = f"gw_twin_migration_{os.getpid()}"
+    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
+    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
+    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
+    try:
+        conn = psycopg2.connect(dsn)
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, description text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for number, description, statement in schema.MIGRATIONS[:3]:
+                cur.execute(statement)
+                cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, description))
+            cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) VALUES "
+                "(1, 'oil_temp', 'epoch', 1), (1, 'oil_temp', '2026-01-01Z', 2), (1, 'rpm', 'epoch', 3)"
+            )
+        conn.commit()
+        assert schema.migrate(conn) == [4]
+        with conn.cursor() as cur:
+            cur.execute("SELECT metric, value FROM twin ORDER BY metric")
+            assert cur.fetchall() == [("oil_temp", 2.0), ("rpm", 3.0)]
+        conn.close()
+    finally:
+        _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
