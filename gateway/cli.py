@@ -89,15 +89,58 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         _note(f"schema is at version {schema.LATEST}")
 
 
+def _gateway_config(args: argparse.Namespace) -> Any:
+    """The gateway's settings from --config (device types, quality rules), or the defaults."""
+    from gateway.config import build_config
+
+    file_values: dict[str, Any] = {}
+    if args.config:
+        try:
+            file_values = load_toml(Path(args.config).expanduser())
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+    try:
+        return build_config({}, file_values, Path(args.config) if args.config else None)
+    except ConfigError as e:
+        raise CommandError(f"{args.config}: {e}") from None
+
+
+def _device_type(args: argparse.Namespace) -> str | None:
+    kind = getattr(args, "type", None)
+    if kind is None:
+        return None
+    if not is_name(kind):
+        raise CommandError(f"--type {kind!r}: {NAME_RULE}")
+    if not args.config:
+        _note(f"--type {kind}: not checked against a config file (give --config to check it)")
+    elif _gateway_config(args).device_type(kind) is None:
+        raise CommandError(f"--type {kind!r}: {args.config} has no [device_types.{kind}] table")
+    return kind
+
+
+def _interval(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from gateway.config import duration
+
+    try:
+        return duration(text)
+    except ValueError as e:
+        raise CommandError(f"--interval: {e}") from None
+
+
 def cmd_device_add(args: argparse.Namespace) -> None:
     if not is_name(args.name):
         raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
+    kind = _device_type(args)
+    interval = _interval(args.interval)
     new = tokens.new_token()
     with database(args) as conn:
         with conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO devices (name, token_id, token_hash) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
-                (args.name, new.token_id, new.digest),
+                "INSERT INTO devices (name, token_id, token_hash, device_type, expected_interval) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (args.name, new.token_id, new.digest, kind, interval),
             )
             if cur.rowcount == 0:
                 raise CommandError(f"device {args.name!r} exists already")
@@ -106,15 +149,64 @@ def cmd_device_add(args: argparse.Namespace) -> None:
     _note(f"device {args.name} added; the token above is shown only once")
 
 
+def cmd_device_set(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if args.type is not None:
+        changes["device_type"] = None if args.type == "" else _device_type(args)
+    if args.interval is not None:
+        changes["expected_interval"] = None if args.interval == "" else _interval(args.interval)
+    if not changes:
+        raise CommandError("nothing to set: give --type and/or --interval ('' to clear)")
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            assignments = ", ".join(f"{column} = %({column})s" for column in changes)
+            cur.execute(
+                f"UPDATE devices SET {assignments} WHERE name = %(name)s RETURNING 1", {**changes, "name": args.name}
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no device {args.name!r}")
+            cur.execute(NOTIFY_DEVICE, (args.name,))
+        conn.commit()
+    _note(
+        f"device {args.name}: "
+        + ", ".join(f"{k.replace('_', ' ')} {v if v is not None else 'cleared'}" for k, v in changes.items())
+    )
+
+
+def _device_statuses(args: argparse.Namespace, conn: Any, name: str | None = None) -> list[dict[str, Any]]:
+    import time
+
+    from gateway.status import StatusPolicy
+
+    config = _gateway_config(args)
+    policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
+    now = time.time()
+    with conn.cursor() as cur:
+        cur.execute(*policy.query(now, name))
+        rows = cur.fetchall()
+    conn.rollback()
+    return [policy.describe(row, now) for row in rows]
+
+
 def cmd_device_list(args: argparse.Namespace) -> None:
-    with database(args) as conn, conn.cursor() as cur:
-        cur.execute("SELECT name, created_at, last_seen, revoked_at FROM devices ORDER BY name")
-        rows = [
-            (name, _when(created), _when(seen) or "never", _when(revoked) or "-")
-            for name, created, seen, revoked in cur.fetchall()
-        ]
-    header = ("NAME", "CREATED", "LAST SEEN", "REVOKED")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    with database(args) as conn:
+        devices = _device_statuses(args, conn)
+    if args.json:
+        print(json.dumps(devices))
+        return
+    rows = [
+        (
+            d["name"],
+            d["type"] or "-",
+            d["created"],
+            d["last_seen"] or "never",
+            "revoked" if d["status"] == "revoked" else ("SILENT" if d["silent"] else "ok"),
+            f"FLAGGED ({d['quality']['failures']})" if d["quality"]["flagged"] else str(d["quality"]["failures"]),
+        )
+        for d in devices
+    ]
+    header = ("NAME", "TYPE", "CREATED", "LAST SEEN", "STATE", "FAILURES")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
 
@@ -355,6 +447,132 @@ def _react(main: Any) -> None:
         outcome[0].raiseException()
 
 
+# -- API tokens ----------------------------------------------------------
+
+
+def cmd_token_add(args: argparse.Namespace) -> None:
+    if not is_name(args.name):
+        raise CommandError(f"token name {args.name!r}: {NAME_RULE}")
+    new = tokens.new_token()
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO api_tokens (name, role, token_id, token_hash) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (name) DO NOTHING",
+                (args.name, args.role, new.token_id, new.digest),
+            )
+            if cur.rowcount == 0:
+                raise CommandError(f"API token {args.name!r} exists already (revoke it, or choose another name)")
+        conn.commit()
+    print(new.token)
+    _note(f"API token {args.name} ({args.role}) added; the token above is shown only once")
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute("SELECT name, role, created_at, revoked_at FROM api_tokens ORDER BY name")
+        rows = [(name, role, _when(created), _when(revoked) or "-") for name, role, created, revoked in cur.fetchall()]
+    header = ("NAME", "ROLE", "CREATED", "REVOKED")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
+                (args.name,),
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no API token {args.name!r}")
+        conn.commit()
+    _note(f"API token {args.name} revoked; it is refused from now on")
+
+
+# -- quarantine ----------------------------------------------------------
+
+QUARANTINE_WHERE = """
+FROM quarantine q JOIN devices d ON d.id = q.device_id
+WHERE (%(ids)s::bigint[] IS NULL OR q.id = ANY(%(ids)s))
+  AND (%(device)s::text IS NULL OR d.name = %(device)s)
+  AND (%(rule)s::text IS NULL OR q.rule LIKE %(rule)s || '%%')
+"""
+
+# Released readings go where they would have gone: into readings (once each),
+# into the twin if newer, and so to the sinks, in one transaction with their removal.
+RELEASE = f"""
+WITH moved AS (
+    DELETE FROM quarantine q USING devices d
+    WHERE d.id = q.device_id AND q.id IN (SELECT q.id {QUARANTINE_WHERE})
+    RETURNING q.device_id, q.metric, q.ts, q.value
+), stored AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM moved ORDER BY device_id, metric, ts
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    RETURNING 1
+), latest AS (
+    INSERT INTO twin AS t (device_id, metric, ts, value)
+    SELECT DISTINCT ON (device_id, metric) device_id, metric, ts, value FROM moved
+    ORDER BY device_id, metric, ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = EXCLUDED.ts, value = EXCLUDED.value, updated_at = now()
+    WHERE t.ts < EXCLUDED.ts
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM stored)
+"""
+
+
+def _quarantine_filter(args: argparse.Namespace) -> dict[str, Any]:
+    return {"ids": getattr(args, "ids", None) or None, "device": args.device, "rule": args.rule}
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> None:
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT q.id, d.name, q.metric, (extract(epoch FROM q.ts) * 1000000)::bigint, q.value, q.rule, "
+            f"q.received_at {QUARANTINE_WHERE} ORDER BY q.id LIMIT %(limit)s",
+            {**_quarantine_filter(args), "limit": args.limit},
+        )
+        rows = cur.fetchall()
+    if args.json:
+        for id_, device, metric, ts, value, rule, received in rows:
+            print(
+                json.dumps(
+                    {
+                        "id": id_,
+                        "device": device,
+                        "metric": metric,
+                        "ts": format_ts(ts),
+                        "value": value,
+                        "rule": rule,
+                        "received_at": _when(received),
+                    }
+                )
+            )
+        return
+    table = [
+        (str(id_), device, metric, format_ts(ts), repr(value), rule) for id_, device, metric, ts, value, rule, _ in rows
+    ]
+    header = ("ID", "DEVICE", "METRIC", "TS", "VALUE", "RULE")
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    if len(rows) == args.limit:
+        _note(f"(the first {args.limit}; --limit shows more)")
+
+
+def cmd_quarantine_release(args: argparse.Namespace) -> None:
+    if not (args.ids or args.device or args.rule or args.all):
+        raise CommandError("say which readings: IDs, --device, --rule, or --all")
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(RELEASE, _quarantine_filter(args))
+            moved, stored = cur.fetchone()
+        conn.commit()
+    _note(f"released {moved} readings: {stored} stored, {moved - stored} were stored already")
+
+
 # -- upload ------------------------------------------------------------
 
 
@@ -446,8 +664,16 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     p = dsub.add_parser("add", parents=[common], help="register a device; prints its token on stdout")
     p.add_argument("name")
+    p.add_argument("--type", help="its [device_types.NAME] in the config file: it posts that vendor JSON")
+    p.add_argument("--interval", help="silent when nothing is heard for this long (90s, 10m, 1h) [default: its type's]")
     p.set_defaults(func=cmd_device_add)
-    p = dsub.add_parser("list", parents=[common], help="list devices")
+    p = dsub.add_parser("set", parents=[common], help="change a device's type or expected interval")
+    p.add_argument("name")
+    p.add_argument("--type", help="its [device_types.NAME]; '' for none (it then posts the gateway's JSON)")
+    p.add_argument("--interval", help="silent when nothing is heard for this long; '' for its type's")
+    p.set_defaults(func=cmd_device_set)
+    p = dsub.add_parser("list", parents=[common], help="list devices: type, last seen, silent, quality flags")
+    p.add_argument("--json", action="store_true", help="print them as one JSON list (as GET /v1/devices)")
     p.set_defaults(func=cmd_device_list)
     p = dsub.add_parser("show", parents=[common], help="one device: last seen, transport, counters")
     p.add_argument("name")
@@ -470,6 +696,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="only readings before this time (RFC 3339 or epoch ms)")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="[default: jsonl]")
     p.set_defaults(func=cmd_export)
+
+    token = sub.add_parser("token", parents=[common], help="API tokens for the read API")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("add", parents=[common], help="make an API token; prints it on stdout")
+    p.add_argument("name")
+    p.add_argument("--role", choices=("reader", "admin"), required=True, help="admin may also read the quarantine")
+    p.set_defaults(func=cmd_token_add)
+    p = tsub.add_parser("list", parents=[common], help="list API tokens")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub.add_parser("revoke", parents=[common], help="refuse an API token from now on")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_token_revoke)
+
+    quarantine = sub.add_parser("quarantine", parents=[common], help="readings that failed a quality rule")
+    qsub = quarantine.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("list", "show quarantined readings, oldest first"),
+        ("release", "store quarantined readings as readings (twin and uploads too)"),
+    ):
+        p = qsub.add_parser(action, parents=[common], help=text)
+        p.add_argument("ids", nargs="*", type=int, metavar="ID", help="only these (the ID column of list)")
+        p.add_argument("--device", help="only this device's")
+        p.add_argument("--rule", help="only those whose rule starts with this (oil_temp.max, max_past)")
+        if action == "list":
+            p.add_argument("--limit", type=int, default=100, help="at most this many [default: 100]")
+            p.add_argument("--json", action="store_true", help="one JSON object per line")
+            p.set_defaults(func=cmd_quarantine_list)
+        else:
+            p.add_argument("--all", action="store_true", help="every quarantined reading")
+            p.set_defaults(func=cmd_quarantine_release)
 
     upload = sub.add_parser("upload", parents=[common], help="the uploader's sinks: status and parked batches")
     usub = upload.add_subparsers(dest="upload_command", required=True, metavar="ACTION")

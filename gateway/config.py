@@ -21,6 +21,8 @@ from twisted.python import usage
 from gateway.endpoints import EndpointSpec, parse_endpoint
 from gateway.journal import parse_size
 from gateway.logs import FORMATS, LEVELS
+from gateway.vendor import DeviceType, DeviceTypeError, device_type_from_table
+from gateway.quality import QualityError, QualityRules, rules_from_table
 from gateway.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
 if sys.version_info >= (3, 11):
@@ -114,17 +116,21 @@ def _dsn(value: Any) -> str:
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _age(value: Any) -> float:
-    """A duration: seconds, or a number with s, m, h or d ('30d')."""
-    text = str(value).strip()
+def duration(value: Any, lo: float = 1.0, hi: float = 100 * 365 * 86400) -> float:
+    """A duration: seconds, or a number with s, m, h or d ('30d'); ValueError otherwise."""
+    text = str(value).strip() if not isinstance(value, bool) else ""
     unit = _UNITS.get(text[-1:], None) if text else None
     try:
         seconds = float(text[:-1] if unit else text) * (unit or 1)
     except ValueError:
         raise ValueError(f"{value!r} is not a duration such as 3600, 90m, 12h or 30d") from None
-    if not 60 <= seconds <= 100 * 365 * 86400:
-        raise ValueError(f"{value!r} is outside 1 minute..100 years")
+    if not lo <= seconds <= hi:
+        raise ValueError(f"{value!r} is outside {lo:g}s..{hi / 86400 / 365:g} years")
     return seconds
+
+
+def _age(value: Any) -> float:
+    return duration(value, lo=60)
 
 
 def _local_endpoint(value: Any) -> EndpointSpec:
@@ -341,6 +347,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log-format", "text", _choice(*FORMATS), "Log lines as text, or as one JSON object per line (json)."),
     Setting("log-level", "info", _choice(*LEVELS), "Least important log level written: " + ", ".join(LEVELS) + "."),
     Setting(
+        "status-interval",
+        30.0,
+        _seconds(1, 3600),
+        "Seconds between checks of every device for silence (nothing heard for longer than its "
+        "expected interval) and for quality flags.",
+    ),
+    Setting(
         "retention",
         None,
         _age,
@@ -392,6 +405,15 @@ class GatewayConfig:
     log_level: str = "info"
     sinks: tuple[Sink, ...] = ()
     config_file: Path | None = None
+    status_interval: float = 30.0
+    device_types: tuple[DeviceType, ...] = ()
+    quality: QualityRules = QualityRules()
+
+    def device_type(self, name: str | None) -> DeviceType | None:
+        for t in self.device_types:
+            if t.name == name:
+                return t
+        return None
 
     @property
     def pg_dir(self) -> Path:
@@ -434,9 +456,10 @@ def build_config(
     """Merge defaults < config file < command line, and check every value."""
     file_values = dict(file_values or {})
     sink_tables = file_values.pop("sink", [])
+    tables = {key: file_values.pop(key) for key in TABLES if key in file_values}
     for key in file_values:
         if key not in _BY_NAME:
-            known = ", ".join(sorted([*_BY_NAME, "sink"]))
+            known = ", ".join(sorted([*_BY_NAME, "sink", *TABLES]))
             raise ConfigError("config", f"{str(config_file)!r}: unknown key {key!r} (known: {known})")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -462,8 +485,30 @@ def build_config(
     return GatewayConfig(
         config_file=config_file,
         sinks=_sinks(values, sink_tables),
+        device_types=_device_types(tables.get("device-types", {})),
+        quality=_quality(tables.get("quality", {})),
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
+
+
+# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]].
+TABLES = ("device-types", "quality")
+
+
+def _device_types(tables: Any) -> tuple[DeviceType, ...]:
+    if not isinstance(tables, dict):
+        raise ConfigError("", "[device_types]: give each type as a [device_types.NAME] table")
+    try:
+        return tuple(device_type_from_table(name, table, duration) for name, table in tables.items())
+    except DeviceTypeError as e:
+        raise ConfigError("", str(e)) from None
+
+
+def _quality(table: Any) -> QualityRules:
+    try:
+        return rules_from_table(table, duration)
+    except QualityError as e:
+        raise ConfigError("", str(e)) from None
 
 
 def _sinks(values: Mapping[str, Any], tables: Any) -> tuple[Sink, ...]:

@@ -15,6 +15,8 @@ from protocols import tgp
 BANNER = """txgateway console: a Python prompt inside the running gateway. Careful: it is live.
   status()              uptime, connections, readings/s, store queue and commit time, sinks
   devices()             devices online: address, transport, since, readings, last error
+  attention()           devices silent or flagged for quality failures (as of the last status check)
+  alerts()              open edge alerts
   kick(name)            close a device's connections (it may reconnect)
   sinks()               the uploader's sinks; pause(sink), resume(sink), flush(sink) (no name: all)
   gateway, store, uploader, metrics, config   the live objects
@@ -94,6 +96,8 @@ class Console:
             "config": g.config,
             "status": self.status,
             "devices": self.devices,
+            "attention": self.attention,
+            "alerts": self.alerts,
             "kick": self.kick,
             "sinks": self.sinks,
             "pause": self.pause,
@@ -110,6 +114,29 @@ class Console:
             import pydoc
 
             print(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+
+    def attention(self) -> Table:
+        """Devices silent for longer than expected or flagged for quality failures, from the last status check."""
+        watch = self.gateway.status
+        rows = []
+        for name in sorted(watch.silent.keys() | watch.flagged.keys()):
+            doc = watch.silent.get(name) or watch.flagged[name]
+            rows.append(
+                {
+                    "device": name,
+                    "silent": name in watch.silent,
+                    "silent_for": doc["silent_for"],
+                    "flagged": name in watch.flagged,
+                    "failures": doc["quality"]["failures"],
+                    "last_seen": doc["last_seen"],
+                }
+            )
+        return Table(rows)
+
+    def alerts(self) -> Table:
+        """Edge alerts open now, as this gateway knows them."""
+        alerts = getattr(self.gateway, "alerts", None)
+        return Table(alerts.open_alerts() if alerts is not None else [])
 
     def status(self) -> Report:
         """Uptime, connections per transport, readings/s over the last minute, store, sinks."""

@@ -266,7 +266,9 @@ class DeviceProtocol(protocol.Protocol):
 
     def _send_answer(self, seq: int, outcome: Any, arrived: float) -> None:
         if isinstance(outcome, WriteResult):
-            self._send(tgp.Ack(seq, min(outcome.accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF)))
+            # Readings kept in quarantine count as accepted: they are kept, and sending them again changes nothing.
+            accepted = outcome.accepted + len(outcome.quarantined)
+            self._send(tgp.Ack(seq, min(accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF)))
             self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
             self.readings += outcome.accepted
             return

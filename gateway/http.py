@@ -34,7 +34,7 @@ from twisted.web import http, resource, server
 from gateway.health import Health
 from gateway.ingest import Ingest, peer_of
 from gateway.metrics import MetricsResource
-from gateway.readings import IngestError, InvalidInput, WriteResult
+from gateway.readings import IngestError, InvalidInput, WriteResult, format_ts
 from gateway.store import IStore
 
 log = Logger()
@@ -314,7 +314,13 @@ class ReadingsResource(JsonResource):
 
     def _accepted(self, request: server.Request, result: WriteResult, source: str, arrived: float) -> bytes:
         self.ingest.metrics.acked(source, self.ingest.clock.seconds() - arrived)
-        return _json(request, 200, {"accepted": result.accepted, "duplicates": result.duplicates})
+        doc: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates}
+        if result.quarantined:
+            doc["quarantined"] = [
+                {"index": q.index, "metric": q.reading.metric, "ts": format_ts(q.reading.ts_us), "rule": q.rule}
+                for q in result.quarantined
+            ]
+        return _json(request, 200, doc)
 
 
 def _bearer(request: server.Request) -> str | None:
@@ -367,10 +373,16 @@ class OperationsRoot(resource.Resource):
 
 
 class Root(resource.Resource):
-    def __init__(self, ingest: Ingest, health: Health, metrics_here: bool) -> None:
+    def __init__(self, ingest: Ingest, health: Health, metrics_here: bool, api: Any = None) -> None:
         super().__init__()
         v1 = resource.Resource()
         v1.putChild(b"readings", ReadingsResource(ingest))
+        if api is not None:
+            from gateway.api import ApiResource
+
+            reads = ApiResource(api)
+            for name in (b"devices", b"alerts", b"quarantine", b"openapi.json"):
+                v1.putChild(name, reads)
         v1.getChild = lambda path, request: NotFound()  # type: ignore[method-assign]
         self.putChild(b"v1", v1)
         for name, child in operations_resources(health, ingest.metrics).items():
@@ -399,12 +411,15 @@ class GatewaySite(server.Site):
         request_timeout: float,
         health: Health | None = None,
         metrics_here: bool = True,
+        api: Any = None,
     ) -> None:
         # The API takes JSON, never forms: without form parsing twisted.web
         # skips its Content-Type parsing through the email package, which
         # cost a quarter of the CPU of a one-reading request.
         health = health or Health(store, stall_after=300.0)
-        super().__init__(Root(ingest, health, metrics_here), timeout=request_timeout, parsePOSTFormSubmission=False)
+        super().__init__(
+            Root(ingest, health, metrics_here, api), timeout=request_timeout, parsePOSTFormSubmission=False
+        )
         self.ingest = ingest
         self.store = store
         self.clock = clock

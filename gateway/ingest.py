@@ -20,9 +20,12 @@ from twisted.logger import Logger
 from gateway.limits import DeviceRates, OverLimit
 from gateway.logs import RateLimitedLog
 from gateway.metrics import GatewayMetrics
+from gateway.quality import QualityRules
+from gateway.vendor import DeviceType
 
 from gateway.readings import (
     Device,
+    DeviceTypeUnknown,
     IngestError,
     InvalidInput,
     NAME_RULE,
@@ -85,7 +88,7 @@ def parse_readings_json(body: bytes) -> list[Reading]:
 
 
 class Ingest:
-    """Authenticate → normalise → store → answer, for every transport."""
+    """Authenticate → normalise → check quality → store → answer, for every transport."""
 
     def __init__(
         self,
@@ -93,11 +96,17 @@ class Ingest:
         clock: IReactorTime,
         metrics: GatewayMetrics | None = None,
         rates: DeviceRates | None = None,
+        quality: QualityRules | None = None,
+        device_types: Sequence[DeviceType] = (),
     ) -> None:
         self.store = store
         self.clock = clock
         self.metrics = metrics or GatewayMetrics(clock)
         self.rates = rates or DeviceRates(0, clock)
+        self.quality = quality or QualityRules()
+        self.device_types = {t.name: t for t in device_types}
+        # Called with (device, readings) once readings are committed: the edge alerts.
+        self.observers: list[Callable[[Device, Sequence[Reading]], None]] = []
         # A device that keeps sending bad input must not flood the log.
         self.refusals = RateLimitedLog(log, clock)
 
@@ -136,12 +145,25 @@ class Ingest:
                 reason=error.message,
             )
             raise error from None
+        good, failed = self.quality.split(readings, self.clock.seconds())
         try:
-            result: WriteResult = await self.store.write(device, readings, source)
+            if failed:
+                # Kept before the answer, like the readings: an ack covers both.
+                await self.store.quarantine(device, failed, source)
+            result: WriteResult = await self.store.write(device, good, source) if good else WriteResult(0, 0)
         except StoreRejected as e:
             await self.refused(source, e, raw(), device)
             raise
         self.metrics.stored(device.name, source, result.accepted, result.duplicates)
+        if failed:
+            self.metrics.quarantined(source, len(failed))
+            result = WriteResult(result.accepted, result.duplicates, tuple(failed))
+        if good:
+            for observe in self.observers:
+                try:
+                    observe(device, good)
+                except Exception:
+                    log.failure("a reading observer failed")
         return result
 
     async def refused(self, source: str, error: IngestError, raw: bytes, device: Device | None) -> None:
@@ -163,13 +185,28 @@ class Ingest:
 
         async def run() -> WriteResult:
             try:
-                readings = parse_readings_json(body)
+                readings = self.read_body(device, body)
             except InvalidInput as e:
                 await self.refused(source, e, body, device)
                 raise
             return await self.store_readings(device, readings, source, lambda: body)
 
         return Deferred.fromCoroutine(run())
+
+    def read_body(self, device: Device, body: bytes) -> list[Reading]:
+        """The readings of a JSON body: the gateway's own shape, or the device type's vendor mapping."""
+        if device.type is None:
+            return parse_readings_json(body)
+        mapping = self.device_types.get(device.type)
+        if mapping is None:
+            log.error(
+                "device {device} has type {type}, which the config file does not define: its input is "
+                "answered 503 until [device_types.{type}] is added",
+                device=device.name,
+                type=device.type,
+            )
+            raise DeviceTypeUnknown(f"device type {device.type!r} is not configured on this gateway; retry later")
+        return mapping.read(body, device.name)
 
 
 def peer_of(source: str) -> str:

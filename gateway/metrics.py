@@ -105,6 +105,12 @@ class GatewayMetrics:
             ["transport"],
             registry=r,
         )
+        self._quarantined = Counter(
+            "gateway_readings_quarantined",
+            "Readings that failed a quality rule and were kept in quarantine, by transport.",
+            ["transport"],
+            registry=r,
+        )
         self._rejected = Counter(
             "gateway_inputs_rejected",
             "Requests, frames and handshakes refused, by transport and reason (the error code the client got).",
@@ -155,6 +161,9 @@ class GatewayMetrics:
         seen = self._seen(device, transport, source)
         seen.readings += accepted
         seen.duplicates += duplicates
+
+    def quarantined(self, source: str, count: int) -> None:
+        self._quarantined.labels(transport_of(source)).inc(count)
 
     def rejected(self, source: str, reason: str, device: str | None = None, message: str = "") -> None:
         transport = transport_of(source)

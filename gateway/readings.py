@@ -39,12 +39,14 @@ class Reading(NamedTuple):
 class Device:
     id: int
     name: str
+    type: str | None = None  # its [device_types.NAME] mapping, for vendor JSON
 
 
 @dataclass(frozen=True)
 class WriteResult:
     accepted: int  # newly stored
     duplicates: int  # already stored (a retransmission)
+    quarantined: tuple[Any, ...] = ()  # gateway.quality.Quarantined: kept aside, each with the rule it failed
 
 
 class IngestError(Exception):
@@ -94,6 +96,14 @@ class RateLimited(IngestError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeviceTypeUnknown(IngestError):
+    """The device is registered with a type this gateway's config file lacks; nothing was stored."""
+
+    status = 503
+    code = "device_type_unknown"
+    retry_after = 60
 
 
 class StoreRejected(IngestError):

@@ -35,6 +35,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from gateway import embedded, schema
+from gateway import openapi
+from gateway.api import ReadApi
 from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
 from gateway.console import BANNER, Console
 from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
@@ -48,6 +50,8 @@ from gateway.limits import ConnectionLimits, DeviceRates, LimitedFactory
 from gateway.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.manhole import ManholeError, console_factory
 from gateway.metrics import GatewayMetrics, counter, gauge
+from gateway.pool import PgPool
+from gateway.status import StatusPolicy, StatusWatch
 from gateway.store import PostgresStore
 from gateway.stdtls import TLSServerFactory, server_context
 from gateway.tls import TLSConfigError, make_self_signed
@@ -123,6 +127,9 @@ LIVE_SETTINGS = frozenset(
         "upload_backoff",
         "upload_backoff_cap",
         "upload_timeout",
+        "quality",
+        "device_types",
+        "status_interval",
     )
 )
 
@@ -155,9 +162,25 @@ class GatewayService(MultiService):
             journal=self.journal,
         )
         self.store.batch_observers.append(self.metrics.committed)
-        self.ingest = Ingest(self.store, reactor, self.metrics, DeviceRates(config.device_rate, reactor))
+        self.ingest = Ingest(
+            self.store,
+            reactor,
+            self.metrics,
+            DeviceRates(config.device_rate, reactor),
+            quality=config.quality,
+            device_types=config.device_types,
+        )
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_address, self._refused)
         self.health = Health(self.store, stall_after=config.sink_stall, uploader=lambda: self.uploader)
+        self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
+        self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
+        self.api = ReadApi(self.reads, reactor, self.status_policy, openapi.document())
+        self.status = StatusWatch(
+            lambda sql, params: self.reads.run(lambda c: c.runQuery(sql, params)),
+            self.status_policy,
+            reactor,
+            config.status_interval,
+        )
         self.site = GatewaySite(
             self.ingest,
             self.store,
@@ -166,6 +189,7 @@ class GatewayService(MultiService):
             request_timeout=config.request_timeout,
             health=self.health,
             metrics_here=config.metrics is None,
+            api=self.api,
         )
         self.console = Console(self)
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self.store.forget_credentials)
@@ -339,6 +363,8 @@ class GatewayService(MultiService):
         if self.config.sinks or self.config.retention is not None:
             await self._start_uploader(self.config.sinks)
         await self.watch.start(dsn)
+        await self.reads.start(dsn)
+        self.status.setServiceParent(self)
         if self.exit_on_failure:  # the real process (twistd), not a test's
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         tune_gc()
@@ -395,6 +421,7 @@ class GatewayService(MultiService):
         await super().stopService()
         for session in sessions:
             session.end(tgp.ErrorCode.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
+        await self.reads.close()
         if self.journal is not None:
             await self.journal.close()
         if self.embedded is not None:
@@ -491,6 +518,26 @@ class GatewayService(MultiService):
             self.store.committer.max_queue,
         )
         yield gauge("gateway_database_connections", "Open connections of the store's pool.", self.store.pool.up)
+        yield gauge(
+            "gateway_devices_silent",
+            "Devices heard from longer ago than their expected interval (at the last status check).",
+            len(self.status.silent),
+        )
+        yield gauge(
+            "gateway_devices_flagged",
+            "Devices over the quality failure threshold within the window (at the last status check).",
+            len(self.status.flagged),
+        )
+        attention = gauge(
+            "gateway_device_attention",
+            "1 for each device that is silent or flagged, by device and reason.",
+            labels=["device", "reason"],
+        )
+        for name in sorted(self.status.silent):
+            attention.add_metric([name, "silent"], 1)
+        for name in sorted(self.status.flagged):
+            attention.add_metric([name, "flagged"], 1)
+        yield attention
         yield from self._journal_metrics()
         if self.uploader is None:
             return
@@ -572,6 +619,10 @@ class GatewayService(MultiService):
             handshake_timeout=new.device_handshake_timeout,
         )
         self.ingest.rates.rate = new.device_rate
+        self.ingest.quality = self.status_policy.quality = new.quality
+        self.ingest.device_types = self.status_policy.device_types = {t.name: t for t in new.device_types}
+        if new.status_interval != old.status_interval:
+            self.status.set_interval(new.status_interval)
         self.device_settings = settings
         for factory in self.device_factories:
             factory.settings = settings

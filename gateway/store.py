@@ -111,11 +111,19 @@ FROM unnest(%s::integer[], %s::float8[], %s::text[]) AS u(id, at, source)
 WHERE d.id = u.id
 """
 
-FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL FROM devices WHERE token_id = %s"
-FIND_DEVICE_BY_NAME = "SELECT id, token_hash, revoked_at IS NOT NULL FROM devices WHERE name = %s"
+FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE token_id = %s"
+FIND_DEVICE_BY_NAME = "SELECT id, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE name = %s"
 _DUMMY_TOKEN = "0" * 16 + "." + "A" * 43
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
+
+INSERT_QUARANTINE = """
+INSERT INTO quarantine (device_id, metric, ts, value, rule, source)
+SELECT %s, m, timestamptz 'epoch' + t * interval '1 microsecond', v, r, %s
+FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(m, t, v, r)
+ORDER BY m, t
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
 
 
 class IStore(Interface):
@@ -134,6 +142,12 @@ class IStore(Interface):
 
     def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
+
+    def quarantine(device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+        """
+        Keep readings that failed a quality rule (gateway.quality.Quarantined), once each
+        (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.
+        """
 
     def has_room(size: int) -> bool:
         """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""
@@ -380,7 +394,7 @@ class PostgresStore(Service):
             return None
         if not tokens.token_matches(token, bytes(row[2])):
             return None
-        device = Device(row[0], row[1])
+        device = Device(row[0], row[1], row[4])
         _remember(self._verified, token, (now + AUTH_CACHE_TTL, device), AUTH_CACHE_SIZE)
         return device
 
@@ -401,17 +415,29 @@ class PostgresStore(Service):
             known = self._known_keys.get(name) if self.journal is not None else None
             if known is None:
                 raise
-            return Device(known[0], name), known[1]
+            return known
         if not rows or rows[0][2]:
             _remember(self._known_keys, name, None)
             return None
-        device_id, stored, _ = rows[0]
-        _remember(self._known_keys, name, (device_id, bytes(stored)))
-        return Device(device_id, name), bytes(stored)
+        device_id, stored, _, device_type = rows[0]
+        known = Device(device_id, name, device_type), bytes(stored)
+        _remember(self._known_keys, name, known)
+        return known
 
     def keep_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Insert into rejected_input; errbacks if it could not be kept."""
         return self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
+
+    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+        columns = (
+            device.id,
+            source,
+            [q.reading.metric for q in failed],
+            [q.reading.ts_us for q in failed],
+            [q.reading.value for q in failed],
+            [q.rule for q in failed],
+        )
+        return self.pool.run(lambda c: c.runOperation(INSERT_QUARANTINE, columns)).addCallback(lambda _: None)
 
     def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
@@ -665,12 +691,13 @@ class MemoryStore:
         self.devices: dict[str, tuple[Device, bytes, bool]] = {}
         self.readings: dict[tuple[int, str, int], float] = {}
         self.rejected: list[tuple[str, str | None, str, bytes]] = []
+        self.quarantined: dict[tuple[int, str, int], tuple[float, str]] = {}
         self.available = True
         self._next_id = 1
 
-    def add_device(self, name: str) -> str:
+    def add_device(self, name: str, device_type: str | None = None) -> str:
         new = tokens.new_token()
-        self.devices[new.token_id] = (Device(self._next_id, name), new.digest, False)
+        self.devices[new.token_id] = (Device(self._next_id, name, device_type), new.digest, False)
         self._next_id += 1
         return new.token
 
@@ -708,6 +735,15 @@ class MemoryStore:
                 self.readings[key] = value
                 new += 1
         return succeed(WriteResult(new, dup))
+
+    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+        from twisted.internet.defer import fail
+
+        if not self.available:
+            return fail(StoreUnavailable("database unavailable"))
+        for q in failed:
+            self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
+        return succeed(None)
 
     def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         self.rejected.append((source, device, reason, raw))

@@ -103,7 +103,7 @@ def script(name: str) -> str:
     return str(path)
 
 
-async def start_service(tmp_path: Path, db_dsn: str, **settings):
+async def start_service(tmp_path: Path, db_dsn: str, tables: dict | None = None, **settings):
     """The real service tree on 127.0.0.1, ports chosen by the kernel, started and ready."""
     from twisted.internet import reactor
 
@@ -117,7 +117,7 @@ async def start_service(tmp_path: Path, db_dsn: str, **settings):
         "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
     }
     values.update({key.replace("_", "-"): value for key, value in settings.items()})
-    service = GatewayService(build_config(values), reactor)
+    service = GatewayService(build_config(values, tables), reactor)
     service.privilegedStartService()
     service.startService()
     try:

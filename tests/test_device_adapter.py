@@ -15,6 +15,8 @@ from twisted.internet.testing import StringTransport
 from gateway import tokens
 from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
 from gateway.ingest import Ingest
+from gateway.quality import QualityRules
+
 from gateway.readings import StoreUnavailable, WriteResult
 from gateway.store import MemoryStore
 from protocols import tgp
@@ -22,6 +24,9 @@ from tests.tgp_helpers import drain
 
 F64 = tgp.ValueType.F64
 E = tgp.ErrorCode
+
+# A task.Clock starts at 1970: readings of 2026 would be far in its future.
+NO_TIME_RULES = QualityRules(max_future=None, max_past=None)
 
 
 class ManualStore(MemoryStore):
@@ -58,7 +63,10 @@ class Harness:
         self.clock = clock or Clock()
         self.registry = registry if registry is not None else DeviceRegistry()
         self.factory = DeviceFactory(
-            Ingest(self.store, self.clock), self.registry, clock=self.clock, settings=DeviceSettings(**settings)
+            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            self.registry,
+            clock=self.clock,
+            settings=DeviceSettings(**settings),
         )
         peer = IPv4Address("TCP", "10.1.2.3", 5555)
         self.proto = self.factory.buildProtocol(peer)

@@ -185,7 +185,7 @@ def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):
     data_dir = workdir / "gateway-data"
     gatewayctl("device", "add", "truck-3", data_dir=data_dir)
     listed = gatewayctl("device", "list", data_dir=data_dir).stdout.splitlines()
-    assert listed[0].split() == ["NAME", "CREATED", "LAST", "SEEN", "REVOKED"]
+    assert listed[0].split() == ["NAME", "TYPE", "CREATED", "LAST", "SEEN", "STATE", "FAILURES"]
     assert listed[1].split()[0] == "truck-3" and "never" in listed[1]
     gatewayctl("device", "revoke", "truck-3", data_dir=data_dir)
     again = gatewayctl("device", "add", "truck-3", data_dir=data_dir, check=False)

@@ -15,9 +15,14 @@ from twisted.internet.testing import StringTransport
 
 from gateway.http import GatewaySite
 from gateway.ingest import Ingest
+from gateway.quality import QualityRules
+
 from gateway.store import MemoryStore
 
 BODY = json.dumps({"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}).encode()
+
+# A task.Clock starts at 1970: readings of 2026 would be far in its future.
+NO_TIME_RULES = QualityRules(max_future=None, max_past=None)
 
 
 class Client:
@@ -26,7 +31,11 @@ class Client:
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
         self.site = GatewaySite(
-            Ingest(self.store, self.clock), self.store, clock=self.clock, max_body=max_body, request_timeout=timeout
+            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            self.store,
+            clock=self.clock,
+            max_body=max_body,
+            request_timeout=timeout,
         )
         self.site.callLater = self.clock.callLater  # HTTPChannel's idle timer
         self.site._reactor = self.clock

@@ -12,8 +12,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.ingest import Ingest
+
 from gateway.limits import BURST_SECONDS, ConnectionLimits, DeviceRates, LimitedFactory, OverLimit
-from tests.test_http_adapter import BODY, Client
+from tests.test_http_adapter import BODY, NO_TIME_RULES, Client
 
 
 def connect(factory, host: str):
@@ -92,7 +93,9 @@ def test_rate_zero_means_no_limit_and_the_table_is_bounded(monkeypatch):
 
 def test_https_answers_429_with_retry_after_and_stores_nothing():
     c = Client()
-    c.site.ingest = Ingest(c.store, c.clock, rates=DeviceRates(0.1, c.clock))  # one reading in 10 s
+    c.site.ingest = Ingest(
+        c.store, c.clock, rates=DeviceRates(0.1, c.clock), quality=NO_TIME_RULES
+    )  # one reading in 10 s
     c.site.resource.children[b"v1"].children[b"readings"].ingest = c.site.ingest
     c.request()
     c.request(body=BODY.replace(b"00.250Z", b"01Z"))

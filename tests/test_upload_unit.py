@@ -364,7 +364,7 @@ def test_retention_takes_durations():
     assert config(retention="12h").retention == 12 * 3600
     assert config(retention="3600").retention == 3600
     assert config().retention is None
-    with pytest.raises(ConfigError, match="^--retention: '5s' is outside 1 minute..100 years"):
+    with pytest.raises(ConfigError, match="^--retention: '5s' is outside 60s..100 years"):
         config(retention="5s")
     with pytest.raises(ConfigError, match="^--retention: 'soon' is not a duration"):
         config(retention="soon")

@@ -60,12 +60,19 @@ def _site():
 
         from gateway.http import GatewaySite
         from gateway.ingest import Ingest
+        from gateway.quality import QualityRules
         from gateway.store import MemoryStore
 
         store = MemoryStore()
         token = store.add_device("truck-1").encode()
         clock = Clock()
-        site = GatewaySite(Ingest(store, clock), store, clock=clock, max_body=4096, request_timeout=5)
+        site = GatewaySite(
+            Ingest(store, clock, quality=QualityRules(max_future=None, max_past=None)),
+            store,
+            clock=clock,
+            max_body=4096,
+            request_timeout=5,
+        )
         site.callLater = clock.callLater
         site._reactor = clock
         _SITE.append((site, clock, token))

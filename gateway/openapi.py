@@ -1,0 +1,284 @@
+"""
+The OpenAPI 3 document of the HTTPS port, served at ``/v1/openapi.json``.
+Its paths are the read API's ROUTES plus ingest and operations; a test
+sends a request for each documented answer and checks the gateway gives it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+
+_TS = {"type": "string", "format": "date-time", "example": "2026-11-22T10:00:00.25Z"}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+_NULL_TS = {**_TS, "nullable": True}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+    },
+    "Reading": {
+        "type": "object",
+        "required": ["metric", "ts", "value"],
+        "properties": {
+            "metric": _NAME,
+            "ts": {"oneOf": [_TS, {"type": "integer", "description": "epoch milliseconds"}]},
+            "value": {"type": "number"},
+        },
+    },
+    "ReadingsBody": {
+        "type": "object",
+        "required": ["readings"],
+        "properties": {"readings": {"type": "array", "items": {"$ref": "#/components/schemas/Reading"}}},
+        "description": "A device with a type posts its vendor JSON instead (see [device_types.NAME]).",
+    },
+    "WriteResult": {
+        "type": "object",
+        "required": ["accepted", "duplicates"],
+        "properties": {
+            "accepted": {"type": "integer"},
+            "duplicates": {"type": "integer"},
+            "quarantined": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "metric": _NAME,
+                        "ts": _TS,
+                        "rule": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "Device": {
+        "type": "object",
+        "properties": {
+            "name": _NAME,
+            "type": {**_NAME, "nullable": True},
+            "status": {"type": "string", "enum": ["active", "revoked"]},
+            "created": _TS,
+            "last_seen": _NULL_TS,
+            "transport": {"type": "string", "nullable": True},
+            "address": {"type": "string", "nullable": True},
+            "expected_interval": {"type": "number", "nullable": True, "description": "seconds"},
+            "silent": {"type": "boolean"},
+            "silent_for": {"type": "number", "nullable": True},
+            "quality": {
+                "type": "object",
+                "properties": {
+                    "flagged": {"type": "boolean"},
+                    "failures": {"type": "integer"},
+                    "window": {"type": "number"},
+                    "threshold": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "Latest": {
+        "type": "object",
+        "properties": {
+            "device": _NAME,
+            "metrics": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {"ts": _TS, "value": {"type": "number"}, "updated_at": _TS},
+                },
+            },
+        },
+    },
+    "ReadingsPage": {
+        "type": "object",
+        "properties": {
+            "device": _NAME,
+            "readings": {"type": "array", "items": {"$ref": "#/components/schemas/Reading"}},
+            "next_cursor": {"type": "string", "nullable": True},
+        },
+    },
+    "Alert": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "rule": {"type": "string"},
+            "device": _NAME,
+            "metric": _NAME,
+            "state": {"type": "string", "enum": ["open", "cleared"]},
+            "message": {"type": "string"},
+            "fired_at": _TS,
+            "fired_reading": {"type": "object", "properties": {"ts": _TS, "value": {"type": "number"}}},
+            "cleared_at": _NULL_TS,
+            "cleared_reading": {"type": "object", "nullable": True},
+        },
+    },
+    "Quarantined": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "device": _NAME,
+            "metric": _NAME,
+            "ts": _TS,
+            "value": {"type": "number"},
+            "rule": {"type": "string"},
+            "source": {"type": "string"},
+            "received_at": _TS,
+        },
+    },
+}
+
+_ERRORS = {
+    400: "A parameter or the body is malformed; the message names it.",
+    401: "No token, or an unknown or revoked one.",
+    403: "A device token on the read API, or a reader token where admin is needed.",
+    404: "No such device.",
+    405: "Another method is needed (see Allow).",
+    408: "The request did not arrive whole in time.",
+    411: "No Content-Length and not chunked.",
+    413: "The body is over --max-body.",
+    415: "The body is not application/json.",
+    422: "The body cannot be mapped (unmappable) or PostgreSQL refused a reading.",
+    429: "The device sends faster than --device-rate; retry after Retry-After.",
+    503: "The database is away or the gateway is overloaded; retry after Retry-After.",
+}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _op(summary: str, ok: dict[str, Any] | None, errors: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": ok}}}
+        if ok is not None
+        else {"description": "OK"}
+    }
+    for status in (*errors, 405):
+        responses[str(status)] = {
+            "description": _ERRORS[status],
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+_DEVICE = {"name": "name", "in": "path", "required": True, "schema": _NAME}
+_LIMIT = _query("limit", "at most this many (1..1000, default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
+_READ = {"security": [{"apiToken": []}]}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.0 document of the HTTPS port."""
+    read_errors = (401, 403, 503)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "txgateway",
+            "version": __version__,
+            "description": "Device readings in (POST /v1/readings, device tokens); the fleet's state out "
+            "(GET /v1/..., API tokens made with gatewayctl token add).",
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "deviceToken": {"type": "http", "scheme": "bearer", "description": "gatewayctl device add"},
+                "apiToken": {"type": "http", "scheme": "bearer", "description": "gatewayctl token add"},
+            },
+        },
+        "paths": {
+            "/v1/readings": {
+                "post": _op(
+                    "Store a device's readings; answered after COMMIT",
+                    _ref("WriteResult"),
+                    (400, 401, 408, 411, 413, 415, 422, 429, 503),
+                    security=[{"deviceToken": []}],
+                    requestBody={"required": True, "content": {"application/json": {"schema": _ref("ReadingsBody")}}},
+                )
+            },
+            "/v1/openapi.json": {"get": _op("This document", {"type": "object"}, ())},
+            "/v1/devices": {
+                "get": _op(
+                    "Every device with its status",
+                    {"type": "object", "properties": {"devices": {"type": "array", "items": _ref("Device")}}},
+                    (400, *read_errors),
+                    **_READ,
+                )
+            },
+            "/v1/devices/{name}": {
+                "get": _op(
+                    "One device: status, last seen, quality flags", _ref("Device"), (*read_errors, 404), **_READ
+                ),
+                "parameters": [_DEVICE],
+            },
+            "/v1/devices/{name}/latest": {
+                "get": _op(
+                    "The digital twin: the latest value of each metric", _ref("Latest"), (*read_errors, 404), **_READ
+                ),
+                "parameters": [_DEVICE],
+            },
+            "/v1/devices/{name}/readings": {
+                "get": _op(
+                    "Stored readings in (time, metric) order, a page at a time",
+                    _ref("ReadingsPage"),
+                    (400, *read_errors, 404),
+                    parameters=[
+                        _query("metric", "only this metric", _NAME),
+                        _query("since", "at or after this time (RFC 3339 or epoch ms)"),
+                        _query("until", "before this time (RFC 3339 or epoch ms)"),
+                        _LIMIT,
+                        _query("cursor", "next_cursor of the previous page"),
+                    ],
+                    **_READ,
+                ),
+                "parameters": [_DEVICE],
+            },
+            "/v1/alerts": {
+                "get": _op(
+                    "Alerts, newest first: open and recently cleared",
+                    {"type": "object", "properties": {"alerts": {"type": "array", "items": _ref("Alert")}}},
+                    (400, *read_errors),
+                    parameters=[
+                        _query(
+                            "state",
+                            "open, cleared or all (default)",
+                            {"type": "string", "enum": ["open", "cleared", "all"]},
+                        ),
+                        _query("device", "only this device", _NAME),
+                        _LIMIT,
+                    ],
+                    **_READ,
+                )
+            },
+            "/v1/quarantine": {
+                "get": _op(
+                    "Readings held in quarantine (admin role)",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "quarantine": {"type": "array", "items": _ref("Quarantined")},
+                            "next_cursor": {"type": "string", "nullable": True},
+                        },
+                    },
+                    (400, *read_errors),
+                    parameters=[_query("device", "only this device", _NAME), _LIMIT, _query("cursor", "next_cursor")],
+                    **_READ,
+                )
+            },
+            "/healthz": {
+                "get": _op("Health of the database, the queue, the journal and the sinks", {"type": "object"}, (503,))
+            },
+            "/metrics": {"get": {"summary": "Prometheus text format", "responses": {"200": {"description": "OK"}}}},
+        },
+    }
