@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 from twisted.python import usage
 
+from gateway.alerts import AlertError, AlertRule, rules_from_tables
 from gateway.endpoints import EndpointSpec, parse_endpoint
 from gateway.journal import parse_size
 from gateway.logs import FORMATS, LEVELS
@@ -347,6 +348,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log-format", "text", _choice(*FORMATS), "Log lines as text, or as one JSON object per line (json)."),
     Setting("log-level", "info", _choice(*LEVELS), "Least important log level written: " + ", ".join(LEVELS) + "."),
     Setting(
+        "alert-webhook",
+        None,
+        check_url,
+        "POST each edge alert that fires or clears ([[alert]] tables in the config file) to this HTTPS URL "
+        "as JSON, with the uploader's retry policy (--upload-backoff, --upload-backoff-cap, --upload-timeout, "
+        "--upload-ca).",
+    ),
+    Setting(
         "status-interval",
         30.0,
         _seconds(1, 3600),
@@ -406,6 +415,8 @@ class GatewayConfig:
     sinks: tuple[Sink, ...] = ()
     config_file: Path | None = None
     status_interval: float = 30.0
+    alert_webhook: str | None = None
+    alerts: tuple[AlertRule, ...] = ()
     device_types: tuple[DeviceType, ...] = ()
     quality: QualityRules = QualityRules()
 
@@ -487,12 +498,13 @@ def build_config(
         sinks=_sinks(values, sink_tables),
         device_types=_device_types(tables.get("device-types", {})),
         quality=_quality(tables.get("quality", {})),
+        alerts=_alerts(tables.get("alert", [])),
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
 
 
 # Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]].
-TABLES = ("device-types", "quality")
+TABLES = ("device-types", "quality", "alert")
 
 
 def _device_types(tables: Any) -> tuple[DeviceType, ...]:
@@ -501,6 +513,13 @@ def _device_types(tables: Any) -> tuple[DeviceType, ...]:
     try:
         return tuple(device_type_from_table(name, table, duration) for name, table in tables.items())
     except DeviceTypeError as e:
+        raise ConfigError("", str(e)) from None
+
+
+def _alerts(tables: Any) -> tuple[AlertRule, ...]:
+    try:
+        return rules_from_tables(tables, duration)
+    except AlertError as e:
         raise ConfigError("", str(e)) from None
 
 

@@ -182,7 +182,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             id          bigserial PRIMARY KEY,
             key         uuid NOT NULL UNIQUE DEFAULT gen_random_uuid(),
             alert_id    bigint NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
-            body        text NOT NULL,
+            event       text NOT NULL CHECK (event IN ('fired', 'cleared')),
             created_at  timestamptz NOT NULL DEFAULT now(),
             attempts    integer NOT NULL DEFAULT 0,
             due_at      timestamptz NOT NULL DEFAULT now(),

@@ -36,6 +36,7 @@ from twisted.web import server
 
 from gateway import embedded, schema
 from gateway import openapi
+from gateway.alerts import AlertEngine, AlertNotifier
 from gateway.api import ReadApi
 from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
 from gateway.console import BANNER, Console
@@ -51,6 +52,7 @@ from gateway.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.manhole import ManholeError, console_factory
 from gateway.metrics import GatewayMetrics, counter, gauge
 from gateway.pool import PgPool
+from gateway.sinks import Sink
 from gateway.status import StatusPolicy, StatusWatch
 from gateway.store import PostgresStore
 from gateway.stdtls import TLSServerFactory, server_context
@@ -130,6 +132,7 @@ LIVE_SETTINGS = frozenset(
         "quality",
         "device_types",
         "status_interval",
+        "alerts",
     )
 )
 
@@ -191,6 +194,10 @@ class GatewayService(MultiService):
             metrics_here=config.metrics is None,
             api=self.api,
         )
+        self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
+        self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)
+        self.ingest.observers.append(self.alerts.observe)
+        self.notifier: AlertNotifier | None = None
         self.console = Console(self)
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self.store.forget_credentials)
         self.metrics.live.sources.append(self._live_metrics)
@@ -365,11 +372,28 @@ class GatewayService(MultiService):
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)
+        await self.alerts_pool.start(dsn)
+        await self.alerts.load()
+        if self.config.alert_webhook is not None:
+            self._start_notifier(self.config)
         if self.exit_on_failure:  # the real process (twistd), not a test's
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         tune_gc()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)
+
+    def _start_notifier(self, config: GatewayConfig) -> None:
+        sink = Sink(
+            name="alert-webhook",
+            url=config.alert_webhook or "",
+            ca=config.upload_ca,
+            backoff=config.upload_backoff,
+            backoff_cap=config.upload_backoff_cap,
+            timeout=config.upload_timeout,
+        )
+        self.notifier = AlertNotifier(sink, self.alerts_pool, self.reactor, gateway_id(config.data_dir))
+        self.alerts.on_change.append(self.notifier.wake)
+        self.notifier.setServiceParent(self)
 
     async def _start_uploader(self, sinks: tuple[Any, ...]) -> None:
         uploader = Uploader(self.reactor, sinks, gateway_id(self.config.data_dir), retention=self.config.retention)
@@ -421,7 +445,9 @@ class GatewayService(MultiService):
         await super().stopService()
         for session in sessions:
             session.end(tgp.ErrorCode.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
+        await self.alerts.settled()
         await self.reads.close()
+        await self.alerts_pool.close()
         if self.journal is not None:
             await self.journal.close()
         if self.embedded is not None:
@@ -538,6 +564,14 @@ class GatewayService(MultiService):
         for name in sorted(self.status.flagged):
             attention.add_metric([name, "flagged"], 1)
         yield attention
+        yield gauge("gateway_alerts_open", "Edge alerts open, as this gateway knows them.", len(self.alerts.open))
+        yield counter("gateway_alerts_fired", "Edge alerts this gateway recorded firing.", [], self.alerts.fired)
+        yield counter("gateway_alerts_cleared", "Edge alerts this gateway recorded clearing.", [], self.alerts.cleared)
+        if self.notifier is not None:
+            n = self.notifier
+            yield counter("gateway_alert_notices_sent", "Alert notices the webhook took.", [], n.sent)
+            yield counter("gateway_alert_notices_failed", "Failed attempts to send a notice (retried).", [], n.failures)
+            yield counter("gateway_alert_notices_parked", "Notices the webhook refused for good.", [], n.parked)
         yield from self._journal_metrics()
         if self.uploader is None:
             return
@@ -621,6 +655,7 @@ class GatewayService(MultiService):
         self.ingest.rates.rate = new.device_rate
         self.ingest.quality = self.status_policy.quality = new.quality
         self.ingest.device_types = self.status_policy.device_types = {t.name: t for t in new.device_types}
+        self.alerts.rules = new.alerts
         if new.status_interval != old.status_interval:
             self.status.set_interval(new.status_interval)
         self.device_settings = settings

@@ -608,7 +608,9 @@ class _Snippet(Protocol):
 class HTTPSender:
     """POSTs batches to one sink over a persistent, verified connection."""
 
-    def __init__(self, reactor: Any, sink: Sink) -> None:
+    def __init__(
+        self, reactor: Any, sink: Sink, content_type: bytes = b"application/x-ndjson", encoding: bytes | None = b"gzip"
+    ) -> None:
         self.reactor = reactor
         self.sink = sink
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -616,8 +618,8 @@ class HTTPSender:
         policy = VerifyingPolicy(trust_root(sink.ca))
         self.agent = Agent(reactor, contextFactory=policy, connectTimeout=sink.timeout, pool=self.pool)
         self._headers = [
-            (b"Content-Type", b"application/x-ndjson"),
-            (b"Content-Encoding", b"gzip"),
+            (b"Content-Type", content_type),
+            *([(b"Content-Encoding", encoding)] if encoding else []),
             (b"User-Agent", f"txgateway/{__version__}".encode()),
             *[(name.encode("latin-1"), value.encode("latin-1")) for name, value in sink.headers],
         ]

@@ -83,10 +83,14 @@ class Receiver(Resource):
 
     def _accept(self, request: Any, key: str) -> bytes:
         body = request.content.read()
-        assert request.getHeader("content-encoding") == "gzip"
-        assert request.getHeader("content-type") == "application/x-ndjson"
-        text = gzip.decompress(body).decode("utf-8")
-        lines = [json.loads(line) for line in text.splitlines() if line]
+        if request.getHeader("content-type") == "application/json":  # an alert notice: one JSON document
+            assert request.getHeader("content-encoding") is None
+            lines = [json.loads(body)]
+        else:
+            assert request.getHeader("content-encoding") == "gzip"
+            assert request.getHeader("content-type") == "application/x-ndjson"
+            text = gzip.decompress(body).decode("utf-8")
+            lines = [json.loads(line) for line in text.splitlines() if line]
         headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
         self.accepted.append(Received(key, lines, body, headers))
         if self.out is not None:

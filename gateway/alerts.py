@@ -1,0 +1,524 @@
+"""
+Edge alerts: rules from the config file, evaluated on the gateway as
+readings are committed, so a truck overheating is known without a round
+trip to the cloud.
+
+    [[alert]]
+    name = "oil-hot"
+    metric = "oil_temp"
+    above = 120          # fires when a reading is above this (or: below = ...)
+    clear = 110          # clears at or below this: hysteresis [default: the threshold]
+    devices = "truck-*"  # which devices (a shell pattern) [default: all]
+
+    [[alert]]
+    name = "oil-climbing"
+    metric = "oil_temp"
+    rise = 15            # fires when the value rose by more than this (or: fall = ...)
+    window = "5m"        # within this window
+    clear = 5            # clears when the rise within the window is at most this [default: rise]
+
+Theory of operation. ``AlertEngine.observe`` gets each write's readings
+after COMMIT. Per (rule, device) it keeps the newest time evaluated (a
+late, older reading is not evaluated, as it does not move the twin) and,
+for rate rules, the readings within the window. A change of state is one
+statement: the alert row (fired, or cleared) and, when a webhook is
+configured, a notice row in the same transaction. The database decides:
+a unique index allows one open alert per rule and device, so two gateways
+seeing the same condition record it once. Changes of one (rule, device)
+are written in order.
+
+``AlertNotifier`` POSTs notices to ``--alert-webhook``, at least once each
+and in order per alert, with the uploader's retry policy: exponential
+backoff with full jitter, Retry-After honoured, a 4xx other than 408/429
+parked (``last_error`` says why). A notice is claimed with a lease, so
+gateways sharing the database do not send it twice in the normal case;
+its ``key`` is sent as ``Idempotency-Key``.
+
+An alert is evaluated after the device's ack, not before: a crash between
+the two loses the change, and the next reading of the device (or the rule
+still holding) records it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.pool import PgPool
+from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name
+from gateway.sinks import Sink
+from gateway.uploader import HTTPSender, judge
+
+log = Logger()
+
+KEYS = 100_000  # (rule, device) states kept; the least recently used go first
+WINDOW_POINTS = 10_000  # readings kept per (rule, device) for a rate rule
+POLL = 5.0  # seconds between looks for notices due (other gateways', retries)
+LEASE = 60.0  # seconds a claimed notice is not offered to another sender, beyond the request timeout
+
+
+class AlertError(Exception):
+    """An [[alert]] table is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str
+    metric: str
+    devices: str = "*"
+    above: float | None = None
+    below: float | None = None
+    rise: float | None = None
+    fall: float | None = None
+    window: float | None = None
+    clear: float | None = None
+
+    @property
+    def rate(self) -> bool:
+        return self.rise is not None or self.fall is not None
+
+    def applies(self, device: str, metric: str) -> bool:
+        return metric == self.metric and fnmatch.fnmatchcase(device, self.devices)
+
+    def fires(self, x: float) -> bool:
+        """x: the value (threshold) or its change within the window (rate)."""
+        if self.above is not None:
+            return x > self.above
+        if self.below is not None:
+            return x < self.below
+        if self.rise is not None:
+            return x > self.rise
+        assert self.fall is not None
+        return -x > self.fall
+
+    def clears(self, x: float) -> bool:
+        limit = self.clear
+        if self.above is not None:
+            return x <= (self.above if limit is None else limit)
+        if self.below is not None:
+            return x >= (self.below if limit is None else limit)
+        if self.rise is not None:
+            return x <= (self.rise if limit is None else limit)
+        assert self.fall is not None
+        return -x <= (self.fall if limit is None else limit)
+
+    def describe(self, x: float) -> str:
+        if self.above is not None:
+            return f"{self.metric} {x:g} is above {self.above:g}"
+        if self.below is not None:
+            return f"{self.metric} {x:g} is below {self.below:g}"
+        window = f"{self.window:g}s"
+        if self.rise is not None:
+            return f"{self.metric} rose {x:g} within {window} (more than {self.rise:g})"
+        return f"{self.metric} fell {-x:g} within {window} (more than {self.fall:g})"
+
+
+def _number(table: dict, key: str, where: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AlertError(f"{where}.{key}: {value!r} is not a number")
+    return float(value)
+
+
+def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[AlertRule, ...]:
+    """[[alert]] tables → rules, or AlertError naming the table and key."""
+    if not isinstance(tables, list):
+        raise AlertError("[[alert]]: give alert rules as an array of tables ([[alert]] headings)")
+    rules: list[AlertRule] = []
+    known = {"name", "metric", "devices", "above", "below", "rise", "fall", "window", "clear"}
+    for i, table in enumerate(tables):
+        where = f"[[alert]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise AlertError(f"{where}: must be a table")
+        name = table.get("name")
+        if not is_name(name):
+            raise AlertError(f"{where}.name: {NAME_RULE}")
+        where = f"[[alert]] {name}"
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise AlertError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        if any(r.name == name for r in rules):
+            raise AlertError(f"{where}: another rule has this name")
+        metric = table.get("metric")
+        if not is_name(metric):
+            raise AlertError(f"{where}.metric: {NAME_RULE}")
+        devices = table.get("devices", "*")
+        if not isinstance(devices, str) or not devices:
+            raise AlertError(f"{where}.devices: {devices!r} is not a pattern such as truck-*")
+        values = {k: _number(table, k, where) for k in ("above", "below", "rise", "fall", "clear")}
+        kinds = [k for k in ("above", "below", "rise", "fall") if values[k] is not None]
+        if len(kinds) != 1:
+            raise AlertError(f"{where}: give exactly one of above, below, rise or fall")
+        kind = kinds[0]
+        window = None
+        if kind in ("rise", "fall"):
+            if "window" not in table:
+                raise AlertError(f"{where}.window: needed by {kind} (how long the change may take: 5m)")
+            try:
+                window = parse_age(table["window"])
+            except ValueError as e:
+                raise AlertError(f"{where}.window: {e}") from None
+            if values[kind] <= 0:  # type: ignore[operator]
+                raise AlertError(f"{where}.{kind}: must be above 0")
+        elif "window" in table:
+            raise AlertError(f"{where}.window: only rise and fall take a window")
+        clear = values["clear"]
+        if clear is not None:
+            limit = values[kind]
+            assert limit is not None
+            bad = clear < limit if kind == "below" else clear > limit
+            if bad:
+                side = "below" if kind == "below" else "above"
+                raise AlertError(f"{where}.clear: {clear:g} must not be {side} {kind} ({values[kind]:g})")
+        rules.append(
+            AlertRule(
+                name,
+                metric,
+                devices,
+                values["above"],
+                values["below"],
+                values["rise"],
+                values["fall"],
+                window,
+                clear,
+            )
+        )
+    return tuple(rules)
+
+
+FIRE = """
+WITH fired AS (
+    INSERT INTO alerts (rule, device_id, metric, message, fired_ts, fired_value)
+    VALUES (%(rule)s, %(device)s, %(metric)s, %(message)s,
+            timestamptz 'epoch' + %(ts)s * interval '1 microsecond', %(value)s)
+    ON CONFLICT (rule, device_id) WHERE cleared_at IS NULL DO NOTHING
+    RETURNING id
+), notice AS (
+    INSERT INTO alert_notices (alert_id, event) SELECT id, 'fired' FROM fired WHERE %(notify)s
+)
+SELECT id FROM fired
+"""
+
+CLEAR = """
+WITH cleared AS (
+    UPDATE alerts SET cleared_at = now(), cleared_ts = timestamptz 'epoch' + %(ts)s * interval '1 microsecond',
+                      cleared_value = %(value)s
+    WHERE rule = %(rule)s AND device_id = %(device)s AND cleared_at IS NULL
+    RETURNING id
+), notice AS (
+    INSERT INTO alert_notices (alert_id, event) SELECT id, 'cleared' FROM cleared WHERE %(notify)s
+)
+SELECT id FROM cleared
+"""
+
+OPEN_ALERTS = """
+SELECT a.rule, a.device_id, d.name, a.metric, a.message, (extract(epoch FROM a.fired_at) * 1000000)::bigint
+FROM alerts a JOIN devices d ON d.id = a.device_id WHERE a.cleared_at IS NULL
+"""
+
+
+class _State:
+    __slots__ = ("last_ts", "points")
+
+    def __init__(self) -> None:
+        self.last_ts = -(2**63)
+        self.points: deque[tuple[int, float]] = deque(maxlen=WINDOW_POINTS)
+
+
+class AlertEngine:
+    """Evaluates rules on committed readings; records changes; wakes the notifier."""
+
+    def __init__(self, rules: Sequence[AlertRule], pool: PgPool, clock: IReactorTime, notify: bool = False) -> None:
+        self.rules = tuple(rules)
+        self.pool = pool
+        self.clock = clock
+        self.notify = notify  # a webhook is configured: write notices
+        self.on_change: list[Callable[[], None]] = []
+        self.open: dict[tuple[str, int], dict[str, Any]] = {}
+        self.fired = 0
+        self.cleared = 0
+        self._states: OrderedDict[tuple[str, int], _State] = OrderedDict()
+        self._tails: dict[tuple[str, int], Deferred] = {}
+
+    def load(self) -> Deferred:
+        """Learn the alerts open in the database (fired earlier, or by another gateway)."""
+
+        def got(rows: list[tuple]) -> None:
+            for rule, device_id, name, metric, message, fired_at in rows:
+                self.open[(rule, device_id)] = {
+                    "rule": rule,
+                    "device": name,
+                    "metric": metric,
+                    "message": message,
+                    "since": format_ts(fired_at),
+                }
+
+        return self.pool.run(lambda c: c.runQuery(OPEN_ALERTS)).addCallback(got)
+
+    def observe(self, device: Device, readings: Sequence[Reading]) -> None:
+        for rule in self.rules:
+            mine = [r for r in readings if rule.applies(device.name, r[0])]
+            if mine:
+                self._evaluate(rule, device, sorted(mine, key=lambda r: r[1]))
+
+    def _state(self, key: tuple[str, int]) -> _State:
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _State()
+            if len(self._states) > KEYS:
+                self._states.popitem(last=False)
+        else:
+            self._states.move_to_end(key)
+        return state
+
+    def _evaluate(self, rule: AlertRule, device: Device, readings: list[Reading]) -> None:
+        key = (rule.name, device.id)
+        state = self._state(key)
+        for _, ts, value in readings:
+            if ts <= state.last_ts:
+                continue  # late and older: it does not change the present
+            state.last_ts = ts
+            x = value
+            if rule.rate:
+                points = state.points
+                points.append((ts, value))
+                horizon = ts - int(rule.window * 1_000_000)  # type: ignore[operator]
+                while points and points[0][0] < horizon:
+                    points.popleft()
+                x = value - points[0][1]
+            if key not in self.open and rule.fires(x):
+                self._change(FIRE, rule, device, ts, value, rule.describe(x))
+            elif key in self.open and rule.clears(x):
+                self._change(CLEAR, rule, device, ts, value, "")
+
+    def _change(self, sql: str, rule: AlertRule, device: Device, ts: int, value: float, message: str) -> None:
+        key = (rule.name, device.id)
+        if sql is FIRE:
+            self.open[key] = {
+                "rule": rule.name,
+                "device": device.name,
+                "metric": rule.metric,
+                "message": message,
+                "since": format_ts(ts),
+            }
+            log.warn(
+                "alert {rule} fired for device {device}: {message}", rule=rule.name, device=device.name, message=message
+            )
+        else:
+            self.open.pop(key, None)
+            log.info("alert {rule} cleared for device {device}", rule=rule.name, device=device.name)
+        params = {
+            "rule": rule.name,
+            "device": device.id,
+            "metric": rule.metric,
+            "message": message,
+            "ts": ts,
+            "value": value,
+            "notify": self.notify,
+        }
+        previous = self._tails.get(key) or succeed(None)
+
+        def write(_: Any) -> Deferred:
+            return self.pool.run(lambda c: c.runQuery(sql, params))
+
+        def done(result: Any) -> None:
+            if self._tails.get(key) is d:
+                del self._tails[key]
+            if isinstance(result, Failure):
+                log.warn(
+                    "alert {rule} for device {device} not recorded: {error}",
+                    rule=rule.name,
+                    device=device.name,
+                    error=str(result.value).strip().splitlines()[0] if str(result.value).strip() else result.type,
+                )
+                return
+            if result:
+                if sql is FIRE:
+                    self.fired += 1
+                else:
+                    self.cleared += 1
+                for wake in self.on_change:
+                    wake()
+
+        d = previous.addCallback(write)
+        d.addBoth(done)
+        self._tails[key] = d
+
+    def settled(self) -> Deferred:
+        """Fires when every change so far is written (for tests and shutdown)."""
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(list(self._tails.values()))
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        return [self.open[k] for k in sorted(self.open)]
+
+
+CLAIM = """
+UPDATE alert_notices SET attempts = attempts + 1, due_at = now() + %s * interval '1 second'
+WHERE id = (
+    SELECT n.id FROM alert_notices n
+    WHERE n.sent_at IS NULL AND n.parked_at IS NULL AND n.due_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM alert_notices e WHERE e.alert_id = n.alert_id AND e.id < n.id
+                      AND e.sent_at IS NULL AND e.parked_at IS NULL)
+    ORDER BY n.due_at, n.id LIMIT 1 FOR UPDATE SKIP LOCKED
+)
+RETURNING id, key, event, attempts, alert_id
+"""
+ALERT_ROW = f"""
+SELECT a.id, a.rule, d.name, a.metric, a.message, {
+    ", ".join(
+        f"(extract(epoch FROM a.{c}) * 1000000)::bigint" for c in ("fired_at", "fired_ts", "cleared_at", "cleared_ts")
+    )
+}, a.fired_value, a.cleared_value
+FROM alerts a JOIN devices d ON d.id = a.device_id WHERE a.id = %s
+"""
+SENT = "UPDATE alert_notices SET sent_at = now(), last_error = NULL WHERE id = %s"
+RETRY = "UPDATE alert_notices SET due_at = now() + %s * interval '1 second', last_error = %s WHERE id = %s"
+PARK = "UPDATE alert_notices SET parked_at = now(), last_error = %s WHERE id = %s"
+
+
+@dataclass(frozen=True)
+class Notice:
+    key: str
+    body: bytes
+
+
+def notice_body(event: str, key: str, row: tuple, gateway: str) -> bytes:
+    id_, rule, device, metric, message, fired_at, fired_ts, cleared_at, cleared_ts, fired_value, cleared_value = row
+    doc = {
+        "event": event,
+        "key": key,
+        "alert": id_,
+        "rule": rule,
+        "device": device,
+        "metric": metric,
+        "message": message,
+        "fired_at": format_ts(fired_at),
+        "fired_reading": {"ts": format_ts(fired_ts), "value": fired_value},
+        "cleared_at": format_ts(cleared_at) if cleared_at is not None else None,
+        "cleared_reading": {"ts": format_ts(cleared_ts), "value": cleared_value} if cleared_ts is not None else None,
+        "gateway": gateway,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class AlertNotifier(Service):
+    """Sends alert notices to the webhook, one at a time, oldest due first."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        pool: PgPool,
+        clock: Any,
+        gateway: str,
+        sender: Any = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.sink = sink
+        self.pool = pool
+        self.clock = clock
+        self.gateway = gateway
+        self.sender = sender or HTTPSender(clock, sink, content_type=b"application/json", encoding=None)
+        self.rand = rand
+        self.sent = 0
+        self.failures = 0
+        self.parked = 0
+        self._running: Deferred | None = None
+        self._again = False
+        self._timer: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.wake()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        running = self._running or succeed(None)
+        return running.addBoth(lambda _: self.sender.close())
+
+    def wake(self) -> None:
+        """Look for due notices now (a change was recorded, or the timer)."""
+        if not self.running:
+            return
+        if self._running is not None:
+            self._again = True
+            return
+        self._running = Deferred.fromCoroutine(self._drain())
+        self._running.addBoth(self._drained)
+
+    def _drained(self, result: Any) -> None:
+        self._running = None
+        if isinstance(result, Failure):
+            log.warn("alert notices not sent yet: {error}", error=str(result.value).strip().splitlines()[0])
+        if not self.running:
+            return
+        if self._again:
+            self._again = False
+            self.wake()
+            return
+        self._schedule(POLL)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self.wake)
+
+    def _query(self, sql: str, params: Any) -> Deferred:
+        return self.pool.run(lambda c: c.runQuery(sql, params))
+
+    def _record(self, sql: str, params: Any) -> Deferred:
+        return self.pool.run(lambda c: c.runOperation(sql, params))
+
+    async def _drain(self) -> None:
+        while self.running:
+            claimed = await self._query(CLAIM, (self.sink.timeout + LEASE,))
+            if not claimed:
+                return
+            notice_id, key, event, attempts, alert_id = claimed[0]
+            rows = await self._query(ALERT_ROW, (alert_id,))
+            body = notice_body(event, str(key), rows[0], self.gateway)
+            try:
+                outcome: Any = await self.sender.send(Notice(str(key), body))
+            except Exception:
+                outcome = Failure()
+            verdict = judge(self.sink, outcome, attempts - 1, self.clock.seconds(), self.rand)
+            if verdict.kind == "sent":
+                self.sent += 1
+                await self._record(SENT, (notice_id,))
+            elif verdict.kind == "park":
+                self.parked += 1
+                log.error(
+                    "alert notice {key} refused for good by the webhook: {error}; it is kept, not sent",
+                    key=str(key),
+                    error=verdict.error,
+                )
+                await self._record(PARK, (verdict.error, notice_id))
+            else:
+                self.failures += 1
+                log.warn(
+                    "alert notice {key} not delivered ({error}); again in {delay:.1f}s",
+                    key=str(key),
+                    error=verdict.error,
+                    delay=verdict.delay,
+                )
+                await self._record(RETRY, (verdict.delay, verdict.error, notice_id))
+                self._schedule(verdict.delay)
