@@ -10,6 +10,7 @@ a lower, steady rate for latency at part load.
 from __future__ import annotations
 
 import re
+import time
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +26,8 @@ local per_request = %(per_request)d
 local counter = 0
 local thread_base = 0
 function init(args)
-  -- string.format's %%d takes 32-bit integers here: 20 runs of 100M ms each
+  -- string.format's %%d takes 32-bit integers here: 20 runs of 100M ms each, after a
+  -- prefix of epoch-ms digits that puts them all within the last months (quality rules)
   thread_base = %(run)d * 100000000
 end
 
@@ -34,7 +36,7 @@ function request()
   local parts = {}
   local first = thread_base + counter * per_request
   for i = 0, per_request - 1 do
-    parts[#parts + 1] = string.format('{"metric":"oil_temp","ts":%%d,"value":%%d.5}', first + i, i)
+    parts[#parts + 1] = string.format('{"metric":"oil_temp","ts":%(ts_prefix)s%%010d,"value":%%d.5}', first + i, i)
   end
   local token = tokens[(counter %% #tokens) + 1]
   return wrk.format("POST", "/v1/readings", {
@@ -49,6 +51,11 @@ function delay()
   return %(delay_ms)d
 end
 """
+
+
+def ts_prefix() -> str:
+    """Leading digits of epoch ms: 10**10 ms (115 days) blocks, starting at least 30 days ago."""
+    return str((int(time.time() * 1000) - 30 * 86_400_000) // 10**10)
 
 
 def need_wrk() -> None:
@@ -96,7 +103,7 @@ def wrk(
     """``wrk`` (one thread) for ``duration`` seconds; requests, rate, errors, p50/p99 (ms), readings/s."""
     assert 0 <= run < 20, "each run's timestamps have their own 100M ms"
     script = tokens_file.parent / f"post-{run}.lua"
-    text = WRK_SCRIPT % {"tokens": tokens_file, "per_request": per_request, "run": run}
+    text = WRK_SCRIPT % {"tokens": tokens_file, "per_request": per_request, "run": run, "ts_prefix": ts_prefix()}
     if delay_ms > 0:
         text += DELAY % {"delay_ms": delay_ms}
     script.write_text(text)

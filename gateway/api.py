@@ -76,6 +76,21 @@ LIMIT %(limit)s
 """
 
 
+def quarantined_doc(row: tuple) -> dict[str, Any]:
+    """A row of QUARANTINE's columns as the API and ``gatewayctl quarantine list --json`` show it."""
+    id_, device, metric, ts, value, rule, source, received = row
+    return {
+        "id": id_,
+        "device": device,
+        "metric": metric,
+        "ts": format_ts(ts),
+        "value": value,
+        "rule": rule,
+        "source": source,
+        "received_at": format_ts(received),
+    }
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -287,19 +302,7 @@ class ReadApi:
         rows = await self._query(QUARANTINE, {"device": _name(args, "device"), "after": after, "limit": limit + 1})
         page = rows[:limit]
         return {
-            "quarantine": [
-                {
-                    "id": id_,
-                    "device": device,
-                    "metric": metric,
-                    "ts": format_ts(ts),
-                    "value": value,
-                    "rule": rule,
-                    "source": source,
-                    "received_at": format_ts(received),
-                }
-                for id_, device, metric, ts, value, rule, source, received in page
-            ],
+            "quarantine": [quarantined_doc(row) for row in page],
             "next_cursor": encode_cursor(page[-1][0]) if len(rows) > limit else None,
         }
 

@@ -134,19 +134,7 @@ def cmd_device_add(args: argparse.Namespace) -> None:
         raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
     kind = _device_type(args)
     interval = _interval(args.interval)
-    new = tokens.new_token()
-    with database(args) as conn:
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO devices (name, token_id, token_hash, device_type, expected_interval) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
-                (args.name, new.token_id, new.digest, kind, interval),
-            )
-            if cur.rowcount == 0:
-                raise CommandError(f"device {args.name!r} exists already")
-        conn.commit()
-    print(new.token)
-    _note(f"device {args.name} added; the token above is shown only once")
+    _add_with_token(args, "devices", {"device_type": kind, "expected_interval": interval}, "device")
 
 
 def cmd_device_set(args: argparse.Namespace) -> None:
@@ -205,10 +193,39 @@ def cmd_device_list(args: argparse.Namespace) -> None:
         )
         for d in devices
     ]
-    header = ("NAME", "TYPE", "CREATED", "LAST SEEN", "STATE", "FAILURES")
+    _print_table(("NAME", "TYPE", "CREATED", "LAST SEEN", "STATE", "FAILURES"), rows)
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _add_with_token(args: argparse.Namespace, table: str, columns: dict[str, Any], what: str) -> None:
+    """Insert a named row of devices or api_tokens with a new token; print the token alone on stdout."""
+    new = tokens.new_token()
+    values = {"name": args.name, "token_id": new.token_id, "token_hash": new.digest, **columns}
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join(f'%({k})s' for k in values)}) "
+                "ON CONFLICT (name) DO NOTHING",
+                values,
+            )
+            if cur.rowcount == 0:
+                raise CommandError(f"{what.split(' (')[0]} {args.name!r} exists already")
+        conn.commit()
+    print(new.token)
+    _note(f"{what} {args.name} added; the token above is shown only once")
+
+
+def _revoke(conn: Any, table: str, name: str, what: str) -> None:
+    """Set revoked_at (once) on the named row of devices or api_tokens; CommandError if there is none."""
+    with conn.cursor() as cur:
+        cur.execute(f"UPDATE {table} SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1", (name,))
+        if cur.fetchone() is None:
+            raise CommandError(f"no {what} {name!r}")
 
 
 def _when(value: Any) -> str:
@@ -222,13 +239,8 @@ NOTIFY_DEVICE = "SELECT pg_notify('gateway_devices', %s)"
 
 def cmd_device_revoke(args: argparse.Namespace) -> None:
     with database(args) as conn:
+        _revoke(conn, "devices", args.name, "device")
         with conn.cursor() as cur:
-            cur.execute(
-                "UPDATE devices SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
-                (args.name,),
-            )
-            if cur.fetchone() is None:
-                raise CommandError(f"no device {args.name!r}")
             cur.execute(NOTIFY_DEVICE, (args.name,))
         conn.commit()
     _note(f"device {args.name} revoked; its token is refused and its open connections are closed")
@@ -453,40 +465,19 @@ def _react(main: Any) -> None:
 def cmd_token_add(args: argparse.Namespace) -> None:
     if not is_name(args.name):
         raise CommandError(f"token name {args.name!r}: {NAME_RULE}")
-    new = tokens.new_token()
-    with database(args) as conn:
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO api_tokens (name, role, token_id, token_hash) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (name) DO NOTHING",
-                (args.name, args.role, new.token_id, new.digest),
-            )
-            if cur.rowcount == 0:
-                raise CommandError(f"API token {args.name!r} exists already (revoke it, or choose another name)")
-        conn.commit()
-    print(new.token)
-    _note(f"API token {args.name} ({args.role}) added; the token above is shown only once")
+    _add_with_token(args, "api_tokens", {"role": args.role}, f"API token ({args.role})")
 
 
 def cmd_token_list(args: argparse.Namespace) -> None:
     with database(args) as conn, conn.cursor() as cur:
         cur.execute("SELECT name, role, created_at, revoked_at FROM api_tokens ORDER BY name")
         rows = [(name, role, _when(created), _when(revoked) or "-") for name, role, created, revoked in cur.fetchall()]
-    header = ("NAME", "ROLE", "CREATED", "REVOKED")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    _print_table(("NAME", "ROLE", "CREATED", "REVOKED"), rows)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
     with database(args) as conn:
-        with conn.cursor() as cur:
-            cur.execute(
-                "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
-                (args.name,),
-            )
-            if cur.fetchone() is None:
-                raise CommandError(f"no API token {args.name!r}")
+        _revoke(conn, "api_tokens", args.name, "API token")
         conn.commit()
     _note(f"API token {args.name} revoked; it is refused from now on")
 
@@ -528,37 +519,24 @@ def _quarantine_filter(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> None:
+    from gateway.api import quarantined_doc
+
     with database(args) as conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT q.id, d.name, q.metric, (extract(epoch FROM q.ts) * 1000000)::bigint, q.value, q.rule, "
-            f"q.received_at {QUARANTINE_WHERE} ORDER BY q.id LIMIT %(limit)s",
+            "SELECT q.id, d.name, q.metric, (extract(epoch FROM q.ts) * 1000000)::bigint, q.value, q.rule, q.source, "
+            f"(extract(epoch FROM q.received_at) * 1000000)::bigint {QUARANTINE_WHERE} ORDER BY q.id LIMIT %(limit)s",
             {**_quarantine_filter(args), "limit": args.limit},
         )
-        rows = cur.fetchall()
+        docs = [quarantined_doc(row) for row in cur.fetchall()]
     if args.json:
-        for id_, device, metric, ts, value, rule, received in rows:
-            print(
-                json.dumps(
-                    {
-                        "id": id_,
-                        "device": device,
-                        "metric": metric,
-                        "ts": format_ts(ts),
-                        "value": value,
-                        "rule": rule,
-                        "received_at": _when(received),
-                    }
-                )
-            )
+        for doc in docs:
+            print(json.dumps(doc))
         return
-    table = [
-        (str(id_), device, metric, format_ts(ts), repr(value), rule) for id_, device, metric, ts, value, rule, _ in rows
-    ]
-    header = ("ID", "DEVICE", "METRIC", "TS", "VALUE", "RULE")
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    if len(rows) == args.limit:
+    _print_table(
+        ("ID", "DEVICE", "METRIC", "TS", "VALUE", "RULE"),
+        [(d["id"], d["device"], d["metric"], d["ts"], repr(d["value"]), d["rule"]) for d in docs],
+    )
+    if len(docs) == args.limit:
         _note(f"(the first {args.limit}; --limit shows more)")
 
 

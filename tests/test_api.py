@@ -78,6 +78,10 @@ async def test_api_tokens_roles_and_device_tokens(tmp_path, db_dsn, sql):
         assert (await gw.get("/v1/quarantine", reader))[1]["error"] == "forbidden"
         assert (await gw.get("/v1/quarantine", admin))[0] == 200
 
+        await ctl(db_dsn, "device", "set", "truck-1", "--interval", "10m")
+        assert (await gw.get("/v1/devices/truck-1", reader))[1]["expected_interval"] == 600
+        await ctl(db_dsn, "device", "set", "truck-1", "--interval", "")
+        assert (await gw.get("/v1/devices/truck-1", reader))[1]["expected_interval"] is None
         listed = await ctl(db_dsn, "token", "list")
         assert [line.split()[:2] for line in listed.splitlines()[1:]] == [["dash", "reader"], ["ops", "admin"]]
         await ctl(db_dsn, "token", "revoke", "dash")

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from gateway import tokens
 from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
 from gateway.ingest import Ingest
-from gateway.quality import QualityRules
+from gateway.quality import QualityRules, Range
 
 from gateway.readings import StoreUnavailable, WriteResult
 from gateway.store import MemoryStore
@@ -110,6 +110,16 @@ def test_session_acks_after_storing():
     assert h.events() == [tgp.Ack(3, 2, 3)]  # three of them were stored before
     assert len(h.store.readings) == 5
     assert "truck-17" in h.registry.sessions
+
+
+def test_readings_failing_a_quality_rule_are_kept_in_quarantine_and_acked():
+    h = Harness()
+    h.factory.ingest.quality = QualityRules(ranges=(Range("oil_temp", max=200),), max_future=None, max_past=None)
+    h.login()
+    h.send(tgp.Data(2, (("oil_temp", 1000, 90.0), ("oil_temp", 2000, 250.0))))
+    assert h.events() == [tgp.Ack(2, 2, 0)]  # both kept: one stored, one in quarantine
+    assert list(h.store.readings.values()) == [90.0]
+    assert list(h.store.quarantined.values()) == [(250.0, "oil_temp.max: 250 is above 200")]
 
 
 def test_a_retransmission_in_a_new_session_counts_duplicates():
