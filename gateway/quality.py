@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
-from gateway.readings import NAME_RULE, Reading, format_ts, is_name
+from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Reading, format_ts, is_name
 
 _SETTINGS = ("max_future", "max_past", "flag_failures", "flag_window")
 
@@ -80,10 +80,16 @@ class QualityRules:
     def split(self, readings: Sequence[Reading], now: float) -> tuple[Sequence[Reading], list[Quarantined]]:
         """(readings that pass, those that fail with their rule); the input itself when all pass."""
         now_us = int(now * 1_000_000)
-        failed = self.failed
-        bad = [
-            Quarantined(i, Reading(*r), rule) for i, r in enumerate(readings) if (rule := failed(r, now_us)) is not None
-        ]
+        # On the hot path: one cheap pass finds the readings worth a closer look.
+        lo = now_us - int(self.max_past * 1_000_000) if self.max_past is not None else MIN_TS_US
+        hi = now_us + int(self.max_future * 1_000_000) if self.max_future is not None else MAX_TS_US
+        ranged = self._by_metric  # type: ignore[attr-defined]
+        suspects = [i for i, r in enumerate(readings) if not lo <= r[1] <= hi or r[0] in ranged]
+        bad = []
+        for i in suspects:
+            rule = self.failed(readings[i], now_us)
+            if rule is not None:
+                bad.append(Quarantined(i, Reading(*readings[i]), rule))
         if not bad:
             return readings, bad
         skip = {q.index for q in bad}
