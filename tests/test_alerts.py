@@ -128,7 +128,7 @@ async def test_open_alerts_survive_a_restart_and_clear_after_it(tmp_path, db_dsn
         await close_gateway(service, gw)
     service, gw = await open_gateway(tmp_path, db_dsn, rules)
     try:
-        assert [a["rule"] for a in service.alerts.open_alerts()] == ["oil-hot"]
+        assert [(a["rule"], a["device"]) for a in service.console.namespace()["alerts"]()] == [("oil-hot", "truck-1")]
         await gw.post(truck, [reading("oil_temp", NOW_MS - 1000, 100)])
         await service.alerts.settled()
         assert sql("SELECT cleared_value FROM alerts") == [(100.0,)]

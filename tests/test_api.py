@@ -228,6 +228,9 @@ async def test_quarantine_keeps_bad_readings_out_and_release_puts_them_in(tmp_pa
         assert status["quality"] == {"flagged": True, "failures": 3, "window": 3600.0, "threshold": 3}
         await service.status.check()
         assert "truck-1" in service.status.flagged
+        shown = service.console.namespace()["attention"]()
+        assert [(r["device"], r["flagged"], r["failures"]) for r in shown] == [("truck-1", True, 3)]
+        assert "FLAGGED" in repr(shown).upper()
         m = await scrape(gw)
         assert m[("gateway_devices_flagged", ())] == 1
         assert m[("gateway_device_attention", (("device", "truck-1"), ("reason", "flagged")))] == 1
