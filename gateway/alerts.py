@@ -64,7 +64,10 @@ from gateway.uploader import HTTPSender, judge
 log = Logger()
 
 KEYS = 100_000  # (rule, device) states kept; the least recently used go first
-WINDOW_POINTS = 10_000  # readings kept per (rule, device) for a rate rule
+# A rate rule keeps at most one reading per 1/WINDOW_STEPS of its window for each
+# device: the change is measured from a reading at most that much later than the
+# window's start, and memory stays bounded however fast a device sends.
+WINDOW_STEPS = 64
 POLL = 5.0  # seconds between looks for notices due (other gateways', retries)
 LEASE = 60.0  # seconds a claimed notice is not offered to another sender, beyond the request timeout
 
@@ -236,7 +239,7 @@ class _State:
 
     def __init__(self) -> None:
         self.last_ts = -(2**63)
-        self.points: deque[tuple[int, float]] = deque(maxlen=WINDOW_POINTS)
+        self.points: deque[tuple[int, float]] = deque(maxlen=WINDOW_STEPS + 2)
 
 
 class AlertEngine:
@@ -295,10 +298,11 @@ class AlertEngine:
             x = value
             if rule.rate:
                 points = state.points
-                points.append((ts, value))
-                horizon = ts - int(rule.window * 1_000_000)  # type: ignore[operator]
-                while points and points[0][0] < horizon:
+                span = int(rule.window * 1_000_000)  # type: ignore[operator]
+                while points and points[0][0] < ts - span:
                     points.popleft()
+                if not points or ts - points[-1][0] >= span // WINDOW_STEPS:
+                    points.append((ts, value))
                 x = value - points[0][1]
             if key not in self.open and rule.fires(x):
                 self._change(FIRE, rule, device, ts, value, rule.describe(x))
@@ -307,6 +311,7 @@ class AlertEngine:
 
     def _change(self, sql: str, rule: AlertRule, device: Device, ts: int, value: float, message: str) -> None:
         key = (rule.name, device.id)
+        before = self.open.get(key)
         if sql is FIRE:
             self.open[key] = {
                 "rule": rule.name,
@@ -339,8 +344,13 @@ class AlertEngine:
             if self._tails.get(key) is d:
                 del self._tails[key]
             if isinstance(result, Failure):
+                # Back to what the database holds, so the next reading tries the change again.
+                if before is None:
+                    self.open.pop(key, None)
+                else:
+                    self.open[key] = before
                 log.warn(
-                    "alert {rule} for device {device} not recorded: {error}",
+                    "alert {rule} for device {device} not recorded (the next reading tries again): {error}",
                     rule=rule.name,
                     device=device.name,
                     error=str(result.value).strip().splitlines()[0] if str(result.value).strip() else result.type,

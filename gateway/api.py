@@ -112,7 +112,7 @@ class Route:
 
 ROUTES = (
     Route("GET", "/v1/openapi.json", None, "openapi"),
-    Route("GET", "/v1/devices", "reader", "devices"),
+    Route("GET", "/v1/devices", "reader", "devices", ("limit", "cursor")),
     Route("GET", "/v1/devices/{name}", "reader", "device"),
     Route("GET", "/v1/devices/{name}/latest", "reader", "latest"),
     Route("GET", "/v1/devices/{name}/readings", "reader", "readings", ("metric", "since", "until", "limit", "cursor")),
@@ -226,8 +226,14 @@ class ReadApi:
 
     async def devices(self, args: Any) -> dict[str, Any]:
         now = self.clock.seconds()
-        rows = await self._query(*self.policy.query(now))
-        return {"devices": [self.policy.describe(row, now) for row in rows]}
+        limit = _limit(args)
+        after = decode_cursor(_one(args, "cursor"), is_name)
+        rows = await self._query(*self.policy.query(now, after=after, limit=limit + 1))
+        page = rows[:limit]
+        return {
+            "devices": [self.policy.describe(row, now) for row in page],
+            "next_cursor": encode_cursor(page[-1][0]) if len(rows) > limit else None,
+        }
 
     async def device(self, args: Any, name: str) -> dict[str, Any]:
         now = self.clock.seconds()

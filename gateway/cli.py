@@ -37,13 +37,18 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _file_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's values; {} without one."""
+    if not args.config:
+        return {}
+    try:
+        return load_toml(Path(args.config).expanduser())
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
 def _settings(args: argparse.Namespace) -> tuple[Path, str | None]:
-    file_values: dict[str, Any] = {}
-    if args.config:
-        try:
-            file_values = load_toml(Path(args.config).expanduser())
-        except ConfigError as e:
-            raise CommandError(str(e)) from None
+    file_values = _file_values(args)
     data_dir = args.data_dir or file_values.get("data-dir") or "./gateway-data"
     db = args.db or file_values.get("db") or os.environ.get("GATEWAY_DB") or None
     return Path(data_dir).expanduser(), db
@@ -93,14 +98,8 @@ def _gateway_config(args: argparse.Namespace) -> Any:
     """The gateway's settings from --config (device types, quality rules), or the defaults."""
     from gateway.config import build_config
 
-    file_values: dict[str, Any] = {}
-    if args.config:
-        try:
-            file_values = load_toml(Path(args.config).expanduser())
-        except ConfigError as e:
-            raise CommandError(str(e)) from None
     try:
-        return build_config({}, file_values, Path(args.config) if args.config else None)
+        return build_config({}, _file_values(args), Path(args.config) if args.config else None)
     except ConfigError as e:
         raise CommandError(f"{args.config}: {e}") from None
 

@@ -210,9 +210,16 @@ def document() -> dict[str, Any]:
             "/v1/openapi.json": {"get": _op("This document", {"type": "object"}, ())},
             "/v1/devices": {
                 "get": _op(
-                    "Every device with its status",
-                    {"type": "object", "properties": {"devices": {"type": "array", "items": _ref("Device")}}},
+                    "Devices with their status, by name, a page at a time",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "devices": {"type": "array", "items": _ref("Device")},
+                            "next_cursor": {"type": "string", "nullable": True},
+                        },
+                    },
                     (400, *read_errors),
+                    parameters=[_LIMIT, _query("cursor", "next_cursor of the previous page")],
                     **_READ,
                 )
             },

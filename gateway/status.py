@@ -51,8 +51,9 @@ SELECT d.name, d.device_type, d.expected_interval, {_US.format("d.created_at")},
        d.last_source, d.revoked_at IS NOT NULL,
        coalesce((SELECT sum(n) FROM failures f WHERE f.id = d.id), 0)::bigint
 FROM devices d
-WHERE %(name)s::text IS NULL OR d.name = %(name)s
+WHERE (%(name)s::text IS NULL OR d.name = %(name)s) AND (%(after)s::text IS NULL OR d.name > %(after)s)
 ORDER BY d.name
+LIMIT %(limit)s
 """
 
 
@@ -63,8 +64,11 @@ class StatusPolicy:
     quality: QualityRules = field(default_factory=QualityRules)
     device_types: dict[str, DeviceType] = field(default_factory=dict)
 
-    def query(self, now: float, name: str | None = None) -> tuple[str, dict[str, Any]]:
-        return DEVICE_ROWS, {"since": now - self.quality.flag_window, "name": name}
+    def query(
+        self, now: float, name: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """DEVICE_ROWS and its parameters: one device, or a page after a name, or (limit None) all."""
+        return DEVICE_ROWS, {"since": now - self.quality.flag_window, "name": name, "after": after, "limit": limit}
 
     def interval(self, device_type: str | None, own: float | None) -> float | None:
         if own is not None:

@@ -135,3 +135,40 @@ async def test_open_alerts_survive_a_restart_and_clear_after_it(tmp_path, db_dsn
         assert sql("SELECT count(*) FROM alert_notices")[0][0] == 0  # no webhook: no notices kept
     finally:
         await close_gateway(service, gw)
+
+
+class _RecordingPool:
+    """Takes the engine's statements without a database: this test is about evaluation, not storage."""
+
+    def __init__(self):
+        self.statements = []
+
+    def run(self, work):
+        from twisted.internet.defer import succeed
+
+        class Conn:
+            def runQuery(_, sql, params=None):
+                self.statements.append((sql, params))
+                return succeed([(1,)])
+
+        return work(Conn())
+
+
+def test_rate_rule_memory_is_bounded_however_fast_a_device_sends():
+    from twisted.internet.task import Clock
+
+    from gateway.alerts import CLEAR, FIRE, WINDOW_STEPS, AlertEngine
+    from gateway.readings import Device, Reading
+
+    pool = _RecordingPool()
+    engine = AlertEngine(rules_from_tables(RULES[1:], duration), pool, Clock())
+    device = Device(1, "truck-1")
+    # 100 readings a second for 10 minutes, rising 1 per minute: never 15 within 5 minutes.
+    for i in range(0, 60_000, 100):
+        engine.observe(device, [Reading("oil_temp", (i + j) * 10_000, (i + j) / 6000) for j in range(100)])
+    state = engine._states[("oil-climbing", 1)]
+    assert len(state.points) <= WINDOW_STEPS + 2
+    assert pool.statements == []
+    engine.observe(device, [Reading("oil_temp", 600_000_000, 30.0)])  # +20 within the window: fires
+    engine.observe(device, [Reading("oil_temp", 600_010_000, 9.0)])  # rise now under 5: clears
+    assert [sql for sql, _ in pool.statements] == [FIRE, CLEAR]

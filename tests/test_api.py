@@ -69,6 +69,13 @@ async def test_api_tokens_roles_and_device_tokens(tmp_path, db_dsn, sql):
 
         code, body = await gw.get("/v1/devices", reader)
         assert code == 200 and [d["name"] for d in body["devices"]] == ["truck-1"]
+        assert body["next_cursor"] is None
+        for name in ("truck-2", "truck-3"):
+            add_pg_device(sql, name)
+        code, first = await gw.get("/v1/devices?limit=2", reader)
+        code, rest = await gw.get(f"/v1/devices?limit=2&cursor={first['next_cursor']}", reader)
+        names = [d["name"] for d in first["devices"] + rest["devices"]]
+        assert names == ["truck-1", "truck-2", "truck-3"] and rest["next_cursor"] is None
         assert await gw.get("/v1/devices", device) == (
             403,
             {"error": "forbidden", "message": "a device token cannot read; use an API token (gatewayctl token add)"},
