@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -57,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.pool import PgPool
-from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name
+from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name, table_number
 from gateway.sinks import Sink
 from gateway.uploader import HTTPSender, judge
 
@@ -128,15 +127,6 @@ class AlertRule:
         return f"{self.metric} fell {-x:g} within {window} (more than {self.fall:g})"
 
 
-def _number(table: dict, key: str, where: str) -> float | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AlertError(f"{where}.{key}: {value!r} is not a number")
-    return float(value)
-
-
 def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[AlertRule, ...]:
     """[[alert]] tables → rules, or AlertError naming the table and key."""
     if not isinstance(tables, list):
@@ -162,7 +152,7 @@ def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[A
         devices = table.get("devices", "*")
         if not isinstance(devices, str) or not devices:
             raise AlertError(f"{where}.devices: {devices!r} is not a pattern such as truck-*")
-        values = {k: _number(table, k, where) for k in ("above", "below", "rise", "fall", "clear")}
+        values = {k: table_number(table, k, where, AlertError) for k in ("above", "below", "rise", "fall", "clear")}
         kinds = [k for k in ("above", "below", "rise", "fall") if values[k] is not None]
         if len(kinds) != 1:
             raise AlertError(f"{where}: give exactly one of above, below, rise or fall")

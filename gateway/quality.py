@@ -21,12 +21,11 @@ and it clears by itself once the window holds fewer failures.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
-from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Reading, format_ts, is_name
+from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Reading, format_ts, is_name, table_number
 
 _SETTINGS = ("max_future", "max_past", "flag_failures", "flag_window")
 
@@ -103,15 +102,6 @@ def _age(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _bound(table: dict, key: str, where: str) -> float | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QualityError(f"{where}.{key}: {value!r} is not a number")
-    return float(value)
-
-
 def rules_from_table(table: Any, parse_age: Callable[[Any], float]) -> QualityRules:
     """The [quality] table → QualityRules, or QualityError naming the key."""
     if not isinstance(table, dict):
@@ -126,7 +116,7 @@ def rules_from_table(table: Any, parse_age: Callable[[Any], float]) -> QualityRu
             unknown = sorted(set(value) - {"min", "max"})
             if unknown:
                 raise QualityError(f"{where}: unknown key {unknown[0]!r} (known: min, max)")
-            low, high = _bound(value, "min", where), _bound(value, "max", where)
+            low, high = table_number(value, "min", where, QualityError), table_number(value, "max", where, QualityError)
             if low is None and high is None:
                 raise QualityError(f"{where}: give min, max or both")
             if low is not None and high is not None and low > high:

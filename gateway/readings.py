@@ -170,6 +170,18 @@ def parse_value(value: Any) -> float:
     return number
 
 
+def table_number(
+    table: Any, key: str, where: str, error: type[Exception], default: float | None = None
+) -> float | None:
+    """A finite number from a config file's table (``default`` when absent), or ``error`` naming where.key."""
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise error(f"{where}.{key}: {value!r} is not a number")
+    return float(value)
+
+
 def format_ts(ts_us: int) -> str:
     """Microseconds since the epoch → RFC 3339 in UTC, with as many digits as needed."""
     dt = EPOCH + datetime.timedelta(microseconds=ts_us)

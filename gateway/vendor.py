@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from gateway.readings import (
     EPOCH,
@@ -41,6 +41,7 @@ from gateway.readings import (
     Reading,
     is_name,
     parse_rfc3339,
+    table_number,
 )
 
 FORMATS = ("rfc3339", "epoch_s", "epoch_ms")
@@ -241,13 +242,6 @@ def _path(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value.split("."))
 
 
-def _float(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DeviceTypeError(f"{where}.{key}: {value!r} is not a number")
-    return float(value)
-
-
 def device_type_from_table(name: str, table: Any, parse_age: Any) -> DeviceType:
     """One [device_types.NAME] table → DeviceType, or DeviceTypeError naming the key."""
     where = f"[device_types.{name}]"
@@ -308,8 +302,8 @@ def device_type_from_table(name: str, table: Any, parse_age: Any) -> DeviceType:
             MetricMap(
                 path,
                 metric_name,
-                _float(item, "scale", 1.0, at),
-                _float(item, "offset", 0.0, at),
+                table_number(item, "scale", at, DeviceTypeError, 1.0) or 0.0,
+                table_number(item, "offset", at, DeviceTypeError, 0.0) or 0.0,
                 optional,
             )
         )
