@@ -20,8 +20,9 @@ import psycopg2.extensions
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import embedded, schema  # noqa: E402
-from gateway.store import WRITE_BATCH  # noqa: E402
+from gateway.storage import embedded  # noqa: E402
+from gateway.storage import schema  # noqa: E402
+from gateway.storage.store import WRITE_BATCH  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

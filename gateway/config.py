@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping
 
 from twisted.python import usage
 
-from gateway.alerts import AlertError, AlertRule, rules_from_tables
-from gateway.endpoints import EndpointSpec, parse_endpoint
-from gateway.journal import parse_size
-from gateway.logs import FORMATS, LEVELS
-from gateway.vendor import DeviceType, DeviceTypeError, device_type_from_table
-from gateway.quality import QualityError, QualityRules, rules_from_table
-from gateway.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
+from gateway.outbound.alerts import AlertError, AlertRule, rules_from_tables
+from gateway.transports.endpoints import EndpointSpec, parse_endpoint
+from gateway.storage.journal import parse_size
+from gateway.ops.logs import FORMATS, LEVELS
+from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_table
+from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
+from gateway.outbound.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
 if sys.version_info >= (3, 11):
     import tomllib

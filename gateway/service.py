@@ -29,36 +29,39 @@ import psycopg2.extensions
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 
-from gateway import embedded, schema
-from gateway import openapi
-from gateway.alerts import AlertEngine, AlertNotifier
-from gateway.api import ReadApi
+from gateway.storage import embedded
+from gateway.storage import schema
+from gateway.api import openapi
+from gateway.outbound.alerts import AlertEngine
+from gateway.outbound.notices import AlertNotifier
+from gateway.api.read import ReadApi
 from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
-from gateway.console import BANNER, Console
-from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
-from gateway.devicewatch import DeviceWatch
-from gateway.endpoints import EndpointSpec
-from gateway.health import Health
-from gateway.http import GatewaySite, OperationsRoot
-from gateway.ingest import Ingest
-from gateway.journal import Journal, JournalError
-from gateway.limits import ConnectionLimits, DeviceRates, LimitedFactory
-from gateway.logs import LevelFilter, make_observer, twistd_log_file
-from gateway.manhole import ManholeError, console_factory
-from gateway.metrics import GatewayMetrics, counter, gauge
-from gateway.pool import PgPool
-from gateway.sinks import Sink
-from gateway.status import StatusPolicy, StatusWatch
-from gateway.store import PostgresStore
-from gateway.stdtls import TLSServerFactory, server_context
-from gateway.tls import TLSConfigError, make_self_signed
-from gateway.tuning import tune_gc
-from gateway.uploader import Uploader, gateway_id
+from gateway.ops.console import BANNER, Console
+from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
+from gateway.ops.devicewatch import DeviceWatch
+from gateway.transports.endpoints import EndpointSpec
+from gateway.ops.health import Health
+from gateway.transports.http import GatewaySite, OperationsRoot
+from gateway.ingest.core import Ingest
+from gateway.storage.journal import Journal, JournalError
+from gateway.transports.limits import ConnectionLimits, DeviceRates, LimitedFactory
+from gateway.ops.logs import LevelFilter, make_observer, twistd_log_file
+from gateway.ops.manhole import ManholeError, console_factory
+from gateway.ops.metrics import GatewayMetrics, counter, gauge
+from gateway.storage.pool import PgPool
+from gateway.outbound.sinks import Sink
+from gateway.ops.status import StatusPolicy, StatusWatch
+from gateway.storage.store import PostgresStore
+from gateway.transports.stdtls import TLSServerFactory, server_context
+from gateway.transports.tls import TLSConfigError, make_self_signed
+from gateway.ops.tuning import tune_gc
+from gateway.outbound.retention import Retention
+from gateway.outbound.uploader import Uploader, gateway_id
 from protocols import tgp
 
 __all__ = ["Options", "makeService", "GatewayService"]
@@ -155,7 +158,11 @@ class GatewayService(MultiService):
         self.log_observer: Any = None  # installed as the application's ILogObserver by twistd
         self.metrics = GatewayMetrics(reactor)
         self.embedded = None if config.db else embedded.EmbeddedPostgres(config.pg_dir)
-        self.journal = Journal(config.journal_dir, config.journal_max_bytes) if config.journal_max_bytes else None
+        self.journal = (
+            Journal(config.journal_dir, config.journal_max_bytes, in_thread=self.in_thread)
+            if config.journal_max_bytes
+            else None
+        )
         self.store = PostgresStore(
             reactor,
             pool_size=config.pool_size,
@@ -218,6 +225,10 @@ class GatewayService(MultiService):
         self.failure: str | None = None
         self._stopping = False
 
+    def in_thread(self, f: Any, *args: Any, **kw: Any) -> Deferred:
+        """Run blocking work (starting PostgreSQL, migrations, gzip, fsync) in the reactor's thread pool."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kw)
+
     # -- start ---------------------------------------------------------
 
     def _credentials(self, spec: EndpointSpec, option: str) -> tuple[Any, Any, str]:
@@ -242,7 +253,9 @@ class GatewayService(MultiService):
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
             # and a small HTTPS request costs 13% less CPU (gateway/stdtls.py).
-            return TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory)
+            return TLSServerFactory(
+                server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor
+            )
         except TLSConfigError as e:
             if client_ca is not None and str(client_ca) in str(e):
                 source = "device-ca"
@@ -361,14 +374,18 @@ class GatewayService(MultiService):
             else f"PostgreSQL at {describe_dsn(self.config.db or '')}"
         )
         log.info("database: {where}", where=where)
-        dsn = await deferToThread(prepare_database, self.config, self.embedded)
+        dsn = await self.in_thread(prepare_database, self.config, self.embedded)
         up = await self.store.connect(dsn)
         if up == 0:
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
         self.dsn = dsn
-        if self.config.sinks or self.config.retention is not None:
+        if self.config.sinks:
             await self._start_uploader(self.config.sinks)
+        if self.config.retention is not None:
+            retention = Retention(self.reactor, self.config.retention)
+            await retention.connect(dsn)
+            retention.setServiceParent(self)
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)
@@ -396,7 +413,7 @@ class GatewayService(MultiService):
         self.notifier.setServiceParent(self)
 
     async def _start_uploader(self, sinks: tuple[Any, ...]) -> None:
-        uploader = Uploader(self.reactor, sinks, gateway_id(self.config.data_dir), retention=self.config.retention)
+        uploader = Uploader(self.reactor, sinks, gateway_id(self.config.data_dir), self.in_thread)
         await uploader.connect(self.dsn)
         self.store.listeners.append(uploader.committed)
         uploader.setServiceParent(self)
@@ -451,7 +468,7 @@ class GatewayService(MultiService):
         if self.journal is not None:
             await self.journal.close()
         if self.embedded is not None:
-            await deferToThread(self.embedded.stop)
+            await self.in_thread(self.embedded.stop)
 
     def stopService(self) -> Deferred:
         """Stop as in the module's docstring; past --shutdown-timeout, cut what is left and finish."""
@@ -479,7 +496,7 @@ class GatewayService(MultiService):
             for factory in self.device_factories:
                 for session in list(factory.connections):
                     session.transport.abortConnection()
-            hurry = deferToThread(self.embedded.stop) if self.embedded is not None else succeed(None)
+            hurry = self.in_thread(self.embedded.stop) if self.embedded is not None else succeed(None)
             hurry.addBoth(lambda _: out.called or out.callback(None))
 
         timer = self.reactor.callLater(timeout, too_slow)

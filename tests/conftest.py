@@ -19,7 +19,8 @@ import psycopg2.extensions
 import pytest
 import pytest_twisted
 
-from gateway import embedded, schema
+from gateway.storage import embedded
+from gateway.storage import schema
 
 _counter = itertools.count()
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 
-from gateway.alerts import AlertError, AlertRule, rules_from_tables
+from gateway.outbound.alerts import AlertError, AlertRule, rules_from_tables
 from gateway.config import ConfigError, build_config, duration
 from tests.test_api import ctl, close_gateway, open_gateway, reading
 from tests.test_operations import until
@@ -157,7 +157,7 @@ class _RecordingPool:
 def test_rate_rule_memory_is_bounded_however_fast_a_device_sends():
     from twisted.internet.task import Clock
 
-    from gateway.alerts import CLEAR, FIRE, WINDOW_STEPS, AlertEngine
+    from gateway.outbound.alerts import AlertEngine, CLEAR, FIRE, WINDOW_STEPS
     from gateway.readings import Device, Reading
 
     pool = _RecordingPool()

@@ -12,8 +12,8 @@ import time
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from gateway import api as api_module
-from gateway import openapi
+from gateway.api import read as api_module
+from gateway.api import openapi
 from tests.conftest import start_service
 from tests.gatewayproc import gatewayctl
 from tests.test_operations import scrape

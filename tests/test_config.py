@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from gateway.config import ConfigError, Options, build_config
-from gateway.endpoints import parse_endpoint
+from gateway.transports.endpoints import parse_endpoint
 from tests.conftest import script
 
 

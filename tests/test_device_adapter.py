@@ -12,13 +12,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from gateway import tokens
-from gateway.device import DeviceFactory, DeviceRegistry, DeviceSettings
-from gateway.ingest import Ingest
-from gateway.quality import QualityRules, Range
+from gateway.ingest import tokens
+from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
+from gateway.ingest.core import Ingest
+from gateway.ingest.quality import QualityRules, Range
 
 from gateway.readings import StoreUnavailable, WriteResult
-from gateway.store import MemoryStore
+from gateway.storage.store import MemoryStore
 from protocols import tgp
 from tests.tgp_helpers import drain
 

@@ -167,7 +167,7 @@ def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
 
 def restart_embedded(pg_dir) -> None:
     """Start the stopped cluster again the way pgserver does (as its user when root)."""
-    from gateway.embedded import _pgserver
+    from gateway.storage.embedded import _pgserver
 
     _pgserver()
     from pgserver._commands import pg_ctl

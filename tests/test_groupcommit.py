@@ -3,7 +3,7 @@
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from gateway.groupcommit import Closed, GroupCommit, Overloaded
+from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
 
 
 class Commits:

@@ -13,11 +13,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from gateway.http import GatewaySite
-from gateway.ingest import Ingest
-from gateway.quality import QualityRules
+from gateway.transports.http import GatewaySite
+from gateway.ingest.core import Ingest
+from gateway.ingest.quality import QualityRules
 
-from gateway.store import MemoryStore
+from gateway.storage.store import MemoryStore
 
 BODY = json.dumps({"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}).encode()
 
@@ -37,8 +37,6 @@ class Client:
             max_body=max_body,
             request_timeout=timeout,
         )
-        self.site.callLater = self.clock.callLater  # HTTPChannel's idle timer
-        self.site._reactor = self.clock
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4711))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4711))
         self.channel.makeConnection(self.transport)
@@ -255,3 +253,18 @@ def test_a_slow_database_does_not_trip_the_request_deadline():
 
     pending.callback(WriteResult(1, 0))
     assert c.only()[0] == 200
+
+
+def test_the_channel_idle_timer_runs_on_the_site_clock_not_the_global_reactor():
+    """twisted.web's own idle timeout (timeOut) is scheduled on the clock the site was given."""
+    from twisted.internet import reactor
+
+    before = set(reactor.getDelayedCalls())
+    c = Client(timeout=30)
+    c.send(b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n")  # headers never finish
+    assert set(reactor.getDelayedCalls()) == before
+    assert c.site.reactor is c.clock
+    assert len(c.clock.getDelayedCalls()) >= 2  # the request deadline and the channel's idle timer
+    c.clock.advance(30)
+    assert c.transport.disconnecting
+    assert not [call for call in c.clock.getDelayedCalls() if call.active() and call.getTime() <= c.clock.seconds()]

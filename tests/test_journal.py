@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred
 
-from gateway import journal as jmod
-from gateway.journal import FILE_MAGIC, Journal, JournalError, JournalFull, encode, scan
+from gateway.storage import journal as jmod
+from gateway.storage.journal import FILE_MAGIC, Journal, JournalError, JournalFull, encode, scan
 from gateway.readings import Reading, StoreUnavailable
 
 
@@ -112,7 +112,7 @@ def test_at_the_bound_appends_fail_with_retry_advice(tmp_path):
 def test_a_second_process_cannot_open_the_same_journal(tmp_path):
     opened(tmp_path / "journal")
     with pytest.raises(JournalError, match="in use by another gateway process"):
-        Journal(tmp_path / "journal", 1000).open()
+        Journal(tmp_path / "journal", 1000, in_thread=inline).open()
 
 
 def test_a_torn_last_write_is_dropped_after_a_crash(tmp_path):

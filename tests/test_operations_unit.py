@@ -14,11 +14,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
-from gateway.health import Health, sink_health
-from gateway.logs import LevelFilter, RateLimitedLog, json_line
-from gateway.manhole import HOST_KEY_NAME, AuthorizedKeysFile, PlainConsole, host_key
-from gateway.metrics import GatewayMetrics, RateWindow
-from gateway.store import MemoryStore
+from gateway.ops.health import Health, sink_health
+from gateway.ops.logs import LevelFilter, RateLimitedLog, json_line
+from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeysFile, PlainConsole, host_key
+from gateway.ops.metrics import GatewayMetrics, RateWindow
+from gateway.storage.store import MemoryStore
 
 
 class Captured:
@@ -199,7 +199,7 @@ def test_metrics_remember_device_activity_per_transport():
 def test_a_console_connection_that_does_not_log_in_is_dropped(tmp_path):
     from twisted.internet.address import IPv4Address
 
-    from gateway.manhole import LOGIN_TIMEOUT, console_factory
+    from gateway.ops.manhole import LOGIN_TIMEOUT, console_factory
 
     clock = Clock()
     factory = console_factory(tmp_path / "m", tmp_path / "authorized_keys", dict, "hi", clock)

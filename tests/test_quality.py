@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, build_config, duration
-from gateway.quality import QualityError, QualityRules, Range, rules_from_table
+from gateway.ingest.quality import QualityError, QualityRules, Range, rules_from_table
 from gateway.readings import Reading, parse_rfc3339
 
 NOW = parse_rfc3339("2026-11-22T10:00:00Z") / 1e6

@@ -23,7 +23,7 @@ import urllib.request
 import psutil
 import pytest
 
-from gateway.journal import FILE_MAGIC, HEADER, scan
+from gateway.storage.journal import FILE_MAGIC, HEADER, scan
 from tests.gatewayproc import GatewayProcess, gatewayctl
 from tests.loadclients import HTTPSDevice, TGPDevice, check_nothing_lost
 from tests.test_e2e import post, postmaster, restart_embedded, workdir  # noqa: F401 (a fixture)

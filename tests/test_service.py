@@ -140,7 +140,7 @@ async def test_tls_policy(gateway):
 
 @pytest_twisted.ensureDeferred
 async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
-    from gateway.tls import make_self_signed
+    from gateway.transports.tls import make_self_signed
 
     own = make_self_signed(tmp_path / "own", hostname="gw.plant.example")
     service = await start_service(tmp_path, db_dsn, tls_cert=str(own.cert_path), tls_key=str(own.key_path))
@@ -154,7 +154,7 @@ async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
 
 
 def test_session_settings_keep_commits_durable(db_dsn, sql):
-    from gateway.pool import session_dsn
+    from gateway.storage.pool import session_dsn
     import psycopg2
 
     conn = psycopg2.connect(session_dsn(db_dsn + " options='-c synchronous_commit=off'"))

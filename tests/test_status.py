@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from gateway.config import duration
-from gateway.pool import PgPool
-from gateway.quality import QualityRules
-from gateway.status import StatusPolicy, StatusWatch
-from gateway.vendor import device_type_from_table
+from gateway.storage.pool import PgPool
+from gateway.ingest.quality import QualityRules
+from gateway.ops.status import StatusPolicy, StatusWatch
+from gateway.ingest.vendor import device_type_from_table
 from tests.test_operations import until
 from tests.test_store import add_pg_device
 

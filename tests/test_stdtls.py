@@ -15,8 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 
-from gateway.stdtls import TLSServerFactory, server_context
-from gateway.tls import TLSConfigError, make_self_signed
+from gateway.transports.stdtls import TLSServerFactory, server_context
+from gateway.transports.tls import TLSConfigError, make_self_signed
 
 
 class Echo(Protocol):
@@ -45,7 +45,7 @@ class Client(Protocol):
 async def server(tmp_path):
     made = make_self_signed(tmp_path / "tls")
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        TLSServerFactory(server_context(made.cert_path, made.key_path), Factory.forProtocol(Echo))
+        TLSServerFactory(server_context(made.cert_path, made.key_path), Factory.forProtocol(Echo), reactor)
     )
     yield port.getHost().port, made.cert_path
     await port.stopListening()
@@ -156,7 +156,7 @@ async def test_a_client_still_sending_gets_the_answer_sent_before_the_close(tmp_
 async def test_a_peer_that_never_answers_close_notify_is_cut_after_the_linger(tmp_path):
     from twisted.internet.task import Clock
 
-    from gateway.stdtls import LINGER
+    from gateway.transports.stdtls import LINGER
 
     clock = Clock()
     port, cert = await refuser(tmp_path, clock)

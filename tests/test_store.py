@@ -18,9 +18,10 @@ from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from gateway import schema, tokens
+from gateway.storage import schema
+from gateway.ingest import tokens
 from gateway.readings import Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
-from gateway.store import IStore, MemoryStore, PostgresStore
+from gateway.storage.store import IStore, MemoryStore, PostgresStore
 
 
 def add_pg_device(sql, name: str, revoked: bool = False) -> str:

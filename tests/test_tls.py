@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.stdtls import server_context
-from gateway.tls import TLSConfigError, make_self_signed
+from gateway.transports.stdtls import server_context
+from gateway.transports.tls import TLSConfigError, make_self_signed
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, str]:

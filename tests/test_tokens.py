@@ -1,7 +1,7 @@
 import hashlib
 import os
 
-from gateway import tokens
+from gateway.ingest import tokens
 
 
 def test_new_token_verifies_and_only_a_stored_key_is_kept():

@@ -16,9 +16,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from gateway.pool import PgPool
-from gateway.sinks import Rule, Sink
-from gateway.uploader import Batch, HTTPSender, Ledger, Uploader, Wait
+from gateway.storage.pool import PgPool
+from gateway.outbound.sinks import Rule, Sink
+from twisted.internet.threads import deferToThread
+
+from gateway.outbound.retention import Retention
+from gateway.outbound.ledger import Batch, Ledger, Wait
+from gateway.outbound.sender import HTTPSender
+from gateway.outbound.uploader import Uploader
 from tests.certs import TestCA
 from tests.receiver import Receiver, listen
 from tests.test_store import add_pg_device
@@ -78,8 +83,8 @@ def fast_sink(receiver, tmp_path, **changes) -> Sink:
     return Sink(**values)
 
 
-async def running_uploader(db_dsn, *sinks, owner="gw-a", retention=None) -> Uploader:
-    uploader = Uploader(reactor, sinks, owner, retention=retention)
+async def running_uploader(db_dsn, *sinks, owner="gw-a") -> Uploader:
+    uploader = Uploader(reactor, sinks, owner, deferToThread)
     await uploader.connect(db_dsn)
     uploader.startService()
     return uploader
@@ -154,7 +159,7 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
         assert "HTTP 400" in sql("SELECT last_error FROM upload_sinks")[0][0]
         assert uploader.loops["cloud"].counters.parked == 1
 
-        from gateway.cli import main
+        from gateway.cli.commands import main
 
         assert main(["upload", "retry-dead", "cloud", "--db", db_dsn]) == 0
         await until(lambda: len(receiver.accepted) == 3, what="the parked batch sent again")
@@ -223,7 +228,7 @@ async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, rec
     pool = PgPool(reactor, 1)
     await pool.start(db_dsn)
     try:
-        a, b = Ledger(pool, "gw-a"), Ledger(pool, "gw-b")
+        a, b = Ledger(pool, "gw-a", deferToThread), Ledger(pool, "gw-b", deferToThread)
         await a.register([sink])
         cut = await a.cut(sink)
         assert isinstance(cut, Batch) and cut.readings == 20
@@ -320,15 +325,17 @@ async def test_retention_deletes_only_what_every_sink_has_sent(db_dsn, sql, rece
     add_readings(sql, "truck-1", 300)
     sql("UPDATE readings SET received_at = now() - interval '2 days'")
     receiver.script.extend(["ok", ("status", 400)])  # the second batch is parked
-    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path), retention=86400)
+    uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path))
+    retention = Retention(reactor, 86400)
+    await retention.connect(db_dsn)
     try:
         await until(lambda: len(receiver.accepted) == 2, what="two batches")
         add_readings(sql, "truck-1", 5, start=1000)  # new readings are kept
-        retention = uploader.getServiceNamed("retention")
         await until(lambda: sql("SELECT count(*) FROM upload_batches") == [(1,)], what="the parked batch")
         await retention.sweep()
     finally:
         await uploader.stopService()
+        await retention.pool.close()
     # the sent batch before the parked one is gone; the parked batch and everything after it stay
     left = sql("SELECT min(value), max(value), count(*) FROM readings")[0]
     assert left == (100, 1004, 205)

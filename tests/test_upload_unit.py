@@ -14,9 +14,11 @@ from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, build_config
 from gateway.readings import StoreUnavailable
-from gateway.reduce import Row, raw_line, reduce_rows, wire_ts
-from gateway.sinks import Rule, Sink
-from gateway.uploader import Batch, Reply, SinkUploader, Wait, backoff, judge, retry_after_seconds
+from gateway.outbound.reduce import Row, raw_line, reduce_rows, wire_ts
+from gateway.outbound.sinks import Rule, Sink
+from gateway.outbound.ledger import Batch, Wait
+from gateway.outbound.sender import Reply, backoff, judge, retry_after_seconds
+from gateway.outbound.uploader import SinkUploader
 
 SINK = Sink(name="cloud", url="https://cloud.example/in", batch=100, flush=5.0, backoff=1.0, backoff_cap=60.0)
 

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import ConfigError, build_config, duration
 from gateway.readings import Reading, parse_rfc3339
-from gateway.vendor import DeviceTypeError, Unmappable, device_type_from_table, parse_time
+from gateway.ingest.vendor import DeviceTypeError, Unmappable, device_type_from_table, parse_time
 
 ACME = {
     "device": "SerialNo",

@@ -40,7 +40,7 @@ def tgp_target(data: bytes) -> None:
 
 
 def json_target(data: bytes) -> None:
-    from gateway.ingest import parse_readings_json
+    from gateway.ingest.core import parse_readings_json
     from gateway.readings import InvalidInput
 
     try:
@@ -58,10 +58,10 @@ def _site():
     if not _SITE:
         from twisted.internet.task import Clock
 
-        from gateway.http import GatewaySite
-        from gateway.ingest import Ingest
-        from gateway.quality import QualityRules
-        from gateway.store import MemoryStore
+        from gateway.transports.http import GatewaySite
+        from gateway.ingest.core import Ingest
+        from gateway.ingest.quality import QualityRules
+        from gateway.storage.store import MemoryStore
 
         store = MemoryStore()
         token = store.add_device("truck-1").encode()
@@ -73,8 +73,6 @@ def _site():
             max_body=4096,
             request_timeout=5,
         )
-        site.callLater = clock.callLater
-        site._reactor = clock
         _SITE.append((site, clock, token))
     return _SITE[0]
 
@@ -99,7 +97,7 @@ def http_target(data: bytes) -> None:
 
 
 def journal_target(data: bytes) -> None:
-    from gateway.journal import FILE_MAGIC, scan
+    from gateway.storage.journal import FILE_MAGIC, scan
 
     for last in (False, True):
         result = scan(FILE_MAGIC + data, last_write=last)

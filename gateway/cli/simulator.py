@@ -26,9 +26,9 @@ from typing import Any
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
-from gateway import tokens
-from gateway.device import no_delay
-from gateway.tuning import tune_gc
+from gateway.ingest import tokens
+from gateway.transports.tgp_adapter import no_delay
+from gateway.ops.tuning import tune_gc
 from protocols import tgp
 
 METRIC = "sim.temp"

@@ -50,10 +50,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from gateway import tokens
-from gateway.groupcommit import Closed, GroupCommit, Overloaded
-from gateway.journal import Journal, Scan, encode
-from gateway.pool import PgPool
+from gateway.ingest import tokens
+from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
+from gateway.storage.journal import Journal, Scan, encode
+from gateway.storage.pool import PgPool, first_line
 from gateway.readings import (
     Device,
     Reading,
@@ -234,14 +234,6 @@ def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -
 
     d.addBoth(passthrough)
     return out
-
-
-def _first_line(error: BaseException) -> str:
-    text = getattr(error, "pgerror", None) or str(error)
-    text = text.strip()
-    if text.startswith("ERROR:"):
-        text = text[6:].strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @implementer(IStore)
@@ -452,7 +444,7 @@ class PostgresStore(Service):
                 log.warn(
                     "rejected input from {source} not kept: {error}",
                     source=source,
-                    error=_first_line(result.value),
+                    error=first_line(result.value),
                 )
 
         return d.addBoth(done)
@@ -528,7 +520,7 @@ class PostgresStore(Service):
                 return None if inserted == len(rows) else await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
                 if attempt == DEADLOCK_RETRIES - 1:
-                    raise StoreUnavailable(f"the database kept aborting the batch: {_first_line(e)}") from e
+                    raise StoreUnavailable(f"the database kept aborting the batch: {first_line(e)}") from e
         raise AssertionError("unreachable")
 
     async def _insert_isolating(
@@ -543,9 +535,9 @@ class PostgresStore(Service):
                     "the database refused a reading of device {device_id}, metric {metric}: {error}",
                     device_id=rows[0][0],
                     metric=rows[0][1],
-                    error=_first_line(e),
+                    error=first_line(e),
                 )
-                return [], {id(rows[0]): (rows[0], _first_line(e))}
+                return [], {id(rows[0]): (rows[0], first_line(e))}
         half = len(rows) // 2
         parts = [rows[:half], rows[half:]]
         inserted: list[tuple[int, str, int]] = []
@@ -572,7 +564,7 @@ class PostgresStore(Service):
             self._replaying = None
             if isinstance(result, Failure):
                 if result.check(StoreUnavailable, StoreOverloaded, Closed, Overloaded):
-                    log.info("journal replay paused: {error}", error=_first_line(result.value))
+                    log.info("journal replay paused: {error}", error=first_line(result.value))
                 else:
                     log.failure("journal replay failed", result)
 
@@ -668,7 +660,7 @@ class PostgresStore(Service):
             for device_id, source in zip(ids, sources):
                 if source is not None:
                     self._sources.setdefault(device_id, source)
-            log.warn("last-seen times not written yet: {error}", error=_first_line(f.value))
+            log.warn("last-seen times not written yet: {error}", error=first_line(f.value))
 
         return d.addErrback(failed)
 

@@ -40,10 +40,11 @@ from cryptography import x509
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.tls import CIPHERS, TLSConfigError
+from gateway.transports.tls import CIPHERS, TLSConfigError
 
 log = Logger()
 
@@ -243,9 +244,7 @@ class TLSServerProtocol(ProtocolWrapper):
 class TLSServerFactory(WrappingFactory):
     protocol = TLSServerProtocol  # type: ignore[assignment]
 
-    def __init__(self, context: ssl.SSLContext, wrapped: Any, clock: Any = None) -> None:
+    def __init__(self, context: ssl.SSLContext, wrapped: Any, clock: IReactorTime) -> None:
         super().__init__(wrapped)
         self.context = context
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 
 import psycopg2
 
-from gateway import embedded, schema, tokens
+from gateway.storage import embedded
+from gateway.storage import schema
+from gateway.ingest import tokens
 from gateway.config import ConfigError, load_toml
 from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name, parse_ts
 
@@ -163,7 +165,7 @@ def cmd_device_set(args: argparse.Namespace) -> None:
 def _device_statuses(args: argparse.Namespace, conn: Any, name: str | None = None) -> list[dict[str, Any]]:
     import time
 
-    from gateway.status import StatusPolicy
+    from gateway.ops.status import StatusPolicy
 
     config = _gateway_config(args)
     policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
@@ -401,7 +403,7 @@ def provision_simulated(conn: Any, count: int) -> list[tuple[str, str]]:
 def cmd_simulate(args: argparse.Namespace) -> None:
     from twisted.internet import ssl
 
-    from gateway import simulate
+    from gateway.cli import simulator as simulate
 
     host, _, port = args.target.rpartition(":")
     if not port.isdigit():
@@ -518,7 +520,7 @@ def _quarantine_filter(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> None:
-    from gateway.api import quarantined_doc
+    from gateway.api.read import quarantined_doc
 
     with database(args) as conn, conn.cursor() as cur:
         cur.execute(
@@ -554,7 +556,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> None:
 
 
 def _sink_rows(conn: Any) -> list[dict[str, Any]]:
-    from gateway.uploader import STATUS, STATUS_FIELDS
+    from gateway.outbound.ledger import STATUS, STATUS_FIELDS
 
     with conn.cursor() as cur:
         cur.execute(STATUS)
@@ -600,7 +602,7 @@ def _known_sink(conn: Any, name: str) -> None:
 
 
 def cmd_upload_retry_dead(args: argparse.Namespace) -> None:
-    from gateway.uploader import RETRY_DEAD
+    from gateway.outbound.ledger import RETRY_DEAD
 
     with database(args) as conn:
         _known_sink(conn, args.sink)

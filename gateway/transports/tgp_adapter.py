@@ -39,8 +39,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway import tokens
-from gateway.ingest import Ingest, peer_of
+from gateway.ingest import tokens
+from gateway.ingest.core import Ingest, peer_of
 from gateway.readings import (
     Device,
     IngestError,

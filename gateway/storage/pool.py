@@ -241,3 +241,12 @@ class PgPool:
                 slot.state = "down"
 
         return gatherResults(pending).addCallback(close_all)
+
+
+def first_line(error: BaseException) -> str:
+    """A database error as one line for the log: the server's message without its ERROR: prefix."""
+    text = getattr(error, "pgerror", None) or str(error)
+    text = text.strip()
+    if text.startswith("ERROR:"):
+        text = text[6:].strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -28,9 +28,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from gateway import tokens
+from gateway.ingest import tokens
 from gateway.readings import NAME_RULE, StoreOverloaded, StoreUnavailable, format_ts, is_name, parse_ts
-from gateway.status import StatusPolicy
+from gateway.ops.status import StatusPolicy
 
 log = Logger()
 
@@ -323,7 +323,7 @@ class ApiResource(resource.Resource):
         self.api = api
 
     def render(self, request: server.Request) -> Any:
-        from gateway.http import _bearer, _error_body, _json, answer_later
+        from gateway.transports.http import _bearer, _error_body, _json, answer_later
 
         method = request.method.decode("latin-1")
         if method == "HEAD":

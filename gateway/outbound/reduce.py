@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 
 from gateway.readings import EPOCH
-from gateway.sinks import Sink
+from gateway.outbound.sinks import Sink
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 

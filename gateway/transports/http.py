@@ -31,11 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from gateway.health import Health
-from gateway.ingest import Ingest, peer_of
-from gateway.metrics import MetricsResource
+from gateway.ops.health import Health
+from gateway.ingest.core import Ingest, peer_of
+from gateway.ops.metrics import MetricsResource
 from gateway.readings import IngestError, InvalidInput, WriteResult, format_ts
-from gateway.store import IStore
+from gateway.storage.store import IStore
 
 log = Logger()
 
@@ -378,7 +378,7 @@ class Root(resource.Resource):
         v1 = resource.Resource()
         v1.putChild(b"readings", ReadingsResource(ingest))
         if api is not None:
-            from gateway.api import ApiResource
+            from gateway.api.read import ApiResource
 
             reads = ApiResource(api)
             for name in (b"devices", b"alerts", b"quarantine", b"openapi.json"):
@@ -418,7 +418,10 @@ class GatewaySite(server.Site):
         # cost a quarter of the CPU of a one-reading request.
         health = health or Health(store, stall_after=300.0)
         super().__init__(
-            Root(ingest, health, metrics_here, api), timeout=request_timeout, parsePOSTFormSubmission=False
+            Root(ingest, health, metrics_here, api),
+            timeout=request_timeout,
+            parsePOSTFormSubmission=False,
+            reactor=clock,
         )
         self.ingest = ingest
         self.store = store

@@ -12,7 +12,7 @@ Format (``DATA_DIR/journal/``). Segment files named by a rising number,
     payload  JSON      {"d": device id, "n": device name, "s": source, "r": [[metric, ts_us, value], …]}
 
 Durability. ``append`` queues a record; one flush at a time writes every
-queued record and fsyncs the segment in a thread (``deferToThread``), and
+queued record and fsyncs the segment in a thread (the ``in_thread`` runner it is given), and
 only then do the appenders' Deferreds fire: a group commit of its own, so
 a thousand devices share one fsync. A new segment is fsync'd with its
 header and the directory is fsync'd after it is created and after one is
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from gateway.readings import Reading, StoreUnavailable, check_reading, is_name, InvalidInput
@@ -209,8 +208,8 @@ class Journal:
         directory: Path,
         max_bytes: int,
         *,
+        in_thread: Callable[..., Deferred],
         segment_bytes: int = SEGMENT_BYTES,
-        in_thread: Callable[..., Deferred] = deferToThread,
     ) -> None:
         self.directory = Path(directory)
         self.damaged_dir = self.directory / "damaged"

@@ -31,9 +31,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.quality import QualityRules
+from gateway.ingest.quality import QualityRules
 from gateway.readings import format_ts
-from gateway.vendor import DeviceType
+from gateway.ingest.vendor import DeviceType
 
 log = Logger()
 

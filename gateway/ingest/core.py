@@ -17,11 +17,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.limits import DeviceRates, OverLimit
-from gateway.logs import RateLimitedLog
-from gateway.metrics import GatewayMetrics
-from gateway.quality import QualityRules
-from gateway.vendor import DeviceType
+from gateway.transports.limits import DeviceRates, OverLimit
+from gateway.ops.logs import RateLimitedLog
+from gateway.ops.metrics import GatewayMetrics
+from gateway.ingest.quality import QualityRules
+from gateway.ingest.vendor import DeviceType
 
 from gateway.readings import (
     Device,
@@ -38,7 +38,7 @@ from gateway.readings import (
     parse_ts,
     parse_value,
 )
-from gateway.store import IStore
+from gateway.storage.store import IStore
 
 log = Logger()
 

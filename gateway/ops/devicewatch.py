@@ -26,8 +26,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.pool import PgPool
-from gateway.store import _first_line
+from gateway.storage.pool import PgPool
+from gateway.storage.pool import first_line
 
 log = Logger()
 
@@ -107,7 +107,7 @@ class DeviceWatch:
             return count
 
         def failed(f: Failure) -> int:
-            log.warn("device changes not checked yet: {error}", error=_first_line(f.value))
+            log.warn("device changes not checked yet: {error}", error=first_line(f.value))
             return 0
 
         d = self.pool.run(lambda c: c.runQuery(DEVICE_KEYS, (wanted,)))

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.tls import write_private
+from gateway.transports.tls import write_private
 
 log = Logger()
 

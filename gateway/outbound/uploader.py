@@ -1,0 +1,434 @@
+"""
+The uploader: every stored reading reaches every sink, in batches, at
+least once, with no reading skipped. The ledger (``outbound.ledger``)
+says how batches are cut and claimed so that this holds across restarts
+and gateways; ``outbound.sender`` sends one batch and judges the answer.
+
+Each sink has its own cursor and its own loop (SinkUploader): a dead sink
+waits, with its lag growing, and holds back no other.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.outbound.ledger import LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
+from gateway.outbound.sender import HTTPSender, Reply, judge
+from gateway.outbound.sinks import Sink
+from gateway.storage.pool import PgPool, first_line
+
+log = Logger()
+
+MONITOR_INTERVAL = 5.0
+
+
+@dataclass
+class SinkCounters:
+    batches_sent: int = 0
+    readings_sent: int = 0
+    failures: int = 0
+    parked: int = 0
+    last_error: str = ""
+    last_sent_at: float | None = None
+
+
+class SinkUploader:
+    """
+    Sends one sink's batches, one at a time and in order: a batch is cut
+    when a full one is ready (the store says so as it commits) or when its
+    oldest reading has waited ``flush`` seconds (plus jitter, so a fleet of
+    gateways does not flush in step). A failed batch is retried until it is
+    sent or refused for good; the next one waits in PostgreSQL meanwhile.
+    """
+
+    JITTER = 0.2
+    AHEAD = 2  # batches made ready while one is being sent
+
+    def __init__(
+        self,
+        sink: Sink,
+        ledger: Any,
+        sender: Any,
+        clock: IReactorTime,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.sink = sink
+        self.ledger = ledger
+        self.sender = sender
+        self.clock = clock
+        self.rand = rand
+        self.counters = SinkCounters()
+        self.paused = False
+        self._batch: Batch | None = None
+        self._ready: deque[Batch] = deque()  # made, to be sent in this order
+        self._ahead: deque[Deferred] = deque()  # being made: each fires with list[Batch] or Wait
+        self._cutting = DeferredLock()  # cuts one at a time, so batches queue in cursor order
+        self.holding: set[int] = set()  # ids of the batches in memory
+        self._fresh = 0
+        self._force = False
+        self._timer: Any = None
+        self._wake_at: float | None = None
+        self._cycle: Deferred | None = None
+        self._request: Deferred | None = None
+        self._db_failures = 0
+        self._stopping = False
+
+    # -- control -------------------------------------------------------
+
+    def start(self) -> None:
+        self._schedule(self.sink.flush * self.JITTER * self.rand())
+
+    def stop(self) -> Deferred:
+        """Stop; an unfinished batch stays with this gateway and is sent after a restart."""
+        self._stopping = True
+        self._cancel_timer()
+        if self._request is not None:
+            self._request.cancel()
+        pending = [self._cycle] if self._cycle is not None else []
+        for ahead in self._ahead:
+            ahead.addErrback(lambda _: None)  # the batch stays in the database, with this gateway
+            pending.append(ahead)
+        return gatherResults(pending).addCallback(lambda _: None)
+
+    def committed(self, count: int) -> None:
+        """The store committed ``count`` new readings: wake early once a full batch is waiting."""
+        self._fresh += count
+        if self._fresh >= self.sink.batch and self._batch is None and self._timer is not None:
+            self._schedule(0)
+
+    def flush(self) -> None:
+        """Send what is waiting now, full batch or not."""
+        self._force = True
+        if self._cycle is None:
+            self._schedule(0)
+
+    def pause(self) -> None:
+        self.paused = True
+        self._cancel_timer()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._cycle is None:
+            self._schedule(0)
+
+    @property
+    def next_wake(self) -> float | None:
+        return self._wake_at if self._timer is not None else None
+
+    # -- the loop ------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self, delay: float) -> None:
+        self._cancel_timer()
+        if self._stopping or self.paused:
+            return
+        self._wake_at = self.clock.seconds() + delay
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        if self._cycle is not None or self._stopping or self.paused:
+            return
+        self._cycle = Deferred.fromCoroutine(self._run())
+        self._cycle.addErrback(self._crashed).addBoth(self._ended)
+
+    def _ended(self, _: Any) -> None:
+        self._cycle = None
+
+    def _crashed(self, f: Failure) -> None:
+        log.failure("uploader of sink {sink} failed; retrying", f, sink=self.sink.name)
+        self._schedule(self._db_delay())
+
+    def _db_delay(self) -> float:
+        self._db_failures += 1
+        return (0.5 + 0.5 * self.rand()) * min(30.0, 0.5 * 2 ** min(self._db_failures, 10))
+
+    async def _run(self) -> None:
+        while not self._stopping and not self.paused:
+            try:
+                delay = await self._step()
+            except Exception as e:
+                if self._stopping:
+                    return
+                log.warn(
+                    "uploader of sink {sink}: the database is unavailable: {error}",
+                    sink=self.sink.name,
+                    error=first_line(e),
+                )
+                self._schedule(self._db_delay())
+                return
+            self._db_failures = 0
+            if delay is not None:
+                self._schedule(delay)
+                return
+
+    async def _prepare(self) -> list[Batch] | Wait:
+        """The next batch (one left behind first, else a new one) with its body; or Wait."""
+        async with self._cutting:
+            batch = await self.ledger.claim(self.sink, self.holding)
+            if batch is None:
+                batch = await self.ledger.cut(self.sink, force=self._force)
+                if isinstance(batch, Wait):
+                    return batch
+            self.holding.add(batch.id)
+        try:
+            batches = await self.ledger.fill(self.sink, batch)
+        except Exception:
+            self.holding.discard(batch.id)  # claimed again (by this gateway) on the next try
+            raise
+        self.holding.update(b.id for b in batches)
+        return batches
+
+    async def _next(self) -> float | None:
+        """Take the next batch to send, or a delay to wait for one."""
+        if not self._ready:
+            made = await (self._ahead.popleft() if self._ahead else self._prepare())
+            if isinstance(made, Wait):
+                self._fresh = 0
+                self._force = False
+                return made.seconds + self.sink.flush * self.JITTER * self.rand()
+            self._ready.extend(made)
+        self._batch = self._ready.popleft()
+        while len(self._ahead) < self.AHEAD and not self._stopping:
+            self._ahead.append(Deferred.fromCoroutine(self._prepare()))
+        return None
+
+    async def _step(self) -> float | None:
+        """One move; returns a delay to sleep for, or None to go on at once."""
+        if self._batch is None:
+            delay = await self._next()
+            if delay is not None:
+                return delay
+        batch = self._batch
+        assert batch is not None
+        if batch.verdict is None:
+            self._request = self.sender.send(batch)
+            try:
+                outcome: Reply | Failure = await self._request
+            except Exception:
+                outcome = Failure()
+            finally:
+                self._request = None
+            if self._stopping:
+                return None
+            batch.verdict = judge(self.sink, outcome, batch.attempts, self.clock.seconds(), self.rand)
+            self._note(batch)
+        await self.ledger.record(self.sink, batch)
+        verdict = batch.verdict
+        if verdict.kind == "retry":
+            batch.attempts += 1
+            batch.verdict = None
+            return verdict.delay
+        self._batch = None
+        self.holding.discard(batch.id)
+        return None
+
+    def _note(self, batch: Batch) -> None:
+        verdict = batch.verdict
+        assert verdict is not None
+        c = self.counters
+        if verdict.kind == "sent":
+            c.batches_sent += 1
+            c.readings_sent += batch.readings
+            c.last_sent_at = self.clock.seconds()
+            if batch.attempts:
+                log.info(
+                    "sink {sink}: batch {key} sent after {attempts} retries",
+                    sink=self.sink.name,
+                    key=batch.key,
+                    attempts=batch.attempts,
+                )
+            return
+        c.last_error = verdict.error
+        if verdict.kind == "park":
+            c.parked += 1
+            log.error(
+                "sink {sink} refused batch {key} ({readings} readings) with {error}; it is parked "
+                "(gatewayctl upload retry-dead {sink} sends it again)",
+                sink=self.sink.name,
+                key=batch.key,
+                readings=batch.readings,
+                error=verdict.error,
+                status=verdict.status,
+            )
+        else:
+            c.failures += 1
+            log_at = log.warn if batch.attempts == 0 or batch.attempts % 10 == 0 else log.debug
+            log_at(
+                "sink {sink}: batch {key} not sent ({error}); retry {attempt} in {delay:.1f}s",
+                sink=self.sink.name,
+                key=batch.key,
+                error=verdict.error,
+                attempt=batch.attempts + 1,
+                delay=verdict.delay,
+                status=verdict.status,
+            )
+
+
+# -- the service -----------------------------------------------------------
+
+
+def gateway_id(data_dir: Path) -> str:
+    """This gateway's name in batch claims, kept in DATA_DIR/gateway-id across restarts."""
+    path = data_dir / "gateway-id"
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    text = f"{socket.gethostname()}/{uuid.uuid4()}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+    return text
+
+
+class Uploader(MultiService):
+    """Every sink's loop, and the batch ledger on its own database connections."""
+
+    name = "uploader"
+
+    def __init__(
+        self,
+        reactor: Any,
+        sinks: tuple[Sink, ...],
+        owner: str,
+        in_thread: Callable[..., Deferred],
+        pool_size: int = 3,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.sinks = sinks
+        self.pool = PgPool(reactor, pool_size)
+        self.ledger = Ledger(self.pool, owner, in_thread)
+        self.loops = {sink.name: self._loop(sink) for sink in sinks}
+        # The sinks' state in the database (lag, batches), read every few seconds for /healthz and /metrics.
+        self._live: dict[str, dict[str, Any]] = {}
+        self._monitor = LoopingCall(self.look)
+        self._monitor.clock = reactor
+
+    def _loop(self, sink: Sink) -> SinkUploader:
+        return SinkUploader(sink, self.ledger, HTTPSender(self.reactor, sink), self.reactor)
+
+    async def connect(self, dsn: str) -> None:
+        """Open the connections and register the sinks; errbacks when the database cannot be reached."""
+        up = await self.pool.start(dsn)
+        if up == 0:
+            raise ConnectionError(f"no connection for the uploader: {self.pool.last_error}")
+        known = await self.ledger.register(list(self.sinks))
+        self._warn_unconfigured(known)
+
+    def _warn_unconfigured(self, known: list[str]) -> None:
+        for name in sorted(set(known) - set(self.loops)):
+            log.warn(
+                "sink {sink} is in the database but not configured here: its unsent readings are kept "
+                "(retention waits for it); `gatewayctl upload remove {sink}` forgets it",
+                sink=name,
+            )
+
+    def committed(self, count: int) -> None:
+        for loop in self.loops.values():
+            loop.committed(count)
+
+    def startService(self) -> None:
+        super().startService()
+        for loop in self.loops.values():
+            self._start_loop(loop)
+        self._monitor.start(MONITOR_INTERVAL, now=True)
+
+    @staticmethod
+    def _start_loop(loop: SinkUploader) -> None:
+        loop.start()
+        log.info("uploading to sink {sink} at {url}", sink=loop.sink.name, url=loop.sink.url)
+
+    # -- watching ------------------------------------------------------
+
+    def look(self) -> Deferred:
+        """Read every sink's lag and batches from the database (never errbacks)."""
+        names = sorted(self.loops)
+
+        def got(rows: list[tuple]) -> None:
+            now = self.reactor.seconds()
+            self._live = {row[0]: {**dict(zip(LIVE_FIELDS, row[1:])), "checked_at": now} for row in rows}
+
+        def failed(f: Failure) -> None:
+            log.debug("sink status not read: {error}", error=first_line(f.value))
+
+        d = self.pool.run(lambda c: c.runQuery(LIVE_STATUS, (names,)))
+        return d.addCallbacks(got, failed)
+
+    def sink_status(self) -> dict[str, dict[str, Any]]:
+        """Per configured sink: the database's figures (as last read) and this process's counters."""
+        out = {}
+        for name, loop in sorted(self.loops.items()):
+            live = self._live.get(name, {"checked_at": None})
+            c = loop.counters
+            out[name] = {
+                **live,
+                "paused": loop.paused,
+                "batches_sent": c.batches_sent,
+                "readings_sent": c.readings_sent,
+                "failures": c.failures,
+                "parked": c.parked,
+                "last_error": c.last_error,
+            }
+        return out
+
+    # -- changing sinks while running (SIGHUP) ------------------------------
+
+    async def reconfigure(self, sinks: tuple[Sink, ...]) -> list[str]:
+        """Take a new list of sinks: stop removed and changed ones, start new and changed ones. Says what changed."""
+        old = {loop.sink.name: loop.sink for loop in self.loops.values()}
+        new = {sink.name: sink for sink in sinks}
+        changes = []
+        for name in sorted(old):
+            if new.get(name) != old[name]:
+                loop = self.loops.pop(name)
+                await loop.stop()
+                await loop.sender.close()
+                if name not in new:
+                    changes.append(f"sink {name} removed")
+        added = [sink for name, sink in new.items() if old.get(name) != sink]
+        if added:
+            self._warn_unconfigured(await self.ledger.register(added))
+        for sink in added:
+            loop = self.loops[sink.name] = self._loop(sink)
+            changes.append(f"sink {sink.name} {'changed' if sink.name in old else 'added'}")
+            if self.running:
+                self._start_loop(loop)
+        self.sinks = sinks
+        if changes and self.running:
+            self.look()
+        return changes
+
+    async def _stop(self) -> None:
+        if self._monitor.running:
+            self._monitor.stop()
+        for loop in self.loops.values():
+            await loop.stop()
+        await super().stopService()
+        for loop in self.loops.values():
+            await loop.sender.close()
+        await self.pool.close()
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
