@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg2
 
-from gateway.cli.commands import provision_simulated
+from gateway.cli.simulate import provision_simulated
 
 WRK_SCRIPT = r"""
 local tokens = {}

@@ -40,6 +40,7 @@ from gateway.api import openapi
 from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
 from gateway.api.read import ReadApi
+from gateway.api.resource import ApiResource
 from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
 from gateway.ops.console import BANNER, Console
 from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
@@ -49,7 +50,8 @@ from gateway.ops.health import Health
 from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.ingest.core import Ingest
 from gateway.storage.journal import Journal, JournalError
-from gateway.transports.limits import ConnectionLimits, DeviceRates, LimitedFactory
+from gateway.ingest.rates import DeviceRates
+from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from gateway.ops.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.ops.manhole import ManholeError, console_factory
 from gateway.ops.metrics import GatewayMetrics, counter, gauge
@@ -199,7 +201,7 @@ class GatewayService(MultiService):
             request_timeout=config.request_timeout,
             health=self.health,
             metrics_here=config.metrics is None,
-            api=self.api,
+            api=ApiResource(self.api),
         )
         self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
         self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)
@@ -253,9 +255,7 @@ class GatewayService(MultiService):
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
             # and a small HTTPS request costs 13% less CPU (gateway/stdtls.py).
-            return TLSServerFactory(
-                server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor
-            )
+            return TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor)
         except TLSConfigError as e:
             if client_ca is not None and str(client_ca) in str(e):
                 source = "device-ca"

@@ -91,7 +91,7 @@ def test_export_memory_does_not_grow_with_rows(db_dsn, sql):
             [
                 sys_executable(),
                 "-c",
-                "import resource, sys; from gateway.cli.commands import main; rc = main(sys.argv[1:]); "
+                "import resource, sys; from gateway.cli.main import main; rc = main(sys.argv[1:]); "
                 "sys.stderr.write('RSS %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
                 "export",
                 "--db",

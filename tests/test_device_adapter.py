@@ -18,7 +18,7 @@ from gateway.ingest.core import Ingest
 from gateway.ingest.quality import QualityRules, Range
 
 from gateway.readings import StoreUnavailable, WriteResult
-from gateway.storage.store import MemoryStore
+from gateway.storage.memory import MemoryStore
 from protocols import tgp
 from tests.tgp_helpers import drain
 

@@ -17,7 +17,7 @@ from gateway.transports.http import GatewaySite
 from gateway.ingest.core import Ingest
 from gateway.ingest.quality import QualityRules
 
-from gateway.storage.store import MemoryStore
+from gateway.storage.memory import MemoryStore
 
 BODY = json.dumps({"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}).encode()
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.ingest.core import parse_readings_json
+from gateway.ingest.parse import parse_readings_json
 from gateway.readings import InvalidInput, Reading
 
 

@@ -13,7 +13,8 @@ from twisted.internet.testing import StringTransport
 
 from gateway.ingest.core import Ingest
 
-from gateway.transports.limits import BURST_SECONDS, ConnectionLimits, DeviceRates, LimitedFactory, OverLimit
+from gateway.ingest.rates import BURST_SECONDS, DeviceRates, OverLimit
+from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from tests.test_http_adapter import BODY, NO_TIME_RULES, Client
 
 
@@ -84,7 +85,7 @@ def test_rate_zero_means_no_limit_and_the_table_is_bounded(monkeypatch):
     unlimited = DeviceRates(0, clock)
     for _ in range(100):
         unlimited.take("x", 1_000_000)
-    monkeypatch.setattr("gateway.transports.limits.MAX_TRACKED", 10)
+    monkeypatch.setattr("gateway.ingest.rates.MAX_TRACKED", 10)
     rates = DeviceRates(1, clock)
     for i in range(50):
         rates.take(f"d{i}", 1)

@@ -18,7 +18,7 @@ from gateway.ops.health import Health, sink_health
 from gateway.ops.logs import LevelFilter, RateLimitedLog, json_line
 from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeysFile, PlainConsole, host_key
 from gateway.ops.metrics import GatewayMetrics, RateWindow
-from gateway.storage.store import MemoryStore
+from gateway.storage.memory import MemoryStore
 
 
 class Captured:

@@ -21,7 +21,9 @@ from zope.interface.verify import verifyObject
 from gateway.storage import schema
 from gateway.ingest import tokens
 from gateway.readings import Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
-from gateway.storage.store import IStore, MemoryStore, PostgresStore
+from gateway.storage.interface import IStore
+from gateway.storage.memory import MemoryStore
+from gateway.storage.store import PostgresStore
 
 
 def add_pg_device(sql, name: str, revoked: bool = False) -> str:

@@ -159,7 +159,7 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
         assert "HTTP 400" in sql("SELECT last_error FROM upload_sinks")[0][0]
         assert uploader.loops["cloud"].counters.parked == 1
 
-        from gateway.cli.commands import main
+        from gateway.cli.main import main
 
         assert main(["upload", "retry-dead", "cloud", "--db", db_dsn]) == 0
         await until(lambda: len(receiver.accepted) == 3, what="the parked batch sent again")

@@ -25,12 +25,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import resource, server
 
 from gateway.ingest import tokens
-from gateway.readings import NAME_RULE, StoreOverloaded, StoreUnavailable, format_ts, is_name, parse_ts
+from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
+from gateway.storage.queries import QUARANTINE_COLUMNS, quarantined_doc
 
 log = Logger()
 
@@ -66,29 +65,13 @@ WHERE (%(state)s = 'all' OR (%(state)s = 'open') = (a.cleared_at IS NULL))
 ORDER BY a.fired_at DESC, a.id DESC
 LIMIT %(limit)s
 """
-QUARANTINE = """
-SELECT q.id, d.name, q.metric, (extract(epoch FROM q.ts) * 1000000)::bigint, q.value, q.rule, q.source,
-       (extract(epoch FROM q.received_at) * 1000000)::bigint
+QUARANTINE = f"""
+SELECT {QUARANTINE_COLUMNS}
 FROM quarantine q JOIN devices d ON d.id = q.device_id
 WHERE (%(device)s::text IS NULL OR d.name = %(device)s) AND q.id > %(after)s
 ORDER BY q.id
 LIMIT %(limit)s
 """
-
-
-def quarantined_doc(row: tuple) -> dict[str, Any]:
-    """A row of QUARANTINE's columns as the API and ``gatewayctl quarantine list --json`` show it."""
-    id_, device, metric, ts, value, rule, source, received = row
-    return {
-        "id": id_,
-        "device": device,
-        "metric": metric,
-        "ts": format_ts(ts),
-        "value": value,
-        "rule": rule,
-        "source": source,
-        "received_at": format_ts(received),
-    }
 
 
 class ApiError(Exception):
@@ -311,39 +294,3 @@ class ReadApi:
             "quarantine": [quarantined_doc(row) for row in page],
             "next_cursor": encode_cursor(page[-1][0]) if len(rows) > limit else None,
         }
-
-
-class ApiResource(resource.Resource):
-    """twisted.web's side of ReadApi: one leaf for every /v1 path but /v1/readings."""
-
-    isLeaf = True
-
-    def __init__(self, api: ReadApi) -> None:
-        super().__init__()
-        self.api = api
-
-    def render(self, request: server.Request) -> Any:
-        from gateway.transports.http import _bearer, _error_body, _json, answer_later
-
-        method = request.method.decode("latin-1")
-        if method == "HEAD":
-            method = "GET"
-        path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
-        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args, _bearer(request)))
-
-        def done(doc: Any) -> bytes:
-            return _json(request, 200, doc)
-
-        def failed(f: Failure) -> bytes:
-            if f.check(ApiError):
-                e = f.value
-                if e.status == 405:
-                    request.setHeader(b"allow", b"GET, HEAD")
-                return _json(request, e.status, _error_body(e.code, e.message), e.retry_after)
-            if f.check(StoreUnavailable, StoreOverloaded):
-                return _json(request, 503, _error_body("database_unavailable", f.value.message), 5)
-            log.failure("read API request failed", f)
-            return _json(request, 500, _error_body("internal_error", "the gateway failed; retry later"))
-
-        d.addCallbacks(done, failed)
-        return answer_later(request, d)

@@ -2,89 +2,40 @@
 The one ingest path every transport uses: authenticate the device,
 normalise and validate what it sent, store it, and only then answer.
 
-Parsing is pure (bytes in, readings or InvalidInput out); ``Ingest`` joins
-it to an IStore. Refused input is kept in the store's rejected-input table
+Parsing is pure (``ingest.parse``: bytes in, readings or InvalidInput
+out); ``Ingest`` joins it to an IStore. Refused input is kept in the store's rejected-input table
 with the reason, so nothing disappears without a trace.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.transports.limits import DeviceRates, OverLimit
+from gateway.ingest.rates import DeviceRates, OverLimit
 from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.quality import QualityRules
 from gateway.ingest.vendor import DeviceType
 
+from gateway.ingest.parse import parse_readings_json
 from gateway.readings import (
     Device,
     DeviceTypeUnknown,
     IngestError,
     InvalidInput,
-    NAME_RULE,
     RateLimited,
     Reading,
     StoreRejected,
     Unauthorized,
     WriteResult,
-    is_name,
-    parse_ts,
-    parse_value,
 )
-from gateway.storage.store import IStore
+from gateway.storage.interface import IStore
 
 log = Logger()
-
-_READING_KEYS = frozenset(("metric", "ts", "value"))
-
-
-def parse_reading(item: Any, where: str) -> Reading:
-    if not isinstance(item, dict):
-        raise InvalidInput(f'{where}: must be an object with "metric", "ts" and "value"')
-    if item.keys() != _READING_KEYS:
-        missing = sorted(_READING_KEYS - item.keys())
-        if missing:
-            raise InvalidInput(f"{where}.{missing[0]}: missing")
-        extra = sorted(item.keys() - _READING_KEYS)
-        raise InvalidInput(f"{where}.{extra[0]}: unknown field (allowed: metric, ts, value)")
-    metric = item["metric"]
-    if not is_name(metric):
-        raise InvalidInput(f"{where}.metric: {NAME_RULE}")
-    try:
-        ts = parse_ts(item["ts"])
-    except ValueError as e:
-        raise InvalidInput(f"{where}.ts: {e}") from None
-    try:
-        value = parse_value(item["value"])
-    except ValueError as e:
-        raise InvalidInput(f"{where}.value: {e}") from None
-    return Reading(metric, ts, value)
-
-
-def parse_readings_json(body: bytes) -> list[Reading]:
-    """``{"readings": [{"metric", "ts", "value"}, …]}`` → readings, or InvalidInput."""
-    try:
-        doc = json.loads(body.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
-    except UnicodeDecodeError:
-        raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
-    except ValueError as e:
-        raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(doc, dict) or "readings" not in doc:
-        raise InvalidInput('the body must be a JSON object with a "readings" list', code="invalid_body")
-    extra = sorted(k for k in doc if k != "readings")
-    if extra:
-        raise InvalidInput(f"{extra[0]}: unknown field (allowed: readings)", code="invalid_body")
-    items = doc["readings"]
-    if not isinstance(items, list):
-        raise InvalidInput("readings: must be a list", code="invalid_body")
-    return [parse_reading(item, f"readings[{i}]") for i, item in enumerate(items)]
 
 
 class Ingest:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 
 from gateway.readings import IngestError
-from gateway.storage.store import IStore
+from gateway.storage.interface import IStore
 
 
 class Health:

@@ -1,6 +1,6 @@
 """
-Storage behind one interface, IStore, with two implementations: the real
-one on PostgreSQL and an in-memory one for tests of the layers above.
+The store on PostgreSQL: IStore (``storage.interface``) with group
+commit, the outage journal and remembered credentials.
 
 Durability argument (PostgresStore). ``write`` hands the device's readings
 to the group commit queue; its Deferred fires only after the statement
@@ -24,14 +24,15 @@ the writers whose readings were refused get an error, naming the reading.
 A lost connection fails the batch as StoreUnavailable: nothing is
 acknowledged, and the devices send again.
 
-With a journal (gateway/journal.py), a write that the database cannot take
+With a journal (``storage.journal``), a write that the database cannot take
 now (no connection is up, the batch's connection was lost, or the queue is
 full) is appended to the journal instead and acknowledged once the journal
 is fsync'd. Whether the lost batch committed or not does not matter: the
 journal's copy is replayed through the same idempotent INSERT, in order,
 once a connection is up again, and each segment is deleted only after all
 of its readings have committed. Devices that authenticated before the
-outage keep being recognised from the last answer the database gave.
+outage keep being recognised from the last answer the database gave
+(``storage.credentials``).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-from gateway.ingest import tokens
+from gateway.storage.credentials import Credentials
+from gateway.storage.interface import IStore
 from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
 from gateway.storage.journal import Journal, Scan, encode
 from gateway.storage.pool import PgPool, first_line
+from gateway.storage.queries import twin_upsert
 from gateway.readings import (
     Device,
     Reading,
@@ -66,33 +69,27 @@ from gateway.readings import (
 log = Logger()
 
 DEADLOCK_RETRIES = 5
-AUTH_CACHE_TTL = 1.0  # a revoked token stops working within this many seconds
-AUTH_CACHE_SIZE = 10_000
 LAST_SEEN_INTERVAL = 5.0
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
 REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
-KNOWN_DEVICES = 100_000  # credentials remembered for use while the database is away
 
 # The batch and the digital twin in one statement, so one transaction. The
 # ordinal n makes both choices the same when a batch holds one key twice:
 # the readings keep the first copy and the twin takes that copy too. The
 # twin moves only forward in time, so a late reading never replaces a newer
 # one, whichever gateway stores it.
-WRITE_BATCH = """
+WRITE_BATCH = f"""
 WITH u AS MATERIALIZED (
-    SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v, n
+    SELECT d AS device_id, m AS metric, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v AS value, n
     FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) WITH ORDINALITY AS u(d, m, t, v, n)
 ), new AS (
     INSERT INTO readings (device_id, metric, ts, value)
-    SELECT d, m, ts, v FROM u ORDER BY d, m, ts, n
+    SELECT device_id, metric, ts, value FROM u ORDER BY device_id, metric, ts, n
     ON CONFLICT (device_id, metric, ts) DO NOTHING
     RETURNING 1
 ), latest AS (
-    INSERT INTO twin AS t (device_id, metric, ts, value)
-    SELECT DISTINCT ON (d, m) d, m, ts, v FROM u ORDER BY d, m, ts DESC, n
-    ON CONFLICT (device_id, metric) DO UPDATE SET ts = EXCLUDED.ts, value = EXCLUDED.value, updated_at = now()
-    WHERE t.ts < EXCLUDED.ts
+    {twin_upsert("u", order="n")}
 )
 SELECT count(*), pg_current_xact_id() FROM new
 """
@@ -111,9 +108,6 @@ FROM unnest(%s::integer[], %s::float8[], %s::text[]) AS u(id, at, source)
 WHERE d.id = u.id
 """
 
-FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE token_id = %s"
-FIND_DEVICE_BY_NAME = "SELECT id, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE name = %s"
-_DUMMY_TOKEN = "0" * 16 + "." + "A" * 43
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
 
@@ -124,39 +118,6 @@ FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(m, t, v, r)
 ORDER BY m, t
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
-
-
-class IStore(Interface):
-    def authenticate(token: str) -> Deferred:
-        """Fire with the Device a bearer token belongs to, or None."""
-
-    def device_key(name: str) -> Deferred:
-        """Fire with (Device, stored key) of a device that is not revoked, or None."""
-
-    def write(device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
-        """
-        Store readings once each; fire with WriteResult after COMMIT.
-        ``source`` ('tgp 10.0.0.5:40112') is kept as where the device was last heard from.
-        Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
-        """
-
-    def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
-        """Keep input that was refused, with why; fire when kept (never errbacks)."""
-
-    def quarantine(device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
-        """
-        Keep readings that failed a quality rule (gateway.quality.Quarantined), once each
-        (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.
-        """
-
-    def has_room(size: int) -> bool:
-        """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""
-
-    def wait_for_room() -> Deferred:
-        """Fire when the write queue has drained enough to take writes again."""
-
-    def check() -> Deferred:
-        """Fire when the database answers; errback StoreUnavailable otherwise."""
 
 
 _QUOTED: dict[str, str] = {}
@@ -261,14 +222,9 @@ class PostgresStore(Service):
             max_delay=commit_delay,
             max_queue=max_queue,
         )
-        self._auth_cache: dict[str, tuple[float, Any]] = {}
-        # Whole tokens proven within AUTH_CACHE_TTL: a device sending a request
-        # after request skips the key derivation and the coroutine (7% of a
-        # one-reading request's CPU). A revoke or rotate notice clears it.
-        self._verified: dict[str, tuple[float, Device]] = {}
-        # The last answer the database gave per token and per name, used only while it is away.
-        self._known_tokens: dict[str, Any] = {}
-        self._known_keys: dict[str, tuple[int, bytes]] = {}
+        self.credentials = Credentials(
+            lambda sql, params: self.pool.run(lambda c: c.runQuery(sql, params)), self._clock, journal is not None
+        )
         self.journal = journal
         self._replay_loop = LoopingCall(self._replay_due)
         self._replay_loop.clock = self._clock
@@ -353,68 +309,14 @@ class PostgresStore(Service):
         return f
 
     def authenticate(self, token: str) -> Deferred:
-        hit = self._verified.get(token)
-        if hit is not None and hit[0] > self._clock.seconds():
-            return succeed(hit[1])
-        return Deferred.fromCoroutine(self._authenticate(token))
+        return self.credentials.authenticate(token)
 
-    async def _authenticate(self, token: str) -> Device | None:
-        parts = tokens.split_token(token)
-        if parts is None:
-            tokens.token_matches(_DUMMY_TOKEN, None)
-            return None
-        token_id = parts[0]
-        now = self._clock.seconds()
-        cached = self._auth_cache.get(token_id)
-        if cached is not None and cached[0] > now:
-            row = cached[1]
-        else:
-            try:
-                rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE, (token_id,)))
-            except (StoreUnavailable, StoreOverloaded):
-                row = self._known_tokens.get(token_id) if self.journal is not None else None
-                if row is None:
-                    raise
-            else:
-                row = rows[0] if rows else None
-                _remember(self._known_tokens, token_id, row if row is not None and not row[3] else None)
-                if len(self._auth_cache) >= AUTH_CACHE_SIZE:
-                    self._auth_cache.pop(next(iter(self._auth_cache)))
-                self._auth_cache[token_id] = (now + AUTH_CACHE_TTL, row)
-        if row is None or row[3]:
-            tokens.token_matches(token, None)
-            return None
-        if not tokens.token_matches(token, bytes(row[2])):
-            return None
-        device = Device(row[0], row[1], row[4])
-        _remember(self._verified, token, (now + AUTH_CACHE_TTL, device), AUTH_CACHE_SIZE)
-        return device
+    def device_key(self, name: str) -> Deferred:
+        return self.credentials.device_key(name)
 
     def forget_credentials(self) -> None:
         """A device changed (revoked, rotated): look every token up again."""
-        self._auth_cache.clear()
-        self._verified.clear()
-        self._known_tokens.clear()
-        self._known_keys.clear()
-
-    def device_key(self, name: str) -> Deferred:
-        return Deferred.fromCoroutine(self._device_key(name))
-
-    async def _device_key(self, name: str) -> tuple[Device, bytes] | None:
-        try:
-            rows = await self.pool.run(lambda c: c.runQuery(FIND_DEVICE_BY_NAME, (name,)))
-        except (StoreUnavailable, StoreOverloaded):
-            known = self._known_keys.get(name) if self.journal is not None else None
-            if known is None:
-                raise
-            return known
-        if not rows or rows[0][2]:
-            _remember(self._known_keys, name, None)
-            return None
-        device_id, stored, _, device_type = rows[0]
-        known = Device(device_id, name, device_type), bytes(stored)
-        _remember(self._known_keys, name, known)
-        return known
+        self.credentials.forget()
 
     def keep_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Insert into rejected_input; errbacks if it could not be kept."""
@@ -663,91 +565,3 @@ class PostgresStore(Service):
             log.warn("last-seen times not written yet: {error}", error=first_line(f.value))
 
         return d.addErrback(failed)
-
-
-def _remember(table: dict[str, Any], key: str, value: Any, limit: int = KNOWN_DEVICES) -> None:
-    """Keep (or with None, forget) the latest answer for key, newest last, within ``limit`` keys."""
-    table.pop(key, None)
-    if value is None:
-        return
-    if len(table) >= limit:
-        table.pop(next(iter(table)))
-    table[key] = value
-
-
-@implementer(IStore)
-class MemoryStore:
-    """IStore in memory, for tests of the transports and the ingest path."""
-
-    def __init__(self) -> None:
-        self.devices: dict[str, tuple[Device, bytes, bool]] = {}
-        self.readings: dict[tuple[int, str, int], float] = {}
-        self.rejected: list[tuple[str, str | None, str, bytes]] = []
-        self.quarantined: dict[tuple[int, str, int], tuple[float, str]] = {}
-        self.available = True
-        self._next_id = 1
-
-    def add_device(self, name: str, device_type: str | None = None) -> str:
-        new = tokens.new_token()
-        self.devices[new.token_id] = (Device(self._next_id, name, device_type), new.digest, False)
-        self._next_id += 1
-        return new.token
-
-    def revoke(self, name: str) -> None:
-        for token_id, (device, digest, _) in list(self.devices.items()):
-            if device.name == name:
-                self.devices[token_id] = (device, digest, True)
-
-    def authenticate(self, token: str) -> Deferred:
-        parts = tokens.split_token(token)
-        if parts is None:
-            return succeed(None)
-        entry = self.devices.get(parts[0])
-        if entry is None or entry[2] or not tokens.token_matches(token, entry[1]):
-            return succeed(None)
-        return succeed(entry[0])
-
-    def device_key(self, name: str) -> Deferred:
-        for device, stored, revoked in self.devices.values():
-            if device.name == name and not revoked:
-                return succeed((device, stored))
-        return succeed(None)
-
-    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
-        from twisted.internet.defer import fail
-
-        if not self.available:
-            return fail(StoreUnavailable("database unavailable"))
-        new = dup = 0
-        for metric, ts_us, value in readings:
-            key = (device.id, metric, ts_us)
-            if key in self.readings:
-                dup += 1
-            else:
-                self.readings[key] = value
-                new += 1
-        return succeed(WriteResult(new, dup))
-
-    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
-        from twisted.internet.defer import fail
-
-        if not self.available:
-            return fail(StoreUnavailable("database unavailable"))
-        for q in failed:
-            self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
-        return succeed(None)
-
-    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
-        self.rejected.append((source, device, reason, raw))
-        return succeed(None)
-
-    def check(self) -> Deferred:
-        from twisted.internet.defer import fail
-
-        return succeed(None) if self.available else fail(StoreUnavailable("database unavailable"))
-
-    def has_room(self, size: int) -> bool:
-        return True
-
-    def wait_for_room(self) -> Deferred:
-        return succeed(None)

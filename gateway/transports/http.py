@@ -32,42 +32,16 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from gateway.ops.health import Health
+from gateway.transports.web import answer_later, bearer_token, error_body, json_answer
 from gateway.ingest.core import Ingest, peer_of
 from gateway.ops.metrics import MetricsResource
 from gateway.readings import IngestError, InvalidInput, WriteResult, format_ts
-from gateway.storage.store import IStore
+from gateway.storage.interface import IStore
 
 log = Logger()
 
 SAMPLE_BYTES = 4096  # how much of an over-long body is kept as evidence
 JSON_TYPES = (b"application/json",)
-
-
-def _json(request: server.Request, status: int, doc: dict[str, Any], retry_after: int | None = None) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    if retry_after is not None:
-        request.setHeader(b"retry-after", str(retry_after).encode())
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-
-
-def _error_body(code: str, message: str) -> dict[str, str]:
-    return {"error": code, "message": message}
-
-
-def answer_later(request: server.Request, d: Any) -> Any:
-    """Write the bytes d fires with, unless the client has gone meanwhile."""
-    gone: list[Any] = []
-    request.notifyFinish().addBoth(gone.append)
-
-    def write(body: bytes) -> None:
-        if not gone:
-            request.write(body)
-            request.finish()
-
-    d.addCallback(write)
-    return server.NOT_DONE_YET
 
 
 def source_of(request: server.Request) -> str:
@@ -140,7 +114,7 @@ class LimitedRequest(server.Request):
         self._refused = True
         self._cancel_deadline()
         self.content = io.BytesIO()
-        body = json.dumps(_error_body(code, message), separators=(",", ":")).encode() + b"\n"
+        body = json.dumps(error_body(code, message), separators=(",", ":")).encode() + b"\n"
         head = (
             f"HTTP/1.1 {status} {http.RESPONSES.get(status, b'Error').decode()}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -254,7 +228,9 @@ class JsonResource(resource.Resource):
     def render(self, request: server.Request) -> Any:
         if request.method not in self.allowed:
             request.setHeader(b"allow", b", ".join(self.allowed))
-            return _json(request, 405, _error_body("method_not_allowed", f"use {b', '.join(self.allowed).decode()}"))
+            return json_answer(
+                request, 405, error_body("method_not_allowed", f"use {b', '.join(self.allowed).decode()}")
+            )
         return super().render(request)
 
 
@@ -262,7 +238,7 @@ class NotFound(JsonResource):
     allowed = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")
 
     def render(self, request: server.Request) -> bytes:
-        return _json(request, 404, _error_body("not_found", f"no such resource: {request.path.decode('latin-1')}"))
+        return json_answer(request, 404, error_body("not_found", f"no such resource: {request.path.decode('latin-1')}"))
 
 
 class ReadingsResource(JsonResource):
@@ -282,9 +258,9 @@ class ReadingsResource(JsonResource):
         def failed(f: Failure) -> bytes:
             if f.check(IngestError):
                 e = f.value
-                return _json(request, e.status, _error_body(e.code, e.message), e.retry_after)
+                return json_answer(request, e.status, error_body(e.code, e.message), e.retry_after)
             log.failure("ingest failed unexpectedly", f)
-            return _json(request, 500, _error_body("internal_error", "the gateway failed; retry later"))
+            return json_answer(request, 500, error_body("internal_error", "the gateway failed; retry later"))
 
         d.addCallback(lambda result: self._accepted(request, result, source, arrived))
         d.addErrback(failed)
@@ -293,7 +269,7 @@ class ReadingsResource(JsonResource):
         return answer_later(request, d)
 
     async def _handle(self, request: server.Request, source: str) -> WriteResult:
-        device = await self.ingest.authenticate(_bearer(request), source)
+        device = await self.ingest.authenticate(bearer_token(request), source)
         body = request.content.getvalue()
         headers = request.requestHeaders
         if (
@@ -320,17 +296,7 @@ class ReadingsResource(JsonResource):
                 {"index": q.index, "metric": q.reading.metric, "ts": format_ts(q.reading.ts_us), "rule": q.rule}
                 for q in result.quarantined
             ]
-        return _json(request, 200, doc)
-
-
-def _bearer(request: server.Request) -> str | None:
-    value = request.getHeader(b"authorization")
-    if not value:
-        return None
-    scheme, _, token = value.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return None
-    return token.strip().decode("latin-1") or None
+        return json_answer(request, 200, doc)
 
 
 class HealthResource(JsonResource):
@@ -345,7 +311,7 @@ class HealthResource(JsonResource):
     def render_GET(self, request: server.Request) -> Any:
         def answer(result: tuple[bool, dict[str, Any]]) -> bytes:
             healthy, doc = result
-            return _json(request, 200 if healthy else 503, doc, None if healthy else 5)
+            return json_answer(request, 200 if healthy else 503, doc, None if healthy else 5)
 
         return answer_later(request, self.health.check().addCallback(answer))
 
@@ -373,16 +339,15 @@ class OperationsRoot(resource.Resource):
 
 
 class Root(resource.Resource):
-    def __init__(self, ingest: Ingest, health: Health, metrics_here: bool, api: Any = None) -> None:
+    def __init__(
+        self, ingest: Ingest, health: Health, metrics_here: bool, api: resource.Resource | None = None
+    ) -> None:
         super().__init__()
         v1 = resource.Resource()
         v1.putChild(b"readings", ReadingsResource(ingest))
         if api is not None:
-            from gateway.api.read import ApiResource
-
-            reads = ApiResource(api)
             for name in (b"devices", b"alerts", b"quarantine", b"openapi.json"):
-                v1.putChild(name, reads)
+                v1.putChild(name, api)
         v1.getChild = lambda path, request: NotFound()  # type: ignore[method-assign]
         self.putChild(b"v1", v1)
         for name, child in operations_resources(health, ingest.metrics).items():
@@ -411,7 +376,7 @@ class GatewaySite(server.Site):
         request_timeout: float,
         health: Health | None = None,
         metrics_here: bool = True,
-        api: Any = None,
+        api: resource.Resource | None = None,
     ) -> None:
         # The API takes JSON, never forms: without form parsing twisted.web
         # skips its Content-Type parsing through the email package, which

@@ -40,7 +40,7 @@ def tgp_target(data: bytes) -> None:
 
 
 def json_target(data: bytes) -> None:
-    from gateway.ingest.core import parse_readings_json
+    from gateway.ingest.parse import parse_readings_json
     from gateway.readings import InvalidInput
 
     try:
@@ -61,7 +61,7 @@ def _site():
         from gateway.transports.http import GatewaySite
         from gateway.ingest.core import Ingest
         from gateway.ingest.quality import QualityRules
-        from gateway.storage.store import MemoryStore
+        from gateway.storage.memory import MemoryStore
 
         store = MemoryStore()
         token = store.add_device("truck-1").encode()

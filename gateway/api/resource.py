@@ -1,0 +1,50 @@
+"""twisted.web's side of the read API: HTTP in, ``ReadApi`` calls, JSON and status codes out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from gateway.api.read import ApiError, ReadApi
+from gateway.readings import StoreOverloaded, StoreUnavailable
+from gateway.transports.web import answer_later, bearer_token, error_body, json_answer
+
+log = Logger()
+
+
+class ApiResource(resource.Resource):
+    """twisted.web's side of ReadApi: one leaf for every /v1 path but /v1/readings."""
+
+    isLeaf = True
+
+    def __init__(self, api: ReadApi) -> None:
+        super().__init__()
+        self.api = api
+
+    def render(self, request: server.Request) -> Any:
+        method = request.method.decode("latin-1")
+        if method == "HEAD":
+            method = "GET"
+        path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
+        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args, bearer_token(request)))
+
+        def done(doc: Any) -> bytes:
+            return json_answer(request, 200, doc)
+
+        def failed(f: Failure) -> bytes:
+            if f.check(ApiError):
+                e = f.value
+                if e.status == 405:
+                    request.setHeader(b"allow", b"GET, HEAD")
+                return json_answer(request, e.status, error_body(e.code, e.message), e.retry_after)
+            if f.check(StoreUnavailable, StoreOverloaded):
+                return json_answer(request, 503, error_body("database_unavailable", f.value.message), 5)
+            log.failure("read API request failed", f)
+            return json_answer(request, 500, error_body("internal_error", "the gateway failed; retry later"))
+
+        d.addCallbacks(done, failed)
+        return answer_later(request, d)

@@ -1,0 +1,202 @@
+"""``gatewayctl device``: add, set, list, show, revoke and rotate devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from gateway.ingest import tokens
+from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name
+from gateway.cli.common import (
+    CommandError,
+    add_with_token,
+    database,
+    device_type,
+    gateway_config,
+    interval,
+    note,
+    print_table,
+    revoke,
+    when,
+)
+
+
+def cmd_device_add(args: argparse.Namespace) -> None:
+    if not is_name(args.name):
+        raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
+    kind = device_type(args)
+    expected = interval(args.interval)
+    add_with_token(args, "devices", {"device_type": kind, "expected_interval": expected}, "device")
+
+
+def cmd_device_set(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if args.type is not None:
+        changes["device_type"] = None if args.type == "" else device_type(args)
+    if args.interval is not None:
+        changes["expected_interval"] = None if args.interval == "" else interval(args.interval)
+    if not changes:
+        raise CommandError("nothing to set: give --type and/or --interval ('' to clear)")
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            assignments = ", ".join(f"{column} = %({column})s" for column in changes)
+            cur.execute(
+                f"UPDATE devices SET {assignments} WHERE name = %(name)s RETURNING 1", {**changes, "name": args.name}
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no device {args.name!r}")
+            cur.execute(NOTIFY_DEVICE, (args.name,))
+        conn.commit()
+    note(
+        f"device {args.name}: "
+        + ", ".join(f"{k.replace('_', ' ')} {v if v is not None else 'cleared'}" for k, v in changes.items())
+    )
+
+
+def _device_statuses(args: argparse.Namespace, conn: Any, name: str | None = None) -> list[dict[str, Any]]:
+    import time
+
+    from gateway.ops.status import StatusPolicy
+
+    config = gateway_config(args)
+    policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
+    now = time.time()
+    with conn.cursor() as cur:
+        cur.execute(*policy.query(now, name))
+        rows = cur.fetchall()
+    conn.rollback()
+    return [policy.describe(row, now) for row in rows]
+
+
+def cmd_device_list(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        devices = _device_statuses(args, conn)
+    if args.json:
+        print(json.dumps(devices))
+        return
+    rows = [
+        (
+            d["name"],
+            d["type"] or "-",
+            d["created"],
+            d["last_seen"] or "never",
+            "revoked" if d["status"] == "revoked" else ("SILENT" if d["silent"] else "ok"),
+            f"FLAGGED ({d['quality']['failures']})" if d["quality"]["flagged"] else str(d["quality"]["failures"]),
+        )
+        for d in devices
+    ]
+    print_table(("NAME", "TYPE", "CREATED", "LAST SEEN", "STATE", "FAILURES"), rows)
+
+
+# Every gateway sharing the database LISTENs on this channel and closes the
+# device's sessions whose credentials are no longer valid (gateway/ops/devicewatch.py).
+NOTIFY_DEVICE = "SELECT pg_notify('gateway_devices', %s)"
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        revoke(conn, "devices", args.name, "device")
+        with conn.cursor() as cur:
+            cur.execute(NOTIFY_DEVICE, (args.name,))
+        conn.commit()
+    note(f"device {args.name} revoked; its token is refused and its open connections are closed")
+
+
+def cmd_device_rotate(args: argparse.Namespace) -> None:
+    new = tokens.new_token()
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE devices SET token_id = %s, token_hash = %s, revoked_at = NULL WHERE name = %s RETURNING 1",
+                (new.token_id, new.digest, args.name),
+            )
+            if cur.fetchone() is None:
+                raise CommandError(f"no device {args.name!r}")
+            cur.execute(NOTIFY_DEVICE, (args.name,))
+        conn.commit()
+    print(new.token)
+    note(
+        f"device {args.name} has a new token (above, shown only once); the old one is refused "
+        "and connections made with it are closed"
+    )
+
+
+DEVICE_SHOW = """
+SELECT d.id, d.name, d.created_at, d.last_seen, d.last_source, d.revoked_at,
+       (SELECT count(*) FROM readings r WHERE r.device_id = d.id),
+       (SELECT count(DISTINCT r.metric) FROM readings r WHERE r.device_id = d.id),
+       (SELECT max(r.ts) FROM readings r WHERE r.device_id = d.id),
+       (SELECT count(*) FROM rejected_input j WHERE j.device = d.name),
+       (SELECT j.reason FROM rejected_input j WHERE j.device = d.name ORDER BY j.received_at DESC LIMIT 1),
+       (SELECT max(j.received_at) FROM rejected_input j WHERE j.device = d.name)
+FROM devices d WHERE d.name = %s
+"""
+
+
+def cmd_device_show(args: argparse.Namespace) -> None:
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute(DEVICE_SHOW, (args.name,))
+        row = cur.fetchone()
+    if row is None:
+        raise CommandError(f"no device {args.name!r}")
+    _, name, created, seen, source, revoked, readings, metrics, newest, rejected, reason, rejected_at = row
+    transport, _, address = (source or "").partition(" ")
+    doc = {
+        "name": name,
+        "status": "revoked" if revoked else "active",
+        "created": when(created),
+        "revoked": when(revoked) or None,
+        "last_seen": when(seen) or None,
+        "transport": transport or None,
+        "address": address or None,
+        "readings": readings,
+        "metrics": metrics,
+        "newest_reading": format_ts(_epoch_us(newest)) if newest is not None else None,
+        "rejected_inputs": rejected,
+        "last_rejected": when(rejected_at) or None,
+        "last_rejection": reason,
+    }
+    if args.json:
+        print(json.dumps(doc))
+        return
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        print(f"{key.replace('_', ' ').ljust(width)}  {'-' if value is None else value}")
+
+
+def _epoch_us(ts: Any) -> int:
+    delta = ts - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    device = sub.add_parser("device", parents=[common], help="add, list, show, revoke and rotate devices")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("add", parents=[common], help="register a device; prints its token on stdout")
+    p.add_argument("name")
+    p.add_argument("--type", help="its [device_types.NAME] in the config file: it posts that vendor JSON")
+    p.add_argument("--interval", help="silent when nothing is heard for this long (90s, 10m, 1h) [default: its type's]")
+    p.set_defaults(func=cmd_device_add)
+    p = dsub.add_parser("set", parents=[common], help="change a device's type or expected interval")
+    p.add_argument("name")
+    p.add_argument("--type", help="its [device_types.NAME]; '' for none (it then posts the gateway's JSON)")
+    p.add_argument("--interval", help="silent when nothing is heard for this long; '' for its type's")
+    p.set_defaults(func=cmd_device_set)
+    p = dsub.add_parser("list", parents=[common], help="list devices: type, last seen, silent, quality flags")
+    p.add_argument("--json", action="store_true", help="print them as one JSON list (as GET /v1/devices)")
+    p.set_defaults(func=cmd_device_list)
+    p = dsub.add_parser("show", parents=[common], help="one device: last seen, transport, counters")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object")
+    p.set_defaults(func=cmd_device_show)
+    p = dsub.add_parser(
+        "revoke", parents=[common], help="refuse a device's token from now on and close its connections"
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_device_revoke)
+    p = dsub.add_parser(
+        "rotate", parents=[common], help="give a device a new token (printed on stdout); the old one stops working"
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_device_rotate)

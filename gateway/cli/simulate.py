@@ -1,0 +1,109 @@
+"""``gatewayctl simulate``: simulated devices sending to a running gateway, with a summary of what was acknowledged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pathlib import Path
+
+from gateway.ingest import tokens
+from gateway.cli.common import CommandError, database, note, settings
+
+
+def provision_simulated(conn: Any, count: int) -> list[tuple[str, str]]:
+    """Devices sim-0 … sim-N-1, made or given fresh tokens (the simulator owns them)."""
+    devices = [(f"sim-{i}", tokens.new_token()) for i in range(count)]
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO devices (name, token_id, token_hash) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
+            "ON CONFLICT (name) DO UPDATE SET token_id = EXCLUDED.token_id, "
+            "token_hash = EXCLUDED.token_hash, revoked_at = NULL",
+            ([n for n, _ in devices], [t.token_id for _, t in devices], [t.digest for _, t in devices]),
+        )
+    conn.commit()
+    return [(name, t.token) for name, t in devices]
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from twisted.internet import ssl
+
+    from gateway.cli import simulator as simulate
+
+    host, _, port = args.target.rpartition(":")
+    if not port.isdigit():
+        raise CommandError(f"--target {args.target!r}: give HOST:PORT")
+    if args.devices < 1:
+        raise CommandError("--devices must be at least 1")
+    if args.batch < 1 or args.batch > 10_000:
+        raise CommandError("--batch must be within 1..10000")
+    trust = None
+    if args.protocol in ("tls", "https"):
+        data_dir, _ = settings(args)
+        ca = Path(args.ca) if args.ca else data_dir / "tls" / "gateway.crt"
+        try:
+            trust = ssl.Certificate.loadPEM(ca.read_bytes())
+        except (OSError, ssl.SSL.Error) as e:
+            raise CommandError(f"--ca {str(ca)!r}: cannot load a certificate to trust ({e})") from None
+    with database(args) as conn:
+        devices = provision_simulated(conn, args.devices)
+    note(f"simulating {len(devices)} devices over {args.protocol} against {args.target} for {args.duration:g}s")
+    result: dict[str, Any] = {}
+
+    def go(reactor: Any) -> Any:
+        return simulate.run(reactor, args, devices, trust).addCallback(result.update)
+
+    _react(go)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"acked {result['acked']:,} readings in {result['duration']:.1f}s: {result['rate']:,.0f} readings/s; "
+            f"ack latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
+            f"p99 {result['p99_ms']:.1f} ms; "
+            f"duplicates {result['duplicates']:,}; reconnects {result['reconnects']}; "
+            f"errors {result['errors'] or 'none'}"
+        )
+    if result["acked"] == 0:
+        raise CommandError("no reading was acknowledged")
+
+
+def _react(main: Any) -> None:
+    """Run the reactor until main's Deferred fires (task.react without its sys.exit)."""
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+
+    def start() -> None:
+        d = main(reactor)
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if outcome and hasattr(outcome[0], "raiseException"):
+        outcome[0].raiseException()
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "simulate", parents=[common], help="simulated devices (sim-0 … sim-N-1) sending to a running gateway"
+    )
+    p.add_argument("--target", required=True, help="the gateway's HOST:PORT (TGP or HTTPS)")
+    p.add_argument("--devices", type=int, default=10, help="how many devices [default: 10]")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="readings per second, all devices together; 0: as fast as acknowledged [default: 100]",
+    )
+    p.add_argument("--protocol", choices=("tcp", "tls", "https"), default="tcp", help="[default: tcp]")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds [default: 10]")
+    p.add_argument("--batch", type=int, default=100, help="readings per frame or request [default: 100]")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.add_argument("--ca", help="certificate to trust for tls/https [default: DATA_DIR/tls/gateway.crt]")
+    p.add_argument("--tls-name", help="host name the gateway's certificate must show [default: the target host]")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=cmd_simulate)

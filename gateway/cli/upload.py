@@ -1,0 +1,92 @@
+"""``gatewayctl upload``: the sinks' cursors, lag and parked batches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS
+from gateway.cli.common import CommandError, database, note, when
+
+
+def _sink_rows(conn: Any) -> list[dict[str, Any]]:
+
+    with conn.cursor() as cur:
+        cur.execute(STATUS)
+        rows = [dict(zip(STATUS_FIELDS, row)) for row in cur.fetchall()]
+    conn.rollback()
+    return rows
+
+
+def cmd_upload_status(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        rows = _sink_rows(conn)
+    if args.json:
+        for row in rows:
+            for key in ("last_sent_at", "last_error_at"):
+                row[key] = row[key].isoformat() if row[key] is not None else None
+            row["lag_readings"] = row["unbatched_readings"] + row["pending_readings"]
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return
+    if not rows:
+        note("no sinks: give the gateway --upload-url or [[sink]] tables")
+    for row in rows:
+        lag = row["unbatched_readings"] + row["pending_readings"]
+        behind = f"{row['lag_seconds']:.1f}s" if row["lag_seconds"] is not None else "0s"
+        print(f"sink {row['name']}  {row['url']}")
+        print(f"  cursor        reading {row['cursor_id']} (transaction {row['cursor_tx']})")
+        print(f"  lag           {lag} readings, {behind} behind ({row['pending_batches']} batches in flight)")
+        print(f"  sent          {row['batches_sent']} batches, {row['readings_sent']} readings")
+        print(f"  failed        {row['failures']} attempts")
+        print(f"  parked        {row['parked_batches']} batches, {row['parked_readings']} readings")
+        print(f"  last sent     {when(row['last_sent_at']) or 'never'}")
+        if row["last_error"]:
+            print(f"  last error    {when(row['last_error_at'])}  {row['last_error']}")
+
+
+def _known_sink(conn: Any, name: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM upload_sinks WHERE name = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute("SELECT name FROM upload_sinks ORDER BY name")
+            known = ", ".join(row[0] for row in cur.fetchall()) or "none"
+            raise CommandError(f"no sink {name!r} (known: {known})")
+
+
+def cmd_upload_retry_dead(args: argparse.Namespace) -> None:
+
+    with database(args) as conn:
+        _known_sink(conn, args.sink)
+        with conn.cursor() as cur:
+            cur.execute(RETRY_DEAD, (args.sink,))
+            count = cur.rowcount
+        conn.commit()
+    note(f"{count} parked batches of sink {args.sink} will be sent again")
+
+
+def cmd_upload_remove(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        _known_sink(conn, args.sink)
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM upload_sinks WHERE name = %s", (args.sink,))
+        conn.commit()
+    note(f"sink {args.sink} forgotten with its unsent batches; a gateway configured with it starts it anew")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    upload = sub.add_parser("upload", parents=[common], help="the uploader's sinks: status and parked batches")
+    usub = upload.add_subparsers(dest="upload_command", required=True, metavar="ACTION")
+    p = usub.add_parser("status", parents=[common], help="per sink: cursor, lag, batches sent/failed/parked")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_upload_status)
+    p = usub.add_parser("retry-dead", parents=[common], help="send a sink's parked batches again")
+    p.add_argument("sink")
+    p.set_defaults(func=cmd_upload_retry_dead)
+    p = usub.add_parser(
+        "remove", parents=[common], help="forget a sink that is no longer configured (retention stops waiting)"
+    )
+    p.add_argument("sink")
+    p.set_defaults(func=cmd_upload_remove)

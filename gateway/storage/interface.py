@@ -1,0 +1,49 @@
+"""
+IStore: what the ingest path needs of storage, as Deferreds. Two
+implementations satisfy it and run one contract suite: PostgresStore
+(``storage.store``) and MemoryStore (``storage.memory``), the latter for
+tests of the layers above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from gateway.readings import Device, Reading
+
+
+class IStore(Interface):
+    def authenticate(token: str) -> Deferred:
+        """Fire with the Device a bearer token belongs to, or None."""
+
+    def device_key(name: str) -> Deferred:
+        """Fire with (Device, stored key) of a device that is not revoked, or None."""
+
+    def write(device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
+        """
+        Store readings once each; fire with WriteResult after COMMIT.
+        ``source`` ('tgp 10.0.0.5:40112') is kept as where the device was last heard from.
+        Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
+        """
+
+    def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        """Keep input that was refused, with why; fire when kept (never errbacks)."""
+
+    def quarantine(device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+        """
+        Keep readings that failed a quality rule (gateway.quality.Quarantined), once each
+        (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.
+        """
+
+    def has_room(size: int) -> bool:
+        """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""
+
+    def wait_for_room() -> Deferred:
+        """Fire when the write queue has drained enough to take writes again."""
+
+    def check() -> Deferred:
+        """Fire when the database answers; errback StoreUnavailable otherwise."""

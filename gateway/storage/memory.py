@@ -1,0 +1,85 @@
+"""IStore in memory: the same contract as PostgresStore, for tests of the transports and the ingest path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from gateway.ingest import tokens
+from gateway.readings import Device, Reading, StoreUnavailable, WriteResult
+from gateway.storage.interface import IStore
+
+
+@implementer(IStore)
+class MemoryStore:
+    """IStore in memory, for tests of the transports and the ingest path."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, tuple[Device, bytes, bool]] = {}
+        self.readings: dict[tuple[int, str, int], float] = {}
+        self.rejected: list[tuple[str, str | None, str, bytes]] = []
+        self.quarantined: dict[tuple[int, str, int], tuple[float, str]] = {}
+        self.available = True
+        self._next_id = 1
+
+    def add_device(self, name: str, device_type: str | None = None) -> str:
+        new = tokens.new_token()
+        self.devices[new.token_id] = (Device(self._next_id, name, device_type), new.digest, False)
+        self._next_id += 1
+        return new.token
+
+    def revoke(self, name: str) -> None:
+        for token_id, (device, digest, _) in list(self.devices.items()):
+            if device.name == name:
+                self.devices[token_id] = (device, digest, True)
+
+    def authenticate(self, token: str) -> Deferred:
+        parts = tokens.split_token(token)
+        if parts is None:
+            return succeed(None)
+        entry = self.devices.get(parts[0])
+        if entry is None or entry[2] or not tokens.token_matches(token, entry[1]):
+            return succeed(None)
+        return succeed(entry[0])
+
+    def device_key(self, name: str) -> Deferred:
+        for device, stored, revoked in self.devices.values():
+            if device.name == name and not revoked:
+                return succeed((device, stored))
+        return succeed(None)
+
+    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
+        if not self.available:
+            return fail(StoreUnavailable("database unavailable"))
+        new = dup = 0
+        for metric, ts_us, value in readings:
+            key = (device.id, metric, ts_us)
+            if key in self.readings:
+                dup += 1
+            else:
+                self.readings[key] = value
+                new += 1
+        return succeed(WriteResult(new, dup))
+
+    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+        if not self.available:
+            return fail(StoreUnavailable("database unavailable"))
+        for q in failed:
+            self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
+        return succeed(None)
+
+    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        self.rejected.append((source, device, reason, raw))
+        return succeed(None)
+
+    def check(self) -> Deferred:
+        return succeed(None) if self.available else fail(StoreUnavailable("database unavailable"))
+
+    def has_room(self, size: int) -> bool:
+        return True
+
+    def wait_for_room(self) -> Deferred:
+        return succeed(None)
