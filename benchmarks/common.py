@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -133,14 +134,19 @@ class Gateway:
         )
         self.ports: dict[str, int] = {}
         self.data_dir = data_dir
+        seen: collections.deque[str] = collections.deque(maxlen=30)
         for line in self.proc.stdout:
+            seen.append(line)
             m = LISTENING.search(line)
             if m:
                 self.ports[{"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls"}[m.group(1)]] = int(m.group(2))
             if "gateway ready" in line:
                 break
         else:
-            raise SystemExit("the gateway did not start")
+            self.proc.wait(30)
+            raise SystemExit(
+                f"the gateway did not start (exit status {self.proc.returncode}); its last lines:\n" + "".join(seen)
+            )
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def stop(self) -> None:

@@ -46,7 +46,7 @@ class Device:
 class WriteResult:
     accepted: int  # newly stored
     duplicates: int  # already stored (a retransmission)
-    quarantined: tuple[Any, ...] = ()  # gateway.quality.Quarantined: kept aside, each with the rule it failed
+    quarantined: tuple[Any, ...] = ()  # gateway.ingest.quality.Quarantined: kept aside, each with the rule it failed
 
 
 class IngestError(Exception):

@@ -254,7 +254,7 @@ class GatewayService(MultiService):
         cert, key, source = self._credentials(spec, option)
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
-            # and a small HTTPS request costs 13% less CPU (gateway/stdtls.py).
+            # and a small HTTPS request costs 13% less CPU (gateway/transports/stdtls.py).
             return TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor)
         except TLSConfigError as e:
             if client_ca is not None and str(client_ca) in str(e):

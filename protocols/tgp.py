@@ -520,7 +520,7 @@ class Connection:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def next_event(self) -> object:
+    def next_event(self) -> Event | InvalidFrame | _Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""
         buf = self._buffer
         if len(buf) < HEADER.size:
@@ -550,7 +550,7 @@ class Connection:
         self._advance(self.their_role, kind, remote=True)
         return self._decode(kind, payload)
 
-    def _short(self, garbage: bool) -> object:
+    def _short(self, garbage: bool) -> _Sentinel:
         if garbage:
             raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"bad magic, expected {MAGIC!r}")
         if self._eof:
@@ -568,7 +568,7 @@ class Connection:
             raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, message)
         self.state = nxt
 
-    def _decode(self, kind: MessageType, payload: bytes) -> object:
+    def _decode(self, kind: MessageType, payload: bytes) -> Event | InvalidFrame:
         r = _Reader(payload, kind.name)
         if kind is MessageType.DATA:
             return self._decode_data(r)
@@ -636,7 +636,7 @@ class Connection:
             )
         self.last_answered = seq
 
-    def _decode_declare(self, r: _Reader) -> object:
+    def _decode_declare(self, r: _Reader) -> Declare | InvalidFrame:
         seq, count = r.unpack(_DECLARE_HEAD)
         self._check_seq(seq)
         metrics = []
@@ -668,7 +668,7 @@ class Connection:
         self._theirs.update(new)
         return Declare(seq, tuple(Metric(i, t, n) for i, (n, t) in sorted(new.items())))
 
-    def _decode_data(self, r: _Reader) -> object:
+    def _decode_data(self, r: _Reader) -> Data | InvalidFrame:
         seq, unit, base, count = r.unpack(_DATA_HEAD)
         self._check_seq(seq)
         scale = UNIT_US.get(unit)

@@ -14,15 +14,60 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import psycopg2
 import psycopg2.extensions
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, settings
 
 from gateway.storage import embedded
 from gateway.storage import schema
 
 _counter = itertools.count()
+
+# CI machines are shared and busy: a property test is judged on what it finds, never on how fast
+# the machine generated its examples. Tests that set their own max_examples keep this profile's rest.
+settings.register_profile("gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gateway")
+
+# Directories this session's servers live in; at the end no process may still run from one.
+_OWN_DIRS: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _OWN_DIRS.append(str(session.config._tmp_path_factory.getbasetemp()))
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every test stops what it starts: a gateway or PostgreSQL still running now fails the run."""
+    me = psutil.Process()
+    survivors = set(me.children(recursive=True))
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if proc.pid != me.pid and any(d in cmdline for d in _OWN_DIRS):
+            survivors.add(proc)
+    survivors = {p for p in survivors if _alive(p)}
+    if not survivors:
+        return
+    lines = []
+    for proc in survivors:
+        try:
+            lines.append(f"  {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    session.config.get_terminal_writer().line(
+        "processes started by the tests were still running at the end (killed now):\n" + "\n".join(lines), red=True
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _admin_sql(dsn: str, statement: str) -> None:
@@ -43,6 +88,7 @@ def pg_server_dsn():
         yield given
         return
     tmp = Path(tempfile.mkdtemp(prefix="gw-test-pg-"))
+    _OWN_DIRS.append(str(tmp))
     pg = embedded.EmbeddedPostgres(tmp / "pg")
     dsn = pg.start()
     try:

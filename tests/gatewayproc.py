@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.conftest import script
 
 READY = re.compile(r"gateway ready")
@@ -94,6 +96,19 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait(10)
 
+    def close(self) -> None:
+        """Stop the gateway, and the embedded PostgreSQL a killed gateway leaves behind."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        pm = postmaster(self.data_dir)
+        if pm is not None:
+            pm.send_signal(signal.SIGINT)  # fast shutdown
+            pm.wait(30)
+
     def log(self) -> str:
         return "".join(self.lines)
 
@@ -109,6 +124,15 @@ class GatewayProcess:
                     break
                 self._new_line.wait(left)
         raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.lines[-40:]))
+
+
+def postmaster(data_dir: Path) -> psutil.Process | None:
+    """The embedded PostgreSQL's postmaster of a data directory, if it runs."""
+    pid_file = Path(data_dir) / "pg" / "postmaster.pid"
+    try:
+        return psutil.Process(int(pid_file.read_text().split()[0]))
+    except (FileNotFoundError, ValueError, IndexError, psutil.NoSuchProcess):
+        return None
 
 
 def gatewayctl(*args: str, data_dir: Path | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:

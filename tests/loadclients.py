@@ -116,7 +116,7 @@ class TGPDevice(Device):
         if cafile:
             self.context = ssl.create_default_context(cafile=cafile)
             self.context.check_hostname = False
-        self.byes: list[str] = []
+        self.told: list[str] = []  # codes of the BYEs and fatal NACKs the gateway sent
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -154,12 +154,14 @@ class TGPDevice(Device):
                     elif isinstance(event, tgp.Nack):
                         self.give_back(in_flight.pop(event.seq, []))
                         self.error(tgp.ErrorCode(event.code).name)
+                        if event.fatal:
+                            self.told.append(tgp.ErrorCode(event.code).name)
                         if event.code == tgp.ErrorCode.RATE_LIMITED:
                             time.sleep(event.retry_after_s)
                         if event.fatal or event.code == tgp.ErrorCode.RETRY_LATER:
                             return
                     elif isinstance(event, tgp.Bye):
-                        self.byes.append(tgp.ErrorCode(event.code).name)
+                        self.told.append(tgp.ErrorCode(event.code).name)
                         return
         finally:
             for seq in sorted(in_flight, reverse=True):

@@ -15,10 +15,9 @@ import ssl
 import subprocess
 import time
 
-import psutil
 import pytest
 
-from tests.gatewayproc import GatewayProcess, gatewayctl
+from tests.gatewayproc import GatewayProcess, postmaster, gatewayctl
 
 BODY = '{"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}'
 
@@ -62,16 +61,6 @@ def post(gw: GatewayProcess, token: str | None, body: str = BODY, path: str = "/
     return result
 
 
-def postmaster(data_dir) -> psutil.Process | None:
-    pid_file = data_dir / "pg" / "postmaster.pid"
-    if not pid_file.exists():
-        return None
-    try:
-        return psutil.Process(int(pid_file.read_text().split()[0]))
-    except psutil.NoSuchProcess:
-        return None
-
-
 @pytest.fixture
 def workdir(tmp_path):
     os.chmod(tmp_path, 0o755)  # the embedded server's user must reach the data dir
@@ -82,11 +71,7 @@ def workdir(tmp_path):
 def gateway(workdir):
     gw = GatewayProcess(workdir / "gateway-data", cwd=workdir)
     yield gw
-    gw.kill()
-    pm = postmaster(gw.data_dir)
-    if pm is not None:  # a test that killed the gateway leaves its database behind
-        pm.send_signal(signal.SIGINT)
-        pm.wait(30)
+    gw.close()  # a test that killed the gateway leaves its database behind: close() stops it too
 
 
 def test_quick_start_then_kill_9_loses_nothing(gateway):

@@ -60,7 +60,7 @@ def console(tmp_path_factory):
     try:
         yield gw, key, stranger, config
     finally:
-        gw.kill()
+        gw.close()
 
 
 def ssh(

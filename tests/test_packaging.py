@@ -9,6 +9,10 @@ from pathlib import Path
 
 from tests.conftest import script
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -40,11 +40,7 @@ def make_gateway(workdir):  # noqa: F811 (the fixture imported from test_e2e)
 
     yield make
     for gw in made:
-        gw.kill()
-    pm = postmaster(workdir / "gateway-data")
-    if pm is not None:
-        pm.send_signal(signal.SIGINT)
-        pm.wait(30)
+        gw.close()
 
 
 def add_devices(gw: GatewayProcess, names: list[str]) -> dict[str, str]:
@@ -109,9 +105,7 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make
         down = time.monotonic()
         # Sessions open before the outage go on; new ones are recognised from the last answer.
         assert wait_until(lambda: all_acking(devices, down + 0.5), 20), [d.errors for d in devices]
-        time.sleep(1.0)
-        status, body = health(gw)
-        assert status == 503 and body["journal"]["bytes"] > 0
+        assert wait_until(lambda: health(gw)[0] == 503 and health(gw)[1]["journal"]["bytes"] > 0, 20), health(gw)
         restart_embedded(gw.data_dir / "pg")
         up = time.monotonic()
         during = sum(d.acked_between(down, up) for d in devices)
@@ -127,6 +121,7 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make
     assert gw.stop() == 0
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):
     gw = make_gateway().start()
     devices = fleet(gw, add_devices(gw, NAMES))
@@ -139,7 +134,6 @@ def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):
             time.sleep(rng.uniform(0.1, 1.0))
             if i == 3:  # once with the database away, so the journal holds acknowledged readings
                 stop_database(gw)
-                time.sleep(1.0)
                 assert gw.wait_for_line("journal|database connection")
             gw.kill()
             rounds += 1
@@ -252,7 +246,7 @@ def test_idle_sockets_dripped_headers_and_connection_caps(make_gateway):
         assert wait_until(lambda: open_connections(gw, ctx) >= idle, 10)
         # Over the per-address cap (the device holds one more), new connections are closed at once.
         extra = [socket.create_connection(("127.0.0.1", gw.tgp_port)) for _ in range(60)]
-        time.sleep(0.5)
+        assert wait_until(lambda: _closed_by_peer(extra[-1], 0.05), 10)  # the last is surely over the cap
         refused = sum(_closed_by_peer(s, 0.05) for s in extra)
         for s in extra:
             s.close()
@@ -267,7 +261,8 @@ def test_idle_sockets_dripped_headers_and_connection_caps(make_gateway):
         drip = ctx.wrap_socket(socket.create_connection(("127.0.0.1", gw.port)))
         started = time.monotonic()
         answer = None
-        for byte in b"POST /v1/readings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+        drip.sendall(b"POST /v1/readings HTTP/1.1\r\n")  # the first line at once: the request deadline runs
+        for byte in b"Host: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
             try:
                 drip.sendall(bytes([byte]))
                 drip.settimeout(0.2)
@@ -279,7 +274,7 @@ def test_idle_sockets_dripped_headers_and_connection_caps(make_gateway):
             break
         dripped_for = time.monotonic() - started
         assert answer is not None and dripped_for < 2 * 6 + 2, (answer, dripped_for)
-        assert answer == b"" or b"408" in answer or "Error" in answer
+        assert b" 408 " in answer and b"request_timeout" in answer, answer
         # Idle sockets that never speak are closed by the deadlines (6 s HTTP, 8 s TGP handshake).
         sample = sockets[:50] + sockets[-50:]
         assert sum(_closed_by_peer(s, 10.0) for s in sample) == len(sample)
@@ -377,9 +372,9 @@ def test_sigterm_under_load_answers_what_it_took_and_exits_0(make_gateway):
         assert gw.stop(timeout=30) == 0
         took = time.monotonic() - started
         assert took < 20
-        assert wait_until(lambda: any(d.byes for d in devices[:2]), 5) or "SHUTTING_DOWN" in str(
-            [d.errors for d in devices[:2]]
-        )
+        assert wait_until(lambda: any("SHUTTING_DOWN" in d.told for d in devices[:2]), 5), [
+            (d.told, d.errors) for d in devices[:2]
+        ]
     finally:
         for d in devices:
             d.stop()

@@ -19,6 +19,11 @@ from gateway.transports.stdtls import TLSServerFactory, server_context
 from gateway.transports.tls import TLSConfigError, make_self_signed
 
 
+def within(d: Deferred, seconds: float = 30.0) -> Deferred:
+    """d, or a TimeoutError after ``seconds``: a close that never comes fails the test instead of hanging it."""
+    return d.addTimeout(seconds, reactor)
+
+
 class Echo(Protocol):
     """Answers every chunk with its upper-case copy; closes on b'bye'."""
 
@@ -61,22 +66,22 @@ async def connect(port: int, cert_path) -> Client:
 async def test_data_both_ways_then_the_client_closes_cleanly(server):
     client = await connect(*server)
     client.transport.write(b"hello")
-    assert await client.received.get() == b"HELLO"
+    assert await within(client.received.get()) == b"HELLO"
     big = b"x" * 200_000  # many TLS records
     client.transport.write(big)
     got = b""
     while len(got) < len(big):
-        got += await client.received.get()
+        got += await within(client.received.get())
     assert got == big.upper()
     client.transport.loseConnection()
-    await client.closed  # the server answered close_notify and closed: no lingering
+    await within(client.closed)  # the server answered close_notify and closed: no lingering
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_server_closes_cleanly(server):
     client = await connect(*server)
     client.transport.write(b"bye")
-    assert isinstance(await client.closed, ConnectionDone)  # a clean close, not a reset
+    assert isinstance(await within(client.closed), ConnectionDone)  # a clean close, not a reset
 
 
 def _handshake(port: int, cafile: str, **settings) -> str:
@@ -106,7 +111,7 @@ async def test_garbage_instead_of_a_handshake_is_cut_off(server):
     port, _ = server
     client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(Client))
     client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
-    await client.closed
+    await within(client.closed)
 
 
 def test_mismatched_key_is_named(tmp_path):
@@ -163,9 +168,9 @@ async def test_a_peer_that_never_answers_close_notify_is_cut_after_the_linger(tm
     try:
         client = await connect(port.getHost().port, cert)
         client.transport.write(b"hello")
-        assert await client.received.get() == b"NO"
+        assert await within(client.received.get()) == b"NO"
         assert not client.closed.called  # Twisted's client end waits for its own close, not answering ours
         clock.advance(LINGER)
-        await client.closed
+        await within(client.closed)
     finally:
         await port.stopListening()

@@ -72,6 +72,7 @@ class Ingest:
                 code="unauthorized",
             )
             raise Unauthorized("missing, unknown or revoked device token")
+        assert isinstance(device, Device)
         return device
 
     async def store_readings(
@@ -131,7 +132,7 @@ class Ingest:
         )
         await self.store.reject(source, f"{error.code}: {error.message}", raw, name)
 
-    def write_json(self, device: Device, body: bytes, source: str) -> Deferred:
+    def write_json(self, device: Device, body: bytes, source: str) -> Deferred[WriteResult]:
         """Parse a JSON body and store it; fires with WriteResult or fails with IngestError."""
 
         async def run() -> WriteResult:

@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gateway.readings import (
     EPOCH,
@@ -129,7 +129,7 @@ class DeviceType:
         for path, keys, raw in found:
             if raw is None and metric.optional:
                 continue
-            name = _PLACEHOLDER.sub(lambda m, keys=keys: keys[int(m.group(1)) - 1], metric.name)
+            name = _PLACEHOLDER.sub(_filler(keys), metric.name)
             if not is_name(name):
                 raise Unmappable(f"{path}: metric name {name!r} {NAME_RULE}")
             try:
@@ -162,7 +162,14 @@ def _at(doc: Any, path: tuple[str, ...], where: str) -> Any:
     return current
 
 
-def _walk(doc: Any, path: tuple[str, ...], keys: tuple[str, ...], where: str) -> Iterator[tuple[str, tuple, Any]]:
+def _filler(keys: tuple[str, ...]) -> Callable[[re.Match[str]], str]:
+    """Fills a metric name's {N} with the key the N-th wildcard matched."""
+    return lambda m: keys[int(m.group(1)) - 1]
+
+
+def _walk(
+    doc: Any, path: tuple[str, ...], keys: tuple[str, ...], where: str
+) -> Iterator[tuple[str, tuple[str, ...], Any]]:
     """(path shown, keys the wildcards matched, value) for every match of a path."""
     if not path:
         yield where, keys, doc

@@ -35,7 +35,7 @@ class IStore(Interface):
 
     def quarantine(device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
         """
-        Keep readings that failed a quality rule (gateway.quality.Quarantined), once each
+        Keep readings that failed a quality rule (gateway.ingest.quality.Quarantined), once each
         (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.
         """
 
