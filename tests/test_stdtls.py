@@ -128,7 +128,7 @@ class Refuser(Protocol):
         self.transport.loseConnection()
 
 
-async def refuser(tmp_path, clock=None):
+async def refuser(tmp_path, clock=reactor):
     made = make_self_signed(tmp_path / "tls")
     factory = TLSServerFactory(server_context(made.cert_path, made.key_path), Factory.forProtocol(Refuser), clock)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
