@@ -42,6 +42,43 @@ class Device:
     type: str | None = None  # its [device_types.NAME] mapping, for vendor JSON
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """
+    Where input came from: the transport, the peer's address, and whether
+    TLS carried it. ``str()`` gives the text kept with the data
+    (``devices.last_source``, ``rejected_input.source``, the journal):
+    'tgp+tls 10.0.0.5:40112'. A connection refused before any protocol
+    ran is transport 'tcp'.
+    """
+
+    transport: str  # https, http, tgp, tgp+tls, tcp
+    host: str
+    port: int | None = None
+    tls: bool = False
+
+    @classmethod
+    def of(cls, transport: str, peer: Any, tls: bool) -> Source:
+        """From a Twisted address (IPv4Address, IPv6Address; others have no host and port)."""
+        return cls(transport, str(getattr(peer, "host", "?")), getattr(peer, "port", None), tls)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Source | None:
+        """Back from the stored text; None for none. Only for what was stored, never for a live connection."""
+        transport, _, address = (text or "").partition(" ")
+        if not transport:
+            return None
+        host, _, port = address.rpartition(":")
+        return cls(transport, host or address, int(port) if port.isdigit() else None, transport.endswith("s"))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port if self.port is not None else '?'}"
+
+    def __str__(self) -> str:
+        return f"{self.transport} {self.address}"
+
+
 @dataclass(frozen=True)
 class WriteResult:
     accepted: int  # newly stored
@@ -50,9 +87,12 @@ class WriteResult:
 
 
 class IngestError(Exception):
-    """An answer to the sender that is not an ack; carries status and code."""
+    """
+    An answer to the sender that is not an ack: a code, a message, and for
+    those worth retrying, how long to wait. Each transport maps the code to
+    its own wire (an HTTP status, a TGP error code).
+    """
 
-    status = 400
     code = "bad_request"
     retry_after: int | None = None
 
@@ -64,25 +104,21 @@ class IngestError(Exception):
 
 
 class InvalidInput(IngestError):
-    status = 400
     code = "invalid_reading"
 
 
 class Unauthorized(IngestError):
-    status = 401
     code = "unauthorized"
 
 
 class StoreUnavailable(IngestError):
     """The database cannot be reached; nothing was stored."""
 
-    status = 503
     code = "database_unavailable"
     retry_after = 5
 
 
 class StoreOverloaded(IngestError):
-    status = 503
     code = "overloaded"
     retry_after = 1
 
@@ -90,7 +126,6 @@ class StoreOverloaded(IngestError):
 class RateLimited(IngestError):
     """The device sends faster than --device-rate; nothing of this write was stored."""
 
-    status = 429
     code = "rate_limited"
 
     def __init__(self, message: str, retry_after: int) -> None:
@@ -101,7 +136,6 @@ class RateLimited(IngestError):
 class DeviceTypeUnknown(IngestError):
     """The device is registered with a type this gateway's config file lacks; nothing was stored."""
 
-    status = 503
     code = "device_type_unknown"
     retry_after = 60
 
@@ -109,7 +143,6 @@ class DeviceTypeUnknown(IngestError):
 class StoreRejected(IngestError):
     """The database refused a reading; the sender's other readings were stored."""
 
-    status = 422
     code = "rejected_by_database"
 
     def __init__(self, message: str, index: int) -> None:

@@ -64,6 +64,7 @@ from gateway.transports.tls import TLSConfigError, make_self_signed
 from gateway.ops.tuning import tune_gc
 from gateway.outbound.retention import Retention
 from gateway.outbound.uploader import Uploader, gateway_id
+from gateway.readings import Source
 from protocols import tgp
 
 __all__ = ["Options", "makeService", "GatewayService"]
@@ -505,14 +506,13 @@ class GatewayService(MultiService):
 
     def _refused(self, address: str, why: str) -> None:
         limit = self.limits.max_total if why == "total" else self.limits.max_per_address
-        self.metrics.rejected(f"tcp {address}:0", f"connection_limit_{why}")
-        self.ingest.refusals.warn(
-            address,
-            "refused a connection from {address}: {count} open connections {scope} (limit {limit})",
-            address=address,
-            count=self.limits.total if why == "total" else self.limits.by_address.get(address, 0),
-            scope="in all" if why == "total" else "from this address",
-            limit=limit,
+        count = self.limits.total if why == "total" else self.limits.by_address.get(address, 0)
+        scope = "in all" if why == "total" else "from this address"
+        self.ingest.refuse(
+            Source("tcp", address),
+            f"connection_limit_{why}",
+            f"{count} open connections {scope} (limit {limit})",
+            closing=True,
         )
 
     # -- what the console, /metrics and the device watch read ------------

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred
 
 from gateway.storage import journal as jmod
+from gateway.transports.http import STATUS
 from gateway.storage.journal import FILE_MAGIC, Journal, JournalError, JournalFull, encode, scan
 from gateway.readings import Reading, StoreUnavailable
 
@@ -103,7 +104,7 @@ def test_at_the_bound_appends_fail_with_retry_advice(tmp_path):
         result_of(j.append(record(n)))
     refused = result_of(j.append(record(3)))
     assert isinstance(refused.value, JournalFull) and isinstance(refused.value, StoreUnavailable)
-    assert refused.value.status == 503 and refused.value.retry_after > 0
+    assert STATUS[refused.value.code] == 503 and refused.value.retry_after > 0
     assert "journal is full" in refused.value.message
     assert not j.has_room(1)
     refused.trap(JournalFull)

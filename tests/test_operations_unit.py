@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from gateway.ops.health import Health, sink_health
 from gateway.ops.logs import LevelFilter, RateLimitedLog, json_line
 from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeysFile, PlainConsole, host_key
+from gateway.readings import Source
 from gateway.ops.metrics import GatewayMetrics, RateWindow
 from gateway.storage.memory import MemoryStore
 
@@ -184,10 +185,10 @@ def test_plain_console_prompts_runs_and_reports_errors():
 def test_metrics_remember_device_activity_per_transport():
     clock = Clock()
     metrics = GatewayMetrics(clock)
-    metrics.stored("truck-1", "tgp 10.0.0.5:40000", 10, 1)
+    metrics.stored("truck-1", Source("tgp", "10.0.0.5", 40000), 10, 1)
     clock.advance(5)
-    metrics.stored("truck-1", "https 10.0.0.5:40001", 2, 0)
-    metrics.rejected("tgp 10.0.0.5:40000", "invalid_reading", "truck-1", "readings[0].value: not finite")
+    metrics.stored("truck-1", Source("https", "10.0.0.5", 40001, tls=True), 2, 0)
+    metrics.rejected(Source("tgp", "10.0.0.5", 40000), "invalid_reading", "truck-1", "readings[0].value: not finite")
     tgp, https = metrics.activity[("truck-1", "tgp")], metrics.activity[("truck-1", "https")]
     assert (tgp.readings, tgp.duplicates, tgp.rejected, tgp.since) == (10, 1, 1, 0)
     assert tgp.last_error == "invalid_reading: readings[0].value: not finite"

@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from gateway.storage import schema
 from gateway.ingest import tokens
-from gateway.readings import Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
+from gateway.readings import Source, Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
 from gateway.storage.interface import IStore
 from gateway.storage.memory import MemoryStore
 from gateway.storage.store import PostgresStore
@@ -139,7 +139,7 @@ async def test_devices_do_not_share_keys(kit):
 @pytest_twisted.ensureDeferred
 async def test_reject_keeps_input(kit):
     store, _, _, rejected = kit
-    await store.reject("https 127.0.0.1:1", "invalid_json: x", b"{", "truck-1")
+    await store.reject(Source("https", "127.0.0.1", 1, tls=True), "invalid_json: x", b"{", "truck-1")
     assert rejected() == 1
 
 

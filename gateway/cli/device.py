@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from gateway.ingest import tokens
-from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name
+from gateway.readings import Source, EPOCH, NAME_RULE, format_ts, is_name
 from gateway.cli.common import (
     CommandError,
     add_with_token,
@@ -141,15 +141,15 @@ def cmd_device_show(args: argparse.Namespace) -> None:
     if row is None:
         raise CommandError(f"no device {args.name!r}")
     _, name, created, seen, source, revoked, readings, metrics, newest, rejected, reason, rejected_at = row
-    transport, _, address = (source or "").partition(" ")
+    last = Source.parse(source)
     doc = {
         "name": name,
         "status": "revoked" if revoked else "active",
         "created": when(created),
         "revoked": when(revoked) or None,
         "last_seen": when(seen) or None,
-        "transport": transport or None,
-        "address": address or None,
+        "transport": last.transport if last else None,
+        "address": last.address if last else None,
         "readings": readings,
         "metrics": metrics,
         "newest_reading": format_ts(_epoch_us(newest)) if newest is not None else None,

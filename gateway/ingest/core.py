@@ -3,15 +3,17 @@ The one ingest path every transport uses: authenticate the device,
 normalise and validate what it sent, store it, and only then answer.
 
 Parsing is pure (``ingest.parse``: bytes in, readings or InvalidInput
-out); ``Ingest`` joins it to an IStore. Refused input is kept in the store's rejected-input table
-with the reason, so nothing disappears without a trace.
+out); ``Ingest`` joins it to an IStore. Every refusal, whatever the
+transport, goes through ``Ingest.refuse``: counted, logged (rate-limited)
+and, when there is input to keep, kept in the rejected-input table with the
+reason, so nothing disappears without a trace.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -25,10 +27,10 @@ from gateway.ingest.parse import parse_readings_json
 from gateway.readings import (
     Device,
     DeviceTypeUnknown,
-    IngestError,
     InvalidInput,
     RateLimited,
     Reading,
+    Source,
     StoreRejected,
     Unauthorized,
     WriteResult,
@@ -61,22 +63,17 @@ class Ingest:
         # A device that keeps sending bad input must not flood the log.
         self.refusals = RateLimitedLog(log, clock)
 
-    async def authenticate(self, token: str | None, source: str) -> Device:
+    async def authenticate(self, token: str | None, source: Source) -> Device:
         device = await self.store.authenticate(token) if token else None
         if device is None:
-            self.metrics.rejected(source, "unauthorized")
-            self.refusals.warn(
-                peer_of(source),
-                "refused {source}: missing, unknown or revoked device token",
-                source=source,
-                code="unauthorized",
-            )
-            raise Unauthorized("missing, unknown or revoked device token")
+            error = Unauthorized("missing, unknown or revoked device token")
+            self.refuse(source, error.code, error.message)
+            raise error
         assert isinstance(device, Device)
         return device
 
     async def store_readings(
-        self, device: Device, readings: Sequence[Reading], source: str, raw: Callable[[], bytes]
+        self, device: Device, readings: Sequence[Reading], source: Source, raw: Callable[[], bytes]
     ) -> WriteResult:
         """Store readings; ``raw()`` renders the input for the rejected-input table if refused."""
         try:
@@ -87,15 +84,8 @@ class Ingest:
                 f"send these again in {e.retry_after}s",
                 e.retry_after,
             )
-            self.metrics.rejected(source, error.code, device.name, error.message)
-            self.refusals.warn(
-                device.name,
-                "refused input from {source} (device {device}): {code}: {reason}",
-                source=source,
-                device=device.name,
-                code=error.code,
-                reason=error.message,
-            )
+            # Not kept: nothing is wrong with the input, and it is sent again.
+            self.refuse(source, error.code, error.message, device=device.name)
             raise error from None
         good, failed = self.quality.split(readings, self.clock.seconds())
         try:
@@ -104,7 +94,7 @@ class Ingest:
                 await self.store.quarantine(device, failed, source)
             result: WriteResult = await self.store.write(device, good, source) if good else WriteResult(0, 0)
         except StoreRejected as e:
-            await self.refused(source, e, raw(), device)
+            await self.refuse(source, e.code, e.message, device=device.name, raw=raw())
             raise
         self.metrics.stored(device.name, source, result.accepted, result.duplicates)
         if failed:
@@ -118,28 +108,56 @@ class Ingest:
                     log.failure("a reading observer failed")
         return result
 
-    async def refused(self, source: str, error: IngestError, raw: bytes, device: Device | None) -> None:
-        """Log input that gets an error, and keep it with the reason."""
-        name = device.name if device else None
-        self.metrics.rejected(source, error.code, name, error.message)
-        self.refusals.warn(
-            name or peer_of(source),
-            "refused input from {source} (device {device}): {code}: {reason}",
-            source=source,
-            device=name,
-            code=error.code,
-            reason=error.message,
-        )
-        await self.store.reject(source, f"{error.code}: {error.message}", raw, name)
+    def refuse(
+        self,
+        source: Source,
+        code: str,
+        reason: str,
+        *,
+        device: str | None = None,
+        raw: bytes | None = None,
+        closing: bool = False,
+    ) -> Deferred[None]:
+        """
+        The one way every transport refuses input or a connection: count it
+        (``gateway_inputs_rejected_total`` and the device's activity), log it
+        (at most 5 lines a minute per device, or per address when the device
+        is unknown), and keep ``raw`` with the reason in rejected_input. Fires
+        when kept; never errbacks.
+        """
+        self.metrics.rejected(source, code, device, reason)
+        key = device or source.host
+        what = "closing" if closing else "refused"
+        if device is None:
+            self.refusals.warn(key, what + " {source}: {code}: {reason}", source=source, code=code, reason=reason)
+        else:
+            self.refusals.warn(
+                key,
+                what + " {source} (device {device}): {code}: {reason}",
+                source=source,
+                device=device,
+                code=code,
+                reason=reason,
+            )
+        if raw is None:
+            return succeed(None)
+        d: Deferred[None] = self.store.reject(source, f"{code}: {reason}", raw, device)
+        return d
 
-    def write_json(self, device: Device, body: bytes, source: str) -> Deferred[WriteResult]:
+    def reconfigure(self, rate: float, quality: QualityRules, device_types: Sequence[DeviceType]) -> None:
+        """Settings a SIGHUP changes: readings per second per device, quality rules, vendor mappings."""
+        self.rates.rate = rate
+        self.quality = quality
+        self.device_types = {t.name: t for t in device_types}
+
+    def write_json(self, device: Device, body: bytes, source: Source) -> Deferred[WriteResult]:
         """Parse a JSON body and store it; fires with WriteResult or fails with IngestError."""
 
         async def run() -> WriteResult:
             try:
                 readings = self.read_body(device, body)
             except InvalidInput as e:
-                await self.refused(source, e, body, device)
+                await self.refuse(source, e.code, e.message, device=device.name, raw=body)
                 raise
             return await self.store_readings(device, readings, source, lambda: body)
 
@@ -159,9 +177,3 @@ class Ingest:
             )
             raise DeviceTypeUnknown(f"device type {device.type!r} is not configured on this gateway; retry later")
         return mapping.read(body, device.name)
-
-
-def peer_of(source: str) -> str:
-    """The peer's host in a source string ('https 10.0.0.5:4431' → '10.0.0.5'), the rate limit's key."""
-    address = source.partition(" ")[2]
-    return address.rpartition(":")[0] or address

@@ -51,7 +51,6 @@ _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 class Unmappable(InvalidInput):
     """The body does not fit the device type's mapping; the message names the path."""
 
-    status = 422
     code = "unmappable"
 
 

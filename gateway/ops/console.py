@@ -184,8 +184,8 @@ class Console:
                 rows.append(
                     {
                         "device": session.device.name,
-                        "transport": session.source.split(" ")[0],
-                        "address": session.source.partition(" ")[2],
+                        "transport": session.source.transport,
+                        "address": session.source.address,
                         "since": _ago(now, session.since),
                         "readings": session.readings,
                         "last_error": session.last_error or None,

@@ -25,14 +25,11 @@ from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource, server
 
+from gateway.readings import Source
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
 ACTIVITY_SIZE = 100_000  # devices remembered for devices()/status(); the least recently active go first
-
-
-def transport_of(source: str) -> str:
-    """'https 10.0.0.5:4431' → 'https': the first word of a source string."""
-    return source.split(" ", 1)[0]
 
 
 class RateWindow:
@@ -146,8 +143,8 @@ class GatewayMetrics:
 
     # -- recording (hot path) -------------------------------------------
 
-    def stored(self, device: str, source: str, accepted: int, duplicates: int) -> None:
-        transport = transport_of(source)
+    def stored(self, device: str, source: Source, accepted: int, duplicates: int) -> None:
+        transport = source.transport
         counts = self._counts
         child = counts.accepted.get(transport)
         if child is None:
@@ -162,11 +159,11 @@ class GatewayMetrics:
         seen.readings += accepted
         seen.duplicates += duplicates
 
-    def quarantined(self, source: str, count: int) -> None:
-        self._quarantined.labels(transport_of(source)).inc(count)
+    def quarantined(self, source: Source, count: int) -> None:
+        self._quarantined.labels(source.transport).inc(count)
 
-    def rejected(self, source: str, reason: str, device: str | None = None, message: str = "") -> None:
-        transport = transport_of(source)
+    def rejected(self, source: Source, reason: str, device: str | None = None, message: str = "") -> None:
+        transport = source.transport
         self._rejected.labels(transport, reason).inc()
         if device is not None:
             seen = self._seen(device, transport, source)
@@ -174,8 +171,8 @@ class GatewayMetrics:
             seen.last_error = f"{reason}: {message}" if message else reason
             seen.last_error_at = self.clock.seconds()
 
-    def acked(self, source: str, seconds: float) -> None:
-        transport = transport_of(source)
+    def acked(self, source: Source, seconds: float) -> None:
+        transport = source.transport
         child = self._counts.latency.get(transport)
         if child is None:
             child = self._counts.latency[transport] = self._latency.labels(transport)
@@ -186,18 +183,18 @@ class GatewayMetrics:
         self._commit.observe(seconds)
         self.commit_window.add(1, seconds)
 
-    def _seen(self, device: str, transport: str, source: str) -> DeviceActivity:
+    def _seen(self, device: str, transport: str, source: Source) -> DeviceActivity:
         now = self.clock.seconds()
         activity = self.activity
         key = (device, transport)
         seen = activity.get(key)
         if seen is None:
-            seen = activity[key] = DeviceActivity(device, transport, source.partition(" ")[2], now, now)
+            seen = activity[key] = DeviceActivity(device, transport, source.address, now, now)
             if len(activity) > ACTIVITY_SIZE:
                 activity.popitem(last=False)
         else:
             activity.move_to_end(key)
-            seen.address, seen.last = source.partition(" ")[2], now
+            seen.address, seen.last = source.address, now
         return seen
 
     # -- reading -----------------------------------------------------------

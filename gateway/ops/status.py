@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest.quality import QualityRules
-from gateway.readings import format_ts
+from gateway.readings import Source, format_ts
 from gateway.ingest.vendor import DeviceType
 
 log = Logger()
@@ -81,7 +81,7 @@ class StatusPolicy:
         interval = self.interval(device_type, own)
         heard = (seen_us if seen_us is not None else created_us) / 1e6
         silent = bool(interval is not None and not revoked and now - heard > interval)
-        transport, _, address = (source or "").partition(" ")
+        last = Source.parse(source)
         rules = self.quality
         return {
             "name": name,
@@ -89,8 +89,8 @@ class StatusPolicy:
             "status": "revoked" if revoked else "active",
             "created": format_ts(created_us),
             "last_seen": format_ts(seen_us) if seen_us is not None else None,
-            "transport": transport or None,
-            "address": address or None,
+            "transport": last.transport if last else None,
+            "address": last.address if last else None,
             "expected_interval": interval,
             "silent": silent,
             "silent_for": round(now - heard, 1) if silent else None,

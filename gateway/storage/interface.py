@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from gateway.readings import Device, Reading
+from gateway.readings import Device, Reading, Source
 
 
 class IStore(Interface):
@@ -23,17 +23,17 @@ class IStore(Interface):
     def device_key(name: str) -> Deferred:
         """Fire with (Device, stored key) of a device that is not revoked, or None."""
 
-    def write(device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
+    def write(device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
         """
         Store readings once each; fire with WriteResult after COMMIT.
-        ``source`` ('tgp 10.0.0.5:40112') is kept as where the device was last heard from.
+        ``source`` is kept as where the device was last heard from.
         Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
         """
 
-    def reject(source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def reject(source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
 
-    def quarantine(device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+    def quarantine(device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
         """
         Keep readings that failed a quality rule (gateway.ingest.quality.Quarantined), once each
         (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from gateway.ingest import tokens
-from gateway.readings import Device, Reading, StoreUnavailable, WriteResult
+from gateway.readings import Device, Reading, Source, StoreUnavailable, WriteResult
 from gateway.storage.interface import IStore
 
 
@@ -51,7 +51,7 @@ class MemoryStore:
                 return succeed((device, stored))
         return succeed(None)
 
-    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
+    def write(self, device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
         if not self.available:
             return fail(StoreUnavailable("database unavailable"))
         new = dup = 0
@@ -64,15 +64,15 @@ class MemoryStore:
                 new += 1
         return succeed(WriteResult(new, dup))
 
-    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+    def quarantine(self, device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
         if not self.available:
             return fail(StoreUnavailable("database unavailable"))
         for q in failed:
             self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
         return succeed(None)
 
-    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
-        self.rejected.append((source, device, reason, raw))
+    def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+        self.rejected.append((str(source), device, reason, raw))
         return succeed(None)
 
     def check(self) -> Deferred:

@@ -60,6 +60,7 @@ from gateway.storage.queries import twin_upsert
 from gateway.readings import (
     Device,
     Reading,
+    Source,
     StoreOverloaded,
     StoreRejected,
     StoreUnavailable,
@@ -270,18 +271,19 @@ class PostgresStore(Service):
 
     # -- IStore --------------------------------------------------------
 
-    def write(self, device: Device, readings: Sequence[Reading], source: str = "") -> Deferred:
+    def write(self, device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
         if not readings:
             return succeed(WriteResult(0, 0))
-        if source:
-            self._sources[device.id] = source
+        text = str(source) if source is not None else ""
+        if text:
+            self._sources[device.id] = text
         size = len(readings)
         journal = self.journal
         if journal is not None and (self.pool.up == 0 or not self.committer.has_room(size)):
-            return self._to_journal(device, readings, source)
+            return self._to_journal(device, readings, text)
         d = self.committer.submit((device.id, readings), size)
         if journal is not None:
-            d.addErrback(self._journal_instead, device, readings, source)
+            d.addErrback(self._journal_instead, device, readings, text)
         return d.addErrback(self._translate)
 
     def _journal_instead(self, f: Failure, device: Device, readings: Sequence[Reading], source: str) -> Any:
@@ -322,10 +324,10 @@ class PostgresStore(Service):
         """Insert into rejected_input; errbacks if it could not be kept."""
         return self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
 
-    def quarantine(self, device: Device, failed: Sequence[Any], source: str = "") -> Deferred:
+    def quarantine(self, device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
         columns = (
             device.id,
-            source,
+            str(source) if source is not None else "",
             [q.reading.metric for q in failed],
             [q.reading.ts_us for q in failed],
             [q.reading.value for q in failed],
@@ -333,12 +335,12 @@ class PostgresStore(Service):
         )
         return self.pool.run(lambda c: c.runOperation(INSERT_QUARANTINE, columns)).addCallback(lambda _: None)
 
-    def reject(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
             log.warn("rejected input from {source} not kept: too many being written", source=source)
             return succeed(None)
         self._rejects_in_flight += 1
-        d = self.keep_rejected(source, reason, raw, device)
+        d = self.keep_rejected(str(source), reason, raw, device)
 
         def done(result: Any) -> None:
             self._rejects_in_flight -= 1

@@ -26,16 +26,16 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from gateway.ops.health import Health
 from gateway.transports.web import answer_later, bearer_token, error_body, json_answer
-from gateway.ingest.core import Ingest, peer_of
+from gateway.ingest.core import Ingest
 from gateway.ops.metrics import MetricsResource
-from gateway.readings import IngestError, InvalidInput, WriteResult, format_ts
+from gateway.readings import IngestError, InvalidInput, Source, WriteResult, format_ts
 from gateway.storage.interface import IStore
 
 log = Logger()
@@ -44,12 +44,28 @@ SAMPLE_BYTES = 4096  # how much of an over-long body is kept as evidence
 JSON_TYPES = (b"application/json",)
 
 
-def source_of(request: server.Request) -> str:
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", "?")
-    port = getattr(peer, "port", "?")
-    scheme = "https" if request.isSecure() else "http"
-    return f"{scheme} {host}:{port}"
+# The HTTP answer to each ingest error code. The codes are the product's;
+# the statuses are this transport's.
+STATUS = {
+    "invalid_json": 400,
+    "invalid_body": 400,
+    "invalid_reading": 400,
+    "unauthorized": 401,
+    "length_required": 411,
+    "unsupported_media_type": 415,
+    "unmappable": 422,
+    "rejected_by_database": 422,
+    "rate_limited": 429,
+    "database_unavailable": 503,
+    "overloaded": 503,
+    "journal_full": 503,
+    "device_type_unknown": 503,
+}
+
+
+def source_of(request: server.Request) -> Source:
+    secure = request.isSecure()
+    return Source.of("https" if secure else "http", request.getClientAddress(), secure)
 
 
 class LimitedRequest(server.Request):
@@ -121,17 +137,7 @@ class LimitedRequest(server.Request):
         ).encode()
         self.channel.transport.write(head + body)
         self.channel.loseConnection()
-        site = self.channel.site
-        source = source_of(self)
-        site.ingest.metrics.rejected(source, code)
-        site.ingest.refusals.warn(
-            peer_of(source),
-            "refused request from {source}: {code}: {reason}",
-            source=source,
-            code=code,
-            reason=message,
-        )
-        site.store.reject(source, f"{code}: {message}", sample)
+        self.channel.site.ingest.refuse(source_of(self), code, message, raw=sample, closing=True)
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -212,13 +218,9 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.abortConnection()
 
     def _refused(self, why: str) -> None:
-        peer = self.transport.getPeer()
-        scheme = "https" if ISSLTransport(self.transport, None) is not None else "http"
-        source = f"{scheme} {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        site = self.site
-        site.ingest.metrics.rejected(source, "request_timeout")
-        seconds = site.request_timeout
-        site.ingest.refusals.warn(peer_of(source), "closing {source}: " + why, source=source, seconds=seconds)
+        secure = self.isSecure()
+        source = Source.of("https" if secure else "http", self.getPeer(), secure)
+        self.site.ingest.refuse(source, "request_timeout", why.format(seconds=self.site.request_timeout), closing=True)
 
 
 class JsonResource(resource.Resource):
@@ -258,7 +260,7 @@ class ReadingsResource(JsonResource):
         def failed(f: Failure) -> bytes:
             if f.check(IngestError):
                 e = f.value
-                return json_answer(request, e.status, error_body(e.code, e.message), e.retry_after)
+                return json_answer(request, STATUS.get(e.code, 400), error_body(e.code, e.message), e.retry_after)
             log.failure("ingest failed unexpectedly", f)
             return json_answer(request, 500, error_body("internal_error", "the gateway failed; retry later"))
 
@@ -268,7 +270,7 @@ class ReadingsResource(JsonResource):
         # same; it will send them again and hear they are duplicates.
         return answer_later(request, d)
 
-    async def _handle(self, request: server.Request, source: str) -> WriteResult:
+    async def _handle(self, request: server.Request, source: Source) -> WriteResult:
         device = await self.ingest.authenticate(bearer_token(request), source)
         body = request.content.getvalue()
         headers = request.requestHeaders
@@ -277,18 +279,16 @@ class ReadingsResource(JsonResource):
             and b"chunked" not in b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower()
         ):
             error = IngestError("send the body with Content-Length or chunked encoding", "length_required")
-            error.status = 411
-            await self.ingest.refused(source, error, body, device)
+            await self.ingest.refuse(source, error.code, error.message, device=device.name, raw=body)
             raise error
         content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
         if content_type not in JSON_TYPES:
             error = InvalidInput("the body must be application/json", "unsupported_media_type")
-            error.status = 415
-            await self.ingest.refused(source, error, body, device)
+            await self.ingest.refuse(source, error.code, error.message, device=device.name, raw=body)
             raise error
         return await self.ingest.write_json(device, body, source)
 
-    def _accepted(self, request: server.Request, result: WriteResult, source: str, arrived: float) -> bytes:
+    def _accepted(self, request: server.Request, result: WriteResult, source: Source, arrived: float) -> bytes:
         self.ingest.metrics.acked(source, self.ingest.clock.seconds() - arrived)
         doc: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates}
         if result.quarantined:

@@ -40,10 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest import tokens
-from gateway.ingest.core import Ingest, peer_of
+from gateway.ingest.core import Ingest
 from gateway.readings import (
     Device,
-    IngestError,
     InvalidInput,
     RateLimited,
     StoreOverloaded,
@@ -51,6 +50,7 @@ from gateway.readings import (
     StoreUnavailable,
     MAX_TS_US,
     MIN_TS_US,
+    Source,
     WriteResult,
     check_reading,
     is_name,
@@ -110,7 +110,7 @@ class DeviceProtocol(protocol.Protocol):
         self._transport_paused = False
         self._closing = False
         self._timer: Any = None
-        self.source = "tgp ?"
+        self.source = Source("tgp+tls" if factory.tls else "tgp", "?", None, factory.tls)
         self.since = factory.clock.seconds()
         self.readings = 0  # readings stored new
         self.last_error = ""
@@ -119,9 +119,8 @@ class DeviceProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        peer = self.transport.getPeer()
-        scheme = "tgp+tls" if self.factory.tls else "tgp"
-        self.source = f"{scheme} {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        tls = self.factory.tls
+        self.source = Source.of("tgp+tls" if tls else "tgp", self.transport.getPeer(), tls)
         self.factory.connections.add(self)
         self._set_timer(self.factory.settings.handshake_timeout, self._handshake_too_slow)
 
@@ -328,34 +327,24 @@ class DeviceProtocol(protocol.Protocol):
     # -- refusals and endings ---------------------------------------------
 
     def _refuse_frame(self, seq: int, code: tgp.ErrorCode, message: str, raw: bytes) -> None:
-        error = IngestError(message, code.name.lower())
-        Deferred.fromCoroutine(self.factory.ingest.refused(self.source, error, raw, self.device))
+        name = self.device.name if self.device else None
+        self.factory.ingest.refuse(self.source, code.name.lower(), message, device=name, raw=raw)
         self._queue_answer(seq, succeed(_Refusal(code, message)))
 
     def _refuse_connection(self, code: int, message: str) -> None:
-        device = self.device.name if self.device else self.claimed_name
-        self.factory.metrics.rejected(self.source, _code_name(code).lower(), self.device and self.device.name, message)
-        self.factory.ingest.refusals.warn(
-            device or peer_of(self.source),
-            "closing {source} (device {device}): {code}: {reason}",
-            source=self.source,
-            device=device,
-            code=_code_name(code),
-            reason=message,
-        )
+        if self.device is not None:
+            self.factory.ingest.refuse(
+                self.source, _code_name(code).lower(), message, device=self.device.name, closing=True
+            )
+        else:
+            reason = f"{message} (device {self.claimed_name})" if self.claimed_name else message
+            self.factory.ingest.refuse(self.source, _code_name(code).lower(), reason, closing=True)
         self._send(tgp.Nack(0, code, message))
         self._close()
 
     def _reject(self, code: tgp.ErrorCode, reason: str) -> None:
-        self.factory.metrics.rejected(self.source, code.name.lower())
-        self.factory.ingest.refusals.warn(
-            peer_of(self.source),
-            "refused {source} (device {device}): {code}: {reason}",
-            source=self.source,
-            device=self.claimed_name,
-            code=code.name,
-            reason=reason,
-        )
+        # The claimed name is not proven: the log is keyed by address, not by a name anyone can send.
+        self.factory.ingest.refuse(self.source, code.name.lower(), f"{reason} (device {self.claimed_name})")
         if self.conn.state in (tgp.HELLO_SENT, tgp.AUTH_SENT):
             self._send(tgp.Reject(code, reason))
         self._close()
@@ -407,13 +396,8 @@ class DeviceProtocol(protocol.Protocol):
         self._timer = None
         if self.conn.state == tgp.READY:
             return
-        self.factory.metrics.rejected(self.source, "timeout")
-        self.factory.ingest.refusals.warn(
-            peer_of(self.source),
-            "closing {source}: no handshake within {seconds}s",
-            source=self.source,
-            seconds=self.factory.settings.handshake_timeout,
-        )
+        seconds = self.factory.settings.handshake_timeout
+        self.factory.ingest.refuse(self.source, "timeout", f"no handshake within {seconds:g}s", closing=True)
         self._close()
 
     def _idle_too_long(self) -> None:
