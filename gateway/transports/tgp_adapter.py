@@ -1,21 +1,20 @@
 """
-The gateway end of TGP: a thin Twisted protocol around ``protocols.tgp``.
+The gateway end of TGP: a thin Twisted protocol around ``protocols.tgp``
+(the codec) and ``transports.session`` (answer order and flow control).
 
 Theory of operation. ``dataReceived`` feeds the codec and handles events
 one at a time. The handshake needs the database (the device's stored
-key), so while that lookup runs no further event is taken. Once READY,
-each DECLARE or DATA frame gets an entry in ``_answers``, a FIFO of
-Deferreds; DATA goes through the same ingest path as HTTPS and its
-Deferred fires after COMMIT. Answers are written strictly in frame order:
-when the head of the FIFO has fired, its ACK or NACK goes out, then the
-next. So an ACK always means "this frame and every one before it are
-settled".
+key), so while that lookup runs the session is busy and no further event
+is taken. Once READY, each DECLARE or DATA frame gets a ticket in the
+session; DATA goes through the same ingest path as HTTPS and its Deferred
+fires after COMMIT. The session releases answers strictly in frame order,
+so an ACK always means "this frame and every one before it are settled".
 
 Backpressure. A device may have ``window`` frames unanswered; past that,
-and whenever the store's write queue has no room for a frame, the
-protocol stops taking events and pauses the transport (the kernel's
-socket buffer then pushes back on the device), resuming when answers
-drain or the store has room again. Nothing is buffered without bound.
+and whenever the store's write queue has no room for a frame, the session
+says pause and the protocol pauses the transport (the kernel's socket
+buffer then pushes back on the device), resuming when answers drain or
+the store has room again. Nothing is buffered without bound.
 
 Failures. A protocol error from the device gets a NACK with its code and
 the connection closes; so does a frame that could not be stored because
@@ -29,10 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +40,7 @@ from twisted.python.failure import Failure
 
 from gateway.ingest import tokens
 from gateway.ingest.core import Ingest
+from gateway.transports.session import DeviceSession, Flow, Ticket
 from gateway.readings import (
     Device,
     InvalidInput,
@@ -100,14 +100,9 @@ class DeviceProtocol(protocol.Protocol):
         self.claimed_name: str | None = None
         self.stored_key: bytes | None = None
         self._nonce = b""
-        # frames awaiting their answer, in order: [seq, settled, outcome]
-        self._answers: deque[list[Any]] = deque()
-        self._busy = False  # waiting on the database during the handshake
-        # Flow control: the transport is paused while any of these holds.
-        self._window_full = False  # `window` frames unanswered (until half have been answered)
-        self._held: Any = None  # a frame waiting for room in the store
-        self._stopped = False  # the gateway is shutting down
-        self._transport_paused = False
+        # Answer order and flow control (gateway/transports/session.py).
+        self.session: DeviceSession[Any] = DeviceSession(settings.window)
+        self._held: tgp.Data | None = None  # the frame waiting for room in the store
         self._closing = False
         self._timer: Any = None
         self.source = Source("tgp+tls" if factory.tls else "tgp", "?", None, factory.tls)
@@ -142,7 +137,7 @@ class DeviceProtocol(protocol.Protocol):
     # -- events ----------------------------------------------------------
 
     def _process(self) -> None:
-        while not (self._closing or self._busy or self._window_full or self._held is not None or self._stopped):
+        while not self._closing and self.session.may_read:
             try:
                 event = self.conn.next_event()
             except tgp.RemoteProtocolError as e:
@@ -180,11 +175,11 @@ class DeviceProtocol(protocol.Protocol):
             self._reject(E.UNSUPPORTED_VERSION, f"this gateway speaks TGP versions {list(tgp.VERSIONS)}")
             return
         self.claimed_name = hello.device
-        self._busy = True
+        self.session.busy = True
         lookup = self.factory.store.device_key(hello.device) if is_name(hello.device) else succeed(None)
 
         def found(result: tuple[Device, bytes] | None) -> None:
-            self._busy = False
+            self.session.busy = False
             if self._closing:
                 return
             if result is not None:
@@ -195,7 +190,7 @@ class DeviceProtocol(protocol.Protocol):
             self._process()
 
         def failed(f: Failure) -> None:
-            self._busy = False
+            self.session.busy = False
             if f.check(StoreUnavailable, StoreOverloaded):
                 self._reject(E.RETRY_LATER, f"the gateway cannot check credentials now: {f.value.message}")
             else:
@@ -250,17 +245,14 @@ class DeviceProtocol(protocol.Protocol):
     # -- answers, in order -----------------------------------------------
 
     def _queue_answer(self, seq: int, d: Deferred) -> None:
-        entry: list[Any] = [seq, False, None, self.factory.clock.seconds()]
-        self._answers.append(entry)
+        ticket = self.session.arrived(seq, self.factory.clock.seconds())
         self._flow()
-        d.addBoth(self._answer_ready, entry)
+        d.addBoth(self._answer_ready, ticket)
 
-    def _answer_ready(self, outcome: Any, entry: list[Any]) -> None:
-        entry[1], entry[2] = True, outcome
-        while self._answers and self._answers[0][1]:
-            seq, _, result, arrived = self._answers.popleft()
+    def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
+        for ready in self.session.settle(ticket, outcome):
             if not self._closing:
-                self._send_answer(seq, result, arrived)
+                self._send_answer(ready.seq, ready.outcome, ready.arrived)
         self._flow()
 
     def _send_answer(self, seq: int, outcome: Any, arrived: float) -> None:
@@ -292,30 +284,25 @@ class DeviceProtocol(protocol.Protocol):
     # -- backpressure ----------------------------------------------------
 
     def _flow(self) -> None:
-        """Pause or resume the transport, and take buffered frames, as the reasons say."""
-        window, waiting = self.factory.settings.window, len(self._answers)
-        if self._window_full and waiting <= window // 2:
-            self._window_full = False
-        elif not self._window_full and waiting >= window:
-            self._window_full = True
-        stop = self._window_full or self._held is not None or self._stopped
+        """Pause or resume the transport as the session says; take frames that arrived before a pause."""
         if self._closing:
             return
-        if stop and not self._transport_paused:
-            self._transport_paused = True
+        action = self.session.flow()
+        if action is Flow.PAUSE:
             self.transport.pauseProducing()
-        elif not stop and self._transport_paused:
-            self._transport_paused = False
+        elif action is Flow.RESUME:
             self.transport.resumeProducing()
             self._process()  # frames that arrived before the pause took effect
 
     def _hold(self, event: tgp.Data) -> None:
         """Keep one frame until the store has room; take nothing more meanwhile."""
         self._held = event
+        self.session.held = True
         self._flow()
 
         def room(_: Any) -> None:
             held, self._held = self._held, None
+            self.session.held = False
             if self._closing or held is None:
                 return
             self._data(held)  # may hold it again if another connection took the room
@@ -351,7 +338,7 @@ class DeviceProtocol(protocol.Protocol):
 
     def stop_reading(self) -> None:
         """Take no more frames (shutdown); answers for those taken still go out."""
-        self._stopped = True
+        self.session.stopped = True
         self._flow()
 
     def end(self, code: tgp.ErrorCode, reason: str) -> None:
@@ -472,6 +459,12 @@ class DeviceFactory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> DeviceProtocol:
         return DeviceProtocol(self)
 
+    def reconfigure(self, settings: DeviceSettings) -> None:
+        """New settings (SIGHUP): new sessions take them all, open ones their window and timeouts."""
+        self.settings = settings
+        for session in self.connections:
+            session.session.set_window(settings.window)
+
     def certificate_allows(self, transport: Any, name: str) -> bool:
         """With client certificates required, the certificate must name the device (CN or SAN)."""
         if not self.require_client_cert:
@@ -479,10 +472,7 @@ class DeviceFactory(protocol.Factory):
         cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
         if cert is None:
             return False
-        from cryptography import x509
-
-        if hasattr(cert, "to_cryptography"):  # pyOpenSSL's X509, from Twisted's own TLS
-            cert = cert.to_cryptography()
+        # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
         names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
