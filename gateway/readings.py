@@ -80,10 +80,19 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Quarantined:
+    """A reading that parsed but failed a quality rule: kept aside in quarantine, with the rule."""
+
+    index: int  # in the sender's readings
+    reading: Reading
+    rule: str
+
+
+@dataclass(frozen=True)
 class WriteResult:
     accepted: int  # newly stored
     duplicates: int  # already stored (a retransmission)
-    quarantined: tuple[Any, ...] = ()  # gateway.ingest.quality.Quarantined: kept aside, each with the rule it failed
+    quarantined: tuple[Quarantined, ...] = ()  # kept aside, each with the rule it failed
 
 
 class IngestError(Exception):

@@ -38,7 +38,7 @@ class ManualStore(MemoryStore):
         self.room = True
         self.room_waiters: list[Deferred] = []
 
-    def write(self, device, readings, source=""):
+    def write(self, device, readings, source=None, quarantined=()):
         d = Deferred()
         self.pending.append((d, device, list(readings)))
         return d
@@ -350,7 +350,7 @@ def test_commits_finishing_after_the_device_left_are_not_answered():
 def test_unexpected_write_result_shapes_do_not_crash():
     h = Harness()
     h.login()
-    h.store.write = lambda device, readings, source="": succeed(WriteResult(70000, 0))
+    h.store.write = lambda device, readings, source=None, quarantined=(): succeed(WriteResult(70000, 0))
     h.data(2)
     assert h.events() == [tgp.Ack(2, 0xFFFF, 0)]
 

@@ -130,6 +130,10 @@ def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
     later = BODY.replace("10:00:00.250Z", "10:00:01Z")
     status, _, body = post(gateway, token, later)  # the device is still known; its reading is journaled
     assert (status, body) == (200, {"accepted": 1, "duplicates": 0})
+    # A reading that fails a quality rule (dated before --max-past) is journaled with its request, not refused.
+    mixed = '{"readings": [{"metric": "oil_temp", "ts": "2010-01-01T00:00:00Z", "value": 1.5}]}'
+    status, _, body = post(gateway, token, mixed)
+    assert status == 200 and body["accepted"] == 0 and [q["rule"][:8] for q in body["quarantined"]] == ["max_past"]
     status, _, body = post(gateway, None, None, "/healthz")
     assert status == 503 and body["status"] == "unavailable"
     assert body["journal"]["bytes"] > 0 and body["journal"]["ok"] is True
@@ -148,6 +152,8 @@ def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
     assert post(gateway, token, later)[2] == {"accepted": 0, "duplicates": 1}
     rows = gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()
     assert len(rows) == 2
+    held = gatewayctl("quarantine", "list", "--json", data_dir=gateway.data_dir).stdout.splitlines()
+    assert [(json.loads(line)["ts"], json.loads(line)["value"]) for line in held] == [("2010-01-01T00:00:00Z", 1.5)]
 
 
 def restart_embedded(pg_dir) -> None:

@@ -245,7 +245,7 @@ def test_a_slow_database_does_not_trip_the_request_deadline():
 
     c = Client(timeout=30)
     pending = Deferred()
-    c.store.write = lambda device, readings, source="": pending
+    c.store.write = lambda device, readings, source=None, quarantined=(): pending
     c.request()
     c.clock.advance(60)
     assert c.transport.value() == b""

@@ -7,7 +7,9 @@ so the tests need no reactor; the service runs it with deferToThread.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -16,8 +18,8 @@ from twisted.internet.defer import maybeDeferred
 
 from gateway.storage import journal as jmod
 from gateway.transports.http import STATUS
-from gateway.storage.journal import FILE_MAGIC, Journal, JournalError, JournalFull, encode, scan
-from gateway.readings import Reading, StoreUnavailable
+from gateway.storage.journal import FILE_MAGIC, HEADER, MARK, Journal, JournalError, JournalFull, encode, scan
+from gateway.readings import Quarantined, Reading, StoreUnavailable
 
 
 def inline(f, *args):
@@ -225,3 +227,29 @@ def test_random_bytes_anywhere_never_crash_the_scan_or_invent_records(garbage, a
     accounted = sum(len(region) for _, region in result.damaged) + result.torn
     accounted += sum(len(r.payload) + jmod.HEADER.size for r in result.records)
     assert accounted + (len(FILE_MAGIC) if data.startswith(FILE_MAGIC) else 0) == len(data)
+
+
+def test_quarantined_readings_travel_in_the_record_and_older_records_still_read():
+    held = (Quarantined(0, Reading("oil_temp", 1_700_000_000_000_000, 900.0), "oil_temp.max: 900 is above 200"),)
+    readings = [Reading("oil_temp", 1_700_000_000_000_001, 80.0)]
+    new = scan(FILE_MAGIC + encode(7, "truck-1", "tgp 10.0.0.5:4000", readings, held), last_write=True).records
+    assert [(r.readings, r.quarantined) for r in new] == [(tuple(readings), held)]
+    older = FILE_MAGIC + encode(7, "truck-1", "tgp 10.0.0.5:4000", readings)  # no "q": as earlier gateways wrote
+    assert b'"q"' not in older
+    assert [(r.readings, r.quarantined) for r in scan(older, last_write=True).records] == [(tuple(readings), ())]
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        [["oil_temp", 1, 1.0]],  # no rule
+        [["oil_temp", 1, 1.0, ""]],  # an empty rule
+        [["oil_temp", "1", 1.0, "max"]],  # a time that is not a number
+        "not a list",
+    ],
+)
+def test_a_record_with_a_malformed_quarantine_is_not_one_of_ours(held):
+    payload = json.dumps({"d": 7, "n": "truck-1", "s": "tgp x:1", "r": [], "q": held}).encode()
+    data = FILE_MAGIC + HEADER.pack(MARK, len(payload), zlib.crc32(payload)) + payload
+    result = scan(data, last_write=False)
+    assert result.records == [] and len(result.damaged) == 1

@@ -16,11 +16,22 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
 from gateway.storage import schema
 from gateway.ingest import tokens
-from gateway.readings import Source, Device, Reading, StoreOverloaded, StoreRejected, StoreUnavailable, WriteResult
+from gateway.readings import (
+    Source,
+    Device,
+    Quarantined,
+    Reading,
+    StoreOverloaded,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+)
+from gateway.storage.journal import Journal
 from gateway.storage.interface import IStore
 from gateway.storage.memory import MemoryStore
 from gateway.storage.store import PostgresStore
@@ -360,3 +371,60 @@ async def test_migration_fills_the_twin_from_readings_stored_before_it(pg_server
         conn.close()
     finally:
         _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+HELD = (Quarantined(1, Reading("oil_temp", 5_000, 900.0), "oil_temp.max: 900 is above 200"),)
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantined_readings_commit_with_the_write_once_each(kit):
+    store, add, stored, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    source = Source("https", "10.0.0.5", 4431, tls=True)
+    assert await store.write(device, readings(2), source, HELD) == WriteResult(2, 0)
+    assert await store.write(device, readings(2), source, HELD) == WriteResult(0, 2)  # a retransmission
+    assert await store.write(device, [], source, HELD) == WriteResult(0, 0)  # only quarantined readings
+    assert stored() == 2
+    if isinstance(store, MemoryStore):
+        assert list(store.quarantined.values()) == [(900.0, HELD[0].rule)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_rows_name_rule_and_source(db_dsn, sql):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "truck-1"))
+        await store.write(device, readings(1), Source("tgp", "10.0.0.7", 40000), HELD)
+    finally:
+        await store.stopService()
+    rows = sql("SELECT metric, value, rule, source FROM quarantine")
+    assert rows == [("oil_temp", 900.0, HELD[0].rule, "tgp 10.0.0.7:40000")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_during_an_outage_quarantined_readings_go_to_the_journal_with_the_rest(db_dsn, sql, tmp_path):
+    """A write holding quarantined readings is acknowledged from the journal, then replayed into both tables."""
+    add_pg_device(sql, "truck-1")
+    journal = Journal(tmp_path / "journal", 10_000_000, in_thread=deferToThread)
+    journal.open()
+    down = PostgresStore(reactor, pool_size=1, journal=journal)
+    assert await down.connect("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2") == 0
+    device = Device(sql("SELECT id FROM devices")[0][0], "truck-1")
+    assert await down.write(device, readings(3), Source("tgp", "10.0.0.7", 40000), HELD) == WriteResult(3, 0)
+    await down.pool.close()
+    await journal.close()
+    assert sql("SELECT count(*) FROM quarantine") == [(0,)]
+
+    journal = Journal(tmp_path / "journal", 10_000_000, in_thread=deferToThread)
+    journal.open()
+    up = await open_pg_store(db_dsn, journal=journal)
+    try:
+        journal.seal()
+        assert await up.replay() == 3
+    finally:
+        await up.stopService()
+        await journal.close()
+    assert sql("SELECT count(*) FROM readings") == [(3,)]
+    assert sql("SELECT metric, value, rule, source FROM quarantine") == [
+        ("oil_temp", 900.0, HELD[0].rule, "tgp 10.0.0.7:40000")
+    ]

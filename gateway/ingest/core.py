@@ -89,10 +89,9 @@ class Ingest:
             raise error from None
         good, failed = self.quality.split(readings, self.clock.seconds())
         try:
-            if failed:
-                # Kept before the answer, like the readings: an ack covers both.
-                await self.store.quarantine(device, failed, source)
-            result: WriteResult = await self.store.write(device, good, source) if good else WriteResult(0, 0)
+            # One write: the readings and those held in quarantine commit (or go to the journal)
+            # together, before the answer, so an ack covers both.
+            result: WriteResult = await self.store.write(device, good, source, failed)
         except StoreRejected as e:
             await self.refuse(source, e.code, e.message, device=device.name, raw=raw())
             raise

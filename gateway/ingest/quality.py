@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
-from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Reading, format_ts, is_name, table_number
+from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Quarantined, Reading, format_ts, is_name, table_number
 
 _SETTINGS = ("max_future", "max_past", "flag_failures", "flag_window")
 
@@ -39,13 +39,6 @@ class Range:
     metric: str
     min: float | None = None
     max: float | None = None
-
-
-@dataclass(frozen=True)
-class Quarantined:
-    index: int  # in the sender's readings
-    reading: Reading
-    rule: str
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ tests of the layers above.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from gateway.readings import Device, Reading, Source
+from gateway.readings import Device, Quarantined, Reading, Source
 
 
 class IStore(Interface):
@@ -23,21 +22,22 @@ class IStore(Interface):
     def device_key(name: str) -> Deferred:
         """Fire with (Device, stored key) of a device that is not revoked, or None."""
 
-    def write(device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
+    def write(
+        device: Device,
+        readings: Sequence[Reading],
+        source: Source | None = None,
+        quarantined: Sequence[Quarantined] = (),
+    ) -> Deferred:
         """
-        Store readings once each; fire with WriteResult after COMMIT.
-        ``source`` is kept as where the device was last heard from.
-        Errbacks: StoreUnavailable, StoreOverloaded, StoreRejected.
+        Store readings once each, and keep ``quarantined`` (readings that failed a
+        quality rule, with the rule) once each in quarantine; fire with WriteResult
+        (of the readings) after both are committed. ``source`` is kept as where the
+        device was last heard from. Errbacks: StoreUnavailable, StoreOverloaded,
+        StoreRejected.
         """
 
     def reject(source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
-
-    def quarantine(device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
-        """
-        Keep readings that failed a quality rule (gateway.ingest.quality.Quarantined), once each
-        (a retransmission is a no-op); fire after COMMIT. Errbacks: StoreUnavailable, StoreOverloaded.
-        """
 
     def has_room(size: int) -> bool:
         """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""

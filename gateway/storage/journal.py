@@ -9,7 +9,12 @@ Format (``DATA_DIR/journal/``). Segment files named by a rising number,
     mark     4 bytes   A5 5A 4A 52, where a record starts (to find the next one after damage)
     length   uint32    payload bytes, big-endian
     crc      uint32    CRC-32 (zlib) of the payload, big-endian
-    payload  JSON      {"d": device id, "n": device name, "s": source, "r": [[metric, ts_us, value], …]}
+    payload  JSON      {"d": device id, "n": device name, "s": source, "r": [[metric, ts_us, value], …],
+                        "q": [[metric, ts_us, value, rule], …]}
+
+The "q" list (readings held in quarantine, with the rule they failed) is
+present only when there are some: a record without it, as every earlier
+gateway wrote, replays as before.
 
 Durability. ``append`` queues a record; one flush at a time writes every
 queued record and fsyncs the segment in a thread (the ``in_thread`` runner it is given), and
@@ -50,7 +55,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from gateway.readings import Reading, StoreUnavailable, check_reading, is_name, InvalidInput
+from gateway.readings import InvalidInput, Quarantined, Reading, StoreUnavailable, check_reading, is_name
 
 FILE_MAGIC = b"TXGJRNL1"
 MARK = b"\xa5\x5aJR"
@@ -78,6 +83,7 @@ class Record:
     source: str
     readings: tuple[Reading, ...]
     payload: bytes  # as stored, for the rejected-input table if the database refuses it
+    quarantined: tuple[Quarantined, ...] = ()
 
 
 @dataclass
@@ -87,35 +93,50 @@ class Scan:
     torn: int = 0  # bytes of a torn last write, dropped
 
 
-def encode(device_id: int, device: str, source: str, readings: Sequence[Reading]) -> bytes:
-    payload = json.dumps(
-        {"d": device_id, "n": device, "s": source, "r": readings},
-        separators=(",", ":"),
-        allow_nan=False,
-    ).encode()
+def encode(
+    device_id: int, device: str, source: str, readings: Sequence[Reading], quarantined: Sequence[Quarantined] = ()
+) -> bytes:
+    doc: dict[str, Any] = {"d": device_id, "n": device, "s": source, "r": readings}
+    if quarantined:
+        doc["q"] = [(*q.reading, q.rule) for q in quarantined]
+    payload = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     return HEADER.pack(MARK, len(payload), zlib.crc32(payload)) + payload
 
 
 def decode(payload: bytes) -> Record:
     """A record's payload → Record; ValueError if it is not one of ours."""
     doc = json.loads(payload)
-    if not isinstance(doc, dict) or doc.keys() != {"d", "n", "s", "r"}:
+    if not isinstance(doc, dict) or not ({"d", "n", "s", "r"} <= doc.keys() <= {"d", "n", "s", "r", "q"}):
         raise ValueError("not a journal record")
     device_id, device, source, items = doc["d"], doc["n"], doc["s"], doc["r"]
-    if not (isinstance(device_id, int) and is_name(device) and isinstance(source, str) and isinstance(items, list)):
+    held = doc.get("q", [])
+    if not (
+        isinstance(device_id, int)
+        and is_name(device)
+        and isinstance(source, str)
+        and isinstance(items, list)
+        and isinstance(held, list)
+    ):
         raise ValueError("not a journal record")
-    readings = []
-    for i, item in enumerate(items):
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], int)):
-            raise ValueError(f"reading {i} is not [metric, ts_us, value]")
-        metric, ts_us, value = item
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"reading {i} has no numeric value")
-        try:
-            readings.append(check_reading(metric, ts_us, float(value), f"r[{i}]"))
-        except InvalidInput as e:
-            raise ValueError(e.message) from None
-    return Record(device_id, device, source, tuple(readings), payload)
+    readings = tuple(_reading(item, f"r[{i}]") for i, item in enumerate(items))
+    quarantined = []
+    for i, item in enumerate(held):
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[3], str) and item[3]):
+            raise ValueError(f"q[{i}] is not [metric, ts_us, value, rule]")
+        quarantined.append(Quarantined(i, _reading(item[:3], f"q[{i}]"), item[3]))
+    return Record(device_id, device, source, readings, payload, tuple(quarantined))
+
+
+def _reading(item: Any, where: str) -> Reading:
+    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], int)):
+        raise ValueError(f"{where} is not [metric, ts_us, value]")
+    metric, ts_us, value = item
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{where} has no numeric value")
+    try:
+        return check_reading(metric, ts_us, float(value), where)
+    except InvalidInput as e:
+        raise ValueError(e.message) from None
 
 
 def _record_at(data: bytes | memoryview, pos: int) -> tuple[Record, int] | None:

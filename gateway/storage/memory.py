@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from gateway.ingest import tokens
-from gateway.readings import Device, Reading, Source, StoreUnavailable, WriteResult
+from gateway.readings import Device, Quarantined, Reading, Source, StoreUnavailable, WriteResult
 from gateway.storage.interface import IStore
 
 
@@ -51,9 +50,17 @@ class MemoryStore:
                 return succeed((device, stored))
         return succeed(None)
 
-    def write(self, device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
+    def write(
+        self,
+        device: Device,
+        readings: Sequence[Reading],
+        source: Source | None = None,
+        quarantined: Sequence[Quarantined] = (),
+    ) -> Deferred:
         if not self.available:
             return fail(StoreUnavailable("database unavailable"))
+        for q in quarantined:
+            self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
         new = dup = 0
         for metric, ts_us, value in readings:
             key = (device.id, metric, ts_us)
@@ -63,13 +70,6 @@ class MemoryStore:
                 self.readings[key] = value
                 new += 1
         return succeed(WriteResult(new, dup))
-
-    def quarantine(self, device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
-        if not self.available:
-            return fail(StoreUnavailable("database unavailable"))
-        for q in failed:
-            self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
-        return succeed(None)
 
     def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         self.rejected.append((str(source), device, reason, raw))

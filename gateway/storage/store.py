@@ -24,6 +24,11 @@ the writers whose readings were refused get an error, naming the reading.
 A lost connection fails the batch as StoreUnavailable: nothing is
 acknowledged, and the devices send again.
 
+Readings that failed a quality rule travel with the readings: the same
+group commit (their own statement in the batch, committed before the
+readings' statement returns, so before any answer) and, during an outage,
+the same journal record.
+
 With a journal (``storage.journal``), a write that the database cannot take
 now (no connection is up, the batch's connection was lost, or the queue is
 full) is appended to the journal instead and acknowledged once the journal
@@ -38,6 +43,7 @@ outage keep being recognised from the last answer the database gave
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
@@ -59,6 +65,7 @@ from gateway.storage.pool import PgPool, first_line
 from gateway.storage.queries import twin_upsert
 from gateway.readings import (
     Device,
+    Quarantined,
     Reading,
     Source,
     StoreOverloaded,
@@ -112,13 +119,24 @@ WHERE d.id = u.id
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
 
+# The batch's quarantined readings, every device's in one statement (once each: a retransmission is a no-op).
 INSERT_QUARANTINE = """
 INSERT INTO quarantine (device_id, metric, ts, value, rule, source)
-SELECT %s, m, timestamptz 'epoch' + t * interval '1 microsecond', v, r, %s
-FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(m, t, v, r)
-ORDER BY m, t
+SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond', v, r, s
+FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[], %s::text[], %s::text[]) AS u(d, m, t, v, r, s)
+ORDER BY d, m, t
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One writer's part of a batch: its readings and the readings it holds in quarantine."""
+
+    device_id: int
+    readings: Sequence[Reading]
+    quarantined: Sequence[Quarantined] = ()
+    source: str = ""
 
 
 _QUOTED: dict[str, str] = {}
@@ -215,7 +233,7 @@ class PostgresStore(Service):
     ) -> None:
         self._clock = clock or reactor
         self.pool = PgPool(reactor, pool_size)
-        self.committer: GroupCommit[tuple[int, Sequence[Reading]]] = GroupCommit(
+        self.committer: GroupCommit[Write] = GroupCommit(
             self._clock,
             self._commit,
             slots=pool_size,
@@ -271,36 +289,44 @@ class PostgresStore(Service):
 
     # -- IStore --------------------------------------------------------
 
-    def write(self, device: Device, readings: Sequence[Reading], source: Source | None = None) -> Deferred:
-        if not readings:
+    def write(
+        self,
+        device: Device,
+        readings: Sequence[Reading],
+        source: Source | None = None,
+        quarantined: Sequence[Quarantined] = (),
+    ) -> Deferred:
+        if not readings and not quarantined:
             return succeed(WriteResult(0, 0))
         text = str(source) if source is not None else ""
         if text:
             self._sources[device.id] = text
-        size = len(readings)
+        write = Write(device.id, readings, quarantined, text)
+        size = len(readings) + len(quarantined)
         journal = self.journal
         if journal is not None and (self.pool.up == 0 or not self.committer.has_room(size)):
-            return self._to_journal(device, readings, text)
-        d = self.committer.submit((device.id, readings), size)
+            return self._to_journal(device, write)
+        d = self.committer.submit(write, size)
         if journal is not None:
-            d.addErrback(self._journal_instead, device, readings, text)
+            d.addErrback(self._journal_instead, device, write)
         return d.addErrback(self._translate)
 
-    def _journal_instead(self, f: Failure, device: Device, readings: Sequence[Reading], source: str) -> Any:
+    def _journal_instead(self, f: Failure, device: Device, write: Write) -> Any:
         """The database could not take the write (it went away, or the queue is full): journal it."""
         if f.check(Overloaded, StoreUnavailable) and not self.committer.closed:
-            return self._to_journal(device, readings, source)
+            return self._to_journal(device, write)
         return f
 
-    def _to_journal(self, device: Device, readings: Sequence[Reading], source: str) -> Deferred:
+    def _to_journal(self, device: Device, write: Write) -> Deferred:
         assert self.journal is not None
-        size = len(readings)
+        size = len(write.readings)
 
         def synced(_: Any) -> WriteResult:
             self.journaled_readings += size
             return WriteResult(size, 0)
 
-        return self.journal.append(encode(device.id, device.name, source, readings)).addCallback(synced)
+        record = encode(device.id, device.name, write.source, write.readings, write.quarantined)
+        return self.journal.append(record).addCallback(synced)
 
     @staticmethod
     def _translate(f: Failure) -> Failure:
@@ -323,17 +349,6 @@ class PostgresStore(Service):
     def keep_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Insert into rejected_input; errbacks if it could not be kept."""
         return self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
-
-    def quarantine(self, device: Device, failed: Sequence[Any], source: Source | None = None) -> Deferred:
-        columns = (
-            device.id,
-            str(source) if source is not None else "",
-            [q.reading.metric for q in failed],
-            [q.reading.ts_us for q in failed],
-            [q.reading.value for q in failed],
-            [q.rule for q in failed],
-        )
-        return self.pool.run(lambda c: c.runOperation(INSERT_QUARANTINE, columns)).addCallback(lambda _: None)
 
     def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
@@ -382,26 +397,30 @@ class PostgresStore(Service):
 
     # -- the batch -----------------------------------------------------
 
-    def _commit(self, items: list[tuple[int, Sequence[Reading]]]) -> Deferred:
+    def _commit(self, items: list[Write]) -> Deferred:
         return self.pool.run(lambda conn: Deferred.fromCoroutine(self._write_batch(conn, items)))
 
-    async def _write_batch(self, conn: Any, items: list[tuple[int, Sequence[Reading]]]) -> list[Any]:
+    async def _write_batch(self, conn: Any, items: list[Write]) -> list[Any]:
         started = time.perf_counter()
+        held = await self._quarantine(conn, items) if any(w.quarantined for w in items) else {}
         rows = [
-            (device_id, metric, ts_us, value, i, j)
-            for i, (device_id, readings) in enumerate(items)
-            for j, (metric, ts_us, value) in enumerate(readings)
+            (w.device_id, metric, ts_us, value, i, j)
+            for i, w in enumerate(items)
+            for j, (metric, ts_us, value) in enumerate(w.readings)
         ]
-        inserted, refused = await self._insert_isolating(conn, rows)
+        inserted, refused = await self._insert_isolating(conn, rows) if rows else (None, {})
         if inserted is None:
             # Every row is new: the usual case, with no need to say which.
-            outcomes: list[Any] = [WriteResult(len(readings), 0) for _, readings in items]
+            outcomes: list[Any] = [WriteResult(len(w.readings), 0) for w in items]
             added = len(rows)
         else:
             outcomes, added = _outcomes(len(items), rows, inserted, refused)
+        for i, error in held.items():
+            if not isinstance(outcomes[i], StoreRejected):
+                outcomes[i] = error
         now = self._clock.seconds()
-        for device_id, _ in items:
-            self._seen[device_id] = now
+        for w in items:
+            self._seen[w.device_id] = now
         elapsed = time.perf_counter() - started
         self.batches += 1
         self.commit_seconds += elapsed
@@ -411,6 +430,40 @@ class PostgresStore(Service):
             for listener in self.listeners:
                 listener(added)
         return outcomes
+
+    async def _quarantine(self, conn: Any, items: list[Write]) -> dict[int, StoreRejected]:
+        """
+        Keep the batch's quarantined readings, committed before the readings'
+        statement returns (so before any answer). A statement the database
+        refuses for its data is tried again writer by writer: only the
+        writers whose quarantined readings were refused get an error.
+        """
+        refused: dict[int, StoreRejected] = {}
+        groups = [[(i, w) for i, w in enumerate(items) if w.quarantined]]
+        while groups:
+            group = groups.pop()
+            columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+            for _, w in group:
+                for q in w.quarantined:
+                    for column, value in zip(columns, (w.device_id, *q.reading, q.rule, w.source)):
+                        column.append(value)
+            try:
+                await conn.runOperation(INSERT_QUARANTINE, columns)
+            except (psycopg2.DataError, psycopg2.IntegrityError) as e:
+                if len(group) > 1:
+                    groups += [[pair] for pair in group]
+                    continue
+                i, w = group[0]
+                log.warn(
+                    "the database refused a quarantined reading of device {device_id}: {error}",
+                    device_id=w.device_id,
+                    error=first_line(e),
+                )
+                refused[i] = StoreRejected(
+                    f"quarantine[{w.quarantined[0].index}]: the database refused it: {first_line(e)}",
+                    w.quarantined[0].index,
+                )
+        return refused
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str, int]] | None:
         """
@@ -485,11 +538,13 @@ class PostgresStore(Service):
             new = duplicates = 0
             pending: list[tuple[Any, Deferred]] = []
             for record in result.records:
-                if not self.committer.has_room(len(record.readings)):
+                if not self.committer.has_room(len(record.readings) + len(record.quarantined)):
                     new, duplicates = await self._replayed(pending, new, duplicates)
                     pending = []
                     await self.committer.wait_for_room()
-                submitted = self.committer.submit((record.device_id, record.readings), len(record.readings))
+                write = Write(record.device_id, record.readings, record.quarantined, record.source)
+                size = len(record.readings) + len(record.quarantined)
+                submitted = self.committer.submit(write, size)
                 pending.append((record, submitted))
             new, duplicates = await self._replayed(pending, new, duplicates)
             await self.journal.remove(path)
