@@ -155,7 +155,7 @@ async def start_service(tmp_path: Path, db_dsn: str, tables: dict | None = None,
     from twisted.internet import reactor
 
     from gateway.config import build_config
-    from gateway.service import GatewayService
+    from gateway.service import build
 
     values = {
         "data-dir": str(tmp_path / "data"),
@@ -164,7 +164,7 @@ async def start_service(tmp_path: Path, db_dsn: str, tables: dict | None = None,
         "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
     }
     values.update({key.replace("_", "-"): value for key, value in settings.items()})
-    service = GatewayService(build_config(values, tables), reactor)
+    service = build(build_config(values, tables), reactor)
     service.privilegedStartService()
     service.startService()
     try:

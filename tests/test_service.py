@@ -164,3 +164,42 @@ def test_session_settings_keep_commits_durable(db_dsn, sql):
         cur.execute("SHOW statement_timeout")
         assert cur.fetchone()[0] == "30s"
     conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_service_leaves_the_process_alone(tmp_path, db_dsn):
+    """build() gives the service tree only: no signal handlers, no GC tuning (those are GatewayProcess's)."""
+    import gc
+    import signal
+
+    before = ({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}, gc.get_threshold())
+    service = await start_service(tmp_path, db_dsn)
+    await service.stopService()
+    after = ({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}, gc.get_threshold())
+    assert after == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, db_dsn):
+    """privilegedStartService raises StartError naming the option; nothing is left listening."""
+    from gateway.config import StartError, build_config
+    from gateway.service import build
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        values = {
+            "data-dir": str(tmp_path / "data"),
+            "db": db_dsn,
+            "https": "ssl:0:interface=127.0.0.1",
+            "device": [f"tcp:{port}:interface=127.0.0.1"],
+        }
+        service = build(build_config(values), reactor)
+        with pytest.raises(StartError, match=rf"^--device: cannot listen on tcp:{port}:interface=127.0.0.1: "):
+            service.privilegedStartService()
+        assert service.failure is not None and service.https_port is not None
+        await service.listeners.stopService()
+    finally:
+        taken.close()

@@ -33,6 +33,9 @@ class Health:
         self.stall_after = stall_after
         self.uploader = uploader
 
+    def reconfigure(self, stall_after: float) -> None:
+        self.stall_after = stall_after
+
     def check(self) -> Deferred:
         """Fires with (healthy, document); never errbacks."""
 

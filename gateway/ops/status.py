@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest.quality import QualityRules
+from gateway.ops.metrics import gauge
 from gateway.readings import Source, format_ts
 from gateway.ingest.vendor import DeviceType
 
@@ -63,6 +64,11 @@ class StatusPolicy:
 
     quality: QualityRules = field(default_factory=QualityRules)
     device_types: dict[str, DeviceType] = field(default_factory=dict)
+
+    def reconfigure(self, quality: QualityRules, device_types: Sequence[DeviceType]) -> None:
+        """Settings a SIGHUP changes: the flag threshold and window, and the types' expected intervals."""
+        self.quality = quality
+        self.device_types = {t.name: t for t in device_types}
 
     def query(
         self, now: float, name: str | None = None, after: str | None = None, limit: int | None = None
@@ -133,10 +139,35 @@ class StatusWatch(Service):
             self._loop.stop()
 
     def set_interval(self, seconds: float) -> None:
+        if seconds == self.interval:
+            return
         self.interval = seconds
         if self._loop.running:
             self._loop.stop()
             self._loop.start(seconds, now=False)
+
+    def live_metrics(self) -> Iterator[Any]:
+        """Who was silent or flagged at the last check, for /metrics."""
+        yield gauge(
+            "gateway_devices_silent",
+            "Devices heard from longer ago than their expected interval (at the last status check).",
+            len(self.silent),
+        )
+        yield gauge(
+            "gateway_devices_flagged",
+            "Devices over the quality failure threshold within the window (at the last status check).",
+            len(self.flagged),
+        )
+        attention = gauge(
+            "gateway_device_attention",
+            "1 for each device that is silent or flagged, by device and reason.",
+            labels=["device", "reason"],
+        )
+        for name in sorted(self.silent):
+            attention.add_metric([name, "silent"], 1)
+        for name in sorted(self.flagged):
+            attention.add_metric([name, "flagged"], 1)
+        yield attention
 
     def check(self) -> Deferred:
         """One pass over every device; never errbacks (a database away is logged and tried next time)."""

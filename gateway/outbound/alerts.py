@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.ops.metrics import counter, gauge
 from gateway.storage.pool import PgPool
 from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name, table_number
 
@@ -234,6 +235,15 @@ class AlertEngine:
         self.cleared = 0
         self._states: OrderedDict[tuple[str, int], _State] = OrderedDict()
         self._tails: dict[tuple[str, int], Deferred] = {}
+
+    def reconfigure(self, rules: Sequence[AlertRule]) -> None:
+        """New rules (SIGHUP): they apply from the next committed reading."""
+        self.rules = tuple(rules)
+
+    def live_metrics(self) -> Iterator[Any]:
+        yield gauge("gateway_alerts_open", "Edge alerts open, as this gateway knows them.", len(self.open))
+        yield counter("gateway_alerts_fired", "Edge alerts this gateway recorded firing.", [], self.fired)
+        yield counter("gateway_alerts_cleared", "Edge alerts this gateway recorded clearing.", [], self.cleared)
 
     def load(self) -> Deferred:
         """Learn the alerts open in the database (fired earlier, or by another gateway)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.ops.metrics import counter
 from gateway.outbound.sender import HTTPSender, judge
 from gateway.outbound.sinks import Sink
 from gateway.readings import format_ts
@@ -104,6 +105,11 @@ class AlertNotifier(Service):
         self._running: Deferred | None = None
         self._again = False
         self._timer: Any = None
+
+    def live_metrics(self) -> Iterator[Any]:
+        yield counter("gateway_alert_notices_sent", "Alert notices the webhook took.", [], self.sent)
+        yield counter("gateway_alert_notices_failed", "Failed attempts to send a notice (retried).", [], self.failures)
+        yield counter("gateway_alert_notices_parked", "Notices the webhook refused for good.", [], self.parked)
 
     def startService(self) -> None:
         super().startService()

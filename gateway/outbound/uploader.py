@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
@@ -26,6 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.ops.metrics import counter, gauge
 from gateway.outbound.ledger import LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
 from gateway.outbound.sender import HTTPSender, Reply, judge
 from gateway.outbound.sinks import Sink
@@ -392,6 +393,31 @@ class Uploader(MultiService):
                 "last_error": c.last_error,
             }
         return out
+
+    def live_metrics(self) -> Iterator[Any]:
+        """Each sink's figures for /metrics: the database's (as last read) and this process's counters."""
+        families = {
+            "lag": gauge(
+                "gateway_upload_lag_seconds", "Age of the oldest reading not yet sent to the sink.", labels=["sink"]
+            ),
+            "pending": gauge("gateway_upload_pending_batches", "Batches cut and not yet sent.", labels=["sink"]),
+            "parked": gauge(
+                "gateway_upload_parked_batches", "Batches the sink refused for good (dead letters).", labels=["sink"]
+            ),
+            "paused": gauge("gateway_upload_paused", "1 while the sink is paused from the console.", labels=["sink"]),
+            "batches": counter("gateway_upload_batches_sent", "Batches this process sent.", ["sink"]),
+            "readings": counter("gateway_upload_readings_sent", "Readings this process sent.", ["sink"]),
+            "failures": counter("gateway_upload_failures", "Failed attempts (to be retried).", ["sink"]),
+        }
+        for name, s in self.sink_status().items():
+            families["lag"].add_metric([name], s.get("lag_seconds") or 0.0)
+            families["pending"].add_metric([name], s.get("pending_batches") or 0)
+            families["parked"].add_metric([name], s.get("parked_batches") or 0)
+            families["paused"].add_metric([name], 1 if s["paused"] else 0)
+            families["batches"].add_metric([name], s["batches_sent"])
+            families["readings"].add_metric([name], s["readings_sent"])
+            families["failures"].add_metric([name], s["failures"])
+        yield from families.values()
 
     # -- changing sinks while running (SIGHUP) ------------------------------
 

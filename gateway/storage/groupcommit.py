@@ -83,6 +83,11 @@ class GroupCommit(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    def set_max_queue(self, max_queue: int) -> None:
+        """A new bound (SIGHUP); writers waiting for room are let in if the new one has it."""
+        self.max_queue = max_queue
+        self._wake_room()
+
     def has_room(self, size: int) -> bool:
         return self.queued + size <= self.max_queue or self.queued == 0
 
@@ -159,6 +164,9 @@ class GroupCommit(Generic[T]):
             else:
                 waiting.deferred.callback(outcome)
         self._pump(just_finished=True)
+        self._wake_room()
+
+    def _wake_room(self) -> None:
         if self._room and self.queued <= self.max_queue // 2:
             waiting, self._room = self._room, []
             for d in waiting:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import psycopg2
 import psycopg2.errors
@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.ops.metrics import counter, gauge
 from gateway.storage.credentials import Credentials
 from gateway.storage.interface import IStore
 from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
@@ -373,6 +374,10 @@ class PostgresStore(Service):
         return within(answer, CHECK_TIMEOUT, self._clock, StoreUnavailable(f"no answer in {CHECK_TIMEOUT:g}s"))
 
     @property
+    def batches_in_flight(self) -> int:
+        return self.committer.in_flight
+
+    @property
     def queue_depth(self) -> int:
         return self.committer.queued
 
@@ -394,6 +399,35 @@ class PostgresStore(Service):
 
     def wait_for_room(self) -> Deferred:
         return self.committer.wait_for_room()
+
+    def reconfigure(self, max_queue: int) -> None:
+        """Settings a SIGHUP changes: the readings that may wait before writers get 503."""
+        self.committer.set_max_queue(max_queue)
+
+    def live_metrics(self) -> Iterator[Any]:
+        """The store's figures for /metrics, read at scrape time."""
+        yield gauge("gateway_store_queue_readings", "Readings waiting for COMMIT.", self.queue_depth)
+        yield gauge(
+            "gateway_store_queue_limit", "Readings that may wait before writers get 503.", self.committer.max_queue
+        )
+        yield gauge("gateway_database_connections", "Open connections of the store's pool.", self.pool.up)
+        journal = self.journal
+        if journal is None:
+            return
+        for name, text, value in (
+            ("bytes", "Bytes in the outage journal (on disk and being written).", journal.bytes),
+            ("limit_bytes", "--journal-max-bytes.", journal.max_bytes),
+            ("segments", "Segment files in the outage journal.", journal.segments),
+        ):
+            yield gauge(f"gateway_journal_{name}", text, value)
+        for name, text, value in (
+            ("readings_written", "Readings acknowledged from the journal.", self.journaled_readings),
+            ("readings_replayed", "Journal readings committed (new or found stored).", self.replayed_readings),
+            ("fsyncs", "Journal group fsyncs.", journal.fsyncs),
+            ("damaged_records", "Damaged journal regions moved aside to journal/damaged/.", journal.damaged_regions),
+            ("torn_bytes", "Bytes of torn last writes dropped after a crash.", journal.torn_bytes),
+        ):
+            yield counter(f"gateway_journal_{name}", text, [], value)
 
     # -- the batch -----------------------------------------------------
 

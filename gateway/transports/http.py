@@ -395,6 +395,12 @@ class GatewaySite(server.Site):
         self.request_timeout = request_timeout
         self.open_connections = 0
 
+    def reconfigure(self, max_body: int, request_timeout: float) -> None:
+        """Settings a SIGHUP changes; connections made from now on take the new idle timeout."""
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.timeOut = request_timeout
+
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if channel is None:
