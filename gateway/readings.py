@@ -11,7 +11,7 @@ import datetime
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 ONE_US = datetime.timedelta(microseconds=1)
@@ -159,7 +159,7 @@ class StoreRejected(IngestError):
         self.index = index
 
 
-def is_name(text: Any) -> bool:
+def is_name(text: Any) -> TypeGuard[str]:
     return isinstance(text, str) and _is_name(text) is not None
 
 

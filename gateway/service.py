@@ -247,12 +247,12 @@ class GatewayService(MultiService):
             out.append(listener(config.metrics, site, "metrics", "/metrics and /healthz (HTTP)"))
         if config.manhole is not None:
             try:
-                factory = console_factory(
+                console = console_factory(
                     config.manhole_dir, config.authorized_keys, self.console.namespace, BANNER, reactor
                 )
             except ManholeError as e:
                 raise StartError(f"--manhole: {e}") from None
-            out.append(listener(config.manhole, factory, "manhole", "the SSH console"))
+            out.append(listener(config.manhole, console, "manhole", "the SSH console"))
         return out
 
     def privilegedStartService(self) -> None:
@@ -268,11 +268,11 @@ class GatewayService(MultiService):
                 self.journal.open()
             except JournalError as e:
                 raise self._failed(f"--data-dir: journal: {e}", ready=False) from None
-            if self.journal.bytes:
+            if self.journal.size:
                 log.info(
                     "journal: {bytes} bytes in {segments} segments from an earlier run; replayed once the "
                     "database answers",
-                    bytes=self.journal.bytes,
+                    bytes=self.journal.size,
                     segments=self.journal.segments,
                 )
         try:
@@ -403,7 +403,12 @@ class GatewayService(MultiService):
                 for session in list(factory.connections):
                     session.transport.abortConnection()
             hurry = self.in_thread(self.embedded.stop) if self.embedded is not None else succeed(None)
-            hurry.addBoth(lambda _: out.called or out.callback(None))
+
+            def done(_: Any) -> None:
+                if not out.called:
+                    out.callback(None)
+
+            hurry.addBoth(done)
 
         timer = self.reactor.callLater(timeout, too_slow)
         stopped.addBoth(finished)

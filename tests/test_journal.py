@@ -56,9 +56,9 @@ def test_records_round_trip_in_order_and_each_flush_is_fsynced(tmp_path):
     assert result.records[0].device == "truck-1" and result.records[0].device_id == 7
     assert result.records[0].readings[1] == Reading("oil_temp", 1_700_000_000_000_001, 80.125)
     assert result.damaged == [] and result.torn == 0
-    assert j.bytes == segment.stat().st_size
+    assert j.size == segment.stat().st_size
     result_of(j.remove(segment))
-    assert j.bytes == 0 and not segment.exists()
+    assert j.size == 0 and not segment.exists()
 
 
 def test_appends_waiting_for_a_flush_share_one_fsync(tmp_path):
@@ -174,7 +174,7 @@ def test_damage_at_the_end_of_an_older_segment_is_not_taken_for_a_torn_write(tmp
 def test_a_failed_write_acknowledges_nothing_and_leaves_no_half_record(tmp_path, monkeypatch):
     j = opened(tmp_path / "journal")
     result_of(j.append(record(0)))
-    size = j.bytes
+    size = j.size
 
     def disk_full(fd, data):
         os.write(fd, data[:10])
@@ -184,7 +184,7 @@ def test_a_failed_write_acknowledges_nothing_and_leaves_no_half_record(tmp_path,
     failed = result_of(j.append(record(1)))
     assert isinstance(failed.value, StoreUnavailable) and "No space left" in failed.value.message
     failed.trap(StoreUnavailable)
-    assert j.bytes == size
+    assert j.size == size
     monkeypatch.undo()
     result_of(j.append(record(2)))
     j.seal()

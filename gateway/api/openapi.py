@@ -176,7 +176,7 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
 
 _DEVICE = {"name": "name", "in": "path", "required": True, "schema": _NAME}
 _LIMIT = _query("limit", "at most this many (1..1000, default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
-_READ = {"security": [{"apiToken": []}]}
+_READ: dict[str, Any] = {"security": [{"apiToken": []}]}
 
 
 def document() -> dict[str, Any]:

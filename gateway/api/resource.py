@@ -30,19 +30,19 @@ class ApiResource(resource.Resource):
         if method == "HEAD":
             method = "GET"
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
-        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args, bearer_token(request)))
+        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, bearer_token(request)))
 
         def done(doc: Any) -> bytes:
             return json_answer(request, 200, doc)
 
         def failed(f: Failure) -> bytes:
-            if f.check(ApiError):
-                e = f.value
+            e = f.value
+            if isinstance(e, ApiError):
                 if e.status == 405:
                     request.setHeader(b"allow", b"GET, HEAD")
                 return json_answer(request, e.status, error_body(e.code, e.message), e.retry_after)
-            if f.check(StoreUnavailable, StoreOverloaded):
-                return json_answer(request, 503, error_body("database_unavailable", f.value.message), 5)
+            if isinstance(e, (StoreUnavailable, StoreOverloaded)):
+                return json_answer(request, 503, error_body("database_unavailable", e.message), 5)
             log.failure("read API request failed", f)
             return json_answer(request, 500, error_body("internal_error", "the gateway failed; retry later"))
 

@@ -124,6 +124,8 @@ class SimDevice:
 class TGPClient(protocol.Protocol):
     """The device end of TGP, around the same codec the gateway uses."""
 
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
+
     def __init__(self, device: SimDevice) -> None:
         self.device = device
         self.sim = device.sim

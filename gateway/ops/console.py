@@ -113,7 +113,7 @@ class Console:
         else:
             import pydoc
 
-            print(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+            print(pydoc.plain(pydoc.render_doc(obj)))
 
     def attention(self) -> Table:
         """Devices silent for longer than expected or flagged for quality failures, from the last status check."""

@@ -43,7 +43,7 @@ class Health:
             queue = {"depth": getattr(self.store, "queue_depth", 0), "ok": self.store.has_room(1)}
             sinks = self.sinks()
             journal = getattr(self.store, "journal_status", lambda: None)()
-            healthy = (
+            healthy = bool(
                 database == "ok"
                 and queue["ok"]
                 and (journal is None or journal["ok"])

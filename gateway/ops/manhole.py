@@ -36,6 +36,7 @@ from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.cred import portal
+from twisted.cred.portal import IRealm
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -114,6 +115,8 @@ class _Glue:
 
 class PlainConsole(protocol.Protocol):
     """A prompt without terminal control: lines in, output out (ssh -T, scripts, commands)."""
+
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
 
     def __init__(self, namespace: dict[str, Any], banner: str, prompt: bool = True) -> None:
         self.namespace = namespace
@@ -205,7 +208,12 @@ class ConsoleSession(manhole_ssh.TerminalSession):
         pending = console.pending()
         if pending:
             d = pending[0]
-            d.addBoth(lambda result: (self._finish_when_done(console), result)[1])
+
+            def again(result: Any) -> Any:
+                self._finish_when_done(console)
+                return result
+
+            d.addBoth(again)
             return
         self._end(1 if console.failed else 0)
 
@@ -234,6 +242,7 @@ class ConsoleSession(manhole_ssh.TerminalSession):
             self._end(0)
 
 
+@implementer(IRealm)
 class ConsoleRealm(manhole_ssh.TerminalRealm):
     def __init__(self, namespace: Callable[[], dict[str, Any]], banner: str) -> None:
         super().__init__()
@@ -260,8 +269,12 @@ class ConsoleFactory(manhole_ssh.ConchFactory):
         super().__init__(portal)
         self.clock = clock
 
+    # conch's own annotations say bytes; the values are keys.Key objects
+    publicKeys: dict[bytes, Any]
+    privateKeys: dict[bytes, Any]
+
     def buildProtocol(self, addr: Any) -> Any:
-        transport = super().buildProtocol(addr)
+        transport: Any = super().buildProtocol(addr)
         timer = self.clock.callLater(self.login_timeout, self._too_slow, transport)
         lost = transport.connectionLost
 

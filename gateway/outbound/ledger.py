@@ -411,8 +411,8 @@ class Ledger:
         pairs = sorted({(r.device_id, r.metric) for r in rows})
         await cur.execute(LOAD_DEADBAND, (sink.name, [p[0] for p in pairs], [p[1] for p in pairs]))
         before: State = {(d, m): (v, t) for d, m, v, t in cur.fetchall()}
-        lines, after = reduce_rows(sink, rows, before)
-        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        lines, state = reduce_rows(sink, rows, before)
+        changed = {k: v for k, v in state.items() if before.get(k) != v}
         age = max(f[8] for f in fetched)
         return len(rows), (fetched[-1][0], fetched[-1][1]), age, "\n".join(lines), changed
 

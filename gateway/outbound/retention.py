@@ -40,8 +40,6 @@ DELETE FROM readings WHERE id IN (
 class Retention(Service):
     """Deletes old readings that every sink has sent, a chunk at a time, on its own connection."""
 
-    name = "retention"
-
     def __init__(self, reactor: Any, age: float) -> None:
         self.pool = PgPool(reactor, 1)
         self.age = age

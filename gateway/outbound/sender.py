@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+import typing
+from typing import Any
 from collections.abc import Callable
 
 from twisted.internet import ssl
@@ -25,8 +26,18 @@ from zope.interface import implementer
 from gateway import __version__
 from gateway.outbound.sinks import Sink, ca_certificates
 
-if TYPE_CHECKING:
-    from gateway.outbound.ledger import Batch
+
+class Payload(typing.Protocol):
+    """What HTTPSender sends: an upload batch or an alert notice."""
+
+    @property
+    def key(self) -> str:  # sent as Idempotency-Key
+        ...
+
+    @property
+    def body(self) -> bytes | None:  # None only for a batch not yet made (never sent so)
+        ...
+
 
 RETRY_AFTER_CAP = 3600.0
 RESPONSE_KEEP = 4096  # bytes of a refusal kept with the parked batch
@@ -164,11 +175,12 @@ class HTTPSender:
             *[(name.encode("latin-1"), value.encode("latin-1")) for name, value in sink.headers],
         ]
 
-    def send(self, batch: Batch) -> Deferred:
+    def send(self, batch: Payload) -> Deferred:
         headers = Headers()
         for name, value in self._headers:
             headers.addRawHeader(name, value)
         headers.addRawHeader(b"Idempotency-Key", batch.key.encode("ascii"))
+        assert batch.body is not None, "a batch is sent once its body is made"
         d = self.agent.request(b"POST", self.sink.url.encode("ascii"), headers, FileBodyProducer(BytesIO(batch.body)))
 
         def read(response: Any) -> Deferred:

@@ -306,8 +306,6 @@ def gateway_id(data_dir: Path) -> str:
 class Uploader(MultiService):
     """Every sink's loop, and the batch ledger on its own database connections."""
 
-    name = "uploader"
-
     def __init__(
         self,
         reactor: Any,

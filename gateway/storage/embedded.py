@@ -15,6 +15,7 @@ Every call here blocks (initdb, pg_ctl): the server runs them in a thread.
 from __future__ import annotations
 
 import os
+from typing import Any
 import warnings
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class EmbeddedPostgres:
 
     def __init__(self, pg_dir: Path) -> None:
         self.pg_dir = Path(pg_dir).resolve()
-        self._server = None
+        self._server: Any = None  # a pgserver PostgresServer once started
 
     def start(self) -> str:
         """Start (or join) the server; return a libpq connection string."""

@@ -303,7 +303,7 @@ class Journal:
     # -- state -------------------------------------------------------------
 
     @property
-    def bytes(self) -> int:
+    def size(self) -> int:
         """Bytes on disk plus bytes waiting for the next flush."""
         return sum(self._sizes.values()) + self._pending_bytes
 
@@ -312,7 +312,7 @@ class Journal:
         return len(self._sizes)
 
     def has_room(self, size: int) -> bool:
-        return self.bytes + size <= self.max_bytes
+        return self.size + size <= self.max_bytes
 
     def sealed(self) -> list[Path]:
         """Segments no longer appended to, oldest first: the ones replay may read and remove."""
@@ -344,7 +344,7 @@ class Journal:
             self.full = True
             return fail(
                 JournalFull(
-                    f"the database is unavailable and the journal is full ({self.bytes} of {self.max_bytes} bytes)"
+                    f"the database is unavailable and the journal is full ({self.size} of {self.max_bytes} bytes)"
                 )
             )
         self.full = False
@@ -367,10 +367,10 @@ class Journal:
 
     def _write(self, data: bytes) -> tuple[Path, int]:
         """In a thread: append data to the active segment (a new one if due) and fsync it."""
-        if self._fd is not None and (self._seal or self._sizes.get(self._active, 0) >= self.segment_bytes):
-            self._close_active()
-        new = self._fd is None
-        if new:
+        if self._fd is not None and self._active is not None:
+            if self._seal or self._sizes.get(self._active, 0) >= self.segment_bytes:
+                self._close_active()
+        if self._fd is None or self._active is None:
             path = self.directory / f"{self._next:020d}{SUFFIX}"
             self._next += 1
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
@@ -385,18 +385,18 @@ class Journal:
             self._fd, self._active = fd, path
             base = len(FILE_MAGIC)
         else:
-            base = self._sizes[self._active]
+            fd, path = self._fd, self._active
+            base = self._sizes[path]
         try:
-            _write_all(self._fd, data)
-            os.fsync(self._fd)
+            _write_all(fd, data)
+            os.fsync(fd)
         except OSError:
             # Leave no half record behind: the next flush starts a fresh segment.
             try:
-                os.ftruncate(self._fd, base)
-                os.fsync(self._fd)
+                os.ftruncate(fd, base)
+                os.fsync(fd)
             except OSError:
                 pass
-            fd, path = self._fd, self._active
             self._fd, self._active = None, None
             os.close(fd)
             if base == len(FILE_MAGIC):
@@ -404,7 +404,7 @@ class Journal:
             else:
                 self._truncated = (path, base)
             raise
-        return self._active, base + len(data)
+        return path, base + len(data)
 
     def _flushed(self, result: Any, waiters: list[Deferred], count: int, size: int) -> None:
         self._pending_bytes -= size

@@ -63,7 +63,7 @@ def session_dsn(dsn: str, statement_timeout_ms: int = 30_000) -> str:
     return psycopg2.extensions.make_dsn(dsn, **extra)
 
 
-def is_connection_error(error: BaseException) -> bool:
+def is_connection_error(error: BaseException | None) -> bool:
     if isinstance(error, psycopg2.extensions.QueryCanceledError):
         return False  # statement timeout: the connection itself is fine
     return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
@@ -147,7 +147,7 @@ class PgPool:
         self.last_error = f"connecting took longer than {CONNECT_TIMEOUT:g}s"
         conn.close()
 
-    def _slot_down(self, slot: _Slot, error: BaseException) -> None:
+    def _slot_down(self, slot: _Slot, error: BaseException | None) -> None:
         was = slot.state
         slot.state = "down"
         if slot.conn is not None:
@@ -192,15 +192,17 @@ class PgPool:
 
     def _lend(self, slot: _Slot, work: Callable[[Any], Deferred]) -> Deferred:
         slot.state = "busy"
-        slot.released = Deferred()
+        released: Deferred = Deferred()
+        slot.released = released
         conn = slot.conn
+        assert conn is not None, "an idle slot has a connection"
         try:
             d = work(conn)
         except Exception:
             d = fail()
 
         def done(result: Any) -> Any:
-            released, slot.released = slot.released, None
+            slot.released = None
             self._reactor.callLater(0, released.callback, None)
             if (isinstance(result, Failure) and is_connection_error(result.value)) or conn.closed:
                 error = result.value if isinstance(result, Failure) else Exception("connection closed")
@@ -243,7 +245,7 @@ class PgPool:
         return gatherResults(pending).addCallback(close_all)
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException | None) -> str:
     """A database error as one line for the log: the server's message without its ERROR: prefix."""
     text = getattr(error, "pgerror", None) or str(error)
     text = text.strip()

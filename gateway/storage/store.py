@@ -202,7 +202,12 @@ def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -
     connection in an unknown state.
     """
     out: Deferred = Deferred()
-    timer = clock.callLater(seconds, lambda: out.called or out.errback(Failure(error)))
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(Failure(error))
+
+    timer = clock.callLater(seconds, expire)
 
     def passthrough(result: Any) -> None:
         if timer.active():
@@ -219,8 +224,6 @@ def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -
 
 @implementer(IStore)
 class PostgresStore(Service):
-    name = "store"
-
     def __init__(
         self,
         reactor: Any,
@@ -387,7 +390,7 @@ class PostgresStore(Service):
         if journal is None:
             return None
         return {
-            "bytes": journal.bytes,
+            "bytes": journal.size,
             "limit": journal.max_bytes,
             "segments": journal.segments,
             "ok": not journal.full,
@@ -415,7 +418,7 @@ class PostgresStore(Service):
         if journal is None:
             return
         for name, text, value in (
-            ("bytes", "Bytes in the outage journal (on disk and being written).", journal.bytes),
+            ("bytes", "Bytes in the outage journal (on disk and being written).", journal.size),
             ("limit_bytes", "--journal-max-bytes.", journal.max_bytes),
             ("segments", "Segment files in the outage journal.", journal.segments),
         ):
@@ -545,7 +548,7 @@ class PostgresStore(Service):
         journal = self.journal
         if journal is None or self._replaying is not None or self.committer.closed or self.pool.up == 0:
             return
-        if not journal.bytes:
+        if not journal.size:
             return
         journal.seal()
         if not journal.sealed():

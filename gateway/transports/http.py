@@ -27,6 +27,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -71,6 +72,8 @@ def source_of(request: server.Request) -> Source:
 class LimitedRequest(server.Request):
     """A Request that refuses bodies over the site's limit while reading them."""
 
+    channel: Any  # a GatewayChannel, or the HTTPChannel of a test's site
+    content: Any  # the body so far, a BytesIO once the length is known
     _received = 0
     _refused = False
     _deadline = None
@@ -143,6 +146,9 @@ class LimitedRequest(server.Request):
 class GatewayChannel(http.HTTPChannel):
     """An HTTPChannel with a deadline for each request's first line (see the module's docstring)."""
 
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
+    site: GatewaySite
+
     _waiting = None
     _served = 0
     _heard = False  # bytes of a next request have arrived
@@ -191,7 +197,7 @@ class GatewayChannel(http.HTTPChannel):
         if self.persistent and not self.requests and self._waiting is None and not self.transport.disconnecting:
             self._wait_for_request()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.request_begun()
         super().connectionLost(reason)
 
@@ -258,8 +264,8 @@ class ReadingsResource(JsonResource):
         d = Deferred.fromCoroutine(self._handle(request, source))
 
         def failed(f: Failure) -> bytes:
-            if f.check(IngestError):
-                e = f.value
+            e = f.value
+            if isinstance(e, IngestError):
                 return json_answer(request, STATUS.get(e.code, 400), error_body(e.code, e.message), e.retry_after)
             log.failure("ingest failed unexpectedly", f)
             return json_answer(request, 500, error_body("internal_error", "the gateway failed; retry later"))
@@ -272,7 +278,7 @@ class ReadingsResource(JsonResource):
 
     async def _handle(self, request: server.Request, source: Source) -> WriteResult:
         device = await self.ingest.authenticate(bearer_token(request), source)
-        body = request.content.getvalue()
+        body = request.content.getvalue() if request.content is not None else b""
         headers = request.requestHeaders
         if (
             not headers.hasHeader(b"content-length")
@@ -363,7 +369,7 @@ class Root(resource.Resource):
 
 class GatewaySite(server.Site):
     requestFactory = LimitedRequest
-    protocol = GatewayChannel
+    protocol: Any = GatewayChannel
     displayTracebacks = False
 
     def __init__(
@@ -415,7 +421,7 @@ class GatewaySite(server.Site):
         channel.connectionLost = connectionLost
         return channel
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         # No access log line per request: at thousands of requests a second
         # it would cost more than the request. Refusals are logged where made.
         pass

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 
 class ConnectionLimits:
@@ -51,7 +53,7 @@ class ConnectionLimits:
 class _Counted(ProtocolWrapper):
     address = ""
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:
@@ -61,7 +63,7 @@ class _Counted(ProtocolWrapper):
 class LimitedFactory(WrappingFactory):
     """Wraps a server factory; refuses connections over the shared limits."""
 
-    protocol = _Counted
+    protocol: Any = _Counted
 
     def __init__(self, wrapped: Any, limits: ConnectionLimits) -> None:
         super().__init__(wrapped)

@@ -48,6 +48,7 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             raise StartError(f"--{self.option}: cannot listen on {self.spec}: {e}") from None
+        assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._bound)  # TCP binds synchronously: this runs now
 
     def _bound(self, port: Any) -> Any:
@@ -58,10 +59,10 @@ class Listener(StreamServerEndpointService):
 
 
 class Listeners(MultiService):
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> Deferred:
         if not self.running:
             return succeed(None)
-        return super().stopService()
+        return super().stopService() or succeed(None)
 
 
 class TLSWrapper:

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -88,6 +88,8 @@ def server_context(
 
 @implementer(ISSLTransport)
 class TLSServerProtocol(ProtocolWrapper):
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
+
     factory: TLSServerFactory
 
     def makeConnection(self, transport: Any) -> None:
@@ -228,7 +230,7 @@ class TLSServerProtocol(ProtocolWrapper):
             self._flush()
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         if self._linger is not None and self._linger.active():
             self._linger.cancel()

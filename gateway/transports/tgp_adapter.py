@@ -90,6 +90,8 @@ class DeviceRegistry:
 
 
 class DeviceProtocol(protocol.Protocol):
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
+
     def __init__(self, factory: DeviceFactory) -> None:
         self.factory = factory
         settings = factory.settings
@@ -191,8 +193,9 @@ class DeviceProtocol(protocol.Protocol):
 
         def failed(f: Failure) -> None:
             self.session.busy = False
-            if f.check(StoreUnavailable, StoreOverloaded):
-                self._reject(E.RETRY_LATER, f"the gateway cannot check credentials now: {f.value.message}")
+            error = f.value
+            if isinstance(error, (StoreUnavailable, StoreOverloaded)):
+                self._reject(E.RETRY_LATER, f"the gateway cannot check credentials now: {error.message}")
             else:
                 log.failure("device lookup failed", f)
                 self._reject(E.INTERNAL_ERROR, "the gateway failed; retry later")
@@ -272,7 +275,7 @@ class DeviceProtocol(protocol.Protocol):
         if isinstance(error, StoreRejected):
             self._send(tgp.Nack(seq, E.REJECTED_BY_DATABASE, error.message))
         elif isinstance(error, RateLimited):
-            self._send(tgp.Nack(seq, E.RATE_LIMITED, error.message, error.retry_after))
+            self._send(tgp.Nack(seq, E.RATE_LIMITED, error.message, error.retry_after or 1))
         elif isinstance(error, (StoreUnavailable, StoreOverloaded)):
             self._send(tgp.Nack(seq, E.RETRY_LATER, error.message, error.retry_after or 1))
             self._close()
