@@ -146,7 +146,9 @@ class GatewayService(MultiService):
             quality=config.quality,
             device_types=config.device_types,
         )
-        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_address, self._refused)
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_connections_per_address, self._connection_refused
+        )
         self.health = Health(self.store, stall_after=config.sink_stall, uploader=lambda: self.uploader)
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
         self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
@@ -414,7 +416,7 @@ class GatewayService(MultiService):
         stopped.addBoth(finished)
         return out
 
-    def _refused(self, address: str, why: str) -> None:
+    def _connection_refused(self, address: str, why: str) -> None:
         limit = self.limits.max_total if why == "total" else self.limits.max_per_address
         count = self.limits.total if why == "total" else self.limits.by_address.get(address, 0)
         scope = "in all" if why == "total" else "from this address"

@@ -65,7 +65,7 @@ def test_a_device_may_burst_then_is_told_when_to_come_back():
     rates.take("truck-2", 10)  # another device is not affected
     clock.advance(0.5)
     rates.take("truck-1", 50)
-    assert rates.refusals == 1
+    assert rates.refused == 1
 
 
 def test_a_write_bigger_than_the_burst_passes_when_the_bucket_is_full_and_leaves_a_debt():

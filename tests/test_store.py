@@ -150,7 +150,7 @@ async def test_devices_do_not_share_keys(kit):
 @pytest_twisted.ensureDeferred
 async def test_reject_keeps_input(kit):
     store, _, _, rejected = kit
-    await store.reject(Source("https", "127.0.0.1", 1, tls=True), "invalid_json: x", b"{", "truck-1")
+    await store.keep_rejected_input(Source("https", "127.0.0.1", 1, tls=True), "invalid_json: x", b"{", "truck-1")
     assert rejected() == 1
 
 

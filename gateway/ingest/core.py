@@ -61,7 +61,7 @@ class Ingest:
         # Called with (device, readings) once readings are committed: the edge alerts.
         self.observers: list[Callable[[Device, Sequence[Reading]], None]] = []
         # A device that keeps sending bad input must not flood the log.
-        self.refusals = RateLimitedLog(log, clock)
+        self.refusal_log = RateLimitedLog(log, clock)
 
     async def authenticate(self, token: str | None, source: Source) -> Device:
         device = await self.store.authenticate(token) if token else None
@@ -128,9 +128,9 @@ class Ingest:
         key = device or source.host
         what = "closing" if closing else "refused"
         if device is None:
-            self.refusals.warn(key, what + " {source}: {code}: {reason}", source=source, code=code, reason=reason)
+            self.refusal_log.warn(key, what + " {source}: {code}: {reason}", source=source, code=code, reason=reason)
         else:
-            self.refusals.warn(
+            self.refusal_log.warn(
                 key,
                 what + " {source} (device {device}): {code}: {reason}",
                 source=source,
@@ -140,7 +140,7 @@ class Ingest:
             )
         if raw is None:
             return succeed(None)
-        d: Deferred[None] = self.store.reject(source, f"{code}: {reason}", raw, device)
+        d: Deferred[None] = self.store.keep_rejected_input(source, f"{code}: {reason}", raw, device)
         return d
 
     def reconfigure(self, rate: float, quality: QualityRules, device_types: Sequence[DeviceType]) -> None:

@@ -31,7 +31,7 @@ class DeviceRates:
         self.rate = rate
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # name → (tokens, at)
-        self.refusals = 0
+        self.refused = 0  # takes refused, for tests and the console
 
     def take(self, name: str, count: int) -> None:
         """Spend ``count`` readings of the device's allowance, or raise OverLimit."""
@@ -45,7 +45,7 @@ class DeviceRates:
         if tokens >= count or tokens >= burst:
             tokens -= count
         else:
-            self.refusals += 1
+            self.refused += 1
             self._keep(name, tokens, now)
             raise OverLimit(max(1, math.ceil((min(count, burst) - tokens) / rate)))
         self._keep(name, tokens, now)

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from gateway.ingest.quality import QualityRules
 from gateway.ops.metrics import gauge
 from gateway.readings import Source, format_ts
+from gateway.storage.pool import first_line
 from gateway.ingest.vendor import DeviceType
 
 log = Logger()
@@ -177,7 +178,7 @@ class StatusWatch(Service):
         d.addCallback(self._update, now)
 
         def failed(f: Failure) -> None:
-            log.warn("device status not checked: {error}", error=str(f.value).strip().splitlines()[0])
+            log.warn("device status not checked: {error}", error=first_line(f.value))
 
         return d.addErrback(failed)
 

@@ -36,7 +36,7 @@ class IStore(Interface):
         StoreRejected.
         """
 
-    def reject(source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def keep_rejected_input(source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
 
     def has_room(size: int) -> bool:

@@ -71,7 +71,7 @@ class MemoryStore:
                 new += 1
         return succeed(WriteResult(new, dup))
 
-    def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def keep_rejected_input(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         self.rejected.append((str(source), device, reason, raw))
         return succeed(None)
 

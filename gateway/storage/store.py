@@ -350,16 +350,16 @@ class PostgresStore(Service):
         """A device changed (revoked, rotated): look every token up again."""
         self.credentials.forget()
 
-    def keep_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def _insert_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Insert into rejected_input; errbacks if it could not be kept."""
         return self.pool.run(lambda c: c.runOperation(INSERT_REJECTED, (source, device, reason, psycopg2.Binary(raw))))
 
-    def reject(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
+    def keep_rejected_input(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         if self._rejects_in_flight >= MAX_REJECTS_IN_FLIGHT:
             log.warn("rejected input from {source} not kept: too many being written", source=source)
             return succeed(None)
         self._rejects_in_flight += 1
-        d = self.keep_rejected(str(source), reason, raw, device)
+        d = self._insert_rejected(str(source), reason, raw, device)
 
         def done(result: Any) -> None:
             self._rejects_in_flight -= 1
@@ -607,7 +607,7 @@ class PostgresStore(Service):
                 duplicates += outcome.duplicates
             elif outcome.check(StoreRejected):
                 # Acknowledged to the device long ago: it must not vanish. The other readings committed.
-                await self.keep_rejected(
+                await self._insert_rejected(
                     record.source,
                     f"rejected_by_database: {outcome.value.message} (replayed from the journal)",
                     record.payload,

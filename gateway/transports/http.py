@@ -75,7 +75,7 @@ class LimitedRequest(server.Request):
     channel: Any  # a GatewayChannel, or the HTTPChannel of a test's site
     content: Any  # the body so far, a BytesIO once the length is known
     _received = 0
-    _refused = False
+    _answered = False  # refused and answered already: the connection is closing
     _deadline = None
 
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
@@ -95,7 +95,7 @@ class LimitedRequest(server.Request):
             self._refuse(413, "body_too_large", f"the body is {length} bytes; the limit is {site.max_body}")
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
+        if self._answered:
             return
         self._received += len(data)
         site = self.channel.site
@@ -107,7 +107,7 @@ class LimitedRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._cancel_deadline()
-        if self._refused:
+        if self._answered:
             return  # already answered; the connection is closing
         super().requestReceived(command, path, version)
 
@@ -130,7 +130,7 @@ class LimitedRequest(server.Request):
 
     def _refuse(self, status: int, code: str, message: str, sample: bytes = b"") -> None:
         """Answer at once, bypassing the resource, and close the connection."""
-        self._refused = True
+        self._answered = True
         self._cancel_deadline()
         self.content = io.BytesIO()
         body = json.dumps(error_body(code, message), separators=(",", ":")).encode() + b"\n"
@@ -208,7 +208,7 @@ class GatewayChannel(http.HTTPChannel):
         # is refused like the others, counted and rate-limited.
         self.request_begun()
         if self.requests or not self._served or self._heard:
-            self._refused("idle for {seconds:g}s before a whole request arrived")
+            self._refuse_connection("idle for {seconds:g}s before a whole request arrived")
         if self.abortTimeout is not None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
@@ -220,10 +220,10 @@ class GatewayChannel(http.HTTPChannel):
         if self._served and not self._heard:  # a keep-alive connection gone quiet: fine
             self.loseConnection()
             return
-        self._refused("no request within {seconds:g}s")
+        self._refuse_connection("no request within {seconds:g}s")
         self.transport.abortConnection()
 
-    def _refused(self, why: str) -> None:
+    def _refuse_connection(self, why: str) -> None:
         secure = self.isSecure()
         source = Source.of("https" if secure else "http", self.getPeer(), secure)
         self.site.ingest.refuse(source, "request_timeout", why.format(seconds=self.site.request_timeout), closing=True)

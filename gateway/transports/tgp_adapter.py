@@ -174,7 +174,7 @@ class DeviceProtocol(protocol.Protocol):
     def _hello(self, hello: tgp.Hello) -> None:
         version = tgp.choose_version(hello)
         if version is None:
-            self._reject(E.UNSUPPORTED_VERSION, f"this gateway speaks TGP versions {list(tgp.VERSIONS)}")
+            self._refuse_handshake(E.UNSUPPORTED_VERSION, f"this gateway speaks TGP versions {list(tgp.VERSIONS)}")
             return
         self.claimed_name = hello.device
         self.session.busy = True
@@ -195,10 +195,10 @@ class DeviceProtocol(protocol.Protocol):
             self.session.busy = False
             error = f.value
             if isinstance(error, (StoreUnavailable, StoreOverloaded)):
-                self._reject(E.RETRY_LATER, f"the gateway cannot check credentials now: {error.message}")
+                self._refuse_handshake(E.RETRY_LATER, f"the gateway cannot check credentials now: {error.message}")
             else:
                 log.failure("device lookup failed", f)
-                self._reject(E.INTERNAL_ERROR, "the gateway failed; retry later")
+                self._refuse_handshake(E.INTERNAL_ERROR, "the gateway failed; retry later")
 
         lookup.addCallbacks(found, failed)
 
@@ -207,11 +207,11 @@ class DeviceProtocol(protocol.Protocol):
         ok = tokens.proof_matches(auth.proof, self.stored_key, self._nonce, name)
         if not ok or self.device is None:
             self.device = None
-            self._reject(E.AUTH_FAILED, "unknown device, revoked device or wrong token")
+            self._refuse_handshake(E.AUTH_FAILED, "unknown device, revoked device or wrong token")
             return
         if not self.factory.certificate_allows(self.transport, name):
             self.device = None
-            self._reject(E.AUTH_FAILED, "the client certificate does not name this device")
+            self._refuse_handshake(E.AUTH_FAILED, "the client certificate does not name this device")
             return
         settings = self.factory.settings
         self.factory.registry.register(name, self)
@@ -332,7 +332,7 @@ class DeviceProtocol(protocol.Protocol):
         self._send(tgp.Nack(0, code, message))
         self._close()
 
-    def _reject(self, code: tgp.ErrorCode, reason: str) -> None:
+    def _refuse_handshake(self, code: tgp.ErrorCode, reason: str) -> None:
         # The claimed name is not proven: the log is keyed by address, not by a name anyone can send.
         self.factory.ingest.refuse(self.source, code.name.lower(), f"{reason} (device {self.claimed_name})")
         if self.conn.state in (tgp.HELLO_SENT, tgp.AUTH_SENT):
