@@ -55,7 +55,7 @@ from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
 from gateway.outbound.retention import Retention
 from gateway.outbound.sinks import Sink
-from gateway.outbound.uploader import Uploader, gateway_id
+from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
 from gateway.readings import Source
 from gateway.storage import embedded
 from gateway.storage.database import describe_dsn, prepare_database
@@ -307,6 +307,8 @@ class GatewayService(MultiService):
         if config.retention is not None:
             retention = Retention(self.reactor, config.retention)
             await retention.connect(dsn)
+            if not config.sinks:  # no uploader to say which sinks hold retention back
+                warn_unconfigured(await retention.sinks())
             retention.setServiceParent(self)
         await self.watch.start(dsn)
         await self.reads.start(dsn)

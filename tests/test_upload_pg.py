@@ -363,3 +363,25 @@ async def test_the_sender_sends_headers_and_reads_the_refusal(receiver, tmp_path
     got = receiver.accepted[0]
     assert got.key == batch.key and got.headers["authorization"] == "Bearer s3cret"
     assert got.lines == [{"a": 1}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_without_sinks_names_the_sinks_that_hold_it_back(tmp_path, db_dsn, sql):
+    """With --retention and no sink configured, a sink left in the database is named at start."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.conftest import start_service
+
+    sql("INSERT INTO upload_sinks (name, url) VALUES ('old-lake', 'https://lake.invalid/in')")
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        service = await start_service(tmp_path, db_dsn, retention="30d")
+        await service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("sink old-lake is in the database but not configured here" in line for line in lines), lines[-20:]

@@ -50,6 +50,11 @@ class Retention(Service):
     def connect(self, dsn: str) -> Deferred:
         return self.pool.start(dsn)
 
+    def sinks(self) -> Deferred:
+        """Fires with the names of the sinks the database knows: retention waits for each of them."""
+        d = self.pool.run(lambda c: c.runQuery("SELECT name FROM upload_sinks ORDER BY name"))
+        return d.addCallback(lambda rows: [row[0] for row in rows])
+
     def startService(self) -> None:
         super().startService()
         self.loop.start(RETENTION_INTERVAL, now=True).addErrback(lambda f: log.failure("retention stopped", f))
@@ -57,7 +62,7 @@ class Retention(Service):
     async def _stop(self) -> None:
         if self.loop.running:
             self.loop.stop()
-        await super().stopService()
+        super().stopService()
         await self.pool.close()
 
     def stopService(self) -> Deferred:

@@ -287,6 +287,16 @@ class SinkUploader:
 # -- the service -----------------------------------------------------------
 
 
+def warn_unconfigured(names: list[str]) -> None:
+    """Say which sinks the database knows that this gateway does not send to."""
+    for name in names:
+        log.warn(
+            "sink {sink} is in the database but not configured here: its unsent readings are kept "
+            "(retention waits for it); `gatewayctl upload remove {sink}` forgets it",
+            sink=name,
+        )
+
+
 def gateway_id(data_dir: Path) -> str:
     """This gateway's name in batch claims, kept in DATA_DIR/gateway-id across restarts."""
     path = data_dir / "gateway-id"
@@ -337,12 +347,7 @@ class Uploader(MultiService):
         self._warn_unconfigured(known)
 
     def _warn_unconfigured(self, known: list[str]) -> None:
-        for name in sorted(set(known) - set(self.loops)):
-            log.warn(
-                "sink {sink} is in the database but not configured here: its unsent readings are kept "
-                "(retention waits for it); `gatewayctl upload remove {sink}` forgets it",
-                sink=name,
-            )
+        warn_unconfigured(sorted(set(known) - set(self.loops)))
 
     def committed(self, count: int) -> None:
         for loop in self.loops.values():
