@@ -7,6 +7,7 @@ needs a database gets a fresh one, copied from a migrated template.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -37,6 +38,26 @@ _OWN_DIRS: list[str] = []
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _OWN_DIRS.append(str(session.config._tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_errors():
+    """A Deferred that fails with nobody listening is a bug the test did not see: fail the test that made it."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_failure") is not None and "Unhandled error in Deferred" in (event.get("log_format") or ""):
+            seen.append(formatEvent(event) + "\n" + event["log_failure"].getTraceback())
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield
+        gc.collect()  # an unreferenced failed Deferred reports itself when collected
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not seen, "\n".join(seen)
 
 
 def _alive(proc: psutil.Process) -> bool:
