@@ -306,3 +306,15 @@ async def test_openapi_documents_every_route_and_every_answer_given(tmp_path, db
         assert "503" in paths["/v1/devices"]["get"]["responses"]
     finally:
         await close_gateway(service, gw)
+
+
+def test_every_read_api_error_code_has_its_http_status():
+    """The read API raises codes; its resource maps each to a status (a new code must be given one)."""
+    import re
+    from pathlib import Path
+
+    from gateway.api.resource import STATUS
+
+    source = (Path(__file__).resolve().parent.parent / "gateway" / "api" / "read.py").read_text()
+    codes = set(re.findall(r'ApiError\(\s*"([a-z_]+)"', source))
+    assert codes and codes <= STATUS.keys(), codes - STATUS.keys()

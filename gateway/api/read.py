@@ -75,9 +75,11 @@ LIMIT %(limit)s
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+    """A request the read API does not answer with data: a code and a message (the resource picks the status)."""
+
+    def __init__(self, code: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.code, self.message, self.retry_after = code, message, retry_after
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def _one(args: dict[bytes, list[bytes]], name: str) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise ApiError(400, "invalid_parameter", f"{name}: give it once")
+        raise ApiError("invalid_parameter", f"{name}: give it once")
     return values[0].decode("utf-8", "replace")
 
 
@@ -120,7 +122,7 @@ def _limit(args: dict[bytes, list[bytes]]) -> int:
     if text is None:
         return DEFAULT_LIMIT
     if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise ApiError(400, "invalid_parameter", f"limit: {text!r} is not a whole number in 1..{MAX_LIMIT}")
+        raise ApiError("invalid_parameter", f"limit: {text!r} is not a whole number in 1..{MAX_LIMIT}")
     return int(text)
 
 
@@ -131,13 +133,13 @@ def _time(args: dict[bytes, list[bytes]], name: str) -> int | None:
     try:
         return parse_ts(int(text) if text.lstrip("-").isdigit() else text)
     except ValueError as e:
-        raise ApiError(400, "invalid_parameter", f"{name}: {text!r} {e}") from None
+        raise ApiError("invalid_parameter", f"{name}: {text!r} {e}") from None
 
 
 def _name(args: dict[bytes, list[bytes]], name: str) -> str | None:
     text = _one(args, name)
     if text is not None and not is_name(text):
-        raise ApiError(400, "invalid_parameter", f"{name}: {NAME_RULE}")
+        raise ApiError("invalid_parameter", f"{name}: {NAME_RULE}")
     return text
 
 
@@ -153,7 +155,7 @@ def decode_cursor(text: str | None, check: Callable[[Any], bool]) -> Any:
     except ValueError:
         value = None
     if value is None or not check(value):
-        raise ApiError(400, "invalid_cursor", "cursor: not a cursor this API gave; start again without it")
+        raise ApiError("invalid_cursor", "cursor: not a cursor this API gave; start again without it")
     return value
 
 
@@ -173,15 +175,15 @@ class ReadApi:
         """The role of an API token; ApiError 401 (none, unknown, revoked) or 403 (a device token)."""
         parts = tokens.split_token(token) if token else None
         if parts is None:
-            raise ApiError(401, "unauthorized", "give an API token: Authorization: Bearer <token>")
+            raise ApiError("unauthorized", "give an API token: Authorization: Bearer <token>")
         rows = await self._query(FIND_API_TOKEN, (parts[0],))
         if rows and not rows[0][2] and tokens.token_matches(token or "", bytes(rows[0][1])):
             return str(rows[0][0])
         if not rows:
             devices = await self._query(FIND_DEVICE_TOKEN, (parts[0],))
             if devices and tokens.token_matches(token or "", bytes(devices[0][0])):
-                raise ApiError(403, "forbidden", "a device token cannot read; use an API token (gatewayctl token add)")
-        raise ApiError(401, "unauthorized", "unknown or revoked API token")
+                raise ApiError("forbidden", "a device token cannot read; use an API token (gatewayctl token add)")
+        raise ApiError("unauthorized", "unknown or revoked API token")
 
     async def handle(self, method: str, path: str, args: dict[bytes, list[bytes]], token: str | None) -> Any:
         for route in ROUTES:
@@ -189,18 +191,18 @@ class ReadApi:
             if match is None:
                 continue
             if route.method != method:
-                raise ApiError(405, "method_not_allowed", f"use {route.method}")
+                raise ApiError("method_not_allowed", f"use {route.method}")
             unknown = sorted(k.decode("utf-8", "replace") for k in args if k.decode("latin-1") not in route.params)
             if unknown:
                 allowed = ", ".join(route.params) or "none"
-                raise ApiError(400, "invalid_parameter", f"{unknown[0]}: unknown parameter (allowed: {allowed})")
+                raise ApiError("invalid_parameter", f"{unknown[0]}: unknown parameter (allowed: {allowed})")
             if route.role is not None:
                 role = await self.role_of(token)
                 if ROLES[role] < ROLES[route.role]:
-                    raise ApiError(403, "forbidden", f"this needs an API token with the {route.role} role")
+                    raise ApiError("forbidden", f"this needs an API token with the {route.role} role")
             handler = getattr(self, route.handler)
             return await handler(args, *match.groups())
-        raise ApiError(404, "not_found", f"no such resource: {path}")
+        raise ApiError("not_found", f"no such resource: {path}")
 
     # -- the routes --------------------------------------------------------
 
@@ -222,13 +224,13 @@ class ReadApi:
         now = self.clock.seconds()
         rows = await self._query(*self.policy.query(now, name))
         if not rows:
-            raise ApiError(404, "no_such_device", f"no device {name!r}")
+            raise ApiError("no_such_device", f"no device {name!r}")
         return self.policy.describe(rows[0], now)
 
     async def _device_id(self, name: str) -> int:
         rows = await self._query(DEVICE_ID, (name,))
         if not rows:
-            raise ApiError(404, "no_such_device", f"no device {name!r}")
+            raise ApiError("no_such_device", f"no device {name!r}")
         return int(rows[0][0])
 
     async def latest(self, args: Any, name: str) -> dict[str, Any]:
@@ -265,7 +267,7 @@ class ReadApi:
     async def alerts(self, args: Any) -> dict[str, Any]:
         state = _one(args, "state") or "all"
         if state not in ("open", "cleared", "all"):
-            raise ApiError(400, "invalid_parameter", f"state: {state!r} is not open, cleared or all")
+            raise ApiError("invalid_parameter", f"state: {state!r} is not open, cleared or all")
         rows = await self._query(ALERTS, {"state": state, "device": _name(args, "device"), "limit": _limit(args)})
         out = []
         for id_, rule, device, metric, message, fired_at, fired_ts, fired_value, cleared_at, cleared_ts, cv in rows:

@@ -15,6 +15,17 @@ from gateway.transports.web import answer_later, bearer_token, error_body, json_
 
 log = Logger()
 
+# The HTTP answer to each read API error code.
+STATUS = {
+    "invalid_parameter": 400,
+    "invalid_cursor": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "no_such_device": 404,
+    "method_not_allowed": 405,
+}
+
 
 class ApiResource(resource.Resource):
     """twisted.web's side of ReadApi: one leaf for every /v1 path but /v1/readings."""
@@ -38,9 +49,10 @@ class ApiResource(resource.Resource):
         def failed(f: Failure) -> bytes:
             e = f.value
             if isinstance(e, ApiError):
-                if e.status == 405:
+                status = STATUS.get(e.code, 400)
+                if status == 405:
                     request.setHeader(b"allow", b"GET, HEAD")
-                return json_answer(request, e.status, error_body(e.code, e.message), e.retry_after)
+                return json_answer(request, status, error_body(e.code, e.message), e.retry_after)
             if isinstance(e, (StoreUnavailable, StoreOverloaded)):
                 return json_answer(request, 503, error_body("database_unavailable", e.message), 5)
             log.failure("read API request failed", f)
