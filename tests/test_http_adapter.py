@@ -268,3 +268,20 @@ def test_the_channel_idle_timer_runs_on_the_site_clock_not_the_global_reactor():
     c.clock.advance(30)
     assert c.transport.disconnecting
     assert not [call for call in c.clock.getDelayedCalls() if call.active() and call.getTime() <= c.clock.seconds()]
+
+
+def test_every_ingest_error_code_has_its_http_status():
+    """Ingest errors carry codes; the HTTPS adapter maps each to a status (a new one must be given one)."""
+    import gateway.ingest.vendor  # noqa: F401  (Unmappable)
+    import gateway.storage.journal  # noqa: F401  (JournalFull)
+    from gateway.readings import IngestError
+    from gateway.transports.http import STATUS
+
+    def codes(cls):
+        out = {cls.code}
+        for sub in cls.__subclasses__():
+            out |= codes(sub)
+        return out
+
+    found = codes(IngestError) - {"bad_request"}  # the base class's placeholder
+    assert len(found) >= 8 and found <= STATUS.keys(), found - STATUS.keys()
