@@ -370,6 +370,7 @@ class Root(resource.Resource):
 class GatewaySite(server.Site):
     requestFactory = LimitedRequest
     protocol: Any = GatewayChannel
+    noisy = False  # the listener says where it listens
     displayTracebacks = False
 
     def __init__(

@@ -64,6 +64,7 @@ class LimitedFactory(WrappingFactory):
     """Wraps a server factory; refuses connections over the shared limits."""
 
     protocol: Any = _Counted
+    noisy = False  # the listener says where it listens
 
     def __init__(self, wrapped: Any, limits: ConnectionLimits) -> None:
         super().__init__(wrapped)

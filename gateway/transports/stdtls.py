@@ -245,6 +245,7 @@ class TLSServerProtocol(ProtocolWrapper):
 
 class TLSServerFactory(WrappingFactory):
     protocol = TLSServerProtocol  # type: ignore[assignment]
+    noisy = False  # the listener says where it listens
 
     def __init__(self, context: ssl.SSLContext, wrapped: Any, clock: IReactorTime) -> None:
         super().__init__(wrapped)

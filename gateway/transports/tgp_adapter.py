@@ -438,6 +438,7 @@ def _render(data: tgp.Data) -> bytes:
 
 class DeviceFactory(protocol.Factory):
     protocol = DeviceProtocol  # type: ignore[assignment]
+    noisy = False  # the listener says where it listens
 
     def __init__(
         self,
