@@ -51,6 +51,9 @@ class Ticket(Generic[OutcomeT]):
 
 
 class DeviceSession(Generic[OutcomeT]):
+    # One per connected device: slots keep an idle device's cost down (10,000 of them is the norm).
+    __slots__ = ("window", "_waiting", "_window_full", "held", "busy", "stopped", "paused")
+
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
