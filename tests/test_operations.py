@@ -304,7 +304,7 @@ async def test_last_source_is_stored_with_last_seen(service, sql):
     try:
         token = add_pg_device(sql, "truck-8")
         assert (await gw.post(token, [reading(1)]))[0] == 200
-        await service.store._flush_last_seen()
+        await service.store.last_seen.flush()
         source = sql("SELECT last_source FROM devices WHERE name = 'truck-8'")[0][0]
         assert source.startswith("https 127.0.0.1:")
     finally:

@@ -61,6 +61,7 @@ from gateway.ops.metrics import counter, gauge
 from gateway.storage.credentials import Credentials
 from gateway.storage.interface import IStore
 from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
+from gateway.storage.lastseen import LastSeen
 from gateway.storage.journal import Journal, Scan, encode
 from gateway.storage.pool import PgPool, first_line
 from gateway.storage.queries import twin_upsert
@@ -78,7 +79,6 @@ from gateway.readings import (
 log = Logger()
 
 DEADLOCK_RETRIES = 5
-LAST_SEEN_INTERVAL = 5.0
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
 REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
@@ -109,13 +109,6 @@ SELECT count(*), pg_current_xact_id() FROM new
 NEW_IN_TRANSACTION = (
     "SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = %s::xid8"
 )
-
-UPDATE_LAST_SEEN = """
-UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at)),
-                        last_source = coalesce(u.source, d.last_source)
-FROM unnest(%s::integer[], %s::float8[], %s::text[]) AS u(id, at, source)
-WHERE d.id = u.id
-"""
 
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
@@ -254,10 +247,7 @@ class PostgresStore(Service):
         self._replaying: Deferred | None = None
         self.journaled_readings = 0  # acknowledged from the journal
         self.replayed_readings = 0  # committed from the journal (new or found stored)
-        self._seen: dict[int, float] = {}
-        self._sources: dict[int, str] = {}  # device id → where its last write came from
-        self._last_seen_loop = LoopingCall(self._flush_last_seen)
-        self._last_seen_loop.clock = self._clock
+        self.last_seen = LastSeen(lambda sql, params: self.pool.run(lambda c: c.runOperation(sql, params)), self._clock)
         self._rejects_in_flight = 0
         self.batches = 0
         self.commit_seconds = 0.0
@@ -272,7 +262,7 @@ class PostgresStore(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._last_seen_loop.start(LAST_SEEN_INTERVAL, now=False)
+        self.last_seen.start()
         if self.journal is not None:
             self._replay_loop.start(REPLAY_INTERVAL, now=True)
 
@@ -282,9 +272,7 @@ class PostgresStore(Service):
         await self.committer.close()
         if self._replaying is not None:
             await self._replaying
-        if self._last_seen_loop.running:
-            self._last_seen_loop.stop()
-        await self._flush_last_seen()
+        await self.last_seen.stop()
         await self.pool.close()
 
     def stopService(self) -> Deferred:
@@ -303,8 +291,6 @@ class PostgresStore(Service):
         if not readings and not quarantined:
             return succeed(WriteResult(0, 0))
         text = str(source) if source is not None else ""
-        if text:
-            self._sources[device.id] = text
         write = Write(device.id, readings, quarantined, text)
         size = len(readings) + len(quarantined)
         journal = self.journal
@@ -455,9 +441,8 @@ class PostgresStore(Service):
         for i, error in held.items():
             if not isinstance(outcomes[i], StoreRejected):
                 outcomes[i] = error
-        now = self._clock.seconds()
         for w in items:
-            self._seen[w.device_id] = now
+            self.last_seen.heard(w.device_id, w.source)
         elapsed = time.perf_counter() - started
         self.batches += 1
         self.commit_seconds += elapsed
@@ -638,24 +623,3 @@ class PostgresStore(Service):
                 segment=path.name,
                 aside=str(self.journal.damaged_dir / f"{path.stem}-{offset}.bad"),
             )
-
-    # -- last seen -----------------------------------------------------
-
-    def _flush_last_seen(self) -> Deferred:
-        """Write devices' last-seen times, off the hot path, a few seconds late."""
-        if not self._seen:
-            return succeed(None)
-        seen, self._seen = self._seen, {}
-        ids = sorted(seen)
-        sources = [self._sources.pop(i, None) for i in ids]
-        d = self.pool.run(lambda c: c.runOperation(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids], sources)))
-
-        def failed(f: Failure) -> None:
-            for device_id, at in seen.items():
-                self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
-            for device_id, source in zip(ids, sources):
-                if source is not None:
-                    self._sources.setdefault(device_id, source)
-            log.warn("last-seen times not written yet: {error}", error=first_line(f.value))
-
-        return d.addErrback(failed)
