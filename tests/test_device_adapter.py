@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -299,12 +301,50 @@ def test_lookup_failure_during_handshake_is_retry_later():
 
 
 def test_handshake_must_finish_in_time():
+    """Waiting for the device's AUTH: BYE 7 TIMEOUT, then the close."""
     h = Harness(handshake_timeout=10)
     h.send(tgp.Hello("truck-17"))
+    [challenge] = h.events()
+    assert isinstance(challenge, tgp.Challenge)
     h.clock.advance(9.9)
     assert not h.transport.disconnecting
     h.clock.advance(0.1)
+    [bye] = h.events()
+    assert (type(bye), bye.code) == (tgp.Bye, E.TIMEOUT)
     assert h.transport.disconnecting
+
+
+def test_a_connection_that_never_says_hello_gets_bye_timeout():
+    h = Harness(handshake_timeout=10)
+    h.clock.advance(10)
+    [bye] = h.events()
+    assert (type(bye), bye.code) == (tgp.Bye, E.TIMEOUT) and "no handshake within 10 seconds" in bye.reason
+    assert h.transport.disconnecting
+
+
+def test_a_handshake_stuck_on_the_gateways_turn_gets_reject_timeout():
+    """The device's key lookup never answers: it is the gateway's turn, so REJECT 7 goes out."""
+    h = Harness(handshake_timeout=10)
+    h.store.device_key = lambda name: Deferred()
+    h.send(tgp.Hello("truck-17"))
+    assert h.events() == []
+    h.clock.advance(10)
+    [reject] = h.events()
+    assert (type(reject), reject.code) == (tgp.Reject, E.TIMEOUT)
+    assert h.transport.disconnecting
+
+
+@pytest.mark.parametrize(("idle", "heartbeat"), [(120, 30), (600, 30), (20, 6), (6, 2), (2, 1)])
+def test_welcome_heartbeat_is_at_most_a_third_of_the_idle_timeout(idle, heartbeat):
+    """A device that pings every heartbeat_s seconds is never closed as idle."""
+    h = Harness(idle_timeout=idle)
+    welcome = h.login(declare=False)[0]
+    assert (welcome.heartbeat_s, welcome.idle_timeout_s) == (heartbeat, idle)
+    for _ in range(5):
+        h.clock.advance(welcome.heartbeat_s)
+        h.send(tgp.Ping(1))
+        assert h.events() == [tgp.Pong(1)]
+    assert not h.transport.disconnecting
 
 
 def test_idle_session_is_closed_with_bye():

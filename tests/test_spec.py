@@ -82,3 +82,20 @@ def test_every_message_type_and_error_code_is_in_the_spec():
 
 def test_spec_is_valid_restructuredtext():
     docutils.core.publish_string(SPEC, writer="null", settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_the_worked_sessions_time_comments_say_the_time_of_their_bytes():
+    import datetime
+
+    found = re.findall(r"base time (\d+) s \((\S+)\)", SPEC)
+    assert len(found) == 2
+    for seconds, text in found:
+        when = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
+        assert when.strftime("%Y-%m-%dT%H:%M:%SZ") == text
+
+
+def test_every_fatal_code_says_which_message_carries_it():
+    table = SPEC.split("Which message carries a fatal code::", 1)[1].split("\n\n", 2)[1]
+    for code in tgp.ErrorCode:
+        if code < 20 and code is not tgp.ErrorCode.NORMAL:
+            assert re.search(rf"^    {code.value} {code.name} +(NACK|REJECT|BYE)\b", table, re.M), code

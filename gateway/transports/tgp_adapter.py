@@ -68,8 +68,13 @@ class DeviceSettings:
     max_metrics: int = 1024
     window: int = 32
     handshake_timeout: float = 10.0  # from accept (TLS handshake included) to WELCOME
-    heartbeat: int = 30  # the device pings after this many idle seconds
+    max_heartbeat: int = 30  # the device pings after at most this many idle seconds
     idle_timeout: float = 120.0  # silence after which the gateway closes
+
+    @property
+    def heartbeat(self) -> int:
+        """WELCOME's heartbeat_s: at most a third of the idle timeout, so a device that follows it is never idle."""
+        return max(1, min(self.max_heartbeat, int(self.idle_timeout // 3)))
 
 
 class DeviceRegistry:
@@ -387,7 +392,14 @@ class DeviceProtocol(protocol.Protocol):
         if self.conn.state == tgp.READY:
             return
         seconds = self.factory.settings.handshake_timeout
-        self.factory.ingest.refuse(self.source, "timeout", f"no handshake within {seconds:g}s", closing=True)
+        reason = f"no handshake within {seconds:g} seconds"
+        self.factory.ingest.refuse(self.source, "timeout", reason, closing=True)
+        # The spec's fatal codes go out before the close: REJECT when it is the gateway's
+        # turn (a HELLO or an AUTH being answered), BYE otherwise.
+        if self.conn.state in (tgp.HELLO_SENT, tgp.AUTH_SENT):
+            self._send(tgp.Reject(E.TIMEOUT, reason))
+        else:
+            self._send(tgp.Bye(E.TIMEOUT, reason))
         self._close()
 
     def _idle_too_long(self) -> None:
