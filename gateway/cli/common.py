@@ -7,6 +7,7 @@ one-line errors and plain tables.
 from __future__ import annotations
 
 import argparse
+import datetime
 import contextlib
 import os
 import sys
@@ -18,7 +19,7 @@ import psycopg2
 
 from gateway.config import ConfigError, build_config, duration, load_toml
 from gateway.ingest import tokens
-from gateway.readings import NAME_RULE, is_name
+from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name
 from gateway.storage import embedded, schema
 
 
@@ -141,5 +142,12 @@ def revoke(conn: Any, table: str, name: str, what: str) -> None:
             raise CommandError(f"no {what} {name!r}")
 
 
-def when(value: Any) -> str:
-    return value.astimezone().isoformat(timespec="seconds") if value is not None else ""
+def epoch_us(ts: datetime.datetime) -> int:
+    """A timestamptz from the database as microseconds since the epoch."""
+    delta = ts - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def when(value: datetime.datetime | None) -> str:
+    """A time from the database as RFC 3339 in UTC (as the API shows it); '' for none. Years 1 to 9999."""
+    return format_ts(epoch_us(value)) if value is not None else ""

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from gateway.ingest import tokens
-from gateway.readings import Source, EPOCH, NAME_RULE, format_ts, is_name
+from gateway.readings import Source, NAME_RULE, is_name
 from gateway.cli.common import (
     CommandError,
     add_with_token,
@@ -152,7 +152,7 @@ def cmd_device_show(args: argparse.Namespace) -> None:
         "address": last.address if last else None,
         "readings": readings,
         "metrics": metrics,
-        "newest_reading": format_ts(_epoch_us(newest)) if newest is not None else None,
+        "newest_reading": when(newest) or None,
         "rejected_inputs": rejected,
         "last_rejected": when(rejected_at) or None,
         "last_rejection": reason,
@@ -163,11 +163,6 @@ def cmd_device_show(args: argparse.Namespace) -> None:
     width = max(len(k) for k in doc)
     for key, value in doc.items():
         print(f"{key.replace('_', ' ').ljust(width)}  {'-' if value is None else value}")
-
-
-def _epoch_us(ts: Any) -> int:
-    delta = ts - EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

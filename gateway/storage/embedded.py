@@ -78,6 +78,14 @@ class EmbeddedPostgres:
             server.cleanup()
 
 
-def connect(dsn: str, **extra) -> psycopg2.extensions.connection:
-    """A synchronous connection, for the command line and start-up work."""
-    return psycopg2.connect(dsn, application_name=os.environ.get("PGAPPNAME", "txgateway"), **extra)
+def connect(dsn: str, **extra: Any) -> psycopg2.extensions.connection:
+    """
+    A synchronous connection, for the command line and start-up work. Its
+    session time zone is UTC: a time stored as 9999-12-31T23:59:59Z is a year
+    10000 in a zone east of UTC, which Python's datetime cannot hold.
+    """
+    conn = psycopg2.connect(dsn, application_name=os.environ.get("PGAPPNAME", "txgateway"), **extra)
+    with conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")  # over PGTZ and the server's own setting
+    conn.commit()
+    return conn
