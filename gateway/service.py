@@ -11,8 +11,9 @@ the journal, and binds every listening port (a ``Listener`` each, children
 of one ``Listeners`` service), so a port in use or a bad certificate stops
 the start at once with one line. ``startService`` then starts the embedded
 PostgreSQL and applies migrations in a thread (both block), and opens the
-store's connection pool. Until the pool is up, ingest answers 503 with
-Retry-After: nothing is accepted that could not be committed. Stop order is
+store's connection pool. Only then do the HTTPS and device ports accept
+connections: until the gateway can answer, connections wait in the kernel's
+queue (the listen backlog) rather than get 503. Stop order is
 the reverse: stop listening, let the store commit and answer what is in
 flight, close the pools, stop the database.
 
@@ -50,6 +51,7 @@ from gateway.ops.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.ops.manhole import ManholeError, console_factory
 from gateway.ops.metrics import GatewayMetrics, gauge
 from gateway.ops.status import StatusPolicy, StatusWatch
+from gateway.ops.systemd import SystemdNotifier
 from gateway.ops.tuning import tune_gc
 from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
@@ -235,7 +237,8 @@ class GatewayService(MultiService):
             if option in ("https", "device"):
                 # Outside TLS: a connection over the limits costs no handshake.
                 factory = LimitedFactory(factory, self.limits)
-            return Listener(reactor, spec, factory, option, what)
+            # The ports that take readings open only once the gateway can answer.
+            return Listener(reactor, spec, factory, option, what, held=option in ("https", "device"))
 
         out = [listener(config.https, self.site, "https", "HTTPS" if config.https.tls else "HTTP")]
         if not config.https.tls:
@@ -317,6 +320,8 @@ class GatewayService(MultiService):
         await self.alerts.load()
         if config.alert_webhook is not None:
             self._start_notifier(config)
+        for listener in self.listeners:
+            listener.open()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)
 
@@ -521,15 +526,23 @@ class GatewayProcess(MultiService):
     The gateway as twistd runs it: the service tree, plus what belongs to the
     process alone. SIGTERM and SIGINT stop it with exit status 0 (twistd's own
     handlers would end it with -15); SIGHUP reloads the config file; once
-    ready, the garbage collector is tuned for a long-running server; a failed
-    start exits non-zero with one line.
+    ready, the garbage collector is tuned for a long-running server and
+    systemd is told (``Type=notify``, with watchdog pings); a failed start
+    exits non-zero with one line.
     """
 
-    def __init__(self, gateway: GatewayService, reactor: Any, log_observer: Any = None) -> None:
+    def __init__(
+        self,
+        gateway: GatewayService,
+        reactor: Any,
+        log_observer: Any = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.gateway = gateway
         self.reactor = reactor
         self.log_observer = log_observer  # installed as the application's ILogObserver
+        self.systemd = SystemdNotifier(environ or {}, reactor)
         gateway.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
@@ -570,6 +583,11 @@ class GatewayProcess(MultiService):
     def _ready(self, _: Any) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.gateway.reload))
         tune_gc()
+        self.systemd.ready("accepting devices and requests")
+
+    def stopService(self) -> Deferred:
+        self.systemd.stopping()
+        return super().stopService() or succeed(None)
 
     def _failed(self, f: Failure) -> None:
         log.critical("gateway cannot start: {message}", message=str(f.value))
@@ -587,4 +605,4 @@ def makeService(options: Options) -> GatewayProcess:
     observer = None
     if twistd is None or not twistd.get("syslog"):
         observer = make_observer(config.log_format, twistd_log_file(twistd), gateway.log_levels)
-    return GatewayProcess(gateway, reactor, observer)
+    return GatewayProcess(gateway, reactor, observer, os.environ)

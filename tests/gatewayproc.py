@@ -28,9 +28,10 @@ PORTS = {
 
 
 class GatewayProcess:
-    def __init__(self, data_dir: Path, *extra: str, cwd: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, *extra: str, cwd: Path | None = None, env: dict | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.extra = list(extra)
+        self.env = dict(env or {})  # added to this process's environment
         self.cwd = cwd or self.data_dir.parent
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None  # HTTPS
@@ -62,6 +63,7 @@ class GatewayProcess:
                 *self.extra,
             ],
             cwd=self.cwd,
+            env={**os.environ, **self.env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

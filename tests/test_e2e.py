@@ -211,3 +211,23 @@ def test_simulated_devices_as_in_the_readme(gateway, protocol):
     assert "acked" in out.stderr  # the progress line
     stored = gatewayctl("export", "--format", "csv", data_dir=gateway.data_dir).stdout.count("\nsim-")
     assert stored >= summary["acked"]
+
+
+def test_systemd_is_told_ready_only_when_listening_and_stopping_on_sigterm(gateway, tmp_path):
+    """Type=notify: READY=1 after the ports accept; STOPPING=1 when SIGTERM arrives."""
+    import socket
+
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    try:
+        gateway.env["NOTIFY_SOCKET"] = str(path)
+        gateway.start()
+        ready = sock.recv(4096).decode()
+        assert ready.startswith("READY=1\n") and "listening for HTTPS" in gateway.log()
+        assert post(gateway, None, None, "/livez")[0] == 200
+        assert gateway.stop() == 0
+        assert sock.recv(4096).decode() == "STOPPING=1"
+    finally:
+        sock.close()

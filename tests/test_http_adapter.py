@@ -285,3 +285,15 @@ def test_every_ingest_error_code_has_its_http_status():
 
     found = codes(IngestError) - {"bad_request"}  # the base class's placeholder
     assert len(found) >= 8 and found <= STATUS.keys(), found - STATUS.keys()
+
+
+def test_readyz_is_healthz_and_livez_answers_while_the_database_is_down():
+    """Kubernetes' probes: /readyz says whether writes can be taken, /livez only that the process serves."""
+    c = Client()
+    c.store.available = False
+    c.clock.advance(5)  # within the connection's idle timeout
+    for path in (b"/readyz", b"/livez"):
+        c.request(method=b"GET", path=path, body=None, token=False)
+    (s1, _, b1), (s2, _, b2) = c.responses()
+    assert (s1, b1["status"], b1["database"]) == (503, "unavailable", "database unavailable")
+    assert (s2, b2) == (200, {"status": "ok", "uptime_seconds": 5})

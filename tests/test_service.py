@@ -203,3 +203,31 @@ async def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, db_dsn):
         await service.listeners.stopService()
     finally:
         taken.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_made_before_the_gateway_is_ready_waits_and_is_answered(tmp_path, db_dsn, sql):
+    """The ports are bound at once but accept only when ready: an early client gets 200, never 503."""
+    from gateway.config import build_config
+    from gateway.service import build
+
+    token = add_pg_device(sql, "truck-1")
+    values = {
+        "data-dir": str(tmp_path / "data"),
+        "db": db_dsn,
+        "https": "ssl:0:interface=127.0.0.1",
+        "device": ["tcp:0:interface=127.0.0.1"],
+    }
+    service = build(build_config(values), reactor)
+    service.privilegedStartService()
+    gw = Gateway(service)
+    try:
+        early = Deferred.fromCoroutine(gw.post(token, [reading(1)]))  # connects before startService
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not early.called  # queued by the kernel, not refused and not answered 503
+        service.startService()
+        await service.ready
+        assert await early == (200, {"accepted": 1, "duplicates": 0})
+    finally:
+        await gw.pool.closeCachedConnections()
+        await service.stopService()

@@ -306,7 +306,7 @@ class ReadingsResource(JsonResource):
 
 
 class HealthResource(JsonResource):
-    """GET /healthz: 200 when the database, the queue and every sink are well, 503 otherwise."""
+    """GET /healthz and /readyz: 200 when the gateway can take writes (database, queue, journal, sinks), else 503."""
 
     allowed = (b"GET", b"HEAD")
 
@@ -324,9 +324,33 @@ class HealthResource(JsonResource):
     render_HEAD = render_GET
 
 
+class LiveResource(JsonResource):
+    """GET /livez: 200 whenever the process serves requests at all (restart it only when this fails)."""
+
+    allowed = (b"GET", b"HEAD")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        super().__init__()
+        self.clock = clock
+        self.started = clock.seconds()
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return json_answer(
+            request, 200, {"status": "ok", "uptime_seconds": round(self.clock.seconds() - self.started, 3)}
+        )
+
+    render_HEAD = render_GET
+
+
 def operations_resources(health: Health, metrics: Any) -> dict[bytes, resource.Resource]:
-    """/healthz and /metrics, for the HTTPS site or the --metrics site."""
-    return {b"healthz": HealthResource(health), b"metrics": MetricsResource(metrics)}
+    """/healthz (and /readyz, the same), /livez and /metrics, for the HTTPS site or the --metrics site."""
+    ready = HealthResource(health)
+    return {
+        b"healthz": ready,
+        b"readyz": ready,
+        b"livez": LiveResource(metrics.clock),
+        b"metrics": MetricsResource(metrics),
+    }
 
 
 class OperationsRoot(resource.Resource):

@@ -4,7 +4,11 @@ Listening endpoints as services, and the TLS they wear.
 ``Listener`` is a ``StreamServerEndpointService`` that binds in
 ``privilegedStartService`` (so a port in use, or one below 1024 for a user
 that may not bind it, stops the start with one line naming the option)
-and says where it listens. ``Listeners`` holds them; stopping it twice (the
+and says where it listens. A *held* listener is bound but accepts nothing
+until ``open()``: the devices' and HTTPS ports are held until the gateway
+can answer (the database connected, the schema checked, the journal open),
+so a device reconnecting after a restart or a load balancer's first probe
+waits in the kernel's queue for an answer instead of getting 503. ``Listeners`` holds them; stopping it twice (the
 assembler stops listening first, then everything) does no harm.
 
 ``TLSWrapper`` puts the ssl module's TLS (``transports.stdtls``) around a
@@ -36,11 +40,14 @@ log = Logger()
 class Listener(StreamServerEndpointService):
     _raiseSynchronously = True
 
-    def __init__(self, reactor: Any, spec: EndpointSpec, factory: Any, option: str, what: str) -> None:
+    def __init__(
+        self, reactor: Any, spec: EndpointSpec, factory: Any, option: str, what: str, held: bool = False
+    ) -> None:
         super().__init__(serverFromString(reactor, spec.tcp_description()), factory)
         self.spec = spec
         self.option = option
         self.what = what
+        self.held = held  # bound, but accepting nothing until open() (the kernel queues the connections)
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -53,9 +60,22 @@ class Listener(StreamServerEndpointService):
 
     def _bound(self, port: Any) -> Any:
         self.port = port
-        host = port.getHost()
-        log.info("listening for {what} on {host}:{port}", what=self.what, host=host.host, port=host.port)
+        if self.held:
+            port.stopReading()
+        else:
+            self._announce()
         return port
+
+    def open(self) -> None:
+        """Start accepting the connections a held listener has been queueing."""
+        if self.held and self.port is not None:
+            self.held = False
+            self.port.startReading()
+            self._announce()
+
+    def _announce(self) -> None:
+        host = self.port.getHost()
+        log.info("listening for {what} on {host}:{port}", what=self.what, host=host.host, port=host.port)
 
 
 class Listeners(MultiService):
