@@ -64,6 +64,7 @@ from gateway.storage.database import describe_dsn, prepare_database
 from gateway.storage.journal import Journal, JournalError
 from gateway.storage.pool import PgPool
 from gateway.storage.store import PostgresStore
+from gateway.storage.supervisor import DatabaseSupervisor
 from gateway.transports.endpoints import EndpointSpec
 from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
@@ -126,6 +127,7 @@ class GatewayService(MultiService):
         self.log_levels = LevelFilter(config.log_level)
         self.metrics = GatewayMetrics(reactor)
         self.embedded = None if config.db else embedded.EmbeddedPostgres(config.pg_dir)
+        self.supervisor = DatabaseSupervisor(self.embedded, reactor, self.in_thread) if self.embedded else None
         self.journal = (
             Journal(config.journal_dir, config.journal_max_bytes, in_thread=self.in_thread)
             if config.journal_max_bytes
@@ -151,7 +153,12 @@ class GatewayService(MultiService):
         self.limits = ConnectionLimits(
             config.max_connections, config.max_connections_per_address, self._connection_refused
         )
-        self.health = Health(self.store, stall_after=config.sink_stall, uploader=lambda: self.uploader)
+        self.health = Health(
+            self.store,
+            stall_after=config.sink_stall,
+            uploader=lambda: self.uploader,
+            embedded=self.supervisor.status if self.supervisor else None,
+        )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
         self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
         self.api = ReadApi(self.reads, reactor, self.status_policy, openapi.document())
@@ -305,6 +312,9 @@ class GatewayService(MultiService):
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
         self.dsn = dsn
+        if self.supervisor is not None:
+            self.metrics.live.sources.append(self.supervisor.live_metrics)
+            self.supervisor.setServiceParent(self)
         if config.sinks:
             await self._start_uploader(config.sinks)
         if config.retention is not None:

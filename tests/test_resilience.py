@@ -121,6 +121,38 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make
     assert gw.stop() == 0
 
 
+
+def test_a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost(make_gateway):
+    """kill -9 of the embedded postmaster under load, twice: /healthz is 200 again within 30 s each time."""
+    gw = make_gateway().start()
+    devices = fleet(gw, add_devices(gw, NAMES))
+    back_after = []
+    try:
+        assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
+        for _ in range(2):
+            pm = postmaster(gw.data_dir)
+            killed = time.monotonic()
+            pm.send_signal(signal.SIGKILL)
+            pm.wait(10)
+            assert wait_until(lambda pm=pm: (p := postmaster(gw.data_dir)) is not None and p.pid != pm.pid, 30)
+            assert wait_until(lambda: drained(gw), 30), health(gw)
+            back_after.append(time.monotonic() - killed)
+            assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20), [d.errors for d in devices]
+        status, body = health(gw)
+        assert status == 200 and body["embedded_database"] == {"restarts": 2, "ok": True}
+        metrics = urllib.request.urlopen(
+            f"https://127.0.0.1:{gw.port}/metrics", context=ssl.create_default_context(cafile=gw.cert), timeout=10
+        ).read()
+        assert b"gateway_database_restarts_total 2.0" in metrics
+    finally:
+        for d in devices:
+            d.stop()
+    counts = check_nothing_lost(gw.data_dir, devices)
+    print(f"postmaster killed twice: healthy again after {[round(s, 1) for s in back_after]} s; {counts}")
+    assert all(s < 30 for s in back_after)
+    assert len(re.findall(r"embedded PostgreSQL running again after", gw.log())) == 2
+    assert gw.stop() == 0
+
 @pytest.mark.slow
 def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):
     gw = make_gateway().start()

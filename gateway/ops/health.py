@@ -28,10 +28,18 @@ from gateway.storage.interface import IStore
 
 
 class Health:
-    def __init__(self, store: IStore, *, stall_after: float, uploader: Callable[[], Any] = lambda: None) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        *,
+        stall_after: float,
+        uploader: Callable[[], Any] = lambda: None,
+        embedded: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.store = store
         self.stall_after = stall_after
         self.uploader = uploader
+        self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
         self.stall_after = stall_after
@@ -52,6 +60,10 @@ class Health:
             doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
             if journal is not None:
                 doc["journal"] = journal
+            if self.embedded is not None:
+                embedded = doc["embedded_database"] = self.embedded()
+                if database != "ok" and not embedded["ok"]:
+                    doc["database"] = f"{database}; the embedded PostgreSQL does not start: {embedded['last_error']}"
             return healthy, doc
 
         def down(f: Any) -> str:

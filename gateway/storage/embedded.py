@@ -71,6 +71,45 @@ class EmbeddedPostgres:
             raise EmbeddedDatabaseError(f"embedded PostgreSQL in {self.pg_dir} did not start: {e}{hint}") from e
         return dsn
 
+    def _pid_file(self) -> tuple[int, bool] | None:
+        """(pid, whether that process still runs) from postmaster.pid; None without one."""
+        import psutil
+
+        try:
+            pid = int((self.pg_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        try:
+            return pid, psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return pid, False
+
+    def postmaster(self) -> int | None:
+        """The running postmaster's pid, or None when none runs (an exited one's pid file does not count)."""
+        found = self._pid_file()
+        return found[0] if found is not None and found[1] else None
+
+    def restart(self) -> str:
+        """Start the server again after it died (PostgreSQL's crash recovery runs); the connection string."""
+        if self._server is None:
+            return self.start()
+        pgserver = _pgserver()
+        found = self._pid_file()
+        if found is not None and not found[1]:
+            # The postmaster has exited (a zombie not yet reaped still holds its pid): its lock file is
+            # stale, and PostgreSQL would not start while that pid exists. Its backends, if still
+            # attached to shared memory, make the start fail instead, and it is tried again.
+            (self.pg_dir / "postmaster.pid").unlink(missing_ok=True)
+        try:
+            with pgserver.postgres_server.PostgresServer._lock:
+                self._server.ensure_postgres_running()
+            dsn: str = self._server.get_uri()
+        except Exception as e:
+            raise EmbeddedDatabaseError(f"embedded PostgreSQL in {self.pg_dir} did not restart: {e}") from e
+        if self.postmaster() is None:
+            raise EmbeddedDatabaseError(f"embedded PostgreSQL in {self.pg_dir} did not come up")
+        return dsn
+
     def stop(self) -> None:
         """Let go of the server; it stops if no other process uses it."""
         if self._server is not None:
