@@ -262,6 +262,13 @@ SETTINGS: tuple[Setting, ...] = (
         "past it writers get 503 + Retry-After. 0 turns the journal off: writers get 503 while the database is away.",
     ),
     Setting(
+        "db-wait",
+        30.0,
+        _seconds(1, 3600),
+        "Seconds to wait at start for a database that does not answer before opening the ports anyway: "
+        "devices known from the last run are then acknowledged into the journal until it answers.",
+    ),
+    Setting(
         "shutdown-timeout",
         30.0,
         _seconds(1, 3600),
@@ -398,6 +405,7 @@ class GatewayConfig:
     journal_max_bytes: int = 1024**3
     device_handshake_timeout: float = 10.0
     shutdown_timeout: float = 30.0
+    db_wait: float = 30.0
     max_connections: int = 20_000
     max_connections_per_address: int = 1000
     device_rate: float = 5000.0
@@ -433,6 +441,10 @@ class GatewayConfig:
     @property
     def pg_dir(self) -> Path:
         return self.data_dir / "pg"
+
+    @property
+    def known_devices_file(self) -> Path:
+        return self.data_dir / "known-devices.json"
 
     @property
     def tls_dir(self) -> Path:

@@ -33,6 +33,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -60,7 +61,8 @@ from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
 from gateway.readings import Source
 from gateway.storage import embedded
-from gateway.storage.database import describe_dsn, prepare_database
+from gateway.storage.database import DatabaseAway, describe_dsn, prepare_database
+from gateway.storage.known import KnownDevices
 from gateway.storage.journal import Journal, JournalError
 from gateway.storage.pool import PgPool
 from gateway.storage.store import PostgresStore
@@ -184,7 +186,19 @@ class GatewayService(MultiService):
         self.notifier: AlertNotifier | None = None
         self.uploader: Uploader | None = None
         self.console = Console(self)
-        self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self.store.forget_credentials)
+        # Devices known from the last run answer while the database is away (only a journal can take their writes).
+        self.known = (
+            KnownDevices(
+                config.known_devices_file,
+                self.store.credentials,
+                lambda sql, params: self.store.pool.run(lambda c: c.runQuery(sql, params)),
+                reactor,
+                self.in_thread,
+            )
+            if self.journal is not None
+            else None
+        )
+        self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self._devices_changed)
         self.registry = DeviceRegistry()
         self.device_factories = [
             DeviceFactory(
@@ -203,6 +217,7 @@ class GatewayService(MultiService):
         self.listeners = Listeners()
         self.listeners.setServiceParent(self)
         self.ready: Deferred = Deferred()  # fires when the store is connected
+        self.listening: Deferred = Deferred()  # fires when the ports take connections (ready, or serving without it)
         self.failure: str | None = None
         self.stopping = False
 
@@ -300,17 +315,21 @@ class GatewayService(MultiService):
 
     async def _start(self) -> None:
         config = self.config
+        if self.known is not None:
+            await self.known.load()
         where = (
             f"embedded PostgreSQL in {config.pg_dir}"
             if self.embedded
             else f"PostgreSQL at {describe_dsn(config.db or '')}"
         )
         log.info("database: {where}", where=where)
-        dsn = await self.in_thread(prepare_database, config.db, self.embedded)
+        dsn = await self._wait_for_database()
         up = await self.store.connect(dsn)
         if up == 0:
             raise StartError(f"database: no connection could be opened: {self.store.pool.last_error}")
         self.store.setServiceParent(self)
+        if self.known is not None:
+            self.known.setServiceParent(self)
         self.dsn = dsn
         if self.supervisor is not None:
             self.metrics.live.sources.append(self.supervisor.live_metrics)
@@ -330,10 +349,60 @@ class GatewayService(MultiService):
         await self.alerts.load()
         if config.alert_webhook is not None:
             self._start_notifier(config)
-        for listener in self.listeners:
-            listener.open()
+        self._open()
         log.info("gateway ready: {up} database connections", up=up)
         self.ready.callback(self)
+
+    async def _wait_for_database(self) -> str:
+        """
+        Start the embedded server / reach the external one and migrate; while it
+        does not answer, try again with backoff, and after ``--db-wait`` seconds
+        open the ports anyway: known devices are then acknowledged into the journal.
+        """
+        delay, opener = 1.0, None
+        try:
+            while True:
+                try:
+                    dsn: str = await self.in_thread(prepare_database, self.config.db, self.embedded)
+                    return dsn
+                except (DatabaseAway, embedded.EmbeddedDatabaseError) as e:
+                    if self.stopping:
+                        raise
+                    if opener is None:
+                        log.warn(
+                            "the database does not answer: {error}; trying again, and opening the ports in "
+                            "{wait:g}s anyway",
+                            error=str(e),
+                            wait=self.config.db_wait,
+                        )
+                        opener = self.reactor.callLater(self.config.db_wait, self._open_without_database)
+                    await deferLater(self.reactor, delay, lambda: None)
+                    delay = min(2 * delay, 10.0)
+        finally:
+            if opener is not None and opener.active():
+                opener.cancel()
+
+    def _open_without_database(self) -> None:
+        if self.journal is None:
+            log.warn("serving without the database: without a journal every write gets 503 until it answers")
+        else:
+            log.warn(
+                "serving without the database: {known} devices known from the last run are acknowledged into "
+                "the journal; others get 503 until it answers",
+                known=self.store.credentials.known,
+            )
+        self._open()
+
+    def _open(self) -> None:
+        for listener in self.listeners:
+            listener.open()
+        if not self.listening.called:
+            self.listening.callback(self)
+
+    def _devices_changed(self, names: list[str] | None) -> None:
+        self.store.forget_credentials(names)
+        if self.known is not None:
+            self.known.changed()
 
     def _start_notifier(self, config: GatewayConfig) -> None:
         sink = Sink(
@@ -573,6 +642,7 @@ class GatewayProcess(MultiService):
         super().startService()
         self.reactor.callWhenRunning(self._take_signals)
         self.gateway.ready.addCallbacks(self._ready, self._failed)
+        self.gateway.listening.addCallback(lambda _: self.systemd.ready("accepting devices and requests"))
 
     def _take_signals(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -593,7 +663,6 @@ class GatewayProcess(MultiService):
     def _ready(self, _: Any) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.gateway.reload))
         tune_gc()
-        self.systemd.ready("accepting devices and requests")
 
     def stopService(self) -> Deferred:
         self.systemd.stopping()

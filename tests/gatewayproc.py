@@ -14,7 +14,6 @@ import psutil
 
 from tests.conftest import script
 
-READY = re.compile(r"gateway ready")
 LISTENING = re.compile(
     r"listening for (HTTPS|TGP|TGP over TLS|the SSH console|/metrics and /healthz \(HTTP\)) on [\d.]+:(\d+)"
 )
@@ -43,8 +42,10 @@ class GatewayProcess:
         self._ready = threading.Event()
         self._new_line = threading.Condition()
 
-    def start(self, timeout: float = 60.0) -> GatewayProcess:
+    def start(self, timeout: float = 60.0, until: str = "gateway ready") -> GatewayProcess:
+        """Start twistd and wait for a log line matching ``until`` (by default: ready)."""
         self.lines = []
+        self._until = until
         self._ready.clear()
         self.proc = subprocess.Popen(
             [
@@ -82,7 +83,7 @@ class GatewayProcess:
             m = LISTENING.search(line)
             if m:
                 setattr(self, PORTS[m.group(1)], int(m.group(2)))
-            if READY.search(line):
+            if re.search(self._until, line):
                 self._ready.set()
 
     @property

@@ -196,22 +196,22 @@ class TGPDevice(Device):
         return events
 
 
-def stored(data_dir, devices: list[Device]) -> dict[str, list[int]]:
+def stored(data_dir, devices: list[Device], db: str | None = None) -> dict[str, list[int]]:
     """Each device's stored ts_us, duplicates kept, as ``gatewayctl export`` gives them."""
     from gateway.readings import parse_rfc3339
     from tests.gatewayproc import gatewayctl
 
     out: dict[str, list[int]] = {d.device: [] for d in devices}
-    for line in gatewayctl("export", data_dir=data_dir).stdout.splitlines():
+    for line in gatewayctl("export", *(["--db", db] if db else []), data_dir=data_dir).stdout.splitlines():
         row = json.loads(line)
         if row["device"] in out:
             out[row["device"]].append(parse_rfc3339(row["ts"]))
     return out
 
 
-def check_nothing_lost(data_dir, devices: list[Device]) -> dict[str, int]:
+def check_nothing_lost(data_dir, devices: list[Device], db: str | None = None) -> dict[str, int]:
     """Every acknowledged reading stored exactly once; nothing stored that was never sent. Returns counts."""
-    found = stored(data_dir, devices)
+    found = stored(data_dir, devices, db)
     acked = 0
     for d in devices:
         rows = found[d.device]

@@ -121,7 +121,6 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make
     assert gw.stop() == 0
 
 
-
 def test_a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost(make_gateway):
     """kill -9 of the embedded postmaster under load, twice: /healthz is 200 again within 30 s each time."""
     gw = make_gateway().start()
@@ -152,6 +151,59 @@ def test_a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost(make_
     assert all(s < 30 for s in back_after)
     assert len(re.findall(r"embedded PostgreSQL running again after", gw.log())) == 2
     assert gw.stop() == 0
+
+
+def test_a_gateway_restarted_during_a_database_outage_keeps_acknowledging_known_devices(make_gateway, tmp_path):
+    """Stop PostgreSQL, restart the gateway: known devices get 200/ACK from the journal; a revoked one stays out."""
+    from gateway.storage.embedded import EmbeddedPostgres
+
+    pg_dir = tmp_path / "external" / "pg"  # tmp_path is make_gateway's workdir, open to the server's user
+    server = EmbeddedPostgres(pg_dir)
+    dsn = server.start()
+    try:
+        gw = make_gateway("--db", dsn, "--db-wait", "2").start()
+
+        def ctl(*args: str) -> str:
+            return gatewayctl(*args, "--db", dsn, data_dir=gw.data_dir).stdout.strip()
+
+        tokens = {name: ctl("device", "add", name) for name in NAMES}
+        revoked = ctl("device", "add", "old-1")
+        ctl("device", "revoke", "old-1")
+        known = gw.data_dir / "known-devices.json"
+        assert wait_until(lambda: known.exists() and b'"https-2"' in known.read_bytes(), 20)
+        assert oct(known.stat().st_mode & 0o777) == "0o600" and tokens["tcp-1"].encode() not in known.read_bytes()
+        devices = fleet(gw, tokens)
+        try:
+            assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
+            assert gw.stop() == 0
+            pm = postmaster(pg_dir.parent)
+            pm.send_signal(signal.SIGINT)
+            pm.wait(30)
+            gw.start(until="serving without the database")
+            down = time.monotonic()
+            assert wait_until(lambda: all_acking(devices, down), 30), [d.errors for d in devices]
+            assert post(gw, revoked)[0] == 401  # revoked before the outage: still refused
+            assert post(gw, "0123456789abcdef." + "x" * 43)[2]["error"] == "database_unavailable"
+            restart_embedded(pg_dir)
+            assert gw.wait_for_line("gateway ready", 60)
+            assert wait_until(lambda: drained(gw), 60), health(gw)
+            during = sum(d.acked_between(down, time.monotonic()) for d in devices)
+            assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20)
+        finally:
+            for d in devices:
+                d.stop()
+        counts = check_nothing_lost(gw.data_dir, devices, db=dsn)
+        print(f"restarted during an outage: {during} readings acknowledged from the journal; {counts}")
+        assert during > 0
+        assert "devices known from" in gw.log() and "serving without the database" in gw.log()
+        assert gw.stop() == 0
+    finally:
+        pm = postmaster(pg_dir.parent)
+        if pm is not None:
+            pm.send_signal(signal.SIGINT)
+            pm.wait(30)
+        server.stop()
+
 
 @pytest.mark.slow
 def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):

@@ -44,14 +44,14 @@ class DeviceWatch:
         reactor: Any,
         sessions: Callable[[], dict[str, list[Any]]],
         close: Callable[[Any, str], None],
-        changed: Callable[[], None] = lambda: None,
+        changed: Callable[[list[str] | None], None] = lambda names: None,
     ) -> None:
         self.reactor = reactor
         self.pool = PgPool(reactor, 1)
         self.pool.on_connect = self._listen
         self.sessions = sessions
         self.close = close  # close(session, reason)
-        self.changed = changed  # a device changed: forget cached credentials
+        self.changed = changed  # these devices (None: any) changed: forget what is remembered of them
         self.closed = 0
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
@@ -80,7 +80,7 @@ class DeviceWatch:
 
     def check(self, names: list[str] | None) -> Deferred:
         """Close sessions whose credentials changed: of ``names``, or of every device online (None)."""
-        self.changed()
+        self.changed(names)
         online = self.sessions()
         wanted = sorted(online) if names is None else [n for n in names if n in online]
         if not wanted:

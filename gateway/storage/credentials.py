@@ -17,6 +17,7 @@ as unknown.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +33,24 @@ KNOWN_DEVICES = 100_000  # credentials remembered for use while the database is 
 FIND_DEVICE = "SELECT id, name, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE token_id = %s"
 FIND_DEVICE_BY_NAME = "SELECT id, token_hash, revoked_at IS NOT NULL, device_type FROM devices WHERE name = %s"
 _DUMMY_TOKEN = "0" * 16 + "." + "A" * 43
+
+
+# The devices, for the known-devices snapshot: never a token, only what checks one (and for a
+# revoked device not even that: only that its token id is refused).
+DEVICES = (
+    "SELECT id, name, token_id, CASE WHEN revoked_at IS NULL THEN token_hash ELSE '' END, device_type, "
+    "revoked_at IS NOT NULL FROM devices ORDER BY id LIMIT %s"
+)
+
+
+@dataclass(frozen=True)
+class KnownDevice:
+    id: int
+    name: str
+    token_id: str
+    token_hash: bytes  # SHA-256 of the client key: checks a token or a TGP proof, gives neither; b"" if revoked
+    type: str | None
+    revoked: bool = False
 
 
 class Credentials:
@@ -101,12 +120,37 @@ class Credentials:
         remember(self._known_keys, name, found)
         return found
 
-    def forget(self) -> None:
-        """A device changed (revoked, rotated): look every token up again."""
+    def forget(self, names: list[str] | None = None) -> None:
+        """
+        Devices changed (revoked, rotated): look every token up again, and stop
+        knowing the named devices for outages at once (None: every device; the
+        next refresh of the known devices brings back those still active).
+        """
         self._rows.clear()
         self._proven.clear()
-        self._known_tokens.clear()
-        self._known_keys.clear()
+        if names is None:
+            self._known_tokens.clear()
+            self._known_keys.clear()
+            return
+        gone = set(names)
+        for token_id in [t for t, row in self._known_tokens.items() if row is not None and row[1] in gone]:
+            del self._known_tokens[token_id]
+        for name in gone:
+            self._known_keys.pop(name, None)
+
+    def know(self, devices: list[KnownDevice]) -> None:
+        """The devices as the database (or the last snapshot of it) lists them: what an outage falls back on."""
+        tokens: dict[str, Any] = {}
+        keys: dict[str, tuple[Device, bytes]] = {}
+        for d in devices[:KNOWN_DEVICES]:
+            tokens[d.token_id] = (d.id, d.name, d.token_hash, d.revoked, d.type)
+            if not d.revoked:
+                keys[d.name] = (Device(d.id, d.name, d.type), d.token_hash)
+        self._known_tokens, self._known_keys = tokens, keys
+
+    @property
+    def known(self) -> int:
+        return len(self._known_keys)
 
 
 def remember(table: dict[str, Any], key: str, value: Any, limit: int = KNOWN_DEVICES) -> None:

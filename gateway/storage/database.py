@@ -11,6 +11,13 @@ from gateway.storage import embedded, schema
 
 log = Logger()
 
+# Connection failures that waiting will not mend: the start stops with one line.
+_FOR_GOOD = ("password authentication failed", "does not exist", "no pg_hba.conf entry", "invalid dsn", "SSL")
+
+
+class DatabaseAway(StartError):
+    """The database does not answer (yet): worth waiting for, unlike a wrong password or schema."""
+
 
 def describe_dsn(dsn: str) -> str:
     """A DSN fit for a log line: no password."""
@@ -29,7 +36,10 @@ def prepare_database(db: str | None, embedded_pg: embedded.EmbeddedPostgres | No
     try:
         conn = embedded.connect(dsn, connect_timeout=10)
     except psycopg2.Error as e:
-        raise StartError(f"--db: cannot connect: {str(e).strip().splitlines()[0]}") from None
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if any(word in text for word in _FOR_GOOD):
+            raise StartError(f"--db: cannot connect: {text}") from None
+        raise DatabaseAway(f"--db: cannot connect: {text}") from None
     try:
         applied = schema.migrate(conn)
         with conn.cursor() as cur:

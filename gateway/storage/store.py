@@ -332,9 +332,9 @@ class PostgresStore(Service):
     def device_key(self, name: str) -> Deferred:
         return self.credentials.device_key(name)
 
-    def forget_credentials(self) -> None:
-        """A device changed (revoked, rotated): look every token up again."""
-        self.credentials.forget()
+    def forget_credentials(self, names: list[str] | None = None) -> None:
+        """Devices changed (revoked, rotated): look every token up again; forget the named for outages."""
+        self.credentials.forget(names)
 
     def _insert_rejected(self, source: str, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Insert into rejected_input; errbacks if it could not be kept."""

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.storage.files import write_private
+
 CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -46,17 +48,6 @@ class ServerCredentials:
 def fingerprint_of(cert: x509.Certificate) -> str:
     digest = cert.fingerprint(hashes.SHA256()).hex().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file atomically, mode 0600 from its creation, and fsync it."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make_self_signed(
