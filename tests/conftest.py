@@ -202,3 +202,19 @@ async def service(tmp_path, db_dsn):
     svc = await start_service(tmp_path, db_dsn)
     yield svc
     await svc.stopService()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    os.chmod(tmp_path, 0o755)  # the embedded server's user must reach the data dir
+    return tmp_path
+
+
+@pytest.fixture
+def outage_db(workdir):
+    """A PostgreSQL the test stops and starts (tests.gatewayproc.OutageDatabase)."""
+    from tests.gatewayproc import OutageDatabase
+
+    db = OutageDatabase(workdir / "external")
+    yield db
+    db.close()

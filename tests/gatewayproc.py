@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -148,3 +149,47 @@ def gatewayctl(*args: str, data_dir: Path | None = None, check: bool = True, **k
     if check and proc.returncode != 0:
         raise AssertionError(f"gatewayctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def restart_embedded(pg_dir) -> None:
+    """Start the stopped cluster again the way pgserver does (as its user when root)."""
+    from gateway.storage.embedded import _pgserver
+
+    _pgserver()
+    from pgserver._commands import pg_ctl
+
+    user = "pgserver" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {pg_dir}", "-l", str(pg_dir / "log"), "start"],
+        pgdata=pg_dir,
+        user=user if os.geteuid() == 0 else None,
+        timeout=30,
+    )
+
+
+class OutageDatabase:
+    """
+    A PostgreSQL that a test stops and starts at will, which the gateway reaches
+    with --db: an outage of the gateway's own embedded server would not last,
+    since the gateway starts it again.
+    """
+
+    def __init__(self, root: Path) -> None:
+        from gateway.storage.embedded import EmbeddedPostgres
+
+        self.root = root  # postmaster(root) finds it, as for a data directory
+        self.server = EmbeddedPostgres(root / "pg")
+        self.dsn = self.server.start()
+
+    def stop(self) -> None:
+        pm = postmaster(self.root)
+        pm.send_signal(signal.SIGINT)  # fast shutdown: every connection is cut
+        pm.wait(30)
+
+    def start(self) -> None:
+        restart_embedded(self.root / "pg")
+
+    def close(self) -> None:
+        if postmaster(self.root) is not None:
+            self.stop()
+        self.server.stop()

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import pwd
 import shutil
-import signal
 import ssl
 import subprocess
 import time
 
 import pytest
 
-from tests.gatewayproc import GatewayProcess, postmaster, gatewayctl
+from tests.gatewayproc import GatewayProcess, gatewayctl, postmaster
 
 BODY = '{"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}'
 
@@ -59,12 +56,6 @@ def post(gw: GatewayProcess, token: str | None, body: str = BODY, path: str = "/
     result = response.status, dict(response.getheaders()), json.loads(response.read())
     conn.close()
     return result
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    os.chmod(tmp_path, 0o755)  # the embedded server's user must reach the data dir
-    return tmp_path
 
 
 @pytest.fixture
@@ -118,14 +109,13 @@ def test_bad_requests_get_their_errors(gateway):
     assert (status, body["status"]) == (200, "ok")
 
 
-def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
+def test_database_outage_is_answered_from_the_journal_then_replayed(gateway, outage_db):
+    gateway.extra = ["--db", outage_db.dsn]
     gateway.start()
-    token = gatewayctl("device", "add", "truck-2", data_dir=gateway.data_dir).stdout.strip()
+    token = gatewayctl("device", "add", "truck-2", "--db", outage_db.dsn).stdout.strip()
     assert post(gateway, token)[0] == 200
 
-    pm = postmaster(gateway.data_dir)
-    pm.send_signal(signal.SIGINT)  # fast shutdown: every connection is cut
-    pm.wait(30)
+    outage_db.stop()
 
     later = BODY.replace("10:00:00.250Z", "10:00:01Z")
     status, _, body = post(gateway, token, later)  # the device is still known; its reading is journaled
@@ -140,7 +130,7 @@ def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
     status, _, body = post(gateway, "0123456789abcdef." + "x" * 43, later)  # never seen: cannot be checked now
     assert (status, body["error"]) == (503, "database_unavailable")
 
-    restart_embedded(gateway.data_dir / "pg")
+    outage_db.start()
     deadline = time.monotonic() + 30
     while True:  # the pool reconnects with backoff (at most 5 s between tries), then the journal is replayed
         status, _, body = post(gateway, None, None, "/healthz")
@@ -150,26 +140,10 @@ def test_database_outage_is_answered_from_the_journal_then_replayed(gateway):
     assert (status, body["status"], body["database"], body["journal"]["bytes"]) == (200, "ok", "ok", 0)
     gateway.wait_for_line(r"journal: replayed \d+\.seg: 1 readings stored, 0 were stored already")
     assert post(gateway, token, later)[2] == {"accepted": 0, "duplicates": 1}
-    rows = gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()
+    rows = gatewayctl("export", "--db", outage_db.dsn).stdout.splitlines()
     assert len(rows) == 2
-    held = gatewayctl("quarantine", "list", "--json", data_dir=gateway.data_dir).stdout.splitlines()
+    held = gatewayctl("quarantine", "list", "--json", "--db", outage_db.dsn).stdout.splitlines()
     assert [(json.loads(line)["ts"], json.loads(line)["value"]) for line in held] == [("2010-01-01T00:00:00Z", 1.5)]
-
-
-def restart_embedded(pg_dir) -> None:
-    """Start the stopped cluster again the way pgserver does (as its user when root)."""
-    from gateway.storage.embedded import _pgserver
-
-    _pgserver()
-    from pgserver._commands import pg_ctl
-
-    user = "pgserver" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-    pg_ctl(
-        ["-w", "-o", '-h ""', "-o", f"-k {pg_dir}", "-l", str(pg_dir / "log"), "start"],
-        pgdata=pg_dir,
-        user=user if os.geteuid() == 0 else None,
-        timeout=30,
-    )
 
 
 def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):

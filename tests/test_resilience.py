@@ -26,7 +26,8 @@ import pytest
 from gateway.storage.journal import FILE_MAGIC, HEADER, scan
 from tests.gatewayproc import GatewayProcess, gatewayctl
 from tests.loadclients import HTTPSDevice, TGPDevice, check_nothing_lost
-from tests.test_e2e import post, postmaster, restart_embedded, workdir  # noqa: F401 (a fixture)
+from tests.gatewayproc import postmaster
+from tests.test_e2e import post
 
 
 @pytest.fixture
@@ -43,8 +44,9 @@ def make_gateway(workdir):  # noqa: F811 (the fixture imported from test_e2e)
         gw.close()
 
 
-def add_devices(gw: GatewayProcess, names: list[str]) -> dict[str, str]:
-    return {name: gatewayctl("device", "add", name, data_dir=gw.data_dir).stdout.strip() for name in names}
+def add_devices(gw: GatewayProcess, names: list[str], db: str | None = None) -> dict[str, str]:
+    where = ["--db", db] if db else []
+    return {name: gatewayctl("device", "add", name, *where, data_dir=gw.data_dir).stdout.strip() for name in names}
 
 
 def fleet(gw: GatewayProcess, tokens: dict[str, str]) -> list:
@@ -96,17 +98,17 @@ def stop_database(gw: GatewayProcess) -> None:
     pm.wait(30)
 
 
-def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make_gateway):
-    gw = make_gateway().start()
-    devices = fleet(gw, add_devices(gw, NAMES))
+def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make_gateway, outage_db):
+    gw = make_gateway("--db", outage_db.dsn).start()
+    devices = fleet(gw, add_devices(gw, NAMES, outage_db.dsn))
     try:
         assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
-        stop_database(gw)
+        outage_db.stop()
         down = time.monotonic()
         # Sessions open before the outage go on; new ones are recognised from the last answer.
         assert wait_until(lambda: all_acking(devices, down + 0.5), 20), [d.errors for d in devices]
         assert wait_until(lambda: health(gw)[0] == 503 and health(gw)[1]["journal"]["bytes"] > 0, 20), health(gw)
-        restart_embedded(gw.data_dir / "pg")
+        outage_db.start()
         up = time.monotonic()
         during = sum(d.acked_between(down, up) for d in devices)
         assert wait_until(lambda: drained(gw), 60), health(gw)
@@ -114,7 +116,7 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_acknowledging(make
     finally:
         for d in devices:
             d.stop()
-    counts = check_nothing_lost(gw.data_dir, devices)
+    counts = check_nothing_lost(gw.data_dir, devices, outage_db.dsn)
     print(f"outage: {during} readings acknowledged while the database was down; {counts}")
     assert during > 0 and counts["acked"] > during
     assert re.search(r"journal: replayed \d+\.seg: \d+ readings stored", gw.log())
@@ -153,56 +155,39 @@ def test_a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost(make_
     assert gw.stop() == 0
 
 
-def test_a_gateway_restarted_during_a_database_outage_keeps_acknowledging_known_devices(make_gateway, tmp_path):
+def test_a_gateway_restarted_during_a_database_outage_keeps_acknowledging_known_devices(make_gateway, outage_db):
     """Stop PostgreSQL, restart the gateway: known devices get 200/ACK from the journal; a revoked one stays out."""
-    from gateway.storage.embedded import EmbeddedPostgres
-
-    pg_dir = tmp_path / "external" / "pg"  # tmp_path is make_gateway's workdir, open to the server's user
-    server = EmbeddedPostgres(pg_dir)
-    dsn = server.start()
+    dsn = outage_db.dsn
+    gw = make_gateway("--db", dsn, "--db-wait", "2").start()
+    tokens = add_devices(gw, NAMES, dsn)
+    revoked = add_devices(gw, ["old-1"], dsn)["old-1"]
+    gatewayctl("device", "revoke", "old-1", "--db", dsn)
+    known = gw.data_dir / "known-devices.json"
+    assert wait_until(lambda: known.exists() and b'"old-1"' in known.read_bytes(), 20)
+    assert oct(known.stat().st_mode & 0o777) == "0o600" and tokens["tcp-1"].encode() not in known.read_bytes()
+    devices = fleet(gw, tokens)
     try:
-        gw = make_gateway("--db", dsn, "--db-wait", "2").start()
-
-        def ctl(*args: str) -> str:
-            return gatewayctl(*args, "--db", dsn, data_dir=gw.data_dir).stdout.strip()
-
-        tokens = {name: ctl("device", "add", name) for name in NAMES}
-        revoked = ctl("device", "add", "old-1")
-        ctl("device", "revoke", "old-1")
-        known = gw.data_dir / "known-devices.json"
-        assert wait_until(lambda: known.exists() and b'"https-2"' in known.read_bytes(), 20)
-        assert oct(known.stat().st_mode & 0o777) == "0o600" and tokens["tcp-1"].encode() not in known.read_bytes()
-        devices = fleet(gw, tokens)
-        try:
-            assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
-            assert gw.stop() == 0
-            pm = postmaster(pg_dir.parent)
-            pm.send_signal(signal.SIGINT)
-            pm.wait(30)
-            gw.start(until="serving without the database")
-            down = time.monotonic()
-            assert wait_until(lambda: all_acking(devices, down), 30), [d.errors for d in devices]
-            assert post(gw, revoked)[0] == 401  # revoked before the outage: still refused
-            assert post(gw, "0123456789abcdef." + "x" * 43)[2]["error"] == "database_unavailable"
-            restart_embedded(pg_dir)
-            assert gw.wait_for_line("gateway ready", 60)
-            assert wait_until(lambda: drained(gw), 60), health(gw)
-            during = sum(d.acked_between(down, time.monotonic()) for d in devices)
-            assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20)
-        finally:
-            for d in devices:
-                d.stop()
-        counts = check_nothing_lost(gw.data_dir, devices, db=dsn)
-        print(f"restarted during an outage: {during} readings acknowledged from the journal; {counts}")
-        assert during > 0
-        assert "devices known from" in gw.log() and "serving without the database" in gw.log()
+        assert wait_until(lambda: all_acking(devices, 0), 20), [d.errors for d in devices]
         assert gw.stop() == 0
+        outage_db.stop()
+        gw.start(until="serving without the database")
+        down = time.monotonic()
+        assert wait_until(lambda: all_acking(devices, down), 30), [d.errors for d in devices]
+        assert post(gw, revoked)[0] == 401  # revoked before the outage: still refused
+        assert post(gw, "0123456789abcdef." + "x" * 43)[2]["error"] == "database_unavailable"
+        outage_db.start()
+        assert gw.wait_for_line("gateway ready", 60)
+        assert wait_until(lambda: drained(gw), 60), health(gw)
+        during = sum(d.acked_between(down, time.monotonic()) for d in devices)
+        assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20)
     finally:
-        pm = postmaster(pg_dir.parent)
-        if pm is not None:
-            pm.send_signal(signal.SIGINT)
-            pm.wait(30)
-        server.stop()
+        for d in devices:
+            d.stop()
+    counts = check_nothing_lost(gw.data_dir, devices, dsn)
+    print(f"restarted during an outage: {during} readings acknowledged from the journal; {counts}")
+    assert during > 0
+    assert "devices known from" in gw.log() and "serving without the database" in gw.log()
+    assert gw.stop() == 0
 
 
 @pytest.mark.slow
@@ -233,12 +218,12 @@ def test_kill_9_at_random_instants_under_load_loses_nothing(make_gateway):
     assert rounds == 6
 
 
-def test_a_full_journal_refuses_with_retry_advice_then_replays(make_gateway):
-    gw = make_gateway("--journal-max-bytes", "64K").start()
-    devices = fleet(gw, add_devices(gw, NAMES))
+def test_a_full_journal_refuses_with_retry_advice_then_replays(make_gateway, outage_db):
+    gw = make_gateway("--journal-max-bytes", "64K", "--db", outage_db.dsn).start()
+    devices = fleet(gw, add_devices(gw, NAMES, outage_db.dsn))
     try:
         assert wait_until(lambda: all_acking(devices, 0), 20)
-        stop_database(gw)
+        outage_db.stop()
         full = wait_until(lambda: all(d.errors.get("503 journal_full") for d in devices[2:]), 30)
         assert full, [d.errors for d in devices]
         assert wait_until(lambda: all(d.errors.get("RETRY_LATER") for d in devices[:2]), 30), [
@@ -247,21 +232,21 @@ def test_a_full_journal_refuses_with_retry_advice_then_replays(make_gateway):
         status, body = health(gw)
         assert status == 503 and body["journal"]["ok"] is False
         assert body["journal"]["bytes"] <= 64 * 1024
-        restart_embedded(gw.data_dir / "pg")
+        outage_db.start()
         assert wait_until(lambda: drained(gw), 60), health(gw)
         since = time.monotonic()
         assert wait_until(lambda: all_acking(devices, since), 20)
     finally:
         for d in devices:
             d.stop()
-    check_nothing_lost(gw.data_dir, devices)
+    check_nothing_lost(gw.data_dir, devices, outage_db.dsn)
 
 
-def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gateway):
-    gw = make_gateway().start()
-    token = add_devices(gw, ["truck-9"])["truck-9"]
+def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gateway, outage_db):
+    gw = make_gateway("--db", outage_db.dsn).start()
+    token = add_devices(gw, ["truck-9"], outage_db.dsn)["truck-9"]
     assert post(gw, token)[0] == 200  # the device is known before the outage
-    stop_database(gw)
+    outage_db.stop()
     bodies = [
         f'{{"readings": [{{"metric": "oil_temp", "ts": "2026-11-22T11:00:0{i}Z", "value": {i}}}]}}' for i in range(5)
     ]
@@ -276,11 +261,12 @@ def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gate
     data[third + HEADER.size + 5] ^= 0x20  # one flipped bit inside the third record
     segment.write_bytes(bytes(data))
 
-    gw.start()  # starts the embedded database again too
+    outage_db.start()
+    gw.start()
     assert wait_until(lambda: drained(gw), 60), health(gw)
     line = gw.wait_for_line("damaged bytes")
     assert f"at offset {third}" in line and "moved to" in line
-    exported = gatewayctl("export", data_dir=gw.data_dir).stdout
+    exported = gatewayctl("export", "--db", outage_db.dsn).stdout
     kept = sorted(re.findall(r"11:00:0(\d)Z", exported))
     assert kept == ["0", "1", "3", "4"]  # the damaged record's reading is set aside, not replayed
     [aside] = (gw.data_dir / "journal" / "damaged").iterdir()
@@ -301,9 +287,13 @@ def _raise_fd_limit(wanted: int) -> None:
 
 
 def _closed_by_peer(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
+    """Did the gateway close the connection within ``within`` seconds (after any last words, as TGP's BYE)?"""
+    deadline = time.monotonic() + within
     try:
-        return sock.recv(1) == b""
+        while True:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            if sock.recv(4096) == b"":
+                return True
     except ConnectionResetError:
         return True
     except (TimeoutError, ssl.SSLError):

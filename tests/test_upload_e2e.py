@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.gatewayproc import gatewayctl
-from tests.test_e2e import gateway, post, workdir  # noqa: F401 - fixtures
+from tests.test_e2e import gateway, post  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
