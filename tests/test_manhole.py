@@ -64,7 +64,7 @@ def console(tmp_path_factory):
 
 
 def ssh(
-    gw: GatewayProcess, key: Path, *args: str, stdin: bytes = b"", timeout: float = 30
+    gw: GatewayProcess, key: Path, *args: str, stdin: bytes = b"", timeout: float = 30, log_level: str = "ERROR"
 ) -> subprocess.CompletedProcess:
     argv = [
         need("ssh"),
@@ -79,7 +79,7 @@ def ssh(
         "-o",
         "UserKnownHostsFile=/dev/null",
         "-o",
-        "LogLevel=ERROR",
+        f"LogLevel={log_level}",
         *args,
     ]
     return subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
@@ -188,3 +188,101 @@ def test_sighup_reloads_the_config_file(console):
     os.kill(gw.proc.pid, signal.SIGHUP)
     line = json.loads(gw.wait_for_line("SIGHUP: re-read"))
     assert line["applied"] == "max-body" and line["later"] == "pool-size"
+
+
+def offered(gw, key) -> dict[str, list[str]]:
+    """What the console offers, as OpenSSH's client reports it (ssh -vv)."""
+    out = ssh(gw, key, "-o", "BatchMode=yes", "admin@127.0.0.1", "1+1", log_level="DEBUG2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.decode().splitlines()
+    start = next(i for i, line in enumerate(lines) if "peer server KEXINIT proposal" in line)
+    found = {}
+    for line in lines[start + 1 : start + 12]:
+        name, _, values = line.removeprefix("debug2: ").partition(": ")
+        found[name] = [v for v in values.split(",") if v]
+    return found
+
+
+def test_the_console_offers_only_modern_algorithms(console):
+    """Checked as ssh-audit would: from a real OpenSSH client's view of the server's KEXINIT."""
+    gw, key, _, _ = console
+    got = offered(gw, key)
+    kex = [k for k in got["KEX algorithms"] if k != "ext-info-s"]
+    assert kex[:2] == ["curve25519-sha256", "curve25519-sha256@libssh.org"]
+    assert set(kex) <= {
+        "curve25519-sha256",
+        "curve25519-sha256@libssh.org",
+        "ecdh-sha2-nistp256",
+        "ecdh-sha2-nistp384",
+        "ecdh-sha2-nistp521",
+        "diffie-hellman-group-exchange-sha256",
+    }
+    assert got["host key algorithms"] == ["ssh-ed25519"]
+    for way in ("ctos", "stoc"):
+        assert got[f"ciphers {way}"] == ["aes256-ctr", "aes192-ctr", "aes128-ctr"]
+        assert got[f"MACs {way}"] == ["hmac-sha2-512", "hmac-sha2-256"]
+        assert got[f"compression {way}"] == ["none"]
+
+
+@pytest.mark.parametrize(
+    "weak",
+    [
+        ("Ciphers", "aes128-cbc,3des-cbc"),
+        ("Ciphers", "chacha20-poly1305@openssh.com"),
+        ("KexAlgorithms", "diffie-hellman-group14-sha1,diffie-hellman-group1-sha1"),
+        ("MACs", "hmac-sha1,hmac-md5"),
+        ("MACs", "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com"),
+    ],
+)
+def test_a_client_limited_to_weak_algorithms_is_refused(console, weak):
+    gw, key, _, _ = console
+    out = ssh(gw, key, "-o", f"{weak[0]}={weak[1]}", "-o", "BatchMode=yes", "admin@127.0.0.1", "1", log_level="INFO")
+    assert out.returncode == 255 and b"Unable to negotiate" in out.stderr, out.stderr
+
+
+def test_console_connections_are_capped(console):
+    """Four connections may be open at once (logged in or not); a fifth is closed at once, then room returns."""
+    import socket
+
+    from gateway.ops.manhole import MAX_SESSIONS
+
+    gw = console[0]
+    held = [socket.create_connection(("127.0.0.1", gw.manhole_port), timeout=10) for _ in range(MAX_SESSIONS)]
+    try:
+        for sock in held:
+            assert sock.recv(256).startswith(b"SSH-2.0-")  # accepted: the server speaks first
+        extra = socket.create_connection(("127.0.0.1", gw.manhole_port), timeout=10)
+        assert extra.recv(256) == b""  # closed without a word
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    out = ssh(gw, console[1], "-o", "BatchMode=yes", "-o", "ConnectionAttempts=3", "admin@127.0.0.1", "1+1")
+    assert out.returncode == 0 and out.stdout.strip() == b"2", out.stderr
+
+
+def test_an_idle_console_is_closed_and_input_keeps_it_open(tmp_path):
+    """On task.Clock: every byte from the client restarts the idle timer; silence closes the connection."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.ops.manhole import console_factory
+
+    clock = Clock()
+    (tmp_path / "authorized_keys").write_text("")
+    factory = console_factory(tmp_path / "keys", tmp_path / "authorized_keys", dict, "", clock)
+    factory.login_timeout = 10_000  # not the timer under test
+    factory.startFactory()
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    proto.makeConnection(transport)
+    assert factory.open == 1
+    clock.advance(factory.idle_timeout - 1)
+    proto.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+    clock.advance(factory.idle_timeout - 1)
+    assert not transport.disconnecting  # the client's bytes counted
+    clock.advance(1)
+    assert transport.disconnecting
+    proto.connectionLost(None)
+    assert factory.open == 0 and clock.getDelayedCalls() == []

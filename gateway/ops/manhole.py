@@ -8,7 +8,11 @@ interpreter; this module adds what a production console needs:
   refused before they are tried. Keys are read from an OpenSSH
   ``authorized_keys`` file at each login, so adding or removing a key needs
   no restart (a small local file, read once per login). A connection
-  that has not logged in within 30 seconds is dropped.
+  that has not logged in within 30 seconds is dropped, one that sends
+  nothing for 15 minutes is closed, and at most four are open at once.
+- Modern algorithms only: curve25519 or ECDH key exchange, AES-CTR, SHA-2
+  MACs (see ``KEY_EXCHANGES``; conch lacks strict key exchange, and the
+  Terrapin attack it guards against needs an algorithm not offered here).
 - A persistent Ed25519 host key in ``DATA_DIR/manhole/``, made on first
   start with ``cryptography`` and written 0600, so clients can pin it.
 - Each factory has its own key dictionaries (conch's ``ConchFactory`` keeps
@@ -51,6 +55,23 @@ log = Logger()
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 MAX_LINE = 64 * 1024  # longest line a plain session buffers
 LOGIN_TIMEOUT = 30.0  # seconds from connecting to logged in
+IDLE_TIMEOUT = 900.0  # seconds without a byte from the client before the console closes
+MAX_SESSIONS = 4  # console connections open at once; more are closed at once
+
+# What the console offers, a subset of conch's in conch's order of preference: of OpenSSH's
+# current defaults, those conch implements. conch has no strict key exchange
+# (kex-strict-*-v00@openssh.com), so the Terrapin attack is closed by offering neither
+# chacha20-poly1305 nor an encrypt-then-MAC mode, the two it needs.
+KEY_EXCHANGES = (
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+    b"diffie-hellman-group-exchange-sha256",
+)
+CIPHERS = (b"aes256-ctr", b"aes192-ctr", b"aes128-ctr")
+MACS = (b"hmac-sha2-512", b"hmac-sha2-256")
 
 
 class ManholeError(Exception):
@@ -261,30 +282,66 @@ class ConsoleRealm(manhole_ssh.TerminalRealm):
 
 
 class ConsoleFactory(manhole_ssh.ConchFactory):
-    """conch's factory with a login deadline: a connection not logged in within it is dropped."""
+    """
+    conch's factory, locked down: modern algorithms only (``KEY_EXCHANGES``,
+    ``CIPHERS``, ``MACS``), a login deadline, an idle timeout and a cap on
+    console connections open at once.
+    """
 
     login_timeout = LOGIN_TIMEOUT
+    idle_timeout = IDLE_TIMEOUT
+    max_sessions = MAX_SESSIONS
 
     def __init__(self, portal: Any, clock: Any) -> None:
         super().__init__(portal)
         self.clock = clock
+        self.open = 0
 
     # conch's own annotations say bytes; the values are keys.Key objects
     publicKeys: dict[bytes, Any]
     privateKeys: dict[bytes, Any]
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self.open >= self.max_sessions:
+            log.warn(
+                "console: refused a connection from {peer}: {count} console connections are open (the most)",
+                peer=getattr(addr, "host", "?"),
+                count=self.open,
+            )
+            return None
         transport: Any = super().buildProtocol(addr)
-        timer = self.clock.callLater(self.login_timeout, self._too_slow, transport)
-        lost = transport.connectionLost
+        transport.supportedKeyExchanges = [k for k in transport.supportedKeyExchanges if k in KEY_EXCHANGES]
+        transport.supportedCiphers = [c for c in transport.supportedCiphers if c in CIPHERS]
+        transport.supportedMACs = [m for m in transport.supportedMACs if m in MACS]
+        transport.supportedCompressions = [b"none"]  # no compression of secrets before the login
+        self.open += 1
+        login = self.clock.callLater(self.login_timeout, self._too_slow, transport)
+        idle = self.clock.callLater(self.idle_timeout, self._idle, transport)
+        received, lost = transport.dataReceived, transport.connectionLost
+
+        def dataReceived(data: bytes) -> None:
+            if idle.active():
+                idle.reset(self.idle_timeout)
+            received(data)
 
         def connectionLost(reason: Any) -> None:
-            if timer.active():
-                timer.cancel()
+            self.open -= 1
+            for timer in (login, idle):
+                if timer.active():
+                    timer.cancel()
             lost(reason)
 
+        transport.dataReceived = dataReceived
         transport.connectionLost = connectionLost
         return transport
+
+    def _idle(self, transport: Any) -> None:
+        log.info(
+            "console: closing {peer}, idle for {seconds:g}s",
+            peer=str(transport.transport.getPeer()),
+            seconds=self.idle_timeout,
+        )
+        transport.transport.loseConnection()
 
     @staticmethod
     def _too_slow(transport: Any) -> None:
