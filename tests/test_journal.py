@@ -182,11 +182,13 @@ def test_a_failed_write_acknowledges_nothing_and_leaves_no_half_record(tmp_path,
 
     monkeypatch.setattr(jmod, "_write_all", disk_full)
     failed = result_of(j.append(record(1)))
-    assert isinstance(failed.value, StoreUnavailable) and "No space left" in failed.value.message
+    assert isinstance(failed.value, JournalFull) and "disk is full" in failed.value.message
+    assert failed.value.code == "journal_full" and failed.value.retry_after == 30
     failed.trap(StoreUnavailable)
-    assert j.size == size
+    assert j.size == size and j.full  # /healthz says so until a write fits again
     monkeypatch.undo()
     result_of(j.append(record(2)))
+    assert not j.full
     j.seal()
     found = [r.readings[0].ts_us % 100_000 for p in j.sealed() for r in result_of(j.read(p)).records]
     assert found == [0, 2000]

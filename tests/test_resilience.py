@@ -11,7 +11,11 @@ stored exactly once, and nothing is stored that was never sent.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import random
+import subprocess
 import re
 import resource
 import signal
@@ -455,3 +459,61 @@ def test_sigterm_under_load_answers_what_it_took_and_exits_0(make_gateway):
     assert "SIGTERM: stopping" in gw.log() and "Traceback" not in gw.log()
     assert postmaster(gw.data_dir) is None
     check_nothing_lost(gw.data_dir, devices)
+
+
+def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(make_gateway, outage_db, workdir):
+    """The data directory on a small tmpfs: a full disk gets 503 journal_full, never a false ack; freed, it goes on."""
+    data = workdir / "gateway-data"
+    data.mkdir(mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(data)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (the test needs root): {mounted.stderr.decode().strip()}")
+    gw = make_gateway("--db", outage_db.dsn)
+    try:
+        gw.start()
+        token = add_devices(gw, ["truck-7"], outage_db.dsn)["truck-7"]
+        acked = []
+
+        def send(i: int) -> tuple[int, dict]:
+            body = f'{{"readings": [{{"metric": "oil_temp", "ts": {1_795_341_600_000 + i}, "value": {i}}}]}}'
+            status, headers, answer = post(gw, token, body)
+            if status == 200:
+                acked.append(i)
+            return status, headers, answer
+
+        assert send(0)[0] == 200
+        outage_db.stop()
+        assert send(1)[0] == 200  # journaled
+        filler = data / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            for chunk in (65536, 4096, 512, 64, 1):  # to the last byte
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        # The last page of the open segment may still take a few records; then the disk is full.
+        n = 2
+        while send(n)[0] == 200 and n < 200:
+            n += 1
+        for i in range(n, n + 4):
+            status, headers, answer = send(i)
+            retry_after = {k.lower(): v for k, v in headers.items()}.get("retry-after")
+            assert (status, answer["error"], retry_after) == (503, "journal_full", "30"), answer
+        status, body = health(gw)
+        assert status == 503 and body["journal"]["ok"] is False
+        filler.unlink()
+        assert send(1000)[0] == 200  # room again: no restart, no operator
+        outage_db.start()
+        assert wait_until(lambda: drained(gw), 60), health(gw)
+        exported = gatewayctl("export", "--db", outage_db.dsn).stdout
+        stored = sorted(int(json.loads(line)["value"]) for line in exported.splitlines())
+        assert stored == acked and acked[-1] == 1000 and len(acked) >= 3
+    finally:
+        gw.close()
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)

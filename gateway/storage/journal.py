@@ -414,12 +414,22 @@ class Journal:
             self._sizes[truncated[0]] = truncated[1]
             self._truncated = None
         if isinstance(result, Failure):
-            error = StoreUnavailable(f"the database is unavailable and the journal cannot be written: {result.value}")
+            cause = result.value
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk, not the bound, is full: the same answer, and /healthz says so until a write fits.
+                self.full = True
+                error: StoreUnavailable = JournalFull(
+                    f"the database is unavailable and the journal's disk is full ({self.directory}); nothing of "
+                    "this write was acknowledged"
+                )
+            else:
+                error = StoreUnavailable(f"the database is unavailable and the journal cannot be written: {cause}")
             for d in waiters:
                 d.errback(Failure(error))
         else:
             path, new_size = result
             self._sizes[path] = new_size
+            self.full = False
             self.appended_records += count
             self.fsyncs += 1
             if self._seal:
