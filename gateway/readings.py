@@ -35,7 +35,7 @@ class Reading(NamedTuple):
     value: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     id: int
     name: str
