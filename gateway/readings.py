@@ -91,8 +91,9 @@ class Quarantined:
 @dataclass(frozen=True)
 class WriteResult:
     accepted: int  # newly stored
-    duplicates: int  # already stored (a retransmission)
+    duplicates: int  # already stored with the same value (a retransmission)
     quarantined: tuple[Quarantined, ...] = ()  # kept aside, each with the rule it failed
+    conflicts: int = 0  # already stored with another value: the first value stays, this one is kept aside
 
 
 class IngestError(Exception):

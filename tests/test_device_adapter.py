@@ -414,3 +414,14 @@ def test_random_bytes_never_escape_the_adapter(chunks, after_login):
     assert h.transport.disconnecting
     h.proto.connectionLost(None)
     assert h.registry.sessions.get("truck-17") is not h.proto
+
+
+def test_a_conflicting_reading_counts_as_stored_before_in_the_ack():
+    """TGP version 1's ACK has no conflicts field: a reading stored before counts there, whatever its value."""
+    h = Harness()
+    h.login()
+    h.data(2, n=2, value=1.5)
+    assert h.events() == [tgp.Ack(2, 2, 0)]
+    h.data(3, n=3, value=7.25)  # two of them stored before with 1.5
+    assert h.events() == [tgp.Ack(3, 1, 2)]
+    assert len(h.store.conflicts) == 2

@@ -297,3 +297,13 @@ def test_readyz_is_healthz_and_livez_answers_while_the_database_is_down():
     (s1, _, b1), (s2, _, b2) = c.responses()
     assert (s1, b1["status"], b1["database"]) == (503, "unavailable", "database unavailable")
     assert (s2, b2) == (200, {"status": "ok", "uptime_seconds": 5})
+
+
+def test_a_reading_sent_again_with_another_value_is_answered_as_a_conflict():
+    c = Client()
+    c.request()
+    c.request(body=BODY.replace(b"81.5", b"99.5"))
+    (_, _, first), (status, _, second) = c.responses()
+    assert first == {"accepted": 1, "duplicates": 0}
+    assert (status, second) == (200, {"accepted": 0, "duplicates": 0, "conflicts": 1})
+    assert c.store.conflicts == {(1, "oil_temp", next(iter(c.store.readings))[2], 99.5)}

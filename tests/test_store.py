@@ -6,6 +6,7 @@ concurrency, isolation of a refused reading, outages and reconnection.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -35,6 +36,7 @@ from gateway.storage.journal import Journal
 from gateway.storage.interface import IStore
 from gateway.storage.memory import MemoryStore
 from gateway.storage.store import PostgresStore
+from tests.gatewayproc import gatewayctl
 
 
 def add_pg_device(sql, name: str, revoked: bool = False) -> str:
@@ -428,3 +430,42 @@ async def test_during_an_outage_quarantined_readings_go_to_the_journal_with_the_
     assert sql("SELECT metric, value, rule, source FROM quarantine") == [
         ("oil_temp", 900.0, HELD[0].rule, "tgp 10.0.0.7:40000")
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_value_for_a_stored_key_is_a_conflict_not_a_duplicate(kit):
+    """The first value stays (idempotent storage); a different one is counted apart from retransmissions."""
+    store, add, stored, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    assert await store.write(device, [Reading("oil_temp", 1000, 80.0)]) == WriteResult(1, 0)
+    assert await store.write(device, [Reading("oil_temp", 1000, 80.0)]) == WriteResult(0, 1)
+    changed = [Reading("oil_temp", 1000, 99.5), Reading("oil_temp", 2000, 81.0)]
+    assert await store.write(device, changed) == WriteResult(1, 0, (), 1)
+    # within one write: the first copy is stored, a second with another value is a conflict
+    twice = [Reading("density", 5000, 0.87), Reading("density", 5000, 0.91)]
+    assert await store.write(device, twice) == WriteResult(1, 0, (), 1)
+    assert stored() == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_conflicting_values_are_kept_once_each_and_listed(db_dsn, sql):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "truck-1"))
+        await store.write(device, [Reading("oil_temp", 1000, 80.0)], Source("tgp", "10.0.0.7", 40000))
+        for _ in range(2):  # the same conflicting value sent twice is kept once
+            result = await store.write(device, [Reading("oil_temp", 1000, 99.5)], Source("tgp", "10.0.0.7", 40001))
+            assert result == WriteResult(0, 0, (), 1)
+    finally:
+        await store.stopService()
+    assert sql("SELECT value FROM readings") == [(80.0,)]
+    rows = sql("SELECT metric, stored_value, sent_value, source FROM conflicts")
+    assert rows == [("oil_temp", 80.0, 99.5, "tgp 10.0.0.7:40001")]
+    listed = await deferToThread(gatewayctl, "conflicts", "list", "--json", "--db", db_dsn)
+    [doc] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (doc["device"], doc["ts"], doc["stored_value"], doc["sent_value"]) == (
+        "truck-1",
+        "1970-01-01T00:00:00.001Z",
+        80.0,
+        99.5,
+    )

@@ -11,6 +11,7 @@ reason, so nothing disappears without a trace.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -96,9 +97,19 @@ class Ingest:
             await self.refuse(source, e.code, e.message, device=device.name, raw=raw())
             raise
         self.metrics.stored(device.name, source, result.accepted, result.duplicates)
+        if result.conflicts:
+            self.metrics.conflicting(source, result.conflicts)
+            self.refusal_log.warn(
+                device.name,
+                "device {device} at {source} sent {count} readings already stored with another value; the first "
+                "values stay, these are kept in the conflicts table (gatewayctl conflicts list)",
+                device=device.name,
+                source=source,
+                count=result.conflicts,
+            )
         if failed:
             self.metrics.quarantined(source, len(failed))
-            result = WriteResult(result.accepted, result.duplicates, tuple(failed))
+            result = dataclasses.replace(result, quarantined=tuple(failed))
         if good:
             for observe in self.observers:
                 try:

@@ -102,6 +102,12 @@ class GatewayMetrics:
             ["transport"],
             registry=r,
         )
+        self._conflicting = Counter(
+            "gateway_readings_conflicting",
+            "Readings sent again with another value (the first value kept, this one set aside), by transport.",
+            ["transport"],
+            registry=r,
+        )
         self._quarantined = Counter(
             "gateway_readings_quarantined",
             "Readings that failed a quality rule and were kept in quarantine, by transport.",
@@ -158,6 +164,9 @@ class GatewayMetrics:
         seen = self._seen(device, transport, source)
         seen.readings += accepted
         seen.duplicates += duplicates
+
+    def conflicting(self, source: Source, count: int) -> None:
+        self._conflicting.labels(source.transport).inc(count)
 
     def quarantined(self, source: Source, count: int) -> None:
         self._quarantined.labels(source.transport).inc(count)

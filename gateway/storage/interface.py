@@ -31,7 +31,9 @@ class IStore(Interface):
         """
         Store readings once each, and keep ``quarantined`` (readings that failed a
         quality rule, with the rule) once each in quarantine; fire with WriteResult
-        (of the readings) after both are committed. ``source`` is kept as where the
+        (of the readings) after both are committed. A reading whose key was stored
+        before is a duplicate with the same value, a conflict with another: the
+        first value stays, and the other is kept aside. ``source`` is kept as where the
         device was last heard from. Errbacks: StoreUnavailable, StoreOverloaded,
         StoreRejected.
         """

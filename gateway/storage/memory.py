@@ -21,6 +21,7 @@ class MemoryStore:
         self.readings: dict[tuple[int, str, int], float] = {}
         self.rejected: list[tuple[str, str | None, str, bytes]] = []
         self.quarantined: dict[tuple[int, str, int], tuple[float, str]] = {}
+        self.conflicts: set[tuple[int, str, int, float]] = set()  # (device id, metric, ts, the other value)
         self.available = True
         self._next_id = 1
 
@@ -61,15 +62,18 @@ class MemoryStore:
             return fail(StoreUnavailable("database unavailable"))
         for q in quarantined:
             self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
-        new = dup = 0
+        new = dup = conflicts = 0
         for metric, ts_us, value in readings:
             key = (device.id, metric, ts_us)
-            if key in self.readings:
-                dup += 1
-            else:
+            if key not in self.readings:
                 self.readings[key] = value
                 new += 1
-        return succeed(WriteResult(new, dup))
+            elif self.readings[key] == value:
+                dup += 1
+            else:
+                self.conflicts.add((device.id, metric, ts_us, value))
+                conflicts += 1
+        return succeed(WriteResult(new, dup, (), conflicts))
 
     def keep_rejected_input(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         self.rejected.append((str(source), device, reason, raw))

@@ -193,6 +193,26 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX alert_notices_due ON alert_notices (due_at, id) WHERE sent_at IS NULL AND parked_at IS NULL;
         """,
     ),
+    (
+        5,
+        "conflicting readings",
+        """
+        -- A reading whose (device, metric, ts) was stored with another value: the first value stays
+        -- in readings; each other value sent is kept here once, for an administrator to look at.
+        CREATE TABLE conflicts (
+            id            bigserial PRIMARY KEY,
+            device_id     integer NOT NULL,
+            metric        text NOT NULL,
+            ts            timestamptz NOT NULL,
+            stored_value  double precision NOT NULL,
+            sent_value    double precision NOT NULL,
+            source        text NOT NULL,
+            received_at   timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT conflicts_once UNIQUE (device_id, metric, ts, sent_value)
+        );
+        CREATE INDEX conflicts_device ON conflicts (device_id, id);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

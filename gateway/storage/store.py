@@ -123,6 +123,25 @@ ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
 
 
+# Of readings whose key was already stored, those whose stored value differs: the first value
+# stays, and each other value sent is kept once in conflicts. One statement, so committed when it returns.
+CONFLICTS = """
+WITH u AS MATERIALIZED (
+    SELECT i, d, m, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v, s
+    FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(i, d, m, t, v, s)
+), c AS (
+    SELECT u.i, u.d, u.m, u.ts, r.value AS stored, u.v AS sent, u.s
+    FROM u JOIN readings r ON r.device_id = u.d AND r.metric = u.m AND r.ts = u.ts
+    WHERE r.value <> u.v
+), kept AS (
+    INSERT INTO conflicts (device_id, metric, ts, stored_value, sent_value, source)
+    SELECT d, m, ts, stored, sent, s FROM c ORDER BY d, m, ts, sent
+    ON CONFLICT (device_id, metric, ts, sent_value) DO NOTHING
+)
+SELECT i FROM c
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """One writer's part of a batch: its readings and the readings it holds in quarantine."""
@@ -163,15 +182,17 @@ def array_literals(rows: list[tuple]) -> tuple[str, str, str, str]:
 
 def _outcomes(
     count: int, rows: list[tuple], inserted: list[tuple[int, str, int]], refused: dict[int, tuple[tuple, str]]
-) -> tuple[list[Any], int]:
+) -> tuple[list[Any], int, list[tuple]]:
     """
     Each write's result when not every row was new: a row whose key came back
     was stored now (the first of equal rows in the batch); any other row not
-    refused was stored before, a duplicate.
+    refused was stored before, a duplicate (or, with another value, a
+    conflict: those rows are returned to be told apart).
     """
     new_keys = set(inserted)
     new = [0] * count
     duplicates = [0] * count
+    stored_before = []
     for row in rows:
         key = (row[0], row[1], row[2])
         if key in new_keys:
@@ -179,13 +200,14 @@ def _outcomes(
             new[row[4]] += 1
         elif id(row) not in refused:
             duplicates[row[4]] += 1
+            stored_before.append(row)
     outcomes: list[Any] = [WriteResult(new[i], duplicates[i]) for i in range(count)]
     for row, reason in refused.values():
         i, j = row[4], row[5]
         current = outcomes[i]
         if not isinstance(current, StoreRejected) or j < current.index:
             outcomes[i] = StoreRejected(f"readings[{j}]: the database refused it: {reason}", j)
-    return outcomes, sum(new)
+    return outcomes, sum(new), stored_before
 
 
 def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -> Deferred:
@@ -437,7 +459,13 @@ class PostgresStore(Service):
             outcomes: list[Any] = [WriteResult(len(w.readings), 0) for w in items]
             added = len(rows)
         else:
-            outcomes, added = _outcomes(len(items), rows, inserted, refused)
+            outcomes, added, stored_before = _outcomes(len(items), rows, inserted, refused)
+            if stored_before:
+                # Only readings stored before are looked at again: a retransmission's cost, not every write's.
+                for i, count in (await self._conflicts(conn, stored_before, items)).items():
+                    if isinstance(outcomes[i], WriteResult):
+                        w = outcomes[i]
+                        outcomes[i] = WriteResult(w.accepted, w.duplicates - count, w.quarantined, count)
         for i, error in held.items():
             if not isinstance(outcomes[i], StoreRejected):
                 outcomes[i] = error
@@ -452,6 +480,22 @@ class PostgresStore(Service):
             for listener in self.listeners:
                 listener(added)
         return outcomes
+
+    async def _conflicts(self, conn: Any, rows: list[tuple], items: list[Write]) -> dict[int, int]:
+        """Of rows whose key was stored before, those stored with another value: kept aside, counted per writer."""
+        columns = (
+            [r[4] for r in rows],
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [items[r[4]].source for r in rows],
+        )
+        found = await conn.runQuery(CONFLICTS, columns)
+        counts: dict[int, int] = {}
+        for (i,) in found:
+            counts[i] = counts.get(i, 0) + 1
+        return counts
 
     async def _quarantine(self, conn: Any, items: list[Write]) -> dict[int, StoreRejected]:
         """

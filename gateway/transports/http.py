@@ -297,6 +297,8 @@ class ReadingsResource(JsonResource):
     def _accepted(self, request: server.Request, result: WriteResult, source: Source, arrived: float) -> bytes:
         self.ingest.metrics.acked(source, self.ingest.clock.seconds() - arrived)
         doc: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates}
+        if result.conflicts:
+            doc["conflicts"] = result.conflicts
         if result.quarantined:
             doc["quarantined"] = [
                 {"index": q.index, "metric": q.reading.metric, "ts": format_ts(q.reading.ts_us), "rule": q.rule}
