@@ -135,7 +135,8 @@ async def test_the_same_reading_twice_in_one_write(kit):
     store, add, stored, _ = kit
     device = await store.authenticate(add("truck-1"))
     r = Reading("rpm", 5_000, 1.0)
-    assert await store.write(device, [r, r, Reading("rpm", 5_000, 2.0)]) == WriteResult(1, 2)
+    # the same copy again is a duplicate; another value for the key is a conflict
+    assert await store.write(device, [r, r, Reading("rpm", 5_000, 2.0)]) == WriteResult(1, 1, (), 1)
     assert stored() == 1
 
 
@@ -193,7 +194,7 @@ async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sq
         distinct = {(d.id, r.metric, r.ts_us) for d, rs in writes for r in rs}
         assert sum(res.accepted for res in results) == len(distinct)
         for (_, rs), res in zip(writes, results):
-            assert res.accepted + res.duplicates == len(rs)
+            assert res.accepted + res.duplicates + res.conflicts == len(rs)  # each reading counted once
         assert sql("SELECT count(*) FROM readings")[0][0] == len(distinct)
         assert store.batches < 50  # writes were grouped into fewer transactions
     finally:
@@ -366,7 +367,7 @@ async def test_migration_fills_the_twin_from_readings_stored_before_it(pg_server
                 "(1, 'oil_temp', 'epoch', 1), (1, 'oil_temp', '2026-01-01Z', 2), (1, 'rpm', 'epoch', 3)"
             )
         conn.commit()
-        assert schema.migrate(conn) == [4]
+        assert schema.migrate(conn) == [4, 5]
         with conn.cursor() as cur:
             cur.execute("SELECT metric, value FROM twin ORDER BY metric")
             assert cur.fetchall() == [("oil_temp", 2.0), ("rpm", 3.0)]
