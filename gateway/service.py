@@ -309,7 +309,8 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
+        # Fires when the start has finished, failed or given up (a stop while it waited).
+        self.starting = Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
 
     async def _start(self) -> None:
         config = self.config
@@ -362,7 +363,6 @@ class GatewayService(MultiService):
             while True:
                 try:
                     dsn: str = await self.in_thread(prepare_database, self.config.db, self.embedded)
-                    return dsn
                 except (DatabaseAway, embedded.EmbeddedDatabaseError) as e:
                     if self.stopping:
                         raise
@@ -376,6 +376,15 @@ class GatewayService(MultiService):
                         opener = self.reactor.callLater(self.config.db_wait, self._open_without_database)
                     await deferLater(self.reactor, delay, lambda: None)
                     delay = min(2 * delay, 10.0)
+                    if self.stopping:
+                        raise StartError("the gateway stopped before the database answered") from None
+                    continue
+                if self.stopping:
+                    # Stopped while the database was being started: stopping has already let go of it.
+                    if self.embedded is not None:
+                        await self.in_thread(self.embedded.stop)
+                    raise StartError("the gateway stopped before the database answered")
+                return dsn
         finally:
             if opener is not None and opener.active():
                 opener.cancel()
@@ -425,6 +434,9 @@ class GatewayService(MultiService):
         self.uploader = uploader
 
     def _start_failed(self, f: Failure) -> None:
+        if self.stopping:
+            log.info("start abandoned: the gateway is stopping ({reason})", reason=f.getErrorMessage())
+            return
         message = str(f.value) if f.check(StartError, embedded.EmbeddedDatabaseError) else None
         if message is None:
             log.failure("gateway failed to start", f)

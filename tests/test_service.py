@@ -231,3 +231,26 @@ async def test_a_request_made_before_the_gateway_is_ready_waits_and_is_answered(
     finally:
         await gw.pool.closeCachedConnections()
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_stopped_while_waiting_for_its_database_stops_cleanly(tmp_path):
+    """The database never answers; the gateway is stopped meanwhile: no start is finished after the stop."""
+    from gateway.config import build_config
+    from gateway.service import build
+
+    values = {
+        "data-dir": str(tmp_path / "data"),
+        "db": "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2",
+        "https": "ssl:0:interface=127.0.0.1",
+        "device": ["tcp:0:interface=127.0.0.1"],
+        "db-wait": "1",
+    }
+    service = build(build_config(values), reactor)
+    service.privilegedStartService()
+    service.startService()
+    await service.listening.addTimeout(60, reactor)  # after --db-wait: the ports open without a database
+    assert not service.ready.called
+    await service.stopService()
+    await service.starting.addTimeout(60, reactor)  # the waiting retry gives up instead of connecting
+    assert not service.ready.called and service.store.pool.up == 0 and service.failure is None
