@@ -69,12 +69,12 @@ def serve_device(sock: socket.socket, dsn: str) -> None:
                     if row is not None:
                         device_id, stored = row[0], bytes(row[1])
                     nonce = os.urandom(tgp.NONCE_SIZE)
-                    sock.sendall(codec.send(tgp.Challenge(tgp.VERSIONS[-1], nonce)))
+                    sock.sendall(codec.send(tgp.Challenge(tgp.choose_version(event) or 1, nonce)))
                 elif isinstance(event, tgp.Auth):
                     if not tokens.proof_matches(event.proof, stored, nonce, name):
                         sock.sendall(codec.send(tgp.Reject(tgp.ErrorCode.AUTH_FAILED, "wrong token")))
                         return
-                    welcome = tgp.Welcome(tgp.VERSIONS[-1], int(time.time() * 1e6), 1 << 20, 1, 30, 120)
+                    welcome = tgp.Welcome(codec.version or 1, int(time.time() * 1e6), 1 << 20, 1, 30, 120)
                     sock.sendall(codec.send(welcome))
                 elif isinstance(event, tgp.Declare):
                     sock.sendall(codec.send(tgp.Ack(event.seq)))

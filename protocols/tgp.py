@@ -33,7 +33,7 @@ from typing import Any
 from collections.abc import Callable
 
 MAGIC = b"TG"
-VERSIONS = (1,)  # protocol versions this codec speaks
+VERSIONS = (1, 2)  # protocol versions this codec speaks; 2 adds conflicts to ACK
 HEADER = struct.Struct(">2sBBI")  # magic, type, flags, payload length
 TRAILER = struct.Struct(">I")  # CRC-32 of header and payload
 OVERHEAD = HEADER.size + TRAILER.size
@@ -255,12 +255,14 @@ class Data:
 class Ack:
     seq: int
     accepted: int = 0  # readings newly stored
-    duplicates: int = 0  # readings stored before (a retransmission)
+    duplicates: int = 0  # readings stored before with the same value (a retransmission)
+    conflicts: int = 0  # readings stored before with another value (version 2; version 1 adds them to duplicates)
 
     def __post_init__(self) -> None:
         _check_uint(self.seq, "seq", 32)
         _check_uint(self.accepted, "accepted", 16)
         _check_uint(self.duplicates, "duplicates", 16)
+        _check_uint(self.conflicts, "conflicts", 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +385,8 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _WELCOME = struct.Struct(">BqIHHH")
-_ACK = struct.Struct(">IHH")
+_ACK_V1 = struct.Struct(">IHH")
+_ACK = struct.Struct(">IHHH")  # version 2 on
 _NACK_HEAD = struct.Struct(">IHH")
 _DATA_HEAD = struct.Struct(">IBqH")
 _DECLARE_HEAD = struct.Struct(">IH")
@@ -493,7 +496,8 @@ class Connection:
         self.max_frame = max_frame  # largest payload we accept
         self.max_metrics = max_metrics
         self.state = START
-        self.version: int | None = None
+        self.version: int | None = None  # chosen by CHALLENGE
+        self._offered: tuple[int, ...] = ()  # the versions HELLO listed
         self._buffer = bytearray()
         self._eof = False
         # sequence numbers of DECLARE/DATA frames
@@ -575,10 +579,14 @@ class Connection:
         if kind is MessageType.DECLARE:
             return self._decode_declare(r)
         if kind is MessageType.ACK:
-            seq, accepted, duplicates = r.unpack(_ACK)
+            if self.version == 1:
+                seq, accepted, duplicates = r.unpack(_ACK_V1)
+                conflicts = 0
+            else:
+                seq, accepted, duplicates, conflicts = r.unpack(_ACK)
             r.end()
             self._answered(seq)
-            return Ack(seq, accepted, duplicates)
+            return Ack(seq, accepted, duplicates, conflicts)
         if kind is MessageType.NACK:
             seq, code, retry = r.unpack(_NACK_HEAD)
             text = r.text(_U16)
@@ -594,12 +602,13 @@ class Connection:
             device = r.text(_U8)
             firmware = r.text(_U8)
             r.end()
+            self._offered = versions
             return Hello(device, versions, firmware)
         if kind is MessageType.CHALLENGE:
             (version,) = r.unpack(_U8)
             nonce = r.take(NONCE_SIZE)
             r.end()
-            if version not in VERSIONS:
+            if version not in VERSIONS or version not in self._offered:
                 raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"the gateway chose version {version}")
             self.version = version
             return Challenge(version, nonce)
@@ -610,6 +619,8 @@ class Connection:
         if kind is MessageType.WELCOME:
             fields = r.unpack(_WELCOME)
             r.end()
+            if fields[0] != self.version:
+                raise r.fail(f"version {fields[0]}, but CHALLENGE chose {self.version}")
             return Welcome(*fields)
         if kind in (MessageType.PING, MessageType.PONG):
             (payload_value,) = r.unpack(_U64)
@@ -759,21 +770,26 @@ class Connection:
             return b"".join(parts)
         if isinstance(e, Ack):
             self._answer(e.seq)
-            return _ACK.pack(e.seq, e.accepted, e.duplicates)
+            if self.version == 1:  # no field for conflicts: they were stored before, like duplicates
+                return _ACK_V1.pack(e.seq, e.accepted, min(e.duplicates + e.conflicts, 0xFFFF))
+            return _ACK.pack(e.seq, e.accepted, e.duplicates, e.conflicts)
         if isinstance(e, Nack):
             if e.seq:
                 self._answer(e.seq)
             return _NACK_HEAD.pack(e.seq, e.code, e.retry_after_s) + _str16(e.text)
         if isinstance(e, Hello):
+            self._offered = e.versions
             return _U8.pack(len(e.versions)) + bytes(e.versions) + _str8(e.device) + _str8(e.firmware)
         if isinstance(e, Challenge):
-            if e.version not in VERSIONS:
-                raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {e.version} is not spoken here")
+            if e.version not in VERSIONS or e.version not in self._offered:
+                raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {e.version}: not both ends speak it")
             self.version = e.version
             return _U8.pack(e.version) + e.nonce
         if isinstance(e, Auth):
             return e.proof
         if isinstance(e, Welcome):
+            if e.version != self.version:
+                raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"CHALLENGE chose version {self.version}")
             return _WELCOME.pack(e.version, e.server_time_us, e.max_frame, e.window, e.heartbeat_s, e.idle_timeout_s)
         if isinstance(e, (Ping, Pong)):
             return _U64.pack(e.payload)

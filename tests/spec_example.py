@@ -24,18 +24,18 @@ def session() -> list[tuple[str, str, bytes]]:
         assert other.next_event() is not tgp.NEED_DATA
         out.append((sender, type(event).__name__.upper(), data))
 
-    send("device", tgp.Hello(DEVICE, (1,), "fw-2.1"))
-    send("gateway", tgp.Challenge(1, NONCE))
+    send("device", tgp.Hello(DEVICE, (1, 2), "fw-2.1"))
+    send("gateway", tgp.Challenge(2, NONCE))
     send("device", tgp.Auth(tokens.auth_proof(TOKEN, NONCE, DEVICE)))
-    send("gateway", tgp.Welcome(1, SERVER_TIME_US, 65536, 32, 30, 120))
+    send("gateway", tgp.Welcome(2, SERVER_TIME_US, 65536, 32, 30, 120))
     send(
         "device",
         tgp.Declare(1, (tgp.Metric(1, tgp.ValueType.F32, "oil_temp"), tgp.Metric(2, tgp.ValueType.F64, "density"))),
     )
-    send("gateway", tgp.Ack(1, 0, 0))
+    send("gateway", tgp.Ack(1, 0, 0, 0))
     send("device", tgp.Data(2, (("oil_temp", T0, 81.5), ("oil_temp", T0 + 1_000_000, 81.75), ("density", T0, 0.8712))))
     send("device", tgp.Data(3, (("oil_temp", T0 + 2_000_000, float("inf")),)))
-    send("gateway", tgp.Ack(2, 3, 0))
+    send("gateway", tgp.Ack(2, 3, 0, 0))
     send("gateway", tgp.Nack(3, tgp.ErrorCode.INVALID_READING, "readings[0].value: must be finite"))
     send("device", tgp.Bye(tgp.ErrorCode.NORMAL, ""))
     return out

@@ -15,9 +15,9 @@ from tests.tgp_helpers import Pair
 F64 = tgp.ValueType.F64
 
 
-def ready_pair(**limits) -> Pair:
+def ready_pair(version: int = tgp.VERSIONS[-1], **limits) -> Pair:
     pair = Pair(**limits)
-    pair.handshake()
+    pair.handshake(version=version)
     return pair
 
 
@@ -168,8 +168,56 @@ def test_eof_between_frames_and_inside_one():
 
 
 def test_version_choice():
-    assert tgp.choose_version(tgp.Hello("a", (1, 2, 7))) == 1
-    assert tgp.choose_version(tgp.Hello("a", (2, 3))) is None
+    assert tgp.choose_version(tgp.Hello("a", (1, 2, 7))) == 2
+    assert tgp.choose_version(tgp.Hello("a", (7, 1))) == 1
+    assert tgp.choose_version(tgp.Hello("a", (3, 4))) is None
+
+
+def test_a_version_the_device_did_not_offer_is_refused_on_both_ends():
+    pair = Pair()
+    pair.send("device", tgp.Hello("a", (1,)))
+    with pytest.raises(tgp.LocalProtocolError) as e:
+        pair.gateway.send(tgp.Challenge(2, bytes(32)))
+    assert e.value.code == tgp.ErrorCode.UNSUPPORTED_VERSION
+    # a gateway that chooses it anyway: the device refuses the CHALLENGE
+    device = tgp.Connection(tgp.DEVICE)
+    device.send(tgp.Hello("a", (1,)))
+    rogue = tgp.Connection(tgp.GATEWAY)
+    rogue.receive_data(tgp.Connection(tgp.DEVICE).send(tgp.Hello("a", (1, 2))))
+    rogue.next_event()
+    device.receive_data(rogue.send(tgp.Challenge(2, bytes(32))))
+    with pytest.raises(tgp.RemoteProtocolError) as e:
+        device.next_event()
+    assert e.value.code == tgp.ErrorCode.UNSUPPORTED_VERSION
+    # ... and says so with BYE, as the spec's table of fatal codes has it
+    rogue.receive_data(device.send(tgp.Bye(e.value.code, e.value.message)))
+    assert rogue.next_event() == tgp.Bye(tgp.ErrorCode.UNSUPPORTED_VERSION, "the gateway chose version 2")
+
+
+def test_welcome_names_the_version_challenge_chose():
+    pair = Pair()
+    pair.send("device", tgp.Hello("a"))
+    pair.send("gateway", tgp.Challenge(1, bytes(32)))
+    pair.send("device", tgp.Auth(bytes(32)))
+    with pytest.raises(tgp.LocalProtocolError, match="chose version 1"):
+        pair.gateway.send(tgp.Welcome(2, 0, 1, 1, 1, 1))
+    # the same bytes from a peer that does not check
+    frame = bytearray(tgp.HEADER.pack(tgp.MAGIC, tgp.MessageType.WELCOME, 0, 19))
+    frame += tgp._WELCOME.pack(2, 0, 1, 1, 1, 1)
+    frame += tgp.TRAILER.pack(zlib.crc32(frame))
+    pair.device.receive_data(bytes(frame))
+    with pytest.raises(tgp.RemoteProtocolError, match="CHALLENGE chose 1"):
+        pair.device.next_event()
+
+
+@pytest.mark.parametrize("version,payload", [(1, 8), (2, 10)])
+def test_ack_layout_by_version(version, payload):
+    """Version 2 adds conflicts to ACK; version 1 has no field for them and counts them as duplicates."""
+    pair = ready_pair(version)
+    pair.send("device", tgp.Data(1, ()))
+    [ack] = pair.send("gateway", tgp.Ack(1, 5, 2, 3))
+    assert len(pair.wire[-1][1]) == tgp.OVERHEAD + payload
+    assert ack == (tgp.Ack(1, 5, 2, 3) if version == 2 else tgp.Ack(1, 5, 5, 0))
 
 
 def test_unknown_error_codes_from_newer_peers_keep_their_number():
@@ -267,13 +315,14 @@ def test_data_round_trips(case):
     assert pair.send("device", data) == [data]
 
 
-@given(st.integers(1, 50), u16, u16, st.sampled_from(list(tgp.ErrorCode)), names, u16)
-def test_ack_and_nack_round_trip(n, accepted, duplicates, code, text, retry):
+@given(st.integers(1, 50), u16, u16, u16, st.sampled_from(list(tgp.ErrorCode)), names, u16)
+def test_ack_and_nack_round_trip(n, accepted, duplicates, conflicts, code, text, retry):
     pair = ready_pair()
     for seq in range(1, n + 2):
         pair.send("device", tgp.Data(seq, ()))
     for seq in range(1, n + 1):
-        assert pair.send("gateway", tgp.Ack(seq, accepted, duplicates)) == [tgp.Ack(seq, accepted, duplicates)]
+        ack = tgp.Ack(seq, accepted, duplicates, conflicts)
+        assert pair.send("gateway", ack) == [ack]
     nack = tgp.Nack(n + 1, code, text, retry)
     assert pair.send("gateway", nack) == [nack]
 

@@ -28,11 +28,12 @@ class Pair:
         theirs.receive_data(data)
         return drain(theirs)
 
-    def handshake(self, name: str = "truck-17") -> None:
-        assert self.send("device", tgp.Hello(name, (1,), "fw 1.0")) == [tgp.Hello(name, (1,), "fw 1.0")]
+    def handshake(self, name: str = "truck-17", version: int = tgp.VERSIONS[-1]) -> None:
+        hello = tgp.Hello(name, tgp.VERSIONS, "fw 1.0")
+        assert self.send("device", hello) == [hello]
         nonce = bytes(range(32))
-        assert self.send("gateway", tgp.Challenge(1, nonce)) == [tgp.Challenge(1, nonce)]
+        assert self.send("gateway", tgp.Challenge(version, nonce)) == [tgp.Challenge(version, nonce)]
         assert self.send("device", tgp.Auth(b"p" * 32)) == [tgp.Auth(b"p" * 32)]
-        welcome = tgp.Welcome(1, 1_795_341_600_000_000, 65536, 32, 30, 120)
+        welcome = tgp.Welcome(version, 1_795_341_600_000_000, 65536, 32, 30, 120)
         assert self.send("gateway", welcome) == [welcome]
         assert self.gateway.state == self.device.state == tgp.READY

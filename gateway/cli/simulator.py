@@ -41,6 +41,7 @@ LATENCY_SAMPLES = 200_000
 class Stats:
     acked: int = 0
     duplicates: int = 0
+    conflicts: int = 0
     sent: int = 0
     reconnects: int = 0
     errors: Counter = field(default_factory=Counter)
@@ -167,6 +168,7 @@ class TGPClient(protocol.Protocol):
             if readings:
                 stats.acked += len(readings)
                 stats.duplicates += event.duplicates
+                stats.conflicts += event.conflicts
                 now = self.sim.clock.seconds()
                 stats.latency(now - sent_at, now)
             self.device.backoff = BACKOFF_FIRST
@@ -295,6 +297,7 @@ class HTTPSDevice:
                 result = json.loads(content)
                 stats.acked += len(readings)
                 stats.duplicates += result["duplicates"]
+                stats.conflicts += result.get("conflicts", 0)
                 now = self.sim.clock.seconds()
                 stats.latency(now - started, now)
                 self.busy = False
@@ -430,6 +433,7 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
         "duration": round(elapsed, 3),
         "acked": s.acked,
         "duplicates": s.duplicates,
+        "conflicts": s.conflicts,
         "rate": round(s.acked / elapsed, 1) if elapsed else 0.0,
         "p50_ms": round(s.percentile(50), 3),
         "p95_ms": round(s.percentile(95), 3),

@@ -267,9 +267,10 @@ class DeviceProtocol(protocol.Protocol):
         if isinstance(outcome, WriteResult):
             # Readings kept in quarantine count as accepted: they are kept, and sending them again changes nothing.
             accepted = outcome.accepted + len(outcome.quarantined)
-            # Version 1's ACK has no field for conflicts: they count with the duplicates (stored before).
-            stored_before = outcome.duplicates + outcome.conflicts
-            self._send(tgp.Ack(seq, min(accepted, 0xFFFF), min(stored_before, 0xFFFF)))
+            # A version 1 ACK has no field for conflicts: the codec counts them with the duplicates.
+            self._send(
+                tgp.Ack(seq, min(accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF), min(outcome.conflicts, 0xFFFF))
+            )
             self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
             self.readings += outcome.accepted
             return
