@@ -118,6 +118,8 @@ class Gateway:
                 "tcp:0:interface=127.0.0.1",
                 "--device",
                 "ssl:0:interface=127.0.0.1",
+                "--mqtt",
+                "ssl:0:interface=127.0.0.1",
                 # Every simulated device connects from 127.0.0.1 as fast as it can: measure
                 # the gateway's own limits, not the per-device and per-address allowances.
                 "--device-rate",

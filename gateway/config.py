@@ -155,6 +155,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _off_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``off`` (None: leave the feature out), or what ``parse`` makes of the value."""
+
+    def parse_or_off(value: Any) -> Any:
+        return None if value == "off" else parse(value)
+
+    return parse_or_off
+
+
 def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
     def parse(value: Any) -> EndpointSpec:
         return parse_endpoint(_text(value), kinds)
@@ -198,6 +207,15 @@ SETTINGS: tuple[Setting, ...] = (
         _server_endpoint(("ssl", "tcp")),
         "Endpoint for devices speaking the binary protocol (TGP); repeat for several. "
         "ssl: endpoints use the same certificate as --https.",
+        multiple=True,
+    ),
+    Setting(
+        "mqtt",
+        ("ssl:8883",),
+        _off_or(_server_endpoint(("ssl", "tcp"))),
+        "Endpoint for devices speaking MQTT 3.1.1 or 5.0 (user name: the device's name; password: its token); "
+        "repeat for several, or 'off'. ssl: endpoints use the same certificate as --https; a tcp: endpoint "
+        "carries device tokens in clear.",
         multiple=True,
     ),
     Setting(
@@ -403,6 +421,7 @@ class GatewayConfig:
     commit_delay: float
     max_queue: int
     journal_max_bytes: int = 1024**3
+    mqtt: tuple[EndpointSpec, ...] = ()
     device_handshake_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     db_wait: float = 30.0
@@ -501,7 +520,7 @@ def build_config(
         try:
             if setting.multiple:
                 items = [raw] if isinstance(raw, str) else list(raw)
-                values[setting.name] = tuple(setting.parse(item) for item in items)
+                values[setting.name] = tuple(v for v in (setting.parse(item) for item in items) if v is not None)
             else:
                 values[setting.name] = setting.parse(raw)
         except (ValueError, TypeError) as e:

@@ -69,6 +69,7 @@ from gateway.transports.endpoints import EndpointSpec
 from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from gateway.transports.listeners import Listener, Listeners, TLSWrapper
+from gateway.transports.mqtt_adapter import MQTTFactory
 from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
 from protocols import tgp
 
@@ -198,7 +199,7 @@ class GatewayService(MultiService):
         )
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self._devices_changed)
         self.registry = DeviceRegistry()
-        self.device_factories = [
+        self.tgp_factories = [
             DeviceFactory(
                 self.ingest,
                 self.registry,
@@ -209,6 +210,19 @@ class GatewayService(MultiService):
             )
             for spec in config.device
         ]
+        self.mqtt_factories = [
+            MQTTFactory(
+                self.ingest,
+                self.registry,
+                clock=reactor,
+                settings=device_settings(config),
+                tls=spec.tls,
+                require_client_cert=spec.tls and config.device_ca is not None,
+            )
+            for spec in config.mqtt
+        ]
+        # Every device transport with sessions: TGP and MQTT alike (end, stop_reading, connections).
+        self.device_factories: list[Any] = [*self.tgp_factories, *self.mqtt_factories]
         for source in (self._connection_metrics, self.store.live_metrics, self.status.live_metrics):
             self.metrics.live.sources.append(source)
         self.metrics.live.sources.append(self.alerts.live_metrics)
@@ -244,6 +258,10 @@ class GatewayService(MultiService):
     def device_ports(self) -> list[Any]:
         return [s.port for s in self.listeners if s.option == "device"]
 
+    @property
+    def mqtt_ports(self) -> list[Any]:
+        return [s.port for s in self.listeners if s.option == "mqtt"]
+
     # -- start ---------------------------------------------------------
 
     def _listeners(self) -> list[Listener]:
@@ -254,18 +272,25 @@ class GatewayService(MultiService):
         def listener(spec: EndpointSpec, factory: Any, option: str, what: str, client_ca: Any = None) -> Listener:
             if spec.tls:
                 factory = tls.wrap(spec, factory, option, client_ca)
-            if option in ("https", "device"):
+            if option in ("https", "device", "mqtt"):
                 # Outside TLS: a connection over the limits costs no handshake.
                 factory = LimitedFactory(factory, self.limits)
             # The ports that take readings open only once the gateway can answer.
-            return Listener(reactor, spec, factory, option, what, held=option in ("https", "device"))
+            return Listener(reactor, spec, factory, option, what, held=option in ("https", "device", "mqtt"))
 
         out = [listener(config.https, self.site, "https", "HTTPS" if config.https.tls else "HTTP")]
         if not config.https.tls:
             log.warn("--https {spec} serves plain HTTP: device tokens cross the network in clear", spec=config.https)
-        for spec, factory in zip(config.device, self.device_factories):
+        for spec, factory in zip(config.device, self.tgp_factories):
             client_ca = config.device_ca if spec.tls else None
             out.append(listener(spec, factory, "device", "TGP over TLS" if spec.tls else "TGP", client_ca))
+        for spec, mqtt_factory in zip(config.mqtt, self.mqtt_factories):
+            client_ca = config.device_ca if spec.tls else None
+            out.append(listener(spec, mqtt_factory, "mqtt", "MQTT over TLS" if spec.tls else "MQTT", client_ca))
+            if not spec.tls:
+                log.warn(
+                    "--mqtt {spec} is plain TCP: device tokens (MQTT passwords) cross the network in clear", spec=spec
+                )
         if config.metrics is not None:
             site = server.Site(OperationsRoot(self.health, self.metrics), timeout=config.request_timeout)
             site.displayTracebacks = False
@@ -529,8 +554,7 @@ class GatewayService(MultiService):
         """Open connections by transport."""
         out = {("https" if self.config.https.tls else "http"): self.site.open_connections}
         for factory in self.device_factories:
-            key = "tgp+tls" if factory.tls else "tgp"
-            out[key] = out.get(key, 0) + len(factory.connections)
+            out[factory.transport] = out.get(factory.transport, 0) + len(factory.connections)
         return out
 
     def _connection_metrics(self) -> Iterator[Any]:
@@ -540,7 +564,7 @@ class GatewayService(MultiService):
         yield conns
 
     def online_sessions(self) -> dict[str, list[Any]]:
-        """TGP sessions by device name (authenticated ones)."""
+        """TGP and MQTT sessions by device name (authenticated ones)."""
         out: dict[str, list[Any]] = {}
         for factory in self.device_factories:
             for session in factory.connections:

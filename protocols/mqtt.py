@@ -641,6 +641,11 @@ class Connection:
         buf = self._buffer
         if not buf:
             return CONNECTION_CLOSED if self._eof else NEED_DATA
+        if self.state == START and self.our_role is SERVER and buf[0] != 0x10:
+            # not MQTT at all (a TLS handshake on a plain port, an HTTP request): say so at once
+            raise RemoteProtocolError(
+                Reason.PROTOCOL_ERROR, f"the first packet must be CONNECT, not byte {buf[0]:#04x}"
+            )
         # fixed header: type and flags, then the Remaining Length in one to four bytes
         remaining = shift = 0
         pos = 1

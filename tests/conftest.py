@@ -183,6 +183,7 @@ async def start_service(tmp_path: Path, db_dsn: str, tables: dict | None = None,
         "db": db_dsn,
         "https": "ssl:0:interface=127.0.0.1",
         "device": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
+        "mqtt": ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
     }
     values.update({key.replace("_", "-"): value for key, value in settings.items()})
     service = build(build_config(values, tables), reactor)

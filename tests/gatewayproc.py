@@ -16,12 +16,15 @@ import psutil
 from tests.conftest import script
 
 LISTENING = re.compile(
-    r"listening for (HTTPS|TGP|TGP over TLS|the SSH console|/metrics and /healthz \(HTTP\)) on [\d.]+:(\d+)"
+    r"listening for (HTTPS|TGP|TGP over TLS|MQTT|MQTT over TLS|the SSH console|/metrics and /healthz \(HTTP\)) "
+    r"on [\d.]+:(\d+)"
 )
 PORTS = {
     "HTTPS": "port",
     "TGP": "tgp_port",
     "TGP over TLS": "tgp_tls_port",
+    "MQTT": "mqtt_port",
+    "MQTT over TLS": "mqtt_tls_port",
     "the SSH console": "manhole_port",
     "/metrics and /healthz (HTTP)": "metrics_port",
 }
@@ -37,6 +40,8 @@ class GatewayProcess:
         self.port: int | None = None  # HTTPS
         self.tgp_port: int | None = None
         self.tgp_tls_port: int | None = None
+        self.mqtt_port: int | None = None
+        self.mqtt_tls_port: int | None = None
         self.manhole_port: int | None = None
         self.metrics_port: int | None = None
         self.lines: list[str] = []
@@ -61,6 +66,8 @@ class GatewayProcess:
                 "--device",
                 "tcp:0:interface=127.0.0.1",
                 "--device",
+                "ssl:0:interface=127.0.0.1",
+                "--mqtt",
                 "ssl:0:interface=127.0.0.1",
                 *self.extra,
             ],

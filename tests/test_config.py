@@ -15,6 +15,16 @@ def test_defaults():
     assert config.db is None
     assert config.https.kind == "ssl" and config.https.port == 8443
     assert config.max_body == 1024 * 1024
+    assert [(e.kind, e.port) for e in config.mqtt] == [("ssl", 8883)]
+
+
+def test_mqtt_endpoints_or_off():
+    assert build_config({"mqtt": "off"}).mqtt == ()
+    assert build_config({}, {"mqtt": []}).mqtt == ()
+    both = build_config({"mqtt": ["tcp:1883", "ssl:8883"]}).mqtt
+    assert [(e.kind, e.port, e.tls) for e in both] == [("tcp", 1883, False), ("ssl", 8883, True)]
+    with pytest.raises(ConfigError, match="mqtt"):
+        build_config({"mqtt": "udp:1883"})
 
 
 def test_file_values_and_command_line_wins(tmp_path):
@@ -113,6 +123,8 @@ def test_twistd_stops_with_one_line(tmp_path, argv, words):
             str(tmp_path / "d"),
             "--device",
             "tcp:0:interface=127.0.0.1",
+            "--mqtt",
+            "off",
             *argv,
         ],
         capture_output=True,

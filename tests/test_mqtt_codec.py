@@ -108,7 +108,7 @@ def test_a_v5_peer_that_takes_small_packets_is_not_sent_big_ones():
 def test_nothing_before_connect_and_connect_only_once():
     server = mqtt.Connection(mqtt.SERVER)
     server.receive_data(b"\xc0\x00")  # PINGREQ
-    with pytest.raises(mqtt.RemoteProtocolError, match="before CONNECT"):
+    with pytest.raises(mqtt.RemoteProtocolError, match="first packet must be CONNECT"):
         server.next_event()
     pair = Pair().connect()
     with pytest.raises(mqtt.LocalProtocolError):

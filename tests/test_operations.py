@@ -232,6 +232,7 @@ async def test_reload_applies_live_settings_and_names_the_rest(tmp_path, db_dsn)
         "data-dir": str(tmp_path / "data"),
         "https": "ssl:0:interface=127.0.0.1",
         "device": ["tcp:0:interface=127.0.0.1"],
+        "mqtt": "off",
     }
     from gateway.service import GatewayService
 

@@ -195,6 +195,7 @@ async def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, db_dsn):
             "db": db_dsn,
             "https": "ssl:0:interface=127.0.0.1",
             "device": [f"tcp:{port}:interface=127.0.0.1"],
+            "mqtt": "off",
         }
         service = build(build_config(values), reactor)
         with pytest.raises(StartError, match=rf"^--device: cannot listen on tcp:{port}:interface=127.0.0.1: "):
@@ -217,6 +218,7 @@ async def test_a_request_made_before_the_gateway_is_ready_waits_and_is_answered(
         "db": db_dsn,
         "https": "ssl:0:interface=127.0.0.1",
         "device": ["tcp:0:interface=127.0.0.1"],
+        "mqtt": "off",
     }
     service = build(build_config(values), reactor)
     service.privilegedStartService()
@@ -244,6 +246,7 @@ async def test_a_gateway_stopped_while_waiting_for_its_database_stops_cleanly(tm
         "db": "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2",
         "https": "ssl:0:interface=127.0.0.1",
         "device": ["tcp:0:interface=127.0.0.1"],
+        "mqtt": "off",
         "db-wait": "1",
     }
     service = build(build_config(values), reactor)

@@ -160,12 +160,15 @@ class Ingest:
         self.quality = quality
         self.device_types = {t.name: t for t in device_types}
 
-    def write_json(self, device: Device, body: bytes, source: Source) -> Deferred[WriteResult]:
-        """Parse a JSON body and store it; fires with WriteResult or fails with IngestError."""
+    def write_json(self, device: Device, body: bytes, source: Source, one: bool = False) -> Deferred[WriteResult]:
+        """
+        Parse a JSON body and store it; fires with WriteResult or fails with IngestError. With ``one``,
+        a body in the gateway's own shape may also be a single reading object.
+        """
 
         async def run() -> WriteResult:
             try:
-                readings = self.read_body(device, body)
+                readings = self.read_body(device, body, one)
             except InvalidInput as e:
                 await self.refuse(source, e.code, e.message, device=device.name, raw=body)
                 raise
@@ -173,10 +176,10 @@ class Ingest:
 
         return Deferred.fromCoroutine(run())
 
-    def read_body(self, device: Device, body: bytes) -> list[Reading]:
+    def read_body(self, device: Device, body: bytes, one: bool = False) -> list[Reading]:
         """The readings of a JSON body: the gateway's own shape, or the device type's vendor mapping."""
         if device.type is None:
-            return parse_readings_json(body)
+            return parse_readings_json(body, one)
         mapping = self.device_types.get(device.type)
         if mapping is None:
             log.error(

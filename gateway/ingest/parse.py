@@ -33,14 +33,19 @@ def parse_reading(item: Any, where: str) -> Reading:
     return Reading(metric, ts, value)
 
 
-def parse_readings_json(body: bytes) -> list[Reading]:
-    """``{"readings": [{"metric", "ts", "value"}, …]}`` → readings, or InvalidInput."""
+def parse_readings_json(body: bytes, one: bool = False) -> list[Reading]:
+    """
+    ``{"readings": [{"metric", "ts", "value"}, …]}`` → readings, or InvalidInput.
+    With ``one``, a single reading object (``{"metric", "ts", "value"}``) is taken too.
+    """
     try:
         doc = json.loads(body.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
     except UnicodeDecodeError:
         raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
     except ValueError as e:
         raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if one and isinstance(doc, dict) and "readings" not in doc:
+        return [parse_reading(doc, "reading")]
     if not isinstance(doc, dict) or "readings" not in doc:
         raise InvalidInput('the body must be a JSON object with a "readings" list', code="invalid_body")
     extra = sorted(k for k in doc if k != "readings")

@@ -81,15 +81,15 @@ class DeviceRegistry:
     """Devices online on this gateway; a new session of a device replaces the old one."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, DeviceProtocol] = {}
+        self.sessions: dict[str, Any] = {}  # a TGP or MQTT session: each has end(code, reason)
 
-    def register(self, name: str, session: DeviceProtocol) -> None:
+    def register(self, name: str, session: Any) -> None:
         old = self.sessions.get(name)
         self.sessions[name] = session
         if old is not None and old is not session:
             old.end(E.REPLACED, "a newer connection of this device replaced this one")
 
-    def unregister(self, name: str, session: DeviceProtocol) -> None:
+    def unregister(self, name: str, session: Any) -> None:
         if self.sessions.get(name) is session:
             del self.sessions[name]
 
@@ -473,6 +473,7 @@ class DeviceFactory(protocol.Factory):
         self.settings = settings
         self.tls = tls
         self.require_client_cert = require_client_cert
+        self.transport = "tgp+tls" if tls else "tgp"  # the label of its connections
         self.connections: set[DeviceProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> DeviceProtocol:
@@ -486,16 +487,19 @@ class DeviceFactory(protocol.Factory):
 
     def certificate_allows(self, transport: Any, name: str) -> bool:
         """With client certificates required, the certificate must name the device (CN or SAN)."""
-        if not self.require_client_cert:
-            return True
-        cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
-        if cert is None:
-            return False
-        # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
-        names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names |= set(san.get_values_for_type(x509.DNSName))
-        except x509.ExtensionNotFound:
-            pass
-        return name in names
+        return not self.require_client_cert or certificate_names(transport, name)
+
+
+def certificate_names(transport: Any, name: str) -> bool:
+    """Whether the TLS peer's certificate names the device (subject CN or a DNS subjectAltName)."""
+    cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
+    if cert is None:
+        return False
+    # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
+    names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names |= set(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return name in names

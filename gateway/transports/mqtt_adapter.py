@@ -1,0 +1,571 @@
+"""
+The gateway as an MQTT server for devices: a thin Twisted protocol around
+``protocols.mqtt`` (the codec) and ``transports.session`` (answer order and
+flow control), feeding the same ingest path as HTTPS and TGP.
+
+Theory of operation. CONNECT carries the device's name as user name and its
+token as password; while the token is looked up the session is busy and no
+further packet is taken. Once connected, a PUBLISH to
+``devices/<device>/readings`` carries the HTTPS JSON body (or one reading
+object, or the device type's vendor JSON); one to ``devices/<device>/<metric>``
+carries a bare number, timed when it arrives. A QoS 1 or 2 PUBLISH gets a
+ticket in the session, and its PUBACK or PUBREC goes out only after its
+readings are committed (or journaled), in the order the PUBLISHes arrived,
+as MQTT requires. PUBREL is answered at once: the store is idempotent, so a
+QoS 2 message sent again is stored once however the exchange ends.
+
+Backpressure. v5 devices are told a Receive Maximum (``--device-window``);
+for both versions the session pauses the transport when that many messages
+are unanswered or the store's write queue has no room.
+
+Failures. A payload that cannot be read, a topic naming another device, a
+rate limit: a v5 device gets a PUBACK with the reason code and a reason
+string; 3.1.1 has no negative PUBACK, so a bad payload is acknowledged (and
+kept in rejected_input), and the rest close the connection without an
+acknowledgement. With the database away and the journal full, or no room,
+nothing is acknowledged and the connection closes (v5: DISCONNECT 0x89), so
+the device sends again later.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.ingest.core import Ingest
+from gateway.readings import (
+    Device,
+    DeviceTypeUnknown,
+    InvalidInput,
+    RateLimited,
+    Reading,
+    Source,
+    StoreOverloaded,
+    StoreRejected,
+    StoreUnavailable,
+    Unauthorized,
+    WriteResult,
+    check_reading,
+    is_name,
+)
+from gateway.transports.session import DeviceSession, Flow, Ticket
+from gateway.transports.tgp_adapter import DeviceRegistry, DeviceSettings, certificate_names, no_delay
+from protocols import mqtt, tgp
+
+log = Logger()
+
+R = mqtt.Reason
+P = mqtt.Property
+
+TOPIC_ALIASES = 16  # topic aliases a v5 device may set up
+MAX_NUMBER = 64  # bytes of a bare-number payload
+
+# Why a session ends (the vocabulary all device transports share) → the v5 DISCONNECT reason.
+_ENDINGS = {
+    tgp.ErrorCode.REPLACED: R.SESSION_TAKEN_OVER,
+    tgp.ErrorCode.SHUTTING_DOWN: R.SERVER_SHUTTING_DOWN,
+    tgp.ErrorCode.AUTH_FAILED: R.NOT_AUTHORIZED,
+    tgp.ErrorCode.TIMEOUT: R.KEEP_ALIVE_TIMEOUT,
+    tgp.ErrorCode.NORMAL: R.ADMINISTRATIVE_ACTION,
+}
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A message refused for good: a v5 device is told why; the input is kept."""
+
+    reason: mqtt.Reason
+    message: str
+
+
+class MQTTProtocol(protocol.Protocol):
+    transport: Any  # set by makeConnection before any event
+
+    def __init__(self, factory: MQTTFactory) -> None:
+        self.factory = factory
+        settings = factory.settings
+        self.conn = mqtt.Connection(
+            mqtt.SERVER,
+            max_packet=settings.max_frame,
+            receive_maximum=settings.window,
+            topic_alias_maximum=TOPIC_ALIASES,
+        )
+        self.session: DeviceSession[Any] = DeviceSession(settings.window)
+        self.device: Device | None = None
+        self.source = Source("mqtt+tls" if factory.tls else "mqtt", "?", None, factory.tls)
+        self.since = factory.clock.seconds()
+        self.readings = 0
+        self.last_error = ""
+        self.keepalive = 0.0  # seconds of silence the session is allowed, once connected
+        self._held: mqtt.Publish | None = None
+        self._closing = False
+        self._timer: Any = None
+        self._seq = 0
+        self._packets: dict[int, tuple[int, int]] = {}  # ticket seq -> (packet id, QoS) of the message
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        self.source = Source.of(self.source.transport, self.transport.getPeer(), self.factory.tls)
+        self.factory.connections.add(self)
+        self._set_timer(self.factory.settings.handshake_timeout, self._connect_too_slow)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.factory.connections.discard(self)
+        if self.device is not None:
+            self.factory.registry.unregister(self.device.name, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.conn.receive_data(data)
+        if self.conn.state == mqtt.CONNECTED:
+            self._touch()
+        self._process()
+
+    def _process(self) -> None:
+        while not self._closing and self.session.may_read:
+            try:
+                event = self.conn.next_event()
+            except mqtt.RemoteProtocolError as e:
+                self._protocol_error(e)
+                return
+            if event is mqtt.NEED_DATA:
+                return
+            if event is mqtt.CONNECTION_CLOSED:
+                self._close()
+                return
+            self._handle(event)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, mqtt.Publish):
+            self._publish(event)
+        elif isinstance(event, mqtt.PubRel):
+            # The readings were stored before PUBREC went out (in this connection or an earlier one, whose
+            # PUBREL this may be): nothing is left to do but say so.
+            self._send(mqtt.PubComp(event.packet_id))
+        elif isinstance(event, mqtt.PingReq):
+            self._send(mqtt.PingResp())
+        elif isinstance(event, mqtt.Connect):
+            self._connect(event)
+        elif isinstance(event, mqtt.Disconnect):
+            self._close()
+        elif isinstance(event, mqtt.Subscribe):
+            refused = R.NOT_AUTHORIZED
+            self._send(
+                mqtt.SubAck(
+                    event.packet_id,
+                    tuple(refused for _ in event.subscriptions),
+                    self._why("this gateway takes readings; it has nothing to subscribe to"),
+                )
+            )
+        elif isinstance(event, mqtt.Unsubscribe):
+            self._send(mqtt.UnsubAck(event.packet_id, tuple(R.NO_SUBSCRIPTION_EXISTED for _ in event.filters)))
+        elif isinstance(event, mqtt.Auth):
+            self._disconnect(R.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported")
+        # PUBACK, PUBREC and PUBCOMP answer messages the gateway never sends: the codec refuses them.
+
+    # -- CONNECT ---------------------------------------------------------
+
+    def _connect(self, connect: mqtt.Connect) -> None:
+        v5 = connect.version == mqtt.V5
+        claimed = connect.username
+        if v5 and mqtt.prop(connect.properties, P.AUTHENTICATION_METHOD) is not None:
+            self._refuse_connect(R.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported", claimed)
+            return
+        if connect.will is not None and connect.will.retain and v5:
+            self._refuse_connect(R.RETAIN_NOT_SUPPORTED, "retained messages are not supported", claimed)
+            return
+        if not connect.client_id and not connect.clean_start and not v5:
+            self._refuse_connect(R.CLIENT_IDENTIFIER_NOT_VALID, "an empty client id needs a clean session", claimed)
+            return
+        if not claimed or connect.password is None or not is_name(claimed):
+            self._refuse_connect(
+                R.BAD_USER_NAME_OR_PASSWORD,
+                "the user name must be the device's name and the password its token",
+                claimed,
+            )
+            return
+        try:
+            token = connect.password.decode("ascii")
+        except UnicodeDecodeError:
+            self._refuse_connect(R.BAD_USER_NAME_OR_PASSWORD, "unknown device, revoked device or wrong token", claimed)
+            return
+        self.session.busy = True
+
+        def found(device: Device) -> None:
+            self.session.busy = False
+            if self._closing:
+                return
+            if device.name != claimed:
+                self._refuse_connect(
+                    R.BAD_USER_NAME_OR_PASSWORD, "unknown device, revoked device or wrong token", claimed
+                )
+                return
+            if not self.factory.certificate_allows(self.transport, device.name):
+                self._refuse_connect(R.NOT_AUTHORIZED, "the client certificate does not name this device", claimed)
+                return
+            self._connected(connect, device)
+            self._process()
+
+        def failed(f: Failure) -> None:
+            self.session.busy = False
+            if self._closing:
+                return
+            if f.check(Unauthorized):
+                # refused and logged by the ingest path already
+                self._send(
+                    mqtt.ConnAck(
+                        R.BAD_USER_NAME_OR_PASSWORD,
+                        properties=self._why("unknown device, revoked device or wrong token"),
+                    )
+                )
+                self._close()
+            elif isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
+                self._refuse_connect(
+                    R.SERVER_UNAVAILABLE, f"the gateway cannot check credentials now: {f.value.message}", claimed
+                )
+            else:
+                log.failure("device lookup failed", f)
+                self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", claimed)
+
+        Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source)).addCallbacks(found, failed)
+
+    def _connected(self, connect: mqtt.Connect, device: Device) -> None:
+        settings = self.factory.settings
+        self.device = device
+        v5 = connect.version == mqtt.V5
+        # Keepalive: the device's, enforced at 1.5 times. Without one (0), or above the idle timeout, a v5
+        # device is told the idle timeout instead; a 3.1.1 device cannot be told, so 0 means the idle timeout.
+        keepalive = float(connect.keepalive)
+        properties: list[tuple[int, Any]] = []
+        if v5:
+            if not 0 < keepalive <= settings.idle_timeout:
+                keepalive = float(int(settings.idle_timeout))
+                properties.append((P.SERVER_KEEP_ALIVE, int(keepalive)))
+            properties += [
+                (P.RECEIVE_MAXIMUM, settings.window),
+                (P.MAXIMUM_PACKET_SIZE, settings.max_frame),
+                (P.TOPIC_ALIAS_MAXIMUM, TOPIC_ALIASES),
+                (P.RETAIN_AVAILABLE, 0),
+                (P.WILDCARD_SUBSCRIPTION_AVAILABLE, 0),
+                (P.SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0),
+                (P.SHARED_SUBSCRIPTION_AVAILABLE, 0),
+            ]
+            if not connect.client_id:
+                properties.append((P.ASSIGNED_CLIENT_IDENTIFIER, f"{device.name}-{uuid.uuid4().hex[:8]}"))
+        elif keepalive == 0:
+            keepalive = settings.idle_timeout
+        self.keepalive = keepalive * 1.5
+        self.factory.registry.register(device.name, self)
+        # Nothing of a session outlives a connection here but what the store keeps, which is everything that
+        # was acknowledged. Saying "session present" to a device that asked to keep its session makes it send
+        # again what it holds unacknowledged (a v5 device told "no session" would drop those messages).
+        self._send(mqtt.ConnAck(R.SUCCESS, not connect.clean_start, tuple(properties)))
+        self._set_timer(self.keepalive, self._idle_too_long)
+        log.info(
+            "device {device} connected from {source} (MQTT {version}, client id {client_id!r})",
+            device=device.name,
+            source=self.source,
+            version="5.0" if v5 else "3.1.1",
+            client_id=connect.client_id,
+        )
+
+    # -- PUBLISH ---------------------------------------------------------
+
+    def _publish(self, publish: mqtt.Publish) -> None:
+        assert self.device is not None
+        if publish.retain and self.conn.version == mqtt.V5:
+            self._disconnect(R.RETAIN_NOT_SUPPORTED, "retained messages are not supported (CONNACK said so)")
+            return
+        try:
+            readings = self._readings(publish)
+        except _Misdirected as e:
+            self._refuse_message(publish, e.reason, e.message, close_v311=True)
+            return
+        except InvalidInput as e:
+            self._refuse_message(publish, R.PAYLOAD_FORMAT_INVALID, e.message)
+            return
+        except DeviceTypeUnknown as e:
+            self._unavailable(e.message)
+            return
+        if not self.factory.store.has_room(len(readings)):
+            self._hold(publish)
+            return
+        stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
+        d = Deferred.fromCoroutine(stored)
+        if publish.qos == 0:
+            d.addCallbacks(self._count, self._qos0_failed)
+        else:
+            self._queue_answer(publish, d)
+
+    def _readings(self, publish: mqtt.Publish) -> list[Reading]:
+        """The message's readings; raises _Misdirected (topic) or InvalidInput (payload)."""
+        assert self.device is not None
+        parts = publish.topic.split("/")
+        if len(parts) != 3 or parts[0] != "devices":
+            raise _Misdirected(
+                R.TOPIC_NAME_INVALID,
+                f"topic {publish.topic!r}: publish to devices/<device>/readings or devices/<device>/<metric>",
+            )
+        if parts[1] != self.device.name:
+            raise _Misdirected(
+                R.NOT_AUTHORIZED, f"topic {publish.topic!r} names another device than {self.device.name}"
+            )
+        if parts[2] == "readings":
+            return self.factory.ingest.read_body(self.device, publish.payload, one=True)
+        metric = parts[2]
+        if not is_name(metric):
+            raise _Misdirected(R.TOPIC_NAME_INVALID, f"topic {publish.topic!r}: {metric!r} is not a metric name")
+        if len(publish.payload) > MAX_NUMBER:
+            raise InvalidInput(f"{metric}: the payload must be a number, not {len(publish.payload)} bytes")
+        try:
+            value = float(publish.payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidInput(f"{metric}: the payload {publish.payload[:20]!r} is not a number") from None
+        return [check_reading(metric, int(self.factory.clock.seconds() * 1_000_000), value, metric)]
+
+    def _count(self, result: WriteResult) -> None:
+        self.readings += result.accepted
+
+    def _qos0_failed(self, f: Failure) -> None:
+        # At most once: the device asked for no acknowledgement, so it is not told; the log and metrics say it.
+        error = f.value
+        self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
+        if isinstance(error, (StoreUnavailable, StoreOverloaded, RateLimited, StoreRejected)):
+            return  # counted and logged by the ingest path
+        log.failure("storing a QoS 0 message failed", f)
+
+    # -- answers, in order -----------------------------------------------
+
+    def _queue_answer(self, publish: mqtt.Publish, d: Deferred) -> None:
+        self._seq += 1
+        ticket = self.session.arrived(self._seq, self.factory.clock.seconds())
+        assert publish.packet_id is not None
+        self._packets[self._seq] = (publish.packet_id, publish.qos)
+        self._flow()
+        d.addBoth(self._answer_ready, ticket)
+
+    def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
+        for ready in self.session.settle(ticket, outcome):
+            packet_id, qos = self._packets.pop(ready.seq)
+            if not self._closing:
+                self._send_answer(packet_id, qos, ready.outcome, ready.arrived)
+        self._flow()
+
+    def _send_answer(self, packet_id: int, qos: int, outcome: Any, arrived: float) -> None:
+        ack = mqtt.PubAck if qos == 1 else mqtt.PubRec
+        v5 = self.conn.version == mqtt.V5
+        if isinstance(outcome, WriteResult):
+            counts: mqtt.Properties = ()
+            if v5 and (outcome.duplicates or outcome.conflicts or outcome.quarantined):
+                counts = tuple(
+                    (P.USER_PROPERTY, (name, str(n)))
+                    for name, n in (
+                        ("accepted", outcome.accepted + len(outcome.quarantined)),
+                        ("duplicates", outcome.duplicates),
+                        ("conflicts", outcome.conflicts),
+                        ("quarantined", len(outcome.quarantined)),
+                    )
+                )
+            self._send(ack(packet_id, R.SUCCESS, counts))
+            self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
+            self.readings += outcome.accepted
+            return
+        if isinstance(outcome, _Refusal):
+            self.last_error = f"{outcome.reason.name}: {outcome.message}"
+            # 3.1.1 has no negative acknowledgement: the input is kept in rejected_input, and acknowledged.
+            self._send(ack(packet_id, outcome.reason, self._why(outcome.message)))
+            return
+        error = outcome.value if isinstance(outcome, Failure) else outcome
+        self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
+        if isinstance(error, StoreRejected):
+            self._send(ack(packet_id, R.UNSPECIFIED_ERROR, self._why(error.message)))
+        elif isinstance(error, RateLimited):
+            if v5:
+                self._send(ack(packet_id, R.QUOTA_EXCEEDED, self._why(error.message)))
+            else:
+                self._close()  # no acknowledgement: the device sends it again after reconnecting
+        elif isinstance(error, (StoreUnavailable, StoreOverloaded, DeviceTypeUnknown)):
+            self._unavailable(error.message)
+        else:
+            log.failure("storing a message failed", outcome if isinstance(outcome, Failure) else None)
+            self._disconnect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later")
+
+    def _why(self, message: str) -> mqtt.Properties:
+        """A reason string for a v5 device (3.1.1 has nowhere to put one)."""
+        if self.conn.version != mqtt.V5:
+            return ()
+        return ((P.REASON_STRING, message[:1000]),)
+
+    # -- backpressure ----------------------------------------------------
+
+    def _flow(self) -> None:
+        if self._closing:
+            return
+        action = self.session.flow()
+        if action is Flow.PAUSE:
+            self.transport.pauseProducing()
+        elif action is Flow.RESUME:
+            self.transport.resumeProducing()
+            self._process()
+
+    def _hold(self, publish: mqtt.Publish) -> None:
+        """Keep one message until the store has room; take nothing more meanwhile."""
+        self._held = publish
+        self.session.held = True
+        self._flow()
+
+        def room(_: Any) -> None:
+            held, self._held = self._held, None
+            self.session.held = False
+            if self._closing or held is None:
+                return
+            self._publish(held)
+            self._flow()
+            self._process()
+
+        self.factory.store.wait_for_room().addCallback(room)
+
+    # -- refusals and endings --------------------------------------------
+
+    def _refuse_message(
+        self, publish: mqtt.Publish, reason: mqtt.Reason, message: str, close_v311: bool = False
+    ) -> None:
+        name = self.device.name if self.device else None
+        self.factory.ingest.refuse(self.source, reason.name.lower(), message, device=name, raw=publish.payload)
+        if close_v311 and self.conn.version != mqtt.V5:
+            self._close()  # 3.1.1 cannot refuse a message: the connection is the only answer
+        elif publish.qos:
+            self._queue_answer(publish, succeed(_Refusal(reason, message)))
+
+    def _refuse_connect(self, reason: mqtt.Reason, message: str, claimed: str | None) -> None:
+        self.factory.ingest.refuse(self.source, reason.name.lower(), f"{message} (device {claimed})")
+        self._send(mqtt.ConnAck(reason, properties=self._why(message)))
+        self._close()
+
+    def _protocol_error(self, e: mqtt.RemoteProtocolError) -> None:
+        device = self.device.name if self.device else None
+        self.factory.ingest.refuse(self.source, e.reason.name.lower(), e.message, device=device, closing=True)
+        if self.conn.state == mqtt.CONNECTING:
+            self._send(mqtt.ConnAck(e.reason, properties=self._why(e.message)))
+        elif self.conn.state == mqtt.CONNECTED and self.conn.version == mqtt.V5:
+            self._send(mqtt.Disconnect(e.reason, self._why(e.message)))
+        self._close()
+
+    def _unavailable(self, message: str) -> None:
+        """Storage cannot take the message now: no acknowledgement, so the device sends it again."""
+        self.last_error = f"unavailable: {message}"
+        self._disconnect(R.SERVER_BUSY, f"{message}; send again later")
+
+    def _disconnect(self, reason: mqtt.Reason, message: str) -> None:
+        if self.conn.state == mqtt.CONNECTED and self.conn.version == mqtt.V5:
+            self._send(mqtt.Disconnect(reason, self._why(message)))
+        self._close()
+
+    def stop_reading(self) -> None:
+        """Take no more messages (shutdown); acknowledgements for those taken still go out."""
+        self.session.stopped = True
+        self._flow()
+
+    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+        """Close the session (replaced, revoked, kicked, shutting down); a v5 device is told why."""
+        if self._closing:
+            return
+        self._disconnect(_ENDINGS.get(code, R.ADMINISTRATIVE_ACTION), reason)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _send(self, event: mqtt.Event) -> None:
+        try:
+            data = self.conn.send(event)
+        except mqtt.LocalProtocolError as e:
+            log.debug("not sent to {source}: {error}", source=self.source, error=e.message)
+            return
+        self.transport.write(data)
+
+    # -- timers ----------------------------------------------------------
+
+    def _set_timer(self, seconds: float, what: Any) -> None:
+        self._cancel_timer()
+        self._timer = self.factory.clock.callLater(seconds, what)
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.keepalive)
+        elif self.keepalive:
+            self._set_timer(self.keepalive, self._idle_too_long)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _connect_too_slow(self) -> None:
+        self._timer = None
+        if self.conn.state == mqtt.CONNECTED or self._closing:
+            return
+        seconds = self.factory.settings.handshake_timeout
+        self.factory.ingest.refuse(self.source, "timeout", f"no CONNECT within {seconds:g} seconds", closing=True)
+        self._close()
+
+    def _idle_too_long(self) -> None:
+        self._timer = None
+        self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
+
+
+class _Misdirected(Exception):
+    def __init__(self, reason: mqtt.Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class MQTTFactory(protocol.Factory):
+    protocol = MQTTProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        registry: DeviceRegistry,
+        *,
+        clock: IReactorTime,
+        settings: DeviceSettings,
+        tls: bool = False,
+        require_client_cert: bool = False,
+    ) -> None:
+        self.ingest = ingest
+        self.store = ingest.store
+        self.metrics = ingest.metrics
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.transport = "mqtt+tls" if tls else "mqtt"  # the label of its connections
+        self.connections: set[MQTTProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> MQTTProtocol:
+        return MQTTProtocol(self)
+
+    def reconfigure(self, settings: DeviceSettings) -> None:
+        """New settings (SIGHUP): new sessions take them; open ones keep what CONNACK told their device."""
+        self.settings = settings
+
+    def certificate_allows(self, transport: Any, name: str) -> bool:
+        """With client certificates required, the certificate must name the device (CN or SAN)."""
+        return not self.require_client_cert or certificate_names(transport, name)

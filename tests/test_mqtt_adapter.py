@@ -1,0 +1,333 @@
+"""
+The gateway's MQTT server over an in-memory transport, with task.Clock:
+CONNECT and credentials, acknowledgements only after the store and in
+arrival order, both topics, refusals per version, backpressure, keepalive.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from gateway.ingest.core import Ingest
+from gateway.readings import StoreUnavailable
+from gateway.storage.memory import MemoryStore
+from gateway.transports.mqtt_adapter import MQTTFactory
+from gateway.transports.tgp_adapter import DeviceRegistry, DeviceSettings
+from protocols import mqtt, tgp
+from protocols.mqtt import V5, V311, Reason
+from protocols.mqtt import Property as P
+from tests.test_device_adapter import NO_TIME_RULES, ManualStore
+from tests.test_mqtt_codec import drain
+
+TS = "2026-11-22T10:00:00Z"
+both = pytest.mark.parametrize("version", [V311, V5])
+
+
+def body(*values: float, start: int = 0) -> bytes:
+    return json.dumps(
+        {
+            "readings": [
+                {"metric": "oil_temp", "ts": 1_795_341_600_000 + start + i, "value": v} for i, v in enumerate(values)
+            ]
+        }
+    ).encode()
+
+
+class Harness:
+    def __init__(self, store=None, clock=None, **settings) -> None:
+        self.store = store or MemoryStore()
+        self.token = self.store.add_device("truck-17")
+        self.clock = clock or Clock()
+        self.registry = DeviceRegistry()
+        self.factory = MQTTFactory(
+            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            self.registry,
+            clock=self.clock,
+            settings=DeviceSettings(**settings),
+        )
+        self.proto = self.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+        self.proto.makeConnection(self.transport)
+        self.client = mqtt.Connection(mqtt.CLIENT)
+
+    def send(self, event) -> None:
+        self.proto.dataReceived(self.client.send(event))
+
+    def events(self) -> list:
+        data = self.transport.value()
+        self.transport.clear()
+        if data:
+            self.client.receive_data(data)
+        return drain(self.client)
+
+    def connect(self, version=V5, user="truck-17", password=None, **kw) -> mqtt.ConnAck:
+        token = self.token if password is None else password
+        self.send(mqtt.Connect("c1", version, username=user, password=token.encode(), **kw))
+        [connack] = self.events()
+        return connack
+
+    def publish(self, packet_id, payload, qos=1, topic="devices/truck-17/readings", **kw) -> None:
+        self.send(mqtt.Publish(topic, payload, qos, packet_id if qos else None, **kw))
+
+
+@both
+def test_connect_with_the_devices_token_then_puback_after_storing(version):
+    h = Harness()
+    connack = h.connect(version)
+    assert connack.reason == Reason.SUCCESS and not connack.session_present
+    if version == V5:
+        assert mqtt.prop(connack.properties, P.RECEIVE_MAXIMUM) == 32
+        assert mqtt.prop(connack.properties, P.RETAIN_AVAILABLE) == 0
+    assert "truck-17" in h.registry.sessions
+    h.publish(1, body(81.5, 82.0))
+    assert h.events() == [mqtt.PubAck(1)]
+    assert len(h.store.readings) == 2
+    h.publish(2, body(81.5, 82.0, 83.0))  # two sent again
+    [ack] = h.events()
+    assert ack.packet_id == 2 and ack.reason == Reason.SUCCESS
+    if version == V5:  # a v5 device is told what happened, as HTTPS says it in its body
+        assert dict(v for _, v in ack.properties) == {
+            "accepted": "1",
+            "duplicates": "2",
+            "conflicts": "0",
+            "quarantined": "0",
+        }
+    assert len(h.store.readings) == 3 and h.proto.readings == 3
+
+
+@both
+def test_wrong_unknown_or_missing_credentials_are_refused(version):
+    refused = Reason.BAD_USER_NAME_OR_PASSWORD
+    for user, password in (("truck-17", "0123456789abcdef.wrong"), ("truck-99", None), ("", None)):
+        h = Harness()
+        assert h.connect(version, user=user, password=password).reason == refused
+        assert h.transport.disconnecting and not h.registry.sessions
+    # a token of another device does not open this one
+    h = Harness()
+    other = h.store.add_device("truck-18")
+    assert h.connect(version, user="truck-17", password=other).reason == refused
+
+
+def test_a_311_refusal_is_its_return_code_on_the_wire():
+    h = Harness()
+    h.send(mqtt.Connect("c1", V311, username="truck-17", password=b"nope"))
+    assert h.transport.value() == b"\x20\x02\x00\x04"
+
+
+@both
+def test_acknowledgements_leave_in_arrival_order(version):
+    store = ManualStore()
+    h = Harness(store)
+    h.connect(version)
+    for packet_id in (10, 11, 12):
+        h.publish(packet_id, body(float(packet_id), start=packet_id))
+    store.finish(2)
+    store.finish(1)
+    assert h.events() == []  # the first is not committed yet
+    store.finish(0)
+    assert [e.packet_id for e in h.events()] == [10, 11, 12]
+
+
+@both
+def test_qos_2_is_stored_once_before_pubrec(version):
+    store = ManualStore()
+    h = Harness(store)
+    h.connect(version)
+    h.publish(5, body(1.0), qos=2)
+    assert h.events() == []
+    store.finish(0)
+    assert h.events() == [mqtt.PubRec(5)]
+    h.send(mqtt.PubRel(5))
+    assert h.events() == [mqtt.PubComp(5)]
+    h.proto.dataReceived(b"\x62\x02\x00\x06")  # PUBREL 6: an exchange of an earlier connection
+    assert h.transport.value() == b"\x70\x02\x00\x06"  # PUBCOMP 6
+
+
+def test_a_metric_topic_takes_a_bare_number_timed_on_arrival():
+    clock = Clock()
+    clock.advance(1_795_341_600.25)
+    h = Harness(clock=clock)
+    h.connect()
+    h.publish(1, b" 81.5\n", topic="devices/truck-17/oil_temp")
+    assert h.events() == [mqtt.PubAck(1)]
+    [((_, metric, ts), value)] = h.store.readings.items()
+    assert (metric, ts, value) == ("oil_temp", 1_795_341_600_250_000, 81.5)
+
+
+def test_a_single_reading_object_is_taken_on_the_readings_topic():
+    h = Harness()
+    h.connect()
+    h.publish(1, json.dumps({"metric": "oil_temp", "ts": TS, "value": 81.5}).encode())
+    assert h.events() == [mqtt.PubAck(1)] and len(h.store.readings) == 1
+
+
+def test_qos_0_is_stored_without_an_acknowledgement():
+    h = Harness()
+    h.connect()
+    h.publish(None, body(1.0), qos=0)
+    assert h.events() == [] and len(h.store.readings) == 1
+
+
+@pytest.mark.parametrize(
+    "topic,payload,reason",
+    [
+        ("devices/truck-17/readings", b"{not json", Reason.PAYLOAD_FORMAT_INVALID),
+        (
+            "devices/truck-17/readings",
+            b'{"readings": [{"metric": "t", "ts": 1, "value": "x"}]}',
+            Reason.PAYLOAD_FORMAT_INVALID,
+        ),
+        ("devices/truck-17/oil_temp", b"warm", Reason.PAYLOAD_FORMAT_INVALID),
+        ("devices/truck-17/oil_temp", b"inf", Reason.PAYLOAD_FORMAT_INVALID),
+        ("devices/truck-18/readings", b"{}", Reason.NOT_AUTHORIZED),
+        ("sensors/truck-17", b"1", Reason.TOPIC_NAME_INVALID),
+        ("devices/truck-17/bad metric", b"1", Reason.TOPIC_NAME_INVALID),
+    ],
+)
+def test_v5_refusals_say_why_and_the_session_goes_on(topic, payload, reason):
+    h = Harness()
+    h.connect(V5)
+    h.publish(1, payload, topic=topic)
+    [ack] = h.events()
+    assert ack.packet_id == 1 and ack.reason == reason and mqtt.prop(ack.properties, P.REASON_STRING)
+    assert h.store.rejected and h.store.rejected[-1][3] == payload  # the input is kept, with the reason
+    h.publish(2, body(1.0))
+    assert h.events() == [mqtt.PubAck(2)] and not h.transport.disconnecting
+
+
+def test_v311_acknowledges_a_bad_payload_and_keeps_it_but_closes_on_another_devices_topic():
+    h = Harness()
+    h.connect(V311)
+    h.publish(1, b"{not json")
+    assert h.events() == [mqtt.PubAck(1)] and h.store.rejected[-1][3] == b"{not json"
+    h.publish(2, b"{}", topic="devices/truck-18/readings")
+    assert h.events() == [] and h.transport.disconnecting
+
+
+@both
+def test_storage_away_gets_no_acknowledgement_and_a_close(version):
+    h = Harness()
+    h.connect(version)
+    h.store.write = lambda *a, **kw: fail(StoreUnavailable("the database is away and the journal is full", 30))
+    h.publish(1, body(1.0))
+    events = h.events()
+    assert not any(isinstance(e, mqtt.PubAck) for e in events)
+    assert events == ([mqtt.Disconnect(Reason.SERVER_BUSY, events[0].properties)] if version == V5 else [])
+    assert h.transport.disconnecting
+
+
+@both
+def test_the_window_pauses_reading(version):
+    store = ManualStore()
+    h = Harness(store, window=2)
+    h.connect(version)
+    h.publish(1, body(1.0, start=1))
+    h.publish(2, body(2.0, start=2))
+    assert h.transport.producerState == "paused"
+    store.finish(0)
+    store.finish(1)
+    assert [e.packet_id for e in h.events()] == [1, 2]
+    assert h.transport.producerState == "producing"
+
+
+def test_a_full_store_holds_the_message_until_there_is_room():
+    store = ManualStore()
+    h = Harness(store)
+    h.connect()
+    store.room = False
+    h.publish(1, body(1.0))
+    assert h.transport.producerState == "paused" and store.pending == []
+    store.room = True
+    store.room_waiters.pop().callback(None)
+    store.finish(0)
+    assert h.events() == [mqtt.PubAck(1)]
+
+
+def test_keepalive_is_enforced_at_one_and_a_half_times():
+    h = Harness()
+    h.connect(V311, keepalive=10)
+    h.clock.advance(14)
+    h.send(mqtt.PingReq())
+    assert h.events() == [mqtt.PingResp()]
+    h.clock.advance(14.9)
+    assert not h.transport.disconnecting
+    h.clock.advance(0.2)
+    assert h.transport.disconnecting
+
+
+def test_a_v5_device_without_keepalive_is_given_the_idle_timeout():
+    h = Harness(idle_timeout=60)
+    connack = h.connect(V5, keepalive=0)
+    assert mqtt.prop(connack.properties, P.SERVER_KEEP_ALIVE) == 60
+    h.clock.advance(89.9)
+    assert not h.transport.disconnecting
+    h.clock.advance(0.2)
+    [disconnect] = h.events()
+    assert disconnect.reason == Reason.KEEP_ALIVE_TIMEOUT and h.transport.disconnecting
+
+
+def test_no_connect_within_the_deadline_closes():
+    h = Harness(handshake_timeout=5)
+    h.clock.advance(5.1)
+    assert h.transport.disconnecting
+
+
+def test_a_second_connection_replaces_the_first():
+    h = Harness()
+    h.connect(V5)
+    second = h.factory.buildProtocol(None)
+    t2 = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.4", 5556))
+    second.makeConnection(t2)
+    c2 = mqtt.Connection(mqtt.CLIENT)
+    second.dataReceived(c2.send(mqtt.Connect("c2", V5, username="truck-17", password=h.token.encode())))
+    [disconnect] = h.events()
+    assert disconnect.reason == Reason.SESSION_TAKEN_OVER and h.transport.disconnecting
+    assert h.registry.sessions["truck-17"] is second
+
+
+def test_revocation_and_kick_end_the_session_with_a_reason():
+    h = Harness()
+    h.connect(V5)
+    h.proto.end(tgp.ErrorCode.AUTH_FAILED, "the device was revoked")
+    [disconnect] = h.events()
+    assert disconnect.reason == Reason.NOT_AUTHORIZED
+    assert mqtt.prop(disconnect.properties, P.REASON_STRING) == "the device was revoked"
+
+
+@both
+def test_subscribe_is_refused_politely(version):
+    h = Harness()
+    h.connect(version)
+    h.send(mqtt.Subscribe(3, (("devices/#", 1),)))
+    [suback] = h.events()
+    assert suback.reasons == ((Reason.NOT_AUTHORIZED,) if version == V5 else (0x80,))
+    assert not h.transport.disconnecting
+
+
+def test_retained_messages_are_refused_in_v5_and_stored_in_311():
+    h = Harness()
+    h.connect(V5)
+    h.publish(1, body(1.0), retain=True)
+    [disconnect] = h.events()
+    assert disconnect.reason == Reason.RETAIN_NOT_SUPPORTED and h.transport.disconnecting
+    h = Harness()
+    h.connect(V311)
+    h.publish(1, body(1.0), retain=True)
+    assert h.events() == [mqtt.PubAck(1)] and len(h.store.readings) == 1
+
+
+def test_a_device_that_keeps_its_session_is_told_it_has_one():
+    h = Harness()
+    assert h.connect(V5, clean_start=False).session_present
+
+
+def test_garbage_gets_a_refusal_and_a_close_at_once():
+    h = Harness()
+    h.proto.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert h.transport.disconnecting and h.transport.value() == b""  # no CONNACK: nothing asked for one
