@@ -139,8 +139,9 @@ def test_a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost(make_
             killed = time.monotonic()
             pm.send_signal(signal.SIGKILL)
             pm.wait(10)
-            assert wait_until(lambda pm=pm: (p := postmaster(gw.data_dir)) is not None and p.pid != pm.pid, 30)
-            assert wait_until(lambda: drained(gw), 30), health(gw)
+            restarted = wait_until(lambda pm=pm: (p := postmaster(gw.data_dir)) is not None and p.pid != pm.pid, 30)
+            assert restarted, "".join(gw.lines[-30:])
+            assert wait_until(lambda: drained(gw), 30), (health(gw), "".join(gw.lines[-30:]))
             back_after.append(time.monotonic() - killed)
             assert wait_until(lambda: all_acking(devices, time.monotonic() - 0.5), 20), [d.errors for d in devices]
         status, body = health(gw)

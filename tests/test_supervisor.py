@@ -57,18 +57,31 @@ def test_a_dead_postmaster_is_started_again_within_one_interval():
 def test_failed_restarts_back_off_and_healthz_says_why_after_three():
     supervisor, clock, pg = supervised()
     pg.pid, pg.refusals = None, 4
-    clock.advance(2)  # the first try fails: next in 4 s
+    clock.advance(2)  # the first try fails: next in 2 s
     assert supervisor.status()["ok"] and supervisor.failures == 1
-    clock.advance(3.9)
+    clock.advance(1.9)
     assert supervisor.failures == 1  # the check loop does not cut the backoff short
-    clock.advance(0.1)  # second failure: next in 8 s
-    clock.advance(8)  # third failure: next in 16 s
+    clock.advance(0.1)  # second failure: next in 4 s
+    clock.advance(4)  # third failure: next in 8 s
     status = supervisor.status()
     assert not status["ok"] and status["failed_restarts"] == 3
-    assert status["last_error"] == "could not create shared memory segment" and status["down_seconds"] == 12.0
-    clock.advance(16)  # the fourth fails too: next in 30 s (the cap)
-    clock.advance(30)
+    assert status["last_error"] == "could not create shared memory segment" and status["down_seconds"] == 6.0
+    clock.advance(8)  # the fourth fails too: next in 16 s
+    clock.advance(15.9)
+    assert pg.starts == 0
+    clock.advance(0.1)
     assert pg.starts == 1 and supervisor.status() == {"restarts": 1, "ok": True}
+
+
+def test_the_backoff_stops_at_its_cap():
+    supervisor, clock, pg = supervised()
+    pg.pid, pg.refusals = None, 7
+    clock.advance(2)
+    for delay in (2, 4, 8, 16, 30, 30):  # after each failure in turn
+        clock.advance(delay)
+    assert pg.starts == 0 and supervisor.failures == 7
+    clock.advance(30)
+    assert pg.starts == 1
 
 
 def test_no_restart_once_stopping():

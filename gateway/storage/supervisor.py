@@ -113,7 +113,9 @@ class DatabaseSupervisor(Service):
             self._busy = False
             self.failures += 1
             self.last_error = first_line(f.value)
-            delay = min(self.backoff_cap, self.interval * 2**self.failures)
+            # The first retry comes soon: a restart right after a crash can fail only because the dead
+            # postmaster's backends still hold its shared memory, and they are gone within a second or two.
+            delay = min(self.backoff_cap, self.interval * 2 ** (self.failures - 1))
             log.error(
                 "embedded PostgreSQL did not start again ({count} in a row): {error}; next try in {delay:g}s",
                 count=self.failures,
