@@ -158,13 +158,29 @@ def test_gatewayctl_starts_and_stops_the_database_when_no_gateway_runs(workdir):
     assert postmaster(data_dir) is None
 
 
-@pytest.mark.parametrize("protocol", ["tcp", "tls", "https"])
-def test_simulated_devices_as_in_the_readme(gateway, protocol):
+@pytest.mark.parametrize(
+    "protocol,extra",
+    [
+        ("tcp", ()),
+        ("tls", ()),
+        ("https", ()),
+        ("mqtts", ("--mqtt-version", "5", "--qos", "1")),
+        ("mqtts", ("--mqtt-version", "3.1.1", "--qos", "2")),
+    ],
+)
+def test_simulated_devices_as_in_the_readme(gateway, protocol, extra):
     """README: gatewayctl simulate --target localhost:9000 --devices 10 --rate 1000 --duration 10"""
     gateway.start()
-    port = {"tcp": gateway.tgp_port, "tls": gateway.tgp_tls_port, "https": gateway.port}[protocol]
+    ports = {
+        "tcp": gateway.tgp_port,
+        "tls": gateway.tgp_tls_port,
+        "https": gateway.port,
+        "mqtts": gateway.mqtt_tls_port,
+    }
+    port = ports[protocol]
     out = gatewayctl(
         "simulate",
+        *extra,
         "--target",
         f"localhost:{port}",
         "--devices",

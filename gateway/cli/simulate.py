@@ -40,7 +40,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     if args.batch < 1 or args.batch > 10_000:
         raise CommandError("--batch must be within 1..10000")
     trust = None
-    if args.protocol in ("tls", "https"):
+    if args.protocol in ("tls", "https", "mqtts"):
         data_dir, _ = settings(args)
         ca = Path(args.ca) if args.ca else data_dir / "tls" / "gateway.crt"
         try:
@@ -91,7 +91,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "simulate", parents=[common], help="simulated devices (sim-0 … sim-N-1) sending to a running gateway"
     )
-    p.add_argument("--target", required=True, help="the gateway's HOST:PORT (TGP or HTTPS)")
+    p.add_argument("--target", required=True, help="the gateway's HOST:PORT (TGP, HTTPS or MQTT)")
     p.add_argument("--devices", type=int, default=10, help="how many devices [default: 10]")
     p.add_argument(
         "--rate",
@@ -99,7 +99,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=100.0,
         help="readings per second, all devices together; 0: as fast as acknowledged [default: 100]",
     )
-    p.add_argument("--protocol", choices=("tcp", "tls", "https"), default="tcp", help="[default: tcp]")
+    p.add_argument(
+        "--protocol",
+        choices=("tcp", "tls", "https", "mqtt", "mqtts"),
+        default="tcp",
+        help="TGP over tcp or tls, https, or MQTT over TCP (mqtt) or TLS (mqtts) [default: tcp]",
+    )
+    p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="5", help="for mqtt/mqtts [default: 5]")
+    p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="for mqtt/mqtts [default: 1]")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=32,
+        help="MQTT 3.1.1 messages in flight per device (5.0 takes the gateway's Receive Maximum) [default: 32]",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds [default: 10]")
     p.add_argument("--batch", type=int, default=100, help="readings per frame or request [default: 100]")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")

@@ -5,7 +5,8 @@ gateway out and for load tests.
 Theory of operation. Each simulated device makes readings at its share of
 ``--rate`` (or, with ``--rate 0``, as fast as the gateway acknowledges
 them), keeps every reading until it is acknowledged, and sends them in
-frames (TGP over TCP or TLS) or requests (HTTPS) of ``--batch`` readings.
+frames (TGP over TCP or TLS), requests (HTTPS) or messages (MQTT, over TCP
+or TLS: ``sim_mqtt.py``) of ``--batch`` readings.
 When a connection drops, whatever was in flight goes back to the front of
 its queue and is sent again after a reconnect with exponential backoff and
 jitter; the gateway reports those as duplicates. The readings a device
@@ -281,7 +282,7 @@ class HTTPSDevice:
         self.busy = True
         self.sim.stats.sent += len(readings)
         body = json.dumps(
-            {"readings": [{"metric": m, "ts": _rfc3339(ts), "value": v} for m, ts, v in readings]}
+            {"readings": [{"metric": m, "ts": rfc3339(ts), "value": v} for m, ts, v in readings]}
         ).encode()
         started = self.sim.clock.seconds()
         d = self.sim.http.post(
@@ -332,7 +333,12 @@ class HTTPSDevice:
         self.pump()
 
 
-def _rfc3339(ts_us: int) -> str:
+def _connected(client: Any) -> bool:
+    """A device on a connection of its own (TGP or MQTT), rather than HTTPS requests."""
+    return isinstance(client, protocol.Protocol)
+
+
+def rfc3339(ts_us: int) -> str:
     from gateway.readings import format_ts
 
     return format_ts(ts_us)
@@ -357,10 +363,14 @@ class Simulation:
 
     def connect(self, device: SimDevice) -> defer.Deferred:
         endpoint: Any = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10)
-        if self.args.protocol == "tls":
+        if self.args.protocol in ("tls", "mqtts"):
             from twisted.internet.ssl import optionsForClientTLS
 
             endpoint = wrapClientTLS(optionsForClientTLS(self.args.tls_name or self.host, self.trust), endpoint)
+        if self.args.protocol in ("mqtt", "mqtts"):
+            from gateway.cli.sim_mqtt import MQTTClient
+
+            return endpoint.connect(protocol.Factory.forProtocol(lambda: MQTTClient(device)))
         return endpoint.connect(protocol.Factory.forProtocol(lambda: TGPClient(device)))
 
     def start(self) -> None:
@@ -442,9 +452,7 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
         "errors": dict(s.errors),
         "reconnects": s.reconnects,
         "unacked": sum(len(d.backlog) for d in sim.devices)
-        + sum(
-            sum(len(r) for r, _ in d.client.in_flight.values()) for d in sim.devices if isinstance(d.client, TGPClient)
-        ),
+        + sum(sum(len(r) for r, _ in d.client.in_flight.values()) for d in sim.devices if _connected(d.client)),
     }
 
 
@@ -484,7 +492,7 @@ def run(reactor: Any, args: Any, devices: list[tuple[str, str]], trust: Any) -> 
         result = summary(sim, elapsed)
         for device in sim.devices:
             client = device.client
-            if isinstance(client, TGPClient) and client.transport is not None:
+            if _connected(client) and client.transport is not None:
                 client.transport.loseConnection()
         if sim.pool is not None:
             sim.pool.closeCachedConnections()

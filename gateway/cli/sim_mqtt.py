@@ -1,0 +1,160 @@
+"""
+The MQTT device of ``gatewayctl simulate --protocol mqtt`` (or ``mqtts``):
+it connects with its name and token, publishes ``--batch`` readings a
+message to ``devices/<name>/readings`` at ``--qos``, keeps up to the
+gateway's Receive Maximum (v5; 3.1.1: ``--window``) messages in flight,
+and sends again, after a reconnect, whatever was not acknowledged.
+QoS 0 messages are counted when written: nothing confirms them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import protocol, task
+
+from gateway.cli.simulator import BACKOFF_CAP, BACKOFF_FIRST, SimDevice, rfc3339
+from gateway.transports.tgp_adapter import no_delay
+from protocols import mqtt
+
+R = mqtt.Reason
+
+
+class MQTTClient(protocol.Protocol):
+    transport: Any
+
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+        self.sim = device.sim
+        self.version = mqtt.V5 if self.sim.args.mqtt_version == "5" else mqtt.V311
+        self.qos = self.sim.args.qos
+        self.conn = mqtt.Connection(mqtt.CLIENT)
+        self.in_flight: dict[int, tuple[list[tuple[str, int, float]], float]] = {}
+        self.releasing: set[int] = set()  # QoS 2: PUBREC came, PUBCOMP not yet
+        self.window = self.sim.args.window
+        self.ready = False
+        self.retry_after: float | None = None
+        self._next_id = 0
+        self._quiet_until = 0.0
+        self._pinger: Any = None
+        self.topic = f"devices/{device.name}/readings"
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        self.device.client = self
+        connect = mqtt.Connect(
+            self.device.name, self.version, True, 60, self.device.name, self.device.token.encode("ascii")
+        )
+        self.transport.write(self.conn.send(connect))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except mqtt.RemoteProtocolError as e:
+                self.sim.stats.errors[f"protocol: {e.reason.name}"] += 1
+                self.transport.loseConnection()
+                return
+            if event is mqtt.NEED_DATA or event is mqtt.CONNECTION_CLOSED:
+                return
+            self.handle(event)
+
+    def handle(self, event: object) -> None:
+        stats = self.sim.stats
+        if isinstance(event, mqtt.ConnAck):
+            if event.reason >= 0x80:
+                stats.errors[f"CONNACK {_name(event.reason)}"] += 1
+                self.retry_after = (
+                    BACKOFF_CAP if event.reason in (R.BAD_USER_NAME_OR_PASSWORD, R.NOT_AUTHORIZED) else None
+                )
+                self.transport.loseConnection()
+                return
+            self.window = mqtt.prop(event.properties, mqtt.Property.RECEIVE_MAXIMUM, self.window)
+            self.ready = True
+            stats.connected += 1
+            self._pinger = task.LoopingCall(self._ping)
+            self._pinger.clock = self.sim.clock
+            self._pinger.start(30, now=False)
+            self.pump()
+        elif isinstance(event, (mqtt.PubAck, mqtt.PubRec)):
+            readings, sent_at = self.in_flight.pop(event.packet_id, ([], 0.0))
+            if isinstance(event, mqtt.PubRec):
+                self.releasing.add(event.packet_id)
+                self.transport.write(self.conn.send(mqtt.PubRel(event.packet_id)))
+            if event.reason < 0x80:
+                stats.acked += len(readings)
+                counts = dict(v for k, v in event.properties if k == mqtt.Property.USER_PROPERTY)
+                stats.duplicates += int(counts.get("duplicates", 0))
+                stats.conflicts += int(counts.get("conflicts", 0))
+                now = self.sim.clock.seconds()
+                stats.latency(now - sent_at, now)
+                self.device.backoff = BACKOFF_FIRST
+            elif event.reason == R.QUOTA_EXCEEDED:  # rate limited: the same readings again, a second later
+                stats.errors[_name(event.reason)] += 1
+                self.device.give_back(readings)
+                self._quiet_until = self.sim.clock.seconds() + 1
+                self.sim.clock.callLater(1, self.pump)
+            else:  # refused for good
+                stats.errors[_name(event.reason)] += len(readings) or 1
+            self.pump()
+        elif isinstance(event, mqtt.PubComp):
+            self.releasing.discard(event.packet_id)
+            self.pump()
+        elif isinstance(event, mqtt.Disconnect):
+            stats.errors[f"DISCONNECT {_name(event.reason)}"] += 1
+            if event.reason in (R.SERVER_BUSY, R.SERVER_SHUTTING_DOWN):
+                self.retry_after = 1.0
+            self.transport.loseConnection()
+
+    def _ping(self) -> None:
+        if self.ready:
+            self.transport.write(self.conn.send(mqtt.PingReq()))
+
+    def _packet_id(self) -> int:
+        while True:
+            self._next_id = self._next_id % 0xFFFF + 1
+            if self._next_id not in self.in_flight and self._next_id not in self.releasing:
+                return self._next_id
+
+    def pump(self) -> None:
+        """Publish while the window has room and readings wait."""
+        if not self.ready or self.sim.clock.seconds() < self._quiet_until:
+            return
+        while len(self.in_flight) + len(self.releasing) < self.window:
+            if self.sim.stopping:
+                return
+            readings = self.device.take(self.sim.batch)
+            if not readings:
+                return
+            body = json.dumps(
+                {"readings": [{"metric": m, "ts": rfc3339(ts), "value": v} for m, ts, v in readings]}
+            ).encode()
+            self.sim.stats.sent += len(readings)
+            if self.qos == 0:
+                self.transport.write(self.conn.send(mqtt.Publish(self.topic, body)))
+                self.sim.stats.acked += len(readings)  # at most once: counted when written
+                continue
+            packet_id = self._packet_id()
+            self.in_flight[packet_id] = (readings, self.sim.clock.seconds())
+            self.transport.write(self.conn.send(mqtt.Publish(self.topic, body, self.qos, packet_id)))
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        if self.ready:
+            self.sim.stats.connected -= 1
+        self.ready = False
+        self.device.client = None
+        for packet_id in sorted(self.in_flight, reverse=True):
+            self.device.give_back(self.in_flight[packet_id][0])
+        self.in_flight.clear()
+        self.device.retry(self.retry_after)
+
+
+def _name(reason: int) -> str:
+    try:
+        return mqtt.Reason(reason).name
+    except ValueError:
+        return f"{reason:#04x}"
