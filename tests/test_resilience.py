@@ -397,14 +397,14 @@ def test_garbage_on_every_port_is_refused_and_devices_are_unharmed(make_gateway)
         for _ in range(4):  # 4 waves of 60 connections, all at once
             wave = []
             for i in range(60):
-                kind = ("tgp", "tgp+tls", "https-raw", "https")[i % 4]
-                port = {"tgp": gw.tgp_port, "tgp+tls": gw.tgp_tls_port}.get(kind, gw.port)
+                kind = ("tgp", "tgp+tls", "https-raw", "https", "mqtt+tls")[i % 5]
+                port = {"tgp": gw.tgp_port, "tgp+tls": gw.tgp_tls_port, "mqtt+tls": gw.mqtt_tls_port}.get(kind, gw.port)
                 garbage = rng.randbytes(rng.choice((1, 7, 64, 500, 4000)))
-                if i % 8 < 4:  # a valid-looking start, then garbage
-                    garbage = (b"TG" if kind.startswith("tgp") else b"POST /v1/readings HTTP/1.1\r\n") + garbage
+                if i % 10 < 5:  # a valid-looking start, then garbage
+                    garbage = VALID_START[kind] + garbage
                 s = socket.create_connection(("127.0.0.1", port), timeout=10)
                 try:
-                    if kind in ("tgp+tls", "https"):
+                    if kind in ("tgp+tls", "https", "mqtt+tls"):
                         s = ctx.wrap_socket(s)
                     s.sendall(garbage)
                 except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
@@ -425,6 +425,15 @@ def test_garbage_on_every_port_is_refused_and_devices_are_unharmed(make_gateway)
     print(f"garbage: {tried} inputs tried; {counts}")
     assert "Traceback" not in gw.log()
     assert gw.stop() == 0
+
+
+VALID_START = {
+    "tgp": b"TG",
+    "tgp+tls": b"TG",
+    "https-raw": b"POST /v1/readings HTTP/1.1\r\n",
+    "https": b"POST /v1/readings HTTP/1.1\r\n",
+    "mqtt+tls": b"\x10\x20\x00\x04MQTT\x05",  # the start of an MQTT 5.0 CONNECT
+}
 
 
 def _answered_or_closed(sock: socket.socket, within: float) -> bool:

@@ -173,7 +173,7 @@ class Console:
         return report
 
     def devices(self) -> Table:
-        """Devices online: TGP sessions, and HTTPS devices heard from in the last two minutes."""
+        """Devices online: TGP and MQTT sessions, and HTTPS devices heard from in the last two minutes."""
         g = self.gateway
         now = g.reactor.seconds()
         rows = []
@@ -208,7 +208,10 @@ class Console:
         return Table(sorted(rows, key=lambda r: (r["device"], r["transport"])))
 
     def kick(self, name: str) -> int:
-        """Close a device's TGP connections (BYE NORMAL; it may reconnect). Returns how many were closed."""
+        """
+        Close a device's TGP and MQTT connections (TGP: BYE NORMAL; MQTT 5.0: DISCONNECT 0x98); it may
+        reconnect. Returns how many were closed.
+        """
         return self.gateway.close_device(name, tgp.ErrorCode.NORMAL, "closed by an administrator")
 
     def sinks(self) -> list[str]:
