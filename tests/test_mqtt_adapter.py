@@ -26,6 +26,7 @@ from tests.test_device_adapter import NO_TIME_RULES, ManualStore
 from tests.test_mqtt_codec import drain
 
 TS = "2026-11-22T10:00:00Z"
+NO = object()  # no password at all
 both = pytest.mark.parametrize("version", [V311, V5])
 
 
@@ -40,7 +41,7 @@ def body(*values: float, start: int = 0) -> bytes:
 
 
 class Harness:
-    def __init__(self, store=None, clock=None, **settings) -> None:
+    def __init__(self, store=None, clock=None, require_client_cert=False, **settings) -> None:
         self.store = store or MemoryStore()
         self.token = self.store.add_device("truck-17")
         self.clock = clock or Clock()
@@ -50,6 +51,8 @@ class Harness:
             self.registry,
             clock=self.clock,
             settings=DeviceSettings(**settings),
+            tls=require_client_cert,
+            require_client_cert=require_client_cert,
         )
         self.proto = self.factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
@@ -68,7 +71,7 @@ class Harness:
 
     def connect(self, version=V5, user="truck-17", password=None, **kw) -> mqtt.ConnAck:
         token = self.token if password is None else password
-        self.send(mqtt.Connect("c1", version, username=user, password=token.encode(), **kw))
+        self.send(mqtt.Connect("c1", version, username=user, password=None if token is NO else token.encode(), **kw))
         [connack] = self.events()
         return connack
 
@@ -331,3 +334,33 @@ def test_garbage_gets_a_refusal_and_a_close_at_once():
     h = Harness()
     h.proto.dataReceived(b"GET / HTTP/1.1\r\n")
     assert h.transport.disconnecting and h.transport.value() == b""  # no CONNACK: nothing asked for one
+
+
+def certificate_for(name: str):
+    from cryptography import x509
+
+    from tests.certs import TestCA
+
+    return x509.load_pem_x509_certificate(TestCA().issue(name))
+
+
+@pytest.mark.parametrize(
+    "names,revoked,expected",
+    [
+        ("truck-17", False, Reason.SUCCESS),
+        ("truck-18", False, Reason.BAD_USER_NAME_OR_PASSWORD),  # the certificate names another device
+        ("truck-17", True, Reason.NOT_AUTHORIZED),
+    ],
+)
+def test_with_device_ca_a_client_certificate_naming_the_device_stands_for_the_token(names, revoked, expected):
+    h = Harness(require_client_cert=True)
+    h.transport.getPeerCertificate = lambda: certificate_for(names)
+    if revoked:
+        h.store.revoke("truck-17")
+    assert h.connect(V5, password=NO).reason == expected
+
+
+def test_without_device_ca_a_password_is_needed():
+    h = Harness()
+    h.transport.getPeerCertificate = lambda: certificate_for("truck-17")
+    assert h.connect(V5, password=NO).reason == Reason.BAD_USER_NAME_OR_PASSWORD

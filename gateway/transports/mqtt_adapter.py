@@ -189,6 +189,15 @@ class MQTTProtocol(protocol.Protocol):
         if not connect.client_id and not connect.clean_start and not v5:
             self._refuse_connect(R.CLIENT_IDENTIFIER_NOT_VALID, "an empty client id needs a clean session", claimed)
             return
+        if (
+            connect.password is None
+            and claimed is not None
+            and is_name(claimed)
+            and self.factory.require_client_cert
+            and self.factory.certificate_allows(self.transport, claimed)
+        ):
+            self._sign_in_by_certificate(connect, claimed)
+            return
         if not claimed or connect.password is None or not is_name(claimed):
             self._refuse_connect(
                 R.BAD_USER_NAME_OR_PASSWORD,
@@ -240,6 +249,34 @@ class MQTTProtocol(protocol.Protocol):
                 self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", claimed)
 
         Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source)).addCallbacks(found, failed)
+
+    def _sign_in_by_certificate(self, connect: mqtt.Connect, name: str) -> None:
+        """With --device-ca, a client certificate naming the device stands for its token (no password given)."""
+        self.session.busy = True
+
+        def found(result: tuple[Device, bytes] | None) -> None:
+            self.session.busy = False
+            if self._closing:
+                return
+            if result is None:  # unknown or revoked
+                self._refuse_connect(R.NOT_AUTHORIZED, "unknown or revoked device", name)
+                return
+            self._connected(connect, result[0])
+            self._process()
+
+        def failed(f: Failure) -> None:
+            self.session.busy = False
+            if self._closing:
+                return
+            if isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
+                self._refuse_connect(
+                    R.SERVER_UNAVAILABLE, f"the gateway cannot check the device now: {f.value.message}", name
+                )
+            else:
+                log.failure("device lookup failed", f)
+                self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", name)
+
+        self.factory.store.device_key(name).addCallbacks(found, failed)
 
     def _connected(self, connect: mqtt.Connect, device: Device) -> None:
         settings = self.factory.settings
