@@ -95,7 +95,7 @@ def ceiling(dsn: str, duration: float, batch: int = 5000) -> dict:
     return {"readings": n, "seconds": elapsed, "readings_per_s": n / elapsed}
 
 
-LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS) on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT) on [\d.]+:(\d+)")
 
 
 class Gateway:
@@ -119,7 +119,7 @@ class Gateway:
                 "--device",
                 "ssl:0:interface=127.0.0.1",
                 "--mqtt",
-                "ssl:0:interface=127.0.0.1",
+                "tcp:0:interface=127.0.0.1",
                 # Every simulated device connects from 127.0.0.1 as fast as it can: measure
                 # the gateway's own limits, not the per-device and per-address allowances.
                 "--device-rate",
@@ -141,7 +141,9 @@ class Gateway:
             seen.append(line)
             m = LISTENING.search(line)
             if m:
-                self.ports[{"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls"}[m.group(1)]] = int(m.group(2))
+                self.ports[{"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls", "MQTT": "mqtt"}[m.group(1)]] = int(
+                    m.group(2)
+                )
             if "gateway ready" in line:
                 break
         else:

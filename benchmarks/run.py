@@ -2,7 +2,7 @@
 txgateway side by side with the database's own limit and with the servers
 users would otherwise write, in one run on one machine.
 
-    pip install '.[bench]'            # and wrk (Debian: apt-get install wrk)
+    pip install '.[bench]'            # and wrk, mosquitto (Debian: apt-get install wrk mosquitto)
     python benchmarks/run.py [--quick] [--json FILE] [--db DSN]
 
 1. Database ceiling: one process inserting the same rows into the same
@@ -14,11 +14,16 @@ users would otherwise write, in one run on one machine.
    a Flask app under gunicorn's sync workers committing each request
    (naive_flask.py, plain HTTP: its TLS is not even counted), driven by
    ``wrk`` like the gateway's HTTPS.
+   Mosquitto, the MQTT broker, driven by the same simulated MQTT devices
+   as the gateway (one reading a message, QoS 1): its PUBACK comes from
+   memory, the gateway's after COMMIT.
 3. The gateway (``twistd -n gateway``): TGP over TCP and TLS (``gatewayctl
    simulate``, many devices, 100 readings a frame), HTTPS with 1 and with
-   100 readings a request (``wrk``, 64 keep-alive connections), each at
-   the most it acknowledges and then at about half of that: readings/s,
-   ack latency p50/p99, gateway CPU seconds per million readings, RSS.
+   100 readings a request (``wrk``, 64 keep-alive connections), MQTT 5.0 at
+   QoS 1 with 100 and with 1 reading a message (``gatewayctl simulate``),
+   each at the most it acknowledges and then at about half of that:
+   readings/s, ack latency p50/p99, gateway CPU seconds per million
+   readings, RSS.
 4. Connections: the gateway's RSS with 10,000 idle authenticated devices.
 5. Uploader: readings/s delivered to a local HTTPS receiver from a backlog,
    and the catch-up time after the receiver was down for 60 s under steady
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,6 +79,8 @@ TARGETS = {  # name: (figure, at least)
     "TCP >= 20x the thread-pool server": ("tcp_x_naive", 20.0),
     "HTTPS 100/request >= 30% of the ceiling": ("https100_x_ceiling", 0.3),
     "HTTPS 1/request >= 3x Flask": ("https1_x_flask", 3.0),
+    "MQTT 100/message >= 80% of TGP": ("mqtt100_x_tcp", 0.8),
+    "MQTT 1/message >= 50% of Mosquitto's messages/s": ("mqtt1_x_mosquitto", 0.5),
 }
 
 
@@ -147,6 +155,54 @@ def flask(tmp: Path, server_dsn: str, duration: float) -> dict:
     return result
 
 
+def mosquitto(tmp: Path, server_dsn: str, duration: float, devices: int, batch: int) -> dict:
+    """Mosquitto on this machine (its PUBACK is in memory), driven by the same simulated MQTT devices."""
+    dsn = fresh_database(server_dsn, "bench_mosquitto")  # the simulator makes its device names there
+    try:
+        for _attempt in range(5):  # a port the kernel had free a moment ago may be taken again: try another
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            conf = tmp / "mosquitto.conf"
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 32\n"
+                "max_queued_messages 100000\nlog_type error\n"
+            )
+            proc = subprocess.Popen([need_mosquitto(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+            if _listening(port, proc):
+                break
+            stop(proc)
+        else:
+            raise SystemExit("mosquitto did not start")
+        try:
+            target = SimpleNamespace(data_dir=tmp / "mosquitto", ports={"mqtt": port})
+            result = simulate(target, dsn, "mqtt", devices, 0, duration, batch)
+        finally:
+            stop(proc)
+    finally:
+        drop_database(server_dsn, "bench_mosquitto")
+    result["messages_per_s"] = result["rate"] / batch
+    return result
+
+
+def need_mosquitto() -> str:
+    found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
+    if found is None:
+        raise SystemExit("the MQTT anchor needs mosquitto (Debian: apt-get install mosquitto)")
+    return found
+
+
+def _listening(port: int, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 # -- the gateway ---------------------------------------------------------------
 
 
@@ -205,9 +261,9 @@ def gateway_runs(tmp: Path, server_dsn: str, args: argparse.Namespace, figures: 
     the database of the TCP run, kept as the uploader's backlog.
     """
 
-    def tgp(protocol: str, rate: float):
+    def tgp(protocol: str, rate: float, batch: int = 100):
         return lambda gateway, dsn, _, measured: measured(
-            simulate, gateway, dsn, protocol, args.devices, rate, args.duration, 100
+            simulate, gateway, dsn, protocol, args.devices, rate, args.duration, batch
         )
 
     def https(per_request: int, run: int, half_of: float | None = None):
@@ -235,6 +291,10 @@ def gateway_runs(tmp: Path, server_dsn: str, args: argparse.Namespace, figures: 
     for run, n in enumerate((1, 100), start=2):
         most = figures[f"https{n}_max"]["requests_per_s"]
         figures[f"https{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"https{n}_half", https(n, run, most))
+    for n in (100, 1):  # MQTT 5.0 at QoS 1 over TCP, as Mosquitto is driven below
+        figures[f"mqtt{n}_max"], _ = on_fresh_gateway(tmp, server_dsn, f"mqtt{n}_max", tgp("mqtt", 0, n))
+        half = figures[f"mqtt{n}_max"]["rate"] / 2
+        figures[f"mqtt{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"mqtt{n}_half", tgp("mqtt", half, n))
     return backlog
 
 
@@ -318,6 +378,10 @@ def flat(figures: dict) -> dict:
         "idle_conns": idle_tcp["connected"],
         "idle_rss_mb": idle_tcp["rss_mb"],
         "uploader_rps": figures["upload"]["rate"],
+        "mqtt100_rps": figures["mqtt100_max"]["rate"],
+        "mqtt1_rps": figures["mqtt1_max"]["rate"],
+        "mqtt_p99_ms": figures["mqtt100_half"]["p99_ms"],
+        "mosquitto1_rps": figures["mosquitto1"]["rate"],
         "outage_s": figures["outage"]["outage_s"],
         "catch_up_s": figures["outage"]["backlog_delivered_s"],
     }
@@ -325,12 +389,15 @@ def flat(figures: dict) -> dict:
     out["tcp_x_naive"] = out["tcp_rps"] / out["naive_tcp_rps"]
     out["https100_x_ceiling"] = out["https100_rps"] / ceiling_rps
     out["https1_x_flask"] = out["https1_rps"] / out["flask_rps"]
+    out["mqtt100_x_tcp"] = out["mqtt100_rps"] / out["tcp_rps"]
+    out["mqtt1_x_mosquitto"] = out["mqtt1_rps"] / out["mosquitto1_rps"]
     return out
 
 
 def targets(summary: dict, figures: dict) -> dict[str, bool]:
     met = {name: summary[key] >= least for name, (key, least) in TARGETS.items()}
     met["TCP ack p99 < 50 ms at half rate"] = summary["tcp_p99_ms"] < 50
+    met["MQTT PUBACK p99 < 25 ms at half rate (100/message)"] = summary["mqtt_p99_ms"] < 25
     met["10,000 idle devices < 400 MB RSS"] = summary["idle_conns"] >= 10_000 and summary["idle_rss_mb"] < 400
     return met
 
@@ -355,11 +422,14 @@ def report(figures: dict, summary: dict) -> str:
     lines.append(f"{'database ceiling (1 process, no protocol)':<40}{ceiling_rps:>12,.0f}{1:>10.2f}")
     row(f"baseline: thread pool, TCP ({figures['naive_tcp']['devices']} dev)", figures["naive_tcp"])
     row(f"baseline: Flask+gunicorn, HTTP ({figures['flask']['workers']} w)", figures["flask"])
+    row(f"anchor: Mosquitto, MQTT 1/message ({figures['devices']} dev)", figures["mosquitto1"])
     for key, label in (
         ("tcp", f"txgateway TGP/TCP ({figures['devices']} dev)"),
         ("tls", f"txgateway TGP/TLS ({figures['devices']} dev)"),
         ("https1", f"txgateway HTTPS, 1/request ({CONNECTIONS} conn)"),
         ("https100", f"txgateway HTTPS, 100/request ({CONNECTIONS} conn)"),
+        ("mqtt100", f"txgateway MQTT, 100/message ({figures['devices']} dev)"),
+        ("mqtt1", f"txgateway MQTT, 1/message ({figures['devices']} dev)"),
     ):
         row(label + " most", figures[f"{key}_max"])
         row(label + " half", figures[f"{key}_half"])
@@ -368,6 +438,10 @@ def report(figures: dict, summary: dict) -> str:
         f"TCP: {summary['tcp_x_ceiling']:.2f}x the ceiling, {summary['tcp_x_naive']:.1f}x the thread-pool server; "
         f"HTTPS 100/request: {summary['https100_x_ceiling']:.2f}x the ceiling; "
         f"HTTPS 1/request: {summary['https1_x_flask']:.1f}x Flask"
+    )
+    lines.append(
+        f"MQTT 100/message: {summary['mqtt100_x_tcp']:.2f}x TGP/TCP; MQTT 1/message: "
+        f"{summary['mqtt1_x_mosquitto']:.2f}x Mosquitto's rate (its PUBACK in memory, ours after COMMIT)"
     )
     for i in figures["idle"]:
         lines.append(
@@ -410,6 +484,7 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     need_wrk()
+    need_mosquitto()
     if not (BIN / "twistd").exists() or not (BIN / "gunicorn").exists():
         raise SystemExit(f"install the benchmarks' needs first: pip install '{ROOT}[bench]'")
     fd_limit = raise_fd_limit()
@@ -431,6 +506,8 @@ def main() -> None:
         figures["naive_tcp"] = naive_tcp(tmp, server_dsn, args.duration, min(NAIVE_THREADS, args.devices))
         settle(server_dsn)
         figures["flask"] = flask(tmp, server_dsn, args.duration)
+        settle(server_dsn)
+        figures["mosquitto1"] = mosquitto(tmp, server_dsn, args.duration, args.devices, 1)
         dsn = gateway_runs(tmp, server_dsn, args, figures)
         settle(server_dsn)
         uploader(tmp, server_dsn, dsn, args, figures)

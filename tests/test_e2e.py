@@ -221,3 +221,29 @@ def test_systemd_is_told_ready_only_when_listening_and_stopping_on_sigterm(gatew
         assert sock.recv(4096).decode() == "STOPPING=1"
     finally:
         sock.close()
+
+
+def test_mosquitto_pub_as_in_the_readme_stores_a_reading_once_however_often_sent(gateway):
+    """README, MQTT: mosquitto_pub -p 8883 --cafile … -u truck-17 -P "$TOKEN" -q 1 -t devices/truck-17/readings -m …"""
+    if shutil.which("mosquitto_pub") is None:
+        pytest.fail("mosquitto_pub is needed by the README's MQTT example and by this test: install mosquitto-clients")
+    gateway.start()
+    token = gatewayctl("device", "add", "truck-17", data_dir=gateway.data_dir).stdout.strip()
+    message = '{"metric": "oil_temp", "ts": "2026-11-22T10:00:00Z", "value": 81.5}'
+    for version in ("mqttv311", "mqttv5", "mqttv5"):
+        subprocess.run(
+            ["mosquitto_pub", "-V", version, "-h", "localhost", "-p", str(gateway.mqtt_tls_port),
+             "--cafile", gateway.cert, "-u", "truck-17", "-P", token, "-q", "1",
+             "-t", "devices/truck-17/readings", "-m", message],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    rows = [json.loads(line) for line in gatewayctl("export", data_dir=gateway.data_dir).stdout.splitlines()]
+    assert [(r["device"], r["metric"], r["ts"], r["value"]) for r in rows] == [
+        ("truck-17", "oil_temp", "2026-11-22T10:00:00Z", 81.5)
+    ]
+    wrong = subprocess.run(
+        ["mosquitto_pub", "-h", "localhost", "-p", str(gateway.mqtt_tls_port), "--cafile", gateway.cert,
+         "-u", "truck-17", "-P", "0123456789abcdef.wrong", "-q", "1", "-t", "devices/truck-17/readings", "-m", message],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert wrong.returncode != 0 and "bad user name or password" in wrong.stderr.lower()
