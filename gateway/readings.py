@@ -8,6 +8,7 @@ transport.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any, NamedTuple, TypeGuard
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 ONE_US = datetime.timedelta(microseconds=1)
+_NAIVE_EPOCH = datetime.datetime(1970, 1, 1)
+_ONE_S = datetime.timedelta(seconds=1)
 
 # datetime's range: 0001-01-01 .. 9999-12-31, in microseconds from the epoch
 MIN_TS_US = (datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc) - EPOCH) // ONE_US
@@ -170,22 +173,23 @@ def parse_rfc3339(text: str) -> int:
     if m is None:
         raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
     year, month, day, hour, minute, second, frac, z, sign, oh, om = m.groups()
-    micro = int((frac or "0")[:6].ljust(6, "0"))
-    if z:
-        tz = datetime.timezone.utc
-    else:
+    micro = int(frac[:6].ljust(6, "0")) if frac else 0
+    offset_s = 0
+    if not z:
         if int(oh) > 23 or int(om) > 59:
             raise ValueError("has an offset out of range")
-        offset = datetime.timedelta(hours=int(oh), minutes=int(om))
-        tz = datetime.timezone(offset if sign == "+" else -offset)
+        offset_s = (int(oh) * 60 + int(om)) * 60 * (1 if sign == "+" else -1)
+    return (_epoch_second(year, month, day, hour, minute, second) - offset_s) * 1_000_000 + micro
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_second(year: str, month: str, day: str, hour: str, minute: str, second: str) -> int:
+    """Seconds since the epoch of a UTC wall-clock time, checked; cached, since a batch's readings share seconds."""
     try:
-        dt = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
+        dt = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second))
     except ValueError as e:
         raise ValueError(f"is not a valid date and time ({e})") from None
-    try:
-        return (dt - EPOCH) // ONE_US
-    except OverflowError:  # pragma: no cover - only at the very ends of the range
-        raise ValueError("is out of range") from None
+    return (dt - _NAIVE_EPOCH) // _ONE_S
 
 
 def parse_ts(value: Any) -> int:
@@ -227,14 +231,20 @@ def table_number(
 
 def format_ts(ts_us: int) -> str:
     """Microseconds since the epoch → RFC 3339 in UTC, with as many digits as needed."""
-    dt = EPOCH + datetime.timedelta(microseconds=ts_us)
-    text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
-    if dt.microsecond:
-        frac = f"{dt.microsecond:06d}"
+    seconds, micro = divmod(ts_us, 1_000_000)
+    text = _second_text(seconds)
+    if micro:
+        frac = f"{micro:06d}"
         if frac.endswith("000"):
             frac = frac[:3]
         text += "." + frac
     return text + "Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_text(seconds: int) -> str:
+    dt = _NAIVE_EPOCH + datetime.timedelta(seconds=seconds)
+    return f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
 
 
 def check_reading(metric: str, ts_us: int, value: float, where: str) -> Reading:
