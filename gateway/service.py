@@ -70,7 +70,8 @@ from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from gateway.transports.listeners import Listener, Listeners, TLSWrapper
 from gateway.transports.mqtt_adapter import MQTTFactory
-from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
+from gateway.transports.devices import DeviceListenerFactory, DeviceRegistry, DeviceSettings
+from gateway.transports.tgp_adapter import DeviceFactory
 from protocols import tgp
 
 __all__ = ["Options", "makeService", "build", "GatewayService", "GatewayProcess"]
@@ -199,28 +200,22 @@ class GatewayService(MultiService):
         )
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self._devices_changed)
         self.registry = DeviceRegistry()
-        self.tgp_factories = [
-            DeviceFactory(
-                self.ingest,
-                self.registry,
-                clock=reactor,
-                settings=device_settings(config),
-                tls=spec.tls,
-                require_client_cert=spec.tls and config.device_ca is not None,
-            )
-            for spec in config.device
-        ]
-        self.mqtt_factories = [
-            MQTTFactory(
-                self.ingest,
-                self.registry,
-                clock=reactor,
-                settings=device_settings(config),
-                tls=spec.tls,
-                require_client_cert=spec.tls and config.device_ca is not None,
-            )
-            for spec in config.mqtt
-        ]
+
+        def factories_for(kind: type[DeviceListenerFactory], specs: tuple[EndpointSpec, ...]) -> list[Any]:
+            return [
+                kind(
+                    self.ingest,
+                    self.registry,
+                    clock=reactor,
+                    settings=device_settings(config),
+                    tls=spec.tls,
+                    require_client_cert=spec.tls and config.device_ca is not None,
+                )
+                for spec in specs
+            ]
+
+        self.tgp_factories = factories_for(DeviceFactory, config.device)
+        self.mqtt_factories = factories_for(MQTTFactory, config.mqtt)
         # Every device transport with sessions: TGP and MQTT alike (end, stop_reading, connections).
         self.device_factories: list[Any] = [*self.tgp_factories, *self.mqtt_factories]
         for source in (self._connection_metrics, self.store.live_metrics, self.status.live_metrics):

@@ -277,31 +277,32 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class PubAck:
+class _Answer:
+    """The shape of the four packets of QoS 1 and 2 exchanges."""
+
     packet_id: int
     reason: int = Reason.SUCCESS
     properties: Properties = ()
 
 
 @dataclass(frozen=True, slots=True)
-class PubRec:
-    packet_id: int
-    reason: int = Reason.SUCCESS
-    properties: Properties = ()
+class PubAck(_Answer):
+    """QoS 1: the PUBLISH is taken."""
 
 
 @dataclass(frozen=True, slots=True)
-class PubRel:
-    packet_id: int
-    reason: int = Reason.SUCCESS
-    properties: Properties = ()
+class PubRec(_Answer):
+    """QoS 2, step 2: the PUBLISH is taken; the sender releases it with PUBREL."""
 
 
 @dataclass(frozen=True, slots=True)
-class PubComp:
-    packet_id: int
-    reason: int = Reason.SUCCESS
-    properties: Properties = ()
+class PubRel(_Answer):
+    """QoS 2, step 3."""
+
+
+@dataclass(frozen=True, slots=True)
+class PubComp(_Answer):
+    """QoS 2, step 4: the exchange is complete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +358,6 @@ class Auth:
 Event = (
     Connect | ConnAck | Publish | PubAck | PubRec | PubRel | PubComp | Subscribe | SubAck | Unsubscribe | UnsubAck
 ) | (PingReq | PingResp | Disconnect | Auth)
-_ACKS = (PubAck, PubRec, PubRel, PubComp)
 
 _TYPE_OF: dict[type, PacketType] = {
     Connect: _T.CONNECT,
@@ -723,7 +723,14 @@ class Connection:
         if kind in (_T.PINGREQ, _T.PINGRESP):
             r.end()
             return PingReq() if kind is _T.PINGREQ else PingResp()
-        # DISCONNECT and AUTH: in v5 a reason code and properties, both optional
+        reason, properties = self._reason_and_properties(r, kind)
+        if kind is _T.DISCONNECT:
+            self.state = CLOSED
+            return Disconnect(reason, properties)
+        return Auth(reason, properties)
+
+    def _reason_and_properties(self, r: _Reader, kind: PacketType) -> tuple[int, Properties]:
+        """The rest of an acknowledgement, DISCONNECT or AUTH: in v5 a reason code and properties, both optional."""
         reason: int = Reason.SUCCESS
         properties: Properties = ()
         if self.version == V5 and r.left():
@@ -731,10 +738,7 @@ class Connection:
             if r.left():
                 properties = r.properties(kind)
         r.end()
-        if kind is _T.DISCONNECT:
-            self.state = CLOSED
-            return Disconnect(reason, properties)
-        return Auth(reason, properties)
+        return reason, properties
 
     def _decode_connect(self, r: _Reader) -> Connect:
         name = r.text("the protocol name")
@@ -846,13 +850,7 @@ class Connection:
 
     def _decode_ack(self, r: _Reader, kind: PacketType) -> PubAck | PubRec | PubRel | PubComp:
         packet_id = r.u16()
-        reason: int = Reason.SUCCESS
-        properties: Properties = ()
-        if self.version == V5 and r.left():
-            reason = r.byte()
-            if r.left():
-                properties = r.properties(kind)
-        r.end()
+        reason, properties = self._reason_and_properties(r, kind)
         missing = r.fail(f"packet identifier {packet_id} is not in flight", Reason.PROTOCOL_ERROR)
         if kind is _T.PUBACK:
             if packet_id not in self.outbound_qos1:
@@ -933,7 +931,7 @@ class Connection:
         v5 = self.version == V5
         if isinstance(e, Publish):
             return self._encode_publish(e)
-        if isinstance(e, _ACKS):
+        if isinstance(e, _Answer):
             self._sending_ack(kind, e.packet_id)
             body = _U16S.pack(e.packet_id)
             if v5 and (e.reason or e.properties):

@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.ingest import tokens
-from gateway.transports.tgp_adapter import DeviceFactory, DeviceRegistry, DeviceSettings
+from gateway.transports.devices import DeviceRegistry, DeviceSettings
+from gateway.transports.tgp_adapter import DeviceFactory
 from gateway.ingest.core import Ingest
 from gateway.ingest.quality import QualityRules, Range
 

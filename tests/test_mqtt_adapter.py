@@ -18,7 +18,7 @@ from gateway.ingest.core import Ingest
 from gateway.readings import StoreUnavailable
 from gateway.storage.memory import MemoryStore
 from gateway.transports.mqtt_adapter import MQTTFactory
-from gateway.transports.tgp_adapter import DeviceRegistry, DeviceSettings
+from gateway.transports.devices import DeviceRegistry, DeviceSettings
 from protocols import mqtt, tgp
 from protocols.mqtt import V5, V311, Reason
 from protocols.mqtt import Property as P

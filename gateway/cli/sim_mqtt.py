@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import protocol, task
 
 from gateway.cli.simulator import BACKOFF_CAP, BACKOFF_FIRST, SimDevice, rfc3339
-from gateway.transports.tgp_adapter import no_delay
+from gateway.transports.devices import no_delay
 from protocols import mqtt
 
 R = mqtt.Reason

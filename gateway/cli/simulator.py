@@ -28,7 +28,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from gateway.ingest import tokens
-from gateway.transports.tgp_adapter import no_delay
+from gateway.transports.devices import no_delay
 from gateway.ops.tuning import tune_gc
 from protocols import tgp
 

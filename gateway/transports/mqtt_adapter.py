@@ -33,20 +33,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ingest.core import Ingest
 from gateway.readings import (
     Device,
     DeviceTypeUnknown,
     InvalidInput,
     RateLimited,
     Reading,
-    Source,
     StoreOverloaded,
     StoreRejected,
     StoreUnavailable,
@@ -55,8 +51,8 @@ from gateway.readings import (
     check_reading,
     is_name,
 )
-from gateway.transports.session import DeviceSession, Flow, Ticket
-from gateway.transports.tgp_adapter import DeviceRegistry, DeviceSettings, certificate_names, no_delay
+from gateway.transports.session import Ticket
+from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from protocols import mqtt, tgp
 
 log = Logger()
@@ -64,6 +60,7 @@ log = Logger()
 R = mqtt.Reason
 P = mqtt.Property
 
+WRONG_CREDENTIALS = "unknown device, revoked device or wrong token"
 TOPIC_ALIASES = 16  # topic aliases a v5 device may set up
 MAX_NUMBER = 64  # bytes of a bare-number payload
 
@@ -85,11 +82,9 @@ class _Refusal:
     message: str
 
 
-class MQTTProtocol(protocol.Protocol):
-    transport: Any  # set by makeConnection before any event
-
+class MQTTProtocol(DeviceConnection):
     def __init__(self, factory: MQTTFactory) -> None:
-        self.factory = factory
+        super().__init__(factory)
         settings = factory.settings
         self.conn = mqtt.Connection(
             mqtt.SERVER,
@@ -97,40 +92,18 @@ class MQTTProtocol(protocol.Protocol):
             receive_maximum=settings.window,
             topic_alias_maximum=TOPIC_ALIASES,
         )
-        self.session: DeviceSession[Any] = DeviceSession(settings.window)
-        self.device: Device | None = None
-        self.source = Source("mqtt+tls" if factory.tls else "mqtt", "?", None, factory.tls)
-        self.since = factory.clock.seconds()
-        self.readings = 0
-        self.last_error = ""
         self.keepalive = 0.0  # seconds of silence the session is allowed, once connected
-        self._held: mqtt.Publish | None = None
-        self._closing = False
-        self._timer: Any = None
         self._seq = 0
         self._packets: dict[int, tuple[int, int]] = {}  # ticket seq -> (packet id, QoS) of the message
 
     # -- connection ------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-        self.source = Source.of(self.source.transport, self.transport.getPeer(), self.factory.tls)
-        self.factory.connections.add(self)
-        self._set_timer(self.factory.settings.handshake_timeout, self._connect_too_slow)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._closing = True
-        self._cancel_timer()
-        self.factory.connections.discard(self)
-        if self.device is not None:
-            self.factory.registry.unregister(self.device.name, self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         self.conn.receive_data(data)
         if self.conn.state == mqtt.CONNECTED:
-            self._touch()
+            self._touch(self.keepalive)
         self._process()
 
     def _process(self) -> None:
@@ -208,7 +181,7 @@ class MQTTProtocol(protocol.Protocol):
         try:
             token = connect.password.decode("ascii")
         except UnicodeDecodeError:
-            self._refuse_connect(R.BAD_USER_NAME_OR_PASSWORD, "unknown device, revoked device or wrong token", claimed)
+            self._refuse_connect(R.BAD_USER_NAME_OR_PASSWORD, WRONG_CREDENTIALS, claimed)
             return
         self.session.busy = True
 
@@ -217,9 +190,7 @@ class MQTTProtocol(protocol.Protocol):
             if self._closing:
                 return
             if device.name != claimed:
-                self._refuse_connect(
-                    R.BAD_USER_NAME_OR_PASSWORD, "unknown device, revoked device or wrong token", claimed
-                )
+                self._refuse_connect(R.BAD_USER_NAME_OR_PASSWORD, WRONG_CREDENTIALS, claimed)
                 return
             if not self.factory.certificate_allows(self.transport, device.name):
                 self._refuse_connect(R.NOT_AUTHORIZED, "the client certificate does not name this device", claimed)
@@ -227,28 +198,8 @@ class MQTTProtocol(protocol.Protocol):
             self._connected(connect, device)
             self._process()
 
-        def failed(f: Failure) -> None:
-            self.session.busy = False
-            if self._closing:
-                return
-            if f.check(Unauthorized):
-                # refused and logged by the ingest path already
-                self._send(
-                    mqtt.ConnAck(
-                        R.BAD_USER_NAME_OR_PASSWORD,
-                        properties=self._why("unknown device, revoked device or wrong token"),
-                    )
-                )
-                self._close()
-            elif isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
-                self._refuse_connect(
-                    R.SERVER_UNAVAILABLE, f"the gateway cannot check credentials now: {f.value.message}", claimed
-                )
-            else:
-                log.failure("device lookup failed", f)
-                self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", claimed)
-
-        Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source)).addCallbacks(found, failed)
+        lookup = Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source))
+        lookup.addCallbacks(found, self._lookup_failed, errbackArgs=(claimed,))
 
     def _sign_in_by_certificate(self, connect: mqtt.Connect, name: str) -> None:
         """With --device-ca, a client certificate naming the device stands for its token (no password given)."""
@@ -264,19 +215,22 @@ class MQTTProtocol(protocol.Protocol):
             self._connected(connect, result[0])
             self._process()
 
-        def failed(f: Failure) -> None:
-            self.session.busy = False
-            if self._closing:
-                return
-            if isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
-                self._refuse_connect(
-                    R.SERVER_UNAVAILABLE, f"the gateway cannot check the device now: {f.value.message}", name
-                )
-            else:
-                log.failure("device lookup failed", f)
-                self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", name)
+        self.factory.store.device_key(name).addCallbacks(found, self._lookup_failed, errbackArgs=(name,))
 
-        self.factory.store.device_key(name).addCallbacks(found, failed)
+    def _lookup_failed(self, f: Failure, claimed: str) -> None:
+        """The device could not be looked up: say why in CONNACK and close."""
+        self.session.busy = False
+        if self._closing:
+            return
+        if f.check(Unauthorized):  # refused and logged by the ingest path already
+            self._send(mqtt.ConnAck(R.BAD_USER_NAME_OR_PASSWORD, properties=self._why(WRONG_CREDENTIALS)))
+            self._close()
+        elif isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
+            message = f"the gateway cannot check credentials now: {f.value.message}"
+            self._refuse_connect(R.SERVER_UNAVAILABLE, message, claimed)
+        else:
+            log.failure("device lookup failed", f)
+            self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", claimed)
 
     def _connected(self, connect: mqtt.Connect, device: Device) -> None:
         settings = self.factory.settings
@@ -309,7 +263,7 @@ class MQTTProtocol(protocol.Protocol):
         # was acknowledged. Saying "session present" to a device that asked to keep its session makes it send
         # again what it holds unacknowledged (a v5 device told "no session" would drop those messages).
         self._send(mqtt.ConnAck(R.SUCCESS, not connect.clean_start, tuple(properties)))
-        self._set_timer(self.keepalive, self._idle_too_long)
+        self._set_timer(self.keepalive, self.idle_too_long)
         log.info(
             "device {device} connected from {source} (MQTT {version}, client id {client_id!r})",
             device=device.name,
@@ -337,7 +291,7 @@ class MQTTProtocol(protocol.Protocol):
             self._unavailable(e.message)
             return
         if not self.factory.store.has_room(len(readings)):
-            self._hold(publish)
+            self._hold(publish, self._publish)
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
         d = Deferred.fromCoroutine(stored)
@@ -445,35 +399,6 @@ class MQTTProtocol(protocol.Protocol):
             return ()
         return ((P.REASON_STRING, message[:1000]),)
 
-    # -- backpressure ----------------------------------------------------
-
-    def _flow(self) -> None:
-        if self._closing:
-            return
-        action = self.session.flow()
-        if action is Flow.PAUSE:
-            self.transport.pauseProducing()
-        elif action is Flow.RESUME:
-            self.transport.resumeProducing()
-            self._process()
-
-    def _hold(self, publish: mqtt.Publish) -> None:
-        """Keep one message until the store has room; take nothing more meanwhile."""
-        self._held = publish
-        self.session.held = True
-        self._flow()
-
-        def room(_: Any) -> None:
-            held, self._held = self._held, None
-            self.session.held = False
-            if self._closing or held is None:
-                return
-            self._publish(held)
-            self._flow()
-            self._process()
-
-        self.factory.store.wait_for_room().addCallback(room)
-
     # -- refusals and endings --------------------------------------------
 
     def _refuse_message(
@@ -510,21 +435,11 @@ class MQTTProtocol(protocol.Protocol):
             self._send(mqtt.Disconnect(reason, self._why(message)))
         self._close()
 
-    def stop_reading(self) -> None:
-        """Take no more messages (shutdown); acknowledgements for those taken still go out."""
-        self.session.stopped = True
-        self._flow()
-
     def end(self, code: tgp.ErrorCode, reason: str) -> None:
         """Close the session (replaced, revoked, kicked, shutting down); a v5 device is told why."""
         if self._closing:
             return
         self._disconnect(_ENDINGS.get(code, R.ADMINISTRATIVE_ACTION), reason)
-
-    def _close(self) -> None:
-        self._closing = True
-        self._cancel_timer()
-        self.transport.loseConnection()
 
     def _send(self, event: mqtt.Event) -> None:
         try:
@@ -536,22 +451,7 @@ class MQTTProtocol(protocol.Protocol):
 
     # -- timers ----------------------------------------------------------
 
-    def _set_timer(self, seconds: float, what: Any) -> None:
-        self._cancel_timer()
-        self._timer = self.factory.clock.callLater(seconds, what)
-
-    def _touch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.keepalive)
-        elif self.keepalive:
-            self._set_timer(self.keepalive, self._idle_too_long)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _connect_too_slow(self) -> None:
+    def handshake_too_slow(self) -> None:
         self._timer = None
         if self.conn.state == mqtt.CONNECTED or self._closing:
             return
@@ -559,7 +459,7 @@ class MQTTProtocol(protocol.Protocol):
         self.factory.ingest.refuse(self.source, "timeout", f"no CONNECT within {seconds:g} seconds", closing=True)
         self._close()
 
-    def _idle_too_long(self) -> None:
+    def idle_too_long(self) -> None:
         self._timer = None
         self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
 
@@ -571,38 +471,6 @@ class _Misdirected(Exception):
         self.message = message
 
 
-class MQTTFactory(protocol.Factory):
+class MQTTFactory(DeviceListenerFactory):
     protocol = MQTTProtocol  # type: ignore[assignment]
-    noisy = False
-
-    def __init__(
-        self,
-        ingest: Ingest,
-        registry: DeviceRegistry,
-        *,
-        clock: IReactorTime,
-        settings: DeviceSettings,
-        tls: bool = False,
-        require_client_cert: bool = False,
-    ) -> None:
-        self.ingest = ingest
-        self.store = ingest.store
-        self.metrics = ingest.metrics
-        self.registry = registry
-        self.clock = clock
-        self.settings = settings
-        self.tls = tls
-        self.require_client_cert = require_client_cert
-        self.transport = "mqtt+tls" if tls else "mqtt"  # the label of its connections
-        self.connections: set[MQTTProtocol] = set()
-
-    def buildProtocol(self, addr: Any) -> MQTTProtocol:
-        return MQTTProtocol(self)
-
-    def reconfigure(self, settings: DeviceSettings) -> None:
-        """New settings (SIGHUP): new sessions take them; open ones keep what CONNACK told their device."""
-        self.settings = settings
-
-    def certificate_allows(self, transport: Any, name: str) -> bool:
-        """With client certificates required, the certificate must name the device (CN or SAN)."""
-        return not self.require_client_cert or certificate_names(transport, name)
+    transport_name = "mqtt"

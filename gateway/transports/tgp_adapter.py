@@ -31,16 +31,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest import tokens
-from gateway.ingest.core import Ingest
-from gateway.transports.session import DeviceSession, Flow, Ticket
+from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
+from gateway.transports.session import Ticket
 from gateway.readings import (
     Device,
     InvalidInput,
@@ -50,7 +47,6 @@ from gateway.readings import (
     StoreUnavailable,
     MAX_TS_US,
     MIN_TS_US,
-    Source,
     WriteResult,
     check_reading,
     is_name,
@@ -62,83 +58,25 @@ log = Logger()
 E = tgp.ErrorCode
 
 
-@dataclass(frozen=True)
-class DeviceSettings:
-    max_frame: int = 64 * 1024
-    max_metrics: int = 1024
-    window: int = 32
-    handshake_timeout: float = 10.0  # from accept (TLS handshake included) to WELCOME
-    max_heartbeat: int = 30  # the device pings after at most this many idle seconds
-    idle_timeout: float = 120.0  # silence after which the gateway closes
-
-    @property
-    def heartbeat(self) -> int:
-        """WELCOME's heartbeat_s: at most a third of the idle timeout, so a device that follows it is never idle."""
-        return max(1, min(self.max_heartbeat, int(self.idle_timeout // 3)))
-
-
-class DeviceRegistry:
-    """Devices online on this gateway; a new session of a device replaces the old one."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, Any] = {}  # a TGP or MQTT session: each has end(code, reason)
-
-    def register(self, name: str, session: Any) -> None:
-        old = self.sessions.get(name)
-        self.sessions[name] = session
-        if old is not None and old is not session:
-            old.end(E.REPLACED, "a newer connection of this device replaced this one")
-
-    def unregister(self, name: str, session: Any) -> None:
-        if self.sessions.get(name) is session:
-            del self.sessions[name]
-
-
-class DeviceProtocol(protocol.Protocol):
-    transport: Any  # set by makeConnection before any event; Twisted types it Optional
-
+class DeviceProtocol(DeviceConnection):
     def __init__(self, factory: DeviceFactory) -> None:
-        self.factory = factory
+        super().__init__(factory)
         settings = factory.settings
         self.conn = tgp.Connection(
             tgp.GATEWAY, max_frame=settings.max_frame, max_metrics=settings.max_metrics, valid_name=is_name
         )
-        self.device: Device | None = None
         self.claimed_name: str | None = None
         self.stored_key: bytes | None = None
         self._nonce = b""
-        # Answer order and flow control (gateway/transports/session.py).
-        self.session: DeviceSession[Any] = DeviceSession(settings.window)
-        self._held: tgp.Data | None = None  # the frame waiting for room in the store
-        self._closing = False
-        self._timer: Any = None
-        self.source = Source("tgp+tls" if factory.tls else "tgp", "?", None, factory.tls)
-        self.since = factory.clock.seconds()
-        self.readings = 0  # readings stored new
-        self.last_error = ""
 
     # -- connection ------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-        tls = self.factory.tls
-        self.source = Source.of("tgp+tls" if tls else "tgp", self.transport.getPeer(), tls)
-        self.factory.connections.add(self)
-        self._set_timer(self.factory.settings.handshake_timeout, self._handshake_too_slow)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._closing = True
-        self._cancel_timer()
-        self.factory.connections.discard(self)
-        if self.device is not None:
-            self.factory.registry.unregister(self.device.name, self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         self.conn.receive_data(data)
         if self.conn.state == tgp.READY:
-            self._touch()
+            self._touch(self.factory.settings.idle_timeout)
         self._process()
 
     # -- events ----------------------------------------------------------
@@ -230,7 +168,7 @@ class DeviceProtocol(protocol.Protocol):
                 int(settings.idle_timeout),
             )
         )
-        self._set_timer(settings.idle_timeout, self._idle_too_long)
+        self._set_timer(settings.idle_timeout, self.idle_too_long)
         log.info("device {device} connected from {source}", device=name, source=self.source)
 
     def _declare(self, declare: tgp.Declare) -> None:
@@ -245,7 +183,7 @@ class DeviceProtocol(protocol.Protocol):
             self._refuse_frame(data.seq, E.INVALID_READING, problem, _render(data))
             return
         if not self.factory.store.has_room(len(readings)):
-            self._hold(data)
+            self._hold(data, self._data)
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
         self._queue_answer(data.seq, Deferred.fromCoroutine(stored))
@@ -292,36 +230,6 @@ class DeviceProtocol(protocol.Protocol):
             self._send(tgp.Nack(seq, E.INTERNAL_ERROR, "the gateway failed; retry later", 5))
             self._close()
 
-    # -- backpressure ----------------------------------------------------
-
-    def _flow(self) -> None:
-        """Pause or resume the transport as the session says; take frames that arrived before a pause."""
-        if self._closing:
-            return
-        action = self.session.flow()
-        if action is Flow.PAUSE:
-            self.transport.pauseProducing()
-        elif action is Flow.RESUME:
-            self.transport.resumeProducing()
-            self._process()  # frames that arrived before the pause took effect
-
-    def _hold(self, event: tgp.Data) -> None:
-        """Keep one frame until the store has room; take nothing more meanwhile."""
-        self._held = event
-        self.session.held = True
-        self._flow()
-
-        def room(_: Any) -> None:
-            held, self._held = self._held, None
-            self.session.held = False
-            if self._closing or held is None:
-                return
-            self._data(held)  # may hold it again if another connection took the room
-            self._flow()
-            self._process()
-
-        self.factory.store.wait_for_room().addCallback(room)
-
     # -- refusals and endings ---------------------------------------------
 
     def _refuse_frame(self, seq: int, code: tgp.ErrorCode, message: str, raw: bytes) -> None:
@@ -347,11 +255,6 @@ class DeviceProtocol(protocol.Protocol):
             self._send(tgp.Reject(code, reason))
         self._close()
 
-    def stop_reading(self) -> None:
-        """Take no more frames (shutdown); answers for those taken still go out."""
-        self.session.stopped = True
-        self._flow()
-
     def end(self, code: tgp.ErrorCode, reason: str) -> None:
         """Say BYE and close (replaced by a newer connection, shutting down)."""
         if self._closing:
@@ -359,11 +262,6 @@ class DeviceProtocol(protocol.Protocol):
         if self.conn.state == tgp.READY:
             self._send(tgp.Bye(code, reason))
         self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        self._cancel_timer()
-        self.transport.loseConnection()
 
     def _send(self, event: tgp.Event) -> None:
         try:
@@ -374,23 +272,7 @@ class DeviceProtocol(protocol.Protocol):
 
     # -- timers ----------------------------------------------------------
 
-    def _set_timer(self, seconds: float, what: Any) -> None:
-        self._cancel_timer()
-        self._timer = self.factory.clock.callLater(seconds, what)
-
-    def _touch(self) -> None:
-        """Restart the idle timer; once READY it is the only timer, so reset it in place."""
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.factory.settings.idle_timeout)
-        else:
-            self._set_timer(self.factory.settings.idle_timeout, self._idle_too_long)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _handshake_too_slow(self) -> None:
+    def handshake_too_slow(self) -> None:
         self._timer = None
         if self.conn.state == tgp.READY:
             return
@@ -405,7 +287,7 @@ class DeviceProtocol(protocol.Protocol):
             self._send(tgp.Bye(E.TIMEOUT, reason))
         self._close()
 
-    def _idle_too_long(self) -> None:
+    def idle_too_long(self) -> None:
         self._timer = None
         self.end(E.TIMEOUT, f"nothing received for {self.factory.settings.idle_timeout:g} seconds")
 
@@ -430,15 +312,6 @@ def first_invalid(readings: tuple[tuple[str, int, float], ...]) -> str | None:
 _INF = float("inf")
 
 
-def no_delay(transport: Any) -> None:
-    """Send small frames (ACKs) at once: Nagle's algorithm would hold them for the peer's delayed ACK."""
-    while transport is not None:
-        if hasattr(transport, "setTcpNoDelay"):
-            transport.setTcpNoDelay(True)
-            return
-        transport = getattr(transport, "transport", None)
-
-
 def _code_name(code: int) -> str:
     try:
         return tgp.ErrorCode(code).name
@@ -451,55 +324,6 @@ def _render(data: tgp.Data) -> bytes:
     return json.dumps({"seq": data.seq, "readings": [list(r) for r in data.readings]}, allow_nan=True).encode()
 
 
-class DeviceFactory(protocol.Factory):
+class DeviceFactory(DeviceListenerFactory):
     protocol = DeviceProtocol  # type: ignore[assignment]
-    noisy = False  # the listener says where it listens
-
-    def __init__(
-        self,
-        ingest: Ingest,
-        registry: DeviceRegistry,
-        *,
-        clock: IReactorTime,
-        settings: DeviceSettings = DeviceSettings(),
-        tls: bool = False,
-        require_client_cert: bool = False,
-    ) -> None:
-        self.ingest = ingest
-        self.store = ingest.store
-        self.metrics = ingest.metrics
-        self.registry = registry
-        self.clock = clock
-        self.settings = settings
-        self.tls = tls
-        self.require_client_cert = require_client_cert
-        self.transport = "tgp+tls" if tls else "tgp"  # the label of its connections
-        self.connections: set[DeviceProtocol] = set()
-
-    def buildProtocol(self, addr: Any) -> DeviceProtocol:
-        return DeviceProtocol(self)
-
-    def reconfigure(self, settings: DeviceSettings) -> None:
-        """New settings (SIGHUP): new sessions take them all, open ones their window and timeouts."""
-        self.settings = settings
-        for session in self.connections:
-            session.session.set_window(settings.window)
-
-    def certificate_allows(self, transport: Any, name: str) -> bool:
-        """With client certificates required, the certificate must name the device (CN or SAN)."""
-        return not self.require_client_cert or certificate_names(transport, name)
-
-
-def certificate_names(transport: Any, name: str) -> bool:
-    """Whether the TLS peer's certificate names the device (subject CN or a DNS subjectAltName)."""
-    cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
-    if cert is None:
-        return False
-    # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
-    names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names |= set(san.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    return name in names
+    transport_name = "tgp"

@@ -1,0 +1,229 @@
+"""
+What the device transports with sessions of their own (TGP, MQTT) share:
+their settings, the registry of devices online, and the Twisted side of a
+session — bookkeeping in the factory, flow control as the pure session
+(``session.py``) says, holding one message while the store has no room, one
+timer, and the close. Each protocol's adapter adds its codec and its answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from twisted.internet import protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from gateway.ingest.core import Ingest
+from gateway.readings import Device, Source
+from gateway.transports.session import DeviceSession, Flow
+from protocols import tgp
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    max_frame: int = 64 * 1024  # TGP: largest frame payload; MQTT: largest packet
+    max_metrics: int = 1024
+    window: int = 32  # messages a device may have unanswered (MQTT 5.0: Receive Maximum)
+    handshake_timeout: float = 10.0  # from accept (TLS handshake included) to WELCOME or CONNACK
+    max_heartbeat: int = 30  # the device pings after at most this many idle seconds
+    idle_timeout: float = 120.0  # silence after which the gateway closes
+
+    @property
+    def heartbeat(self) -> int:
+        """WELCOME's heartbeat_s: at most a third of the idle timeout, so a device that follows it is never idle."""
+        return max(1, min(self.max_heartbeat, int(self.idle_timeout // 3)))
+
+
+class DeviceRegistry:
+    """Devices online on this gateway; a new session of a device replaces the old one, whatever the transport."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, DeviceConnection] = {}
+
+    def register(self, name: str, session: DeviceConnection) -> None:
+        old = self.sessions.get(name)
+        self.sessions[name] = session
+        if old is not None and old is not session:
+            old.end(tgp.ErrorCode.REPLACED, "a newer connection of this device replaced this one")
+
+    def unregister(self, name: str, session: DeviceConnection) -> None:
+        if self.sessions.get(name) is session:
+            del self.sessions[name]
+
+
+class DeviceConnection(protocol.Protocol):
+    """
+    One device connection. Subclasses set ``handshake_too_slow`` and
+    ``idle_too_long`` (timer callbacks), implement ``_process`` (take the
+    events the codec has while the session may read) and ``end`` (close with
+    a reason, the shared vocabulary being TGP's error codes).
+    """
+
+    transport: Any  # set by makeConnection before any event; Twisted types it Optional
+
+    def __init__(self, factory: DeviceListenerFactory) -> None:
+        self.factory = factory
+        self.session: DeviceSession[Any] = DeviceSession(factory.settings.window)
+        self.device: Device | None = None
+        self.source = Source(factory.transport, "?", None, factory.tls)
+        self.since = factory.clock.seconds()
+        self.readings = 0  # readings stored new
+        self.last_error = ""
+        self._held: Any = None  # the message waiting for room in the store
+        self._closing = False
+        self._timer: Any = None
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        self.source = Source.of(self.factory.transport, self.transport.getPeer(), self.factory.tls)
+        self.factory.connections.add(self)
+        self._set_timer(self.factory.settings.handshake_timeout, self.handshake_too_slow)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.factory.connections.discard(self)
+        if self.device is not None:
+            self.factory.registry.unregister(self.device.name, self)
+
+    def _process(self) -> None:
+        raise NotImplementedError
+
+    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+        raise NotImplementedError
+
+    def handshake_too_slow(self) -> None:
+        raise NotImplementedError
+
+    def idle_too_long(self) -> None:
+        raise NotImplementedError
+
+    # -- backpressure ----------------------------------------------------
+
+    def _flow(self) -> None:
+        """Pause or resume the transport as the session says; take messages that arrived before a pause."""
+        if self._closing:
+            return
+        action = self.session.flow()
+        if action is Flow.PAUSE:
+            self.transport.pauseProducing()
+        elif action is Flow.RESUME:
+            self.transport.resumeProducing()
+            self._process()  # messages that arrived before the pause took effect
+
+    def _hold(self, message: Any, again: Callable[[Any], None]) -> None:
+        """Keep one message until the store has room (then ``again(message)``); take nothing more meanwhile."""
+        self._held = message
+        self.session.held = True
+        self._flow()
+
+        def room(_: Any) -> None:
+            held, self._held = self._held, None
+            self.session.held = False
+            if self._closing or held is None:
+                return
+            again(held)  # may hold it again if another connection took the room
+            self._flow()
+            self._process()
+
+        self.factory.store.wait_for_room().addCallback(room)
+
+    def stop_reading(self) -> None:
+        """Take no more messages (shutdown); answers for those taken still go out."""
+        self.session.stopped = True
+        self._flow()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    # -- the one timer: the handshake's, then the idle one ------------------
+
+    def _set_timer(self, seconds: float, what: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.factory.clock.callLater(seconds, what)
+
+    def _touch(self, idle_after: float) -> None:
+        """Restart the idle timer; once connected it is the only timer, so reset it in place."""
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(idle_after)
+        elif idle_after:
+            self._set_timer(idle_after, self.idle_too_long)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class DeviceListenerFactory(protocol.Factory):
+    """The factory of one device endpoint: settings, the registry, the open connections."""
+
+    noisy = False  # the listener says where it listens
+    transport_name = ""  # "tgp" or "mqtt"; "+tls" is added on TLS endpoints
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        registry: DeviceRegistry,
+        *,
+        clock: IReactorTime,
+        settings: DeviceSettings,
+        tls: bool = False,
+        require_client_cert: bool = False,
+    ) -> None:
+        self.ingest = ingest
+        self.store = ingest.store
+        self.metrics = ingest.metrics
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.transport = f"{self.transport_name}+tls" if tls else self.transport_name  # its connections' label
+        self.connections: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        make: Any = self.protocol
+        return make(self)
+
+    def reconfigure(self, settings: DeviceSettings) -> None:
+        """New settings (SIGHUP): new sessions take them all, open ones their window."""
+        self.settings = settings
+        for connection in self.connections:
+            connection.session.set_window(settings.window)
+
+    def certificate_allows(self, transport: Any, name: str) -> bool:
+        """With client certificates required, the certificate must name the device (CN or SAN)."""
+        return not self.require_client_cert or certificate_names(transport, name)
+
+
+def certificate_names(transport: Any, name: str) -> bool:
+    """Whether the TLS peer's certificate names the device (subject CN or a DNS subjectAltName)."""
+    cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
+    if cert is None:
+        return False
+    # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
+    names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names |= set(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return name in names
+
+
+def no_delay(transport: Any) -> None:
+    """Send small frames (ACKs) at once: Nagle's algorithm would hold them for the peer's delayed ACK."""
+    while transport is not None:
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+            return
+        transport = getattr(transport, "transport", None)
