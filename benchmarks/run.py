@@ -363,6 +363,7 @@ def flat(figures: dict) -> dict:
     """The figures compared across commits, as flat keys."""
     ceiling_rps = figures["ceiling"]["readings_per_s"]
     idle_tcp = next(i for i in figures["idle"] if i["protocol"] == "tcp")
+    idle_mqtt = next(i for i in figures["idle"] if i["protocol"] == "mqtt")
     out = {
         "ceiling_rps": ceiling_rps,
         "naive_tcp_rps": figures["naive_tcp"]["rate"],
@@ -377,6 +378,8 @@ def flat(figures: dict) -> dict:
         "tcp_cpu_s_per_million": figures["tcp_max"]["gateway_cpu_s_per_million"],
         "idle_conns": idle_tcp["connected"],
         "idle_rss_mb": idle_tcp["rss_mb"],
+        "idle_mqtt_conns": idle_mqtt["connected"],
+        "idle_mqtt_rss_mb": idle_mqtt["rss_mb"],
         "uploader_rps": figures["upload"]["rate"],
         "mqtt100_rps": figures["mqtt100_max"]["rate"],
         "mqtt1_rps": figures["mqtt1_max"]["rate"],
@@ -399,6 +402,9 @@ def targets(summary: dict, figures: dict) -> dict[str, bool]:
     met["TCP ack p99 < 50 ms at half rate"] = summary["tcp_p99_ms"] < 50
     met["MQTT PUBACK p99 < 25 ms at half rate (100/message)"] = summary["mqtt_p99_ms"] < 25
     met["10,000 idle devices < 400 MB RSS"] = summary["idle_conns"] >= 10_000 and summary["idle_rss_mb"] < 400
+    met["10,000 idle MQTT devices < 120 MB RSS"] = (
+        summary["idle_mqtt_conns"] >= 10_000 and summary["idle_mqtt_rss_mb"] < 120
+    )
     return met
 
 
@@ -514,7 +520,8 @@ def main() -> None:
         settle(server_dsn)
         dsn = fresh_database(server_dsn, "bench_idle")
         figures["idle"] = [
-            idle(tmp, dsn, protocol, args.idle) for protocol in (("tcp",) if args.quick else ("tcp", "tls"))
+            idle(tmp, dsn, protocol, args.idle)
+            for protocol in (("tcp", "mqtt") if args.quick else ("tcp", "tls", "mqtt"))
         ]
     figures["seconds"] = time.monotonic() - started
     summary = flat(figures)

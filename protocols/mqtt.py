@@ -393,6 +393,11 @@ _FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
 
 START, CONNECTING, CONNECTED, CLOSED = "START", "CONNECTING", "CONNECTED", "CLOSED"
 
+# The state of an exchange, by packet identifier. PUBLISH QoS 1 sent, PUBACK owed: _QOS1. PUBLISH QoS 2 sent or
+# received, PUBREC owed: _QOS2. PUBREC sent or received, PUBREL owed, then PUBCOMP owed: _RELEASED. PUBREL
+# received, PUBCOMP owed by us: _PUBREL. SUBSCRIBE or UNSUBSCRIBE, their answer owed: _OTHER.
+_QOS1, _QOS2, _RELEASED, _PUBREL, _OTHER = 1, 2, 3, 4, 5
+
 _U16S = struct.Struct(">H")
 _U32S = struct.Struct(">I")
 
@@ -584,6 +589,26 @@ class Connection:
     the caller applies backpressure instead).
     """
 
+    # One per connected device: slots keep an idle device's cost down (10,000 of them is the norm).
+    __slots__ = (
+        "our_role",
+        "their_role",
+        "max_packet",
+        "receive_maximum",
+        "topic_alias_maximum",
+        "version",
+        "state",
+        "peer_max_packet",
+        "peer_receive_maximum",
+        "peer_topic_alias_maximum",
+        "_buffer",
+        "_eof",
+        "_aliases",
+        "_qos1_in",
+        "_in",
+        "_out",
+    )
+
     def __init__(
         self,
         our_role: Role,
@@ -605,16 +630,11 @@ class Connection:
         self._buffer = bytearray()
         self._eof = False
         self._aliases: dict[int, str] = {}
-        # packet identifiers of QoS 1 and 2 exchanges, by the side that sent the PUBLISH
-        self.inbound_qos1: dict[int, int] = {}  # id -> PUBLISHes received with it not yet PUBACKed
-        self.inbound_qos2: set[int] = set()  # PUBLISH received, PUBREC not yet sent
-        self.inbound_released: set[int] = set()  # PUBREC sent, PUBREL not yet received / PUBCOMP not yet sent
-        self._inbound_pubrel: set[int] = set()  # PUBREL received, PUBCOMP owed
-        self.outbound_qos1: set[int] = set()
-        self.outbound_qos2: set[int] = set()  # PUBLISH sent, PUBREC owed
-        self.outbound_released: set[int] = set()  # PUBREL sent, PUBCOMP owed
-        self.outbound_other: set[int] = set()  # SUBSCRIBE / UNSUBSCRIBE sent, SUBACK / UNSUBACK owed
-        self.inbound_other: set[int] = set()
+        # Packet identifiers in use, by direction: the state of each exchange. A QoS 1 PUBLISH may come again
+        # before its PUBACK (each is answered), so those are counted apart.
+        self._qos1_in: dict[int, int] = {}  # id -> QoS 1 PUBLISHes received and not yet PUBACKed
+        self._in: dict[int, int] = {}  # id -> _QOS2 / _RELEASED / _PUBREL / _OTHER, for what the peer sent
+        self._out: dict[int, int] = {}  # id -> _QOS1 / _QOS2 / _RELEASED / _OTHER, for what we sent
 
     # -- receiving -------------------------------------------------------
 
@@ -634,7 +654,7 @@ class Connection:
     @property
     def inbound_in_flight(self) -> int:
         """QoS 1 and 2 PUBLISHes received and not yet answered (v5's Receive Maximum counts these)."""
-        return sum(self.inbound_qos1.values()) + len(self.inbound_qos2) + len(self.inbound_released)
+        return sum(self._qos1_in.values()) + sum(1 for state in self._in.values() if state in (_QOS2, _RELEASED))
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""
@@ -709,14 +729,14 @@ class Connection:
             return self._decode_subscribe(r, kind)
         if kind in (_T.SUBACK, _T.UNSUBACK):
             packet_id = r.u16()
-            if packet_id not in self.outbound_other:
+            if self._out.get(packet_id) != _OTHER:
                 raise r.fail(f"packet identifier {packet_id} is not in flight", Reason.PROTOCOL_ERROR)
             answer_properties = r.properties(kind) if self.version == V5 else ()
             reasons = tuple(r.take(r.left())) if kind is _T.SUBACK or self.version == V5 else ()
             r.end()
             if kind is _T.SUBACK and not reasons:
                 raise r.fail("no return codes")
-            self.outbound_other.discard(packet_id)
+            del self._out[packet_id]
             if kind is _T.SUBACK:
                 return SubAck(packet_id, reasons, answer_properties)
             return UnsubAck(packet_id, reasons, answer_properties)
@@ -838,10 +858,10 @@ class Connection:
         payload = r.data[r.pos :]
         if qos == 1:
             assert packet_id is not None
-            self.inbound_qos1[packet_id] = self.inbound_qos1.get(packet_id, 0) + 1
+            self._qos1_in[packet_id] = self._qos1_in.get(packet_id, 0) + 1
         elif qos == 2:
             assert packet_id is not None
-            self.inbound_qos2.add(packet_id)  # sent again before its PUBREL: answered with PUBREC again
+            self._in[packet_id] = _QOS2  # sent again before its PUBREL: answered with PUBREC again
         if self.version == V5 and self.inbound_in_flight > self.receive_maximum:
             raise r.fail(
                 f"more than {self.receive_maximum} QoS 1 and 2 PUBLISHes unanswered", Reason.RECEIVE_MAXIMUM_EXCEEDED
@@ -852,26 +872,28 @@ class Connection:
         packet_id = r.u16()
         reason, properties = self._reason_and_properties(r, kind)
         missing = r.fail(f"packet identifier {packet_id} is not in flight", Reason.PROTOCOL_ERROR)
+        if kind is _T.PUBREL:
+            # a PUBREL for an id not known is answered PUBCOMP all the same (its exchange may be of an earlier
+            # connection), so it is not fatal
+            self._in[packet_id] = _PUBREL
+            return PubRel(packet_id, reason, properties)
+        state = self._out.get(packet_id)
         if kind is _T.PUBACK:
-            if packet_id not in self.outbound_qos1:
+            if state != _QOS1:
                 raise missing
-            self.outbound_qos1.discard(packet_id)
+            del self._out[packet_id]
             return PubAck(packet_id, reason, properties)
         if kind is _T.PUBREC:
-            if packet_id not in self.outbound_qos2:
+            if state != _QOS2:
                 raise missing
-            self.outbound_qos2.discard(packet_id)
             if reason < 0x80:
-                self.outbound_released.add(packet_id)
+                self._out[packet_id] = _RELEASED
+            else:
+                del self._out[packet_id]
             return PubRec(packet_id, reason, properties)
-        if kind is _T.PUBREL:
-            # a PUBREL for an id not known is answered PUBCOMP 0x92 (v5), so it is not fatal
-            self.inbound_released.discard(packet_id)
-            self._inbound_pubrel.add(packet_id)
-            return PubRel(packet_id, reason, properties)
-        if packet_id not in self.outbound_released:
+        if state != _RELEASED:
             raise missing
-        self.outbound_released.discard(packet_id)
+        del self._out[packet_id]
         return PubComp(packet_id, reason, properties)
 
     def _decode_subscribe(self, r: _Reader, kind: PacketType) -> Subscribe | Unsubscribe:
@@ -895,7 +917,7 @@ class Connection:
                 entries.append(topic_filter)
         if not entries:
             raise r.fail("no topic filters", Reason.PROTOCOL_ERROR)
-        self.inbound_other.add(packet_id)
+        self._in[packet_id] = _OTHER
         if kind is _T.SUBSCRIBE:
             return Subscribe(packet_id, tuple(entries), properties)
         return Unsubscribe(packet_id, tuple(entries), properties)
@@ -940,7 +962,7 @@ class Connection:
                     body += _encode_properties(e.properties, kind)
             return _FLAGS.get(kind, 0), body
         if isinstance(e, (Subscribe, Unsubscribe)):
-            self._new_id(e.packet_id, self.outbound_other)
+            self._new_id(e.packet_id)
             parts = [_U16S.pack(e.packet_id)]
             if v5:
                 parts.append(_encode_properties(e.properties, kind))
@@ -952,12 +974,12 @@ class Connection:
                 if not e.filters:
                     raise ValueError("UNSUBSCRIBE needs a topic filter")
                 parts += [_str(f, "a topic filter") for f in e.filters]
-            self.outbound_other.add(e.packet_id)
+            self._out[e.packet_id] = _OTHER
             return _FLAGS[kind], b"".join(parts)
         if isinstance(e, (SubAck, UnsubAck)):
-            if e.packet_id not in self.inbound_other:
+            if self._in.get(e.packet_id) != _OTHER:
                 raise LocalProtocolError(Reason.PROTOCOL_ERROR, f"no SUBSCRIBE or UNSUBSCRIBE {e.packet_id} to answer")
-            self.inbound_other.discard(e.packet_id)
+            del self._in[e.packet_id]
             body = _U16S.pack(e.packet_id) + (_encode_properties(e.properties, kind) if v5 else b"")
             reasons = e.reasons
             if isinstance(e, SubAck) and not v5:
@@ -1025,15 +1047,15 @@ class Connection:
             if e.packet_id is None:
                 raise LocalProtocolError(Reason.PROTOCOL_ERROR, "a QoS 1 or 2 PUBLISH needs a packet identifier")
             if not e.dup:  # a new exchange (DUP resends one in flight)
-                in_flight = self.outbound_qos1 | self.outbound_qos2 | self.outbound_released
-                self._new_id(e.packet_id, in_flight)
-                if self.version == V5 and len(in_flight) >= self.peer_receive_maximum:
+                self._new_id(e.packet_id)
+                in_flight = sum(1 for state in self._out.values() if state != _OTHER)
+                if self.version == V5 and in_flight >= self.peer_receive_maximum:
                     raise LocalProtocolError(
                         Reason.RECEIVE_MAXIMUM_EXCEEDED,
                         f"the peer takes {self.peer_receive_maximum} unanswered at most",
                     )
             parts.append(_U16S.pack(e.packet_id))
-            (self.outbound_qos1 if e.qos == 1 else self.outbound_qos2).add(e.packet_id)
+            self._out[e.packet_id] = _QOS1 if e.qos == 1 else _QOS2
         elif e.packet_id is not None or e.dup:
             raise LocalProtocolError(Reason.PROTOCOL_ERROR, "a QoS 0 PUBLISH has no packet identifier and no DUP")
         if self.version == V5:
@@ -1042,11 +1064,10 @@ class Connection:
         flags = (0x08 if e.dup else 0) | e.qos << 1 | (0x01 if e.retain else 0)
         return flags, b"".join(parts)
 
-    @staticmethod
-    def _new_id(packet_id: int, in_use: set[int]) -> None:
+    def _new_id(self, packet_id: int) -> None:
         if not 1 <= packet_id <= 0xFFFF:
             raise LocalProtocolError(Reason.PROTOCOL_ERROR, f"packet identifier {packet_id} is not in 1..65535")
-        if packet_id in in_use:
+        if packet_id in self._out:
             raise LocalProtocolError(Reason.PACKET_IDENTIFIER_IN_USE, f"packet identifier {packet_id} is in use")
 
     def _sending_ack(self, kind: PacketType, packet_id: int) -> None:
@@ -1054,22 +1075,21 @@ class Connection:
             return LocalProtocolError(Reason.PACKET_IDENTIFIER_NOT_FOUND, f"no {packet_id} to answer with {kind.name}")
 
         if kind is _T.PUBACK:
-            count = self.inbound_qos1.get(packet_id, 0)
+            count = self._qos1_in.get(packet_id, 0)
             if not count:
                 raise missing()
             if count == 1:
-                del self.inbound_qos1[packet_id]
+                del self._qos1_in[packet_id]
             else:
-                self.inbound_qos1[packet_id] = count - 1
+                self._qos1_in[packet_id] = count - 1
         elif kind is _T.PUBREC:
-            if packet_id not in self.inbound_qos2:
+            if self._in.get(packet_id) != _QOS2:
                 raise missing()
-            self.inbound_qos2.discard(packet_id)
-            self.inbound_released.add(packet_id)
+            self._in[packet_id] = _RELEASED
         elif kind is _T.PUBREL:
-            if packet_id not in self.outbound_released:
+            if self._out.get(packet_id) != _RELEASED:
                 raise missing()
         else:  # PUBCOMP
-            if packet_id not in self._inbound_pubrel:
+            if self._in.get(packet_id) != _PUBREL:
                 raise missing()
-            self._inbound_pubrel.discard(packet_id)
+            del self._in[packet_id]

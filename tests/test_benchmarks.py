@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FLAT_KEYS = (
     "ceiling_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps tcp_p50_ms tcp_p99_ms "
-    "idle_conns idle_rss_mb uploader_rps mqtt100_rps mqtt1_rps mosquitto1_rps mqtt_p99_ms"
+    "idle_conns idle_rss_mb idle_mqtt_conns idle_mqtt_rss_mb uploader_rps mqtt100_rps mqtt1_rps mosquitto1_rps "
+    "mqtt_p99_ms"
 ).split()
 
 
@@ -35,7 +36,7 @@ def test_the_benchmark_reports_every_figure(tmp_path):
     figures = json.loads((tmp_path / "out.json").read_text())
     for key in FLAT_KEYS:
         assert figures[key] > 0, key
-    assert figures["idle_conns"] == 20
+    assert figures["idle_conns"] == figures["idle_mqtt_conns"] == 20
     assert set(figures["machine"]) >= {"cores", "python", "postgresql"}
     for run in ("tcp", "tls", "https1", "https100", "mqtt100", "mqtt1"):
         for rate in ("max", "half"):
@@ -46,7 +47,7 @@ def test_the_benchmark_reports_every_figure(tmp_path):
     assert figures["naive_tcp"]["stored"] >= figures["naive_tcp"]["acked"] > 0
     assert figures["flask"]["stored"] >= figures["flask"]["acked"] > 0
     assert figures["outage"]["refused_requests"] > 0 and figures["outage"]["backlog_delivered_s"] is not None
-    assert len(figures["targets"]) == 9
+    assert len(figures["targets"]) == 10
     assert figures["mosquitto1"]["acked"] > 0 and not figures["mosquitto1"]["errors"]
     for text in ("x ceiling", "thread-pool server", "Flask", "Mosquitto", "idle TCP devices", "uploader:"):
         assert text in out.stdout
