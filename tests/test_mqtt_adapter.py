@@ -10,7 +10,7 @@ import json
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -202,6 +202,17 @@ def test_v5_refusals_say_why_and_the_session_goes_on(topic, payload, reason):
     assert h.store.rejected and h.store.rejected[-1][3] == payload  # the input is kept, with the reason
     h.publish(2, body(1.0))
     assert h.events() == [mqtt.PubAck(2)] and not h.transport.disconnecting
+
+
+def test_a_bad_payload_is_acknowledged_only_once_it_is_kept():
+    h = Harness()
+    h.connect(V311)
+    keeping = Deferred()
+    h.store.keep_rejected_input = lambda *args: keeping
+    h.publish(1, b"{not json")
+    assert h.events() == []  # not kept yet: no PUBACK, so the device still holds the message
+    keeping.callback(None)
+    assert h.events() == [mqtt.PubAck(1)]
 
 
 def test_v311_acknowledges_a_bad_payload_and_keeps_it_but_closes_on_another_devices_topic():

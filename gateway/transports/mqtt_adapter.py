@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -405,11 +405,13 @@ class MQTTProtocol(DeviceConnection):
         self, publish: mqtt.Publish, reason: mqtt.Reason, message: str, close_v311: bool = False
     ) -> None:
         name = self.device.name if self.device else None
-        self.factory.ingest.refuse(self.source, reason.name.lower(), message, device=name, raw=publish.payload)
+        kept = self.factory.ingest.refuse(self.source, reason.name.lower(), message, device=name, raw=publish.payload)
         if close_v311 and self.conn.version != mqtt.V5:
             self._close()  # 3.1.1 cannot refuse a message: the connection is the only answer
         elif publish.qos:
-            self._queue_answer(publish, succeed(_Refusal(reason, message)))
+            # The answer waits until the input is kept: to a 3.1.1 device it is a plain PUBACK, after which the
+            # device forgets the message.
+            self._queue_answer(publish, kept.addCallback(lambda _: _Refusal(reason, message)))
 
     def _refuse_connect(self, reason: mqtt.Reason, message: str, claimed: str | None) -> None:
         self.factory.ingest.refuse(self.source, reason.name.lower(), f"{message} (device {claimed})")
