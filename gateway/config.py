@@ -24,6 +24,8 @@ from gateway.storage.journal import parse_size
 from gateway.ops.logs import FORMATS, LEVELS
 from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_table
 from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
+from gateway.transports.brokers import SourceError, SourceSettings, source_from_table, source_from_url
+from gateway.transports.brokers import check_unique as check_sources
 from gateway.outbound.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
 
 if sys.version_info >= (3, 11):
@@ -164,6 +166,16 @@ def _off_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_or_off
 
 
+def _mqtt_source(value: Any) -> SourceSettings:
+    """A broker to consume from: a URL (the command line) or an [[mqtt_source]] table (the config file)."""
+    try:
+        if isinstance(value, dict):
+            return source_from_table(value, duration=lambda v: duration(v, 0.01))
+        return source_from_url(_text(value))
+    except SourceError as e:
+        raise ValueError(str(e)) from None
+
+
 def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
     def parse(value: Any) -> EndpointSpec:
         return parse_endpoint(_text(value), kinds)
@@ -216,6 +228,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Endpoint for devices speaking MQTT 3.1.1 or 5.0 (user name: the device's name; password: its token); "
         "repeat for several, or 'off'. ssl: endpoints use the same certificate as --https; a tcp: endpoint "
         "carries device tokens in clear.",
+        multiple=True,
+    ),
+    Setting(
+        "mqtt-source",
+        (),
+        _mqtt_source,
+        "An MQTT broker to consume readings from (mqtts://host:port, or mqtt:// to loopback): topics "
+        "devices/+/+ in the shared subscription group txgateway, QoS 1, acknowledged after COMMIT; repeat "
+        "for several. [[mqtt_source]] tables in the config file give credentials, topics and the rest.",
         multiple=True,
     ),
     Setting(
@@ -422,6 +443,7 @@ class GatewayConfig:
     max_queue: int
     journal_max_bytes: int = 1024**3
     mqtt: tuple[EndpointSpec, ...] = ()
+    mqtt_source: tuple[SourceSettings, ...] = ()
     device_handshake_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     db_wait: float = 30.0
@@ -525,6 +547,10 @@ def build_config(
                 values[setting.name] = setting.parse(raw)
         except (ValueError, TypeError) as e:
             raise ConfigError(setting.name, str(e)) from None
+    try:
+        check_sources(list(values["mqtt-source"]))
+    except SourceError as e:
+        raise ConfigError("mqtt-source", str(e)) from None
     if (values["tls-cert"] is None) != (values["tls-key"] is None):
         missing = "tls-key" if values["tls-key"] is None else "tls-cert"
         raise ConfigError(missing, "--tls-cert and --tls-key go together; give both")

@@ -70,6 +70,7 @@ from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from gateway.transports.listeners import Listener, Listeners, TLSWrapper
 from gateway.transports.mqtt_adapter import MQTTFactory
+from gateway.transports.mqtt_source import BrokerSources
 from gateway.transports.devices import DeviceListenerFactory, DeviceRegistry, DeviceSettings
 from gateway.transports.tgp_adapter import DeviceFactory
 from protocols import tgp
@@ -159,6 +160,7 @@ class GatewayService(MultiService):
             self.store,
             stall_after=config.sink_stall,
             uploader=lambda: self.uploader,
+            sources=lambda: self.sources,
             embedded=self.supervisor.status if self.supervisor else None,
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
@@ -185,6 +187,7 @@ class GatewayService(MultiService):
         self.ingest.observers.append(self.alerts.observe)
         self.notifier: AlertNotifier | None = None
         self.uploader: Uploader | None = None
+        self.sources: BrokerSources | None = None
         self.console = Console(self)
         # Devices known from the last run answer while the database is away (only a journal can take their writes).
         self.known = (
@@ -364,6 +367,8 @@ class GatewayService(MultiService):
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)
+        if config.mqtt_source:
+            self._start_sources(config)
         await self.alerts_pool.start(dsn)
         await self.alerts.load()
         if config.alert_webhook is not None:
@@ -428,6 +433,8 @@ class GatewayService(MultiService):
 
     def _devices_changed(self, names: list[str] | None) -> None:
         self.store.forget_credentials(names)
+        if self.sources is not None:
+            self.sources.forget(names)
         if self.known is not None:
             self.known.changed()
 
@@ -452,6 +459,17 @@ class GatewayService(MultiService):
         self.metrics.live.sources.append(uploader.live_metrics)
         uploader.setServiceParent(self)
         self.uploader = uploader
+
+    def _start_sources(self, config: GatewayConfig) -> None:
+        self.sources = BrokerSources(
+            config.mqtt_source,
+            self.ingest,
+            self.reactor,
+            gateway_id(config.data_dir),
+            self.reads.run,
+        )
+        self.metrics.live.sources.append(self.sources.live_metrics)
+        self.sources.setServiceParent(self)
 
     def _start_failed(self, f: Failure) -> None:
         if self.stopping:

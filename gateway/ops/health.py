@@ -9,7 +9,9 @@
   ``stall_after`` seconds and which has sent nothing for as long is
   *stalled*. A gateway that reports healthy while forwarding nothing is the
   failure that goes unnoticed longest, so a stalled sink makes the whole
-  answer 503, paused or not.
+  answer 503, paused or not;
+- every MQTT broker source is subscribed, or has not been for less than
+  its ``stall`` seconds (a broker restarting is not yet a problem).
 
 The sinks' figures come from the uploader's last look at the database
 (every few seconds, ``SinkMonitor``), so a probe never runs the slower
@@ -34,11 +36,13 @@ class Health:
         *,
         stall_after: float,
         uploader: Callable[[], Any] = lambda: None,
+        sources: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.stall_after = stall_after
         self.uploader = uploader
+        self.sources = sources  # the MQTT broker sources, when there are any
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
@@ -51,13 +55,18 @@ class Health:
             queue = {"depth": getattr(self.store, "queue_depth", 0), "ok": self.store.has_room(1)}
             sinks = self.sinks()
             journal = getattr(self.store, "journal_status", lambda: None)()
+            sources = self.sources()
+            mqtt_sources = sources.health() if sources is not None else {}
             healthy = bool(
                 database == "ok"
                 and queue["ok"]
                 and (journal is None or journal["ok"])
                 and all(s["ok"] for s in sinks.values())
+                and all(s["ok"] for s in mqtt_sources.values())
             )
             doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
+            if mqtt_sources:
+                doc["mqtt_sources"] = mqtt_sources
             if journal is not None:
                 doc["journal"] = journal
             if self.embedded is not None:

@@ -80,14 +80,14 @@ def check_url(url: Any) -> str:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise ValueError(f"{url!r} has a bad port") from None
-    if parts.scheme == "http" and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not loopback(parts.hostname):
         raise ValueError(f"{url!r}: plain http:// is allowed to a loopback address only; use https://")
     if parts.username or parts.password:
         raise ValueError(f"{url!r}: put credentials in a header from a file or the environment, not in the URL")
     return url
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -104,23 +104,24 @@ def name_from_url(url: str) -> str:
     return name[:64]
 
 
-def _header_value(name: str, value: Any, environ: Mapping[str, str]) -> str:
+def secret_value(key: str, value: Any, environ: Mapping[str, str]) -> str:
+    """A secret from the config file: a string, ``{ env = "VAR" }`` or ``{ file = "/path" }``; one line."""
     if isinstance(value, str):
         text = value
     elif isinstance(value, dict) and set(value) == {"env"}:
         if value["env"] not in environ:
-            raise ValueError(f"headers.{name}: environment variable {value['env']} is not set")
+            raise ValueError(f"{key}: environment variable {value['env']} is not set")
         text = environ[value["env"]]
     elif isinstance(value, dict) and set(value) == {"file"}:
         path = Path(str(value["file"])).expanduser()
         try:
             text = path.read_text().strip()
         except OSError as e:
-            raise ValueError(f"headers.{name}: {str(path)!r} cannot be read: {e.strerror}") from None
+            raise ValueError(f"{key}: {str(path)!r} cannot be read: {e.strerror}") from None
     else:
-        raise ValueError(f'headers.{name}: give a string, {{ env = "VAR" }} or {{ file = "/path" }}')
+        raise ValueError(f'{key}: give a string, {{ env = "VAR" }} or {{ file = "/path" }}')
     if not text or "\r" in text or "\n" in text:
-        raise ValueError(f"headers.{name}: the value is empty or spans lines")
+        raise ValueError(f"{key}: the value is empty or spans lines")
     return text
 
 
@@ -133,7 +134,7 @@ def _headers(value: Any, environ: Mapping[str, str]) -> tuple[tuple[str, str], .
             raise ValueError(f"headers: {name!r} is not a header name")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"headers: {name} is set by the uploader")
-        out.append((name, _header_value(name, raw, environ)))
+        out.append((name, secret_value(f"headers.{name}", raw, environ)))
     return tuple(out)
 
 

@@ -213,6 +213,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX conflicts_device ON conflicts (device_id, id);
         """,
     ),
+    (
+        6,
+        "the state of MQTT broker sources",
+        """
+        -- Each gateway writes the state of each of its [[mqtt_source]] subscriptions here every few
+        -- seconds (gatewayctl mqtt status reads it): one row per gateway and source.
+        CREATE TABLE mqtt_sources (
+            gateway     text NOT NULL,
+            source      text NOT NULL,
+            status      jsonb NOT NULL,
+            updated_at  timestamptz NOT NULL,
+            PRIMARY KEY (gateway, source)
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

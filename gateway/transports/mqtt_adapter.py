@@ -318,13 +318,7 @@ class MQTTProtocol(DeviceConnection):
         metric = parts[2]
         if not is_name(metric):
             raise _Misdirected(R.TOPIC_NAME_INVALID, f"topic {publish.topic!r}: {metric!r} is not a metric name")
-        if len(publish.payload) > MAX_NUMBER:
-            raise InvalidInput(f"{metric}: the payload must be a number, not {len(publish.payload)} bytes")
-        try:
-            value = float(publish.payload.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise InvalidInput(f"{metric}: the payload {publish.payload[:20]!r} is not a number") from None
-        return [check_reading(metric, int(self.factory.clock.seconds() * 1_000_000), value, metric)]
+        return [bare_number(metric, publish.payload, self.factory.clock.seconds())]
 
     def _count(self, result: WriteResult) -> None:
         self.readings += result.accepted
@@ -464,6 +458,17 @@ class MQTTProtocol(DeviceConnection):
     def idle_too_long(self) -> None:
         self._timer = None
         self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
+
+
+def bare_number(metric: str, payload: bytes, now: float) -> Reading:
+    """A message to devices/<device>/<metric>: its payload is a bare number, timed ``now`` (when it arrived)."""
+    if len(payload) > MAX_NUMBER:
+        raise InvalidInput(f"{metric}: the payload must be a number, not {len(payload)} bytes")
+    try:
+        value = float(payload.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput(f"{metric}: the payload {payload[:20]!r} is not a number") from None
+    return check_reading(metric, int(now * 1_000_000), value, metric)
 
 
 class _Misdirected(Exception):

@@ -88,6 +88,11 @@ class DeviceSession(Generic[OutcomeT]):
     def unanswered(self) -> int:
         return len(self._waiting)
 
+    @property
+    def oldest_arrival(self) -> float | None:
+        """When the oldest unanswered message arrived; None when all are answered."""
+        return self._waiting[0].arrived if self._waiting else None
+
     # -- flow control ------------------------------------------------------
 
     def _update_window(self) -> None:

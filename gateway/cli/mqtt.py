@@ -1,0 +1,60 @@
+"""``gatewayctl mqtt status``: each gateway's subscriptions to MQTT brokers, as they last reported them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gateway.cli.common import database, note, when
+
+STATUS = """
+SELECT gateway, source, status, updated_at, extract(epoch FROM now() - updated_at)::float8
+FROM mqtt_sources ORDER BY source, gateway
+"""
+STALE = 30.0  # seconds without a report after which a gateway is taken for stopped
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def cmd_mqtt_status(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(STATUS)
+            rows = cur.fetchall()
+        conn.rollback()
+    if args.json:
+        out = [
+            {"gateway": g, "source": s, **status, "reported_at": when(at), "reported_seconds_ago": age}
+            for g, s, status, at, age in rows
+        ]
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return
+    if not rows:
+        note("no MQTT sources: give the gateway --mqtt-source or [[mqtt_source]] tables")
+    for gateway, source, s, at, age in rows:
+        state = s["state"] if age <= STALE else f"not reported for {age:.0f}s (was {s['state']})"
+        print(f"source {source}  {s['url']}  on gateway {gateway}")
+        print(f"  state         {state} for {_seconds(s['state_seconds'])}  (reported {when(at)})")
+        print(f"  subscribed to {', '.join(s['filters'])}  as client {s['client_id']}")
+        print(f"  messages      {s['messages']} taken, {s['acked']} acknowledged, {s['in_flight']} in flight")
+        print(f"  readings      {s['readings']} stored new, {s['duplicates']} duplicates")
+        print(f"  rejected      {s['rejected']} messages (kept in rejected_input)")
+        print(
+            f"  lag           oldest unacknowledged {_seconds(s['oldest_unacked_seconds'])}, "
+            f"last message {_seconds(s['last_message_seconds'])} ago, reading to commit {_seconds(s['delay_seconds'])}"
+        )
+        if s["last_error"]:
+            print(f"  last error    {s['last_error']}")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    mqtt = sub.add_parser("mqtt", parents=[common], help="the gateways' subscriptions to MQTT brokers")
+    msub = mqtt.add_subparsers(dest="mqtt_command", required=True, metavar="ACTION")
+    p = msub.add_parser("status", parents=[common], help="per source and gateway: state, messages, lag, last error")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_mqtt_status)

@@ -1,0 +1,721 @@
+"""
+The gateway as a consumer of an MQTT broker's stream: how a fleet too large
+for one gateway is served. A broker cluster (EMQX, HiveMQ, Mosquitto, AWS
+IoT Core) holds the devices' connections; N gateways subscribe to the same
+topics in one shared subscription group (``$share/<group>/<filter>``) and
+the broker splits the stream between them.
+
+Theory of operation. Each ``[[mqtt_source]]`` is a ``BrokerSource``
+service: a ``ClientService`` keeps one connection to the broker, reconnecting
+with exponential backoff and jitter. The session is persistent (3.1.1: clean
+session off; 5.0: clean start off and a session expiry), under a client id
+that stays the same across restarts, so what the broker delivered and the
+gateway did not acknowledge is delivered again after a crash or restart.
+
+A message's device is named by one level of its topic (``device-level``).
+With ``payload = "auto"`` a topic ending in ``readings`` carries the HTTPS
+JSON body (or one reading, or the device type's vendor JSON), and any other
+last level is a metric whose payload is a bare number, timed when it
+arrives; with ``payload = "json"`` every message is a JSON body. The device
+must be registered (``gatewayctl device add``); the broker has already
+authenticated the sender, so no token is asked for.
+
+Acknowledgement. The gateway sends PUBACK (QoS 1) or PUBREC (QoS 2) to the
+broker only after the message's readings are committed (or journaled), in
+the order the messages arrived, as MQTT requires. A message that can never
+be stored (unknown device, a payload that cannot be read, a rate limit, a
+refusal of the database) is kept in rejected_input with its reason first,
+then acknowledged: nothing is dropped without a trace, and a poison message
+does not block the stream. With the database away and the journal full,
+nothing is acknowledged and the connection closes; the broker keeps the
+messages in the session and delivers them again on the next connection.
+
+Backpressure. At most ``window`` messages are unacknowledged (5.0: the
+Receive Maximum told to the broker); at that bound, or while the store's
+queue is full, the gateway stops reading the socket and the broker holds
+the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.ingest.core import Ingest
+from gateway.ops.metrics import counter, gauge
+from gateway.readings import (
+    Device,
+    DeviceTypeUnknown,
+    InvalidInput,
+    RateLimited,
+    Reading,
+    Source,
+    StoreOverloaded,
+    StoreRejected,
+    StoreUnavailable,
+    WriteResult,
+    is_name,
+)
+from gateway.transports.brokers import SourceSettings, endpoint
+from gateway.transports.devices import no_delay
+from gateway.transports.mqtt_adapter import bare_number
+from gateway.transports.session import DeviceSession, Flow, Ticket
+from protocols import mqtt
+
+log = Logger()
+
+R = mqtt.Reason
+P = mqtt.Property
+
+DEVICE_CACHE_SECONDS = 30.0  # a device looked up by name is trusted this long (revocation takes effect after it)
+DEVICE_CACHE_SIZE = 100_000
+CONNACK_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 5.0  # a connection not closed this long after asking is cut
+REPORT_INTERVAL = 5.0  # the sources' state is written to the database this often, for gatewayctl mqtt status
+
+# -- the state a source reports ----------------------------------------------
+
+
+@dataclass
+class SourceCounters:
+    state: str = "starting"  # connecting, subscribed, disconnected, refused, stopped
+    since: float = 0.0
+    last_error: str = ""
+    connections: int = 0
+    messages: int = 0  # messages taken from the broker
+    readings: int = 0  # readings stored new
+    duplicates: int = 0
+    rejected: int = 0  # messages kept in rejected_input
+    acked: int = 0
+    last_message_at: float | None = None
+    delay: float | None = None  # seconds from the newest reading's time to its commit, for the last message
+    in_flight: int = 0
+    oldest_unacked: float | None = None
+
+
+class _Unavailable(Exception):
+    """Storage cannot take the message now: do not acknowledge; reconnect later."""
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A message that can never be stored: kept in rejected_input, then acknowledged."""
+
+    reason: mqtt.Reason
+    message: str
+
+
+class BrokerClient(protocol.Protocol):
+    """One connection to the broker: CONNECT, SUBSCRIBE, then messages in and acknowledgements out."""
+
+    transport: Any
+
+    def __init__(self, source: BrokerSource) -> None:
+        self.source = source
+        self.settings = source.settings
+        broker = self.settings.broker
+        self.conn = mqtt.Connection(mqtt.CLIENT, max_packet=broker.max_packet, receive_maximum=self.settings.window)
+        self.session: DeviceSession[Any] = DeviceSession(self.settings.window)
+        self.subscribed: Deferred = Deferred()  # fires once the subscription is granted; errbacks if refused
+        self._closing = False
+        self._seq = 0
+        self._packets: dict[int, tuple[int, int]] = {}  # ticket seq -> (packet id, QoS)
+        self._drained: Deferred | None = None  # stopping: fires once every message taken is answered
+        self._timer: Any = None
+        self._pinger: Any = None
+        self._heard = 0.0
+
+    @property
+    def clock(self) -> Any:
+        return self.source.clock
+
+    # -- connection ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        settings, broker = self.settings, self.settings.broker
+        properties: tuple[tuple[int, Any], ...] = ()
+        if broker.version == mqtt.V5:
+            properties = (
+                (P.SESSION_EXPIRY_INTERVAL, settings.session_expiry),
+                (P.RECEIVE_MAXIMUM, settings.window),
+                (P.MAXIMUM_PACKET_SIZE, broker.max_packet),
+            )
+        password = broker.password.encode() if broker.password is not None else None
+        connect = mqtt.Connect(
+            broker.client_id, broker.version, False, broker.keepalive, broker.username, password, None, properties
+        )
+        self._heard = self.clock.seconds()
+        self.transport.write(self.conn.send(connect))
+        self._timer = self.clock.callLater(CONNACK_TIMEOUT, self._no_answer)
+
+    def _no_answer(self) -> None:
+        self._timer = None
+        self._fail(f"no CONNACK or SUBACK within {CONNACK_TIMEOUT:g} seconds")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._heard = self.clock.seconds()
+        self.conn.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        while not self._closing and self.session.may_read:
+            try:
+                event = self.conn.next_event()
+            except mqtt.RemoteProtocolError as e:
+                self._fail(f"the broker broke the protocol: {e.message}")
+                return
+            if event is mqtt.NEED_DATA or event is mqtt.CONNECTION_CLOSED:
+                return
+            self._handle(event)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, mqtt.Publish):
+            self._message(event)
+        elif isinstance(event, mqtt.PubRel):
+            self._send(mqtt.PubComp(event.packet_id))  # stored before PUBREC went out
+        elif isinstance(event, mqtt.ConnAck):
+            self._connack(event)
+        elif isinstance(event, mqtt.SubAck):
+            self._suback(event)
+        elif isinstance(event, mqtt.Disconnect):
+            self._fail(f"the broker disconnected: {_reason_text(event.reason, event.properties)}")
+        # PINGRESP only shows the broker is there (dataReceived noted it).
+
+    def _connack(self, event: mqtt.ConnAck) -> None:
+        if event.reason >= 0x80:
+            self._fail(f"the broker refused the connection: {_reason_text(event.reason, event.properties)}")
+            return
+        self.source.counters.connections += 1
+        self.source.set_state("connecting", "")
+        maximum = mqtt.prop(event.properties, P.MAXIMUM_QOS, 2)
+        qos = min(self.settings.qos, maximum)
+        subscribe = mqtt.Subscribe(1, tuple((f, qos) for f in self.settings.filters))
+        self._send(subscribe)
+        log.info(
+            "MQTT source {source}: connected to {broker} as {client_id} (session {present})",
+            source=self.settings.name,
+            broker=self.settings.broker.address,
+            client_id=self.settings.broker.client_id,
+            present="resumed" if event.session_present else "new",
+        )
+
+    def _suback(self, event: mqtt.SubAck) -> None:
+        refused = [f for f, code in zip(self.settings.filters, event.reasons) if code >= 0x80]
+        if refused:
+            codes = ", ".join(_reason_text(c, ()) for c in event.reasons if c >= 0x80)
+            self._fail(f"the broker refused the subscription to {', '.join(refused)}: {codes}")
+            return
+        self._cancel_timer()
+        keepalive = self.settings.broker.keepalive
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(keepalive / 2, now=False)
+        self.source.set_state("subscribed", "")
+        log.info(
+            "MQTT source {source}: subscribed to {filters} at QoS {qos}",
+            source=self.settings.name,
+            filters=", ".join(self.settings.filters),
+            qos=max(event.reasons),
+        )
+        if not self.subscribed.called:
+            self.subscribed.callback(None)
+
+    def _ping(self) -> None:
+        if self.clock.seconds() - self._heard > 1.5 * self.settings.broker.keepalive:
+            self._fail(f"the broker said nothing for {1.5 * self.settings.broker.keepalive:g} seconds")
+            return
+        self._send(mqtt.PingReq())
+
+    # -- messages ------------------------------------------------------
+
+    def _message(self, publish: mqtt.Publish) -> None:
+        counters = self.source.counters
+        counters.messages += 1
+        counters.last_message_at = self.clock.seconds()
+        ticket = self._ticket(publish) if publish.qos else None
+        name = _device_name(publish.topic, self.settings.device_level)
+        if name is None:
+            self._keep(ticket, publish, None, R.TOPIC_NAME_INVALID, f"topic {publish.topic!r} names no device")
+            return
+        known, device = self.source.device(name)
+        if known:
+            self._store(ticket, publish, device)
+            return
+        # Not known yet: look it up, and take no further message meanwhile (they keep their order).
+        self.session.busy = True
+
+        def found(device: Device | None) -> None:
+            self.session.busy = False
+            if not self._closing:
+                self._store(ticket, publish, device)
+                self._process()
+
+        def failed(f: Failure) -> None:
+            self.session.busy = False
+            self._settle(ticket, f)
+
+        self.source.look_up(name).addCallbacks(found, failed)
+
+    def _store(self, ticket: Ticket[Any] | None, publish: mqtt.Publish, device: Device | None) -> None:
+        if device is None:
+            name = _device_name(publish.topic, self.settings.device_level)
+            message = f"device {name!r} is not registered on this gateway (gatewayctl device add {name})"
+            self._keep(ticket, publish, None, R.NOT_AUTHORIZED, message)
+            return
+        try:
+            readings = self._readings(publish, device)
+        except InvalidInput as e:
+            self._keep(ticket, publish, device, R.PAYLOAD_FORMAT_INVALID, e.message)
+            return
+        except DeviceTypeUnknown as e:
+            self._settle(ticket, _Unavailable(e.message))
+            return
+        ingest = self.source.ingest
+        if not ingest.store.has_room(len(readings)):
+            self._hold(ticket, publish, device)
+            return
+        d = Deferred.fromCoroutine(ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload))
+        d.addCallback(self._stored, readings)
+        d.addErrback(self._not_stored, ticket, publish, device)
+        if ticket is not None:
+            d.addBoth(self._settle_with, ticket)
+        else:
+            d.addErrback(lambda f: None)  # QoS 0 from the broker: nothing to answer; counted and logged
+
+    def _readings(self, publish: mqtt.Publish, device: Device) -> list[Reading]:
+        last = publish.topic.rsplit("/", 1)[-1]
+        ingest = self.source.ingest
+        if self.settings.payload == "json" or last == "readings":
+            return ingest.read_body(device, publish.payload, one=True)
+        return [bare_number(last, publish.payload, self.clock.seconds())]
+
+    def _stored(self, result: WriteResult, readings: list[Reading]) -> WriteResult:
+        counters = self.source.counters
+        counters.readings += result.accepted
+        counters.duplicates += result.duplicates
+        if readings:
+            counters.delay = self.clock.seconds() - max(r.ts_us for r in readings) / 1e6
+        return result
+
+    def _not_stored(self, f: Failure, ticket: Any, publish: mqtt.Publish, device: Device) -> Any:
+        """A write that failed: refused for good → kept and acknowledged; unavailable → not acknowledged."""
+        error = f.value
+        if isinstance(error, StoreRejected):  # kept in rejected_input by the ingest path already
+            self.source.counters.rejected += 1
+            return _Kept(R.UNSPECIFIED_ERROR, error.message)
+        if isinstance(error, RateLimited):
+            # A broker cannot be asked to send one device's message later: keep it, with the reason.
+            self.source.counters.rejected += 1
+            return self.source.ingest.refuse(
+                self.source.origin, error.code, error.message, device=device.name, raw=publish.payload
+            ).addCallback(lambda _: _Kept(R.QUOTA_EXCEEDED, error.message))
+        if isinstance(error, (StoreUnavailable, StoreOverloaded, DeviceTypeUnknown)):
+            return _Unavailable(error.message)
+        return f
+
+    def _keep(
+        self, ticket: Any, publish: mqtt.Publish, device: Device | None, reason: mqtt.Reason, message: str
+    ) -> None:
+        """Keep a message that can never be stored, then acknowledge it."""
+        self.source.counters.rejected += 1
+        name = device.name if device else None
+        raw = publish.payload
+        kept = self.source.ingest.refuse(self.source.origin, reason.name.lower(), message, device=name, raw=raw)
+        if ticket is not None:
+            kept.addCallback(lambda _: _Kept(reason, message)).addBoth(self._settle_with, ticket)
+
+    def _hold(self, ticket: Any, publish: mqtt.Publish, device: Device) -> None:
+        """No room in the store: keep this message, read nothing more until there is room."""
+        self.session.held = True
+        self._flow()
+
+        def room(_: Any) -> None:
+            self.session.held = False
+            if self._closing:
+                return
+            self._store(ticket, publish, device)
+            self._flow()
+            self._process()
+
+        self.source.ingest.store.wait_for_room().addCallback(room)
+
+    # -- acknowledgements, in order ---------------------------------------
+
+    def _ticket(self, publish: mqtt.Publish) -> Ticket[Any]:
+        self._seq += 1
+        ticket = self.session.arrived(self._seq, self.clock.seconds())
+        assert publish.packet_id is not None
+        self._packets[self._seq] = (publish.packet_id, publish.qos)
+        self._flow()
+        return ticket
+
+    def _settle_with(self, outcome: Any, ticket: Ticket[Any]) -> None:
+        self._settle(ticket, outcome)
+
+    def _settle(self, ticket: Ticket[Any] | None, outcome: Any) -> None:
+        if ticket is None:
+            return
+        for ready in self.session.settle(ticket, outcome):
+            packet_id, qos = self._packets.pop(ready.seq)
+            if not self._closing:
+                self._answer(packet_id, qos, ready.outcome)
+        self._flow()
+        if self._drained is not None and not self.session.unanswered:
+            self._disconnect()
+
+    def _answer(self, packet_id: int, qos: int, outcome: Any) -> None:
+        ack = mqtt.PubAck if qos == 1 else mqtt.PubRec
+        v5 = self.conn.version == mqtt.V5
+        if isinstance(outcome, WriteResult):
+            self._send(ack(packet_id))
+            self.source.counters.acked += 1
+            return
+        if isinstance(outcome, _Kept):
+            self._send(ack(packet_id, outcome.reason if v5 else R.SUCCESS))
+            self.source.counters.acked += 1
+            return
+        if isinstance(outcome, _Unavailable):
+            self._fail(f"storage cannot take messages now ({outcome}); the broker keeps them")
+            return
+        f = outcome if isinstance(outcome, Failure) else Failure(outcome)
+        if f.check(StoreUnavailable, StoreOverloaded):
+            self._fail(f"the device could not be looked up ({f.getErrorMessage()}); the broker keeps the messages")
+            return
+        log.failure("MQTT source {source}: storing a message failed", f, source=self.settings.name)
+        self._fail("the gateway failed to store a message; the broker keeps it")
+
+    # -- flow, sending, closing ------------------------------------------
+
+    def _flow(self) -> None:
+        if self._closing:
+            return
+        self.source.counters.in_flight = self.session.unanswered
+        action = self.session.flow()
+        if action is Flow.PAUSE:
+            self.transport.pauseProducing()
+        elif action is Flow.RESUME:
+            self.transport.resumeProducing()
+            self._process()
+
+    def _send(self, event: mqtt.Event) -> None:
+        try:
+            data = self.conn.send(event)
+        except mqtt.LocalProtocolError as e:
+            log.debug("MQTT source {source}: not sent: {error}", source=self.settings.name, error=e.message)
+            return
+        self.transport.write(data)
+
+    def _fail(self, why: str) -> None:
+        """Close this connection; the service connects again after a backoff."""
+        if self._closing:
+            return
+        log.warn("MQTT source {source}: {why}", source=self.settings.name, why=why)
+        self.source.set_state("disconnected", why)
+        self._close()
+        if not self.subscribed.called:
+            self.subscribed.errback(ConnectionError(why))
+
+    def stop(self, timeout: float = 10.0) -> Deferred:
+        """
+        The gateway is stopping: take no more messages, let those taken commit and be acknowledged (for at
+        most ``timeout`` seconds), then DISCONNECT; the session stays with the broker.
+        """
+        done: Deferred = Deferred()
+        if self._closing:
+            done.callback(None)
+            return done
+        self.session.stopped = True
+        self._flow()
+        self._drained = done
+        timer = self.clock.callLater(timeout, self._disconnect)
+        done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        if not self.session.unanswered:
+            self._disconnect()
+        return done
+
+    def _disconnect(self) -> None:
+        if not self._closing:
+            if self.conn.state == mqtt.CONNECTED:
+                self._send(mqtt.Disconnect())
+            self._close()
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    def _close(self) -> None:
+        self._closing = True
+        self.session.stopped = True
+        self._cancel_timer()
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        if self.session.paused:
+            # TLS closes once the broker's close_notify is read: a paused transport would never read it.
+            self.transport.resumeProducing()
+        self.transport.loseConnection()
+        self._timer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if not self._closing:
+            self.source.set_state("disconnected", f"the connection was lost: {reason.getErrorMessage()}")
+        self._closing = True
+        self._cancel_timer()
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self.source.counters.in_flight = 0
+        if self.source.client is self:
+            self.source.client = None
+        if not self.subscribed.called:
+            self.subscribed.errback(ConnectionError(self.source.counters.last_error or "connection lost"))
+
+
+def _device_name(topic: str, level: int) -> str | None:
+    levels = topic.split("/")
+    if level >= len(levels) or not is_name(levels[level]):
+        return None
+    return levels[level]
+
+
+def _reason_text(code: int, properties: mqtt.Properties) -> str:
+    try:
+        text = mqtt.Reason(code).name.lower().replace("_", " ")
+    except ValueError:
+        text = f"reason {code:#04x}"
+    why = mqtt.prop(properties, P.REASON_STRING)
+    return f"{text} ({code:#04x})" + (f": {why}" if why else "")
+
+
+class _ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, source: BrokerSource) -> None:
+        self.source = source
+
+    def buildProtocol(self, addr: Any) -> BrokerClient:
+        client = BrokerClient(self.source)
+        self.source.client = client
+        return client
+
+
+class BrokerSource(ClientService):
+    """One [[mqtt_source]]: a persistent, reconnecting subscription feeding the ingest path."""
+
+    def __init__(self, settings: SourceSettings, ingest: Ingest, reactor: Any, clock: Any = None) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.clock = clock or reactor
+        self.counters = SourceCounters(since=self.clock.seconds())
+        self.client: BrokerClient | None = None
+        broker = settings.broker
+        self.origin = Source("broker+tls" if broker.tls else "broker", broker.host, broker.port, broker.tls)
+        self._devices: dict[str, tuple[Device | None, float]] = {}
+        policy = backoffPolicy(initialDelay=settings.backoff, maxDelay=settings.backoff_cap, factor=2.0)
+        super().__init__(
+            endpoint(reactor, broker, timeout=CONNACK_TIMEOUT),
+            _ClientFactory(self),
+            retryPolicy=policy,
+            clock=self.clock,
+            prepareConnection=lambda p: p.subscribed,  # type: ignore[attr-defined]
+        )
+
+    def set_state(self, state: str, error: str) -> None:
+        c = self.counters
+        if state != c.state:
+            c.state, c.since = state, self.clock.seconds()
+        if error:
+            c.last_error = error
+
+    def device(self, name: str) -> tuple[bool, Device | None]:
+        """(looked up lately, the device of that name or None when it is unknown or revoked)."""
+        entry = self._devices.get(name)
+        if entry is None or entry[1] < self.clock.seconds():
+            return False, None
+        return True, entry[0]
+
+    def look_up(self, name: str) -> Deferred:
+        """Look a device up by name (fires with Device or None) and remember it for a while."""
+
+        def found(result: tuple[Device, bytes] | None) -> Device | None:
+            device = result[0] if result else None
+            if len(self._devices) >= DEVICE_CACHE_SIZE:
+                self._devices.clear()
+            self._devices[name] = (device, self.clock.seconds() + DEVICE_CACHE_SECONDS)
+            return device
+
+        d: Deferred = self.ingest.store.device_key(name)
+        return d.addCallback(found)
+
+    def forget(self, names: list[str] | None = None) -> None:
+        """Devices changed (added, revoked): look them up again."""
+        if names is None:
+            self._devices.clear()
+        for name in names or ():
+            self._devices.pop(name, None)
+
+    def startService(self) -> None:
+        self.set_state("connecting", "")
+        log.info(
+            "MQTT source {source}: consuming {filters} from {url}",
+            source=self.settings.name,
+            filters=", ".join(self.settings.filters),
+            url=self.settings.broker.url,
+        )
+        if not self.settings.broker.tls:
+            log.warn(
+                "MQTT source {source}: {url} is not TLS: credentials and readings cross the network in clear",
+                source=self.settings.name,
+                url=self.settings.broker.url,
+            )
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        client = self.client
+        drained = client.stop() if client is not None else succeed(None)
+        self.set_state("stopped", "")
+        return drained.addCallback(lambda _: super(BrokerSource, self).stopService())
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        now = self.clock.seconds()
+        client = self.client
+        oldest = client.session.oldest_arrival if client is not None else None
+        return {
+            "url": self.settings.broker.url,
+            "client_id": self.settings.broker.client_id,
+            "filters": list(self.settings.filters),
+            "state": c.state,
+            "state_seconds": now - c.since,
+            "last_error": c.last_error,
+            "connections": c.connections,
+            "messages": c.messages,
+            "readings": c.readings,
+            "duplicates": c.duplicates,
+            "rejected": c.rejected,
+            "acked": c.acked,
+            "in_flight": c.in_flight,
+            "oldest_unacked_seconds": None if oldest is None else now - oldest,
+            "last_message_seconds": None if c.last_message_at is None else now - c.last_message_at,
+            "delay_seconds": c.delay,
+        }
+
+
+class BrokerSources(MultiService):
+    """Every [[mqtt_source]], their health, their /metrics and their state in the database."""
+
+    def __init__(
+        self, sources: tuple[SourceSettings, ...], ingest: Ingest, reactor: Any, owner: str, run: Callable[..., Any]
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.owner = owner  # this gateway's id, the row's key in mqtt_sources
+        self.run = run  # runs one statement on the store's pool
+        self.sources = {}
+        for settings in sources:
+            settings = dataclasses.replace(settings, broker=settings.broker.with_client_id(owner, settings.name))
+            self.sources[settings.name] = BrokerSource(settings, ingest, reactor)
+        for source in self.sources.values():
+            source.setServiceParent(self)
+        self._reporter = LoopingCall(self.report)
+        self._reporter.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reporter.start(REPORT_INTERVAL, now=True)
+
+    def stopService(self) -> Deferred:
+        if self._reporter.running:
+            self._reporter.stop()
+        d = super().stopService()
+        return d.addCallback(lambda _: self.report())
+
+    def forget(self, names: list[str] | None = None) -> None:
+        for source in self.sources.values():
+            source.forget(names)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: source.status() for name, source in sorted(self.sources.items())}
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Each source's status, ``ok`` and, when not ok, the problem in words."""
+        out = {}
+        for name, source in sorted(self.sources.items()):
+            doc = {**source.status(), "ok": True}
+            if doc["state"] != "subscribed" and doc["state_seconds"] > source.settings.stall:
+                doc.update(
+                    ok=False,
+                    problem=f"not subscribed for {doc['state_seconds']:.0f}s"
+                    + (f": {doc['last_error']}" if doc["last_error"] else ""),
+                )
+            out[name] = doc
+        return out
+
+    def report(self) -> Deferred:
+        """Write every source's state to mqtt_sources (never errbacks)."""
+        statuses = self.status()
+        params = ([self.owner] * len(statuses), list(statuses), [json.dumps(s) for s in statuses.values()])
+        d: Deferred = self.run(lambda c: c.runOperation(REPORT, params))
+        return d.addErrback(lambda f: log.debug("MQTT source state not written: {error}", error=f.getErrorMessage()))
+
+    def live_metrics(self) -> Iterator[Any]:
+        families = {
+            "subscribed": gauge(
+                "gateway_mqtt_source_subscribed", "1 while the source's subscription is up.", labels=["source"]
+            ),
+            "in_flight": gauge(
+                "gateway_mqtt_source_in_flight",
+                "Messages taken from the broker and not yet acknowledged.",
+                labels=["source"],
+            ),
+            "oldest": gauge(
+                "gateway_mqtt_source_oldest_unacked_seconds",
+                "Age of the oldest message not yet acknowledged to the broker.",
+                labels=["source"],
+            ),
+            "delay": gauge(
+                "gateway_mqtt_source_delay_seconds",
+                "From the newest reading's time to its commit, for the last message (grows while a backlog drains).",
+                labels=["source"],
+            ),
+            "messages": counter("gateway_mqtt_source_messages", "Messages taken from the broker.", ["source"]),
+            "rejected": counter(
+                "gateway_mqtt_source_rejected", "Messages kept in rejected_input, then acknowledged.", ["source"]
+            ),
+            "connections": counter(
+                "gateway_mqtt_source_connections", "Connections accepted by the broker.", ["source"]
+            ),
+        }
+        for name, s in self.status().items():
+            families["subscribed"].add_metric([name], 1 if s["state"] == "subscribed" else 0)
+            families["in_flight"].add_metric([name], s["in_flight"])
+            families["oldest"].add_metric([name], s["oldest_unacked_seconds"] or 0.0)
+            families["delay"].add_metric([name], s["delay_seconds"] or 0.0)
+            families["messages"].add_metric([name], s["messages"])
+            families["rejected"].add_metric([name], s["rejected"])
+            families["connections"].add_metric([name], s["connections"])
+        yield from families.values()
+
+
+# One row per gateway and source, replaced every few seconds; gatewayctl mqtt status reads them.
+REPORT = """
+INSERT INTO mqtt_sources (gateway, source, status, updated_at)
+SELECT g, s, st::jsonb, now() FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(g, s, st)
+ON CONFLICT (gateway, source) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at
+"""
