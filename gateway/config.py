@@ -26,7 +26,8 @@ from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_
 from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
 from gateway.transports.brokers import SourceError, SourceSettings, source_from_table, source_from_url
 from gateway.transports.brokers import check_unique as check_sources
-from gateway.outbound.sinks import Sink, SinkError, ca_file, check_unique, check_url, name_from_url, sink_from_table
+from gateway.outbound.sinks import Sink, SinkError, check_unique, check_url, name_from_url, sink_from_table
+from gateway.trust import ca_file
 
 if sys.version_info >= (3, 11):
     import tomllib

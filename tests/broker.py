@@ -38,11 +38,12 @@ def _free_port() -> int:
 class Mosquitto:
     """One broker; ``port`` is plain MQTT, ``tls_port`` MQTT over TLS (when ``tls``), both with a password."""
 
-    def __init__(self, root: Path, tls: bool = False, anonymous: bool = True) -> None:
+    def __init__(self, root: Path, tls: bool = False, anonymous: bool = True, acl: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.anonymous = anonymous
+        self.acl = acl  # an acl_file's text, when topics are to be restricted
         self.port = 0
         self.tls_port = 0
         self.proc: subprocess.Popen | None = None
@@ -70,6 +71,7 @@ class Mosquitto:
             "per_listener_settings false",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
             f"password_file {self.root / 'passwords'}",
+            *([f"acl_file {self.root / 'acl'}"] if self.acl is not None else []),
             f"listener {self.port} 127.0.0.1",
         ]
         if self.tls:
@@ -87,6 +89,8 @@ class Mosquitto:
             if not keep:
                 self.port = _free_port()
                 self.tls_port = _free_port() if self.tls else 0
+            if self.acl is not None:
+                (self.root / "acl").write_text(self.acl)
             conf = self.root / "mosquitto.conf"
             conf.write_text(self._config())
             log = (self.root / "mosquitto.log").open("ab")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from io import BytesIO
-from pathlib import Path
 import typing
 from typing import Any
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from gateway import __version__
-from gateway.outbound.sinks import Sink, ca_certificates
+from gateway.outbound.sinks import Sink
+from gateway.trust import trust_root
 
 
 class Payload(typing.Protocol):
@@ -48,6 +48,7 @@ class Reply:
     status: int
     retry_after: str | None = None
     body: str = ""
+    error: str = ""  # the failure in words when not HTTP's (an MQTT broker's refusal)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ def judge(sink: Sink, outcome: Reply | Failure, attempt: int, now: float, rand: 
     status = outcome.status
     if 200 <= status < 300:
         return Verdict("sent", status)
-    error = f"HTTP {status}" + (f": {outcome.body.strip().splitlines()[0][:200]}" if outcome.body.strip() else "")
+    error = outcome.error or (
+        f"HTTP {status}" + (f": {outcome.body.strip().splitlines()[0][:200]}" if outcome.body.strip() else "")
+    )
     if status in (408, 429, 503):
         after = retry_after_seconds(outcome.retry_after, now)
         if after is not None:
@@ -114,13 +117,6 @@ def describe_failure(f: Failure) -> str:
     if type(value).__name__ == "VerificationError":
         return f"TLS: the certificate does not name the host: {text}"
     return f"{type(value).__name__}: {text}"[:300] if text else type(value).__name__
-
-
-def trust_root(ca: Path | None) -> Any:
-    """The CA certificates of a PEM file as a trust root; the platform's when None."""
-    if ca is None:
-        return None  # optionsForClientTLS then uses the platform's trust store
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(block) for block in ca_certificates(ca)])
 
 
 @implementer(IPolicyForHTTPS)

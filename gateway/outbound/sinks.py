@@ -9,10 +9,11 @@ output shows.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import ipaddress
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from gateway.readings import NAME_RULE, is_name
+from gateway.transports.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
+from gateway.trust import ca_file, loopback, secret_value
 
 # Headers the uploader sets itself; a sink may not override them.
 RESERVED_HEADERS = {"content-type", "content-encoding", "content-length", "idempotency-key", "host"}
@@ -44,6 +47,15 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class MQTTSink:
+    """What makes a sink an MQTT one: its broker, the topic template and what a message holds."""
+
+    broker: Broker
+    topic: str  # "reading": with {device} and {metric}; "batch": a plain topic
+    format: str = "reading"  # "reading": one message per reading; "batch": the batch's lines in one
+
+
+@dataclass(frozen=True)
 class Sink:
     name: str
     url: str
@@ -57,6 +69,7 @@ class Sink:
     timeout: float = 30.0
     gzip_level: int = 6
     rules: tuple[Rule, ...] = ()
+    mqtt: MQTTSink | None = None  # set for mqtt:// and mqtts:// URLs
 
     @property
     def reduced(self) -> bool:
@@ -74,6 +87,8 @@ def check_url(url: Any) -> str:
     if not isinstance(url, str) or not url:
         raise ValueError(f"{url!r} is not a URL")
     parts = urlsplit(url)
+    if parts.scheme in SCHEMES:
+        raise ValueError(f"{url!r}: give an MQTT sink in a [[sink]] table of the config file")
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError(f"{url!r} is not an https:// URL")
     try:
@@ -87,42 +102,12 @@ def check_url(url: Any) -> str:
     return url
 
 
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def name_from_url(url: str) -> str:
     parts = urlsplit(url)
     name = parts.hostname or "sink"
     if parts.port:
         name += f":{parts.port}"
     return name[:64]
-
-
-def secret_value(key: str, value: Any, environ: Mapping[str, str]) -> str:
-    """A secret from the config file: a string, ``{ env = "VAR" }`` or ``{ file = "/path" }``; one line."""
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, dict) and set(value) == {"env"}:
-        if value["env"] not in environ:
-            raise ValueError(f"{key}: environment variable {value['env']} is not set")
-        text = environ[value["env"]]
-    elif isinstance(value, dict) and set(value) == {"file"}:
-        path = Path(str(value["file"])).expanduser()
-        try:
-            text = path.read_text().strip()
-        except OSError as e:
-            raise ValueError(f"{key}: {str(path)!r} cannot be read: {e.strerror}") from None
-    else:
-        raise ValueError(f'{key}: give a string, {{ env = "VAR" }} or {{ file = "/path" }}')
-    if not text or "\r" in text or "\n" in text:
-        raise ValueError(f"{key}: the value is empty or spans lines")
-    return text
 
 
 def _headers(value: Any, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -191,10 +176,14 @@ def sink_from_table(
     table = {k.replace("_", "-"): v for k, v in table.items()}
     label = f"[[sink]] {table.get('name') or table.get('url') or '#' + str(index + 1)!r}"
     try:
-        unknown = set(table) - {"name", "url", "headers", "ca", "reduce", *_FIELDS}
+        is_mqtt = isinstance(table.get("url"), str) and urlsplit(table["url"]).scheme in SCHEMES
+        allowed = {"name", "url", "ca", "reduce", *_FIELDS}
+        allowed |= (BROKER_KEYS | {"topic", "format"}) - {"gzip-level"} if is_mqtt else {"headers"}
+        unknown = set(table) - allowed
         if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
-        url = check_url(table.get("url"))
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}" + (" (an MQTT sink)" if is_mqtt else ""))
+        mqtt = _mqtt_sink(table, environ) if is_mqtt else None
+        url = table["url"] if is_mqtt else check_url(table.get("url"))
         name = table.get("name", name_from_url(url))
         if not is_name(name):
             raise ValueError(f"name: {NAME_RULE}")
@@ -211,25 +200,29 @@ def sink_from_table(
         rules = tuple(_rule(r) for r in reduce)
     except ValueError as e:
         raise SinkError(f"{label}: {e}") from None
-    return Sink(name=name, url=url, headers=headers, rules=rules, **values)
+    if mqtt is not None and mqtt.broker.ca is None and values.get("ca") is not None:
+        mqtt = dataclasses.replace(mqtt, broker=dataclasses.replace(mqtt.broker, ca=values["ca"]))  # --upload-ca
+    return Sink(name=name, url=url, headers=headers, rules=rules, mqtt=mqtt, **values)
 
 
-def ca_certificates(path: Path) -> list[bytes]:
-    """The PEM certificates of a CA file; ValueError when it holds none."""
+def _mqtt_sink(table: Mapping[str, Any], environ: Mapping[str, str]) -> MQTTSink:
+    broker = broker_from_table(table, environ)
+    kind = table.get("format", "reading")
+    if kind not in ("reading", "batch"):
+        raise ValueError(f"format: {kind!r} is not reading (one message per reading) or batch")
+    topic = table.get("topic", "txgateway/{device}/{metric}" if kind == "reading" else "txgateway/readings")
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic or len(topic.encode()) > 1024:
+        raise ValueError(f"topic: {topic!r} is not a topic name (no wildcards)")
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
-    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
-    if not blocks:
-        raise ValueError(f"{str(path)!r} holds no PEM certificate")
-    return blocks
-
-
-def ca_file(value: Any) -> Path:
-    path = Path(str(value)).expanduser()
-    ca_certificates(path)
-    return path
+        fields = {f for _, f, _, _ in string.Formatter().parse(topic) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"topic: {topic!r}: {e}") from None
+    allowed = {"device", "metric"} if kind == "reading" else set()
+    if fields - allowed:
+        given = ", ".join("{" + f + "}" for f in sorted(fields - allowed))
+        what = "{device} and {metric}" if kind == "reading" else "no placeholder (format = batch)"
+        raise ValueError(f"topic: {topic!r} has {given}; a topic may hold {what}")
+    return MQTTSink(broker, topic, kind)
 
 
 def _ca_path(value: Any) -> Path:

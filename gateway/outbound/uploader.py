@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from gateway.ops.metrics import counter, gauge
 from gateway.outbound.ledger import LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
+from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge
 from gateway.outbound.sinks import Sink
 from gateway.storage.pool import PgPool, first_line
@@ -328,6 +329,8 @@ class Uploader(MultiService):
         self.reactor = reactor
         self.sinks = sinks
         self.pool = PgPool(reactor, pool_size)
+        self.owner = owner
+        self.in_thread = in_thread
         self.ledger = Ledger(self.pool, owner, in_thread)
         self.loops = {sink.name: self._loop(sink) for sink in sinks}
         # The sinks' state in the database (lag, batches), read every few seconds for /healthz and /metrics.
@@ -336,7 +339,12 @@ class Uploader(MultiService):
         self._monitor.clock = reactor
 
     def _loop(self, sink: Sink) -> SinkUploader:
-        return SinkUploader(sink, self.ledger, HTTPSender(self.reactor, sink), self.reactor)
+        sender: HTTPSender | MQTTSender
+        if sink.mqtt is None:
+            sender = HTTPSender(self.reactor, sink)
+        else:
+            sender = MQTTSender(self.reactor, sink, self.in_thread, self.owner)
+        return SinkUploader(sink, self.ledger, sender, self.reactor)
 
     async def connect(self, dsn: str) -> None:
         """Open the connections and register the sinks; errbacks when the database cannot be reached."""

@@ -26,8 +26,7 @@ from urllib.parse import urlsplit
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-from gateway.outbound.sender import trust_root
-from gateway.outbound.sinks import ca_file, loopback, secret_value
+from gateway.trust import ca_file, loopback, secret_value, trust_root
 from gateway.readings import NAME_RULE, is_name
 from protocols import mqtt
 
