@@ -164,11 +164,32 @@ class StoreRejected(IngestError):
 
 
 def is_name(text: Any) -> TypeGuard[str]:
-    return isinstance(text, str) and _is_name(text) is not None
+    if not isinstance(text, str):
+        return False
+    if text in _NAMES_SEEN:  # metric and device names repeat in every message: a set lookup, not a regex
+        return True
+    if _is_name(text) is None:
+        return False
+    if len(_NAMES_SEEN) >= NAMES_SEEN_MAX:
+        _NAMES_SEEN.clear()
+    _NAMES_SEEN.add(text)
+    return True
+
+
+NAMES_SEEN_MAX = 10_000
+_NAMES_SEEN: set[str] = set()
 
 
 def parse_rfc3339(text: str) -> int:
     """RFC 3339 with a zone → microseconds since the epoch (finer digits are cut)."""
+    # The usual form, 2026-11-22T10:00:00.250Z: its second comes from a cache keyed by the first 19 characters
+    # (a batch's readings share seconds), so only the fraction is read for each reading.
+    n = len(text)
+    if text[-1:] == "Z" and (n == 20 or (22 <= n <= 30 and text[19] == ".")):
+        frac = text[20:-1]
+        if not frac or (frac.isascii() and frac.isdigit()):
+            micro = int(frac[:6]) * _FRACTION_SCALE[min(len(frac), 6)] if frac else 0
+            return _utc_second(text[:19]) * 1_000_000 + micro
     m = _RFC3339.match(text)
     if m is None:
         raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
@@ -180,6 +201,19 @@ def parse_rfc3339(text: str) -> int:
             raise ValueError("has an offset out of range")
         offset_s = (int(oh) * 60 + int(om)) * 60 * (1 if sign == "+" else -1)
     return (_epoch_second(year, month, day, hour, minute, second) - offset_s) * 1_000_000 + micro
+
+
+_FRACTION_SCALE = (0, 100_000, 10_000, 1_000, 100, 10, 1)  # by digits: to microseconds
+_SECOND = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})\Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_second(text: str) -> int:
+    """Seconds since the epoch of 'YYYY-MM-DDTHH:MM:SS' in UTC; ValueError as parse_rfc3339 says it."""
+    m = _SECOND.match(text)
+    if m is None:
+        raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
+    return _epoch_second(*m.groups())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -605,6 +605,7 @@ class Connection:
         "_eof",
         "_aliases",
         "_qos1_in",
+        "_qos1_count",
         "_in",
         "_out",
     )
@@ -633,6 +634,7 @@ class Connection:
         # Packet identifiers in use, by direction: the state of each exchange. A QoS 1 PUBLISH may come again
         # before its PUBACK (each is answered), so those are counted apart.
         self._qos1_in: dict[int, int] = {}  # id -> QoS 1 PUBLISHes received and not yet PUBACKed
+        self._qos1_count = 0  # the sum of _qos1_in's values, kept as they change
         self._in: dict[int, int] = {}  # id -> _QOS2 / _RELEASED / _PUBREL / _OTHER, for what the peer sent
         self._out: dict[int, int] = {}  # id -> _QOS1 / _QOS2 / _RELEASED / _OTHER, for what we sent
 
@@ -654,7 +656,7 @@ class Connection:
     @property
     def inbound_in_flight(self) -> int:
         """QoS 1 and 2 PUBLISHes received and not yet answered (v5's Receive Maximum counts these)."""
-        return sum(self._qos1_in.values()) + sum(1 for state in self._in.values() if state in (_QOS2, _RELEASED))
+        return self._qos1_count + sum(1 for state in self._in.values() if state in (_QOS2, _RELEASED))
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""
@@ -859,6 +861,7 @@ class Connection:
         if qos == 1:
             assert packet_id is not None
             self._qos1_in[packet_id] = self._qos1_in.get(packet_id, 0) + 1
+            self._qos1_count += 1
         elif qos == 2:
             assert packet_id is not None
             self._in[packet_id] = _QOS2  # sent again before its PUBREL: answered with PUBREC again
@@ -1082,6 +1085,7 @@ class Connection:
                 del self._qos1_in[packet_id]
             else:
                 self._qos1_in[packet_id] = count - 1
+            self._qos1_count -= 1
         elif kind is _T.PUBREC:
             if self._in.get(packet_id) != _QOS2:
                 raise missing()

@@ -9,12 +9,11 @@ QoS 0 messages are counted when written: nothing confirms them.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.internet import protocol, task
 
-from gateway.cli.simulator import BACKOFF_CAP, BACKOFF_FIRST, SimDevice, rfc3339
+from gateway.cli.simulator import BACKOFF_CAP, BACKOFF_FIRST, SimDevice, readings_body
 from gateway.transports.devices import no_delay
 from protocols import mqtt
 
@@ -128,9 +127,7 @@ class MQTTClient(protocol.Protocol):
             readings = self.device.take(self.sim.batch)
             if not readings:
                 return
-            body = json.dumps(
-                {"readings": [{"metric": m, "ts": rfc3339(ts), "value": v} for m, ts, v in readings]}
-            ).encode()
+            body = readings_body(readings)
             self.sim.stats.sent += len(readings)
             if self.qos == 0:
                 self.transport.write(self.conn.send(mqtt.Publish(self.topic, body)))

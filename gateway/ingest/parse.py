@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from gateway.readings import NAME_RULE, InvalidInput, Reading, is_name, parse_ts, parse_value
@@ -10,7 +11,23 @@ from gateway.readings import NAME_RULE, InvalidInput, Reading, is_name, parse_ts
 _READING_KEYS = frozenset(("metric", "ts", "value"))
 
 
-def parse_reading(item: Any, where: str) -> Reading:
+def parse_reading(item: Any, where: str, index: int | None = None) -> Reading:
+    """One reading object; errors name it as ``where`` (with ``index``: ``where[index]``)."""
+    if type(item) is dict and item.keys() == _READING_KEYS:
+        metric, ts, value = item["metric"], item["ts"], item["value"]
+        # The common case first, with no message built: a name, a time, a finite number.
+        if type(ts) is str and type(value) is float and is_name(metric):
+            try:
+                ts_us = parse_ts(ts)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(value):
+                    return Reading(metric, ts_us, value)
+    return _check_reading(item, where if index is None else f"{where}[{index}]")
+
+
+def _check_reading(item: Any, where: str) -> Reading:
     if not isinstance(item, dict):
         raise InvalidInput(f'{where}: must be an object with "metric", "ts" and "value"')
     if item.keys() != _READING_KEYS:
@@ -54,4 +71,4 @@ def parse_readings_json(body: bytes, one: bool = False) -> list[Reading]:
     items = doc["readings"]
     if not isinstance(items, list):
         raise InvalidInput("readings: must be a list", code="invalid_body")
-    return [parse_reading(item, f"readings[{i}]") for i, item in enumerate(items)]
+    return [parse_reading(item, "readings", i) for i, item in enumerate(items)]

@@ -293,8 +293,7 @@ class MQTTProtocol(DeviceConnection):
         if not self.factory.store.has_room(len(readings)):
             self._hold(publish, self._publish)
             return
-        stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
-        d = Deferred.fromCoroutine(stored)
+        d = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
         if publish.qos == 0:
             d.addCallbacks(self._count, self._qos0_failed)
         else:

@@ -288,7 +288,7 @@ class BrokerClient(protocol.Protocol):
         if not ingest.store.has_room(len(readings)):
             self._hold(ticket, publish, device)
             return
-        d = Deferred.fromCoroutine(ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload))
+        d = ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload)
         d.addCallback(self._stored, readings)
         d.addErrback(self._not_stored, ticket, publish, device)
         if ticket is not None:

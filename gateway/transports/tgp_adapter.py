@@ -186,7 +186,7 @@ class DeviceProtocol(DeviceConnection):
             self._hold(data, self._data)
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
-        self._queue_answer(data.seq, Deferred.fromCoroutine(stored))
+        self._queue_answer(data.seq, stored)
 
     # -- answers, in order -----------------------------------------------
 
