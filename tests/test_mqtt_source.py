@@ -325,7 +325,7 @@ def test_source_tables_are_read_with_every_key():
         ({"url": "mqtts://b", "topics": ["a/b+/c"]}, "+ and # stand alone in a level"),
         ({"url": "mqtts://b", "topics": ["a/#"], "device_level": 1}, "has no level 1 to name the device"),
         ({"url": "mqtts://b", "qos": 0}, "qos: 0: give 1 or 2"),
-        ({"url": "mqtts://b", "window": 0}, "window: 0 is outside 1..65535"),
+        ({"url": "mqtts://b", "window": 0}, "window: 0 is outside 1..10000"),
         ({"url": "mqtts://b", "payload": "xml"}, "payload: 'xml' is not auto or json"),
         ({"url": "mqtts://b", "version": "4"}, "version: '4' is not 5.0 or 3.1.1"),
         ({"url": "mqtts://b", "topic": "a"}, "unknown key 'topic'"),

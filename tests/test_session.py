@@ -39,15 +39,16 @@ def test_a_full_window_pauses_until_half_is_answered():
     assert s.may_read and s.flow() is Flow.RESUME
 
 
-def test_a_held_message_and_a_stop_pause_reading_and_busy_only_stops_taking():
+def test_a_held_message_a_lookup_and_a_stop_pause_reading():
     s: DeviceSession[str] = DeviceSession(window=4)
     s.held = True
     assert not s.may_read and s.flow() is Flow.PAUSE
     s.held = False
     assert s.flow() is Flow.RESUME
-    s.busy = True  # the handshake's lookup: take no event, but no pause for so short a wait
-    assert not s.may_read and s.flow() is None
+    s.busy = True  # the handshake's lookup: what the peer sends meanwhile waits in the kernel
+    assert not s.may_read and s.flow() is Flow.PAUSE
     s.busy = False
+    assert s.may_read and s.flow() is Flow.RESUME
     s.stopped = True
     assert not s.may_read and s.flow() is Flow.PAUSE
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
+from gateway.transports.session import WINDOW_MAX
 from gateway.trust import ca_file, loopback, secret_value, trust_root
 from gateway.readings import NAME_RULE, is_name
 from protocols import mqtt
@@ -273,7 +274,7 @@ def source_from_table(
                 raise ValueError(f"qos: {table['qos']!r}: give 1 or 2 (QoS 0 would lose what a restart interrupts)")
             values["qos"] = table["qos"]
         if "window" in table:
-            values["window"] = _number("window", 1, 65535, table["window"], whole=True)
+            values["window"] = _number("window", 1, WINDOW_MAX, table["window"], whole=True)
         for key, lo, hi in (
             ("session-expiry", 60, 0xFFFFFFFF),
             ("backoff", 0.01, 3600),

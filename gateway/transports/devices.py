@@ -65,6 +65,20 @@ class DeviceConnection(protocol.Protocol):
 
     transport: Any  # set by makeConnection before any event; Twisted types it Optional
 
+    # One per connected device: slots keep an idle device's cost down (10,000 of them is the norm).
+    __slots__ = (
+        "factory",
+        "session",
+        "device",
+        "source",
+        "since",
+        "readings",
+        "last_error",
+        "_held",
+        "_closing",
+        "_timer",
+    )
+
     def __init__(self, factory: DeviceListenerFactory) -> None:
         self.factory = factory
         self.session: DeviceSession[Any] = DeviceSession(factory.settings.window)
@@ -106,6 +120,13 @@ class DeviceConnection(protocol.Protocol):
 
     # -- backpressure ----------------------------------------------------
 
+    def _looking_up(self, busy: bool) -> None:
+        """A lookup of the device starts (read nothing meanwhile) or ends (read again, take what waits)."""
+        self.session.busy = busy
+        self._flow()
+        if not busy:
+            self._process()
+
     def _flow(self) -> None:
         """Pause or resume the transport as the session says; take messages that arrived before a pause."""
         if self._closing:
@@ -142,6 +163,8 @@ class DeviceConnection(protocol.Protocol):
     def _close(self) -> None:
         self._closing = True
         self._cancel_timer()
+        if self.session.paused:
+            self.transport.resumeProducing()  # TLS closes once it reads the peer's close_notify
         self.transport.loseConnection()
 
     # -- the one timer: the handshake's, then the idle one ------------------

@@ -83,6 +83,8 @@ class _Refusal:
 
 
 class MQTTProtocol(DeviceConnection):
+    __slots__ = ("conn", "keepalive", "_seq", "_packets")
+
     def __init__(self, factory: MQTTFactory) -> None:
         super().__init__(factory)
         settings = factory.settings
@@ -183,10 +185,9 @@ class MQTTProtocol(DeviceConnection):
         except UnicodeDecodeError:
             self._refuse_connect(R.BAD_USER_NAME_OR_PASSWORD, WRONG_CREDENTIALS, claimed)
             return
-        self.session.busy = True
+        self._looking_up(True)
 
         def found(device: Device) -> None:
-            self.session.busy = False
             if self._closing:
                 return
             if device.name != claimed:
@@ -196,24 +197,23 @@ class MQTTProtocol(DeviceConnection):
                 self._refuse_connect(R.NOT_AUTHORIZED, "the client certificate does not name this device", claimed)
                 return
             self._connected(connect, device)
-            self._process()
+            self._looking_up(False)
 
         lookup = Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source))
         lookup.addCallbacks(found, self._lookup_failed, errbackArgs=(claimed,))
 
     def _sign_in_by_certificate(self, connect: mqtt.Connect, name: str) -> None:
         """With --device-ca, a client certificate naming the device stands for its token (no password given)."""
-        self.session.busy = True
+        self._looking_up(True)
 
         def found(result: tuple[Device, bytes] | None) -> None:
-            self.session.busy = False
             if self._closing:
                 return
             if result is None:  # unknown or revoked
                 self._refuse_connect(R.NOT_AUTHORIZED, "unknown or revoked device", name)
                 return
             self._connected(connect, result[0])
-            self._process()
+            self._looking_up(False)
 
         self.factory.store.device_key(name).addCallbacks(found, self._lookup_failed, errbackArgs=(name,))
 

@@ -257,16 +257,22 @@ class BrokerClient(protocol.Protocol):
             return
         # Not known yet: look it up, and take no further message meanwhile (they keep their order).
         self.session.busy = True
+        self._flow()
 
         def found(device: Device | None) -> None:
             self.session.busy = False
             if not self._closing:
                 self._store(ticket, publish, device)
+                self._flow()
                 self._process()
 
         def failed(f: Failure) -> None:
+            # The store is away: not acknowledged (the connection closes, the broker sends it again), or for
+            # QoS 0, at most once as the publisher chose.
             self.session.busy = False
             self._settle(ticket, f)
+            self._flow()
+            self._process()
 
         self.source.look_up(name).addCallbacks(found, failed)
 

@@ -59,6 +59,8 @@ E = tgp.ErrorCode
 
 
 class DeviceProtocol(DeviceConnection):
+    __slots__ = ("conn", "claimed_name", "stored_key", "_nonce")
+
     def __init__(self, factory: DeviceFactory) -> None:
         super().__init__(factory)
         settings = factory.settings
@@ -120,11 +122,10 @@ class DeviceProtocol(DeviceConnection):
             self._refuse_handshake(E.UNSUPPORTED_VERSION, f"this gateway speaks TGP versions {list(tgp.VERSIONS)}")
             return
         self.claimed_name = hello.device
-        self.session.busy = True
+        self._looking_up(True)
         lookup = self.factory.store.device_key(hello.device) if is_name(hello.device) else succeed(None)
 
         def found(result: tuple[Device, bytes] | None) -> None:
-            self.session.busy = False
             if self._closing:
                 return
             if result is not None:
@@ -132,7 +133,7 @@ class DeviceProtocol(DeviceConnection):
             # An unknown name gets a challenge too, so names cannot be probed.
             self._nonce = os.urandom(tgp.NONCE_SIZE)
             self._send(tgp.Challenge(version, self._nonce))
-            self._process()
+            self._looking_up(False)
 
         def failed(f: Failure) -> None:
             self.session.busy = False
