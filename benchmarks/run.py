@@ -40,6 +40,7 @@ databases. ``--json`` writes every figure, flat keys first (``ceiling_rps``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,34 +157,79 @@ def flask(tmp: Path, server_dsn: str, duration: float) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def running_mosquitto(tmp: Path, settings: str = "") -> Iterator[int]:
+    """Mosquitto on a loopback port (its config in ``tmp``, with ``settings`` added); yields the port."""
+    for _attempt in range(5):  # a port the kernel had free a moment ago may be taken again: try another
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        conf = tmp / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 32\n"
+            "max_queued_messages 100000\nlog_type error\n" + settings
+        )
+        proc = subprocess.Popen([need_mosquitto(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+        if _listening(port, proc):
+            break
+        stop(proc)
+    else:
+        raise SystemExit("mosquitto did not start")
+    try:
+        yield port
+    finally:
+        stop(proc)
+
+
 def mosquitto(tmp: Path, server_dsn: str, duration: float, devices: int, batch: int) -> dict:
     """Mosquitto on this machine (its PUBACK is in memory), driven by the same simulated MQTT devices."""
     dsn = fresh_database(server_dsn, "bench_mosquitto")  # the simulator makes its device names there
     try:
-        for _attempt in range(5):  # a port the kernel had free a moment ago may be taken again: try another
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            conf = tmp / "mosquitto.conf"
-            conf.write_text(
-                f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 32\n"
-                "max_queued_messages 100000\nlog_type error\n"
-            )
-            proc = subprocess.Popen([need_mosquitto(), "-c", str(conf)], stderr=subprocess.DEVNULL)
-            if _listening(port, proc):
-                break
-            stop(proc)
-        else:
-            raise SystemExit("mosquitto did not start")
-        try:
+        with running_mosquitto(tmp) as port:
             target = SimpleNamespace(data_dir=tmp / "mosquitto", ports={"mqtt": port})
             result = simulate(target, dsn, "mqtt", devices, 0, duration, batch)
-        finally:
-            stop(proc)
     finally:
         drop_database(server_dsn, "bench_mosquitto")
     result["messages_per_s"] = result["rate"] / batch
     return result
+
+
+def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate: float) -> dict:
+    """
+    The gateway consuming from Mosquitto ([[mqtt_source]], shared subscription, QoS 1, PUBACK after
+    COMMIT): simulated devices publish 100 readings a message to the broker at ``rate`` readings/s for
+    ``duration`` s; the figure is what the gateway stored per second from the first message until it had
+    stored every reading the broker took, and how long it needed past the load's end.
+    """
+    dsn = fresh_database(server_dsn, "bench_source")
+    try:
+        with running_mosquitto(tmp, "max_queued_messages 0\n") as port:
+            gateway = Gateway(dsn, tmp / "gw-source", "--mqtt-source", f"mqtt://127.0.0.1:{port}")
+            process = psutil.Process(gateway.proc.pid)
+            try:
+                time.sleep(1)  # subscribed: a loopback broker answers in milliseconds
+                cpu_before = sum(process.cpu_times()[:2])
+                target = SimpleNamespace(data_dir=tmp / "source-sim", ports={"mqtt": port})
+                started = time.monotonic()
+                result = simulate(target, dsn, "mqtt", devices, rate, duration, 100)
+                ended = time.monotonic()
+                deadline = ended + max(60.0, 10 * duration)
+                while (count := stored(dsn)) < result["acked"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                drained = time.monotonic()
+                cpu = sum(process.cpu_times()[:2]) - cpu_before
+            finally:
+                gateway.stop()
+    finally:
+        drop_database(server_dsn, "bench_source")
+    return {
+        "offered_rps": result["rate"],
+        "published": result["acked"],
+        "stored": count,
+        "readings_per_s": count / (drained - started),
+        "catch_up_s": drained - ended,
+        "gateway_cpu_s_per_million": cpu / max(1, count) * 1e6,
+    }
 
 
 def need_mosquitto() -> str:
@@ -385,6 +432,8 @@ def flat(figures: dict) -> dict:
         "mqtt1_rps": figures["mqtt1_max"]["rate"],
         "mqtt_p99_ms": figures["mqtt100_half"]["p99_ms"],
         "mosquitto1_rps": figures["mosquitto1"]["rate"],
+        "mqtt_source_rps": figures["mqtt_source"]["readings_per_s"],
+        "mqtt_source_catch_up_s": figures["mqtt_source"]["catch_up_s"],
         "outage_s": figures["outage"]["outage_s"],
         "catch_up_s": figures["outage"]["backlog_delivered_s"],
     }
@@ -448,6 +497,12 @@ def report(figures: dict, summary: dict) -> str:
     lines.append(
         f"MQTT 100/message: {summary['mqtt100_x_tcp']:.2f}x TGP/TCP; MQTT 1/message: "
         f"{summary['mqtt1_x_mosquitto']:.2f}x Mosquitto's rate (its PUBACK in memory, ours after COMMIT)"
+    )
+    src = figures["mqtt_source"]
+    lines.append(
+        f"MQTT source (consuming from Mosquitto): {src['readings_per_s']:,.0f} readings/s stored of "
+        f"{src['offered_rps']:,.0f} offered ({src['stored']:,} of {src['published']:,}; all stored "
+        f"{src['catch_up_s']:.1f} s after the load ended; {src['gateway_cpu_s_per_million']:.1f} CPU s/M)"
     )
     for i in figures["idle"]:
         lines.append(
@@ -515,6 +570,10 @@ def main() -> None:
         settle(server_dsn)
         figures["mosquitto1"] = mosquitto(tmp, server_dsn, args.duration, args.devices, 1)
         dsn = gateway_runs(tmp, server_dsn, args, figures)
+        settle(server_dsn)
+        # Offered at 80% of what the gateway's own MQTT listener took: a rate it should keep up with.
+        offered = 0.8 * figures["mqtt100_max"]["rate"]
+        figures["mqtt_source"] = mqtt_source(tmp, server_dsn, args.duration, args.devices, offered)
         settle(server_dsn)
         uploader(tmp, server_dsn, dsn, args, figures)
         settle(server_dsn)

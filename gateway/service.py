@@ -104,6 +104,7 @@ LIVE_SETTINGS = frozenset(
         "device_types",
         "status_interval",
         "alerts",
+        "mqtt_source",
     )
 )
 
@@ -621,7 +622,11 @@ class GatewayService(MultiService):
         live = [name for name in changed if name in LIVE_SETTINGS]
         later = [name for name in changed if name not in LIVE_SETTINGS]
         self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in live})
-        applied = [name.replace("_", "-") for name in live if name != "sinks" and not name.startswith("upload_")]
+        applied = [
+            name.replace("_", "-")
+            for name in live
+            if name not in ("sinks", "mqtt_source") and not name.startswith("upload_")
+        ]
         self.log_levels.set(new.log_level)
         self.site.reconfigure(new.max_body, new.request_timeout)
         self.store.reconfigure(new.max_queue)
@@ -632,6 +637,12 @@ class GatewayService(MultiService):
         self.status.set_interval(new.status_interval)
         for factory in self.device_factories:
             factory.reconfigure(device_settings(new))
+        if new.mqtt_source != old.mqtt_source:
+            if self.sources is not None:
+                applied += await self.sources.reconfigure(new.mqtt_source)
+            elif new.mqtt_source:
+                self._start_sources(new)
+                applied += [f"MQTT source {s.name} added" for s in new.mqtt_source]
         if new.sinks != old.sinks:
             if self.uploader is not None:
                 applied += await self.uploader.reconfigure(new.sinks)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAT_KEYS = (
     "ceiling_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps tcp_p50_ms tcp_p99_ms "
     "idle_conns idle_rss_mb idle_mqtt_conns idle_mqtt_rss_mb uploader_rps mqtt100_rps mqtt1_rps mosquitto1_rps "
-    "mqtt_p99_ms"
+    "mqtt_p99_ms mqtt_source_rps"
 ).split()
 
 
@@ -49,5 +49,15 @@ def test_the_benchmark_reports_every_figure(tmp_path):
     assert figures["outage"]["refused_requests"] > 0 and figures["outage"]["backlog_delivered_s"] is not None
     assert len(figures["targets"]) == 10
     assert figures["mosquitto1"]["acked"] > 0 and not figures["mosquitto1"]["errors"]
-    for text in ("x ceiling", "thread-pool server", "Flask", "Mosquitto", "idle TCP devices", "uploader:"):
+    # Every reading the broker took reached the database through the gateway's subscription.
+    assert figures["mqtt_source"]["stored"] == figures["mqtt_source"]["published"] > 0
+    for text in (
+        "x ceiling",
+        "thread-pool server",
+        "Flask",
+        "Mosquitto",
+        "idle TCP devices",
+        "uploader:",
+        "MQTT source",
+    ):
         assert text in out.stdout

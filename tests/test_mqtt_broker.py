@@ -27,6 +27,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from gateway.ops.console import Console
 from tests.broker import PASSWORD, USER, Mosquitto
 from tests.conftest import start_service
 from tests.gatewayproc import gatewayctl
@@ -112,6 +113,11 @@ async def test_readings_from_a_broker_are_stored_once_and_refusals_kept(tmp_path
         assert all(r[2] == f"broker+tls localhost:{broker.tls_port}" for r in rejected)
         assert "device 'nobody' is not registered" in rejected[0][3]
         assert source.counters.duplicates == 5 and source.counters.readings == 101
+
+        console = Console(svc)
+        [row] = [r for r in console.devices() if r["device"] == "truck-17"]
+        assert row["transport"] == "broker+tls" and row["readings"] == 101
+        assert console.status()["mqtt_sources"]["plant"]["state"] == "subscribed"
 
         ok, doc = await svc.health.check()
         assert ok and doc["mqtt_sources"]["plant"]["state"] == "subscribed"
@@ -204,3 +210,44 @@ def test_kill_9_while_holding_unacknowledged_messages_then_each_reading_stored_o
     rows = [json.loads(line) for line in gatewayctl("export", data_dir=gw.data_dir).stdout.splitlines()]
     stamps = [row["ts"] for row in rows]
     assert len(stamps) == len(set(stamps)) == messages * per_message
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_adds_changes_and_removes_sources(tmp_path, db_dsn, broker, monkeypatch):
+    from gateway.config import build_config, load_toml
+    from gateway.service import GatewayService
+
+    monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'db = "{db_dsn}"\n')
+    values = {"data-dir": str(tmp_path / "data"), "https": "ssl:0:interface=127.0.0.1", "device": [], "mqtt": "off"}
+    service = GatewayService(build_config(values, load_toml(config), config), reactor, command_line=values)
+    service.privilegedStartService()
+    service.startService()
+    await service.ready
+
+    def toml(value) -> str:
+        if isinstance(value, dict):  # an inline table: { env = "VAR" }
+            return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+        return json.dumps(value)
+
+    def write(**table) -> None:
+        lines = [f'db = "{db_dsn}"', "[[mqtt_source]]"]
+        lines += [f"{key} = {toml(value)}" for key, value in {**source_table(broker), **table}.items()]
+        config.write_text("\n".join(lines) + "\n")
+
+    try:
+        assert service.sources is None
+        write()
+        assert await service.reload() == ["MQTT source plant added"]
+        plant = service.sources.sources["plant"]
+        assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
+        write(topics=["fleet/+/readings"])
+        assert await service.reload() == ["MQTT source plant changed"]
+        assert plant.counters.state == "stopped" and service.sources.sources["plant"] is not plant
+        assert await until(lambda: service.sources.sources["plant"].counters.state == "subscribed")
+        config.write_text(f'db = "{db_dsn}"\n')
+        assert await service.reload() == ["MQTT source plant removed"]
+        assert service.sources.sources == {}
+    finally:
+        await service.stopService()

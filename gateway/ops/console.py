@@ -13,8 +13,9 @@ from typing import Any
 from protocols import tgp
 
 BANNER = """txgateway console: a Python prompt inside the running gateway. Careful: it is live.
-  status()              uptime, connections, readings/s, store queue and commit time, sinks
-  devices()             devices online: address, transport, since, readings, last error
+  status()              uptime, connections, readings/s, store queue and commit time, sinks, MQTT sources
+  devices()             devices online: address, transport, since, readings, last error (also those
+                        heard lately over HTTPS or through an MQTT broker)
   attention()           devices silent or flagged for quality failures (as of the last status check)
   alerts()              open edge alerts
   kick(name)            close a device's connections (it may reconnect)
@@ -169,11 +170,26 @@ class Console:
                     for name, s in (g.uploader.sink_status() if g.uploader else {}).items()
                 }
             ),
+            mqtt_sources=Report(
+                {
+                    name: Report(
+                        state=s["state"],
+                        in_flight=s["in_flight"],
+                        messages=s["messages"],
+                        rejected=s["rejected"],
+                        last_error=s["last_error"] or None,
+                    )
+                    for name, s in (g.sources.status() if g.sources else {}).items()
+                }
+            ),
         )
         return report
 
     def devices(self) -> Table:
-        """Devices online: TGP and MQTT sessions, and HTTPS devices heard from in the last two minutes."""
+        """
+        Devices online: TGP and MQTT sessions, and devices heard from in the last two minutes over HTTPS or
+        through an MQTT broker the gateway consumes from.
+        """
         g = self.gateway
         now = g.reactor.seconds()
         rows = []
@@ -194,7 +210,7 @@ class Console:
         for seen in reversed(g.metrics.activity.values()):
             if now - seen.last > self.ACTIVE_HTTP:
                 break
-            if seen.transport in ("https", "http"):
+            if seen.transport in ("https", "http", "broker", "broker+tls"):
                 rows.append(
                     {
                         "device": seen.name,

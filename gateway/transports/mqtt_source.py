@@ -631,16 +631,38 @@ class BrokerSources(MultiService):
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.ingest = ingest
         self.owner = owner  # this gateway's id, the row's key in mqtt_sources
-        self.run = run  # runs one statement on the store's pool
-        self.sources = {}
-        for settings in sources:
-            settings = dataclasses.replace(settings, broker=settings.broker.with_client_id(owner, settings.name))
-            self.sources[settings.name] = BrokerSource(settings, ingest, reactor)
-        for source in self.sources.values():
-            source.setServiceParent(self)
+        self.run = run  # runs one statement on the read pool
+        self.sources: dict[str, BrokerSource] = {}
+        for settings in self._own(sources).values():
+            self._add(settings)
         self._reporter = LoopingCall(self.report)
         self._reporter.clock = reactor
+
+    def _own(self, sources: tuple[SourceSettings, ...]) -> dict[str, SourceSettings]:
+        """The settings by name, each with this gateway's client id unless the table gives one."""
+        return {s.name: dataclasses.replace(s, broker=s.broker.with_client_id(self.owner, s.name)) for s in sources}
+
+    def _add(self, settings: SourceSettings) -> None:
+        source = self.sources[settings.name] = BrokerSource(settings, self.ingest, self.reactor)
+        source.setServiceParent(self)  # started at once when this service runs
+
+    async def reconfigure(self, sources: tuple[SourceSettings, ...]) -> list[str]:
+        """New [[mqtt_source]] tables (SIGHUP): stop removed and changed ones, start new and changed ones."""
+        new = self._own(sources)
+        old = set(self.sources)
+        changes = []
+        for name in sorted(self.sources):
+            if new.get(name) != self.sources[name].settings:
+                await self.sources.pop(name).disownServiceParent()
+                if name not in new:
+                    changes.append(f"MQTT source {name} removed")
+        for name, settings in new.items():
+            if name not in self.sources:
+                changes.append(f"MQTT source {name} {'changed' if name in old else 'added'}")
+                self._add(settings)
+        return changes
 
     def startService(self) -> None:
         super().startService()
