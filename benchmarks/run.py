@@ -199,7 +199,9 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
     The gateway consuming from Mosquitto ([[mqtt_source]], shared subscription, QoS 1, PUBACK after
     COMMIT): simulated devices publish 100 readings a message to the broker at ``rate`` readings/s for
     ``duration`` s; the figure is what the gateway stored per second from the first message until it had
-    stored every reading the broker took, and how long it needed past the load's end.
+    stored every reading the broker acknowledged to the simulator (and more: those of messages still
+    unacknowledged when the simulator stopped reach the gateway too), and how long it needed past the
+    load's end.
     """
     dsn = fresh_database(server_dsn, "bench_source")
     try:
