@@ -305,6 +305,10 @@ class Soak:
             str(self.receiver.where / "ca.pem"),
             "--upload-flush",
             "1",
+            # The receiver's outage is a third of a period at most: with the default cap (60 s) the first retry
+            # after it could come past the period's end, so the catch-up it measures would be chance.
+            "--upload-backoff-cap",
+            str(max(1.0, args.every / 10)),
             cwd=where,
             log=where / "gateway.log",
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 V311, V5 = 4, 5  # protocol levels
@@ -205,6 +206,16 @@ def prop(properties: Properties, which: Property, default: Any = None) -> Any:
         if key == which:
             return value
     return default
+
+
+def reason_text(code: int, properties: Properties = ()) -> str:
+    """A reason code in words, with its number and the peer's reason string: 'not authorized (0x87): ...'."""
+    try:
+        text = Reason(code).name.lower().replace("_", " ")
+    except ValueError:
+        text = "reason"
+    why = prop(properties, Property.REASON_STRING)
+    return f"{text} ({code:#04x})" + (f": {why}" if why else "")
 
 
 class ProtocolError(Exception):
@@ -657,6 +668,14 @@ class Connection:
     def inbound_in_flight(self) -> int:
         """QoS 1 and 2 PUBLISHes received and not yet answered (v5's Receive Maximum counts these)."""
         return self._qos1_count + sum(1 for state in self._in.values() if state in (_QOS2, _RELEASED))
+
+    def events(self) -> Iterator[Event]:
+        """The buffered events, one at a time, until more data is needed or the peer closed; raises as next_event."""
+        while True:
+            event = self.next_event()
+            if isinstance(event, _Sentinel):  # NEED_DATA or CONNECTION_CLOSED
+                return
+            yield event
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""

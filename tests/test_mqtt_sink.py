@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-import time
 
 import pytest
 import pytest_twisted
@@ -141,6 +140,18 @@ def hub(tmp_path):
     b.stop()
 
 
+def hub_table(hub: Mosquitto, **more) -> dict:
+    """A [[sink]] table for the test's broker: verified TLS, the password from the environment."""
+    return {
+        "name": "hub",
+        "url": f"mqtts://localhost:{hub.tls_port}",
+        "ca": str(hub.ca),
+        "username": USER,
+        "password": {"env": "HUB_PASSWORD"},
+        **more,
+    }
+
+
 def reading_body(start: int, count: int) -> bytes:
     readings = [{"metric": "oil_temp", "ts": 1_795_341_600_000 + start + i, "value": start + i} for i in range(count)]
     return json.dumps({"readings": readings}).encode()
@@ -153,17 +164,7 @@ async def test_readings_reach_the_broker_and_the_cursor_moves_after_every_puback
     monkeypatch.setenv("HUB_PASSWORD", PASSWORD)
     add_pg_device(sql, "truck-17")
     watcher = await deferToThread(Subscriber, hub.port)
-    table = {
-        "name": "hub",
-        "url": f"mqtts://localhost:{hub.tls_port}",
-        "ca": str(hub.ca),
-        "username": USER,
-        "password": {"env": "HUB_PASSWORD"},
-        "flush": 0.2,
-        "backoff": 0.2,
-        "backoff-cap": 1,
-        "batch": 50,
-    }
+    table = hub_table(hub, flush=0.2, backoff=0.2, batch=50, **{"backoff-cap": 1})
     svc = await start_service(tmp_path, db_dsn, {"sink": [table]})
     try:
         found = await svc.store.device_key("truck-17")
@@ -181,8 +182,7 @@ async def test_readings_reach_the_broker_and_the_cursor_moves_after_every_puback
         # The broker goes away: readings wait in PostgreSQL and go once it is back.
         await deferToThread(hub.stop)
         await svc.ingest.write_json(device, reading_body(1000, 30), source)
-        await deferToThread(time.sleep, 1.5)
-        assert svc.uploader.loops["hub"].counters.failures >= 1
+        assert await until(lambda: svc.uploader.loops["hub"].counters.failures >= 1, 30)
         await deferToThread(hub.start)
         await deferToThread(watcher.close)
         watcher = await deferToThread(Subscriber, hub.port)
@@ -200,15 +200,7 @@ async def test_readings_reach_the_broker_and_the_cursor_moves_after_every_puback
 async def test_a_topic_the_broker_refuses_parks_the_batch(tmp_path, db_dsn, sql, hub, monkeypatch):
     monkeypatch.setenv("HUB_PASSWORD", PASSWORD)
     add_pg_device(sql, "truck-17")
-    table = {
-        "name": "hub",
-        "url": f"mqtts://localhost:{hub.tls_port}",
-        "ca": str(hub.ca),
-        "username": USER,
-        "password": {"env": "HUB_PASSWORD"},
-        "topic": "forbidden/{device}/{metric}",
-        "flush": 0.2,
-    }
+    table = hub_table(hub, topic="forbidden/{device}/{metric}", flush=0.2)
     svc = await start_service(tmp_path, db_dsn, {"sink": [table]})
     try:
         found = await svc.store.device_key("truck-17")

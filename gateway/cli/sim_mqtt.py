@@ -49,16 +49,12 @@ class MQTTClient(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.receive_data(data)
-        while True:
-            try:
-                event = self.conn.next_event()
-            except mqtt.RemoteProtocolError as e:
-                self.sim.stats.errors[f"protocol: {e.reason.name}"] += 1
-                self.transport.loseConnection()
-                return
-            if event is mqtt.NEED_DATA or event is mqtt.CONNECTION_CLOSED:
-                return
-            self.handle(event)
+        try:
+            for event in self.conn.events():
+                self.handle(event)
+        except mqtt.RemoteProtocolError as e:
+            self.sim.stats.errors[f"protocol: {e.reason.name}"] += 1
+            self.transport.loseConnection()
 
     def handle(self, event: object) -> None:
         stats = self.sim.stats

@@ -108,22 +108,18 @@ class _Publisher(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.receive_data(data)
-        while True:
-            try:
-                event = self.conn.next_event()
-            except mqtt.RemoteProtocolError as e:
-                self._lose(f"the broker broke the protocol: {e.message}")
-                return
-            if event is mqtt.NEED_DATA or event is mqtt.CONNECTION_CLOSED:
-                return
-            self._handle(event)
+        try:
+            for event in self.conn.events():
+                self._handle(event)
+        except mqtt.RemoteProtocolError as e:
+            self._lose(f"the broker broke the protocol: {e.message}")
 
     def _handle(self, event: object) -> None:
         if isinstance(event, mqtt.PubAck):
             self._acked(event)
         elif isinstance(event, mqtt.ConnAck):
             if event.reason >= 0x80:
-                self._lose(f"the broker refused the connection: {reason_text(event.reason, event.properties)}")
+                self._lose(f"the broker refused the connection: {mqtt.reason_text(event.reason, event.properties)}")
                 return
             self.window = min(WINDOW, mqtt.prop(event.properties, P.RECEIVE_MAXIMUM, WINDOW))
             keepalive = mqtt.prop(event.properties, P.SERVER_KEEP_ALIVE, self.sender.broker.keepalive)
@@ -136,7 +132,7 @@ class _Publisher(protocol.Protocol):
             for waiter in waiters:
                 waiter.callback(self)
         elif isinstance(event, mqtt.Disconnect):
-            self._lose(f"the broker disconnected: {reason_text(event.reason, event.properties)}")
+            self._lose(f"the broker disconnected: {mqtt.reason_text(event.reason, event.properties)}")
 
     def when_ready(self) -> Deferred:
         """Fires with this publisher once the broker accepted the connection; errbacks if it is lost first."""
@@ -187,7 +183,7 @@ class _Publisher(protocol.Protocol):
         if message is None:
             return
         if ack.reason >= 0x80 and self._refused is None:
-            self._refused = (ack.reason, f"{message.topic}: {reason_text(ack.reason, ack.properties)}")
+            self._refused = (ack.reason, f"{message.topic}: {mqtt.reason_text(ack.reason, ack.properties)}")
         if self._refused is not None:
             self._queue.clear()  # the batch is refused: stop sending it
         self._pump()
@@ -219,15 +215,6 @@ class _Publisher(protocol.Protocol):
         if self.sender.publisher is self:
             self.sender.publisher = None
         self.closed.callback(None)
-
-
-def reason_text(code: int, properties: mqtt.Properties) -> str:
-    try:
-        text = mqtt.Reason(code).name.lower().replace("_", " ")
-    except ValueError:
-        text = "reason"
-    why = mqtt.prop(properties, P.REASON_STRING)
-    return f"{text} ({code:#04x})" + (f": {why}" if why else "")
 
 
 class _Factory(protocol.Factory):

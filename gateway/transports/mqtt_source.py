@@ -172,15 +172,15 @@ class BrokerClient(protocol.Protocol):
         self._process()
 
     def _process(self) -> None:
-        while not self._closing and self.session.may_read:
-            try:
-                event = self.conn.next_event()
-            except mqtt.RemoteProtocolError as e:
-                self._fail(f"the broker broke the protocol: {e.message}")
-                return
-            if event is mqtt.NEED_DATA or event is mqtt.CONNECTION_CLOSED:
-                return
-            self._handle(event)
+        if self._closing or not self.session.may_read:
+            return
+        try:
+            for event in self.conn.events():
+                self._handle(event)
+                if self._closing or not self.session.may_read:
+                    return
+        except mqtt.RemoteProtocolError as e:
+            self._fail(f"the broker broke the protocol: {e.message}")
 
     def _handle(self, event: object) -> None:
         if isinstance(event, mqtt.Publish):
@@ -192,12 +192,12 @@ class BrokerClient(protocol.Protocol):
         elif isinstance(event, mqtt.SubAck):
             self._suback(event)
         elif isinstance(event, mqtt.Disconnect):
-            self._fail(f"the broker disconnected: {_reason_text(event.reason, event.properties)}")
+            self._fail(f"the broker disconnected: {mqtt.reason_text(event.reason, event.properties)}")
         # PINGRESP only shows the broker is there (dataReceived noted it).
 
     def _connack(self, event: mqtt.ConnAck) -> None:
         if event.reason >= 0x80:
-            self._fail(f"the broker refused the connection: {_reason_text(event.reason, event.properties)}")
+            self._fail(f"the broker refused the connection: {mqtt.reason_text(event.reason, event.properties)}")
             return
         self.source.counters.connections += 1
         self.source.set_state("connecting", "")
@@ -216,7 +216,7 @@ class BrokerClient(protocol.Protocol):
     def _suback(self, event: mqtt.SubAck) -> None:
         refused = [f for f, code in zip(self.settings.filters, event.reasons) if code >= 0x80]
         if refused:
-            codes = ", ".join(_reason_text(c, ()) for c in event.reasons if c >= 0x80)
+            codes = ", ".join(mqtt.reason_text(c, ()) for c in event.reasons if c >= 0x80)
             self._fail(f"the broker refused the subscription to {', '.join(refused)}: {codes}")
             return
         self._cancel_timer()
@@ -498,15 +498,6 @@ def _device_name(topic: str, level: int) -> str | None:
     if level >= len(levels) or not is_name(levels[level]):
         return None
     return levels[level]
-
-
-def _reason_text(code: int, properties: mqtt.Properties) -> str:
-    try:
-        text = mqtt.Reason(code).name.lower().replace("_", " ")
-    except ValueError:
-        text = f"reason {code:#04x}"
-    why = mqtt.prop(properties, P.REASON_STRING)
-    return f"{text} ({code:#04x})" + (f": {why}" if why else "")
 
 
 class _ClientFactory(protocol.Factory):
