@@ -401,6 +401,8 @@ _SENDS = {
 }
 # The fixed header's flag bits every packet but PUBLISH must carry.
 _FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
+_KINDS: tuple[Any, ...] = (None, *(PacketType(n) for n in range(1, 16)))  # by the fixed header's high nibble
+_PLAIN_PUBACK = bytes([PacketType.PUBACK << 4, 2])
 
 START, CONNECTING, CONNECTED, CLOSED = "START", "CONNECTING", "CONNECTED", "CLOSED"
 
@@ -667,6 +669,8 @@ class Connection:
     @property
     def inbound_in_flight(self) -> int:
         """QoS 1 and 2 PUBLISHes received and not yet answered (v5's Receive Maximum counts these)."""
+        if not self._in:
+            return self._qos1_count
         return self._qos1_count + sum(1 for state in self._in.values() if state in (_QOS2, _RELEASED))
 
     def events(self) -> Iterator[Event]:
@@ -714,7 +718,11 @@ class Connection:
         kind_value, flags = first >> 4, first & 0x0F
         if kind_value == 0:
             raise RemoteProtocolError(Reason.MALFORMED_PACKET, "packet type 0 is reserved")
-        kind = PacketType(kind_value)
+        kind = _KINDS[kind_value]
+        if kind is _T.PUBLISH and self.state == CONNECTED:
+            # The packet that comes by the thousand: straight to its decoder (both roles may send it when
+            # connected, so none of _receive's checks can refuse it).
+            return self._decode_publish(_Reader(body, "PUBLISH"), flags)
         return self._receive(kind, flags, body)
 
     def _short(self) -> _Sentinel:
@@ -948,6 +956,15 @@ class Connection:
 
     def send(self, event: Event) -> bytes:
         """The bytes that carry ``event``; raises LocalProtocolError if not allowed now."""
+        if (
+            type(event) is PubAck
+            and self.state == CONNECTED
+            and not (self.version == V5 and (event.reason or event.properties))
+            and (self.peer_max_packet is None or self.peer_max_packet >= 4)
+        ):
+            # The packet that goes out by the thousand, in its one shape: type, length 2, packet identifier.
+            self._sending_ack(_T.PUBACK, event.packet_id)
+            return _PLAIN_PUBACK + _U16S.pack(event.packet_id)
         kind = _TYPE_OF[type(event)]
         flags, body = self._encode(kind, event)
         size = 1 + len(encode_varint(len(body))) + len(body)
