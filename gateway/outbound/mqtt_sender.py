@@ -53,6 +53,7 @@ FOR_GOOD = {
     R.PACKET_TOO_LARGE,
     R.IMPLEMENTATION_SPECIFIC_ERROR,
 }
+CLOSE_TIMEOUT = 5.0  # seconds a closing connection may take before it is cut
 WINDOW = 100  # messages in flight at most (less when a 5.0 broker's Receive Maximum says so)
 
 
@@ -285,4 +286,6 @@ class MQTTSender:
         if publisher.ready:
             publisher._write(mqtt.Disconnect())
         publisher.transport.loseConnection()
-        return publisher.closed
+        # A TLS close waits for the broker's close_notify; a broker that never sends it is cut off.
+        cut = self.reactor.callLater(CLOSE_TIMEOUT, publisher.transport.abortConnection)
+        return publisher.closed.addBoth(lambda result: cut.cancel() if cut.active() else None)
