@@ -233,6 +233,19 @@ def test_no_answer_to_connect_or_a_silent_broker_closes_the_connection():
     assert h.transport.disconnecting and "said nothing for 90 seconds" in h.source.counters.last_error
 
 
+def test_a_pause_for_backpressure_is_not_taken_for_a_silent_broker():
+    h = Harness(window=2)
+    h.subscribe()
+    h.publish(1, body(1.0))
+    h.publish(2, body(2.0, start=1))
+    assert h.transport.producerState == "paused"
+    h.clock.advance(300)  # the store holds both for five minutes: the broker's PINGRESPs wait unread
+    assert not h.transport.disconnecting
+    h.store.finish(0)
+    h.store.finish(1)
+    assert [type(e) for e in h.events() if not isinstance(e, mqtt.PingReq)] == [mqtt.PubAck, mqtt.PubAck]
+
+
 def test_stopping_waits_for_the_messages_taken_then_disconnects():
     h = Harness()
     h.subscribe()

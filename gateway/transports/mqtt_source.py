@@ -235,7 +235,9 @@ class BrokerClient(protocol.Protocol):
             self.subscribed.callback(None)
 
     def _ping(self) -> None:
-        if self.clock.seconds() - self._heard > 1.5 * self.settings.broker.keepalive:
+        if self.session.paused:  # not reading: the broker's answers wait in the kernel, unseen
+            self._heard = self.clock.seconds()
+        elif self.clock.seconds() - self._heard > 1.5 * self.settings.broker.keepalive:
             self._fail(f"the broker said nothing for {1.5 * self.settings.broker.keepalive:g} seconds")
             return
         self._send(mqtt.PingReq())
