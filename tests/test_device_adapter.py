@@ -191,6 +191,22 @@ def test_window_full_pauses_reading_until_answers_drain():
     assert [e.seq for e in h.events()] == [2, 3]
 
 
+def test_a_device_paused_for_backpressure_is_not_closed_as_idle():
+    store = ManualStore()
+    h = Harness(store, window=2, idle_timeout=60)
+    h.login()
+    h.data(2, start=20)
+    h.data(3, start=30)
+    assert h.transport.producerState == "paused"
+    h.clock.advance(300)  # the store holds both: the device's PINGs wait unread meanwhile
+    assert not h.transport.disconnecting
+    store.finish(0)
+    store.finish(1)
+    assert [e.seq for e in h.events()] == [2, 3]
+    h.clock.advance(60.1)  # reading again, and really silent now
+    assert h.transport.disconnecting
+
+
 def test_a_full_store_holds_the_frame_and_stops_reading():
     store = ManualStore()
     h = Harness(store)

@@ -250,6 +250,21 @@ def test_the_window_pauses_reading(version):
     assert h.transport.producerState == "producing"
 
 
+def test_a_device_paused_for_backpressure_is_not_closed_as_silent():
+    store = ManualStore()
+    h = Harness(store, window=2)
+    h.connect(V311, keepalive=10)
+    h.publish(1, body(1.0, start=1))
+    h.publish(2, body(2.0, start=2))
+    h.clock.advance(100)  # the store holds both: the device's PINGREQs wait unread meanwhile
+    assert not h.transport.disconnecting
+    store.finish(0)
+    store.finish(1)
+    assert [e.packet_id for e in h.events()] == [1, 2]
+    h.clock.advance(15.1)  # reading again, and really silent now
+    assert h.transport.disconnecting
+
+
 def test_a_full_store_holds_the_message_until_there_is_room():
     store = ManualStore()
     h = Harness(store)

@@ -180,6 +180,16 @@ class DeviceConnection(protocol.Protocol):
         elif idle_after:
             self._set_timer(idle_after, self.idle_too_long)
 
+    def _not_reading(self, idle_after: float) -> bool:
+        """
+        Paused for backpressure, the gateway reads nothing, so the device's pings wait unread: that is not
+        silence. Start the idle timer again and say so (True); False when the device really is silent.
+        """
+        if not self.session.paused or self._closing:
+            return False
+        self._set_timer(idle_after, self.idle_too_long)
+        return True
+
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -456,6 +456,8 @@ class MQTTProtocol(DeviceConnection):
 
     def idle_too_long(self) -> None:
         self._timer = None
+        if self._not_reading(self.keepalive):
+            return
         self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
 
 

@@ -290,6 +290,8 @@ class DeviceProtocol(DeviceConnection):
 
     def idle_too_long(self) -> None:
         self._timer = None
+        if self._not_reading(self.factory.settings.idle_timeout):
+            return
         self.end(E.TIMEOUT, f"nothing received for {self.factory.settings.idle_timeout:g} seconds")
 
 
