@@ -1,0 +1,247 @@
+"""
+What to read from a Modbus device and how its registers become readings:
+the ``[[modbus]]`` tables of the config file, checked into ``ModbusDevice``
+settings; the reads a poll makes (``plan``: contiguous addresses grouped,
+at most what one request carries, unmapped gaps crossed only as far as
+``gap`` allows); and the readings a response gives (``readings_of``:
+decoded with the register's type, byte and word order, then scaled).
+
+Pure: no I/O, no clock. The poller (the Twisted side) drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.readings import NAME_RULE, is_name
+from protocols import modbus
+from protocols.modbus import Kind
+
+KINDS = {"holding": Kind.HOLDING, "input": Kind.INPUT, "coil": Kind.COIL, "discrete": Kind.DISCRETE}
+TYPES = (*modbus.TYPES, "bool", "bit")
+DEVICE_KEYS = {
+    "device", "host", "port", "unit", "interval", "timeout", "pause", "byte-order", "word-order", "gap", "register",
+}  # fmt: skip
+REGISTER_KEYS = {
+    "address", "kind", "type", "metric", "scale", "offset", "deadband", "heartbeat", "bit", "byte-order",
+    "word-order",
+}  # fmt: skip
+
+
+class ModbusConfigError(Exception):
+    """A [[modbus]] table is wrong; the message names the table, the register and the key."""
+
+
+@dataclass(frozen=True)
+class Register:
+    metric: str
+    address: int
+    kind: Kind = Kind.HOLDING
+    type: str = "uint16"
+    scale: float = 1.0
+    offset: float = 0.0
+    bit: int | None = None  # type "bit": which bit of the register (0: least significant)
+    byte_order: str = "big"
+    word_order: str = "big"
+    deadband: float | None = None  # store only a change beyond this...
+    heartbeat: float | None = None  # ...or when this many seconds passed since the last one stored
+
+    @property
+    def width(self) -> int:
+        """Items it takes: registers (holding, input) or bits (coil, discrete)."""
+        return 1 if self.kind.bits else modbus.registers_of(self.type)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.width
+
+    def value(self, items: Sequence[int]) -> float:
+        """Its value from its own items (registers or bits), scaled."""
+        if self.kind.bits or self.type == "bool":
+            raw: float = 1.0 if items[0] else 0.0
+        elif self.type == "bit":
+            assert self.bit is not None
+            raw = float(modbus.bit(items[0], self.bit))
+        else:
+            raw = modbus.decode(items, self.type, self.byte_order, self.word_order)
+        return raw * self.scale + self.offset
+
+
+@dataclass(frozen=True)
+class ModbusDevice:
+    device: str
+    host: str
+    registers: tuple[Register, ...]
+    port: int = 502
+    unit: int = 1
+    interval: float = 10.0
+    timeout: float = 3.0
+    pause: float = 0.0  # between two requests to this device
+    gap: int = 0  # unmapped registers (or bits) one read may cross
+
+
+@dataclass(frozen=True)
+class Read:
+    """One request of a poll, and the registers whose values it brings."""
+
+    kind: Kind
+    address: int
+    count: int
+    registers: tuple[Register, ...]
+
+
+def plan(device: ModbusDevice) -> tuple[Read, ...]:
+    """The reads of one poll: by kind and address, contiguous runs joined up to one request's size."""
+    reads: list[Read] = []
+    for kind in Kind:
+        mapped = sorted((r for r in device.registers if r.kind is kind), key=lambda r: (r.address, r.end))
+        start = end = -1
+        group: list[Register] = []
+        for register in mapped:
+            joined_end = max(end, register.end)
+            if group and register.address <= end + device.gap and joined_end - start <= modbus.MAX_COUNT[kind]:
+                group.append(register)
+                end = joined_end
+                continue
+            if group:
+                reads.append(Read(kind, start, end - start, tuple(group)))
+            group, start, end = [register], register.address, register.end
+        if group:
+            reads.append(Read(kind, start, end - start, tuple(group)))
+    return tuple(reads)
+
+
+def readings_of(read: Read, values: Sequence[int]) -> list[tuple[str, float]]:
+    """(metric, value) for every register of a read, from the values its response carried."""
+    return [(r.metric, r.value(values[r.address - read.address : r.end - read.address])) for r in read.registers]
+
+
+# -- the config file ---------------------------------------------------------------
+
+
+def _whole(key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{key}: {value!r} is not a whole number in {lo}..{hi}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"{key}: {value!r} is not a number")
+    return float(value)
+
+
+def _seconds(key: str, value: Any, duration: Callable[[Any], float]) -> float:
+    try:
+        return duration(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _order(key: str, value: Any) -> str:
+    if value not in modbus.ORDERS:
+        raise ValueError(f"{key}: {value!r} is not big or little")
+    return str(value)
+
+
+def _register(table: Any, defaults: Mapping[str, str], duration: Callable[[Any], float]) -> Register:
+    if not isinstance(table, dict):
+        raise ValueError("each [[modbus.register]] is a table")
+    table = {k.replace("_", "-"): v for k, v in table.items()}
+    unknown = set(table) - REGISTER_KEYS
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+    metric = table.get("metric")
+    if not is_name(metric):
+        raise ValueError(f"metric: {NAME_RULE}")
+    if "address" not in table:
+        raise ValueError("address: missing (the register's number from 0, as the device's manual gives it)")
+    address = _whole("address", table["address"], 0, 0xFFFF)
+    kind_name = table.get("kind", "holding")
+    if kind_name not in KINDS:
+        raise ValueError(f"kind: {kind_name!r} is not one of {', '.join(KINDS)}")
+    kind = KINDS[kind_name]
+    type_name = table.get("type", "bool" if kind.bits else "uint16")
+    if type_name not in TYPES:
+        raise ValueError(f"type: {type_name!r} is not one of {', '.join(TYPES)}")
+    if kind.bits and type_name != "bool":
+        raise ValueError(f'type: a {kind_name} is one bit: give type = "bool" (or leave type out)')
+    values: dict[str, Any] = {}
+    if type_name == "bit":
+        values["bit"] = _whole("bit", table.get("bit"), 0, 15)
+    elif "bit" in table:
+        raise ValueError('bit: goes with type = "bit"')
+    for key in ("scale", "offset"):
+        if key in table:
+            values[key] = _number(key, table[key])
+    if "deadband" in table:
+        values["deadband"] = _number("deadband", table["deadband"])
+        if values["deadband"] < 0:
+            raise ValueError("deadband: must be 0 or more")
+    if "heartbeat" in table:
+        if "deadband" not in table:
+            raise ValueError("heartbeat: goes with deadband")
+        values["heartbeat"] = _seconds("heartbeat", table["heartbeat"], duration)
+    for key in ("byte-order", "word-order"):
+        values[key.replace("-", "_")] = _order(key, table.get(key, defaults[key]))
+    register = Register(metric, address, kind, type_name, **values)
+    if register.end > 0x10000:
+        raise ValueError(f"address: a {type_name} at {address} runs past register 65535")
+    return register
+
+
+def device_from_table(table: Any, index: int, duration: Callable[[Any], float]) -> ModbusDevice:
+    """An ``[[modbus]]`` table as settings; ModbusConfigError names the table, the register and the key."""
+    if not isinstance(table, dict):
+        raise ModbusConfigError(f"[[modbus]] #{index + 1}: not a table")
+    table = {k.replace("_", "-"): v for k, v in table.items()}
+    label = f"[[modbus]] {table.get('device') or '#' + str(index + 1)!r}"
+    where = label
+    try:
+        unknown = set(table) - DEVICE_KEYS
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        device = table.get("device")
+        if not is_name(device):
+            raise ValueError(f"device: the name of a registered device ({NAME_RULE})")
+        host = table.get("host")
+        if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+            raise ValueError("host: give the device's address or host name")
+        values: dict[str, Any] = {}
+        if "port" in table:
+            values["port"] = _whole("port", table["port"], 1, 65535)
+        if "unit" in table:
+            values["unit"] = _whole("unit", table["unit"], 0, 255)
+        if "gap" in table:
+            values["gap"] = _whole("gap", table["gap"], 0, 124)
+        for key, lo in (("interval", 0.1), ("timeout", 0.05), ("pause", 0.0)):
+            if key in table:
+                seconds = _seconds(key, table[key], duration)
+                if seconds < lo:
+                    raise ValueError(f"{key}: at least {lo:g} seconds")
+                values[key] = seconds
+        defaults = {key: _order(key, table.get(key, "big")) for key in ("byte-order", "word-order")}
+        raw = table.get("register")
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("register: give the registers to read as [[modbus.register]] tables")
+        registers = []
+        for i, entry in enumerate(raw):
+            where = f"{label} register #{i + 1}" + (
+                f" ({entry['metric']})" if isinstance(entry, dict) and "metric" in entry else ""
+            )
+            registers.append(_register(entry, defaults, duration))
+        where = label
+        metrics = [r.metric for r in registers]
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ValueError(f"metric {twice[0]!r} is read from two registers")
+        settings = ModbusDevice(device, host, tuple(registers), **values)
+        if settings.timeout >= settings.interval:
+            raise ValueError(
+                f"timeout: {settings.timeout:g}s is not shorter than the interval ({settings.interval:g}s)"
+            )
+    except ValueError as e:
+        raise ModbusConfigError(f"{where}: {e}") from None
+    return settings
