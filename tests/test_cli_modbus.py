@@ -1,0 +1,116 @@
+"""
+``gatewayctl modbus read`` against a Modbus/TCP device on a real socket on
+127.0.0.1 (a small server thread speaking protocols.modbus's server end):
+raw registers and every decoding side by side, an exception answer, a device
+that never answers, and one that is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from protocols import modbus
+from tests.gatewayproc import gatewayctl
+
+# A power meter: voltage as float32 word-swapped (CDAB) at 0, energy as uint32 at 2, temperature int16 at 4.
+REGISTERS = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
+REGISTERS[0], REGISTERS[1] = modbus.encode(230.5, "float32", word_order="little")
+REGISTERS[2], REGISTERS[3] = modbus.encode(123456, "uint32")
+REGISTERS[4] = modbus.encode(-12, "int16")[0]
+
+
+class Device(threading.Thread):
+    """Serves REGISTERS as holding registers; answers exception 02 outside them; or never answers (``mute``)."""
+
+    def __init__(self, mute: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.mute = mute
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with sock:
+                self.serve(sock)
+
+    def serve(self, sock: socket.socket) -> None:
+        sock.settimeout(5)
+        server = modbus.ServerConnection()
+        try:
+            while data := sock.recv(1024):
+                server.receive_data(data)
+                while (event := server.next_event()) is not modbus.NEED_DATA:
+                    if self.mute:
+                        continue
+                    sock.sendall(modbus.encode_response(self.answer(event)))
+        except (OSError, modbus.ProtocolError):
+            return
+
+    @staticmethod
+    def answer(event):
+        if isinstance(event, modbus.ExceptionResponse):
+            return event
+        wanted = range(event.address, event.address + event.count)
+        if event.kind is not modbus.Kind.HOLDING or any(a not in REGISTERS for a in wanted):
+            return modbus.ExceptionResponse(event.transaction, event.unit, event.kind, 2)
+        return modbus.ReadResponse(event.transaction, event.unit, event.kind, tuple(REGISTERS[a] for a in wanted))
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def device():
+    d = Device()
+    d.start()
+    yield d
+    d.close()
+
+
+def test_read_prints_the_registers_and_every_decoding(device):
+    out = gatewayctl("modbus", "read", f"127.0.0.1:{device.port}", "--address", "0", "--count", "5", "--json")
+    doc = json.loads(out.stdout)
+    assert [r["value"] for r in doc["raw"]] == [REGISTERS[a] for a in range(5)]
+    found = {(r["address"], r["type"], r["order"]): r["value"] for r in doc["decoded"]}
+    assert found[(0, "float32", "CDAB")] == 230.5  # the meter's voltage, word-swapped
+    assert found[(0, "float32", "ABCD")] != 230.5  # the wrong order gives nonsense, side by side
+    assert found[(2, "uint32", "ABCD")] == 123456
+    assert found[(4, "int16", "ABCD")] == -12
+    text = gatewayctl("modbus", "read", f"127.0.0.1:{device.port}", "--address", "0", "--type", "float32",
+                      "--word-order", "little").stdout  # fmt: skip
+    assert "0  float32  CDAB  230.5" in text and "ABCD" not in text
+
+
+def test_an_exception_answer_a_silent_device_and_no_device_are_one_line_each(device):
+    out = gatewayctl("modbus", "read", f"127.0.0.1:{device.port}", "--address", "100", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"gatewayctl: 127.0.0.1:{device.port} unit 1 answered exception 2 (illegal_data_address) to a read of "
+        "2 holding at 100"
+    )
+    mute = Device(mute=True)
+    mute.start()
+    try:
+        out = gatewayctl("modbus", "read", f"127.0.0.1:{mute.port}", "--address", "0", "--timeout", "0.5", check=False)
+        assert out.returncode == 1 and "sent no answer within 0.5s (unit 1)" in out.stderr
+    finally:
+        mute.close()
+    with socket.socket() as bound:  # bound, not listening: connections are refused, and no one else gets the port
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        out = gatewayctl("modbus", "read", f"127.0.0.1:{port}", "--address", "0", check=False)
+    assert out.returncode == 1 and out.stderr.strip() == f"gatewayctl: 127.0.0.1:{port}: Connection refused"
+    out = gatewayctl("modbus", "read", "127.0.0.1:1", "--address", "0", "--count", "126", check=False)
+    assert "a read is of 1 to 125 items, not 126" in out.stderr
