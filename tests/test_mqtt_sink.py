@@ -67,6 +67,7 @@ def test_mqtt_sink_tables_are_read_with_their_broker(monkeypatch):
         ({"url": "mqtts://h", "topic": "a/{device"}, "topic: 'a/{device':"),
         ({"url": "mqtts://h", "format": "csv"}, "format: 'csv' is not reading"),
         ({"url": "mqtts://h", "headers": {"A": "b"}}, "unknown key 'headers' (an MQTT sink)"),
+        ({"url": "mqtts://h", "gzip_level": 9}, "unknown key 'gzip-level' (an MQTT sink)"),
         ({"url": "mqtt://cloud.example"}, "mqtt:// (no TLS) is allowed to a loopback address only"),
     ],
 )

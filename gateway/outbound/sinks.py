@@ -20,7 +20,7 @@ from typing import Any
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
-from gateway.readings import NAME_RULE, is_name
+from gateway.readings import NAME_RULE, config_table, is_name
 from gateway.transports.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
 from gateway.trust import ca_file, loopback, secret_value
 
@@ -173,15 +173,15 @@ def sink_from_table(
     environ = os.environ if environ is None else environ
     if not isinstance(table, dict):
         raise SinkError(f"[[sink]] #{index + 1}: not a table")
-    table = {k.replace("_", "-"): v for k, v in table.items()}
     label = f"[[sink]] {table.get('name') or table.get('url') or '#' + str(index + 1)!r}"
     try:
         is_mqtt = isinstance(table.get("url"), str) and urlsplit(table["url"]).scheme in SCHEMES
         allowed = {"name", "url", "ca", "reduce", *_FIELDS}
-        allowed |= (BROKER_KEYS | {"topic", "format"}) - {"gzip-level"} if is_mqtt else {"headers"}
-        unknown = set(table) - allowed
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}" + (" (an MQTT sink)" if is_mqtt else ""))
+        if is_mqtt:  # no HTTP headers, and the messages are not compressed
+            allowed = (allowed - {"gzip-level"}) | BROKER_KEYS | {"topic", "format"}
+            table = config_table(table, allowed, " (an MQTT sink)")
+        else:
+            table = config_table(table, allowed | {"headers"})
         mqtt = _mqtt_sink(table, environ) if is_mqtt else None
         url = table["url"] if is_mqtt else check_url(table.get("url"))
         name = table.get("name", name_from_url(url))

@@ -28,7 +28,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
 from gateway.transports.session import WINDOW_MAX
 from gateway.trust import ca_file, loopback, secret_value, trust_root
-from gateway.readings import NAME_RULE, is_name
+from gateway.readings import NAME_RULE, config_table, is_name
 from protocols import mqtt
 
 SCHEMES = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
@@ -233,12 +233,9 @@ def source_from_table(
     """An ``[[mqtt_source]]`` table as settings; SourceError names the table and the key."""
     if not isinstance(table, dict):
         raise SourceError(f"[[mqtt_source]] #{index + 1}: not a table")
-    table = {k.replace("_", "-"): v for k, v in table.items()}
     label = f"[[mqtt_source]] {table.get('name') or table.get('url') or '#' + str(index + 1)!r}"
     try:
-        unknown = set(table) - SOURCE_KEYS - BROKER_KEYS
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        table = config_table(table, SOURCE_KEYS | BROKER_KEYS)
         broker = broker_from_table(table, environ)
         values: dict[str, Any] = {"name": name_of(table, broker.host, broker.port), "broker": broker}
         if "topics" in table:

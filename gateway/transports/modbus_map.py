@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.readings import NAME_RULE, is_name
+from gateway.readings import NAME_RULE, config_table, is_name
 from protocols import modbus
 from protocols.modbus import Kind
 
@@ -149,10 +149,7 @@ def _order(key: str, value: Any) -> str:
 def _register(table: Any, defaults: Mapping[str, str], duration: Callable[[Any], float]) -> Register:
     if not isinstance(table, dict):
         raise ValueError("each [[modbus.register]] is a table")
-    table = {k.replace("_", "-"): v for k, v in table.items()}
-    unknown = set(table) - REGISTER_KEYS
-    if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+    table = config_table(table, REGISTER_KEYS)
     metric = table.get("metric")
     if not is_name(metric):
         raise ValueError(f"metric: {NAME_RULE}")
@@ -196,13 +193,10 @@ def device_from_table(table: Any, index: int, duration: Callable[[Any], float]) 
     """An ``[[modbus]]`` table as settings; ModbusConfigError names the table, the register and the key."""
     if not isinstance(table, dict):
         raise ModbusConfigError(f"[[modbus]] #{index + 1}: not a table")
-    table = {k.replace("_", "-"): v for k, v in table.items()}
     label = f"[[modbus]] {table.get('device') or '#' + str(index + 1)!r}"
     where = label
     try:
-        unknown = set(table) - DEVICE_KEYS
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        table = config_table(table, DEVICE_KEYS)
         device = table.get("device")
         if not is_name(device):
             raise ValueError(f"device: the name of a registered device ({NAME_RULE})")
