@@ -31,6 +31,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from protocols.sentinels import NEED_DATA, Sentinel
+
 MBAP = struct.Struct(">HHHB")  # transaction, protocol, length, unit
 MAX_PDU = 253
 MAX_ADU = MBAP.size + MAX_PDU
@@ -114,14 +116,6 @@ class Late:
 
     transaction: int
     unit: int
-
-
-class _Need:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _Need()
 
 
 # -- PDUs ------------------------------------------------------------------
@@ -222,7 +216,7 @@ class ClientConnection(_Framer):
         """Stop waiting for a transaction (it timed out); its response, if it comes, is Late."""
         self._waiting.pop(transaction, None)
 
-    def next_event(self) -> ReadResponse | ExceptionResponse | Late | _Need:
+    def next_event(self) -> ReadResponse | ExceptionResponse | Late | Sentinel:
         frame = self._frame()
         if frame is None:
             return NEED_DATA
@@ -256,7 +250,7 @@ class ClientConnection(_Framer):
 class ServerConnection(_Framer):
     """The polled end (the simulator, tests): ``next_event`` gives requests; a bad one is an exception event."""
 
-    def next_event(self) -> ReadRequest | ExceptionResponse | _Need:
+    def next_event(self) -> ReadRequest | ExceptionResponse | Sentinel:
         """A read request, or the exception response it deserves (unknown function, bad quantity)."""
         frame = self._frame()
         if frame is None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any
 
+from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA, Sentinel
+
 V311, V5 = 4, 5  # protocol levels
 VERSIONS = (V311, V5)
 MAX_REMAINING = 268_435_455  # the largest Remaining Length four bytes can say
@@ -231,18 +233,6 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """Our caller tried to send something the protocol forbids here."""
-
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-NEED_DATA = _Sentinel("NEED_DATA")
-CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")
 
 
 # -- events --------------------------------------------------------------
@@ -677,11 +667,11 @@ class Connection:
         """The buffered events, one at a time, until more data is needed or the peer closed; raises as next_event."""
         while True:
             event = self.next_event()
-            if isinstance(event, _Sentinel):  # NEED_DATA or CONNECTION_CLOSED
+            if isinstance(event, Sentinel):  # NEED_DATA or CONNECTION_CLOSED
                 return
             yield event
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""
         buf = self._buffer
         if not buf:
@@ -725,7 +715,7 @@ class Connection:
             return self._decode_publish(_Reader(body, "PUBLISH"), flags)
         return self._receive(kind, flags, body)
 
-    def _short(self) -> _Sentinel:
+    def _short(self) -> Sentinel:
         if self._eof:
             raise RemoteProtocolError(Reason.MALFORMED_PACKET, "the connection closed in the middle of a packet")
         return NEED_DATA

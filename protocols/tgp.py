@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable
 
+from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA, Sentinel
+
 MAGIC = b"TG"
 VERSIONS = (1, 2)  # protocol versions this codec speaks; 2 adds conflicts to ACK
 HEADER = struct.Struct(">2sBBI")  # magic, type, flags, payload length
@@ -123,18 +125,6 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """Our caller tried to send something the protocol forbids here."""
-
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-NEED_DATA = _Sentinel("NEED_DATA")
-CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")
 
 
 # -- events --------------------------------------------------------------
@@ -524,7 +514,7 @@ class Connection:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def next_event(self) -> Event | InvalidFrame | _Sentinel:
+    def next_event(self) -> Event | InvalidFrame | Sentinel:
         """The next event, NEED_DATA, or CONNECTION_CLOSED; raises RemoteProtocolError."""
         buf = self._buffer
         if len(buf) < HEADER.size:
@@ -554,7 +544,7 @@ class Connection:
         self._advance(self.their_role, kind, remote=True)
         return self._decode(kind, payload)
 
-    def _short(self, garbage: bool) -> _Sentinel:
+    def _short(self, garbage: bool) -> Sentinel:
         if garbage:
             raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"bad magic, expected {MAGIC!r}")
         if self._eof:
