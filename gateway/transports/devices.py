@@ -17,6 +17,8 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from twisted.internet.defer import Deferred
+
 from gateway.ingest.core import Ingest
 from gateway.readings import Device, Source
 from gateway.transports.session import DeviceSession, Flow
@@ -53,6 +55,50 @@ class DeviceRegistry:
     def unregister(self, name: str, session: DeviceConnection) -> None:
         if self.sessions.get(name) is session:
             del self.sessions[name]
+
+
+class DeviceNames:
+    """
+    Devices looked up by name, for transports where a device does not sign in
+    (a broker's stream, a polled Modbus device): each is trusted for
+    ``seconds`` (a revocation takes effect within it, or at once when the
+    device watch reports the change through ``forget``).
+    """
+
+    SECONDS = 30.0
+    SIZE = 100_000
+
+    def __init__(self, ingest: Ingest, clock: IReactorTime) -> None:
+        self.ingest = ingest
+        self.clock = clock
+        self._devices: dict[str, tuple[Device | None, float]] = {}
+
+    def get(self, name: str) -> tuple[bool, Device | None]:
+        """(looked up lately, the device of that name or None when it is unknown or revoked)."""
+        entry = self._devices.get(name)
+        if entry is None or entry[1] < self.clock.seconds():
+            return False, None
+        return True, entry[0]
+
+    def look_up(self, name: str) -> Deferred:
+        """Look a device up by name (fires with Device or None) and remember it for a while."""
+
+        def found(result: tuple[Device, bytes] | None) -> Device | None:
+            device = result[0] if result else None
+            if len(self._devices) >= self.SIZE:
+                self._devices.clear()
+            self._devices[name] = (device, self.clock.seconds() + self.SECONDS)
+            return device
+
+        d: Deferred = self.ingest.store.device_key(name)
+        return d.addCallback(found)
+
+    def forget(self, names: list[str] | None = None) -> None:
+        """Devices changed (added, revoked): look them up again."""
+        if names is None:
+            self._devices.clear()
+        for name in names or ():
+            self._devices.pop(name, None)
 
 
 class DeviceConnection(protocol.Protocol):

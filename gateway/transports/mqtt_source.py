@@ -68,7 +68,7 @@ from gateway.readings import (
     is_name,
 )
 from gateway.transports.brokers import SourceSettings, endpoint
-from gateway.transports.devices import no_delay
+from gateway.transports.devices import DeviceNames, no_delay
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.session import DeviceSession, Flow, Ticket
 from protocols import mqtt
@@ -78,8 +78,6 @@ log = Logger()
 R = mqtt.Reason
 P = mqtt.Property
 
-DEVICE_CACHE_SECONDS = 30.0  # a device looked up by name is trusted this long (revocation takes effect after it)
-DEVICE_CACHE_SIZE = 100_000
 CONNACK_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # a connection not closed this long after asking is cut
 REPORT_INTERVAL = 5.0  # the sources' state is written to the database this often, for gatewayctl mqtt status
@@ -525,7 +523,7 @@ class BrokerSource(ClientService):
         self.client: BrokerClient | None = None
         broker = settings.broker
         self.origin = Source("broker+tls" if broker.tls else "broker", broker.host, broker.port, broker.tls)
-        self._devices: dict[str, tuple[Device | None, float]] = {}
+        self.devices = DeviceNames(ingest, self.clock)
         policy = backoffPolicy(initialDelay=settings.backoff, maxDelay=settings.backoff_cap, factor=2.0)
         super().__init__(
             endpoint(reactor, broker, timeout=CONNACK_TIMEOUT),
@@ -543,31 +541,13 @@ class BrokerSource(ClientService):
             c.last_error = error
 
     def device(self, name: str) -> tuple[bool, Device | None]:
-        """(looked up lately, the device of that name or None when it is unknown or revoked)."""
-        entry = self._devices.get(name)
-        if entry is None or entry[1] < self.clock.seconds():
-            return False, None
-        return True, entry[0]
+        return self.devices.get(name)
 
     def look_up(self, name: str) -> Deferred:
-        """Look a device up by name (fires with Device or None) and remember it for a while."""
-
-        def found(result: tuple[Device, bytes] | None) -> Device | None:
-            device = result[0] if result else None
-            if len(self._devices) >= DEVICE_CACHE_SIZE:
-                self._devices.clear()
-            self._devices[name] = (device, self.clock.seconds() + DEVICE_CACHE_SECONDS)
-            return device
-
-        d: Deferred = self.ingest.store.device_key(name)
-        return d.addCallback(found)
+        return self.devices.look_up(name)
 
     def forget(self, names: list[str] | None = None) -> None:
-        """Devices changed (added, revoked): look them up again."""
-        if names is None:
-            self._devices.clear()
-        for name in names or ():
-            self._devices.pop(name, None)
+        self.devices.forget(names)
 
     def startService(self) -> None:
         self.set_state("connecting", "")
