@@ -26,6 +26,7 @@ from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_
 from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
 from gateway.transports.brokers import SourceError, SourceSettings, source_from_table, source_from_url
 from gateway.transports.brokers import check_unique as check_sources
+from gateway.transports.modbus_map import ModbusConfigError, ModbusDevice, device_from_table
 from gateway.outbound.sinks import Sink, SinkError, check_unique, check_url, name_from_url, sink_from_table
 from gateway.trust import ca_file
 
@@ -473,6 +474,7 @@ class GatewayConfig:
     alerts: tuple[AlertRule, ...] = ()
     device_types: tuple[DeviceType, ...] = ()
     quality: QualityRules = QualityRules()
+    modbus: tuple[ModbusDevice, ...] = ()
 
     def device_type(self, name: str | None) -> DeviceType | None:
         for t in self.device_types:
@@ -561,12 +563,28 @@ def build_config(
         device_types=_device_types(tables.get("device-types", {})),
         quality=_quality(tables.get("quality", {})),
         alerts=_alerts(tables.get("alert", [])),
+        modbus=_modbus(tables.get("modbus", [])),
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
 
 
-# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]].
-TABLES = ("device-types", "quality", "alert")
+# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]], [[modbus]].
+TABLES = ("device-types", "quality", "alert", "modbus")
+
+
+def _modbus(tables: Any) -> tuple[ModbusDevice, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError("", "[[modbus]]: give each polled device as a [[modbus]] table")
+    try:
+        devices = tuple(device_from_table(t, i, lambda v: duration(v, 0.0)) for i, t in enumerate(tables))
+    except ModbusConfigError as e:
+        raise ConfigError("", str(e)) from None
+    seen: dict[str, ModbusDevice] = {}
+    for device in devices:
+        if device.device in seen:
+            raise ConfigError("", f"[[modbus]] {device.device!r}: two tables poll this device; give each one table")
+        seen[device.device] = device
+    return devices
 
 
 def _device_types(tables: Any) -> tuple[DeviceType, ...]:

@@ -70,6 +70,8 @@ from gateway.transports.http import GatewaySite, OperationsRoot
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
 from gateway.transports.listeners import Listener, Listeners, TLSWrapper
 from gateway.transports.mqtt_adapter import MQTTFactory
+from gateway.ops.reports import StatusReport
+from gateway.transports.modbus_poll import ModbusPoller
 from gateway.transports.mqtt_source import BrokerSources
 from gateway.transports.devices import DeviceListenerFactory, DeviceRegistry, DeviceSettings
 from gateway.transports.tgp_adapter import DeviceFactory
@@ -105,6 +107,7 @@ LIVE_SETTINGS = frozenset(
         "status_interval",
         "alerts",
         "mqtt_source",
+        "modbus",
     )
 )
 
@@ -162,6 +165,7 @@ class GatewayService(MultiService):
             stall_after=config.sink_stall,
             uploader=lambda: self.uploader,
             sources=lambda: self.sources,
+            poller=lambda: self.poller,
             embedded=self.supervisor.status if self.supervisor else None,
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
@@ -189,6 +193,7 @@ class GatewayService(MultiService):
         self.notifier: AlertNotifier | None = None
         self.uploader: Uploader | None = None
         self.sources: BrokerSources | None = None
+        self.poller: ModbusPoller | None = None
         self.console = Console(self)
         # Devices known from the last run answer while the database is away (only a journal can take their writes).
         self.known = (
@@ -370,6 +375,8 @@ class GatewayService(MultiService):
         self.status.setServiceParent(self)
         if config.mqtt_source:
             self._start_sources(config)
+        if config.modbus:
+            self._start_poller(config)
         await self.alerts_pool.start(dsn)
         await self.alerts.load()
         if config.alert_webhook is not None:
@@ -436,6 +443,8 @@ class GatewayService(MultiService):
         self.store.forget_credentials(names)
         if self.sources is not None:
             self.sources.forget(names)
+        if self.poller is not None:
+            self.poller.forget(names)
         if self.known is not None:
             self.known.changed()
 
@@ -471,6 +480,14 @@ class GatewayService(MultiService):
         )
         self.metrics.live.sources.append(self.sources.live_metrics)
         self.sources.setServiceParent(self)
+
+    def _start_poller(self, config: GatewayConfig) -> None:
+        self.poller = ModbusPoller(config.modbus, self.ingest, self.reactor)
+        self.poller.reporter = StatusReport(
+            "modbus_devices", gateway_id(config.data_dir), self.poller.status, self.reads.run, self.reactor
+        )
+        self.metrics.live.sources.append(self.poller.live_metrics)
+        self.poller.setServiceParent(self)
 
     def _start_failed(self, f: Failure) -> None:
         if self.stopping:
@@ -625,7 +642,7 @@ class GatewayService(MultiService):
         applied = [
             name.replace("_", "-")
             for name in live
-            if name not in ("sinks", "mqtt_source") and not name.startswith("upload_")
+            if name not in ("sinks", "mqtt_source", "modbus") and not name.startswith("upload_")
         ]
         self.log_levels.set(new.log_level)
         self.site.reconfigure(new.max_body, new.request_timeout)
@@ -643,6 +660,12 @@ class GatewayService(MultiService):
             elif new.mqtt_source:
                 self._start_sources(new)
                 applied += [f"MQTT source {s.name} added" for s in new.mqtt_source]
+        if new.modbus != old.modbus:
+            if self.poller is not None:
+                applied += self.poller.configure(new.modbus)
+            elif new.modbus:
+                self._start_poller(new)
+                applied += [f"Modbus device {d.device} added" for d in new.modbus]
         if new.sinks != old.sinks:
             if self.uploader is not None:
                 applied += await self.uploader.reconfigure(new.sinks)

@@ -124,7 +124,7 @@ async def test_readings_from_a_broker_are_stored_once_and_refusals_kept(tmp_path
         metrics = svc.metrics.render().decode()
         assert 'gateway_mqtt_source_subscribed{source="plant"} 1.0' in metrics
         assert 'gateway_mqtt_source_messages_total{source="plant"} 24.0' in metrics
-        await svc.sources.report()
+        await svc.sources.reporter.write()
         out = await deferToThread(gatewayctl, "mqtt", "status", "--json", "--db", db_dsn)
         [status] = json.loads(out.stdout)
         assert status["source"] == "plant" and status["state"] == "subscribed" and status["acked"] == 24

@@ -129,6 +129,8 @@ def add_with_token(args: argparse.Namespace, table: str, columns: dict[str, Any]
             )
             if cur.rowcount == 0:
                 raise CommandError(f"{what.split(' (')[0]} {args.name!r} exists already")
+            if table == "devices":  # gateways that looked the name up and found nothing look again
+                cur.execute("SELECT pg_notify('gateway_devices', %s)", (args.name,))
         conn.commit()
     print(new.token)
     note(f"{what} {args.name} added; the token above is shown only once")
@@ -151,3 +153,20 @@ def epoch_us(ts: datetime.datetime) -> int:
 def when(value: datetime.datetime | None) -> str:
     """A time from the database as RFC 3339 in UTC (as the API shows it); '' for none. Years 1 to 9999."""
     return format_ts(epoch_us(value)) if value is not None else ""
+
+
+REPORT_STALE = 30.0  # seconds without a report from a gateway after which it is taken for stopped
+
+
+def reports(args: argparse.Namespace, sql: str) -> list[tuple]:
+    """The rows of a status table the gateways write every few seconds (mqtt_sources, modbus_devices)."""
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            rows = cur.fetchall()
+        conn.rollback()
+    return rows
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"

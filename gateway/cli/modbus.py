@@ -1,4 +1,7 @@
 """
+``gatewayctl modbus status``: each polled device as its gateway last reported
+it (state, polls, gaps by reason, exceptions, the last error).
+
 ``gatewayctl modbus read``: commissioning a Modbus device. It reads a block
 once and prints each register raw (decimal and hex) beside every way of
 decoding it (each type, each byte and word order), so whoever maps a device
@@ -16,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.common import CommandError
+from gateway.cli.common import REPORT_STALE, CommandError, note, reports, seconds, when
 from protocols import modbus
 from gateway.transports.modbus_map import KINDS
 from protocols.modbus import Kind
@@ -116,9 +119,47 @@ def cmd_modbus_read(args: argparse.Namespace) -> None:
             print(f"  {row['address']:>5}  {row['type']:<8} {row['order']}  {text}")
 
 
+STATUS = """
+SELECT gateway, device, status, updated_at, extract(epoch FROM now() - updated_at)::float8
+FROM modbus_devices ORDER BY device, gateway
+"""
+
+
+def cmd_modbus_status(args: argparse.Namespace) -> None:
+    rows = reports(args, STATUS)
+    if args.json:
+        out = [
+            {"gateway": g, "device": d, **status, "reported_at": when(at), "reported_seconds_ago": age}
+            for g, d, status, at, age in rows
+        ]
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return
+    if not rows:
+        note("no polled Modbus devices: give the gateway [[modbus]] tables in its config file")
+    for gateway, device, s, at, age in rows:
+        state = s["state"] if age <= REPORT_STALE else f"not reported for {age:.0f}s (was {s['state']})"
+        print(f"device {device}  {s['host']} unit {s['unit']} every {s['interval']:g}s  on gateway {gateway}")
+        print(f"  state         {state}  (reported {when(at)})")
+        print(
+            f"  last read     {seconds(s['last_read_seconds'])} ago, last poll took {seconds(s['last_poll_seconds'])}"
+        )
+        print(f"  polls         {s['polls']} complete, {s['readings']} readings stored, {s['suppressed']} in deadband")
+        reasons = ", ".join(f"{n} {reason}" for reason, n in s["gaps_by_reason"].items())
+        print(f"  gaps          {s['gaps']}" + (f" ({reasons})" if reasons else ""))
+        if s["exceptions"]:
+            print("  exceptions    " + ", ".join(f"{n} {name}" for name, n in s["exceptions"].items()))
+            print(f"  last one      {s['last_exception']}")
+        if s["last_error"]:
+            print(f"  last error    {s['last_error']}")
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    noun = sub.add_parser("modbus", parents=[common], help="read a Modbus/TCP device once (commissioning)")
+    noun = sub.add_parser("modbus", parents=[common], help="polled Modbus devices; read one once (commissioning)")
     msub = noun.add_subparsers(dest="modbus_command", required=True, metavar="ACTION")
+    p = msub.add_parser("status", parents=[common], help="per polled device: state, polls, gaps, exceptions")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_modbus_status)
     p = msub.add_parser("read", parents=[common], help="read registers once and print every decoding side by side")
     p.add_argument("target", metavar="HOST[:PORT]", help="the device (port 502 by default)")
     p.add_argument("--unit", type=int, default=1, help="unit (slave) id [1]")

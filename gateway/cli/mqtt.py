@@ -7,25 +7,17 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli.common import database, note, when
+from gateway.cli.common import REPORT_STALE, note, reports, when
+from gateway.cli.common import seconds as _seconds
 
 STATUS = """
 SELECT gateway, source, status, updated_at, extract(epoch FROM now() - updated_at)::float8
 FROM mqtt_sources ORDER BY source, gateway
 """
-STALE = 30.0  # seconds without a report after which a gateway is taken for stopped
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
 
 
 def cmd_mqtt_status(args: argparse.Namespace) -> None:
-    with database(args) as conn:
-        with conn.cursor() as cur:
-            cur.execute(STATUS)
-            rows = cur.fetchall()
-        conn.rollback()
+    rows = reports(args, STATUS)
     if args.json:
         out = [
             {"gateway": g, "source": s, **status, "reported_at": when(at), "reported_seconds_ago": age}
@@ -37,7 +29,7 @@ def cmd_mqtt_status(args: argparse.Namespace) -> None:
     if not rows:
         note("no MQTT sources: give the gateway --mqtt-source or [[mqtt_source]] tables")
     for gateway, source, s, at, age in rows:
-        state = s["state"] if age <= STALE else f"not reported for {age:.0f}s (was {s['state']})"
+        state = s["state"] if age <= REPORT_STALE else f"not reported for {age:.0f}s (was {s['state']})"
         print(f"source {source}  {s['url']}  on gateway {gateway}")
         print(f"  state         {state} for {_seconds(s['state_seconds'])}  (reported {when(at)})")
         print(f"  subscribed to {', '.join(s['filters'])}  as client {s['client_id']}")

@@ -13,9 +13,10 @@ from typing import Any
 from protocols import tgp
 
 BANNER = """txgateway console: a Python prompt inside the running gateway. Careful: it is live.
-  status()              uptime, connections, readings/s, store queue and commit time, sinks, MQTT sources
+  status()              uptime, connections, readings/s, store queue and commit time, sinks, MQTT sources,
+                        polled Modbus devices
   devices()             devices online: address, transport, since, readings, last error (also those
-                        heard lately over HTTPS or through an MQTT broker)
+                        heard lately over HTTPS or through an MQTT broker, and polled Modbus devices)
   attention()           devices silent or flagged for quality failures (as of the last status check)
   alerts()              open edge alerts
   kick(name)            close a device's connections (it may reconnect)
@@ -182,13 +183,25 @@ class Console:
                     for name, s in (g.sources.status() if g.sources else {}).items()
                 }
             ),
+            modbus=Report(
+                {
+                    name: Report(
+                        state=s["state"],
+                        host=f"{s['host']} unit {s['unit']}",
+                        polls=s["polls"],
+                        gaps=s["gaps"],
+                        last_error=s["last_error"] or None,
+                    )
+                    for name, s in (g.poller.status() if g.poller else {}).items()
+                }
+            ),
         )
         return report
 
     def devices(self) -> Table:
         """
-        Devices online: TGP and MQTT sessions, and devices heard from in the last two minutes over HTTPS or
-        through an MQTT broker the gateway consumes from.
+        Devices online: TGP and MQTT sessions, devices heard from in the last two minutes over HTTPS or
+        through an MQTT broker the gateway consumes from, and every polled Modbus device with its state.
         """
         g = self.gateway
         now = g.reactor.seconds()
@@ -221,6 +234,17 @@ class Console:
                         "last_error": seen.last_error or None,
                     }
                 )
+        for name, s in (g.poller.status() if g.poller else {}).items():
+            rows.append(
+                {
+                    "device": name,
+                    "transport": f"modbus ({s['state']})",
+                    "address": f"{s['host']} unit {s['unit']}",
+                    "since": None if s["last_read_seconds"] is None else f"read {s['last_read_seconds']:.0f}s ago",
+                    "readings": s["readings"],
+                    "last_error": s["last_error"] or None,
+                }
+            )
         return Table(sorted(rows, key=lambda r: (r["device"], r["transport"])))
 
     def kick(self, name: str) -> int:

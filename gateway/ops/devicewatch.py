@@ -2,13 +2,15 @@
 Closing the sessions of revoked and rotated devices, on every gateway that
 shares the database.
 
-``gatewayctl device revoke/rotate`` sends ``NOTIFY gateway_devices`` with
+``gatewayctl device add/set/revoke/rotate`` sends ``NOTIFY gateway_devices`` with
 the device's name in the transaction that changes it, so the notice arrives
 when the change is visible. Each gateway LISTENs on a connection of its
 own; on a notice it reads the device's row and ends every TGP session of
 that device whose key is no longer the stored one (or whose device is
 revoked or gone) with BYE AUTH_FAILED. HTTPS needs no session to close:
-each request is authenticated, and the token cache is cleared at once.
+each request is authenticated, and the token cache is cleared at once; so
+is what the broker sources and the Modbus poller remember of the device's
+name (a device added after its readings were refused is taken at once).
 
 A notice sent while the LISTEN connection was down is lost, so after every
 (re)connection the watcher checks all online sessions against the database.

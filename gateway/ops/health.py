@@ -37,12 +37,14 @@ class Health:
         stall_after: float,
         uploader: Callable[[], Any] = lambda: None,
         sources: Callable[[], Any] = lambda: None,
+        poller: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.stall_after = stall_after
         self.uploader = uploader
         self.sources = sources  # the MQTT broker sources, when there are any
+        self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
@@ -67,6 +69,11 @@ class Health:
             doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
             if mqtt_sources:
                 doc["mqtt_sources"] = mqtt_sources
+            poller = self.poller()
+            if poller is not None:
+                # Named, not failing the check: a dead field device is not a sick gateway (a load balancer
+                # would take a healthy gateway out for it); alert on gateway_modbus_gaps_total instead.
+                doc["modbus"] = poller.health()
             if journal is not None:
                 doc["journal"] = journal
             if self.embedded is not None:

@@ -228,6 +228,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        7,
+        "the state of polled Modbus devices",
+        """
+        -- Each gateway writes the state of each [[modbus]] device it polls here every few seconds
+        -- (gatewayctl modbus status reads it): one row per gateway and device.
+        CREATE TABLE modbus_devices (
+            gateway     text NOT NULL,
+            device      text NOT NULL,
+            status      jsonb NOT NULL,
+            updated_at  timestamptz NOT NULL,
+            PRIMARY KEY (gateway, device)
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from gateway.ingest.core import Ingest
 from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import counter, gauge
+from gateway.ops.reports import StatusReport
 from gateway.readings import Device, IngestError, Reading, Source, WriteResult
 from gateway.transports.devices import DeviceNames, no_delay
 from gateway.transports.modbus_map import ModbusDevice, Read, plan, readings_of
@@ -552,6 +553,7 @@ class ModbusPoller(Service):
         self.errors = RateLimitedLog(log, self.clock)
         self.hosts: dict[tuple[str, int], ModbusHost] = {}
         self.polled: dict[str, PolledDevice] = {}
+        self.reporter: StatusReport | None = None  # writes status() to modbus_devices, for gatewayctl
         self.configure(devices)
 
     def configure(self, devices: tuple[ModbusDevice, ...]) -> list[str]:
@@ -586,6 +588,8 @@ class ModbusPoller(Service):
         super().startService()
         for polled in self.polled.values():
             polled.start()
+        if self.reporter is not None:
+            self.reporter.start()
         log.info("Modbus: polling {devices} devices on {hosts} hosts", devices=len(self.polled), hosts=len(self.hosts))
 
     def stopService(self) -> Deferred:
@@ -594,13 +598,17 @@ class ModbusPoller(Service):
             polled.stop()
         for host in self.hosts.values():
             host.stop()
-        return succeed(None)
+        return self.reporter.stop() if self.reporter is not None else succeed(None)
 
     def forget(self, names: list[str] | None = None) -> None:
         self.devices.forget(names)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: polled.status() for name, polled in sorted(self.polled.items())}
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: how many devices are polled, and those not read lately with the reason."""
+        return {"devices": len(self.polled), "stale": self.stale()}
 
     def stale(self) -> dict[str, str]:
         """Devices not read for ``stale_intervals`` intervals (or never, that long after the start), and why."""

@@ -39,7 +39,6 @@ the rest.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,7 @@ from twisted.python.failure import Failure
 
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import counter, gauge
+from gateway.ops.reports import StatusReport
 from gateway.readings import (
     Device,
     DeviceTypeUnknown,
@@ -80,7 +80,6 @@ P = mqtt.Property
 
 CONNACK_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # a connection not closed this long after asking is cut
-REPORT_INTERVAL = 5.0  # the sources' state is written to the database this often, for gatewayctl mqtt status
 
 # -- the state a source reports ----------------------------------------------
 
@@ -606,12 +605,10 @@ class BrokerSources(MultiService):
         self.reactor = reactor
         self.ingest = ingest
         self.owner = owner  # this gateway's id, the row's key in mqtt_sources
-        self.run = run  # runs one statement on the read pool
         self.sources: dict[str, BrokerSource] = {}
         for settings in self._own(sources).values():
             self._add(settings)
-        self._reporter = LoopingCall(self.report)
-        self._reporter.clock = reactor
+        self.reporter = StatusReport("mqtt_sources", owner, self.status, run, reactor)
 
     def _own(self, sources: tuple[SourceSettings, ...]) -> dict[str, SourceSettings]:
         """The settings by name, each with this gateway's client id unless the table gives one."""
@@ -639,13 +636,11 @@ class BrokerSources(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._reporter.start(REPORT_INTERVAL, now=True)
+        self.reporter.start()
 
     def stopService(self) -> Deferred:
-        if self._reporter.running:
-            self._reporter.stop()
         d = super().stopService()
-        return d.addCallback(lambda _: self.report())
+        return d.addCallback(lambda _: self.reporter.stop())
 
     def forget(self, names: list[str] | None = None) -> None:
         for source in self.sources.values():
@@ -667,13 +662,6 @@ class BrokerSources(MultiService):
                 )
             out[name] = doc
         return out
-
-    def report(self) -> Deferred:
-        """Write every source's state to mqtt_sources (never errbacks)."""
-        statuses = self.status()
-        params = ([self.owner] * len(statuses), list(statuses), [json.dumps(s) for s in statuses.values()])
-        d: Deferred = self.run(lambda c: c.runOperation(REPORT, params))
-        return d.addErrback(lambda f: log.debug("MQTT source state not written: {error}", error=f.getErrorMessage()))
 
     def live_metrics(self) -> Iterator[Any]:
         families = {
@@ -712,11 +700,3 @@ class BrokerSources(MultiService):
             families["rejected"].add_metric([name], s["rejected"])
             families["connections"].add_metric([name], s["connections"])
         yield from families.values()
-
-
-# One row per gateway and source, replaced every few seconds; gatewayctl mqtt status reads them.
-REPORT = """
-INSERT INTO mqtt_sources (gateway, source, status, updated_at)
-SELECT g, s, st::jsonb, now() FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(g, s, st)
-ON CONFLICT (gateway, source) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at
-"""
