@@ -25,6 +25,8 @@ users would otherwise write, in one run on one machine.
    readings/s, ack latency p50/p99, gateway CPU seconds per million
    readings, RSS.
 4. Connections: the gateway's RSS with 10,000 idle authenticated devices.
+   Modbus: 1,000 slaves polled every second (modbus_poll.py): the share of
+   the scheduled readings stored, gaps, poll time, CPU.
 5. Uploader: readings/s delivered to a local HTTPS receiver from a backlog,
    and the catch-up time after the receiver was down for 60 s under steady
    ingest.
@@ -69,6 +71,7 @@ from common import (
     simulate_argv,
     workspace,
 )
+import modbus_poll
 from http_load import need_wrk, provision, wrk
 from upload_load import Receiver, drain_rate, outage, stored
 
@@ -436,6 +439,8 @@ def flat(figures: dict) -> dict:
         "mosquitto1_rps": figures["mosquitto1"]["rate"],
         "mqtt_source_rps": figures["mqtt_source"]["readings_per_s"],
         "mqtt_source_catch_up_s": figures["mqtt_source"]["catch_up_s"],
+        "modbus_completeness": figures["modbus"]["completeness"],
+        "modbus_poll_p99_ms": figures["modbus"]["poll_p99_ms"],
         "outage_s": figures["outage"]["outage_s"],
         "catch_up_s": figures["outage"]["backlog_delivered_s"],
     }
@@ -452,6 +457,7 @@ def targets(summary: dict, figures: dict) -> dict[str, bool]:
     met = {name: summary[key] >= least for name, (key, least) in TARGETS.items()}
     met["TCP ack p99 < 50 ms at half rate"] = summary["tcp_p99_ms"] < 50
     met["MQTT PUBACK p99 < 25 ms at half rate (100/message)"] = summary["mqtt_p99_ms"] < 25
+    met["1,000 Modbus slaves at 1 s: >= 99% of the scheduled readings"] = summary["modbus_completeness"] >= 0.99
     met["10,000 idle devices < 400 MB RSS"] = summary["idle_conns"] >= 10_000 and summary["idle_rss_mb"] < 400
     met["10,000 idle MQTT devices < 120 MB RSS"] = (
         summary["idle_mqtt_conns"] >= 10_000 and summary["idle_mqtt_rss_mb"] < 120
@@ -505,6 +511,13 @@ def report(figures: dict, summary: dict) -> str:
         f"MQTT source (consuming from Mosquitto): {src['readings_per_s']:,.0f} readings/s stored of "
         f"{src['offered_rps']:,.0f} offered ({src['stored']:,} of {src['published']:,}; all stored "
         f"{src['catch_up_s']:.1f} s after the load ended; {src['gateway_cpu_s_per_million']:.1f} CPU s/M)"
+    )
+    mb = figures["modbus"]
+    lines.append(
+        f"Modbus polling: {mb['devices']:,} slaves every {mb['interval_s']:g} s: {mb['completeness']:.3f} of the "
+        f"scheduled readings stored ({mb['readings_per_s']:,.0f}/s), gaps {mb['gaps'] or 'none'}, poll p50/p99 "
+        f"{mb['poll_p50_ms']:.1f}/{mb['poll_p99_ms']:.1f} ms, gateway {mb['gateway_cpu_share']:.0%} of a core "
+        f"({mb['gateway_cpu_s_per_thousand_polls']:.2f} CPU s per 1,000 polls), RSS {mb['rss_mb']:.0f} MB"
     )
     for i in figures["idle"]:
         lines.append(
@@ -578,6 +591,8 @@ def main() -> None:
         figures["mqtt_source"] = mqtt_source(tmp, server_dsn, args.duration, args.devices, offered)
         settle(server_dsn)
         uploader(tmp, server_dsn, dsn, args, figures)
+        settle(server_dsn)
+        figures["modbus"] = modbus_poll.run(tmp, server_dsn, 1000, 1.0, args.duration)
         settle(server_dsn)
         dsn = fresh_database(server_dsn, "bench_idle")
         figures["idle"] = [

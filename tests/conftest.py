@@ -171,6 +171,21 @@ def script(name: str) -> str:
     return str(path)
 
 
+async def start_from_file(tmp_path: Path, config: Path):
+    """The service tree with a config file (for SIGHUP), no device listeners, HTTPS on 127.0.0.1."""
+    from twisted.internet import reactor
+
+    from gateway.config import build_config, load_toml
+    from gateway.service import GatewayService
+
+    values = {"data-dir": str(tmp_path / "data"), "https": "ssl:0:interface=127.0.0.1", "device": [], "mqtt": "off"}
+    service = GatewayService(build_config(values, load_toml(config), config), reactor, command_line=values)
+    service.privilegedStartService()
+    service.startService()
+    await service.ready
+    return service
+
+
 async def start_service(tmp_path: Path, db_dsn: str, tables: dict | None = None, **settings):
     """The real service tree on 127.0.0.1, ports chosen by the kernel, started and ready."""
     from twisted.internet import reactor

@@ -29,10 +29,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from gateway.config import ConfigError, build_config, load_toml
+from gateway.config import ConfigError, build_config
 from gateway.ops.console import Console
-from gateway.service import GatewayService
-from tests.conftest import start_service
+from tests.conftest import start_from_file, start_service
 from tests.gatewayproc import gatewayctl
 from tests.test_resilience import make_gateway, wait_until  # noqa: F401 - a fixture
 from tests.test_store import add_pg_device
@@ -254,11 +253,7 @@ async def test_sighup_adds_changes_and_removes_polled_devices(tmp_path, db_dsn, 
     add_pg_device(sql, "meter")
     config = tmp_path / "gateway.toml"
     config.write_text(f'db = "{db_dsn}"\n')
-    values = {"data-dir": str(tmp_path / "data"), "https": "ssl:0:interface=127.0.0.1", "device": [], "mqtt": "off"}
-    service = GatewayService(build_config(values, load_toml(config), config), reactor, command_line=values)
-    service.privilegedStartService()
-    service.startService()
-    await service.ready
+    service = await start_from_file(tmp_path, config)
     meter = tables(slaves)[0]
     try:
         assert service.poller is None

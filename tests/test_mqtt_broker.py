@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThread
 
 from gateway.ops.console import Console
 from tests.broker import PASSWORD, USER, Mosquitto
-from tests.conftest import start_service
+from tests.conftest import start_from_file, start_service
 from tests.gatewayproc import gatewayctl
 from tests.test_resilience import make_gateway, wait_until  # noqa: F401 - a fixture
 from tests.test_store import add_pg_device
@@ -214,17 +214,11 @@ def test_kill_9_while_holding_unacknowledged_messages_then_each_reading_stored_o
 
 @pytest_twisted.ensureDeferred
 async def test_sighup_adds_changes_and_removes_sources(tmp_path, db_dsn, broker, monkeypatch):
-    from gateway.config import build_config, load_toml
-    from gateway.service import GatewayService
 
     monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
     config = tmp_path / "gateway.toml"
     config.write_text(f'db = "{db_dsn}"\n')
-    values = {"data-dir": str(tmp_path / "data"), "https": "ssl:0:interface=127.0.0.1", "device": [], "mqtt": "off"}
-    service = GatewayService(build_config(values, load_toml(config), config), reactor, command_line=values)
-    service.privilegedStartService()
-    service.startService()
-    await service.ready
+    service = await start_from_file(tmp_path, config)
 
     def toml(value) -> str:
         if isinstance(value, dict):  # an inline table: { env = "VAR" }

@@ -43,3 +43,24 @@ def test_every_error_code_is_documented():
     assert codes, "no error codes found"
     for code in codes:
         assert f"``{code}``" in README, code
+
+
+def test_the_modbus_example_is_a_valid_config():
+    import textwrap
+    import tomllib
+
+    from gateway.config import build_config
+
+    block = README.split("and a status bit::", 1)[1].split("\nTypes: ", 1)[0]
+    config = build_config({}, tomllib.loads(textwrap.dedent(block)))
+    [meter] = config.modbus
+    power = meter.registers[0]
+    assert (meter.device, meter.interval, power.type, power.word_order, power.scale) == (
+        "meter-7",
+        5.0,
+        "float32",
+        "little",
+        0.001,
+    )
+    assert [r.word_order for r in meter.registers] == ["little", "little", "big", "little"]
+    assert meter.registers[3].bit == 2 and power.heartbeat == 300.0

@@ -168,7 +168,10 @@ def test_a_gateway_restarted_during_a_database_outage_keeps_acknowledging_known_
     revoked = add_devices(gw, ["old-1"], dsn)["old-1"]
     gatewayctl("device", "revoke", "old-1", "--db", dsn)
     known = gw.data_dir / "known-devices.json"
-    assert wait_until(lambda: known.exists() and b'"old-1"' in known.read_bytes(), 20)
+    def revoked_in_file() -> bool:  # the add and the revoke each rewrite it: wait for the revoke's
+        return known.exists() and any(r[1] == "old-1" and r[5] for r in json.loads(known.read_bytes())["devices"])
+
+    assert wait_until(revoked_in_file, 20)
     assert oct(known.stat().st_mode & 0o777) == "0o600" and tokens["tcp-1"].encode() not in known.read_bytes()
     devices = fleet(gw, tokens)
     try:

@@ -7,8 +7,9 @@ one-line errors and plain tables.
 from __future__ import annotations
 
 import argparse
-import datetime
 import contextlib
+import datetime
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -158,14 +159,35 @@ def when(value: datetime.datetime | None) -> str:
 REPORT_STALE = 30.0  # seconds without a report from a gateway after which it is taken for stopped
 
 
-def reports(args: argparse.Namespace, sql: str) -> list[tuple]:
-    """The rows of a status table the gateways write every few seconds (mqtt_sources, modbus_devices)."""
+def reports(args: argparse.Namespace, table: str, key: str) -> list[tuple]:
+    """
+    (gateway, name, status, reported at, seconds since) from a status table the gateways write every
+    few seconds (mqtt_sources by source, modbus_devices by device); with ``--json``, printed as JSON
+    and [] returned.
+    """
+    sql = (
+        f"SELECT gateway, {key}, status, updated_at, extract(epoch FROM now() - updated_at)::float8 "
+        f"FROM {table} ORDER BY {key}, gateway"
+    )
     with database(args) as conn:
         with conn.cursor() as cur:
             cur.execute(sql)
             rows = cur.fetchall()
         conn.rollback()
-    return rows
+    if not args.json:
+        return rows
+    out = [
+        {"gateway": g, key: name, **status, "reported_at": when(at), "reported_seconds_ago": age}
+        for g, name, status, at, age in rows
+    ]
+    json.dump(out, sys.stdout, indent=2)
+    print()
+    return []
+
+
+def reported_state(status: dict[str, Any], age: float) -> str:
+    """The state a gateway reported, or that it stopped reporting."""
+    return status["state"] if age <= REPORT_STALE else f"not reported for {age:.0f}s (was {status['state']})"
 
 
 def seconds(value: float | None) -> str:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.common import REPORT_STALE, CommandError, note, reports, seconds, when
+from gateway.cli.common import CommandError, note, reported_state, reports, seconds, when
 from protocols import modbus
 from gateway.transports.modbus_map import KINDS
 from protocols.modbus import Kind
@@ -119,26 +119,12 @@ def cmd_modbus_read(args: argparse.Namespace) -> None:
             print(f"  {row['address']:>5}  {row['type']:<8} {row['order']}  {text}")
 
 
-STATUS = """
-SELECT gateway, device, status, updated_at, extract(epoch FROM now() - updated_at)::float8
-FROM modbus_devices ORDER BY device, gateway
-"""
-
-
 def cmd_modbus_status(args: argparse.Namespace) -> None:
-    rows = reports(args, STATUS)
-    if args.json:
-        out = [
-            {"gateway": g, "device": d, **status, "reported_at": when(at), "reported_seconds_ago": age}
-            for g, d, status, at, age in rows
-        ]
-        json.dump(out, sys.stdout, indent=2)
-        print()
-        return
-    if not rows:
+    rows = reports(args, "modbus_devices", "device")
+    if not rows and not args.json:
         note("no polled Modbus devices: give the gateway [[modbus]] tables in its config file")
     for gateway, device, s, at, age in rows:
-        state = s["state"] if age <= REPORT_STALE else f"not reported for {age:.0f}s (was {s['state']})"
+        state = reported_state(s, age)
         print(f"device {device}  {s['host']} unit {s['unit']} every {s['interval']:g}s  on gateway {gateway}")
         print(f"  state         {state}  (reported {when(at)})")
         print(

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from gateway.cli.common import REPORT_STALE, note, reports, when
+from gateway.cli.common import note, reported_state, reports, when
 from gateway.cli.common import seconds as _seconds
-
-STATUS = """
-SELECT gateway, source, status, updated_at, extract(epoch FROM now() - updated_at)::float8
-FROM mqtt_sources ORDER BY source, gateway
-"""
 
 
 def cmd_mqtt_status(args: argparse.Namespace) -> None:
-    rows = reports(args, STATUS)
-    if args.json:
-        out = [
-            {"gateway": g, "source": s, **status, "reported_at": when(at), "reported_seconds_ago": age}
-            for g, s, status, at, age in rows
-        ]
-        json.dump(out, sys.stdout, indent=2)
-        print()
-        return
-    if not rows:
+    rows = reports(args, "mqtt_sources", "source")
+    if not rows and not args.json:
         note("no MQTT sources: give the gateway --mqtt-source or [[mqtt_source]] tables")
     for gateway, source, s, at, age in rows:
-        state = s["state"] if age <= REPORT_STALE else f"not reported for {age:.0f}s (was {s['state']})"
+        state = reported_state(s, age)
         print(f"source {source}  {s['url']}  on gateway {gateway}")
         print(f"  state         {state} for {_seconds(s['state_seconds'])}  (reported {when(at)})")
         print(f"  subscribed to {', '.join(s['filters'])}  as client {s['client_id']}")
