@@ -168,6 +168,7 @@ def test_a_gateway_restarted_during_a_database_outage_keeps_acknowledging_known_
     revoked = add_devices(gw, ["old-1"], dsn)["old-1"]
     gatewayctl("device", "revoke", "old-1", "--db", dsn)
     known = gw.data_dir / "known-devices.json"
+
     def revoked_in_file() -> bool:  # the add and the revoke each rewrite it: wait for the revoke's
         return known.exists() and any(r[1] == "old-1" and r[5] for r in json.loads(known.read_bytes())["devices"])
 
