@@ -341,3 +341,20 @@ def test_reconfigure_keeps_unchanged_devices_and_closes_hosts_no_longer_used():
     assert h.poller.configure((meter("a", interval=5.0), meter("c", unit=3))) == ["Modbus device a changed"]
     h.poller.stopService()
     assert not h.poller.hosts[("10.0.0.1", 502)].connected
+
+
+def test_a_host_that_does_not_speak_modbus_is_a_protocol_gap_and_is_reconnected():
+    h = Harness(meter(registers=(Register("a", 0),)))
+    slave = h.slave(registers={(1, Kind.HOLDING, 0): 7})
+    slave.silent = True
+    h.poller.polled["meter-1"].poll()
+    host = h.poller.hosts[("10.0.0.1", 502)]
+    host.link.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    h.wait(0.1)
+    status = h.status("meter-1")
+    assert status["gaps_by_reason"] == {"protocol": 1} and "not Modbus/TCP" in status["last_error"]
+    assert not host.connected
+    slave.silent = False
+    h.poller.polled["meter-1"].poll()
+    h.wait(0.1)
+    assert [v for _, _, v in h.stored("meter-1")] == [7.0] and slave.connections == 2

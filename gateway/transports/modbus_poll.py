@@ -93,6 +93,7 @@ class _Link(protocol.Protocol):
         self.host = host
         self.codec = modbus.ClientConnection()
         self.open = False
+        self.error = ""  # what the host sent that was not Modbus/TCP, when that is why it is closed
 
     def connectionMade(self) -> None:
         self.open = True
@@ -215,6 +216,8 @@ class ModbusHost:
 
         def down(f: Failure) -> None:
             self.connecting = None
+            if self.stopped:
+                return
             self.last_error = f.getErrorMessage()
             self.backoff = min(BACKOFF_CAP, max(BACKOFF_FIRST, 2 * self.backoff))
             delay = self.backoff * random.uniform(0.5, 1.0)
@@ -280,7 +283,8 @@ class ModbusHost:
     def broken(self, link: _Link, why: str) -> None:
         """The host sent what is not Modbus/TCP: the stream cannot be trusted; close it."""
         self.last_error = f"not Modbus/TCP: {why}"
-        log.warn("Modbus host {host} sent {error}; reconnecting", host=self.address, error=why)
+        log.warn("Modbus host {host} sent what is not Modbus/TCP ({error}); reconnecting", host=self.address, error=why)
+        link.error = why
         link.close()
 
     def lost(self, link: _Link, why: str) -> None:
@@ -290,7 +294,11 @@ class ModbusHost:
         request = self.in_flight
         if request is not None:
             self._done(request)
-            if request.retried:
+            if link.error:
+                request.done.errback(
+                    ReadFailed("protocol", f"{self.address} sent what is not Modbus/TCP: {link.error}")
+                )
+            elif request.retried:
                 request.done.errback(
                     ReadFailed("closed", f"{self.address} closed the connection ({why}) during a read, twice")
                 )
