@@ -457,7 +457,7 @@ def targets(summary: dict, figures: dict) -> dict[str, bool]:
     met = {name: summary[key] >= least for name, (key, least) in TARGETS.items()}
     met["TCP ack p99 < 50 ms at half rate"] = summary["tcp_p99_ms"] < 50
     met["MQTT PUBACK p99 < 25 ms at half rate (100/message)"] = summary["mqtt_p99_ms"] < 25
-    met["1,000 Modbus slaves at 1 s: >= 99% of the scheduled readings"] = summary["modbus_completeness"] >= 0.99
+    met["Modbus slaves polled every second: >= 99% of the scheduled readings"] = summary["modbus_completeness"] >= 0.99
     met["10,000 idle devices < 400 MB RSS"] = summary["idle_conns"] >= 10_000 and summary["idle_rss_mb"] < 400
     met["10,000 idle MQTT devices < 120 MB RSS"] = (
         summary["idle_mqtt_conns"] >= 10_000 and summary["idle_mqtt_rss_mb"] < 120
@@ -552,6 +552,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds per load run [full: 20, quick: 4]")
     parser.add_argument("--devices", type=int, default=100, help="simulated TGP devices [100]")
     parser.add_argument("--idle", type=int, default=10_000, help="idle devices held [10000]")
+    parser.add_argument("--modbus", type=int, default=1000, help="Modbus slaves polled every second [1000]")
     parser.add_argument("--outage", type=float, help="seconds the upload receiver is down [full: 60, quick: 10]")
     parser.add_argument("--steady", type=float, help="seconds of ingest before the outage [full: 10, quick: 3]")
     args = parser.parse_args()
@@ -564,8 +565,10 @@ def main() -> None:
     if not (BIN / "twistd").exists() or not (BIN / "gunicorn").exists():
         raise SystemExit(f"install the benchmarks' needs first: pip install '{ROOT}[bench]'")
     fd_limit = raise_fd_limit()
-    if fd_limit < args.idle + 1000:
-        raise SystemExit(f"--idle {args.idle}: the file-descriptor limit is {fd_limit}; raise the hard limit")
+    if fd_limit < max(args.idle, 2 * args.modbus) + 1000:
+        raise SystemExit(
+            f"--idle {args.idle}, --modbus {args.modbus}: the file-descriptor limit is {fd_limit}; raise the hard limit"
+        )
 
     started = time.monotonic()
     with workspace(args.db) as (tmp, server_dsn):
@@ -592,7 +595,7 @@ def main() -> None:
         settle(server_dsn)
         uploader(tmp, server_dsn, dsn, args, figures)
         settle(server_dsn)
-        figures["modbus"] = modbus_poll.run(tmp, server_dsn, 1000, 1.0, args.duration)
+        figures["modbus"] = modbus_poll.run(tmp, server_dsn, args.modbus, 1.0, args.duration)
         settle(server_dsn)
         dsn = fresh_database(server_dsn, "bench_idle")
         figures["idle"] = [

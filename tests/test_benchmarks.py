@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAT_KEYS = (
     "ceiling_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps tcp_p50_ms tcp_p99_ms "
     "idle_conns idle_rss_mb idle_mqtt_conns idle_mqtt_rss_mb uploader_rps mqtt100_rps mqtt1_rps mosquitto1_rps "
-    "mqtt_p99_ms mqtt_source_rps"
+    "mqtt_p99_ms mqtt_source_rps modbus_completeness"
 ).split()
 
 
@@ -29,6 +29,7 @@ def test_the_benchmark_reports_every_figure(tmp_path):
     assert shutil.which("wrk"), "wrk drives the benchmark's HTTP runs: scripts/test installs it (apt-get install wrk)"
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "2", "--devices", "5", "--idle", "20",
+         "--modbus", "20",
          "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -47,7 +48,8 @@ def test_the_benchmark_reports_every_figure(tmp_path):
     assert figures["naive_tcp"]["stored"] >= figures["naive_tcp"]["acked"] > 0
     assert figures["flask"]["stored"] >= figures["flask"]["acked"] > 0
     assert figures["outage"]["refused_requests"] > 0 and figures["outage"]["backlog_delivered_s"] is not None
-    assert len(figures["targets"]) == 10
+    assert len(figures["targets"]) == 11
+    assert figures["modbus"]["devices"] == 20 and figures["modbus"]["readings_stored"] > 0
     assert figures["mosquitto1"]["acked"] > 0 and not figures["mosquitto1"]["errors"]
     # Every reading the broker took reached the database through the gateway's subscription (and those of
     # messages still unacknowledged to the simulator when it stopped).
@@ -60,5 +62,6 @@ def test_the_benchmark_reports_every_figure(tmp_path):
         "idle TCP devices",
         "uploader:",
         "MQTT source",
+        "Modbus polling: 20 slaves",
     ):
         assert text in out.stdout
