@@ -415,6 +415,13 @@ SETTINGS: tuple[Setting, ...] = (
         "expected interval) and for quality flags.",
     ),
     Setting(
+        "partition",
+        86400.0,
+        lambda value: duration(value, lo=3600, hi=366 * 86400),
+        "Width of the time partitions of the readings table (3600, 6h, 1d, 7d): retention drops whole "
+        "partitions, so a narrower one frees space sooner; partitions already made keep their width.",
+    ),
+    Setting(
         "retention",
         None,
         _age,
@@ -461,6 +468,7 @@ class GatewayConfig:
     upload_backoff_cap: float = 60.0
     upload_timeout: float = 30.0
     retention: float | None = None
+    partition: float = 86400.0
     sink_stall: float = 300.0
     metrics: EndpointSpec | None = None
     manhole: EndpointSpec | None = None

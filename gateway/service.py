@@ -55,6 +55,7 @@ from gateway.ops.status import StatusPolicy, StatusWatch
 from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
 from gateway.outbound.retention import Retention
+from gateway.storage.partitions import PartitionKeeper
 from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
 from gateway.readings import Source
@@ -166,6 +167,7 @@ class GatewayService(MultiService):
             uploader=lambda: self.uploader,
             sources=lambda: self.sources,
             poller=lambda: self.poller,
+            retention=lambda: self.retention,
             embedded=self.supervisor.status if self.supervisor else None,
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
@@ -192,6 +194,8 @@ class GatewayService(MultiService):
         self.ingest.observers.append(self.alerts.observe)
         self.notifier: AlertNotifier | None = None
         self.uploader: Uploader | None = None
+        self.partitions: PartitionKeeper | None = None
+        self.retention: Retention | None = None
         self.sources: BrokerSources | None = None
         self.poller: ModbusPoller | None = None
         self.console = Console(self)
@@ -364,12 +368,16 @@ class GatewayService(MultiService):
             self.supervisor.setServiceParent(self)
         if config.sinks:
             await self._start_uploader(config.sinks)
+        self.partitions = PartitionKeeper(self.reactor, config.partition)
+        await self.partitions.start(dsn)
+        self.partitions.setServiceParent(self)
         if config.retention is not None:
             retention = Retention(self.reactor, config.retention)
             await retention.connect(dsn)
             if not config.sinks:  # no uploader to say which sinks hold retention back
                 warn_unconfigured(await retention.sinks())
             retention.setServiceParent(self)
+            self.retention = retention
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)

@@ -243,6 +243,55 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        8,
+        "readings in time partitions",
+        """
+        -- Readings range-partitioned by ts (the gateway keeps partitions ahead of time; a reading outside
+        -- them lands in readings_default and is moved out later), so retention drops a whole partition
+        -- instead of deleting rows. The primary key on id goes: (tx, id) orders the upload and the
+        -- natural key, which leads with the device and holds ts, keeps each reading once. Columns of
+        -- 8 bytes first, so no row carries alignment padding.
+        ALTER TABLE readings RENAME TO readings_v7;
+        ALTER TABLE readings_v7 RENAME CONSTRAINT readings_pkey TO readings_v7_pkey;
+        ALTER TABLE readings_v7 RENAME CONSTRAINT readings_natural_key TO readings_v7_natural_key;
+        ALTER INDEX readings_upload_order RENAME TO readings_v7_upload_order;
+        ALTER INDEX readings_device_time RENAME TO readings_v7_device_time;
+        CREATE TABLE readings (
+            tx          xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            id          bigint NOT NULL,
+            ts          timestamptz NOT NULL,
+            value       double precision NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            CONSTRAINT readings_natural_key UNIQUE (device_id, metric, ts)
+        ) PARTITION BY RANGE (ts);
+        ALTER SEQUENCE readings_id_seq OWNED BY readings.id;
+        ALTER TABLE readings ALTER COLUMN id SET DEFAULT nextval('readings_id_seq');
+        CREATE INDEX readings_upload_order ON readings (tx, id);
+        -- A device's readings in time order, for the read API (small: btree deduplication folds the
+        -- metrics of one instant into one entry).
+        CREATE INDEX readings_device_time ON readings (device_id, ts);
+        CREATE TABLE readings_default PARTITION OF readings DEFAULT;
+        -- The rows already stored: a partition for each UTC day they fall on.
+        DO $$
+        DECLARE day date;
+        BEGIN
+            FOR day IN SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM readings_v7 LOOP
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF readings FOR VALUES FROM (%L) TO (%L)',
+                    'readings_' || to_char(day, 'YYYYMMDD'),
+                    day::timestamp AT TIME ZONE 'UTC',
+                    (day + 1)::timestamp AT TIME ZONE 'UTC'
+                );
+            END LOOP;
+        END $$;
+        INSERT INTO readings (tx, id, ts, value, received_at, device_id, metric)
+        SELECT tx, id, ts, value, received_at, device_id, metric FROM readings_v7;
+        DROP TABLE readings_v7;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

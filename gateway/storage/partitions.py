@@ -1,0 +1,229 @@
+"""
+The time partitions of ``readings``.
+
+``readings`` is range-partitioned by ``ts`` (schema 8). Partitions are
+``--partition`` wide (a day by default), aligned to multiples of that width
+since 1970-01-01 UTC, and named after their start (``readings_20261127``,
+or ``readings_20261127_0600`` when narrower than a day). Every
+``CHECK_INTERVAL`` seconds, and at start, the gateway makes sure that the
+current partition and the next ``AHEAD`` exist; gateways sharing the
+database do this under one advisory lock, so they agree.
+
+A reading outside every partition (a device whose clock is years off, a
+backlog from before the gateway ran) is never refused: it lands in
+``readings_default``. The same pass moves such readings out into partitions
+of their own (at most ``SPLIT_SLOTS`` ranges a pass): the new partition is
+created apart, filled from the default partition and attached, while
+inserts into the default partition wait a moment.
+
+When the width changes, partitions already made stay as they are; new ones
+fill the time not yet covered, cut at the new width's boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gateway.storage.pool import PgPool, first_line
+
+log = Logger()
+
+PARTITION_LOCK = 0x7467_7761_7901  # shared by every gateway on the database
+CHECK_INTERVAL = 3600.0
+AHEAD = 2  # partitions made beyond the current one
+SPLIT_SLOTS = 20  # ranges moved out of the default partition in one pass
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+# The partitions of a table with their bounds ('DEFAULT' has none and is left out).
+BOUNDS = r"""
+SELECT c.relname, b[1]::timestamptz, b[2]::timestamptz
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\) TO \(''([^'']+)''\)') b
+WHERE i.inhparent = %s::regclass AND b IS NOT NULL
+ORDER BY 2
+"""
+# Ranges (slot numbers) that readings in the default partition fall on.
+DEFAULT_SLOTS = """
+SELECT DISTINCT floor(extract(epoch FROM ts) / %s)::bigint AS slot FROM readings_default ORDER BY slot LIMIT %s
+"""
+
+
+def slot_of(when: datetime.datetime, width: float) -> int:
+    return int((when - EPOCH).total_seconds() // width)
+
+
+def slot_bounds(slot: int, width: float) -> tuple[datetime.datetime, datetime.datetime]:
+    return EPOCH + datetime.timedelta(seconds=slot * width), EPOCH + datetime.timedelta(seconds=(slot + 1) * width)
+
+
+def uncovered(
+    lo: datetime.datetime, hi: datetime.datetime, taken: list[tuple[datetime.datetime, datetime.datetime]]
+) -> list[tuple[datetime.datetime, datetime.datetime]]:
+    """The parts of [lo, hi) no range of ``taken`` (sorted, disjoint) covers."""
+    out = []
+    at = lo
+    for start, end in taken:
+        if end <= at or start >= hi:
+            continue
+        if start > at:
+            out.append((at, start))
+        at = max(at, end)
+        if at >= hi:
+            break
+    if at < hi:
+        out.append((at, hi))
+    return out
+
+
+def partition_name(lo: datetime.datetime) -> str:
+    lo = lo.astimezone(datetime.timezone.utc)
+    if (lo.hour, lo.minute, lo.second) == (0, 0, 0):
+        return f"readings_{lo:%Y%m%d}"
+    return f"readings_{lo:%Y%m%d_%H%M%S}"
+
+
+class Partitions:
+    """Keeps ``readings``' partitions ahead of time and empties the default partition; on its own pool."""
+
+    def __init__(self, pool: PgPool, width: float) -> None:
+        self.pool = pool
+        self.width = width
+        self.made: list[str] = []  # partitions this gateway made, latest last
+        self.moved = 0  # readings moved out of the default partition
+
+    def maintain(self, now: datetime.datetime | None = None) -> Deferred:
+        """One pass; fires with the names of the partitions made."""
+        when = now or datetime.datetime.now(datetime.timezone.utc)
+
+        def interaction(cur: Any) -> Deferred:
+            return Deferred.fromCoroutine(self._pass(cur, when))
+
+        return self.pool.run(lambda conn: conn.runInteraction(interaction))
+
+    async def _pass(self, cur: Any, now: datetime.datetime) -> list[str]:
+        await cur.execute("SET LOCAL lock_timeout = '10s'")
+        await cur.execute("SET LOCAL DateStyle = 'ISO'")
+        await cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+        await cur.execute(BOUNDS, ("readings",))
+        taken = [(lo, hi) for _, lo, hi in cur.fetchall()]
+        current = slot_of(now, self.width)
+        wanted = set(range(current, current + AHEAD + 1))
+        await cur.execute(DEFAULT_SLOTS, (self.width, SPLIT_SLOTS))
+        stray = {row[0] for row in cur.fetchall()}
+        made = []
+        for slot in sorted(wanted | stray):
+            for lo, hi in uncovered(*slot_bounds(slot, self.width), taken):
+                name = partition_name(lo)
+                moved = await self._make(cur, name, lo, hi, with_rows=slot in stray)
+                self.moved += moved
+                taken = sorted([*taken, (lo, hi)])
+                made.append(name)
+        self.made += made
+        return made
+
+    async def _make(self, cur: Any, name: str, lo: datetime.datetime, hi: datetime.datetime, with_rows: bool) -> int:
+        """Create a partition for [lo, hi), moving into it what the default partition holds of that range."""
+        await cur.execute(f'CREATE TABLE "{name}" (LIKE readings INCLUDING DEFAULTS)')
+        moved = 0
+        if with_rows:
+            # Inserts into the default partition wait until the move commits; others go on.
+            await cur.execute("LOCK TABLE readings_default IN SHARE ROW EXCLUSIVE MODE")
+            await cur.execute(
+                f"WITH gone AS (DELETE FROM readings_default WHERE ts >= %s AND ts < %s RETURNING *) "
+                f'INSERT INTO "{name}" SELECT * FROM gone',
+                (lo, hi),
+            )
+            moved = int(cur.rowcount)
+        # A constraint proving the bounds spares ATTACH a scan of the new table.
+        await cur.execute(f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_bounds" CHECK (ts >= %s AND ts < %s)', (lo, hi))
+        await cur.execute(f'ALTER TABLE readings ATTACH PARTITION "{name}" FOR VALUES FROM (%s) TO (%s)', (lo, hi))
+        await cur.execute(f'ALTER TABLE "{name}" DROP CONSTRAINT "{name}_bounds"')
+        return moved
+
+
+class _Blocking:
+    """A psycopg2 cursor with the awaitable ``execute`` of txpostgres's, for the same pass run synchronously."""
+
+    def __init__(self, cur: Any) -> None:
+        self.cur = cur
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        self.cur.execute(sql, params)
+
+    def fetchall(self) -> list[tuple]:
+        return list(self.cur.fetchall())
+
+    def fetchone(self) -> tuple | None:
+        return self.cur.fetchone()
+
+    @property
+    def rowcount(self) -> int:
+        return int(self.cur.rowcount)
+
+
+def make_partitions(conn: Any, width: float, now: datetime.datetime | None = None) -> list[str]:
+    """The keeper's pass on a blocking psycopg2 connection (the command line, benchmarks); committed."""
+    keeper = Partitions(None, width)  # type: ignore[arg-type] # no pool: the pass runs on ``conn``
+    with conn.cursor() as cur:
+        coroutine = keeper._pass(_Blocking(cur), now or datetime.datetime.now(datetime.timezone.utc))
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            made: list[str] = done.value
+        else:  # pragma: no cover - _Blocking never suspends
+            raise RuntimeError("the partition pass waited on a blocking connection")
+    conn.commit()
+    return made
+
+
+class PartitionKeeper(Service):
+    """Runs ``Partitions.maintain`` at start and every ``CHECK_INTERVAL`` seconds, on a connection of its own."""
+
+    def __init__(self, reactor: Any, width: float) -> None:
+        self.pool = PgPool(reactor, 1)
+        self.partitions = Partitions(self.pool, width)
+        self.loop = LoopingCall(self.run)
+        self.loop.clock = reactor
+        self.last_error = ""
+
+    async def start(self, dsn: str) -> None:
+        """Connect and make the partitions now, so that the first readings land in theirs."""
+        await self.pool.start(dsn)
+        await self.run()
+
+    async def _run(self) -> None:
+        try:
+            made = await self.partitions.maintain()
+        except Exception as e:
+            self.last_error = first_line(e)
+            log.warn(
+                "partitions not prepared yet: {error}; readings outside them go to readings_default",
+                error=self.last_error,
+            )
+            return
+        self.last_error = ""
+        if made:
+            log.info("partitions made: {names}", names=", ".join(made))
+
+    def run(self) -> Deferred:
+        return Deferred.fromCoroutine(self._run())
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(CHECK_INTERVAL, now=False)
+
+    async def _stop(self) -> None:
+        if self.loop.running:
+            self.loop.stop()
+        super().stopService()
+        await self.pool.close()
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,196 @@
+"""
+The time partitions of readings, on a real PostgreSQL: the migration of a
+database holding readings, partitions made ahead (once, by gateways that
+agree), a reading far outside them kept in the default partition and moved
+out later, and a change of width.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+
+from gateway.storage import schema
+from gateway.storage.partitions import BOUNDS, Partitions, partition_name, uncovered
+from gateway.storage.pool import PgPool
+from tests.test_store import add_pg_device
+
+UTC = datetime.timezone.utc
+DAY = 86400.0
+NOW = datetime.datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
+
+
+def bounds(sql) -> list[tuple[str, datetime.datetime, datetime.datetime]]:
+    return sql(BOUNDS, ("readings",))
+
+
+def day(d: int, hour: int = 0) -> datetime.datetime:
+    return datetime.datetime(2026, 11, d, hour, tzinfo=UTC)
+
+
+def test_uncovered_parts_and_names():
+    taken = [(day(2), day(3)), (day(4, 12), day(5))]
+    assert uncovered(day(1), day(6), taken) == [(day(1), day(2)), (day(3), day(4, 12)), (day(5), day(6))]
+    assert uncovered(day(2), day(3), taken) == []
+    assert partition_name(day(27)) == "readings_20261127"
+    assert partition_name(day(27, 6)) == "readings_20261127_060000"
+
+
+def test_the_migration_keeps_every_reading_in_partitions_by_day(pg_server_dsn):
+    from tests.conftest import _admin_sql
+
+    name = f"gw_partition_migration_{os.getpid()}"
+    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
+    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
+    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, description text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for number, description, statement in schema.MIGRATIONS[:7]:
+                cur.execute(statement)
+                cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, description))
+            cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) SELECT 1, 'm', t, extract(epoch FROM t) "
+                "FROM generate_series(timestamptz '2026-11-25 22:00Z', '2026-11-27 02:00Z', '10 minutes') t"
+            )
+            cur.execute("INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', 'epoch', 0)")
+            cur.execute("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id")
+            before = cur.fetchall()
+        conn.commit()
+        assert schema.migrate(conn) == [8]
+        with conn.cursor() as cur:
+            cur.execute("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id")
+            assert cur.fetchall() == before  # every reading, with its upload order
+            cur.execute(BOUNDS, ("readings",))
+            assert [row[0] for row in cur.fetchall()] == [
+                "readings_19700101",
+                "readings_20261125",
+                "readings_20261126",
+                "readings_20261127",
+            ]
+            cur.execute("SELECT count(*) FROM readings_default")
+            assert cur.fetchone() == (0,)
+            # The natural key still holds, and new ids follow the old ones.
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', '2026-11-26 12:00Z', 1), "
+                "(1, 'm', '2027-01-01Z', 2) ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING id"
+            )
+            [(new_id,)] = cur.fetchall()
+            assert new_id > max(row[1] for row in before)
+            cur.execute("SELECT count(*) FROM readings_default")
+            assert cur.fetchone() == (1,)
+        conn.commit()
+    finally:
+        conn.close()
+        _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pools(db_dsn):
+    made = []
+
+    async def start(n: int = 1):
+        for _ in range(n):
+            pool = PgPool(reactor, 1)
+            await pool.start(db_dsn)
+            made.append(pool)
+        return made
+
+    yield start
+    for pool in made:
+        pytest_twisted.blockon(pool.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_partitions_are_made_ahead_once_by_gateways_that_agree(pools, sql):
+    a, b = await pools(2)
+    made = await gatherResults([Partitions(a, DAY).maintain(NOW), Partitions(b, DAY).maintain(NOW)])
+    assert sorted(made[0] + made[1]) == ["readings_20261127", "readings_20261128", "readings_20261129"]
+    assert await Partitions(a, DAY).maintain(NOW) == []
+    [(name, lo, hi)] = [b for b in bounds(sql) if b[0] == "readings_20261128"]
+    assert (lo, hi) == (day(28), day(29))
+    # A narrower width fills only what is not covered yet.
+    later = NOW + datetime.timedelta(days=2, hours=3)
+    made = await Partitions(a, 6 * 3600).maintain(later)
+    assert made == ["readings_20261130", "readings_20261130_060000"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own(pools, sql):
+    [pool] = await pools()
+    device = add_pg_device(sql, "truck-17") and sql("SELECT id FROM devices")[0][0]
+    await Partitions(pool, DAY).maintain(NOW)
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'm', '2031-05-05 05:05Z', 1), "
+        "(%s, 'm', '2031-05-05 06:00Z', 2), (%s, 'm', '2026-11-27 16:00Z', 3)",
+        (device, device, device),
+    )
+    assert sql("SELECT count(*) FROM readings_default") == [(2,)]
+    before = sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id")
+    keeper = Partitions(pool, DAY)
+    assert await keeper.maintain(NOW) == ["readings_20310505"]
+    assert keeper.moved == 2
+    assert sql("SELECT count(*) FROM readings_default") == [(0,)]
+    assert sql("SELECT count(*) FROM readings_20310505") == [(2,)]
+    assert sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id") == before
+    # The moved readings are still unique: sending one again stores nothing.
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'm', '2031-05-05 05:05Z', 1) "
+        "ON CONFLICT (device_id, metric, ts) DO NOTHING",
+        (device,),
+    )
+    assert sql("SELECT count(*) FROM readings") == [(3,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_is_left(db_dsn, sql):
+    from gateway.outbound.retention import Retention
+
+    add_pg_device(sql, "truck-17")
+    retention = Retention(reactor, 86400)
+    await retention.connect(db_dsn)
+    try:
+        await Partitions(retention.pool, DAY).maintain(day(1))
+        for d in (1, 2, 3):  # each day in a transaction of its own: day 1 first in upload order
+            sql(
+                "INSERT INTO readings (device_id, metric, ts, value, received_at) "
+                "SELECT 1, 'm', %s + make_interval(secs => i * 60), i, now() - interval '10 days' "
+                "FROM generate_series(0, 99) i",
+                (day(d),),
+            )
+        # The one sink has sent day 1 and half of day 2.
+        tx, id_ = sql("SELECT tx::text, id FROM readings WHERE ts = %s", (day(2) + datetime.timedelta(minutes=49),))[0]
+        sql(
+            "INSERT INTO upload_sinks (name, url, cursor_tx, cursor_id) VALUES ('cloud', 'https://x/', %s, %s)",
+            (tx, id_),
+        )
+        await retention.sweep()
+        names = [b[0] for b in bounds(sql)]
+        assert "readings_20261101" not in names and {"readings_20261102", "readings_20261103"} <= set(names)
+        assert retention.held == {
+            "readings_20261102": "not yet sent to every sink",
+            "readings_20261103": "not yet sent to every sink",
+        }
+        assert sql("SELECT count(*) FROM readings_20261102") == [(50,)]  # the sent half, deleted row by row
+        assert sql("SELECT count(*) FROM readings_20261103") == [(100,)]
+        # Everything sent, but one reading of day 3 arrived just now: that partition waits for it.
+        sql("INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', %s, 7)", (day(3, 5),))
+        sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id(), cursor_id = 1e15")
+        await retention.sweep()
+        names = [b[0] for b in bounds(sql)]
+        assert "readings_20261102" not in names and "readings_20261103" in names
+        assert retention.held == {"readings_20261103": "holds readings that arrived within the retention period"}
+        assert retention.status()["dropped_partitions"] == 2
+    finally:
+        await retention.pool.close()
