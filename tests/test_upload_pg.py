@@ -26,6 +26,7 @@ from gateway.outbound.sender import HTTPSender
 from gateway.outbound.uploader import Uploader
 from tests.certs import TestCA
 from tests.receiver import Receiver, listen
+from tests.gatewayproc import gatewayctl
 from tests.test_store import add_pg_device
 
 
@@ -339,6 +340,8 @@ async def test_retention_deletes_only_what_every_sink_has_sent(db_dsn, sql, rece
     # the sent batch before the parked one is gone; the parked batch and everything after it stay
     left = sql("SELECT min(value), max(value), count(*) FROM readings")[0]
     assert left == (100, 1004, 205)
+    out = gatewayctl("upload", "status", "--db", db_dsn).stdout  # no partition made: all in the default one
+    assert "holds back    partition readings_default and later" in out
 
 
 def test_sink_repr_hides_header_values():
@@ -381,7 +384,13 @@ async def test_retention_without_sinks_names_the_sinks_that_hold_it_back(tmp_pat
     globalLogPublisher.addObserver(observe)
     try:
         service = await start_service(tmp_path, db_dsn, retention="30d")
-        await service.stopService()
+        try:
+            ok, doc = await service.health.check()
+            assert doc["retention"] == {"dropped_partitions": 0, "deleted_readings": 0, "held": {}}
+            # The partitions of today and the next two days were made at start.
+            assert len(sql("SELECT 1 FROM pg_inherits WHERE inhparent = 'readings'::regclass")) == 4
+        finally:
+            await service.stopService()
     finally:
         globalLogPublisher.removeObserver(observe)
     assert any("sink old-lake is in the database but not configured here" in line for line in lines), lines[-20:]

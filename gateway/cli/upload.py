@@ -20,9 +20,21 @@ def _sink_rows(conn: Any) -> list[dict[str, Any]]:
     return rows
 
 
+# The time partition of this sink's oldest unsent reading: retention drops no partition holding one.
+OLDEST_UNSENT = """
+SELECT r.tableoid::regclass::text FROM readings r WHERE (r.tx, r.id) > (%s::xid8, %s) ORDER BY r.ts LIMIT 1
+"""
+
+
 def cmd_upload_status(args: argparse.Namespace) -> None:
     with database(args) as conn:
         rows = _sink_rows(conn)
+        with conn.cursor() as cur:
+            for row in rows:
+                cur.execute(OLDEST_UNSENT, (row["cursor_tx"], row["cursor_id"]))
+                found = cur.fetchone()
+                row["oldest_unsent_partition"] = found[0] if found else None
+        conn.rollback()
     if args.json:
         for row in rows:
             for key in ("last_sent_at", "last_error_at"):
@@ -43,6 +55,11 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
         print(f"  failed        {row['failures']} attempts")
         print(f"  parked        {row['parked_batches']} batches, {row['parked_readings']} readings")
         print(f"  last sent     {when(row['last_sent_at']) or 'never'}")
+        if row["oldest_unsent_partition"]:
+            print(
+                f"  holds back    partition {row['oldest_unsent_partition']} and later: retention keeps a partition "
+                "until every sink has sent it"
+            )
         if row["last_error"]:
             print(f"  last error    {when(row['last_error_at'])}  {row['last_error']}")
 

@@ -38,6 +38,7 @@ class Health:
         uploader: Callable[[], Any] = lambda: None,
         sources: Callable[[], Any] = lambda: None,
         poller: Callable[[], Any] = lambda: None,
+        retention: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
@@ -45,6 +46,7 @@ class Health:
         self.uploader = uploader
         self.sources = sources  # the MQTT broker sources, when there are any
         self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
+        self.retention = retention  # when --retention is given
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
@@ -74,6 +76,9 @@ class Health:
                 # Named, not failing the check: a dead field device is not a sick gateway (a load balancer
                 # would take a healthy gateway out for it); alert on gateway_modbus_gaps_total instead.
                 doc["modbus"] = poller.health()
+            retention = self.retention()
+            if retention is not None:
+                doc["retention"] = retention.status()
             if journal is not None:
                 doc["journal"] = journal
             if self.embedded is not None:
