@@ -5,9 +5,10 @@ users would otherwise write, in one run on one machine.
     pip install '.[bench]'            # and wrk, mosquitto (Debian: apt-get install wrk mosquitto)
     python benchmarks/run.py [--quick] [--json FILE] [--db DSN]
 
-1. Database ceiling: one process inserting the same rows into the same
-   schema with the gateway's own statement, 5,000 per statement, no network,
-   no protocol.
+1. Database ceiling: the same rows inserted into the same schema with the
+   gateway's own statement, 5,000 per statement, no network, no protocol,
+   on 1, 2, 4 and 8 parallel connections: the best is the ceiling. COPY of
+   the same rows on one connection is shown as a reference.
 2. Baselines, written as a competent user would:
    a thread-pool TGP server committing each reading with psycopg2 before its
    ack (naive_tcp.py, driven by ``gatewayctl simulate`` like the gateway), and
@@ -418,6 +419,8 @@ def flat(figures: dict) -> dict:
     idle_mqtt = next(i for i in figures["idle"] if i["protocol"] == "mqtt")
     out = {
         "ceiling_rps": ceiling_rps,
+        "ceiling_1_rps": figures["ceiling"]["by_connections"]["1"],
+        "copy_rps": figures["ceiling"]["copy_readings_per_s"],
         "naive_tcp_rps": figures["naive_tcp"]["rate"],
         "flask_rps": figures["flask"]["readings_per_s"],
         "tcp_rps": figures["tcp_max"]["rate"],
@@ -482,7 +485,16 @@ def report(figures: dict, summary: dict) -> str:
             f"{errors:>8}"
         )
 
-    lines.append(f"{'database ceiling (1 process, no protocol)':<40}{ceiling_rps:>12,.0f}{1:>10.2f}")
+    c = figures["ceiling"]
+    for n, rps in c["by_connections"].items():
+        label = f"database alone, {n} connection{'s' if n != '1' else ''}" + (
+            " (ceiling)" if int(n) == c["connections"] else ""
+        )
+        lines.append(f"{label:<40}{rps:>12,.0f}{rps / ceiling_rps:>10.2f}")
+    lines.append(
+        f"{'reference: COPY, 1 connection':<40}{c['copy_readings_per_s']:>12,.0f}"
+        f"{c['copy_readings_per_s'] / ceiling_rps:>10.2f}"
+    )
     row(f"baseline: thread pool, TCP ({figures['naive_tcp']['devices']} dev)", figures["naive_tcp"])
     row(f"baseline: Flask+gunicorn, HTTP ({figures['flask']['workers']} w)", figures["flask"])
     row(f"anchor: Mosquitto, MQTT 1/message ({figures['devices']} dev)", figures["mosquitto1"])

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 FLAT_KEYS = (
-    "ceiling_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps tcp_p50_ms tcp_p99_ms "
-    "idle_conns idle_rss_mb idle_mqtt_conns idle_mqtt_rss_mb uploader_rps mqtt100_rps mqtt1_rps mosquitto1_rps "
-    "mqtt_p99_ms mqtt_source_rps modbus_completeness"
+    "ceiling_rps ceiling_1_rps copy_rps naive_tcp_rps flask_rps tcp_rps tls_rps https1_rps https100_rps "
+    "tcp_p50_ms tcp_p99_ms idle_conns idle_rss_mb idle_mqtt_conns idle_mqtt_rss_mb uploader_rps mqtt100_rps "
+    "mqtt1_rps mosquitto1_rps mqtt_p99_ms mqtt_source_rps modbus_completeness"
 ).split()
 
 
