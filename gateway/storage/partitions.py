@@ -11,8 +11,9 @@ database do this under one advisory lock, so they agree.
 
 A reading outside every partition (a device whose clock is years off, a
 backlog from before the gateway ran) is never refused: it lands in
-``readings_default``. The same pass moves such readings out into partitions
-of their own (at most ``SPLIT_SLOTS`` ranges a pass): the new partition is
+``readings_default``. The passes after the one at start move such readings
+out into partitions of their own (at most ``SPLIT_SLOTS`` ranges a pass), so a
+large backlog never delays the start: the new partition is
 created apart, filled from the default partition and attached, while
 inserts into the default partition wait a moment.
 
@@ -35,7 +36,7 @@ from gateway.storage.pool import PgPool, first_line
 log = Logger()
 
 PARTITION_LOCK = 0x7467_7761_7901  # shared by every gateway on the database
-CHECK_INTERVAL = 3600.0
+CHECK_INTERVAL = 600.0
 AHEAD = 2  # partitions made beyond the current one
 SPLIT_SLOTS = 20  # ranges moved out of the default partition in one pass
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -98,16 +99,16 @@ class Partitions:
         self.made: list[str] = []  # partitions this gateway made, latest last
         self.moved = 0  # readings moved out of the default partition
 
-    def maintain(self, now: datetime.datetime | None = None) -> Deferred:
-        """One pass; fires with the names of the partitions made."""
+    def maintain(self, now: datetime.datetime | None = None, move: bool = True) -> Deferred:
+        """One pass (``move``: and empty the default partition); fires with the names of the partitions made."""
         when = now or datetime.datetime.now(datetime.timezone.utc)
 
         def interaction(cur: Any) -> Deferred:
-            return Deferred.fromCoroutine(self._pass(cur, when))
+            return Deferred.fromCoroutine(self._pass(cur, when, move))
 
         return self.pool.run(lambda conn: conn.runInteraction(interaction))
 
-    async def _pass(self, cur: Any, now: datetime.datetime) -> list[str]:
+    async def _pass(self, cur: Any, now: datetime.datetime, move: bool = True) -> list[str]:
         await cur.execute("SET LOCAL lock_timeout = '10s'")
         await cur.execute("SET LOCAL DateStyle = 'ISO'")
         await cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
@@ -115,8 +116,10 @@ class Partitions:
         taken = [(lo, hi) for _, lo, hi in cur.fetchall()]
         current = slot_of(now, self.width)
         wanted = set(range(current, current + AHEAD + 1))
-        await cur.execute(DEFAULT_SLOTS, (self.width, SPLIT_SLOTS))
-        stray = {row[0] for row in cur.fetchall()}
+        stray: set[int] = set()
+        if move:
+            await cur.execute(DEFAULT_SLOTS, (self.width, SPLIT_SLOTS))
+            stray = {row[0] for row in cur.fetchall()}
         made = []
         for slot in sorted(wanted | stray):
             for lo, hi in uncovered(*slot_bounds(slot, self.width), taken):
@@ -194,13 +197,16 @@ class PartitionKeeper(Service):
         self.last_error = ""
 
     async def start(self, dsn: str) -> None:
-        """Connect and make the partitions now, so that the first readings land in theirs."""
+        """
+        Connect and make the partitions now, so that the first readings land in theirs; what waits in the
+        default partition is moved later, in the background, not while the gateway starts.
+        """
         await self.pool.start(dsn)
-        await self.run()
+        await self.run(move=False)
 
-    async def _run(self) -> None:
+    async def _run(self, move: bool) -> None:
         try:
-            made = await self.partitions.maintain()
+            made = await self.partitions.maintain(move=move)
         except Exception as e:
             self.last_error = first_line(e)
             log.warn(
@@ -212,8 +218,8 @@ class PartitionKeeper(Service):
         if made:
             log.info("partitions made: {names}", names=", ".join(made))
 
-    def run(self) -> Deferred:
-        return Deferred.fromCoroutine(self._run())
+    def run(self, move: bool = True) -> Deferred:
+        return Deferred.fromCoroutine(self._run(move))
 
     def startService(self) -> None:
         super().startService()
