@@ -115,11 +115,12 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
     conn.commit()
     runs = {}
     used = 0
+    each = max(1.0, duration / 2)  # per number of connections: five runs in about three durations
     for n in connections:
         counts = [0] * n
         threads = [
             threading.Thread(
-                target=_insert_for, args=(dsn, devices[used + i], now_us, duration, batch, counts, i), daemon=True
+                target=_insert_for, args=(dsn, devices[used + i], now_us, each, batch, counts, i), daemon=True
             )
             for i in range(n)
         ]
@@ -136,7 +137,7 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
     copied = 0
     started = time.perf_counter()
     with conn.cursor() as cur:
-        while time.perf_counter() - started < duration:
+        while time.perf_counter() - started < each:
             first = datetime.datetime.fromtimestamp(now_us / 1e6, datetime.timezone.utc)
             rows = "".join(
                 f"{copy_device}\toil_temp\t{first + datetime.timedelta(milliseconds=copied + k)}\t1.5\n"

@@ -65,3 +65,19 @@ def test_the_benchmark_reports_every_figure(tmp_path):
         "Modbus polling: 20 slaves",
     ):
         assert text in out.stdout
+
+
+def test_the_soak_reports_every_tenth(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.2", "--devices", "5",
+         "--json", str(tmp_path / "soak.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "soak.json").read_text())
+    assert len(figures["tenths"]) == 10
+    for tenth in figures["tenths"]:
+        assert tenth["readings_per_s"] > 0 and tenth["p99_ms"] > 0, tenth
+        assert tenth["gateway_rss_mb"] > 0 and tenth["postgres_rss_mb"] > 0 and tenth["bytes_per_reading"] > 0
+    assert figures["readings_acked"] == sum(t["acked"] for t in figures["tenths"]) > 0
+    assert len(figures["targets"]) == 3 and "gateway RSS" in out.stdout
