@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 
 from gateway.transports.http import GatewaySite
 from gateway.ingest.core import Ingest
+from gateway.ops.health import Health
 from gateway.ingest.quality import QualityRules
 
 from gateway.storage.memory import MemoryStore
@@ -26,7 +27,7 @@ NO_TIME_RULES = QualityRules(max_future=None, max_past=None)
 
 
 class Client:
-    def __init__(self, max_body=1024, timeout=30.0):
+    def __init__(self, max_body=1024, timeout=30.0, uploader=None):
         self.store = MemoryStore()
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
@@ -36,6 +37,7 @@ class Client:
             clock=self.clock,
             max_body=max_body,
             request_timeout=timeout,
+            health=Health(self.store, stall_after=300.0, uploader=lambda: uploader),
         )
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4711))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4711))
@@ -287,7 +289,7 @@ def test_every_ingest_error_code_has_its_http_status():
     assert len(found) >= 8 and found <= STATUS.keys(), found - STATUS.keys()
 
 
-def test_readyz_is_healthz_and_livez_answers_while_the_database_is_down():
+def test_readyz_and_livez_while_the_database_is_down():
     """Kubernetes' probes: /readyz says whether writes can be taken, /livez only that the process serves."""
     c = Client()
     c.store.available = False
@@ -297,6 +299,21 @@ def test_readyz_is_healthz_and_livez_answers_while_the_database_is_down():
     (s1, _, b1), (s2, _, b2) = c.responses()
     assert (s1, b1["status"], b1["database"]) == (503, "unavailable", "database unavailable")
     assert (s2, b2) == (200, {"status": "ok", "uptime_seconds": 5})
+
+
+def test_a_stalled_sink_fails_healthz_but_not_readyz():
+    """A load balancer asks /readyz: a sink that stopped taking batches is no reason to refuse devices."""
+
+    class StalledUploader:
+        def sink_status(self):
+            return {"cloud": {"checked_at": 1.0, "lag_seconds": 900.0, "idle_seconds": 900.0}}
+
+    c = Client(uploader=StalledUploader())
+    for path in (b"/healthz", b"/readyz"):
+        c.request(method=b"GET", path=path, body=None, token=False)
+    (s1, _, b1), (s2, _, b2) = c.responses()
+    assert (s1, b1["status"], b1["storing"], b1["sinks"]["cloud"]["ok"]) == (503, "unavailable", True, False)
+    assert (s2, b2["status"], b2["storing"]) == (200, "ok", True)
 
 
 def test_a_reading_sent_again_with_another_value_is_answered_as_a_conflict():

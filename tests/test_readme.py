@@ -20,7 +20,7 @@ def test_ci_runs_the_readme_test_command():
     assert f"exec {command}" in ci_lines
     script = (ROOT / command).read_text()
     assert script.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest "$@"'
-    for package in ("openssh-client", "wrk", "curl"):
+    for package in ("openssh-client", "wrk", "curl", "mosquitto", "haproxy"):
         assert package in script, package
 
 

@@ -68,7 +68,15 @@ class Health:
                 and all(s["ok"] for s in sinks.values())
                 and all(s["ok"] for s in mqtt_sources.values())
             )
-            doc = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue, "sinks": sinks}
+            # Whether what devices send is stored (or journaled): /readyz, for load balancers.
+            storing = bool((database == "ok" or (journal is not None and journal["ok"])) and queue["ok"])
+            doc = {
+                "status": "ok" if healthy else "unavailable",
+                "storing": storing,
+                "database": database,
+                "queue": queue,
+                "sinks": sinks,
+            }
             if mqtt_sources:
                 doc["mqtt_sources"] = mqtt_sources
             poller = self.poller()

@@ -308,17 +308,25 @@ class ReadingsResource(JsonResource):
 
 
 class HealthResource(JsonResource):
-    """GET /healthz and /readyz: 200 when the gateway can take writes (database, queue, journal, sinks), else 503."""
+    """
+    GET /healthz: 200 when all is well (database, queue, journal, sinks, broker sources), else 503.
+    GET /readyz (``ready``): 200 when the gateway can store what devices send (database or journal, queue),
+    whatever the sinks and broker sources do: what a load balancer asks before sending it devices.
+    """
 
     allowed = (b"GET", b"HEAD")
 
-    def __init__(self, health: Health) -> None:
+    def __init__(self, health: Health, ready: bool = False) -> None:
         super().__init__()
         self.health = health
+        self.ready = ready
 
     def render_GET(self, request: server.Request) -> Any:
         def answer(result: tuple[bool, dict[str, Any]]) -> bytes:
             healthy, doc = result
+            if self.ready:
+                healthy = doc["storing"]
+                doc = {**doc, "status": "ok" if healthy else "unavailable"}
             return json_answer(request, 200 if healthy else 503, doc, None if healthy else 5)
 
         return answer_later(request, self.health.check().addCallback(answer))
@@ -345,11 +353,10 @@ class LiveResource(JsonResource):
 
 
 def operations_resources(health: Health, metrics: Any) -> dict[bytes, resource.Resource]:
-    """/healthz (and /readyz, the same), /livez and /metrics, for the HTTPS site or the --metrics site."""
-    ready = HealthResource(health)
+    """/healthz, /readyz, /livez and /metrics, for the HTTPS site or the --metrics site."""
     return {
-        b"healthz": ready,
-        b"readyz": ready,
+        b"healthz": HealthResource(health),
+        b"readyz": HealthResource(health, ready=True),
         b"livez": LiveResource(metrics.clock),
         b"metrics": MetricsResource(metrics),
     }
