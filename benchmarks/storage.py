@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg2
 
-from common import drop_database, fresh_database, workspace
+from common import drop_database, workspace
 from gateway.outbound.retention import RETENTION_CHUNK
 from gateway.storage import schema
 from gateway.storage.store import WRITE_BATCH
@@ -34,8 +34,6 @@ START = datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)
 
 def database_at(server_dsn: str, name: str, version: int) -> str:
     """A database with the schema up to ``version``."""
-    if version == schema.LATEST:
-        return fresh_database(server_dsn, name)
     drop_database(server_dsn, name)
     admin = psycopg2.connect(server_dsn)
     admin.autocommit = True
@@ -44,15 +42,7 @@ def database_at(server_dsn: str, name: str, version: int) -> str:
     admin.close()
     dsn = psycopg2.extensions.make_dsn(server_dsn, dbname=name)
     conn = psycopg2.connect(dsn)
-    with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, description text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for number, description, statement in schema.MIGRATIONS[:version]:
-            cur.execute(statement)
-            cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, description))
-    conn.commit()
+    schema.migrate(conn, upto=version)
     conn.close()
     return dsn
 

@@ -119,15 +119,37 @@ def pg_server_dsn():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def database_at(server_dsn: str, name: str, version: int = schema.LATEST) -> str:
+    """A new database ``name`` with the schema up to ``version``; its DSN."""
+    _admin_sql(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _admin_sql(server_dsn, f"CREATE DATABASE {name}")
+    dsn = psycopg2.extensions.make_dsn(server_dsn, dbname=name)
+    conn = psycopg2.connect(dsn)
+    try:
+        schema.migrate(conn, upto=version)
+    finally:
+        conn.close()
+    return dsn
+
+
+@pytest.fixture
+def old_database(pg_server_dsn):
+    """database_at for one test (at the schema version asked), dropped afterwards."""
+    names = []
+
+    def make(version: int) -> str:
+        names.append(f"gw_v{version}_{os.getpid()}_{next(_counter)}")
+        return database_at(pg_server_dsn, names[-1], version)
+
+    yield make
+    for name in names:
+        _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server_dsn):
     name = f"gw_template_{os.getpid()}"
-    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
-    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
-    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
-    conn = psycopg2.connect(dsn)
-    schema.migrate(conn)
-    conn.close()
+    database_at(pg_server_dsn, name)
     yield name
     _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
 

@@ -8,7 +8,6 @@ out later, and a change of width.
 from __future__ import annotations
 
 import datetime
-import os
 
 import psycopg2
 import pytest
@@ -42,23 +41,10 @@ def test_uncovered_parts_and_names():
     assert partition_name(day(27, 6)) == "readings_20261127_060000"
 
 
-def test_the_migration_keeps_every_reading_in_partitions_by_day(pg_server_dsn):
-    from tests.conftest import _admin_sql
-
-    name = f"gw_partition_migration_{os.getpid()}"
-    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
-    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
-    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
-    conn = psycopg2.connect(dsn)
+def test_the_migration_keeps_every_reading_in_partitions_by_day(old_database):
+    conn = psycopg2.connect(old_database(7))
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, description text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for number, description, statement in schema.MIGRATIONS[:7]:
-                cur.execute(statement)
-                cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, description))
             cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
             cur.execute(
                 "INSERT INTO readings (device_id, metric, ts, value) SELECT 1, 'm', t, extract(epoch FROM t) "
@@ -93,7 +79,6 @@ def test_the_migration_keeps_every_reading_in_partitions_by_day(pg_server_dsn):
         conn.commit()
     finally:
         conn.close()
-        _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ concurrency, isolation of a refused reading, outages and reconnection.
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import psycopg2
@@ -343,24 +342,10 @@ async def test_twin_newer_only_across_two_gateways_sharing_the_database(db_dsn, 
         await second.stopService()
 
 
-@pytest_twisted.ensureDeferred
-async def test_migration_fills_the_twin_from_readings_stored_before_it(pg_server_dsn):
-    from tests.conftest import _admin_sql
-
-    name = f"gw_twin_migration_{os.getpid()}"
-    _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name}")
-    _admin_sql(pg_server_dsn, f"CREATE DATABASE {name}")
-    dsn = psycopg2.extensions.make_dsn(pg_server_dsn, dbname=name)
+def test_migration_fills_the_twin_from_readings_stored_before_it(old_database):
+    conn = psycopg2.connect(old_database(3))
     try:
-        conn = psycopg2.connect(dsn)
         with conn.cursor() as cur:
-            cur.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, description text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for number, description, statement in schema.MIGRATIONS[:3]:
-                cur.execute(statement)
-                cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, description))
             cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
             cur.execute(
                 "INSERT INTO readings (device_id, metric, ts, value) VALUES "
@@ -371,9 +356,8 @@ async def test_migration_fills_the_twin_from_readings_stored_before_it(pg_server
         with conn.cursor() as cur:
             cur.execute("SELECT metric, value FROM twin ORDER BY metric")
             assert cur.fetchall() == [("oil_temp", 2.0), ("rpm", 3.0)]
-        conn.close()
     finally:
-        _admin_sql(pg_server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
 
 
 HELD = (Quarantined(1, Reading("oil_temp", 5_000, 900.0), "oil_temp.max: 900 is above 200"),)

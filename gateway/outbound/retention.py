@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gateway.storage.partitions import BOUNDS
-from gateway.storage.pool import PgPool, first_line
+from gateway.storage.pool import PeriodicWork, first_line
 
 log = Logger()
 
@@ -60,14 +58,12 @@ FROM {name} ORDER BY tx DESC, id DESC LIMIT 1
 """
 
 
-class Retention(Service):
-    """Deletes old readings that every sink has sent, a chunk at a time, on its own connection."""
+class Retention(PeriodicWork):
+    """Drops old partitions and deletes old readings that every sink has sent, on its own connection."""
 
     def __init__(self, reactor: Any, age: float) -> None:
-        self.pool = PgPool(reactor, 1)
+        super().__init__(reactor, RETENTION_INTERVAL, now=True)
         self.age = age
-        self.loop = LoopingCall(self.sweep)
-        self.loop.clock = reactor
         self.deleted = 0  # readings deleted row by row
         self.dropped: list[str] = []  # partitions dropped whole
         self.held: dict[str, str] = {}  # partitions past retention kept, and why
@@ -80,18 +76,8 @@ class Retention(Service):
         d = self.pool.run(lambda c: c.runQuery("SELECT name FROM upload_sinks ORDER BY name"))
         return d.addCallback(lambda rows: [row[0] for row in rows])
 
-    def startService(self) -> None:
-        super().startService()
-        self.loop.start(RETENTION_INTERVAL, now=True).addErrback(lambda f: log.failure("retention stopped", f))
-
-    async def _stop(self) -> None:
-        if self.loop.running:
-            self.loop.stop()
-        super().stopService()
-        await self.pool.close()
-
-    def stopService(self) -> Deferred:
-        return Deferred.fromCoroutine(self._stop())
+    def tick(self) -> Deferred:
+        return self.sweep()
 
     def sweep_chunk(self) -> Deferred:
         """Delete one chunk of readings older than ``age`` seconds that every sink has sent; fires with the count."""

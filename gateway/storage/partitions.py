@@ -26,12 +26,10 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway.storage.pool import PgPool, first_line
+from gateway.storage.pool import PeriodicWork, PgPool, first_line
 
 log = Logger()
 
@@ -186,14 +184,12 @@ def make_partitions(conn: Any, width: float, now: datetime.datetime | None = Non
     return made
 
 
-class PartitionKeeper(Service):
+class PartitionKeeper(PeriodicWork):
     """Runs ``Partitions.maintain`` at start and every ``CHECK_INTERVAL`` seconds, on a connection of its own."""
 
     def __init__(self, reactor: Any, width: float) -> None:
-        self.pool = PgPool(reactor, 1)
+        super().__init__(reactor, CHECK_INTERVAL, now=False)
         self.partitions = Partitions(self.pool, width)
-        self.loop = LoopingCall(self.run)
-        self.loop.clock = reactor
         self.last_error = ""
 
     async def start(self, dsn: str) -> None:
@@ -221,15 +217,5 @@ class PartitionKeeper(Service):
     def run(self, move: bool = True) -> Deferred:
         return Deferred.fromCoroutine(self._run(move))
 
-    def startService(self) -> None:
-        super().startService()
-        self.loop.start(CHECK_INTERVAL, now=False)
-
-    async def _stop(self) -> None:
-        if self.loop.running:
-            self.loop.stop()
-        super().stopService()
-        await self.pool.close()
-
-    def stopService(self) -> Deferred:
-        return Deferred.fromCoroutine(self._stop())
+    def tick(self) -> Deferred:
+        return self.run()

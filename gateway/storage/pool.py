@@ -25,7 +25,9 @@ from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -252,3 +254,31 @@ def first_line(error: BaseException | None) -> str:
     if text.startswith("ERROR:"):
         text = text[6:].strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class PeriodicWork(Service):
+    """Work on a database connection of its own, every ``interval`` seconds while the service runs."""
+
+    def __init__(self, reactor: Any, interval: float, now: bool) -> None:
+        self.pool = PgPool(reactor, 1)
+        self.interval = interval
+        self.now = now  # run once as the service starts, too
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = reactor
+
+    def tick(self) -> Deferred:
+        raise NotImplementedError
+
+    def startService(self) -> None:
+        super().startService()
+        done = self.loop.start(self.interval, now=self.now)
+        done.addErrback(lambda f: log.failure("{what} stopped", f, what=type(self).__name__))
+
+    async def _stop(self) -> None:
+        if self.loop.running:
+            self.loop.stop()
+        super().stopService()
+        await self.pool.close()
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())

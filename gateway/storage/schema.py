@@ -301,9 +301,9 @@ class SchemaError(Exception):
     """The database cannot hold this gateway's schema."""
 
 
-def migrate(conn: Any) -> list[int]:
+def migrate(conn: Any, upto: int = LATEST) -> list[int]:
     """
-    Bring the database to the latest schema; return the versions applied.
+    Bring the database to the latest schema (or to version ``upto``); return the versions applied.
     ``conn`` is a synchronous psycopg2 connection; it is committed.
     """
     with conn.cursor() as cur:
@@ -328,7 +328,7 @@ def migrate(conn: Any) -> list[int]:
             )
         applied = []
         for number, description, sql in MIGRATIONS:
-            if number in done:
+            if number in done or number > upto:
                 continue
             cur.execute(sql)
             cur.execute(
