@@ -117,9 +117,15 @@ def run(tmp: Path, server_dsn: str, devices: int, interval: float, duration: flo
             cpu = sum(process.cpu_times()[:2]) - cpu_before
             slave_cpu = sum(psutil.Process(slaves.pid).cpu_times()[:2]) - slave_cpu_before
             rss = process.memory_info().rss / 2**20
-            time.sleep(2 * interval + 5)  # the window's last polls are stored and reported
+            # The window's last polls stored, and every device's state reported (every 5 s) since.
+            deadline = time.time() + 30
+            while True:
+                status = statuses(dsn)
+                fresh = all(s["reported_seconds_ago"] < time.time() - end - interval for s in status)
+                if (fresh and len(status) == devices) or time.time() > deadline:
+                    break
+                time.sleep(0.5)
             stored = stored_between(dsn, start, end)
-            status = statuses(dsn)
         finally:
             gateway.stop()
     finally:

@@ -28,7 +28,7 @@ FLAT_KEYS = (
 def test_the_benchmark_reports_every_figure(tmp_path):
     assert shutil.which("wrk"), "wrk drives the benchmark's HTTP runs: scripts/test installs it (apt-get install wrk)"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "2", "--devices", "5", "--idle", "20",
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "1", "--devices", "5", "--idle", "20",
          "--modbus", "20",
          "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
@@ -69,7 +69,7 @@ def test_the_benchmark_reports_every_figure(tmp_path):
 
 def test_the_soak_reports_every_tenth(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.2", "--devices", "5",
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.1", "--devices", "5",
          "--json", str(tmp_path / "soak.json")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

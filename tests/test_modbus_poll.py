@@ -265,7 +265,8 @@ def test_a_device_that_closes_after_each_request_is_reconnected_without_gaps():
     h.run(10.5)
     status = h.status("meter-1")
     assert status["gaps"] == 0 and status["polls"] >= 9
-    assert slave.connections == 2 * status["polls"]
+    # Each poll's two reads needed a connection each (one more if a poll was under way as the run ended).
+    assert 2 * status["polls"] <= slave.connections <= 2 * status["polls"] + 2
 
 
 def test_a_poll_still_running_when_the_next_is_due_is_a_gap():
