@@ -3,11 +3,12 @@ The gateway in a steady state: ingest at the most it acknowledges, with the
 uploader and retention running, for a long time.
 
     python benchmarks/soak.py (--minutes M | --readings N) [--devices 100] [--retention 600]
-                              [--db DSN] [--json FILE]
+                              [--no-upload] [--db DSN] [--json FILE]
 
 Simulated TGP devices (``gatewayctl simulate``, 100 readings a frame) send
 as fast as the gateway acknowledges; an upload receiver on loopback takes
-every batch; ``--retention`` (10 minutes by default) removes what was sent.
+every batch (``--no-upload``: no sink, to see what the uploader costs);
+``--retention`` (10 minutes by default) removes what was sent.
 The run is cut into tenths; for each it reports readings/s, ack latency
 p99, the gateway's and PostgreSQL's RSS, and bytes on disk per reading
 stored (readings and its partitions, indexes included). With ``--readings
@@ -125,12 +126,15 @@ def main() -> None:
     length.add_argument("--readings", type=int, help="readings to store (the length follows from the rate)")
     parser.add_argument("--devices", type=int, default=100, help="simulated TGP devices [100]")
     parser.add_argument("--retention", type=float, default=600, help="--retention of the gateway, seconds [600]")
+    parser.add_argument("--no-upload", action="store_true", help="no sink: ingest and retention alone")
     parser.add_argument("--db", help="PostgreSQL server DSN (default: embedded, in a temporary directory)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     started = time.monotonic()
     with workspace(args.db) as (tmp, server_dsn):
-        figures = run(tmp, server_dsn, args.minutes, args.readings, args.devices, args.retention)
+        figures = run(
+            tmp, server_dsn, args.minutes, args.readings, args.devices, args.retention, upload=not args.no_upload
+        )
     figures["seconds"] = time.monotonic() - started
     for name, ok in figures["targets"].items():
         print(f"{'met   ' if ok else 'MISSED'} {name}")

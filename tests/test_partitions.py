@@ -8,6 +8,7 @@ out later, and a change of width.
 from __future__ import annotations
 
 import datetime
+import json
 
 import psycopg2
 import pytest
@@ -18,6 +19,7 @@ from twisted.internet.defer import gatherResults
 from gateway.storage import schema
 from gateway.storage.partitions import BOUNDS, Partitions, partition_name, uncovered
 from gateway.storage.pool import PgPool
+from tests.gatewayproc import gatewayctl
 from tests.test_store import add_pg_device
 
 UTC = datetime.timezone.utc
@@ -169,6 +171,16 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         }
         assert sql("SELECT count(*) FROM readings_20261102") == [(50,)]  # the sent half, deleted row by row
         assert sql("SELECT count(*) FROM readings_20261103") == [(100,)]
+        sql("ANALYZE readings")
+        storage = json.loads(gatewayctl("storage", "--json", "--db", db_dsn).stdout)
+        by_name = {p["partition"]: p for p in storage}
+        assert by_name["readings_20261103"]["readings_estimate"] == 100
+        assert by_name["readings_20261103"]["from"] == "2026-11-03T00:00:00Z"
+        assert not by_name["readings_20261102"]["sent_to_every_sink"]
+        assert by_name["readings_default"]["sent_to_every_sink"]  # empty
+        assert "readings_20261101" not in by_name and by_name["readings_20261103"]["bytes"] > 0
+        text = gatewayctl("storage", "--db", db_dsn).stdout
+        assert "readings_20261102" in text and "NOT YET SENT to every sink" in text
         # Everything sent, but one reading of day 3 arrived just now: that partition waits for it.
         sql("INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', %s, 7)", (day(3, 5),))
         sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id(), cursor_id = 1e15")

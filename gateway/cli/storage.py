@@ -1,0 +1,80 @@
+"""
+``gatewayctl storage``: where the readings are on disk — each time partition
+with its range, its size (indexes included), how many readings it holds
+(PostgreSQL's estimate, kept by ANALYZE) and what one costs, and whether every
+sink has sent it (what retention waits for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gateway.cli.common import database, note, when
+from gateway.outbound.retention import UPLOADED_FRONTIER
+from gateway.storage.partitions import BOUNDS
+
+PARTITIONS = f"""
+SELECT p.name, p.lo, p.hi, pg_total_relation_size(p.name::regclass), greatest(c.reltuples, 0)::bigint
+FROM ({BOUNDS}) p(name, lo, hi) JOIN pg_class c ON c.oid = p.name::regclass
+UNION ALL
+SELECT 'readings_default', NULL, NULL, pg_total_relation_size('readings_default'),
+       greatest(c.reltuples, 0)::bigint
+FROM pg_class c WHERE c.oid = 'readings_default'::regclass
+ORDER BY 2 NULLS FIRST
+"""
+# Whether a partition's newest reading (in upload order) is at or below the frontier every sink has passed.
+SENT = """
+SELECT coalesce((SELECT (tx, id) <= (%(tx)s::xid8, %(id)s) OR %(tx)s IS NULL FROM {name}
+                 ORDER BY tx DESC, id DESC LIMIT 1), true)
+"""
+
+
+def cmd_storage(args: argparse.Namespace) -> None:
+    with database(args) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL DateStyle = 'ISO'")
+            cur.execute(PARTITIONS, ("readings",))
+            rows = cur.fetchall()
+            cur.execute(UPLOADED_FRONTIER)
+            frontier = cur.fetchone() or (None, None)
+            out = []
+            for name, lo, hi, size, estimate in rows:
+                cur.execute(SENT.format(name=f'"{name}"'), {"tx": frontier[0], "id": frontier[1]})
+                out.append(
+                    {
+                        "partition": name,
+                        "from": when(lo) if lo else None,
+                        "to": when(hi) if hi else None,
+                        "bytes": size,
+                        "readings_estimate": estimate,
+                        "bytes_per_reading": round(size / estimate, 1) if estimate else None,
+                        "sent_to_every_sink": cur.fetchone()[0],
+                    }
+                )
+        conn.rollback()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return
+    total = sum(p["bytes"] for p in out)
+    readings = sum(p["readings_estimate"] for p in out)
+    for p in out:
+        span = f"{p['from']} .. {p['to']}" if p["from"] else "(readings outside every partition)"
+        cost = f"{p['bytes_per_reading']:.0f} B each" if p["bytes_per_reading"] else "-"
+        sent = "sent" if p["sent_to_every_sink"] else "NOT YET SENT to every sink"
+        print(
+            f"{p['partition']:<28} {span:<50} {p['bytes'] / 2**20:>10.1f} MB "
+            f"{p['readings_estimate']:>14,} {cost:>12}  {sent}"
+        )
+    note(f"{len(out)} partitions, {total / 2**30:.2f} GB, about {readings:,} readings (estimates from ANALYZE)")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "storage", parents=[common], help="the readings' time partitions: range, size, readings, sent or not"
+    )
+    p.add_argument("--json", action="store_true", help="print the partitions as JSON")
+    p.set_defaults(func=cmd_storage)
