@@ -69,15 +69,20 @@ def postgres_rss_mb(dsn: str) -> float:
 
 
 def run(
-    tmp: Path, server_dsn: str, minutes: float | None, readings: int | None, devices: int, retention: float
+    tmp: Path,
+    server_dsn: str,
+    minutes: float | None,
+    readings: int | None,
+    devices: int,
+    retention: float,
+    upload: bool = True,
 ) -> dict:
     dsn = fresh_database(server_dsn, "bench_soak")
     receiver = Receiver(tmp / "soak-receiver")
     tenths = []
     try:
-        gateway = Gateway(
-            dsn, tmp / "gw-soak", *upload_args(receiver), "--retention", str(int(retention)), "--partition", "1h"
-        )
+        sink = upload_args(receiver) if upload else []
+        gateway = Gateway(dsn, tmp / "gw-soak", *sink, "--retention", str(int(retention)), "--partition", "1h")
         process = psutil.Process(gateway.proc.pid)
         try:
             tenth_s = (minutes or 1.0) * 6.0
