@@ -359,3 +359,16 @@ def test_a_host_that_does_not_speak_modbus_is_a_protocol_gap_and_is_reconnected(
     h.poller.polled["meter-1"].poll()
     h.wait(0.1)
     assert [v for _, _, v in h.stored("meter-1")] == [7.0] and slave.connections == 2
+
+
+def test_stopping_with_a_read_in_flight_ends_the_poll():
+    h = Harness(meter())
+    slave = h.slave(registers=meter_registers())
+    slave.silent = True
+    polled = h.poller.polled["meter-1"]
+    polled.poll()
+    assert polled.polling and len(slave.requests) == 1
+    h.poller.stopService()
+    h.wait(0.1)
+    assert not polled.polling  # the read in flight and the one queued behind it failed as "stopped"
+    assert h.status("meter-1")["gaps_by_reason"] == {"stopped": 1}

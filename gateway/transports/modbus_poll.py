@@ -294,7 +294,9 @@ class ModbusHost:
         request = self.in_flight
         if request is not None:
             self._done(request)
-            if link.error:
+            if self.stopped:
+                request.done.errback(ReadFailed("stopped", "the poller is stopping"))
+            elif link.error:
                 request.done.errback(
                     ReadFailed("protocol", f"{self.address} sent what is not Modbus/TCP: {link.error}")
                 )
@@ -634,7 +636,7 @@ class ModbusPoller(Service):
         gaps = counter(
             "gateway_modbus_gaps",
             "Polls that brought no or only some values (missed slot, timeout, unreachable, closed, exception, "
-            "protocol, value, store, unknown_device): readings that will never exist.",
+            "protocol, value, store, unknown_device, stopped): readings that will never exist.",
             ["device", "reason"],
         )
         exceptions = counter(
