@@ -100,8 +100,9 @@ class Retention(PeriodicWork):
         None when dropped, else the reason it is kept."""
 
         async def work(cur: Any) -> str | None:
-            await cur.execute("SET LOCAL lock_timeout = '5s'")
-            # Late inserts into this partition wait (then fail over to a retry by the device) until it is gone.
+            # While this waits for the lock, queries of the whole table (the uploader's) queue behind it: wait
+            # briefly, and try again at the next sweep. Late inserts into this partition wait until it is gone.
+            await cur.execute("SET LOCAL lock_timeout = '1s'")
             await cur.execute(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
             await cur.execute(UPLOADED_FRONTIER)
             frontier = cur.fetchone() or (None, None)
