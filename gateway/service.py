@@ -41,6 +41,8 @@ from twisted.web import server
 from gateway.api import openapi
 from gateway.api.read import ReadApi
 from gateway.api.resource import ApiResource
+from gateway.api.sessions import Sessions
+from gateway.ui.resource import UiResource
 from gateway.config import ConfigError, GatewayConfig, Options, StartError, build_config, load_toml
 from gateway.ingest.core import Ingest
 from gateway.ingest.rates import DeviceRates
@@ -172,7 +174,8 @@ class GatewayService(MultiService):
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
         self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
-        self.api = ReadApi(self.reads, reactor, self.status_policy, openapi.document())
+        self.sessions = Sessions(self.reads, reactor)
+        self.api = ReadApi(self.reads, reactor, self.status_policy, openapi.document(), self.sessions)
         self.status = StatusWatch(
             lambda sql, params: self.reads.run(lambda c: c.runQuery(sql, params)),
             self.status_policy,
@@ -188,6 +191,7 @@ class GatewayService(MultiService):
             health=self.health,
             metrics_here=config.metrics is None,
             api=ApiResource(self.api),
+            ui=UiResource(self.api, self.sessions, self.metrics, self.in_thread),
         )
         self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
         self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)

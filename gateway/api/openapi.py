@@ -68,6 +68,8 @@ SCHEMAS: dict[str, Any] = {
             "expected_interval": {"type": "number", "nullable": True, "description": "seconds"},
             "silent": {"type": "boolean"},
             "silent_for": {"type": "number", "nullable": True},
+            "online": {"type": "boolean", "description": "heard from within the last minute"},
+            "readings_today": {"type": "integer", "description": "readings stored since midnight UTC"},
             "quality": {
                 "type": "object",
                 "properties": {
@@ -115,6 +117,45 @@ SCHEMAS: dict[str, Any] = {
             "cleared_reading": {"type": "object", "nullable": True},
         },
     },
+    "Series": {
+        "type": "object",
+        "description": "Readings of one metric reduced to buckets; arrays of the same length, one entry a bucket.",
+        "properties": {
+            "device": _NAME,
+            "metric": _NAME,
+            "since": _TS,
+            "until": _TS,
+            "bucket_seconds": {"type": "number"},
+            "t": {"type": "array", "items": {"type": "integer"}, "description": "middle of the bucket's readings, ms"},
+            "min": {"type": "array", "items": {"type": "number"}},
+            "max": {"type": "array", "items": {"type": "number"}},
+            "mean": {"type": "array", "items": {"type": "number"}},
+            "count": {"type": "array", "items": {"type": "integer"}},
+        },
+    },
+    "Rejected": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "received_at": _TS,
+            "source": {"type": "string"},
+            "reason": {"type": "string"},
+            "bytes": {"type": "integer"},
+            "sample": {"type": "string", "description": "the input's first 300 bytes"},
+        },
+    },
+    "Sink": {
+        "type": "object",
+        "description": "A sink's cursor, lag and batches, as gatewayctl upload status --json shows them.",
+        "properties": {
+            "name": {"type": "string"},
+            "url": {"type": "string"},
+            "lag_readings": {"type": "integer"},
+            "lag_seconds": {"type": "number", "nullable": True},
+            "parked_batches": {"type": "integer"},
+            "last_error": {"type": "string", "nullable": True},
+        },
+    },
     "Quarantined": {
         "type": "object",
         "properties": {
@@ -134,7 +175,7 @@ _ERRORS = {
     400: "A parameter or the body is malformed; the message names it.",
     401: "No token, or an unknown or revoked one.",
     403: "A device token on the read API, or a reader token where admin is needed.",
-    404: "No such device.",
+    404: "No such device (or quarantined reading, or sink).",
     405: "Another method is needed (see Allow).",
     408: "The request did not arrive whole in time.",
     411: "No Content-Length and not chunked.",
@@ -194,7 +235,12 @@ def document() -> dict[str, Any]:
             "schemas": SCHEMAS,
             "securitySchemes": {
                 "deviceToken": {"type": "http", "scheme": "bearer", "description": "gatewayctl device add"},
-                "apiToken": {"type": "http", "scheme": "bearer", "description": "gatewayctl token add"},
+                "apiToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "gatewayctl token add; the dashboard's session cookie stands for it, and then a "
+                    "POST also needs the session's X-CSRF-Token",
+                },
             },
         },
         "paths": {
@@ -219,7 +265,11 @@ def document() -> dict[str, Any]:
                         },
                     },
                     (400, *read_errors),
-                    parameters=[_LIMIT, _query("cursor", "next_cursor of the previous page")],
+                    parameters=[
+                        _LIMIT,
+                        _query("cursor", "next_cursor of the previous page"),
+                        _query("match", "only devices whose name contains this (any case)"),
+                    ],
                     **_READ,
                 )
             },
@@ -247,6 +297,37 @@ def document() -> dict[str, Any]:
                         _LIMIT,
                         _query("cursor", "next_cursor of the previous page"),
                     ],
+                    **_READ,
+                ),
+                "parameters": [_DEVICE],
+            },
+            "/v1/devices/{name}/series": {
+                "get": _op(
+                    "One metric over a time range, reduced in PostgreSQL to at most `points` buckets (min, max, mean)",
+                    _ref("Series"),
+                    (400, *read_errors, 404),
+                    parameters=[
+                        _query("metric", "the metric (required)", _NAME),
+                        _query("since", "from this time (RFC 3339 or epoch ms; default: a day before until)"),
+                        _query("until", "before this time (default: now)"),
+                        _query("points", "at most this many buckets (1..4000, default 600)", {"type": "integer"}),
+                    ],
+                    **_READ,
+                ),
+                "parameters": [_DEVICE],
+            },
+            "/v1/devices/{name}/rejected": {
+                "get": _op(
+                    "The device's input the gateway refused, newest first, with the reasons",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "rejected": {"type": "array", "items": _ref("Rejected")},
+                            "next_cursor": {"type": "string", "nullable": True},
+                        },
+                    },
+                    (400, *read_errors),
+                    parameters=[_LIMIT, _query("cursor", "next_cursor of the previous page")],
                     **_READ,
                 ),
                 "parameters": [_DEVICE],
@@ -282,6 +363,38 @@ def document() -> dict[str, Any]:
                     parameters=[_query("device", "only this device", _NAME), _LIMIT, _query("cursor", "next_cursor")],
                     **_READ,
                 )
+            },
+            "/v1/quarantine/{id}/release": {
+                "post": _op(
+                    "Store a quarantined reading as a reading (admin role): readings, twin, uploads",
+                    {
+                        "type": "object",
+                        "properties": {"released": {"type": "integer"}, "stored": {"type": "integer"}},
+                    },
+                    (400, *read_errors, 404),
+                    **_READ,
+                ),
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            },
+            "/v1/sinks": {
+                "get": _op(
+                    "The upload sinks: lag, last error, parked batches",
+                    {"type": "object", "properties": {"sinks": {"type": "array", "items": _ref("Sink")}}},
+                    read_errors,
+                    **_READ,
+                )
+            },
+            "/v1/sinks/{name}/retry": {
+                "post": _op(
+                    "Send a sink's parked batches again (admin role)",
+                    {
+                        "type": "object",
+                        "properties": {"sink": {"type": "string"}, "retried_batches": {"type": "integer"}},
+                    },
+                    (*read_errors, 404),
+                    **_READ,
+                ),
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             },
             "/healthz": {
                 "get": _op("Health of the database, the queue, the journal and the sinks", {"type": "object"}, (503,))

@@ -10,7 +10,14 @@ that the OpenAPI document at ``/v1/openapi.json`` is checked against.
 
 Readings are paged by keyset, not offset: ``next_cursor`` holds the
 (time, metric) of the last reading sent, and the next page starts after
-it, so readings stored meanwhile neither shift nor repeat a page.
+it, so readings stored meanwhile neither shift nor repeat a page. A long
+range is drawn from ``/series``: PostgreSQL reduces it to at most
+``points`` buckets, each with its min, max and mean, so a week at one
+reading a second (600,000 readings) is a few hundred rows on the wire.
+
+The dashboard calls the same routes with its session cookie instead of a
+token (``gateway.api.sessions``); a request that changes something must
+then also carry the session's CSRF token.
 """
 
 from __future__ import annotations
@@ -26,17 +33,23 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.api.sessions import Session, Sessions, csrf_matches
 from gateway.ingest import tokens
+from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, status_sql
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
-from gateway.storage.queries import QUARANTINE_COLUMNS, quarantined_doc
+from gateway.storage.queries import QUARANTINE_COLUMNS, RELEASE, quarantined_doc
 
 log = Logger()
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+MAX_POINTS = 4000  # buckets of a series: more than a screen has pixels across
+DEFAULT_POINTS = 600
+DEFAULT_SPAN_US = 86_400 * 1_000_000  # a series without since: the day before until
+SINK_COUNT_AT_MOST = 1_000_000  # readings not yet batched are counted up to this many per sink
 
-FIND_API_TOKEN = "SELECT role, token_hash, revoked_at IS NOT NULL FROM api_tokens WHERE token_id = %s"
+FIND_API_TOKEN = "SELECT role, token_hash, revoked_at IS NOT NULL, id, name FROM api_tokens WHERE token_id = %s"
 FIND_DEVICE_TOKEN = "SELECT token_hash FROM devices WHERE token_id = %s AND revoked_at IS NULL"
 DEVICE_ID = "SELECT id FROM devices WHERE name = %s"
 LATEST = (
@@ -65,6 +78,26 @@ WHERE (%(state)s = 'all' OR (%(state)s = 'open') = (a.cleared_at IS NULL))
 ORDER BY a.fired_at DESC, a.id DESC
 LIMIT %(limit)s
 """
+# The readings of one metric in [since, until) reduced to buckets of ``width`` µs, in PostgreSQL.
+SERIES = """
+SELECT (us - %(since)s) / %(width)s, min(value), max(value), avg(value), count(*), min(us), max(us)
+FROM (
+    SELECT (extract(epoch FROM ts) * 1000000)::bigint AS us, value FROM readings
+    WHERE device_id = %(device)s AND metric = %(metric)s
+      AND ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond'
+      AND ts < timestamptz 'epoch' + %(until)s * interval '1 microsecond'
+) AS r
+GROUP BY 1 ORDER BY 1
+"""
+REJECTED = """
+SELECT id, (extract(epoch FROM received_at) * 1000000)::bigint, source, reason, octet_length(raw),
+       substring(raw FROM 1 FOR %(sample)s)
+FROM rejected_input WHERE device = %(device)s AND (%(after)s::bigint IS NULL OR id < %(after)s)
+ORDER BY received_at DESC, id DESC
+LIMIT %(limit)s
+"""
+REJECTED_SAMPLE = 300
+SINK_EXISTS = "SELECT 1 FROM upload_sinks WHERE name = %s"
 QUARANTINE = f"""
 SELECT {QUARANTINE_COLUMNS}
 FROM quarantine q JOIN devices d ON d.id = q.device_id
@@ -97,12 +130,17 @@ class Route:
 
 ROUTES = (
     Route("GET", "/v1/openapi.json", None, "openapi"),
-    Route("GET", "/v1/devices", "reader", "devices", ("limit", "cursor")),
+    Route("GET", "/v1/devices", "reader", "devices", ("limit", "cursor", "match")),
     Route("GET", "/v1/devices/{name}", "reader", "device"),
     Route("GET", "/v1/devices/{name}/latest", "reader", "latest"),
     Route("GET", "/v1/devices/{name}/readings", "reader", "readings", ("metric", "since", "until", "limit", "cursor")),
+    Route("GET", "/v1/devices/{name}/series", "reader", "series", ("metric", "since", "until", "points")),
+    Route("GET", "/v1/devices/{name}/rejected", "reader", "rejected", ("limit", "cursor")),
     Route("GET", "/v1/alerts", "reader", "alerts", ("state", "device", "limit")),
     Route("GET", "/v1/quarantine", "admin", "quarantine", ("device", "limit", "cursor")),
+    Route("POST", "/v1/quarantine/{id}/release", "admin", "release"),
+    Route("GET", "/v1/sinks", "reader", "sinks"),
+    Route("POST", "/v1/sinks/{name}/retry", "admin", "retry_sink"),
 )
 
 ROLES = {"reader": 1, "admin": 2}
@@ -159,33 +197,79 @@ def decode_cursor(text: str | None, check: Callable[[Any], bool]) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents: an API token, or the dashboard's session cookie and CSRF token."""
+
+    token: str | None = None  # Authorization: Bearer
+    cookie: str | None = None  # the session cookie
+    csrf: str | None = None  # X-CSRF-Token
+    same_origin: bool = True  # False when the browser said the request came from another site's page
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    id: int
+    name: str
+    role: str
+
+
 class ReadApi:
     """The routes' work: authorisation and queries, on a pool of its own."""
 
-    def __init__(self, pool: Any, clock: IReactorTime, policy: StatusPolicy, openapi: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        clock: IReactorTime,
+        policy: StatusPolicy,
+        openapi: dict[str, Any],
+        sessions: Sessions | None = None,
+    ) -> None:
         self.pool = pool
         self.clock = clock
         self.policy = policy
         self.openapi_doc = openapi
+        self.sessions = sessions
 
     def _query(self, sql: str, params: Any) -> Deferred:
         return self.pool.run(lambda c: c.runQuery(sql, params))
 
-    async def role_of(self, token: str | None) -> str:
-        """The role of an API token; ApiError 401 (none, unknown, revoked) or 403 (a device token)."""
+    async def api_token(self, token: str | None) -> ApiToken:
+        """The API token presented; ApiError 401 (none, unknown, revoked) or 403 (a device token)."""
         parts = tokens.split_token(token) if token else None
         if parts is None:
             raise ApiError("unauthorized", "give an API token: Authorization: Bearer <token>")
         rows = await self._query(FIND_API_TOKEN, (parts[0],))
         if rows and not rows[0][2] and tokens.token_matches(token or "", bytes(rows[0][1])):
-            return str(rows[0][0])
+            return ApiToken(int(rows[0][3]), str(rows[0][4]), str(rows[0][0]))
         if not rows:
             devices = await self._query(FIND_DEVICE_TOKEN, (parts[0],))
             if devices and tokens.token_matches(token or "", bytes(devices[0][0])):
                 raise ApiError("forbidden", "a device token cannot read; use an API token (gatewayctl token add)")
         raise ApiError("unauthorized", "unknown or revoked API token")
 
-    async def handle(self, method: str, path: str, args: dict[bytes, list[bytes]], token: str | None) -> Any:
+    async def role_of(self, token: str | None) -> str:
+        return (await self.api_token(token)).role
+
+    async def session_of(self, credentials: Credentials, changes: bool) -> Session:
+        """The dashboard session of a cookie; for a request that ``changes`` something, its CSRF token too."""
+        session = await self.sessions.find(credentials.cookie) if self.sessions is not None else None
+        if session is None:
+            raise ApiError("unauthorized", "the session expired or was ended; sign in again")
+        if changes and (not credentials.same_origin or not csrf_matches(session, credentials.csrf)):
+            raise ApiError("forbidden", "this request needs the session's X-CSRF-Token, from the gateway's own page")
+        return session
+
+    async def _role(self, credentials: Credentials, changes: bool) -> str:
+        if credentials.token is None and credentials.cookie is not None:
+            return (await self.session_of(credentials, changes)).role
+        return await self.role_of(credentials.token)
+
+    async def handle(
+        self, method: str, path: str, args: dict[bytes, list[bytes]], credentials: Credentials | str | None
+    ) -> Any:
+        if not isinstance(credentials, Credentials):
+            credentials = Credentials(token=credentials)
         for route in ROUTES:
             match = route.pattern.match(path)
             if match is None:
@@ -197,12 +281,17 @@ class ReadApi:
                 allowed = ", ".join(route.params) or "none"
                 raise ApiError("invalid_parameter", f"{unknown[0]}: unknown parameter (allowed: {allowed})")
             if route.role is not None:
-                role = await self.role_of(token)
+                role = await self._role(credentials, changes=route.method != "GET")
                 if ROLES[role] < ROLES[route.role]:
                     raise ApiError("forbidden", f"this needs an API token with the {route.role} role")
             handler = getattr(self, route.handler)
             return await handler(args, *match.groups())
         raise ApiError("not_found", f"no such resource: {path}")
+
+    @staticmethod
+    def allowed(path: str) -> str | None:
+        """The method the route at ``path`` takes (for Allow), or None."""
+        return next((r.method for r in ROUTES if r.pattern.match(path)), None)
 
     # -- the routes --------------------------------------------------------
 
@@ -213,7 +302,10 @@ class ReadApi:
         now = self.clock.seconds()
         limit = _limit(args)
         after = decode_cursor(_one(args, "cursor"), is_name)
-        rows = await self._query(*self.policy.query(now, after=after, limit=limit + 1))
+        match = _one(args, "match")
+        if match is not None and len(match) > 64:
+            raise ApiError("invalid_parameter", "match: at most 64 characters (device names are no longer)")
+        rows = await self._query(*self.policy.query(now, after=after, limit=limit + 1, match=match or None))
         page = rows[:limit]
         return {
             "devices": [self.policy.describe(row, now) for row in page],
@@ -296,3 +388,85 @@ class ReadApi:
             "quarantine": [quarantined_doc(row) for row in page],
             "next_cursor": encode_cursor(page[-1][0]) if len(rows) > limit else None,
         }
+
+    async def series(self, args: Any, name: str) -> dict[str, Any]:
+        metric = _name(args, "metric")
+        if metric is None:
+            raise ApiError("invalid_parameter", "metric: give the metric to draw")
+        until = _time(args, "until")
+        until = until if until is not None else int(self.clock.seconds() * 1e6)
+        since = _time(args, "since")
+        since = since if since is not None else until - DEFAULT_SPAN_US
+        if since >= until:
+            raise ApiError("invalid_parameter", "since: must be before until")
+        text = _one(args, "points")
+        if text is not None and (not text.isdigit() or not 1 <= int(text) <= MAX_POINTS):
+            raise ApiError("invalid_parameter", f"points: {text!r} is not a whole number in 1..{MAX_POINTS}")
+        points = int(text) if text is not None else DEFAULT_POINTS
+        width = max(1, -(-(until - since) // points))
+        params = {"since": since, "until": until, "width": width, "metric": metric}
+        params["device"] = await self._device_id(name)
+        rows = await self._query(SERIES, params)
+        return {
+            "device": name,
+            "metric": metric,
+            "since": format_ts(since),
+            "until": format_ts(until),
+            "bucket_seconds": width / 1e6,
+            # Per bucket: the middle of its readings' times (epoch ms), min, max, mean, count.
+            "t": [round((first + last) / 2000) for _, _, _, _, _, first, last in rows],
+            "min": [row[1] for row in rows],
+            "max": [row[2] for row in rows],
+            "mean": [row[3] for row in rows],
+            "count": [row[4] for row in rows],
+        }
+
+    async def rejected(self, args: Any, name: str) -> dict[str, Any]:
+        limit = _limit(args)
+        after = decode_cursor(_one(args, "cursor"), lambda v: type(v) is int and v > 0)
+        rows = await self._query(
+            REJECTED, {"device": name, "after": after, "limit": limit + 1, "sample": REJECTED_SAMPLE}
+        )
+        page = rows[:limit]
+        return {
+            "device": name,
+            "rejected": [
+                {
+                    "id": id_,
+                    "received_at": format_ts(at),
+                    "source": source,
+                    "reason": reason,
+                    "bytes": size,
+                    "sample": bytes(sample).decode("utf-8", "replace"),
+                }
+                for id_, at, source, reason, size, sample in page
+            ],
+            "next_cursor": encode_cursor(page[-1][0]) if len(rows) > limit else None,
+        }
+
+    async def release(self, args: Any, id_text: str) -> dict[str, Any]:
+        if not id_text.isdigit() or len(id_text) > 18:
+            raise ApiError("invalid_parameter", f"id: {id_text!r} is not a quarantined reading's id")
+        rows = await self._query(RELEASE, {"ids": [int(id_text)], "device": None, "rule": None})
+        moved, stored = rows[0]
+        if not moved:
+            raise ApiError("not_found", f"no quarantined reading {id_text} (released already?)")
+        return {"released": moved, "stored": stored}
+
+    async def sinks(self, args: Any) -> dict[str, Any]:
+        rows = await self._query(status_sql(SINK_COUNT_AT_MOST), ())
+        out = []
+        for row in rows:
+            doc = dict(zip(STATUS_FIELDS, row))
+            for key in ("last_sent_at", "last_error_at"):
+                doc[key] = doc[key].isoformat() if doc[key] is not None else None
+            doc["lag_readings"] = doc["unbatched_readings"] + doc["pending_readings"]
+            doc["lag_counted_up_to"] = SINK_COUNT_AT_MOST
+            out.append(doc)
+        return {"sinks": out}
+
+    async def retry_sink(self, args: Any, name: str) -> dict[str, Any]:
+        if not await self._query(SINK_EXISTS, (name,)):
+            raise ApiError("not_found", f"no sink {name!r}")
+        rows = await self._query(RETRY_DEAD + " RETURNING 1", (name,))
+        return {"sink": name, "retried_batches": len(rows)}

@@ -9,9 +9,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from gateway.api.read import ApiError, ReadApi
+from gateway.api.read import ApiError, Credentials, ReadApi
+from gateway.api.sessions import COOKIE
 from gateway.readings import StoreOverloaded, StoreUnavailable
-from gateway.transports.web import answer_later, bearer_token, error_body, json_answer
+from gateway.transports.web import answer_later, bearer_token, error_body, json_answer, same_origin
 
 log = Logger()
 
@@ -41,7 +42,15 @@ class ApiResource(resource.Resource):
         if method == "HEAD":
             method = "GET"
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
-        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, bearer_token(request)))
+        cookie = request.getCookie(COOKIE)
+        csrf = request.getHeader(b"x-csrf-token")
+        credentials = Credentials(
+            token=bearer_token(request),
+            cookie=cookie.decode("latin-1") if cookie else None,
+            csrf=csrf.decode("latin-1") if csrf else None,
+            same_origin=same_origin(request),
+        )
+        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, credentials))
 
         def done(doc: Any) -> bytes:
             return json_answer(request, 200, doc)
@@ -51,7 +60,8 @@ class ApiResource(resource.Resource):
             if isinstance(e, ApiError):
                 status = STATUS.get(e.code, 400)
                 if status == 405:
-                    request.setHeader(b"allow", b"GET, HEAD")
+                    allowed = self.api.allowed(path) or "GET"
+                    request.setHeader(b"allow", b"GET, HEAD" if allowed == "GET" else allowed.encode())
                 return json_answer(request, status, error_body(e.code, e.message), e.retry_after)
             if isinstance(e, (StoreUnavailable, StoreOverloaded)):
                 return json_answer(request, 503, error_body("database_unavailable", e.message), 5)

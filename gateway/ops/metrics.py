@@ -139,6 +139,17 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.ui_sign_ins = Counter(
+            "gateway_ui_sign_ins",
+            "Dashboard sign-ins, by outcome (ok, refused).",
+            ["outcome"],
+            registry=r,
+        )
+        self.ui_csp_reports = Counter(
+            "gateway_ui_csp_reports",
+            "Content-Security-Policy violations browsers reported from the dashboard (should stay 0).",
+            registry=r,
+        )
         ProcessCollector(registry=r)
         self.live = LiveCollector()
         r.register(self.live)

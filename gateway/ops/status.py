@@ -39,6 +39,9 @@ from gateway.ingest.vendor import DeviceType
 
 log = Logger()
 
+# Heard within this many seconds: "online" on the fleet page (last_seen is written up to 5 s late).
+ONLINE_WITHIN = 60.0
+
 _US = "(extract(epoch FROM {0}) * 1000000)::bigint"
 
 DEVICE_ROWS = f"""
@@ -51,9 +54,11 @@ WITH failures AS (
 )
 SELECT d.name, d.device_type, d.expected_interval, {_US.format("d.created_at")}, {_US.format("d.last_seen")},
        d.last_source, d.revoked_at IS NOT NULL,
-       coalesce((SELECT sum(n) FROM failures f WHERE f.id = d.id), 0)::bigint
+       coalesce((SELECT sum(n) FROM failures f WHERE f.id = d.id), 0)::bigint,
+       CASE WHEN d.readings_day = (now() AT TIME ZONE 'UTC')::date THEN d.readings_today ELSE 0 END
 FROM devices d
 WHERE (%(name)s::text IS NULL OR d.name = %(name)s) AND (%(after)s::text IS NULL OR d.name > %(after)s)
+  AND (%(match)s::text IS NULL OR strpos(lower(d.name), lower(%(match)s)) > 0)
 ORDER BY d.name
 LIMIT %(limit)s
 """
@@ -72,10 +77,19 @@ class StatusPolicy:
         self.device_types = {t.name: t for t in device_types}
 
     def query(
-        self, now: float, name: str | None = None, after: str | None = None, limit: int | None = None
+        self,
+        now: float,
+        name: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+        match: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """DEVICE_ROWS and its parameters: one device, or a page after a name, or (limit None) all."""
-        return DEVICE_ROWS, {"since": now - self.quality.flag_window, "name": name, "after": after, "limit": limit}
+        """
+        DEVICE_ROWS and its parameters: one device, or a page after a name (of those whose name contains
+        ``match``), or (limit None) all.
+        """
+        params = {"since": now - self.quality.flag_window, "name": name, "after": after, "limit": limit}
+        return DEVICE_ROWS, {**params, "match": match}
 
     def interval(self, device_type: str | None, own: float | None) -> float | None:
         if own is not None:
@@ -84,7 +98,7 @@ class StatusPolicy:
         return kind.expected_interval if kind is not None else None
 
     def describe(self, row: tuple, now: float) -> dict[str, Any]:
-        name, device_type, own, created_us, seen_us, source, revoked, failures = row
+        name, device_type, own, created_us, seen_us, source, revoked, failures, today = row
         interval = self.interval(device_type, own)
         heard = (seen_us if seen_us is not None else created_us) / 1e6
         silent = bool(interval is not None and not revoked and now - heard > interval)
@@ -96,6 +110,8 @@ class StatusPolicy:
             "status": "revoked" if revoked else "active",
             "created": format_ts(created_us),
             "last_seen": format_ts(seen_us) if seen_us is not None else None,
+            "online": bool(seen_us is not None and not revoked and now - seen_us / 1e6 <= ONLINE_WITHIN),
+            "readings_today": today,
             "transport": last.transport if last else None,
             "address": last.address if last else None,
             "expected_interval": interval,

@@ -159,17 +159,29 @@ _LAG = """extract(epoch FROM now() - (
 
 _BATCHES = """(SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = '{state}')"""
 
-STATUS = f"""
+
+def status_sql(count_at_most: int | None = None) -> str:
+    """
+    Every sink's cursor, batches and lag (STATUS_FIELDS). ``count_at_most`` bounds the count of readings
+    not yet in a batch, for a caller that asks every few seconds (a backlog of millions is counted once).
+    """
+    unsent = "SELECT 1 FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)"
+    if count_at_most is not None:
+        unsent += f" LIMIT {int(count_at_most)}"
+    return f"""
 SELECT s.name, s.url, s.cursor_tx::text, s.cursor_id, s.batches_sent, s.readings_sent, s.failures,
        s.last_sent_at, s.last_error, s.last_error_at,
        {_BATCHES.format(state="pending")},
        (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'),
        {_BATCHES.format(state="parked")},
        (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
-       (SELECT count(*) FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)),
+       (SELECT count(*) FROM ({unsent}) AS unsent),
        {_LAG}
 FROM upload_sinks s ORDER BY s.name
 """
+
+
+STATUS = status_sql()
 
 # What the running gateway watches (every few seconds): only index lookups, no counting of readings.
 LIVE_STATUS = f"""

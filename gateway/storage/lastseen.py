@@ -4,7 +4,9 @@ commit, and written to ``devices.last_seen`` / ``last_source`` a few seconds
 late, in one statement for every device heard meanwhile, so the hot path
 pays for a dictionary store, not for an UPDATE per request. A write that
 fails (the database is away) keeps the figures for the next try; the
-database keeps the latest time whatever the order (GREATEST).
+database keeps the latest time whatever the order (GREATEST). The same
+statement adds the readings stored since to the device's count for the day
+(UTC), which the fleet page shows.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ INTERVAL = 5.0
 
 UPDATE_LAST_SEEN = """
 UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, to_timestamp(u.at)),
-                        last_source = coalesce(u.source, d.last_source)
-FROM unnest(%s::integer[], %s::float8[], %s::text[]) AS u(id, at, source)
+                        last_source = coalesce(u.source, d.last_source),
+                        readings_today = CASE WHEN d.readings_day = (now() AT TIME ZONE 'UTC')::date
+                                              THEN d.readings_today + u.n ELSE u.n END,
+                        readings_day = (now() AT TIME ZONE 'UTC')::date
+FROM unnest(%s::integer[], %s::float8[], %s::text[], %s::bigint[]) AS u(id, at, source, n)
 WHERE d.id = u.id
 """
 
@@ -38,11 +43,14 @@ class LastSeen:
         self._clock = clock
         self._seen: dict[int, float] = {}
         self._sources: dict[int, str] = {}  # device id → where its last write came from
+        self._counts: dict[int, int] = {}  # device id → readings stored since the last write
         self._loop = LoopingCall(self.flush)
         self._loop.clock = clock
 
-    def heard(self, device_id: int, source: str = "") -> None:
+    def heard(self, device_id: int, source: str = "", stored: int = 0) -> None:
         self._seen[device_id] = self._clock.seconds()
+        if stored:
+            self._counts[device_id] = self._counts.get(device_id, 0) + stored
         if source:
             self._sources[device_id] = source
 
@@ -62,14 +70,17 @@ class LastSeen:
         seen, self._seen = self._seen, {}
         ids = sorted(seen)
         sources = [self._sources.pop(i, None) for i in ids]
-        d = self._run(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids], sources))
+        counts = [self._counts.pop(i, 0) for i in ids]
+        d = self._run(UPDATE_LAST_SEEN, (ids, [seen[i] for i in ids], sources, counts))
 
         def failed(f: Failure) -> None:
             for device_id, at in seen.items():
                 self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
-            for device_id, source in zip(ids, sources):
+            for device_id, source, count in zip(ids, sources, counts):
                 if source is not None:
                     self._sources.setdefault(device_id, source)
+                if count:
+                    self._counts[device_id] = self._counts.get(device_id, 0) + count
             log.warn("last-seen times not written yet: {error}", error=first_line(f.value))
 
         return d.addErrback(failed)

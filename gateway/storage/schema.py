@@ -292,6 +292,32 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         DROP TABLE readings_v7;
         """,
     ),
+    (
+        9,
+        "dashboard sessions, readings per device per day",
+        """
+        -- Counted by the writers with last_seen (a few seconds late), so the fleet page shows readings today
+        -- without counting rows.
+        ALTER TABLE devices ADD COLUMN readings_day date;
+        ALTER TABLE devices ADD COLUMN readings_today bigint NOT NULL DEFAULT 0;
+        -- A dashboard sign-in: the browser holds id.secret in an HttpOnly cookie; only a hash of the secret
+        -- is stored. A session ends when it expires, is revoked, or the API token it came from is revoked.
+        CREATE TABLE ui_sessions (
+            id          text PRIMARY KEY,
+            secret_hash bytea NOT NULL,
+            csrf        text NOT NULL,
+            role        text NOT NULL CHECK (role IN ('reader', 'admin')),
+            token_id    integer REFERENCES api_tokens (id),
+            subject     text NOT NULL,
+            address     text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            expires_at  timestamptz NOT NULL,
+            last_used   timestamptz NOT NULL DEFAULT now(),
+            revoked_at  timestamptz
+        );
+        CREATE INDEX ui_sessions_expires_at ON ui_sessions (expires_at);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

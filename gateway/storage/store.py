@@ -469,8 +469,8 @@ class PostgresStore(Service):
         for i, error in held.items():
             if not isinstance(outcomes[i], StoreRejected):
                 outcomes[i] = error
-        for w in items:
-            self.last_seen.heard(w.device_id, w.source)
+        for w, outcome in zip(items, outcomes):
+            self.last_seen.heard(w.device_id, w.source, outcome.accepted if isinstance(outcome, WriteResult) else 0)
         elapsed = time.perf_counter() - started
         self.batches += 1
         self.commit_seconds += elapsed

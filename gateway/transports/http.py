@@ -379,14 +379,21 @@ class OperationsRoot(resource.Resource):
 
 class Root(resource.Resource):
     def __init__(
-        self, ingest: Ingest, health: Health, metrics_here: bool, api: resource.Resource | None = None
+        self,
+        ingest: Ingest,
+        health: Health,
+        metrics_here: bool,
+        api: resource.Resource | None = None,
+        ui: resource.Resource | None = None,
     ) -> None:
         super().__init__()
         v1 = resource.Resource()
         v1.putChild(b"readings", ReadingsResource(ingest))
         if api is not None:
-            for name in (b"devices", b"alerts", b"quarantine", b"openapi.json"):
+            for name in (b"devices", b"alerts", b"quarantine", b"sinks", b"openapi.json"):
                 v1.putChild(name, api)
+        if ui is not None:
+            self.putChild(b"ui", ui)
         v1.getChild = lambda path, request: NotFound()  # type: ignore[method-assign]
         self.putChild(b"v1", v1)
         for name, child in operations_resources(health, ingest.metrics).items():
@@ -417,13 +424,14 @@ class GatewaySite(server.Site):
         health: Health | None = None,
         metrics_here: bool = True,
         api: resource.Resource | None = None,
+        ui: resource.Resource | None = None,
     ) -> None:
         # The API takes JSON, never forms: without form parsing twisted.web
         # skips its Content-Type parsing through the email package, which
         # cost a quarter of the CPU of a one-reading request.
         health = health or Health(store, stall_after=300.0)
         super().__init__(
-            Root(ingest, health, metrics_here, api),
+            Root(ingest, health, metrics_here, api, ui),
             timeout=request_timeout,
             parsePOSTFormSubmission=False,
             reactor=clock,

@@ -43,3 +43,19 @@ def bearer_token(request: server.Request) -> str | None:
     if scheme.lower() != b"bearer":
         return None
     return token.strip().decode("latin-1") or None
+
+
+def same_origin(request: server.Request) -> bool:
+    """
+    False when the browser says the request comes from a page of another origin (Origin, or
+    Sec-Fetch-Site); True when it says nothing (a program, not a browser) or names this host.
+    """
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None and site not in (b"same-origin", b"none"):
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"host") or b""
+    scheme = b"https" if request.isSecure() else b"http"
+    return origin == scheme + b"://" + host

@@ -1,0 +1,305 @@
+"""
+twisted.web's side of the dashboard: the page, its script and style, the
+charting library, sign-in and sign-out, and the CSP report endpoint.
+
+Everything is served by the gateway from the installed packages: the
+page's own files from ``gateway/ui/static``, plotly.js from the ``plotly``
+package's bundled ``plotly.min.js`` (a plant's network reaches no CDN).
+Each file is read and gzipped once, in a thread, on its first request, and
+answered with an ETag; plotly's address carries its version, so browsers
+keep it a year without asking again (``immutable``).
+
+Every answer under /ui carries the headers a scanner looks for: a strict
+Content-Security-Policy (scripts only from this origin, no inline script,
+no eval), X-Frame-Options DENY, nosniff, no referrer, and HSTS over TLS.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from gateway.api.read import ApiError, Credentials, ReadApi
+from gateway.api.sessions import COOKIE, Sessions
+from gateway.ops.logs import RateLimitedLog
+from gateway.ops.metrics import GatewayMetrics
+from gateway.readings import format_ts
+from gateway.transports.http import NotFound
+from gateway.transports.web import answer_later, error_body, json_answer, same_origin
+
+log = Logger()
+
+# plotly.js draws with inline style attributes and a <style> element of its own (plotly.js#2355): styles may be
+# inline, scripts may not.
+CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    b"connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
+    b"report-uri /ui/csp-report"
+)
+HEADERS = {
+    b"content-security-policy": CSP,
+    b"x-frame-options": b"DENY",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cross-origin-opener-policy": b"same-origin",
+    b"cross-origin-resource-policy": b"same-origin",
+    b"permissions-policy": b"camera=(), microphone=(), geolocation=(), usb=(), serial=()",
+}
+YEAR = 365 * 86400
+MAX_TOKEN = 200  # a sign-in body's token: ours are 60 characters
+
+
+def secure_headers(request: server.Request) -> None:
+    for name, value in HEADERS.items():
+        request.setHeader(name, value)
+    if request.isSecure():
+        request.setHeader(b"strict-transport-security", b"max-age=31536000")
+
+
+def plotly_file() -> tuple[Path, str]:
+    """The plotly package's browser bundle and its version."""
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js", plotly.__version__
+
+
+@dataclass(frozen=True)
+class Loaded:
+    body: bytes
+    gzipped: bytes
+    etag: bytes
+
+
+def load(read: Callable[[], bytes]) -> Loaded:
+    body = read()
+    return Loaded(body, gzip.compress(body, 6, mtime=0), b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"')
+
+
+class Asset(resource.Resource):
+    """One file: loaded and gzipped in a thread on first use, then answered from memory with its ETag."""
+
+    isLeaf = True
+
+    def __init__(
+        self, read: Callable[[], bytes], content_type: bytes, in_thread: Callable[..., Deferred], immutable: bool
+    ) -> None:
+        super().__init__()
+        self.read = read
+        self.content_type = content_type
+        self.in_thread = in_thread
+        self.immutable = immutable
+        self._loaded: Loaded | None = None
+        self._loading: list[Deferred] | None = None
+
+    def loaded(self) -> Deferred:
+        d: Deferred = Deferred()
+        if self._loaded is not None:
+            d.callback(self._loaded)
+            return d
+        if self._loading is None:
+            self._loading = []
+
+            def done(result: Any) -> None:
+                waiting, self._loading = self._loading or [], None
+                if not isinstance(result, Failure):
+                    self._loaded = result
+                for w in waiting:
+                    w.callback(result) if not isinstance(result, Failure) else w.errback(result)
+
+            self.in_thread(load, self.read).addBoth(done)
+        self._loading.append(d)
+        return d
+
+    def render_GET(self, request: server.Request) -> Any:
+        secure_headers(request)
+
+        def answer(file: Loaded) -> bytes:
+            request.setHeader(b"content-type", self.content_type)
+            request.setHeader(b"etag", file.etag)
+            request.setHeader(b"vary", b"accept-encoding")
+            request.setHeader(
+                b"cache-control", f"public, max-age={YEAR}, immutable".encode() if self.immutable else b"no-cache"
+            )
+            if request.getHeader(b"if-none-match") == file.etag:
+                request.setResponseCode(304)
+                return b""
+            body = file.body
+            if b"gzip" in (request.getHeader(b"accept-encoding") or b""):
+                request.setHeader(b"content-encoding", b"gzip")
+                body = file.gzipped
+            request.setHeader(b"content-length", str(len(body)).encode())
+            return b"" if request.method == b"HEAD" else body
+
+        def failed(f: Failure) -> bytes:
+            log.failure("a dashboard file could not be read", f)
+            return json_answer(request, 500, error_body("internal_error", "the dashboard's files are missing"))
+
+        return answer_later(request, self.loaded().addCallbacks(answer, failed))
+
+    render_HEAD = render_GET
+
+
+class SessionResource(resource.Resource):
+    """
+    /ui/session: POST {"token": ...} signs in (a cookie, and the CSRF token in the answer); GET says who
+    is signed in; DELETE signs out.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: ReadApi, sessions: Sessions, metrics: GatewayMetrics) -> None:
+        super().__init__()
+        self.api = api
+        self.sessions = sessions
+        self.metrics = metrics
+
+    def _credentials(self, request: server.Request) -> Credentials:
+        cookie = request.getCookie(COOKIE)
+        csrf = request.getHeader(b"x-csrf-token")
+        return Credentials(
+            cookie=cookie.decode("latin-1") if cookie else None,
+            csrf=csrf.decode("latin-1") if csrf else None,
+            same_origin=same_origin(request),
+        )
+
+    def _answer(self, request: server.Request, run: Any) -> Any:
+        secure_headers(request)
+
+        def failed(f: Failure) -> bytes:
+            e = f.value
+            if isinstance(e, ApiError):
+                status = {"unauthorized": 401, "forbidden": 403}.get(e.code, 400)
+                return json_answer(request, status, error_body(e.code, e.message))
+            log.failure("dashboard sign-in failed", f)
+            return json_answer(request, 503, error_body("unavailable", "the gateway cannot sign you in now"), 5)
+
+        d = Deferred.fromCoroutine(run())
+        d.addCallbacks(lambda doc: json_answer(request, 200, doc), failed)
+        return answer_later(request, d)
+
+    def render_POST(self, request: server.Request) -> Any:
+        async def run() -> dict[str, Any]:
+            if not same_origin(request):
+                raise ApiError("forbidden", "sign in from the gateway's own page")
+            try:
+                doc = json.loads(request.content.read() if request.content is not None else b"")
+                token = doc["token"]
+                assert isinstance(token, str) and len(token) <= MAX_TOKEN
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise ApiError("invalid_parameter", 'send {"token": "<API token>"} as JSON') from None
+            try:
+                who = await self.api.api_token(token.strip())
+            except ApiError:
+                self.metrics.ui_sign_ins.labels("refused").inc()
+                raise
+            address = request.getClientAddress()
+            new = await self.sessions.begin(who.role, who.name, who.id, getattr(address, "host", None))
+            request.addCookie(
+                COOKIE,
+                new.cookie.encode(),
+                path=b"/",
+                max_age=str(int(self.sessions.seconds)).encode(),
+                secure=True,
+                httpOnly=True,
+                sameSite="strict",
+            )
+            self.metrics.ui_sign_ins.labels("ok").inc()
+            log.info("dashboard sign-in with API token {name} ({role})", name=who.name, role=who.role)
+            return self._doc(new.session)
+
+        return self._answer(request, run)
+
+    def render_GET(self, request: server.Request) -> Any:
+        async def run() -> dict[str, Any]:
+            return self._doc(await self.api.session_of(self._credentials(request), changes=False))
+
+        return self._answer(request, run)
+
+    def render_DELETE(self, request: server.Request) -> Any:
+        async def run() -> dict[str, Any]:
+            session = await self.api.session_of(self._credentials(request), changes=True)
+            await self.sessions.end(session.id)
+            request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", secure=True, httpOnly=True, sameSite="strict")
+            return {"signed_out": True}
+
+        return self._answer(request, run)
+
+    @staticmethod
+    def _doc(session: Any) -> dict[str, Any]:
+        return {
+            "role": session.role,
+            "subject": session.subject,
+            "csrf": session.csrf,
+            "expires_at": format_ts(session.expires_us),
+        }
+
+
+class CspReports(resource.Resource):
+    """POST /ui/csp-report: what a browser refused under the page's policy; counted and logged."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: GatewayMetrics, refusals: RateLimitedLog) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.refusals = refusals
+
+    def render_POST(self, request: server.Request) -> bytes:
+        self.metrics.ui_csp_reports.inc()
+        body = (request.content.read(2000) if request.content is not None else b"").decode("utf-8", "replace")
+        self.refusals.warn(
+            "csp", "the dashboard broke its Content-Security-Policy in a browser: {report}", report=body[:500]
+        )
+        request.setResponseCode(204)
+        return b""
+
+
+class Folder(resource.Resource):
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+
+class UiResource(resource.Resource):
+    """/ui/ and what it loads."""
+
+    def __init__(
+        self, api: ReadApi, sessions: Sessions, metrics: GatewayMetrics, in_thread: Callable[..., Deferred]
+    ) -> None:
+        super().__init__()
+        static = resources.files("gateway.ui") / "static"
+        plotly_js, plotly_version = plotly_file()
+        self.plotly_path = f"/ui/vendor/plotly-{plotly_version}.min.js"
+
+        def page() -> bytes:
+            return (static / "index.html").read_bytes().replace(b"{{plotly}}", self.plotly_path.encode())
+
+        self.putChild(b"", Asset(page, b"text/html; charset=utf-8", in_thread, immutable=False))
+        self.putChild(b"app.js", Asset((static / "app.js").read_bytes, b"text/javascript", in_thread, False))
+        self.putChild(b"app.css", Asset((static / "app.css").read_bytes, b"text/css", in_thread, False))
+        vendor = Folder()
+        vendor.putChild(
+            self.plotly_path.rsplit("/", 1)[1].encode(),
+            Asset(plotly_js.read_bytes, b"text/javascript", in_thread, immutable=True),
+        )
+        self.putChild(b"vendor", vendor)
+        self.putChild(b"session", SessionResource(api, sessions, metrics))
+        self.putChild(b"csp-report", CspReports(metrics, RateLimitedLog(log, metrics.clock)))
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+    def render_GET(self, request: server.Request) -> bytes:
+        # /ui without the slash: the page's relative addresses need it.
+        request.redirect(b"/ui/")
+        return b""
