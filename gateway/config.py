@@ -29,6 +29,7 @@ from gateway.transports.brokers import check_unique as check_sources
 from gateway.transports.modbus_map import ModbusConfigError, ModbusDevice, device_from_table
 from gateway.outbound.sinks import Sink, SinkError, check_unique, check_url, name_from_url, sink_from_table
 from gateway.trust import ca_file
+from gateway.api.oidc import OidcSettings, oidc_from_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -483,6 +484,7 @@ class GatewayConfig:
     device_types: tuple[DeviceType, ...] = ()
     quality: QualityRules = QualityRules()
     modbus: tuple[ModbusDevice, ...] = ()
+    oidc: OidcSettings | None = None
 
     def device_type(self, name: str | None) -> DeviceType | None:
         for t in self.device_types:
@@ -572,12 +574,20 @@ def build_config(
         quality=_quality(tables.get("quality", {})),
         alerts=_alerts(tables.get("alert", [])),
         modbus=_modbus(tables.get("modbus", [])),
+        oidc=_oidc(tables["oidc"]) if "oidc" in tables else None,
         **{name.replace("-", "_"): value for name, value in values.items()},
     )
 
 
-# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]], [[modbus]].
-TABLES = ("device-types", "quality", "alert", "modbus")
+# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]], [[modbus]], [oidc].
+TABLES = ("device-types", "quality", "alert", "modbus", "oidc")
+
+
+def _oidc(table: Any) -> OidcSettings:
+    try:
+        return oidc_from_table(table, os.environ)
+    except ValueError as e:
+        raise ConfigError("", f"[oidc] {e}") from None
 
 
 def _modbus(tables: Any) -> tuple[ModbusDevice, ...]:

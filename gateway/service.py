@@ -41,6 +41,7 @@ from twisted.web import server
 from gateway.api import openapi
 from gateway.api.read import ReadApi
 from gateway.api.resource import ApiResource
+from gateway.api.oidc import Oidc
 from gateway.api.sessions import Sessions
 from gateway.ui.resource import UiResource
 from gateway.config import ConfigError, GatewayConfig, Options, StartError, build_config, load_toml
@@ -175,7 +176,15 @@ class GatewayService(MultiService):
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
         self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
         self.sessions = Sessions(self.reads, reactor)
-        self.api = ReadApi(self.reads, reactor, self.status_policy, openapi.document(), self.sessions)
+        self.oidc = Oidc(config.oidc, reactor) if config.oidc is not None else None
+        self.api = ReadApi(
+            self.reads,
+            reactor,
+            self.status_policy,
+            openapi.document(),
+            self.sessions,
+            self.oidc.verifier if self.oidc is not None else None,
+        )
         self.status = StatusWatch(
             lambda sql, params: self.reads.run(lambda c: c.runQuery(sql, params)),
             self.status_policy,
@@ -191,7 +200,7 @@ class GatewayService(MultiService):
             health=self.health,
             metrics_here=config.metrics is None,
             api=ApiResource(self.api),
-            ui=UiResource(self.api, self.sessions, self.metrics, self.in_thread),
+            ui=UiResource(self.api, self.sessions, self.metrics, self.in_thread, self.oidc),
         )
         self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
         self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)
@@ -346,6 +355,9 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.oidc is not None:
+            # The provider's keys, fetched while the rest starts (a failure is logged; a token fetches them again).
+            Deferred.fromCoroutine(self.oidc.keys.fetch())
         # Fires when the start has finished, failed or given up (a stop while it waited).
         self.starting = Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
 

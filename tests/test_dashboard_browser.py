@@ -211,3 +211,37 @@ async def test_sign_in_watch_a_device_appear_chart_it_release_as_admin_and_be_re
         if browser is not None:
             await deferToThread(browser.close)
         await close_gateway(service, gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_in_through_the_provider_in_the_browser(tmp_path, db_dsn):
+    from selenium.webdriver.common.by import By
+
+    from tests.idp import Provider
+
+    provider = Provider()
+    service, gw = await open_gateway(tmp_path, db_dsn, {"oidc": provider.settings()})
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser: Browser | None = None
+    try:
+        browser = await deferToThread(Browser, tmp_path / "profile", shots)
+        b = browser
+
+        def through_the_provider() -> str:
+            b.driver.get(gw.url + "/ui/")
+            link = b.until("the provider's button", lambda d: d.find_element(By.ID, "provider-link"))
+            b.until("the provider's button to show", lambda d: link.is_displayed() and "Plant SSO" in link.text)
+            b.shot("sign-in-choices")
+            link.click()  # to the provider, which signs maria in at once, and back with a code
+            b.until("the fleet page", lambda d: d.find_elements(By.ID, "fleet"))
+            b.shot("signed-in-through-the-provider")
+            return b.driver.find_element(By.ID, "who").text
+
+        assert await deferToThread(through_the_provider) == "maria (admin)"
+        assert provider.token_requests[-1]["code_verifier"]
+    finally:
+        if browser is not None:
+            await deferToThread(browser.close)
+        await close_gateway(service, gw)
+        await provider.close()

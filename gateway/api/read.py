@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.api.oidc import OidcError, OidcVerifier
 from gateway.api.sessions import Session, Sessions, csrf_matches
 from gateway.ingest import tokens
 from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, status_sql
@@ -209,9 +210,12 @@ class Credentials:
 
 @dataclass(frozen=True)
 class ApiToken:
-    id: int
+    """Who a bearer token names: an API token of ours (id), or an identity from the OIDC provider (no id)."""
+
+    id: int | None
     name: str
     role: str
+    expires: float | None = None  # epoch seconds, for a provider's token
 
 
 class ReadApi:
@@ -224,18 +228,29 @@ class ReadApi:
         policy: StatusPolicy,
         openapi: dict[str, Any],
         sessions: Sessions | None = None,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self.pool = pool
         self.clock = clock
         self.policy = policy
         self.openapi_doc = openapi
         self.sessions = sessions
+        self.oidc = oidc
 
     def _query(self, sql: str, params: Any) -> Deferred:
         return self.pool.run(lambda c: c.runQuery(sql, params))
 
     async def api_token(self, token: str | None) -> ApiToken:
-        """The API token presented; ApiError 401 (none, unknown, revoked) or 403 (a device token)."""
+        """
+        The API token presented, or the identity in a JWT from the OIDC provider; ApiError 401 (none,
+        unknown, revoked, expired, not verified) or 403 (a device token; a JWT naming no role here).
+        """
+        if token and self.oidc is not None and self.oidc.looks_like_jwt(token):
+            try:
+                who = await self.oidc.identity(token)
+            except OidcError as e:
+                raise ApiError(e.code, e.message) from None
+            return ApiToken(None, who.subject, who.role, who.expires)
         parts = tokens.split_token(token) if token else None
         if parts is None:
             raise ApiError("unauthorized", "give an API token: Authorization: Bearer <token>")

@@ -59,6 +59,7 @@ class Session:
 class NewSession:
     session: Session
     cookie: str  # id.secret, for the Set-Cookie header only
+    seconds: float  # how long it lasts (the cookie's Max-Age)
 
 
 class Sessions:
@@ -73,14 +74,18 @@ class Sessions:
     def _query(self, sql: str, params: Any) -> Deferred:
         return self.pool.run(lambda c: c.runQuery(sql, params))
 
-    async def begin(self, role: str, subject: str, token_id: int | None, address: str | None) -> NewSession:
+    async def begin(
+        self, role: str, subject: str, token_id: int | None, address: str | None, until: float | None = None
+    ) -> NewSession:
+        """A new session; it ends after ``seconds``, or at ``until`` (epoch seconds: a provider's token) if sooner."""
         made = tokens.new_token()
         csrf = secrets.token_urlsafe(32)
+        seconds = self.seconds if until is None else max(0.0, min(self.seconds, until - self.clock.seconds()))
         await self.pool.run(lambda c: c.runOperation(FORGET_OLD))
         rows = await self._query(
-            NEW_SESSION, (made.token_id, made.digest, csrf, role, token_id, subject, address, self.seconds)
+            NEW_SESSION, (made.token_id, made.digest, csrf, role, token_id, subject, address, seconds)
         )
-        return NewSession(Session(made.token_id, role, csrf, subject, int(rows[0][0])), made.token)
+        return NewSession(Session(made.token_id, role, csrf, subject, int(rows[0][0])), made.token, seconds)
 
     async def find(self, cookie: str | None) -> Session | None:
         """The live session this cookie belongs to, or None (unknown, expired, revoked, or its token revoked)."""

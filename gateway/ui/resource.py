@@ -19,11 +19,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -31,7 +33,8 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from gateway.api.read import ApiError, Credentials, ReadApi
-from gateway.api.sessions import COOKIE, Sessions
+from gateway.api.oidc import FLOW_COOKIE, FLOW_SECONDS, Flow, Oidc, OidcError, begin_flow, finish_flow
+from gateway.api.sessions import COOKIE, NewSession, Sessions
 from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import format_ts
@@ -57,7 +60,7 @@ HEADERS = {
     b"permissions-policy": b"camera=(), microphone=(), geolocation=(), usb=(), serial=()",
 }
 YEAR = 365 * 86400
-MAX_TOKEN = 200  # a sign-in body's token: ours are 60 characters
+MAX_TOKEN = 16_384  # a sign-in body's token: ours are 60 characters, a provider's JWT a few KB
 
 
 def secure_headers(request: server.Request) -> None:
@@ -150,6 +153,18 @@ class Asset(resource.Resource):
     render_HEAD = render_GET
 
 
+def set_session_cookie(request: server.Request, new: NewSession) -> None:
+    request.addCookie(
+        COOKIE,
+        new.cookie.encode(),
+        path=b"/",
+        max_age=str(int(new.seconds)).encode(),
+        secure=True,
+        httpOnly=True,
+        sameSite="strict",
+    )
+
+
 class SessionResource(resource.Resource):
     """
     /ui/session: POST {"token": ...} signs in (a cookie, and the CSRF token in the answer); GET says who
@@ -204,18 +219,11 @@ class SessionResource(resource.Resource):
                 self.metrics.ui_sign_ins.labels("refused").inc()
                 raise
             address = request.getClientAddress()
-            new = await self.sessions.begin(who.role, who.name, who.id, getattr(address, "host", None))
-            request.addCookie(
-                COOKIE,
-                new.cookie.encode(),
-                path=b"/",
-                max_age=str(int(self.sessions.seconds)).encode(),
-                secure=True,
-                httpOnly=True,
-                sameSite="strict",
-            )
+            new = await self.sessions.begin(who.role, who.name, who.id, getattr(address, "host", None), who.expires)
+            set_session_cookie(request, new)
             self.metrics.ui_sign_ins.labels("ok").inc()
-            log.info("dashboard sign-in with API token {name} ({role})", name=who.name, role=who.role)
+            how = "API token" if who.id is not None else "a provider's token for"
+            log.info("dashboard sign-in with {how} {name} ({role})", how=how, name=who.name, role=who.role)
             return self._doc(new.session)
 
         return self._answer(request, run)
@@ -265,6 +273,100 @@ class CspReports(resource.Resource):
         return b""
 
 
+class SignInOptions(resource.Resource):
+    """GET /ui/sign-in: how this gateway lets people sign in (the page shows the provider's button if any)."""
+
+    isLeaf = True
+
+    def __init__(self, oidc: Oidc | None) -> None:
+        super().__init__()
+        self.oidc = oidc
+
+    def render_GET(self, request: server.Request) -> bytes:
+        secure_headers(request)
+        provider = None
+        if self.oidc is not None and self.oidc.settings.signs_in:
+            provider = {"name": self.oidc.settings.name, "url": "/ui/oidc/login"}
+        return json_answer(request, 200, {"token": True, "provider": provider})
+
+
+def _back_to_page(request: server.Request, error: str | None = None) -> bytes:
+    request.redirect(b"/ui/" + (b"?" + urlencode({"error": error}).encode() if error else b""))
+    return b""
+
+
+class OidcLogin(resource.Resource):
+    """GET /ui/oidc/login: off to the provider, with PKCE; the flow's secrets wait in a short-lived cookie."""
+
+    isLeaf = True
+
+    def __init__(self, oidc: Oidc) -> None:
+        super().__init__()
+        self.oidc = oidc
+
+    def render_GET(self, request: server.Request) -> bytes:
+        secure_headers(request)
+        settings = self.oidc.settings
+        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        redirect_uri = settings.redirect_uri or f"https://{host}/ui/oidc/callback"
+        flow, url = begin_flow(settings, redirect_uri)
+        # Lax, not Strict: the provider's redirect back is a navigation from another site.
+        request.addCookie(
+            FLOW_COOKIE, flow.cookie(), path=b"/", max_age=str(FLOW_SECONDS).encode(), secure=True, httpOnly=True,
+            sameSite="lax",
+        )  # fmt: skip
+        request.setHeader(b"cache-control", b"no-store")
+        request.redirect(url.encode())
+        return b""
+
+
+class OidcCallback(resource.Resource):
+    """GET /ui/oidc/callback?code=&state=: the provider sends the browser back; a session begins."""
+
+    isLeaf = True
+
+    def __init__(self, oidc: Oidc, sessions: Sessions, metrics: GatewayMetrics) -> None:
+        super().__init__()
+        self.oidc = oidc
+        self.sessions = sessions
+        self.metrics = metrics
+
+    def render_GET(self, request: server.Request) -> Any:
+        secure_headers(request)
+        request.setHeader(b"cache-control", b"no-store")
+        args = request.args or {}
+        flow = Flow.from_cookie(request.getCookie(FLOW_COOKIE))
+        request.addCookie(FLOW_COOKIE, b"", path=b"/", max_age=b"0", secure=True, httpOnly=True, sameSite="lax")
+        if b"error" in args:
+            said = args[b"error"][0].decode("utf-8", "replace")[:100]
+            return _back_to_page(request, f"the provider refused the sign-in: {said}")
+        state = args.get(b"state", [b""])[0].decode("latin-1")
+        code = args.get(b"code", [b""])[0].decode("latin-1")
+        if flow is None or not code or not secrets.compare_digest(state, flow.state):
+            self.metrics.ui_sign_ins.labels("refused").inc()
+            return _back_to_page(request, "the sign-in expired or was not started here; sign in again")
+
+        async def run() -> bytes:
+            try:
+                who = await finish_flow(self.oidc.settings, self.oidc.keys, self.oidc.verifier, flow, code)
+            except OidcError as e:
+                self.metrics.ui_sign_ins.labels("refused").inc()
+                log.warn("dashboard sign-in through the provider refused: {error}", error=e.message)
+                return _back_to_page(request, e.message)
+            address = request.getClientAddress()
+            new = await self.sessions.begin(who.role, who.subject, None, getattr(address, "host", None))
+            set_session_cookie(request, new)
+            self.metrics.ui_sign_ins.labels("ok").inc()
+            log.info("dashboard sign-in through the provider: {name} ({role})", name=who.subject, role=who.role)
+            return _back_to_page(request)
+
+        def failed(f: Failure) -> bytes:
+            log.failure("dashboard sign-in through the provider failed", f)
+            return _back_to_page(request, "the gateway could not sign you in now; try again")
+
+        return answer_later(request, Deferred.fromCoroutine(run()).addErrback(failed))
+
+
 class Folder(resource.Resource):
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()
@@ -274,7 +376,12 @@ class UiResource(resource.Resource):
     """/ui/ and what it loads."""
 
     def __init__(
-        self, api: ReadApi, sessions: Sessions, metrics: GatewayMetrics, in_thread: Callable[..., Deferred]
+        self,
+        api: ReadApi,
+        sessions: Sessions,
+        metrics: GatewayMetrics,
+        in_thread: Callable[..., Deferred],
+        oidc: Oidc | None = None,
     ) -> None:
         super().__init__()
         static = resources.files("gateway.ui") / "static"
@@ -295,6 +402,12 @@ class UiResource(resource.Resource):
         self.putChild(b"vendor", vendor)
         self.putChild(b"session", SessionResource(api, sessions, metrics))
         self.putChild(b"csp-report", CspReports(metrics, RateLimitedLog(log, metrics.clock)))
+        self.putChild(b"sign-in", SignInOptions(oidc))
+        if oidc is not None and oidc.settings.signs_in:
+            flow = Folder()
+            flow.putChild(b"login", OidcLogin(oidc))
+            flow.putChild(b"callback", OidcCallback(oidc, sessions, metrics))
+            self.putChild(b"oidc", flow)
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()

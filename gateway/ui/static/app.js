@@ -126,6 +126,15 @@
     document.getElementById("signin").hidden = false;
     document.getElementById("signin-error").textContent = message || "";
     document.getElementById("token").focus();
+    call("/ui/sign-in").then((options) => {
+      const box = document.getElementById("provider");
+      box.hidden = !options.provider;
+      if (options.provider) {
+        const link = document.getElementById("provider-link");
+        link.textContent = `Sign in with ${options.provider.name}`;
+        link.href = options.provider.url;
+      }
+    }, () => {});
   }
 
   async function signIn(event) {
@@ -432,10 +441,13 @@
     document.getElementById("signin-form").addEventListener("submit", signIn);
     document.getElementById("signout").addEventListener("click", signOut);
     window.addEventListener("hashchange", () => { route(); document.getElementById("main").focus(); });
+    // Back from the provider's sign-in with an error: say it, and leave it out of the address.
+    const error = new URLSearchParams(location.search).get("error");
+    if (error) history.replaceState(null, "", location.pathname + location.hash);
     try {
       signedIn(await call("/ui/session"));
     } catch (e) {
-      signedOut("");
+      signedOut(error || "");
     }
   }
 
