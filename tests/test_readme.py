@@ -64,3 +64,19 @@ def test_the_modbus_example_is_a_valid_config():
     )
     assert [r.word_order for r in meter.registers] == ["little", "little", "big", "little"]
     assert meter.registers[3].bit == 2 and power.heartbeat == 300.0
+
+
+def test_the_single_sign_on_example_is_a_valid_config():
+    import textwrap
+    import tomllib
+
+    from gateway.config import build_config
+
+    block = README.split("Describe the provider in the config file::", 1)[1].split("\nRegister ", 1)[0]
+    oidc = build_config({}, tomllib.loads(textwrap.dedent(block))).oidc
+    assert oidc is not None and oidc.signs_in and oidc.name == "Plant SSO"
+    assert (oidc.roles_claim, oidc.admin, oidc.reader) == (
+        "realm_access.roles",
+        ("gateway-admins",),
+        ("gateway-readers", "maintenance"),
+    )
