@@ -76,18 +76,15 @@ class Dashboard:
         """What the fleet page and a device page ask for in one refresh."""
         self.get("/v1/devices?limit=100")
         self.get(f"/v1/devices/{device}")
-        _, _ = self.get(f"/v1/devices/{device}/latest")
+        status, data, _ = self._request("GET", f"/v1/devices/{device}/latest")
+        metrics = sorted(json.loads(data)["metrics"]) if status == 200 else []
         self.get(f"/v1/alerts?device={device}&limit=50")
         self.get(f"/v1/devices/{device}/rejected?limit=20")
         self.get(f"/v1/quarantine?device={device}&limit=100")
         self.get("/healthz")
         until = int(time.time() * 1000)
-        for metric in self.metrics(device):
+        for metric in metrics:
             self.get(f"/v1/devices/{device}/series?metric={metric}&since={until - 86_400_000}&until={until}&points=600")
-
-    def metrics(self, device: str) -> list[str]:
-        status, data, _ = self._request("GET", f"/v1/devices/{device}/latest")
-        return sorted(json.loads(data)["metrics"]) if status == 200 else []
 
     def close(self) -> None:
         self.conn.close()
