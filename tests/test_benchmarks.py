@@ -28,8 +28,8 @@ FLAT_KEYS = (
 def test_the_benchmark_reports_every_figure(tmp_path):
     assert shutil.which("wrk"), "wrk drives the benchmark's HTTP runs: scripts/test installs it (apt-get install wrk)"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--duration", "1", "--devices", "5", "--idle", "20",
-         "--modbus", "20",
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--duration", "1", "--devices", "5",
+         "--idle", "20", "--modbus", "20",
          "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

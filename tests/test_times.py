@@ -48,7 +48,7 @@ def test_the_command_lines_times_are_rfc3339_utc(ts_us):
 def test_quarantine_rows_and_device_statuses_render_at_the_edges(ts_us, seen_us):
     doc = quarantined_doc((1, "truck-1", "oil_temp", ts_us, 1.5, "max_future: x", "tgp 10.0.0.5:1", seen_us))
     assert (doc["ts"], doc["received_at"]) == (format_ts(ts_us), format_ts(seen_us))
-    status = StatusPolicy().describe(("truck-1", None, 60.0, MIN_TS_US, seen_us, None, False, 0), now=0.0)
+    status = StatusPolicy().describe(("truck-1", None, 60.0, MIN_TS_US, seen_us, None, False, 0, 0), now=0.0)
     assert status["last_seen"] == format_ts(seen_us)
     json.dumps(status)
 
