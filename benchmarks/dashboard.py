@@ -12,7 +12,11 @@ What the dashboard costs the gateway, in one run on one machine.
    buckets (a wide chart) and 300: answer time p50/p99 and bytes; beside it
    what the same week costs through the readings pages (their count, and the
    time of the first).
-3. Ingest while dashboards watch: TGP over TCP at the most the gateway
+3. What a dashboard's refresh costs: CPU seconds of the gateway and of
+   PostgreSQL per refresh (every request the fleet page and a device page
+   make), with nothing else running; and so the share of the machine ten
+   dashboards take.
+4. Ingest while dashboards watch: TGP over TCP at the most the gateway
    acknowledges (``gatewayctl simulate``), with no dashboard open and with
    ``--dashboards`` (10) open, each refreshing every 5 s what the fleet page
    and a device page ask for; alternated ``--rounds`` times (3) on fresh
@@ -199,6 +203,57 @@ def ingest(tmp: Path, server_dsn: str, name: str, watchers: int, duration: float
     return result
 
 
+def refresh_cost(tmp: Path, server_dsn: str, watchers: int, seconds: float, sim_devices: int) -> dict:
+    """
+    CPU seconds the gateway and PostgreSQL spend per dashboard refresh, with nothing else running (after a
+    short ingest so the devices have data): a figure the machine's noise hardly moves, unlike ingest rates.
+    """
+    import psutil
+
+    dsn = fresh_database(server_dsn, "bench_refresh")
+    provision(dsn, sim_devices, tmp / "refresh-tokens.txt")
+    gateway = Gateway(dsn, tmp / "gw-refresh")
+    try:
+        simulate(gateway, dsn, "tcp", sim_devices, 20_000, 3, 100)
+        token = admin_token(dsn, gateway.data_dir)
+        tabs = [Dashboard(gateway, token) for _ in range(watchers)]
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SHOW data_directory")
+            data_directory = cur.fetchone()[0]
+        postgres = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and data_directory in " ".join(p.info["cmdline"])
+        ]
+        postgres = [*postgres, *[c for p in postgres for c in p.children(recursive=True)]]
+        me = psutil.Process(gateway.proc.pid)
+
+        def cpu() -> float:
+            total = sum(me.cpu_times()[:2])
+            for p in postgres:
+                try:
+                    total += sum(p.cpu_times()[:2])
+                except psutil.Error:
+                    pass
+            return total
+
+        before, started, count = cpu(), time.monotonic(), 0
+        while time.monotonic() - started < seconds:
+            for i, tab in enumerate(tabs):
+                tab.refresh(f"sim-{i % sim_devices}")
+                count += 1
+        spent = cpu() - before
+        for tab in tabs:
+            tab.close()
+    finally:
+        gateway.stop()
+        drop_database(server_dsn, "bench_refresh")
+    per_refresh = spent / max(1, count)
+    # Ten dashboards refresh twice a second between them.
+    return {"refreshes": count, "cpu_ms_per_refresh": 1000 * per_refresh,
+            "share_of_machine_for_10": per_refresh * 10 / REFRESH / (psutil.cpu_count() or 1)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000, help="devices in the fleet page [10000]")
@@ -212,6 +267,7 @@ def main() -> None:
     args = parser.parse_args()
     with workspace(args.db) as (tmp, server_dsn):
         figures = fleet_and_chart(tmp, server_dsn, args.devices, args.days)
+        figures["refresh_cost"] = refresh_cost(tmp, server_dsn, args.dashboards, 10.0, args.sim_devices)
         runs: dict[str, list[float]] = {"without": [], "with": []}
         refreshes = 0
         for round_ in range(args.rounds):
@@ -239,6 +295,9 @@ def main() -> None:
     r = f["readings_pages"]
     print(f"the same week as readings pages: {r['pages_for_the_week']} pages of {r['bytes_per_page']:,} bytes "
           f"(the first in {r['first_page_ms']:.0f} ms)")  # fmt: skip
+    c = f["refresh_cost"]
+    print(f"a dashboard refresh costs {c['cpu_ms_per_refresh']:.1f} ms of CPU (gateway and PostgreSQL): "
+          f"10 dashboards take {100 * c['share_of_machine_for_10']:.2f}% of the machine")  # fmt: skip
     i = f["ingest"]
     print(f"TGP ingest without dashboards {[round(x) for x in i['without_dashboards']]}/s, with {i['dashboards']} "
           f"{[round(x) for x in i['with_dashboards']]}/s ({i['refreshes']} refreshes)")  # fmt: skip
