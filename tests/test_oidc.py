@@ -29,6 +29,13 @@ def settings(provider: Provider, **changes):
     return oidc_from_table(provider.settings(**changes), {})
 
 
+def verifier_for(provider: Provider) -> tuple[task.Clock, object]:
+    """A verifier whose waits between key fetches run on a clock of the test's."""
+    clock = task.Clock()
+    clock.advance(1000)
+    return clock, Oidc(settings(provider), reactor, clock).verifier
+
+
 async def refused(verifier, token: str) -> OidcError:
     with pytest.raises(OidcError) as e:
         await verifier.identity(token)
@@ -39,10 +46,7 @@ async def refused(verifier, token: str) -> OidcError:
 async def test_only_a_good_token_is_let_in():
     provider = Provider()
     try:
-        clock = task.Clock()
-        clock.advance(1000)
-        oidc = Oidc(settings(provider), reactor, clock)
-        v = oidc.verifier
+        _, v = verifier_for(provider)
 
         who = await v.identity(provider.token())
         assert (who.subject, who.role) == ("maria", "admin") and who.expires > time.time()
@@ -77,9 +81,7 @@ def _with_unpublished_key(provider: Provider) -> str:
 async def test_rotated_keys_are_fetched_again_at_most_once_a_minute():
     provider = Provider()
     try:
-        clock = task.Clock()
-        clock.advance(1000)
-        v = Oidc(settings(provider), reactor, clock).verifier
+        clock, v = verifier_for(provider)
         assert (await v.identity(provider.token())).role == "admin"
         provider.add_key("k2")  # the provider rotates: k2 signs from now on
         rotated = provider.token(kid="k2")

@@ -205,6 +205,17 @@ def _op(summary: str, ok: dict[str, Any] | None, errors: tuple[int, ...], **extr
     return {"summary": summary, "responses": responses, **extra}
 
 
+def _page(key: str, item: str) -> dict[str, Any]:
+    """A page of ``item``s under ``key``, with the cursor of the next page."""
+    return {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "items": _ref(item)},
+            "next_cursor": {"type": "string", "nullable": True},
+        },
+    }
+
+
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "name": name,
@@ -257,13 +268,7 @@ def document() -> dict[str, Any]:
             "/v1/devices": {
                 "get": _op(
                     "Devices with their status, by name, a page at a time",
-                    {
-                        "type": "object",
-                        "properties": {
-                            "devices": {"type": "array", "items": _ref("Device")},
-                            "next_cursor": {"type": "string", "nullable": True},
-                        },
-                    },
+                    _page("devices", "Device"),
                     (400, *read_errors),
                     parameters=[
                         _LIMIT,
@@ -319,13 +324,7 @@ def document() -> dict[str, Any]:
             "/v1/devices/{name}/rejected": {
                 "get": _op(
                     "The device's input the gateway refused, newest first, with the reasons",
-                    {
-                        "type": "object",
-                        "properties": {
-                            "rejected": {"type": "array", "items": _ref("Rejected")},
-                            "next_cursor": {"type": "string", "nullable": True},
-                        },
-                    },
+                    _page("rejected", "Rejected"),
                     (400, *read_errors),
                     parameters=[_LIMIT, _query("cursor", "next_cursor of the previous page")],
                     **_READ,
@@ -352,13 +351,7 @@ def document() -> dict[str, Any]:
             "/v1/quarantine": {
                 "get": _op(
                     "Readings held in quarantine (admin role)",
-                    {
-                        "type": "object",
-                        "properties": {
-                            "quarantine": {"type": "array", "items": _ref("Quarantined")},
-                            "next_cursor": {"type": "string", "nullable": True},
-                        },
-                    },
+                    _page("quarantine", "Quarantined"),
                     (400, *read_errors),
                     parameters=[_query("device", "only this device", _NAME), _LIMIT, _query("cursor", "next_cursor")],
                     **_READ,

@@ -28,6 +28,18 @@ STATUS = {
 }
 
 
+def credentials_of(request: server.Request) -> Credentials:
+    """The bearer token, or the dashboard's session cookie with its CSRF token, that a request presents."""
+    cookie = request.getCookie(COOKIE)
+    csrf = request.getHeader(b"x-csrf-token")
+    return Credentials(
+        token=bearer_token(request),
+        cookie=cookie.decode("latin-1") if cookie else None,
+        csrf=csrf.decode("latin-1") if csrf else None,
+        same_origin=same_origin(request),
+    )
+
+
 class ApiResource(resource.Resource):
     """twisted.web's side of ReadApi: one leaf for every /v1 path but /v1/readings."""
 
@@ -42,15 +54,7 @@ class ApiResource(resource.Resource):
         if method == "HEAD":
             method = "GET"
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
-        cookie = request.getCookie(COOKIE)
-        csrf = request.getHeader(b"x-csrf-token")
-        credentials = Credentials(
-            token=bearer_token(request),
-            cookie=cookie.decode("latin-1") if cookie else None,
-            csrf=csrf.decode("latin-1") if csrf else None,
-            same_origin=same_origin(request),
-        )
-        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, credentials))
+        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, credentials_of(request)))
 
         def done(doc: Any) -> bytes:
             return json_answer(request, 200, doc)

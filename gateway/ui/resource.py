@@ -32,7 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from gateway.api.read import ApiError, Credentials, ReadApi
+from gateway.api.read import ApiError, ReadApi
+from gateway.api.resource import credentials_of
 from gateway.api.oidc import FLOW_COOKIE, FLOW_SECONDS, Flow, Oidc, OidcError, begin_flow, finish_flow
 from gateway.api.sessions import COOKIE, NewSession, Sessions
 from gateway.ops.logs import RateLimitedLog
@@ -179,15 +180,6 @@ class SessionResource(resource.Resource):
         self.sessions = sessions
         self.metrics = metrics
 
-    def _credentials(self, request: server.Request) -> Credentials:
-        cookie = request.getCookie(COOKIE)
-        csrf = request.getHeader(b"x-csrf-token")
-        return Credentials(
-            cookie=cookie.decode("latin-1") if cookie else None,
-            csrf=csrf.decode("latin-1") if csrf else None,
-            same_origin=same_origin(request),
-        )
-
     def _answer(self, request: server.Request, run: Any) -> Any:
         secure_headers(request)
 
@@ -230,13 +222,13 @@ class SessionResource(resource.Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         async def run() -> dict[str, Any]:
-            return self._doc(await self.api.session_of(self._credentials(request), changes=False))
+            return self._doc(await self.api.session_of(credentials_of(request), changes=False))
 
         return self._answer(request, run)
 
     def render_DELETE(self, request: server.Request) -> Any:
         async def run() -> dict[str, Any]:
-            session = await self.api.session_of(self._credentials(request), changes=True)
+            session = await self.api.session_of(credentials_of(request), changes=True)
             await self.sessions.end(session.id)
             request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", secure=True, httpOnly=True, sameSite="strict")
             return {"signed_out": True}
