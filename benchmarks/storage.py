@@ -6,9 +6,14 @@ What a stored reading costs on disk, and what retention costs.
 1. Bytes per reading, all indexes included, after ``--readings`` readings
    (100 devices × 10 metrics, one a second, in the gateway's own batches of
    5,000) are stored: in the schema before time partitions (version 7) and
-   in the current one. Measured after VACUUM, from pg_total_relation_size
-   of readings and every partition.
-2. Retention: a day of those readings removed by dropping its partition,
+   in the current one, with the batch statement's check of the cold tier
+   and without it. Measured after VACUUM, from pg_total_relation_size of
+   readings and every partition.
+2. The cold tier: the same readings folded into one row per (device,
+   metric, hour), as --compress-after does: bytes per reading there, the
+   time the fold takes, and ``gatewayctl export``'s query over the folded
+   readings against the same query over them while hot.
+3. Retention: a day of those readings removed by dropping its partition,
    against the same rows removed by the chunked DELETE (5,000 a statement,
    as retention deletes what no partition drop can take).
 """
@@ -24,9 +29,11 @@ from pathlib import Path
 import psycopg2
 
 from common import drop_database, workspace
+from gateway.cli.export import EXPORT_COLD_SQL, EXPORT_SQL
 from gateway.outbound.retention import RETENTION_CHUNK
+from gateway.storage.cold import FOLD
 from gateway.storage import schema
-from gateway.storage.store import WRITE_BATCH
+from gateway.storage.store import write_batch_sql
 
 DEVICES, METRICS, BATCH = 100, 10, 5000
 START = datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)
@@ -59,8 +66,9 @@ def partition_days(conn, days: int) -> None:
     conn.commit()
 
 
-def fill(conn, readings: int) -> float:
-    """Store ``readings`` with the gateway's batch statement; seconds taken."""
+def fill(conn, readings: int, cold_check: bool = True) -> float:
+    """Store ``readings`` with the gateway's batch statement (as of schema 10: ``cold_check``); seconds taken."""
+    statement = write_batch_sql(cold_check)
     with conn.cursor() as cur:
         cur.execute(
             "INSERT INTO devices (name, token_id, token_hash) SELECT 'd' || i, 't' || i, '\\x00' "
@@ -81,7 +89,7 @@ def fill(conn, readings: int) -> float:
         metrics = [f"metric_{(i // DEVICES) % METRICS}" for i in k]
         ts = [base + (i // (DEVICES * METRICS)) * 1_000_000 for i in k]
         with conn.cursor() as cur:
-            cur.execute(WRITE_BATCH, (devices, metrics, ts, [20.0 + (i % 97) / 10 for i in k]))
+            cur.execute(statement, (devices, metrics, ts, [20.0 + (i % 97) / 10 for i in k]))
         conn.commit()
         n += size
     return time.perf_counter() - started
@@ -101,17 +109,59 @@ def size_of_readings(conn) -> int:
     return int(size)
 
 
+def export_seconds(conn, sql: str) -> tuple[float, int]:
+    """gatewayctl export's query, every row fetched through a named cursor as the command does."""
+    started = time.perf_counter()
+    with conn.cursor(name="bench_export") as cur:
+        cur.itersize = 10_000
+        cur.execute(sql, {"device": None, "since": None, "until": None})
+        count = sum(1 for _ in cur)
+    conn.rollback()
+    return time.perf_counter() - started, count
+
+
+def cold_tier(conn, readings: int, days: int) -> dict:
+    """Fold every partition into the cold tier; its bytes per reading and export time against the hot ones."""
+    hot_export, hot_count = export_seconds(conn, EXPORT_SQL)
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        for d in range(days):
+            cur.execute(FOLD.format(name=f"readings_{START + datetime.timedelta(days=d):%Y%m%d}"))
+            cur.execute(f"TRUNCATE readings_{START + datetime.timedelta(days=d):%Y%m%d}")
+    conn.commit()
+    fold_s = time.perf_counter() - started
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("VACUUM ANALYZE readings_cold")
+        cur.execute("SELECT pg_total_relation_size('readings_cold'), (SELECT count(*) FROM readings_cold)")
+        size, rows = cur.fetchone()
+    conn.autocommit = False
+    cold_export, cold_count = export_seconds(conn, EXPORT_COLD_SQL)
+    assert hot_count == cold_count == readings, (hot_count, cold_count)
+    return {
+        "bytes_per_reading": size / readings,
+        "rows": rows,
+        "fold_readings_per_s": readings / fold_s,
+        "export_hot_s": hot_export,
+        "export_cold_s": cold_export,
+        "export_cold_x_hot": cold_export / hot_export,
+    }
+
+
 def measure(server_dsn: str, readings: int) -> dict:
     out: dict = {"readings": readings}
     days = readings // (DEVICES * METRICS * 86400) + 1
-    for label, version in (("v7", 7), ("partitioned", schema.LATEST)):
+    runs = (("v7", 7, False), ("partitioned_no_cold_check", schema.LATEST, False), ("partitioned", schema.LATEST, True))
+    for label, version, cold_check in runs:
         dsn = database_at(server_dsn, f"bench_storage_{label}", version)
         conn = psycopg2.connect(dsn)
         try:
             if version >= 8:
                 partition_days(conn, days + 1)
-            seconds = fill(conn, readings)
+            seconds = fill(conn, readings, cold_check)
             size = size_of_readings(conn)
+            if cold_check:
+                out["cold"] = cold_tier(conn, readings, days + 1)
         finally:
             conn.close()
             drop_database(server_dsn, f"bench_storage_{label}")

@@ -429,6 +429,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Delete readings older than this (3600, 90m, 12h, 30d) once every sink has uploaded them. "
         "Without it readings are kept.",
     ),
+    Setting(
+        "compress-after",
+        604800.0,
+        _off_or(lambda value: duration(value, lo=3600)),
+        "Fold time partitions older than this (12h, 7d), once every sink has uploaded them, into the compressed "
+        "cold tier: one row per device, metric and hour, about 12 bytes a reading; off keeps every reading in "
+        "the hot table.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -469,6 +477,7 @@ class GatewayConfig:
     upload_backoff_cap: float = 60.0
     upload_timeout: float = 30.0
     retention: float | None = None
+    compress_after: float | None = 604800.0
     partition: float = 86400.0
     sink_stall: float = 300.0
     metrics: EndpointSpec | None = None

@@ -58,6 +58,7 @@ from gateway.ops.status import StatusPolicy, StatusWatch
 from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
 from gateway.outbound.retention import Retention
+from gateway.storage.cold import Compressor
 from gateway.storage.partitions import PartitionKeeper
 from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
@@ -171,6 +172,7 @@ class GatewayService(MultiService):
             sources=lambda: self.sources,
             poller=lambda: self.poller,
             retention=lambda: self.retention,
+            compressor=lambda: self.compressor,
             embedded=self.supervisor.status if self.supervisor else None,
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers
@@ -209,6 +211,7 @@ class GatewayService(MultiService):
         self.uploader: Uploader | None = None
         self.partitions: PartitionKeeper | None = None
         self.retention: Retention | None = None
+        self.compressor: Compressor | None = None
         self.sources: BrokerSources | None = None
         self.poller: ModbusPoller | None = None
         self.console = Console(self)
@@ -387,6 +390,11 @@ class GatewayService(MultiService):
         self.partitions = PartitionKeeper(self.reactor, config.partition)
         await self.partitions.start(dsn)
         self.partitions.setServiceParent(self)
+        if config.compress_after is not None:
+            compressor = Compressor(self.reactor, config.compress_after)
+            await compressor.connect(dsn)
+            compressor.setServiceParent(self)
+            self.compressor = compressor
         if config.retention is not None:
             retention = Retention(self.reactor, config.retention)
             await retention.connect(dsn)

@@ -23,6 +23,7 @@ then also carry the session's CSRF token.
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import re
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from gateway.ingest import tokens
 from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, status_sql
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
+from gateway.storage.cold import COLD_HOURS, COLD_READINGS, COLD_ROWS, hours_for_page
 from gateway.storage.queries import QUARANTINE_COLUMNS, RELEASE, quarantined_doc
 
 log = Logger()
@@ -81,16 +83,22 @@ LIMIT %(limit)s
 """
 # The readings of one metric in [since, until) reduced to buckets of ``width`` µs, in PostgreSQL. date_bin keeps
 # the per-row work in integer time arithmetic: converting every row's time to epoch numbers cost 3.5 times as much.
-SERIES = """
+SERIES = f"""
 SELECT lo, hi, mean, n, (extract(epoch FROM first) * 1000000)::bigint, (extract(epoch FROM last) * 1000000)::bigint
 FROM (
     SELECT date_bin(
                %(width)s * interval '1 microsecond', ts, timestamptz 'epoch' + %(since)s * interval '1 microsecond'
            ) AS bucket,
            min(value) AS lo, max(value) AS hi, avg(value) AS mean, count(*) AS n, min(ts) AS first, max(ts) AS last
-    FROM readings
-    WHERE device_id = %(device)s AND metric = %(metric)s
-      AND ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond'
+    FROM (
+        SELECT ts, value FROM readings WHERE device_id = %(device)s AND metric = %(metric)s
+        UNION ALL
+        SELECT ts, value FROM ({COLD_ROWS}) AS k
+        WHERE k.device_id = %(device)s AND k.metric = %(metric)s
+          AND k.hour > timestamptz 'epoch' + (%(since)s - 3600000000) * interval '1 microsecond'
+          AND k.hour < timestamptz 'epoch' + %(until)s * interval '1 microsecond'
+    ) AS r
+    WHERE ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond'
       AND ts < timestamptz 'epoch' + %(until)s * interval '1 microsecond'
     GROUP BY 1
 ) AS buckets
@@ -369,6 +377,10 @@ class ReadApi:
         }
         params["device"] = await self._device_id(name)
         rows = await self._query(READINGS, params)
+        cold = await self._cold_page(params, limit + 1)
+        if cold:
+            # Both lists are in (time, metric) order: the page is the first of the two together.
+            rows = heapq.nsmallest(limit + 1, [*rows, *cold], key=lambda r: (r[1], r[0]))
         page = rows[:limit]
         more = len(rows) > limit
         return {
@@ -376,6 +388,16 @@ class ReadApi:
             "readings": [{"metric": m, "ts": format_ts(ts), "value": v} for m, ts, v in page],
             "next_cursor": encode_cursor([page[-1][1], page[-1][0]]) if more else None,
         }
+
+    async def _cold_page(self, params: dict[str, Any], count: int) -> list[tuple]:
+        """The first ``count`` readings of the cold tier for a readings page (none unless it reaches there)."""
+        start = params["after_ts"] if params["after_ts"] is not None else params["since"]
+        hours = await self._query(COLD_HOURS, {**params, "start": start})
+        chosen = hours_for_page([(int(h), int(n)) for h, n in hours], start, count)
+        if not chosen:
+            return []
+        stamps = [format_ts(h) for h in chosen]
+        return list(await self._query(COLD_READINGS, {**params, "hours": stamps, "limit": count}))
 
     async def alerts(self, args: Any) -> dict[str, Any]:
         state = _one(args, "state") or "all"

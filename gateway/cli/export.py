@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from typing import Any
@@ -11,6 +12,7 @@ import csv
 from typing import TextIO
 
 from gateway.readings import format_ts, parse_ts
+from gateway.storage.cold import SHIFT
 from gateway.cli.common import CommandError, database, note
 
 
@@ -25,6 +27,22 @@ WHERE ({device} IS NULL OR d.name = {device})
   AND ({until} IS NULL OR r.ts < timestamptz 'epoch' + {until} * interval '1 microsecond')
 ORDER BY r.id
 """.format(device="%(device)s::text", since="%(since)s::bigint", until="%(until)s::bigint")
+
+# The cold tier's readings (older than --compress-after), by device, metric and time, before the hot ones.
+EXPORT_COLD_SQL = f"""
+SELECT d.name, c.metric, h.us + x.o + {SHIFT} AS us, x.v, h.received
+FROM readings_cold c JOIN devices d ON d.id = c.device_id
+CROSS JOIN LATERAL (SELECT (extract(epoch FROM c.hour) * 1000000)::bigint AS us,
+                           (extract(epoch FROM c.received_at) * 1000000)::bigint AS received) h
+CROSS JOIN LATERAL unnest(c.offsets, c.vals) AS x(o, v)
+WHERE (%(device)s::text IS NULL OR d.name = %(device)s)
+  AND (%(since)s::bigint IS NULL OR
+       (c.hour > timestamptz 'epoch' + (%(since)s - 3600000000) * interval '1 microsecond'
+        AND h.us + x.o + {SHIFT} >= %(since)s))
+  AND (%(until)s::bigint IS NULL OR
+       (c.hour < timestamptz 'epoch' + %(until)s * interval '1 microsecond' AND h.us + x.o + {SHIFT} < %(until)s))
+ORDER BY c.device_id, c.metric, c.hour
+"""
 
 
 def _time_arg(option: str, text: str | None) -> int | None:
@@ -49,12 +67,13 @@ def cmd_export(args: argparse.Namespace) -> None:
                 cur.execute("SELECT 1 FROM devices WHERE name = %s", (args.device,))
                 if cur.fetchone() is None:
                     raise CommandError(f"no device {args.device!r}")
-        # A named cursor streams rows from the server in batches: constant
+        # Named cursors stream rows from the server in batches: constant
         # memory however many millions of rows there are.
-        with conn.cursor(name="export") as cur:
-            cur.itersize = EXPORT_BATCH
-            cur.execute(EXPORT_SQL, params)
-            count = _write_rows(cur, args.format, out)
+        with conn.cursor(name="export_cold") as cold, conn.cursor(name="export") as hot:
+            cold.itersize = hot.itersize = EXPORT_BATCH
+            cold.execute(EXPORT_COLD_SQL, params)
+            hot.execute(EXPORT_SQL, params)
+            count = _write_rows(itertools.chain(cold, hot), args.format, out)
         conn.rollback()
     note(f"exported {count} readings")
 

@@ -2,7 +2,8 @@
 ``gatewayctl storage``: where the readings are on disk — each time partition
 with its range, its size (indexes included), how many readings it holds
 (PostgreSQL's estimate, kept by ANALYZE) and what one costs, and whether every
-sink has sent it (what retention waits for).
+sink has sent it (what retention waits for); last, the compressed cold tier
+(its readings counted exactly).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from gateway.cli.common import database, note, when
 from gateway.outbound.retention import UPLOADED_FRONTIER
+from gateway.storage.cold import SIZES
 from gateway.storage.partitions import BOUNDS
 
 PARTITIONS = f"""
@@ -54,6 +56,20 @@ def cmd_storage(args: argparse.Namespace) -> None:
                         "sent_to_every_sink": cur.fetchone()[0],
                     }
                 )
+            cur.execute(SIZES)
+            cold, size, oldest, horizon = cur.fetchone()
+            if cold or horizon is not None:
+                out.append(
+                    {
+                        "partition": "readings_cold",
+                        "from": when(oldest) if oldest else None,
+                        "to": when(horizon) if horizon else None,
+                        "bytes": size,
+                        "readings_estimate": cold,
+                        "bytes_per_reading": round(size / cold, 1) if cold else None,
+                        "sent_to_every_sink": True,
+                    }
+                )
         conn.rollback()
     if args.json:
         json.dump(out, sys.stdout, indent=2)
@@ -63,6 +79,8 @@ def cmd_storage(args: argparse.Namespace) -> None:
     readings = sum(p["readings_estimate"] for p in out)
     for p in out:
         span = f"{p['from']} .. {p['to']}" if p["from"] else "(readings outside every partition)"
+        if p["partition"] == "readings_cold":
+            span = f"{p['from'] or '-'} .. {p['to']} (compressed)"
         cost = f"{p['bytes_per_reading']:.0f} B each" if p["bytes_per_reading"] else "-"
         sent = "sent" if p["sent_to_every_sink"] else "NOT YET SENT to every sink"
         print(

@@ -39,6 +39,7 @@ class Health:
         sources: Callable[[], Any] = lambda: None,
         poller: Callable[[], Any] = lambda: None,
         retention: Callable[[], Any] = lambda: None,
+        compressor: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
@@ -47,6 +48,7 @@ class Health:
         self.sources = sources  # the MQTT broker sources, when there are any
         self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
         self.retention = retention  # when --retention is given
+        self.compressor = compressor  # unless --compress-after off
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
@@ -87,6 +89,9 @@ class Health:
             retention = self.retention()
             if retention is not None:
                 doc["retention"] = retention.status()
+            compressor = self.compressor()
+            if compressor is not None:
+                doc["compression"] = compressor.status()
             if journal is not None:
                 doc["journal"] = journal
             if self.embedded is not None:

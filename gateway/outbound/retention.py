@@ -46,6 +46,19 @@ DELETE FROM readings d USING (
     ORDER BY r.tx, r.id LIMIT %(chunk)s) old
 WHERE d.tx = old.tx AND d.id = old.id AND d.ts = old.ts
 """
+# Cold hours wholly past the limit, folded before it (the cold tier holds only readings every sink has sent);
+# and the folded ranges past it.
+RETENTION_COLD = """
+WITH gone AS (
+    DELETE FROM readings_cold WHERE hour < now() - make_interval(secs => %(age)s) - interval '1 hour'
+      AND folded_at < now() - make_interval(secs => %(age)s)
+    RETURNING readings AS n
+), ranges AS (
+    DELETE FROM readings_cold_ranges WHERE hi <= now() - make_interval(secs => %(age)s)
+      AND hi < (SELECT max(hi) FROM readings_cold_ranges)
+)
+SELECT coalesce(sum(n), 0)::bigint FROM gone
+"""
 # Partitions whose whole range is past the limit, oldest first.
 EXPIRED_PARTITIONS = f"""
 SELECT name FROM ({BOUNDS}) p(name, lo, hi) WHERE hi <= now() - make_interval(secs => %s) ORDER BY lo
@@ -141,6 +154,11 @@ class Retention(PeriodicWork):
         if dropped:
             log.info("retention: dropped partitions {names}, already uploaded", names=", ".join(dropped))
         total = 0
+        try:
+            rows = await self.pool.run(lambda c: c.runQuery(RETENTION_COLD, {"age": self.age}))
+            total += int(rows[0][0])
+        except Exception as e:
+            log.warn("retention: old readings of the cold tier not deleted yet: {error}", error=first_line(e))
         try:
             for _ in range(RETENTION_CHUNKS_PER_RUN):
                 count = await self.sweep_chunk()

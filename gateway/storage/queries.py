@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.readings import format_ts
+from gateway.storage.cold import already_cold
 
 
 def twin_upsert(rows: str, order: str = "") -> str:
@@ -47,7 +48,7 @@ WITH moved AS (
     RETURNING q.device_id, q.metric, q.ts, q.value
 ), stored AS (
     INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM moved ORDER BY device_id, metric, ts
+    SELECT device_id, metric, ts, value FROM moved WHERE NOT {already_cold("moved")} ORDER BY device_id, metric, ts
     ON CONFLICT (device_id, metric, ts) DO NOTHING
     RETURNING 1
 ), latest AS (

@@ -318,6 +318,49 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX ui_sessions_expires_at ON ui_sessions (expires_at);
         """,
     ),
+    (
+        10,
+        "the cold tier",
+        """
+        -- Old readings, one row per device, metric and hour: times as microseconds into the hour less 2^31
+        -- (an hour fits an integer), values beside them, both sorted by time (gateway/storage/cold.py).
+        CREATE TABLE readings_cold (
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            hour        timestamptz NOT NULL,
+            received_at timestamptz NOT NULL,
+            folded_at   timestamptz NOT NULL DEFAULT now(),
+            readings    integer NOT NULL,
+            offsets     integer[] NOT NULL,
+            vals        double precision[] NOT NULL,
+            PRIMARY KEY (device_id, metric, hour),
+            CHECK (cardinality(offsets) = readings AND cardinality(vals) = readings)
+        ) WITH (toast_tuple_target = 128);
+        -- The time ranges folded; the cold tier holds no reading at or after the end of the newest.
+        CREATE TABLE readings_cold_ranges (
+            lo timestamptz PRIMARY KEY,
+            hi timestamptz NOT NULL
+        );
+        -- Two hours' arrays merged: sorted by time, the first value of a time kept (o1's over o2's).
+        CREATE FUNCTION readings_cold_merge(o1 integer[], v1 double precision[], o2 integer[],
+                                            v2 double precision[], OUT offsets integer[],
+                                            OUT vals double precision[])
+        LANGUAGE sql IMMUTABLE AS $f$
+            SELECT array_agg(o ORDER BY o), array_agg(v ORDER BY o) FROM (
+                SELECT DISTINCT ON (o) o, v FROM (
+                    SELECT o, v, 0 AS p FROM unnest(o1, v1) AS a(o, v)
+                    UNION ALL SELECT o, v, 1 FROM unnest(o2, v2) AS b(o, v)
+                ) u ORDER BY o, p
+            ) m
+        $f$;
+        -- lz4 where the server was built with it (faster than pglz at the same size); pglz otherwise.
+        DO $$ BEGIN
+            ALTER TABLE readings_cold ALTER COLUMN offsets SET COMPRESSION lz4;
+            ALTER TABLE readings_cold ALTER COLUMN vals SET COMPRESSION lz4;
+        EXCEPTION WHEN OTHERS THEN NULL;
+        END $$;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

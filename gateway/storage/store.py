@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.ops.metrics import counter, gauge
+from gateway.storage.cold import HOUR_OF, already_cold, offset_of
 from gateway.storage.credentials import Credentials
 from gateway.storage.interface import IStore
 from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
@@ -83,18 +84,22 @@ MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
 REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
 
+
 # The batch and the digital twin in one statement, so one transaction. The
 # ordinal n makes both choices the same when a batch holds one key twice:
 # the readings keep the first copy and the twin takes that copy too. The
 # twin moves only forward in time, so a late reading never replaces a newer
 # one, whichever gateway stores it.
-WRITE_BATCH = f"""
+def write_batch_sql(cold: bool = True) -> str:
+    """The batch statement; ``cold``: skipping readings the cold tier holds (schema 10 on)."""
+    kept = f"WHERE NOT {already_cold('u')} " if cold else ""
+    return f"""
 WITH u AS MATERIALIZED (
     SELECT d AS device_id, m AS metric, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v AS value, n
     FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) WITH ORDINALITY AS u(d, m, t, v, n)
 ), new AS (
     INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM u ORDER BY device_id, metric, ts, n
+    SELECT device_id, metric, ts, value FROM u {kept}ORDER BY device_id, metric, ts, n
     ON CONFLICT (device_id, metric, ts) DO NOTHING
     RETURNING 1
 ), latest AS (
@@ -102,6 +107,9 @@ WITH u AS MATERIALIZED (
 )
 SELECT count(*), pg_current_xact_id() FROM new
 """
+
+
+WRITE_BATCH = write_batch_sql()
 
 # Which rows the batch's transaction stored is asked only when some were not
 # new (a retransmission): a RETURNING clause naming every key cost the
@@ -125,7 +133,7 @@ ON CONFLICT (device_id, metric, ts) DO NOTHING
 
 # Of readings whose key was already stored, those whose stored value differs: the first value
 # stays, and each other value sent is kept once in conflicts. One statement, so committed when it returns.
-CONFLICTS = """
+CONFLICTS = f"""
 WITH u AS MATERIALIZED (
     SELECT i, d, m, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v, s
     FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(i, d, m, t, v, s)
@@ -133,6 +141,11 @@ WITH u AS MATERIALIZED (
     SELECT u.i, u.d, u.m, u.ts, r.value AS stored, u.v AS sent, u.s
     FROM u JOIN readings r ON r.device_id = u.d AND r.metric = u.m AND r.ts = u.ts
     WHERE r.value <> u.v
+    UNION ALL
+    SELECT u.i, u.d, u.m, u.ts, x.v, u.v, u.s
+    FROM u JOIN readings_cold k ON k.device_id = u.d AND k.metric = u.m AND k.hour = {HOUR_OF.format(ts="u.ts")}
+    CROSS JOIN LATERAL unnest(k.offsets, k.vals) AS x(o, v)
+    WHERE x.o = {offset_of("u.ts")} AND x.v <> u.v
 ), kept AS (
     INSERT INTO conflicts (device_id, metric, ts, stored_value, sent_value, source)
     SELECT d, m, ts, stored, sent, s FROM c ORDER BY d, m, ts, sent
