@@ -12,7 +12,10 @@ What a stored reading costs on disk, and what retention costs.
 2. The cold tier: the same readings folded into one row per (device,
    metric, hour), as --compress-after does: bytes per reading there, the
    time the fold takes, and ``gatewayctl export``'s query over the folded
-   readings against the same query over them while hot.
+   readings against the same query over them while hot. Their values repeat
+   (and compress); so the cold tier is measured again with whole hours of
+   random values (10 devices × 10 metrics, one a second for an hour), which
+   nothing compresses.
 3. Retention: a day of those readings removed by dropping its partition,
    against the same rows removed by the chunked DELETE (5,000 a statement,
    as retention deletes what no partition drop can take).
@@ -148,6 +151,33 @@ def cold_tier(conn, readings: int, days: int) -> dict:
     }
 
 
+def cold_noise(server_dsn: str) -> dict:
+    """The cold tier's cost for values nothing compresses: whole hours of random values at one a second."""
+    dsn = database_at(server_dsn, "bench_storage_noise", schema.LATEST)
+    conn = psycopg2.connect(dsn)
+    count = 10 * 10 * 3600
+    try:
+        partition_days(conn, 2)
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO devices (name, token_id, token_hash) SELECT 'd' || i, 't' || i, '\\x00' "
+                "FROM generate_series(1, 10) i"
+            )
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) "
+                "SELECT d.id, 'metric_' || m, %s + s * interval '1 second', 20 + random() * 10 "
+                "FROM devices d, generate_series(0, 9) m, generate_series(0, 3599) s",
+                (START,),
+            )
+        conn.commit()
+        hot = size_of_readings(conn)
+        out = {"readings": count, "hot_bytes_per_reading": hot / count, **cold_tier(conn, count, 2)}
+    finally:
+        conn.close()
+        drop_database(server_dsn, "bench_storage_noise")
+    return out
+
+
 def measure(server_dsn: str, readings: int) -> dict:
     out: dict = {"readings": readings}
     days = readings // (DEVICES * METRICS * 86400) + 1
@@ -166,6 +196,8 @@ def measure(server_dsn: str, readings: int) -> dict:
             conn.close()
             drop_database(server_dsn, f"bench_storage_{label}")
         out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}
+
+    out["cold_noise"] = cold_noise(server_dsn)
 
     # Retention: the same day of readings, dropped whole or deleted in chunks.
     dsn = database_at(server_dsn, "bench_storage_retention", schema.LATEST)
