@@ -29,10 +29,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-import jwt
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,6 +39,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from gateway.trust import ca_file, loopback, secret_value, trust_root
+
+if TYPE_CHECKING:
+    import jwt
 
 log = Logger()
 
@@ -201,6 +203,8 @@ class Keys:
         return result
 
     async def _fetch(self) -> None:
+        import jwt  # PyJWT and the cryptography it needs load only where [oidc] is set
+
         self.fetches += 1
         self.fetched_at = self.clock.seconds()
         try:
@@ -289,6 +293,8 @@ class OidcVerifier:
         Verify ``token`` (for the read API: the configured audience or client_id; for an ID token from the
         sign-in flow: ``audience`` is the client id and ``nonce`` must match).
         """
+        import jwt
+
         s = self.settings
         try:
             header = jwt.get_unverified_header(token)
