@@ -173,6 +173,7 @@ class GatewayService(MultiService):
             poller=lambda: self.poller,
             retention=lambda: self.retention,
             compressor=lambda: self.compressor,
+            oidc=lambda: self.oidc,
             embedded=self.supervisor.status if self.supervisor else None,
         )
         self.reads = PgPool(reactor, 2)  # the read API and the status checks, apart from the writers

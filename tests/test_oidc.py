@@ -135,6 +135,8 @@ async def test_the_read_api_and_the_dashboard_take_the_providers_tokens(tmp_path
         assert (code, body["error"]) == (403, "forbidden") and "no role" in body["message"]
         assert (await gw.get("/v1/devices", provider.token(aud="other")))[0] == 401
         assert (await gw.get("/v1/devices", provider.unsigned("none")))[0] == 401
+        health = (await gw.get("/healthz", None))[1]["oidc"]
+        assert health["keys"] == 1 and health["last_error"] is None and health["fetches"] >= 1
 
         # Pasted into the dashboard's sign-in, a provider's token gives a session that ends when the token does.
         exp = int(time.time()) + 300

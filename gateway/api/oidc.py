@@ -227,6 +227,15 @@ class Keys:
             self.last_error = f"{type(e).__name__}: {e}"[:300]
             log.warn("OIDC keys not fetched from {url}: {error}", url=self.settings.jwks_url, error=self.last_error)
 
+    def status(self) -> dict[str, Any]:
+        """For /healthz: how many keys are held, when they were fetched, and the last fetch's error."""
+        return {
+            "keys": len(self.keys),
+            "fetches": self.fetches,
+            "seconds_since_fetch": round(self.clock.seconds() - self.fetched_at, 1) if self.fetched_at else None,
+            "last_error": self.last_error,
+        }
+
     async def key(self, kid: str | None) -> jwt.PyJWK | None:
         now = self.clock.seconds()
         stale = self.fetched_at is None or now - self.fetched_at >= MAX_AGE

@@ -40,6 +40,7 @@ class Health:
         poller: Callable[[], Any] = lambda: None,
         retention: Callable[[], Any] = lambda: None,
         compressor: Callable[[], Any] = lambda: None,
+        oidc: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
@@ -49,6 +50,7 @@ class Health:
         self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
         self.retention = retention  # when --retention is given
         self.compressor = compressor  # unless --compress-after off
+        self.oidc = oidc  # the single sign-on provider's keys, when [oidc] is set
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
     def reconfigure(self, stall_after: float) -> None:
@@ -92,6 +94,10 @@ class Health:
             compressor = self.compressor()
             if compressor is not None:
                 doc["compression"] = compressor.status()
+            oidc = self.oidc()
+            if oidc is not None:
+                # Named, not failing the check: devices and tokens of our own still work without the provider.
+                doc["oidc"] = oidc.keys.status()
             if journal is not None:
                 doc["journal"] = journal
             if self.embedded is not None:
