@@ -131,6 +131,9 @@ async def test_a_folded_partition_reads_the_same_and_keeps_the_natural_key(tmp_p
         assert sql(f'SELECT count(*) FROM "{name}"') == [(1,)]
         pages = await all_pages(gw, token, "", 250)
         assert len(pages) == len(before["pages"]) + 1 and ("oil_temp", _ts(late["ts"]), 99.25) in pages
+        # A series bucket over that hour counts the hot late reading with the cold ones.
+        code, mixed = await gw.get(series, token)
+        assert sum(mixed["count"]) == sum(before["series"]["count"]) + 1 and max(mixed["max"]) == 99.25
         compressor = await fold(db_dsn)
         assert compressor.late == 1 and compressor.folded == []
         assert sql(f'SELECT count(*) FROM "{name}"') == [(0,)]
