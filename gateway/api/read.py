@@ -392,7 +392,7 @@ class ReadApi:
     async def _cold_page(self, params: dict[str, Any], count: int) -> list[tuple]:
         """The first ``count`` readings of the cold tier for a readings page (none unless it reaches there)."""
         start = params["after_ts"] if params["after_ts"] is not None else params["since"]
-        hours = await self._query(COLD_HOURS, {**params, "start": start})
+        hours = await self._query(COLD_HOURS, {**params, "start": start, "hours": count + 1})
         chosen = hours_for_page([(int(h), int(n)) for h, n in hours], start, count)
         if not chosen:
             return []

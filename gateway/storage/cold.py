@@ -98,7 +98,8 @@ UNSENT_IN_PARTITION = """
 SELECT EXISTS (SELECT 1 FROM {name} WHERE %(tx)s IS NOT NULL AND (tx, id) > (%(tx)s::xid8, %(id)s))
 """
 
-# The cold rows of one device (and metric) by hour, with their reading counts: which hours a page needs.
+# The cold rows of one device (and metric) by hour, with their reading counts: which hours a page needs (each
+# holds a reading at least, so the hour of the start and as many after it as the page has readings suffice).
 COLD_HOURS = """
 SELECT (extract(epoch FROM hour) * 1000000)::bigint, sum(readings)
 FROM readings_cold
@@ -106,6 +107,7 @@ WHERE device_id = %(device)s AND (%(metric)s::text IS NULL OR metric = %(metric)
   AND (%(start)s::bigint IS NULL OR hour > timestamptz 'epoch' + (%(start)s - 3600000000) * interval '1 microsecond')
   AND (%(until)s::bigint IS NULL OR hour < timestamptz 'epoch' + %(until)s * interval '1 microsecond')
 GROUP BY hour ORDER BY hour
+LIMIT %(hours)s
 """
 # Their readings (metric, µs, value) in the hours chosen, filtered and ordered as the read API's page.
 COLD_READINGS = f"""
