@@ -368,12 +368,17 @@ class Soak:
         periods = max(1, round(self.args.minutes * 60 / self.args.every))
         last = (started, self.acked())
         self.sample(0, last, last)
+        at = started
         for i in range(periods):
-            at = started + i * self.args.every
             time.sleep(max(0.0, at - time.monotonic()))
             fault = FAULTS[i % len(FAULTS)]
             self.inject(i, fault, end=at + self.args.every)
-            time.sleep(max(0.0, at + self.args.every - time.monotonic()))
+            # The next fault comes a period after this one, or --settle seconds after this one is survived.
+            after = at + self.args.every
+            if self.args.settle is not None:
+                after = min(after, time.monotonic() + self.args.settle)
+            time.sleep(max(0.0, after - time.monotonic()))
+            at = after
             now = (time.monotonic(), self.acked())
             self.sample(i + 1, last, now)
             last = now
@@ -580,6 +585,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the run after calibration [30]")
     parser.add_argument("--every", type=float, default=60.0, help="seconds between faults [60]")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="inject the next fault this many seconds after the last is survived, not waiting for the period's "
+        "end (the period stays each fault's deadline)",
+    )
     parser.add_argument("--rate", type=float, help="readings/s in all (default: half what calibration reaches)")
     parser.add_argument("--calibrate", type=float, default=20.0, help="seconds of calibration [20]")
     parser.add_argument("--json", help="write the report to this file")
