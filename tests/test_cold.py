@@ -24,8 +24,9 @@ from tests.test_store import add_pg_device
 
 DAY = 86400.0
 NOW = datetime.datetime.now(datetime.timezone.utc)
-# Three days ago, at a whole hour: two hours of readings every 10 s for two metrics.
-START = (NOW - datetime.timedelta(days=3)).replace(minute=0, second=0, microsecond=0)
+# Three days ago at 06:00 UTC, whatever the time now: two hours of readings every 10 s for two metrics, all in
+# that day's partition.
+START = (NOW - datetime.timedelta(days=3)).replace(hour=6, minute=0, second=0, microsecond=0)
 START_MS = int(START.timestamp() * 1000)
 
 
