@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from gateway.api.oidc import OidcError, OidcVerifier
 from gateway.api.sessions import Session, Sessions, csrf_matches
 from gateway.ingest import tokens
-from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, status_sql
+from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, sink_doc, status_sql
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
 from gateway.storage.cold import COLD_HOURS, COLD_READINGS, COLD_ROWS, hours_for_page
@@ -277,9 +277,6 @@ class ReadApi:
                 raise ApiError("forbidden", "a device token cannot read; use an API token (gatewayctl token add)")
         raise ApiError("unauthorized", "unknown or revoked API token")
 
-    async def role_of(self, token: str | None) -> str:
-        return (await self.api_token(token)).role
-
     async def session_of(self, credentials: Credentials, changes: bool) -> Session:
         """The dashboard session of a cookie; for a request that ``changes`` something, its CSRF token too."""
         session = await self.sessions.find(credentials.cookie) if self.sessions is not None else None
@@ -292,13 +289,9 @@ class ReadApi:
     async def _role(self, credentials: Credentials, changes: bool) -> str:
         if credentials.token is None and credentials.cookie is not None:
             return (await self.session_of(credentials, changes)).role
-        return await self.role_of(credentials.token)
+        return (await self.api_token(credentials.token)).role
 
-    async def handle(
-        self, method: str, path: str, args: dict[bytes, list[bytes]], credentials: Credentials | str | None
-    ) -> Any:
-        if not isinstance(credentials, Credentials):
-            credentials = Credentials(token=credentials)
+    async def handle(self, method: str, path: str, args: dict[bytes, list[bytes]], credentials: Credentials) -> Any:
         for route in ROUTES:
             match = route.pattern.match(path)
             if match is None:
@@ -498,15 +491,8 @@ class ReadApi:
 
     async def sinks(self, args: Any) -> dict[str, Any]:
         rows = await self._query(status_sql(SINK_COUNT_AT_MOST), ())
-        out = []
-        for row in rows:
-            doc = dict(zip(STATUS_FIELDS, row))
-            for key in ("last_sent_at", "last_error_at"):
-                doc[key] = doc[key].isoformat() if doc[key] is not None else None
-            doc["lag_readings"] = doc["unbatched_readings"] + doc["pending_readings"]
-            doc["lag_counted_up_to"] = SINK_COUNT_AT_MOST
-            out.append(doc)
-        return {"sinks": out}
+        docs = [sink_doc(dict(zip(STATUS_FIELDS, row))) for row in rows]
+        return {"sinks": [{**doc, "lag_counted_up_to": SINK_COUNT_AT_MOST} for doc in docs]}
 
     async def retry_sink(self, args: Any, name: str) -> dict[str, Any]:
         if not await self._query(SINK_EXISTS, (name,)):

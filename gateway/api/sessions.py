@@ -1,13 +1,14 @@
 """
-Dashboard sessions: an API token (or, later, a sign-in elsewhere) exchanged
-for a cookie the browser keeps and script cannot read.
+Dashboard sessions: an API token, or a sign-in through the OIDC provider,
+exchanged for a cookie the browser keeps and script cannot read.
 
 The cookie holds ``id.secret``; the database holds the id, a hash of the
 secret, the role, a CSRF token and when the session expires. Every request
 made with the cookie is checked against that row, so a session ends at
 once when it expires, when ``gatewayctl session revoke`` revokes it, or when
 the API token it came from is revoked, on every gateway sharing the
-database. Requests that change something (POST, DELETE) must also carry the
+database (the provider's sign-outs do not reach it: its sessions last their
+12 hours, or until the token pasted in expires). Requests that change something (POST, DELETE) must also carry the
 session's CSRF token in ``X-CSRF-Token``: a page of another site can make a
 browser send the cookie (SameSite=Strict already stops that in current
 browsers), but it cannot read the token.

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS
+from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, sink_doc
 from gateway.cli.common import CommandError, database, note, when
 
 
@@ -36,11 +36,7 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
                 row["oldest_unsent_partition"] = found[0] if found else None
         conn.rollback()
     if args.json:
-        for row in rows:
-            for key in ("last_sent_at", "last_error_at"):
-                row[key] = row[key].isoformat() if row[key] is not None else None
-            row["lag_readings"] = row["unbatched_readings"] + row["pending_readings"]
-        json.dump(rows, sys.stdout, indent=2)
+        json.dump([sink_doc(row) for row in rows], sys.stdout, indent=2)
         print()
         return
     if not rows:

@@ -183,6 +183,7 @@ FROM upload_sinks s ORDER BY s.name
 
 STATUS = status_sql()
 
+
 # What the running gateway watches (every few seconds): only index lookups, no counting of readings.
 LIVE_STATUS = f"""
 SELECT s.name, {_LAG}, extract(epoch FROM now() - s.last_sent_at)::float8,
@@ -219,6 +220,16 @@ STATUS_FIELDS = (
     "unbatched_readings",
     "lag_seconds",
 )
+
+
+def sink_doc(status: dict[str, Any]) -> dict[str, Any]:
+    """A sink's STATUS_FIELDS as JSON shows them (``gatewayctl upload status --json``, ``GET /v1/sinks``)."""
+    doc = dict(status)
+    for key in ("last_sent_at", "last_error_at"):
+        doc[key] = doc[key].isoformat() if doc[key] is not None else None
+    doc["lag_readings"] = doc["unbatched_readings"] + doc["pending_readings"]
+    return doc
+
 
 RETRY_DEAD = """
 UPDATE upload_batches SET state = 'pending', owner = NULL, lease_until = now(), attempts = 0, parked_at = NULL

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from gateway.api.read import ApiError, ReadApi
-from gateway.api.resource import credentials_of
+from gateway.api.resource import STATUS, credentials_of
 from gateway.api.oidc import FLOW_COOKIE, FLOW_SECONDS, Flow, Oidc, OidcError, begin_flow, finish_flow
 from gateway.api.sessions import COOKIE, NewSession, Sessions
 from gateway.ops.logs import RateLimitedLog
@@ -189,8 +189,7 @@ class SessionResource(resource.Resource):
         def failed(f: Failure) -> bytes:
             e = f.value
             if isinstance(e, ApiError):
-                status = {"unauthorized": 401, "forbidden": 403}.get(e.code, 400)
-                return json_answer(request, status, error_body(e.code, e.message))
+                return json_answer(request, STATUS.get(e.code, 400), error_body(e.code, e.message))
             log.failure("dashboard sign-in failed", f)
             return json_answer(request, 503, error_body("unavailable", "the gateway cannot sign you in now"), 5)
 
