@@ -17,8 +17,12 @@ The natural key holds across both tiers: a reading whose time is below the
 cold horizon (the end of the newest range folded) is stored only if the
 cold row of its hour does not hold its time already (the store's batch
 statement, and quarantine release, check), and folding keeps the first
-value of a time, as the hot table does. Reads (the read API's pages and
-series, ``gatewayctl export``) see both tiers.
+value of a time, as the hot table does. (One window: a batch statement
+that began before a fold committed, and waited for its lock, checks the
+cold tier with the snapshot it began with; a retransmission of a folded
+reading in that batch is stored hot again, and the next pass folds it away,
+keeping the first value.) Reads (the read API's pages and series,
+``gatewayctl export``) see both tiers.
 
 The pass runs on its own connection, partition by partition, oldest first,
 each in one transaction: lock the partition against late writes (waiting at
