@@ -421,7 +421,9 @@ class Simulation:
             for i, device in enumerate(self.devices):
                 carry[i] += per_device * tick
                 if carry[i] >= threshold:
-                    n = int(carry[i])
+                    # Whole batches only: the fraction left over waits for the next, rather than going
+                    # out as a message of one reading behind every full one.
+                    n = int(carry[i] // threshold) * threshold
                     carry[i] -= n
                     device.make_readings(n)
 
