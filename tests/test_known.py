@@ -70,3 +70,39 @@ def test_while_the_database_is_away_known_devices_pass_and_revoked_ones_do_not(t
     assert result_of(credentials.device_key("truck-2")).check(StoreUnavailable)  # no key kept for it
     credentials.forget(["truck-1"])  # a revocation notice: forgotten at once
     assert result_of(credentials.authenticate(token_a)).check(StoreUnavailable)
+
+
+def test_looked_up_tokens_are_kept_a_second_and_then_let_go():
+    """A burst of requests costs one query; an idle fleet's tokens are not held past their second."""
+    (a, token_a), (b, token_b) = device(1, "truck-1"), device(2, "truck-2")
+    rows = {d.token_id: (d.id, d.name, memoryview(d.token_hash), False, None) for d in (a, b)}
+    queries = []
+
+    def query(sql, params):
+        queries.append(params[0])
+        return maybeDeferred(lambda: [rows[params[0]]])
+
+    clock = Clock()
+    credentials = Credentials(query, clock, remember=True)
+    for _ in range(3):
+        assert result_of(credentials.authenticate(token_a)) == Device(1, "truck-1")
+    assert queries == [a.token_id]
+    assert isinstance(credentials._known_tokens[a.token_id][2], bytes)  # not a view holding psycopg2's buffer
+    clock.advance(2)
+    assert result_of(credentials.authenticate(token_b)) == Device(2, "truck-2")
+    assert list(credentials._rows) == [b.token_id]  # truck-1's expired entries went with this lookup
+    assert list(credentials._proven) == [token_b]
+    assert result_of(credentials.authenticate(token_a)) == Device(1, "truck-1")
+    assert queries == [a.token_id, b.token_id, a.token_id]
+
+
+def test_the_token_caches_hold_at_most_their_bound(monkeypatch):
+    from gateway.storage import credentials as module
+
+    monkeypatch.setattr(module, "AUTH_CACHE_SIZE", 3)
+    table: dict = {}
+    for i in range(10):
+        module.cache(table, f"k{i}", (100.0, i), now=0.0)
+    assert list(table) == ["k7", "k8", "k9"]
+    module.cache(table, "k8", (100.0, "again"), now=0.0)
+    assert list(table) == ["k7", "k9", "k8"]

@@ -87,18 +87,18 @@ class Credentials:
                 if row is None:
                     raise
             else:
-                row = rows[0] if rows else None
+                # The hash as bytes: psycopg2 gives a view that keeps its whole result buffer alive, and the
+                # row is remembered (a few hundred bytes less per device, 10,000 of them being the norm).
+                row = (*rows[0][:2], bytes(rows[0][2]), *rows[0][3:]) if rows else None
                 remember(self._known_tokens, token_id, row if row is not None and not row[3] else None)
-                if len(self._rows) >= AUTH_CACHE_SIZE:
-                    self._rows.pop(next(iter(self._rows)))
-                self._rows[token_id] = (now + AUTH_CACHE_TTL, row)
+                cache(self._rows, token_id, (now + AUTH_CACHE_TTL, row), now)
         if row is None or row[3]:
             tokens.token_matches(token, None)
             return None
-        if not tokens.token_matches(token, bytes(row[2])):
+        if not tokens.token_matches(token, row[2]):
             return None
         device = Device(row[0], row[1], row[4])
-        remember(self._proven, token, (now + AUTH_CACHE_TTL, device), AUTH_CACHE_SIZE)
+        cache(self._proven, token, (now + AUTH_CACHE_TTL, device), now)
         return device
 
     def device_key(self, name: str) -> Deferred:
@@ -161,3 +161,17 @@ def remember(table: dict[str, Any], key: str, value: Any, limit: int = KNOWN_DEV
     if len(table) >= limit:
         table.pop(next(iter(table)))
     table[key] = value
+
+
+def cache(table: dict[str, tuple[float, Any]], key: str, entry: tuple[float, Any], now: float) -> None:
+    """
+    Keep ``entry`` (its expiry first) under ``key``, newest last, within AUTH_CACHE_SIZE keys. Entries share
+    one lifetime, so the oldest are the expired: those at the front go, and an idle fleet holds none.
+    """
+    table.pop(key, None)
+    while table:
+        oldest = next(iter(table))
+        if table[oldest][0] > now and len(table) < AUTH_CACHE_SIZE:
+            break
+        del table[oldest]
+    table[key] = entry
