@@ -32,6 +32,10 @@ E = tgp.ErrorCode
 NO_TIME_RULES = QualityRules(max_future=None, max_past=None)
 
 
+class Parts(list):
+    """The parts of several writes made at once (``write_many``), told apart from one write's readings."""
+
+
 class ManualStore(MemoryStore):
     """MemoryStore whose writes wait until the test finishes them."""
 
@@ -46,9 +50,17 @@ class ManualStore(MemoryStore):
         self.pending.append((d, device, list(readings)))
         return d
 
+    def write_many(self, device, parts, source=None):
+        d = Deferred()
+        self.pending.append((d, device, Parts((list(readings), list(held)) for readings, held in parts)))
+        return d
+
     def finish(self, index: int) -> None:
-        d, device, readings = self.pending[index]
-        super().write(device, readings).chainDeferred(d)
+        d, device, written = self.pending[index]
+        if isinstance(written, Parts):
+            super().write_many(device, written).chainDeferred(d)
+        else:
+            super().write(device, written).chainDeferred(d)
 
     def has_room(self, size):
         return self.room

@@ -137,6 +137,99 @@ def test_acknowledgements_leave_in_arrival_order(version):
     assert [e.packet_id for e in h.events()] == [10, 11, 12]
 
 
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, *a, **kw):
+        self.calls.append("write")
+        return super().write(*a, **kw)
+
+    def write_many(self, device, parts, source=None):
+        self.calls.append(f"write_many({len(parts)})")
+        return super().write_many(device, parts, source)
+
+
+def publishes(h, *messages) -> None:
+    """Several PUBLISHes arriving in one read, as a device with a window of messages in flight sends them."""
+    h.proto.dataReceived(b"".join(h.client.send(mqtt.Publish(*m)) for m in messages))
+
+
+def test_the_messages_of_one_read_are_stored_in_one_write_and_each_answered_with_its_own_result():
+    store = CountingStore()
+    h = Harness(store)
+    h.connect(V5)
+    topic = "devices/truck-17/readings"
+    publishes(
+        h,
+        (topic, body(1.0), 1, 10),
+        (topic, body(1.0), 1, 11),  # sent again: a duplicate
+        (topic, body(7.0, start=5), 0, None),  # QoS 0 among them: stored, not answered
+        (topic, body(2.0), 1, 12),  # another value for a stored key: a conflict
+        (topic, body(3.0, start=9), 2, 13),
+    )
+    assert store.calls == ["write_many(5)"]
+    acks = h.events()
+    assert [(type(e), e.packet_id, e.reason) for e in acks] == [
+        (mqtt.PubAck, 10, Reason.SUCCESS),
+        (mqtt.PubAck, 11, Reason.SUCCESS),
+        (mqtt.PubAck, 12, Reason.SUCCESS),
+        (mqtt.PubRec, 13, Reason.SUCCESS),
+    ]
+    told = [dict(v for _, v in e.properties) for e in acks]
+    assert told[0] == told[3] == {}
+    assert told[1] == {"accepted": "0", "duplicates": "1", "conflicts": "0", "quarantined": "0"}
+    assert told[2] == {"accepted": "0", "duplicates": "0", "conflicts": "1", "quarantined": "0"}
+    assert len(store.readings) == 3 and h.proto.readings == 3
+
+
+@both
+def test_a_rate_limit_refuses_only_the_messages_over_it(version):
+    from gateway.ingest.rates import DeviceRates
+
+    store = CountingStore()
+    h = Harness(store)
+    h.factory.ingest.rates = DeviceRates(0.2, h.clock)  # two readings' allowance, then one every 5 s
+    h.connect(version)
+    topic = "devices/truck-17/readings"
+    publishes(h, (topic, body(1.0, 2.0), 1, 1), (topic, body(3.0, start=2), 1, 2))
+    assert store.calls == ["write_many(1)"] and len(store.readings) == 2  # the second is not written
+    events = h.events()
+    if version == V5:
+        assert [(e.packet_id, e.reason) for e in events] == [(1, Reason.SUCCESS), (2, Reason.QUOTA_EXCEEDED)]
+    else:  # 3.1.1 cannot refuse a message: no acknowledgement, and the device sends it again after reconnecting
+        assert events == [mqtt.PubAck(1)] and h.transport.disconnecting
+
+
+@both
+def test_answers_keep_arrival_order_across_messages_stored_together(version):
+    store = ManualStore()
+    h = Harness(store)
+    h.connect(version)
+    topic = "devices/truck-17/readings"
+    h.publish(1, body(1.0, start=1))  # alone in its read
+    publishes(h, (topic, body(2.0, start=2), 1, 2), (topic, body(3.0, start=3), 1, 3))
+    assert len(store.pending) == 2
+    store.finish(1)
+    assert h.events() == []  # the first is not committed yet
+    store.finish(0)
+    assert [e.packet_id for e in h.events()] == [1, 2, 3]
+
+
+@both
+def test_storage_away_for_messages_stored_together_gets_no_acknowledgement(version):
+    h = Harness()
+    h.connect(version)
+    h.store.write_many = lambda *a, **kw: fail(StoreUnavailable("the database is away and the journal is full", 30))
+    topic = "devices/truck-17/readings"
+    publishes(h, (topic, body(1.0), 1, 1), (topic, body(2.0, start=1), 1, 2))
+    events = h.events()
+    assert not any(isinstance(e, mqtt.PubAck) for e in events)
+    assert events == ([mqtt.Disconnect(Reason.SERVER_BUSY, events[0].properties)] if version == V5 else [])
+    assert h.transport.disconnecting
+
+
 @both
 def test_qos_2_is_stored_once_before_pubrec(version):
     store = ManualStore()

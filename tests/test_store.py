@@ -130,6 +130,17 @@ async def test_write_then_retransmit_counts_duplicates(kit):
 
 
 @pytest_twisted.ensureDeferred
+async def test_several_writes_of_a_device_commit_together_each_with_its_result(kit):
+    store, add, stored, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    assert await store.write(device, readings(3)) == WriteResult(3, 0)
+    again = [Reading("oil_temp", 0, 5.0)]  # stored before with 0.0: a conflict
+    results = await store.write_many(device, [(readings(5), ()), (readings(2, start=10), ()), (again, ()), ([], ())])
+    assert results == [WriteResult(2, 3), WriteResult(2, 0), WriteResult(0, 0, (), 1), WriteResult(0, 0)]
+    assert stored() == 7
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_same_reading_twice_in_one_write(kit):
     store, add, stored, _ = kit
     device = await store.authenticate(add("truck-1"))
@@ -221,6 +232,26 @@ async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql, n):
         assert store.batches == 1  # they did share one batch
         counts = dict(sql("SELECT d.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id GROUP BY 1"))
         assert counts == {"a": n - 1, "b": n + 2}
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_reading_fails_only_its_part_of_writes_committed_together(db_dsn, sql):
+    sql("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (value <> -666)")
+    store = await open_pg_store(db_dsn, pool_size=1)
+    try:
+        a = await store.authenticate(add_pg_device(sql, "a"))
+        b = await store.authenticate(add_pg_device(sql, "b"))
+        bad = [Reading("oil_temp", 7_000, 1.0), Reading("oil_temp", 8_000, -666.0)]
+        parts = [(readings(3), ()), (bad, ()), (readings(2, start=20), ())]
+        together, alone = store.write_many(a, parts), store.write(b, readings(4))
+        first, refused, last = await together
+        assert first == WriteResult(3, 0) and last == WriteResult(2, 0)
+        assert isinstance(refused, StoreRejected) and refused.index == 1 and "no_666" in refused.message
+        assert await alone == WriteResult(4, 0)
+        counts = dict(sql("SELECT d.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id GROUP BY 1"))
+        assert counts == {"a": 6, "b": 4}  # the refused part's good reading is stored too, as with one write
     finally:
         await store.stopService()
 
@@ -398,6 +429,10 @@ async def test_during_an_outage_quarantined_readings_go_to_the_journal_with_the_
     assert await down.connect("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2") == 0
     device = Device(sql("SELECT id FROM devices")[0][0], "truck-1")
     assert await down.write(device, readings(3), Source("tgp", "10.0.0.7", 40000), HELD) == WriteResult(3, 0)
+    parts = [(readings(2, start=10), ()), (readings(1, start=20), ())]  # messages stored together: each journaled
+    assert await down.write_many(device, parts, Source("mqtt", "10.0.0.8", 1883)) == [WriteResult(2, 0)] + [
+        WriteResult(1, 0)
+    ]
     await down.pool.close()
     await journal.close()
     assert sql("SELECT count(*) FROM quarantine") == [(0,)]
@@ -407,11 +442,11 @@ async def test_during_an_outage_quarantined_readings_go_to_the_journal_with_the_
     up = await open_pg_store(db_dsn, journal=journal)
     try:
         journal.seal()
-        assert await up.replay() == 3
+        assert await up.replay() == 6
     finally:
         await up.stopService()
         await journal.close()
-    assert sql("SELECT count(*) FROM readings") == [(3,)]
+    assert sql("SELECT count(*) FROM readings") == [(6,)]
     assert sql("SELECT metric, value, rule, source FROM quarantine") == [
         ("oil_temp", 900.0, HELD[0].rule, "tgp 10.0.0.7:40000")
     ]

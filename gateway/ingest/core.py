@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,14 +86,7 @@ class Ingest:
         try:
             self.rates.take(device.name, len(readings))
         except OverLimit as e:
-            error = RateLimited(
-                f"device {device.name} sends more than {self.rates.rate:g} readings/s; "
-                f"send these again in {e.retry_after}s",
-                e.retry_after,
-            )
-            # Not kept: nothing is wrong with the input, and it is sent again.
-            self.refuse(source, error.code, error.message, device=device.name)
-            return fail(error)
+            return fail(self._rate_limited(device, source, e))
         good, failed = self.quality.split(readings, self.clock.seconds())
         # One write: the readings and those held in quarantine commit (or go to the journal)
         # together, before the answer, so an ack covers both.
@@ -106,10 +99,83 @@ class Ingest:
         )
         return d
 
+    def store_messages(
+        self, device: Device, messages: Sequence[tuple[Sequence[Reading], Callable[[], bytes]]], source: Source
+    ) -> Deferred[list[Any]]:
+        """
+        Store several messages of one device (``(readings, raw)`` each) in one write: one place in the
+        commit queue and one callback for all, where a message of one reading would otherwise pay for
+        its own. Fires with one outcome per message, in order: its WriteResult, or the IngestError that
+        refused it alone (a rate limit, a reading the database refused); fails as ``store_readings``
+        does when the store cannot take the write at all.
+        """
+        outcomes: list[Any] = [None] * len(messages)
+        parts: list[tuple[Sequence[Reading], Sequence[Any]]] = []
+        taken: list[int] = []
+        now = self.clock.seconds()
+        for k, (readings, _) in enumerate(messages):
+            try:
+                self.rates.take(device.name, len(readings))
+            except OverLimit as e:
+                outcomes[k] = self._rate_limited(device, source, e)
+                continue
+            parts.append(self.quality.split(readings, now))
+            taken.append(k)
+        if not parts:
+            return succeed(outcomes)
+        d: Deferred[list[Any]] = self.store.write_many(device, parts, source)
+        d.addCallback(self._stored_messages, device, source, messages, parts, taken, outcomes)
+        return d
+
+    def _stored_messages(
+        self,
+        results: list[Any],
+        device: Device,
+        source: Source,
+        messages: Sequence[tuple[Sequence[Reading], Callable[[], bytes]]],
+        parts: list[tuple[Sequence[Reading], Sequence[Any]]],
+        taken: list[int],
+        outcomes: list[Any],
+    ) -> Any:
+        accepted = duplicates = 0
+        good_all: list[Reading] = []
+        keeping: list[Deferred[None]] = []
+        for k, (good, failed), result in zip(taken, parts, results):
+            if isinstance(result, WriteResult):
+                accepted += result.accepted
+                duplicates += result.duplicates
+                outcomes[k] = self._result(result, device, source, failed)
+                good_all += good
+            else:
+                outcomes[k] = result
+                if isinstance(result, StoreRejected):
+                    keeping.append(self._keep(result, device, source, messages[k][1]))
+        self.metrics.stored(device.name, source, accepted, duplicates)
+        self._observe(device, good_all)
+        if keeping:  # the answers wait until the refused input is kept
+            return gatherResults(keeping).addCallback(lambda _: outcomes)
+        return outcomes
+
+    def _rate_limited(self, device: Device, source: Source, e: OverLimit) -> RateLimited:
+        error = RateLimited(
+            f"device {device.name} sends more than {self.rates.rate:g} readings/s; "
+            f"send these again in {e.retry_after}s",
+            e.retry_after,
+        )
+        # Not kept: nothing is wrong with the input, and it is sent again.
+        self.refuse(source, error.code, error.message, device=device.name)
+        return error
+
     def _stored(
         self, result: WriteResult, device: Device, source: Source, good: Sequence[Reading], failed: Sequence[Any]
     ) -> WriteResult:
         self.metrics.stored(device.name, source, result.accepted, result.duplicates)
+        result = self._result(result, device, source, failed)
+        self._observe(device, good)
+        return result
+
+    def _result(self, result: WriteResult, device: Device, source: Source, failed: Sequence[Any]) -> WriteResult:
+        """One write's result, counted: conflicts logged, quarantined readings added."""
         if result.conflicts:
             self.metrics.conflicting(source, result.conflicts)
             self.refusal_log.warn(
@@ -123,13 +189,15 @@ class Ingest:
         if failed:
             self.metrics.quarantined(source, len(failed))
             result = dataclasses.replace(result, quarantined=tuple(failed))
+        return result
+
+    def _observe(self, device: Device, good: Sequence[Reading]) -> None:
         if good:
             for observe in self.observers:
                 try:
                     observe(device, good)
                 except Exception:
                     log.failure("a reading observer failed")
-        return result
 
     def _not_stored(self, f: Failure, device: Device, source: Source, raw: Callable[[], bytes]) -> Any:
         """A reading the database refused: keep the input with the reason, then fail as the write did."""
@@ -137,7 +205,10 @@ class Ingest:
             return f
         error = f.value
         assert isinstance(error, StoreRejected)
-        return self.refuse(source, error.code, error.message, device=device.name, raw=raw()).addCallback(lambda _: f)
+        return self._keep(error, device, source, raw).addCallback(lambda _: f)
+
+    def _keep(self, error: StoreRejected, device: Device, source: Source, raw: Callable[[], bytes]) -> Deferred[None]:
+        return self.refuse(source, error.code, error.message, device=device.name, raw=raw())
 
     def refuse(
         self,

@@ -38,6 +38,17 @@ class IStore(Interface):
         StoreRejected.
         """
 
+    def write_many(
+        device: Device,
+        parts: Sequence[tuple[Sequence[Reading], Sequence[Quarantined]]],
+        source: Source | None = None,
+    ) -> Deferred:
+        """
+        Several writes of one device, ``(readings, quarantined)`` each, committed together: fire with a
+        list of one outcome per part, its WriteResult or the StoreRejected that refused that part alone.
+        Errbacks as ``write`` when the store cannot take them at all.
+        """
+
     def keep_rejected_input(source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         """Keep input that was refused, with why; fire when kept (never errbacks)."""
 

@@ -60,6 +60,9 @@ class MemoryStore:
     ) -> Deferred:
         if not self.available:
             return fail(StoreUnavailable("database unavailable"))
+        return succeed(self._write(device, readings, quarantined))
+
+    def _write(self, device: Device, readings: Sequence[Reading], quarantined: Sequence[Quarantined]) -> WriteResult:
         for q in quarantined:
             self.quarantined.setdefault((device.id, q.reading.metric, q.reading.ts_us), (q.reading.value, q.rule))
         new = dup = conflicts = 0
@@ -73,7 +76,17 @@ class MemoryStore:
             else:
                 self.conflicts.add((device.id, metric, ts_us, value))
                 conflicts += 1
-        return succeed(WriteResult(new, dup, (), conflicts))
+        return WriteResult(new, dup, (), conflicts)
+
+    def write_many(
+        self,
+        device: Device,
+        parts: Sequence[tuple[Sequence[Reading], Sequence[Quarantined]]],
+        source: Source | None = None,
+    ) -> Deferred:
+        if not self.available:
+            return fail(StoreUnavailable("database unavailable"))
+        return succeed([self._write(device, readings, quarantined) for readings, quarantined in parts])
 
     def keep_rejected_input(self, source: Source, reason: str, raw: bytes, device: str | None = None) -> Deferred:
         self.rejected.append((str(source), device, reason, raw))

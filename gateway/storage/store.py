@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 import psycopg2
 import psycopg2.errors
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -223,6 +223,24 @@ def _outcomes(
     return outcomes, sum(new), stored_before
 
 
+def _regroup(outcomes: list[Any], items: list[Write | tuple[Write, ...]]) -> list[Any]:
+    """Outcomes per write back to one per queued item: a list for an item of several writes."""
+    grouped: list[Any] = []
+    k = 0
+    for item in items:
+        if isinstance(item, tuple):
+            grouped.append(outcomes[k : k + len(item)])
+            k += len(item)
+        else:
+            grouped.append(outcomes[k])
+            k += 1
+    return grouped
+
+
+def _first_failure(f: Failure) -> Failure:
+    return f.value.subFailure if isinstance(f.value, FirstError) else f
+
+
 def within(d: Deferred, seconds: float, clock: IReactorTime, error: Exception) -> Deferred:
     """
     A Deferred with d's result, or failing with ``error`` after ``seconds``.
@@ -265,7 +283,7 @@ class PostgresStore(Service):
     ) -> None:
         self._clock = clock or reactor
         self.pool = PgPool(reactor, pool_size)
-        self.committer: GroupCommit[Write] = GroupCommit(
+        self.committer: GroupCommit[Write | tuple[Write, ...]] = GroupCommit(
             self._clock,
             self._commit,
             slots=pool_size,
@@ -328,21 +346,38 @@ class PostgresStore(Service):
         text = str(source) if source is not None else ""
         write = Write(device.id, readings, quarantined, text)
         size = len(readings) + len(quarantined)
+        return self._submit(device, write, size)
+
+    def write_many(
+        self,
+        device: Device,
+        parts: Sequence[tuple[Sequence[Reading], Sequence[Quarantined]]],
+        source: Source | None = None,
+    ) -> Deferred:
+        text = str(source) if source is not None else ""
+        writes = tuple(Write(device.id, readings, quarantined, text) for readings, quarantined in parts)
+        return self._submit(device, writes, sum(len(w.readings) + len(w.quarantined) for w in writes))
+
+    def _submit(self, device: Device, item: Write | tuple[Write, ...], size: int) -> Deferred:
+        """Queue a write (or several as one item: one answer, a list) for the next batch, or journal it."""
         journal = self.journal
         if journal is not None and (self.pool.up == 0 or not self.committer.has_room(size)):
-            return self._to_journal(device, write)
-        d = self.committer.submit(write, size)
+            return self._to_journal(device, item)
+        d = self.committer.submit(item, size)
         if journal is not None:
-            d.addErrback(self._journal_instead, device, write)
+            d.addErrback(self._journal_instead, device, item)
         return d.addErrback(self._translate)
 
-    def _journal_instead(self, f: Failure, device: Device, write: Write) -> Any:
+    def _journal_instead(self, f: Failure, device: Device, item: Write | tuple[Write, ...]) -> Any:
         """The database could not take the write (it went away, or the queue is full): journal it."""
         if f.check(Overloaded, StoreUnavailable) and not self.committer.closed:
-            return self._to_journal(device, write)
+            return self._to_journal(device, item)
         return f
 
-    def _to_journal(self, device: Device, write: Write) -> Deferred:
+    def _to_journal(self, device: Device, write: Write | tuple[Write, ...]) -> Deferred:
+        if isinstance(write, tuple):
+            each = gatherResults([self._to_journal(device, w) for w in write], consumeErrors=True)
+            return each.addErrback(_first_failure)
         assert self.journal is not None
         size = len(write.readings)
 
@@ -455,8 +490,17 @@ class PostgresStore(Service):
 
     # -- the batch -----------------------------------------------------
 
-    def _commit(self, items: list[Write]) -> Deferred:
-        return self.pool.run(lambda conn: Deferred.fromCoroutine(self._write_batch(conn, items)))
+    def _commit(self, items: list[Write | tuple[Write, ...]]) -> Deferred:
+        writes: list[Write] = []
+        grouped = False
+        for item in items:
+            if isinstance(item, tuple):
+                writes += item
+                grouped = True
+            else:
+                writes.append(item)
+        d = self.pool.run(lambda conn: Deferred.fromCoroutine(self._write_batch(conn, writes)))
+        return d.addCallback(_regroup, items) if grouped else d
 
     async def _write_batch(self, conn: Any, items: list[Write]) -> list[Any]:
         started = time.perf_counter()

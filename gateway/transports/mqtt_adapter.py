@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -83,7 +84,7 @@ class _Refusal:
 
 
 class MQTTProtocol(DeviceConnection):
-    __slots__ = ("conn", "keepalive", "_seq", "_packets")
+    __slots__ = ("conn", "keepalive", "_seq", "_packets", "_pending", "_pending_size")
 
     def __init__(self, factory: MQTTFactory) -> None:
         super().__init__(factory)
@@ -97,6 +98,10 @@ class MQTTProtocol(DeviceConnection):
         self.keepalive = 0.0  # seconds of silence the session is allowed, once connected
         self._seq = 0
         self._packets: dict[int, tuple[int, int]] = {}  # ticket seq -> (packet id, QoS) of the message
+        # Messages taken from what one read brought, stored together once it is all taken: (PUBLISH, its
+        # readings, its ticket or None at QoS 0). None when there are none (most of the time, for most devices).
+        self._pending: list[tuple[mqtt.Publish, list[Reading], Ticket[Any] | None]] | None = None
+        self._pending_size = 0  # their readings
 
     # -- connection ------------------------------------------------------
 
@@ -109,18 +114,21 @@ class MQTTProtocol(DeviceConnection):
         self._process()
 
     def _process(self) -> None:
-        while not self._closing and self.session.may_read:
-            try:
-                event = self.conn.next_event()
-            except mqtt.RemoteProtocolError as e:
-                self._protocol_error(e)
-                return
-            if event is mqtt.NEED_DATA:
-                return
-            if event is mqtt.CONNECTION_CLOSED:
-                self._close()
-                return
-            self._handle(event)
+        try:
+            while not self._closing and self.session.may_read:
+                try:
+                    event = self.conn.next_event()
+                except mqtt.RemoteProtocolError as e:
+                    self._protocol_error(e)
+                    return
+                if event is mqtt.NEED_DATA:
+                    return
+                if event is mqtt.CONNECTION_CLOSED:
+                    self._close()
+                    return
+                self._handle(event)
+        finally:
+            self._store_pending()
 
     def _handle(self, event: object) -> None:
         if isinstance(event, mqtt.Publish):
@@ -290,14 +298,37 @@ class MQTTProtocol(DeviceConnection):
         except DeviceTypeUnknown as e:
             self._unavailable(e.message)
             return
-        if not self.factory.store.has_room(len(readings)):
-            self._hold(publish, self._publish)
+        if not self.factory.store.has_room(self._pending_size + len(readings)):
+            self._store_pending()
+            if not self.factory.store.has_room(len(readings)):
+                self._hold(publish, self._publish)
+                return
+        ticket = self._ticket(publish) if publish.qos else None
+        if self._pending is None:
+            self._pending = []
+        self._pending.append((publish, readings, ticket))
+        self._pending_size += len(readings)
+
+    def _store_pending(self) -> None:
+        """Store the messages taken so far: one write for all (a device's window of small messages)."""
+        pending = self._pending
+        if pending is None:
             return
-        d = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
-        if publish.qos == 0:
-            d.addCallbacks(self._count, self._qos0_failed)
-        else:
-            self._queue_answer(publish, d)
+        self._pending, self._pending_size = None, 0
+        assert self.device is not None
+        ingest = self.factory.ingest
+        if len(pending) == 1:
+            publish, readings, ticket = pending[0]
+            d = ingest.store_readings(self.device, readings, self.source, lambda: publish.payload)
+            if ticket is None:
+                d.addCallbacks(self._count, self._qos0_failed)
+            else:
+                d.addBoth(self._answer_ready, ticket)
+            return
+        messages = [(readings, partial(_payload, publish)) for publish, readings, _ in pending]
+        ingest.store_messages(self.device, messages, self.source).addBoth(
+            self._answers_ready, [ticket for _, _, ticket in pending]
+        )
 
     def _readings(self, publish: mqtt.Publish) -> list[Reading]:
         """The message's readings; raises _Misdirected (topic) or InvalidInput (payload)."""
@@ -332,20 +363,40 @@ class MQTTProtocol(DeviceConnection):
 
     # -- answers, in order -----------------------------------------------
 
-    def _queue_answer(self, publish: mqtt.Publish, d: Deferred) -> None:
+    def _ticket(self, publish: mqtt.Publish) -> Ticket[Any]:
+        """A QoS 1 or 2 message's place in the order of answers."""
         self._seq += 1
-        ticket = self.session.arrived(self._seq, self.factory.clock.seconds())
+        ticket: Ticket[Any] = self.session.arrived(self._seq, self.factory.clock.seconds())
         assert publish.packet_id is not None
         self._packets[self._seq] = (publish.packet_id, publish.qos)
         self._flow()
-        d.addBoth(self._answer_ready, ticket)
+        return ticket
+
+    def _queue_answer(self, publish: mqtt.Publish, d: Deferred) -> None:
+        d.addBoth(self._answer_ready, self._ticket(publish))
 
     def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
+        self._settle(ticket, outcome)
+        self._flow()
+
+    def _answers_ready(self, outcomes: Any, tickets: list[Ticket[Any] | None]) -> None:
+        """The outcomes of messages stored together (or the one failure of all), answered in order."""
+        if isinstance(outcomes, Failure):
+            outcomes = [outcomes] * len(tickets)
+        for ticket, outcome in zip(tickets, outcomes):
+            if ticket is not None:
+                self._settle(ticket, outcome)
+            elif isinstance(outcome, WriteResult):
+                self._count(outcome)
+            else:
+                self._qos0_failed(outcome if isinstance(outcome, Failure) else Failure(outcome))
+        self._flow()
+
+    def _settle(self, ticket: Ticket[Any], outcome: Any) -> None:
         for ready in self.session.settle(ticket, outcome):
             packet_id, qos = self._packets.pop(ready.seq)
             if not self._closing:
                 self._send_answer(packet_id, qos, ready.outcome, ready.arrived)
-        self._flow()
 
     def _send_answer(self, packet_id: int, qos: int, outcome: Any, arrived: float) -> None:
         ack = mqtt.PubAck if qos == 1 else mqtt.PubRec
@@ -459,6 +510,10 @@ class MQTTProtocol(DeviceConnection):
         if self._not_reading(self.keepalive):
             return
         self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
+
+
+def _payload(publish: mqtt.Publish) -> bytes:
+    return publish.payload
 
 
 def bare_number(metric: str, payload: bytes, now: float) -> Reading:
