@@ -419,15 +419,15 @@ SETTINGS: tuple[Setting, ...] = (
         "partition",
         86400.0,
         lambda value: duration(value, lo=3600, hi=366 * 86400),
-        "Width of the time partitions of the readings table (3600, 6h, 1d, 7d): retention drops whole "
+        "Width of the time partitions of readings and quarantine (3600, 6h, 1d, 7d): retention drops whole "
         "partitions, so a narrower one frees space sooner; partitions already made keep their width.",
     ),
     Setting(
         "retention",
         None,
         _age,
-        "Delete readings older than this (3600, 90m, 12h, 30d) once every sink has uploaded them. "
-        "Without it readings are kept.",
+        "Delete readings older than this (3600, 90m, 12h, 30d) once every sink has uploaded them, and "
+        "quarantined readings older than this. Without it readings are kept.",
     ),
     Setting(
         "compress-after",

@@ -1,8 +1,8 @@
 """
-The time partitions of readings, on a real PostgreSQL: the migration of a
-database holding readings, partitions made ahead (once, by gateways that
-agree), a reading far outside them kept in the default partition and moved
-out later, and a change of width.
+The time partitions of readings and quarantine, on a real PostgreSQL: the
+migrations of a database holding them, partitions made ahead (once, by
+gateways that agree), a reading far outside them kept in the default
+partition and moved out later, a change of width, and retention.
 """
 
 from __future__ import annotations
@@ -83,6 +83,40 @@ def test_the_migration_keeps_every_reading_in_partitions_by_day(old_database):
         conn.close()
 
 
+def test_the_migration_keeps_every_quarantined_reading_in_partitions_by_day(old_database):
+    conn = psycopg2.connect(old_database(10))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
+            cur.execute(
+                "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) SELECT 1, 'm', t, 900, "
+                "'m.max: 900 is above 200', 'mqtt 10.0.0.1:1' "
+                "FROM generate_series(timestamptz '2026-11-25 22:00Z', '2026-11-26 02:00Z', '1 hour') t"
+            )
+            cur.execute("SELECT id, ts, value, rule, source, received_at FROM quarantine ORDER BY id")
+            before = cur.fetchall()
+        conn.commit()
+        assert schema.migrate(conn, upto=11) == [11]
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, ts, value, rule, source, received_at FROM quarantine ORDER BY id")
+            assert cur.fetchall() == before
+            cur.execute(BOUNDS, ("quarantine",))
+            assert [row[0] for row in cur.fetchall()] == ["quarantine_20261125", "quarantine_20261126"]
+            # Each reading is still held once, and new ids follow the old ones.
+            cur.execute(
+                "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) VALUES "
+                "(1, 'm', '2026-11-26 01:00Z', 901, 'r', 's'), (1, 'm', '2030-01-01Z', 902, 'r', 's') "
+                "ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING id"
+            )
+            [(new_id,)] = cur.fetchall()
+            assert new_id > max(row[0] for row in before)
+            cur.execute("SELECT count(*) FROM quarantine_default")
+            assert cur.fetchone() == (1,)
+        conn.commit()
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def pools(db_dsn):
     made = []
@@ -103,14 +137,16 @@ def pools(db_dsn):
 async def test_partitions_are_made_ahead_once_by_gateways_that_agree(pools, sql):
     a, b = await pools(2)
     made = await gatherResults([Partitions(a, DAY).maintain(NOW), Partitions(b, DAY).maintain(NOW)])
-    assert sorted(made[0] + made[1]) == ["readings_20261127", "readings_20261128", "readings_20261129"]
+    days = ["20261127", "20261128", "20261129"]
+    assert sorted(made[0] + made[1]) == [f"quarantine_{d}" for d in days] + [f"readings_{d}" for d in days]
     assert await Partitions(a, DAY).maintain(NOW) == []
     [(name, lo, hi)] = [b for b in bounds(sql) if b[0] == "readings_20261128"]
     assert (lo, hi) == (day(28), day(29))
     # A narrower width fills only what is not covered yet.
     later = NOW + datetime.timedelta(days=2, hours=3)
     made = await Partitions(a, 6 * 3600).maintain(later)
-    assert made == ["readings_20261130", "readings_20261130_060000"]
+    assert made == [f"{t}_20261130{h}" for t in ("readings", "quarantine") for h in ("", "_060000")]
+    assert sql(BOUNDS, ("quarantine",))[-1] == ("quarantine_20261130_060000", day(30, 6), day(30, 12))
 
 
 @pytest_twisted.ensureDeferred
@@ -125,9 +161,17 @@ async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own
     )
     assert sql("SELECT count(*) FROM readings_default") == [(2,)]
     before = sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id")
+    sql(
+        "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) "
+        "VALUES (%s, 'm', '2031-05-05 07:00Z', 900, 'm.max', 'mqtt'), (%s, 'm', '1999-01-01Z', 900, 'm.max', 'mqtt')",
+        (device, device),
+    )
+    quarantined = sql("SELECT id, ts FROM quarantine ORDER BY id")
     keeper = Partitions(pool, DAY)
-    assert await keeper.maintain(NOW) == ["readings_20310505"]
-    assert keeper.moved == 2
+    assert await keeper.maintain(NOW) == ["readings_20310505", "quarantine_19990101", "quarantine_20310505"]
+    assert keeper.moved == 4
+    assert sql("SELECT count(*) FROM quarantine_default") == [(0,)]
+    assert sql("SELECT id, ts FROM quarantine ORDER BY id") == quarantined
     assert sql("SELECT count(*) FROM readings_default") == [(0,)]
     assert sql("SELECT count(*) FROM readings_20310505") == [(2,)]
     assert sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id") == before
@@ -156,6 +200,14 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
                 "FROM generate_series(0, 99) i",
                 (day(d),),
             )
+        # Quarantined readings: one of day 2 held for ten days, one of day 3 just now, one from long ago
+        # (in quarantine_default) held for ten days. None is ever uploaded: only their age counts.
+        sql(
+            "INSERT INTO quarantine (device_id, metric, ts, value, rule, source, received_at) VALUES "
+            "(1, 'm', %s, 900, 'm.max', 'mqtt', now() - interval '10 days'), (1, 'm', %s, 900, 'm.max', 'mqtt', now()),"
+            "(1, 'm', '1999-01-01Z', 900, 'm.max', 'mqtt', now() - interval '10 days')",
+            (day(2, 1), day(3, 1)),
+        )
         # The one sink has sent day 1 and half of day 2.
         tx, id_ = sql("SELECT tx::text, id FROM readings WHERE ts = %s", (day(2) + datetime.timedelta(minutes=49),))[0]
         sql(
@@ -168,7 +220,11 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert retention.held == {
             "readings_20261102": "not yet sent to every sink",
             "readings_20261103": "not yet sent to every sink",
+            "quarantine_20261103": "holds readings that arrived within the retention period",
         }
+        assert [b[0] for b in sql(BOUNDS, ("quarantine",))] == ["quarantine_20261103"]
+        assert sql("SELECT ts FROM quarantine") == [(day(3, 1),)]
+        assert retention.status()["deleted_quarantined"] == 1  # the one from 1999, row by row
         assert sql("SELECT count(*) FROM readings_20261102") == [(50,)]  # the sent half, deleted row by row
         assert sql("SELECT count(*) FROM readings_20261103") == [(100,)]
         sql("ANALYZE readings")
@@ -187,7 +243,10 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         await retention.sweep()
         names = [b[0] for b in bounds(sql)]
         assert "readings_20261102" not in names and "readings_20261103" in names
-        assert retention.held == {"readings_20261103": "holds readings that arrived within the retention period"}
-        assert retention.status()["dropped_partitions"] == 2
+        assert retention.held == {
+            "readings_20261103": "holds readings that arrived within the retention period",
+            "quarantine_20261103": "holds readings that arrived within the retention period",
+        }
+        assert retention.status()["dropped_partitions"] == 4  # readings of days 1 and 2, quarantine of 1 and 2
     finally:
         await retention.pool.close()

@@ -386,7 +386,12 @@ async def test_retention_without_sinks_names_the_sinks_that_hold_it_back(tmp_pat
         service = await start_service(tmp_path, db_dsn, retention="30d")
         try:
             ok, doc = await service.health.check()
-            assert doc["retention"] == {"dropped_partitions": 0, "deleted_readings": 0, "held": {}}
+            assert doc["retention"] == {
+                "dropped_partitions": 0,
+                "deleted_readings": 0,
+                "deleted_quarantined": 0,
+                "held": {},
+            }
             # The partitions of today and the next two days were made at start.
             assert len(sql("SELECT 1 FROM pg_inherits WHERE inhparent = 'readings'::regclass")) == 4
         finally:

@@ -12,16 +12,21 @@ a partition of a thousand readings as of a billion, and leaves no dead rows
 for VACUUM. What is left past retention (the partition that straddles the
 limit, one held back by a late reading still unsent, the default partition)
 is deleted a chunk at a time.
+
+Quarantined readings (never uploaded) go by the same rule without the sinks:
+a ``quarantine`` partition wholly past the limit whose rows all arrived
+before it is dropped; quarantined readings left past the limit are deleted.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.storage.partitions import BOUNDS
+from gateway.storage.partitions import BOUNDS, TABLES
 from gateway.storage.pool import PeriodicWork, first_line
 
 log = Logger()
@@ -59,6 +64,14 @@ WITH gone AS (
 )
 SELECT coalesce(sum(n), 0)::bigint FROM gone
 """
+# Quarantined readings past the limit (their time and their arrival), a chunk at a time.
+RETENTION_DELETE_QUARANTINE = """
+DELETE FROM quarantine q USING (
+    SELECT id, ts FROM quarantine
+    WHERE ts < now() - make_interval(secs => %(age)s) AND received_at < now() - make_interval(secs => %(age)s)
+    LIMIT %(chunk)s) old
+WHERE q.id = old.id AND q.ts = old.ts
+"""
 # Partitions whose whole range is past the limit, oldest first.
 EXPIRED_PARTITIONS = f"""
 SELECT name FROM ({BOUNDS}) p(name, lo, hi) WHERE hi <= now() - make_interval(secs => %s) ORDER BY lo
@@ -69,6 +82,8 @@ NEWEST_IN_PARTITION = """
 SELECT (tx, id) <= (%(tx)s::xid8, %(id)s) OR %(tx)s IS NULL, received_at < now() - make_interval(secs => %(age)s)
 FROM {name} ORDER BY tx DESC, id DESC LIMIT 1
 """
+# The same for a quarantine partition: whether every row in it arrived before the limit.
+QUARANTINE_ARRIVED = "SELECT coalesce(max(received_at) < now() - make_interval(secs => %(age)s), true) FROM {name}"
 
 
 class Retention(PeriodicWork):
@@ -78,6 +93,7 @@ class Retention(PeriodicWork):
         super().__init__(reactor, RETENTION_INTERVAL, now=True)
         self.age = age
         self.deleted = 0  # readings deleted row by row
+        self.deleted_quarantined = 0  # quarantined readings deleted row by row
         self.dropped: list[str] = []  # partitions dropped whole
         self.held: dict[str, str] = {}  # partitions past retention kept, and why
 
@@ -108,15 +124,30 @@ class Retention(PeriodicWork):
 
         return self.pool.run(lambda conn: conn.runInteraction(lambda cur: Deferred.fromCoroutine(work(cur))))
 
-    def drop_partition(self, name: str) -> Deferred:
-        """Drop one expired partition if every reading in it was sent and arrived before the limit; fires with
-        None when dropped, else the reason it is kept."""
+    def sweep_quarantine_chunk(self) -> Deferred:
+        """Delete one chunk of quarantined readings older than ``age`` seconds; fires with the count."""
+
+        async def work(cur: Any) -> int:
+            await cur.execute(RETENTION_DELETE_QUARANTINE, {"age": self.age, "chunk": RETENTION_CHUNK})
+            return int(cur.rowcount)
+
+        return self.pool.run(lambda conn: conn.runInteraction(lambda cur: Deferred.fromCoroutine(work(cur))))
+
+    def drop_partition(self, name: str, table: str = "readings") -> Deferred:
+        """Drop one expired partition if every reading in it was sent (quarantine: none is) and arrived before
+        the limit; fires with None when dropped, else the reason it is kept."""
 
         async def work(cur: Any) -> str | None:
             # While this waits for the lock, queries of the whole table (the uploader's) queue behind it: wait
             # briefly, and try again at the next sweep. Late inserts into this partition wait until it is gone.
             await cur.execute("SET LOCAL lock_timeout = '1s'")
             await cur.execute(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
+            if table == "quarantine":
+                await cur.execute(QUARANTINE_ARRIVED.format(name=f'"{name}"'), {"age": self.age})
+                if not cur.fetchone()[0]:
+                    return "holds readings that arrived within the retention period"
+                await cur.execute(f'DROP TABLE "{name}"')
+                return None
             await cur.execute(UPLOADED_FRONTIER)
             frontier = cur.fetchone() or (None, None)
             params = {"tx": frontier[0], "id": frontier[1], "age": self.age}
@@ -132,15 +163,16 @@ class Retention(PeriodicWork):
         return self.pool.run(lambda conn: conn.runInteraction(lambda cur: Deferred.fromCoroutine(work(cur))))
 
     async def _drop_partitions(self) -> list[str]:
-        rows = await self.pool.run(lambda c: c.runQuery(EXPIRED_PARTITIONS, ("readings", self.age)))
         dropped = []
         held = {}
-        for (name,) in rows:
-            why = await self.drop_partition(name)
-            if why is None:
-                dropped.append(name)
-            else:
-                held[name] = why
+        for table in TABLES:
+            rows = await self.pool.run(partial(_run_query, EXPIRED_PARTITIONS, (table, self.age)))
+            for (name,) in rows:
+                why = await self.drop_partition(name, table)
+                if why is None:
+                    dropped.append(name)
+                else:
+                    held[name] = why
         self.held = held
         self.dropped += dropped
         return dropped
@@ -170,10 +202,31 @@ class Retention(PeriodicWork):
         if total:
             self.deleted += total
             log.info("retention: deleted {count} readings already uploaded", count=total)
+        held = 0
+        try:
+            for _ in range(RETENTION_CHUNKS_PER_RUN):
+                count = await self.sweep_quarantine_chunk()
+                held += count
+                if count < RETENTION_CHUNK or not self.running:
+                    break
+        except Exception as e:
+            log.warn("retention: old quarantined readings not deleted yet: {error}", error=first_line(e))
+        if held:
+            self.deleted_quarantined += held
+            log.info("retention: deleted {count} quarantined readings", count=held)
 
     def status(self) -> dict[str, Any]:
         """For /healthz: partitions dropped by this process, and those past retention that are kept, with why."""
-        return {"dropped_partitions": len(self.dropped), "deleted_readings": self.deleted, "held": dict(self.held)}
+        return {
+            "dropped_partitions": len(self.dropped),
+            "deleted_readings": self.deleted,
+            "deleted_quarantined": self.deleted_quarantined,
+            "held": dict(self.held),
+        }
 
     def sweep(self) -> Deferred:
         return Deferred.fromCoroutine(self._sweep())
+
+
+def _run_query(sql: str, params: Any, conn: Any) -> Deferred:
+    return conn.runQuery(sql, params)

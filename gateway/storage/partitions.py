@@ -1,21 +1,23 @@
 """
-The time partitions of ``readings``.
+The time partitions of ``readings`` and ``quarantine``.
 
-``readings`` is range-partitioned by ``ts`` (schema 8). Partitions are
-``--partition`` wide (a day by default), aligned to multiples of that width
-since 1970-01-01 UTC, and named after their start (``readings_20261127``,
-or ``readings_20261127_0600`` when narrower than a day). Every
+Both tables are range-partitioned by ``ts`` (schemas 8 and 11). Partitions
+are ``--partition`` wide (a day by default), aligned to multiples of that
+width since 1970-01-01 UTC, and named after their table and start
+(``readings_20261127``, or ``readings_20261127_060000`` when narrower than
+a day; ``quarantine_20261127``). Every
 ``CHECK_INTERVAL`` seconds, and at start, the gateway makes sure that the
 current partition and the next ``AHEAD`` exist; gateways sharing the
 database do this under one advisory lock, so they agree.
 
 A reading outside every partition (a device whose clock is years off, a
 backlog from before the gateway ran) is never refused: it lands in
-``readings_default``. The passes after the one at start move such readings
-out into partitions of their own (at most ``SPLIT_SLOTS`` ranges a pass), so a
-large backlog never delays the start: the new partition is
-created apart, filled from the default partition and attached, while
-inserts into the default partition wait a moment.
+``readings_default`` (or ``quarantine_default``). The passes after the one
+at start move such readings out into partitions of their own (at most
+``SPLIT_SLOTS`` ranges a pass and table), so a large backlog never delays
+the start: the new partition is created apart, filled from the default
+partition and attached, while inserts into the default partition wait a
+moment.
 
 When the width changes, partitions already made stay as they are; new ones
 fill the time not yet covered, cut at the new width's boundaries.
@@ -36,7 +38,8 @@ log = Logger()
 PARTITION_LOCK = 0x7467_7761_7901  # shared by every gateway on the database
 CHECK_INTERVAL = 600.0
 AHEAD = 2  # partitions made beyond the current one
-SPLIT_SLOTS = 20  # ranges moved out of the default partition in one pass
+SPLIT_SLOTS = 20  # ranges moved out of a default partition in one pass
+TABLES = ("readings", "quarantine")  # partitioned alike
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 # The partitions of a table with their bounds ('DEFAULT' has none and is left out).
@@ -48,9 +51,9 @@ CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([
 WHERE i.inhparent = %s::regclass AND b IS NOT NULL
 ORDER BY 2
 """
-# Ranges (slot numbers) that readings in the default partition fall on.
+# Ranges (slot numbers) that rows in a table's default partition fall on.
 DEFAULT_SLOTS = """
-SELECT DISTINCT floor(extract(epoch FROM ts) / %s)::bigint AS slot FROM readings_default ORDER BY slot LIMIT %s
+SELECT DISTINCT floor(extract(epoch FROM ts) / %s)::bigint AS slot FROM {table}_default ORDER BY slot LIMIT %s
 """
 
 
@@ -81,21 +84,21 @@ def uncovered(
     return out
 
 
-def partition_name(lo: datetime.datetime) -> str:
+def partition_name(lo: datetime.datetime, table: str = "readings") -> str:
     lo = lo.astimezone(datetime.timezone.utc)
     if (lo.hour, lo.minute, lo.second) == (0, 0, 0):
-        return f"readings_{lo:%Y%m%d}"
-    return f"readings_{lo:%Y%m%d_%H%M%S}"
+        return f"{table}_{lo:%Y%m%d}"
+    return f"{table}_{lo:%Y%m%d_%H%M%S}"
 
 
 class Partitions:
-    """Keeps ``readings``' partitions ahead of time and empties the default partition; on its own pool."""
+    """Keeps the partitions ahead of time and empties the default partitions; on its own pool."""
 
     def __init__(self, pool: PgPool, width: float) -> None:
         self.pool = pool
         self.width = width
         self.made: list[str] = []  # partitions this gateway made, latest last
-        self.moved = 0  # readings moved out of the default partition
+        self.moved = 0  # rows moved out of the default partitions
 
     def maintain(self, now: datetime.datetime | None = None, move: bool = True) -> Deferred:
         """One pass (``move``: and empty the default partition); fires with the names of the partitions made."""
@@ -110,41 +113,43 @@ class Partitions:
         await cur.execute("SET LOCAL lock_timeout = '10s'")
         await cur.execute("SET LOCAL DateStyle = 'ISO'")
         await cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-        await cur.execute(BOUNDS, ("readings",))
-        taken = [(lo, hi) for _, lo, hi in cur.fetchall()]
         current = slot_of(now, self.width)
         wanted = set(range(current, current + AHEAD + 1))
-        stray: set[int] = set()
-        if move:
-            await cur.execute(DEFAULT_SLOTS, (self.width, SPLIT_SLOTS))
-            stray = {row[0] for row in cur.fetchall()}
         made = []
-        for slot in sorted(wanted | stray):
-            for lo, hi in uncovered(*slot_bounds(slot, self.width), taken):
-                name = partition_name(lo)
-                moved = await self._make(cur, name, lo, hi, with_rows=slot in stray)
-                self.moved += moved
-                taken = sorted([*taken, (lo, hi)])
-                made.append(name)
+        for table in TABLES:
+            await cur.execute(BOUNDS, (table,))
+            taken = [(lo, hi) for _, lo, hi in cur.fetchall()]
+            stray: set[int] = set()
+            if move:
+                await cur.execute(DEFAULT_SLOTS.format(table=table), (self.width, SPLIT_SLOTS))
+                stray = {row[0] for row in cur.fetchall()}
+            for slot in sorted(wanted | stray):
+                for lo, hi in uncovered(*slot_bounds(slot, self.width), taken):
+                    name = partition_name(lo, table)
+                    self.moved += await self._make(cur, table, name, lo, hi, with_rows=slot in stray)
+                    taken = sorted([*taken, (lo, hi)])
+                    made.append(name)
         self.made += made
         return made
 
-    async def _make(self, cur: Any, name: str, lo: datetime.datetime, hi: datetime.datetime, with_rows: bool) -> int:
-        """Create a partition for [lo, hi), moving into it what the default partition holds of that range."""
-        await cur.execute(f'CREATE TABLE "{name}" (LIKE readings INCLUDING DEFAULTS)')
+    async def _make(
+        self, cur: Any, table: str, name: str, lo: datetime.datetime, hi: datetime.datetime, with_rows: bool
+    ) -> int:
+        """Create a partition of ``table`` for [lo, hi), moving into it what the default partition holds of it."""
+        await cur.execute(f'CREATE TABLE "{name}" (LIKE {table} INCLUDING DEFAULTS)')
         moved = 0
         if with_rows:
             # Inserts into the default partition wait until the move commits; others go on.
-            await cur.execute("LOCK TABLE readings_default IN SHARE ROW EXCLUSIVE MODE")
+            await cur.execute(f"LOCK TABLE {table}_default IN SHARE ROW EXCLUSIVE MODE")
             await cur.execute(
-                f"WITH gone AS (DELETE FROM readings_default WHERE ts >= %s AND ts < %s RETURNING *) "
+                f"WITH gone AS (DELETE FROM {table}_default WHERE ts >= %s AND ts < %s RETURNING *) "
                 f'INSERT INTO "{name}" SELECT * FROM gone',
                 (lo, hi),
             )
             moved = int(cur.rowcount)
         # A constraint proving the bounds spares ATTACH a scan of the new table.
         await cur.execute(f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_bounds" CHECK (ts >= %s AND ts < %s)', (lo, hi))
-        await cur.execute(f'ALTER TABLE readings ATTACH PARTITION "{name}" FOR VALUES FROM (%s) TO (%s)', (lo, hi))
+        await cur.execute(f'ALTER TABLE {table} ATTACH PARTITION "{name}" FOR VALUES FROM (%s) TO (%s)', (lo, hi))
         await cur.execute(f'ALTER TABLE "{name}" DROP CONSTRAINT "{name}_bounds"')
         return moved
 

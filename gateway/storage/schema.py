@@ -361,6 +361,51 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         END $$;
         """,
     ),
+    (
+        11,
+        "quarantine in time partitions",
+        """
+        -- Quarantined readings range-partitioned by ts like readings (the same partitions are made ahead for
+        -- both; quarantine_default takes the rest and is emptied later), so retention drops them whole. id
+        -- stays each row's handle (release, pages); it comes from the sequence, so an index, not a key.
+        ALTER TABLE quarantine RENAME TO quarantine_v10;
+        ALTER TABLE quarantine_v10 RENAME CONSTRAINT quarantine_pkey TO quarantine_v10_pkey;
+        ALTER TABLE quarantine_v10 RENAME CONSTRAINT quarantine_natural_key TO quarantine_v10_natural_key;
+        ALTER INDEX quarantine_device_time RENAME TO quarantine_v10_device_time;
+        CREATE TABLE quarantine (
+            id          bigint NOT NULL,
+            ts          timestamptz NOT NULL,
+            value       double precision NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            device_id   integer NOT NULL,
+            metric      text NOT NULL,
+            rule        text NOT NULL,
+            source      text NOT NULL,
+            CONSTRAINT quarantine_natural_key UNIQUE (device_id, metric, ts)
+        ) PARTITION BY RANGE (ts);
+        ALTER SEQUENCE quarantine_id_seq OWNED BY quarantine.id;
+        ALTER TABLE quarantine ALTER COLUMN id SET DEFAULT nextval('quarantine_id_seq');
+        CREATE INDEX quarantine_id ON quarantine (id);
+        CREATE INDEX quarantine_device_time ON quarantine (device_id, received_at);
+        CREATE TABLE quarantine_default PARTITION OF quarantine DEFAULT;
+        -- The rows already held: a partition for each UTC day they fall on.
+        DO $$
+        DECLARE day date;
+        BEGIN
+            FOR day IN SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM quarantine_v10 LOOP
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF quarantine FOR VALUES FROM (%L) TO (%L)',
+                    'quarantine_' || to_char(day, 'YYYYMMDD'),
+                    day::timestamp AT TIME ZONE 'UTC',
+                    (day + 1)::timestamp AT TIME ZONE 'UTC'
+                );
+            END LOOP;
+        END $$;
+        INSERT INTO quarantine (id, ts, value, received_at, device_id, metric, rule, source)
+        SELECT id, ts, value, received_at, device_id, metric, rule, source FROM quarantine_v10;
+        DROP TABLE quarantine_v10;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
