@@ -20,6 +20,7 @@ before it is dropped; quarantined readings left past the limit are deleted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -191,29 +192,27 @@ class Retention(PeriodicWork):
             total += int(rows[0][0])
         except Exception as e:
             log.warn("retention: old readings of the cold tier not deleted yet: {error}", error=first_line(e))
+        total += await self._in_chunks(self.sweep_chunk, "readings")
+        if total:
+            self.deleted += total
+            log.info("retention: deleted {count} readings already uploaded", count=total)
+        held = await self._in_chunks(self.sweep_quarantine_chunk, "quarantined readings")
+        if held:
+            self.deleted_quarantined += held
+            log.info("retention: deleted {count} quarantined readings", count=held)
+
+    async def _in_chunks(self, sweep: Callable[[], Deferred], what: str) -> int:
+        """Delete with ``sweep`` (a chunk a call, fires with the count) until less than a chunk is left."""
+        total = 0
         try:
             for _ in range(RETENTION_CHUNKS_PER_RUN):
-                count = await self.sweep_chunk()
+                count = await sweep()
                 total += count
                 if count < RETENTION_CHUNK or not self.running:
                     break
         except Exception as e:
-            log.warn("retention: old readings not deleted yet: {error}", error=first_line(e))
-        if total:
-            self.deleted += total
-            log.info("retention: deleted {count} readings already uploaded", count=total)
-        held = 0
-        try:
-            for _ in range(RETENTION_CHUNKS_PER_RUN):
-                count = await self.sweep_quarantine_chunk()
-                held += count
-                if count < RETENTION_CHUNK or not self.running:
-                    break
-        except Exception as e:
-            log.warn("retention: old quarantined readings not deleted yet: {error}", error=first_line(e))
-        if held:
-            self.deleted_quarantined += held
-            log.info("retention: deleted {count} quarantined readings", count=held)
+            log.warn("retention: old {what} not deleted yet: {error}", what=what, error=first_line(e))
+        return total
 
     def status(self) -> dict[str, Any]:
         """For /healthz: partitions dropped by this process, and those past retention that are kept, with why."""

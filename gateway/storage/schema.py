@@ -16,6 +16,25 @@ MIGRATION_LOCK = 0x7467_7761_7900  # "tgway": any constant shared by all gateway
 
 MIN_SERVER_VERSION = 140000  # extract(epoch ...) returns exact numeric from 14 on
 
+
+def _day_partitions(table: str, rows_of: str) -> str:
+    """SQL making a partition of ``table`` (``<table>_YYYYMMDD``) for each UTC day a row of ``rows_of`` falls on."""
+    return f"""
+        DO $$
+        DECLARE day date;
+        BEGIN
+            FOR day IN SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM {rows_of} LOOP
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF {table} FOR VALUES FROM (%L) TO (%L)',
+                    '{table}_' || to_char(day, 'YYYYMMDD'),
+                    day::timestamp AT TIME ZONE 'UTC',
+                    (day + 1)::timestamp AT TIME ZONE 'UTC'
+                );
+            END LOOP;
+        END $$;
+"""
+
+
 # Readings carry no foreign key to devices: devices are revoked, never
 # deleted, and a foreign key would take a KEY SHARE row lock on the device
 # for every inserted reading, serialising concurrent batches of one device.
@@ -275,18 +294,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX readings_device_time ON readings (device_id, ts);
         CREATE TABLE readings_default PARTITION OF readings DEFAULT;
         -- The rows already stored: a partition for each UTC day they fall on.
-        DO $$
-        DECLARE day date;
-        BEGIN
-            FOR day IN SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM readings_v7 LOOP
-                EXECUTE format(
-                    'CREATE TABLE %I PARTITION OF readings FOR VALUES FROM (%L) TO (%L)',
-                    'readings_' || to_char(day, 'YYYYMMDD'),
-                    day::timestamp AT TIME ZONE 'UTC',
-                    (day + 1)::timestamp AT TIME ZONE 'UTC'
-                );
-            END LOOP;
-        END $$;
+        """
+        + _day_partitions("readings", "readings_v7")
+        + """
         INSERT INTO readings (tx, id, ts, value, received_at, device_id, metric)
         SELECT tx, id, ts, value, received_at, device_id, metric FROM readings_v7;
         DROP TABLE readings_v7;
@@ -389,18 +399,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX quarantine_device_time ON quarantine (device_id, received_at);
         CREATE TABLE quarantine_default PARTITION OF quarantine DEFAULT;
         -- The rows already held: a partition for each UTC day they fall on.
-        DO $$
-        DECLARE day date;
-        BEGIN
-            FOR day IN SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM quarantine_v10 LOOP
-                EXECUTE format(
-                    'CREATE TABLE %I PARTITION OF quarantine FOR VALUES FROM (%L) TO (%L)',
-                    'quarantine_' || to_char(day, 'YYYYMMDD'),
-                    day::timestamp AT TIME ZONE 'UTC',
-                    (day + 1)::timestamp AT TIME ZONE 'UTC'
-                );
-            END LOOP;
-        END $$;
+        """
+        + _day_partitions("quarantine", "quarantine_v10")
+        + """
         INSERT INTO quarantine (id, ts, value, received_at, device_id, metric, rule, source)
         SELECT id, ts, value, received_at, device_id, metric, rule, source FROM quarantine_v10;
         DROP TABLE quarantine_v10;
