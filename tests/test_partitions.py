@@ -228,8 +228,12 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert sql("SELECT count(*) FROM readings_20261102") == [(50,)]  # the sent half, deleted row by row
         assert sql("SELECT count(*) FROM readings_20261103") == [(100,)]
         sql("ANALYZE readings")
+        sql("ANALYZE quarantine")
         storage = json.loads(gatewayctl("storage", "--json", "--db", db_dsn).stdout)
         by_name = {p["partition"]: p for p in storage}
+        held = by_name["quarantine"]  # every quarantine partition on one line: what is left is day 3's reading
+        assert (held["readings_estimate"], held["sent_to_every_sink"]) == (1, None) and held["bytes"] > 0
+        assert held["from"] == "2026-11-03T00:00:00Z"
         assert by_name["readings_20261103"]["readings_estimate"] == 100
         assert by_name["readings_20261103"]["from"] == "2026-11-03T00:00:00Z"
         assert not by_name["readings_20261102"]["sent_to_every_sink"]
@@ -237,6 +241,7 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert "readings_20261101" not in by_name and by_name["readings_20261103"]["bytes"] > 0
         text = gatewayctl("storage", "--db", db_dsn).stdout
         assert "readings_20261102" in text and "NOT YET SENT to every sink" in text
+        assert "held, never uploaded" in text
         # Everything sent, but one reading of day 3 arrived just now: that partition waits for it.
         sql("INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', %s, 7)", (day(3, 5),))
         sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id(), cursor_id = 1e15")

@@ -2,8 +2,9 @@
 ``gatewayctl storage``: where the readings are on disk — each time partition
 with its range, its size (indexes included), how many readings it holds
 (PostgreSQL's estimate, kept by ANALYZE) and what one costs, and whether every
-sink has sent it (what retention waits for); last, the compressed cold tier
-(its readings counted exactly).
+sink has sent it (what retention waits for); then the compressed cold tier
+(its readings counted exactly), and last the quarantine's partitions
+together (quarantined readings are never uploaded).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ SELECT 'readings_default', NULL, NULL, pg_total_relation_size('readings_default'
        greatest(c.reltuples, 0)::bigint
 FROM pg_class c WHERE c.oid = 'readings_default'::regclass
 ORDER BY 2 NULLS FIRST
+"""
+# The quarantine's partitions together (the default one included): their range, bytes and estimated rows.
+QUARANTINE = f"""
+SELECT min(b.lo), max(b.hi), coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint,
+       coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+LEFT JOIN ({BOUNDS}) b(name, lo, hi) ON b.name = c.relname
+WHERE i.inhparent = 'quarantine'::regclass
 """
 # Whether a partition's newest reading (in upload order) is at or below the frontier every sink has passed.
 SENT = """
@@ -70,6 +79,19 @@ def cmd_storage(args: argparse.Namespace) -> None:
                         "sent_to_every_sink": True,
                     }
                 )
+            cur.execute(QUARANTINE, ("quarantine",))
+            lo, hi, size, held = cur.fetchone()
+            out.append(
+                {
+                    "partition": "quarantine",
+                    "from": when(lo) if lo else None,
+                    "to": when(hi) if hi else None,
+                    "bytes": size,
+                    "readings_estimate": held,
+                    "bytes_per_reading": round(size / held, 1) if held else None,
+                    "sent_to_every_sink": None,  # never uploaded
+                }
+            )
         conn.rollback()
     if args.json:
         json.dump(out, sys.stdout, indent=2)
@@ -81,13 +103,17 @@ def cmd_storage(args: argparse.Namespace) -> None:
         span = f"{p['from']} .. {p['to']}" if p["from"] else "(readings outside every partition)"
         if p["partition"] == "readings_cold":
             span = f"{p['from'] or '-'} .. {p['to']} (compressed)"
+        if p["partition"] == "quarantine":
+            span = f"{p['from'] or '-'} .. {p['to'] or '-'} (every partition)"
         cost = f"{p['bytes_per_reading']:.0f} B each" if p["bytes_per_reading"] else "-"
-        sent = "sent" if p["sent_to_every_sink"] else "NOT YET SENT to every sink"
+        sent = {True: "sent", False: "NOT YET SENT to every sink", None: "held, never uploaded"}[
+            p["sent_to_every_sink"]
+        ]
         print(
             f"{p['partition']:<28} {span:<50} {p['bytes'] / 2**20:>10.1f} MB "
             f"{p['readings_estimate']:>14,} {cost:>12}  {sent}"
         )
-    note(f"{len(out)} partitions, {total / 2**30:.2f} GB, about {readings:,} readings (estimates from ANALYZE)")
+    note(f"{len(out)} lines, {total / 2**30:.2f} GB, about {readings:,} readings (estimates from ANALYZE)")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
