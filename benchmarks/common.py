@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.storage import embedded  # noqa: E402
 from gateway.storage import schema  # noqa: E402
 from gateway.storage.partitions import make_partitions  # noqa: E402
-from gateway.storage.store import WRITE_BATCH  # noqa: E402
+from gateway.storage.store import EXECUTE_WRITE_BATCH, PREPARE_WRITE_BATCH, array_literals  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -84,10 +84,12 @@ def _insert_for(dsn: str, device: int, offset_us: int, duration: float, batch: i
     n = 0
     try:
         with conn.cursor() as cur:
+            cur.execute(PREPARE_WRITE_BATCH)  # prepared once per connection, as the gateway does
             start = time.perf_counter()
             while time.perf_counter() - start < duration:
-                ts = list(range(offset_us + n * 1000, offset_us + (n + batch) * 1000, 1000))
-                cur.execute(WRITE_BATCH, ([device] * batch, ["oil_temp"] * batch, ts, [1.5] * batch))
+                ts = range(offset_us + n * 1000, offset_us + (n + batch) * 1000, 1000)
+                rows = [(device, "oil_temp", t, 1.5) for t in ts]
+                cur.execute(EXECUTE_WRITE_BATCH, array_literals(rows))
                 assert cur.fetchone()[0] == batch
                 conn.commit()
                 n += batch

@@ -237,6 +237,26 @@ async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql, n):
 
 
 @pytest_twisted.ensureDeferred
+async def test_batches_run_the_statement_prepared_on_each_connection_or_in_full_once_it_is_lost(db_dsn, sql):
+    store = await open_pg_store(db_dsn, pool_size=1)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        prepared = "SELECT generic_plans + custom_plans FROM pg_prepared_statements WHERE name = 'gateway_write_batch'"
+        assert await store.pool.run(lambda c: c.runQuery(prepared)) == [(0,)]
+        for n in (1, 3):
+            await store.write(device, readings(n, start=10 * n))
+        assert await store.pool.run(lambda c: c.runQuery(prepared)) == [(2,)]
+        # Gone from the session (as behind a pooler that hands out another server connection): the full
+        # statement is sent instead, and the readings are stored all the same.
+        await store.pool.run(lambda c: c.runOperation("DEALLOCATE gateway_write_batch"))
+        assert await store.write(device, readings(2, start=100)) == WriteResult(2, 0)
+        assert await store.write(device, readings(2, start=200)) == WriteResult(2, 0)
+        assert sql("SELECT count(*) FROM readings") == [(8,)]
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_refused_reading_fails_only_its_part_of_writes_committed_together(db_dsn, sql):
     sql("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (value <> -666)")
     store = await open_pg_store(db_dsn, pool_size=1)

@@ -64,7 +64,7 @@ from gateway.storage.interface import IStore
 from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
 from gateway.storage.lastseen import LastSeen
 from gateway.storage.journal import Journal, Scan, encode
-from gateway.storage.pool import PgPool, first_line
+from gateway.storage.pool import PgPool, first_line, is_connection_error
 from gateway.storage.queries import twin_upsert
 from gateway.readings import (
     Device,
@@ -110,6 +110,17 @@ SELECT count(*), pg_current_xact_id() FROM new
 
 
 WRITE_BATCH = write_batch_sql()
+# The batch statement prepared once per connection: a batch then costs the database about a third less
+# (no parsing or planning), most where batches are small. Behind a pooler that does not keep a session's
+# prepared statements, the full statement is sent instead.
+PREPARED_BATCH = "gateway_write_batch"
+PREPARE_WRITE_BATCH = f"PREPARE {PREPARED_BATCH} (integer[], text[], bigint[], float8[]) AS " + WRITE_BATCH % (
+    "$1",
+    "$2",
+    "$3",
+    "$4",
+)
+EXECUTE_WRITE_BATCH = f"EXECUTE {PREPARED_BATCH} (%s, %s, %s, %s)"
 
 # Which rows the batch's transaction stored is asked only when some were not
 # new (a retransmission): a RETURNING clause naming every key cost the
@@ -283,6 +294,7 @@ class PostgresStore(Service):
     ) -> None:
         self._clock = clock or reactor
         self.pool = PgPool(reactor, pool_size)
+        self.pool.on_connect = self._prepare
         self.committer: GroupCommit[Write | tuple[Write, ...]] = GroupCommit(
             self._clock,
             self._commit,
@@ -595,13 +607,35 @@ class PostgresStore(Service):
         """
         columns = array_literals(rows)
         for attempt in range(DEADLOCK_RETRIES):
+            statement = EXECUTE_WRITE_BATCH if getattr(conn, "batch_prepared", False) else WRITE_BATCH
             try:
-                ((inserted, tx),) = await conn.runQuery(WRITE_BATCH, columns)
+                ((inserted, tx),) = await conn.runQuery(statement, columns)
                 return None if inserted == len(rows) else await conn.runQuery(NEW_IN_TRANSACTION, (tx,))
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as e:
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise StoreUnavailable(f"the database kept aborting the batch: {first_line(e)}") from e
+            except psycopg2.errors.InvalidSqlStatementName:
+                # Prepared on a server connection that this session no longer has (a pooler in between).
+                conn.batch_prepared = False
+                log.warn("the batch statement's preparation was lost: the full statement is sent from now on")
+                return await self._insert(conn, rows)
         raise AssertionError("unreachable")
+
+    def _prepare(self, conn: Any) -> Deferred:
+        """A new connection: prepare the batch statement on it (without, the full one is sent each time)."""
+
+        def done(result: Any) -> Any:
+            conn.batch_prepared = not isinstance(result, Failure)
+            if isinstance(result, Failure):
+                if is_connection_error(result.value):
+                    return result  # the connection is dropped and made again
+                log.warn(
+                    "the batch statement is not prepared: {error}; the full statement is sent each time",
+                    error=first_line(result.value),
+                )
+            return None
+
+        return conn.runOperation(PREPARE_WRITE_BATCH).addBoth(done)
 
     async def _insert_isolating(
         self, conn: Any, rows: list[tuple]
