@@ -184,13 +184,18 @@ _NAMES_SEEN: set[str] = set()
 def parse_rfc3339(text: str) -> int:
     """RFC 3339 with a zone → microseconds since the epoch (finer digits are cut)."""
     # The usual form, 2026-11-22T10:00:00.250Z: its second comes from a cache keyed by the first 19 characters
-    # (a batch's readings share seconds), so only the fraction is read for each reading.
+    # (a batch's readings share seconds, and a fleet's readings the last few), so only the fraction is read.
     n = len(text)
     if text[-1:] == "Z" and (n == 20 or (22 <= n <= 30 and text[19] == ".")):
         frac = text[20:-1]
         if not frac or (frac.isascii() and frac.isdigit()):
-            micro = int(frac[:6]) * _FRACTION_SCALE[min(len(frac), 6)] if frac else 0
-            return _utc_second(text[:19]) * 1_000_000 + micro
+            second_us = _SECONDS_US.get(text[:19])
+            if second_us is None:
+                second_us = _utc_second(text[:19]) * 1_000_000
+                if len(_SECONDS_US) >= SECONDS_SEEN_MAX:
+                    _SECONDS_US.clear()
+                _SECONDS_US[text[:19]] = second_us
+            return second_us + int(frac[:6]) * _FRACTION_SCALE[min(len(frac), 6)] if frac else second_us
     m = _RFC3339.match(text)
     if m is None:
         raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
@@ -205,10 +210,11 @@ def parse_rfc3339(text: str) -> int:
 
 
 _FRACTION_SCALE = (0, 100_000, 10_000, 1_000, 100, 10, 1)  # by digits: to microseconds
+SECONDS_SEEN_MAX = 4096
+_SECONDS_US: dict[str, int] = {}  # 'YYYY-MM-DDTHH:MM:SS' (UTC, checked) -> microseconds since the epoch
 _SECOND = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})\Z")
 
 
-@functools.lru_cache(maxsize=4096)
 def _utc_second(text: str) -> int:
     """Seconds since the epoch of 'YYYY-MM-DDTHH:MM:SS' in UTC; ValueError as parse_rfc3339 says it."""
     m = _SECOND.match(text)

@@ -30,6 +30,27 @@ def test_rfc3339_nanoseconds_are_cut_to_microseconds():
     assert parse_rfc3339("1970-01-01T00:00:00.123456789Z") == 123456
 
 
+@given(
+    st.datetimes(min_value=datetime.datetime(1, 1, 1), max_value=datetime.datetime(9999, 12, 31, 23, 59, 59)),
+    st.sampled_from(["", ".5", ".25", ".250", ".123456", ".1234567", ".000000001"]),
+)
+def test_rfc3339_in_utc_agrees_with_the_standard_library_whether_its_second_was_seen_or_not(when, fraction):
+    text = when.strftime("%Y-%m-%dT%H:%M:%S").zfill(19) + fraction + "Z"
+    expected = datetime.datetime.fromisoformat(text[:19] + (fraction[:7] if fraction else "") + "+00:00")
+    us = (expected - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(microseconds=1)
+    assert parse_rfc3339(text) == us  # a second maybe new
+    assert parse_rfc3339(text) == us  # and now seen
+
+
+def test_the_seconds_remembered_are_bounded(monkeypatch):
+    from gateway import readings
+
+    monkeypatch.setattr(readings, "_SECONDS_US", {})
+    for minute in range(readings.SECONDS_SEEN_MAX + 10):
+        parse_rfc3339(f"2026-11-22T{minute // 3600 % 24:02d}:{minute // 60 % 60:02d}:{minute % 60:02d}.5Z")
+    assert 0 < len(readings._SECONDS_US) <= readings.SECONDS_SEEN_MAX
+
+
 @pytest.mark.parametrize(
     "text",
     [
