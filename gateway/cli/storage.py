@@ -54,44 +54,14 @@ def cmd_storage(args: argparse.Namespace) -> None:
             out = []
             for name, lo, hi, size, estimate in rows:
                 cur.execute(SENT.format(name=f'"{name}"'), {"tx": frontier[0], "id": frontier[1]})
-                out.append(
-                    {
-                        "partition": name,
-                        "from": when(lo) if lo else None,
-                        "to": when(hi) if hi else None,
-                        "bytes": size,
-                        "readings_estimate": estimate,
-                        "bytes_per_reading": round(size / estimate, 1) if estimate else None,
-                        "sent_to_every_sink": cur.fetchone()[0],
-                    }
-                )
+                out.append(_line(name, lo, hi, size, estimate, cur.fetchone()[0]))
             cur.execute(SIZES)
             cold, size, oldest, horizon = cur.fetchone()
             if cold or horizon is not None:
-                out.append(
-                    {
-                        "partition": "readings_cold",
-                        "from": when(oldest) if oldest else None,
-                        "to": when(horizon) if horizon else None,
-                        "bytes": size,
-                        "readings_estimate": cold,
-                        "bytes_per_reading": round(size / cold, 1) if cold else None,
-                        "sent_to_every_sink": True,
-                    }
-                )
+                out.append(_line("readings_cold", oldest, horizon, size, cold, True))
             cur.execute(QUARANTINE, ("quarantine",))
             lo, hi, size, held = cur.fetchone()
-            out.append(
-                {
-                    "partition": "quarantine",
-                    "from": when(lo) if lo else None,
-                    "to": when(hi) if hi else None,
-                    "bytes": size,
-                    "readings_estimate": held,
-                    "bytes_per_reading": round(size / held, 1) if held else None,
-                    "sent_to_every_sink": None,  # never uploaded
-                }
-            )
+            out.append(_line("quarantine", lo, hi, size, held, None))  # never uploaded
         conn.rollback()
     if args.json:
         json.dump(out, sys.stdout, indent=2)
@@ -114,6 +84,19 @@ def cmd_storage(args: argparse.Namespace) -> None:
             f"{p['readings_estimate']:>14,} {cost:>12}  {sent}"
         )
     note(f"{len(out)} lines, {total / 2**30:.2f} GB, about {readings:,} readings (estimates from ANALYZE)")
+
+
+def _line(name: str, lo: Any, hi: Any, size: int, readings: int, sent: bool | None) -> dict[str, Any]:
+    """One line of the listing: where, from and to, bytes, readings (estimated), whether every sink has them."""
+    return {
+        "partition": name,
+        "from": when(lo) if lo else None,
+        "to": when(hi) if hi else None,
+        "bytes": size,
+        "readings_estimate": readings,
+        "bytes_per_reading": round(size / readings, 1) if readings else None,
+        "sent_to_every_sink": sent,
+    }
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
