@@ -229,16 +229,16 @@ def lean_layouts(conn, readings: int) -> dict:
                 unique, cols = ("UNIQUE ", index[len("UNIQUE ") :]) if index.startswith("UNIQUE") else ("", index)
                 cur.execute(f"CREATE {unique}INDEX lean_{name}_{n} ON lean_{name} {cols}")
             names = [c.split()[0] for c in columns.split(", ")]
-            key = indexes[0][len("UNIQUE (") : -1].replace("metric", "m.id" if "smallint" in columns else "r.metric")
-            key = key.replace("device_id", "r.device_id").replace("ts", "r.ts")
-            values = ", ".join("m.id" if c == "metric" and "smallint" in columns else f"r.{c}" for c in names)
+            metric = "m.id" if "smallint" in columns else "r.metric"
+            values = ", ".join(f"{metric if c == 'metric' else 'r.' + c} AS {c}" for c in names)
+            key = indexes[0][len("UNIQUE (") : -1]  # the natural key's columns, named as the layout names them
             # In arrival order, a transaction's rows at a time sorted by the natural key, as the batch statement
             # stores them.
             cur.execute("SELECT DISTINCT tx::text FROM readings ORDER BY 1")
             for (tx,) in cur.fetchall():
                 cur.execute(
-                    f"INSERT INTO lean_{name} ({', '.join(names)}) SELECT {values} FROM readings r "
-                    f"JOIN metric_ids m ON m.metric = r.metric WHERE r.tx = %s::xid8 ORDER BY {key}",
+                    f"INSERT INTO lean_{name} SELECT * FROM (SELECT {values} FROM readings r "
+                    f"JOIN metric_ids m ON m.metric = r.metric WHERE r.tx = %s::xid8) s ORDER BY {key}",
                     (tx,),
                 )
         conn.commit()
