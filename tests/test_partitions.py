@@ -117,6 +117,78 @@ def test_the_migration_keeps_every_quarantined_reading_in_partitions_by_day(old_
         conn.close()
 
 
+def test_the_upload_order_is_indexed_by_transaction_alone_after_the_migration(old_database):
+    conn = psycopg2.connect(old_database(11))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00')")
+            for d in (25, 26):
+                cur.execute(
+                    f"CREATE TABLE readings_202611{d} PARTITION OF readings "
+                    f"FOR VALUES FROM ('2026-11-{d}Z') TO ('2026-11-{d + 1}Z')"
+                )
+            for hour in range(3):  # three transactions over two days' partitions
+                cur.execute(
+                    "INSERT INTO readings (device_id, metric, ts, value) SELECT 1, 'm' || %s, t, 1 "
+                    "FROM generate_series(timestamptz '2026-11-25 23:00Z', '2026-11-26 01:00Z', '1 minute') t",
+                    (hour,),
+                )
+                conn.commit()
+            cur.execute("SELECT tx::text, id FROM readings ORDER BY tx, id")
+            before = cur.fetchall()
+        assert schema.migrate(conn, upto=12) == [12]
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT i.indrelid::regclass::text, regexp_replace(pg_get_indexdef(i.indexrelid), '.* USING ', '') "
+                "FROM pg_index i WHERE i.indrelid IN (SELECT inhrelid FROM pg_inherits "
+                "WHERE inhparent = 'readings'::regclass) AND pg_get_indexdef(i.indexrelid) LIKE '%%(tx%%' ORDER BY 1"
+            )
+            assert cur.fetchall() == [
+                ("readings_20261125", "btree (tx)"),
+                ("readings_20261126", "btree (tx)"),
+                ("readings_default", "btree (tx)"),
+            ]
+            cur.execute("SELECT tx::text, id FROM readings ORDER BY tx, id")
+            assert cur.fetchall() == before
+            # A cursor in the middle of a transaction: the next readings in upload order, from the index.
+            tx, id_ = before[200]
+            cur.execute("SET enable_seqscan = off")
+            query = "SELECT tx::text, id FROM readings WHERE (tx, id) > (%s::xid8, %s) ORDER BY tx, id LIMIT 50"
+            cur.execute(query, (tx, id_))
+            assert cur.fetchall() == before[201:251]
+            cur.execute("EXPLAIN " + query, (tx, id_))
+            plan = "\n".join(row[0] for row in cur.fetchall())
+            assert "readings_upload_order" in plan or "_tx_idx" in plan, plan
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
+    from gateway.storage.queries import RELEASE_CHUNK
+
+    add_pg_device(sql, "truck-1")
+    [(device,)] = sql("SELECT id FROM devices")
+    held = 2 * RELEASE_CHUNK + 7
+    sql(
+        "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) SELECT %s, 'oil_temp', "
+        "timestamptz '2026-11-20Z' + i * interval '1 second', 250, 'oil_temp.max: 250 is above 200', 'https' "
+        "FROM generate_series(1, %s) i",
+        (device, held),
+    )
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'oil_temp', "
+        "timestamptz '2026-11-20Z' + interval '1 second', 250)",
+        (device,),
+    )
+    out = gatewayctl("quarantine", "release", "--all", "--db", db_dsn)
+    assert f"released {held} readings: {held - 1} stored, 1 were stored already" in out.stderr + out.stdout
+    assert sql("SELECT count(*) FROM quarantine") == [(0,)]
+    assert sql("SELECT count(*), count(DISTINCT ts) FROM readings") == [(held, held)]
+    groups = [n for (n,) in sql("SELECT count(*) FROM readings GROUP BY tx ORDER BY min(id)")]
+    assert groups == [1, RELEASE_CHUNK - 1, RELEASE_CHUNK, 7]
+
+
 @pytest.fixture
 def pools(db_dsn):
     made = []

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from gateway.storage.queries import QUARANTINE_WHERE, RELEASE, quarantined_doc, QUARANTINE_COLUMNS
+from gateway.storage.queries import QUARANTINE_WHERE, RELEASE, RELEASE_CHUNK, quarantined_doc, QUARANTINE_COLUMNS
 from gateway.cli.common import CommandError, database, note, print_table
 
 
@@ -36,11 +36,16 @@ def cmd_quarantine_list(args: argparse.Namespace) -> None:
 def cmd_quarantine_release(args: argparse.Namespace) -> None:
     if not (args.ids or args.device or args.rule or args.all):
         raise CommandError("say which readings: IDs, --device, --rule, or --all")
+    moved = stored = 0
     with database(args) as conn:
         with conn.cursor() as cur:
-            cur.execute(RELEASE, _quarantine_filter(args))
-            moved, stored = cur.fetchone()
-        conn.commit()
+            while True:  # RELEASE_CHUNK readings a transaction, each committed with its removal from quarantine
+                cur.execute(RELEASE, _quarantine_filter(args))
+                chunk_moved, chunk_stored = cur.fetchone()
+                conn.commit()
+                moved, stored = moved + chunk_moved, stored + chunk_stored
+                if chunk_moved < RELEASE_CHUNK:
+                    break
     note(f"released {moved} readings: {stored} stored, {moved - stored} were stored already")
 
 

@@ -41,10 +41,14 @@ WHERE (%(ids)s::bigint[] IS NULL OR q.id = ANY(%(ids)s))
 
 # Released readings go where they would have gone: into readings (once each),
 # into the twin if newer, and so to the sinks, in one transaction with their removal.
+# At most RELEASE_CHUNK of them a transaction (the lowest ids first), so that no
+# transaction stores more readings than a group commit does: the uploader sorts
+# the readings of the transaction its cursor is in.
+RELEASE_CHUNK = 5000
 RELEASE = f"""
 WITH moved AS (
     DELETE FROM quarantine q USING devices d
-    WHERE d.id = q.device_id AND q.id IN (SELECT q.id {QUARANTINE_WHERE})
+    WHERE d.id = q.device_id AND q.id IN (SELECT q.id {QUARANTINE_WHERE} ORDER BY q.id LIMIT {RELEASE_CHUNK})
     RETURNING q.device_id, q.metric, q.ts, q.value
 ), stored AS (
     INSERT INTO readings (device_id, metric, ts, value)
