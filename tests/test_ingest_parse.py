@@ -40,6 +40,8 @@ def test_empty_list_is_fine():
         (b"[]", "invalid_body", '"readings" list'),
         (b'{"readings": {}}', "invalid_body", "readings: must be a list"),
         (b'{"readings": [], "device": "x"}', "invalid_body", "device: unknown field"),
+        (b"[" * 100_000, "invalid_json", "not valid JSON"),  # deeper than any parser's stack
+        (b'{"readings": [{"metric": "a", "ts": 1, "value": 1}]', "invalid_json", "not valid JSON"),
     ],
 )
 def test_body_errors(raw, code, message):

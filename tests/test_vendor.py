@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import ConfigError, build_config, duration
 from gateway.transports.http import STATUS
-from gateway.readings import Reading, parse_rfc3339
+from gateway.readings import InvalidInput, Reading, parse_rfc3339
 from gateway.ingest.vendor import DeviceTypeError, Unmappable, device_type_from_table, parse_time
 
 ACME = {
@@ -78,6 +78,16 @@ def test_input_that_cannot_be_mapped_names_the_path(change, message):
     with pytest.raises(Unmappable, match=message) as caught:
         acme().map({**BODY, **change}, "TRK-17")
     assert STATUS[caught.value.code] == 422  # what the HTTPS adapter answers
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [(b"{", "not valid JSON"), (b"\xff", "not UTF-8"), (b"[" * 100_000, "not valid JSON")],
+)
+def test_a_body_that_is_not_json_is_refused_as_such(body, message):
+    with pytest.raises(InvalidInput, match=message) as caught:
+        acme().read(body, "TRK-17")
+    assert caught.value.code == "invalid_json"
 
 
 def test_optional_metric_missing_is_skipped_and_a_plain_document_is_one_record():

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+import orjson
+
 from gateway.readings import NAME_RULE, InvalidInput, Reading, is_name, parse_ts, parse_value
 
 _READING_KEYS = frozenset(("metric", "ts", "value"))
@@ -50,17 +52,29 @@ def _check_reading(item: Any, where: str) -> Reading:
     return Reading(metric, ts, value)
 
 
+def _loads_or_explain(body: bytes) -> Any:
+    """
+    A body orjson refused, read by the standard library: it says why in the
+    words the gateway has always used, and it takes NaN and Infinity, which
+    are then refused as the reading's value, naming the reading.
+    """
+    try:
+        return json.loads(body.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
 def parse_readings_json(body: bytes, one: bool = False) -> list[Reading]:
     """
     ``{"readings": [{"metric", "ts", "value"}, …]}`` → readings, or InvalidInput.
     With ``one``, a single reading object (``{"metric", "ts", "value"}``) is taken too.
     """
     try:
-        doc = json.loads(body.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
-    except UnicodeDecodeError:
-        raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
-    except ValueError as e:
-        raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        doc = orjson.loads(body)  # a third of the time json.loads takes
+    except orjson.JSONDecodeError:
+        doc = _loads_or_explain(body)
     if one and isinstance(doc, dict) and "readings" not in doc:
         return [parse_reading(doc, "reading")]
     if not isinstance(doc, dict) or "readings" not in doc:

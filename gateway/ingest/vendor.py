@@ -84,7 +84,7 @@ class DeviceType:
             doc = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise InvalidInput("the body is not UTF-8", code="invalid_json") from None
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
             raise InvalidInput(f"the body is not valid JSON: {e}", code="invalid_json") from None
         return self.map(doc, device_name)
 
