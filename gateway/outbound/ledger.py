@@ -64,8 +64,9 @@ SETTLED = "r.tx < pg_snapshot_xmin(pg_current_snapshot())"
 IN_RANGE = f"{AFTER} AND (r.tx, r.id) <= (%(last_tx)s::xid8, %(last_id)s)"
 
 # The body of a batch: its range of readings, as lines. The LIMIT (the
-# batch's size) keeps the planner on the (tx, id) index whatever it
-# guesses of the range.
+# batch's size) keeps the planner on the upload-order index (on tx; the
+# readings of one transaction are sorted by id) whatever it guesses of the
+# range.
 RANGE_RAW = f"""
 SELECT count(*), coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.id), '')
 FROM (SELECT r.tx, r.id, {LINE} AS line
