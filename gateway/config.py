@@ -437,6 +437,13 @@ SETTINGS: tuple[Setting, ...] = (
         "cold tier: one row per device, metric and hour, about 12 bytes a reading; off keeps every reading in "
         "the hot table.",
     ),
+    Setting(
+        "pack-after",
+        3600.0,
+        _off_or(lambda value: duration(value, lo=0)),
+        "Rebuild a time partition's indexes, pages full, once its range is this far in the past (0, 1h, 1d): "
+        "about 20 bytes less a stored reading; off leaves them as ingest made them.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -478,6 +485,7 @@ class GatewayConfig:
     upload_timeout: float = 30.0
     retention: float | None = None
     compress_after: float | None = 604800.0
+    pack_after: float | None = 3600.0
     partition: float = 86400.0
     sink_stall: float = 300.0
     metrics: EndpointSpec | None = None

@@ -60,6 +60,7 @@ from gateway.outbound.notices import AlertNotifier
 from gateway.outbound.retention import Retention
 from gateway.storage.cold import Compressor
 from gateway.storage.partitions import PartitionKeeper
+from gateway.storage.packing import Packer
 from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
 from gateway.readings import Source
@@ -173,6 +174,7 @@ class GatewayService(MultiService):
             poller=lambda: self.poller,
             retention=lambda: self.retention,
             compressor=lambda: self.compressor,
+            packer=lambda: self.packer,
             oidc=lambda: self.oidc,
             embedded=self.supervisor.status if self.supervisor else None,
         )
@@ -213,6 +215,7 @@ class GatewayService(MultiService):
         self.partitions: PartitionKeeper | None = None
         self.retention: Retention | None = None
         self.compressor: Compressor | None = None
+        self.packer: Packer | None = None
         self.sources: BrokerSources | None = None
         self.poller: ModbusPoller | None = None
         self.console = Console(self)
@@ -396,6 +399,11 @@ class GatewayService(MultiService):
             await compressor.connect(dsn)
             compressor.setServiceParent(self)
             self.compressor = compressor
+        if config.pack_after is not None:
+            packer = Packer(self.reactor, config.pack_after)
+            await packer.connect(dsn)
+            packer.setServiceParent(self)
+            self.packer = packer
         if config.retention is not None:
             retention = Retention(self.reactor, config.retention)
             await retention.connect(dsn)

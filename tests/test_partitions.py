@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
 from gateway.storage import schema
+from gateway.storage.packing import PACK_LOCK, Packer
 from gateway.storage.partitions import BOUNDS, Partitions, partition_name, uncovered
 from gateway.storage.pool import PgPool
 from tests.gatewayproc import gatewayctl
@@ -327,3 +328,72 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert retention.status()["dropped_partitions"] == 4  # readings of days 1 and 2, quarantine of 1 and 2
     finally:
         await retention.pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_reading(db_dsn, sql):
+    for d in (1, 2, 3):
+        sql(
+            f"CREATE TABLE readings_2026110{d} PARTITION OF readings "
+            f"FOR VALUES FROM ('2026-11-0{d}Z') TO ('2026-11-0{d + 1}Z')"
+        )
+    sql("CREATE TABLE readings_20990101 PARTITION OF readings FOR VALUES FROM ('2099-01-01Z') TO ('2099-01-02Z')")
+    for i in range(40):
+        add_pg_device(sql, f"truck-{i}")
+    # As devices send them: time first, every device and metric at each second, so that each (device, metric)
+    # grows at its own place in the natural key and its pages are split in halves.
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) "
+        "SELECT d.id, 'm' || m, day + s * interval '1 second', s FROM devices d, generate_series(0, 3) m, "
+        "generate_series(0, 299) s, unnest(array[timestamptz '2026-11-01Z', '2026-11-02Z', '2026-11-03Z', "
+        "'2099-01-01Z']) day ORDER BY day, s, d.id, m"
+    )
+    sql("INSERT INTO readings_cold_ranges (lo, hi) VALUES ('2026-11-01Z', '2026-11-02Z')")  # folded: empty soon
+    # A copy of an index that a rebuild cut short leaves behind: invalid (here: not unique), still updated.
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        sql("CREATE UNIQUE INDEX CONCURRENTLY readings_20261102_natural_key_ccnew ON readings_20261102 (device_id)")
+    before = sql("SELECT tableoid::regclass::text, device_id, metric, ts, value FROM readings ORDER BY 2, 3, 4")
+    sizes = dict(sql("SELECT relname, pg_indexes_size(oid) FROM pg_class WHERE relname ~ '^readings_20'"))
+
+    packer = Packer(reactor, 3600.0)
+    await packer.connect(db_dsn)
+    try:
+        sql("SELECT pg_advisory_lock(%s)", (PACK_LOCK,))  # another gateway packing
+        assert await packer.run_pass() is None
+        sql("SELECT pg_advisory_unlock(%s)", (PACK_LOCK,))
+        newest = await packer.run_pass()
+        assert newest is not None and newest["partition"] == "readings_20261103"
+        assert newest["readings"] == 40 * 4 * 300
+        assert newest["bytes_before"] == sizes["readings_20261103"]
+        assert newest["bytes_after"] < 0.85 * newest["bytes_before"], newest
+        assert (await packer.run_pass())["partition"] == "readings_20261102"
+        assert await packer.run_pass() is None  # 1 November is folded, 2099 is open: nothing left to pack
+    finally:
+        await packer.pool.close()
+
+    assert sql("SELECT count(*) FROM pg_class WHERE relname ~ '_ccnew'") == [(0,)]
+    assert [lo.day for (lo,) in sql("SELECT lo FROM readings_packed ORDER BY lo")] == [2, 3]
+    after = dict(sql("SELECT relname, pg_indexes_size(oid) FROM pg_class WHERE relname ~ '^readings_20'"))
+    assert after["readings_20261101"] == sizes["readings_20261101"]
+    assert after["readings_20990101"] == sizes["readings_20990101"]
+    assert sql("SELECT tableoid::regclass::text, device_id, metric, ts, value FROM readings ORDER BY 2, 3, 4") == before
+    # The rebuilt indexes are still the partitions of the table's: the natural key holds and plans use them.
+    attached = sql(
+        "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE c.relkind = 'i' AND c.oid IN "
+        "(SELECT indexrelid FROM pg_index WHERE indrelid = 'readings_20261103'::regclass)"
+    )
+    assert attached == [(3,)]
+    again = (
+        "INSERT INTO readings (device_id, metric, ts, value) SELECT device_id, metric, ts, 0 FROM readings_20261103 "
+        "LIMIT 10 ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING 1"
+    )
+    assert sql(again) == []
+    assert packer.status()["packed_partitions"] == 2 and packer.status()["last_error"] == ""
+    listed = {p["partition"]: p["packed"] for p in json.loads(gatewayctl("storage", "--json", "--db", db_dsn).stdout)}
+    assert (listed["readings_20261101"], listed["readings_20261102"], listed["readings_20261103"]) == (
+        False,
+        True,
+        True,
+    )
+    assert "indexes packed" in gatewayctl("storage", "--db", db_dsn).stdout

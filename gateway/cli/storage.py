@@ -1,8 +1,9 @@
 """
 ``gatewayctl storage``: where the readings are on disk — each time partition
 with its range, its size (indexes included), how many readings it holds
-(PostgreSQL's estimate, kept by ANALYZE) and what one costs, and whether every
-sink has sent it (what retention waits for); then the compressed cold tier
+(PostgreSQL's estimate, kept by ANALYZE) and what one costs, whether every
+sink has sent it (what retention waits for) and whether its indexes were
+packed once it closed; then the compressed cold tier
 (its readings counted exactly), and last the quarantine's partitions
 together (quarantined readings are never uploaded).
 """
@@ -20,11 +21,12 @@ from gateway.storage.cold import SIZES
 from gateway.storage.partitions import BOUNDS
 
 PARTITIONS = f"""
-SELECT p.name, p.lo, p.hi, pg_total_relation_size(p.name::regclass), greatest(c.reltuples, 0)::bigint
+SELECT p.name, p.lo, p.hi, pg_total_relation_size(p.name::regclass), greatest(c.reltuples, 0)::bigint,
+       EXISTS (SELECT 1 FROM readings_packed k WHERE k.lo = p.lo)
 FROM ({BOUNDS}) p(name, lo, hi) JOIN pg_class c ON c.oid = p.name::regclass
 UNION ALL
 SELECT 'readings_default', NULL, NULL, pg_total_relation_size('readings_default'),
-       greatest(c.reltuples, 0)::bigint
+       greatest(c.reltuples, 0)::bigint, false
 FROM pg_class c WHERE c.oid = 'readings_default'::regclass
 ORDER BY 2 NULLS FIRST
 """
@@ -52,9 +54,9 @@ def cmd_storage(args: argparse.Namespace) -> None:
             cur.execute(UPLOADED_FRONTIER)
             frontier = cur.fetchone() or (None, None)
             out = []
-            for name, lo, hi, size, estimate in rows:
+            for name, lo, hi, size, estimate, packed in rows:
                 cur.execute(SENT.format(name=f'"{name}"'), {"tx": frontier[0], "id": frontier[1]})
-                out.append(_line(name, lo, hi, size, estimate, cur.fetchone()[0]))
+                out.append(_line(name, lo, hi, size, estimate, cur.fetchone()[0], packed))
             cur.execute(SIZES)
             cold, size, oldest, horizon = cur.fetchone()
             if cold or horizon is not None:
@@ -79,15 +81,21 @@ def cmd_storage(args: argparse.Namespace) -> None:
         sent = {True: "sent", False: "NOT YET SENT to every sink", None: "held, never uploaded"}[
             p["sent_to_every_sink"]
         ]
+        packed = ", indexes packed" if p["packed"] else ""
         print(
             f"{p['partition']:<28} {span:<50} {p['bytes'] / 2**20:>10.1f} MB "
-            f"{p['readings_estimate']:>14,} {cost:>12}  {sent}"
+            f"{p['readings_estimate']:>14,} {cost:>12}  {sent}{packed}"
         )
     note(f"{len(out)} lines, {total / 2**30:.2f} GB, about {readings:,} readings (estimates from ANALYZE)")
 
 
-def _line(name: str, lo: Any, hi: Any, size: int, readings: int, sent: bool | None) -> dict[str, Any]:
-    """One line of the listing: where, from and to, bytes, readings (estimated), whether every sink has them."""
+def _line(
+    name: str, lo: Any, hi: Any, size: int, readings: int, sent: bool | None, packed: bool | None = None
+) -> dict[str, Any]:
+    """
+    One line of the listing: where, from and to, bytes, readings (estimated), whether every sink has them,
+    and (a partition of readings) whether its indexes were packed once it closed (--pack-after).
+    """
     return {
         "partition": name,
         "from": when(lo) if lo else None,
@@ -96,6 +104,7 @@ def _line(name: str, lo: Any, hi: Any, size: int, readings: int, sent: bool | No
         "readings_estimate": readings,
         "bytes_per_reading": round(size / readings, 1) if readings else None,
         "sent_to_every_sink": sent,
+        "packed": packed,
     }
 
 

@@ -40,6 +40,7 @@ class Health:
         poller: Callable[[], Any] = lambda: None,
         retention: Callable[[], Any] = lambda: None,
         compressor: Callable[[], Any] = lambda: None,
+        packer: Callable[[], Any] = lambda: None,
         oidc: Callable[[], Any] = lambda: None,
         embedded: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
@@ -50,6 +51,7 @@ class Health:
         self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
         self.retention = retention  # when --retention is given
         self.compressor = compressor  # unless --compress-after off
+        self.packer = packer  # unless --pack-after off
         self.oidc = oidc  # the single sign-on provider's keys, when [oidc] is set
         self.embedded = embedded  # the supervisor's status of the embedded PostgreSQL, when there is one
 
@@ -94,6 +96,9 @@ class Health:
             compressor = self.compressor()
             if compressor is not None:
                 doc["compression"] = compressor.status()
+            packer = self.packer()
+            if packer is not None:
+                doc["packing"] = packer.status()
             oidc = self.oidc()
             if oidc is not None:
                 # Named, not failing the check: devices and tokens of our own still work without the provider.

@@ -419,6 +419,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX readings_upload_order ON readings (tx);
         """,
     ),
+    (
+        13,
+        "packed partitions",
+        """
+        -- Partitions of readings whose indexes were rebuilt full once their range closed (--pack-after),
+        -- by their start, with the indexes' bytes before and after.
+        CREATE TABLE readings_packed (
+            lo           timestamptz PRIMARY KEY,
+            packed_at    timestamptz NOT NULL DEFAULT now(),
+            bytes_before bigint NOT NULL,
+            bytes_after  bigint NOT NULL
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
