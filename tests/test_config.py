@@ -58,6 +58,7 @@ def test_options_read_the_config_file(tmp_path):
         ({"tls-cert": "/nonexistent.crt"}, "tls-cert", "not a readable file"),
         ({"db": "host=x port"}, "db", "not a valid PostgreSQL connection string"),
         ({"commit-delay": "-1"}, "commit-delay", "outside"),
+        ({"pack-after": "soon"}, "pack-after", "not a duration"),
         ({"manhole": "ssl:2222"}, "manhole", "endpoint type must be one of tcp:"),
         ({"metrics": "tcp:9100:colour=blue"}, "metrics", "unknown parameter"),
         ({"manhole-keys": "/nonexistent/authorized_keys"}, "manhole-keys", "not a readable file"),
