@@ -27,6 +27,10 @@ What a stored reading costs on disk, and what retention costs.
    ts, metric) so the device-and-time index can go; metrics as 2-byte ids
    of a dictionary instead of text; and, with those ids, no ``id`` column.
    Bytes per reading each, and again after the indexes are rebuilt.
+5. Packing (--pack-after): the current schema's partitions of section 1
+   with their indexes rebuilt by REINDEX TABLE CONCURRENTLY, as the gateway
+   does once a partition closes: bytes per reading after, and the seconds
+   the rebuild takes per million readings.
 """
 
 from __future__ import annotations
@@ -118,6 +122,27 @@ def size_of_readings(conn) -> int:
         size = cur.fetchone()[0]
     conn.autocommit = False
     return int(size)
+
+
+def packed(conn, readings: int, size: int) -> dict:
+    """The partitions packed as --pack-after packs them (REINDEX TABLE CONCURRENTLY): bytes after, time taken."""
+    conn.autocommit = True
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'readings'::regclass AND c.relname <> 'readings_default'"
+        )
+        for (name,) in cur.fetchall():
+            cur.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
+    seconds = time.perf_counter() - started
+    conn.autocommit = False
+    after = size_of_readings(conn)
+    return {
+        "bytes_per_reading_before": size / readings,
+        "bytes_per_reading": after / readings,
+        "seconds_per_million": seconds / readings * 1e6,
+    }
 
 
 def export_seconds(conn, sql: str) -> tuple[float, int]:
@@ -280,13 +305,14 @@ def measure(server_dsn: str, readings: int) -> dict:
                 partition_days(conn, days + 1)
             seconds = fill(conn, readings, cold_check)
             size = size_of_readings(conn)
+            out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}
             if cold_check:
+                out["packed"] = packed(conn, readings, size)
                 out["lean"] = lean_layouts(conn, readings)
                 out["cold"] = cold_tier(conn, readings, days + 1)
         finally:
             conn.close()
             drop_database(server_dsn, f"bench_storage_{label}")
-        out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}
 
     out["cold_noise"] = cold_noise(server_dsn)
 
