@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 
+from gateway.outbound.ledger import LEASE
 from tests.gatewayproc import GatewayProcess, gatewayctl
 from tests.haproxy import HAProxy
 from tests.loadclients import TGPDevice, check_nothing_lost
@@ -27,6 +28,7 @@ from tests.test_upload_e2e import accepted, receiver_proc  # noqa: F401 - a fixt
 pytestmark = pytest.mark.slow
 
 NAMES = [f"truck-{i}" for i in range(9)]
+UPLOAD_TIMEOUT = 5  # the batches a killed gateway held are free for the others LEASE + this after it took them
 
 
 def tgp_sessions(gw: GatewayProcess) -> int:
@@ -43,7 +45,7 @@ def gateways(tmp_path, db_dsn, receiver_proc):  # noqa: F811
         GatewayProcess(
             tmp_path / f"gw{i}" / "gateway-data",
             *("--db", db_dsn, "--upload-url", url, "--upload-ca", str(ca), "--upload-flush", "0.5"),
-            *("--device-rate", "0"),
+            *("--upload-timeout", str(UPLOAD_TIMEOUT), "--device-rate", "0"),
         )
         for i in range(3)
     ]
@@ -109,7 +111,11 @@ def test_three_gateways_behind_haproxy_lose_nothing_when_one_is_killed(tmp_path,
     def delivered() -> set:
         return {(line["device"], line["ts"]) for batch in accepted(out) for line in batch["lines"]}
 
-    assert wait_until(lambda: len(delivered()) >= counts["stored"], 60), (len(delivered()), counts)
+    # The killed gateway may have held batches it had cut (and not sent): the others take them once their lease
+    # runs out, at most LEASE + UPLOAD_TIMEOUT after the kill, then send them within a few passes.
+    free_by = killed + LEASE + UPLOAD_TIMEOUT
+    wait = max(0.0, free_by - time.monotonic()) + 60
+    assert wait_until(lambda: len(delivered()) >= counts["stored"], wait), (len(delivered()), counts)
     by_key: dict[str, set] = {}
     for batch in accepted(out):
         by_key.setdefault(batch["key"], set()).update((line["device"], line["ts"]) for line in batch["lines"])
