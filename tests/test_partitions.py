@@ -165,6 +165,66 @@ def test_the_upload_order_is_indexed_by_transaction_alone_after_the_migration(ol
         conn.close()
 
 
+def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_migration(old_database):
+    from gateway.api.read import READINGS
+    from gateway.storage.store import write_batch_sql
+
+    conn = psycopg2.connect(old_database(13))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
+            )
+            for d in (25, 26):
+                cur.execute(
+                    f"CREATE TABLE readings_202611{d} PARTITION OF readings "
+                    f"FOR VALUES FROM ('2026-11-{d}Z') TO ('2026-11-{d + 1}Z')"
+                )
+            # Device 1: five metrics at their own paces over two days' partitions and the default one (1 Jan),
+            # some sharing times; device 2 at the same times, which no page of device 1 may show.
+            start = int(datetime.datetime(2026, 11, 25, 23, 50, tzinfo=UTC).timestamp() * 1_000_000)
+            rows = [
+                (device, f"m{m}", start + i * (m + 1) * 7_000_000, float(i))
+                for device in (1, 2)
+                for m in range(5)
+                for i in range(40)
+            ]
+            rows.append((1, "m9", int(datetime.datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1_000_000), 9.0))
+            cur.execute(write_batch_sql(), [list(c) for c in zip(*rows)])
+        conn.commit()
+        assert schema.migrate(conn, upto=14) == [14]
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_index i WHERE i.indrelid IN (SELECT inhrelid FROM pg_inherits "
+                "WHERE inhparent = 'readings'::regclass) AND pg_get_indexdef(i.indexrelid) LIKE '%%(device_id, ts)'"
+            )
+            assert cur.fetchone() == (0,)
+
+            def pages(limit: int, **given) -> list[tuple]:
+                params = {"device": 1, "metric": None, "since": None, "until": None, "after_ts": None}
+                params.update(given, after_metric=None, limit=limit + 1)
+                seen = []
+                while True:
+                    cur.execute(READINGS, params)
+                    got = cur.fetchall()
+                    seen += got[:limit]
+                    if len(got) <= limit:
+                        return seen
+                    params.update(after_ts=got[limit - 1][1], after_metric=got[limit - 1][0])
+
+            everything = sorted(((m, t, v) for d, m, t, v in rows if d == 1), key=lambda r: (r[1], r[0]))
+            assert len(everything) == 201
+            assert pages(7) == pages(1000) == everything
+            since, until = start + 100_000_000, start + 400_000_000
+            assert pages(3, metric="m2", since=since, until=until) == [
+                r for r in everything if r[0] == "m2" and since <= r[1] < until
+            ]
+            assert pages(4, since=start + 35_000_000) == [r for r in everything if r[1] >= start + 35_000_000]
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
     from gateway.storage.queries import RELEASE_CHUNK
 
@@ -383,7 +443,7 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
         "WHERE c.relkind = 'i' AND c.oid IN "
         "(SELECT indexrelid FROM pg_index WHERE indrelid = 'readings_20261103'::regclass)"
     )
-    assert attached == [(3,)]
+    assert attached == [(2,)]  # the natural key and the upload order
     again = (
         "INSERT INTO readings (device_id, metric, ts, value) SELECT device_id, metric, ts, 0 FROM readings_20261103 "
         "LIMIT 10 ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING 1"

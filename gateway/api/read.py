@@ -59,16 +59,30 @@ LATEST = (
     "SELECT metric, (extract(epoch FROM ts) * 1000000)::bigint, value, "
     "(extract(epoch FROM updated_at) * 1000000)::bigint FROM twin WHERE device_id = %s ORDER BY metric"
 )
-READINGS = """
-SELECT metric, (extract(epoch FROM ts) * 1000000)::bigint, value FROM readings
-WHERE device_id = %(device)s
-  AND (%(metric)s::text IS NULL OR metric = %(metric)s)
-  AND (%(since)s::bigint IS NULL OR ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond')
-  AND (%(until)s::bigint IS NULL OR ts < timestamptz 'epoch' + %(until)s * interval '1 microsecond')
-  AND (%(after_ts)s::bigint IS NULL
-       OR (ts, metric) > (timestamptz 'epoch' + %(after_ts)s * interval '1 microsecond', %(after_metric)s::text))
-ORDER BY ts, metric
-LIMIT %(limit)s
+# A page of a device's readings in (time, metric) order, from the natural key (device, metric, ts): for each of
+# the device's metrics (the twin holds every one ever stored) its first ``limit`` times after the cursor, from the
+# index alone; the first ``limit`` of those together; then their values. Each metric costs one short index scan,
+# and only the page's rows are read from the table.
+_US = "timestamptz 'epoch' + %({})s * interval '1 microsecond'"
+READINGS = f"""
+WITH page AS (
+    SELECT t.metric, k.ts FROM twin t CROSS JOIN LATERAL (
+        SELECT r.ts FROM readings r
+        WHERE r.device_id = t.device_id AND r.metric = t.metric
+          AND (%(since)s::bigint IS NULL OR r.ts >= {_US.format("since")})
+          AND (%(until)s::bigint IS NULL OR r.ts < {_US.format("until")})
+          AND (%(after_ts)s::bigint IS NULL OR (r.ts >= {_US.format("after_ts")}
+               AND (r.ts > {_US.format("after_ts")} OR r.metric > %(after_metric)s::text)))
+        ORDER BY r.ts
+        LIMIT %(limit)s
+    ) k
+    WHERE t.device_id = %(device)s AND (%(metric)s::text IS NULL OR t.metric = %(metric)s)
+    ORDER BY k.ts, t.metric
+    LIMIT %(limit)s
+)
+SELECT p.metric, (extract(epoch FROM p.ts) * 1000000)::bigint, r.value
+FROM page p JOIN readings r ON r.device_id = %(device)s AND r.metric = p.metric AND r.ts = p.ts
+ORDER BY p.ts, p.metric
 """
 ALERTS = """
 SELECT a.id, a.rule, d.name, a.metric, a.message,
