@@ -5,10 +5,11 @@ What a stored reading costs on disk, and what retention costs.
 
 1. Bytes per reading, all indexes included, after ``--readings`` readings
    (100 devices × 10 metrics, one a second, in the gateway's own batches of
-   5,000) are stored: in the schema before time partitions (version 7) and
-   in the current one, with the batch statement's check of the cold tier
-   and without it. Measured after VACUUM, from pg_total_relation_size of
-   readings and every partition.
+   5,000) are stored, and the rate they were stored at on one connection:
+   in the schema before time partitions (version 7), in version 13 (the
+   last with an index on (device_id, ts)) and in the current one, with the
+   batch statement's check of the cold tier and without it. Measured after
+   VACUUM, from pg_total_relation_size of readings and every partition.
 2. The cold tier: the same readings folded into one row per (device,
    metric, hour), as --compress-after does: bytes per reading there, the
    time the fold takes, and ``gatewayctl export``'s query over the folded
@@ -19,18 +20,24 @@ What a stored reading costs on disk, and what retention costs.
 3. Retention: a day of those readings removed by dropping its partition,
    against the same rows removed by the chunked DELETE (5,000 a statement,
    as retention deletes what no partition drop can take).
-4. Leaner hot rows, measured before any is adopted: the same readings
-   copied in the order they arrived into tables laid out as schema 11 had
-   them (the upload order indexed on (tx, id)), as now (on tx alone: btree
-   deduplication folds a transaction's rows into one entry), and as the
-   ideas for a leaner row would have them: the natural key ordered (device,
-   ts, metric) so the device-and-time index can go; metrics as 2-byte ids
-   of a dictionary instead of text; and, with those ids, no ``id`` column.
-   Bytes per reading each, and again after the indexes are rebuilt.
+4. Leaner hot rows: the same readings copied in the order they arrived
+   into tables laid out as schema 11 had them (the upload order indexed on
+   (tx, id)), as schema 13 had them (on tx alone: btree deduplication folds
+   a transaction's rows into one entry), as now (no index on (device_id,
+   ts)), and as the ideas not adopted would have them: the natural key
+   ordered (device, ts, metric); metrics as 2-byte ids of a dictionary
+   instead of text; and, with those ids, no ``id`` column. Bytes per
+   reading each, and again after the indexes are rebuilt.
 5. Packing (--pack-after): the current schema's partitions of section 1
    with their indexes rebuilt by REINDEX TABLE CONCURRENTLY, as the gateway
    does once a partition closes: bytes per reading after, and the seconds
    the rebuild takes per million readings.
+6. The read API's page of a device's readings in time order, now (each
+   metric's times from the natural key, merged) and as schema 13 read it
+   (one scan of an index on (device_id, ts), made for the measurement):
+   milliseconds for the first 100 readings and for 1,000 from the middle,
+   for a device of section 1 (10 metrics) and for one with 200 metrics
+   (500 readings each, on the next day); and for one metric of the first.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from pathlib import Path
 import psycopg2
 
 from common import drop_database, workspace
+from gateway.api.read import READINGS
 from gateway.cli.export import EXPORT_COLD_SQL, EXPORT_SQL
 from gateway.outbound.retention import RETENTION_CHUNK
 from gateway.storage.cold import FOLD
@@ -219,9 +227,14 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, metric, ts)", "(tx, id)", "(device_id, ts)"),
     ),
     (
-        "now",
+        "schema_13",
         "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric text",
         ("UNIQUE (device_id, metric, ts)", "(tx)", "(device_id, ts)"),
+    ),
+    (
+        "now",
+        "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric text",
+        ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
     (
         "key_device_ts_metric",
@@ -231,12 +244,12 @@ LEAN_LAYOUTS = (
     (
         "metric_ids",
         "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric smallint",
-        ("UNIQUE (device_id, metric, ts)", "(tx)", "(device_id, ts)"),
+        ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
     (
         "no_id",
         "tx xid8, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric smallint",
-        ("UNIQUE (device_id, metric, ts)", "(tx)", "(device_id, ts)"),
+        ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
 )
 
@@ -293,10 +306,101 @@ def lean_layouts(conn, readings: int) -> dict:
     return out
 
 
+# The read API's page as schema 13 read it, from an index on (device_id, ts).
+READINGS_SCHEMA_13 = """
+SELECT metric, (extract(epoch FROM ts) * 1000000)::bigint, value FROM readings
+WHERE device_id = %(device)s
+  AND (%(metric)s::text IS NULL OR metric = %(metric)s)
+  AND (%(since)s::bigint IS NULL OR ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond')
+  AND (%(until)s::bigint IS NULL OR ts < timestamptz 'epoch' + %(until)s * interval '1 microsecond')
+  AND (%(after_ts)s::bigint IS NULL
+       OR (ts, metric) > (timestamptz 'epoch' + %(after_ts)s * interval '1 microsecond', %(after_metric)s::text))
+ORDER BY ts, metric
+LIMIT %(limit)s
+"""
+MANY_METRICS, MANY_EACH = 200, 500
+
+
+def read_pages(conn) -> dict:
+    """Section 6: the read API's pages now and as schema 13 read them (milliseconds, median of 20)."""
+    statement = write_batch_sql()
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('many', 'many', '\\x00') RETURNING id")
+        many = cur.fetchone()[0]
+        cur.execute("SELECT id FROM devices WHERE name = %s", (f"d{DEVICES // 2}",))
+        ten = cur.fetchone()[0]
+    next_day = int((START + datetime.timedelta(days=1)).timestamp() * 1_000_000)
+    total = MANY_METRICS * MANY_EACH
+    for first in range(0, total, BATCH):
+        k = range(first, min(first + BATCH, total))
+        with conn.cursor() as cur:
+            cur.execute(
+                statement,
+                (
+                    [many] * len(k),
+                    [f"tag_{i % MANY_METRICS}" for i in k],
+                    [next_day + (i // MANY_METRICS) * 1_000_000 for i in k],
+                    [float(i) for i in k],
+                ),
+            )
+        conn.commit()
+    size_of_readings(conn)  # VACUUM ANALYZE, as autovacuum would have by the time anyone reads
+    base = int(START.timestamp() * 1_000_000)
+    cases = {
+        "10_metrics_first_100": {"device": ten},
+        "10_metrics_1000_from_the_middle": {"device": ten, "after_ts": base + 50_000_000, "limit": 1001},
+        "1_metric_first_100": {"device": ten, "metric": "metric_3"},
+        "200_metrics_first_100": {"device": many},
+        "200_metrics_1000_from_the_middle": {
+            "device": many,
+            "after_ts": next_day + MANY_EACH // 2 * 1_000_000,
+            "after_metric": "tag_150",
+            "limit": 1001,
+        },
+    }
+    blank = {"metric": None, "since": None, "until": None, "after_ts": None, "after_metric": None, "limit": 101}
+
+    def median_ms(sql: str) -> dict:
+        out, rows = {}, {}
+        with conn.cursor() as cur:
+            for case, given in cases.items():
+                params = {**blank, **given}
+                cur.execute(sql, params)
+                rows[case] = cur.fetchall()
+                times = []
+                for _ in range(20):
+                    started = time.perf_counter()
+                    cur.execute(sql, params)
+                    cur.fetchall()
+                    times.append(time.perf_counter() - started)
+                out[case] = sorted(times)[len(times) // 2] * 1000
+        conn.rollback()
+        return {"ms": out, "rows": rows}
+
+    now = median_ms(READINGS)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE INDEX bench_device_time ON readings (device_id, ts)")
+        cur.execute("ANALYZE readings")
+    conn.autocommit = False
+    before = median_ms(READINGS_SCHEMA_13)
+    with conn.cursor() as cur:
+        cur.execute("DROP INDEX bench_device_time")
+    conn.commit()
+    if now["rows"] != before["rows"]:
+        raise SystemExit("section 6: the two page queries disagree")
+    return {"now_ms": now["ms"], "schema_13_ms": before["ms"]}
+
+
 def measure(server_dsn: str, readings: int) -> dict:
     out: dict = {"readings": readings}
     days = readings // (DEVICES * METRICS * 86400) + 1
-    runs = (("v7", 7, False), ("partitioned_no_cold_check", schema.LATEST, False), ("partitioned", schema.LATEST, True))
+    runs = (
+        ("v7", 7, False),
+        ("schema_13", 13, True),
+        ("partitioned_no_cold_check", schema.LATEST, False),
+        ("partitioned", schema.LATEST, True),
+    )
     for label, version, cold_check in runs:
         dsn = database_at(server_dsn, f"bench_storage_{label}", version)
         conn = psycopg2.connect(dsn)
@@ -306,7 +410,7 @@ def measure(server_dsn: str, readings: int) -> dict:
             seconds = fill(conn, readings, cold_check)
             size = size_of_readings(conn)
             out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}
-            if cold_check:
+            if label == "partitioned":
                 out["packed"] = packed(conn, readings, size)
                 out["lean"] = lean_layouts(conn, readings)
                 out["cold"] = cold_tier(conn, readings, days + 1)
@@ -322,6 +426,7 @@ def measure(server_dsn: str, readings: int) -> dict:
     try:
         partition_days(conn, 2)
         fill(conn, readings)
+        out["read_page"] = read_pages(conn)
         first_day = f"readings_{START:%Y%m%d}"
         with conn.cursor() as cur:
             cur.execute(f"SELECT count(*) FROM {first_day}")
