@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
+import time
 
 import psycopg2
 import pytest
@@ -388,6 +390,46 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert retention.status()["dropped_partitions"] == 4  # readings of days 1 and 2, quarantine of 1 and 2
     finally:
         await retention.pool.close()
+
+
+def test_a_rebuild_under_way_is_not_taken_for_one_cut_short(db_dsn, sql):
+    from gateway.storage.packing import LEFT_BEHIND
+
+    sql("CREATE TABLE readings_20261101 PARTITION OF readings FOR VALUES FROM ('2026-11-01Z') TO ('2026-11-02Z')")
+    add_pg_device(sql, "truck-1")
+    # A writer's open transaction makes an administrator's REINDEX CONCURRENTLY wait with its copies made.
+    writer = psycopg2.connect(db_dsn)
+    admin = psycopg2.connect(db_dsn)
+    admin.autocommit = True
+    rebuild = threading.Thread(
+        target=lambda: admin.cursor().execute("REINDEX TABLE CONCURRENTLY readings_20261101"), daemon=True
+    )
+    try:
+        with writer.cursor() as cur:
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) SELECT id, 'm', '2026-11-01Z', 1 FROM devices"
+            )
+        rebuild.start()
+        deadline = time.monotonic() + 120
+        while not sql("SELECT 1 FROM pg_class WHERE relname ~ '^readings_20261101.*_ccnew'"):
+            assert time.monotonic() < deadline, "the rebuild never started"
+            time.sleep(0.05)
+        assert sql(LEFT_BEHIND) == []
+    finally:
+        writer.rollback()
+        writer.close()
+        rebuild.join(120)
+        admin.close()
+    assert not rebuild.is_alive()
+    assert sql("SELECT count(*) FROM pg_class WHERE relname ~ '_ccnew'") == [(0,)]
+    # Once it is over, a copy left invalid is one cut short.
+    sql(
+        "INSERT INTO readings (device_id, metric, ts, value) SELECT id, m, '2026-11-01Z', 1 FROM devices, "
+        "unnest(array['n', 'o']) m"
+    )
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        sql("CREATE UNIQUE INDEX CONCURRENTLY readings_20261101_natural_key_ccnew ON readings_20261101 (device_id)")
+    assert sql(LEFT_BEHIND) == [("public.readings_20261101_natural_key_ccnew",)]
 
 
 @pytest_twisted.ensureDeferred

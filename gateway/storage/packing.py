@@ -7,7 +7,7 @@ that fills is split in two halves, and the left half never takes another
 entry. A partition's indexes are thus left about two-thirds full while it
 takes readings. Once its range is ``--pack-after`` in the past (an hour by
 default), its indexes are rebuilt with ``REINDEX TABLE CONCURRENTLY``, pages
-full: about 20 bytes less a reading (``benchmarks/storage.py``), for as long
+full: 10 to 30 bytes less a reading (``benchmarks/storage.py``), for as long
 as the partition stays hot (until ``--compress-after`` folds it into the
 cold tier, or for good when that is off).
 
@@ -18,7 +18,8 @@ stays hot longest), every ``PACK_INTERVAL`` seconds, by whichever gateway
 takes the advisory lock. Packed partitions are kept in ``readings_packed``
 (by their start) with their index bytes before and after. A rebuild cut short
 (the gateway or the database stopped) leaves an invalid copy of an index
-behind, which the next pass drops before anything else.
+behind, which the next pass drops before anything else, unless an index is
+being built on that partition at the time.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ WHERE p.hi <= now() - make_interval(secs => %s)
 ORDER BY p.lo DESC LIMIT 1
 """
 # Copies of indexes that a rebuild cut short left behind on a partition of readings: invalid, still updated.
+# A rebuild under way (an administrator's REINDEX CONCURRENTLY) has one too, invalid until it ends, and holds
+# a SHARE UPDATE EXCLUSIVE lock on the table while it runs: a table locked so by another session (a rebuild, or
+# VACUUM or ANALYZE) keeps its copies until a later pass.
 LEFT_BEHIND = """
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE NOT i.indisvalid AND c.relname ~ '_ccnew[0-9]*$'
   AND i.indrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass)
+  AND i.indrelid NOT IN (SELECT l.relation FROM pg_locks l WHERE l.mode = 'ShareUpdateExclusiveLock'
+                         AND l.relation IS NOT NULL AND l.pid <> pg_backend_pid())
 """
 # A partition's index bytes and (PostgreSQL's estimate, which the rebuild refreshes) its readings: no scan.
 INDEX_BYTES = (
