@@ -16,9 +16,10 @@ import threading
 import time
 import urllib.request
 
+import psycopg2
 import pytest
 
-from gateway.outbound.ledger import LEASE
+from gateway.outbound.ledger import LEASE, owner_lock_held
 from tests.gatewayproc import GatewayProcess, gatewayctl
 from tests.haproxy import HAProxy
 from tests.loadclients import TGPDevice, check_nothing_lost
@@ -36,6 +37,17 @@ def tgp_sessions(gw: GatewayProcess) -> int:
     text = urllib.request.urlopen(f"https://127.0.0.1:{gw.port}/metrics", context=context, timeout=10).read()
     found = re.search(rb'^gateway_connections\{transport="tgp"\} ([\d.]+)', text, re.M)
     return int(float(found.group(1))) if found else 0
+
+
+def owner_locks_held(dsn: str, owners: list[str]) -> list[bool]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT o, {owner_lock_held('o')} FROM unnest(%s::text[]) o", (owners,))
+            held = dict(cur.fetchall())
+    finally:
+        conn.close()
+    return [held[o] for o in owners]
 
 
 @pytest.fixture
@@ -88,8 +100,13 @@ def test_three_gateways_behind_haproxy_lose_nothing_when_one_is_killed(tmp_path,
         spread = [tgp_sessions(gw) for gw in gws]
         assert sum(spread) == len(NAMES) and all(spread), spread
 
+        # Each uploader holds its owner lock; the killed gateway's ends with its database session, so the
+        # others may take the batches it cut without waiting for their lease.
+        owners = [(gw.data_dir / "gateway-id").read_text().strip() for gw in gws]
+        assert owner_locks_held(db_dsn, owners) == [True, True, True]
         gws[0].kill()
         killed = time.monotonic()
+        assert wait_until(lambda: owner_locks_held(db_dsn, owners) == [False, True, True], 60)
         assert wait_until(lambda: all(d.acked_between(killed + 1) > 0 for d in devices), 60), [
             d.errors for d in devices
         ]
@@ -111,8 +128,8 @@ def test_three_gateways_behind_haproxy_lose_nothing_when_one_is_killed(tmp_path,
     def delivered() -> set:
         return {(line["device"], line["ts"]) for batch in accepted(out) for line in batch["lines"]}
 
-    # The killed gateway may have held batches it had cut (and not sent): the others take them once their lease
-    # runs out, at most LEASE + UPLOAD_TIMEOUT after the kill, then send them within a few passes.
+    # The killed gateway may have held batches it had cut (and not sent): the others take them at once, its owner
+    # lock being gone; the wait allows for the lease too (LEASE + UPLOAD_TIMEOUT after the kill), then a few passes.
     free_by = killed + LEASE + UPLOAD_TIMEOUT
     wait = max(0.0, free_by - time.monotonic()) + 60
     assert wait_until(lambda: len(delivered()) >= counts["stored"], wait), (len(delivered()), counts)

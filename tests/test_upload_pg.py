@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from gateway.outbound.retention import Retention
 from gateway.outbound.ledger import Batch, Ledger, Wait
 from gateway.outbound.sender import HTTPSender
-from gateway.outbound.uploader import Uploader
+from gateway.outbound.uploader import OwnerLock, Uploader
 from tests.certs import TestCA
 from tests.receiver import Receiver, listen
 from tests.gatewayproc import gatewayctl
@@ -228,13 +228,16 @@ async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, rec
     sink = fast_sink(receiver, tmp_path, batch=20)
     pool = PgPool(reactor, 1)
     await pool.start(db_dsn)
+    alive = OwnerLock(reactor, "gw-a")  # gw-a's owner lock stays held: it is stuck, not gone
+    await alive.pool.start(db_dsn)
     try:
+        assert await alive.hold()
         a, b = Ledger(pool, "gw-a", deferToThread), Ledger(pool, "gw-b", deferToThread)
         await a.register([sink])
         cut = await a.cut(sink)
         assert isinstance(cut, Batch) and cut.readings == 20
         [cut] = await a.fill(sink, cut)
-        # gw-a dies here, after cutting (and perhaps sending). gw-b waits for the lease...
+        # gw-a stops here, after cutting (and perhaps sending). gw-b waits for the lease...
         assert await b.claim(sink) is None
         # ...while gw-a, restarted, takes it back at once (unless it still holds it): same key, same bytes
         assert await a.claim(sink, holding=[cut.id]) is None
@@ -248,8 +251,41 @@ async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, rec
         assert isinstance(await b.cut(sink, force=True), Wait)
     finally:
         await pool.close()
+        await alive.pool.close()
     lines = gzip.decompress(cut.body).decode().splitlines()
     assert [json.loads(line)["value"] for line in lines] == list(range(20))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_gateway_is_gone_is_claimed_at_once(db_dsn, sql, receiver, tmp_path):
+    add_pg_device(sql, "truck-1")
+    add_readings(sql, "truck-1", 30)
+    sink = fast_sink(receiver, tmp_path, batch=20)
+    pool = PgPool(reactor, 1)
+    await pool.start(db_dsn)
+    locks = {owner: OwnerLock(reactor, owner) for owner in ("gw-a", "gw-b")}
+    twin = OwnerLock(reactor, "gw-a")  # a second process with gw-a's DATA_DIR/gateway-id
+    for lock in (*locks.values(), twin):
+        await lock.pool.start(db_dsn)
+    try:
+        assert await locks["gw-a"].hold() and await locks["gw-b"].hold()
+        assert await locks["gw-a"].hold()  # again: still held, by the same session
+        assert not await twin.hold()
+        a, b = Ledger(pool, "gw-a", deferToThread), Ledger(pool, "gw-b", deferToThread)
+        await a.register([sink])
+        [cut] = await a.fill(sink, await a.cut(sink))
+        assert await b.claim(sink) is None  # gw-a is alive and its lease runs
+        await locks["gw-a"].pool.close()  # gw-a is gone: its session, and so its lock, ended
+        assert sql("SELECT lease_until > now() + interval '30 seconds' FROM upload_batches") == [(True,)]
+        [taken] = await b.fill(sink, await b.claim(sink))
+        assert (taken.key, taken.body, taken.readings) == (cut.key, cut.body, 20)
+        # Now gw-b's, and gw-b is alive: a gateway with gw-a's id, started again, waits for the lease too.
+        assert await twin.hold()
+        assert await a.claim(sink) is None
+    finally:
+        await pool.close()
+        for lock in (*locks.values(), twin):
+            await lock.pool.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -18,9 +18,10 @@ the batch — its range, its size and a random Idempotency-Key — and moves
 the cursor past it; the body is made afterwards from the range, with no
 lock held, so the bodies of the next batches are made while one is sent.
 The batch row then belongs to one gateway for a lease; on 2xx it is
-deleted. A batch whose lease ran out (its gateway died) is
-claimed by whichever gateway asks first (``SKIP LOCKED`` again), and a
-restarted gateway reclaims its own at once. Since a batch is a fixed range
+deleted. A batch whose lease ran out, or whose gateway holds no owner lock
+(see OwnerLock: it died or stopped), is claimed by whichever gateway asks
+first (``SKIP LOCKED`` again), and a restarted gateway reclaims its own at
+once. Since a batch is a fixed range
 of readings that retention leaves alone until it is sent, a retried batch
 has the same key and the same contents. Two gateways on one database thus
 send disjoint batches that together cover every reading; a crash between
@@ -102,10 +103,35 @@ RETURNING id
 """
 ADVANCE = "UPDATE upload_sinks SET cursor_tx = %s::xid8, cursor_id = %s WHERE name = %s"
 
-CLAIM = """
+# Each uploading gateway holds a session advisory lock named by its owner name, on a connection of its own, for
+# as long as it runs (OwnerLock). A batch whose owner holds none has lost its gateway (killed, stopped, or cut off
+# from the database): another gateway claims it at once instead of when its lease runs out.
+OWNER_LOCK = 0x7467_7703  # the lock's first key; the second is hashtext(owner)
+
+
+def owner_lock_held(owner: str, mine: bool = False) -> str:
+    """SQL true while the owner lock of ``owner`` (an SQL expression) is held (``mine``: by this session)."""
+    session = (
+        "l.pid = pg_backend_pid()"
+        if mine
+        else "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return (
+        f"EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND {session}"
+        f" AND l.classid = {OWNER_LOCK} AND l.objid = hashtext({owner})::oid AND l.objsubid = 2)"
+    )
+
+
+# True once this session holds the owner lock of %(owner)s (taken now if it was not), false if another does.
+HOLD_OWNER_LOCK = (
+    f"SELECT {owner_lock_held('%(owner)s', mine=True)} OR pg_try_advisory_lock({OWNER_LOCK}, hashtext(%(owner)s))"
+)
+
+CLAIM = f"""
 UPDATE upload_batches SET owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s)
-WHERE id = (SELECT id FROM upload_batches
-            WHERE sink = %(sink)s AND state = 'pending' AND (lease_until < now() OR owner = %(owner)s)
+WHERE id = (SELECT id FROM upload_batches b
+            WHERE sink = %(sink)s AND state = 'pending'
+              AND (lease_until < now() OR owner = %(owner)s OR NOT {owner_lock_held("b.owner")})
               AND id <> ALL (%(holding)s::bigint[])
             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id, key::text, after_tx::text, after_id, last_tx::text, last_id, readings, payload, attempts

@@ -27,15 +27,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ops.metrics import counter, gauge
-from gateway.outbound.ledger import LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
+from gateway.outbound.ledger import HOLD_OWNER_LOCK, LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
 from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge
 from gateway.outbound.sinks import Sink
-from gateway.storage.pool import PgPool, first_line
+from gateway.storage.pool import PeriodicWork, PgPool, first_line
 
 log = Logger()
 
 MONITOR_INTERVAL = 5.0
+OWNER_LOCK_INTERVAL = 10.0  # how soon the owner lock is taken again after the database connection was lost
 
 
 @dataclass
@@ -314,6 +315,42 @@ def gateway_id(data_dir: Path) -> str:
     return text
 
 
+class OwnerLock(PeriodicWork):
+    """
+    The owner lock of this gateway (ledger.OWNER_LOCK), held on a connection of its own while the uploader
+    runs, so that the batches it cut are claimed by other gateways as soon as it is gone rather than when
+    their lease runs out. Taken again every ``OWNER_LOCK_INTERVAL`` seconds if the connection was lost.
+    """
+
+    def __init__(self, reactor: Any, owner: str) -> None:
+        super().__init__(reactor, OWNER_LOCK_INTERVAL, now=False)
+        self.owner = owner
+        self.held = False
+        self._refused = False
+
+    def tick(self) -> Deferred:
+        return Deferred.fromCoroutine(self.hold())
+
+    async def hold(self) -> bool:
+        """Hold the lock (take it if this session lacks it); never raises. Whether it is held."""
+        try:
+            [(held,)] = await self.pool.run(lambda c: c.runQuery(HOLD_OWNER_LOCK, {"owner": self.owner}))
+        except Exception as e:
+            log.debug("owner lock not taken: {error}", error=first_line(e))
+            self.held = False
+            return False
+        if not held and not self._refused:
+            log.warn(
+                "another database session holds the owner lock of {owner} (a second gateway with this "
+                "DATA_DIR/gateway-id, or a pooler in transaction mode): batches this gateway leaves behind "
+                "wait for their lease before another gateway sends them",
+                owner=self.owner,
+            )
+        self._refused = not held
+        self.held = bool(held)
+        return self.held
+
+
 class Uploader(MultiService):
     """Every sink's loop, and the batch ledger on its own database connections."""
 
@@ -332,6 +369,8 @@ class Uploader(MultiService):
         self.owner = owner
         self.in_thread = in_thread
         self.ledger = Ledger(self.pool, owner, in_thread)
+        self.owner_lock = OwnerLock(reactor, owner)
+        self.owner_lock.setServiceParent(self)
         self.loops = {sink.name: self._loop(sink) for sink in sinks}
         # The sinks' state in the database (lag, batches), read every few seconds for /healthz and /metrics.
         self._live: dict[str, dict[str, Any]] = {}
@@ -351,6 +390,8 @@ class Uploader(MultiService):
         up = await self.pool.start(dsn)
         if up == 0:
             raise ConnectionError(f"no connection for the uploader: {self.pool.last_error}")
+        await self.owner_lock.pool.start(dsn)
+        await self.owner_lock.hold()  # before any batch is cut
         known = await self.ledger.register(list(self.sinks))
         self._warn_unconfigured(known)
 
