@@ -221,13 +221,18 @@ async def test_two_gateways_send_disjoint_batches_that_cover_everything(db_dsn, 
     assert 0 not in sent, "both gateways took part"
 
 
-@pytest_twisted.ensureDeferred
-async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, receiver, tmp_path):
+async def thirty_readings(db_dsn, sql, receiver, tmp_path) -> tuple[Sink, PgPool]:
+    """30 readings of truck-1, a sink taking 20 a batch, and a connection for ledgers."""
     add_pg_device(sql, "truck-1")
     add_readings(sql, "truck-1", 30)
-    sink = fast_sink(receiver, tmp_path, batch=20)
     pool = PgPool(reactor, 1)
     await pool.start(db_dsn)
+    return fast_sink(receiver, tmp_path, batch=20), pool
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, receiver, tmp_path):
+    sink, pool = await thirty_readings(db_dsn, sql, receiver, tmp_path)
     alive = OwnerLock(reactor, "gw-a")  # gw-a's owner lock stays held: it is stuck, not gone
     await alive.pool.start(db_dsn)
     try:
@@ -258,11 +263,7 @@ async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, rec
 
 @pytest_twisted.ensureDeferred
 async def test_a_batch_whose_gateway_is_gone_is_claimed_at_once(db_dsn, sql, receiver, tmp_path):
-    add_pg_device(sql, "truck-1")
-    add_readings(sql, "truck-1", 30)
-    sink = fast_sink(receiver, tmp_path, batch=20)
-    pool = PgPool(reactor, 1)
-    await pool.start(db_dsn)
+    sink, pool = await thirty_readings(db_dsn, sql, receiver, tmp_path)
     locks = {owner: OwnerLock(reactor, owner) for owner in ("gw-a", "gw-b")}
     twin = OwnerLock(reactor, "gw-a")  # a second process with gw-a's DATA_DIR/gateway-id
     for lock in (*locks.values(), twin):
