@@ -65,6 +65,9 @@ class ManualStore(MemoryStore):
     def has_room(self, size):
         return self.room
 
+    def admits(self, size):
+        return self.room
+
     def wait_for_room(self):
         d = Deferred()
         self.room_waiters.append(d)

@@ -141,6 +141,22 @@ def test_close_commits_what_waits_then_refuses():
     assert isinstance(late[0].value, Closed)
 
 
+def test_a_newcomer_does_not_pass_writers_waiting_for_room():
+    gc, clock, commits = make(slots=1, max_delay=0, max_queue=10, max_batch=100)
+    gc.submit("a", 1)  # in flight
+    gc.submit("b", 8)  # waiting
+    assert gc.admits(2) and not gc.admits(3)
+    woken = []
+    gc.wait_for_room().addCallback(lambda _: woken.append("held first"))
+    # Room for 2 more, but a writer waits already: a newcomer waits behind it, and is woken after it.
+    assert gc.has_room(2) and not gc.admits(2)
+    gc.wait_for_room().addCallback(lambda _: woken.append("newcomer"))
+    assert woken == []
+    commits.finish(0)  # b goes into a transaction: the queue is empty
+    assert woken == ["held first", "newcomer"]
+    assert gc.admits(10)
+
+
 def test_room_for_backpressure():
     gc, clock, commits = make(slots=1, max_delay=0, max_queue=10, max_batch=100)
     gc.submit("a", 1)  # in flight

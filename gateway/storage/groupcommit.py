@@ -10,7 +10,9 @@ waiting item arrived, or a transaction has just finished (whatever arrived
 while it was in flight has already waited one commit time). The queue is
 bounded by ``max_queue`` readings: past it ``submit`` fails at once with
 ``Overloaded`` so the caller can tell its client to retry, instead of
-holding memory without end.
+holding memory without end. Writers that hold their clients back while the
+queue is full (device sessions) wait for room in turn: ``admits`` refuses
+newcomers while any wait, so no device is passed over for long.
 
 The policy knows nothing about SQL: ``commit(items)`` is injected and
 returns a Deferred firing with one outcome per item, a result or an
@@ -91,9 +93,13 @@ class GroupCommit(Generic[T]):
     def has_room(self, size: int) -> bool:
         return self.queued + size <= self.max_queue or self.queued == 0
 
+    def admits(self, size: int) -> bool:
+        """Room for ``size`` readings, and nobody waiting for room before this writer."""
+        return not self._room and self.has_room(size)
+
     def wait_for_room(self) -> Deferred:
-        """Fires once the queue has drained to half its limit (for backpressure)."""
-        if self.queued <= self.max_queue // 2:
+        """Fires once the queue has drained to half its limit, after the writers already waiting (backpressure)."""
+        if not self._room and self.queued <= self.max_queue // 2:
             return succeed(None)
         d: Deferred = Deferred()
         self._room.append(d)
@@ -135,6 +141,7 @@ class GroupCommit(Generic[T]):
             self._start(self._take_batch())
             just_finished = False
         self._maybe_idle()
+        self._wake_room()
 
     def _arm_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -164,7 +171,6 @@ class GroupCommit(Generic[T]):
             else:
                 waiting.deferred.callback(outcome)
         self._pump(just_finished=True)
-        self._wake_room()
 
     def _wake_room(self) -> None:
         if self._room and self.queued <= self.max_queue // 2:

@@ -55,8 +55,12 @@ class IStore(Interface):
     def has_room(size: int) -> bool:
         """Would a write of ``size`` readings be queued now (not refused as overloaded)?"""
 
+    def admits(size: int) -> bool:
+        """``has_room``, and no writer waiting for room (``wait_for_room``) before this one: device sessions
+        ask this, so that they are let in in turn."""
+
     def wait_for_room() -> Deferred:
-        """Fire when the write queue has drained enough to take writes again."""
+        """Fire when the write queue has drained enough to take writes again, after writers waiting already."""
 
     def check() -> Deferred:
         """Fire when the database answers; errback StoreUnavailable otherwise."""

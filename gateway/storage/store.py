@@ -468,6 +468,9 @@ class PostgresStore(Service):
     def has_room(self, size: int) -> bool:
         return self.committer.has_room(size)
 
+    def admits(self, size: int) -> bool:
+        return self.committer.admits(size)
+
     def wait_for_room(self) -> Deferred:
         return self.committer.wait_for_room()
 

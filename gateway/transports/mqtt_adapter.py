@@ -298,9 +298,9 @@ class MQTTProtocol(DeviceConnection):
         except DeviceTypeUnknown as e:
             self._unavailable(e.message)
             return
-        if not self.factory.store.has_room(self._pending_size + len(readings)):
+        if not self.factory.store.admits(self._pending_size + len(readings)):
             self._store_pending()
-            if not self.factory.store.has_room(len(readings)):
+            if not self.factory.store.admits(len(readings)):
                 self._hold(publish, self._publish)
                 return
         ticket = self._ticket(publish) if publish.qos else None

@@ -290,7 +290,7 @@ class BrokerClient(protocol.Protocol):
             self._settle(ticket, _Unavailable(e.message))
             return
         ingest = self.source.ingest
-        if not ingest.store.has_room(len(readings)):
+        if not ingest.store.admits(len(readings)):
             self._hold(ticket, publish, device)
             return
         d = ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload)

@@ -183,7 +183,7 @@ class DeviceProtocol(DeviceConnection):
         if problem is not None:
             self._refuse_frame(data.seq, E.INVALID_READING, problem, _render(data))
             return
-        if not self.factory.store.has_room(len(readings)):
+        if not self.factory.store.admits(len(readings)):
             self._hold(data, self._data)
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
