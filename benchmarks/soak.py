@@ -12,7 +12,8 @@ every batch (``--no-upload``: no sink, to see what the uploader costs);
 The run is cut into tenths; for each it reports readings/s, ack latency
 p99, the gateway's and PostgreSQL's RSS, and bytes on disk per reading
 stored (readings and its partitions, indexes included). With ``--readings
-N`` the length is worked out from the first tenth's rate.
+N`` the length of a tenth is worked out from the rate of a short run
+(``SIZING_S`` seconds) before the first, so that every tenth is as long.
 
 Targets: the last tenth's rate at least 80% of the first's; its p99 at
 most twice the first's; the gateway's RSS grown by less than 10%.
@@ -30,6 +31,8 @@ import psycopg2
 
 from common import Gateway, drop_database, fresh_database, simulate, workspace
 from upload_load import Receiver, upload_args
+
+SIZING_S = 10.0
 
 DISK = """
 SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
@@ -85,7 +88,10 @@ def run(
         gateway = Gateway(dsn, tmp / "gw-soak", *sink, "--retention", str(int(retention)), "--partition", "1h")
         process = psutil.Process(gateway.proc.pid)
         try:
-            tenth_s = (minutes or 1.0) * 6.0
+            tenth_s = (minutes or 0.0) * 6.0
+            if readings is not None:  # the length, from the rate of a short run before the first tenth
+                sizing = simulate(gateway, dsn, "tcp", devices, 0, SIZING_S, 100)
+                tenth_s = max(1.0, (readings - sizing["acked"]) / 10 / max(1.0, sizing["rate"]))
             for i in range(10):
                 result = simulate(gateway, dsn, "tcp", devices, 0, tenth_s, 100)
                 size, count = database_figures(dsn)
@@ -102,8 +108,6 @@ def run(
                     }
                 )
                 print(json.dumps({"tenth": i + 1, **tenths[-1]}), flush=True)
-                if i == 0 and readings is not None:  # the length, from the first tenth's rate
-                    tenth_s = max(1.0, readings / 10 / max(1.0, result["rate"]))
         finally:
             gateway.stop()
     finally:
