@@ -21,7 +21,7 @@ from gateway.outbound.sinks import Rule, Sink
 from twisted.internet.threads import deferToThread
 
 from gateway.outbound.retention import Retention
-from gateway.outbound.ledger import Batch, Ledger, Wait
+from gateway.outbound.ledger import Batch, Ledger, Wait, owner_lock_held
 from gateway.outbound.sender import HTTPSender
 from gateway.outbound.uploader import OwnerLock, Uploader
 from tests.certs import TestCA
@@ -276,7 +276,9 @@ async def test_a_batch_whose_gateway_is_gone_is_claimed_at_once(db_dsn, sql, rec
         await a.register([sink])
         [cut] = await a.fill(sink, await a.cut(sink))
         assert await b.claim(sink) is None  # gw-a is alive and its lease runs
-        await locks["gw-a"].pool.close()  # gw-a is gone: its session, and so its lock, ended
+        await locks["gw-a"].pool.close()  # gw-a is gone: its session, and so its lock, ends with its backend
+        held = "SELECT " + owner_lock_held("'gw-a'")
+        await until(lambda: sql(held) == [(False,)], timeout=60, what="gw-a's session ended")
         assert sql("SELECT lease_until > now() + interval '30 seconds' FROM upload_batches") == [(True,)]
         [taken] = await b.fill(sink, await b.claim(sink))
         assert (taken.key, taken.body, taken.readings) == (cut.key, cut.body, 20)

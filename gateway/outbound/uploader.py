@@ -325,7 +325,6 @@ class OwnerLock(PeriodicWork):
     def __init__(self, reactor: Any, owner: str) -> None:
         super().__init__(reactor, OWNER_LOCK_INTERVAL, now=False)
         self.owner = owner
-        self.held = False
         self._refused = False
 
     def tick(self) -> Deferred:
@@ -337,7 +336,6 @@ class OwnerLock(PeriodicWork):
             [(held,)] = await self.pool.run(lambda c: c.runQuery(HOLD_OWNER_LOCK, {"owner": self.owner}))
         except Exception as e:
             log.debug("owner lock not taken: {error}", error=first_line(e))
-            self.held = False
             return False
         if not held and not self._refused:
             log.warn(
@@ -347,8 +345,7 @@ class OwnerLock(PeriodicWork):
                 owner=self.owner,
             )
         self._refused = not held
-        self.held = bool(held)
-        return self.held
+        return bool(held)
 
 
 class Uploader(MultiService):
