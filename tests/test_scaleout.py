@@ -29,7 +29,7 @@ from tests.test_upload_e2e import accepted, receiver_proc  # noqa: F401 - a fixt
 pytestmark = pytest.mark.slow
 
 NAMES = [f"truck-{i}" for i in range(9)]
-UPLOAD_TIMEOUT = 5  # the batches a killed gateway held are free for the others LEASE + this after it took them
+UPLOAD_TIMEOUT = 5  # a killed gateway's batches are free at once (owner lock), at the latest LEASE + this later
 
 
 def tgp_sessions(gw: GatewayProcess) -> int:

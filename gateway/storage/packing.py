@@ -18,8 +18,9 @@ stays hot longest), every ``PACK_INTERVAL`` seconds, by whichever gateway
 takes the advisory lock. Packed partitions are kept in ``readings_packed``
 (by their start) with their index bytes before and after. A rebuild cut short
 (the gateway or the database stopped) leaves an invalid copy of an index
-behind, which the next pass drops before anything else, unless an index is
-being built on that partition at the time.
+behind, which the next pass drops before anything else, unless another
+session holds the partition's SHARE UPDATE EXCLUSIVE lock then (a rebuild
+under way, VACUUM, ANALYZE): such copies wait for a later pass.
 """
 
 from __future__ import annotations
