@@ -167,18 +167,18 @@ class StoreRejected(IngestError):
 def is_name(text: Any) -> TypeGuard[str]:
     if not isinstance(text, str):
         return False
-    if text in _NAMES_SEEN:  # metric and device names repeat in every message: a set lookup, not a regex
+    if text in NAMES_SEEN:  # metric and device names repeat in every message: a set lookup, not a regex
         return True
     if _is_name(text) is None:
         return False
-    if len(_NAMES_SEEN) >= NAMES_SEEN_MAX:
-        _NAMES_SEEN.clear()
-    _NAMES_SEEN.add(text)
+    if len(NAMES_SEEN) >= NAMES_SEEN_MAX:
+        NAMES_SEEN.clear()
+    NAMES_SEEN.add(text)
     return True
 
 
 NAMES_SEEN_MAX = 10_000
-_NAMES_SEEN: set[str] = set()
+NAMES_SEEN: set[str] = set()
 
 
 def parse_rfc3339(text: str) -> int:
@@ -189,13 +189,13 @@ def parse_rfc3339(text: str) -> int:
     if text[-1:] == "Z" and (n == 20 or (22 <= n <= 30 and text[19] == ".")):
         frac = text[20:-1]
         if not frac or (frac.isascii() and frac.isdigit()):
-            second_us = _SECONDS_US.get(text[:19])
+            second_us = SECONDS_US.get(text[:19])
             if second_us is None:
                 second_us = _utc_second(text[:19]) * 1_000_000
-                if len(_SECONDS_US) >= SECONDS_SEEN_MAX:
-                    _SECONDS_US.clear()
-                _SECONDS_US[text[:19]] = second_us
-            return second_us + int(frac[:6]) * _FRACTION_SCALE[min(len(frac), 6)] if frac else second_us
+                if len(SECONDS_US) >= SECONDS_SEEN_MAX:
+                    SECONDS_US.clear()
+                SECONDS_US[text[:19]] = second_us
+            return second_us + int(frac[:6]) * FRACTION_SCALE[min(len(frac), 6)] if frac else second_us
     m = _RFC3339.match(text)
     if m is None:
         raise ValueError("is not an RFC 3339 time with a zone (like 2026-11-22T10:00:00.250Z)")
@@ -209,9 +209,9 @@ def parse_rfc3339(text: str) -> int:
     return (_epoch_second(year, month, day, hour, minute, second) - offset_s) * 1_000_000 + micro
 
 
-_FRACTION_SCALE = (0, 100_000, 10_000, 1_000, 100, 10, 1)  # by digits: to microseconds
+FRACTION_SCALE = (0, 100_000, 10_000, 1_000, 100, 10, 1)  # by digits: to microseconds
 SECONDS_SEEN_MAX = 4096
-_SECONDS_US: dict[str, int] = {}  # 'YYYY-MM-DDTHH:MM:SS' (UTC, checked) -> microseconds since the epoch
+SECONDS_US: dict[str, int] = {}  # 'YYYY-MM-DDTHH:MM:SS' (UTC, checked) -> microseconds since the epoch
 _SECOND = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})\Z")
 
 

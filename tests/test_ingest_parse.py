@@ -1,13 +1,14 @@
 """The JSON body of POST /v1/readings: accepted shapes and precise errors."""
 
 import json
+import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.ingest.parse import parse_readings_json
-from gateway.readings import InvalidInput, Reading
+from gateway.ingest.parse import _readings, parse_reading, parse_readings_json
+from gateway.readings import InvalidInput, Reading, is_name, parse_rfc3339
 from gateway.transports.http import STATUS
 
 
@@ -103,3 +104,55 @@ def test_random_documents_give_invalid_input_or_readings(items):
         assert e.message.startswith("readings[")
     else:
         assert len(result) == len(items)
+
+
+# Times the fast loop takes (a remembered second, every length of fraction) and times near them: a bad
+# character in each place, other separators and zones, seconds that do not exist.
+near_times = st.builds(
+    lambda second, frac: f"2026-11-22T10:00:{second}{frac}Z",
+    st.sampled_from(["00", "59"]),
+    st.sampled_from(["", ".2", ".25", ".250", ".123456", ".1234567", ".123456789"]),
+) | st.builds(
+    lambda second, sep, frac, zone: f"2026-11-22{sep}10:00:{second}{frac}{zone}",
+    st.sampled_from(["00", "59", "60", "5", "0a"]),
+    st.sampled_from(["T", "t", " ", "x"]),
+    st.sampled_from(["", ".", ".2", ".123456", ".1234567890", ".2x", ".٣", "٣", "x25", "025"]),
+    st.sampled_from(["Z", "z", "+00:00", "+01:30", ""]),
+)
+near_readings = st.fixed_dictionaries(
+    {
+        "metric": st.sampled_from(["oil_temp", "density", "oil_temp", "density", "bad name", ""]),
+        "ts": near_times | st.integers(-(2**63), 2**63),
+        "value": st.sampled_from([math.inf, -math.inf, math.nan, 0.0, -0.0, 81.5, 1e308])
+        | st.floats()
+        | st.integers(-(2**70), 2**70)
+        | st.booleans(),
+    },
+    optional={"x": st.none()},
+)
+
+
+def outcome(parse, items):
+    try:
+        return parse(items)
+    except InvalidInput as e:
+        return e.message
+
+
+def one_at_a_time(items):
+    return [parse_reading(item, "readings", i) for i, item in enumerate(items)]
+
+
+@settings(max_examples=500)
+@given(st.lists(near_readings, max_size=6))
+def test_the_fast_loop_agrees_with_the_careful_one(items):
+    """With the names and seconds remembered, so that the fast loop is tried, each list parses as one at a time."""
+    for sep in "Tt ":
+        for second in ("00", "59"):
+            parse_rfc3339(f"2026-11-22{sep}10:00:{second}Z")
+    assert is_name("oil_temp") and is_name("density")
+    for item in items:  # each alone: most lists hold a bad reading, which ends the list's parse
+        assert outcome(_readings, [item]) == outcome(one_at_a_time, [item])
+    got = outcome(_readings, items)
+    assert got == outcome(one_at_a_time, items)
+    assert isinstance(got, str) or all(type(r) is Reading for r in got)

@@ -45,10 +45,10 @@ def test_rfc3339_in_utc_agrees_with_the_standard_library_whether_its_second_was_
 def test_the_seconds_remembered_are_bounded(monkeypatch):
     from gateway import readings
 
-    monkeypatch.setattr(readings, "_SECONDS_US", {})
+    monkeypatch.setattr(readings, "SECONDS_US", {})
     for minute in range(readings.SECONDS_SEEN_MAX + 10):
         parse_rfc3339(f"2026-11-22T{minute // 3600 % 24:02d}:{minute // 60 % 60:02d}:{minute % 60:02d}.5Z")
-    assert 0 < len(readings._SECONDS_US) <= readings.SECONDS_SEEN_MAX
+    assert 0 < len(readings.SECONDS_US) <= readings.SECONDS_SEEN_MAX
 
 
 @pytest.mark.parametrize(
