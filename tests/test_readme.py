@@ -19,7 +19,7 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert f"exec {command}" in ci_lines
     script = (ROOT / command).read_text()
-    assert script.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest "$@"'
+    assert script.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -n 2 "$@"'
     for package in ("openssh-client", "wrk", "curl", "mosquitto", "haproxy"):
         assert package in script, package
 
