@@ -114,6 +114,8 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
             (sum(connections) + 1,),
         )
         devices = [row[0] for row in cur.fetchall()]
+        cur.execute("SELECT metric_id_of('oil_temp')")  # in the dictionary, as the gateway adds a new name first
+        oil_temp = cur.fetchone()[0]
     conn.commit()
     runs = {}
     used = 0
@@ -142,10 +144,10 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
         while time.perf_counter() - started < each:
             first = datetime.datetime.fromtimestamp(now_us / 1e6, datetime.timezone.utc)
             rows = "".join(
-                f"{copy_device}\toil_temp\t{first + datetime.timedelta(milliseconds=copied + k)}\t1.5\n"
+                f"{copy_device}\t{oil_temp}\t{first + datetime.timedelta(milliseconds=copied + k)}\t1.5\n"
                 for k in range(batch)
             )
-            cur.copy_expert("COPY readings (device_id, metric, ts, value) FROM STDIN", io.StringIO(rows))
+            cur.copy_expert("COPY readings (device_id, metric_id, ts, value) FROM STDIN", io.StringIO(rows))
             conn.commit()
             copied += batch
     copy_s = time.perf_counter() - started

@@ -119,8 +119,9 @@ def fleet_and_chart(tmp: Path, server_dsn: str, devices: int, days: int) -> dict
     started = time.perf_counter()
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT (SELECT id FROM devices WHERE name = 'sim-0'), 'oil_temp', now() - i * interval '1 second', "
+            "INSERT INTO readings (device_id, metric_id, ts, value) "
+            "SELECT (SELECT id FROM devices WHERE name = 'sim-0'), (SELECT metric_id_of('oil_temp')), "
+            "now() - i * interval '1 second', "
             "80 + 10 * sin(i / 3600.0) + random() FROM generate_series(1, %s) AS i",
             (seconds,),
         )

@@ -488,8 +488,8 @@ class Soak:
                     cur.execute(
                         """
                         SELECT (extract(epoch FROM r.ts) * 1000000)::bigint, r.value
-                        FROM readings r JOIN devices dv ON dv.id = r.device_id
-                        WHERE dv.name = %s AND r.metric = 'oil_temp'
+                        FROM readings r JOIN devices dv ON dv.id = r.device_id JOIN metrics k ON k.id = r.metric_id
+                        WHERE dv.name = %s AND k.name = 'oil_temp'
                         """,
                         (d.device,),
                     )

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.ingest import tokens  # noqa: E402
 
 INSERT = (
-    "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (device_id, metric, ts) DO NOTHING"
+    "INSERT INTO readings (device_id, metric_id, ts, value) "
+    "VALUES (%s, coalesce((SELECT id FROM metrics WHERE name = %s), metric_id_of(%s)), %s, %s) "
+    "ON CONFLICT (device_id, metric_id, ts) DO NOTHING"
 )
 
 app = Flask(__name__)
@@ -65,7 +66,7 @@ def readings():
                     if isinstance(ts, str)
                     else datetime.fromtimestamp(ts / 1000, timezone.utc)
                 )
-                cur.execute(INSERT, (row[0], r["metric"], when, float(r["value"])))
+                cur.execute(INSERT, (row[0], r["metric"], r["metric"], when, float(r["value"])))
                 accepted += cur.rowcount
         conn.commit()
     except (KeyError, TypeError, ValueError) as e:

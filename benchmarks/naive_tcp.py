@@ -31,9 +31,10 @@ from protocols import tgp  # noqa: E402
 from gateway.ingest import tokens  # noqa: E402
 
 INSERT = (
-    "INSERT INTO readings (device_id, metric, ts, value) "
-    "VALUES (%s, %s, timestamptz 'epoch' + %s * interval '1 microsecond', %s) "
-    "ON CONFLICT (device_id, metric, ts) DO NOTHING"
+    "INSERT INTO readings (device_id, metric_id, ts, value) "
+    "VALUES (%s, coalesce((SELECT id FROM metrics WHERE name = %s), metric_id_of(%s)), "
+    "timestamptz 'epoch' + %s * interval '1 microsecond', %s) "
+    "ON CONFLICT (device_id, metric_id, ts) DO NOTHING"
 )
 
 local = threading.local()
@@ -82,7 +83,7 @@ def serve_device(sock: socket.socket, dsn: str) -> None:
                     accepted = 0
                     for metric, ts, value in event.readings:
                         with conn.cursor() as cur:
-                            cur.execute(INSERT, (device_id, metric, ts, value))
+                            cur.execute(INSERT, (device_id, metric, metric, ts, value))
                             accepted += cur.rowcount
                         conn.commit()
                     duplicates = len(event.readings) - accepted

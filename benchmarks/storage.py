@@ -7,9 +7,11 @@ What a stored reading costs on disk, and what retention costs.
    (100 devices × 10 metrics, one a second, in the gateway's own batches of
    5,000) are stored, and the rate they were stored at on one connection:
    in the schema before time partitions (version 7), in version 13 (the
-   last with an index on (device_id, ts)) and in the current one, with the
+   last with an index on (device_id, ts)), in 14 and in the current one, with the
    batch statement's check of the cold tier and without it. Measured after
    VACUUM, from pg_total_relation_size of readings and every partition.
+   Schema 14 is the last that held each reading's metric name; the
+   current one holds its id in the metric dictionary.
 2. The cold tier: the same readings folded into one row per (device,
    metric, hour), as --compress-after does: bytes per reading there, the
    time the fold takes, and ``gatewayctl export``'s query over the folded
@@ -23,11 +25,14 @@ What a stored reading costs on disk, and what retention costs.
 4. Leaner hot rows: the same readings copied in the order they arrived
    into tables laid out as schema 11 had them (the upload order indexed on
    (tx, id)), as schema 13 had them (on tx alone: btree deduplication folds
-   a transaction's rows into one entry), as now (no index on (device_id,
-   ts)), and as the ideas not adopted would have them: the natural key
-   ordered (device, ts, metric); metrics as 2-byte ids of a dictionary
-   instead of text; and, with those ids, no ``id`` column. Bytes per
-   reading each, and again after the indexes are rebuilt.
+   a transaction's rows into one entry), as schema 14 had them (no index on
+   (device_id, ts)), as now (metric ids from the dictionary instead of
+   names), and as the ideas not adopted would have them: the natural key
+   ordered (device, ts, metric); no ``id`` column; and the leanest row
+   PostgreSQL's row store allows a reading with a unique key, with neither
+   ``id`` nor ``received_at`` nor an index for the upload order. Bytes per
+   reading each, and again after the indexes are rebuilt (pages 90% full,
+   as PostgreSQL builds them, and full).
 5. Packing (--pack-after): the current schema's partitions of section 1
    with their indexes rebuilt by REINDEX TABLE CONCURRENTLY, as the gateway
    does once a partition closes: bytes per reading after, and the seconds
@@ -56,6 +61,7 @@ from gateway.cli.export import EXPORT_COLD_SQL, EXPORT_SQL
 from gateway.outbound.retention import RETENTION_CHUNK
 from gateway.storage.cold import FOLD
 from gateway.storage import schema
+from gateway.storage.queries import ADD_METRICS
 from gateway.storage.store import write_batch_sql
 
 DEVICES, METRICS, BATCH = 100, 10, 5000
@@ -89,10 +95,32 @@ def partition_days(conn, days: int) -> None:
     conn.commit()
 
 
-def fill(conn, readings: int, cold_check: bool = True) -> float:
-    """Store ``readings`` with the gateway's batch statement (as of schema 10: ``cold_check``); seconds taken."""
+def legacy_batch_sql(cold_check: bool) -> str:
+    """The batch statement of schemas 7 to 14, which stored each reading's metric name: today's without the lookup."""
     statement = write_batch_sql(cold_check)
+    for now, then in (
+        (
+            "INSERT INTO readings (device_id, metric_id, ts, value)",
+            "INSERT INTO readings (device_id, metric, ts, value)",
+        ),
+        ("u.device_id, k.id, u.ts, u.value FROM u LEFT JOIN metrics k ON k.name = u.metric", "* FROM u"),
+        ("ORDER BY u.device_id, k.id, u.ts, u.n", "ORDER BY u.device_id, u.metric, u.ts, u.n"),
+        ("ON CONFLICT (device_id, metric_id, ts)", "ON CONFLICT (device_id, metric, ts)"),
+    ):
+        assert now in statement, now
+        statement = statement.replace(now, then)
+    return statement.replace("SELECT * FROM u", "SELECT u.device_id, u.metric, u.ts, u.value FROM u")
+
+
+def fill(conn, readings: int, cold_check: bool = True, version: int = schema.LATEST) -> float:
+    """
+    Store ``readings`` with the gateway's batch statement (as of schema 10: ``cold_check``; before 15: with metric
+    names in every row); seconds taken.
+    """
+    statement = write_batch_sql(cold_check) if version >= 15 else legacy_batch_sql(cold_check)
     with conn.cursor() as cur:
+        if version >= 15:  # the names in the dictionary, as the gateway adds them before a batch that has new ones
+            cur.execute(ADD_METRICS, ([f"metric_{m}" for m in range(METRICS)],))
         cur.execute(
             "INSERT INTO devices (name, token_id, token_hash) SELECT 'd' || i, 't' || i, '\\x00' "
             "FROM generate_series(1, %s) i",
@@ -205,9 +233,10 @@ def cold_noise(server_dsn: str) -> dict:
                 "FROM generate_series(1, 10) i"
             )
             cur.execute(
-                "INSERT INTO readings (device_id, metric, ts, value) "
-                "SELECT d.id, 'metric_' || m, %s + s * interval '1 second', 20 + random() * 10 "
-                "FROM devices d, generate_series(0, 9) m, generate_series(0, 3599) s",
+                "INSERT INTO readings (device_id, metric_id, ts, value) "
+                "SELECT d.id, k.id, %s + s * interval '1 second', 20 + random() * 10 "
+                "FROM devices d, generate_series(0, 3599) s, "
+                "(SELECT metric_id_of('metric_' || m) FROM generate_series(0, 9) m) k(id)",
                 (START,),
             )
         conn.commit()
@@ -232,7 +261,7 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, metric, ts)", "(tx)", "(device_id, ts)"),
     ),
     (
-        "now",
+        "schema_14",
         "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric text",
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
@@ -242,14 +271,19 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, ts, metric)", "(tx)"),
     ),
     (
-        "metric_ids",
-        "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric smallint",
+        "now",
+        "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric integer",
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
     (
         "no_id",
-        "tx xid8, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric smallint",
+        "tx xid8, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric integer",
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
+    ),
+    (
+        "no_id_no_received_at_no_upload_index",
+        "tx xid8, ts timestamptz, value float8, device_id integer, metric integer",
+        ("UNIQUE (device_id, metric, ts)",),
     ),
 )
 
@@ -258,17 +292,13 @@ def lean_layouts(conn, readings: int) -> dict:
     """Bytes per reading of the hot table laid out as LEAN_LAYOUTS says, indexes made before the rows came."""
     out = {}
     with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TEMP TABLE metric_ids AS SELECT metric, row_number() OVER (ORDER BY metric) AS id "
-            "FROM (SELECT DISTINCT metric FROM readings) m"
-        )
         for name, columns, indexes in LEAN_LAYOUTS:
             cur.execute(f"CREATE TABLE lean_{name} ({columns})")
             for n, index in enumerate(indexes):
                 unique, cols = ("UNIQUE ", index[len("UNIQUE ") :]) if index.startswith("UNIQUE") else ("", index)
                 cur.execute(f"CREATE {unique}INDEX lean_{name}_{n} ON lean_{name} {cols}")
             names = [c.split()[0] for c in columns.split(", ")]
-            metric = "m.id" if "smallint" in columns else "r.metric"
+            metric = "r.metric_id" if "metric integer" in columns else "m.name"
             values = ", ".join(f"{metric if c == 'metric' else 'r.' + c} AS {c}" for c in names)
             key = indexes[0][len("UNIQUE (") : -1]  # the natural key's columns, named as the layout names them
             # In arrival order, a transaction's rows at a time sorted by the natural key, as the batch statement
@@ -277,7 +307,7 @@ def lean_layouts(conn, readings: int) -> dict:
             for (tx,) in cur.fetchall():
                 cur.execute(
                     f"INSERT INTO lean_{name} SELECT * FROM (SELECT {values} FROM readings r "
-                    f"JOIN metric_ids m ON m.metric = r.metric WHERE r.tx = %s::xid8) s ORDER BY {key}",
+                    f"JOIN metrics m ON m.id = r.metric_id WHERE r.tx = %s::xid8) s ORDER BY {key}",
                     (tx,),
                 )
         conn.commit()
@@ -292,23 +322,31 @@ def lean_layouts(conn, readings: int) -> dict:
                 (f"lean_{name}",),
             )
             indexes = {index: size / readings for index, size in cur.fetchall()}
-            # Its indexes built again in one pass, as a closed partition's could be: pages full.
+            # Its indexes built again in one pass, as a closed partition's are: pages 90% full (PostgreSQL's
+            # default), then full.
+            cur.execute(f"REINDEX TABLE lean_{name}")
+            cur.execute(f"SELECT pg_total_relation_size('lean_{name}')")
+            reindexed = cur.fetchone()[0]
+            for n in range(len(indexes)):
+                cur.execute(f"ALTER INDEX lean_{name}_{n} SET (fillfactor = 100)")
             cur.execute(f"REINDEX TABLE lean_{name}")
             cur.execute(f"SELECT pg_total_relation_size('lean_{name}')")
             out[name] = {
                 "bytes_per_reading": total / readings,
                 "heap_bytes_per_reading": heap / readings,
                 "index_bytes_per_reading": indexes,
-                "reindexed_bytes_per_reading": cur.fetchone()[0] / readings,
+                "reindexed_bytes_per_reading": reindexed / readings,
+                "reindexed_full_bytes_per_reading": cur.fetchone()[0] / readings,
             }
             cur.execute(f"DROP TABLE lean_{name}")
         conn.autocommit = False
     return out
 
 
-# The read API's page as schema 13 read it, from an index on (device_id, ts).
+# The read API's page as schema 13 read it, from an index on (device_id, ts) (names from the dictionary, as now).
 READINGS_SCHEMA_13 = """
-SELECT metric, (extract(epoch FROM ts) * 1000000)::bigint, value FROM readings
+SELECT metric, (extract(epoch FROM ts) * 1000000)::bigint, value
+FROM (SELECT k.name AS metric, r.ts, r.value, r.device_id FROM readings r JOIN metrics k ON k.id = r.metric_id) r
 WHERE device_id = %(device)s
   AND (%(metric)s::text IS NULL OR metric = %(metric)s)
   AND (%(since)s::bigint IS NULL OR ts >= timestamptz 'epoch' + %(since)s * interval '1 microsecond')
@@ -325,6 +363,7 @@ def read_pages(conn) -> dict:
     """Section 6: the read API's pages now and as schema 13 read them (milliseconds, median of 20)."""
     statement = write_batch_sql()
     with conn.cursor() as cur:
+        cur.execute(ADD_METRICS, ([f"tag_{m}" for m in range(MANY_METRICS)],))
         cur.execute("INSERT INTO devices (name, token_id, token_hash) VALUES ('many', 'many', '\\x00') RETURNING id")
         many = cur.fetchone()[0]
         cur.execute("SELECT id FROM devices WHERE name = %s", (f"d{DEVICES // 2}",))
@@ -398,6 +437,7 @@ def measure(server_dsn: str, readings: int) -> dict:
     runs = (
         ("v7", 7, False),
         ("schema_13", 13, True),
+        ("schema_14", 14, True),
         ("partitioned_no_cold_check", schema.LATEST, False),
         ("partitioned", schema.LATEST, True),
     )
@@ -407,7 +447,7 @@ def measure(server_dsn: str, readings: int) -> dict:
         try:
             if version >= 8:
                 partition_days(conn, days + 1)
-            seconds = fill(conn, readings, cold_check)
+            seconds = fill(conn, readings, cold_check, version)
             size = size_of_readings(conn)
             out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}
             if label == "partitioned":
@@ -433,7 +473,7 @@ def measure(server_dsn: str, readings: int) -> dict:
             in_day = cur.fetchone()[0]
             # The other day's rows as a copy, to be deleted row by row from a table of its own.
             cur.execute(f"CREATE TABLE chunked AS SELECT * FROM {first_day}")
-            cur.execute("CREATE UNIQUE INDEX ON chunked (device_id, metric, ts)")
+            cur.execute("CREATE UNIQUE INDEX ON chunked (device_id, metric_id, ts)")
             cur.execute("CREATE INDEX ON chunked (tx)")
         conn.commit()
         started = time.perf_counter()
@@ -446,8 +486,8 @@ def measure(server_dsn: str, readings: int) -> dict:
             with conn.cursor() as cur:
                 cur.execute(
                     # retention's statement: the oldest in upload order, found again by the natural key
-                    "DELETE FROM chunked d USING (SELECT device_id, metric, ts FROM chunked ORDER BY tx, id "
-                    "LIMIT %s) old WHERE d.device_id = old.device_id AND d.metric = old.metric AND d.ts = old.ts",
+                    "DELETE FROM chunked d USING (SELECT device_id, metric_id, ts FROM chunked ORDER BY tx, id "
+                    "LIMIT %s) old WHERE d.device_id = old.device_id AND d.metric_id = old.metric_id AND d.ts = old.ts",
                     (RETENTION_CHUNK,),
                 )
                 count = cur.rowcount

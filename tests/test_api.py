@@ -172,7 +172,10 @@ async def test_vendor_json_through_a_device_type(tmp_path, db_dsn, sql):
         local = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 600 + 3600))  # Berlin in winter
         body = {"SerialNo": "TRK-17", "Samples": [{"Time": local, "Sensors": {"OilTemp": {"Value": 200}}}]}
         assert await gw.post_raw(token, json.dumps(body).encode()) == (200, {"accepted": 2, "duplicates": 0})
-        assert sorted(sql("SELECT metric, value FROM readings")) == [("acme_OilTemp", 200.0), ("oil_temp", 90.0)]
+        assert sorted(sql("SELECT k.name, r.value FROM readings r JOIN metrics k ON k.id = r.metric_id")) == [
+            ("acme_OilTemp", 200.0),
+            ("oil_temp", 90.0),
+        ]
 
         bad = json.dumps({**body, "Samples": [{"Time": local, "Sensors": {"OilTemp": {"Value": "hot"}}}]})
         code, answer = await gw.post_raw(token, bad.encode())
@@ -225,7 +228,7 @@ async def test_quarantine_keeps_bad_readings_out_and_release_puts_them_in(tmp_pa
         # Sent again: nothing new anywhere.
         assert (await gw.post(device, readings))[1]["duplicates"] == 1
         assert sql("SELECT count(*) FROM quarantine")[0][0] == 3
-        assert sql("SELECT metric FROM readings") == [("latitude",)]
+        assert sql("SELECT k.name FROM readings r JOIN metrics k ON k.id = r.metric_id") == [("latitude",)]
         assert sql("SELECT metric FROM twin") == [("latitude",)]
 
         code, held = await gw.get("/v1/quarantine?device=truck-1", token)
@@ -251,7 +254,10 @@ async def test_quarantine_keeps_bad_readings_out_and_release_puts_them_in(tmp_pa
         shown = await ctl(db_dsn, "quarantine", "list", "--rule", "oil_temp")
         assert len(shown.splitlines()) == 2 and "oil_temp.max: 250 is above 200" in shown
         await ctl(db_dsn, "quarantine", "release", "--rule", "oil_temp.max")
-        assert sorted(sql("SELECT metric, value FROM readings")) == [("latitude", 45.0), ("oil_temp", 250.0)]
+        assert sorted(sql("SELECT k.name, r.value FROM readings r JOIN metrics k ON k.id = r.metric_id")) == [
+            ("latitude", 45.0),
+            ("oil_temp", 250.0),
+        ]
         assert sorted(sql("SELECT metric, value FROM twin")) == [("latitude", 45.0), ("oil_temp", 250.0)]
         assert sql("SELECT count(*) FROM quarantine")[0][0] == 2
     finally:

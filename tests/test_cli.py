@@ -39,8 +39,8 @@ def _fill(sql, devices=("a", "b"), n=5):
             "INSERT INTO devices (name, token_id, token_hash) VALUES (%s, md5(%s), '\\x00') RETURNING id", (name, name)
         )[0][0]
         sql(
-            "INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT %s, 'm', timestamptz '2026-01-01T00:00:00Z' + g * interval '1 hour', g "
+            "INSERT INTO readings (device_id, metric_id, ts, value) "
+            "SELECT %s, metric_id_of('m'), timestamptz '2026-01-01T00:00:00Z' + g * interval '1 hour', g "
             "FROM generate_series(0, %s) g",
             (ctl_id, n - 1),
         )
@@ -83,8 +83,9 @@ def test_export_memory_does_not_grow_with_rows(db_dsn, sql):
     def peak_rss_kb(n):
         sql("TRUNCATE readings")
         sql(
-            "INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT 1, 'm', timestamptz 'epoch' + g * interval '1 second', g FROM generate_series(1, %s) g",
+            "INSERT INTO readings (device_id, metric_id, ts, value) "
+            "SELECT 1, metric_id_of('m'), timestamptz 'epoch' + g * interval '1 second', g "
+            "FROM generate_series(1, %s) g",
             (n,),
         )
         proc = subprocess.run(

@@ -186,8 +186,8 @@ async def test_polled_values_are_exact_and_one_bad_slave_never_stalls_the_others
         assert await until(polled), svc.poller.status()
         status = svc.poller.status()
         rows = sql(
-            "SELECT d.name, r.metric, r.value, count(*) OVER (PARTITION BY d.name, r.metric) FROM readings r "
-            "JOIN devices d ON d.id = r.device_id ORDER BY r.ts"
+            "SELECT d.name, k.name, r.value, count(*) OVER (PARTITION BY d.name, k.name) FROM readings r "
+            "JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id ORDER BY r.ts"
         )
         latest = {(d, m): (v, n) for d, m, v, n in rows}
         for metric, (*_, value, _) in VALUES.items():

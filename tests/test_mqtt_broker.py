@@ -105,7 +105,10 @@ async def test_readings_from_a_broker_are_stored_once_and_refusals_kept(tmp_path
         ]
         await deferToThread(publish, broker.port, messages)
         assert await until(lambda: source.counters.acked == len(messages)), source.status()
-        rows = sql("SELECT metric, count(*), count(DISTINCT ts) FROM readings GROUP BY metric ORDER BY metric")
+        rows = sql(
+            "SELECT k.name, count(*), count(DISTINCT r.ts) FROM readings r JOIN metrics k ON k.id = r.metric_id "
+            "GROUP BY k.name ORDER BY k.name"
+        )
         assert rows == [("coolant_temp", 1, 1), ("oil_temp", 100, 100)]
         # Kept in whatever order their writes commit.
         rejected = sql("SELECT device, raw, source, reason FROM rejected_input ORDER BY device NULLS FIRST")

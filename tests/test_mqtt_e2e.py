@@ -106,7 +106,7 @@ async def test_paho_publishes_are_stored_once_however_often_sent(service, sql, v
     assert codes == [0] * 6
     await committed(service)
     assert sql(count)[0][0] == 6 * 20 + 1
-    assert sql("SELECT count(*) FROM readings WHERE metric = 'rpm' AND value = 1800")[0][0] == 1
+    assert sql("SELECT count(*) FROM readings WHERE metric_id = metric_id_of('rpm') AND value = 1800")[0][0] == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -283,8 +283,9 @@ def test_device_show_tells_where_and_how_much(db_dsn, sql):
     assert token
     device_id = sql("SELECT id FROM devices WHERE name = 'truck-5'")[0][0]
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) VALUES "
-        "(%s, 'oil_temp', '2026-11-22T10:00:00Z', 1), (%s, 'density', '2026-11-22T10:00:01Z', 2)",
+        "INSERT INTO readings (device_id, metric_id, ts, value) VALUES "
+        "(%s, metric_id_of('oil_temp'), '2026-11-22T10:00:00Z', 1), "
+        "(%s, metric_id_of('density'), '2026-11-22T10:00:01Z', 2)",
         (device_id, device_id),
     )
     sql("UPDATE devices SET last_seen = now(), last_source = 'tgp+tls 10.0.0.5:40112' WHERE id = %s", (device_id,))

@@ -169,7 +169,6 @@ def test_the_upload_order_is_indexed_by_transaction_alone_after_the_migration(ol
 
 def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_migration(old_database):
     from gateway.api.read import READINGS
-    from gateway.storage.store import write_batch_sql
 
     conn = psycopg2.connect(old_database(13))
     try:
@@ -192,9 +191,19 @@ def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_m
                 for i in range(40)
             ]
             rows.append((1, "m9", int(datetime.datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1_000_000), 9.0))
-            cur.execute(write_batch_sql(), [list(c) for c in zip(*rows)])
+            # As schema 13's batch statement stored them: metric names in the rows, the twin beside them.
+            cur.execute(
+                "INSERT INTO readings (device_id, metric, ts, value) "
+                "SELECT d, m, timestamptz 'epoch' + t * interval '1 microsecond', v "
+                "FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) AS u(d, m, t, v)",
+                [list(c) for c in zip(*rows)],
+            )
+            cur.execute(
+                "INSERT INTO twin (device_id, metric, ts, value) SELECT DISTINCT ON (device_id, metric) "
+                "device_id, metric, ts, value FROM readings ORDER BY device_id, metric, ts DESC"
+            )
         conn.commit()
-        assert schema.migrate(conn, upto=14) == [14]
+        assert schema.migrate(conn, upto=15) == [14, 15]
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT count(*) FROM pg_index i WHERE i.indrelid IN (SELECT inhrelid FROM pg_inherits "
@@ -227,6 +236,60 @@ def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_m
         conn.close()
 
 
+def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_key(old_database):
+    from gateway.storage.store import write_batch_sql
+
+    conn = psycopg2.connect(old_database(14))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
+            )
+            cur.execute(
+                "CREATE TABLE readings_20261125 PARTITION OF readings "
+                "FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"
+            )
+            for metric in ("oil_temp", "density", "rpm"):  # three transactions; 1 Jan 2027 goes to the default
+                cur.execute(
+                    "INSERT INTO readings (device_id, metric, ts, value) SELECT d, %s, t, random() "
+                    "FROM generate_series(1, 2) d, unnest(array[timestamptz '2026-11-25 10:00Z', "
+                    "'2026-11-25 10:00:01Z', '2027-01-01Z']) t",
+                    (metric,),
+                )
+                conn.commit()
+            cur.execute(
+                "SELECT tx::text, id, tableoid::regclass::text, device_id, metric, ts, value, received_at "
+                "FROM readings ORDER BY tx, id"
+            )
+            before = cur.fetchall()
+        assert schema.migrate(conn, upto=15) == [15]
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM metrics ORDER BY id")
+            assert [name for (name,) in cur.fetchall()] == ["density", "oil_temp", "rpm"]
+            cur.execute(
+                "SELECT r.tx::text, r.id, r.tableoid::regclass::text, r.device_id, k.name, r.ts, r.value, "
+                "r.received_at FROM readings r JOIN metrics k ON k.id = r.metric_id ORDER BY r.tx, r.id"
+            )
+            assert cur.fetchall() == before  # every reading, in its partition, in its upload order
+            cur.execute(
+                "SELECT count(*) FROM pg_index i WHERE i.indisunique AND i.indrelid IN "
+                "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass) "
+                "AND pg_get_indexdef(i.indexrelid) LIKE '%%(device_id, metric_id, ts)'"
+            )
+            assert cur.fetchone() == (2,)
+            # The batch statement takes names: known ones keep their key, a new one gets an id.
+            cur.execute("SELECT metric_id_of('vibration')")
+            cur.execute(
+                write_batch_sql(), ([1, 1], ["oil_temp", "vibration"], [1795600800000000, 1795600800000000], [1.0, 2.0])
+            )
+            assert cur.fetchone()[0] == 1  # 2026-11-25 10:00Z of oil_temp was stored before the migration
+            cur.execute("SELECT count(*) FROM readings")
+            assert cur.fetchone() == (len(before) + 1,)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
     from gateway.storage.queries import RELEASE_CHUNK
 
@@ -240,7 +303,7 @@ def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
         (device, held),
     )
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'oil_temp', "
+        "INSERT INTO readings (device_id, metric_id, ts, value) VALUES (%s, metric_id_of('oil_temp'), "
         "timestamptz '2026-11-20Z' + interval '1 second', 250)",
         (device,),
     )
@@ -290,8 +353,9 @@ async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own
     device = add_pg_device(sql, "truck-17") and sql("SELECT id FROM devices")[0][0]
     await Partitions(pool, DAY).maintain(NOW)
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'm', '2031-05-05 05:05Z', 1), "
-        "(%s, 'm', '2031-05-05 06:00Z', 2), (%s, 'm', '2026-11-27 16:00Z', 3)",
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "VALUES (%s, metric_id_of('m'), '2031-05-05 05:05Z', 1), "
+        "(%s, metric_id_of('m'), '2031-05-05 06:00Z', 2), (%s, metric_id_of('m'), '2026-11-27 16:00Z', 3)",
         (device, device, device),
     )
     assert sql("SELECT count(*) FROM readings_default") == [(2,)]
@@ -312,8 +376,8 @@ async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own
     assert sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id") == before
     # The moved readings are still unique: sending one again stores nothing.
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) VALUES (%s, 'm', '2031-05-05 05:05Z', 1) "
-        "ON CONFLICT (device_id, metric, ts) DO NOTHING",
+        "INSERT INTO readings (device_id, metric_id, ts, value) VALUES (%s, metric_id_of('m'), '2031-05-05 05:05Z', 1) "
+        "ON CONFLICT (device_id, metric_id, ts) DO NOTHING",
         (device,),
     )
     assert sql("SELECT count(*) FROM readings") == [(3,)]
@@ -330,8 +394,8 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         await Partitions(retention.pool, DAY).maintain(day(1))
         for d in (1, 2, 3):  # each day in a transaction of its own: day 1 first in upload order
             sql(
-                "INSERT INTO readings (device_id, metric, ts, value, received_at) "
-                "SELECT 1, 'm', %s + make_interval(secs => i * 60), i, now() - interval '10 days' "
+                "INSERT INTO readings (device_id, metric_id, ts, value, received_at) "
+                "SELECT 1, metric_id_of('m'), %s + make_interval(secs => i * 60), i, now() - interval '10 days' "
                 "FROM generate_series(0, 99) i",
                 (day(d),),
             )
@@ -378,7 +442,7 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert "readings_20261102" in text and "NOT YET SENT to every sink" in text
         assert "held, never uploaded" in text
         # Everything sent, but one reading of day 3 arrived just now: that partition waits for it.
-        sql("INSERT INTO readings (device_id, metric, ts, value) VALUES (1, 'm', %s, 7)", (day(3, 5),))
+        sql("INSERT INTO readings (device_id, metric_id, ts, value) VALUES (1, metric_id_of('m'), %s, 7)", (day(3, 5),))
         sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id(), cursor_id = 1e15")
         await retention.sweep()
         names = [b[0] for b in bounds(sql)]
@@ -407,7 +471,8 @@ def test_a_rebuild_under_way_is_not_taken_for_one_cut_short(db_dsn, sql):
     try:
         with writer.cursor() as cur:
             cur.execute(
-                "INSERT INTO readings (device_id, metric, ts, value) SELECT id, 'm', '2026-11-01Z', 1 FROM devices"
+                "INSERT INTO readings (device_id, metric_id, ts, value) "
+                "SELECT id, metric_id_of('m'), '2026-11-01Z', 1 FROM devices"
             )
         rebuild.start()
         deadline = time.monotonic() + 120
@@ -424,7 +489,8 @@ def test_a_rebuild_under_way_is_not_taken_for_one_cut_short(db_dsn, sql):
     assert sql("SELECT count(*) FROM pg_class WHERE relname ~ '_ccnew'") == [(0,)]
     # Once it is over, a copy left invalid is one cut short.
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) SELECT id, m, '2026-11-01Z', 1 FROM devices, "
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "SELECT id, metric_id_of(m), '2026-11-01Z', 1 FROM devices, "
         "unnest(array['n', 'o']) m"
     )
     with pytest.raises(psycopg2.errors.UniqueViolation):
@@ -445,16 +511,18 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
     # As devices send them: time first, every device and metric at each second, so that each (device, metric)
     # grows at its own place in the natural key and its pages are split in halves.
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) "
-        "SELECT d.id, 'm' || m, day + s * interval '1 second', s FROM devices d, generate_series(0, 3) m, "
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "SELECT d.id, k.id, day + s * interval '1 second', s FROM devices d, "
+        "(SELECT m, metric_id_of('m' || m) FROM generate_series(0, 3) m) k(m, id), "
         "generate_series(0, 299) s, unnest(array[timestamptz '2026-11-01Z', '2026-11-02Z', '2026-11-03Z', "
-        "'2099-01-01Z']) day ORDER BY day, s, d.id, m"
+        "'2099-01-01Z']) day ORDER BY day, s, d.id, k.m"
     )
     sql("INSERT INTO readings_cold_ranges (lo, hi) VALUES ('2026-11-01Z', '2026-11-02Z')")  # folded: empty soon
     # A copy of an index that a rebuild cut short leaves behind: invalid (here: not unique), still updated.
     with pytest.raises(psycopg2.errors.UniqueViolation):
         sql("CREATE UNIQUE INDEX CONCURRENTLY readings_20261102_natural_key_ccnew ON readings_20261102 (device_id)")
-    before = sql("SELECT tableoid::regclass::text, device_id, metric, ts, value FROM readings ORDER BY 2, 3, 4")
+    rows = "SELECT tableoid::regclass::text, device_id, metric_id, ts, value FROM readings ORDER BY 2, 3, 4"
+    before = sql(rows)
     sizes = dict(sql("SELECT relname, pg_indexes_size(oid) FROM pg_class WHERE relname ~ '^readings_20'"))
 
     packer = Packer(reactor, 3600.0)
@@ -478,7 +546,7 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
     after = dict(sql("SELECT relname, pg_indexes_size(oid) FROM pg_class WHERE relname ~ '^readings_20'"))
     assert after["readings_20261101"] == sizes["readings_20261101"]
     assert after["readings_20990101"] == sizes["readings_20990101"]
-    assert sql("SELECT tableoid::regclass::text, device_id, metric, ts, value FROM readings ORDER BY 2, 3, 4") == before
+    assert sql(rows) == before
     # The rebuilt indexes are still the partitions of the table's: the natural key holds and plans use them.
     attached = sql(
         "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -487,8 +555,9 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
     )
     assert attached == [(2,)]  # the natural key and the upload order
     again = (
-        "INSERT INTO readings (device_id, metric, ts, value) SELECT device_id, metric, ts, 0 FROM readings_20261103 "
-        "LIMIT 10 ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING 1"
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "SELECT device_id, metric_id, ts, 0 FROM readings_20261103 "
+        "LIMIT 10 ON CONFLICT (device_id, metric_id, ts) DO NOTHING RETURNING 1"
     )
     assert sql(again) == []
     assert packer.status()["packed_partitions"] == 2 and packer.status()["last_error"] == ""

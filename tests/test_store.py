@@ -212,6 +212,40 @@ async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sq
 
 
 @pytest_twisted.ensureDeferred
+async def test_new_metric_names_enter_the_dictionary_once_whichever_gateway_meets_them_first(
+    db_dsn, sql, monkeypatch
+):
+    """Two gateways meet the same new names at once, in opposite orders: each name once, every reading stored."""
+    import gateway.storage.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_METRICS_KNOWN", 30)  # forgotten and added again as a no-op
+    stores = [await open_pg_store(db_dsn, pool_size=2, max_batch=200) for _ in range(2)]
+    try:
+        devices = [await store.authenticate(add_pg_device(sql, f"g{i}")) for i, store in enumerate(stores)]
+        names = [f"sensor_{i:02}" for i in range(40)]
+        writes = []
+        for rnd in range(5):
+            for k, (store, device) in enumerate(zip(stores, devices)):
+                order = names if k == 0 else names[::-1]
+                writes += [
+                    store.write(device, [Reading(name, rnd * 1_000_000 + j, float(j)) for j in range(3)])
+                    for name in order
+                ]
+        results = await gatherResults(writes)
+        assert all(r.accepted == 3 for r in results)
+        assert sql("SELECT count(*), count(DISTINCT name) FROM metrics") == [(40, 40)]
+        assert all(len(store.metrics_known) <= 30 for store in stores)
+        stored = sql(
+            "SELECT d.name, k.name, count(*) FROM readings r JOIN devices d ON d.id = r.device_id "
+            "JOIN metrics k ON k.id = r.metric_id GROUP BY 1, 2"
+        )
+        assert sorted(stored) == sorted((f"g{i}", name, 15) for i in range(2) for name in names)
+    finally:
+        for store in stores:
+            await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("n", [5, 700])  # one statement; BEGIN + INSERT + COMMIT, bisected down to one
 async def test_a_refused_reading_fails_only_its_sender(db_dsn, sql, n):
     """The database refuses one reading; its batch-mates commit, its sender hears which one."""

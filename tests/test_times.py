@@ -59,7 +59,11 @@ async def test_extreme_times_through_the_command_line_and_the_api(tmp_path, db_d
     """Readings, the twin, the quarantine and last-seen at year 1 or 9999: every view shows them, in UTC."""
     add_pg_device(sql, "truck-1")
     at = format_ts(ts_us)
-    sql("INSERT INTO readings (device_id, metric, ts, value) SELECT id, 'oil_temp', %s, 1.5 FROM devices", (at,))
+    sql(
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "SELECT id, metric_id_of('oil_temp'), %s, 1.5 FROM devices",
+        (at,),
+    )
     sql("INSERT INTO twin (device_id, metric, ts, value) SELECT id, 'oil_temp', %s, 1.5 FROM devices", (at,))
     sql(
         "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) "

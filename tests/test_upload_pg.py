@@ -42,8 +42,8 @@ async def until(condition, timeout: float = 30.0, step: float = 0.02, what: str 
 def add_readings(sql, device: str, count: int, start: int = 0, metric: str = "oil_temp", value=None) -> None:
     """``count`` readings of one device, one second apart, in one transaction."""
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) "
-        "SELECT d.id, %s, timestamptz '2026-01-01' + make_interval(secs => i), coalesce(%s, i) "
+        "INSERT INTO readings (device_id, metric_id, ts, value) "
+        "SELECT d.id, metric_id_of(%s), timestamptz '2026-01-01' + make_interval(secs => i), coalesce(%s, i) "
         "FROM devices d, generate_series(%s, %s) i WHERE d.name = %s",
         (metric, value, start, start + count - 1, device),
     )
@@ -178,12 +178,12 @@ async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, s
     late = psycopg2.connect(db_dsn)
     with late.cursor() as cur:  # takes the lower id, commits last
         cur.execute(
-            "INSERT INTO readings (device_id, metric, ts, value) "
-            "SELECT id, 'late', '2026-01-01', 1 FROM devices WHERE name = 'truck-1' RETURNING id"
+            "INSERT INTO readings (device_id, metric_id, ts, value) "
+            "SELECT id, metric_id_of('late'), '2026-01-01', 1 FROM devices WHERE name = 'truck-1' RETURNING id"
         )
         late_id = cur.fetchone()[0]
     add_readings(sql, "truck-1", 10)
-    assert min(row[0] for row in sql("SELECT id FROM readings WHERE metric = 'oil_temp'")) > late_id
+    assert min(row[0] for row in sql("SELECT id FROM readings WHERE metric_id = metric_id_of('oil_temp')")) > late_id
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=5))
     try:
         await deferLater(reactor, 0.5, lambda: None)
@@ -295,7 +295,7 @@ async def test_a_batch_whose_gateway_is_gone_is_claimed_at_once(db_dsn, sql, rec
 async def test_batches_respect_the_compressed_size_limit(db_dsn, sql, receiver, tmp_path):
     add_pg_device(sql, "truck-1")
     sql(
-        "INSERT INTO readings (device_id, metric, ts, value) SELECT d.id, 'm' || i, now(), random() "
+        "INSERT INTO readings (device_id, metric_id, ts, value) SELECT d.id, metric_id_of('m' || i), now(), random() "
         "FROM devices d, generate_series(1, 3000) i"
     )
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=3000, batch_bytes=16384))

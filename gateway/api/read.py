@@ -41,7 +41,7 @@ from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, sink_doc, status_
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
 from gateway.storage.cold import COLD_HOURS, COLD_READINGS, COLD_ROWS, hours_for_page
-from gateway.storage.queries import QUARANTINE_COLUMNS, RELEASE, quarantined_doc
+from gateway.storage.queries import QUARANTINE_COLUMNS, RELEASE, RELEASE_METRICS, quarantined_doc
 
 log = Logger()
 
@@ -66,13 +66,13 @@ LATEST = (
 _US = "timestamptz 'epoch' + %({})s * interval '1 microsecond'"
 READINGS = f"""
 WITH page AS (
-    SELECT t.metric, k.ts FROM twin t CROSS JOIN LATERAL (
+    SELECT t.metric, m.id AS metric_id, k.ts FROM twin t JOIN metrics m ON m.name = t.metric CROSS JOIN LATERAL (
         SELECT r.ts FROM readings r
-        WHERE r.device_id = t.device_id AND r.metric = t.metric
+        WHERE r.device_id = t.device_id AND r.metric_id = m.id
           AND (%(since)s::bigint IS NULL OR r.ts >= {_US.format("since")})
           AND (%(until)s::bigint IS NULL OR r.ts < {_US.format("until")})
           AND (%(after_ts)s::bigint IS NULL OR (r.ts >= {_US.format("after_ts")}
-               AND (r.ts > {_US.format("after_ts")} OR r.metric > %(after_metric)s::text)))
+               AND (r.ts > {_US.format("after_ts")} OR t.metric > %(after_metric)s::text)))
         ORDER BY r.ts
         LIMIT %(limit)s
     ) k
@@ -81,7 +81,7 @@ WITH page AS (
     LIMIT %(limit)s
 )
 SELECT p.metric, (extract(epoch FROM p.ts) * 1000000)::bigint, r.value
-FROM page p JOIN readings r ON r.device_id = %(device)s AND r.metric = p.metric AND r.ts = p.ts
+FROM page p JOIN readings r ON r.device_id = %(device)s AND r.metric_id = p.metric_id AND r.ts = p.ts
 ORDER BY p.ts, p.metric
 """
 ALERTS = """
@@ -105,7 +105,8 @@ FROM (
            ) AS bucket,
            min(value) AS lo, max(value) AS hi, avg(value) AS mean, count(*) AS n, min(ts) AS first, max(ts) AS last
     FROM (
-        SELECT ts, value FROM readings WHERE device_id = %(device)s AND metric = %(metric)s
+        SELECT ts, value FROM readings
+        WHERE device_id = %(device)s AND metric_id = (SELECT id FROM metrics WHERE name = %(metric)s)
         UNION ALL
         SELECT ts, value FROM ({COLD_ROWS}) AS k
         WHERE k.device_id = %(device)s AND k.metric = %(metric)s
@@ -497,7 +498,9 @@ class ReadApi:
     async def release(self, args: Any, id_text: str) -> dict[str, Any]:
         if not id_text.isdigit() or len(id_text) > 18:
             raise ApiError("invalid_parameter", f"id: {id_text!r} is not a quarantined reading's id")
-        rows = await self._query(RELEASE, {"ids": [int(id_text)], "device": None, "rule": None})
+        chosen = {"ids": [int(id_text)], "device": None, "rule": None}
+        await self.pool.run(lambda c: c.runOperation(RELEASE_METRICS, chosen))
+        rows = await self._query(RELEASE, chosen)
         moved, stored = rows[0]
         if not moved:
             raise ApiError("not_found", f"no quarantined reading {id_text} (released already?)")

@@ -125,7 +125,7 @@ def cmd_device_rotate(args: argparse.Namespace) -> None:
 DEVICE_SHOW = """
 SELECT d.id, d.name, d.created_at, d.last_seen, d.last_source, d.revoked_at,
        (SELECT count(*) FROM readings r WHERE r.device_id = d.id),
-       (SELECT count(DISTINCT r.metric) FROM readings r WHERE r.device_id = d.id),
+       (SELECT count(DISTINCT r.metric_id) FROM readings r WHERE r.device_id = d.id),
        (SELECT max(r.ts) FROM readings r WHERE r.device_id = d.id),
        (SELECT count(*) FROM rejected_input j WHERE j.device = d.name),
        (SELECT j.reason FROM rejected_input j WHERE j.device = d.name ORDER BY j.received_at DESC LIMIT 1),

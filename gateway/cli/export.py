@@ -19,9 +19,9 @@ from gateway.cli.common import CommandError, database, note
 EXPORT_BATCH = 10_000
 
 EXPORT_SQL = """
-SELECT d.name, r.metric, (extract(epoch FROM r.ts) * 1000000)::bigint, r.value,
+SELECT d.name, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint, r.value,
        (extract(epoch FROM r.received_at) * 1000000)::bigint
-FROM readings r JOIN devices d ON d.id = r.device_id
+FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
 WHERE ({device} IS NULL OR d.name = {device})
   AND ({since} IS NULL OR r.ts >= timestamptz 'epoch' + {since} * interval '1 microsecond')
   AND ({until} IS NULL OR r.ts < timestamptz 'epoch' + {until} * interval '1 microsecond')

@@ -6,7 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from gateway.storage.queries import QUARANTINE_WHERE, RELEASE, RELEASE_CHUNK, quarantined_doc, QUARANTINE_COLUMNS
+from gateway.storage.queries import (
+    QUARANTINE_WHERE,
+    RELEASE,
+    RELEASE_CHUNK,
+    RELEASE_METRICS,
+    quarantined_doc,
+    QUARANTINE_COLUMNS,
+)
 from gateway.cli.common import CommandError, database, note, print_table
 
 
@@ -40,6 +47,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> None:
     with database(args) as conn:
         with conn.cursor() as cur:
             while True:  # RELEASE_CHUNK readings a transaction, each committed with its removal from quarantine
+                cur.execute(RELEASE_METRICS, _quarantine_filter(args))
                 cur.execute(RELEASE, _quarantine_filter(args))
                 chunk_moved, chunk_stored = cur.fetchone()
                 conn.commit()

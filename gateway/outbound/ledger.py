@@ -54,7 +54,7 @@ LEASE = 60.0  # seconds a batch stays with its gateway beyond the request timeou
 _TS = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 # One uploaded line, made by the server: the same text as reduce.raw_line.
 LINE = (
-    '\'{"device":\' || to_json(d.name) || \',"metric":\' || to_json(r.metric) || \',"ts":"\' || '
+    '\'{"device":\' || to_json(d.name) || \',"metric":\' || to_json(k.name) || \',"ts":"\' || '
     + _TS.format("r.ts")
     + ' || \'","value":\' || r.value || \',"received_at":"\' || '
     + _TS.format("r.received_at")
@@ -71,7 +71,7 @@ IN_RANGE = f"{AFTER} AND (r.tx, r.id) <= (%(last_tx)s::xid8, %(last_id)s)"
 RANGE_RAW = f"""
 SELECT count(*), coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.id), '')
 FROM (SELECT r.tx, r.id, {LINE} AS line
-      FROM readings r JOIN devices d ON d.id = r.device_id
+      FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
       WHERE {IN_RANGE} ORDER BY r.tx, r.id LIMIT %(n)s) p
 """
 
@@ -85,10 +85,10 @@ NTH_IN_RANGE = f"SELECT r.tx::text, r.id FROM readings r WHERE {IN_RANGE} ORDER 
 SHRINK = "UPDATE upload_batches SET last_tx = %s::xid8, last_id = %s, readings = %s WHERE id = %s"
 
 ROWS = """
-SELECT r.tx::text, r.id, r.device_id, d.name, r.metric, (extract(epoch FROM r.ts) * 1000000)::bigint,
+SELECT r.tx::text, r.id, r.device_id, d.name, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint,
        r.value, (extract(epoch FROM r.received_at) * 1000000)::bigint,
        extract(epoch FROM now() - r.received_at)::float8
-FROM readings r JOIN devices d ON d.id = r.device_id
+FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
 WHERE {where} ORDER BY r.tx, r.id {limit}
 """
 

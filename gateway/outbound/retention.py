@@ -46,11 +46,11 @@ SELECT tx::text, id FROM (
 # Rows, not partitions: only partitions whose time reaches past the limit are looked at (ts < limit).
 RETENTION_DELETE = """
 DELETE FROM readings d USING (
-    SELECT r.device_id, r.metric, r.ts FROM readings r
+    SELECT r.device_id, r.metric_id, r.ts FROM readings r
     WHERE r.ts < now() - make_interval(secs => %(age)s) AND r.received_at < now() - make_interval(secs => %(age)s)
     {bound}
     ORDER BY r.tx, r.id LIMIT %(chunk)s) old
-WHERE d.device_id = old.device_id AND d.metric = old.metric AND d.ts = old.ts
+WHERE d.device_id = old.device_id AND d.metric_id = old.metric_id AND d.ts = old.ts
 """
 # Cold hours wholly past the limit, folded before it (the cold tier holds only readings every sink has sent);
 # and the folded ranges past it.

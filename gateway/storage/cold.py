@@ -78,8 +78,9 @@ FOLD = f"""
 INSERT INTO readings_cold AS c (device_id, metric, hour, received_at, readings, offsets, vals)
 SELECT device_id, metric, hour, max(received_at), count(*), array_agg(o ORDER BY o), array_agg(value ORDER BY o)
 FROM (
-    SELECT device_id, metric, {HOUR_OF.format(ts="ts")} AS hour, received_at, value, {offset_of("ts")} AS o
-    FROM {{name}}
+    SELECT p.device_id, k.name AS metric, {HOUR_OF.format(ts="p.ts")} AS hour, p.received_at, p.value,
+           {offset_of("p.ts")} AS o
+    FROM {{name}} p JOIN metrics k ON k.id = p.metric_id
 ) r
 GROUP BY device_id, metric, hour
 ON CONFLICT (device_id, metric, hour) DO UPDATE SET

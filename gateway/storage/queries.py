@@ -28,6 +28,22 @@ def twin_upsert(rows: str, order: str = "") -> str:
     WHERE t.ts < EXCLUDED.ts"""
 
 
+def add_metrics(names: str) -> str:
+    """
+    Add to the metric dictionary the names of ``names`` (SQL giving one text
+    column) it does not hold yet: committed before the readings that name
+    them are stored, in name order, so that gateways adding the same new
+    names at once never deadlock.
+    """
+    return f"""INSERT INTO metrics (name)
+SELECT DISTINCT s.n FROM ({names}) AS s(n) WHERE NOT EXISTS (SELECT 1 FROM metrics k WHERE k.name = s.n)
+ORDER BY s.n
+ON CONFLICT (name) DO NOTHING"""
+
+
+ADD_METRICS = add_metrics("SELECT unnest(%s::text[])")
+
+
 # A quarantined reading as the API and the command line show it (quarantined_doc).
 QUARANTINE_COLUMNS = """q.id, d.name, q.metric, (extract(epoch FROM q.ts) * 1000000)::bigint, q.value, q.rule,
        q.source, (extract(epoch FROM q.received_at) * 1000000)::bigint"""
@@ -45,15 +61,18 @@ WHERE (%(ids)s::bigint[] IS NULL OR q.id = ANY(%(ids)s))
 # transaction stores more readings than a group commit does: the uploader sorts
 # the readings of the transaction its cursor is in.
 RELEASE_CHUNK = 5000
+# Run before each RELEASE, with the same parameters: the released readings' metric names in the dictionary.
+RELEASE_METRICS = add_metrics(f"SELECT q.metric {QUARANTINE_WHERE}")
 RELEASE = f"""
 WITH moved AS (
     DELETE FROM quarantine q USING devices d
     WHERE d.id = q.device_id AND q.id IN (SELECT q.id {QUARANTINE_WHERE} ORDER BY q.id LIMIT {RELEASE_CHUNK})
     RETURNING q.device_id, q.metric, q.ts, q.value
 ), stored AS (
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM moved WHERE NOT {already_cold("moved")} ORDER BY device_id, metric, ts
-    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    INSERT INTO readings (device_id, metric_id, ts, value)
+    SELECT moved.device_id, k.id, moved.ts, moved.value FROM moved LEFT JOIN metrics k ON k.name = moved.metric
+    WHERE NOT {already_cold("moved")} ORDER BY moved.device_id, k.id, moved.ts
+    ON CONFLICT (device_id, metric_id, ts) DO NOTHING
     RETURNING 1
 ), latest AS (
     {twin_upsert("moved")}

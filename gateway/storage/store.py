@@ -65,7 +65,7 @@ from gateway.storage.groupcommit import Closed, GroupCommit, Overloaded
 from gateway.storage.lastseen import LastSeen
 from gateway.storage.journal import Journal, Scan, encode
 from gateway.storage.pool import PgPool, first_line, is_connection_error
-from gateway.storage.queries import twin_upsert
+from gateway.storage.queries import ADD_METRICS, twin_upsert
 from gateway.readings import (
     Device,
     Quarantined,
@@ -83,6 +83,7 @@ DEADLOCK_RETRIES = 5
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
 REPLAY_INTERVAL = 1.0  # how often to look for journal segments to replay
+MAX_METRICS_KNOWN = 100_000  # metric names remembered as in the dictionary
 
 
 # The batch and the digital twin in one statement, so one transaction. The
@@ -98,9 +99,10 @@ WITH u AS MATERIALIZED (
     SELECT d AS device_id, m AS metric, timestamptz 'epoch' + t * interval '1 microsecond' AS ts, v AS value, n
     FROM unnest(%s::integer[], %s::text[], %s::bigint[], %s::float8[]) WITH ORDINALITY AS u(d, m, t, v, n)
 ), new AS (
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM u {kept}ORDER BY device_id, metric, ts, n
-    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    INSERT INTO readings (device_id, metric_id, ts, value)
+    SELECT u.device_id, k.id, u.ts, u.value FROM u LEFT JOIN metrics k ON k.name = u.metric
+    {kept}ORDER BY u.device_id, k.id, u.ts, u.n
+    ON CONFLICT (device_id, metric_id, ts) DO NOTHING
     RETURNING 1
 ), latest AS (
     {twin_upsert("u", order="n")}
@@ -126,7 +128,8 @@ EXECUTE_WRITE_BATCH = f"EXECUTE {PREPARED_BATCH} (%s, %s, %s, %s)"
 # new (a retransmission): a RETURNING clause naming every key cost the
 # database 7% of its time per reading for an answer seldom needed.
 NEW_IN_TRANSACTION = (
-    "SELECT device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint FROM readings WHERE tx = %s::xid8"
+    "SELECT r.device_id, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint"
+    " FROM readings r JOIN metrics k ON k.id = r.metric_id WHERE r.tx = %s::xid8"
 )
 
 
@@ -150,7 +153,7 @@ WITH u AS MATERIALIZED (
     FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::bigint[], %s::float8[], %s::text[]) AS u(i, d, m, t, v, s)
 ), c AS (
     SELECT u.i, u.d, u.m, u.ts, r.value AS stored, u.v AS sent, u.s
-    FROM u JOIN readings r ON r.device_id = u.d AND r.metric = u.m AND r.ts = u.ts
+    FROM u JOIN metrics k ON k.name = u.m JOIN readings r ON r.device_id = u.d AND r.metric_id = k.id AND r.ts = u.ts
     WHERE r.value <> u.v
     UNION ALL
     SELECT u.i, u.d, u.m, u.ts, x.v, u.v, u.s
@@ -317,6 +320,7 @@ class PostgresStore(Service):
         self.batches = 0
         self.commit_seconds = 0.0
         self.listeners: list[Callable[[int], None]] = []  # told how many new readings each batch committed
+        self.metrics_known: set[str] = set()  # names the metric dictionary is known to hold (MAX_METRICS_KNOWN)
         self.batch_observers: list[Callable[[int, float], None]] = []  # told each batch's size and duration
 
     # -- lifecycle -----------------------------------------------------
@@ -608,6 +612,7 @@ class PostgresStore(Service):
         Insert in one transaction (one statement, committed when it returns): None when every row
         was new, else the keys (device, metric, µs) of the new ones.
         """
+        await self._add_metrics(conn, rows)
         columns = array_literals(rows)
         for attempt in range(DEADLOCK_RETRIES):
             statement = EXECUTE_WRITE_BATCH if getattr(conn, "batch_prepared", False) else WRITE_BATCH
@@ -623,6 +628,17 @@ class PostgresStore(Service):
                 log.warn("the batch statement's preparation was lost: the full statement is sent from now on")
                 return await self._insert(conn, rows)
         raise AssertionError("unreachable")
+
+    async def _add_metrics(self, conn: Any, rows: list[tuple]) -> None:
+        """The names of rows' metrics that the dictionary may lack, added (committed) before the rows."""
+        names = {r[1] for r in rows}
+        names.difference_update(self.metrics_known)
+        if not names:
+            return
+        await conn.runOperation(ADD_METRICS, (sorted(names),))
+        if len(self.metrics_known) + len(names) > MAX_METRICS_KNOWN:
+            self.metrics_known.clear()  # a fleet of more names: some are added again, a no-op each
+        self.metrics_known.update(names)
 
     def _prepare(self, conn: Any) -> Deferred:
         """A new connection: prepare the batch statement on it (without, the full one is sent each time)."""
