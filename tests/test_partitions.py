@@ -554,6 +554,12 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
         "(SELECT indexrelid FROM pg_index WHERE indrelid = 'readings_20261103'::regclass)"
     )
     assert attached == [(2,)]  # the natural key and the upload order
+    fill = sql(
+        "SELECT c.relname, c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid IN ('readings_20261102'::regclass, 'readings_20261103'::regclass, "
+        "'readings_20990101'::regclass) ORDER BY 1"
+    )
+    assert [options for _, options in fill] == [["fillfactor=100"]] * 4 + [None, None], fill  # packed: pages full
     again = (
         "INSERT INTO readings (device_id, metric_id, ts, value) "
         "SELECT device_id, metric_id, ts, 0 FROM readings_20261103 "

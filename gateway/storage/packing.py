@@ -7,7 +7,7 @@ that fills is split in two halves, and the left half never takes another
 entry. A partition's indexes are thus left about two-thirds full while it
 takes readings. Once its range is ``--pack-after`` in the past (an hour by
 default), its indexes are rebuilt with ``REINDEX TABLE CONCURRENTLY``, pages
-full: 10 to 30 bytes less a reading (``benchmarks/storage.py``), for as long
+full (fillfactor 100): 10 to 30 bytes less a reading (``benchmarks/storage.py``), for as long
 as the partition stays hot (until ``--compress-after`` folds it into the
 cold tier, or for good when that is off).
 
@@ -58,6 +58,13 @@ WHERE NOT i.indisvalid AND c.relname ~ '_ccnew[0-9]*$'
   AND i.indrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass)
   AND i.indrelid NOT IN (SELECT l.relation FROM pg_locks l WHERE l.mode = 'ShareUpdateExclusiveLock'
                          AND l.relation IS NOT NULL AND l.pid <> pg_backend_pid())
+"""
+# A partition's indexes, to be rebuilt with their pages full: a closed partition takes few inserts, so the room
+# PostgreSQL leaves by default (a tenth of each page) would stay empty. A late reading splits the page it lands on.
+INDEXES_OF = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE i.indrelid = %s::regclass AND i.indisvalid
 """
 # A partition's index bytes and (PostgreSQL's estimate, which the rebuild refreshes) its readings: no scan.
 INDEX_BYTES = (
@@ -123,6 +130,8 @@ class Packer(PeriodicWork):
                 return None
             name, lo = rows[0]
             [(before, _)] = await conn.runQuery(INDEX_BYTES, (f'"{name}"',))
+            for (index,) in await conn.runQuery(INDEXES_OF, (f'"{name}"',)):
+                await conn.runOperation(f"ALTER INDEX {index} SET (fillfactor = 100)")
             await conn.runOperation(f'REINDEX TABLE CONCURRENTLY "{name}"')
             [(after, readings)] = await conn.runQuery(INDEX_BYTES, (f'"{name}"',))
             await conn.runOperation(RECORD, (lo, before, after))
