@@ -30,6 +30,10 @@ DAY = 86400.0
 NOW = datetime.datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
 
 
+# Devices 1 and 2 of a fresh database, as a migration test's readings name them.
+TWO_DEVICES = "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
+
+
 def bounds(sql) -> list[tuple[str, datetime.datetime, datetime.datetime]]:
     return sql(BOUNDS, ("readings",))
 
@@ -173,9 +177,7 @@ def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_m
     conn = psycopg2.connect(old_database(13))
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
-            )
+            cur.execute(TWO_DEVICES)
             for d in (25, 26):
                 cur.execute(
                     f"CREATE TABLE readings_202611{d} PARTITION OF readings "
@@ -242,9 +244,7 @@ def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_k
     conn = psycopg2.connect(old_database(14))
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
-            )
+            cur.execute(TWO_DEVICES)
             cur.execute(
                 "CREATE TABLE readings_20261125 PARTITION OF readings "
                 "FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"

@@ -212,9 +212,7 @@ async def test_concurrent_overlapping_writers_store_each_reading_once(db_dsn, sq
 
 
 @pytest_twisted.ensureDeferred
-async def test_new_metric_names_enter_the_dictionary_once_whichever_gateway_meets_them_first(
-    db_dsn, sql, monkeypatch
-):
+async def test_new_metric_names_enter_the_dictionary_once_whichever_gateway_meets_them_first(db_dsn, sql, monkeypatch):
     """Two gateways meet the same new names at once, in opposite orders: each name once, every reading stored."""
     import gateway.storage.store as store_module
 
