@@ -638,7 +638,8 @@ class PostgresStore(Service):
         await conn.runOperation(ADD_METRICS, (sorted(names),))
         if len(self.metrics_known) + len(names) > MAX_METRICS_KNOWN:
             self.metrics_known.clear()  # a fleet of more names: some are added again, a no-op each
-        self.metrics_known.update(names)
+        if len(names) <= MAX_METRICS_KNOWN:
+            self.metrics_known.update(names)
 
     def _prepare(self, conn: Any) -> Deferred:
         """A new connection: prepare the batch statement on it (without, the full one is sent each time)."""
