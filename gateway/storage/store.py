@@ -17,6 +17,13 @@ retransmission a no-op: when fewer rows were inserted than sent, the rows
 carrying the batch's transaction id (the ``tx`` column) are the new ones,
 the rest are duplicates.
 
+Readings hold their metric's id in the metric dictionary (``metrics``):
+names this process has not seen there yet are added by a statement of
+their own, committed before the batch (a batch that then fails leaves
+only names behind), and the batch statement maps names to ids. A name
+missing from the dictionary is refused by the database (``metric_id`` is
+NOT NULL), never dropped or counted as a duplicate.
+
 When the server refuses a batch for its data (a constraint, a value out
 of range, an encoding error), the batch is split in halves and retried
 until the refused readings stand alone: everything else commits, and only
@@ -609,8 +616,8 @@ class PostgresStore(Service):
 
     async def _insert(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str, int]] | None:
         """
-        Insert in one transaction (one statement, committed when it returns): None when every row
-        was new, else the keys (device, metric, µs) of the new ones.
+        Insert in one transaction (one statement, committed when it returns, after the rows' new metric
+        names are added): None when every row was new, else the keys (device, metric, µs) of the new ones.
         """
         await self._add_metrics(conn, rows)
         columns = array_literals(rows)
