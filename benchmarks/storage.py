@@ -58,7 +58,7 @@ import psycopg2
 from common import drop_database, workspace
 from gateway.api.read import READINGS
 from gateway.cli.export import EXPORT_COLD_SQL, EXPORT_SQL
-from gateway.outbound.retention import RETENTION_CHUNK
+from gateway.outbound.retention import RETENTION_CHUNK, RETENTION_DELETE
 from gateway.storage.cold import FOLD
 from gateway.storage.packing import INDEXES_OF
 from gateway.storage import schema
@@ -148,12 +148,13 @@ def fill(conn, readings: int, cold_check: bool = True, version: int = schema.LAT
 
 
 def size_of_readings(conn) -> int:
+    """Bytes of readings, its partitions and (from schema 16) their arrivals, one row per transaction."""
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("VACUUM ANALYZE readings")
         cur.execute(
             "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-            "WHERE c.oid = 'readings'::regclass OR c.oid IN "
+            "WHERE c.oid = 'readings'::regclass OR c.oid = to_regclass('readings_arrivals') OR c.oid IN "
             "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass)"
         )
         size = cur.fetchone()[0]
@@ -278,7 +279,7 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, ts, metric)", "(tx)"),
     ),
     (
-        "now",
+        "schema_15",
         "tx xid8, id bigint, ts timestamptz, value float8, received_at timestamptz, device_id integer, metric integer",
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
@@ -288,11 +289,29 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
     (
-        "no_id_no_received_at_no_upload_index",
+        "no_id_no_received_at",
         "tx xid8, ts timestamptz, value float8, device_id integer, metric integer",
+        ("UNIQUE (device_id, metric, ts)", "(tx)"),
+    ),
+    (
+        "now",
+        "tx bigint, ts timestamptz, value float8, device_id integer, metric integer",
+        ("UNIQUE (device_id, metric, ts)", "USING brin (tx) WITH (pages_per_range = 32)"),
+    ),
+    (
+        "no_upload_index",
+        "tx bigint, ts timestamptz, value float8, device_id integer, metric integer",
         ("UNIQUE (device_id, metric, ts)",),
     ),
 )
+# How each layout's columns are made from today's readings (r) and their arrivals (a).
+LEAN_VALUES = {
+    "id": "row_number() OVER ()",
+    "received_at": "a.received_at",
+    "tx xid8": "r.tx::text::xid8",
+    "metric text": "m.name",
+    "metric integer": "r.metric_id",
+}
 
 
 def lean_layouts(conn, readings: int) -> dict:
@@ -304,22 +323,22 @@ def lean_layouts(conn, readings: int) -> dict:
             for n, index in enumerate(indexes):
                 unique, cols = ("UNIQUE ", index[len("UNIQUE ") :]) if index.startswith("UNIQUE") else ("", index)
                 cur.execute(f"CREATE {unique}INDEX lean_{name}_{n} ON lean_{name} {cols}")
-            names = [c.split()[0] for c in columns.split(", ")]
-            metric = "r.metric_id" if "metric integer" in columns else "m.name"
-            values = ", ".join(f"{metric if c == 'metric' else 'r.' + c} AS {c}" for c in names)
+            made = [LEAN_VALUES.get(c, LEAN_VALUES.get(c.split()[0], "r." + c.split()[0])) for c in columns.split(", ")]
+            values = ", ".join(made)
             key = indexes[0][len("UNIQUE (") : -1]  # the natural key's columns, named as the layout names them
             # In arrival order, a transaction's rows at a time sorted by the natural key, as the batch statement
             # stores them.
-            cur.execute("SELECT DISTINCT tx::text FROM readings ORDER BY 1")
+            cur.execute("SELECT tx FROM readings_arrivals ORDER BY 1")
             for (tx,) in cur.fetchall():
                 cur.execute(
                     f"INSERT INTO lean_{name} SELECT * FROM (SELECT {values} FROM readings r "
-                    f"JOIN metrics m ON m.id = r.metric_id WHERE r.tx = %s::xid8) s ORDER BY {key}",
+                    "JOIN metrics m ON m.id = r.metric_id JOIN readings_arrivals a ON a.tx = r.tx "
+                    f"WHERE r.tx = %s) s ORDER BY {key}",
                     (tx,),
                 )
         conn.commit()
         conn.autocommit = True
-        for name, _, _ in LEAN_LAYOUTS:
+        for name, _, indexes_of in LEAN_LAYOUTS:
             cur.execute(f"VACUUM ANALYZE lean_{name}")
             cur.execute(f"SELECT pg_total_relation_size('lean_{name}'), pg_relation_size('lean_{name}')")
             total, heap = cur.fetchone()
@@ -334,8 +353,9 @@ def lean_layouts(conn, readings: int) -> dict:
             cur.execute(f"REINDEX TABLE lean_{name}")
             cur.execute(f"SELECT pg_total_relation_size('lean_{name}')")
             reindexed = cur.fetchone()[0]
-            for n in range(len(indexes)):
-                cur.execute(f"ALTER INDEX lean_{name}_{n} SET (fillfactor = 100)")
+            for n, index in enumerate(indexes_of):
+                if "USING" not in index:  # a btree
+                    cur.execute(f"ALTER INDEX lean_{name}_{n} SET (fillfactor = 100)")
             cur.execute(f"REINDEX TABLE lean_{name}")
             cur.execute(f"SELECT pg_total_relation_size('lean_{name}')")
             out[name] = {
@@ -445,6 +465,7 @@ def measure(server_dsn: str, readings: int) -> dict:
         ("v7", 7, False),
         ("schema_13", 13, True),
         ("schema_14", 14, True),
+        ("schema_15", 15, True),
         ("partitioned_no_cold_check", schema.LATEST, False),
         ("partitioned", schema.LATEST, True),
     )
@@ -481,22 +502,20 @@ def measure(server_dsn: str, readings: int) -> dict:
             # The other day's rows as a copy, to be deleted row by row from a table of its own.
             cur.execute(f"CREATE TABLE chunked AS SELECT * FROM {first_day}")
             cur.execute("CREATE UNIQUE INDEX ON chunked (device_id, metric_id, ts)")
-            cur.execute("CREATE INDEX ON chunked (tx)")
+            cur.execute("CREATE INDEX ON chunked USING brin (tx) WITH (pages_per_range = 32)")
         conn.commit()
         started = time.perf_counter()
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE {first_day}")
         conn.commit()
         drop_s = time.perf_counter() - started
+        chunked_delete = RETENTION_DELETE.format(bound="").replace("FROM readings ", "FROM chunked ")
+        assert chunked_delete.count("FROM chunked ") == 2, chunked_delete
         started = time.perf_counter()
         while True:
             with conn.cursor() as cur:
-                cur.execute(
-                    # retention's statement: the oldest in upload order, found again by the natural key
-                    "DELETE FROM chunked d USING (SELECT device_id, metric_id, ts FROM chunked ORDER BY tx, id "
-                    "LIMIT %s) old WHERE d.device_id = old.device_id AND d.metric_id = old.metric_id AND d.ts = old.ts",
-                    (RETENTION_CHUNK,),
-                )
+                # retention's statement (everything past the limit, no sink to wait for), on the copy
+                cur.execute(chunked_delete, {"age": 0, "chunk": RETENTION_CHUNK})
                 count = cur.rowcount
             conn.commit()
             if count < RETENTION_CHUNK:

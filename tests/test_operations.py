@@ -118,7 +118,7 @@ async def test_healthz_says_503_for_a_sink_that_forwards_nothing(tmp_path, db_ds
         # Readings that have waited an hour, and the sink never sent a batch: stalled.
         token = add_pg_device(sql, "truck-3")
         assert (await gw.post(token, [reading(1)]))[0] == 200
-        sql("UPDATE readings SET received_at = now() - interval '1 hour'")
+        sql("UPDATE readings_arrivals SET received_at = now() - interval '1 hour'")
         await service.uploader.look()
         response = await gw.http.get(gw.url + "/healthz")
         doc = await response.json()

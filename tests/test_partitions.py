@@ -34,6 +34,9 @@ NOW = datetime.datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
 TWO_DEVICES = "INSERT INTO devices (name, token_id, token_hash) VALUES ('a', 'x', '\\x00'), ('b', 'y', '\\x00')"
 
 
+HALF_DAY_2 = datetime.timedelta(minutes=49)  # the 50th of day 2's readings, one a minute
+
+
 def bounds(sql) -> list[tuple[str, datetime.datetime, datetime.datetime]]:
     return sql(BOUNDS, ("readings",))
 
@@ -290,6 +293,102 @@ def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_k
         conn.close()
 
 
+def test_the_lean_row_migration_keeps_every_reading_and_moves_no_cursor_past_an_unsent_one(old_database):
+    from gateway.outbound.ledger import START
+    from gateway.storage.store import write_batch_sql
+
+    conn = psycopg2.connect(old_database(15))
+    end = (2147483647, 2147483647, "infinity")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(TWO_DEVICES)
+            cur.execute(
+                "CREATE TABLE readings_20261125 PARTITION OF readings "
+                "FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"
+            )
+            for metric in ("oil_temp", "density", "rpm"):  # three transactions; 1 Jan 2027 goes to the default
+                cur.execute(
+                    "INSERT INTO readings (device_id, metric_id, ts, value) SELECT d, metric_id_of(%s), t, random() "
+                    "FROM generate_series(1, 2) d, unnest(array[timestamptz '2026-11-25 10:00Z', "
+                    "'2026-11-25 10:00:01Z', '2027-01-01Z']) t ORDER BY d DESC, t DESC",
+                    (metric,),
+                )
+                conn.commit()
+            cur.execute(
+                "SELECT r.tx::text::bigint, r.tableoid::regclass::text, r.device_id, k.name, r.ts, r.value "
+                "FROM readings r JOIN metrics k ON k.id = r.metric_id ORDER BY r.tx, r.id"
+            )
+            before = cur.fetchall()
+            cur.execute("SELECT tx::text::bigint, min(received_at) FROM readings GROUP BY tx ORDER BY tx")
+            arrivals = [(tx, at, 6) for tx, at in cur.fetchall()]
+            cur.execute("SELECT tx::text, id FROM readings ORDER BY tx, id")
+            order = cur.fetchall()
+            # Sink "mid" sent 8 readings: the first transaction and two of the second. Sink "whole" sent the first.
+            cur.execute(
+                "INSERT INTO upload_sinks (name, url, cursor_tx, cursor_id) VALUES "
+                "('mid', 'https://x/', %s::xid8, %s), ('whole', 'https://y/', %s::xid8, %s)",
+                (*order[7], *order[5]),
+            )
+            # Batches in flight: "whole" holds the second transaction and two of the third; "mid" the next four.
+            cur.execute(
+                "INSERT INTO upload_batches (sink, key, after_tx, after_id, last_tx, last_id, readings) VALUES "
+                "('whole', '00000000-0000-4000-8000-000000000001', %s::xid8, %s, %s::xid8, %s, 8), "
+                "('mid', '00000000-0000-4000-8000-000000000002', %s::xid8, %s, %s::xid8, %s, 4), "
+                "('whole', '00000000-0000-4000-8000-000000000003', '0', 0, %s::xid8, %s, 6)",
+                (*order[5], *order[13], *order[7], *order[11], *order[5]),
+            )
+        conn.commit()
+        assert schema.migrate(conn, upto=16) == [16]
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT r.tx, r.tableoid::regclass::text, r.device_id, k.name, r.ts, r.value "
+                "FROM readings r JOIN metrics k ON k.id = r.metric_id ORDER BY r.tx, r.device_id DESC, r.ts DESC"
+            )
+            assert cur.fetchall() == before  # every reading, in its partition and its transaction
+            cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'readings'")
+            assert {name for (name,) in cur.fetchall()} == {"tx", "ts", "value", "device_id", "metric_id"}
+            cur.execute("SELECT tx, received_at, readings FROM readings_arrivals ORDER BY tx")
+            assert cur.fetchall() == arrivals
+            tx1, tx2, tx3 = (a[0] for a in arrivals)
+            # A cursor partway through a transaction goes back to its start: nothing unsent is passed.
+            cur.execute(
+                "SELECT name, cursor_tx, cursor_device, cursor_metric, cursor_ts::text FROM upload_sinks ORDER BY name"
+            )
+            assert cur.fetchall() == [("mid", tx2, *START[1:]), ("whole", tx1, *end)]
+            cur.execute(
+                "SELECT key::text, after_tx, after_device, after_metric, after_ts::text, "
+                "last_tx, last_device, last_metric, last_ts::text, readings FROM upload_batches ORDER BY id"
+            )
+            held, mid, first = cur.fetchall()
+            # A batch that ended partway through a transaction ends with it, under a new key.
+            assert held[0] != "00000000-0000-4000-8000-000000000001"
+            assert held[1:] == (tx1, *end, tx3, *end, 12)
+            assert mid[0] != "00000000-0000-4000-8000-000000000002"
+            assert mid[1:] == (tx2, *START[1:], tx2, *end, 6)
+            # One that ended with its transaction keeps its key and its readings.
+            assert first == ("00000000-0000-4000-8000-000000000003", 0, *end, tx1, *end, 6)
+            cur.execute(
+                "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am m "
+                "ON m.oid = c.relam WHERE m.amname = 'brin' AND i.indrelid IN "
+                "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass)"
+            )
+            assert cur.fetchone() == (2,)
+            # The batch statement's readings are counted in their transaction's arrival.
+            cur.execute("SELECT metric_id_of('vibration')")
+            cur.execute(
+                write_batch_sql(), ([1, 2], ["oil_temp", "vibration"], [1795600800000000, 1795600800000000], [1.0, 2.0])
+            )
+            assert cur.fetchone()[0] == 1  # device 1's oil_temp at 2026-11-25 10:00Z was stored before
+            cur.execute(
+                "SELECT a.readings, a.received_at = now() FROM readings_arrivals a "
+                "WHERE a.tx = pg_current_xact_id()::text::bigint"
+            )
+            assert cur.fetchall() == [(1, True)]
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
     from gateway.storage.queries import RELEASE_CHUNK
 
@@ -311,7 +410,7 @@ def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
     assert f"released {held} readings: {held - 1} stored, 1 were stored already" in out.stderr + out.stdout
     assert sql("SELECT count(*) FROM quarantine") == [(0,)]
     assert sql("SELECT count(*), count(DISTINCT ts) FROM readings") == [(held, held)]
-    groups = [n for (n,) in sql("SELECT count(*) FROM readings GROUP BY tx ORDER BY min(id)")]
+    groups = [n for (n,) in sql("SELECT count(*) FROM readings GROUP BY tx ORDER BY tx")]
     assert groups == [1, RELEASE_CHUNK - 1, RELEASE_CHUNK, 7]
 
 
@@ -359,7 +458,7 @@ async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own
         (device, device, device),
     )
     assert sql("SELECT count(*) FROM readings_default") == [(2,)]
-    before = sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id")
+    before = sql("SELECT tx, ts, value FROM readings ORDER BY tx, ts")
     sql(
         "INSERT INTO quarantine (device_id, metric, ts, value, rule, source) "
         "VALUES (%s, 'm', '2031-05-05 07:00Z', 900, 'm.max', 'mqtt'), (%s, 'm', '1999-01-01Z', 900, 'm.max', 'mqtt')",
@@ -373,7 +472,7 @@ async def test_a_reading_outside_every_partition_is_kept_then_moved_into_its_own
     assert sql("SELECT id, ts FROM quarantine ORDER BY id") == quarantined
     assert sql("SELECT count(*) FROM readings_default") == [(0,)]
     assert sql("SELECT count(*) FROM readings_20310505") == [(2,)]
-    assert sql("SELECT tx::text, id, ts, value FROM readings ORDER BY tx, id") == before
+    assert sql("SELECT tx, ts, value FROM readings ORDER BY tx, ts") == before
     # The moved readings are still unique: sending one again stores nothing.
     sql(
         "INSERT INTO readings (device_id, metric_id, ts, value) VALUES (%s, metric_id_of('m'), '2031-05-05 05:05Z', 1) "
@@ -394,11 +493,11 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         await Partitions(retention.pool, DAY).maintain(day(1))
         for d in (1, 2, 3):  # each day in a transaction of its own: day 1 first in upload order
             sql(
-                "INSERT INTO readings (device_id, metric_id, ts, value, received_at) "
-                "SELECT 1, metric_id_of('m'), %s + make_interval(secs => i * 60), i, now() - interval '10 days' "
-                "FROM generate_series(0, 99) i",
+                "INSERT INTO readings (device_id, metric_id, ts, value) "
+                "SELECT 1, metric_id_of('m'), %s + make_interval(secs => i * 60), i FROM generate_series(0, 99) i",
                 (day(d),),
             )
+        sql("UPDATE readings_arrivals SET received_at = now() - interval '10 days'")
         # Quarantined readings: one of day 2 held for ten days, one of day 3 just now, one from long ago
         # (in quarantine_default) held for ten days. None is ever uploaded: only their age counts.
         sql(
@@ -408,10 +507,11 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
             (day(2, 1), day(3, 1)),
         )
         # The one sink has sent day 1 and half of day 2.
-        tx, id_ = sql("SELECT tx::text, id FROM readings WHERE ts = %s", (day(2) + datetime.timedelta(minutes=49),))[0]
+        [at] = sql("SELECT tx, device_id, metric_id, ts FROM readings WHERE ts = %s", (day(2) + HALF_DAY_2,))
         sql(
-            "INSERT INTO upload_sinks (name, url, cursor_tx, cursor_id) VALUES ('cloud', 'https://x/', %s, %s)",
-            (tx, id_),
+            "INSERT INTO upload_sinks (name, url, cursor_tx, cursor_device, cursor_metric, cursor_ts) "
+            "VALUES ('cloud', 'https://x/', %s, %s, %s, %s)",
+            at,
         )
         await retention.sweep()
         names = [b[0] for b in bounds(sql)]
@@ -443,7 +543,7 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert "held, never uploaded" in text
         # Everything sent, but one reading of day 3 arrived just now: that partition waits for it.
         sql("INSERT INTO readings (device_id, metric_id, ts, value) VALUES (1, metric_id_of('m'), %s, 7)", (day(3, 5),))
-        sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id(), cursor_id = 1e15")
+        sql("UPDATE upload_sinks SET cursor_tx = pg_current_xact_id()::text::bigint")
         await retention.sweep()
         names = [b[0] for b in bounds(sql)]
         assert "readings_20261102" not in names and "readings_20261103" in names
@@ -555,11 +655,20 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
     )
     assert attached == [(2,)]  # the natural key and the upload order
     fill = sql(
-        "SELECT c.relname, c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-        "WHERE i.indrelid IN ('readings_20261102'::regclass, 'readings_20261103'::regclass, "
-        "'readings_20990101'::regclass) ORDER BY 1"
+        "SELECT c.relname, m.amname, c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am m ON m.oid = c.relam WHERE i.indrelid IN ('readings_20261102'::regclass, "
+        "'readings_20261103'::regclass, 'readings_20990101'::regclass) ORDER BY 1"
     )
-    assert [options for _, options in fill] == [["fillfactor=100"]] * 4 + [None, None], fill  # packed: pages full
+    # Packed: the natural key's pages full. The upload order's BRIN index has no pages to fill.
+    brin = ["pages_per_range=32", "autosummarize=on"]
+    assert [(am, options) for _, am, options in fill] == [
+        ("btree", ["fillfactor=100"]),
+        ("brin", brin),
+        ("btree", ["fillfactor=100"]),
+        ("brin", brin),
+        ("btree", None),
+        ("brin", brin),
+    ], fill
     again = (
         "INSERT INTO readings (device_id, metric_id, ts, value) "
         "SELECT device_id, metric_id, ts, 0 FROM readings_20261103 "

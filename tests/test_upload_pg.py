@@ -21,7 +21,7 @@ from gateway.outbound.sinks import Rule, Sink
 from twisted.internet.threads import deferToThread
 
 from gateway.outbound.retention import Retention
-from gateway.outbound.ledger import Batch, Ledger, Wait, owner_lock_held
+from gateway.outbound.ledger import START, Batch, Ledger, Wait, owner_lock_held
 from gateway.outbound.sender import HTTPSender
 from gateway.outbound.uploader import OwnerLock, Uploader
 from tests.certs import TestCA
@@ -176,14 +176,14 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
 async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, sql, receiver, tmp_path):
     add_pg_device(sql, "truck-1")
     late = psycopg2.connect(db_dsn)
-    with late.cursor() as cur:  # takes the lower id, commits last
+    with late.cursor() as cur:  # takes the lower transaction number, commits last
         cur.execute(
             "INSERT INTO readings (device_id, metric_id, ts, value) "
-            "SELECT id, metric_id_of('late'), '2026-01-01', 1 FROM devices WHERE name = 'truck-1' RETURNING id"
+            "SELECT id, metric_id_of('late'), '2026-01-01', 1 FROM devices WHERE name = 'truck-1' RETURNING tx"
         )
-        late_id = cur.fetchone()[0]
+        late_tx = cur.fetchone()[0]
     add_readings(sql, "truck-1", 10)
-    assert min(row[0] for row in sql("SELECT id FROM readings WHERE metric_id = metric_id_of('oil_temp')")) > late_id
+    assert min(row[0] for row in sql("SELECT tx FROM readings WHERE metric_id = metric_id_of('oil_temp')")) > late_tx
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=5))
     try:
         await deferLater(reactor, 0.5, lambda: None)
@@ -363,7 +363,7 @@ async def test_edge_reduction_sends_deadband_and_aggregates(db_dsn, sql, receive
 async def test_retention_deletes_only_what_every_sink_has_sent(db_dsn, sql, receiver, tmp_path):
     add_pg_device(sql, "truck-1")
     add_readings(sql, "truck-1", 300)
-    sql("UPDATE readings SET received_at = now() - interval '2 days'")
+    sql("UPDATE readings_arrivals SET received_at = now() - interval '2 days'")
     receiver.script.extend(["ok", ("status", 400)])  # the second batch is parked
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path))
     retention = Retention(reactor, 86400)
@@ -393,7 +393,7 @@ async def test_the_sender_sends_headers_and_reads_the_refusal(receiver, tmp_path
     sink = fast_sink(receiver, tmp_path, headers=(("Authorization", "Bearer s3cret"),))
     sender = HTTPSender(reactor, sink)
     receiver.script.append(("status", 429, "7"))
-    batch = Batch(1, "0f0e0d0c-0b0a-4908-8706-050403020100", ("0", 0), ("0", 0), 1, gzip.compress(b'{"a":1}\n'))
+    batch = Batch(1, "0f0e0d0c-0b0a-4908-8706-050403020100", START, START, 1, gzip.compress(b'{"a":1}\n'))
     try:
         refused = await sender.send(batch)
         accepted = await sender.send(batch)

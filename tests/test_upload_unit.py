@@ -16,7 +16,7 @@ from gateway.config import ConfigError, build_config
 from gateway.readings import StoreUnavailable
 from gateway.outbound.reduce import Row, raw_line, reduce_rows, wire_ts
 from gateway.outbound.sinks import Rule, Sink
-from gateway.outbound.ledger import Batch, Wait
+from gateway.outbound.ledger import START, Batch, Wait
 from gateway.outbound.sender import Reply, backoff, judge, retry_after_seconds
 from gateway.outbound.uploader import SinkUploader
 
@@ -122,7 +122,7 @@ class FakeSender:
 
 
 def batch(n: int) -> Batch:
-    return Batch(n, f"key-{n}", ("0", 0), ("0", 0), 10, b"body")
+    return Batch(n, f"key-{n}", START, START, 10, b"body")
 
 
 def loop(ledger, rand=half):

@@ -20,12 +20,13 @@ EXPORT_BATCH = 10_000
 
 EXPORT_SQL = """
 SELECT d.name, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint, r.value,
-       (extract(epoch FROM r.received_at) * 1000000)::bigint
+       (extract(epoch FROM coalesce(a.received_at, r.ts)) * 1000000)::bigint
 FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
+LEFT JOIN readings_arrivals a ON a.tx = r.tx
 WHERE ({device} IS NULL OR d.name = {device})
   AND ({since} IS NULL OR r.ts >= timestamptz 'epoch' + {since} * interval '1 microsecond')
   AND ({until} IS NULL OR r.ts < timestamptz 'epoch' + {until} * interval '1 microsecond')
-ORDER BY r.id
+ORDER BY r.device_id, r.metric_id, r.ts
 """.format(device="%(device)s::text", since="%(since)s::bigint", until="%(until)s::bigint")
 
 # The cold tier's readings (older than --compress-after), by device, metric and time, before the hot ones.

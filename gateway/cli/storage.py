@@ -16,7 +16,8 @@ import sys
 from typing import Any
 
 from gateway.cli.common import database, note, when
-from gateway.outbound.retention import UPLOADED_FRONTIER
+from gateway.outbound.ledger import params
+from gateway.outbound.retention import UNSENT_IN, UPLOADED_FRONTIER
 from gateway.storage.cold import SIZES
 from gateway.storage.partitions import BOUNDS
 
@@ -38,11 +39,8 @@ FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 LEFT JOIN ({BOUNDS}) b(name, lo, hi) ON b.name = c.relname
 WHERE i.inhparent = 'quarantine'::regclass
 """
-# Whether a partition's newest reading (in upload order) is at or below the frontier every sink has passed.
-SENT = """
-SELECT coalesce((SELECT (tx, id) <= (%(tx)s::xid8, %(id)s) OR %(tx)s IS NULL FROM {name}
-                 ORDER BY tx DESC, id DESC LIMIT 1), true)
-"""
+# Whether every reading of a partition is at or below the frontier every sink has passed.
+SENT = f"SELECT %(sent_tx)s IS NULL OR NOT {UNSENT_IN}"
 
 
 def cmd_storage(args: argparse.Namespace) -> None:
@@ -52,10 +50,10 @@ def cmd_storage(args: argparse.Namespace) -> None:
             cur.execute(PARTITIONS, ("readings",))
             rows = cur.fetchall()
             cur.execute(UPLOADED_FRONTIER)
-            frontier = cur.fetchone() or (None, None)
+            frontier = cur.fetchone() or (None, None, None, None)
             out = []
             for name, lo, hi, size, estimate, packed in rows:
-                cur.execute(SENT.format(name=f'"{name}"'), {"tx": frontier[0], "id": frontier[1]})
+                cur.execute(SENT.format(name=f'"{name}"'), params("sent", frontier))
                 out.append(_line(name, lo, hi, size, estimate, cur.fetchone()[0], packed))
             cur.execute(SIZES)
             cold, size, oldest, horizon = cur.fetchone()

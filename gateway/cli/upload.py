@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, sink_doc
+from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, at, params, sink_doc
 from gateway.cli.common import CommandError, database, note, when
 
 
@@ -21,8 +21,9 @@ def _sink_rows(conn: Any) -> list[dict[str, Any]]:
 
 
 # The time partition of this sink's oldest unsent reading: retention drops no partition holding one.
-OLDEST_UNSENT = """
-SELECT r.tableoid::regclass::text FROM readings r WHERE (r.tx, r.id) > (%s::xid8, %s) ORDER BY r.ts LIMIT 1
+OLDEST_UNSENT = f"""
+SELECT r.tableoid::regclass::text FROM readings r
+WHERE r.tx >= %(after_tx)s AND (r.tx, r.device_id, r.metric_id, r.ts) > {at("after")} ORDER BY r.ts LIMIT 1
 """
 
 
@@ -31,7 +32,7 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
         rows = _sink_rows(conn)
         with conn.cursor() as cur:
             for row in rows:
-                cur.execute(OLDEST_UNSENT, (row["cursor_tx"], row["cursor_id"]))
+                cur.execute(OLDEST_UNSENT, params("after", (row["cursor_tx"], *row["cursor_key"].split("/", 2))))
                 found = cur.fetchone()
                 row["oldest_unsent_partition"] = found[0] if found else None
         conn.rollback()
@@ -45,7 +46,8 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
         lag = row["unbatched_readings"] + row["pending_readings"]
         behind = f"{row['lag_seconds']:.1f}s" if row["lag_seconds"] is not None else "0s"
         print(f"sink {row['name']}  {row['url']}")
-        print(f"  cursor        reading {row['cursor_id']} (transaction {row['cursor_tx']})")
+        device, metric, ts = row["cursor_key"].split("/", 2)
+        print(f"  cursor        transaction {row['cursor_tx']}, device {device}, metric {metric}, time {ts}")
         print(f"  lag           {lag} readings, {behind} behind ({row['pending_batches']} batches in flight)")
         print(f"  sent          {row['batches_sent']} batches, {row['readings_sent']} readings")
         print(f"  failed        {row['failures']} attempts")

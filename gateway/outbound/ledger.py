@@ -3,14 +3,18 @@ The batch ledger: the sinks' cursors, batches and counters in PostgreSQL.
 The uploader: every stored reading reaches every sink, in batches, at
 least once, with no reading skipped.
 
-Order and completeness. Readings are uploaded in the order ``(tx, id)``:
-the transaction that stored them, then their id. A batch only takes
-readings whose transaction is below ``pg_snapshot_xmin`` — older than
-every transaction still running — so everything before its end has
-already committed or aborted. A reading whose transaction commits late
-therefore still sorts after the sink's cursor: the cursor never passes a
-reading that could yet appear. (Ordering by id alone would skip it: ids are
-handed out before COMMIT, in a different order.)
+Order and completeness. Readings are uploaded in the order ``(tx,
+device_id, metric_id, ts)``: the transaction that stored them, then their
+natural key. A batch only takes readings whose transaction is below
+``pg_snapshot_xmin`` — older than every transaction still running — so
+everything before its end has already committed or aborted. A reading whose
+transaction commits late therefore still sorts after the sink's cursor: the
+cursor never passes a reading that could yet appear.
+
+How far a batch reaches is read from ``readings_arrivals`` (one row per
+transaction that stored readings, with their count and arrival time, kept
+by a trigger on ``readings``); the readings of those transactions are then
+read through the BRIN index on ``tx`` and sorted, a few thousand at a time.
 
 Claims. Cutting a batch is one short transaction that locks the sink's
 row (``FOR UPDATE``), reads the readings after the cursor, records
@@ -51,57 +55,112 @@ log = Logger()
 
 LEASE = 60.0  # seconds a batch stays with its gateway beyond the request timeout
 
+# A reading's place in the upload order: its transaction, then its natural key. A position is a tuple
+# (tx, device_id, metric_id, ts as text); START and END of a transaction sort before and after all its readings.
+PLACE = "(r.tx, r.device_id, r.metric_id, r.ts)"
+ORDER = "r.tx, r.device_id, r.metric_id, r.ts"
+
+
+def at(name: str) -> str:
+    """The position held in the parameters ``{name}_tx``, ``_device``, ``_metric`` and ``_ts``, as SQL."""
+    return (
+        f"(%({name}_tx)s::bigint, %({name}_device)s::integer, %({name}_metric)s::integer, %({name}_ts)s::timestamptz)"
+    )
+
+
+def params(name: str, position: tuple[Any, Any, Any, Any]) -> dict[str, Any]:
+    """A position as the parameters that ``at(name)`` reads."""
+    return dict(zip((f"{name}_tx", f"{name}_device", f"{name}_metric", f"{name}_ts"), position))
+
+
+def position(row: tuple) -> tuple[int, int, int, str]:
+    """A position from four columns (tx, device_id, metric_id, ts::text)."""
+    return (int(row[0]), int(row[1]), int(row[2]), row[3])
+
+
+# tx bounds too, which the BRIN index on tx can use (it cannot use a row comparison).
+AFTER = f"r.tx >= %(after_tx)s AND {PLACE} > {at('after')}"
+IN_RANGE = f"{AFTER} AND r.tx <= %(last_tx)s AND {PLACE} <= {at('last')}"
+XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+# How far a batch of n readings after the cursor reaches: the last of the transactions after the cursor's, older
+# than every transaction still running (so all before it have committed or aborted), that holds the nth reading
+# (not counting what is left of the cursor's own). No row: nothing new has settled.
+SPAN = f"""
+SELECT max(w.tx) FROM (
+    SELECT a.tx, sum(a.readings) OVER (ORDER BY a.tx) - a.readings AS before
+    FROM (SELECT tx, readings FROM readings_arrivals WHERE tx > %(after_tx)s AND tx < {XMIN}
+          ORDER BY tx LIMIT %(n)s) a
+) w WHERE w.before < %(n)s
+"""
+# Where a cut of at most n readings after the cursor and up to transaction %(hi)s ends, its size, and how long
+# its oldest reading has waited.
+BOUNDARY = f"""
+SELECT p.tx, p.device_id, p.metric_id, p.ts::text, p.n,
+       coalesce(extract(epoch FROM now() - (SELECT min(a.received_at) FROM readings_arrivals a
+                                            WHERE a.tx >= %(after_tx)s AND a.tx <= p.tx)), 0)::float8
+FROM (SELECT q.*, count(*) OVER () AS n
+      FROM (SELECT r.tx, r.device_id, r.metric_id, r.ts FROM readings r
+            WHERE {AFTER} AND r.tx <= %(hi)s ORDER BY {ORDER} LIMIT %(n)s) q) p
+ORDER BY p.tx DESC, p.device_id DESC, p.metric_id DESC, p.ts DESC LIMIT 1
+"""
+# A reading's arrival (its transaction's): a reading always has one; its own time stands in should it not.
+ARRIVAL = "LEFT JOIN readings_arrivals a ON a.tx = r.tx"
+RECEIVED = "coalesce(a.received_at, r.ts)"
+
 _TS = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 # One uploaded line, made by the server: the same text as reduce.raw_line.
 LINE = (
     '\'{"device":\' || to_json(d.name) || \',"metric":\' || to_json(k.name) || \',"ts":"\' || '
     + _TS.format("r.ts")
     + ' || \'","value":\' || r.value || \',"received_at":"\' || '
-    + _TS.format("r.received_at")
+    + _TS.format(RECEIVED)
     + " || '\"}'"
 )
-AFTER = "(r.tx, r.id) > (%(after_tx)s::xid8, %(after_id)s)"
-SETTLED = "r.tx < pg_snapshot_xmin(pg_current_snapshot())"
-IN_RANGE = f"{AFTER} AND (r.tx, r.id) <= (%(last_tx)s::xid8, %(last_id)s)"
 
-# The body of a batch: its range of readings, as lines. The LIMIT (the
-# batch's size) keeps the planner on the upload-order index (on tx; the
-# readings of one transaction are sorted by id) whatever it guesses of the
-# range.
+# The body of a batch: its range of readings, as lines.
 RANGE_RAW = f"""
-SELECT count(*), coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.id), '')
-FROM (SELECT r.tx, r.id, {LINE} AS line
-      FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
-      WHERE {IN_RANGE} ORDER BY r.tx, r.id LIMIT %(n)s) p
+SELECT count(*), coalesce(string_agg(p.line, E'\\n' ORDER BY p.tx, p.device_id, p.metric_id, p.ts), '')
+FROM (SELECT r.tx, r.device_id, r.metric_id, r.ts, {LINE} AS line
+      FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id {ARRIVAL}
+      WHERE {IN_RANGE} ORDER BY {ORDER} LIMIT %(n)s) p
 """
 
-BOUNDARY = f"""
-SELECT count(*), max(p.tx)::text, (array_agg(p.id ORDER BY p.tx DESC, p.id DESC))[1],
-       coalesce(extract(epoch FROM now() - min(p.received_at)), 0)::float8
-FROM (SELECT r.tx, r.id, r.received_at FROM readings r
-      WHERE {AFTER} AND {SETTLED} ORDER BY r.tx, r.id LIMIT %(n)s) p
+NTH_IN_RANGE = (
+    f"SELECT r.tx, r.device_id, r.metric_id, r.ts::text FROM readings r WHERE {IN_RANGE} ORDER BY {ORDER}"
+    " OFFSET %(n)s - 1 LIMIT 1"
+)
+SHRINK = """
+UPDATE upload_batches SET last_tx = %(last_tx)s, last_device = %(last_device)s, last_metric = %(last_metric)s,
+       last_ts = %(last_ts)s, readings = %(readings)s
+WHERE id = %(id)s
 """
-NTH_IN_RANGE = f"SELECT r.tx::text, r.id FROM readings r WHERE {IN_RANGE} ORDER BY r.tx, r.id OFFSET %(n)s - 1 LIMIT 1"
-SHRINK = "UPDATE upload_batches SET last_tx = %s::xid8, last_id = %s, readings = %s WHERE id = %s"
 
-ROWS = """
-SELECT r.tx::text, r.id, r.device_id, d.name, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint,
-       r.value, (extract(epoch FROM r.received_at) * 1000000)::bigint,
-       extract(epoch FROM now() - r.received_at)::float8
-FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id
-WHERE {where} ORDER BY r.tx, r.id {limit}
+ROWS = f"""
+SELECT r.tx, r.device_id, r.metric_id, r.ts::text, d.name, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint,
+       r.value, (extract(epoch FROM {RECEIVED}) * 1000000)::bigint, extract(epoch FROM now() - {RECEIVED})::float8
+FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id {ARRIVAL}
+WHERE {{where}} ORDER BY {ORDER} {{limit}}
 """
 
 # Waits while another gateway cuts a batch of this sink (or records a send): both take milliseconds.
-LOCK_SINK = "SELECT cursor_tx::text, cursor_id FROM upload_sinks WHERE name = %s FOR UPDATE"
+LOCK_SINK = (
+    "SELECT cursor_tx, cursor_device, cursor_metric, cursor_ts::text FROM upload_sinks WHERE name = %s FOR UPDATE"
+)
 
 INSERT_BATCH = """
-INSERT INTO upload_batches (sink, key, after_tx, after_id, last_tx, last_id, readings, payload, owner, lease_until)
-VALUES (%(sink)s, %(key)s, %(after_tx)s::xid8, %(after_id)s, %(last_tx)s::xid8, %(last_id)s, %(readings)s,
+INSERT INTO upload_batches (sink, key, after_tx, after_device, after_metric, after_ts,
+                            last_tx, last_device, last_metric, last_ts, readings, payload, owner, lease_until)
+VALUES (%(sink)s, %(key)s, %(after_tx)s, %(after_device)s, %(after_metric)s, %(after_ts)s,
+        %(last_tx)s, %(last_device)s, %(last_metric)s, %(last_ts)s, %(readings)s,
         %(payload)s, %(owner)s, now() + make_interval(secs => %(lease)s))
 RETURNING id
 """
-ADVANCE = "UPDATE upload_sinks SET cursor_tx = %s::xid8, cursor_id = %s WHERE name = %s"
+ADVANCE = """
+UPDATE upload_sinks SET cursor_tx = %(last_tx)s, cursor_device = %(last_device)s, cursor_metric = %(last_metric)s,
+       cursor_ts = %(last_ts)s
+WHERE name = %(sink)s
+"""
 
 # Each uploading gateway holds a session advisory lock named by its owner name, on a connection of its own, for
 # as long as it runs (OwnerLock). A batch whose owner holds none has lost its gateway (killed, stopped, or cut off
@@ -134,7 +193,8 @@ WHERE id = (SELECT id FROM upload_batches b
               AND (lease_until < now() OR owner = %(owner)s OR NOT {owner_lock_held("b.owner")})
               AND id <> ALL (%(holding)s::bigint[])
             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-RETURNING id, key::text, after_tx::text, after_id, last_tx::text, last_id, readings, payload, attempts
+RETURNING id, key::text, after_tx, after_device, after_metric, after_ts::text,
+          last_tx, last_device, last_metric, last_ts::text, readings, payload, attempts
 """
 
 SENT = """
@@ -174,15 +234,21 @@ ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url
 """
 
 
-_LAG = """extract(epoch FROM now() - (
-           SELECT min(f.at) FROM (
-               SELECT (SELECT r.received_at FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)
-                       ORDER BY r.tx, r.id LIMIT 1) AS at
+def first_unsent(tx: str, device: str, metric: str, ts: str) -> str:
+    """SQL: the transaction of the first reading after a position (given as four SQL expressions), if any."""
+    return f"""CASE WHEN EXISTS (SELECT 1 FROM readings r
+                             WHERE r.tx = {tx} AND {PLACE} > ({tx}, {device}, {metric}, {ts}))
+                THEN {tx} ELSE (SELECT min(a.tx) FROM readings_arrivals a WHERE a.tx > {tx}) END"""
+
+
+# How long the oldest reading not yet sent to the sink (after its cursor or in a batch in flight) has waited.
+_LAG = f"""extract(epoch FROM now() - (
+           SELECT min(a.received_at) FROM (
+               SELECT {first_unsent("s.cursor_tx", "s.cursor_device", "s.cursor_metric", "s.cursor_ts")} AS tx
                UNION ALL
-               SELECT (SELECT r.received_at FROM readings r WHERE (r.tx, r.id) > (b.after_tx, b.after_id)
-                       ORDER BY r.tx, r.id LIMIT 1)
+               SELECT {first_unsent("b.after_tx", "b.after_device", "b.after_metric", "b.after_ts")}
                FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'
-           ) f))::float8"""
+           ) f JOIN readings_arrivals a ON a.tx = f.tx))::float8"""
 
 _BATCHES = """(SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = '{state}')"""
 
@@ -192,17 +258,23 @@ def status_sql(count_at_most: int | None = None) -> str:
     Every sink's cursor, batches and lag (STATUS_FIELDS). ``count_at_most`` bounds the count of readings
     not yet in a batch, for a caller that asks every few seconds (a backlog of millions is counted once).
     """
-    unsent = "SELECT 1 FROM readings r WHERE (r.tx, r.id) > (s.cursor_tx, s.cursor_id)"
+    # What is left of the cursor's transaction, and the count of every transaction after it.
+    bound = f" LIMIT {int(count_at_most)}" if count_at_most is not None else ""
+    unsent = f"""(SELECT count(*) FROM readings r
+        WHERE r.tx = s.cursor_tx AND {PLACE} > (s.cursor_tx, s.cursor_device, s.cursor_metric, s.cursor_ts))
+      + (SELECT coalesce(sum(u.readings), 0) FROM (
+            SELECT a.readings FROM readings_arrivals a WHERE a.tx > s.cursor_tx ORDER BY a.tx{bound}) u)"""
     if count_at_most is not None:
-        unsent += f" LIMIT {int(count_at_most)}"
+        unsent = f"least({unsent}, {int(count_at_most)})"
     return f"""
-SELECT s.name, s.url, s.cursor_tx::text, s.cursor_id, s.batches_sent, s.readings_sent, s.failures,
+SELECT s.name, s.url, s.cursor_tx::text, s.cursor_device || '/' || s.cursor_metric || '/' || s.cursor_ts,
+       s.batches_sent, s.readings_sent, s.failures,
        s.last_sent_at, s.last_error, s.last_error_at,
        {_BATCHES.format(state="pending")},
        (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'),
        {_BATCHES.format(state="parked")},
        (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
-       (SELECT count(*) FROM ({unsent}) AS unsent),
+       ({unsent})::bigint,
        {_LAG}
 FROM upload_sinks s ORDER BY s.name
 """
@@ -233,7 +305,7 @@ STATUS_FIELDS = (
     "name",
     "url",
     "cursor_tx",
-    "cursor_id",
+    "cursor_key",
     "batches_sent",
     "readings_sent",
     "failures",
@@ -269,12 +341,16 @@ def gzip_body(text: str, level: int) -> bytes:
     return gzip.compress(text.encode("utf-8") + b"\n" if text else b"", compresslevel=level, mtime=0)
 
 
+Position = tuple[int, int, int, str]  # see at(): tx, device_id, metric_id, ts
+START: Position = (0, 0, 0, "-infinity")  # before every reading: a new sink's cursor
+
+
 @dataclass
 class Batch:
     id: int
     key: str
-    after: tuple[str, int]
-    last: tuple[str, int]
+    after: Position  # the batch holds the readings after this position, up to and including last
+    last: Position
     readings: int
     body: bytes | None  # None until made (Ledger.fill)
     attempts: int = 0
@@ -323,9 +399,9 @@ class Ledger:
             row = cur.fetchone()
             if row is None:
                 return None
-            batch_id, key, after_tx, after_id, last_tx, last_id, readings, payload, attempts = row
+            batch_id, key, after, last, (readings, payload, attempts) = row[0], row[1], row[2:6], row[6:10], row[10:]
             body = bytes(payload) if payload is not None else None
-            return Batch(batch_id, key, (after_tx, after_id), (last_tx, last_id), readings, body, attempts)
+            return Batch(batch_id, key, position(after), position(last), readings, body, attempts)
 
         return self._interaction(work)
 
@@ -344,37 +420,44 @@ class Ledger:
             row = cur.fetchone()
             if row is None:  # removed with gatewayctl upload remove
                 return Wait(sink.flush)
-            after = (row[0], row[1])
-            await cur.execute(BOUNDARY, {"after_tx": after[0], "after_id": after[1], "n": sink.batch})
-            count, last_tx, last_id, age = cur.fetchone()
-            if count == 0:
+            after = position(row)
+            hi = await self._span(cur, after, sink.batch)
+            await cur.execute(BOUNDARY, {**params("after", after), "hi": hi, "n": sink.batch})
+            found = cur.fetchone()
+            if found is None:
                 return Wait(sink.flush)
+            count, age = found[4], found[5]
             if count < sink.batch and age < sink.flush and not force:
                 return Wait(sink.flush - age)
-            return await self._record_cut(cur, sink, after, (last_tx, last_id), count, None)
+            return await self._record_cut(cur, sink, after, position(found), count, None)
 
         return self._interaction(work)
 
+    @staticmethod
+    async def _span(cur: Any, after: Position, n: int) -> int:
+        """The last transaction a cut of ``n`` readings after ``after`` needs to read (see SPAN)."""
+        await cur.execute(SPAN, {"after_tx": after[0], "n": n})
+        hi = cur.fetchone()[0]
+        return after[0] if hi is None else int(hi)
+
     async def _record_cut(
-        self, cur: Any, sink: Sink, after: tuple[str, int], last: tuple[str, int], count: int, body: bytes | None
+        self, cur: Any, sink: Sink, after: Position, last: Position, count: int, body: bytes | None
     ) -> Batch:
         batch = await self._insert_batch(cur, sink, after, last, count, body)
-        await cur.execute(ADVANCE, (last[0], last[1], sink.name))
+        await cur.execute(ADVANCE, {**params("last", last), "sink": sink.name})
         return batch
 
     async def _insert_batch(
-        self, cur: Any, sink: Sink, after: tuple[str, int], last: tuple[str, int], count: int, body: bytes | None
+        self, cur: Any, sink: Sink, after: Position, last: Position, count: int, body: bytes | None
     ) -> Batch:
         key = str(uuid.uuid4())
         await cur.execute(
             INSERT_BATCH,
             {
+                **params("after", after),
+                **params("last", last),
                 "sink": sink.name,
                 "key": key,
-                "after_tx": after[0],
-                "after_id": after[1],
-                "last_tx": last[0],
-                "last_id": last[1],
                 "readings": count,
                 "payload": body,
                 "owner": self.owner,
@@ -389,7 +472,7 @@ class Ledger:
         row = cur.fetchone()
         if row is None:
             return Wait(sink.flush)
-        after = (row[0], row[1])
+        after = position(row)
         limit = sink.batch
         while True:
             count, last, age, text, state = await self._reduced(cur, sink, after, limit)
@@ -419,9 +502,8 @@ class Ledger:
     async def _fill(self, sink: Sink, batch: Batch) -> list[Batch]:
         if batch.body is not None:
             return [batch]
-        params = {"after_tx": batch.after[0], "after_id": batch.after[1], "last_tx": batch.last[0]}
-        params.update(last_id=batch.last[1], n=batch.readings)
-        rows = await self.pool.run(lambda conn: conn.runQuery(RANGE_RAW, params))
+        args = {**params("after", batch.after), **params("last", batch.last), "n": batch.readings}
+        rows = await self.pool.run(lambda conn: conn.runQuery(RANGE_RAW, args))
         count, text = rows[0]
         if count != batch.readings:
             log.warn(
@@ -440,31 +522,29 @@ class Ledger:
         return [*await self._fill(sink, head), *await self._fill(sink, tail)]
 
     async def _split(self, cur: Any, sink: Sink, batch: Batch, first: int) -> tuple[Batch, Batch]:
-        params = {"after_tx": batch.after[0], "after_id": batch.after[1], "last_tx": batch.last[0]}
-        params.update(last_id=batch.last[1], n=first)
-        await cur.execute(NTH_IN_RANGE, params)
-        mid_tx, mid_id = cur.fetchone()
-        await cur.execute(SHRINK, (mid_tx, mid_id, first, batch.id))
-        head = Batch(batch.id, batch.key, batch.after, (mid_tx, mid_id), first, None, batch.attempts)
-        tail = await self._insert_batch(cur, sink, (mid_tx, mid_id), batch.last, batch.readings - first, None)
+        await cur.execute(NTH_IN_RANGE, {**params("after", batch.after), **params("last", batch.last), "n": first})
+        mid = position(cur.fetchone())
+        await cur.execute(SHRINK, {**params("last", mid), "readings": first, "id": batch.id})
+        head = Batch(batch.id, batch.key, batch.after, mid, first, None, batch.attempts)
+        tail = await self._insert_batch(cur, sink, mid, batch.last, batch.readings - first, None)
         return head, tail
 
     async def _reduced(
-        self, cur: Any, sink: Sink, after: tuple[str, int], limit: int
-    ) -> tuple[int, tuple[str, int], float, str, State]:
-        params = {"after_tx": after[0], "after_id": after[1], "n": limit}
-        await cur.execute(ROWS.format(where=f"{AFTER} AND {SETTLED}", limit="LIMIT %(n)s"), params)
+        self, cur: Any, sink: Sink, after: Position, limit: int
+    ) -> tuple[int, Position, float, str, State]:
+        args = {**params("after", after), "hi": await self._span(cur, after, limit), "n": limit}
+        await cur.execute(ROWS.format(where=f"{AFTER} AND r.tx <= %(hi)s", limit="LIMIT %(n)s"), args)
         fetched = cur.fetchall()
         if not fetched:
-            return 0, ("0", 0), 0.0, "", {}
-        rows = [Row(f[2], f[3], f[4], f[5], f[6], f[7]) for f in fetched]
+            return 0, after, 0.0, "", {}
+        rows = [Row(f[1], f[4], f[5], f[6], f[7], f[8]) for f in fetched]
         pairs = sorted({(r.device_id, r.metric) for r in rows})
         await cur.execute(LOAD_DEADBAND, (sink.name, [p[0] for p in pairs], [p[1] for p in pairs]))
         before: State = {(d, m): (v, t) for d, m, v, t in cur.fetchall()}
         lines, state = reduce_rows(sink, rows, before)
         changed = {k: v for k, v in state.items() if before.get(k) != v}
-        age = max(f[8] for f in fetched)
-        return len(rows), (fetched[-1][0], fetched[-1][1]), age, "\n".join(lines), changed
+        age = max(f[9] for f in fetched)
+        return len(rows), position(fetched[-1]), age, "\n".join(lines), changed
 
     def record(self, sink: Sink, batch: Batch) -> Deferred:
         """Write the batch's verdict: delete it (sent), park it, or count the failure."""

@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.outbound.ledger import PLACE, XMIN, at, params, position
 from gateway.storage.partitions import BOUNDS, TABLES
 from gateway.storage.pool import PeriodicWork, first_line
 
@@ -38,18 +39,22 @@ RETENTION_CHUNKS_PER_RUN = 200
 
 # Readings up to here have been sent to every sink (or no sink exists).
 UPLOADED_FRONTIER = """
-SELECT tx::text, id FROM (
-    SELECT cursor_tx AS tx, cursor_id AS id FROM upload_sinks
-    UNION ALL SELECT after_tx, after_id FROM upload_batches
-) f ORDER BY tx, id LIMIT 1
+SELECT tx, device_id, metric_id, ts::text FROM (
+    SELECT cursor_tx AS tx, cursor_device AS device_id, cursor_metric AS metric_id, cursor_ts AS ts FROM upload_sinks
+    UNION ALL SELECT after_tx, after_device, after_metric, after_ts FROM upload_batches
+) f ORDER BY tx, device_id, metric_id, ts LIMIT 1
 """
+# The readings up to the frontier (params("sent", frontier)); tx bounds them too, for the BRIN index on tx.
+SENT = f"r.tx <= %(sent_tx)s AND {PLACE} <= {at('sent')}"
+LIMIT = "now() - make_interval(secs => %(age)s)"
+# A reading's transaction arrived before the limit (one with no arrival recorded counts as old).
+ARRIVED_BEFORE = f"NOT EXISTS (SELECT 1 FROM readings_arrivals a WHERE a.tx = r.tx AND a.received_at >= {LIMIT})"
 # Rows, not partitions: only partitions whose time reaches past the limit are looked at (ts < limit).
-RETENTION_DELETE = """
+RETENTION_DELETE = f"""
 DELETE FROM readings d USING (
     SELECT r.device_id, r.metric_id, r.ts FROM readings r
-    WHERE r.ts < now() - make_interval(secs => %(age)s) AND r.received_at < now() - make_interval(secs => %(age)s)
-    {bound}
-    ORDER BY r.tx, r.id LIMIT %(chunk)s) old
+    WHERE r.ts < {LIMIT} AND {ARRIVED_BEFORE} {{bound}}
+    LIMIT %(chunk)s) old
 WHERE d.device_id = old.device_id AND d.metric_id = old.metric_id AND d.ts = old.ts
 """
 # Cold hours wholly past the limit, folded before it (the cold tier holds only readings every sink has sent);
@@ -77,12 +82,22 @@ WHERE q.id = old.id AND q.ts = old.ts
 EXPIRED_PARTITIONS = f"""
 SELECT name FROM ({BOUNDS}) p(name, lo, hi) WHERE hi <= now() - make_interval(secs => %s) ORDER BY lo
 """
-# In the partition's own transaction, after locking it: its newest reading in upload order, whether that was
-# sent to every sink (no frontier: no sink, nothing to wait for) and arrived before the limit.
-NEWEST_IN_PARTITION = """
-SELECT (tx, id) <= (%(tx)s::xid8, %(id)s) OR %(tx)s IS NULL, received_at < now() - make_interval(secs => %(age)s)
-FROM {name} ORDER BY tx DESC, id DESC LIMIT 1
+# In the partition's own transaction, after locking it: whether every reading in it was sent to every sink,
+# and whether every one arrived before the limit. Both read only the BRIN ranges of recent transactions: those
+# past the frontier, and those from the first transaction that arrived after the limit on.
+UNSENT_IN = f"EXISTS (SELECT 1 FROM {{name}} r WHERE r.tx >= %(sent_tx)s AND {PLACE} > {at('sent')})"
+ARRIVED_IN = f"""EXISTS (SELECT 1 FROM {{name}} r JOIN readings_arrivals a ON a.tx = r.tx
+    WHERE r.tx >= (SELECT x.tx FROM readings_arrivals x WHERE x.received_at >= {LIMIT} ORDER BY x.tx LIMIT 1)
+      AND a.received_at >= {LIMIT})"""
+PARTITION_DONE = f"SELECT %(sent_tx)s IS NULL OR NOT {UNSENT_IN}, NOT {ARRIVED_IN}"
+# Arrivals of transactions whose readings are all gone (dropped, deleted, folded into the cold tier), oldest
+# first, a chunk at a time: the chunk's transactions, then those of them that still have readings.
+ARRIVALS_CHUNK = 1000
+OLD_ARRIVALS = f"""
+SELECT tx FROM readings_arrivals WHERE tx > %(after)s AND tx < least(%(sent_tx)s, {XMIN}) ORDER BY tx LIMIT %(n)s
 """
+STILL_HELD = "SELECT DISTINCT r.tx FROM readings r WHERE r.tx BETWEEN %s AND %s"
+FORGET_ARRIVALS = "DELETE FROM readings_arrivals WHERE tx = ANY(%s::bigint[])"
 # The same for a quarantine partition: whether every row in it arrived before the limit.
 QUARANTINE_ARRIVED = "SELECT coalesce(max(received_at) < now() - make_interval(secs => %(age)s), true) FROM {name}"
 
@@ -116,12 +131,40 @@ class Retention(PeriodicWork):
             await cur.execute(UPLOADED_FRONTIER)
             frontier = cur.fetchone()
             bound = ""
-            params: dict[str, Any] = {"age": self.age, "chunk": RETENTION_CHUNK}
+            args: dict[str, Any] = {"age": self.age, "chunk": RETENTION_CHUNK}
             if frontier is not None:
-                bound = "AND (r.tx, r.id) <= (%(tx)s::xid8, %(id)s)"
-                params.update(tx=frontier[0], id=frontier[1])
-            await cur.execute(RETENTION_DELETE.format(bound=bound), params)
+                bound = f"AND {SENT}"
+                args.update(params("sent", position(frontier)))
+            await cur.execute(RETENTION_DELETE.format(bound=bound), args)
             return int(cur.rowcount)
+
+        return self.pool.run(lambda conn: conn.runInteraction(lambda cur: Deferred.fromCoroutine(work(cur))))
+
+    def forget_arrivals(self) -> Deferred:
+        """
+        Delete the arrivals of sent transactions whose readings are all gone, oldest first, until a chunk of
+        them has none to delete; fires with the count.
+        """
+
+        async def work(cur: Any) -> int:
+            await cur.execute(UPLOADED_FRONTIER)
+            frontier = cur.fetchone()
+            sent = frontier[0] if frontier is not None else None
+            total, after = 0, -1
+            for _ in range(RETENTION_CHUNKS_PER_RUN):
+                await cur.execute(OLD_ARRIVALS, {"after": after, "sent_tx": sent, "n": ARRIVALS_CHUNK})
+                chunk = [row[0] for row in cur.fetchall()]
+                if not chunk:
+                    break
+                await cur.execute(STILL_HELD, (chunk[0], chunk[-1]))
+                held = {row[0] for row in cur.fetchall()}
+                gone = [tx for tx in chunk if tx not in held]
+                if not gone:
+                    break
+                await cur.execute(FORGET_ARRIVALS, (gone,))
+                total += len(gone)
+                after = chunk[-1]
+            return total
 
         return self.pool.run(lambda conn: conn.runInteraction(lambda cur: Deferred.fromCoroutine(work(cur))))
 
@@ -150,13 +193,12 @@ class Retention(PeriodicWork):
                 await cur.execute(f'DROP TABLE "{name}"')
                 return None
             await cur.execute(UPLOADED_FRONTIER)
-            frontier = cur.fetchone() or (None, None)
-            params = {"tx": frontier[0], "id": frontier[1], "age": self.age}
-            await cur.execute(NEWEST_IN_PARTITION.format(name=f'"{name}"'), params)
-            newest = cur.fetchone()
-            if newest is not None and not newest[0]:
+            frontier = cur.fetchone() or (None, None, None, None)
+            await cur.execute(PARTITION_DONE.format(name=f'"{name}"'), {**params("sent", frontier), "age": self.age})
+            sent, arrived = cur.fetchone()
+            if not sent:
                 return "not yet sent to every sink"
-            if newest is not None and not newest[1]:
+            if not arrived:
                 return "holds readings that arrived within the retention period"
             await cur.execute(f'DROP TABLE "{name}"')
             return None
@@ -196,6 +238,10 @@ class Retention(PeriodicWork):
         if total:
             self.deleted += total
             log.info("retention: deleted {count} readings already uploaded", count=total)
+        try:
+            await self.forget_arrivals()
+        except Exception as e:
+            log.warn("retention: arrivals of deleted readings not forgotten yet: {error}", error=first_line(e))
         held = await self._in_chunks(self.sweep_quarantine_chunk, "quarantined readings")
         if held:
             self.deleted_quarantined += held

@@ -78,9 +78,9 @@ FOLD = f"""
 INSERT INTO readings_cold AS c (device_id, metric, hour, received_at, readings, offsets, vals)
 SELECT device_id, metric, hour, max(received_at), count(*), array_agg(o ORDER BY o), array_agg(value ORDER BY o)
 FROM (
-    SELECT p.device_id, k.name AS metric, {HOUR_OF.format(ts="p.ts")} AS hour, p.received_at, p.value,
-           {offset_of("p.ts")} AS o
-    FROM {{name}} p JOIN metrics k ON k.id = p.metric_id
+    SELECT p.device_id, k.name AS metric, {HOUR_OF.format(ts="p.ts")} AS hour,
+           coalesce(a.received_at, p.ts) AS received_at, p.value, {offset_of("p.ts")} AS o
+    FROM {{name}} p JOIN metrics k ON k.id = p.metric_id LEFT JOIN readings_arrivals a ON a.tx = p.tx
 ) r
 GROUP BY device_id, metric, hour
 ON CONFLICT (device_id, metric, hour) DO UPDATE SET
@@ -97,10 +97,6 @@ FOLDABLE = f"""
 SELECT p.name, p.lo, p.hi, r.lo IS NOT NULL
 FROM ({BOUNDS}) p(name, lo, hi) LEFT JOIN readings_cold_ranges r ON r.lo = p.lo
 WHERE p.hi <= now() - make_interval(secs => %s) ORDER BY p.lo
-"""
-# In the partition's transaction, after locking it: is every reading in it sent to every sink?
-UNSENT_IN_PARTITION = """
-SELECT EXISTS (SELECT 1 FROM {name} WHERE %(tx)s IS NOT NULL AND (tx, id) > (%(tx)s::xid8, %(id)s))
 """
 
 # The cold rows of one device (and metric) by hour, with their reading counts: which hours a page needs (each
@@ -185,14 +181,17 @@ class Compressor(PeriodicWork):
 
     def fold_partition(self, name: str, lo: Any, hi: Any, again: bool) -> Deferred:
         """Fold one partition; fires with (readings folded, None) or (0, why it waits)."""
-        from gateway.outbound.retention import UPLOADED_FRONTIER
+        from gateway.outbound.ledger import params
+        from gateway.outbound.retention import UNSENT_IN, UPLOADED_FRONTIER
 
         async def work(cur: Any) -> tuple[int, str | None]:
             await cur.execute("SET LOCAL lock_timeout = '1s'")
             await cur.execute(f'LOCK TABLE "{name}" IN SHARE ROW EXCLUSIVE MODE')
             await cur.execute(UPLOADED_FRONTIER)
-            frontier = cur.fetchone() or (None, None)
-            await cur.execute(UNSENT_IN_PARTITION.format(name=f'"{name}"'), {"tx": frontier[0], "id": frontier[1]})
+            # In the partition's transaction, after locking it: is every reading in it sent to every sink?
+            frontier = cur.fetchone() or (None, None, None, None)
+            unsent = UNSENT_IN.format(name=f'"{name}"')
+            await cur.execute(f"SELECT %(sent_tx)s IS NOT NULL AND {unsent}", params("sent", frontier))
             if cur.fetchone()[0]:
                 return 0, "not yet sent to every sink"
             await cur.execute(f'SELECT count(*) FROM "{name}"')

@@ -65,7 +65,8 @@ WHERE NOT i.indisvalid AND c.relname ~ '_ccnew[0-9]*$'
 INDEXES_OF = """
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE i.indrelid = %s::regclass AND i.indisvalid
+JOIN pg_am m ON m.oid = c.relam
+WHERE i.indrelid = %s::regclass AND i.indisvalid AND m.amname = 'btree'
 """
 # A partition's index bytes and (PostgreSQL's estimate, which the rebuild refreshes) its readings: no scan.
 INDEX_BYTES = (

@@ -136,7 +136,7 @@ EXECUTE_WRITE_BATCH = f"EXECUTE {PREPARED_BATCH} (%s, %s, %s, %s)"
 # database 7% of its time per reading for an answer seldom needed.
 NEW_IN_TRANSACTION = (
     "SELECT r.device_id, k.name, (extract(epoch FROM r.ts) * 1000000)::bigint"
-    " FROM readings r JOIN metrics k ON k.id = r.metric_id WHERE r.tx = %s::xid8"
+    " FROM readings r JOIN metrics k ON k.id = r.metric_id WHERE r.tx = %s::xid8::text::bigint"
 )
 
 
