@@ -231,6 +231,28 @@ async def thirty_readings(db_dsn, sql, receiver, tmp_path) -> tuple[Sink, PgPool
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_waits_for_its_own_readings_age_not_for_that_of_what_was_sent_before(
+    db_dsn, sql, receiver, tmp_path
+):
+    sink, pool = await thirty_readings(db_dsn, sql, receiver, tmp_path)
+    sink = dataclasses.replace(sink, batch=30, flush=60.0)
+    try:
+        ledger = Ledger(pool, "gw-a", deferToThread)
+        await ledger.register([sink])
+        sql("UPDATE readings_arrivals SET received_at = now() - interval '1 hour'")
+        sent = await ledger.cut(sink)  # all 30, which arrived an hour ago
+        assert isinstance(sent, Batch) and sent.readings == 30
+        add_readings(sql, "truck-1", 3, start=100)  # new: a batch of 3 waits out the flush interval
+        wait = await ledger.cut(sink)
+        assert isinstance(wait, Wait) and 59 < wait.seconds <= 60
+        sql("UPDATE readings_arrivals SET received_at = now() - interval '61 seconds' WHERE readings = 3")
+        late = await ledger.cut(sink)
+        assert isinstance(late, Batch) and late.readings == 3 and late.after == sent.last
+    finally:
+        await pool.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unfinished_batch_is_resent_whole_with_its_key(db_dsn, sql, receiver, tmp_path):
     sink, pool = await thirty_readings(db_dsn, sql, receiver, tmp_path)
     alive = OwnerLock(reactor, "gw-a")  # gw-a's owner lock stays held: it is stuck, not gone

@@ -98,8 +98,8 @@ SELECT max(w.tx) FROM (
 BOUNDARY = f"""
 SELECT p.tx, p.device_id, p.metric_id, p.ts::text, p.n,
        coalesce(extract(epoch FROM now() - (SELECT min(a.received_at) FROM readings_arrivals a
-                                            WHERE a.tx >= %(after_tx)s AND a.tx <= p.tx)), 0)::float8
-FROM (SELECT q.*, count(*) OVER () AS n
+                                            WHERE a.tx >= p.first AND a.tx <= p.tx)), 0)::float8
+FROM (SELECT q.*, count(*) OVER () AS n, min(q.tx) OVER () AS first
       FROM (SELECT r.tx, r.device_id, r.metric_id, r.ts FROM readings r
             WHERE {AFTER} AND r.tx <= %(hi)s ORDER BY {ORDER} LIMIT %(n)s) q) p
 ORDER BY p.tx DESC, p.device_id DESC, p.metric_id DESC, p.ts DESC LIMIT 1
