@@ -323,7 +323,10 @@ def lean_layouts(conn, readings: int) -> dict:
             for n, index in enumerate(indexes):
                 unique, cols = ("UNIQUE ", index[len("UNIQUE ") :]) if index.startswith("UNIQUE") else ("", index)
                 cur.execute(f"CREATE {unique}INDEX lean_{name}_{n} ON lean_{name} {cols}")
-            made = [LEAN_VALUES.get(c, LEAN_VALUES.get(c.split()[0], "r." + c.split()[0])) for c in columns.split(", ")]
+            made = [
+                f"{LEAN_VALUES.get(c, LEAN_VALUES.get(c.split()[0], 'r.' + c.split()[0]))} AS {c.split()[0]}"
+                for c in columns.split(", ")
+            ]
             values = ", ".join(made)
             key = indexes[0][len("UNIQUE (") : -1]  # the natural key's columns, named as the layout names them
             # In arrival order, a transaction's rows at a time sorted by the natural key, as the batch statement

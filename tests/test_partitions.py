@@ -526,6 +526,9 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
         assert retention.status()["deleted_quarantined"] == 1  # the one from 1999, row by row
         assert sql("SELECT count(*) FROM readings_20261102") == [(50,)]  # the sent half, deleted row by row
         assert sql("SELECT count(*) FROM readings_20261103") == [(100,)]
+        # Day 1's transaction has no reading left: its arrival is forgotten. Days 2 and 3 keep theirs.
+        arrivals = sql("SELECT tx, readings FROM readings_arrivals ORDER BY tx")
+        assert [n for _, n in arrivals] == [100, 100] and arrivals[0][0] == at[0], arrivals
         sql("ANALYZE readings")
         sql("ANALYZE quarantine")
         storage = json.loads(gatewayctl("storage", "--json", "--db", db_dsn).stdout)
@@ -552,6 +555,10 @@ async def test_retention_drops_whole_partitions_once_sent_and_deletes_only_what_
             "quarantine_20261103": "holds readings that arrived within the retention period",
         }
         assert retention.status()["dropped_partitions"] == 4  # readings of days 1 and 2, quarantine of 1 and 2
+        # Day 2's arrival goes with its partition, day 3's with its old readings, deleted row by row; the one of
+        # the reading just now stays with it.
+        assert sql("SELECT count(*) FROM readings_20261103") == [(1,)]
+        assert [n for (n,) in sql("SELECT readings FROM readings_arrivals ORDER BY tx")] == [1]
     finally:
         await retention.pool.close()
 

@@ -86,15 +86,18 @@ SELECT name FROM ({BOUNDS}) p(name, lo, hi) WHERE hi <= now() - make_interval(se
 # and whether every one arrived before the limit. Both read only the BRIN ranges of recent transactions: those
 # past the frontier, and those from the first transaction that arrived after the limit on.
 UNSENT_IN = f"EXISTS (SELECT 1 FROM {{name}} r WHERE r.tx >= %(sent_tx)s AND {PLACE} > {at('sent')})"
+# The first transaction (in tx order) that arrived within the limit: found after reading those that came before.
+FIRST_RECENT = f"(SELECT x.tx FROM readings_arrivals x WHERE x.received_at >= {LIMIT} ORDER BY x.tx LIMIT 1)"
 ARRIVED_IN = f"""EXISTS (SELECT 1 FROM {{name}} r JOIN readings_arrivals a ON a.tx = r.tx
-    WHERE r.tx >= (SELECT x.tx FROM readings_arrivals x WHERE x.received_at >= {LIMIT} ORDER BY x.tx LIMIT 1)
-      AND a.received_at >= {LIMIT})"""
+    WHERE r.tx >= {FIRST_RECENT} AND a.received_at >= {LIMIT})"""
 PARTITION_DONE = f"SELECT %(sent_tx)s IS NULL OR NOT {UNSENT_IN}, NOT {ARRIVED_IN}"
-# Arrivals of transactions whose readings are all gone (dropped, deleted, folded into the cold tier), oldest
-# first, a chunk at a time: the chunk's transactions, then those of them that still have readings.
+# Arrivals of transactions past the limit, sent to every sink, whose readings are all gone (dropped, deleted,
+# folded into the cold tier), oldest first, a chunk at a time: the chunk's transactions, then those of them
+# that still have readings (read through the BRIN index on tx).
 ARRIVALS_CHUNK = 1000
 OLD_ARRIVALS = f"""
-SELECT tx FROM readings_arrivals WHERE tx > %(after)s AND tx < least(%(sent_tx)s, {XMIN}) ORDER BY tx LIMIT %(n)s
+SELECT tx FROM readings_arrivals
+WHERE tx > %(after)s AND tx < least(%(sent_tx)s, {XMIN}, {FIRST_RECENT}) ORDER BY tx LIMIT %(n)s
 """
 STILL_HELD = "SELECT DISTINCT r.tx FROM readings r WHERE r.tx BETWEEN %s AND %s"
 FORGET_ARRIVALS = "DELETE FROM readings_arrivals WHERE tx = ANY(%s::bigint[])"
@@ -142,8 +145,8 @@ class Retention(PeriodicWork):
 
     def forget_arrivals(self) -> Deferred:
         """
-        Delete the arrivals of sent transactions whose readings are all gone, oldest first, until a chunk of
-        them has none to delete; fires with the count.
+        Delete the arrivals of transactions past the limit and sent whose readings are all gone (the readings
+        of the others need their arrival time); fires with the count.
         """
 
         async def work(cur: Any) -> int:
@@ -152,16 +155,16 @@ class Retention(PeriodicWork):
             sent = frontier[0] if frontier is not None else None
             total, after = 0, -1
             for _ in range(RETENTION_CHUNKS_PER_RUN):
-                await cur.execute(OLD_ARRIVALS, {"after": after, "sent_tx": sent, "n": ARRIVALS_CHUNK})
+                args = {"after": after, "sent_tx": sent, "age": self.age, "n": ARRIVALS_CHUNK}
+                await cur.execute(OLD_ARRIVALS, args)
                 chunk = [row[0] for row in cur.fetchall()]
                 if not chunk:
                     break
                 await cur.execute(STILL_HELD, (chunk[0], chunk[-1]))
                 held = {row[0] for row in cur.fetchall()}
                 gone = [tx for tx in chunk if tx not in held]
-                if not gone:
-                    break
-                await cur.execute(FORGET_ARRIVALS, (gone,))
+                if gone:
+                    await cur.execute(FORGET_ARRIVALS, (gone,))
                 total += len(gone)
                 after = chunk[-1]
             return total
