@@ -60,7 +60,8 @@ from gateway.api.read import READINGS
 from gateway.cli.export import EXPORT_COLD_SQL, EXPORT_SQL
 from gateway.outbound.retention import RETENTION_CHUNK, RETENTION_DELETE
 from gateway.storage.cold import FOLD
-from gateway.storage.packing import INDEXES_OF
+from gateway.storage.packing import DROP_UPLOAD_INDEX, INDEXES_OF
+from gateway.storage.partitions import upload_index
 from gateway.storage import schema
 from gateway.storage.queries import ADD_METRICS
 from gateway.storage.store import write_batch_sql
@@ -84,7 +85,7 @@ def database_at(server_dsn: str, name: str, version: int) -> str:
     return dsn
 
 
-def partition_days(conn, days: int) -> None:
+def partition_days(conn, days: int, version: int = schema.LATEST) -> None:
     """Day partitions for the readings stored (the gateway makes them ahead; here the range is known)."""
     with conn.cursor() as cur:
         for d in range(days):
@@ -93,6 +94,8 @@ def partition_days(conn, days: int) -> None:
                 f"CREATE TABLE readings_{lo:%Y%m%d} PARTITION OF readings FOR VALUES FROM (%s) TO (%s)",
                 (lo, lo + datetime.timedelta(days=1)),
             )
+            if version >= 16:
+                cur.execute(upload_index(f"readings_{lo:%Y%m%d}"))
     conn.commit()
 
 
@@ -179,6 +182,8 @@ def packed(conn, readings: int, size: int) -> dict:
             for (index,) in cur.fetchall():
                 cur.execute(f"ALTER INDEX {index} SET (fillfactor = 100)")
             cur.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
+            cur.execute(DROP_UPLOAD_INDEX.format(name=name))
+            cur.execute(f'ANALYZE "{name}"')
     seconds = time.perf_counter() - started
     conn.autocommit = False
     after = size_of_readings(conn)
@@ -477,7 +482,7 @@ def measure(server_dsn: str, readings: int) -> dict:
         conn = psycopg2.connect(dsn)
         try:
             if version >= 8:
-                partition_days(conn, days + 1)
+                partition_days(conn, days + 1, version)
             seconds = fill(conn, readings, cold_check, version)
             size = size_of_readings(conn)
             out[label] = {"bytes_per_reading": size / readings, "fill_readings_per_s": readings / seconds}

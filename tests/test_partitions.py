@@ -373,6 +373,8 @@ def test_the_lean_row_migration_keeps_every_reading_and_moves_no_cursor_past_an_
                 "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'readings'::regclass)"
             )
             assert cur.fetchone() == (2,)
+            cur.execute("SELECT relname FROM pg_class WHERE relname ~ 'upload_tx'")
+            assert sorted(cur.fetchall()) == [("readings_20261125_upload_tx",), ("readings_default_upload_tx",)]
             # The batch statement's readings are counted in their transaction's arrival.
             cur.execute("SELECT metric_id_of('vibration')")
             cur.execute(
@@ -607,12 +609,16 @@ def test_a_rebuild_under_way_is_not_taken_for_one_cut_short(db_dsn, sql):
 
 @pytest_twisted.ensureDeferred
 async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_reading(db_dsn, sql):
+    from gateway.storage.partitions import upload_index
+
     for d in (1, 2, 3):
         sql(
             f"CREATE TABLE readings_2026110{d} PARTITION OF readings "
             f"FOR VALUES FROM ('2026-11-0{d}Z') TO ('2026-11-0{d + 1}Z')"
         )
+        sql(upload_index(f"readings_2026110{d}"))  # as the gateway makes its partitions
     sql("CREATE TABLE readings_20990101 PARTITION OF readings FOR VALUES FROM ('2099-01-01Z') TO ('2099-01-02Z')")
+    sql(upload_index("readings_20990101"))
     for i in range(40):
         add_pg_device(sql, f"truck-{i}")
     # As devices send them: time first, every device and metric at each second, so that each (device, metric)
@@ -666,15 +672,17 @@ async def test_a_closed_partition_is_packed_once_newest_first_and_keeps_every_re
         "JOIN pg_am m ON m.oid = c.relam WHERE i.indrelid IN ('readings_20261102'::regclass, "
         "'readings_20261103'::regclass, 'readings_20990101'::regclass) ORDER BY 1"
     )
-    # Packed: the natural key's pages full. The upload order's BRIN index has no pages to fill.
+    # Packed: the natural key's pages full, and the upload order read through BRIN alone (it has no pages to
+    # fill), the open partition's btree on tx gone.
     brin = ["pages_per_range=32", "autosummarize=on"]
-    assert [(am, options) for _, am, options in fill] == [
-        ("btree", ["fillfactor=100"]),
-        ("brin", brin),
-        ("btree", ["fillfactor=100"]),
-        ("brin", brin),
-        ("btree", None),
-        ("brin", brin),
+    assert [(name[len("readings_20261102_") :], am, options) for name, am, options in fill] == [
+        ("device_id_metric_ts_key", "btree", ["fillfactor=100"]),
+        ("tx_idx", "brin", brin),
+        ("device_id_metric_ts_key", "btree", ["fillfactor=100"]),
+        ("tx_idx", "brin", brin),
+        ("device_id_metric_ts_key", "btree", None),
+        ("tx_idx", "brin", brin),
+        ("upload_tx", "btree", None),
     ], fill
     again = (
         "INSERT INTO readings (device_id, metric_id, ts, value) "

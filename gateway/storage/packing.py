@@ -68,6 +68,7 @@ FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n
 JOIN pg_am m ON m.oid = c.relam
 WHERE i.indrelid = %s::regclass AND i.indisvalid AND m.amname = 'btree'
 """
+DROP_UPLOAD_INDEX = 'DROP INDEX CONCURRENTLY IF EXISTS "{name}_upload_tx"'  # see partitions.upload_index
 # A partition's index bytes and (PostgreSQL's estimate, which the rebuild refreshes) its readings: no scan.
 INDEX_BYTES = (
     "SELECT pg_indexes_size(c.oid), greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = %s::regclass"
@@ -135,6 +136,10 @@ class Packer(PeriodicWork):
             for (index,) in await conn.runQuery(INDEXES_OF, (f'"{name}"',)):
                 await conn.runOperation(f"ALTER INDEX {index} SET (fillfactor = 100)")
             await conn.runOperation(f'REINDEX TABLE CONCURRENTLY "{name}"')
+            # Its BRIN index on tx now summarizes every page: the btree the uploader read it by goes, and the
+            # statistics that make the planner take the BRIN index (tx follows the pages' order) are made sure of.
+            await conn.runOperation(DROP_UPLOAD_INDEX.format(name=name))
+            await conn.runOperation(f'ANALYZE "{name}"')
             [(after, readings)] = await conn.runQuery(INDEX_BYTES, (f'"{name}"',))
             await conn.runOperation(RECORD, (lo, before, after))
             return {"partition": name, "bytes_before": before, "bytes_after": after, "readings": readings}

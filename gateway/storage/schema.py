@@ -543,8 +543,23 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             ALTER COLUMN tx TYPE bigint USING tx::text::bigint,
             ALTER COLUMN tx SET DEFAULT pg_current_xact_id()::text::bigint;
         -- Readings are appended in transaction order, so each range of 32 pages (about 3,800 readings) spans
-        -- a few transactions; autosummarize keeps the ranges of the growing end summarized.
+        -- a few transactions. BRIN knows nothing of pages filled since autovacuum last summarized them, so a
+        -- partition not yet packed also has a btree on tx of its own, which packing drops once the partition
+        -- is closed (partitions.upload_index): here every partition but those packed already.
         CREATE INDEX readings_upload_order ON readings USING brin (tx) WITH (pages_per_range = 32, autosummarize = on);
+        DO $$
+        DECLARE p text;
+        BEGIN
+            FOR p IN
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = 'readings'::regclass AND NOT EXISTS (
+                    SELECT 1 FROM readings_packed k
+                    WHERE k.lo = (regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                                               'FROM [(]''([^'']+)''[)]'))[1]::timestamptz)
+            LOOP
+                EXECUTE format('CREATE INDEX %I ON %I (tx)', p || '_upload_tx', p);
+            END LOOP;
+        END $$;
         UPDATE upload_batches b SET readings = (
             SELECT count(*) FROM readings r
             WHERE r.tx BETWEEN b.after_tx AND b.last_tx
