@@ -7,11 +7,12 @@ What a stored reading costs on disk, and what retention costs.
    (100 devices × 10 metrics, one a second, in the gateway's own batches of
    5,000) are stored, and the rate they were stored at on one connection:
    in the schema before time partitions (version 7), in version 13 (the
-   last with an index on (device_id, ts)), in 14 and in the current one, with the
-   batch statement's check of the cold tier and without it. Measured after
-   VACUUM, from pg_total_relation_size of readings and every partition.
-   Schema 14 is the last that held each reading's metric name; the
-   current one holds its id in the metric dictionary.
+   last with an index on (device_id, ts)), in 14, in 15 and in the current
+   one, with the batch statement's check of the cold tier and without it.
+   Measured after VACUUM, from pg_total_relation_size of readings, every
+   partition and readings_arrivals. Schema 14 is the last that held each
+   reading's metric name; 15 the last with an id, an arrival time and a
+   btree entry for the upload order in every reading.
 2. The cold tier: the same readings folded into one row per (device,
    metric, hour), as --compress-after does: bytes per reading there, the
    time the fold takes, and ``gatewayctl export``'s query over the folded
@@ -26,17 +27,17 @@ What a stored reading costs on disk, and what retention costs.
    into tables laid out as schema 11 had them (the upload order indexed on
    (tx, id)), as schema 13 had them (on tx alone: btree deduplication folds
    a transaction's rows into one entry), as schema 14 had them (no index on
-   (device_id, ts)), as now (metric ids from the dictionary instead of
-   names), and as the ideas not adopted would have them: the natural key
-   ordered (device, ts, metric); no ``id`` column; and the leanest row
-   PostgreSQL's row store allows a reading with a unique key, with neither
-   ``id`` nor ``received_at`` nor an index for the upload order. Bytes per
-   reading each, and again after the indexes are rebuilt (pages 90% full,
-   as PostgreSQL builds them, and full).
+   (device_id, ts)), as schema 15 had them (metric ids from the dictionary
+   instead of names), with the natural key ordered (device, ts, metric), with
+   no ``id`` column, with neither ``id`` nor ``received_at`` (an open
+   partition now), with the upload order's btree replaced by a BRIN index
+   (a packed partition now), and with no index for the upload order at all.
+   Bytes per reading each, and again after the indexes are rebuilt (pages
+   90% full, as PostgreSQL builds them, and full).
 5. Packing (--pack-after): the current schema's partitions of section 1
-   with their indexes rebuilt by REINDEX TABLE CONCURRENTLY, as the gateway
-   does once a partition closes: bytes per reading after, and the seconds
-   the rebuild takes per million readings.
+   with their indexes rebuilt by REINDEX TABLE CONCURRENTLY and their btree
+   on tx dropped, as the gateway does once a partition closes: bytes per
+   reading after, and the seconds that takes per million readings.
 6. The read API's page of a device's readings in time order, now (each
    metric's times from the natural key, merged) and as schema 13 read it
    (one scan of an index on (device_id, ts), made for the measurement):
@@ -299,7 +300,7 @@ LEAN_LAYOUTS = (
         ("UNIQUE (device_id, metric, ts)", "(tx)"),
     ),
     (
-        "now",
+        "brin_upload_index",
         "tx bigint, ts timestamptz, value float8, device_id integer, metric integer",
         ("UNIQUE (device_id, metric, ts)", "USING brin (tx) WITH (pages_per_range = 32)"),
     ),

@@ -7,10 +7,12 @@ that fills is split in two halves, and the left half never takes another
 entry. A partition's indexes are thus left about two-thirds full while it
 takes readings. Once its range is ``--pack-after`` in the past (an hour by
 default), its indexes are set to fillfactor 100 (a lock that blocks no
-insert) and rebuilt with ``REINDEX TABLE CONCURRENTLY``, pages full: 8 to
-30 bytes less a reading (``benchmarks/storage.py``), for as long as the
-partition stays hot (until ``--compress-after`` folds it into the cold
-tier, or for good when that is off).
+insert) and rebuilt with ``REINDEX TABLE CONCURRENTLY``, pages full; its
+BRIN index on tx is rebuilt over every page with them, so its btree on tx
+(partitions.upload_index) goes: 8 to 30 bytes less a reading
+(``benchmarks/storage.py``: 104 to 89), for as long as the partition stays
+hot (until ``--compress-after`` folds it into the cold tier, or for good
+when that is off).
 
 The rebuild reads the partition and writes its indexes anew (WAL as large as
 they are) without blocking inserts, reads or uploads; a late reading for the
