@@ -241,25 +241,34 @@ def test_a_device_s_readings_page_in_time_order_from_the_natural_key_after_the_m
         conn.close()
 
 
+def three_transactions(conn, column: str, value: str, order: str = "") -> None:
+    """
+    Devices 1 and 2, a partition for 25 Nov 2026 and three transactions, one per metric, each storing two
+    readings of each device that day and one on 1 Jan 2027 (in the default partition); ``column`` is the
+    metric's column, ``value`` the SQL of its value from the metric's name.
+    """
+    with conn.cursor() as cur:
+        cur.execute(TWO_DEVICES)
+        cur.execute(
+            "CREATE TABLE readings_20261125 PARTITION OF readings FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"
+        )
+        for metric in ("oil_temp", "density", "rpm"):
+            cur.execute(
+                f"INSERT INTO readings (device_id, {column}, ts, value) SELECT d, {value}, t, random() "
+                "FROM generate_series(1, 2) d, unnest(array[timestamptz '2026-11-25 10:00Z', "
+                f"'2026-11-25 10:00:01Z', '2027-01-01Z']) t{order}",
+                (metric,),
+            )
+            conn.commit()
+
+
 def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_key(old_database):
     from gateway.storage.store import write_batch_sql
 
     conn = psycopg2.connect(old_database(14))
     try:
+        three_transactions(conn, "metric", "%s")
         with conn.cursor() as cur:
-            cur.execute(TWO_DEVICES)
-            cur.execute(
-                "CREATE TABLE readings_20261125 PARTITION OF readings "
-                "FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"
-            )
-            for metric in ("oil_temp", "density", "rpm"):  # three transactions; 1 Jan 2027 goes to the default
-                cur.execute(
-                    "INSERT INTO readings (device_id, metric, ts, value) SELECT d, %s, t, random() "
-                    "FROM generate_series(1, 2) d, unnest(array[timestamptz '2026-11-25 10:00Z', "
-                    "'2026-11-25 10:00:01Z', '2027-01-01Z']) t",
-                    (metric,),
-                )
-                conn.commit()
             cur.execute(
                 "SELECT tx::text, id, tableoid::regclass::text, device_id, metric, ts, value, received_at "
                 "FROM readings ORDER BY tx, id"
@@ -300,20 +309,8 @@ def test_the_lean_row_migration_keeps_every_reading_and_moves_no_cursor_past_an_
     conn = psycopg2.connect(old_database(15))
     end = (2147483647, 2147483647, "infinity")
     try:
+        three_transactions(conn, "metric_id", "metric_id_of(%s)", " ORDER BY d DESC, t DESC")
         with conn.cursor() as cur:
-            cur.execute(TWO_DEVICES)
-            cur.execute(
-                "CREATE TABLE readings_20261125 PARTITION OF readings "
-                "FOR VALUES FROM ('2026-11-25Z') TO ('2026-11-26Z')"
-            )
-            for metric in ("oil_temp", "density", "rpm"):  # three transactions; 1 Jan 2027 goes to the default
-                cur.execute(
-                    "INSERT INTO readings (device_id, metric_id, ts, value) SELECT d, metric_id_of(%s), t, random() "
-                    "FROM generate_series(1, 2) d, unnest(array[timestamptz '2026-11-25 10:00Z', "
-                    "'2026-11-25 10:00:01Z', '2027-01-01Z']) t ORDER BY d DESC, t DESC",
-                    (metric,),
-                )
-                conn.commit()
             cur.execute(
                 "SELECT r.tx::text::bigint, r.tableoid::regclass::text, r.device_id, k.name, r.ts, r.value "
                 "FROM readings r JOIN metrics k ON k.id = r.metric_id ORDER BY r.tx, r.id"
