@@ -6,12 +6,14 @@ are kept, however old.
 
 A time partition of ``readings`` (see ``gateway/storage/partitions.py``)
 whose whole range is past retention goes in one statement: locked against
-late inserts, checked (its newest reading, by upload order, was sent to
-every sink and arrived before the limit), dropped. That costs the same for
+late inserts, checked (no reading in it is past the sinks' frontier or
+arrived after the limit: two probes by transaction, through its index on
+tx), dropped. That costs the same for
 a partition of a thousand readings as of a billion, and leaves no dead rows
 for VACUUM. What is left past retention (the partition that straddles the
 limit, one held back by a late reading still unsent, the default partition)
-is deleted a chunk at a time.
+is deleted a chunk at a time. The arrival times of transactions past the
+limit whose readings are all gone are forgotten in the same pass.
 
 Quarantined readings (never uploaded) go by the same rule without the sinks:
 a ``quarantine`` partition wholly past the limit whose rows all arrived
