@@ -14,7 +14,8 @@ cursor never passes a reading that could yet appear.
 How far a batch reaches is read from ``readings_arrivals`` (one row per
 transaction that stored readings, with their count and arrival time, kept
 by a trigger on ``readings``); the readings of those transactions are then
-read through the BRIN index on ``tx`` and sorted, a few thousand at a time.
+read by ``tx`` (a btree while their partition fills, its BRIN index once it
+is packed: see partitions.upload_index) and sorted, a few thousand at a time.
 
 Claims. Cutting a batch is one short transaction that locks the sink's
 row (``FOR UPDATE``), reads the readings after the cursor, records
@@ -56,7 +57,8 @@ log = Logger()
 LEASE = 60.0  # seconds a batch stays with its gateway beyond the request timeout
 
 # A reading's place in the upload order: its transaction, then its natural key. A position is a tuple
-# (tx, device_id, metric_id, ts as text); START and END of a transaction sort before and after all its readings.
+# (tx, device_id, metric_id, ts as text). (tx, 0, 0, '-infinity') sorts before every reading of tx, and
+# (tx, 2147483647, 2147483647, 'infinity') after: START, and the positions schema 16 gave some cursors.
 PLACE = "(r.tx, r.device_id, r.metric_id, r.ts)"
 ORDER = "r.tx, r.device_id, r.metric_id, r.ts"
 
@@ -78,7 +80,7 @@ def position(row: tuple) -> tuple[int, int, int, str]:
     return (int(row[0]), int(row[1]), int(row[2]), row[3])
 
 
-# tx bounds too, which the BRIN index on tx can use (it cannot use a row comparison).
+# tx bounds too, which an index on tx alone can use (BRIN cannot use a row comparison at all).
 AFTER = f"r.tx >= %(after_tx)s AND {PLACE} > {at('after')}"
 IN_RANGE = f"{AFTER} AND r.tx <= %(last_tx)s AND {PLACE} <= {at('last')}"
 XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
