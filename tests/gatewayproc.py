@@ -31,8 +31,16 @@ PORTS = {
 
 
 class GatewayProcess:
-    def __init__(self, data_dir: Path, *extra: str, cwd: Path | None = None, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        cwd: Path | None = None,
+        env: dict | None = None,
+        twistd: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.twistd = twistd or script("twistd")  # another installation's, to run the gateway as pip installed it
         self.extra = list(extra)
         self.env = dict(env or {})  # added to this process's environment
         self.cwd = cwd or self.data_dir.parent
@@ -55,7 +63,7 @@ class GatewayProcess:
         self._ready.clear()
         self.proc = subprocess.Popen(
             [
-                script("twistd"),
+                self.twistd,
                 "-n",
                 "--pidfile=",
                 "gateway",

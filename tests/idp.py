@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import reactor
 from twisted.web import resource, server
 
@@ -44,8 +44,12 @@ class Provider:
         self.port = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
 
-    def add_key(self, kid: str, publish: bool = True) -> None:
-        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def add_key(self, kid: str, publish: bool = True, curve: ec.EllipticCurve | None = None) -> None:
+        """An RSA signing key, or an EC one on ``curve`` (published with alg ES256 for P-256)."""
+        if curve is None:
+            self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            self.keys[kid] = ec.generate_private_key(curve)
         if publish:
             self.published.append(kid)
 
@@ -60,8 +64,18 @@ class Provider:
         now = int(time.time())
         return {"iss": self.url, "aud": AUDIENCE, "iat": now, "exp": now + 600, **self.user, **changes}
 
-    def token(self, kid: str = "k1", **changes: Any) -> str:
-        return jwt.encode(self.claims(**changes), self.keys[kid], algorithm="RS256", headers={"kid": kid})
+    def alg(self, kid: str) -> str:
+        return "ES256" if isinstance(self.keys[kid], ec.EllipticCurvePrivateKey) else "RS256"
+
+    def token(self, kid: str = "k1", alg: str | None = None, headers: dict[str, Any] | None = None, **changes: Any) -> str:
+        """A token signed with key ``kid``; ``alg`` names another algorithm in the header, as an attacker would."""
+        key = self.keys[kid]
+        alg = alg or self.alg(kid)
+        header = b64(json.dumps({"alg": alg, "kid": kid, "typ": "JWT", **(headers or {})}).encode())
+        payload = b64(json.dumps(self.claims(**changes)).encode())
+        signer = jwt.get_algorithm_by_name(self.alg(kid))
+        signature = signer.sign(f"{header}.{payload}".encode(), key)
+        return f"{header}.{payload}.{b64(signature)}"
 
     def unsigned(self, alg: str, secret: bytes | None = None, **changes: Any) -> str:
         """A token PyJWT would not make: alg=none, or HMAC keyed with ``secret`` (a public key)."""
@@ -104,8 +118,11 @@ class _Jwks(resource.Resource):
         self.provider.jwks_fetches += 1
         keys = []
         for kid in self.provider.published:
-            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.provider.keys[kid].public_key()))
-            keys.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+            key = self.provider.keys[kid]
+            alg = self.provider.alg(kid)
+            family = jwt.algorithms.ECAlgorithm if alg == "ES256" else jwt.algorithms.RSAAlgorithm
+            jwk = json.loads(family.to_jwk(key.public_key()))
+            keys.append({**jwk, "kid": kid, "use": "sig", "alg": alg})
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"keys": keys}).encode()
 

@@ -72,6 +72,54 @@ async def test_only_a_good_token_is_let_in():
         await provider.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_token_whose_alg_is_not_its_keys_or_that_is_malformed_is_refused_not_an_error():
+    """EC and RSA keys side by side: a token naming the other family's algorithm is 401, never a traceback."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    provider = Provider()
+    provider.add_key("e1", curve=ec.SECP256R1())
+    try:
+        _, v = verifier_for(provider)
+        assert (await v.identity(provider.token(kid="e1"))).role == "admin"  # an EC key signs in
+        cases = {
+            "RS256 naming the EC key": (provider.token(kid="e1", alg="RS256"), "not that of its key 'e1'"),
+            "ES256 naming the RSA key": (provider.token(kid="k1", alg="ES256"), "not that of its key 'k1'"),
+            "PS256 naming the RSA key bound to RS256": (provider.token(kid="k1", alg="PS256"), "not that of its key"),
+            "an unknown crit header": (
+                provider.token(headers={"crit": ["exp-ext"], "exp-ext": 1}),
+                "critical extension",
+            ),
+            "a kid that is not a string": (provider.token(headers={"kid": ["k1"]}), "must be a string"),
+        }
+        for what, (token, reason) in cases.items():
+            e = await refused(v, token)
+            assert e.code == "unauthorized" and reason.lower() in e.message.lower(), (what, e.message)
+        for shape in ({"gateway-admins": True}, [["gateway-admins"]], [{"name": "gateway-admins"}], 7, None):
+            e = await refused(v, provider.token(groups=shape))
+            assert e.code == "forbidden" and "no role" in e.message, (shape, e.message)
+    finally:
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_answers_401_and_logs_no_traceback_for_a_mismatched_alg(tmp_path, db_dsn):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    provider = Provider()
+    provider.add_key("e1", curve=ec.SECP256R1())
+    service, gw = await open_gateway(tmp_path, db_dsn, {"oidc": provider.settings()})
+    try:
+        for token in (provider.token(kid="e1", alg="RS256"), provider.token(kid="k1", alg="ES256")):
+            code, body = await gw.get("/v1/devices", token)
+            assert (code, body["error"]) == (401, "unauthorized") and "not that of its key" in body["message"]
+        code, body = await gw.get("/v1/devices", provider.token(groups=[["gateway-admins"]]))
+        assert code == 403 and "no role" in body["message"]
+    finally:
+        await close_gateway(service, gw)
+        await provider.close()
+
+
 def _with_unpublished_key(provider: Provider) -> str:
     provider.add_key("stray", publish=False)
     return provider.token(kid="stray")

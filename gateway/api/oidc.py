@@ -209,18 +209,20 @@ class Keys:
         self.fetched_at = self.clock.seconds()
         try:
             body = await get_json(self.agent, self.settings.jwks_url)
-            found: dict[str | None, jwt.PyJWK] = {}
-            for jwk in body.get("keys", []) if isinstance(body, dict) else []:
-                if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
-                    continue
-                try:
-                    key = jwt.PyJWK(jwk)
-                except (jwt.exceptions.PyJWKError, jwt.exceptions.InvalidKeyError) as e:
-                    log.warn("OIDC key {kid} skipped: {error}", kid=jwk.get("kid"), error=str(e))
-                    continue
-                found[jwk.get("kid")] = key
-            if not found:
-                raise ValueError("the JWKS holds no signing key")
+            listed = body.get("keys") if isinstance(body, dict) else None
+            if not isinstance(listed, list):
+                raise ValueError("the JWKS has no list of keys")
+            signing = [jwk for jwk in listed if isinstance(jwk, dict) and jwk.get("use", "sig") == "sig"]
+            try:
+                # PyJWT skips the keys it cannot use, and binds each to its algorithm (the JWK's "alg", or the
+                # one its type implies), so a token cannot name an RSA key with an EC algorithm or the reverse.
+                keyset = jwt.PyJWKSet.from_dict({"keys": signing})
+            except jwt.exceptions.PyJWKSetError:
+                raise ValueError("the JWKS holds no signing key") from None
+            skipped = len(signing) - len(keyset.keys)
+            if skipped:
+                log.warn("OIDC keys: {skipped} of the provider's signing keys cannot be used", skipped=skipped)
+            found: dict[str | None, jwt.PyJWK] = {key.key_id: key for key in keyset.keys}
             self.keys = found
             self.last_error = None
         except Exception as e:
@@ -309,17 +311,21 @@ class OidcVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.exceptions.DecodeError:
             raise OidcError("unauthorized", "the bearer token is not a JWT") from None
+        except jwt.exceptions.PyJWTError as e:
+            raise OidcError("unauthorized", f"the token's header is not valid: {e}") from None
         alg = header.get("alg")
         if alg not in ALGORITHMS:
             raise OidcError("unauthorized", f"tokens signed with {alg!r} are not accepted")
-        key = await self.keys.key(header.get("kid"))
+        kid = header.get("kid")
+        key = await self.keys.key(kid if isinstance(kid, str) else None)
         if key is None:
-            raise OidcError("unauthorized", f"the token's key {header.get('kid')!r} is not one of the provider's")
+            raise OidcError("unauthorized", f"the token's key {kid!r} is not one of the provider's")
         audience = audience or s.audience
         try:
+            # The PyJWK itself, not its raw key: PyJWT then refuses an alg that is not the key's own.
             claims = jwt.decode(
                 token,
-                key.key,
+                key,
                 algorithms=[alg],
                 audience=audience,
                 issuer=s.issuer,
@@ -332,7 +338,9 @@ class OidcVerifier:
             raise OidcError("unauthorized", "the token is for another audience") from None
         except jwt.exceptions.InvalidIssuerError:
             raise OidcError("unauthorized", "the token is from another issuer") from None
-        except jwt.exceptions.InvalidTokenError as e:
+        except jwt.exceptions.InvalidAlgorithmError:
+            raise OidcError("unauthorized", f"the token's alg {alg!r} is not that of its key {kid!r}") from None
+        except jwt.exceptions.PyJWTError as e:
             raise OidcError("unauthorized", f"the token is not valid: {e}") from None
         if audience is None and claims.get("client_id") != s.client_id:
             raise OidcError("unauthorized", "the token is for another client")
@@ -348,8 +356,9 @@ class OidcVerifier:
 
     def role_of(self, claims: Mapping[str, Any]) -> str | None:
         value = _claim(claims, self.settings.roles_claim)
-        held = {value} if isinstance(value, str) else set(value) if isinstance(value, list) else set()
-        held = {str(v) for v in held}
+        # A claim of another shape (an object, numbers, nested lists) grants nothing.
+        listed = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        held = {v for v in listed if isinstance(v, str)}
         if held & set(self.settings.admin):
             return "admin"
         if held & set(self.settings.reader):
