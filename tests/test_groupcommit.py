@@ -1,5 +1,7 @@
 """Group commit policy, driven by task.Clock and a commit function we control."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -167,3 +169,51 @@ def test_room_for_backpressure():
     commits.finish(0)  # b goes into a transaction: the queue is empty
     assert room == [None]
     assert results(gc.wait_for_room()) == [None]
+
+
+def test_a_devices_next_write_waits_for_the_transaction_holding_its_previous_one():
+    """Two slots: device 1's second write does not pass its first; device 2 is not held back by it."""
+    clock, commits = Clock(), Commits()
+    gc = GroupCommit(clock, commits, slots=2, max_batch=10, max_delay=0, max_queue=100, keys=lambda item: [item[0]])
+    r1 = results(gc.submit((1, "first"), 1))
+    assert [b for b, _ in commits.batches] == [[(1, "first")]]
+    r2 = results(gc.submit((1, "second"), 1))
+    r3 = results(gc.submit((2, "other"), 1))
+    assert [b for b, _ in commits.batches] == [[(1, "first")], [(2, "other")]]
+    commits.finish(1)
+    assert r3 and not r2
+    assert len(commits.batches) == 2  # device 1's second write still waits for its first
+    commits.finish(0)
+    assert r1 and [b for b, _ in commits.batches][2] == [(1, "second")]
+    commits.finish(2)
+    assert r2 == ["ok:(1, 'second')"]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4)), min_size=1, max_size=40),
+    st.integers(1, 3),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=200, deadline=None)
+def test_each_keys_items_commit_in_arrival_order_whatever_order_transactions_finish(writes, slots, rnd):
+    """Random writers, slots and finishing order: per key, commits follow arrival; every item commits once."""
+    clock, commits = Clock(), Commits()
+    gc = GroupCommit(clock, commits, slots=slots, max_batch=6, max_delay=0, max_queue=1000, keys=lambda i: [i[0]])
+    finished: list = []
+    for n, (key, size) in enumerate(writes):
+        gc.submit((key, n), size).addCallback(lambda _, item=(key, n): finished.append(item))
+        while rnd.random() < 0.5:
+            open_ = [i for i, (_, d) in enumerate(commits.batches) if not d.called]
+            if not open_:
+                break
+            commits.finish(rnd.choice(open_))
+    while True:
+        open_ = [i for i, (_, d) in enumerate(commits.batches) if not d.called]
+        if not open_:
+            break
+        commits.finish(rnd.choice(open_))
+    assert sorted(finished, key=lambda i: i[1]) == [(k, n) for n, (k, _) in enumerate(writes)]
+    for key in {k for k, _ in writes}:
+        order = [n for k, n in finished if k == key]
+        assert order == sorted(order), (key, order)
+    assert gc.queued == 0 and gc.in_flight == 0

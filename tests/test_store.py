@@ -13,6 +13,8 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
@@ -544,3 +546,50 @@ async def test_conflicting_values_are_kept_once_each_and_listed(db_dsn, sql):
         80.0,
         99.5,
     )
+
+
+_SAME_KEY_DEVICES = iter(range(1_000_000))
+
+
+@given(
+    st.lists(
+        st.lists(st.tuples(st.sampled_from(["oil_temp", "rpm"]), st.integers(0, 2), st.sampled_from([1.0, 2.0])), max_size=4),
+        min_size=2,
+        max_size=6,
+    )
+)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest_twisted.ensureDeferred
+async def test_a_devices_pipelined_writes_keep_the_first_value_sent_and_each_is_told_its_own_counts(db_dsn, sql, frames):
+    """
+    Frames of one device written without waiting for each other (TGP pipelining), over several
+    connections and small batches: per (metric, time) the first value sent is stored, and each
+    frame is told accepted, duplicates and conflicts as if the frames had been stored one by one.
+    """
+    expected, first = [], {}
+    for frame in frames:
+        accepted = duplicates = conflicts = 0
+        for metric, second, value in frame:
+            key = (metric, second)
+            if key not in first:
+                first[key], accepted = value, accepted + 1
+            elif first[key] == value:
+                duplicates += 1
+            else:
+                conflicts += 1
+        expected.append(WriteResult(accepted, duplicates, (), conflicts))
+
+    store = await open_pg_store(db_dsn, pool_size=3, max_batch=2)
+    try:
+        device = await store.authenticate(add_pg_device(sql, f"pipelined-{next(_SAME_KEY_DEVICES)}"))
+        writes = [store.write(device, [Reading(m, s * 1_000_000, v) for m, s, v in frame]) for frame in frames]
+        results = await gatherResults(writes)
+        stored = sql(
+            "SELECT k.name, (extract(epoch FROM r.ts))::int, r.value FROM readings r"
+            " JOIN metrics k ON k.id = r.metric_id WHERE r.device_id = %s",
+            (device.id,),
+        )
+    finally:
+        await store.stopService()
+    assert results == expected
+    assert sorted(stored) == sorted((m, s, v) for (m, s), v in first.items())

@@ -14,6 +14,16 @@ holding memory without end. Writers that hold their clients back while the
 queue is full (device sessions) wait for room in turn: ``admits`` refuses
 newcomers while any wait, so no device is passed over for long.
 
+Items may name ordering keys (``keys(item)``: the devices whose readings
+they hold). An item never goes into a transaction while an earlier item
+with one of its keys is still in flight or still waiting: a device that
+pipelines two writes of one (metric, time) with different values gets them
+committed in the order it sent them, so the first value is the one stored
+and the later one is the conflict, even with several transactions under
+way at once. Within one transaction items keep their arrival order. Items
+held back this way leave the queue as soon as the transaction holding
+their key finishes; others pass them meanwhile.
+
 The policy knows nothing about SQL: ``commit(items)`` is injected and
 returns a Deferred firing with one outcome per item, a result or an
 Exception instance. Time comes from an injected ``IReactorTime``.
@@ -21,10 +31,10 @@ Exception instance. Time comes from an injected ``IReactorTime``.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -53,6 +63,7 @@ class _Waiting(Generic[T]):
     item: T
     size: int
     arrived: float
+    keys: tuple[Hashable, ...] = ()
     deferred: Deferred = field(default_factory=Deferred)
 
 
@@ -66,9 +77,12 @@ class GroupCommit(Generic[T]):
         max_batch: int,
         max_delay: float,
         max_queue: int,
+        keys: Callable[[T], Iterable[Hashable]] | None = None,
     ) -> None:
         self._clock = clock
         self._commit = commit
+        self._keys = keys
+        self._busy: Counter[Hashable] = Counter()  # ordering keys of the items in transactions under way
         self.slots = slots
         self.max_batch = max_batch
         self.max_delay = max_delay
@@ -110,21 +124,46 @@ class GroupCommit(Generic[T]):
             return fail(Closed("the store is shutting down"))
         if self.queued + size > self.max_queue and self.queued > 0:
             return fail(Overloaded(f"{self.queued} readings are waiting for the database (limit {self.max_queue})"))
-        waiting = _Waiting(item, size, self._clock.seconds())
+        keys = tuple(self._keys(item)) if self._keys is not None else ()
+        waiting = _Waiting(item, size, self._clock.seconds(), keys)
         self._queue.append(waiting)
         self.queued += size
         self._pump(just_finished=False)
         return waiting.deferred
 
     def _take_batch(self) -> list[_Waiting[T]]:
-        batch = [self._queue.popleft()]
-        total = batch[0].size
-        while self._queue and total + self._queue[0].size <= self.max_batch:
-            waiting = self._queue.popleft()
-            batch.append(waiting)
-            total += waiting.size
-        self.queued -= total
+        """The next batch in arrival order, passing over items whose keys an earlier item holds."""
+        batch: list[_Waiting[T]] = []
+        total = 0
+        if not self._busy:
+            # Nothing under way: the front of the queue, as it stands (the usual case, and the cheap one).
+            while self._queue and (not batch or total + self._queue[0].size <= self.max_batch):
+                waiting = self._queue.popleft()
+                batch.append(waiting)
+                total += waiting.size
+            self._taken(batch, total)
+            return batch
+        held: set[Hashable] = set(self._busy)  # keys of transactions under way, then of items passed over
+        kept: deque[_Waiting[T]] = deque()
+        while self._queue:
+            waiting = self._queue[0]
+            if held.isdisjoint(waiting.keys):
+                if batch and total + waiting.size > self.max_batch:
+                    break  # the batch is full
+                batch.append(self._queue.popleft())
+                total += waiting.size
+            else:
+                held.update(waiting.keys)
+                kept.append(self._queue.popleft())
+        kept.extend(self._queue)
+        self._queue = kept
+        self._taken(batch, total)
         return batch
+
+    def _taken(self, batch: list[_Waiting[T]], total: int) -> None:
+        self.queued -= total
+        for waiting in batch:
+            self._busy.update(waiting.keys)
 
     def _pump(self, just_finished: bool) -> None:
         while self._queue and self.in_flight < self.slots:
@@ -138,7 +177,10 @@ class GroupCommit(Generic[T]):
             if not due:
                 self._arm_timer()
                 return
-            self._start(self._take_batch())
+            batch = self._take_batch()
+            if not batch:
+                break  # every waiting item is held behind a transaction under way: its end pumps again
+            self._start(batch)
             just_finished = False
         self._maybe_idle()
         self._wake_room()
@@ -163,6 +205,11 @@ class GroupCommit(Generic[T]):
 
     def _finished(self, outcomes: Any, batch: list[_Waiting[T]]) -> None:
         self.in_flight -= 1
+        for waiting in batch:
+            self._busy.subtract(waiting.keys)
+            for key in waiting.keys:
+                if self._busy[key] <= 0:
+                    self._busy.pop(key, None)
         if isinstance(outcomes, Failure):
             outcomes = [outcomes.value] * len(batch)
         for waiting, outcome in zip(batch, outcomes):

@@ -244,6 +244,13 @@ def _outcomes(
     return outcomes, sum(new), stored_before
 
 
+def _devices_of(item: Write | tuple[Write, ...]) -> tuple[int, ...]:
+    """Group commit's ordering keys: a device's writes commit in the order it sent them."""
+    if isinstance(item, tuple):
+        return tuple({w.device_id for w in item})
+    return (item.device_id,)
+
+
 def _regroup(outcomes: list[Any], items: list[Write | tuple[Write, ...]]) -> list[Any]:
     """Outcomes per write back to one per queued item: a list for an item of several writes."""
     grouped: list[Any] = []
@@ -312,6 +319,7 @@ class PostgresStore(Service):
             max_batch=max_batch,
             max_delay=commit_delay,
             max_queue=max_queue,
+            keys=_devices_of,
         )
         self.credentials = Credentials(
             lambda sql, params: self.pool.run(lambda c: c.runQuery(sql, params)), self._clock, journal is not None
