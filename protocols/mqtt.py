@@ -27,6 +27,7 @@ alone (3.1.1 has no negative acknowledgement).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
@@ -391,6 +392,10 @@ _SENDS = {
 }
 # The fixed header's flag bits every packet but PUBLISH must carry.
 _FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
+# Packets whose Reason String and User Properties are left out when the peer must not get them (v5).
+_TRIMMABLE = frozenset(
+    {_T.CONNACK, _T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP, _T.SUBACK, _T.UNSUBACK, _T.DISCONNECT, _T.AUTH}
+)
 _KINDS: tuple[Any, ...] = (None, *(PacketType(n) for n in range(1, 16)))  # by the fixed header's high nibble
 _PLAIN_PUBACK = bytes([PacketType.PUBACK << 4, 2])
 
@@ -604,6 +609,7 @@ class Connection:
         "peer_max_packet",
         "peer_receive_maximum",
         "peer_topic_alias_maximum",
+        "peer_wants_problems",
         "_buffer",
         "_eof",
         "_aliases",
@@ -631,6 +637,9 @@ class Connection:
         self.peer_max_packet: int | None = None  # v5: what the peer accepts
         self.peer_receive_maximum = 65535
         self.peer_topic_alias_maximum = 0
+        # v5 Request Problem Information: with 0, no Reason String or User Property goes out on any packet but
+        # PUBLISH, CONNACK and DISCONNECT [MQTT-3.1.2-29].
+        self.peer_wants_problems = True
         self._buffer = bytearray()
         self._eof = False
         self._aliases: dict[int, str] = {}
@@ -816,6 +825,10 @@ class Connection:
         r.end()
         if level == V5:
             self._peer_limits(properties, r)
+            wants = prop(properties, _P.REQUEST_PROBLEM_INFORMATION, 1)
+            if wants not in (0, 1):
+                raise r.fail(f"Request Problem Information {wants}", Reason.PROTOCOL_ERROR)
+            self.peer_wants_problems = wants == 1
         return Connect(client_id, level, bool(flags & 0x02), keepalive, username, password, will, properties)
 
     def _peer_limits(self, properties: Properties, r: _Reader) -> None:
@@ -873,6 +886,9 @@ class Connection:
                 else:
                     raise r.fail(f"topic alias {alias} was never set", Reason.PROTOCOL_ERROR)
         if not topic:
+            # v5: a zero-length topic name with no Topic Alias is a Protocol Error (section 3.3.2.3.4)
+            if self.version == V5:
+                raise r.fail("an empty topic name and no topic alias", Reason.PROTOCOL_ERROR)
             raise r.fail("an empty topic name", Reason.TOPIC_NAME_INVALID)
         payload = r.data[r.pos :]
         if qos == 1:
@@ -904,7 +920,8 @@ class Connection:
             del self._out[packet_id]
             return PubAck(packet_id, reason, properties)
         if kind is _T.PUBREC:
-            if state != _QOS2:
+            # A second PUBREC answers a PUBLISH sent again (DUP) before the first came: PUBREL answers it too.
+            if state != _QOS2 and not (state == _RELEASED and reason < 0x80):
                 raise missing
             if reason < 0x80:
                 self._out[packet_id] = _RELEASED
@@ -956,6 +973,8 @@ class Connection:
             self._sending_ack(_T.PUBACK, event.packet_id)
             return _PLAIN_PUBACK + _U16S.pack(event.packet_id)
         kind = _TYPE_OF[type(event)]
+        if self.version == V5 and kind in _TRIMMABLE and getattr(event, "properties", ()):
+            event = self._trimmed(kind, event)
         flags, body = self._encode(kind, event)
         size = 1 + len(encode_varint(len(body))) + len(body)
         if self.peer_max_packet is not None and size > self.peer_max_packet:
@@ -963,6 +982,37 @@ class Connection:
                 Reason.PACKET_TOO_LARGE, f"a packet of {size} bytes; the peer takes at most {self.peer_max_packet}"
             )
         return bytes([kind << 4 | flags]) + encode_varint(len(body)) + body
+
+    def _trimmed(self, kind: PacketType, e: Any) -> Any:
+        """
+        ``e`` without the Reason String and User Properties the peer must not get: all of them when it asked
+        for no problem information (outside CONNACK and DISCONNECT), else as many as make the packet exceed
+        its Maximum Packet Size, the Reason String first [MQTT-3.1.2-29, 3.4.2-2, 3.4.2-3]. The packet
+        itself always goes: a device must learn the fate of every packet identifier.
+        """
+        properties: Properties = e.properties
+        if not self.peer_wants_problems and kind not in (_T.CONNACK, _T.DISCONNECT):
+            properties = tuple(p for p in properties if p[0] not in (_P.REASON_STRING, _P.USER_PROPERTY))
+        if self.peer_max_packet is not None:
+            for drop in ((), (_P.REASON_STRING,), (_P.REASON_STRING, _P.USER_PROPERTY)):
+                properties = tuple(p for p in properties if p[0] not in drop)
+                if self._size_of(kind, e, properties) <= self.peer_max_packet:
+                    break
+        return e if properties == e.properties else dataclasses.replace(e, properties=properties)
+
+    @staticmethod
+    def _size_of(kind: PacketType, e: Any, properties: Properties) -> int:
+        """The size ``e`` would be sent at with ``properties`` (v5), without changing any state."""
+        encoded = _encode_properties(properties, kind)
+        if kind in (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP):
+            body = 2 + ((1 + (len(encoded) if properties else 0)) if e.reason or properties else 0)
+        elif kind in (_T.SUBACK, _T.UNSUBACK):
+            body = 2 + len(encoded) + len(e.reasons)
+        elif kind is _T.CONNACK:
+            body = 2 + len(encoded)
+        else:  # DISCONNECT, AUTH
+            body = 0 if e.reason == 0 and not properties else 1 + (len(encoded) if properties else 0)
+        return 1 + len(encode_varint(body)) + body
 
     def _encode(self, kind: PacketType, e: Event) -> tuple[int, bytes]:
         if isinstance(e, Connect):
@@ -1113,7 +1163,9 @@ class Connection:
                 self._qos1_in[packet_id] = count - 1
             self._qos1_count -= 1
         elif kind is _T.PUBREC:
-            if self._in.get(packet_id) != _QOS2:
+            # A QoS 2 PUBLISH sent again (DUP) before its PUBREL is answered with PUBREC again, however many
+            # times it comes and whether or not the first PUBREC went out already.
+            if self._in.get(packet_id) not in (_QOS2, _RELEASED):
                 raise missing()
             self._in[packet_id] = _RELEASED
         elif kind is _T.PUBREL:

@@ -483,3 +483,79 @@ def test_without_device_ca_a_password_is_needed():
     h = Harness()
     h.transport.getPeerCertificate = lambda: certificate_for("truck-17")
     assert h.connect(V5, password=NO).reason == Reason.BAD_USER_NAME_OR_PASSWORD
+
+
+def test_a_refusal_too_large_for_the_devices_maximum_packet_size_goes_without_its_reason_string():
+    """[MQTT-3.4.2-2]: leave out the Reason String and User Properties, never the PUBACK, SUBACK or DISCONNECT."""
+    h = Harness()
+    assert h.connect(V5, properties=((P.MAXIMUM_PACKET_SIZE, 40),)).reason == Reason.SUCCESS
+    h.publish(1, b"not json")
+    assert h.events() == [mqtt.PubAck(1, Reason.PAYLOAD_FORMAT_INVALID)]
+    h.publish(2, body(1.0))
+    assert h.events() == [mqtt.PubAck(2)]
+    h.publish(3, body(1.0))  # a duplicate: its counts (user properties) do not fit in 40 bytes
+    assert h.events() == [mqtt.PubAck(3)]
+    h.send(mqtt.Subscribe(4, (("devices/truck-17/commands/#", 1),)))
+    assert h.events() == [mqtt.SubAck(4, (Reason.NOT_AUTHORIZED,))]
+    h.publish(5, body(1.0), retain=True)
+    assert h.events() == [mqtt.Disconnect(Reason.RETAIN_NOT_SUPPORTED)] and h.transport.disconnecting
+
+
+def test_a_device_asking_for_no_problem_information_gets_no_reason_strings_or_user_properties():
+    """[MQTT-3.1.2-29]: Request Problem Information 0 leaves them out of PUBACK and SUBACK (not of DISCONNECT)."""
+    h = Harness()
+    h.connect(V5, properties=((P.REQUEST_PROBLEM_INFORMATION, 0),))
+    h.publish(1, b"not json")
+    assert h.events() == [mqtt.PubAck(1, Reason.PAYLOAD_FORMAT_INVALID)]
+    h.publish(2, body(1.0))
+    h.publish(3, body(1.0))  # a duplicate, as a reconnecting device sends
+    assert h.events() == [mqtt.PubAck(2), mqtt.PubAck(3)]
+    h.send(mqtt.Subscribe(4, (("x", 1),)))
+    assert h.events() == [mqtt.SubAck(4, (Reason.NOT_AUTHORIZED,))]
+    h.publish(5, body(1.0), retain=True)
+    [disconnect] = h.events()
+    assert mqtt.prop(disconnect.properties, P.REASON_STRING)  # DISCONNECT may still say why
+
+
+@both
+def test_a_qos_2_publish_and_its_dup_in_one_read_get_a_pubrec_each(version):
+    """[MQTT-4.3.3-10]: every PUBLISH is answered, even one sent again before the first answer left."""
+    h = Harness()
+    h.connect(version)
+    first = mqtt.Publish("devices/truck-17/readings", body(5.0), 2, 7)
+    again = mqtt.Publish("devices/truck-17/readings", body(5.0), 2, 7, dup=True)
+    h.proto.dataReceived(h.client.send(first) + h.client.send(again))
+    answers = h.events()
+    assert [type(a) for a in answers] == [mqtt.PubRec, mqtt.PubRec] and {a.packet_id for a in answers} == {7}
+    assert len(h.store.readings) == 1
+    h.send(mqtt.PubRel(7))
+    assert h.events() == [mqtt.PubComp(7)]
+
+
+def test_a_maximum_packet_size_too_small_for_any_connack_closes_at_once():
+    h = Harness()
+    h.send(mqtt.Connect("c1", V5, username="truck-17", password=h.token.encode(), properties=((P.MAXIMUM_PACKET_SIZE, 8),)))
+    assert h.transport.value() == b"" and h.transport.disconnecting
+    assert not h.clock.getDelayedCalls()
+
+
+def test_an_empty_topic_without_a_topic_alias_is_a_protocol_error():
+    h = Harness()
+    h.connect(V5)
+    h.proto.dataReceived(b"\x32\x06\x00\x00\x00\x01\x00x")  # QoS 1 PUBLISH, topic "", no properties
+    assert h.events() == [mqtt.Disconnect(Reason.PROTOCOL_ERROR, ((P.REASON_STRING, "PUBLISH: an empty topic name and no topic alias"),))]
+
+
+@pytest.mark.parametrize(
+    "connect",
+    [
+        b"\x10\x0e\x00\x04MQTT\x04\x03\x00\x3c\x00\x02c1",  # the reserved flag set
+        b"\x10\x14\x00\x04MQTT\x04\x1c\x00\x3c\x00\x02c1\x00\x01t\x00\x01x",  # will QoS 3
+        b"\x10\x11\x00\x04MQTT\x04\x42\x00\x3c\x00\x02c1\x00\x01p",  # a password without a user name
+    ],
+)
+def test_a_311_connect_that_breaks_the_protocol_is_closed_without_connack(connect):
+    """[MQTT-3.1.4-1]: no CONNACK 0x03 (server unavailable), which a device would retry for ever."""
+    h = Harness()
+    h.proto.dataReceived(connect)
+    assert h.transport.value() == b"" and h.transport.disconnecting

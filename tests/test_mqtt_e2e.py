@@ -55,9 +55,9 @@ class Client:
             self.refused.append(reason_code.value)
         self.connected.set()
 
-    def run(self, payloads: list[tuple[str, bytes, int]]) -> list[int]:
+    def run(self, payloads: list[tuple[str, bytes, int]], properties=None) -> list[int]:
         """Publish (topic, payload, qos) in order; the acknowledgements' reason codes (0 for QoS 0)."""
-        self.c.connect("127.0.0.1", self.port, keepalive=30)
+        self.c.connect("127.0.0.1", self.port, keepalive=30, properties=properties)
         self.c.loop_start()
         try:
             assert self.connected.wait(20), "no CONNACK"
@@ -107,6 +107,33 @@ async def test_paho_publishes_are_stored_once_however_often_sent(service, sql, v
     await committed(service)
     assert sql(count)[0][0] == 6 * 20 + 1
     assert sql("SELECT count(*) FROM readings WHERE metric_id = metric_id_of('rpm') AND value = 1800")[0][0] == 1
+
+
+@pytest.mark.parametrize("limit", ["maximum packet size", "no problem information"])
+@pytest_twisted.ensureDeferred
+async def test_a_v5_device_with_a_small_maximum_packet_size_or_no_problem_information_gets_every_answer(
+    service, sql, limit
+):
+    """paho with Maximum Packet Size 40 or Request Problem Information 0: each refusal and duplicate is answered."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    token = add_pg_device(sql, "truck-17")
+    port, _ = ports(service)["tcp"]
+    connect = Properties(PacketTypes.CONNECT)
+    if limit == "maximum packet size":
+        connect.MaximumPacketSize = 40
+    else:
+        connect.RequestProblemInformation = 0
+    good = messages(0, 1)[0]
+    batch = [
+        ("devices/truck-17/readings", b"{not json", 1),
+        ("devices/truck-17/readings", good, 1),
+        ("devices/truck-17/readings", good, 1),  # a duplicate: its counts are user properties
+        ("devices/truck-17/oil_temp", b"warm", 1),
+    ]
+    codes = await deferToThread(Client("5.0", port, token).run, batch, connect)
+    assert codes == [0x99, 0, 0, 0x99]
 
 
 @pytest_twisted.ensureDeferred

@@ -271,6 +271,8 @@ class MQTTProtocol(DeviceConnection):
         # was acknowledged. Saying "session present" to a device that asked to keep its session makes it send
         # again what it holds unacknowledged (a v5 device told "no session" would drop those messages).
         self._send(mqtt.ConnAck(R.SUCCESS, not connect.clean_start, tuple(properties)))
+        if self._closing:  # the CONNACK could not be sent
+            return
         self._set_timer(self.keepalive, self.idle_too_long)
         log.info(
             "device {device} connected from {source} (MQTT {version}, client id {client_id!r})",
@@ -465,7 +467,12 @@ class MQTTProtocol(DeviceConnection):
     def _protocol_error(self, e: mqtt.RemoteProtocolError) -> None:
         device = self.device.name if self.device else None
         self.factory.ingest.refuse(self.source, e.reason.name.lower(), e.message, device=device, closing=True)
-        if self.conn.state == mqtt.CONNECTING:
+        if self.conn.state == mqtt.CONNECTING and (
+            self.conn.version == mqtt.V5 or e.reason == R.UNSUPPORTED_PROTOCOL_VERSION
+        ):
+            # A 3.1.1 CONNECT that breaks the protocol (a reserved flag, will QoS 3, a password without a user
+            # name) is answered by closing [MQTT-3.1.4-1]: 3.1.1 has no return code for it, and "server
+            # unavailable" would have the device retry the same CONNECT for ever.
             self._send(mqtt.ConnAck(e.reason, properties=self._why(e.message)))
         elif self.conn.state == mqtt.CONNECTED and self.conn.version == mqtt.V5:
             self._send(mqtt.Disconnect(e.reason, self._why(e.message)))
@@ -491,6 +498,13 @@ class MQTTProtocol(DeviceConnection):
         try:
             data = self.conn.send(event)
         except mqtt.LocalProtocolError as e:
+            if e.reason == R.PACKET_TOO_LARGE:
+                # Even without its reason string and user properties the packet exceeds the device's Maximum
+                # Packet Size (a CONNACK, say): the session cannot go on, so it ends now, not at the keepalive.
+                device = self.device.name if self.device else None
+                self.factory.ingest.refuse(self.source, "packet_too_large", e.message, device=device, closing=True)
+                self._close()
+                return
             log.debug("not sent to {source}: {error}", source=self.source, error=e.message)
             return
         self.transport.write(data)
