@@ -973,7 +973,7 @@ class Connection:
             self._sending_ack(_T.PUBACK, event.packet_id)
             return _PLAIN_PUBACK + _U16S.pack(event.packet_id)
         kind = _TYPE_OF[type(event)]
-        if self.version == V5 and kind in _TRIMMABLE and getattr(event, "properties", ()):
+        if self.version == V5 and kind in _TRIMMABLE and getattr(event, "properties", None):
             event = self._trimmed(kind, event)
         flags, body = self._encode(kind, event)
         size = 1 + len(encode_varint(len(body))) + len(body)

@@ -444,9 +444,66 @@ def test_retained_messages_are_refused_in_v5_and_stored_in_311():
     assert h.events() == [mqtt.PubAck(1)] and len(h.store.readings) == 1
 
 
-def test_a_device_that_keeps_its_session_is_told_it_has_one():
+def reconnect(h: Harness, after: float = 0.0, **kw) -> mqtt.ConnAck:
+    """The same device again, ``after`` seconds after its connection ended, to the same store."""
+    h.proto.connectionLost(None)
+    ended = h.store.now()
+    h.store.now = lambda: ended + after
+    again = Harness(h.store, clock=h.clock)
+    again.token = h.token
+    return again, again.connect(**kw)
+
+
+@pytest.mark.parametrize(
+    "version, keep",
+    [(V311, {}), (V5, {"properties": ((P.SESSION_EXPIRY_INTERVAL, 3600),)})],
+)
+def test_session_present_only_when_the_device_kept_a_session_that_is_still_there(version, keep):
+    """[MQTT-3.2.2-2, 3.2.2-3]: 0 on a first connection, 1 on a later one that asked to keep it."""
     h = Harness()
-    assert h.connect(V5, clean_start=False).session_present
+    assert not h.connect(version, clean_start=False, **keep).session_present  # a first connection
+    h, connack = reconnect(h, version=version, clean_start=False, **keep)
+    assert connack.session_present
+    h, connack = reconnect(h, version=version, clean_start=True)  # a clean start discards it
+    assert not connack.session_present
+    h, connack = reconnect(h, version=version, clean_start=False, **keep)
+    assert not connack.session_present  # nothing was kept after the clean session
+    h, connack = reconnect(h, after=3000, version=version, clean_start=False, **keep)
+    assert connack.session_present  # within the expiry
+    h, connack = reconnect(h, after=40 * 24 * 3600, version=version, clean_start=False, **keep)
+    assert not connack.session_present  # past it
+
+
+def test_a_v5_session_without_expiry_or_with_an_assigned_client_id_is_never_present():
+    h = Harness()
+    h.connect(V5, clean_start=False)  # Session Expiry Interval 0: the session ends with the connection
+    h, connack = reconnect(h, version=V5, clean_start=False)
+    assert not connack.session_present
+    h.proto.connectionLost(None)
+    h = Harness(h.store)
+    h.send(mqtt.Connect("", V5, clean_start=False, username="truck-17", password=h.token.encode()))
+    [connack] = h.events()
+    assert connack.reason == Reason.SUCCESS and not connack.session_present
+    assert mqtt.prop(connack.properties, P.ASSIGNED_CLIENT_IDENTIFIER).startswith("truck-17-")
+
+
+def test_a_v5_session_expiry_longer_than_the_gateway_keeps_is_capped_in_connack():
+    from gateway.transports.mqtt_adapter import MAX_SESSION_EXPIRY
+
+    h = Harness()
+    connack = h.connect(V5, clean_start=False, properties=((P.SESSION_EXPIRY_INTERVAL, 0xFFFFFFFF),))
+    assert mqtt.prop(connack.properties, P.SESSION_EXPIRY_INTERVAL) == MAX_SESSION_EXPIRY
+
+
+def test_when_the_store_cannot_say_a_device_keeping_its_session_is_told_it_has_one():
+    """A device told "no session" would drop what it holds unacknowledged: while in doubt, say present."""
+    store = MemoryStore()
+    h = Harness(store)
+    store.available = False
+    store.authenticate = MemoryStore.authenticate.__get__(store)  # credentials still answer
+    h.send(mqtt.Connect("c1", V311, clean_start=False, username="truck-17", password=h.token.encode()))
+    [connack] = h.events()
+    assert connack.reason == Reason.SUCCESS and connack.session_present
 
 
 def test_garbage_gets_a_refusal_and_a_close_at_once():

@@ -165,3 +165,47 @@ async def test_wrong_token_and_revoked_device_are_refused(service, sql, version)
     assert codes == [0x86]  # paho reports 3.1.1's return code 4 by its 5.0 name
     codes = await deferToThread(Client(version, port, revoked, ca, name="old-1").run, [])
     assert codes == [0x86]
+
+
+@pytest.mark.parametrize("version", PROTOCOLS)
+@pytest_twisted.ensureDeferred
+async def test_paho_keeping_its_session_is_told_session_present_only_after_its_first_connection(service, sql, version):
+    """A spec-following client with no state closes on Session Present 1 [MQTT-3.2.2-4]: 1 only when kept."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    token = add_pg_device(sql, "truck-17")
+    port, _ = ports(service)["tcp"]
+
+    def connect_once() -> bool:
+        flags_seen: list = []
+        done = threading.Event()
+        kw = {"clean_session": False} if version == "3.1.1" else {}
+        c = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="truck-17-kept", protocol=PROTOCOLS[version], **kw
+        )
+        c.username_pw_set("truck-17", token)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            flags_seen.append((reason_code.value, flags.session_present))
+            done.set()
+
+        c.on_connect = on_connect
+        if version == "5.0":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+            c.connect("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
+        else:
+            c.connect("127.0.0.1", port, keepalive=30)
+        c.loop_start()
+        try:
+            assert done.wait(20), "no CONNACK"
+        finally:
+            c.disconnect()
+            c.loop_stop()
+        [(code, present)] = flags_seen
+        assert code == 0
+        return present
+
+    assert await deferToThread(connect_once) is False
+    assert await deferToThread(connect_once) is True

@@ -593,3 +593,31 @@ async def test_a_devices_pipelined_writes_keep_the_first_value_sent_and_each_is_
         await store.stopService()
     assert results == expected
     assert sorted(stored) == sorted((m, s, v) for (m, s), v in first.items())
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_mqtt_session_is_present_only_when_kept_and_not_expired(kit):
+    store, add, _, _ = kit
+    device = await store.authenticate(add("truck-1"))
+    assert await store.session_begins(device.id, "c1", False, 3600) is False  # first connection
+    await store.session_ends(device.id, "c1")
+    assert await store.session_begins(device.id, "c1", False, 3600) is True
+    assert await store.session_begins(device.id, "c2", False, 3600) is False  # another client id
+    assert await store.session_begins(device.id, "c1", True, 0) is False  # a clean start discards it
+    assert await store.session_begins(device.id, "c1", False, 0) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_mqtt_session_is_not_present_and_expired_ones_are_forgotten(db_dsn, sql):
+    store = await open_pg_store(db_dsn)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "truck-1"))
+        for client in ("old", "c1"):
+            await store.session_begins(device.id, client, False, 60)
+            await store.session_ends(device.id, client)
+        sql("UPDATE mqtt_sessions SET ended_at = now() - interval '61 seconds'")
+        assert await store.session_begins(device.id, "c1", False, 60) is False
+        # the device's other expired session is gone with that connection
+        assert sql("SELECT client_id, ended_at FROM mqtt_sessions") == [("c1", None)]
+    finally:
+        await store.stopService()

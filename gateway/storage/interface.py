@@ -64,3 +64,13 @@ class IStore(Interface):
 
     def check() -> Deferred:
         """Fire when the database answers; errback StoreUnavailable otherwise."""
+
+    def session_begins(device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
+        """
+        An MQTT device connects with ``client_id``: fire with True when a session it kept before is still
+        there (not discarded by a clean start and not past its expiry), else False. The session kept from
+        now on lasts ``expiry`` seconds after the connection ends (0: it ends with the connection).
+        """
+
+    def session_ends(device_id: int, client_id: str) -> Deferred:
+        """The connection of a kept session ended: its expiry starts counting now."""

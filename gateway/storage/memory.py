@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -24,6 +25,8 @@ class MemoryStore:
         self.conflicts: set[tuple[int, str, int, float]] = set()  # (device id, metric, ts, the other value)
         self.available = True
         self._next_id = 1
+        self.sessions: dict[tuple[int, str], tuple[int, float | None]] = {}  # -> (expiry, ended at or None)
+        self.now = time.time
 
     def add_device(self, name: str, device_type: str | None = None) -> str:
         new = tokens.new_token()
@@ -44,6 +47,21 @@ class MemoryStore:
         if entry is None or entry[2] or not tokens.token_matches(token, entry[1]):
             return succeed(None)
         return succeed(entry[0])
+
+    def session_begins(self, device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
+        if not self.available:
+            return fail(StoreUnavailable("the store is away"))
+        old = self.sessions.pop((device_id, client_id), None)
+        present = old is not None and (old[1] is None or old[1] + old[0] > self.now())
+        if expiry > 0:
+            self.sessions[(device_id, client_id)] = (expiry, None)
+        return succeed(present and not clean_start)
+
+    def session_ends(self, device_id: int, client_id: str) -> Deferred:
+        kept = self.sessions.get((device_id, client_id))
+        if kept is not None and kept[1] is None:
+            self.sessions[(device_id, client_id)] = (kept[0], self.now())
+        return succeed(None)
 
     def device_key(self, name: str) -> Deferred:
         for device, stored, revoked in self.devices.values():

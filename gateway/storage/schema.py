@@ -585,6 +585,19 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION readings_arrived();
         """,
     ),
+    (
+        17,
+        "MQTT sessions a device kept (clean start 0), so CONNACK says Session Present only when one exists",
+        """
+        CREATE TABLE mqtt_sessions (
+            device_id integer NOT NULL,
+            client_id text NOT NULL,
+            expiry_seconds integer NOT NULL CHECK (expiry_seconds > 0),
+            ended_at timestamptz,  -- NULL while connected (or when the gateway stopped without seeing the end)
+            PRIMARY KEY (device_id, client_id)
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -140,6 +140,30 @@ NEW_IN_TRANSACTION = (
 )
 
 
+# An MQTT session: whether one kept before is still there, then what is kept from now on, in one statement.
+# (The old row is read before the statement's own change: all its parts see one snapshot.)
+_SESSION_LIVE = "(o.ended_at IS NULL OR o.ended_at + o.expiry_seconds * interval '1 second' > now())"
+SESSION_KEEP = f"""
+WITH o AS (
+    SELECT ended_at, expiry_seconds FROM mqtt_sessions WHERE device_id = %(d)s AND client_id = %(c)s FOR UPDATE
+), kept AS (
+    INSERT INTO mqtt_sessions (device_id, client_id, expiry_seconds) VALUES (%(d)s, %(c)s, %(e)s)
+    ON CONFLICT (device_id, client_id) DO UPDATE SET expiry_seconds = EXCLUDED.expiry_seconds, ended_at = NULL
+), expired AS (
+    DELETE FROM mqtt_sessions o WHERE o.device_id = %(d)s AND o.client_id <> %(c)s AND NOT {_SESSION_LIVE}
+)
+SELECT EXISTS (SELECT 1 FROM o WHERE {_SESSION_LIVE})
+"""
+SESSION_DROP = f"""
+WITH o AS (
+    DELETE FROM mqtt_sessions WHERE device_id = %(d)s AND client_id = %(c)s RETURNING ended_at, expiry_seconds
+)
+SELECT EXISTS (SELECT 1 FROM o WHERE {_SESSION_LIVE})
+"""
+SESSION_ENDS = (
+    "UPDATE mqtt_sessions SET ended_at = now() WHERE device_id = %s AND client_id = %s AND ended_at IS NULL"
+)
+
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
 
 # The batch's quarantined readings, every device's in one statement (once each: a retransmission is a no-op).
@@ -432,6 +456,15 @@ class PostgresStore(Service):
 
     def device_key(self, name: str) -> Deferred:
         return self.credentials.device_key(name)
+
+    def session_begins(self, device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
+        statement = SESSION_KEEP if expiry > 0 else SESSION_DROP
+        params = {"d": device_id, "c": client_id, "e": expiry}
+        d = self.pool.run(lambda c: c.runQuery(statement, params))
+        return d.addCallback(lambda rows: bool(rows[0][0]) and not clean_start)
+
+    def session_ends(self, device_id: int, client_id: str) -> Deferred:
+        return self.pool.run(lambda c: c.runOperation(SESSION_ENDS, (device_id, client_id)))
 
     def forget_credentials(self, names: list[str] | None = None) -> None:
         """Devices changed (revoked, rotated): look every token up again; forget the named for outages."""

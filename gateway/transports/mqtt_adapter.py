@@ -35,6 +35,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -64,6 +65,9 @@ P = mqtt.Property
 WRONG_CREDENTIALS = "unknown device, revoked device or wrong token"
 TOPIC_ALIASES = 16  # topic aliases a v5 device may set up
 MAX_NUMBER = 64  # bytes of a bare-number payload
+# The longest an MQTT session is kept after its connection ends: v5 devices asking for longer are told
+# this in CONNACK; a 3.1.1 device's kept session (clean session 0) lasts this long too.
+MAX_SESSION_EXPIRY = 30 * 24 * 3600
 
 # Why a session ends (the vocabulary all device transports share) → the v5 DISCONNECT reason.
 _ENDINGS = {
@@ -84,7 +88,7 @@ class _Refusal:
 
 
 class MQTTProtocol(DeviceConnection):
-    __slots__ = ("conn", "keepalive", "_seq", "_packets", "_pending", "_pending_size")
+    __slots__ = ("conn", "keepalive", "_seq", "_packets", "_pending", "_pending_size", "_kept_session")
 
     def __init__(self, factory: MQTTFactory) -> None:
         super().__init__(factory)
@@ -102,6 +106,7 @@ class MQTTProtocol(DeviceConnection):
         # readings, its ticket or None at QoS 0). None when there are none (most of the time, for most devices).
         self._pending: list[tuple[mqtt.Publish, list[Reading], Ticket[Any] | None]] | None = None
         self._pending_size = 0  # their readings
+        self._kept_session: tuple[int, str] | None = None  # (device id, client id) of a session kept after this
 
     # -- connection ------------------------------------------------------
 
@@ -158,6 +163,16 @@ class MQTTProtocol(DeviceConnection):
             self._disconnect(R.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported")
         # PUBACK, PUBREC and PUBCOMP answer messages the gateway never sends: the codec refuses them.
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self._kept_session is not None:
+            kept, self._kept_session = self._kept_session, None
+            # The kept session's expiry counts from now. Not recorded (the database away), the session just
+            # lasts until the device's next connection looks at it.
+            self.factory.store.session_ends(*kept).addErrback(
+                lambda f: log.warn("MQTT session end not recorded: {error}", error=getattr(f.value, "message", f.value))
+            )
+
     # -- CONNECT ---------------------------------------------------------
 
     def _connect(self, connect: mqtt.Connect) -> None:
@@ -204,8 +219,7 @@ class MQTTProtocol(DeviceConnection):
             if not self.factory.certificate_allows(self.transport, device.name):
                 self._refuse_connect(R.NOT_AUTHORIZED, "the client certificate does not name this device", claimed)
                 return
-            self._connected(connect, device)
-            self._looking_up(False)
+            self._begin_session(connect, device)
 
         lookup = Deferred.fromCoroutine(self.factory.ingest.authenticate(token, self.source))
         lookup.addCallbacks(found, self._lookup_failed, errbackArgs=(claimed,))
@@ -220,8 +234,7 @@ class MQTTProtocol(DeviceConnection):
             if result is None:  # unknown or revoked
                 self._refuse_connect(R.NOT_AUTHORIZED, "unknown or revoked device", name)
                 return
-            self._connected(connect, result[0])
-            self._looking_up(False)
+            self._begin_session(connect, result[0])
 
         self.factory.store.device_key(name).addCallbacks(found, self._lookup_failed, errbackArgs=(name,))
 
@@ -240,7 +253,41 @@ class MQTTProtocol(DeviceConnection):
             log.failure("device lookup failed", f)
             self._refuse_connect(R.UNSPECIFIED_ERROR, "the gateway failed; retry later", claimed)
 
-    def _connected(self, connect: mqtt.Connect, device: Device) -> None:
+    def _begin_session(self, connect: mqtt.Connect, device: Device) -> None:
+        """
+        Session Present is 1 only when this device kept a session under this client id that is still there
+        [MQTT-3.2.2-2, 3.2.2-3]: the gateway's part of a session is that everything acknowledged is stored,
+        so a kept session is a row saying it was kept, and for how long. A client id the gateway assigns is
+        new, so never has one. When the database cannot say, a device that asked to keep its session is told
+        it has one, as a device told "no session" would drop the messages it holds unacknowledged.
+        """
+        v5 = connect.version == mqtt.V5
+        client_id = connect.client_id or f"{device.name}-{uuid.uuid4().hex[:8]}"
+        if v5:
+            expiry = min(mqtt.prop(connect.properties, P.SESSION_EXPIRY_INTERVAL, 0), MAX_SESSION_EXPIRY)
+        else:
+            expiry = 0 if connect.clean_start else MAX_SESSION_EXPIRY
+        clean = connect.clean_start or not connect.client_id
+        d = self.factory.store.session_begins(device.id, client_id, clean, expiry)
+
+        def answered(present: Any) -> None:
+            if isinstance(present, Failure):
+                log.warn(
+                    "MQTT session of {device} not looked up: {error}",
+                    device=device.name,
+                    error=getattr(present.value, "message", present.value),
+                )
+                present = not clean
+            if self._closing:
+                return
+            if expiry > 0:
+                self._kept_session = (device.id, client_id)
+            self._connected(connect, device, bool(present), client_id)
+            self._looking_up(False)
+
+        d.addBoth(answered)
+
+    def _connected(self, connect: mqtt.Connect, device: Device, present: bool, client_id: str) -> None:
         settings = self.factory.settings
         self.device = device
         v5 = connect.version == mqtt.V5
@@ -262,15 +309,14 @@ class MQTTProtocol(DeviceConnection):
                 (P.SHARED_SUBSCRIPTION_AVAILABLE, 0),
             ]
             if not connect.client_id:
-                properties.append((P.ASSIGNED_CLIENT_IDENTIFIER, f"{device.name}-{uuid.uuid4().hex[:8]}"))
+                properties.append((P.ASSIGNED_CLIENT_IDENTIFIER, client_id))
+            if mqtt.prop(connect.properties, P.SESSION_EXPIRY_INTERVAL, 0) > MAX_SESSION_EXPIRY:
+                properties.append((P.SESSION_EXPIRY_INTERVAL, MAX_SESSION_EXPIRY))
         elif keepalive == 0:
             keepalive = settings.idle_timeout
         self.keepalive = keepalive * 1.5
         self.factory.registry.register(device.name, self)
-        # Nothing of a session outlives a connection here but what the store keeps, which is everything that
-        # was acknowledged. Saying "session present" to a device that asked to keep its session makes it send
-        # again what it holds unacknowledged (a v5 device told "no session" would drop those messages).
-        self._send(mqtt.ConnAck(R.SUCCESS, not connect.clean_start, tuple(properties)))
+        self._send(mqtt.ConnAck(R.SUCCESS, present, tuple(properties)))
         if self._closing:  # the CONNACK could not be sent
             return
         self._set_timer(self.keepalive, self.idle_too_long)
