@@ -324,3 +324,24 @@ def test_every_read_api_error_code_has_its_http_status():
     source = (Path(__file__).resolve().parent.parent / "gateway" / "api" / "read.py").read_text()
     codes = set(re.findall(r'ApiError\(\s*"([a-z_]+)"', source))
     assert codes and codes <= STATUS.keys(), codes - STATUS.keys()
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_are_listed_in_natural_order_across_pages(tmp_path, db_dsn, sql):
+    """sim-2 before sim-10, whichever page each falls on (a fleet page is a keyset page)."""
+    service, gw = await open_gateway(tmp_path, db_dsn)
+    try:
+        reader = (await ctl(db_dsn, "token", "add", "dash", "--role", "reader")).strip()
+        for name in ("sim-10", "sim-2", "truck-9", "sim-1", "sim-002", "sim-11", "sim-100", "truck-10a", "sim-9x"):
+            add_pg_device(sql, name)
+        names, cursor = [], None
+        while True:
+            code, page = await gw.get("/v1/devices?limit=2" + (f"&cursor={cursor}" if cursor else ""), reader)
+            assert code == 200
+            names += [d["name"] for d in page["devices"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert names == ["sim-1", "sim-002", "sim-2", "sim-9x", "sim-10", "sim-11", "sim-100", "truck-9", "truck-10a"]
+    finally:
+        await close_gateway(service, gw)

@@ -213,6 +213,91 @@ async def test_sign_in_watch_a_device_appear_chart_it_release_as_admin_and_be_re
         await close_gateway(service, gw)
 
 
+BROKEN_TEXT = ("[object", "undefined", "NaN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_page_in_the_navigation_shows_what_it_holds_and_nothing_broken(tmp_path, db_dsn, sql):
+    """
+    A bad token's refusal, then Fleet (names in natural order), a device, Alerts, Quarantine, Sinks and
+    Health: no page shows "[object", "undefined" or "NaN", and the console logs no error.
+    """
+    from selenium.webdriver.common.by import By
+
+    tables = {
+        "quality": {"oil_temp": {"min": -40, "max": 200}},
+        "alert": [{"name": "hot", "metric": "oil_temp", "above": 150}],
+    }
+    service, gw = await open_gateway(tmp_path, db_dsn, tables)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser: Browser | None = None
+    try:
+        admin = (await ctl(db_dsn, "token", "add", "ops", "--role", "admin")).strip()
+        names = ["sim-10", "sim-2", "sim-1", "sim-11"]
+        tokens = {name: add_pg_device(sql, name) for name in names}
+        t0 = NOW_MS - 600_000
+        for name, token in tokens.items():
+            assert (await gw.post(token, [{"metric": "oil_temp", "ts": t0 + i * 1000, "value": 70.0 + i} for i in range(5)]))[0] == 200
+        assert (await gw.post(tokens["sim-2"], [{"metric": "oil_temp", "ts": t0 + 9000, "value": 900.0}]))[0] == 200
+        await service.store.last_seen.flush()
+        browser = await deferToThread(Browser, tmp_path / "profile", shots)
+        b = browser
+
+        def page_text(what: str) -> str:
+            text = b.driver.find_element(By.ID, "main").text
+            broken = [word for word in BROKEN_TEXT if word in text]
+            if broken:
+                b.shot(f"broken-{what}")
+            assert not broken, f"{what} shows {broken}: {text[:2000]}"
+            b.shot(what)
+            return text
+
+        def bad_token_then_every_page() -> dict:
+            seen = {}
+            b.driver.get(gw.url + "/ui/")
+            field = b.until("the sign-in form", lambda d: d.find_element(By.ID, "token"))
+            b.until("the sign-in form to show", lambda d: field.is_displayed())
+            field.send_keys("not-a-token")
+            b.driver.find_element(By.CSS_SELECTOR, "#signin-form button[type=submit]").click()
+            seen["refusal"] = b.until(
+                "the refusal of a bad token", lambda d: d.find_element(By.ID, "signin-error").text
+            )
+            field.clear()
+            b.sign_in(gw.url, admin)
+            b.until("every device in the fleet", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#fleet tbody a")) == 4)
+            seen["fleet order"] = [a.text for a in b.driver.find_elements(By.CSS_SELECTOR, "#fleet tbody a")]
+            page_text("fleet")
+            b.driver.find_element(By.LINK_TEXT, "sim-2").click()
+            b.until("sim-2's chart", lambda d: b.js("const g = document.getElementById('chart-oil_temp'); return g && g.data"))
+            page_text("device")
+            for page, ready in (
+                ("alerts", "h1"),
+                ("quarantine", "[data-release]"),
+                ("sinks", "h1"),
+                ("health", "dl.tree"),
+            ):
+                b.driver.find_element(By.CSS_SELECTOR, f"#nav a[href='#/{page}']").click()
+                b.until(f"the {page} page", lambda d, ready=ready, page=page: (
+                    b.js("return location.hash") == f"#/{page}" and d.find_elements(By.CSS_SELECTOR, f"#main {ready}")
+                ))
+                b.until(f"the {page} page's data", lambda d: "updated" in d.find_element(By.ID, "status").text)
+                seen[page] = page_text(page)
+            seen["log"] = b.driver.get_log("browser")
+            return seen
+
+        seen = await deferToThread(bad_token_then_every_page)
+        assert "not an API token" in seen["refusal"] and "Bearer" not in seen["refusal"]
+        assert seen["fleet order"] == ["sim-1", "sim-2", "sim-10", "sim-11"]
+        assert "database" in seen["health"] and "journal" in seen["health"]
+        severe = [e for e in seen["log"] if e["level"] == "SEVERE" and e["source"] != "network"]
+        assert severe == []
+    finally:
+        if browser is not None:
+            await deferToThread(browser.close)
+        await close_gateway(service, gw)
+
+
 @pytest_twisted.ensureDeferred
 async def test_sign_in_through_the_provider_in_the_browser(tmp_path, db_dsn):
     from selenium.webdriver.common.by import By

@@ -598,6 +598,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        18,
+        "device names in natural order (sim-2 before sim-10) for the fleet's pages",
+        """
+        -- Each run of digits becomes its length (three digits) then the digits without leading zeros, so that
+        -- compared byte by byte (COLLATE "C") numbers order by value: sim-9 -> sim-0019, sim-10 -> sim-00210.
+        CREATE FUNCTION natural_sort_key(name text) RETURNS text
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $f$
+            SELECT coalesce(string_agg(
+                CASE WHEN x.part ~ '^[0-9]'
+                     THEN lpad(length(coalesce(nullif(ltrim(x.part, '0'), ''), '0'))::text, 3, '0')
+                          || coalesce(nullif(ltrim(x.part, '0'), ''), '0')
+                     ELSE x.part END, '' ORDER BY x.n), '')
+            FROM regexp_matches(name, '[0-9]+|[^0-9]+', 'g') WITH ORDINALITY AS m(parts, n),
+                 LATERAL (SELECT m.parts[1] AS part, m.n) AS x
+        $f$;
+        CREATE INDEX devices_natural_order ON devices ((natural_sort_key(name) COLLATE "C"), name);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

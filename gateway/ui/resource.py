@@ -81,6 +81,27 @@ def plotly_file() -> tuple[Path, str]:
     return Path(spec.origin).parent / "package_data" / "plotly.min.js", metadata.version("plotly")
 
 
+# What the sign-in form says of a token it refuses: what the person can do, not the API's header syntax.
+NOT_A_TOKEN = (
+    "that is not an API token: paste the whole token that 'gatewayctl token add NAME' printed "
+    "(two parts joined by a dot), or a token from your single sign-on provider"
+)
+UNKNOWN_TOKEN = (
+    "this API token is unknown or has been revoked: check that it was pasted whole, "
+    "or ask an administrator for a new one ('gatewayctl token add NAME')"
+)
+
+
+def _for_a_person(e: ApiError) -> ApiError:
+    if e.code != "unauthorized":
+        return e
+    if e.message.startswith("give an API token"):
+        return ApiError(e.code, NOT_A_TOKEN)
+    if e.message == "unknown or revoked API token":
+        return ApiError(e.code, UNKNOWN_TOKEN)
+    return e
+
+
 @dataclass(frozen=True)
 class Loaded:
     body: bytes
@@ -209,9 +230,9 @@ class SessionResource(resource.Resource):
                 raise ApiError("invalid_parameter", 'send {"token": "<API token>"} as JSON') from None
             try:
                 who = await self.api.api_token(token.strip())
-            except ApiError:
+            except ApiError as e:
                 self.metrics.ui_sign_ins.labels("refused").inc()
-                raise
+                raise _for_a_person(e) from None
             address = request.getClientAddress()
             new = await self.sessions.begin(who.role, who.name, who.id, getattr(address, "host", None), who.expires)
             set_session_cookie(request, new)

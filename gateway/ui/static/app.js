@@ -6,6 +6,8 @@
   const REFRESH_MS = 5000;
   const PAGE = 100;
   const RANGES = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3 };
+  // Names in natural order, as the read API lists devices: sim-2 before sim-10.
+  const NATURAL = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
   const state = { session: null, timer: null, view: null, sort: {}, busy: false };
 
   // -- small helpers ------------------------------------------------------
@@ -19,7 +21,7 @@
       else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
       else node.setAttribute(key, value === true ? "" : value);
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -83,6 +85,7 @@
       if (va === vb) return 0;
       if (va === null || va === undefined) return 1;
       if (vb === null || vb === undefined) return -1;
+      if (typeof va === "string" && typeof vb === "string") return NATURAL.compare(va, vb) * sort.dir;
       return (va < vb ? -1 : 1) * sort.dir;
     }) : rows;
     const head = columns.map((c) => el("th", {
