@@ -20,6 +20,8 @@ import pytest
 
 from tests.gatewayproc import GatewayProcess, gatewayctl
 
+# A public key for the authorized_keys parser tests (its private half was never kept).
+PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFnAYVHytgc/LeCqtwtxPO27ADVaVA7U09OYMBHnC9jY fixture"
 ANSI = re.compile(rb"\x1b(\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[78=>cDEHM])")
 
 
@@ -240,25 +242,54 @@ def test_a_client_limited_to_weak_algorithms_is_refused(console, weak):
     assert out.returncode == 255 and b"Unable to negotiate" in out.stderr, out.stderr
 
 
-def test_console_connections_are_capped(console):
-    """Four connections may be open at once (logged in or not); a fifth is closed at once, then room returns."""
+def test_idle_connections_that_never_log_in_cannot_lock_an_administrator_out(console):
+    """Twenty connections held before the login: the administrator still logs in (they are not sessions)."""
     import socket
 
-    from gateway.ops.manhole import MAX_SESSIONS
-
     gw = console[0]
-    held = [socket.create_connection(("127.0.0.1", gw.manhole_port), timeout=10) for _ in range(MAX_SESSIONS)]
+    held = [socket.create_connection(("127.0.0.1", gw.manhole_port), timeout=10) for _ in range(20)]
     try:
-        for sock in held:
-            assert sock.recv(256).startswith(b"SSH-2.0-")  # accepted: the server speaks first
-        extra = socket.create_connection(("127.0.0.1", gw.manhole_port), timeout=10)
-        assert extra.recv(256) == b""  # closed without a word
-        extra.close()
+        for sock in held[-5:]:
+            assert sock.recv(256).startswith(b"SSH-2.0-")  # the newest are accepted: the server speaks first
+        out = ssh(gw, console[1], "-o", "BatchMode=yes", "admin@127.0.0.1", "1+1")
+        assert out.returncode == 0 and out.stdout.strip() == b"2", out.stderr
     finally:
         for sock in held:
             sock.close()
-    out = ssh(gw, console[1], "-o", "BatchMode=yes", "-o", "ConnectionAttempts=3", "admin@127.0.0.1", "1+1")
-    assert out.returncode == 0 and out.stdout.strip() == b"2", out.stderr
+    gw.wait_for_line("not logged in yet, to make room")
+
+
+def test_rsa_keys_log_in_with_sha2_and_from_restricts_where_keys_work(console, tmp_path):
+    """An RSA key logs in (server-sig-algs names rsa-sha2-*); from= is honoured; each login names its key."""
+    gw, admin, _, _ = console
+    rsa = tmp_path / "rsa"
+    subprocess.run([need("ssh-keygen"), "-q", "-t", "rsa", "-b", "3072", "-N", "", "-C", "ops-rsa", "-f", str(rsa)], check=True)
+    here, elsewhere, odd = keypair(tmp_path / "here"), keypair(tmp_path / "elsewhere"), keypair(tmp_path / "odd")
+    listed = gw.data_dir / "manhole" / "authorized_keys"
+    before = listed.read_text()
+    listed.write_text(
+        before
+        + (tmp_path / "rsa.pub").read_text()
+        + 'from="127.0.0.0/8,!10.0.0.1",no-port-forwarding ' + (tmp_path / "here.pub").read_text()
+        + 'from="10.0.0.0/8" ' + (tmp_path / "elsewhere.pub").read_text()
+        + 'command="/bin/true" ' + (tmp_path / "odd.pub").read_text()
+    )
+    try:
+        for key in (rsa, here):
+            out = ssh(gw, key, "-o", "BatchMode=yes", "admin@127.0.0.1", "6*7")
+            assert out.returncode == 0 and out.stdout.strip() == b"42", (key.name, out.stderr)
+        for key in (elsewhere, odd):
+            out = ssh(gw, key, "-o", "BatchMode=yes", "admin@127.0.0.1", "6*7")
+            assert out.returncode == 255 and b"Permission denied" in out.stderr, (key.name, out.stderr)
+        fingerprint = subprocess.run(
+            [need("ssh-keygen"), "-l", "-f", str(tmp_path / "rsa.pub")], capture_output=True, text=True, check=True
+        ).stdout.split()[1]
+        assert fingerprint.startswith("SHA256:")
+        gw.wait_for_line(re.escape(fingerprint))
+        gw.wait_for_line("does not allow 127.0.0.1")
+        gw.wait_for_line("option 'command' is not supported")
+    finally:
+        listed.write_text(before)
 
 
 def test_an_idle_console_is_closed_and_input_keeps_it_open(tmp_path):
@@ -277,7 +308,7 @@ def test_an_idle_console_is_closed_and_input_keeps_it_open(tmp_path):
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
     proto.makeConnection(transport)
-    assert factory.open == 1
+    assert factory.open == 1 and factory.sessions == 0
     clock.advance(factory.idle_timeout - 1)
     proto.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
     clock.advance(factory.idle_timeout - 1)
@@ -285,4 +316,90 @@ def test_an_idle_console_is_closed_and_input_keeps_it_open(tmp_path):
     clock.advance(1)
     assert transport.disconnecting
     proto.connectionLost(None)
+    assert factory.open == 0 and clock.getDelayedCalls() == []
+
+
+def test_connections_waiting_to_log_in_are_bounded_by_dropping_the_longest_waiting(tmp_path):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.ops.manhole import MAX_UNAUTHENTICATED, console_factory
+
+    clock = Clock()
+    (tmp_path / "authorized_keys").write_text("")
+    factory = console_factory(tmp_path / "keys", tmp_path / "authorized_keys", dict, "", clock)
+    factory.startFactory()
+    transports = []
+    for port in range(MAX_UNAUTHENTICATED + 3):
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000 + port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000 + port))
+        proto.makeConnection(transport)
+        transports.append((proto, transport))
+    assert [t.disconnecting for _, t in transports[:3]] == [True] * 3  # the three waiting longest, dropped
+    assert not any(t.disconnecting for _, t in transports[3:])
+    assert len(factory.waiting) == MAX_UNAUTHENTICATED and factory.sessions == 0
+    clock.advance(factory.login_timeout)  # the grace time: every one still waiting is closed
+    assert all(t.disconnecting for _, t in transports)
+    for proto, _ in transports:
+        proto.connectionLost(None)
+    assert factory.open == 0
+
+
+@pytest.mark.parametrize(
+    "line, peer, allowed",
+    [
+        ('from="127.0.0.1" KEY', "127.0.0.1", True),
+        ('from="127.0.0.1" KEY', "10.0.0.1", False),
+        ('from="10.0.0.0/8,!10.0.0.7" KEY', "10.9.8.7", True),
+        ('from="10.0.0.0/8,!10.0.0.7" KEY', "10.0.0.7", False),
+        ('from="192.168.1.*" KEY', "192.168.1.20", True),
+        ('no-agent-forwarding,from="::1" KEY', "::1", True),
+        ('expiry-time="20000101" KEY', "127.0.0.1", False),
+        ('expiry-time="29990101Z" KEY', "127.0.0.1", True),
+        ("KEY comment with spaces", "10.1.1.1", True),
+    ],
+)
+def test_authorized_keys_options_are_honoured(line, peer, allowed):
+    import time
+
+    from gateway.ops.manhole import parse_authorized_key
+    entry = parse_authorized_key(line.replace("KEY", PUBLIC))
+    assert (entry.allows(peer, time.time()) is None) is allowed
+
+
+@pytest.mark.parametrize("option", ["command=\"ls\"", "no-pty", "restrict", "permitopen=\"x:1\"", 'from="a'])
+def test_an_authorized_keys_option_the_console_cannot_honour_makes_the_line_unusable(option):
+    from gateway.ops.manhole import parse_authorized_key
+    with pytest.raises(ValueError):
+        parse_authorized_key(f"{option} {PUBLIC}")
+
+
+def test_logged_in_consoles_are_capped_and_a_login_past_the_cap_is_told_why(tmp_path):
+    from twisted.conch.ssh.connection import SSHConnection
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.ops.manhole import MAX_SESSIONS, console_factory
+
+    clock = Clock()
+    (tmp_path / "authorized_keys").write_text("")
+    factory = console_factory(tmp_path / "keys", tmp_path / "authorized_keys", dict, "", clock)
+    factory.startFactory()
+    made = []
+    for port in range(MAX_SESSIONS + 1):
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6000 + port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 6000 + port))
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.setService(SSHConnection())  # what a successful login does
+        made.append((proto, transport))
+    assert factory.sessions == MAX_SESSIONS and not factory.waiting
+    assert [t.disconnecting for _, t in made] == [False] * MAX_SESSIONS + [True]
+    assert made[-1][1].value()  # a DISCONNECT saying why went out
+    made[0][0].connectionLost(None)
+    assert factory.sessions == MAX_SESSIONS - 1
+    for proto, _ in made[1:]:
+        proto.connectionLost(None)
     assert factory.open == 0 and clock.getDelayedCalls() == []

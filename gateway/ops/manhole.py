@@ -7,9 +7,17 @@ interpreter; this module adds what a production console needs:
   server offers no other method: passwords and keyboard-interactive are
   refused before they are tried. Keys are read from an OpenSSH
   ``authorized_keys`` file at each login, so adding or removing a key needs
-  no restart (a small local file, read once per login). A connection
-  that has not logged in within 30 seconds is dropped, one that sends
-  nothing for 15 minutes is closed, and at most four are open at once.
+  no restart (a small local file, read once per login). Ed25519, ECDSA and
+  RSA keys log in (RSA with SHA-2 signatures: ``server-sig-algs`` says which
+  user key algorithms are taken, not only the host key's). A line's
+  ``from="..."`` and ``expiry-time="..."`` options are honoured; a line with
+  an option the console cannot honour is not used, and the log says why.
+  Each login is logged with the key's SHA256 fingerprint.
+- Connections that have not logged in are not sessions: each has 30
+  seconds to log in, and at most ``MAX_UNAUTHENTICATED`` wait at once (past
+  that the one waiting longest is dropped), so idle connections can never
+  lock an administrator out. At most ``MAX_SESSIONS`` logged-in consoles
+  are open at once; one that sends nothing for 15 minutes is closed.
 - Modern algorithms only: curve25519 or ECDH key exchange, AES-CTR, SHA-2
   MACs (see ``KEY_EXCHANGES``; conch lacks strict key exchange, and the
   Terrapin attack it guards against needs an algorithm not offered here).
@@ -27,6 +35,12 @@ interpreter; this module adds what a production console needs:
 
 from __future__ import annotations
 
+import calendar
+import fnmatch
+import ipaddress
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -34,15 +48,18 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole, manhole_ssh
-from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.error import ValidPublicKey
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser, ISession
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, transport as ssh_transport, userauth
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.cred import portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,7 +73,20 @@ HOST_KEY_NAME = "ssh_host_ed25519_key"
 MAX_LINE = 64 * 1024  # longest line a plain session buffers
 LOGIN_TIMEOUT = 30.0  # seconds from connecting to logged in
 IDLE_TIMEOUT = 900.0  # seconds without a byte from the client before the console closes
-MAX_SESSIONS = 4  # console connections open at once; more are closed at once
+MAX_SESSIONS = 4  # logged-in console connections open at once; more are told so and closed
+MAX_UNAUTHENTICATED = 10  # connections not yet logged in; past it the one waiting longest is dropped
+
+# User key signature algorithms taken (server-sig-algs, RFC 8308): no SHA-1 (ssh-rsa, ssh-dss).
+USER_KEY_ALGORITHMS = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
+# authorized_keys options that ask for nothing this console would do anyway: it forwards nothing and runs no rc.
+IMPLIED_OPTIONS = frozenset({"no-port-forwarding", "no-agent-forwarding", "no-x11-forwarding", "no-user-rc"})
 
 # What the console offers, a subset of conch's in conch's order of preference: of OpenSSH's
 # current defaults, those conch implements. conch has no strict key exchange
@@ -103,23 +133,238 @@ def host_key(directory: Path) -> tuple[keys.Key, bool]:
         raise ManholeError(f"host key {str(path)!r} cannot be read: {e}") from None
 
 
-@implementer(IAuthorizedKeysDB)
-class AuthorizedKeysFile:
-    """Every key in one OpenSSH authorized_keys file, for any user name."""
+@dataclass(frozen=True)
+class AuthorizedKey:
+    """One usable line of authorized_keys: the key, and where and until when it may log in."""
 
-    def __init__(self, path: Path) -> None:
+    key: keys.Key
+    comment: str
+    sources: tuple[str, ...] = ()  # from="...": patterns; empty for anywhere
+    expires: float | None = None  # expiry-time="...": epoch seconds
+
+    def allows(self, peer: str | None, now: float) -> str | None:
+        """None if a login from ``peer`` may use this key now, else why not."""
+        if self.expires is not None and now >= self.expires:
+            return "the key's expiry-time has passed"
+        if self.sources and not _from_allows(self.sources, peer):
+            return f"from={','.join(self.sources)!r} does not allow {peer}"
+        return None
+
+
+def _from_allows(patterns: tuple[str, ...], peer: str | None) -> bool:
+    """OpenSSH's from= on the client's address: a negated match refuses, otherwise any match allows."""
+    if peer is None:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    allowed = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern[1:] if negated else pattern
+        if "/" in body:
+            try:
+                matched = address in ipaddress.ip_network(body, strict=False)
+            except ValueError:
+                matched = False
+        else:
+            matched = fnmatch.fnmatchcase(str(address), body)
+        if matched and negated:
+            return False
+        allowed = allowed or matched
+    return allowed
+
+
+def _split_options(text: str) -> list[str]:
+    """authorized_keys options: comma-separated, values in double quotes may hold commas and \\"."""
+    options, current, quoted, i = [], [], False, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quoted and i + 1 < len(text):
+            current.append(text[i + 1])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            options.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    if quoted:
+        raise ValueError("an option's quotes are not closed")
+    options.append("".join(current))
+    return options
+
+
+def _expiry(value: str) -> float:
+    """expiry-time: YYYYMMDD[HHMM[SS]], local time as OpenSSH reads it (a trailing Z: UTC)."""
+    utc = value.endswith("Z")
+    digits = value[:-1] if utc else value
+    if not digits.isdigit() or len(digits) not in (8, 12, 14):
+        raise ValueError(f"expiry-time {value!r} is not YYYYMMDD[HHMM[SS]]")
+    parts = time.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S")
+    return float(calendar.timegm(parts)) if utc else time.mktime(parts)
+
+
+def parse_authorized_key(line: str) -> AuthorizedKey:
+    """One line of an OpenSSH authorized_keys file; ValueError saying why it cannot be used."""
+    fields = line.split(None, 1)
+    options: list[str] = []
+    if fields and not _looks_like_key_type(fields[0]):
+        # Options come first, up to the first space outside quotes.
+        quoted, end = False, len(line)
+        for i, c in enumerate(line):
+            if c == '"' and (i == 0 or line[i - 1] != "\\"):
+                quoted = not quoted
+            elif c.isspace() and not quoted:
+                end = i
+                break
+        options = _split_options(line[:end])
+        fields = line[end:].split(None, 1)
+    if not fields:
+        raise ValueError("no key")
+    rest = fields[1].split(None, 1) if len(fields) > 1 else []
+    if not rest:
+        raise ValueError("no key data after the key type")
+    try:
+        key = keys.Key.fromString(f"{fields[0]} {rest[0]}".encode())
+    except (keys.BadKeyError, ValueError, IndexError) as e:
+        raise ValueError(f"the key cannot be read: {e}") from None
+    sources: tuple[str, ...] = ()
+    expires = None
+    for option in options:
+        name, _, value = option.partition("=")
+        name = name.strip().lower()
+        if name in IMPLIED_OPTIONS:
+            continue
+        if name == "from" and value:
+            sources = tuple(p.strip() for p in value.split(",") if p.strip())
+        elif name == "expiry-time" and value:
+            expires = _expiry(value)
+        else:
+            raise ValueError(f"option {name!r} is not supported by the console (from= and expiry-time= are)")
+    return AuthorizedKey(key, rest[1].strip() if len(rest) > 1 else "", sources, expires)
+
+
+def _looks_like_key_type(word: str) -> bool:
+    return word.startswith(("ssh-", "ecdsa-", "sk-"))
+
+
+def fingerprint(key: keys.Key) -> str:
+    """As ssh and ssh-keygen -l show it."""
+    return "SHA256:" + key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+
+
+@implementer(ICredentialsChecker)
+class AuthorizedKeys:
+    """
+    The keys of one OpenSSH authorized_keys file, for any user name, read at each login; the checker that
+    lets a login in only with one of them, from where and until when its line allows, signed with SHA-2.
+    """
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.now = now
+        self._told: set[str] = set()  # lines whose refusal was logged already
 
-    def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
+    def entries(self) -> list[AuthorizedKey]:
         try:
-            with self.path.open("rb") as f:
-                return list(readAuthorizedKeyFile(f, parseKey=keys.Key.fromString))
+            text = self.path.read_text("utf-8", "replace")
         except OSError as e:
             log.warn("console: {path} cannot be read: {error}", path=str(self.path), error=e.strerror)
             return []
+        found = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                found.append(parse_authorized_key(line))
+            except ValueError as e:
+                if line not in self._told and len(self._told) < 1000:
+                    self._told.add(line)
+                    log.warn(
+                        "console: {path} line {number} is not used: {why}", path=str(self.path), number=number, why=e
+                    )
+        return found
 
     def count(self) -> int:
-        return len(self.getAuthorizedKeys(b""))
+        return len(self.entries())
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        peer = getattr(credentials, "peer", None)
+        try:
+            key = keys.Key.fromString(credentials.blob)
+        except keys.BadKeyError:
+            return fail(UnauthorizedLogin("not a key"))
+        if credentials.algName not in USER_KEY_ALGORITHMS:
+            log.warn(
+                "console: {peer} offered a {algorithm} signature, not taken (SHA-1)",
+                peer=peer,
+                algorithm=credentials.algName.decode("ascii", "replace"),
+            )
+            return fail(UnauthorizedLogin("signature algorithm not taken"))
+        listed = [entry for entry in self.entries() if entry.key == key]
+        if not listed:
+            return fail(UnauthorizedLogin("key not authorized"))
+        reasons = [entry.allows(peer, self.now()) for entry in listed]
+        if all(reasons):
+            # A listed key is an operator's: saying why it was refused is worth a line each time.
+            log.warn("console: key {fingerprint} refused for {peer}: {why}", fingerprint=fingerprint(key), peer=peer, why=reasons[0])
+            return fail(UnauthorizedLogin("key not allowed here or now"))
+        if not credentials.signature:
+            return fail(ValidPublicKey())
+        try:
+            verified = key.verify(credentials.signature, credentials.sigData)
+        except Exception:
+            verified = False
+        if not verified:
+            return fail(UnauthorizedLogin("bad signature"))
+        entry = listed[reasons.index(None)]
+        log.info(
+            "console: {user} logged in from {peer} with key {fingerprint} {comment}",
+            user=credentials.username.decode("utf-8", "replace"),
+            peer=peer,
+            fingerprint=fingerprint(key),
+            comment=entry.comment,
+        )
+        return succeed(credentials.username)
+
+
+class _PeerPortal:
+    """The factory's portal, handing the checker the client's address along with its credentials."""
+
+    def __init__(self, portal: Any, peer: str | None) -> None:
+        self.portal = portal
+        self.peer = peer
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred:
+        credentials.peer = self.peer
+        return self.portal.login(credentials, mind, *interfaces)
+
+    def listCredentialsInterfaces(self) -> Any:
+        return self.portal.listCredentialsInterfaces()
+
+
+class ConsoleUserAuth(userauth.SSHUserAuthServer):
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        connection: Any = self.transport
+        self.portal = _PeerPortal(self.portal, getattr(connection.transport.getPeer(), "host", None))
+
+
+class ConsoleTransport(ssh_transport.SSHServerTransport):
+    """conch's server transport saying, in server-sig-algs, the user key algorithms taken (not the host key's)."""
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        super().sendExtInfo(
+            [(k, b",".join(USER_KEY_ALGORITHMS) if k == b"server-sig-algs" else v) for k, v in extensions]
+        )
 
 
 class _Glue:
@@ -277,61 +522,96 @@ class ConsoleRealm(manhole_ssh.TerminalRealm):
         session.namespace_factory = self.namespace
         session.banner = self.banner
         user.original.setComponent(ISession, session)
-        log.info("console: {user} logged in", user=avatarId.decode("utf-8", "replace"))
         return user
 
 
 class ConsoleFactory(manhole_ssh.ConchFactory):
     """
     conch's factory, locked down: modern algorithms only (``KEY_EXCHANGES``,
-    ``CIPHERS``, ``MACS``), a login deadline, an idle timeout and a cap on
-    console connections open at once.
+    ``CIPHERS``, ``MACS``), a login deadline, an idle timeout, a bound on
+    connections waiting to log in that drops the longest waiting, and a cap
+    on logged-in consoles.
     """
 
+    protocol = ConsoleTransport
+    services = {b"ssh-userauth": ConsoleUserAuth, b"ssh-connection": SSHConnection}
     login_timeout = LOGIN_TIMEOUT
     idle_timeout = IDLE_TIMEOUT
     max_sessions = MAX_SESSIONS
+    max_unauthenticated = MAX_UNAUTHENTICATED
 
     def __init__(self, portal: Any, clock: Any) -> None:
         super().__init__(portal)
         self.clock = clock
-        self.open = 0
+        self.waiting: deque[Any] = deque()  # connections not logged in yet, oldest first
+        self.sessions = 0  # logged in
+
+    @property
+    def open(self) -> int:
+        return len(self.waiting) + self.sessions
 
     # conch's own annotations say bytes; the values are keys.Key objects
     publicKeys: dict[bytes, Any]
     privateKeys: dict[bytes, Any]
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.open >= self.max_sessions:
+        if len(self.waiting) >= self.max_unauthenticated:
+            oldest = self.waiting.popleft()
             log.warn(
-                "console: refused a connection from {peer}: {count} console connections are open (the most)",
-                peer=getattr(addr, "host", "?"),
-                count=self.open,
+                "console: dropped {peer}, not logged in yet, to make room ({count} connections were waiting)",
+                peer=str(oldest.transport.getPeer()),
+                count=self.max_unauthenticated,
             )
-            return None
+            oldest.transport.abortConnection()
         transport: Any = super().buildProtocol(addr)
         transport.supportedKeyExchanges = [k for k in transport.supportedKeyExchanges if k in KEY_EXCHANGES]
         transport.supportedCiphers = [c for c in transport.supportedCiphers if c in CIPHERS]
         transport.supportedMACs = [m for m in transport.supportedMACs if m in MACS]
         transport.supportedCompressions = [b"none"]  # no compression of secrets before the login
-        self.open += 1
+        self.waiting.append(transport)
         login = self.clock.callLater(self.login_timeout, self._too_slow, transport)
         idle = self.clock.callLater(self.idle_timeout, self._idle, transport)
-        received, lost = transport.dataReceived, transport.connectionLost
+        received, lost, set_service = transport.dataReceived, transport.connectionLost, transport.setService
+        state = {"session": False}
 
         def dataReceived(data: bytes) -> None:
             if idle.active():
                 idle.reset(self.idle_timeout)
             received(data)
 
+        def setService(service: Any) -> None:
+            if isinstance(service, SSHConnection) and not state["session"]:
+                if transport in self.waiting:
+                    self.waiting.remove(transport)
+                if login.active():
+                    login.cancel()
+                if self.sessions >= self.max_sessions:
+                    log.warn(
+                        "console: refused a login from {peer}: {count} consoles are open (the most)",
+                        peer=str(transport.transport.getPeer()),
+                        count=self.sessions,
+                    )
+                    transport.sendDisconnect(
+                        ssh_transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                        f"{self.sessions} consoles are open, the most there may be; try again later".encode(),
+                    )
+                    return
+                state["session"] = True
+                self.sessions += 1
+            set_service(service)
+
         def connectionLost(reason: Any) -> None:
-            self.open -= 1
+            if state["session"]:
+                self.sessions -= 1
+            elif transport in self.waiting:
+                self.waiting.remove(transport)
             for timer in (login, idle):
                 if timer.active():
                     timer.cancel()
             lost(reason)
 
         transport.dataReceived = dataReceived
+        transport.setService = setService
         transport.connectionLost = connectionLost
         return transport
 
@@ -355,9 +635,9 @@ def console_factory(
 ) -> ConsoleFactory:
     """An SSH factory for the console: public keys from ``authorized_keys``, a host key in ``key_dir``."""
     key, made = host_key(key_dir)
-    keydb = AuthorizedKeysFile(authorized_keys)
+    keydb = AuthorizedKeys(authorized_keys)
     realm = ConsoleRealm(namespace, banner)
-    factory = ConsoleFactory(portal.Portal(realm, [SSHPublicKeyChecker(keydb)]), clock)
+    factory = ConsoleFactory(portal.Portal(realm, [keydb]), clock)
     # conch keeps these on the class, shared by every factory: give this one its own.
     factory.publicKeys = {key.sshType(): key.public()}
     factory.privateKeys = {key.sshType(): key}
@@ -365,8 +645,7 @@ def console_factory(
         "console: {what} host key {path}, fingerprint {fingerprint}",
         what="made" if made else "using",
         path=str(key_dir / HOST_KEY_NAME),
-        # as ssh and ssh-keygen -l show it
-        fingerprint="SHA256:" + key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64).rstrip("="),
+        fingerprint=fingerprint(key),
     )
     if keydb.count() == 0:
         log.warn(
