@@ -50,7 +50,7 @@ class Dashboard:
     """One browser tab's requests, over one keep-alive HTTPS connection, with the session cookie."""
 
     def __init__(self, gateway: Gateway, token: str) -> None:
-        context = ssl.create_default_context(cafile=str(gateway.data_dir / "tls" / "gateway.crt"))
+        context = ssl.create_default_context(cafile=str(gateway.data_dir / "tls" / "ca.crt"))
         context.check_hostname = False
         self.conn = http.client.HTTPSConnection("127.0.0.1", gateway.ports["https"], context=context, timeout=30)
         status, _, headers = self._request("POST", "/ui/session", json.dumps({"token": token}).encode())

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -88,6 +89,8 @@ __all__ = ["Options", "makeService", "build", "GatewayService", "GatewayProcess"
 log = Logger()
 
 # Settings a SIGHUP applies while running; every other change waits for a restart.
+TLS_RENEWAL_CHECK = 6 * 3600.0  # seconds between looks at whether the data directory's certificate is due
+
 LIVE_SETTINGS = frozenset(
     (
         "log_level",
@@ -255,6 +258,7 @@ class GatewayService(MultiService):
             self.metrics.live.sources.append(source)
         self.metrics.live.sources.append(self.alerts.live_metrics)
         self.listeners = Listeners()
+        self.tls = TLSWrapper(reactor, config.tls_dir, config.tls_cert, config.tls_key)
         self.listeners.setServiceParent(self)
         self.ready: Deferred = Deferred()  # fires when the store is connected
         self.listening: Deferred = Deferred()  # fires when the ports take connections (ready, or serving without it)
@@ -295,7 +299,7 @@ class GatewayService(MultiService):
     def _listeners(self) -> list[Listener]:
         """A Listener for every configured endpoint (TLS certificates made here if need be)."""
         config, reactor = self.config, self.reactor
-        tls = TLSWrapper(reactor, config.tls_dir, config.tls_cert, config.tls_key)
+        tls = self.tls
 
         def listener(spec: EndpointSpec, factory: Any, option: str, what: str, client_ca: Any = None) -> Listener:
             if spec.tls:
@@ -356,6 +360,11 @@ class GatewayService(MultiService):
         try:
             for one in self._listeners():
                 one.setServiceParent(self.listeners)
+            if self.tls.local is not None:
+                # The data directory's certificate is renewed before it expires, without a restart.
+                renewal = TimerService(TLS_RENEWAL_CHECK, self.tls.renew)
+                renewal.clock = self.reactor
+                renewal.setServiceParent(self)
             super().privilegedStartService()
         except StartError as e:
             raise self._failed(str(e), ready=False) from None
@@ -666,6 +675,8 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._reload()).addErrback(lambda f: log.failure("reload failed", f))
 
     async def _reload(self) -> list[str]:
+        if self.tls.renew():  # a certificate renewed or moved to the new layout by gatewayctl: taken now
+            log.info("SIGHUP: the data directory's TLS certificate was taken up")
         path = self.config.config_file
         if path is None:
             log.info("SIGHUP: the gateway was started without --config; nothing to re-read")

@@ -104,7 +104,7 @@ class GatewayProcess:
 
     @property
     def cert(self) -> str:
-        return str(self.data_dir / "tls" / "gateway.crt")
+        return str(self.data_dir / "tls" / "ca.crt")  # the local CA that signs the server certificate
 
     def stop(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -70,7 +70,7 @@ def gateway(service):
 def endpoints(service):
     tcp_port = service.device_ports[0].getHost().port
     tls_port = service.device_ports[1].getHost().port
-    trust = Certificate.loadPEM((service.config.tls_dir / "gateway.crt").read_bytes())
+    trust = Certificate.loadPEM((service.config.tls_dir / "ca.crt").read_bytes())
     return {
         "tcp": TCP4ClientEndpoint(reactor, "127.0.0.1", tcp_port),
         "tls": wrapClientTLS(
@@ -165,7 +165,7 @@ async def test_client_certificate_must_name_the_device(tmp_path, db_dsn, sql):
     config = service.config
     try:
         port = service.device_ports[0].getHost().port
-        trust = Certificate.loadPEM((config.tls_dir / "gateway.crt").read_bytes())
+        trust = Certificate.loadPEM((config.tls_dir / "ca.crt").read_bytes())
 
         def endpoint(client_cert=None):
             options = optionsForClientTLS("localhost", trust, client_cert)

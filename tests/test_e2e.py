@@ -8,11 +8,14 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.gatewayproc import GatewayProcess, gatewayctl, postmaster
 
@@ -67,7 +70,8 @@ def gateway(workdir):
 
 def test_quick_start_then_kill_9_loses_nothing(gateway):
     gateway.start()
-    assert "self-signed TLS certificate" in gateway.wait_for_line("SHA-256 fingerprint [0-9A-F:]{95}")
+    made = gateway.wait_for_line("SHA-256 fingerprint [0-9A-F:]{95}")
+    assert "made TLS certificate" in made and "signed by the local CA" in made
     added = gatewayctl("device", "add", "truck-17", data_dir=gateway.data_dir)
     token = added.stdout.strip()
     assert added.stdout == token + "\n" and len(token) == 60  # the token alone on stdout
@@ -247,3 +251,39 @@ def test_mosquitto_pub_as_in_the_readme_stores_a_reading_once_however_often_sent
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert wrong.returncode != 0 and "bad user name or password" in wrong.stderr.lower()
+
+
+def _served_certificate(port: int, cafile: str | None) -> bytes:
+    """The certificate a handshake with the HTTPS port presents (verified against ``cafile`` when given)."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=cafile) if cafile else ssl._create_unverified_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_an_old_data_directory_keeps_its_certificate_until_gatewayctl_moves_it_and_sighup_takes_it_up(gateway):
+    from cryptography import x509
+    from cryptography.x509 import DNSName
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    from gateway.transports.tls import make_self_signed
+
+    old = make_self_signed(gateway.data_dir / "tls")  # as the gateway made them before the local CA
+    gateway.start()
+    gateway.wait_for_line("gatewayctl tls new-layout")
+    old_der = x509.load_pem_x509_certificate(old.cert_path.read_bytes()).public_bytes(serialization.Encoding.DER)
+    assert _served_certificate(gateway.port, str(old.cert_path)) == old_der  # pinned devices keep working
+
+    moved = gatewayctl("tls", "new-layout", data_dir=gateway.data_dir)
+    assert moved.stdout.strip() == str(gateway.data_dir / "tls" / "ca.crt")
+    gateway.proc.send_signal(signal.SIGHUP)
+    gateway.wait_for_line("TLS certificate was taken up")
+    served = x509.load_der_x509_certificate(_served_certificate(gateway.port, gateway.cert))
+    ca = x509.load_pem_x509_certificate(Path(gateway.cert).read_bytes())
+    PolicyBuilder().store(Store([ca])).build_server_verifier(DNSName("localhost")).verify(served, [])
+    shown = json.loads(gatewayctl("tls", "show", "--json", data_dir=gateway.data_dir).stdout)
+    assert shown["layout"] == "local CA" and shown["server"]["sha256"].replace(":", "").lower() == served.fingerprint(
+        hashes.SHA256()
+    ).hex()

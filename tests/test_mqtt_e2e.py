@@ -84,7 +84,7 @@ async def committed(service) -> None:
 
 def ports(service) -> dict[str, tuple[int, str | None]]:
     tcp, tls = (p.getHost().port for p in service.mqtt_ports)
-    return {"tcp": (tcp, None), "tls": (tls, str(service.config.tls_dir / "gateway.crt"))}
+    return {"tcp": (tcp, None), "tls": (tls, str(service.config.tls_dir / "ca.crt"))}
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])

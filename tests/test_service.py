@@ -32,7 +32,7 @@ class Gateway:
         self.service = service
         self.port = service.https_port.getHost().port
         self.url = f"https://127.0.0.1:{self.port}"
-        self.cert_path = service.config.tls_dir / "gateway.crt"
+        self.cert_path = service.config.tls_dir / "ca.crt"
         cert = Certificate.loadPEM(self.cert_path.read_bytes())
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
@@ -257,3 +257,38 @@ async def test_a_gateway_stopped_while_waiting_for_its_database_stops_cleanly(tm
     await service.stopService()
     await service.starting.addTimeout(60, reactor)  # the waiting retry gives up instead of connecting
     assert not service.ready.called and service.store.pool.up == 0 and service.failure is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_certificate_is_renewed_before_it_expires_and_served_without_a_restart(gateway):
+    import datetime
+
+    from cryptography import x509
+
+    tls = gateway.service.tls
+    first = tls.local
+    assert first is not None and first.not_after is not None
+    served = await deferToThread(_served, gateway.port, str(first.ca_path))
+    assert x509.load_der_x509_certificate(served).not_valid_after_utc == first.not_after
+    assert tls.renew() is False  # not due
+    # The certificate on disk is one issued 380 days ago (17 days left), as a long-running gateway has it.
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.transports.tls import _issue_server
+
+    ca = x509.load_pem_x509_certificate(first.ca_path.read_bytes())
+    ca_key = serialization.load_pem_private_key((first.ca_path.parent / "ca.key").read_bytes(), None)
+    long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=380)
+    _issue_server(first.ca_path.parent, ca_key, ca, "localhost", long_ago)
+    assert tls.renew() is True
+    assert tls.local.fingerprint != first.fingerprint and tls.local.not_after >= first.not_after
+    renewed = await deferToThread(_served, gateway.port, str(first.ca_path))  # the same CA trusts it
+    assert renewed != served and x509.load_der_x509_certificate(renewed).not_valid_after_utc == tls.local.not_after
+
+
+def _served(port: int, cafile: str) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.transports.stdtls import server_context
-from gateway.transports.tls import TLSConfigError, make_self_signed
+from gateway.transports.tls import TLSConfigError, fingerprint_of, local_credentials, make_self_signed, new_layout
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, str]:
@@ -52,7 +52,7 @@ def client(max_version=None, ciphers=None) -> ssl.SSLContext:
 
 @pytest.fixture
 def ecdsa(tmp_path):
-    made = make_self_signed(tmp_path / "tls", hostname="gw.example")
+    made = local_credentials(tmp_path / "tls", hostname="gw.example")
     return server_context(made.cert_path, made.key_path)
 
 
@@ -106,22 +106,72 @@ def test_every_offered_suite_is_tls13_or_ecdhe_aead(ecdsa):
         assert name.startswith("TLS_") or (name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name)), name
 
 
-def test_self_signed_certificate_is_made_once(tmp_path):
-    first = make_self_signed(tmp_path / "tls", hostname="gw.example")
-    again = make_self_signed(tmp_path / "tls", hostname="gw.example")
-    assert first.created and not again.created
+def strictly_verified(made, name: str = "localhost") -> None:
+    """What strict verifiers (webpki, cryptography's) require of a server certificate and its CA."""
+    from cryptography.x509 import DNSName
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    ca = x509.load_pem_x509_certificate(made.ca_path.read_bytes())
+    leaf = x509.load_pem_x509_certificate(made.cert_path.read_bytes())
+    PolicyBuilder().store(Store([ca])).build_server_verifier(DNSName(name)).verify(leaf, [])
+
+
+def test_the_local_ca_signs_a_server_certificate_strict_verifiers_accept(tmp_path):
+    first = local_credentials(tmp_path / "tls", hostname="gw.example")
+    again = local_credentials(tmp_path / "tls", hostname="gw.example")
+    assert first.created and not again.created and not first.legacy
     assert first.fingerprint == again.fingerprint and len(first.fingerprint) == 95
-    cert = x509.load_pem_x509_certificate(first.cert_path.read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    strictly_verified(first)
+    strictly_verified(first, "gw.example")
+    ca = x509.load_pem_x509_certificate(first.ca_path.read_bytes())
+    leaf = x509.load_pem_x509_certificate(first.cert_path.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days <= 398
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= 3649
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "gw.example"} <= set(san.get_values_for_type(x509.DNSName))
     assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    assert stat.S_IMODE(first.key_path.stat().st_mode) == 0o600
+    for name in ("gateway.key", "ca.key"):
+        assert stat.S_IMODE((tmp_path / "tls" / name).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "tls").stat().st_mode) == 0o700
 
 
+def test_the_server_certificate_is_renewed_by_the_same_ca_30_days_before_it_expires(tmp_path):
+    first = local_credentials(tmp_path / "tls")
+    assert first.not_after is not None
+    before = first.not_after - datetime.timedelta(days=31)
+    assert local_credentials(tmp_path / "tls", now=before).fingerprint == first.fingerprint
+    renewed = local_credentials(tmp_path / "tls", now=first.not_after - datetime.timedelta(days=29))
+    assert renewed.created and renewed.fingerprint != first.fingerprint
+    assert renewed.ca_fingerprint == first.ca_fingerprint  # devices pinned to the CA notice nothing
+    assert renewed.not_after > first.not_after
+
+
+def test_a_data_directory_of_the_old_layout_keeps_its_certificate_until_moved(tmp_path):
+    from cryptography.x509.verification import VerificationError
+
+    old = make_self_signed(tmp_path / "tls")
+    kept = local_credentials(tmp_path / "tls")
+    assert kept.legacy and not kept.created and kept.fingerprint == old.fingerprint
+    with pytest.raises(VerificationError):  # why it has to move: a CA certificate serving as the server's
+        from cryptography.x509 import DNSName
+        from cryptography.x509.verification import PolicyBuilder, Store
+
+        cert = x509.load_pem_x509_certificate(old.cert_path.read_bytes())
+        PolicyBuilder().store(Store([cert])).build_server_verifier(DNSName("localhost")).verify(cert, [])
+    moved = new_layout(tmp_path / "tls")
+    assert not moved.legacy and moved.fingerprint != old.fingerprint
+    strictly_verified(moved)
+    legacy = x509.load_pem_x509_certificate((tmp_path / "tls" / "legacy-gateway.crt").read_bytes())
+    assert fingerprint_of(legacy) == old.fingerprint  # kept aside, not lost
+
+
 def test_key_that_does_not_match_is_refused(tmp_path):
-    a = make_self_signed(tmp_path / "a")
-    b = make_self_signed(tmp_path / "b")
+    a = local_credentials(tmp_path / "a")
+    b = local_credentials(tmp_path / "b")
     with pytest.raises(TLSConfigError, match="cannot be used together"):
         server_context(a.cert_path, b.key_path)
 
@@ -129,7 +179,7 @@ def test_key_that_does_not_match_is_refused(tmp_path):
 def test_garbage_files_are_named(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    good = make_self_signed(tmp_path / "tls")
+    good = local_credentials(tmp_path / "tls")
     with pytest.raises(TLSConfigError, match="bad.pem"):
         server_context(bad, good.key_path)
     with pytest.raises(TLSConfigError, match="bad.pem"):

@@ -17,7 +17,7 @@ import sys
 
 import psycopg2
 
-from gateway.cli import conflicts, device, export, modbus, mqtt, quarantine, session, simulate, storage, token, upload
+from gateway.cli import conflicts, device, export, modbus, mqtt, quarantine, session, simulate, storage, tls, token, upload
 from gateway.cli.common import CommandError, database, note
 from gateway.storage import schema
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", parents=[common], help="apply schema migrations")
     p.set_defaults(func=cmd_migrate)
-    for noun in (device, export, token, session, quarantine, conflicts, upload, storage, mqtt, modbus, simulate):
+    for noun in (device, export, token, session, quarantine, conflicts, upload, storage, mqtt, modbus, simulate, tls):
         noun.register(sub, common)
     return parser
 

@@ -42,7 +42,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     trust = None
     if args.protocol in ("tls", "https", "mqtts"):
         data_dir, _ = settings(args)
-        ca = Path(args.ca) if args.ca else data_dir / "tls" / "gateway.crt"
+        # The local CA that signs the gateway's certificate; a data directory of the old layout has none.
+        local_ca = data_dir / "tls" / "ca.crt"
+        ca = Path(args.ca) if args.ca else local_ca if local_ca.exists() else data_dir / "tls" / "gateway.crt"
         try:
             trust = ssl.Certificate.loadPEM(ca.read_bytes())
         except (OSError, ssl.SSL.Error) as e:
@@ -116,7 +118,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds [default: 10]")
     p.add_argument("--batch", type=int, default=100, help="readings per frame or request [default: 100]")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    p.add_argument("--ca", help="certificate to trust for tls/https [default: DATA_DIR/tls/gateway.crt]")
+    p.add_argument("--ca", help="certificate to trust for tls/https [default: DATA_DIR/tls/ca.crt]")
     p.add_argument("--tls-name", help="host name the gateway's certificate must show [default: the target host]")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=cmd_simulate)

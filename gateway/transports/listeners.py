@@ -13,8 +13,9 @@ assembler stops listening first, then everything) does no harm.
 
 ``TLSWrapper`` puts the ssl module's TLS (``transports.stdtls``) around a
 factory: with the endpoint's own certificate, else ``--tls-cert``, else the
-self-signed certificate it makes once in the data directory (and logs with
-its SHA-256 fingerprint).
+data directory's (a local CA and a server certificate it signs, made on
+first start, renewed before expiry and logged with their SHA-256
+fingerprints).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 from gateway.config import StartError
 from gateway.transports.endpoints import EndpointSpec
 from gateway.transports.stdtls import TLSServerFactory, server_context
-from gateway.transports.tls import TLSConfigError, make_self_signed
+from gateway.transports.tls import ServerCredentials, TLSConfigError, local_credentials
 
 log = Logger()
 
@@ -86,12 +87,28 @@ class Listeners(MultiService):
 
 
 class TLSWrapper:
+    """
+    TLS for the listeners: the endpoint's own certificate, ``--tls-cert``, or the data directory's (a local
+    CA and a server certificate it signs), which ``renew`` makes anew before it expires and hands to every
+    listener using it without a restart: connections made after it get the new one.
+    """
+
     def __init__(self, reactor: IReactorTime, tls_dir: Path, cert: Path | None, key: Path | None) -> None:
         self.reactor = reactor
         self.tls_dir = tls_dir
         self.cert = cert
         self.key = key
-        self._announced = False
+        self.local: ServerCredentials | None = None  # the data directory's, once a listener uses it
+        self._using_local: list[tuple[TLSServerFactory, EndpointSpec, Path | None]] = []
+
+    def _local(self) -> ServerCredentials:
+        if self.local is None:
+            try:
+                self.local = local_credentials(self.tls_dir)
+            except TLSConfigError as e:
+                raise StartError(f"--data-dir: {e}") from None
+            _announce(self.local)
+        return self.local
 
     def _credentials(self, spec: EndpointSpec, option: str) -> tuple[Any, Any, str]:
         """(certificate, key, the option they come from) for a TLS endpoint."""
@@ -99,24 +116,63 @@ class TLSWrapper:
             return spec.cert_key, spec.private_key, option
         if self.cert is not None:
             return self.cert, self.key, "tls-cert"
-        made = make_self_signed(self.tls_dir)
-        if made.created or not self._announced:
-            self._announced = True
-            log.info(
-                "{what} self-signed TLS certificate {path}, SHA-256 fingerprint {fingerprint}",
-                what="made" if made.created else "using",
-                path=str(made.cert_path),
-                fingerprint=made.fingerprint,
-            )
+        made = self._local()
         return made.cert_path, made.key_path, "tls-cert"
+
+    def renew(self, now: Any = None) -> bool:
+        """
+        Renew the data directory's certificate if it is due (or was moved to the new layout by gatewayctl),
+        and give it to the listeners using it; True when it changed. Never raises: a failure is logged and
+        the certificate in use stays.
+        """
+        if self.local is None:
+            return False
+        try:
+            fresh = local_credentials(self.tls_dir, now=now)
+            if fresh.fingerprint == self.local.fingerprint:
+                return False
+            for factory, spec, client_ca in self._using_local:
+                factory.context = server_context(fresh.cert_path, fresh.key_path, spec.extra_cert_chain, client_ca)
+        except (TLSConfigError, OSError) as e:
+            log.error("TLS certificate not renewed, the one in use stays: {error}", error=str(e))
+            return False
+        self.local = fresh
+        _announce(fresh, renewed=True)
+        return True
 
     def wrap(self, spec: EndpointSpec, factory: Any, option: str, client_ca: Path | None = None) -> Any:
         cert, key, source = self._credentials(spec, option)
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
             # and a small HTTPS request costs 13% less CPU (transports/stdtls.py).
-            return TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor)
+            wrapped = TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor)
+            if self.local is not None and cert == self.local.cert_path:
+                self._using_local.append((wrapped, spec, client_ca))
+            return wrapped
         except TLSConfigError as e:
             if client_ca is not None and str(client_ca) in str(e):
                 source = "device-ca"
             raise StartError(f"--{source}: {e}") from None
+
+
+def _announce(made: ServerCredentials, renewed: bool = False) -> None:
+    if made.legacy:
+        log.warn(
+            "using the self-signed TLS certificate {path} (SHA-256 fingerprint {fingerprint}) of a data directory "
+            "made before the local CA: strict verifiers refuse a CA certificate as a server's. Move it on with "
+            "'gatewayctl tls new-layout' (devices then trust {ca})",
+            path=str(made.cert_path),
+            fingerprint=made.fingerprint,
+            ca=str(made.cert_path.with_name("ca.crt")),
+        )
+        return
+    log.info(
+        "{what} TLS certificate {path} (SHA-256 fingerprint {fingerprint}, until {until}), signed by the local CA "
+        "{ca} that devices trust (SHA-256 fingerprint {ca_fingerprint})",
+        what="renewed" if renewed else "made" if made.created else "using",
+        path=str(made.cert_path),
+        fingerprint=made.fingerprint,
+        until=made.not_after.date().isoformat() if made.not_after else "?",
+        ca=str(made.ca_path),
+        ca_fingerprint=made.ca_fingerprint,
+    )
