@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import fail, maybeDeferred
 from twisted.internet.task import Clock
 
@@ -106,3 +107,43 @@ def test_the_token_caches_hold_at_most_their_bound(monkeypatch):
     assert list(table) == ["k7", "k8", "k9"]
     module.cache(table, "k8", (100.0, "again"), now=0.0)
     assert list(table) == ["k7", "k9", "k8"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_simulated_devices_given_new_tokens_reach_the_known_devices_file(tmp_path, db_dsn):
+    """gatewayctl simulate provisions as device rotate does: a running gateway's snapshot takes the new tokens."""
+    import psycopg2
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from gateway.cli.simulate import provision_simulated
+    from tests.conftest import start_service
+
+    service = await start_service(tmp_path, db_dsn)
+    try:
+        known = service.config.known_devices_file
+
+        def token_ids() -> dict:
+            if not known.exists():
+                return {}
+            return {row[1]: row[2] for row in json.loads(known.read_bytes())["devices"]}
+
+        conn = psycopg2.connect(db_dsn)
+        try:
+            provision_simulated(conn, 2)
+            for _ in range(400):
+                if "sim-1" in token_ids():
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            first = token_ids()["sim-1"]
+            [(_, token0), (_, token1)] = provision_simulated(conn, 2)  # again: new tokens
+        finally:
+            conn.close()
+        new = token1.split(".")[0]
+        for _ in range(400):
+            if token_ids().get("sim-1") == new:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert token_ids()["sim-1"] == new != first
+    finally:
+        await service.stopService()

@@ -23,6 +23,9 @@ def provision_simulated(conn: Any, count: int) -> list[tuple[str, str]]:
             "token_hash = EXCLUDED.token_hash, revoked_at = NULL",
             ([n for n, _ in devices], [t.token_id for _, t in devices], [t.digest for _, t in devices]),
         )
+        # As device add and rotate do: running gateways forget the old tokens and rewrite known-devices.json,
+        # so during an outage the new tokens are the ones taken. Sent with the change, so seen with it.
+        cur.execute("SELECT pg_notify('gateway_devices', n) FROM unnest(%s::text[]) AS n", ([n for n, _ in devices],))
     conn.commit()
     return [(name, t.token) for name, t in devices]
 
