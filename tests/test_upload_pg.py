@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 from collections import Counter, defaultdict
 
 import psycopg2
@@ -139,7 +140,7 @@ async def test_every_reading_arrives_in_order_through_failures(db_dsn, sql, rece
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, sql, receiver, tmp_path):
+async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, sql, receiver, tmp_path, capsys):
     add_pg_device(sql, "truck-1")
     add_readings(sql, "truck-1", 250)
     receiver.script.extend(["ok", ("status", 400)])
@@ -159,12 +160,29 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
         assert receiver.attempts[1] == key and key not in {b.key for b in receiver.accepted}
         assert "HTTP 400" in sql("SELECT last_error FROM upload_sinks")[0][0]
         assert uploader.loops["cloud"].counters.parked == 1
+        await uploader.look()  # what /healthz shows, as the monitor reads it every few seconds
+        health = uploader.sink_status()["cloud"]
+        assert health["parked_batches"] == 1  # the batches after it went: last_error says the sink works now
 
         from gateway.cli.main import main
 
         assert main(["upload", "retry-dead", "cloud", "--db", db_dsn]) == 0
         await until(lambda: len(receiver.accepted) == 3, what="the parked batch sent again")
         await until(lambda: sql("SELECT count(*) FROM upload_batches") == [(0,)], what="its row gone after the 2xx")
+        await uploader.look()
+        health = uploader.sink_status()["cloud"]
+        assert (health["parked_batches"], health["last_error"], health["lag_seconds"]) == (0, None, 0.0)
+        assert health["checked_seconds_ago"] is not None
+
+        capsys.readouterr()
+        assert main(["upload", "status", "--db", db_dsn]) == 0
+        text = capsys.readouterr().out
+        assert re.search(r"time \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\n", text), text
+        assert re.search(r"last sent     \d{4}-\d\d-\d\dT[\d:.]+Z\n", text), text
+        assert "+00" not in text
+        assert main(["upload", "status", "--json", "--db", db_dsn]) == 0
+        [doc] = json.loads(capsys.readouterr().out)
+        assert doc["cursor_time"].endswith("Z") and doc["last_sent_at"].endswith("Z") and doc["lag_seconds"] == 0.0
     finally:
         await uploader.stopService()
     assert receiver.accepted[-1].key == key
@@ -173,7 +191,7 @@ async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, sql, receiver, tmp_path):
+async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, sql, receiver, tmp_path, monkeypatch):
     add_pg_device(sql, "truck-1")
     late = psycopg2.connect(db_dsn)
     with late.cursor() as cur:  # takes the lower transaction number, commits last
@@ -184,10 +202,21 @@ async def test_a_reading_whose_transaction_commits_late_is_not_skipped(db_dsn, s
         late_tx = cur.fetchone()[0]
     add_readings(sql, "truck-1", 10)
     assert min(row[0] for row in sql("SELECT tx FROM readings WHERE metric_id = metric_id_of('oil_temp')")) > late_tx
+    from gateway.outbound.ledger import Ledger, Wait
+
+    cuts: list = []
+    cut = Ledger.cut
+
+    def counted(self, sink, force=False):
+        return cut(self, sink, force).addCallback(lambda result: cuts.append(result) or result)
+
+    monkeypatch.setattr(Ledger, "cut", counted)
     uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=5))
     try:
-        await deferLater(reactor, 0.5, lambda: None)
-        # nothing stored after the open transaction began is final yet
+        # The uploader looks three times (each after its flush interval) while the early transaction is open ...
+        await until(lambda: len(cuts) >= 3, what="three looks for a batch")
+        # ... and each time finds nothing final: what was stored after that transaction began waits for it.
+        assert all(isinstance(c, Wait) for c in cuts), cuts
         assert receiver.readings == []
         late.commit()
         await until(lambda: len(receiver.readings) == 11, what="all 11 readings")

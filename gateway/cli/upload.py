@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, at, params, sink_doc
 from gateway.cli.common import CommandError, database, note, when
+from gateway.readings import format_ts
 
 
 def _sink_rows(conn: Any) -> list[dict[str, Any]]:
@@ -44,10 +45,14 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
         note("no sinks: give the gateway --upload-url or [[sink]] tables")
     for row in rows:
         lag = row["unbatched_readings"] + row["pending_readings"]
-        behind = f"{row['lag_seconds']:.1f}s" if row["lag_seconds"] is not None else "0s"
+        behind = f"{row['lag_seconds']:.1f}s"
         print(f"sink {row['name']}  {row['url']}")
-        device, metric, ts = row["cursor_key"].split("/", 2)
-        print(f"  cursor        transaction {row['cursor_tx']}, device {device}, metric {metric}, time {ts}")
+        device, metric, _ = row["cursor_key"].split("/", 2)
+        if row["cursor_time"] is None:
+            print(f"  cursor        transaction {row['cursor_tx']} (nothing sent yet)")
+        else:
+            time = format_ts(row["cursor_time"])
+            print(f"  cursor        transaction {row['cursor_tx']}, device {device}, metric {metric}, time {time}")
         print(f"  lag           {lag} readings, {behind} behind ({row['pending_batches']} batches in flight)")
         print(f"  sent          {row['batches_sent']} batches, {row['readings_sent']} readings")
         print(f"  failed        {row['failures']} attempts")

@@ -38,6 +38,7 @@ waits, with its lag growing, and holds back no other.
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import uuid
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from collections.abc import Callable, Collection
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.readings import format_ts
 from gateway.storage.pool import PgPool
 from gateway.outbound.reduce import Row, State, reduce_rows
 from gateway.outbound.sinks import Sink
@@ -244,13 +246,13 @@ def first_unsent(tx: str, device: str, metric: str, ts: str) -> str:
 
 
 # How long the oldest reading not yet sent to the sink (after its cursor or in a batch in flight) has waited.
-_LAG = f"""extract(epoch FROM now() - (
+_LAG = f"""coalesce(extract(epoch FROM now() - (
            SELECT min(a.received_at) FROM (
                SELECT {first_unsent("s.cursor_tx", "s.cursor_device", "s.cursor_metric", "s.cursor_ts")} AS tx
                UNION ALL
                SELECT {first_unsent("b.after_tx", "b.after_device", "b.after_metric", "b.after_ts")}
                FROM upload_batches b WHERE b.sink = s.name AND b.state = 'pending'
-           ) f JOIN readings_arrivals a ON a.tx = f.tx))::float8"""
+           ) f JOIN readings_arrivals a ON a.tx = f.tx))::float8, 0)"""
 
 _BATCHES = """(SELECT count(*) FROM upload_batches b WHERE b.sink = s.name AND b.state = '{state}')"""
 
@@ -277,7 +279,8 @@ SELECT s.name, s.url, s.cursor_tx::text, s.cursor_device || '/' || s.cursor_metr
        {_BATCHES.format(state="parked")},
        (SELECT coalesce(sum(b.readings), 0) FROM upload_batches b WHERE b.sink = s.name AND b.state = 'parked'),
        ({unsent})::bigint,
-       {_LAG}
+       {_LAG},
+       CASE WHEN isfinite(s.cursor_ts) THEN (extract(epoch FROM s.cursor_ts) * 1000000)::bigint END
 FROM upload_sinks s ORDER BY s.name
 """
 
@@ -320,14 +323,26 @@ STATUS_FIELDS = (
     "parked_readings",
     "unbatched_readings",
     "lag_seconds",
+    "cursor_time",
 )
+
+
+def rfc3339(value: datetime.datetime | None) -> str | None:
+    """A time from the database as RFC 3339 in UTC with a Z, as everything the gateway prints."""
+    if value is None:
+        return None
+    delta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    return format_ts((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds)
 
 
 def sink_doc(status: dict[str, Any]) -> dict[str, Any]:
     """A sink's STATUS_FIELDS as JSON shows them (``gatewayctl upload status --json``, ``GET /v1/sinks``)."""
     doc = dict(status)
     for key in ("last_sent_at", "last_error_at"):
-        doc[key] = doc[key].isoformat() if doc[key] is not None else None
+        doc[key] = rfc3339(doc[key])
+    # The time of the last reading sent, RFC 3339 in UTC; None before the first (and past the last of a sink
+    # that starts at the end).
+    doc["cursor_time"] = format_ts(doc["cursor_time"]) if doc["cursor_time"] is not None else None
     doc["lag_readings"] = doc["unbatched_readings"] + doc["pending_readings"]
     return doc
 

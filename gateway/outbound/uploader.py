@@ -249,6 +249,7 @@ class SinkUploader:
         assert verdict is not None
         c = self.counters
         if verdict.kind == "sent":
+            c.last_error = ""  # /healthz says how the sink is now; the database keeps the last error and its time
             c.batches_sent += 1
             c.readings_sent += batch.readings
             c.last_sent_at = self.clock.seconds()
@@ -432,14 +433,17 @@ class Uploader(MultiService):
         for name, loop in sorted(self.loops.items()):
             live = self._live.get(name, {"checked_at": None})
             c = loop.counters
+            checked = live.get("checked_at")
             out[name] = {
+                # parked_batches and lag_seconds are the database's: batches sent again (gatewayctl upload
+                # retry-dead) leave the count there, whichever gateway parked them.
                 **live,
+                "checked_seconds_ago": round(self.reactor.seconds() - checked, 1) if checked is not None else None,
                 "paused": loop.paused,
                 "batches_sent": c.batches_sent,
                 "readings_sent": c.readings_sent,
                 "failures": c.failures,
-                "parked": c.parked,
-                "last_error": c.last_error,
+                "last_error": c.last_error or None,
             }
         return out
 
