@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 
 import pytest
@@ -114,3 +115,24 @@ def test_an_exception_answer_a_silent_device_and_no_device_are_one_line_each(dev
     assert out.returncode == 1 and out.stderr.strip() == f"gatewayctl: 127.0.0.1:{port}: Connection refused"
     out = gatewayctl("modbus", "read", "127.0.0.1:1", "--address", "0", "--count", "126", check=False)
     assert "a read is of 1 to 125 items, not 126" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "value, kind, text",
+    [
+        (0.1, "float64", "0.1"),
+        (1234.5678901234567, "float64", "1234.5678901234567"),
+        (2.0**-30, "float64", "9.313225746154785e-10"),
+        (struct.unpack(">f", struct.pack(">f", 0.1))[0], "float32", "0.1"),
+        (struct.unpack(">f", struct.pack(">f", 16777217.0))[0], "float32", "16777216"),
+        (struct.unpack(">f", struct.pack(">f", 3.4028234e38))[0], "float32", "3.4028235e+38"),
+        (81, "uint16", "81"),
+    ],
+)
+def test_modbus_read_prints_each_value_exactly_in_the_fewest_digits(value, kind, text):
+    from gateway.cli.modbus import exact_text
+
+    assert exact_text(value, kind) == text
+    if kind.startswith("float"):
+        back = float(text) if kind == "float64" else struct.unpack(">f", struct.pack(">f", float(text)))[0]
+        assert back == value

@@ -228,6 +228,10 @@ def test_an_exception_fails_only_its_group_and_is_counted_by_code():
     assert sample.labels == {"device": "meter-1", "code": "2"} and sample.value == 1
     [gap] = metrics["gateway_modbus_gaps"].samples
     assert gap.labels == {"device": "meter-1", "reason": "exception"}
+    # The poll was made and stored what it could: one poll, not a complete one.
+    assert (status["polls"], status["complete_polls"]) == (1, 0)
+    assert [s.value for s in metrics["gateway_modbus_polls"].samples] == [1]
+    assert [s.value for s in metrics["gateway_modbus_polls_complete"].samples] == [0]
 
 
 def test_a_silent_host_times_out_alone_while_another_is_read_on_time():
@@ -236,7 +240,8 @@ def test_a_silent_host_times_out_alone_while_another_is_read_on_time():
     alive = h.slave(registers=meter_registers())
     h.run(20.0, step=0.01)
     dead = h.status("dead")
-    assert dead["polls"] == 0 and dead["gaps_by_reason"] == {"timeout": dead["gaps"]} and dead["gaps"] >= 9
+    assert dead["complete_polls"] == 0 and dead["polls"] >= 9
+    assert dead["gaps_by_reason"] == {"timeout": dead["gaps"]}
     assert dead["state"] in ("failing", "stale") and "no answer within 1s" in dead["last_error"]
     ok = h.status("alive")
     assert ok["gaps"] == 0 and ok["polls"] >= 9

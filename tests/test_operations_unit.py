@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from gateway.ops.health import Health, sink_health
 from gateway.ops.logs import LevelFilter, RateLimitedLog, json_line
-from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeysFile, PlainConsole, host_key
+from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeys, PlainConsole, host_key
 from gateway.readings import Source
 from gateway.ops.metrics import GatewayMetrics, RateWindow
 from gateway.storage.memory import MemoryStore
@@ -163,12 +163,12 @@ def test_authorized_keys_are_read_at_each_login(tmp_path):
     first, _ = host_key(tmp_path / "a")
     second, _ = host_key(tmp_path / "b")
     path = tmp_path / "authorized_keys"
-    db = AuthorizedKeysFile(path)
-    assert db.getAuthorizedKeys(b"admin") == []  # no file: nobody
+    db = AuthorizedKeys(path)
+    assert db.entries() == []  # no file: nobody
     path.write_bytes(b"# comment\n" + first.public().toString("openssh") + b" ops\n")
-    assert db.getAuthorizedKeys(b"admin") == [first.public()]
+    assert [e.key for e in db.entries()] == [first.public()]
     path.write_bytes(path.read_bytes() + b"not a key\n" + second.public().toString("openssh") + b"\n")
-    assert db.getAuthorizedKeys(b"anyone") == [first.public(), second.public()]
+    assert [e.key for e in db.entries()] == [first.public(), second.public()]
 
 
 def test_plain_console_prompts_runs_and_reports_errors():

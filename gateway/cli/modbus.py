@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -115,8 +117,20 @@ def cmd_modbus_read(args: argparse.Namespace) -> None:
         print("decoded (address, type, order: value):")
         for row in rows:
             value = row["value"]
-            text = f"{value:.7g}" if isinstance(value, float) else str(value)
+            text = exact_text(value, row["type"])
             print(f"  {row['address']:>5}  {row['type']:<8} {row['order']}  {text}")
+
+
+def exact_text(value: Any, kind: str) -> str:
+    """A decoded value as the shortest text that reads back to it: float32 to 9 digits at most, float64 to 17."""
+    if not isinstance(value, float):
+        return str(value)
+    if kind.startswith("float32") and math.isfinite(value):
+        for digits in range(6, 10):
+            text = f"{value:.{digits}g}"
+            if struct.unpack(">f", struct.pack(">f", float(text)))[0] == value:
+                return text
+    return repr(value)
 
 
 def cmd_modbus_status(args: argparse.Namespace) -> None:
@@ -130,7 +144,10 @@ def cmd_modbus_status(args: argparse.Namespace) -> None:
         print(
             f"  last read     {seconds(s['last_read_seconds'])} ago, last poll took {seconds(s['last_poll_seconds'])}"
         )
-        print(f"  polls         {s['polls']} complete, {s['readings']} readings stored, {s['suppressed']} in deadband")
+        print(
+            f"  polls         {s['polls']} made, {s.get('complete_polls', 0)} complete; "
+            f"{s['readings']} readings stored, {s['suppressed']} in deadband"
+        )
         reasons = ", ".join(f"{n} {reason}" for reason, n in s["gaps_by_reason"].items())
         print(f"  gaps          {s['gaps']}" + (f" ({reasons})" if reasons else ""))
         if s["exceptions"]:

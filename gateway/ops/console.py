@@ -189,6 +189,7 @@ class Console:
                         state=s["state"],
                         host=f"{s['host']} unit {s['unit']}",
                         polls=s["polls"],
+                        complete=s["complete_polls"],
                         gaps=s["gaps"],
                         last_error=s["last_error"] or None,
                     )

@@ -335,7 +335,8 @@ def _describe(read: Read) -> str:
 
 @dataclass
 class PollCounters:
-    polls: int = 0  # polls that brought every value
+    polls: int = 0  # polls made (each scheduled slot the gateway polled in)
+    complete: int = 0  # of them, polls that brought every value
     readings: int = 0  # readings stored new
     suppressed: int = 0  # values within their deadband, not stored
     gaps: dict[str, int] = field(default_factory=dict)  # reason → polls that brought no or only some values
@@ -393,6 +394,7 @@ class PolledDevice:
     def poll(self) -> Deferred:
         """One poll: look the device up, read every group, store what came. Never errbacks."""
         self.polling = True
+        self.counters.polls += 1
         started = self.clock.seconds()
         known, device = self.poller.devices.get(self.settings.device)
         looked: Deferred = succeed(device) if known else self.poller.devices.look_up(self.settings.device)
@@ -445,7 +447,7 @@ class PolledDevice:
         if failures:
             self._failed(failures)
         else:
-            c.polls += 1
+            c.complete += 1
         kept = self._deadband(readings)
         if not kept:
             return None
@@ -517,6 +519,7 @@ class PolledDevice:
             "state": self._state(now),
             "connected": self.host.connected,
             "polls": c.polls,
+            "complete_polls": c.complete,
             "readings": c.readings,
             "suppressed": c.suppressed,
             "gaps": sum(c.gaps.values()),
@@ -632,7 +635,10 @@ class ModbusPoller(Service):
         return out
 
     def live_metrics(self) -> Iterator[Any]:
-        polls = counter("gateway_modbus_polls", "Polls that brought every value of their device.", ["device"])
+        polls = counter("gateway_modbus_polls", "Polls made of the device, complete or not.", ["device"])
+        complete = counter(
+            "gateway_modbus_polls_complete", "Polls that brought every value of their device.", ["device"]
+        )
         gaps = counter(
             "gateway_modbus_gaps",
             "Polls that brought no or only some values (missed slot, timeout, unreachable, closed, exception, "
@@ -657,6 +663,7 @@ class ModbusPoller(Service):
         for name, polled in sorted(self.polled.items()):
             c = polled.counters
             polls.add_metric([name], c.polls)
+            complete.add_metric([name], c.complete)
             for reason, n in sorted(c.gaps.items()):
                 gaps.add_metric([name, reason], n)
             for code, n in sorted(c.exceptions.items()):
@@ -667,4 +674,4 @@ class ModbusPoller(Service):
                 age.add_metric([name], now - c.last_read_at)
         for host in self.hosts.values():
             connected.add_metric([host.address], 1 if host.connected else 0)
-        yield from (polls, gaps, exceptions, latency, age, connected)
+        yield from (polls, complete, gaps, exceptions, latency, age, connected)
