@@ -282,6 +282,11 @@ def table_number(
     return float(value)
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 device', '2 devices': a count with its noun, for what people read."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def format_ts(ts_us: int) -> str:
     """Microseconds since the epoch → RFC 3339 in UTC, with as many digits as needed."""
     seconds, micro = divmod(ts_us, 1_000_000)

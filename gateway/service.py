@@ -64,7 +64,7 @@ from gateway.storage.partitions import PartitionKeeper
 from gateway.storage.packing import Packer
 from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
-from gateway.readings import Source
+from gateway.readings import Source, counted
 from gateway.storage import embedded
 from gateway.storage.database import DatabaseAway, describe_dsn, prepare_database
 from gateway.storage.known import KnownDevices
@@ -477,8 +477,9 @@ class GatewayService(MultiService):
             log.warn("serving without the database: without a journal every write gets 503 until it answers")
         else:
             log.warn(
-                "serving without the database: {known} devices known from the last run are acknowledged into "
+                "serving without the database: {devices} known from the last run are acknowledged into "
                 "the journal; others get 503 until it answers",
+                devices=counted(self.store.credentials.known, "device"),
                 known=self.store.credentials.known,
             )
         self._open()

@@ -410,7 +410,7 @@ def test_a_large_release_from_quarantine_commits_a_chunk_at_a_time(db_dsn, sql):
         (device,),
     )
     out = gatewayctl("quarantine", "release", "--all", "--db", db_dsn)
-    assert f"released {held} readings: {held - 1} stored, 1 were stored already" in out.stderr + out.stdout
+    assert f"released {held} readings: {held - 1} stored, 1 stored already" in out.stderr + out.stdout
     assert sql("SELECT count(*) FROM quarantine") == [(0,)]
     assert sql("SELECT count(*), count(DISTINCT ts) FROM readings") == [(held, held)]
     groups = [n for (n,) in sql("SELECT count(*) FROM readings GROUP BY tx ORDER BY tx")]

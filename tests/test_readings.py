@@ -131,3 +131,11 @@ def test_rfc3339_agrees_with_datetime(dt):
     if ":" not in text[-6:]:
         text += "Z"
     assert parse_rfc3339(text) == expected
+
+
+def test_counts_read_as_english():
+    from gateway.readings import counted
+
+    assert [counted(n, "device") for n in (0, 1, 2)] == ["0 devices", "1 device", "2 devices"]
+    assert counted(1, "parked batch", "parked batches") == "1 parked batch"
+    assert counted(3, "parked batch", "parked batches") == "3 parked batches"

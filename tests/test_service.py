@@ -292,3 +292,23 @@ def _served(port: int, cafile: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname="localhost") as tls:
             return tls.getpeercert(binary_form=True)
+
+
+def test_the_embedded_database_leaves_the_data_directory_closed_to_others(tmp_path):
+    """Started as root, pgserver opens the directories above pg/ to everyone; only traversal is kept."""
+    import os
+
+    from gateway.storage.embedded import EmbeddedPostgres
+
+    outer = tmp_path / "home"
+    outer.mkdir(mode=0o700)
+    data = outer / "gateway-data"
+    data.mkdir(mode=0o700)
+    pg = EmbeddedPostgres(data / "pg")
+    pg.start()
+    try:
+        expected = 0o711 if os.geteuid() == 0 else 0o700  # as root, pgserver's own user must pass through
+        assert stat.S_IMODE(data.stat().st_mode) == expected
+        assert stat.S_IMODE(outer.stat().st_mode) == expected
+    finally:
+        pg.stop()

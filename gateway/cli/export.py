@@ -11,7 +11,7 @@ from typing import Any
 import csv
 from typing import TextIO
 
-from gateway.readings import format_ts, parse_ts
+from gateway.readings import counted, format_ts, parse_ts
 from gateway.storage.cold import SHIFT
 from gateway.cli.common import CommandError, database, note
 
@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             hot.execute(EXPORT_SQL, params)
             count = _write_rows(itertools.chain(cold, hot), args.format, out)
         conn.rollback()
-    note(f"exported {count} readings")
+    note(f"exported {counted(count, 'reading')}")
 
 
 def _write_rows(rows: Any, fmt: str, out: TextIO) -> int:

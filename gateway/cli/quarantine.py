@@ -15,6 +15,7 @@ from gateway.storage.queries import (
     QUARANTINE_COLUMNS,
 )
 from gateway.cli.common import CommandError, database, note, print_table
+from gateway.readings import counted
 
 
 def _quarantine_filter(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> None:
                 moved, stored = moved + chunk_moved, stored + chunk_stored
                 if chunk_moved < RELEASE_CHUNK:
                     break
-    note(f"released {moved} readings: {stored} stored, {moved - stored} were stored already")
+    note(f"released {counted(moved, 'reading')}: {stored} stored, {moved - stored} stored already")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.ingest import tokens
 from gateway.cli.common import CommandError, database, note, settings
+from gateway.readings import counted
 
 
 def provision_simulated(conn: Any, count: int) -> list[tuple[str, str]]:
@@ -54,7 +55,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError(f"--ca {str(ca)!r}: cannot load a certificate to trust ({e})") from None
     with database(args) as conn:
         devices = provision_simulated(conn, args.devices)
-    note(f"simulating {len(devices)} devices over {args.protocol} against {args.target} for {args.duration:g}s")
+    note(f"simulating {counted(len(devices), 'device')} over {args.protocol} against {args.target} for {args.duration:g}s")
     result: dict[str, Any] = {}
 
     def go(reactor: Any) -> Any:

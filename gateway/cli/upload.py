@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, at, params, sink_doc
 from gateway.cli.common import CommandError, database, note, when
-from gateway.readings import format_ts
+from gateway.readings import counted, format_ts
 
 
 def _sink_rows(conn: Any) -> list[dict[str, Any]]:
@@ -53,10 +53,11 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
         else:
             time = format_ts(row["cursor_time"])
             print(f"  cursor        transaction {row['cursor_tx']}, device {device}, metric {metric}, time {time}")
-        print(f"  lag           {lag} readings, {behind} behind ({row['pending_batches']} batches in flight)")
-        print(f"  sent          {row['batches_sent']} batches, {row['readings_sent']} readings")
-        print(f"  failed        {row['failures']} attempts")
-        print(f"  parked        {row['parked_batches']} batches, {row['parked_readings']} readings")
+        in_flight = counted(row["pending_batches"], "batch", "batches")
+        print(f"  lag           {counted(lag, 'reading')}, {behind} behind ({in_flight} in flight)")
+        print(f"  sent          {counted(row['batches_sent'], 'batch', 'batches')}, {counted(row['readings_sent'], 'reading')}")
+        print(f"  failed        {counted(row['failures'], 'attempt')}")
+        print(f"  parked        {counted(row['parked_batches'], 'batch', 'batches')}, {counted(row['parked_readings'], 'reading')}")
         print(f"  last sent     {when(row['last_sent_at']) or 'never'}")
         if row["oldest_unsent_partition"]:
             print(
@@ -84,7 +85,7 @@ def cmd_upload_retry_dead(args: argparse.Namespace) -> None:
             cur.execute(RETRY_DEAD, (args.sink,))
             count = cur.rowcount
         conn.commit()
-    note(f"{count} parked batches of sink {args.sink} will be sent again")
+    note(f"{counted(count, 'parked batch', 'parked batches')} of sink {args.sink} will be sent again")
 
 
 def cmd_upload_remove(args: argparse.Namespace) -> None:

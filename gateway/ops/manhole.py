@@ -26,8 +26,8 @@ interpreter; this module adds what a production console needs:
 - Each factory has its own key dictionaries (conch's ``ConchFactory`` keeps
   them on the class, shared by every instance).
 - Sessions with a terminal (``ssh -p PORT admin@host``) get conch's
-  colouring line editor; sessions without one (``ssh -T … < script``) get a
-  plain prompt with no terminal control sequences; a command
+  colouring line editor; sessions without one (``ssh -T … < script``) get
+  each line's answer alone, with no banner, prompt or terminal control; a command
   (``ssh … 'status()'``) runs, prints its result, and the session ends
   with exit status 0 (1 if it raised). Closing the client's input (EOF)
   ends any session cleanly, which conch's stock session does not handle.
@@ -452,7 +452,8 @@ class ConsoleSession(manhole_ssh.TerminalSession):
             self.transportFactory(proto, self.terminal, IConchUser(self.original), self.width, self.height)
             self.proto = proto
             return
-        self._plain(proto, PlainConsole(self.namespace_factory(), self.banner))
+        # Without a terminal (ssh -T, a pipe, a script) only the answers go out: no banner, no prompts.
+        self._plain(proto, PlainConsole(self.namespace_factory(), self.banner, prompt=False))
 
     def execCommand(self, proto: Any, cmd: bytes) -> None:
         console = PlainConsole(self.namespace_factory(), self.banner, prompt=False)

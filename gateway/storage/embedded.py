@@ -9,12 +9,21 @@ a running gateway and starts (then stops) its own when none runs. A process
 killed with SIGKILL never removes itself from that count; stale entries are
 pruned before each start, so the server still stops with the last live user.
 
+Started as root, pgserver runs PostgreSQL as a ``pgserver`` system user and
+opens every directory above ``DATA_DIR/pg`` for reading by anyone (0755) so
+that user can reach it. Traversal is all it needs: each of those directories
+gets back the mode it had, plus search (x) for group and others, so the data
+directory is 0711, its names are not listed and ``/root`` stays closed.
+
 Every call here blocks (initdb, pg_ctl): the server runs them in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+from collections.abc import Iterator
 from typing import Any
 import warnings
 from pathlib import Path
@@ -24,6 +33,34 @@ import psycopg2
 
 class EmbeddedDatabaseError(Exception):
     """The embedded PostgreSQL could not be started."""
+
+
+TRAVERSE = stat.S_IXGRP | stat.S_IXOTH
+
+
+@contextlib.contextmanager
+def traversal_only(path: Path) -> Iterator[None]:
+    """
+    Around a pgserver start: the directories above ``path`` end with the modes they had, plus search
+    permission for group and others (what pgserver's own user needs), not the read permission pgserver adds.
+    """
+    modes = {}
+    for parent in path.parents:
+        try:
+            modes[parent] = stat.S_IMODE(parent.stat().st_mode)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:  # only then does pgserver change them (it runs PostgreSQL as another user)
+            for parent, mode in modes.items():
+                try:
+                    now = stat.S_IMODE(parent.stat().st_mode)
+                    if now != mode:
+                        parent.chmod(mode | TRAVERSE)
+                except OSError:
+                    pass
 
 
 def _pgserver():
@@ -63,7 +100,8 @@ class EmbeddedPostgres:
         try:
             if self.pg_dir.exists():
                 _prune_dead_users(self.pg_dir)
-            self._server = pgserver.get_server(self.pg_dir, cleanup_mode="stop")
+            with traversal_only(self.pg_dir):
+                self._server = pgserver.get_server(self.pg_dir, cleanup_mode="stop")
             dsn = self._server.get_uri()
         except Exception as e:
             log = self.pg_dir / "log"
@@ -101,7 +139,7 @@ class EmbeddedPostgres:
             # attached to shared memory, make the start fail instead, and it is tried again.
             (self.pg_dir / "postmaster.pid").unlink(missing_ok=True)
         try:
-            with pgserver.postgres_server.PostgresServer._lock:
+            with pgserver.postgres_server.PostgresServer._lock, traversal_only(self.pg_dir):
                 self._server.ensure_postgres_running()
             dsn: str = self._server.get_uri()
         except Exception as e:

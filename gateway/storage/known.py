@@ -29,7 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.readings import is_name
+from gateway.readings import counted, is_name
 from gateway.storage.credentials import DEVICES, KNOWN_DEVICES, Credentials, KnownDevice
 from gateway.storage.files import write_private
 from gateway.storage.pool import first_line
@@ -95,7 +95,8 @@ class KnownDevices(Service):
             self.credentials.know(devices)
             if devices:
                 log.info(
-                    "{count} devices known from {path}: they are recognised while the database is away",
+                    "{known} known from {path}: they are recognised while the database is away",
+                    known=counted(len(devices), "device"),
                     count=len(devices),
                     path=str(self.path),
                 )

@@ -53,7 +53,7 @@ from gateway.ingest.core import Ingest
 from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import counter, gauge
 from gateway.ops.reports import StatusReport
-from gateway.readings import Device, IngestError, Reading, Source, WriteResult
+from gateway.readings import Device, IngestError, Reading, Source, WriteResult, counted
 from gateway.transports.devices import DeviceNames, no_delay
 from gateway.transports.modbus_map import ModbusDevice, Read, plan, readings_of
 from protocols import modbus
@@ -603,7 +603,11 @@ class ModbusPoller(Service):
             polled.start()
         if self.reporter is not None:
             self.reporter.start()
-        log.info("Modbus: polling {devices} devices on {hosts} hosts", devices=len(self.polled), hosts=len(self.hosts))
+        log.info(
+            "Modbus: polling {devices} on {hosts}",
+            devices=counted(len(self.polled), "device"),
+            hosts=counted(len(self.hosts), "host"),
+        )
 
     def stopService(self) -> Deferred:
         super().stopService()
