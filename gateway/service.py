@@ -423,7 +423,8 @@ class GatewayService(MultiService):
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)
-        if config.mqtt_source:
+        if config.mqtt_source or await self._reported_sources():
+            # Also with none configured now: sessions of sources this gateway had are retired or named as gone.
             self._start_sources(config)
         if config.modbus:
             self._start_poller(config)
@@ -520,6 +521,16 @@ class GatewayService(MultiService):
         self.metrics.live.sources.append(uploader.live_metrics)
         uploader.setServiceParent(self)
         self.uploader = uploader
+
+    async def _reported_sources(self) -> bool:
+        """Did this gateway report MQTT sources before (so that some may need retiring)?"""
+        sql = "SELECT EXISTS (SELECT 1 FROM mqtt_sources WHERE gateway = %s)"
+        try:
+            rows = await self.reads.run(lambda c: c.runQuery(sql, (gateway_id(self.config.data_dir),)))
+        except Exception as e:
+            log.warn("MQTT sources reported before not looked up: {error}", error=str(e))
+            return False
+        return bool(rows[0][0])
 
     def _start_sources(self, config: GatewayConfig) -> None:
         self.sources = BrokerSources(

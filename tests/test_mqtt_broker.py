@@ -248,3 +248,121 @@ async def test_sighup_adds_changes_and_removes_sources(tmp_path, db_dsn, broker,
         assert service.sources.sources == {}
     finally:
         await service.stopService()
+
+
+@pytest.mark.parametrize("version", ["5.0", "3.1.1"])
+@pytest_twisted.ensureDeferred
+async def test_a_renamed_source_retires_its_old_session_after_taking_what_it_held(
+    tmp_path, db_dsn, sql, broker, monkeypatch, version
+):
+    """
+    Renamed across a restart, a source gets another client id; the old persistent session would stay in
+    the shared group and take a share of the stream for nobody. The gateway takes what it holds, then ends it.
+    """
+    monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
+    add_pg_device(sql, "truck-17")
+    first = await start_service(tmp_path, db_dsn, {"mqtt-source": [source_table(broker, version=version)]})
+    plant = first.sources.sources["plant"]
+    try:
+        assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
+    finally:
+        await first.stopService()
+    old_client = plant.settings.broker.client_id
+    # Published while no gateway runs: the broker keeps them in the old session.
+    await deferToThread(publish, broker.port, [("devices/truck-17/readings", payload(m)) for m in range(10)])
+    renamed = await start_service(
+        tmp_path, db_dsn, {"mqtt-source": [source_table(broker, name="line-1", version=version)]}
+    )
+    try:
+        line = renamed.sources.sources["line-1"]
+        assert line.settings.broker.client_id != old_client
+        assert await until(lambda: line.counters.state == "subscribed"), line.counters.last_error
+        await renamed.sources.look_for_retired()
+        assert [key[1] for key in renamed.sources.retiring] == [old_client]
+        assert await until(lambda: not renamed.sources.retiring, 60), "the old session was not ended"
+        assert sql("SELECT count(*) FROM readings")[0][0] == 10 * 5  # what the old session held is stored
+        assert sql("SELECT source FROM mqtt_sources") == [("line-1",)]
+        # Now every message goes to the one session left in the group.
+        await deferToThread(publish, broker.port, [("devices/truck-17/readings", payload(m)) for m in range(10, 20)])
+        assert await until(lambda: line.counters.acked >= 10), line.counters.acked
+        assert line.counters.messages == 10
+        assert sql("SELECT count(*) FROM readings")[0][0] == 20 * 5
+    finally:
+        await renamed.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_source_removed_by_sighup_has_its_session_ended(tmp_path, db_dsn, sql, broker, monkeypatch):
+    monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
+    add_pg_device(sql, "truck-17")
+    config = tmp_path / "gateway.toml"
+    lines = [f'db = "{db_dsn}"', "[[mqtt_source]]"]
+    for key, value in source_table(broker).items():
+        value = "{ env = \"TEST_BROKER_PASSWORD\" }" if isinstance(value, dict) else json.dumps(value)
+        lines.append(f"{key} = {value}")
+    config.write_text("\n".join(lines) + "\n")
+    service = await start_from_file(tmp_path, config)
+    try:
+        plant = service.sources.sources["plant"]
+        assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
+        config.write_text(f'db = "{db_dsn}"\n')
+        assert await service.reload() == ["MQTT source plant removed"]
+        assert await until(lambda: not service.sources.retiring, 60)
+        # The session is gone from the broker: a client resuming it under that id finds none.
+        present = await deferToThread(_session_present, broker, plant.settings.broker.client_id)
+        assert present is False
+    finally:
+        await service.stopService()
+
+
+def _session_present(broker: Mosquitto, client_id: str) -> bool:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    seen: list = []
+    done = threading.Event()
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.username_pw_set(USER, PASSWORD)
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        seen.append(flags.session_present)
+        done.set()
+
+    c.on_connect = on_connect
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    c.connect("127.0.0.1", broker.port, keepalive=30, clean_start=False, properties=props)
+    c.loop_start()
+    try:
+        assert done.wait(20)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return seen[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_source_seen_before_whose_broker_is_gone_is_named_in_healthz_until_forgotten(
+    tmp_path, db_dsn, sql, broker, monkeypatch
+):
+    monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
+    first = await start_service(tmp_path, db_dsn, {"mqtt-source": [source_table(broker)]})
+    try:
+        plant = first.sources.sources["plant"]
+        assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
+    finally:
+        await first.stopService()
+    again = await start_service(tmp_path, db_dsn)  # no source configured now
+    try:
+        assert again.sources is not None
+        await again.sources.look_for_retired()
+        _, doc = await again.health.check()
+        gone = doc["mqtt_sources"]["plant"]
+        assert gone["state"] == "gone" and not gone["ok"] and "gatewayctl mqtt forget plant" in gone["problem"]
+        out = await deferToThread(gatewayctl, "mqtt", "forget", "plant", "--db", db_dsn)
+        assert "forgot source plant" in out.stderr
+        await again.sources.look_for_retired()
+        _, doc = await again.health.check()
+        assert "plant" not in doc.get("mqtt_sources", {})
+    finally:
+        await again.stopService()

@@ -30,6 +30,20 @@ does not block the stream. With the database away and the journal full,
 nothing is acknowledged and the connection closes; the broker keeps the
 messages in the session and delivers them again on the next connection.
 
+Sessions no longer used. A source removed or renamed (or given another
+client id) leaves its persistent session on the broker, still a member of
+the shared group: the broker would go on queueing its share of the stream
+there, for nobody. So the gateway retires it: it connects once more under
+the old client id, takes and stores what the session holds (acknowledged
+after COMMIT, as always), unsubscribes, and when nothing more comes for a
+moment ends the session (5.0: DISCONNECT with Session Expiry Interval 0;
+3.1.1: one more connection with clean session). It does so on SIGHUP with
+the settings it had, and at start for every source it reported before in
+``mqtt_sources`` whose broker is still configured (a rename, or a move from
+``--mqtt-source`` to a table). A source seen before whose broker is no longer
+configured cannot be reached: ``/healthz`` names it until ``gatewayctl mqtt
+forget NAME`` says it was dealt with.
+
 Backpressure. At most ``window`` messages are unacknowledged (5.0: the
 Receive Maximum told to the broker); at that bound, or while the store's
 queue is full, the gateway stops reading the socket and the broker holds
@@ -79,6 +93,8 @@ R = mqtt.Reason
 P = mqtt.Property
 
 CONNACK_TIMEOUT = 30.0
+RETIRE_QUIET = 2.0  # a retiring session ends once unsubscribed, answered, and silent this long
+GONE_CHECK = 30.0  # seconds between looks for sources this gateway reported before and no longer has
 CLOSE_TIMEOUT = 5.0  # a connection not closed this long after asking is cut
 
 # -- the state a source reports ----------------------------------------------
@@ -132,6 +148,8 @@ class BrokerClient(protocol.Protocol):
         self._timer: Any = None
         self._pinger: Any = None
         self._heard = 0.0
+        self._unsubscribed = False  # retiring: the broker confirmed the UNSUBSCRIBE
+        self._quiet: Any = None  # retiring: the timer that ends the session once nothing more comes
 
     @property
     def clock(self) -> Any:
@@ -150,8 +168,11 @@ class BrokerClient(protocol.Protocol):
                 (P.MAXIMUM_PACKET_SIZE, broker.max_packet),
             )
         password = broker.password.encode() if broker.password is not None else None
+        clean = self.source.clean_pass  # retiring a 3.1.1 session: the connection that discards it
+        if clean:
+            properties = ()
         connect = mqtt.Connect(
-            broker.client_id, broker.version, False, broker.keepalive, broker.username, password, None, properties
+            broker.client_id, broker.version, clean, broker.keepalive, broker.username, password, None, properties
         )
         self._heard = self.clock.seconds()
         self.transport.write(self.conn.send(connect))
@@ -188,6 +209,9 @@ class BrokerClient(protocol.Protocol):
             self._connack(event)
         elif isinstance(event, mqtt.SubAck):
             self._suback(event)
+        elif isinstance(event, mqtt.UnsubAck):
+            self._unsubscribed = True
+            self._retire_when_quiet()
         elif isinstance(event, mqtt.Disconnect):
             self._fail(f"the broker disconnected: {mqtt.reason_text(event.reason, event.properties)}")
         # PINGRESP only shows the broker is there (dataReceived noted it).
@@ -197,6 +221,9 @@ class BrokerClient(protocol.Protocol):
             self._fail(f"the broker refused the connection: {mqtt.reason_text(event.reason, event.properties)}")
             return
         self.source.counters.connections += 1
+        if self.source.retiring:
+            self._retiring(event)
+            return
         self.source.set_state("connecting", "")
         maximum = mqtt.prop(event.properties, P.MAXIMUM_QOS, 2)
         qos = min(self.settings.qos, maximum)
@@ -231,6 +258,55 @@ class BrokerClient(protocol.Protocol):
         if not self.subscribed.called:
             self.subscribed.callback(None)
 
+    # -- retiring a session no longer used ------------------------------
+
+    def _retiring(self, event: mqtt.ConnAck) -> None:
+        self._cancel_timer()
+        self.source.set_state("retiring", "")
+        if not self.subscribed.called:
+            self.subscribed.callback(None)
+        if self.source.clean_pass or not event.session_present:
+            self._end_session()  # nothing is held under this client id (any more)
+            return
+        log.info(
+            "MQTT source {source}: retiring the session {client_id} on {broker}: taking what it holds, then ending it",
+            source=self.settings.name,
+            client_id=self.settings.broker.client_id,
+            broker=self.settings.broker.address,
+        )
+        self._send(mqtt.Unsubscribe(1, tuple(self.source.retire_filters or ())))
+        keepalive = self.settings.broker.keepalive
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(keepalive / 2, now=False)
+        self._retire_when_quiet()
+
+    def _retire_when_quiet(self) -> None:
+        if not self.source.retiring or self._closing:
+            return
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = None
+        last = self.source.counters.last_message_at or 0.0
+        left = RETIRE_QUIET - (self.clock.seconds() - last)
+        if self._unsubscribed and not self.session.unanswered and left <= 0:
+            self._end_session()
+        else:
+            self._quiet = self.clock.callLater(max(left, RETIRE_QUIET / 4), self._retire_when_quiet)
+
+    def _end_session(self) -> None:
+        """Ask the broker to forget the session (5.0 at once; 3.1.1 with one more connection, clean)."""
+        done = self.conn.version == mqtt.V5 or self.source.clean_pass
+        if self.conn.version == mqtt.V5:
+            self._send(mqtt.Disconnect(R.SUCCESS, ((P.SESSION_EXPIRY_INTERVAL, 0),)))
+        else:
+            self._send(mqtt.Disconnect())
+        self._close()
+        if done:
+            self.source.retired_now()
+        else:
+            self.source.clean_pass = True  # the service connects again: that connection discards the session
+
     def _ping(self) -> None:
         if self.session.paused:  # not reading: the broker's answers wait in the kernel, unseen
             self._heard = self.clock.seconds()
@@ -245,6 +321,8 @@ class BrokerClient(protocol.Protocol):
         counters = self.source.counters
         counters.messages += 1
         counters.last_message_at = self.clock.seconds()
+        if self.source.retiring:
+            self._retire_when_quiet()
         ticket = self._ticket(publish) if publish.qos else None
         name = _device_name(publish.topic, self.settings.device_level)
         if name is None:
@@ -381,6 +459,8 @@ class BrokerClient(protocol.Protocol):
         self._flow()
         if self._drained is not None and not self.session.unanswered:
             self._disconnect()
+        if self.source.retiring and not self.session.unanswered:
+            self._retire_when_quiet()
 
     def _answer(self, packet_id: int, qos: int, outcome: Any) -> None:
         ack = mqtt.PubAck if qos == 1 else mqtt.PubRec
@@ -465,6 +545,8 @@ class BrokerClient(protocol.Protocol):
         self._closing = True
         self.session.stopped = True
         self._cancel_timer()
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         if self.session.paused:
@@ -483,6 +565,8 @@ class BrokerClient(protocol.Protocol):
             self.source.set_state("disconnected", f"the connection was lost: {reason.getErrorMessage()}")
         self._closing = True
         self._cancel_timer()
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self.source.counters.in_flight = 0
@@ -514,10 +598,21 @@ class _ClientFactory(protocol.Factory):
 class BrokerSource(ClientService):
     """One [[mqtt_source]]: a persistent, reconnecting subscription feeding the ingest path."""
 
-    def __init__(self, settings: SourceSettings, ingest: Ingest, reactor: Any, clock: Any = None) -> None:
+    def __init__(
+        self,
+        settings: SourceSettings,
+        ingest: Ingest,
+        reactor: Any,
+        clock: Any = None,
+        retire: tuple[str, ...] | None = None,
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.clock = clock or reactor
+        # Retiring a session no longer used: the filters it was subscribed to (to unsubscribe), else None.
+        self.retire_filters = retire
+        self.clean_pass = False
+        self.retired: Deferred = Deferred()  # fires once the retired session has been ended
         self.counters = SourceCounters(since=self.clock.seconds())
         self.client: BrokerClient | None = None
         broker = settings.broker
@@ -531,6 +626,22 @@ class BrokerSource(ClientService):
             clock=self.clock,
             prepareConnection=lambda p: p.subscribed,  # type: ignore[attr-defined]
         )
+
+    @property
+    def retiring(self) -> bool:
+        return self.retire_filters is not None
+
+    def retired_now(self) -> None:
+        log.info(
+            "MQTT source {source}: the session {client_id} on {broker} is ended ({messages} messages it held were "
+            "taken)",
+            source=self.settings.name,
+            client_id=self.settings.broker.client_id,
+            broker=self.settings.broker.address,
+            messages=self.counters.messages,
+        )
+        if not self.retired.called:
+            self.retired.callback(self.counters.messages)
 
     def set_state(self, state: str, error: str) -> None:
         c = self.counters
@@ -550,6 +661,9 @@ class BrokerSource(ClientService):
 
     def startService(self) -> None:
         self.set_state("connecting", "")
+        if self.retiring:
+            ClientService.startService(self)
+            return
         log.info(
             "MQTT source {source}: consuming {filters} from {url}",
             source=self.settings.name,
@@ -605,10 +719,17 @@ class BrokerSources(MultiService):
         self.reactor = reactor
         self.ingest = ingest
         self.owner = owner  # this gateway's id, the row's key in mqtt_sources
+        self.run = run
         self.sources: dict[str, BrokerSource] = {}
+        self.retiring: dict[tuple[str, str], BrokerSource] = {}  # (name, client id) -> its last connection
+        # Sources this gateway reported before that it can no longer reach: name -> (client id, URL).
+        self.gone: dict[str, tuple[str, str]] = {}
         for settings in self._own(sources).values():
             self._add(settings)
         self.reporter = StatusReport("mqtt_sources", owner, self.status, run, reactor)
+        self._gone_check = LoopingCall(self.look_for_retired)
+        self._gone_check.clock = reactor
+        self._first_check: Any = None
 
     def _own(self, sources: tuple[SourceSettings, ...]) -> dict[str, SourceSettings]:
         """The settings by name, each with this gateway's client id unless the table gives one."""
@@ -619,13 +740,20 @@ class BrokerSources(MultiService):
         source.setServiceParent(self)  # started at once when this service runs
 
     async def reconfigure(self, sources: tuple[SourceSettings, ...]) -> list[str]:
-        """New [[mqtt_source]] tables (SIGHUP): stop removed and changed ones, start new and changed ones."""
+        """
+        New [[mqtt_source]] tables (SIGHUP): stop removed and changed ones, start new and changed ones; the
+        session of one removed, or now under another client id, is retired.
+        """
         new = self._own(sources)
         old = set(self.sources)
         changes = []
         for name in sorted(self.sources):
             if new.get(name) != self.sources[name].settings:
-                await self.sources.pop(name).disownServiceParent()
+                stopped = self.sources.pop(name)
+                await stopped.disownServiceParent()
+                kept = new.get(name)
+                if kept is None or kept.broker.client_id != stopped.settings.broker.client_id:
+                    self._retire(stopped.settings, stopped.settings.filters)
                 if name not in new:
                     changes.append(f"MQTT source {name} removed")
         for name, settings in new.items():
@@ -634,11 +762,80 @@ class BrokerSources(MultiService):
                 self._add(settings)
         return changes
 
+    def _retire(self, settings: SourceSettings, filters: tuple[str, ...]) -> None:
+        """End a session no longer used, after taking what it holds (see the module's docstring)."""
+        key = (settings.name, settings.broker.client_id)
+        if key in self.retiring:
+            return
+        source = self.retiring[key] = BrokerSource(settings, self.ingest, self.reactor, retire=filters)
+        source.setServiceParent(self)
+
+        def ended(messages: Any) -> Deferred:
+            self.retiring.pop(key, None)
+            d = self.run(
+                lambda c: c.runOperation(
+                    "DELETE FROM mqtt_sources WHERE gateway = %s AND source = %s AND status->>'client_id' = %s",
+                    (self.owner, settings.name, settings.broker.client_id),
+                )
+            )
+            d.addErrback(lambda f: log.warn("MQTT source {source}: its old row stays: {e}", source=key[0], e=f.value))
+            d.addBoth(lambda _: source.disownServiceParent())
+            return d
+
+        source.retired.addCallback(ended)
+
+    def look_for_retired(self) -> Deferred:
+        """
+        Sources this gateway reported before and no longer has (renamed, removed while it was down, another
+        client id): retired when their broker is still configured, else named as gone. Never errbacks.
+        """
+        sql = (
+            "SELECT source, status->>'client_id', status->>'url', status->'filters' FROM mqtt_sources "
+            "WHERE gateway = %s"
+        )
+        d = self.run(lambda c: c.runQuery(sql, (self.owner,)))
+
+        def found(rows: list[tuple]) -> None:
+            gone = {}
+            current = {(s.settings.name, s.settings.broker.client_id) for s in self.sources.values()}
+            for name, client_id, url, filters in rows:
+                if (name, client_id) in current or (name, client_id) in self.retiring or not client_id:
+                    continue
+                same_broker = [s.settings for s in self.sources.values() if s.settings.broker.url == url]
+                if same_broker:
+                    base = next((s for s in same_broker if s.name == name), same_broker[0])
+                    settings = dataclasses.replace(
+                        base, name=name, broker=dataclasses.replace(base.broker, client_id=client_id)
+                    )
+                    self._retire(settings, tuple(filters or base.filters))
+                else:
+                    gone[name] = (client_id, url)
+            for name, (client_id, url) in gone.items():
+                if name not in self.gone:
+                    log.warn(
+                        "MQTT source {source} (client id {client_id} on {url}) is configured no more, and no source "
+                        "names that broker: its session there may still take a share of the group's messages. "
+                        "Configure that broker again for a moment (the gateway then ends the session), or end it on "
+                        "the broker, then run 'gatewayctl mqtt forget {source}'",
+                        source=name,
+                        client_id=client_id,
+                        url=url,
+                    )
+            self.gone = gone
+
+        return d.addCallbacks(found, lambda f: log.debug("MQTT sources not checked: {e}", e=f.getErrorMessage()))
+
     def startService(self) -> None:
         super().startService()
         self.reporter.start()
+        # After the first report, so the sources of this start are in the table when it is read.
+        self._first_check = self.reactor.callLater(0, self._gone_check.start, GONE_CHECK, True)
 
     def stopService(self) -> Deferred:
+        if self._first_check is not None and self._first_check.active():
+            self._first_check.cancel()
+        if self._gone_check.running:
+            self._gone_check.stop()
         d = super().stopService()
         return d.addCallback(lambda _: self.reporter.stop())
 
@@ -652,6 +849,15 @@ class BrokerSources(MultiService):
     def health(self) -> dict[str, dict[str, Any]]:
         """Each source's status, ``ok`` and, when not ok, the problem in words."""
         out = {}
+        for name, (client_id, url) in sorted(self.gone.items()):
+            out[name] = {
+                "state": "gone",
+                "client_id": client_id,
+                "url": url,
+                "ok": False,
+                "problem": f"configured no more, and its session {client_id} on {url} may still take messages; "
+                f"end it, then run gatewayctl mqtt forget {name}",
+            }
         for name, source in sorted(self.sources.items()):
             doc = {**source.status(), "ok": True}
             if doc["state"] != "subscribed" and doc["state_seconds"] > source.settings.stall:
