@@ -7,6 +7,7 @@ needs a database gets a fresh one, copied from a migrated template.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -256,3 +257,20 @@ def outage_db(workdir):
     db = OutageDatabase(workdir / "external")
     yield db
     db.close()
+
+
+@contextlib.contextmanager
+def log_lines():
+    """Every log event's text while the block runs (the list fills as events come)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)

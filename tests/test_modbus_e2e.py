@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThread
 
 from gateway.config import ConfigError, build_config
 from gateway.ops.console import Console
-from tests.conftest import start_from_file, start_service
+from tests.conftest import log_lines, start_from_file, start_service
 from tests.gatewayproc import gatewayctl
 from tests.test_resilience import make_gateway, wait_until  # noqa: F401 - a fixture
 from tests.test_store import add_pg_device
@@ -258,8 +258,10 @@ async def test_sighup_adds_changes_and_removes_polled_devices(tmp_path, db_dsn, 
     try:
         assert service.poller is None
         config.write_text(toml_of([meter], f'db = "{db_dsn}"'))
-        assert await service.reload() == ["Modbus device meter added"]
-        assert await until(lambda: service.poller.status()["meter"]["polls"] >= 1)
+        with log_lines() as lines:
+            assert await service.reload() == ["Modbus device meter added"]
+            assert await until(lambda: service.poller.status()["meter"]["complete_polls"] >= 1)
+        assert [line for line in lines if "factory" in line.lower()] == []  # no line per connection
         config.write_text(toml_of([{**meter, "interval": 2.0}], f'db = "{db_dsn}"'))
         assert await service.reload() == ["Modbus device meter changed"]
         assert service.poller.polled["meter"].settings.interval == 2.0

@@ -140,6 +140,23 @@ async def test_every_reading_arrives_in_order_through_failures(db_dsn, sql, rece
 
 
 @pytest_twisted.ensureDeferred
+async def test_batches_are_sent_without_a_log_line_per_connection(db_dsn, sql, receiver, tmp_path):
+    """One structured line per event: no "Starting factory" / "Stopping factory" pair per batch."""
+    from tests.conftest import log_lines
+
+    add_pg_device(sql, "truck-1")
+    with log_lines() as lines:
+        uploader = await running_uploader(db_dsn, fast_sink(receiver, tmp_path, batch=10))
+        try:
+            add_readings(sql, "truck-1", 50)
+            await until(lambda: len(receiver.accepted) == 5, what="five batches")
+        finally:
+            await uploader.stopService()
+    noise = [line for line in lines if "factory" in line.lower()]
+    assert noise == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_refused_batch_is_parked_and_retry_dead_sends_it_again(db_dsn, sql, receiver, tmp_path, capsys):
     add_pg_device(sql, "truck-1")
     add_readings(sql, "truck-1", 250)

@@ -35,7 +35,7 @@ from urllib.parse import urlencode, urlsplit
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from gateway.trust import ca_file, loopback, secret_value, trust_root
@@ -176,11 +176,11 @@ class Keys:
     """The provider's signing keys by key id, fetched with treq; refetched when a token names an unknown one."""
 
     def __init__(self, settings: OidcSettings, reactor: Any, clock: IReactorTime | None = None) -> None:
-        from gateway.outbound.sender import VerifyingPolicy
+        from gateway.outbound.sender import QuietPool, VerifyingPolicy
 
         self.settings = settings
         self.clock = clock or reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.pool = QuietPool(reactor, persistent=False)
         self.agent = Agent(
             reactor, contextFactory=VerifyingPolicy(trust_root(settings.ca)), connectTimeout=TIMEOUT, pool=self.pool
         )

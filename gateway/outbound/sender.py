@@ -17,7 +17,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -152,6 +152,16 @@ class _Snippet(Protocol):
         self.done.callback(b"".join(self.parts))
 
 
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" / "Stopping factory" pair per connection (per batch, once idle)
+
+
+class QuietPool(HTTPConnectionPool):
+    """Twisted's connection pool, without two log lines per connection it makes."""
+
+    _factory = _QuietHTTP11ClientFactory
+
+
 class HTTPSender:
     """POSTs batches to one sink over a persistent, verified connection."""
 
@@ -160,7 +170,7 @@ class HTTPSender:
     ) -> None:
         self.reactor = reactor
         self.sink = sink
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = QuietPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 2
         policy = VerifyingPolicy(trust_root(sink.ca))
         self.agent = Agent(reactor, contextFactory=policy, connectTimeout=sink.timeout, pool=self.pool)

@@ -71,6 +71,22 @@ def is_connection_error(error: BaseException | None) -> bool:
     return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
+class Connection(txpostgres.Connection):
+    """
+    txpostgres's connection, quiet when the server goes away while it is idle: libpq's read then raises
+    in the reactor's read callback, which logged "Unhandled Error" and a traceback per connection, though
+    the connection is only lost (and the pool opens it again). The error becomes the reason it was lost.
+    """
+
+    def doRead(self) -> Any:
+        try:
+            super().doRead()
+        except psycopg2.OperationalError as e:
+            log.debug("database connection lost while idle: {error}", error=first_line(e))
+            return e  # the reactor then disconnects it with this reason, without a traceback
+        return None
+
+
 class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -116,7 +132,7 @@ class PgPool:
         if self._closing:
             return succeed(None)
         slot.state = "connecting"
-        conn = txpostgres.Connection(reactor=self._reactor)
+        conn = Connection(reactor=self._reactor)
         slot.conn = conn
         timer = self._reactor.callLater(CONNECT_TIMEOUT, self._connect_timeout, conn)
         d = conn.connect(self._dsn)

@@ -45,7 +45,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -540,9 +540,21 @@ class PolledDevice:
         return "reading"
 
 
+class _OneLink(protocol.Factory):
+    """connectProtocol's factory, without a "Starting factory" line per connection."""
+
+    noisy = False
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> _Link:
+        return self.link
+
+
 def tcp_connect(reactor: Any, host: str, port: int, timeout: float) -> Callable[[_Link], Deferred]:
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    return lambda link: connectProtocol(endpoint, link)
+    return lambda link: endpoint.connect(_OneLink(link))
 
 
 class ModbusPoller(Service):
