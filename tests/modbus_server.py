@@ -1,5 +1,7 @@
 """
-Modbus/TCP slaves for the tests, run as a process of their own:
+Modbus/TCP slaves for the tests, run as a process of their own: pymodbus's
+own server (its simulator's devices), so that the gateway's codec meets
+someone else's on the wire:
 
     python -m tests.modbus_server SPEC.json
 
@@ -10,73 +12,108 @@ SPEC names servers, each listening on 127.0.0.1 on a port of its own (port
                                           "bad": ["input:10"]}},
                           "silent": false, "close_after": null}}}
 
-``bad``: reads starting at those addresses are answered "illegal data
-address"; ``silent``: requests are read and never answered; ``close_after``:
-the connection is closed after that many answers. An address not given
-reads as 0. Once listening it prints {"NAME": port, ...} on one line.
+Each table's addresses from 0 to its highest read as given, 0 where not
+given; ``bad`` addresses are answered "illegal data address" (pymodbus's
+answer for an address it does not hold). ``silent``: requests are read and
+never answered (a plain socket, no Modbus at all); ``close_after``: the
+connection is closed after that many answers (a byte relay in front of a
+pymodbus server, counting what it relays). Once listening it prints
+{"NAME": port, ...} on one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sys
 from typing import Any
 
-from twisted.internet import protocol, reactor
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
 
-from protocols import modbus
-from protocols.sentinels import NEED_DATA
-
-
-class Slave(protocol.Protocol):
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        self.codec = modbus.ServerConnection()
-        self.answered = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.codec.receive_data(data)
-        while True:
-            try:
-                event = self.codec.next_event()
-            except modbus.ProtocolError:
-                self.transport.loseConnection()
-                return
-            if event is NEED_DATA:
-                return
-            if not self.spec.get("silent"):
-                self.answer(event)
-
-    def answer(self, event: Any) -> None:
-        if isinstance(event, modbus.ReadRequest):
-            event = self.read(event)
-        self.transport.write(modbus.encode_response(event))
-        self.answered += 1
-        if self.spec.get("close_after") and self.answered >= self.spec["close_after"]:
-            self.transport.loseConnection()
-
-    def read(self, r: modbus.ReadRequest) -> modbus.ReadResponse | modbus.ExceptionResponse:
-        unit = self.spec["units"].get(str(r.unit))
-        kind = r.kind.name.lower()
-        if unit is None or f"{kind}:{r.address}" in unit.get("bad", ()):
-            return modbus.ExceptionResponse(r.transaction, r.unit, r.kind, modbus.ExceptionCode.ILLEGAL_DATA_ADDRESS)
-        table = unit.get(kind, {})
-        values = tuple(int(table.get(str(a), 0)) for a in range(r.address, r.address + r.count))
-        return modbus.ReadResponse(r.transaction, r.unit, r.kind, values)
+KINDS = ("coil", "discrete", "holding", "input")  # the order of SimDevice's separate blocks
 
 
-def main() -> None:
+def blocks(unit: dict[str, Any], kind: str) -> list[SimData]:
+    """One kind's addresses 0..highest as runs of values, with each bad address left out of every run."""
+    table = {int(a): int(v) for a, v in unit.get(kind, {}).items()}
+    bad = {int(b.split(":")[1]) for b in unit.get("bad", ()) if b.split(":")[0] == kind}
+    top = max([*table, *bad, 0])
+    bits = kind in ("coil", "discrete")
+    out, run, start = [], [], 0
+    for address in range(top + 1):
+        if address in bad:
+            if run:
+                out.append(SimData(start, values=run, datatype=DataType.BITS if bits else DataType.REGISTERS))
+            run, start = [], address + 1
+            continue
+        value = table.get(address, 0)
+        run.append(bool(value) if bits else value)
+    if run:
+        out.append(SimData(start, values=run, datatype=DataType.BITS if bits else DataType.REGISTERS))
+    return out
+
+
+def devices(spec: dict[str, Any]) -> list[SimDevice]:
+    return [
+        SimDevice(id=int(unit_id), simdata=tuple(blocks(unit, kind) for kind in KINDS))
+        for unit_id, unit in spec["units"].items()
+    ]
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await reader.read(65536):
+        pass  # read, never answered
+    writer.close()
+
+
+def relay(upstream_port: int, close_after: int) -> Any:
+    """Bytes both ways to the pymodbus server; the client's connection is closed after ``close_after`` answers."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        forwarding = asyncio.ensure_future(requests())
+        try:
+            answers = 0
+            while answers < close_after and (data := await up_reader.read(65536)):
+                writer.write(data)
+                await writer.drain()
+                answers += 1  # one request at a time per connection: each read is one answer
+        finally:
+            forwarding.cancel()
+            up_writer.close()
+            writer.close()
+
+    return serve
+
+
+async def main() -> None:
+    logging.disable(logging.WARNING)  # pymodbus logs each frame at debug and more at info
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     ports = {}
     for name, server in spec["servers"].items():
-        factory = protocol.Factory.forProtocol(lambda server=server: Slave(server))
-        factory.noisy = False
-        port = reactor.listenTCP(server.get("port", 0), factory, interface="127.0.0.1")
-        ports[name] = port.getHost().port
+        port = server.get("port", 0)
+        if server.get("silent"):
+            listening = await asyncio.start_server(silent, "127.0.0.1", port)
+        else:
+            slave = ModbusTcpServer(devices(server), address=("127.0.0.1", 0 if server.get("close_after") else port))
+            await slave.serve_forever(background=True)
+            listening = slave.transport
+            if server.get("close_after"):
+                inner = listening.sockets[0].getsockname()[1]
+                listening = await asyncio.start_server(relay(inner, server["close_after"]), "127.0.0.1", port)
+        ports[name] = listening.sockets[0].getsockname()[1]
     print(json.dumps(ports), flush=True)
-    reactor.run()
+    await asyncio.Event().wait()  # until killed
 
 
 if __name__ == "__main__":
-    main()
+    asyncio.run(main())

@@ -1,6 +1,6 @@
 """
 ``gatewayctl modbus read`` against a Modbus/TCP device on a real socket on
-127.0.0.1 (a small server thread speaking protocols.modbus's server end):
+127.0.0.1 (pymodbus's own server, in a process of its own):
 raw registers and every decoding side by side, an exception answer, a device
 that never answers, and one that is not there.
 """
@@ -10,72 +10,49 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from pymodbus.client.mixin import ModbusClientMixin
 
-from protocols import modbus
 from tests.gatewayproc import gatewayctl
 
-# A power meter: voltage as float32 word-swapped (CDAB) at 0, energy as uint32 at 2, temperature int16 at 4.
-REGISTERS = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
-REGISTERS[0], REGISTERS[1] = modbus.encode(230.5, "float32", word_order="little")
-REGISTERS[2], REGISTERS[3] = modbus.encode(123456, "uint32")
-REGISTERS[4] = modbus.encode(-12, "int16")[0]
+ROOT = Path(__file__).resolve().parent.parent
+
+# A power meter: voltage as float32 word-swapped (CDAB) at 0, energy as uint32 at 2, temperature int16 at 4,
+# encoded by pymodbus (not by the gateway's codec) and served by pymodbus's own server.
+T = ModbusClientMixin.DATATYPE
+REGISTERS = {
+    **dict(enumerate(ModbusClientMixin.convert_to_registers(230.5, T.FLOAT32, word_order="little"))),
+    **dict(enumerate(ModbusClientMixin.convert_to_registers(123456, T.UINT32), start=2)),
+    4: ModbusClientMixin.convert_to_registers(-12, T.INT16)[0],
+}
 
 
-class Device(threading.Thread):
-    """Serves REGISTERS as holding registers; answers exception 02 outside them; or never answers (``mute``)."""
+class Device:
+    """tests.modbus_server in a process: REGISTERS as unit 1's holding registers (others: exception 02), or mute."""
 
-    def __init__(self, mute: bool = False) -> None:
-        super().__init__(daemon=True)
-        self.mute = mute
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.stopping.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with sock:
-                self.serve(sock)
-
-    def serve(self, sock: socket.socket) -> None:
-        sock.settimeout(5)
-        server = modbus.ServerConnection()
-        try:
-            while data := sock.recv(1024):
-                server.receive_data(data)
-                while (event := server.next_event()) is not modbus.NEED_DATA:
-                    if self.mute:
-                        continue
-                    sock.sendall(modbus.encode_response(self.answer(event)))
-        except (OSError, modbus.ProtocolError):
-            return
-
-    @staticmethod
-    def answer(event):
-        if isinstance(event, modbus.ExceptionResponse):
-            return event
-        wanted = range(event.address, event.address + event.count)
-        if event.kind is not modbus.Kind.HOLDING or any(a not in REGISTERS for a in wanted):
-            return modbus.ExceptionResponse(event.transaction, event.unit, event.kind, 2)
-        return modbus.ReadResponse(event.transaction, event.unit, event.kind, tuple(REGISTERS[a] for a in wanted))
+    def __init__(self, tmp_path, mute: bool = False) -> None:
+        spec = tmp_path / f"meter-{'mute' if mute else 'on'}.json"
+        unit = {"holding": {str(a): v for a, v in REGISTERS.items()}}
+        spec.write_text(json.dumps({"servers": {"meter": {"units": {"1": unit}, "silent": mute}}}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.modbus_server", str(spec)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline()
+        assert line, "the Modbus slave did not start"
+        self.port = json.loads(line)["meter"]
 
     def close(self) -> None:
-        self.stopping.set()
-        self.join(5)
-        self.listener.close()
+        self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture
-def device():
-    d = Device()
-    d.start()
+def device(tmp_path):
+    d = Device(tmp_path)
     yield d
     d.close()
 
@@ -94,15 +71,14 @@ def test_read_prints_the_registers_and_every_decoding(device):
     assert "0  float32  CDAB  230.5" in text and "ABCD" not in text
 
 
-def test_an_exception_answer_a_silent_device_and_no_device_are_one_line_each(device):
+def test_an_exception_answer_a_silent_device_and_no_device_are_one_line_each(device, tmp_path):
     out = gatewayctl("modbus", "read", f"127.0.0.1:{device.port}", "--address", "100", check=False)
     assert out.returncode == 1
     assert out.stderr.strip() == (
         f"gatewayctl: 127.0.0.1:{device.port} unit 1 answered exception 2 (illegal_data_address) to a read of "
         "2 holding at 100"
     )
-    mute = Device(mute=True)
-    mute.start()
+    mute = Device(tmp_path, mute=True)
     try:
         out = gatewayctl("modbus", "read", f"127.0.0.1:{mute.port}", "--address", "0", "--timeout", "0.5", check=False)
         assert out.returncode == 1 and "sent no answer within 0.5s (unit 1)" in out.stderr

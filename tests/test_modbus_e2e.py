@@ -1,6 +1,8 @@
 """
-The gateway polling real Modbus/TCP slaves (``tests/modbus_server.py`` in a
-process of its own, on 127.0.0.1) into a real PostgreSQL:
+The gateway polling real Modbus/TCP slaves (pymodbus's own server, run by
+``tests/modbus_server.py`` in a process of its own on 127.0.0.1) into a real
+PostgreSQL, so a framing mistake the gateway's codec made on both sides
+could not pass:
 
 - registers of every type and both word orders (their values encoded by
   pymodbus, not by the gateway's codec) are stored exact after scaling;
