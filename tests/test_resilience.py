@@ -264,12 +264,15 @@ def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gate
     for body in bodies:
         assert post(gw, token, body)[2] == {"accepted": 1, "duplicates": 0}
     gw.kill()
-    [segment] = sorted((gw.data_dir / "journal").glob("*.seg"))
+    # Usually one segment; a replay attempted while the database went away seals it and starts another.
+    segments = sorted((gw.data_dir / "journal").glob("*.seg"))
+    found = [(segment, scan(segment.read_bytes(), last_write=True).records) for segment in segments]
+    assert sum(len(records) for _, records in found) == 5
+    segment, records = next((segment, records) for segment, records in found if len(records) >= 1)
     data = bytearray(segment.read_bytes())
-    records = scan(bytes(data), last_write=True).records
-    assert len(records) == 5
-    third = len(FILE_MAGIC) + sum(HEADER.size + len(r.payload) for r in records[:2])
-    data[third + HEADER.size + 5] ^= 0x20  # one flipped bit inside the third record
+    victim = min(2, len(records) - 1)  # the third record, or the last of a shorter first segment
+    third = len(FILE_MAGIC) + sum(HEADER.size + len(r.payload) for r in records[:victim])
+    data[third + HEADER.size + 5] ^= 0x20  # one flipped bit inside that record
     segment.write_bytes(bytes(data))
 
     outage_db.start()
@@ -279,7 +282,8 @@ def test_a_damaged_journal_record_is_moved_aside_and_the_rest_replayed(make_gate
     assert f"at offset {third}" in line and "moved to" in line
     exported = gatewayctl("export", "--db", outage_db.dsn).stdout
     kept = sorted(re.findall(r"11:00:0(\d)Z", exported))
-    assert kept == ["0", "1", "3", "4"]  # the damaged record's reading is set aside, not replayed
+    # The damaged record's reading is set aside, not replayed; the readings were journaled in order.
+    assert kept == [str(i) for i in range(5) if i != victim]
     [aside] = (gw.data_dir / "journal" / "damaged").iterdir()
     assert b'"2026' not in aside.read_bytes() and b"oil_temp" in aside.read_bytes()
     ctx = ssl.create_default_context(cafile=gw.cert)
