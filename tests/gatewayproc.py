@@ -208,3 +208,23 @@ class OutageDatabase:
         if postmaster(self.root) is not None:
             self.stop()
         self.server.stop()
+
+
+def unread_bytes(port: int, *, remote: bool) -> int:
+    """
+    Bytes waiting unread in this machine's TCP sockets whose remote (``remote``) or local port is ``port``,
+    from /proc/net/tcp and tcp6: data a stopped process has been sent and not yet read.
+    """
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, peer, queues = fields[1], fields[2], fields[4]
+            address = peer if remote else local
+            if int(address.rsplit(":", 1)[1], 16) == port:
+                total += int(queues.split(":")[1], 16)  # tx_queue:rx_queue
+    return total

@@ -67,7 +67,9 @@ class Provider:
     def alg(self, kid: str) -> str:
         return "ES256" if isinstance(self.keys[kid], ec.EllipticCurvePrivateKey) else "RS256"
 
-    def token(self, kid: str = "k1", alg: str | None = None, headers: dict[str, Any] | None = None, **changes: Any) -> str:
+    def token(
+        self, kid: str = "k1", alg: str | None = None, headers: dict[str, Any] | None = None, **changes: Any
+    ) -> str:
         """A token signed with key ``kid``; ``alg`` names another algorithm in the header, as an attacker would."""
         key = self.keys[kid]
         alg = alg or self.alg(kid)

@@ -237,8 +237,10 @@ async def test_every_page_in_the_navigation_shows_what_it_holds_and_nothing_brok
         names = ["sim-10", "sim-2", "sim-1", "sim-11"]
         tokens = {name: add_pg_device(sql, name) for name in names}
         t0 = NOW_MS - 600_000
-        for name, token in tokens.items():
-            assert (await gw.post(token, [{"metric": "oil_temp", "ts": t0 + i * 1000, "value": 70.0 + i} for i in range(5)]))[0] == 200
+        for token in tokens.values():
+            assert (
+                await gw.post(token, [{"metric": "oil_temp", "ts": t0 + i * 1000, "value": 70.0 + i} for i in range(5)])
+            )[0] == 200
         assert (await gw.post(tokens["sim-2"], [{"metric": "oil_temp", "ts": t0 + 9000, "value": 900.0}]))[0] == 200
         await service.store.last_seen.flush()
         browser = await deferToThread(Browser, tmp_path / "profile", shots)
@@ -269,7 +271,10 @@ async def test_every_page_in_the_navigation_shows_what_it_holds_and_nothing_brok
             seen["fleet order"] = [a.text for a in b.driver.find_elements(By.CSS_SELECTOR, "#fleet tbody a")]
             page_text("fleet")
             b.driver.find_element(By.LINK_TEXT, "sim-2").click()
-            b.until("sim-2's chart", lambda d: b.js("const g = document.getElementById('chart-oil_temp'); return g && g.data"))
+            b.until(
+                "sim-2's chart",
+                lambda d: b.js("const g = document.getElementById('chart-oil_temp'); return g && g.data"),
+            )
             page_text("device")
             for page, ready in (
                 ("alerts", "h1"),
@@ -278,9 +283,13 @@ async def test_every_page_in_the_navigation_shows_what_it_holds_and_nothing_brok
                 ("health", "dl.tree"),
             ):
                 b.driver.find_element(By.CSS_SELECTOR, f"#nav a[href='#/{page}']").click()
-                b.until(f"the {page} page", lambda d, ready=ready, page=page: (
-                    b.js("return location.hash") == f"#/{page}" and d.find_elements(By.CSS_SELECTOR, f"#main {ready}")
-                ))
+                b.until(
+                    f"the {page} page",
+                    lambda d, ready=ready, page=page: (
+                        b.js("return location.hash") == f"#/{page}"
+                        and d.find_elements(By.CSS_SELECTOR, f"#main {ready}")
+                    ),
+                )
                 b.until(f"the {page} page's data", lambda d: "updated" in d.find_element(By.ID, "status").text)
                 seen[page] = page_text(page)
             seen["log"] = b.driver.get_log("browser")

@@ -284,6 +284,7 @@ def test_an_old_data_directory_keeps_its_certificate_until_gatewayctl_moves_it_a
     ca = x509.load_pem_x509_certificate(Path(gateway.cert).read_bytes())
     PolicyBuilder().store(Store([ca])).build_server_verifier(DNSName("localhost")).verify(served, [])
     shown = json.loads(gatewayctl("tls", "show", "--json", data_dir=gateway.data_dir).stdout)
-    assert shown["layout"] == "local CA" and shown["server"]["sha256"].replace(":", "").lower() == served.fingerprint(
-        hashes.SHA256()
-    ).hex()
+    assert (
+        shown["layout"] == "local CA"
+        and shown["server"]["sha256"].replace(":", "").lower() == served.fingerprint(hashes.SHA256()).hex()
+    )

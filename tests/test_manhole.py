@@ -259,16 +259,21 @@ def test_rsa_keys_log_in_with_sha2_and_from_restricts_where_keys_work(console, t
     """An RSA key logs in (server-sig-algs names rsa-sha2-*); from= is honoured; each login names its key."""
     gw, admin, _, _ = console
     rsa = tmp_path / "rsa"
-    subprocess.run([need("ssh-keygen"), "-q", "-t", "rsa", "-b", "3072", "-N", "", "-C", "ops-rsa", "-f", str(rsa)], check=True)
+    subprocess.run(
+        [need("ssh-keygen"), "-q", "-t", "rsa", "-b", "3072", "-N", "", "-C", "ops-rsa", "-f", str(rsa)], check=True
+    )
     here, elsewhere, odd = keypair(tmp_path / "here"), keypair(tmp_path / "elsewhere"), keypair(tmp_path / "odd")
     listed = gw.data_dir / "manhole" / "authorized_keys"
     before = listed.read_text()
     listed.write_text(
         before
         + (tmp_path / "rsa.pub").read_text()
-        + 'from="127.0.0.0/8,!10.0.0.1",no-port-forwarding ' + (tmp_path / "here.pub").read_text()
-        + 'from="10.0.0.0/8" ' + (tmp_path / "elsewhere.pub").read_text()
-        + 'command="/bin/true" ' + (tmp_path / "odd.pub").read_text()
+        + 'from="127.0.0.0/8,!10.0.0.1",no-port-forwarding '
+        + (tmp_path / "here.pub").read_text()
+        + 'from="10.0.0.0/8" '
+        + (tmp_path / "elsewhere.pub").read_text()
+        + 'command="/bin/true" '
+        + (tmp_path / "odd.pub").read_text()
     )
     try:
         for key in (rsa, here):
@@ -360,13 +365,15 @@ def test_authorized_keys_options_are_honoured(line, peer, allowed):
     import time
 
     from gateway.ops.manhole import parse_authorized_key
+
     entry = parse_authorized_key(line.replace("KEY", PUBLIC))
     assert (entry.allows(peer, time.time()) is None) is allowed
 
 
-@pytest.mark.parametrize("option", ["command=\"ls\"", "no-pty", "restrict", "permitopen=\"x:1\"", 'from="a'])
+@pytest.mark.parametrize("option", ['command="ls"', "no-pty", "restrict", 'permitopen="x:1"', 'from="a'])
 def test_an_authorized_keys_option_the_console_cannot_honour_makes_the_line_unusable(option):
     from gateway.ops.manhole import parse_authorized_key
+
     with pytest.raises(ValueError):
         parse_authorized_key(f"{option} {PUBLIC}")
 

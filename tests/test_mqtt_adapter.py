@@ -591,7 +591,9 @@ def test_a_qos_2_publish_and_its_dup_in_one_read_get_a_pubrec_each(version):
 
 def test_a_maximum_packet_size_too_small_for_any_connack_closes_at_once():
     h = Harness()
-    h.send(mqtt.Connect("c1", V5, username="truck-17", password=h.token.encode(), properties=((P.MAXIMUM_PACKET_SIZE, 8),)))
+    h.send(
+        mqtt.Connect("c1", V5, username="truck-17", password=h.token.encode(), properties=((P.MAXIMUM_PACKET_SIZE, 8),))
+    )
     assert h.transport.value() == b"" and h.transport.disconnecting
     assert not h.clock.getDelayedCalls()
 
@@ -600,7 +602,9 @@ def test_an_empty_topic_without_a_topic_alias_is_a_protocol_error():
     h = Harness()
     h.connect(V5)
     h.proto.dataReceived(b"\x32\x06\x00\x00\x00\x01\x00x")  # QoS 1 PUBLISH, topic "", no properties
-    assert h.events() == [mqtt.Disconnect(Reason.PROTOCOL_ERROR, ((P.REASON_STRING, "PUBLISH: an empty topic name and no topic alias"),))]
+    assert h.events() == [
+        mqtt.Disconnect(Reason.PROTOCOL_ERROR, ((P.REASON_STRING, "PUBLISH: an empty topic name and no topic alias"),))
+    ]
 
 
 @pytest.mark.parametrize(

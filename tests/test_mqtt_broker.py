@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThread
 from gateway.ops.console import Console
 from tests.broker import PASSWORD, USER, Mosquitto
 from tests.conftest import start_from_file, start_service
-from tests.gatewayproc import gatewayctl
+from tests.gatewayproc import gatewayctl, unread_bytes
 from tests.test_resilience import make_gateway, wait_until  # noqa: F401 - a fixture
 from tests.test_store import add_pg_device
 
@@ -204,7 +204,9 @@ def test_kill_9_while_holding_unacknowledged_messages_then_each_reading_stored_o
     publishing = threading.Thread(target=publish_some, args=(100, messages))
     publishing.start()
     publishing.join(60)
-    time.sleep(0.5)  # the broker writes what the gateway's window allows; none of it can be acknowledged
+    # The broker writes what the gateway's window allows into its connection, where it waits unread:
+    # messages in flight, none of which can be acknowledged.
+    assert wait_until(lambda: unread_bytes(broker.port, remote=True) > 0, 30), "nothing was in flight"
     assert stored() == 100 * per_message
     gw.kill()
     gw.start()
@@ -298,7 +300,7 @@ async def test_a_source_removed_by_sighup_has_its_session_ended(tmp_path, db_dsn
     config = tmp_path / "gateway.toml"
     lines = [f'db = "{db_dsn}"', "[[mqtt_source]]"]
     for key, value in source_table(broker).items():
-        value = "{ env = \"TEST_BROKER_PASSWORD\" }" if isinstance(value, dict) else json.dumps(value)
+        value = '{ env = "TEST_BROKER_PASSWORD" }' if isinstance(value, dict) else json.dumps(value)
         lines.append(f"{key} = {value}")
     config.write_text("\n".join(lines) + "\n")
     service = await start_from_file(tmp_path, config)

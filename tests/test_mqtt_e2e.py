@@ -181,9 +181,7 @@ async def test_paho_keeping_its_session_is_told_session_present_only_after_its_f
         flags_seen: list = []
         done = threading.Event()
         kw = {"clean_session": False} if version == "3.1.1" else {}
-        c = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id="truck-17-kept", protocol=PROTOCOLS[version], **kw
-        )
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="truck-17-kept", protocol=PROTOCOLS[version], **kw)
         c.username_pw_set("truck-17", token)
 
         def on_connect(client, userdata, flags, reason_code, properties):

@@ -10,11 +10,10 @@ import json
 import os
 import signal
 import threading
-import time
 
 from paho.mqtt import client as paho
 
-from tests.gatewayproc import gatewayctl
+from tests.gatewayproc import gatewayctl, unread_bytes
 from tests.test_resilience import make_gateway, wait_until  # noqa: F401 - a fixture
 
 MESSAGES, PER_MESSAGE = 300, 10
@@ -56,7 +55,9 @@ def test_kill_9_with_messages_in_flight_then_resend_stores_each_once(make_gatewa
         # Freeze the gateway, so that what is sent now is surely in flight when it dies.
         os.kill(gw.proc.pid, signal.SIGSTOP)
         mids += [c.publish("devices/truck-17/readings", payload(m), qos=1).mid for m in range(100, MESSAGES)]
-        time.sleep(0.5)  # paho writes what its window allows; none of it can be answered
+        # paho writes what its window allows into the connection, where it waits unread by the frozen gateway:
+        # messages in flight, none of which can be answered.
+        assert wait_until(lambda: unread_bytes(gw.mqtt_tls_port, remote=False) > 0, 30), "nothing was in flight"
         gw.kill()
         with lock:
             before = len(acked)

@@ -1,4 +1,4 @@
-"""The distribution as pip builds it: twistd must find the gateway plugin, and it runs with only its own dependencies."""
+"""The distribution as pip builds it: twistd finds the gateway plugin, and it runs with its own dependencies alone."""
 
 from __future__ import annotations
 
@@ -135,9 +135,7 @@ async def test_pip_install_dot_runs_the_gateway_and_single_sign_on_works(tmp_pat
     lines += ["", "[oidc.roles]"] + [f"{role} = {json.dumps(groups)}" for role, groups in roles.items()]
     config = tmp_path / "gateway.toml"
     config.write_text("\n".join(lines) + "\n")
-    gw = GatewayProcess(
-        tmp_path / "data", "--config", str(config), cwd=tmp_path, twistd=str(venv / "bin" / "twistd")
-    )
+    gw = GatewayProcess(tmp_path / "data", "--config", str(config), cwd=tmp_path, twistd=str(venv / "bin" / "twistd"))
     try:
         await deferToThread(gw.start)
         code, body = await deferToThread(_post_json, gw, "/ui/session", {"token": provider.token()})

@@ -553,14 +553,18 @@ _SAME_KEY_DEVICES = iter(range(1_000_000))
 
 @given(
     st.lists(
-        st.lists(st.tuples(st.sampled_from(["oil_temp", "rpm"]), st.integers(0, 2), st.sampled_from([1.0, 2.0])), max_size=4),
+        st.lists(
+            st.tuples(st.sampled_from(["oil_temp", "rpm"]), st.integers(0, 2), st.sampled_from([1.0, 2.0])), max_size=4
+        ),
         min_size=2,
         max_size=6,
     )
 )
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @pytest_twisted.ensureDeferred
-async def test_a_devices_pipelined_writes_keep_the_first_value_sent_and_each_is_told_its_own_counts(db_dsn, sql, frames):
+async def test_a_devices_pipelined_writes_keep_the_first_value_sent_and_each_is_told_its_own_counts(
+    db_dsn, sql, frames
+):
     """
     Frames of one device written without waiting for each other (TGP pipelining), over several
     connections and small batches: per (metric, time) the first value sent is stored, and each

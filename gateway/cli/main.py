@@ -17,7 +17,20 @@ import sys
 
 import psycopg2
 
-from gateway.cli import conflicts, device, export, modbus, mqtt, quarantine, session, simulate, storage, tls, token, upload
+from gateway.cli import (
+    conflicts,
+    device,
+    export,
+    modbus,
+    mqtt,
+    quarantine,
+    session,
+    simulate,
+    storage,
+    tls,
+    token,
+    upload,
+)
 from gateway.cli.common import CommandError, database, note
 from gateway.storage import schema
 

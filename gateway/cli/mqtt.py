@@ -42,7 +42,9 @@ def cmd_mqtt_forget(args: argparse.Namespace) -> None:
             rows = cur.fetchall()
         conn.commit()
     if not rows:
-        raise CommandError(f"no MQTT source {args.name!r} was reported" + (f" by {args.gateway}" if args.gateway else ""))
+        raise CommandError(
+            f"no MQTT source {args.name!r} was reported" + (f" by {args.gateway}" if args.gateway else "")
+        )
     for gateway, client_id, url in rows:
         note(
             f"forgot source {args.name} of gateway {gateway} (client id {client_id} on {url}); if that broker still "

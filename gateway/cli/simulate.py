@@ -55,7 +55,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError(f"--ca {str(ca)!r}: cannot load a certificate to trust ({e})") from None
     with database(args) as conn:
         devices = provision_simulated(conn, args.devices)
-    note(f"simulating {counted(len(devices), 'device')} over {args.protocol} against {args.target} for {args.duration:g}s")
+    what = counted(len(devices), "device")
+    note(f"simulating {what} over {args.protocol} against {args.target} for {args.duration:g}s")
     result: dict[str, Any] = {}
 
     def go(reactor: Any) -> Any:

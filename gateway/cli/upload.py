@@ -55,9 +55,11 @@ def cmd_upload_status(args: argparse.Namespace) -> None:
             print(f"  cursor        transaction {row['cursor_tx']}, device {device}, metric {metric}, time {time}")
         in_flight = counted(row["pending_batches"], "batch", "batches")
         print(f"  lag           {counted(lag, 'reading')}, {behind} behind ({in_flight} in flight)")
-        print(f"  sent          {counted(row['batches_sent'], 'batch', 'batches')}, {counted(row['readings_sent'], 'reading')}")
+        sent = counted(row["batches_sent"], "batch", "batches"), counted(row["readings_sent"], "reading")
+        parked = counted(row["parked_batches"], "batch", "batches"), counted(row["parked_readings"], "reading")
+        print(f"  sent          {sent[0]}, {sent[1]}")
         print(f"  failed        {counted(row['failures'], 'attempt')}")
-        print(f"  parked        {counted(row['parked_batches'], 'batch', 'batches')}, {counted(row['parked_readings'], 'reading')}")
+        print(f"  parked        {parked[0]}, {parked[1]}")
         print(f"  last sent     {when(row['last_sent_at']) or 'never'}")
         if row["oldest_unsent_partition"]:
             print(

@@ -315,7 +315,12 @@ class AuthorizedKeys:
         reasons = [entry.allows(peer, self.now()) for entry in listed]
         if all(reasons):
             # A listed key is an operator's: saying why it was refused is worth a line each time.
-            log.warn("console: key {fingerprint} refused for {peer}: {why}", fingerprint=fingerprint(key), peer=peer, why=reasons[0])
+            log.warn(
+                "console: key {fingerprint} refused for {peer}: {why}",
+                fingerprint=fingerprint(key),
+                peer=peer,
+                why=reasons[0],
+            )
             return fail(UnauthorizedLogin("key not allowed here or now"))
         if not credentials.signature:
             return fail(ValidPublicKey())

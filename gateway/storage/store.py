@@ -160,9 +160,7 @@ WITH o AS (
 )
 SELECT EXISTS (SELECT 1 FROM o WHERE {_SESSION_LIVE})
 """
-SESSION_ENDS = (
-    "UPDATE mqtt_sessions SET ended_at = now() WHERE device_id = %s AND client_id = %s AND ended_at IS NULL"
-)
+SESSION_ENDS = "UPDATE mqtt_sessions SET ended_at = now() WHERE device_id = %s AND client_id = %s AND ended_at IS NULL"
 
 INSERT_REJECTED = "INSERT INTO rejected_input (source, device, reason, raw) VALUES (%s, %s, %s, %s)"
 

@@ -145,7 +145,9 @@ class TLSWrapper:
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
             # and a small HTTPS request costs 13% less CPU (transports/stdtls.py).
-            wrapped = TLSServerFactory(server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor)
+            wrapped = TLSServerFactory(
+                server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor
+            )
             if self.local is not None and cert == self.local.cert_path:
                 self._using_local.append((wrapped, spec, client_ca))
             return wrapped

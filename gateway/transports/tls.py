@@ -94,7 +94,9 @@ def _write_pair(key_path: Path, cert_path: Path, key: ec.EllipticCurvePrivateKey
     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _make_ca(tls_dir: Path, hostname: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_ca(
+    tls_dir: Path, hostname: str, now: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name(
         [
@@ -195,7 +197,9 @@ def local_credentials(
         else:
             ca_key, ca_cert = _make_ca(tls_dir, hostname, now)
             created = True
-        server = x509.load_pem_x509_certificate(cert_path.read_bytes()) if cert_path.exists() and key_path.exists() else None
+        server = (
+            x509.load_pem_x509_certificate(cert_path.read_bytes()) if cert_path.exists() and key_path.exists() else None
+        )
     except (OSError, ValueError) as e:
         raise TLSConfigError(f"{str(tls_dir)!r}: the local CA or certificate cannot be read ({e})") from None
     due = now + datetime.timedelta(days=RENEW_BEFORE_DAYS)
@@ -203,7 +207,13 @@ def local_credentials(
         server = _issue_server(tls_dir, ca_key, ca_cert, hostname, now)
         created = True
     return ServerCredentials(
-        cert_path, key_path, fingerprint_of(server), created, ca_path, fingerprint_of(ca_cert), server.not_valid_after_utc
+        cert_path,
+        key_path,
+        fingerprint_of(server),
+        created,
+        ca_path,
+        fingerprint_of(ca_cert),
+        server.not_valid_after_utc,
     )
 
 
@@ -240,9 +250,7 @@ def make_self_signed(
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
