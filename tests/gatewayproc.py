@@ -41,6 +41,7 @@ class GatewayProcess:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.twistd = twistd or script("twistd")  # another installation's, to run the gateway as pip installed it
+        self.trusted: Path | None = None
         self.extra = list(extra)
         self.env = dict(env or {})  # added to this process's environment
         self.cwd = cwd or self.data_dir.parent
@@ -104,6 +105,8 @@ class GatewayProcess:
 
     @property
     def cert(self) -> str:
+        if self.trusted is not None:  # a copy, where the data directory is not visible to the test
+            return str(self.trusted)
         return str(self.data_dir / "tls" / "ca.crt")  # the local CA that signs the server certificate
 
     def stop(self, timeout: float = 30.0) -> int:

@@ -11,23 +11,25 @@ stored exactly once, and nothing is stored that was never sent.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
-import subprocess
 import re
+import subprocess
+import sys
 import resource
 import signal
 import socket
 import ssl
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
 
 from gateway.storage.journal import FILE_MAGIC, HEADER, scan
+from tests.conftest import script
 from tests.gatewayproc import GatewayProcess, gatewayctl
 from tests.loadclients import HTTPSDevice, TGPDevice, check_nothing_lost
 from tests.gatewayproc import postmaster
@@ -481,18 +483,86 @@ def test_sigterm_under_load_answers_what_it_took_and_exits_0(make_gateway):
     check_nothing_lost(gw.data_dir, devices)
 
 
-def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(make_gateway, outage_db, workdir):
+class SmallDisk:
+    """
+    A 4 MiB tmpfs for the gateway's data directory. As root it is mounted here; otherwise (or with
+    GATEWAY_TEST_USERNS=1) the gateway runs in a user and mount namespace of its own (``unshare -rm``, no
+    privilege needed) that mounts it, and the test fills and frees it from inside that namespace (nsenter).
+    """
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.pid: int | None = None  # the gateway's, when it runs in a namespace of its own
+        self.namespaced = os.geteuid() != 0 or os.environ.get("GATEWAY_TEST_USERNS") == "1"
+        if not self.namespaced:
+            mounted = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(data)], capture_output=True
+            )
+            assert mounted.returncode == 0, f"mount -t tmpfs failed as root: {mounted.stderr.decode().strip()}"
+            return
+        probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+        assert probe.returncode == 0, (
+            "this test needs root or user namespaces (unshare -rm) to give the gateway a small disk: "
+            + probe.stderr.decode().strip()
+        )
+
+    def twistd(self, workdir: Path) -> str | None:
+        """A twistd that mounts the small disk in a namespace of its own first (None: the real one)."""
+        if not self.namespaced:
+            return None
+        wrapper = workdir / "twistd-on-a-small-disk"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            "exec unshare --user --map-root-user --mount sh -c "
+            "'mount -t tmpfs -o size=4m,mode=0700 tmpfs \"$0\" && exec \"$@\"' "
+            f'"{self.data}" "{script("twistd")}" "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
+    def run(self, code: str) -> None:
+        """Python ``code`` run where the small disk is mounted."""
+        argv = [sys.executable, "-c", code]
+        if self.namespaced:
+            assert self.pid is not None
+            argv = ["nsenter", "-t", str(self.pid), "-U", "-m", "--preserve-credentials", *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def fill(self) -> None:
+        """Write a file until the disk takes not one byte more."""
+        self.run(
+            "import errno, os\n"
+            f"fd = os.open({str(self.data / 'filler')!r}, os.O_WRONLY | os.O_CREAT)\n"
+            "for chunk in (65536, 4096, 512, 64, 1):\n"
+            "    try:\n"
+            "        while True:\n"
+            "            os.write(fd, b'\\0' * chunk)\n"
+            "    except OSError as e:\n"
+            "        assert e.errno == errno.ENOSPC, e\n"
+            "os.close(fd)\n"
+        )
+
+    def free(self) -> None:
+        self.run(f"import os; os.unlink({str(self.data / 'filler')!r})")
+
+    def close(self) -> None:
+        if not self.namespaced:
+            subprocess.run(["umount", "-l", str(self.data)], capture_output=True)
+
+
+def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(outage_db, workdir):
     """The data directory on a small tmpfs: a full disk gets 503 journal_full, never a false ack; freed, it goes on."""
     data = workdir / "gateway-data"
     data.mkdir(mode=0o700)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(data)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (the test needs root): {mounted.stderr.decode().strip()}")
-    gw = make_gateway("--db", outage_db.dsn)
+    disk = SmallDisk(data)
+    gw = GatewayProcess(data, "--device-rate", "0", "--db", outage_db.dsn, cwd=workdir, twistd=disk.twistd(workdir))
     try:
         gw.start()
+        disk.pid = gw.proc.pid
+        if disk.namespaced:  # the data directory is the gateway's own mount: copy out the CA to trust
+            gw.trusted = workdir / "ca.crt"
+            disk.run(f"import shutil; shutil.copy({str(data / 'tls' / 'ca.crt')!r}, {str(gw.trusted)!r})")
         token = add_devices(gw, ["truck-7"], outage_db.dsn)["truck-7"]
         acked = []
 
@@ -506,17 +576,7 @@ def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(make_gatew
         assert send(0)[0] == 200
         outage_db.stop()
         assert send(1)[0] == 200  # journaled
-        filler = data / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            for chunk in (65536, 4096, 512, 64, 1):  # to the last byte
-                try:
-                    while True:
-                        os.write(fd, b"\0" * chunk)
-                except OSError as e:
-                    assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        disk.fill()  # to the last byte
         # The last page of the open segment may still take a few records; then the disk is full.
         n = 2
         while send(n)[0] == 200 and n < 200:
@@ -527,7 +587,7 @@ def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(make_gatew
             assert (status, answer["error"], retry_after) == (503, "journal_full", "30"), answer
         status, body = health(gw)
         assert status == 503 and body["journal"]["ok"] is False
-        filler.unlink()
+        disk.free()
         assert send(1000)[0] == 200  # room again: no restart, no operator
         outage_db.start()
         assert wait_until(lambda: drained(gw), 60), health(gw)
@@ -536,4 +596,4 @@ def test_a_full_disk_refuses_with_journal_full_and_recovers_by_itself(make_gatew
         assert stored == acked and acked[-1] == 1000 and len(acked) >= 3
     finally:
         gw.close()
-        subprocess.run(["umount", "-l", str(data)], capture_output=True)
+        disk.close()
