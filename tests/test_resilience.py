@@ -514,7 +514,7 @@ class SmallDisk:
         wrapper.write_text(
             "#!/bin/sh\n"
             "exec unshare --user --map-root-user --mount sh -c "
-            "'mount -t tmpfs -o size=4m,mode=0700 tmpfs \"$0\" && exec \"$@\"' "
+            '\'mount -t tmpfs -o size=4m,mode=0700 tmpfs "$0" && exec "$@"\' '
             f'"{self.data}" "{script("twistd")}" "$@"\n'
         )
         wrapper.chmod(0o755)
