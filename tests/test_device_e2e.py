@@ -134,6 +134,30 @@ async def test_drop_with_frames_in_flight_then_resend(gateway, sql, transport):
 
 
 @pytest_twisted.ensureDeferred
+async def test_pipelined_frames_of_one_key_keep_the_first_value_and_each_ack_says_its_own_fate(gateway, sql):
+    """
+    Forty sessions each pipeline two DATA frames holding the same (metric, time) with different values, all
+    at once: in every one the first value is stored and acknowledged as new, the second as a conflict.
+    """
+    sessions = []
+    for n in range(40):
+        token = add_pg_device(sql, f"pipe-{n}")
+        sessions.append(await open_session(endpoints(gateway)["tcp"], f"pipe-{n}", token))
+    ts = 1_795_341_600_000_000
+    for device in sessions:
+        device.send(tgp.Data(2, (("oil_temp", ts, 1.0),)))
+        device.send(tgp.Data(3, (("oil_temp", ts, 2.0),)))
+    for device in sessions:
+        first, second = await device.events.get(), await device.events.get()
+        assert (first, second) == (tgp.Ack(2, 1, 0, 0), tgp.Ack(3, 0, 0, 1))
+        device.transport.loseConnection()
+        await device.closed
+    assert sql("SELECT DISTINCT value FROM readings") == [(1.0,)]
+    assert sql("SELECT count(*) FROM readings") == [(40,)]
+    assert sql("SELECT DISTINCT sent_value FROM conflicts") == [(2.0,)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_frames_are_stored_through_the_shared_ingest_path(gateway, sql):
     """A refused reading is kept in rejected_input like an HTTPS one."""
     token = add_pg_device(sql, "truck-18")
