@@ -320,23 +320,31 @@ def test_an_idle_console_is_closed_and_input_keeps_it_open(tmp_path):
     assert factory.open == 0 and clock.getDelayedCalls() == []
 
 
-def test_connections_waiting_to_log_in_are_bounded_by_dropping_the_longest_waiting(tmp_path):
+def console_connections(tmp_path, count: int):
+    """A console factory on task.Clock and ``count`` connections to it over in-memory transports."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from gateway.ops.manhole import MAX_UNAUTHENTICATED, console_factory
+    from gateway.ops.manhole import console_factory
 
     clock = Clock()
     (tmp_path / "authorized_keys").write_text("")
     factory = console_factory(tmp_path / "keys", tmp_path / "authorized_keys", dict, "", clock)
     factory.startFactory()
-    transports = []
-    for port in range(MAX_UNAUTHENTICATED + 3):
-        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000 + port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000 + port))
+    made = []
+    for port in range(5000, 5000 + count):
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         proto.makeConnection(transport)
-        transports.append((proto, transport))
+        made.append((proto, transport))
+    return factory, clock, made
+
+
+def test_connections_waiting_to_log_in_are_bounded_by_dropping_the_longest_waiting(tmp_path):
+    from gateway.ops.manhole import MAX_UNAUTHENTICATED
+
+    factory, clock, transports = console_connections(tmp_path, MAX_UNAUTHENTICATED + 3)
     assert [t.disconnecting for _, t in transports[:3]] == [True] * 3  # the three waiting longest, dropped
     assert not any(t.disconnecting for _, t in transports[3:])
     assert len(factory.waiting) == MAX_UNAUTHENTICATED and factory.sessions == 0
@@ -380,24 +388,13 @@ def test_an_authorized_keys_option_the_console_cannot_honour_makes_the_line_unus
 
 def test_logged_in_consoles_are_capped_and_a_login_past_the_cap_is_told_why(tmp_path):
     from twisted.conch.ssh.connection import SSHConnection
-    from twisted.internet.address import IPv4Address
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
 
-    from gateway.ops.manhole import MAX_SESSIONS, console_factory
+    from gateway.ops.manhole import MAX_SESSIONS
 
-    clock = Clock()
-    (tmp_path / "authorized_keys").write_text("")
-    factory = console_factory(tmp_path / "keys", tmp_path / "authorized_keys", dict, "", clock)
-    factory.startFactory()
-    made = []
-    for port in range(MAX_SESSIONS + 1):
-        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6000 + port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 6000 + port))
-        proto.makeConnection(transport)
+    factory, clock, made = console_connections(tmp_path, MAX_SESSIONS + 1)
+    for proto, transport in made:
         transport.clear()
         proto.setService(SSHConnection())  # what a successful login does
-        made.append((proto, transport))
     assert factory.sessions == MAX_SESSIONS and not factory.waiting
     assert [t.disconnecting for _, t in made] == [False] * MAX_SESSIONS + [True]
     assert made[-1][1].value()  # a DISCONNECT saying why went out
