@@ -58,10 +58,9 @@ SELECT d.name, d.device_type, d.expected_interval, {_US.format("d.created_at")},
        CASE WHEN d.readings_day = (now() AT TIME ZONE 'UTC')::date THEN d.readings_today ELSE 0 END
 FROM devices d
 WHERE (%(name)s::text IS NULL OR d.name = %(name)s)
-  AND (%(after)s::text IS NULL
-       OR (natural_sort_key(d.name) COLLATE "C", d.name) > (natural_sort_key(%(after)s) COLLATE "C", %(after)s))
+  AND (%(after)s::text IS NULL OR (d.natural_name, d.name) > (natural_sort_key(%(after)s), %(after)s))
   AND (%(match)s::text IS NULL OR strpos(lower(d.name), lower(%(match)s)) > 0)
-ORDER BY natural_sort_key(d.name) COLLATE "C", d.name
+ORDER BY d.natural_name, d.name
 LIMIT %(limit)s
 """
 

@@ -614,7 +614,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FROM regexp_matches(name, '[0-9]+|[^0-9]+', 'g') WITH ORDINALITY AS m(parts, n),
                  LATERAL (SELECT m.parts[1] AS part, m.n) AS x
         $f$;
-        CREATE INDEX devices_natural_order ON devices ((natural_sort_key(name) COLLATE "C"), name);
+        -- Kept in a column of its own, so that a page of the fleet reads it instead of computing it per row.
+        ALTER TABLE devices ADD COLUMN natural_name text COLLATE "C"
+            GENERATED ALWAYS AS (natural_sort_key(name)) STORED;
+        CREATE INDEX devices_natural_order ON devices (natural_name, name);
         """,
     ),
 )
