@@ -1,4 +1,4 @@
-"""The type checker and the injection rule, run over the source tree as tests."""
+"""The type checker, the linter and the injection rule, run over the source tree as tests."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def test_mypy_is_clean_as_configured():
         [sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_finds_nothing_and_the_tree_is_formatted():
+    """ruff as ruff.toml configures it: lint rules, and the formatting every file already has."""
+    for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        out = subprocess.run(
+            [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _imports_the_global_reactor(path: Path) -> list[str]:

@@ -595,5 +595,5 @@ class _Misdirected(Exception):
 
 
 class MQTTFactory(DeviceListenerFactory):
-    protocol = MQTTProtocol  # type: ignore[assignment]
+    protocol = MQTTProtocol
     transport_name = "mqtt"

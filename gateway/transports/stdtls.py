@@ -244,7 +244,7 @@ class TLSServerProtocol(ProtocolWrapper):
 
 
 class TLSServerFactory(WrappingFactory):
-    protocol = TLSServerProtocol  # type: ignore[assignment]
+    protocol = TLSServerProtocol
     noisy = False  # the listener says where it listens
 
     def __init__(self, context: ssl.SSLContext, wrapped: Any, clock: IReactorTime) -> None:

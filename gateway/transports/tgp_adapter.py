@@ -328,5 +328,5 @@ def _render(data: tgp.Data) -> bytes:
 
 
 class DeviceFactory(DeviceListenerFactory):
-    protocol = DeviceProtocol  # type: ignore[assignment]
+    protocol = DeviceProtocol
     transport_name = "tgp"
