@@ -45,6 +45,7 @@ from gateway.api.resource import ApiResource
 from gateway.api.oidc import Oidc
 from gateway.api.sessions import Sessions
 from gateway.ui.resource import UiResource
+from gateway.backoff import Backoff
 from gateway.config import ConfigError, GatewayConfig, Options, StartError, build_config, load_toml
 from gateway.ingest.core import Ingest
 from gateway.ingest.rates import DeviceRates
@@ -442,7 +443,7 @@ class GatewayService(MultiService):
         does not answer, try again with backoff, and after ``--db-wait`` seconds
         open the ports anyway: known devices are then acknowledged into the journal.
         """
-        delay, opener = 1.0, None
+        backoff, opener = Backoff(first=1.0, cap=10.0), None
         try:
             while True:
                 try:
@@ -458,8 +459,7 @@ class GatewayService(MultiService):
                             wait=self.config.db_wait,
                         )
                         opener = self.reactor.callLater(self.config.db_wait, self._open_without_database)
-                    await deferLater(self.reactor, delay, lambda: None)
-                    delay = min(2 * delay, 10.0)
+                    await deferLater(self.reactor, backoff.failed(), lambda: None)
                     if self.stopping:
                         raise StartError("the gateway stopped before the database answered") from None
                     continue

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import protocol, task
 
-from gateway.cli.simulator import BACKOFF_CAP, BACKOFF_FIRST, SimDevice, readings_body
+from gateway.cli.simulator import BACKOFF_CAP, SimDevice, readings_body
 from gateway.transports.devices import no_delay
 from protocols import mqtt
 
@@ -85,7 +85,7 @@ class MQTTClient(protocol.Protocol):
                 stats.conflicts += int(counts.get("conflicts", 0))
                 now = self.sim.clock.seconds()
                 stats.latency(now - sent_at, now)
-                self.device.backoff = BACKOFF_FIRST
+                self.device.backoff.succeeded()
             elif event.reason == R.QUOTA_EXCEEDED:  # rate limited: the same readings again, a second later
                 stats.errors[_name(event.reason)] += 1
                 self.device.give_back(readings)

@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
+from gateway.backoff import Backoff
 from gateway.ingest import tokens
 from gateway.readings import format_ts
 from gateway.transports.devices import no_delay
@@ -79,7 +80,7 @@ class SimDevice:
         self.token = token
         self.backlog: deque[tuple[str, int, float]] = deque()
         self.last_ts = 0
-        self.backoff = BACKOFF_FIRST
+        self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP, "equal")
         self.client: Any = None
         self.stopped = False
 
@@ -118,8 +119,7 @@ class SimDevice:
         if self.stopped:
             return
         if delay is None:
-            delay = self.backoff * random.uniform(0.5, 1.0)
-            self.backoff = min(self.backoff * 2, BACKOFF_CAP)
+            delay = self.backoff.failed()
         self.sim.stats.reconnects += 1
         self.sim.clock.callLater(delay, self.connect)
 
@@ -173,7 +173,7 @@ class TGPClient(protocol.Protocol):
                 stats.conflicts += event.conflicts
                 now = self.sim.clock.seconds()
                 stats.latency(now - sent_at, now)
-            self.device.backoff = BACKOFF_FIRST
+            self.device.backoff.succeeded()
             self.pump()
         elif isinstance(event, tgp.Nack):
             name = _code_name(event.code)
@@ -320,8 +320,7 @@ class HTTPSDevice:
         def failed(f: Any) -> None:
             self.sim.stats.errors[f"connection: {f.type.__name__}"] += 1
             self.device.give_back(readings)
-            delay = self.device.backoff * random.uniform(0.5, 1.0)
-            self.device.backoff = min(self.device.backoff * 2, BACKOFF_CAP)
+            delay = self.device.backoff.failed()
             self.sim.clock.callLater(delay, self._again)
 
         d.addCallback(lambda r: defer.Deferred.fromCoroutine(answered(r)))

@@ -23,6 +23,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from gateway import __version__
+from gateway.backoff import backoff_delay
 from gateway.outbound.sinks import Sink
 from gateway.trust import trust_root
 
@@ -78,7 +79,7 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
 
 def backoff(sink: Sink, attempt: int, rand: Callable[[], float]) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt))."""
-    return rand() * min(sink.backoff_cap, sink.backoff * 2 ** min(attempt, 60))
+    return backoff_delay(sink.backoff, sink.backoff_cap, attempt, "full", rand)
 
 
 def judge(sink: Sink, outcome: Reply | Failure, attempt: int, now: float, rand: Callable[[], float]) -> Verdict:

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
+from gateway.backoff import Backoff
 from gateway.readings import StoreOverloaded, StoreUnavailable
 
 log = Logger()
@@ -88,20 +89,22 @@ class Connection(txpostgres.Connection):
 
 
 class _Slot:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, rand: Callable[[], float]) -> None:
         self.index = index
         self.conn: txpostgres.Connection | None = None
         self.state = "down"  # down | connecting | idle | busy
-        self.backoff = BACKOFF_FIRST
+        self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP, "equal", rand)
         self.retry: IDelayedCall | None = None
         self.released: Deferred | None = None  # fires when the current work ends
 
 
 class PgPool:
-    def __init__(self, reactor: Any, size: int, max_waiters: int = 1000) -> None:
+    def __init__(
+        self, reactor: Any, size: int, max_waiters: int = 1000, rand: Callable[[], float] = random.random
+    ) -> None:
         self._reactor = reactor
         self._dsn = ""
-        self._slots = [_Slot(i) for i in range(size)]
+        self._slots = [_Slot(i, rand) for i in range(size)]  # rand: the reconnection jitter's (seeded in tests)
         self._waiters: deque[tuple[Callable[[Any], Deferred], Deferred]] = deque()
         self.max_waiters = max_waiters
         self.last_error = "not connected yet"
@@ -146,10 +149,10 @@ class PgPool:
                 conn.close()
                 slot.state = "down"
                 return
-            if slot.backoff > BACKOFF_FIRST:
+            if slot.backoff.failures:
                 log.info("database connection {slot} is back", slot=slot.index)
             slot.state = "idle"
-            slot.backoff = BACKOFF_FIRST
+            slot.backoff.succeeded()
             self._serve(slot)
 
         def failed(f: Failure) -> None:
@@ -178,10 +181,9 @@ class PgPool:
         self.last_error = text
         if self._closing:
             return
-        if was != "connecting" or slot.backoff == BACKOFF_FIRST:
+        if was != "connecting" or not slot.backoff.failures:
             log.warn("database connection {slot} lost: {error}", slot=slot.index, error=text)
-        delay = slot.backoff * random.uniform(0.5, 1.0)
-        slot.backoff = min(slot.backoff * 2, BACKOFF_CAP)
+        delay = slot.backoff.failed()
         slot.retry = self._reactor.callLater(delay, self._connect, slot)
         if not self._hopeful():
             self._fail_waiters()

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from gateway.backoff import backoff_delay
 from gateway.ops.metrics import counter, gauge
 from gateway.storage.embedded import EmbeddedPostgres
 from gateway.storage.pool import first_line
@@ -115,7 +116,7 @@ class DatabaseSupervisor(Service):
             self.last_error = first_line(f.value)
             # The first retry comes soon: a restart right after a crash can fail only because the dead
             # postmaster's backends still hold its shared memory, and they are gone within a second or two.
-            delay = min(self.backoff_cap, self.interval * 2 ** (self.failures - 1))
+            delay = backoff_delay(self.interval, self.backoff_cap, self.failures - 1)
             log.error(
                 "embedded PostgreSQL did not start again ({count} in a row): {error}; next try in {delay:g}s",
                 count=self.failures,

@@ -49,6 +49,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.backoff import Backoff
 from gateway.ingest.core import Ingest
 from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import counter, gauge
@@ -140,6 +141,7 @@ class ModbusHost:
         clock: Any,
         connect: Callable[[_Link], Deferred],
         connect_timeout: float,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.host = host
         self.port = port
@@ -150,7 +152,7 @@ class ModbusHost:
         self.link: _Link | None = None
         self.connecting: Deferred | None = None
         self.in_flight: _Request | None = None
-        self.backoff = 0.0
+        self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP, "equal", rand)
         self.retry_at = 0.0  # while now < retry_at the host is not tried: reads fail at once as unreachable
         self.last_error = ""
         self.connections = 0
@@ -211,7 +213,7 @@ class ModbusHost:
                 return
             self.link = link
             self.connections += 1
-            self.backoff = 0.0
+            self.backoff.succeeded()
             self._next()
 
         def down(f: Failure) -> None:
@@ -219,8 +221,7 @@ class ModbusHost:
             if self.stopped:
                 return
             self.last_error = f.getErrorMessage()
-            self.backoff = min(BACKOFF_CAP, max(BACKOFF_FIRST, 2 * self.backoff))
-            delay = self.backoff * random.uniform(0.5, 1.0)
+            delay = self.backoff.failed()
             self.retry_at = self.clock.seconds() + delay
             log.warn(
                 "Modbus host {host} cannot be reached ({error}); its devices' polls fail until it is tried again "
@@ -367,7 +368,7 @@ class PolledDevice:
 
     def start(self) -> None:
         self.started_at = self.clock.seconds()
-        self._due = self.clock.seconds() + random.uniform(0, self.settings.interval)
+        self._due = self.clock.seconds() + self.poller.rand() * self.settings.interval
         self._timer = self.clock.callLater(self._due - self.clock.seconds(), self._tick)
 
     def stop(self) -> None:
@@ -568,8 +569,10 @@ class ModbusPoller(Service):
         clock: Any = None,
         connect: Callable[[str, int, float], Callable[[_Link], Deferred]] | None = None,
         stale_intervals: int = 3,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.ingest = ingest
+        self.rand = rand  # spreads the devices' first polls and the hosts' reconnections (seeded in tests)
         self.reactor = reactor
         self.clock = clock or reactor
         self._connector = connect or (lambda host, port, timeout: tcp_connect(reactor, host, port, timeout))
@@ -606,7 +609,9 @@ class ModbusPoller(Service):
         host = self.hosts.get(key)
         if host is None:
             connect = self._connector(settings.host, settings.port, max(settings.timeout, 5.0))
-            host = self.hosts[key] = ModbusHost(settings.host, settings.port, self.clock, connect, settings.timeout)
+            host = self.hosts[key] = ModbusHost(
+                settings.host, settings.port, self.clock, connect, settings.timeout, self.rand
+            )
         return host
 
     def startService(self) -> None:
