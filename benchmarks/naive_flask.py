@@ -23,7 +23,7 @@ from flask import Flask, jsonify, request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.ingest import tokens  # noqa: E402
+from gateway import tokens  # noqa: E402
 
 INSERT = (
     "INSERT INTO readings (device_id, metric_id, ts, value) "

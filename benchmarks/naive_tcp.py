@@ -28,7 +28,7 @@ import psycopg2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocols import tgp  # noqa: E402
-from gateway.ingest import tokens  # noqa: E402
+from gateway import tokens  # noqa: E402
 
 INSERT = (
     "INSERT INTO readings (device_id, metric_id, ts, value) "

@@ -34,7 +34,7 @@ def backoff_delay(
     rand: Callable[[], float] = random.random,
 ) -> float:
     """Seconds to wait before retry ``attempt`` (0-based); ``rand()`` is uniform in [0, 1)."""
-    delay = min(cap, first * 2 ** min(max(attempt, 0), 60))
+    delay: float = min(cap, first * (1 << min(max(attempt, 0), 60)))
     if jitter == "equal":
         return delay * (0.5 + 0.5 * rand())
     if jitter == "full":

@@ -37,10 +37,6 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
-class StartError(Exception):
-    """The gateway cannot start; the message says why in one line, naming the option when one is at fault."""
-
-
 class ConfigError(Exception):
     """A setting has a bad value; the message names the option."""
 

@@ -46,7 +46,8 @@ from gateway.api.oidc import Oidc
 from gateway.api.sessions import Sessions
 from gateway.ui.resource import UiResource
 from gateway.backoff import Backoff
-from gateway.config import ConfigError, GatewayConfig, Options, StartError, build_config, load_toml
+from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
+from gateway.errors import StartError
 from gateway.ingest.core import Ingest
 from gateway.ingest.rates import DeviceRates
 from gateway.ops.console import BANNER, Console
@@ -54,7 +55,8 @@ from gateway.ops.devicewatch import DeviceWatch
 from gateway.ops.health import Health
 from gateway.ops.logs import LevelFilter, make_observer, twistd_log_file
 from gateway.ops.manhole import ManholeError, console_factory
-from gateway.ops.metrics import GatewayMetrics, gauge
+from gateway.families import gauge
+from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.process import GatewayProcess
 from gateway.ops.status import StatusPolicy, StatusWatch
 from gateway.outbound.alerts import AlertEngine

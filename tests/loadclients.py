@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.ingest import tokens
+from gateway import tokens
 from protocols import tgp
 from tests.tgp_helpers import drain
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.ingest import tokens
+from gateway import tokens
 from protocols import tgp
 
 TOKEN = "0123456789abcdef.QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZn"

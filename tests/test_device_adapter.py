@@ -14,10 +14,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.transports.devices import DeviceRegistry, DeviceSettings
 from gateway.transports.tgp_adapter import DeviceFactory
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 from gateway.ingest.quality import QualityRules, Range
 
 from gateway.readings import StoreUnavailable, WriteResult
@@ -81,7 +82,7 @@ class Harness:
         self.clock = clock or Clock()
         self.registry = registry if registry is not None else DeviceRegistry()
         self.factory = DeviceFactory(
-            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES),
             self.registry,
             clock=self.clock,
             settings=DeviceSettings(**settings),

@@ -17,7 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
-from gateway.ingest import tokens
+from gateway import tokens
 from tests.certs import TestCA
 from tests.conftest import start_service
 from protocols import tgp

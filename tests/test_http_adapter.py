@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 
 from gateway.transports.http import GatewaySite
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.health import Health
 from gateway.ingest.quality import QualityRules
 
@@ -32,7 +33,7 @@ class Client:
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
         self.site = GatewaySite(
-            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES),
             self.store,
             clock=self.clock,
             max_body=max_body,

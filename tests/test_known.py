@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet.defer import fail, maybeDeferred
 from twisted.internet.task import Clock
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import Device, StoreUnavailable
 from gateway.storage.credentials import Credentials, KnownDevice
 from gateway.storage.known import KnownDevices, read_snapshot, write_snapshot

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 
 from gateway.ingest.rates import BURST_SECONDS, DeviceRates, OverLimit
 from gateway.transports.limits import ConnectionLimits, LimitedFactory
@@ -95,7 +96,7 @@ def test_rate_zero_means_no_limit_and_the_table_is_bounded(monkeypatch):
 def test_https_answers_429_with_retry_after_and_stores_nothing():
     c = Client()
     c.site.ingest = Ingest(
-        c.store, c.clock, rates=DeviceRates(0.1, c.clock), quality=NO_TIME_RULES
+        c.store, c.clock, GatewayMetrics(c.clock), rates=DeviceRates(0.1, c.clock), quality=NO_TIME_RULES
     )  # one reading in 10 s
     c.site.resource.children[b"v1"].children[b"readings"].ingest = c.site.ingest
     c.request()

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 from gateway.storage.memory import MemoryStore
 from gateway.transports.modbus_map import ModbusDevice, Register
 from gateway.transports.modbus_poll import ModbusPoller
@@ -130,7 +131,7 @@ class Harness:
         names = {d.device for d in devices}
         for name in sorted(names):
             self.store.add_device(name)
-        self.ingest = Ingest(self.store, self.clock, quality=NO_TIME_RULES)
+        self.ingest = Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES)
         self.poller = ModbusPoller(devices, self.ingest, None, clock=self.clock, connect=self.net.connect)
 
     def slave(self, host="10.0.0.1", port=502, **kw) -> Slave:

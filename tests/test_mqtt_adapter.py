@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import StoreUnavailable
 from gateway.storage.memory import MemoryStore
 from gateway.transports.mqtt_adapter import MQTTFactory
@@ -47,7 +48,7 @@ class Harness:
         self.clock = clock or Clock()
         self.registry = DeviceRegistry()
         self.factory = MQTTFactory(
-            Ingest(self.store, self.clock, quality=NO_TIME_RULES),
+            Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES),
             self.registry,
             clock=self.clock,
             settings=DeviceSettings(**settings),

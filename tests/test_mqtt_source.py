@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from gateway.config import ConfigError, build_config
 from gateway.ingest.core import Ingest
+from gateway.ops.metrics import GatewayMetrics
 from gateway.transports.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
 from gateway.transports.mqtt_source import BrokerSource, BrokerSources, _ClientFactory
 from protocols import mqtt
@@ -43,7 +44,7 @@ class Harness:
         self.clock.advance(now)
         broker = Broker("mqtt://127.0.0.1", "127.0.0.1", 1883, False, version=version, client_id="txgw-test")
         self.settings = SourceSettings(name="plant", broker=broker, **settings)
-        ingest = Ingest(self.store, self.clock, quality=NO_TIME_RULES)
+        ingest = Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES)
         self.source = BrokerSource(self.settings, ingest, reactor, clock=self.clock)
         self.proto = _ClientFactory(self.source).buildProtocol(None)
         self.transport = StringTransport()

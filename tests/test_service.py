@@ -188,7 +188,8 @@ async def test_a_running_service_leaves_the_process_alone(tmp_path, db_dsn):
 @pytest_twisted.ensureDeferred
 async def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, db_dsn):
     """privilegedStartService raises StartError naming the option; nothing is left listening."""
-    from gateway.config import StartError, build_config
+    from gateway.config import build_config
+    from gateway.errors import StartError
     from gateway.service import build
 
     taken = socket.socket()

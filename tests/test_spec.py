@@ -7,7 +7,7 @@ from pathlib import Path
 
 import docutils.core
 
-from gateway.ingest import tokens
+from gateway import tokens
 from protocols import tgp
 from tests import spec_example
 

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
 from gateway.storage import schema
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import (
     Source,
     Device,

@@ -1,7 +1,7 @@
 import hashlib
 import os
 
-from gateway.ingest import tokens
+from gateway import tokens
 
 
 def test_new_token_verifies_and_only_a_stored_key_is_kept():

@@ -59,3 +59,73 @@ def test_the_check_sees_an_import_of_the_global_reactor(tmp_path):
         "def f():\n    from twisted.internet.threads import deferToThread\n"
     )
     assert len(_imports_the_global_reactor(sample)) == 3
+
+
+def _layer(module: str) -> str | None:
+    """The unit of layering a module belongs to: a package of gateway/ (storage, ingest, ...) or a top module."""
+    parts = module.split(".")
+    if parts[0] != "gateway" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
+    """(importing layer, imported layer) -> where, for every import in gateway/, at any depth of the code."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        me = _layer(".".join(path.relative_to(root.parent).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "gateway"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                them = _layer(name)
+                if them is not None and me is not None and them != me:
+                    edges.setdefault((me, them), []).append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return edges
+
+
+def cycles(edges: dict[tuple[str, str], list[str]]) -> list[list[str]]:
+    """The layers that import each other, directly or round about (strongly connected, more than one)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    reachable = {node: reach(node) for node in graph}
+    groups = {frozenset(n for n in graph if n in reachable[node] and node in reachable[n]) for node in graph}
+    return sorted(sorted(g) for g in groups if len(g) > 1)
+
+
+def test_no_two_layers_of_the_gateway_import_each_other():
+    """storage, ingest, transports, outbound, ops, api, ui, cli and the top modules form no cycle."""
+    edges = package_imports(ROOT / "gateway")
+    found = cycles(edges)
+    where = {f"{a} -> {b}": sites[:3] for (a, b), sites in edges.items() if any({a, b} <= set(c) for c in found)}
+    assert found == [], where
+
+
+def test_the_cycle_check_sees_a_cycle_round_about(tmp_path):
+    """The rule above is not vacuous: a cycle through three packages, and one through a function's import."""
+    root = tmp_path / "gateway"
+    for package, text in {
+        "storage": "from gateway.ingest import core\n",
+        "ingest": "from gateway.ops import metrics\n",
+        "ops": "def f():\n    from gateway.storage import store\n",
+        "api": "from gateway.storage import store\n",
+    }.items():
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+        (root / package / "m.py").write_text(text)
+    assert cycles(package_imports(root)) == [["ingest", "ops", "storage"]]

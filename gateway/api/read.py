@@ -36,7 +36,7 @@ from twisted.logger import Logger
 
 from gateway.api.oidc import OidcError, OidcVerifier
 from gateway.api.sessions import Session, Sessions, csrf_matches
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, sink_doc, status_sql
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy

@@ -24,7 +24,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.ingest import tokens
+from gateway import tokens
 
 SESSION_SECONDS = 12 * 3600  # a session lasts a working day, then the user signs in again
 COOKIE = b"__Host-gateway-session"  # __Host-: Secure, Path=/, no Domain, so no other host can set it

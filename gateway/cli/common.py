@@ -19,7 +19,7 @@ from typing import Any
 import psycopg2
 
 from gateway.config import ConfigError, build_config, duration, load_toml
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name
 from gateway.storage import embedded, schema
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import Source, NAME_RULE, is_name
 from gateway.cli.common import (
     CommandError,

@@ -8,7 +8,7 @@ from typing import Any
 
 from pathlib import Path
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.cli.common import CommandError, database, note, settings
 from gateway.readings import counted
 

@@ -28,7 +28,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from gateway.backoff import Backoff
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import format_ts
 from gateway.transports.devices import no_delay
 from gateway.ops.tuning import tune_gc

@@ -16,8 +16,7 @@ import sys
 from typing import Any
 
 from gateway.cli.common import database, note, when
-from gateway.outbound.ledger import params
-from gateway.outbound.retention import UNSENT_IN, UPLOADED_FRONTIER
+from gateway.storage.positions import UNSENT_IN, UPLOADED_FRONTIER, params
 from gateway.storage.cold import SIZES
 from gateway.storage.partitions import BOUNDS
 

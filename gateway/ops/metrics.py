@@ -19,7 +19,6 @@ from typing import Any
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
@@ -237,14 +236,6 @@ class LiveCollector(Collector):
     def collect(self) -> Iterator[Any]:
         for source in list(self.sources):
             yield from source()
-
-
-def gauge(name: str, documentation: str, value: float | None = None, labels: list[str] | None = None) -> Any:
-    return GaugeMetricFamily(name, documentation, value=value, labels=labels)
-
-
-def counter(name: str, documentation: str, labels: list[str], value: float | None = None) -> Any:
-    return CounterMetricFamily(name, documentation, value=value, labels=labels or None)
 
 
 class MetricsResource(resource.Resource):

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from gateway.config import StartError
+from gateway.errors import StartError
 from gateway.ops.systemd import SystemdNotifier
 from gateway.ops.tuning import tune_gc
 

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest.quality import QualityRules
-from gateway.ops.metrics import gauge
+from gateway.families import gauge
 from gateway.readings import Source, format_ts
 from gateway.storage.pool import first_line
 from gateway.ingest.vendor import DeviceType

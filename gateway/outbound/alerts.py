@@ -47,7 +47,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ops.metrics import counter, gauge
+from gateway.families import counter, gauge
 from gateway.storage.pool import PgPool
 from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name, table_number
 

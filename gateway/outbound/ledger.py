@@ -50,6 +50,7 @@ from twisted.logger import Logger
 
 from gateway.readings import format_ts
 from gateway.storage.pool import PgPool
+from gateway.storage.positions import PLACE, at, params, position
 from gateway.outbound.reduce import Row, State, reduce_rows
 from gateway.outbound.sinks import Sink
 from gateway.outbound.sender import RESPONSE_KEEP, Verdict
@@ -61,25 +62,7 @@ LEASE = 60.0  # seconds a batch stays with its gateway beyond the request timeou
 # A reading's place in the upload order: its transaction, then its natural key. A position is a tuple
 # (tx, device_id, metric_id, ts as text). (tx, 0, 0, '-infinity') sorts before every reading of tx, and
 # (tx, 2147483647, 2147483647, 'infinity') after: START, and the positions schema 16 gave some cursors.
-PLACE = "(r.tx, r.device_id, r.metric_id, r.ts)"
 ORDER = "r.tx, r.device_id, r.metric_id, r.ts"
-
-
-def at(name: str) -> str:
-    """The position held in the parameters ``{name}_tx``, ``_device``, ``_metric`` and ``_ts``, as SQL."""
-    return (
-        f"(%({name}_tx)s::bigint, %({name}_device)s::integer, %({name}_metric)s::integer, %({name}_ts)s::timestamptz)"
-    )
-
-
-def params(name: str, position: tuple[Any, Any, Any, Any]) -> dict[str, Any]:
-    """A position as the parameters that ``at(name)`` reads."""
-    return dict(zip((f"{name}_tx", f"{name}_device", f"{name}_metric", f"{name}_ts"), position))
-
-
-def position(row: tuple) -> tuple[int, int, int, str]:
-    """A position from four columns (tx, device_id, metric_id, ts::text)."""
-    return (int(row[0]), int(row[1]), int(row[2]), row[3])
 
 
 # tx bounds too, which an index on tx alone can use (BRIN cannot use a row comparison at all).

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ops.metrics import counter
+from gateway.families import counter
 from gateway.outbound.sender import HTTPSender, judge
 from gateway.outbound.sinks import Sink
 from gateway.readings import format_ts

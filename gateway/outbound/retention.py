@@ -29,7 +29,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.outbound.ledger import PLACE, XMIN, at, params, position
+from gateway.outbound.ledger import XMIN
+from gateway.storage.positions import PLACE, UNSENT_IN, UPLOADED_FRONTIER, at, params, position
 from gateway.storage.partitions import BOUNDS, TABLES
 from gateway.storage.pool import PeriodicWork, first_line
 
@@ -39,14 +40,8 @@ RETENTION_INTERVAL = 60.0
 RETENTION_CHUNK = 5000
 RETENTION_CHUNKS_PER_RUN = 200
 
-# Readings up to here have been sent to every sink (or no sink exists).
-UPLOADED_FRONTIER = """
-SELECT tx, device_id, metric_id, ts::text FROM (
-    SELECT cursor_tx AS tx, cursor_device AS device_id, cursor_metric AS metric_id, cursor_ts AS ts FROM upload_sinks
-    UNION ALL SELECT after_tx, after_device, after_metric, after_ts FROM upload_batches
-) f ORDER BY tx, device_id, metric_id, ts LIMIT 1
-"""
-# The readings up to the frontier (params("sent", frontier)); tx bounds them too, for the BRIN index on tx.
+# The readings up to the frontier (UPLOADED_FRONTIER, as params("sent", frontier)): sent to every sink, or no
+# sink exists. tx bounds them too, for the BRIN index on tx.
 SENT = f"r.tx <= %(sent_tx)s AND {PLACE} <= {at('sent')}"
 LIMIT = "now() - make_interval(secs => %(age)s)"
 # A reading's transaction arrived before the limit (one with no arrival recorded counts as old).
@@ -87,7 +82,6 @@ SELECT name FROM ({BOUNDS}) p(name, lo, hi) WHERE hi <= now() - make_interval(se
 # In the partition's own transaction, after locking it: whether every reading in it was sent to every sink,
 # and whether every one arrived before the limit. Both read only the BRIN ranges of recent transactions: those
 # past the frontier, and those from the first transaction that arrived after the limit on.
-UNSENT_IN = f"EXISTS (SELECT 1 FROM {{name}} r WHERE r.tx >= %(sent_tx)s AND {PLACE} > {at('sent')})"
 # The first transaction (in tx order) that arrived within the limit: found after reading those that came before.
 FIRST_RECENT = f"(SELECT x.tx FROM readings_arrivals x WHERE x.received_at >= {LIMIT} ORDER BY x.tx LIMIT 1)"
 ARRIVED_IN = f"""EXISTS (SELECT 1 FROM {{name}} r JOIN readings_arrivals a ON a.tx = r.tx

@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ops.metrics import counter, gauge
+from gateway.families import counter, gauge
 from gateway.outbound.ledger import HOLD_OWNER_LOCK, LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
 from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge

@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gateway.storage.partitions import BOUNDS
+from gateway.storage.positions import UNSENT_IN, UPLOADED_FRONTIER, params
 from gateway.storage.pool import PeriodicWork, first_line
 
 log = Logger()
@@ -181,8 +182,6 @@ class Compressor(PeriodicWork):
 
     def fold_partition(self, name: str, lo: Any, hi: Any, again: bool) -> Deferred:
         """Fold one partition; fires with (readings folded, None) or (0, why it waits)."""
-        from gateway.outbound.ledger import params
-        from gateway.outbound.retention import UNSENT_IN, UPLOADED_FRONTIER
 
         async def work(cur: Any) -> tuple[int, str | None]:
             await cur.execute("SET LOCAL lock_timeout = '1s'")

@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import Device, StoreOverloaded, StoreUnavailable
 
 AUTH_CACHE_TTL = 1.0  # a revoked token stops working within this many seconds

@@ -6,7 +6,7 @@ import psycopg2
 import psycopg2.extensions
 from twisted.logger import Logger
 
-from gateway.config import StartError
+from gateway.errors import StartError
 from gateway.storage import embedded, schema
 
 log = Logger()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.readings import Device, Quarantined, Reading, Source, StoreUnavailable, WriteResult
 from gateway.storage.interface import IStore
 

@@ -64,7 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.ops.metrics import counter, gauge
+from gateway.families import counter, gauge
 from gateway.storage.cold import HOUR_OF, already_cold, offset_of
 from gateway.storage.credentials import Credentials
 from gateway.storage.interface import IStore

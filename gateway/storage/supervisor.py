@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gateway.backoff import backoff_delay
-from gateway.ops.metrics import counter, gauge
+from gateway.families import counter, gauge
 from gateway.storage.embedded import EmbeddedPostgres
 from gateway.storage.pool import first_line
 

@@ -30,7 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.config import StartError
+from gateway.errors import StartError
 from gateway.transports.endpoints import EndpointSpec
 from gateway.transports.stdtls import TLSServerFactory, server_context
 from gateway.transports.tls import ServerCredentials, TLSConfigError, local_credentials

@@ -51,8 +51,8 @@ from twisted.python.failure import Failure
 
 from gateway.backoff import Backoff
 from gateway.ingest.core import Ingest
-from gateway.ops.logs import RateLimitedLog
-from gateway.ops.metrics import counter, gauge
+from gateway.ratelimit import RateLimitedLog
+from gateway.families import counter, gauge
 from gateway.ops.reports import StatusReport
 from gateway.readings import Device, IngestError, Reading, Source, WriteResult, counted
 from gateway.transports.devices import DeviceNames, no_delay

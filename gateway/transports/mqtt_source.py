@@ -66,7 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ingest.core import Ingest
-from gateway.ops.metrics import counter, gauge
+from gateway.families import counter, gauge
 from gateway.ops.reports import StatusReport
 from gateway.readings import (
     Device,

@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ingest import tokens
+from gateway import tokens
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
 from gateway.readings import (

@@ -36,7 +36,7 @@ from gateway.api.read import ApiError, ReadApi
 from gateway.api.resource import STATUS, credentials_of
 from gateway.api.oidc import FLOW_COOKIE, FLOW_SECONDS, Flow, Oidc, OidcError, begin_flow, finish_flow
 from gateway.api.sessions import COOKIE, NewSession, Sessions
-from gateway.ops.logs import RateLimitedLog
+from gateway.ratelimit import RateLimitedLog
 from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import format_ts
 from gateway.transports.http import NotFound

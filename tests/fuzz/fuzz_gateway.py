@@ -60,6 +60,7 @@ def _site():
 
         from gateway.transports.http import GatewaySite
         from gateway.ingest.core import Ingest
+        from gateway.ops.metrics import GatewayMetrics
         from gateway.ingest.quality import QualityRules
         from gateway.storage.memory import MemoryStore
 
@@ -67,7 +68,7 @@ def _site():
         token = store.add_device("truck-1").encode()
         clock = Clock()
         site = GatewaySite(
-            Ingest(store, clock, quality=QualityRules(max_future=None, max_past=None)),
+            Ingest(store, clock, GatewayMetrics(clock), quality=QualityRules(max_future=None, max_past=None)),
             store,
             clock=clock,
             max_body=4096,
