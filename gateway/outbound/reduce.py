@@ -24,6 +24,7 @@ import datetime
 import json
 from dataclasses import dataclass
 
+from gateway.deadband import worth_keeping
 from gateway.readings import EPOCH
 from gateway.outbound.sinks import Sink
 
@@ -81,13 +82,9 @@ def reduce_rows(sink: Sink, rows: list[Row], state: State) -> tuple[list[str], S
             groups[key].append(row)
         else:
             assert rule.deadband is not None
-            last = state.get((row.device_id, row.metric))
-            due = (
-                last is None
-                or abs(row.value - last[0]) > rule.deadband
-                or (rule.heartbeat is not None and row.ts_us - last[1] >= rule.heartbeat * 1_000_000)
-            )
-            if due:
+            if worth_keeping(
+                row.value, row.ts_us, state.get((row.device_id, row.metric)), rule.deadband, rule.heartbeat
+            ):
                 lines.append(raw_line(row))
                 state[(row.device_id, row.metric)] = (row.value, row.ts_us)
     for key, interval in group_order:

@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.backoff import Backoff
+from gateway.deadband import worth_keeping
 from gateway.ingest.core import Ingest
 from gateway.ratelimit import RateLimitedLog
 from gateway.families import counter, gauge
@@ -364,7 +365,7 @@ class PolledDevice:
         self.started_at: float | None = None
         self._due = 0.0
         self._timer: Any = None
-        self._stored: dict[str, tuple[float, float]] = {}  # metric → (value, time) last stored, for deadbands
+        self._stored: dict[str, tuple[float, int]] = {}  # metric → (value, time in µs) last stored, for deadbands
 
     def start(self) -> None:
         self.started_at = self.clock.seconds()
@@ -471,19 +472,16 @@ class PolledDevice:
         for reading in readings:
             register = by_metric[reading.metric]
             last = self._stored.get(reading.metric)
-            if register.deadband is not None and last is not None:
-                moved = abs(reading.value - last[0]) > register.deadband
-                due = register.heartbeat is not None and reading.ts_us / 1e6 - last[1] >= register.heartbeat
-                if not moved and not due:
-                    self.counters.suppressed += 1
-                    continue
+            if not worth_keeping(reading.value, reading.ts_us, last, register.deadband, register.heartbeat):
+                self.counters.suppressed += 1
+                continue
             kept.append(reading)
         return kept
 
     def _committed(self, result: WriteResult, kept: list[Reading]) -> None:
         self.counters.readings += result.accepted
         for reading in kept:
-            self._stored[reading.metric] = (reading.value, reading.ts_us / 1e6)
+            self._stored[reading.metric] = (reading.value, reading.ts_us)
 
     def _not_stored(self, f: Failure) -> None:
         error = f.value
