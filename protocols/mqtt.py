@@ -586,6 +586,30 @@ def _topic_name(topic: str, fail: Any) -> None:
 # -- the connection ------------------------------------------------------
 
 
+def _answer_body(kind: PacketType, e: Any, v5: bool) -> bytes:
+    """
+    The variable header and payload of CONNACK, an acknowledgement, SUBACK/UNSUBACK, DISCONNECT or AUTH: a
+    pure function, so the size a packet would have can be known before sending it changes any state.
+    """
+    if kind is _T.CONNACK:
+        success = e.reason < 0x80
+        flags = 0x01 if e.session_present and success else 0
+        if v5:
+            return bytes([flags, e.reason]) + _encode_properties(e.properties, _T.CONNACK)
+        return bytes([flags, 0 if success else _V311_CONNACK.get(e.reason, 3)])
+    if kind in (_T.SUBACK, _T.UNSUBACK):
+        reasons = e.reasons
+        if kind is _T.SUBACK and not v5:
+            reasons = tuple(r if r < 0x80 else 0x80 for r in reasons)
+        if kind is _T.UNSUBACK and not v5:
+            reasons = ()
+        return _U16S.pack(e.packet_id) + (_encode_properties(e.properties, kind) if v5 else b"") + bytes(reasons)
+    head = _U16S.pack(e.packet_id) if kind in (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP) else b""
+    if not v5 or (e.reason == 0 and not e.properties):
+        return head
+    return head + bytes([e.reason]) + (_encode_properties(e.properties, kind) if e.properties else b"")
+
+
 class Connection:
     """
     One end of an MQTT connection.
@@ -1003,15 +1027,7 @@ class Connection:
     @staticmethod
     def _size_of(kind: PacketType, e: Any, properties: Properties) -> int:
         """The size ``e`` would be sent at with ``properties`` (v5), without changing any state."""
-        encoded = _encode_properties(properties, kind)
-        if kind in (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP):
-            body = 2 + ((1 + (len(encoded) if properties else 0)) if e.reason or properties else 0)
-        elif kind in (_T.SUBACK, _T.UNSUBACK):
-            body = 2 + len(encoded) + len(e.reasons)
-        elif kind is _T.CONNACK:
-            body = 2 + len(encoded)
-        else:  # DISCONNECT, AUTH
-            body = 0 if e.reason == 0 and not properties else 1 + (len(encoded) if properties else 0)
+        body = len(_answer_body(kind, dataclasses.replace(e, properties=properties), True))
         return 1 + len(encode_varint(body)) + body
 
     def _encode(self, kind: PacketType, e: Event) -> tuple[int, bytes]:
@@ -1034,12 +1050,7 @@ class Connection:
             return self._encode_publish(e)
         if isinstance(e, _Answer):
             self._sending_ack(kind, e.packet_id)
-            body = _U16S.pack(e.packet_id)
-            if v5 and (e.reason or e.properties):
-                body += bytes([e.reason])
-                if e.properties:
-                    body += _encode_properties(e.properties, kind)
-            return _FLAGS.get(kind, 0), body
+            return _FLAGS.get(kind, 0), _answer_body(kind, e, v5)
         if isinstance(e, (Subscribe, Unsubscribe)):
             self._new_id(e.packet_id)
             parts = [_U16S.pack(e.packet_id)]
@@ -1059,13 +1070,7 @@ class Connection:
             if self._in.get(e.packet_id) != _OTHER:
                 raise LocalProtocolError(Reason.PROTOCOL_ERROR, f"no SUBSCRIBE or UNSUBSCRIBE {e.packet_id} to answer")
             del self._in[e.packet_id]
-            body = _U16S.pack(e.packet_id) + (_encode_properties(e.properties, kind) if v5 else b"")
-            reasons = e.reasons
-            if isinstance(e, SubAck) and not v5:
-                reasons = tuple(r if r < 0x80 else 0x80 for r in reasons)
-            if isinstance(e, UnsubAck) and not v5:
-                reasons = ()
-            return 0, body + bytes(reasons)
+            return 0, _answer_body(kind, e, v5)
         if isinstance(e, (PingReq, PingResp)):
             return 0, b""
         assert isinstance(e, (Disconnect, Auth))
@@ -1073,9 +1078,7 @@ class Connection:
             if not v5 and self.our_role is SERVER:
                 raise LocalProtocolError(Reason.PROTOCOL_ERROR, "a 3.1.1 server closes without DISCONNECT")
             self.state = CLOSED
-        if not v5 or (e.reason == 0 and not e.properties):
-            return 0, b""
-        return 0, bytes([e.reason]) + (_encode_properties(e.properties, kind) if e.properties else b"")
+        return 0, _answer_body(kind, e, v5)
 
     def _encode_connect(self, e: Connect) -> bytes:
         if e.version not in VERSIONS:
@@ -1103,13 +1106,8 @@ class Connection:
         return head + b"".join(payload)
 
     def _encode_connack(self, e: ConnAck) -> bytes:
-        success = e.reason < 0x80
-        flags = 0x01 if e.session_present and success else 0
-        if self.version == V5:
-            body = bytes([flags, e.reason]) + _encode_properties(e.properties, _T.CONNACK)
-        else:
-            body = bytes([flags, 0 if success else _V311_CONNACK.get(e.reason, 3)])
-        self.state = CONNECTED if success else CLOSED
+        body = _answer_body(_T.CONNACK, e, self.version == V5)
+        self.state = CONNECTED if e.reason < 0x80 else CLOSED
         return body
 
     def _encode_publish(self, e: Publish) -> tuple[int, bytes]:
