@@ -211,6 +211,19 @@ class Ingest:
     def _keep(self, error: StoreRejected, device: Device, source: Source, raw: Callable[[], bytes]) -> Deferred[None]:
         return self.refuse(source, error.code, error.message, device=device.name, raw=raw())
 
+    def session_begins(self, device: Device, client_id: str, clean_start: bool, expiry: int) -> Deferred[bool]:
+        """
+        A device connects with a session (MQTT): whether one it kept under ``client_id`` is still there; the
+        one kept from now lasts ``expiry`` seconds after the connection ends. Errbacks when the store cannot say.
+        """
+        d: Deferred[bool] = self.store.session_begins(device.id, client_id, clean_start, expiry)
+        return d
+
+    def session_ends(self, device: Device, client_id: str) -> Deferred[None]:
+        """The connection of a kept session ended: its expiry counts from now."""
+        d: Deferred[None] = self.store.session_ends(device.id, client_id)
+        return d
+
     def refuse(
         self,
         source: Source,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,7 +106,7 @@ class MQTTProtocol(DeviceConnection):
         # readings, its ticket or None at QoS 0). None when there are none (most of the time, for most devices).
         self._pending: list[tuple[mqtt.Publish, list[Reading], Ticket[Any] | None]] | None = None
         self._pending_size = 0  # their readings
-        self._kept_session: tuple[int, str] | None = None  # (device id, client id) of a session kept after this
+        self._kept_session: tuple[Device, str] | None = None  # (device, client id) of a session kept after this
 
     # -- connection ------------------------------------------------------
 
@@ -169,7 +169,7 @@ class MQTTProtocol(DeviceConnection):
             kept, self._kept_session = self._kept_session, None
             # The kept session's expiry counts from now. Not recorded (the database away), the session just
             # lasts until the device's next connection looks at it.
-            self.factory.store.session_ends(*kept).addErrback(
+            self.factory.ingest.session_ends(*kept).addErrback(
                 lambda f: log.warn("MQTT session end not recorded: {error}", error=getattr(f.value, "message", f.value))
             )
 
@@ -268,7 +268,14 @@ class MQTTProtocol(DeviceConnection):
         else:
             expiry = 0 if connect.clean_start else MAX_SESSION_EXPIRY
         clean = connect.clean_start or not connect.client_id
-        d = self.factory.store.session_begins(device.id, client_id, clean, expiry)
+        d = self.factory.ingest.session_begins(device, client_id, clean, expiry)
+        if clean and expiry == 0:
+            # Nothing can be present and nothing is kept: a session kept before is discarded meanwhile, and the
+            # CONNACK need not wait for the database (the usual device: 3.1.1 clean session, 5.0 expiry 0).
+            d.addErrback(
+                lambda f: log.warn("MQTT session of {device} not discarded: {e}", device=device.name, e=f.value)
+            )
+            d = succeed(False)
 
         def answered(present: Any) -> None:
             if isinstance(present, Failure):
@@ -281,7 +288,7 @@ class MQTTProtocol(DeviceConnection):
             if self._closing:
                 return
             if expiry > 0:
-                self._kept_session = (device.id, client_id)
+                self._kept_session = (device, client_id)
             self._connected(connect, device, bool(present), client_id)
             self._looking_up(False)
 

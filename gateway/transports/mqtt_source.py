@@ -244,10 +244,7 @@ class BrokerClient(protocol.Protocol):
             self._fail(f"the broker refused the subscription to {', '.join(refused)}: {codes}")
             return
         self._cancel_timer()
-        keepalive = self.settings.broker.keepalive
-        self._pinger = LoopingCall(self._ping)
-        self._pinger.clock = self.clock
-        self._pinger.start(keepalive / 2, now=False)
+        self._start_pinger()
         self.source.set_state("subscribed", "")
         log.info(
             "MQTT source {source}: subscribed to {filters} at QoS {qos}",
@@ -275,10 +272,7 @@ class BrokerClient(protocol.Protocol):
             broker=self.settings.broker.address,
         )
         self._send(mqtt.Unsubscribe(1, tuple(self.source.retire_filters or ())))
-        keepalive = self.settings.broker.keepalive
-        self._pinger = LoopingCall(self._ping)
-        self._pinger.clock = self.clock
-        self._pinger.start(keepalive / 2, now=False)
+        self._start_pinger()
         self._retire_when_quiet()
 
     def _retire_when_quiet(self) -> None:
@@ -306,6 +300,11 @@ class BrokerClient(protocol.Protocol):
             self.source.retired_now()
         else:
             self.source.clean_pass = True  # the service connects again: that connection discards the session
+
+    def _start_pinger(self) -> None:
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(self.settings.broker.keepalive / 2, now=False)
 
     def _ping(self) -> None:
         if self.session.paused:  # not reading: the broker's answers wait in the kernel, unseen
@@ -545,8 +544,6 @@ class BrokerClient(protocol.Protocol):
         self._closing = True
         self.session.stopped = True
         self._cancel_timer()
-        if self._quiet is not None and self._quiet.active():
-            self._quiet.cancel()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         if self.session.paused:
@@ -556,17 +553,17 @@ class BrokerClient(protocol.Protocol):
         self._timer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        """The CONNACK/SUBACK deadline or the close's, and a retiring session's quiet timer."""
+        for timer in (self._timer, self._quiet):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._quiet = None
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self._closing:
             self.source.set_state("disconnected", f"the connection was lost: {reason.getErrorMessage()}")
         self._closing = True
         self._cancel_timer()
-        if self._quiet is not None and self._quiet.active():
-            self._quiet.cancel()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self.source.counters.in_flight = 0
@@ -729,7 +726,6 @@ class BrokerSources(MultiService):
         self.reporter = StatusReport("mqtt_sources", owner, self.status, run, reactor)
         self._gone_check = LoopingCall(self.look_for_retired)
         self._gone_check.clock = reactor
-        self._first_check: Any = None
 
     def _own(self, sources: tuple[SourceSettings, ...]) -> dict[str, SourceSettings]:
         """The settings by name, each with this gateway's client id unless the table gives one."""
@@ -828,12 +824,9 @@ class BrokerSources(MultiService):
     def startService(self) -> None:
         super().startService()
         self.reporter.start()
-        # After the first report, so the sources of this start are in the table when it is read.
-        self._first_check = self.reactor.callLater(0, self._gone_check.start, GONE_CHECK, True)
+        self._gone_check.start(GONE_CHECK, now=True)
 
     def stopService(self) -> Deferred:
-        if self._first_check is not None and self._first_check.active():
-            self._first_check.cancel()
         if self._gone_check.running:
             self._gone_check.stop()
         d = super().stopService()
