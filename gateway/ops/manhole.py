@@ -176,13 +176,16 @@ def _from_allows(patterns: tuple[str, ...], peer: str | None) -> bool:
     return allowed
 
 
-def _split_options(text: str) -> list[str]:
-    """authorized_keys options: comma-separated, values in double quotes may hold commas and \\"."""
+def _split_options(line: str) -> tuple[list[str], str]:
+    """
+    A line's leading options and what follows them: comma-separated up to the first space outside double
+    quotes, where values may hold commas, spaces and backslash-escaped characters.
+    """
     options, current, quoted, i = [], [], False, 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and quoted and i + 1 < len(text):
-            current.append(text[i + 1])
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and quoted and i + 1 < len(line):
+            current.append(line[i + 1])
             i += 2
             continue
         if c == '"':
@@ -190,13 +193,15 @@ def _split_options(text: str) -> list[str]:
         elif c == "," and not quoted:
             options.append("".join(current))
             current = []
+        elif c.isspace() and not quoted:
+            break
         else:
             current.append(c)
         i += 1
     if quoted:
         raise ValueError("an option's quotes are not closed")
     options.append("".join(current))
-    return options
+    return options, line[i:]
 
 
 def _expiry(value: str) -> float:
@@ -214,16 +219,8 @@ def parse_authorized_key(line: str) -> AuthorizedKey:
     fields = line.split(None, 1)
     options: list[str] = []
     if fields and not _looks_like_key_type(fields[0]):
-        # Options come first, up to the first space outside quotes.
-        quoted, end = False, len(line)
-        for i, c in enumerate(line):
-            if c == '"' and (i == 0 or line[i - 1] != "\\"):
-                quoted = not quoted
-            elif c.isspace() and not quoted:
-                end = i
-                break
-        options = _split_options(line[:end])
-        fields = line[end:].split(None, 1)
+        options, rest_of_line = _split_options(line)
+        fields = rest_of_line.split(None, 1)
     if not fields:
         raise ValueError("no key")
     rest = fields[1].split(None, 1) if len(fields) > 1 else []
