@@ -60,6 +60,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -361,12 +362,36 @@ class ConsoleUserAuth(userauth.SSHUserAuthServer):
 
 
 class ConsoleTransport(ssh_transport.SSHServerTransport):
-    """conch's server transport saying, in server-sig-algs, the user key algorithms taken (not the host key's)."""
+    """
+    conch's server transport, saying in server-sig-algs the user key algorithms taken (not the host key's),
+    with the factory's login deadline, idle timer and count of logged-in consoles.
+    """
+
+    factory: ConsoleFactory
+    login_timer: IDelayedCall  # set by the factory as it builds the transport
+    idle_timer: IDelayedCall
+    logged_in = False
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         super().sendExtInfo(
             [(k, b",".join(USER_KEY_ALGORITHMS) if k == b"server-sig-algs" else v) for k, v in extensions]
         )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.idle_timer.active():
+            self.idle_timer.reset(self.factory.idle_timeout)
+        super().dataReceived(data)
+
+    def setService(self, service: Any) -> None:
+        if isinstance(service, SSHConnection) and not self.logged_in:
+            if not self.factory.logged_in(self):
+                return
+            self.logged_in = True
+        super().setService(service)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.closed(self)
+        super().connectionLost(reason)
 
 
 class _Glue:
@@ -572,51 +597,38 @@ class ConsoleFactory(manhole_ssh.ConchFactory):
         transport.supportedMACs = [m for m in transport.supportedMACs if m in MACS]
         transport.supportedCompressions = [b"none"]  # no compression of secrets before the login
         self.waiting.append(transport)
-        login = self.clock.callLater(self.login_timeout, self._too_slow, transport)
-        idle = self.clock.callLater(self.idle_timeout, self._idle, transport)
-        received, lost, set_service = transport.dataReceived, transport.connectionLost, transport.setService
-        state = {"session": False}
-
-        def dataReceived(data: bytes) -> None:
-            if idle.active():
-                idle.reset(self.idle_timeout)
-            received(data)
-
-        def setService(service: Any) -> None:
-            if isinstance(service, SSHConnection) and not state["session"]:
-                if transport in self.waiting:
-                    self.waiting.remove(transport)
-                if login.active():
-                    login.cancel()
-                if self.sessions >= self.max_sessions:
-                    log.warn(
-                        "console: refused a login from {peer}: {count} consoles are open (the most)",
-                        peer=str(transport.transport.getPeer()),
-                        count=self.sessions,
-                    )
-                    transport.sendDisconnect(
-                        ssh_transport.DISCONNECT_TOO_MANY_CONNECTIONS,
-                        f"{self.sessions} consoles are open, the most there may be; try again later".encode(),
-                    )
-                    return
-                state["session"] = True
-                self.sessions += 1
-            set_service(service)
-
-        def connectionLost(reason: Any) -> None:
-            if state["session"]:
-                self.sessions -= 1
-            elif transport in self.waiting:
-                self.waiting.remove(transport)
-            for timer in (login, idle):
-                if timer.active():
-                    timer.cancel()
-            lost(reason)
-
-        transport.dataReceived = dataReceived
-        transport.setService = setService
-        transport.connectionLost = connectionLost
+        transport.login_timer = self.clock.callLater(self.login_timeout, self._too_slow, transport)
+        transport.idle_timer = self.clock.callLater(self.idle_timeout, self._idle, transport)
         return transport
+
+    def logged_in(self, transport: ConsoleTransport) -> bool:
+        """A connection logs in: a console session, if one more may be open (else it is told why and closed)."""
+        if transport in self.waiting:
+            self.waiting.remove(transport)
+        if transport.login_timer.active():
+            transport.login_timer.cancel()
+        if self.sessions >= self.max_sessions:
+            log.warn(
+                "console: refused a login from {peer}: {count} consoles are open (the most)",
+                peer=str(transport.getPeer().address),
+                count=self.sessions,
+            )
+            transport.sendDisconnect(
+                ssh_transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                f"{self.sessions} consoles are open, the most there may be; try again later".encode(),
+            )
+            return False
+        self.sessions += 1
+        return True
+
+    def closed(self, transport: ConsoleTransport) -> None:
+        if transport.logged_in:
+            self.sessions -= 1
+        elif transport in self.waiting:
+            self.waiting.remove(transport)
+        for timer in (transport.login_timer, transport.idle_timer):
+            if timer.active():
+                timer.cancel()
 
     def _idle(self, transport: Any) -> None:
         log.info(
