@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from gateway.transports.tls import CERT_NAME, KEY_NAME, ServerCredentials, _write_pair, fingerprint_of
 
 
 class TestCA:
@@ -63,3 +66,32 @@ class TestCA:
         return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+
+
+def make_self_signed(
+    tls_dir: Path, hostname: str | None = None, now: datetime.datetime | None = None
+) -> ServerCredentials:
+    """A data directory's certificate as the gateway made them before its local CA: self-signed and its own CA."""
+    cert_path, key_path = tls_dir / CERT_NAME, tls_dir / KEY_NAME
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    hostname = hostname or socket.gethostname()
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_pair(key_path, cert_path, key, cert)
+    return ServerCredentials(cert_path, key_path, fingerprint_of(cert), True, None, None, cert.not_valid_after_utc)

@@ -268,7 +268,7 @@ def test_an_old_data_directory_keeps_its_certificate_until_gatewayctl_moves_it_a
     from cryptography.x509 import DNSName
     from cryptography.x509.verification import PolicyBuilder, Store
 
-    from gateway.transports.tls import make_self_signed
+    from tests.certs import make_self_signed
 
     old = make_self_signed(gateway.data_dir / "tls")  # as the gateway made them before the local CA
     gateway.start()

@@ -146,7 +146,7 @@ async def test_tls_policy(gateway):
 
 @pytest_twisted.ensureDeferred
 async def test_own_certificate_is_served(tmp_path, db_dsn, sql):
-    from gateway.transports.tls import make_self_signed
+    from tests.certs import make_self_signed
 
     own = make_self_signed(tmp_path / "own", hostname="gw.plant.example")
     service = await start_service(tmp_path, db_dsn, tls_cert=str(own.cert_path), tls_key=str(own.key_path))

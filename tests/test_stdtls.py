@@ -16,7 +16,8 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 
 from gateway.transports.stdtls import TLSServerFactory, server_context
-from gateway.transports.tls import TLSConfigError, make_self_signed
+from gateway.transports.tls import TLSConfigError
+from tests.certs import make_self_signed
 
 
 def within(d: Deferred, seconds: float = 30.0) -> Deferred:

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.transports.stdtls import server_context
-from gateway.transports.tls import TLSConfigError, fingerprint_of, local_credentials, make_self_signed, new_layout
+from gateway.transports.tls import TLSConfigError, fingerprint_of, local_credentials, new_layout
+from tests.certs import make_self_signed
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gateway.cli.common import CommandError, note, settings
+from gateway.cli.common import CommandError, note, settings, when
 from gateway.transports.tls import CA_CERT_NAME, CERT_NAME, TLSConfigError, fingerprint_of, new_layout
 
 
@@ -20,7 +20,7 @@ def _describe(tls_dir) -> dict:
             doc[key] = {
                 "path": str(path),
                 "sha256": fingerprint_of(cert),
-                "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "not_after": when(cert.not_valid_after_utc),
             }
     doc["layout"] = "local CA" if "ca" in doc else "self-signed (old)" if "server" in doc else "none yet"
     return doc

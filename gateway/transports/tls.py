@@ -68,10 +68,6 @@ def fingerprint_of(cert: x509.Certificate) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def _now(now: datetime.datetime | None) -> datetime.datetime:
-    return now or datetime.datetime.now(datetime.timezone.utc)
-
-
 def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
@@ -180,7 +176,7 @@ def local_credentials(
     if cert_path.exists() and key_path.exists() and not ca_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         return ServerCredentials(cert_path, key_path, fingerprint_of(cert), False, None, None, cert.not_valid_after_utc)
-    now = _now(now)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     hostname = hostname or socket.gethostname()
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(tls_dir, 0o700)
@@ -229,32 +225,3 @@ def new_layout(tls_dir: Path, hostname: str | None = None, now: datetime.datetim
             if path.exists():
                 os.replace(path, path.with_name(LEGACY_PREFIX + path.name))
     return local_credentials(tls_dir, hostname, now)
-
-
-def make_self_signed(
-    tls_dir: Path, hostname: str | None = None, now: datetime.datetime | None = None
-) -> ServerCredentials:
-    """The old layout's certificate: self-signed and its own CA (kept to test the move to the new layout)."""
-    cert_path, key_path = tls_dir / CERT_NAME, tls_dir / KEY_NAME
-    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    now = _now(now)
-    hostname = hostname or socket.gethostname()
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    _write_pair(key_path, cert_path, key, cert)
-    return ServerCredentials(cert_path, key_path, fingerprint_of(cert), True, None, None, cert.not_valid_after_utc)
