@@ -287,6 +287,12 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def epoch_us(ts: datetime.datetime) -> int:
+    """A timestamptz from the database as microseconds since the epoch."""
+    delta = ts - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 def format_ts(ts_us: int) -> str:
     """Microseconds since the epoch → RFC 3339 in UTC, with as many digits as needed."""
     seconds, micro = divmod(ts_us, 1_000_000)

@@ -20,7 +20,7 @@ import psycopg2
 
 from gateway.config import ConfigError, build_config, duration, load_toml
 from gateway import tokens
-from gateway.readings import EPOCH, NAME_RULE, format_ts, is_name
+from gateway.readings import NAME_RULE, epoch_us, format_ts, is_name
 from gateway.storage import embedded, schema
 
 
@@ -143,12 +143,6 @@ def revoke(conn: Any, table: str, name: str, what: str) -> None:
         cur.execute(f"UPDATE {table} SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1", (name,))
         if cur.fetchone() is None:
             raise CommandError(f"no {what} {name!r}")
-
-
-def epoch_us(ts: datetime.datetime) -> int:
-    """A timestamptz from the database as microseconds since the epoch."""
-    delta = ts - EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def when(value: datetime.datetime | None) -> str:

@@ -38,7 +38,6 @@ waits, with its lag growing, and holds back no other.
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import uuid
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from collections.abc import Callable, Collection
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.readings import format_ts
+from gateway.readings import epoch_us, format_ts
 from gateway.storage.pool import PgPool
 from gateway.storage.positions import PLACE, at, params, position
 from gateway.outbound.reduce import Row, State, reduce_rows
@@ -310,19 +309,11 @@ STATUS_FIELDS = (
 )
 
 
-def rfc3339(value: datetime.datetime | None) -> str | None:
-    """A time from the database as RFC 3339 in UTC with a Z, as everything the gateway prints."""
-    if value is None:
-        return None
-    delta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    return format_ts((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds)
-
-
 def sink_doc(status: dict[str, Any]) -> dict[str, Any]:
     """A sink's STATUS_FIELDS as JSON shows them (``gatewayctl upload status --json``, ``GET /v1/sinks``)."""
     doc = dict(status)
     for key in ("last_sent_at", "last_error_at"):
-        doc[key] = rfc3339(doc[key])
+        doc[key] = format_ts(epoch_us(doc[key])) if doc[key] is not None else None
     # The time of the last reading sent, RFC 3339 in UTC; None before the first (and past the last of a sink
     # that starts at the end).
     doc["cursor_time"] = format_ts(doc["cursor_time"]) if doc["cursor_time"] is not None else None
