@@ -217,3 +217,20 @@ def test_each_keys_items_commit_in_arrival_order_whatever_order_transactions_fin
         order = [n for k, n in finished if k == key]
         assert order == sorted(order), (key, order)
     assert gc.queued == 0 and gc.in_flight == 0
+
+
+def test_a_flood_from_one_device_costs_no_pass_over_the_queue_per_write():
+    """While every waiting item is held behind its device's transaction, a newcomer of that device is not a look."""
+    clock, commits = Clock(), Commits()
+    gc = GroupCommit(clock, commits, slots=4, max_batch=10, max_delay=0, max_queue=10_000, keys=lambda item: [item[0]])
+    gc.submit((1, 0), 1)
+    looks = []
+    take = gc._take_batch
+    gc._take_batch = lambda: looks.append(1) or take()
+    for n in range(1, 1001):
+        gc.submit((1, n), 1)
+    assert len(looks) == 1  # the first found all held; the other 999 were not looked at again
+    gc.submit((2, 0), 1)  # another device's write may go: it is looked at, and goes
+    assert [b for b, _ in commits.batches][-1] == [(2, 0)]
+    commits.finish(0)  # device 1's transaction ends: its writes go, in order, ten at a time
+    assert [b for b, _ in commits.batches][2] == [(1, n) for n in range(1, 11)]

@@ -83,6 +83,10 @@ class GroupCommit(Generic[T]):
         self._commit = commit
         self._keys = keys
         self._busy: Counter[Hashable] = Counter()  # ordering keys of the items in transactions under way
+        # After a look at the queue found every item held: the keys that held them. Until a transaction ends,
+        # a newcomer with one of those keys is held too, and the queue is not looked at again for it (which
+        # would cost a pass over the whole queue per write while one device floods it).
+        self._stuck: set[Hashable] | None = None
         self.slots = slots
         self.max_batch = max_batch
         self.max_delay = max_delay
@@ -128,6 +132,11 @@ class GroupCommit(Generic[T]):
         waiting = _Waiting(item, size, self._clock.seconds(), keys)
         self._queue.append(waiting)
         self.queued += size
+        if self._stuck is not None:
+            if not self._stuck.isdisjoint(keys):
+                self._stuck.update(keys)
+                return waiting.deferred
+            self._stuck = None  # this one may go: look again
         self._pump(just_finished=False)
         return waiting.deferred
 
@@ -157,6 +166,8 @@ class GroupCommit(Generic[T]):
                 kept.append(self._queue.popleft())
         kept.extend(self._queue)
         self._queue = kept
+        if not batch:
+            self._stuck = held
         self._taken(batch, total)
         return batch
 
@@ -205,6 +216,7 @@ class GroupCommit(Generic[T]):
 
     def _finished(self, outcomes: Any, batch: list[_Waiting[T]]) -> None:
         self.in_flight -= 1
+        self._stuck = None
         for waiting in batch:
             self._busy.subtract(waiting.keys)
             for key in waiting.keys:
