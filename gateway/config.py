@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from twisted.python import usage
 
 from gateway.outbound.alerts import AlertError, AlertRule, rules_from_tables
-from gateway.transports.endpoints import EndpointSpec, parse_endpoint
+from gateway.net.endpoints import EndpointSpec, parse_endpoint
 from gateway.storage.journal import parse_size
 from gateway.ops.logs import FORMATS, LEVELS
 from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_table

@@ -75,10 +75,11 @@ from gateway.storage.journal import Journal, JournalError
 from gateway.storage.pool import PgPool
 from gateway.storage.store import PostgresStore
 from gateway.storage.supervisor import DatabaseSupervisor
-from gateway.transports.endpoints import EndpointSpec
-from gateway.transports.http import GatewaySite, OperationsRoot
-from gateway.transports.limits import ConnectionLimits, LimitedFactory
-from gateway.transports.listeners import Listener, Listeners, TLSWrapper
+from gateway.net.endpoints import EndpointSpec
+from gateway.transports.http import ReadingsResource
+from gateway.web.site import GatewaySite, OperationsRoot
+from gateway.net.limits import ConnectionLimits, LimitedFactory
+from gateway.net.listeners import Listener, Listeners, TLSWrapper
 from gateway.transports.mqtt_adapter import MQTTFactory
 from gateway.ops.reports import StatusReport
 from gateway.transports.modbus_poll import ModbusPoller
@@ -212,6 +213,7 @@ class GatewayService(MultiService):
             metrics_here=config.metrics is None,
             api=ApiResource(self.api),
             ui=UiResource(self.api, self.sessions, self.metrics, self.in_thread, self.oidc),
+            v1={b"readings": ReadingsResource(self.ingest)},
         )
         self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
         self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)

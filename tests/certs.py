@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.transports.tls import CERT_NAME, KEY_NAME, ServerCredentials, _write_pair, fingerprint_of
+from gateway.net.tls import CERT_NAME, KEY_NAME, ServerCredentials, _write_pair, fingerprint_of
 
 
 class TestCA:

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from gateway.config import ConfigError, Options, build_config
-from gateway.transports.endpoints import parse_endpoint
+from gateway.net.endpoints import parse_endpoint
 from tests.conftest import script
 
 

@@ -13,7 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from gateway.transports.http import GatewaySite
+from gateway.transports.http import ingest_site
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.health import Health
@@ -32,7 +32,7 @@ class Client:
         self.store = MemoryStore()
         self.token = self.store.add_device("truck-17")
         self.clock = Clock()
-        self.site = GatewaySite(
+        self.site = ingest_site(
             Ingest(self.store, self.clock, GatewayMetrics(self.clock), quality=NO_TIME_RULES),
             self.store,
             clock=self.clock,

@@ -15,7 +15,7 @@ from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
 
 from gateway.ingest.rates import BURST_SECONDS, DeviceRates, OverLimit
-from gateway.transports.limits import ConnectionLimits, LimitedFactory
+from gateway.net.limits import ConnectionLimits, LimitedFactory
 from tests.test_http_adapter import BODY, NO_TIME_RULES, Client
 
 

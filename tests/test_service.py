@@ -281,7 +281,7 @@ async def test_the_certificate_is_renewed_before_it_expires_and_served_without_a
     # The certificate on disk is one issued 380 days ago (17 days left), as a long-running gateway has it.
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.transports.tls import _issue_server
+    from gateway.net.tls import _issue_server
 
     ca = x509.load_pem_x509_certificate(first.ca_path.read_bytes())
     ca_key = serialization.load_pem_private_key((first.ca_path.parent / "ca.key").read_bytes(), None)

@@ -15,8 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 
-from gateway.transports.stdtls import TLSServerFactory, server_context
-from gateway.transports.tls import TLSConfigError
+from gateway.net.stdtls import TLSServerFactory, server_context
+from gateway.net.tls import TLSConfigError
 from tests.certs import make_self_signed
 
 
@@ -162,7 +162,7 @@ async def test_a_client_still_sending_gets_the_answer_sent_before_the_close(tmp_
 async def test_a_peer_that_never_answers_close_notify_is_cut_after_the_linger(tmp_path):
     from twisted.internet.task import Clock
 
-    from gateway.transports.stdtls import LINGER
+    from gateway.net.stdtls import LINGER
 
     clock = Clock()
     port, cert = await refuser(tmp_path, clock)

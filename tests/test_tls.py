@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.transports.stdtls import server_context
-from gateway.transports.tls import TLSConfigError, fingerprint_of, local_credentials, new_layout
+from gateway.net.stdtls import server_context
+from gateway.net.tls import TLSConfigError, fingerprint_of, local_credentials, new_layout
 from tests.certs import make_self_signed
 
 

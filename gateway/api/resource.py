@@ -12,7 +12,7 @@ from twisted.web import resource, server
 from gateway.api.read import ApiError, Credentials, ReadApi
 from gateway.api.sessions import COOKIE
 from gateway.readings import StoreOverloaded, StoreUnavailable
-from gateway.transports.web import answer_later, bearer_token, error_body, json_answer, same_origin
+from gateway.web.answers import answer_later, bearer_token, error_body, json_answer, same_origin
 
 log = Logger()
 

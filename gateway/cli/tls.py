@@ -6,7 +6,7 @@ import argparse
 import json
 
 from gateway.cli.common import CommandError, note, settings, when
-from gateway.transports.tls import CA_CERT_NAME, CERT_NAME, TLSConfigError, fingerprint_of, new_layout
+from gateway.net.tls import CA_CERT_NAME, CERT_NAME, TLSConfigError, fingerprint_of, new_layout
 
 
 def _describe(tls_dir) -> dict:

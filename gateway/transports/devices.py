@@ -289,7 +289,7 @@ def certificate_names(transport: Any, name: str) -> bool:
     cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
     if cert is None:
         return False
-    # The listeners' TLS is gateway.transports.stdtls: a cryptography certificate.
+    # The listeners' TLS is gateway.net.stdtls: a cryptography certificate.
     names = {a.value for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

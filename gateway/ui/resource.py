@@ -39,8 +39,8 @@ from gateway.api.sessions import COOKIE, NewSession, Sessions
 from gateway.ratelimit import RateLimitedLog
 from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import format_ts
-from gateway.transports.http import NotFound
-from gateway.transports.web import answer_later, error_body, json_answer, same_origin
+from gateway.web.site import NotFound
+from gateway.web.answers import answer_later, error_body, json_answer, same_origin
 
 log = Logger()
 

@@ -58,7 +58,7 @@ def _site():
     if not _SITE:
         from twisted.internet.task import Clock
 
-        from gateway.transports.http import GatewaySite
+        from gateway.transports.http import ingest_site
         from gateway.ingest.core import Ingest
         from gateway.ops.metrics import GatewayMetrics
         from gateway.ingest.quality import QualityRules
@@ -67,7 +67,7 @@ def _site():
         store = MemoryStore()
         token = store.add_device("truck-1").encode()
         clock = Clock()
-        site = GatewaySite(
+        site = ingest_site(
             Ingest(store, clock, GatewayMetrics(clock), quality=QualityRules(max_future=None, max_past=None)),
             store,
             clock=clock,

@@ -11,7 +11,7 @@ so a device reconnecting after a restart or a load balancer's first probe
 waits in the kernel's queue for an answer instead of getting 503. ``Listeners`` holds them; stopping it twice (the
 assembler stops listening first, then everything) does no harm.
 
-``TLSWrapper`` puts the ssl module's TLS (``transports.stdtls``) around a
+``TLSWrapper`` puts the ssl module's TLS (``net.stdtls``) around a
 factory: with the endpoint's own certificate, else ``--tls-cert``, else the
 data directory's (a local CA and a server certificate it signs, made on
 first start, renewed before expiry and logged with their SHA-256
@@ -31,9 +31,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gateway.errors import StartError
-from gateway.transports.endpoints import EndpointSpec
-from gateway.transports.stdtls import TLSServerFactory, server_context
-from gateway.transports.tls import ServerCredentials, TLSConfigError, local_credentials
+from gateway.net.endpoints import EndpointSpec
+from gateway.net.stdtls import TLSServerFactory, server_context
+from gateway.net.tls import ServerCredentials, TLSConfigError, local_credentials
 
 log = Logger()
 
@@ -144,7 +144,7 @@ class TLSWrapper:
         cert, key, source = self._credentials(spec, option)
         try:
             # The ssl module's TLS: half the memory of pyOpenSSL's for idle devices,
-            # and a small HTTPS request costs 13% less CPU (transports/stdtls.py).
+            # and a small HTTPS request costs 13% less CPU (net/stdtls.py).
             wrapped = TLSServerFactory(
                 server_context(cert, key, spec.extra_cert_chain, client_ca), factory, self.reactor
             )

@@ -3,7 +3,7 @@ Server endpoint strings, as ``twistd web --listen`` takes them (``tcp:9000``,
 ``ssl:8443:interface=127.0.0.1``), checked before anything starts.
 
 ``ssl:`` endpoints are served as ``tcp:`` plus our own TLS wrapper
-(``gateway.transports.tls``), so every TLS listener gets the same protocol floor and
+(``gateway.net.tls``), so every TLS listener gets the same protocol floor and
 cipher list whether or not the string names a key.
 """
 

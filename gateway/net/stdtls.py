@@ -8,7 +8,7 @@ with the OpenSSL that the ``cryptography`` wheel bundles (4.x), 16 KB with
 the system OpenSSL behind ``ssl``; for 10,000 devices that is the
 difference between about 430 and 270 MB of gateway. CPU, too: a
 one-reading HTTPS request costs about 13% less than through pyOpenSSL's
-cffi calls and Twisted's write aggregation. The policy is gateway/transports/tls.py's:
+cffi calls and Twisted's write aggregation. The policy is gateway/net/tls.py's:
 TLS 1.2 or newer, ECDHE with AEAD ciphers, no session tickets.
 
 Theory of operation. The wrapper sits between the TCP transport and the
@@ -44,7 +44,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.transports.tls import CIPHERS, TLSConfigError
+from gateway.net.tls import CIPHERS, TLSConfigError
 
 log = Logger()
 
