@@ -8,6 +8,7 @@ transport.
 from __future__ import annotations
 
 import datetime
+import enum
 import functools
 import math
 import re
@@ -31,6 +32,17 @@ _is_name = re.compile(NAME_PATTERN + r"\Z").match
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))\Z"
 )
+
+
+class CloseReason(enum.Enum):
+    """Why the gateway ends a device's session; each transport says it in its own words (TGP's BYE code,
+    MQTT 5's DISCONNECT reason)."""
+
+    NORMAL = "normal"  # an administrator closed it
+    REPLACED = "replaced"  # a newer connection of the same device
+    SHUTTING_DOWN = "shutting_down"  # the gateway is stopping
+    NOT_AUTHORIZED = "not_authorized"  # the device was revoked or its token changed
+    TIMEOUT = "timeout"  # nothing heard for too long
 
 
 class Reading(NamedTuple):

@@ -67,7 +67,7 @@ from gateway.storage.partitions import PartitionKeeper
 from gateway.storage.packing import Packer
 from gateway.outbound.sinks import Sink
 from gateway.outbound.uploader import Uploader, gateway_id, warn_unconfigured
-from gateway.readings import Source, counted
+from gateway.readings import CloseReason, Source, counted
 from gateway.storage import embedded
 from gateway.storage.database import DatabaseAway, describe_dsn, prepare_database
 from gateway.storage.known import KnownDevices
@@ -86,7 +86,6 @@ from gateway.transports.modbus_poll import ModbusPoller
 from gateway.transports.mqtt_source import BrokerSources
 from gateway.transports.devices import DeviceListenerFactory, DeviceRegistry, DeviceSettings
 from gateway.transports.tgp_adapter import DeviceFactory
-from protocols import tgp
 
 __all__ = ["Options", "makeService", "build", "GatewayService", "GatewayProcess"]
 
@@ -587,7 +586,7 @@ class GatewayService(MultiService):
         # The store commits what is in flight; the devices' ACKs go out as it does.
         await super().stopService()
         for session in sessions:
-            session.end(tgp.ErrorCode.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
+            session.end(CloseReason.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
         await self.alerts.settled()
         await self.reads.close()
         await self.alerts_pool.close()
@@ -682,7 +681,7 @@ class GatewayService(MultiService):
             source=session.source,
             reason=reason,
         )
-        session.end(tgp.ErrorCode.AUTH_FAILED, reason)
+        session.end(CloseReason.NOT_AUTHORIZED, reason)
 
     # -- SIGHUP ----------------------------------------------------------
 

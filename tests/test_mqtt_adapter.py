@@ -16,11 +16,11 @@ from twisted.internet.testing import StringTransport
 
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
-from gateway.readings import StoreUnavailable
+from gateway.readings import CloseReason, StoreUnavailable
 from gateway.storage.memory import MemoryStore
 from gateway.transports.mqtt_adapter import MQTTFactory
 from gateway.transports.devices import DeviceRegistry, DeviceSettings
-from protocols import mqtt, tgp
+from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
 from protocols.mqtt import Property as P
 from tests.test_device_adapter import NO_TIME_RULES, ManualStore
@@ -417,7 +417,7 @@ def test_a_second_connection_replaces_the_first():
 def test_revocation_and_kick_end_the_session_with_a_reason():
     h = Harness()
     h.connect(V5)
-    h.proto.end(tgp.ErrorCode.AUTH_FAILED, "the device was revoked")
+    h.proto.end(CloseReason.NOT_AUTHORIZED, "the device was revoked")
     [disconnect] = h.events()
     assert disconnect.reason == Reason.NOT_AUTHORIZED
     assert mqtt.prop(disconnect.properties, P.REASON_STRING) == "the device was revoked"

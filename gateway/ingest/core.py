@@ -211,6 +211,26 @@ class Ingest:
     def _keep(self, error: StoreRejected, device: Device, source: Source, raw: Callable[[], bytes]) -> Deferred[None]:
         return self.refuse(source, error.code, error.message, device=device.name, raw=raw())
 
+    # -- admission and lookups: what a transport asks before it reads more or lets a device in --
+
+    def admits(self, size: int) -> bool:
+        """
+        Whether a write of ``size`` readings would be taken now, with no other writer waiting for room
+        before it: a transport that hears False stops reading (``wait_for_room``) instead of writing.
+        """
+        return bool(self.store.admits(size))
+
+    def wait_for_room(self) -> Deferred[None]:
+        """Fire when writes are taken again, after the transports that were waiting already (in turn)."""
+        d: Deferred[None] = self.store.wait_for_room()
+        return d
+
+    def device_key(self, name: str) -> Deferred[Any]:
+        """(Device, its stored key) of a registered, unrevoked device, or None: for protocols that prove a
+        device by a challenge on its key (TGP) rather than by sending its token."""
+        d: Deferred[Any] = self.store.device_key(name)
+        return d
+
     def session_begins(self, device: Device, client_id: str, clean_start: bool, expiry: int) -> Deferred[bool]:
         """
         A device connects with a session (MQTT): whether one it kept under ``client_id`` is still there; the

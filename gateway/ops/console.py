@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from protocols import tgp
+from gateway.readings import CloseReason
 
 BANNER = """txgateway console: a Python prompt inside the running gateway. Careful: it is live.
   status()              uptime, connections, readings/s, store queue and commit time, sinks, MQTT sources,
@@ -253,7 +253,7 @@ class Console:
         Close a device's TGP and MQTT connections (TGP: BYE NORMAL; MQTT 5.0: DISCONNECT 0x98); it may
         reconnect. Returns how many were closed.
         """
-        return self.gateway.close_device(name, tgp.ErrorCode.NORMAL, "closed by an administrator")
+        return self.gateway.close_device(name, CloseReason.NORMAL, "closed by an administrator")
 
     def sinks(self) -> list[str]:
         """The names of the uploader's sinks."""

@@ -20,9 +20,8 @@ from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred
 
 from gateway.ingest.core import Ingest
-from gateway.readings import Device, Source
+from gateway.readings import CloseReason, Device, Source
 from gateway.transports.session import DeviceSession, Flow
-from protocols import tgp
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class DeviceRegistry:
         old = self.sessions.get(name)
         self.sessions[name] = session
         if old is not None and old is not session:
-            old.end(tgp.ErrorCode.REPLACED, "a newer connection of this device replaced this one")
+            old.end(CloseReason.REPLACED, "a newer connection of this device replaced this one")
 
     def unregister(self, name: str, session: DeviceConnection) -> None:
         if self.sessions.get(name) is session:
@@ -90,7 +89,7 @@ class DeviceNames:
             self._devices[name] = (device, self.clock.seconds() + self.SECONDS)
             return device
 
-        d: Deferred = self.ingest.store.device_key(name)
+        d: Deferred = self.ingest.device_key(name)
         return d.addCallback(found)
 
     def forget(self, names: list[str] | None = None) -> None:
@@ -155,7 +154,7 @@ class DeviceConnection(protocol.Protocol):
     def _process(self) -> None:
         raise NotImplementedError
 
-    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+    def end(self, code: CloseReason, reason: str) -> None:
         raise NotImplementedError
 
     def handshake_too_slow(self) -> None:
@@ -199,7 +198,7 @@ class DeviceConnection(protocol.Protocol):
             self._flow()
             self._process()
 
-        self.factory.store.wait_for_room().addCallback(room)
+        self.factory.ingest.wait_for_room().addCallback(room)
 
     def stop_reading(self) -> None:
         """Take no more messages (shutdown); answers for those taken still go out."""
@@ -259,7 +258,6 @@ class DeviceListenerFactory(protocol.Factory):
         require_client_cert: bool = False,
     ) -> None:
         self.ingest = ingest
-        self.store = ingest.store
         self.metrics = ingest.metrics
         self.registry = registry
         self.clock = clock

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.readings import (
+    CloseReason,
     Device,
     DeviceTypeUnknown,
     InvalidInput,
@@ -55,7 +56,7 @@ from gateway.readings import (
 )
 from gateway.transports.session import Ticket
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
-from protocols import mqtt, tgp
+from protocols import mqtt
 
 log = Logger()
 
@@ -71,11 +72,11 @@ MAX_SESSION_EXPIRY = 30 * 24 * 3600
 
 # Why a session ends (the vocabulary all device transports share) → the v5 DISCONNECT reason.
 _ENDINGS = {
-    tgp.ErrorCode.REPLACED: R.SESSION_TAKEN_OVER,
-    tgp.ErrorCode.SHUTTING_DOWN: R.SERVER_SHUTTING_DOWN,
-    tgp.ErrorCode.AUTH_FAILED: R.NOT_AUTHORIZED,
-    tgp.ErrorCode.TIMEOUT: R.KEEP_ALIVE_TIMEOUT,
-    tgp.ErrorCode.NORMAL: R.ADMINISTRATIVE_ACTION,
+    CloseReason.REPLACED: R.SESSION_TAKEN_OVER,
+    CloseReason.SHUTTING_DOWN: R.SERVER_SHUTTING_DOWN,
+    CloseReason.NOT_AUTHORIZED: R.NOT_AUTHORIZED,
+    CloseReason.TIMEOUT: R.KEEP_ALIVE_TIMEOUT,
+    CloseReason.NORMAL: R.ADMINISTRATIVE_ACTION,
 }
 
 
@@ -236,7 +237,7 @@ class MQTTProtocol(DeviceConnection):
                 return
             self._begin_session(connect, result[0])
 
-        self.factory.store.device_key(name).addCallbacks(found, self._lookup_failed, errbackArgs=(name,))
+        self.factory.ingest.device_key(name).addCallbacks(found, self._lookup_failed, errbackArgs=(name,))
 
     def _lookup_failed(self, f: Failure, claimed: str) -> None:
         """The device could not be looked up: say why in CONNACK and close."""
@@ -353,9 +354,9 @@ class MQTTProtocol(DeviceConnection):
         except DeviceTypeUnknown as e:
             self._unavailable(e.message)
             return
-        if not self.factory.store.admits(self._pending_size + len(readings)):
+        if not self.factory.ingest.admits(self._pending_size + len(readings)):
             self._store_pending()
-            if not self.factory.store.admits(len(readings)):
+            if not self.factory.ingest.admits(len(readings)):
                 self._hold(publish, self._publish)
                 return
         ticket = self._ticket(publish) if publish.qos else None
@@ -541,7 +542,7 @@ class MQTTProtocol(DeviceConnection):
             self._send(mqtt.Disconnect(reason, self._why(message)))
         self._close()
 
-    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+    def end(self, code: CloseReason, reason: str) -> None:
         """Close the session (replaced, revoked, kicked, shutting down); a v5 device is told why."""
         if self._closing:
             return
@@ -576,7 +577,7 @@ class MQTTProtocol(DeviceConnection):
         self._timer = None
         if self._not_reading(self.keepalive):
             return
-        self.end(tgp.ErrorCode.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
+        self.end(CloseReason.TIMEOUT, f"nothing received for {self.keepalive:g} seconds (1.5 times the keepalive)")
 
 
 def _payload(publish: mqtt.Publish) -> bytes:

@@ -367,7 +367,7 @@ class BrokerClient(protocol.Protocol):
             self._settle(ticket, _Unavailable(e.message))
             return
         ingest = self.source.ingest
-        if not ingest.store.admits(len(readings)):
+        if not ingest.admits(len(readings)):
             self._hold(ticket, publish, device)
             return
         d = ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload)
@@ -433,7 +433,7 @@ class BrokerClient(protocol.Protocol):
             self._flow()
             self._process()
 
-        self.source.ingest.store.wait_for_room().addCallback(room)
+        self.source.ingest.wait_for_room().addCallback(room)
 
     # -- acknowledgements, in order ---------------------------------------
 

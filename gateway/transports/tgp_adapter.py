@@ -39,6 +39,7 @@ from gateway import tokens
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
 from gateway.readings import (
+    CloseReason,
     Device,
     InvalidInput,
     RateLimited,
@@ -56,6 +57,15 @@ from protocols import tgp
 log = Logger()
 
 E = tgp.ErrorCode
+
+# The BYE code that says each reason the gateway ends a session for.
+_BYE = {
+    CloseReason.NORMAL: E.NORMAL,
+    CloseReason.REPLACED: E.REPLACED,
+    CloseReason.SHUTTING_DOWN: E.SHUTTING_DOWN,
+    CloseReason.NOT_AUTHORIZED: E.AUTH_FAILED,
+    CloseReason.TIMEOUT: E.TIMEOUT,
+}
 
 
 class DeviceProtocol(DeviceConnection):
@@ -123,7 +133,7 @@ class DeviceProtocol(DeviceConnection):
             return
         self.claimed_name = hello.device
         self._looking_up(True)
-        lookup = self.factory.store.device_key(hello.device) if is_name(hello.device) else succeed(None)
+        lookup = self.factory.ingest.device_key(hello.device) if is_name(hello.device) else succeed(None)
 
         def found(result: tuple[Device, bytes] | None) -> None:
             if self._closing:
@@ -183,7 +193,7 @@ class DeviceProtocol(DeviceConnection):
         if problem is not None:
             self._refuse_frame(data.seq, E.INVALID_READING, problem, _render(data))
             return
-        if not self.factory.store.admits(len(readings)):
+        if not self.factory.ingest.admits(len(readings)):
             self._hold(data, self._data)
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
@@ -256,12 +266,12 @@ class DeviceProtocol(DeviceConnection):
             self._send(tgp.Reject(code, reason))
         self._close()
 
-    def end(self, code: tgp.ErrorCode, reason: str) -> None:
+    def end(self, code: CloseReason, reason: str) -> None:
         """Say BYE and close (replaced by a newer connection, shutting down)."""
         if self._closing:
             return
         if self.conn.state == tgp.READY:
-            self._send(tgp.Bye(code, reason))
+            self._send(tgp.Bye(_BYE[code], reason))
         self._close()
 
     def _send(self, event: tgp.Event) -> None:
@@ -292,7 +302,7 @@ class DeviceProtocol(DeviceConnection):
         self._timer = None
         if self._not_reading(self.factory.settings.idle_timeout):
             return
-        self.end(E.TIMEOUT, f"nothing received for {self.factory.settings.idle_timeout:g} seconds")
+        self.end(CloseReason.TIMEOUT, f"nothing received for {self.factory.settings.idle_timeout:g} seconds")
 
 
 @dataclass(frozen=True)
