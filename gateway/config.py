@@ -11,23 +11,38 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping
 
 from twisted.python import usage
 
+from gateway.errors import StartError
 from gateway.outbound.alerts import AlertError, AlertRule, rules_from_tables
-from gateway.net.endpoints import EndpointSpec, parse_endpoint
+from gateway.net.endpoints import EndpointSpec
 from gateway.storage.journal import parse_size
 from gateway.ops.logs import FORMATS, LEVELS
 from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_table
 from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
-from gateway.transports.brokers import SourceError, SourceSettings, source_from_table, source_from_url
-from gateway.transports.brokers import check_unique as check_sources
-from gateway.transports.modbus_map import ModbusConfigError, ModbusDevice, device_from_table
 from gateway.outbound.sinks import Sink, SinkError, check_unique, check_url, name_from_url, sink_from_table
+from gateway.settings import (
+    Setting,
+    age,
+    choice,
+    directory,
+    dsn,
+    duration,
+    local_endpoint,
+    off_or,
+    parse_setting,
+    positive_int,
+    rate,
+    readable_file,
+    seconds,
+    server_endpoint,
+)
+from gateway.transport import transport_settings
 from gateway.trust import ca_file
 from gateway.api.oidc import OidcSettings, oidc_from_table
 
@@ -45,252 +60,86 @@ class ConfigError(Exception):
         self.option = option
 
 
-def _positive_int(lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a whole number")
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a whole number") from None
-        if not lo <= number <= hi:
-            raise ValueError(f"{number} is outside {lo}..{hi}")
-        return number
-
-    return parse
-
-
-def _number(lo: float, hi: float, unit: str) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a number of {unit}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a number of {unit}") from None
-        if not lo <= number <= hi:
-            raise ValueError(f"{number:g} is outside {lo:g}..{hi:g} {unit}")
-        return number
-
-    return parse
-
-
-def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
-    return _number(lo, hi, "seconds")
-
-
-_rate = _number(0, 10_000_000, "readings per second")  # 0: no limit
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{value!r} is not a non-empty string")
-    return value
-
-
-def _readable_file(value: Any) -> Path:
-    path = Path(_text(value)).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a readable file")
-    try:
-        with path.open("rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ValueError(f"{str(path)!r} cannot be read: {e.strerror}") from None
-    return path
-
-
-def _directory(value: Any) -> Path:
-    path = Path(_text(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{str(path)!r} exists and is not a directory")
-    return path
-
-
-def _dsn(value: Any) -> str:
-    from psycopg2.extensions import parse_dsn
-
-    text = _text(value)
-    try:
-        parse_dsn(text)
-    except Exception as e:  # psycopg2.ProgrammingError, with libpq's words
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unparsable"
-        raise ValueError(f"not a valid PostgreSQL connection string: {reason}") from None
-    return text
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration(value: Any, lo: float = 1.0, hi: float = 100 * 365 * 86400) -> float:
-    """A duration: seconds, or a number with s, m, h or d ('30d'); ValueError otherwise."""
-    text = str(value).strip() if not isinstance(value, bool) else ""
-    unit = _UNITS.get(text[-1:], None) if text else None
-    try:
-        seconds = float(text[:-1] if unit else text) * (unit or 1)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a duration such as 3600, 90m, 12h or 30d") from None
-    if not lo <= seconds <= hi:
-        raise ValueError(f"{value!r} is outside {lo:g}s..{hi / 86400 / 365:g} years")
-    return seconds
-
-
-def _age(value: Any) -> float:
-    return duration(value, lo=60)
-
-
-def _local_endpoint(value: Any) -> EndpointSpec:
-    """A tcp: endpoint; a bare port number listens on 127.0.0.1 only."""
-    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else _text(value)
-    if text.isdigit():
-        text = f"tcp:{text}:interface=127.0.0.1"
-    return parse_endpoint(text, ("tcp",))
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-        return str(value)
-
-    return parse
-
-
-def _off_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``off`` (None: leave the feature out), or what ``parse`` makes of the value."""
-
-    def parse_or_off(value: Any) -> Any:
-        return None if value == "off" else parse(value)
-
-    return parse_or_off
-
-
-def _mqtt_source(value: Any) -> SourceSettings:
-    """A broker to consume from: a URL (the command line) or an [[mqtt_source]] table (the config file)."""
-    try:
-        if isinstance(value, dict):
-            return source_from_table(value, duration=lambda v: duration(v, 0.01))
-        return source_from_url(_text(value))
-    except SourceError as e:
-        raise ValueError(str(e)) from None
-
-
-def _server_endpoint(kinds: tuple[str, ...]) -> Callable[[Any], EndpointSpec]:
-    def parse(value: Any) -> EndpointSpec:
-        return parse_endpoint(_text(value), kinds)
-
-    return parse
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    default: Any
-    parse: Callable[[Any], Any]
-    help: str
-    multiple: bool = False  # may be given more than once (a list in TOML)
-
-
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "data-dir",
         "./gateway-data",
-        _directory,
+        directory,
         "Directory for everything the gateway keeps (embedded database, TLS certificate); created mode 0700.",
     ),
     Setting(
         "db",
         None,
-        _dsn,
+        dsn,
         "PostgreSQL connection string of an external server. Without it an embedded PostgreSQL runs in DATA_DIR/pg.",
     ),
     Setting(
         "https",
         "ssl:8443",
-        _server_endpoint(("ssl", "tcp")),
+        server_endpoint(("ssl", "tcp")),
         "Endpoint of the HTTPS API, as a Twisted endpoint string. An ssl: "
         "endpoint without privateKey= uses --tls-cert/--tls-key or the data "
         "directory's certificate; tcp: serves plain HTTP (behind a TLS proxy).",
     ),
     Setting(
-        "device",
-        ("tcp:9000",),
-        _server_endpoint(("ssl", "tcp")),
-        "Endpoint for devices speaking the binary protocol (TGP); repeat for several. "
-        "ssl: endpoints use the same certificate as --https.",
-        multiple=True,
-    ),
-    Setting(
-        "mqtt",
-        ("ssl:8883",),
-        _off_or(_server_endpoint(("ssl", "tcp"))),
-        "Endpoint for devices speaking MQTT 3.1.1 or 5.0 (user name: the device's name; password: its token); "
-        "repeat for several, or 'off'. ssl: endpoints use the same certificate as --https; a tcp: endpoint "
-        "carries device tokens in clear.",
-        multiple=True,
-    ),
-    Setting(
-        "mqtt-source",
-        (),
-        _mqtt_source,
-        "An MQTT broker to consume readings from (mqtts://host:port, or mqtt:// to loopback): topics "
-        "devices/+/+ in the shared subscription group txgateway, QoS 1, acknowledged after COMMIT; repeat "
-        "for several. [[mqtt_source]] tables in the config file give credentials, topics and the rest.",
-        multiple=True,
-    ),
-    Setting(
         "device-ca",
         None,
-        _readable_file,
+        readable_file,
         "PEM CA certificates: ssl: device endpoints then require a client certificate "
         "signed by one of them, naming the device (CN or DNS SAN).",
     ),
     Setting(
         "device-window",
         32,
-        _positive_int(1, 1024),
+        positive_int(1, 1024),
         "DATA frames a device may have unacknowledged before the gateway stops reading from it.",
+        live=True,
     ),
     Setting(
         "device-idle-timeout",
         120.0,
-        _seconds(5, 86400),
+        seconds(5, 86400),
         "Seconds of silence after which a device session is closed (devices ping to stay open).",
+        live=True,
     ),
     Setting(
         "device-handshake-timeout",
         10.0,
-        _seconds(1, 600),
+        seconds(1, 600),
         "Seconds from a device connection's accept (TLS handshake included) to the end of its TGP handshake.",
+        live=True,
     ),
-    Setting("tls-cert", None, _readable_file, "PEM certificate (with its chain) for ssl: endpoints."),
-    Setting("tls-key", None, _readable_file, "PEM private key of --tls-cert."),
+    Setting("tls-cert", None, readable_file, "PEM certificate (with its chain) for ssl: endpoints."),
+    Setting("tls-key", None, readable_file, "PEM private key of --tls-cert."),
     Setting(
         "max-body",
         1024 * 1024,
-        _positive_int(1024, 64 * 1024 * 1024),
+        positive_int(1024, 64 * 1024 * 1024),
         "Largest request body in bytes, enforced while reading.",
+        live=True,
     ),
     Setting(
         "request-timeout",
         30.0,
-        _seconds(1, 3600),
+        seconds(1, 3600),
         "Seconds a client may stay silent mid-request or idle between requests.",
+        live=True,
     ),
-    Setting("pool-size", 4, _positive_int(1, 64), "Database connections the store keeps open."),
-    Setting("max-batch", 5000, _positive_int(1, 100_000), "Most readings committed in one transaction."),
+    Setting("pool-size", 4, positive_int(1, 64), "Database connections the store keeps open."),
+    Setting("max-batch", 5000, positive_int(1, 100_000), "Most readings committed in one transaction."),
     Setting(
         "commit-delay",
         0.0,
-        _seconds(0, 1),
+        seconds(0, 1),
         "Seconds a batch waits for more readings before it commits when a connection is free. "
         "Writes that arrive while every connection is busy are grouped anyway.",
     ),
     Setting(
         "max-queue",
         100_000,
-        _positive_int(1, 10_000_000),
+        positive_int(1, 10_000_000),
         "Most readings waiting for COMMIT; past it writers get 503 + Retry-After.",
+        live=True,
     ),
     Setting(
         "journal-max-bytes",
@@ -302,35 +151,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "db-wait",
         30.0,
-        _seconds(1, 3600),
+        seconds(1, 3600),
         "Seconds to wait at start for a database that does not answer before opening the ports anyway: "
         "devices known from the last run are then acknowledged into the journal until it answers.",
     ),
     Setting(
         "shutdown-timeout",
         30.0,
-        _seconds(1, 3600),
+        seconds(1, 3600),
         "Seconds SIGTERM/SIGINT may take to finish in-flight commits and answer them before the gateway "
         "closes what is left and exits.",
     ),
     Setting(
         "max-connections",
         20_000,
-        _positive_int(1, 1_000_000),
+        positive_int(1, 1_000_000),
         "Most open client connections (HTTPS and devices together); past it new ones are closed at once.",
     ),
     Setting(
         "max-connections-per-address",
         1000,
-        _positive_int(1, 1_000_000),
+        positive_int(1, 1_000_000),
         "Most open connections from one IP address (devices behind one NAT share an address).",
     ),
     Setting(
         "device-rate",
         5000.0,
-        _rate,
+        rate,
         "Readings per second one device may send, averaged over 10 seconds (bursts up to 10 seconds' worth); "
         "past it HTTPS answers 429 and TGP a RATE_LIMITED NACK. 0: no limit.",
+        live=True,
     ),
     Setting(
         "upload-url",
@@ -340,62 +190,70 @@ SETTINGS: tuple[Setting, ...] = (
         "sinks (each keeps its own place). [[sink]] tables in the config file give names, headers "
         "and edge reduction.",
         multiple=True,
+        live=True,
     ),
     Setting(
         "upload-ca",
         None,
         ca_file,
         "PEM CA certificates to trust for upload URLs instead of the system's (a private CA).",
+        live=True,
     ),
-    Setting("upload-batch", 5000, _positive_int(1, 1_000_000), "Most readings in one upload batch."),
+    Setting("upload-batch", 5000, positive_int(1, 1_000_000), "Most readings in one upload batch.", live=True),
     Setting(
         "upload-batch-bytes",
         1024 * 1024,
-        _positive_int(1024, 256 * 1024 * 1024),
+        positive_int(1024, 256 * 1024 * 1024),
         "Most compressed bytes in one upload batch.",
+        live=True,
     ),
     Setting(
         "upload-flush",
         5.0,
-        _seconds(0.01, 86400),
+        seconds(0.01, 86400),
         "Seconds the oldest waiting reading may wait before a batch that is not full is sent (plus up to 20% jitter).",
+        live=True,
     ),
     Setting(
         "upload-backoff",
         1.0,
-        _seconds(0.01, 3600),
+        seconds(0.01, 3600),
         "First retry delay in seconds after a failed upload; doubles per failure, with full jitter.",
+        live=True,
     ),
-    Setting("upload-backoff-cap", 60.0, _seconds(0.01, 86400), "Longest retry delay in seconds."),
-    Setting("upload-timeout", 30.0, _seconds(1, 3600), "Seconds one upload request may take."),
+    Setting("upload-backoff-cap", 60.0, seconds(0.01, 86400), "Longest retry delay in seconds.", live=True),
+    Setting("upload-timeout", 30.0, seconds(1, 3600), "Seconds one upload request may take.", live=True),
     Setting(
         "sink-stall",
         300.0,
-        _seconds(10, 7 * 86400),
+        seconds(10, 7 * 86400),
         "Seconds a sink may have readings waiting without sending a batch before /healthz answers 503.",
+        live=True,
     ),
     Setting(
         "metrics",
         None,
-        _local_endpoint,
+        local_endpoint,
         "Serve /metrics and /healthz as plain HTTP on this endpoint (a bare port number listens on 127.0.0.1 "
         "only) instead of /metrics on the HTTPS port.",
     ),
     Setting(
         "manhole",
         None,
-        _local_endpoint,
+        local_endpoint,
         "Serve an SSH console (a Python prompt in the running gateway) on this endpoint; a bare port number "
         "listens on 127.0.0.1 only. Public keys only, from DATA_DIR/manhole/authorized_keys.",
     ),
     Setting(
         "manhole-keys",
         None,
-        _readable_file,
+        readable_file,
         "OpenSSH authorized_keys file for the console instead of DATA_DIR/manhole/authorized_keys.",
     ),
-    Setting("log-format", "text", _choice(*FORMATS), "Log lines as text, or as one JSON object per line (json)."),
-    Setting("log-level", "info", _choice(*LEVELS), "Least important log level written: " + ", ".join(LEVELS) + "."),
+    Setting("log-format", "text", choice(*FORMATS), "Log lines as text, or as one JSON object per line (json)."),
+    Setting(
+        "log-level", "info", choice(*LEVELS), "Least important log level written: " + ", ".join(LEVELS) + ".", live=True
+    ),
     Setting(
         "alert-webhook",
         None,
@@ -407,9 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "status-interval",
         30.0,
-        _seconds(1, 3600),
+        seconds(1, 3600),
         "Seconds between checks of every device for silence (nothing heard for longer than its "
         "expected interval) and for quality flags.",
+        live=True,
     ),
     Setting(
         "partition",
@@ -421,14 +280,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "retention",
         None,
-        _age,
+        age,
         "Delete readings older than this (3600, 90m, 12h, 30d) once every sink has uploaded them, and "
         "quarantined readings older than this. Without it readings are kept.",
     ),
     Setting(
         "compress-after",
         604800.0,
-        _off_or(lambda value: duration(value, lo=3600)),
+        off_or(lambda value: duration(value, lo=3600)),
         "Fold time partitions older than this (12h, 7d), once every sink has uploaded them, into the compressed "
         "cold tier: one row per device, metric and hour, about 12 bytes a reading; off keeps every reading in "
         "the hot table.",
@@ -436,13 +295,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "pack-after",
         3600.0,
-        _off_or(lambda value: duration(value, lo=0)),
+        off_or(lambda value: duration(value, lo=0)),
         "Rebuild a time partition's indexes, pages full, once its range is this far in the past (0, 1h, 1d): "
         "about 20 bytes less a stored reading; off leaves them as ingest made them.",
     ),
 )
 
-_BY_NAME = {s.name: s for s in SETTINGS}
+# The config file's tables that a SIGHUP applies while running ([[sink]], [quality], [device_types], [[alert]]).
+LIVE_TABLES = frozenset(("sinks", "quality", "device_types", "alerts"))
 
 
 @dataclass(frozen=True)
@@ -450,7 +310,6 @@ class GatewayConfig:
     data_dir: Path
     db: str | None
     https: EndpointSpec
-    device: tuple[EndpointSpec, ...]
     device_ca: Path | None
     device_window: int
     device_idle_timeout: float
@@ -463,8 +322,6 @@ class GatewayConfig:
     commit_delay: float
     max_queue: int
     journal_max_bytes: int = 1024**3
-    mqtt: tuple[EndpointSpec, ...] = ()
-    mqtt_source: tuple[SourceSettings, ...] = ()
     device_handshake_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     db_wait: float = 30.0
@@ -496,8 +353,22 @@ class GatewayConfig:
     alerts: tuple[AlertRule, ...] = ()
     device_types: tuple[DeviceType, ...] = ()
     quality: QualityRules = QualityRules()
-    modbus: tuple[ModbusDevice, ...] = ()
     oidc: OidcSettings | None = None
+    # The transports' settings, by Setting.key; read as attributes (config.modbus) like the rest.
+    transport: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "transport":
+            raise AttributeError(name)
+        try:
+            return self.transport[name]
+        except KeyError:
+            raise AttributeError(f"the configuration has no setting {name!r}") from None
+
+    def values(self) -> dict[str, Any]:
+        """Every setting's value by key, the transports' included."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "transport"}
+        return {**out, **self.transport}
 
     def device_type(self, name: str | None) -> DeviceType | None:
         for t in self.device_types:
@@ -542,58 +413,55 @@ def load_toml(path: Path) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in data.items()}
 
 
+def all_settings() -> tuple[Setting, ...]:
+    """The gateway's settings and every installed transport's, in that order."""
+    return SETTINGS + transport_settings(SETTINGS)
+
+
+# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]], [oidc], [[sink]].
+TABLES = ("device-types", "quality", "alert", "oidc", "sink")
+
+
 def build_config(
     command_line: Mapping[str, Any],
     file_values: Mapping[str, Any] | None = None,
     config_file: Path | None = None,
 ) -> GatewayConfig:
     """Merge defaults < config file < command line, and check every value."""
+    try:
+        settings = all_settings()
+    except StartError as e:
+        raise ConfigError("", str(e)) from None
+    by_name = {s.name: s for s in settings}
     file_values = dict(file_values or {})
-    sink_tables = file_values.pop("sink", [])
     tables = {key: file_values.pop(key) for key in TABLES if key in file_values}
     for key in file_values:
-        if key not in _BY_NAME:
-            known = ", ".join(sorted([*_BY_NAME, "sink", *TABLES]))
+        if key not in by_name:
+            known = ", ".join(sorted([*by_name, *TABLES]))
             raise ConfigError("config", f"{str(config_file)!r}: unknown key {key!r} (known: {known})")
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        raw = command_line.get(setting.name)
+    for setting in settings:
+        raw = command_line.get(setting.name) if setting.option else None
         if raw is None:
             raw = file_values.get(setting.name)
-        if raw is None:
-            raw = setting.default
-        if raw is None:
-            values[setting.name] = None
-            continue
         try:
-            if setting.multiple:
-                items = [raw] if isinstance(raw, str) else list(raw)
-                values[setting.name] = tuple(v for v in (setting.parse(item) for item in items) if v is not None)
-            else:
-                values[setting.name] = setting.parse(raw)
+            values[setting.name] = parse_setting(setting, raw)
         except (ValueError, TypeError) as e:
-            raise ConfigError(setting.name, str(e)) from None
-    try:
-        check_sources(list(values["mqtt-source"]))
-    except SourceError as e:
-        raise ConfigError("mqtt-source", str(e)) from None
+            raise ConfigError(setting.name if setting.option else "", str(e)) from None
     if (values["tls-cert"] is None) != (values["tls-key"] is None):
         missing = "tls-key" if values["tls-key"] is None else "tls-cert"
         raise ConfigError(missing, "--tls-cert and --tls-key go together; give both")
+    core = {s.name for s in SETTINGS}
     return GatewayConfig(
         config_file=config_file,
-        sinks=_sinks(values, sink_tables),
+        sinks=_sinks(values, tables.get("sink", [])),
         device_types=_device_types(tables.get("device-types", {})),
         quality=_quality(tables.get("quality", {})),
         alerts=_alerts(tables.get("alert", [])),
-        modbus=_modbus(tables.get("modbus", [])),
         oidc=_oidc(tables["oidc"]) if "oidc" in tables else None,
-        **{name.replace("-", "_"): value for name, value in values.items()},
+        transport={s.key: values[s.name] for s in settings if s.name not in core},
+        **{name.replace("-", "_"): value for name, value in values.items() if name in core},
     )
-
-
-# Tables of the config file beside the options: [device_types.NAME], [quality], [[alert]], [[modbus]], [oidc].
-TABLES = ("device-types", "quality", "alert", "modbus", "oidc")
 
 
 def _oidc(table: Any) -> OidcSettings:
@@ -601,21 +469,6 @@ def _oidc(table: Any) -> OidcSettings:
         return oidc_from_table(table, os.environ)
     except ValueError as e:
         raise ConfigError("", f"[oidc] {e}") from None
-
-
-def _modbus(tables: Any) -> tuple[ModbusDevice, ...]:
-    if not isinstance(tables, list):
-        raise ConfigError("", "[[modbus]]: give each polled device as a [[modbus]] table")
-    try:
-        devices = tuple(device_from_table(t, i, lambda v: duration(v, 0.0)) for i, t in enumerate(tables))
-    except ModbusConfigError as e:
-        raise ConfigError("", str(e)) from None
-    seen: dict[str, ModbusDevice] = {}
-    for device in devices:
-        if device.device in seen:
-            raise ConfigError("", f"[[modbus]] {device.device!r}: two tables poll this device; give each one table")
-        seen[device.device] = device
-    return devices
 
 
 def _device_types(tables: Any) -> tuple[DeviceType, ...]:
@@ -663,6 +516,18 @@ def _sinks(values: Mapping[str, Any], tables: Any) -> tuple[Sink, ...]:
     return tuple(sinks)
 
 
+def _options() -> tuple[Setting, ...]:
+    """The settings given on the command line: the gateway's and the installed transports'."""
+    try:
+        settings = all_settings()
+    except StartError:
+        settings = SETTINGS  # build_config names the clash in one line
+    return tuple(s for s in settings if s.option)
+
+
+OPTIONS = _options()
+
+
 class Options(usage.Options):
     """``twistd gateway`` options."""
 
@@ -674,7 +539,7 @@ class Options(usage.Options):
     )
     optParameters = [["config", "c", None, "TOML file holding any of these options by their long names."]] + [
         [s.name, None, None, s.help + (f" [default: {s.default}]" if s.default is not None else "")]
-        for s in SETTINGS
+        for s in OPTIONS
         if not s.multiple
     ]
 
@@ -684,7 +549,7 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        for setting in SETTINGS:
+        for setting in OPTIONS:
             if setting.multiple:
                 self[setting.name] = None
 
@@ -712,12 +577,12 @@ class Options(usage.Options):
             if self["config"] is not None:
                 config_file = Path(os.path.expanduser(self["config"]))
                 file_values = load_toml(config_file)
-            self.command_line = {s.name: self[s.name] for s in SETTINGS if self[s.name] is not None}
+            self.command_line = {s.name: self[s.name] for s in OPTIONS if self[s.name] is not None}
             self.gateway_config = build_config(self.command_line, file_values, config_file)
         except ConfigError as e:
             raise SystemExit(f"twistd gateway: {e}") from None
 
 
-for _setting in SETTINGS:
+for _setting in OPTIONS:
     if _setting.multiple:
         setattr(Options, "opt_" + _setting.name.replace("-", "_"), Options._repeatable(_setting))

@@ -46,7 +46,7 @@ from gateway.api.oidc import Oidc
 from gateway.api.sessions import Sessions
 from gateway.ui.resource import UiResource
 from gateway.backoff import Backoff
-from gateway.config import ConfigError, GatewayConfig, Options, build_config, load_toml
+from gateway.config import LIVE_TABLES, ConfigError, GatewayConfig, Options, all_settings, build_config, load_toml
 from gateway.errors import StartError
 from gateway.ingest.core import Ingest
 from gateway.ingest.rates import DeviceRates
@@ -75,17 +75,10 @@ from gateway.storage.journal import Journal, JournalError
 from gateway.storage.pool import PgPool
 from gateway.storage.store import PostgresStore
 from gateway.storage.supervisor import DatabaseSupervisor
-from gateway.net.endpoints import EndpointSpec
-from gateway.transports.http import ReadingsResource
+from gateway.transport import DeviceRegistry, Port, Transport, TransportContext, transports
 from gateway.web.site import GatewaySite, OperationsRoot
 from gateway.net.limits import ConnectionLimits, LimitedFactory
 from gateway.net.listeners import Listener, Listeners, TLSWrapper
-from gateway.transports.mqtt_adapter import MQTTFactory
-from gateway.ops.reports import StatusReport
-from gateway.transports.modbus_poll import ModbusPoller
-from gateway.transports.mqtt_source import BrokerSources
-from gateway.transports.devices import DeviceListenerFactory, DeviceRegistry, DeviceSettings
-from gateway.transports.tgp_adapter import DeviceFactory
 
 __all__ = ["Options", "makeService", "build", "GatewayService", "GatewayProcess"]
 
@@ -93,43 +86,6 @@ log = Logger()
 
 # Settings a SIGHUP applies while running; every other change waits for a restart.
 TLS_RENEWAL_CHECK = 6 * 3600.0  # seconds between looks at whether the data directory's certificate is due
-
-LIVE_SETTINGS = frozenset(
-    (
-        "log_level",
-        "max_body",
-        "request_timeout",
-        "max_queue",
-        "device_window",
-        "device_idle_timeout",
-        "device_handshake_timeout",
-        "device_rate",
-        "sink_stall",
-        "sinks",
-        "upload_url",
-        "upload_ca",
-        "upload_batch",
-        "upload_batch_bytes",
-        "upload_flush",
-        "upload_backoff",
-        "upload_backoff_cap",
-        "upload_timeout",
-        "quality",
-        "device_types",
-        "status_interval",
-        "alerts",
-        "mqtt_source",
-        "modbus",
-    )
-)
-
-
-def device_settings(config: GatewayConfig) -> DeviceSettings:
-    return DeviceSettings(
-        window=config.device_window,
-        idle_timeout=config.device_idle_timeout,
-        handshake_timeout=config.device_handshake_timeout,
-    )
 
 
 def build(config: GatewayConfig, reactor: Any, *, command_line: Mapping[str, Any] | None = None) -> GatewayService:
@@ -176,8 +132,7 @@ class GatewayService(MultiService):
             self.store,
             stall_after=config.sink_stall,
             uploader=lambda: self.uploader,
-            sources=lambda: self.sources,
-            poller=lambda: self.poller,
+            transports=lambda: self.transports,
             retention=lambda: self.retention,
             compressor=lambda: self.compressor,
             packer=lambda: self.packer,
@@ -202,6 +157,14 @@ class GatewayService(MultiService):
             reactor,
             config.status_interval,
         )
+        # The device transports: every installed plugin that has something to do with this configuration.
+        self.registry = DeviceRegistry()
+        context = TransportContext(
+            self.ingest, reactor, self.registry, lambda: gateway_id(self.config.data_dir), self.reads.run
+        )
+        self.transports: list[Transport] = [
+            t for t in (plugin.build(config, context) for plugin in transports()) if t is not None
+        ]
         self.site = GatewaySite(
             self.ingest,
             self.store,
@@ -212,7 +175,7 @@ class GatewayService(MultiService):
             metrics_here=config.metrics is None,
             api=ApiResource(self.api),
             ui=UiResource(self.api, self.sessions, self.metrics, self.in_thread, self.oidc),
-            v1={b"readings": ReadingsResource(self.ingest)},
+            v1={name: r for t in self.transports for name, r in t.resources().items()},
         )
         self.alerts_pool = PgPool(reactor, 1)  # alert changes and notices, off the writers' pool
         self.alerts = AlertEngine(config.alerts, self.alerts_pool, reactor, notify=config.alert_webhook is not None)
@@ -223,8 +186,6 @@ class GatewayService(MultiService):
         self.retention: Retention | None = None
         self.compressor: Compressor | None = None
         self.packer: Packer | None = None
-        self.sources: BrokerSources | None = None
-        self.poller: ModbusPoller | None = None
         self.console = Console(self)
         # Devices known from the last run answer while the database is away (only a journal can take their writes).
         self.known = (
@@ -239,28 +200,11 @@ class GatewayService(MultiService):
             else None
         )
         self.watch = DeviceWatch(reactor, self.online_sessions, self._revoked, self._devices_changed)
-        self.registry = DeviceRegistry()
-
-        def factories_for(kind: type[DeviceListenerFactory], specs: tuple[EndpointSpec, ...]) -> list[Any]:
-            return [
-                kind(
-                    self.ingest,
-                    self.registry,
-                    clock=reactor,
-                    settings=device_settings(config),
-                    tls=spec.tls,
-                    require_client_cert=spec.tls and config.device_ca is not None,
-                )
-                for spec in specs
-            ]
-
-        self.tgp_factories = factories_for(DeviceFactory, config.device)
-        self.mqtt_factories = factories_for(MQTTFactory, config.mqtt)
-        # Every device transport with sessions: TGP and MQTT alike (end, stop_reading, connections).
-        self.device_factories: list[Any] = [*self.tgp_factories, *self.mqtt_factories]
         for source in (self._connection_metrics, self.store.live_metrics, self.status.live_metrics):
             self.metrics.live.sources.append(source)
         self.metrics.live.sources.append(self.alerts.live_metrics)
+        for t in self.transports:
+            self.metrics.live.sources.append(t.live_metrics)
         self.listeners = Listeners()
         self.tls = TLSWrapper(reactor, config.tls_dir, config.tls_cert, config.tls_key)
         self.listeners.setServiceParent(self)
@@ -290,6 +234,10 @@ class GatewayService(MultiService):
     def manhole_port(self) -> Any:
         return self._port("manhole")
 
+    def transport(self, name: str) -> Any:
+        """The running transport of that name (None when this gateway has none)."""
+        return next((t for t in self.transports if t.name == name), None)
+
     @property
     def device_ports(self) -> list[Any]:
         return [s.port for s in self.listeners if s.option == "device"]
@@ -305,32 +253,25 @@ class GatewayService(MultiService):
         config, reactor = self.config, self.reactor
         tls = self.tls
 
-        def listener(spec: EndpointSpec, factory: Any, option: str, what: str, client_ca: Any = None) -> Listener:
-            if spec.tls:
-                factory = tls.wrap(spec, factory, option, client_ca)
-            if option in ("https", "device", "mqtt"):
+        def listener(port: Port) -> Listener:
+            factory = port.factory
+            if port.spec.tls:
+                factory = tls.wrap(port.spec, factory, port.option, port.client_ca)
+            if port.devices:
                 # Outside TLS: a connection over the limits costs no handshake.
                 factory = LimitedFactory(factory, self.limits)
             # The ports that take readings open only once the gateway can answer.
-            return Listener(reactor, spec, factory, option, what, held=option in ("https", "device", "mqtt"))
+            return Listener(reactor, port.spec, factory, port.option, port.what, held=port.devices)
 
-        out = [listener(config.https, self.site, "https", "HTTPS" if config.https.tls else "HTTP")]
+        out = [listener(Port(config.https, self.site, "https", "HTTPS" if config.https.tls else "HTTP"))]
         if not config.https.tls:
             log.warn("--https {spec} serves plain HTTP: device tokens cross the network in clear", spec=config.https)
-        for spec, factory in zip(config.device, self.tgp_factories):
-            client_ca = config.device_ca if spec.tls else None
-            out.append(listener(spec, factory, "device", "TGP over TLS" if spec.tls else "TGP", client_ca))
-        for spec, mqtt_factory in zip(config.mqtt, self.mqtt_factories):
-            client_ca = config.device_ca if spec.tls else None
-            out.append(listener(spec, mqtt_factory, "mqtt", "MQTT over TLS" if spec.tls else "MQTT", client_ca))
-            if not spec.tls:
-                log.warn(
-                    "--mqtt {spec} is plain TCP: device tokens (MQTT passwords) cross the network in clear", spec=spec
-                )
+        out += [listener(port) for t in self.transports for port in t.ports()]
         if config.metrics is not None:
             site = server.Site(OperationsRoot(self.health, self.metrics), timeout=config.request_timeout)
             site.displayTracebacks = False
-            out.append(listener(config.metrics, site, "metrics", "/metrics and /healthz (HTTP)"))
+            what = "/metrics and /healthz (HTTP)"
+            out.append(listener(Port(config.metrics, site, "metrics", what, devices=False)))
         if config.manhole is not None:
             try:
                 console = console_factory(
@@ -338,7 +279,7 @@ class GatewayService(MultiService):
                 )
             except ManholeError as e:
                 raise StartError(f"--manhole: {e}") from None
-            out.append(listener(config.manhole, console, "manhole", "the SSH console"))
+            out.append(listener(Port(config.manhole, console, "manhole", "the SSH console", devices=False)))
         return out
 
     def privilegedStartService(self) -> None:
@@ -427,11 +368,9 @@ class GatewayService(MultiService):
         await self.watch.start(dsn)
         await self.reads.start(dsn)
         self.status.setServiceParent(self)
-        if config.mqtt_source or await self._reported_sources():
-            # Also with none configured now: sessions of sources this gateway had are retired or named as gone.
-            self._start_sources(config)
-        if config.modbus:
-            self._start_poller(config)
+        for t in self.transports:
+            await t.prepare()
+            t.setServiceParent(self)
         await self.alerts_pool.start(dsn)
         await self.alerts.load()
         if config.alert_webhook is not None:
@@ -496,10 +435,8 @@ class GatewayService(MultiService):
 
     def _devices_changed(self, names: list[str] | None) -> None:
         self.store.forget_credentials(names)
-        if self.sources is not None:
-            self.sources.forget(names)
-        if self.poller is not None:
-            self.poller.forget(names)
+        for t in self.transports:
+            t.forget(names)
         if self.known is not None:
             self.known.changed()
 
@@ -524,35 +461,6 @@ class GatewayService(MultiService):
         self.metrics.live.sources.append(uploader.live_metrics)
         uploader.setServiceParent(self)
         self.uploader = uploader
-
-    async def _reported_sources(self) -> bool:
-        """Did this gateway report MQTT sources before (so that some may need retiring)?"""
-        sql = "SELECT EXISTS (SELECT 1 FROM mqtt_sources WHERE gateway = %s)"
-        try:
-            rows = await self.reads.run(lambda c: c.runQuery(sql, (gateway_id(self.config.data_dir),)))
-        except Exception as e:
-            log.warn("MQTT sources reported before not looked up: {error}", error=str(e))
-            return False
-        return bool(rows[0][0])
-
-    def _start_sources(self, config: GatewayConfig) -> None:
-        self.sources = BrokerSources(
-            config.mqtt_source,
-            self.ingest,
-            self.reactor,
-            gateway_id(config.data_dir),
-            self.reads.run,
-        )
-        self.metrics.live.sources.append(self.sources.live_metrics)
-        self.sources.setServiceParent(self)
-
-    def _start_poller(self, config: GatewayConfig) -> None:
-        self.poller = ModbusPoller(config.modbus, self.ingest, self.reactor)
-        self.poller.reporter = StatusReport(
-            "modbus_devices", gateway_id(config.data_dir), self.poller.status, self.reads.run, self.reactor
-        )
-        self.metrics.live.sources.append(self.poller.live_metrics)
-        self.poller.setServiceParent(self)
 
     def _start_failed(self, f: Failure) -> None:
         if self.stopping:
@@ -580,7 +488,7 @@ class GatewayService(MultiService):
     async def _stop(self) -> None:
         await self.listeners.stopService()
         await self.watch.stop()
-        sessions = [session for factory in self.device_factories for session in factory.connections]
+        sessions = self.device_sessions()
         for session in sessions:
             session.stop_reading()
         # The store commits what is in flight; the devices' ACKs go out as it does.
@@ -618,9 +526,8 @@ class GatewayService(MultiService):
                 batches=self.store.batches_in_flight,
                 queued=self.store.queue_depth,
             )
-            for factory in self.device_factories:
-                for session in list(factory.connections):
-                    session.transport.abortConnection()
+            for session in self.device_sessions():
+                session.transport.abortConnection()
             hurry = self.in_thread(self.embedded.stop) if self.embedded is not None else succeed(None)
 
             def done(_: Any) -> None:
@@ -649,9 +556,14 @@ class GatewayService(MultiService):
     def connections(self) -> dict[str, int]:
         """Open connections by transport."""
         out = {("https" if self.config.https.tls else "http"): self.site.open_connections}
-        for factory in self.device_factories:
-            out[factory.transport] = out.get(factory.transport, 0) + len(factory.connections)
+        for t in self.transports:
+            for label, count in t.connections().items():
+                out[label] = out.get(label, 0) + count
         return out
+
+    def device_sessions(self) -> list[Any]:
+        """Every device session open now, of every transport."""
+        return [session for t in self.transports for session in t.sessions()]
 
     def _connection_metrics(self) -> Iterator[Any]:
         conns = gauge("gateway_connections", "Open connections, by transport.", labels=["transport"])
@@ -660,12 +572,11 @@ class GatewayService(MultiService):
         yield conns
 
     def online_sessions(self) -> dict[str, list[Any]]:
-        """TGP and MQTT sessions by device name (authenticated ones)."""
+        """Device sessions by device name (authenticated ones)."""
         out: dict[str, list[Any]] = {}
-        for factory in self.device_factories:
-            for session in factory.connections:
-                if session.device is not None:
-                    out.setdefault(session.device.name, []).append(session)
+        for session in self.device_sessions():
+            if session.device is not None:
+                out.setdefault(session.device.name, []).append(session)
         return out
 
     def close_device(self, name: str, code: Any, reason: str) -> int:
@@ -702,14 +613,21 @@ class GatewayService(MultiService):
             log.error("SIGHUP: {path} not applied, the running settings stay: {error}", path=str(path), error=str(e))
             return []
         old = self.config
-        changed = [f.name for f in dataclasses.fields(GatewayConfig) if getattr(old, f.name) != getattr(new, f.name)]
-        live = [name for name in changed if name in LIVE_SETTINGS]
-        later = [name for name in changed if name not in LIVE_SETTINGS]
-        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in live})
+        before, after = old.values(), new.values()
+        changed = [name for name in after if before.get(name) != after[name]]
+        live_now = {s.key for s in all_settings() if s.live} | LIVE_TABLES
+        live = [name for name in changed if name in live_now]
+        later = [name for name in changed if name not in live_now]
+        self.config = dataclasses.replace(
+            old,
+            **{name: after[name] for name in live if name not in old.transport},
+            transport={**old.transport, **{name: after[name] for name in live if name in old.transport}},
+        )
+        # Sinks and the transports' own settings are reported by what they changed.
         applied = [
             name.replace("_", "-")
             for name in live
-            if name not in ("sinks", "mqtt_source", "modbus") and not name.startswith("upload_")
+            if name != "sinks" and name not in old.transport and not name.startswith("upload_")
         ]
         self.log_levels.set(new.log_level)
         self.site.reconfigure(new.max_body, new.request_timeout)
@@ -719,20 +637,8 @@ class GatewayService(MultiService):
         self.status_policy.reconfigure(new.quality, new.device_types)
         self.alerts.reconfigure(new.alerts)
         self.status.set_interval(new.status_interval)
-        for factory in self.device_factories:
-            factory.reconfigure(device_settings(new))
-        if new.mqtt_source != old.mqtt_source:
-            if self.sources is not None:
-                applied += await self.sources.reconfigure(new.mqtt_source)
-            elif new.mqtt_source:
-                self._start_sources(new)
-                applied += [f"MQTT source {s.name} added" for s in new.mqtt_source]
-        if new.modbus != old.modbus:
-            if self.poller is not None:
-                applied += self.poller.configure(new.modbus)
-            elif new.modbus:
-                self._start_poller(new)
-                applied += [f"Modbus device {d.device} added" for d in new.modbus]
+        for t in self.transports:
+            applied += await t.reconfigure(self.config)
         if new.sinks != old.sinks:
             if self.uploader is not None:
                 applied += await self.uploader.reconfigure(new.sinks)

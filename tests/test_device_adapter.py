@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway import tokens
-from gateway.transports.devices import DeviceRegistry, DeviceSettings
+from gateway.transport import DeviceRegistry
+from gateway.transports.devices import DeviceSettings
 from gateway.transports.tgp_adapter import DeviceFactory
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics

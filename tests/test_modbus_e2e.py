@@ -180,13 +180,13 @@ async def test_polled_values_are_exact_and_one_bad_slave_never_stalls_the_others
     try:
 
         def polled() -> bool:
-            s = svc.poller.status()
+            s = svc.transport("modbus").poller.status()
             return all(s[d]["polls"] >= POLLS for d in ("meter", "flaky")) and all(
                 s[d]["gaps"] >= POLLS for d in ("partial", "dead")
             )
 
-        assert await until(polled), svc.poller.status()
-        status = svc.poller.status()
+        assert await until(polled), svc.transport("modbus").poller.status()
+        status = svc.transport("modbus").poller.status()
         rows = sql(
             "SELECT d.name, k.name, r.value, count(*) OVER (PARTITION BY d.name, k.name) FROM readings r "
             "JOIN devices d ON d.id = r.device_id JOIN metrics k ON k.id = r.metric_id ORDER BY r.ts"
@@ -219,7 +219,7 @@ async def test_polled_values_are_exact_and_one_bad_slave_never_stalls_the_others
 
         rows = {r["device"]: r for r in Console(svc).devices()}
         assert rows["meter"]["transport"] == "modbus (reading)" and rows["dead"]["transport"] == "modbus (failing)"
-        await svc.poller.reporter.write()
+        await svc.transport("modbus").poller.reporter.write()
         out = await deferToThread(gatewayctl, "modbus", "status", "--json", "--db", db_dsn)
         by_device = {s["device"]: s for s in json.loads(out.stdout)}
         assert by_device["meter"]["state"] == "reading" and by_device["dead"]["gaps"] >= POLLS
@@ -258,21 +258,21 @@ async def test_sighup_adds_changes_and_removes_polled_devices(tmp_path, db_dsn, 
     service = await start_from_file(tmp_path, config)
     meter = tables(slaves)[0]
     try:
-        assert service.poller is None
+        assert service.transport("modbus").poller is None
         config.write_text(toml_of([meter], f'db = "{db_dsn}"'))
         with log_lines() as lines:
             assert await service.reload() == ["Modbus device meter added"]
-            assert await until(lambda: service.poller.status()["meter"]["complete_polls"] >= 1)
+            assert await until(lambda: service.transport("modbus").poller.status()["meter"]["complete_polls"] >= 1)
         assert [line for line in lines if "factory" in line.lower()] == []  # no line per connection
         config.write_text(toml_of([{**meter, "interval": 2.0}], f'db = "{db_dsn}"'))
         assert await service.reload() == ["Modbus device meter changed"]
-        assert service.poller.polled["meter"].settings.interval == 2.0
+        assert service.transport("modbus").poller.polled["meter"].settings.interval == 2.0
         config.write_text(toml_of([{**meter, "unit": 999}], f'db = "{db_dsn}"'))
         assert await service.reload() == []  # a mistake changes nothing
-        assert service.poller.polled["meter"].settings.interval == 2.0
+        assert service.transport("modbus").poller.polled["meter"].settings.interval == 2.0
         config.write_text(f'db = "{db_dsn}"\n')
         assert await service.reload() == ["Modbus device meter removed"]
-        assert service.poller.polled == {} and service.poller.hosts == {}
+        assert service.transport("modbus").poller.polled == {} and service.transport("modbus").poller.hosts == {}
     finally:
         await service.stopService()
 

@@ -19,7 +19,8 @@ from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import CloseReason, StoreUnavailable
 from gateway.storage.memory import MemoryStore
 from gateway.transports.mqtt_adapter import MQTTFactory
-from gateway.transports.devices import DeviceRegistry, DeviceSettings
+from gateway.transport import DeviceRegistry
+from gateway.transports.devices import DeviceSettings
 from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
 from protocols.mqtt import Property as P

@@ -94,7 +94,7 @@ async def test_readings_from_a_broker_are_stored_once_and_refusals_kept(tmp_path
     add_pg_device(sql, "truck-17")
     svc = await start_service(tmp_path, db_dsn, {"mqtt-source": [source_table(broker)]})
     try:
-        source = svc.sources.sources["plant"]
+        source = svc.transport("mqtt_source").sources.sources["plant"]
         assert await until(lambda: source.counters.state == "subscribed"), source.counters.last_error
         messages = [("devices/truck-17/readings", payload(m)) for m in range(20)]
         messages += [
@@ -127,7 +127,7 @@ async def test_readings_from_a_broker_are_stored_once_and_refusals_kept(tmp_path
         metrics = svc.metrics.render().decode()
         assert 'gateway_mqtt_source_subscribed{source="plant"} 1.0' in metrics
         assert 'gateway_mqtt_source_messages_total{source="plant"} 24.0' in metrics
-        await svc.sources.reporter.write()
+        await svc.transport("mqtt_source").sources.reporter.write()
         out = await deferToThread(gatewayctl, "mqtt", "status", "--json", "--db", db_dsn)
         [status] = json.loads(out.stdout)
         assert status["source"] == "plant" and status["state"] == "subscribed" and status["acked"] == 24
@@ -163,7 +163,7 @@ async def test_two_gateways_on_one_shared_subscription_split_the_stream(tmp_path
     try:
         for name in ("a", "b"):
             gateways.append(await start_service(tmp_path / name, db_dsn, {"mqtt-source": [source_table(broker)]}))
-        sources = [gw.sources.sources["plant"] for gw in gateways]
+        sources = [gw.transport("mqtt_source").sources.sources["plant"] for gw in gateways]
         assert sources[0].settings.broker.client_id != sources[1].settings.broker.client_id
         assert await until(lambda: all(s.counters.state == "subscribed" for s in sources))
         count = 400
@@ -236,18 +236,22 @@ async def test_sighup_adds_changes_and_removes_sources(tmp_path, db_dsn, broker,
         config.write_text("\n".join(lines) + "\n")
 
     try:
-        assert service.sources is None
+        assert service.transport("mqtt_source").sources is None
         write()
         assert await service.reload() == ["MQTT source plant added"]
-        plant = service.sources.sources["plant"]
+        plant = service.transport("mqtt_source").sources.sources["plant"]
         assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
         write(topics=["fleet/+/readings"])
         assert await service.reload() == ["MQTT source plant changed"]
-        assert plant.counters.state == "stopped" and service.sources.sources["plant"] is not plant
-        assert await until(lambda: service.sources.sources["plant"].counters.state == "subscribed")
+        assert (
+            plant.counters.state == "stopped" and service.transport("mqtt_source").sources.sources["plant"] is not plant
+        )
+        assert await until(
+            lambda: service.transport("mqtt_source").sources.sources["plant"].counters.state == "subscribed"
+        )
         config.write_text(f'db = "{db_dsn}"\n')
         assert await service.reload() == ["MQTT source plant removed"]
-        assert service.sources.sources == {}
+        assert service.transport("mqtt_source").sources.sources == {}
     finally:
         await service.stopService()
 
@@ -264,7 +268,7 @@ async def test_a_renamed_source_retires_its_old_session_after_taking_what_it_hel
     monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
     add_pg_device(sql, "truck-17")
     first = await start_service(tmp_path, db_dsn, {"mqtt-source": [source_table(broker, version=version)]})
-    plant = first.sources.sources["plant"]
+    plant = first.transport("mqtt_source").sources.sources["plant"]
     try:
         assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
     finally:
@@ -276,12 +280,13 @@ async def test_a_renamed_source_retires_its_old_session_after_taking_what_it_hel
         tmp_path, db_dsn, {"mqtt-source": [source_table(broker, name="line-1", version=version)]}
     )
     try:
-        line = renamed.sources.sources["line-1"]
+        sources = renamed.transport("mqtt_source").sources
+        line = sources.sources["line-1"]
         assert line.settings.broker.client_id != old_client
         assert await until(lambda: line.counters.state == "subscribed"), line.counters.last_error
-        await renamed.sources.look_for_retired()
-        assert [key[1] for key in renamed.sources.retiring] == [old_client]
-        assert await until(lambda: not renamed.sources.retiring, 60), "the old session was not ended"
+        await sources.look_for_retired()
+        assert [key[1] for key in sources.retiring] == [old_client]
+        assert await until(lambda: not sources.retiring, 60), "the old session was not ended"
         assert sql("SELECT count(*) FROM readings")[0][0] == 10 * 5  # what the old session held is stored
         assert sql("SELECT source FROM mqtt_sources") == [("line-1",)]
         # Now every message goes to the one session left in the group.
@@ -305,11 +310,11 @@ async def test_a_source_removed_by_sighup_has_its_session_ended(tmp_path, db_dsn
     config.write_text("\n".join(lines) + "\n")
     service = await start_from_file(tmp_path, config)
     try:
-        plant = service.sources.sources["plant"]
+        plant = service.transport("mqtt_source").sources.sources["plant"]
         assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
         config.write_text(f'db = "{db_dsn}"\n')
         assert await service.reload() == ["MQTT source plant removed"]
-        assert await until(lambda: not service.sources.retiring, 60)
+        assert await until(lambda: not service.transport("mqtt_source").sources.retiring, 60)
         # The session is gone from the broker: a client resuming it under that id finds none.
         present = await deferToThread(_session_present, broker, plant.settings.broker.client_id)
         assert present is False
@@ -350,20 +355,20 @@ async def test_a_source_seen_before_whose_broker_is_gone_is_named_in_healthz_unt
     monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
     first = await start_service(tmp_path, db_dsn, {"mqtt-source": [source_table(broker)]})
     try:
-        plant = first.sources.sources["plant"]
+        plant = first.transport("mqtt_source").sources.sources["plant"]
         assert await until(lambda: plant.counters.state == "subscribed"), plant.counters.last_error
     finally:
         await first.stopService()
     again = await start_service(tmp_path, db_dsn)  # no source configured now
     try:
-        assert again.sources is not None
-        await again.sources.look_for_retired()
+        assert again.transport("mqtt_source").sources is not None
+        await again.transport("mqtt_source").sources.look_for_retired()
         _, doc = await again.health.check()
         gone = doc["mqtt_sources"]["plant"]
         assert gone["state"] == "gone" and not gone["ok"] and "gatewayctl mqtt forget plant" in gone["problem"]
         out = await deferToThread(gatewayctl, "mqtt", "forget", "plant", "--db", db_dsn)
         assert "forgot source plant" in out.stderr
-        await again.sources.look_for_retired()
+        await again.transport("mqtt_source").sources.look_for_retired()
         _, doc = await again.health.check()
         assert "plant" not in doc.get("mqtt_sources", {})
     finally:

@@ -26,6 +26,11 @@ BANNER = """txgateway console: a Python prompt inside the running gateway. Caref
 Ctrl-D (or closing the input) ends the session."""
 
 
+def _family(transport: str) -> str:
+    """A transport label without its TLS or state ("mqtt+tls" and "modbus (reading)" are mqtt and modbus)."""
+    return transport.split("+")[0].split(" ")[0].replace("https", "http")
+
+
 class Report(dict):
     """A dict shown as aligned 'key: value' lines."""
 
@@ -171,32 +176,10 @@ class Console:
                     for name, s in (g.uploader.sink_status() if g.uploader else {}).items()
                 }
             ),
-            mqtt_sources=Report(
-                {
-                    name: Report(
-                        state=s["state"],
-                        in_flight=s["in_flight"],
-                        messages=s["messages"],
-                        rejected=s["rejected"],
-                        last_error=s["last_error"] or None,
-                    )
-                    for name, s in (g.sources.status() if g.sources else {}).items()
-                }
-            ),
-            modbus=Report(
-                {
-                    name: Report(
-                        state=s["state"],
-                        host=f"{s['host']} unit {s['unit']}",
-                        polls=s["polls"],
-                        complete=s["complete_polls"],
-                        gaps=s["gaps"],
-                        last_error=s["last_error"] or None,
-                    )
-                    for name, s in (g.poller.status() if g.poller else {}).items()
-                }
-            ),
         )
+        for t in g.transports:
+            for key, rows in t.report().items():
+                report[key] = Report({name: Report(fields) for name, fields in rows.items()})
         return report
 
     def devices(self) -> Table:
@@ -207,10 +190,8 @@ class Console:
         g = self.gateway
         now = g.reactor.seconds()
         rows = []
-        for factory in g.device_factories:
-            for session in factory.connections:
-                if session.device is None:
-                    continue
+        for session in g.device_sessions():
+            if session.device is not None:
                 rows.append(
                     {
                         "device": session.device.name,
@@ -221,10 +202,14 @@ class Console:
                         "last_error": session.last_error or None,
                     }
                 )
+        for t in g.transports:
+            rows.extend(t.devices())
+        # Devices with no session of their own (HTTPS, a broker's stream, a plugin's) as heard lately.
+        listed = {(r["device"], _family(r["transport"])) for r in rows}
         for seen in reversed(g.metrics.activity.values()):
             if now - seen.last > self.ACTIVE_HTTP:
                 break
-            if seen.transport in ("https", "http", "broker", "broker+tls"):
+            if (seen.name, _family(seen.transport)) not in listed:
                 rows.append(
                     {
                         "device": seen.name,
@@ -235,17 +220,6 @@ class Console:
                         "last_error": seen.last_error or None,
                     }
                 )
-        for name, s in (g.poller.status() if g.poller else {}).items():
-            rows.append(
-                {
-                    "device": name,
-                    "transport": f"modbus ({s['state']})",
-                    "address": f"{s['host']} unit {s['unit']}",
-                    "since": None if s["last_read_seconds"] is None else f"read {s['last_read_seconds']:.0f}s ago",
-                    "readings": s["readings"],
-                    "last_error": s["last_error"] or None,
-                }
-            )
         return Table(sorted(rows, key=lambda r: (r["device"], r["transport"])))
 
     def kick(self, name: str) -> int:

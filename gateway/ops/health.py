@@ -36,8 +36,7 @@ class Health:
         *,
         stall_after: float,
         uploader: Callable[[], Any] = lambda: None,
-        sources: Callable[[], Any] = lambda: None,
-        poller: Callable[[], Any] = lambda: None,
+        transports: Callable[[], Any] = lambda: (),
         retention: Callable[[], Any] = lambda: None,
         compressor: Callable[[], Any] = lambda: None,
         packer: Callable[[], Any] = lambda: None,
@@ -47,8 +46,7 @@ class Health:
         self.store = store
         self.stall_after = stall_after
         self.uploader = uploader
-        self.sources = sources  # the MQTT broker sources, when there are any
-        self.poller = poller  # the Modbus poller, when there are [[modbus]] devices
+        self.transports = transports  # the device transports: each may add sections (broker sources, Modbus)
         self.retention = retention  # when --retention is given
         self.compressor = compressor  # unless --compress-after off
         self.packer = packer  # unless --pack-after off
@@ -65,14 +63,13 @@ class Health:
             queue = {"depth": getattr(self.store, "queue_depth", 0), "ok": self.store.has_room(1)}
             sinks = self.sinks()
             journal = getattr(self.store, "journal_status", lambda: None)()
-            sources = self.sources()
-            mqtt_sources = sources.health() if sources is not None else {}
+            sections = {key: part for t in self.transports() for key, part in t.health().items()}
             healthy = bool(
                 database == "ok"
                 and queue["ok"]
                 and (journal is None or journal["ok"])
                 and all(s["ok"] for s in sinks.values())
-                and all(s["ok"] for s in mqtt_sources.values())
+                and all(ok for _, ok in sections.values() if ok is not None)
             )
             # Whether what devices send is stored (or journaled): /readyz, for load balancers.
             storing = bool((database == "ok" or (journal is not None and journal["ok"])) and queue["ok"])
@@ -83,13 +80,8 @@ class Health:
                 "queue": queue,
                 "sinks": sinks,
             }
-            if mqtt_sources:
-                doc["mqtt_sources"] = mqtt_sources
-            poller = self.poller()
-            if poller is not None:
-                # Named, not failing the check: a dead field device is not a sick gateway (a load balancer
-                # would take a healthy gateway out for it); alert on gateway_modbus_gaps_total instead.
-                doc["modbus"] = poller.health()
+            for key, (section, _) in sections.items():
+                doc[key] = section
             retention = self.retention()
             if retention is not None:
                 doc["retention"] = retention.status()

@@ -20,7 +20,9 @@ from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred
 
 from gateway.ingest.core import Ingest
+from gateway.net.endpoints import EndpointSpec
 from gateway.readings import CloseReason, Device, Source
+from gateway.transport import DeviceRegistry, Port, Transport, TransportContext
 from gateway.transports.session import DeviceSession, Flow
 
 
@@ -37,23 +39,6 @@ class DeviceSettings:
     def heartbeat(self) -> int:
         """WELCOME's heartbeat_s: at most a third of the idle timeout, so a device that follows it is never idle."""
         return max(1, min(self.max_heartbeat, int(self.idle_timeout // 3)))
-
-
-class DeviceRegistry:
-    """Devices online on this gateway; a new session of a device replaces the old one, whatever the transport."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, DeviceConnection] = {}
-
-    def register(self, name: str, session: DeviceConnection) -> None:
-        old = self.sessions.get(name)
-        self.sessions[name] = session
-        if old is not None and old is not session:
-            old.end(CloseReason.REPLACED, "a newer connection of this device replaced this one")
-
-    def unregister(self, name: str, session: DeviceConnection) -> None:
-        if self.sessions.get(name) is session:
-            del self.sessions[name]
 
 
 class DeviceNames:
@@ -280,6 +265,73 @@ class DeviceListenerFactory(protocol.Factory):
     def certificate_allows(self, transport: Any, name: str) -> bool:
         """With client certificates required, the certificate must name the device (CN or SAN)."""
         return not self.require_client_cert or certificate_names(transport, name)
+
+
+def device_settings(config: Any) -> DeviceSettings:
+    """The session settings of the configuration (--device-window and the timeouts)."""
+    return DeviceSettings(
+        window=config.device_window,
+        idle_timeout=config.device_idle_timeout,
+        handshake_timeout=config.device_handshake_timeout,
+    )
+
+
+class SessionListeners(Transport):
+    """A session transport's endpoints (TGP's --device, MQTT's --mqtt): a factory each, and their sessions."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: type[DeviceListenerFactory],
+        specs: tuple[EndpointSpec, ...],
+        option: str,
+        what: str,
+        config: Any,
+        context: TransportContext,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.option = option
+        self.what = what
+        self.specs = specs
+        self.client_ca = config.device_ca
+        self.factories = [
+            kind(
+                context.ingest,
+                context.registry,
+                clock=context.reactor,
+                settings=device_settings(config),
+                tls=spec.tls,
+                require_client_cert=spec.tls and config.device_ca is not None,
+            )
+            for spec in specs
+        ]
+
+    def ports(self) -> list[Port]:
+        return [
+            Port(
+                spec,
+                factory,
+                self.option,
+                f"{self.what} over TLS" if spec.tls else self.what,
+                self.client_ca if spec.tls else None,
+            )
+            for spec, factory in zip(self.specs, self.factories)
+        ]
+
+    def sessions(self) -> list[Any]:
+        return [session for factory in self.factories for session in factory.connections]
+
+    def connections(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for factory in self.factories:
+            out[factory.transport] = out.get(factory.transport, 0) + len(factory.connections)
+        return out
+
+    async def reconfigure(self, config: Any) -> list[str]:
+        for factory in self.factories:
+            factory.reconfigure(device_settings(config))
+        return []
 
 
 def certificate_names(transport: Any, name: str) -> bool:
