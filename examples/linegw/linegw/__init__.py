@@ -1,0 +1,1 @@
+"""A line-based device protocol for txgateway: the worked example of a transport plugin."""
