@@ -10,7 +10,7 @@ devices, with a fault injected at the start of every period:
                    (the gateway starts it again)
 4. ``receiver``    the upload receiver killed, and started again after a while
 
-The devices behave as SPEC.rst and the README tell firmware to: they measure
+The devices behave as SPEC.rst and the documentation tell firmware to: they measure
 at a steady rate whatever happens, keep every reading until it is
 acknowledged and send again what was not. Every acknowledgement is recorded.
 At the end, after the load stops and the gateway has caught up, the record

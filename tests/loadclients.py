@@ -1,6 +1,6 @@
 """
 Devices for the resilience tests: plain blocking clients in threads that
-behave as the SPEC and the README tell firmware to — keep every reading
+behave as the SPEC and the documentation tell firmware to — keep every reading
 until it is acknowledged, send again what was not — and keep a record of
 every acknowledgement they received, to check against the database.
 """

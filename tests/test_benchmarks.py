@@ -1,5 +1,5 @@
 """
-``benchmarks/run.py`` runs end to end and reports what README.rst promises,
+``benchmarks/run.py`` runs end to end and reports what docs/benchmarks.rst promises,
 in a tiny configuration: the figures themselves are for the benchmark's own
 runs, not for a test on a shared machine.
 """

@@ -1,14 +1,28 @@
-"""README.rst says what the code does: the test command, the options."""
+"""README.rst and the documentation under docs/ say what the code does: the test command, options, errors, examples."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import docutils.core
+import pytest
 
-from gateway.config import all_settings
+from gateway.api import openapi
+from gateway.config import SETTINGS
+from gateway.transport import transports
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.rst").read_text()
+DOCS = {
+    path.relative_to(ROOT / "docs").as_posix(): path.read_text()
+    for path in (ROOT / "docs").rglob("*.rst")
+    if "_build" not in path.parts
+}
+
+
+def page(name: str) -> str:
+    return DOCS[name]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -24,14 +38,42 @@ def test_ci_runs_the_readme_test_command():
         assert package in script, package
 
 
-def test_every_option_is_documented():
-    for setting in all_settings():
-        documented = f"``--{setting.name}``" if setting.option else f"[[{setting.key}]]"
-        assert documented in README, setting.name
-
-
-def test_readme_is_valid_restructuredtext():
+def test_readme_is_the_front_door_valid_restructuredtext_and_short():
     docutils.core.publish_string(README, writer="null", settings_overrides={"halt_level": 2, "report_level": 2})
+    assert len(README.splitlines()) < 300
+    for link in re.findall(r"<(docs/[^>]+)>`_", README):
+        assert (ROOT / link).is_file(), link
+    linked = set(re.findall(r"<docs/([^>]+)>`_", README))
+    assert linked == {name for name in DOCS if name != "index.rst"}, "every page is linked from the README"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The site as HTML, and the gatewayctl man page, built with warnings as errors."""
+    out = tmp_path_factory.mktemp("docs")
+    for builder in ("html", "man"):
+        run = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", builder, "docs", str(out / builder)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+def test_the_documentation_builds_and_lists_every_option_command_and_path(built):
+    options = (built / "html" / "configuration.html").read_text()
+    built_in = [s for p in transports() if type(p).__module__.startswith("gateway.") for s in p.settings]
+    for setting in (*SETTINGS, *built_in):
+        assert (f"--{setting.name}" if setting.option else f"[[{setting.key}]]") in options, setting.name
+    man = (built / "man" / "gatewayctl.1").read_text()
+    for command in ("device add", "token add", "upload status", "tls new-layout", "mqtt forget"):
+        assert f"gatewayctl {command}" in man.replace("\\-", "-").replace("\\", ""), command
+    api = (built / "html" / "api.html").read_text()
+    for path in openapi.document()["paths"]:
+        assert path in api, path
 
 
 def test_every_error_code_is_documented():
@@ -42,8 +84,9 @@ def test_every_error_code_is_documented():
         codes |= set(re.findall(r'_refuse\(\d+, "([a-z_]+)"', path.read_text()))
     codes.discard("bad_request")  # the base class's placeholder
     assert codes, "no error codes found"
+    documented = "".join(DOCS.values())
     for code in codes:
-        assert f"``{code}``" in README, code
+        assert f"``{code}``" in documented, code
 
 
 def test_the_modbus_example_is_a_valid_config():
@@ -52,7 +95,7 @@ def test_the_modbus_example_is_a_valid_config():
 
     from gateway.config import build_config
 
-    block = README.split("and a status bit::", 1)[1].split("\nTypes: ", 1)[0]
+    block = page("transports/modbus.rst").split("and a status bit::", 1)[1].split("\nTypes: ", 1)[0]
     config = build_config({}, tomllib.loads(textwrap.dedent(block)))
     [meter] = config.modbus
     power = meter.registers[0]
@@ -73,7 +116,7 @@ def test_the_single_sign_on_example_is_a_valid_config():
 
     from gateway.config import build_config
 
-    block = README.split("Describe the provider in the config file::", 1)[1].split("\nRegister ", 1)[0]
+    block = page("dashboard.rst").split("Describe the provider in the config file::", 1)[1].split("\nRegister ", 1)[0]
     oidc = build_config({}, tomllib.loads(textwrap.dedent(block))).oidc
     assert oidc is not None and oidc.signs_in and oidc.name == "Plant SSO"
     assert (oidc.roles_claim, oidc.admin, oidc.reader) == (

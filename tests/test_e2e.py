@@ -228,7 +228,7 @@ def test_systemd_is_told_ready_only_when_listening_and_stopping_on_sigterm(gatew
 
 
 def test_mosquitto_pub_as_in_the_readme_stores_a_reading_once_however_often_sent(gateway):
-    """README, MQTT: mosquitto_pub -p 8883 --cafile … -u truck-17 -P "$TOKEN" -q 1 -t devices/truck-17/readings -m …"""
+    """docs/transports/mqtt.rst: mosquitto_pub -p 8883 --cafile … -u truck-17 -P "$TOKEN" -q 1 -t … -m …"""
     if shutil.which("mosquitto_pub") is None:
         pytest.fail("mosquitto_pub is needed by the README's MQTT example and by this test: install mosquitto-clients")
     gateway.start()
