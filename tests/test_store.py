@@ -36,6 +36,7 @@ from gateway.readings import (
 from gateway.storage.journal import Journal
 from gateway.storage.interface import IStore
 from gateway.storage.memory import MemoryStore
+from gateway.storage.pool import session_dsn
 from gateway.storage.store import PostgresStore
 from tests.gatewayproc import gatewayctl
 
@@ -377,6 +378,37 @@ async def test_reconnects_after_connections_are_killed(db_dsn, sql):
         assert outcomes[-1] in (WriteResult(3, 0), WriteResult(0, 3))
         assert sql("SELECT count(*) FROM readings")[0][0] == 6
         assert await store.check() is None
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_dsn_finds_the_writable_server_and_leaves_one_turned_read_only(db_dsn, sql):
+    """
+    A failover as the store sees it: a DSN of several hosts (the first gone), and a server that turns
+    read-only under an open connection (a demoted primary). Writes are never refused as bad input: they
+    fail as unavailable (not acknowledged, so sent again) until a connection to a writable server is made.
+    """
+    params = psycopg2.extensions.parse_dsn(db_dsn)
+    hosts = f"host=127.0.0.1,{params.get('host', '127.0.0.1')} port=1,{params.get('port', 5432)}"
+    cluster = psycopg2.extensions.make_dsn(db_dsn, host=None, port=None, hostaddr=None) + " " + hosts
+    assert "target_session_attrs=read-write" in session_dsn(cluster).replace("'", "")
+    store = await open_pg_store(cluster, pool_size=1, commit_delay=0)
+    try:
+        device = await store.authenticate(add_pg_device(sql, "a"))
+        assert await store.write(device, readings(3)) == WriteResult(3, 0)
+        await store.pool.run(lambda c: c.runOperation("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"))
+        outcomes = []
+        for _ in range(100):  # the pool reconnects with backoff; give it up to ~10 s
+            try:
+                outcomes.append(await store.write(device, readings(3, start=10)))
+                break
+            except StoreUnavailable as e:
+                outcomes.append(e)
+                await deferLater(reactor, 0.1, lambda: None)
+        assert isinstance(outcomes[0], StoreUnavailable) and outcomes[-1] == WriteResult(3, 0)
+        assert sql("SELECT count(*) FROM readings")[0][0] == 6
+        assert sql("SELECT count(*) FROM rejected_input")[0][0] == 0
     finally:
         await store.stopService()
 

@@ -24,6 +24,7 @@ from typing import Any
 from collections.abc import Callable
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
@@ -56,6 +57,9 @@ def session_dsn(dsn: str, statement_timeout_ms: int = 30_000) -> str:
     """The user's DSN plus our session settings, where the user set none."""
     given = psycopg2.extensions.parse_dsn(dsn)
     extra = {k: v for k, v in _SESSION.items() if k not in given}
+    if "," in given.get("host", "") + given.get("hostaddr", "") and "target_session_attrs" not in given:
+        # Several servers (a cluster with failover): write to whichever is the primary now.
+        extra["target_session_attrs"] = "read-write"
     options = given.get("options", "")
     if "statement_timeout" not in options:
         options += f" -c statement_timeout={statement_timeout_ms}"
@@ -69,7 +73,11 @@ def session_dsn(dsn: str, statement_timeout_ms: int = 30_000) -> str:
 def is_connection_error(error: BaseException | None) -> bool:
     if isinstance(error, psycopg2.extensions.QueryCanceledError):
         return False  # statement timeout: the connection itself is fine
-    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    # A server that turned read-only (a primary demoted by a failover) is as good as gone for writes:
+    # the connection is made again, and libpq finds the new primary among the DSN's hosts.
+    return isinstance(
+        error, (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.ReadOnlySqlTransaction)
+    )
 
 
 class Connection(txpostgres.Connection):
