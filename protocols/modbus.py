@@ -51,6 +51,10 @@ class Kind(enum.IntEnum):
         return self in (Kind.COIL, Kind.DISCRETE)
 
 
+# The kinds by the names a configuration or a command line gives them.
+KINDS = {"holding": Kind.HOLDING, "input": Kind.INPUT, "coil": Kind.COIL, "discrete": Kind.DISCRETE}
+
+
 # Most items one request may read (6.1–6.4): bits and registers both fill a 253-byte PDU.
 MAX_COUNT = {Kind.COIL: 2000, Kind.DISCRETE: 2000, Kind.HOLDING: 125, Kind.INPUT: 125}
 

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from gateway.config import ConfigError, build_config
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
-from gateway.transports.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
+from gateway.net.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
 from gateway.transports.mqtt_source import BrokerSource, BrokerSources, _ClientFactory
 from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
@@ -367,3 +367,10 @@ def test_the_config_takes_urls_and_tables_and_refuses_two_sources_of_one_name():
     with pytest.raises(ConfigError) as e:
         build_config({"mqtt-source": ["mqtt://broker.example"]})
     assert str(e.value).startswith("--mqtt-source: url: 'mqtt://broker.example': mqtt:// (no TLS)")
+
+
+def test_a_source_never_holds_more_than_a_device_session_takes():
+    from gateway.net.brokers import IN_FLIGHT_MAX
+    from gateway.transports.session import WINDOW_MAX
+
+    assert IN_FLIGHT_MAX <= WINDOW_MAX

@@ -129,3 +129,80 @@ def test_the_cycle_check_sees_a_cycle_round_about(tmp_path):
         (root / package / "__init__.py").write_text("")
         (root / package / "m.py").write_text(text)
     assert cycles(package_imports(root)) == [["ingest", "ops", "storage"]]
+
+
+# The layer table of ARCHITECTURE.md, by package (or top module) of gateway/. "model" is the product's words
+# and the shared plumbing below every layer: readings, tokens, trust, errors, settings, the network layer (net),
+# and the one copy of each policy (backoff, deadband, families, ratelimit, files).
+MODEL = {
+    "readings", "tokens", "trust", "errors", "settings", "net", "files",
+    "backoff", "deadband", "families", "ratelimit", "__version__",
+}  # fmt: skip
+LAYERS: dict[str, set[str]] = {
+    **{m: MODEL for m in MODEL},
+    "storage": MODEL,
+    "ingest": MODEL | {"storage.interface"},
+    "transport": MODEL | {"ingest"},  # the transport interface
+    "transports": MODEL | {"ingest", "transport", "web", "ops.metrics", "ops.logs", "ops.reports"},
+    "outbound": MODEL | {"storage"},
+    "ops": MODEL | {"storage", "ingest"},
+    "web": MODEL | {"storage", "ingest", "ops"},
+    "api": MODEL | {"storage", "ingest", "ops", "web", "outbound.ledger"},
+    "ui": MODEL | {"storage", "ingest", "ops", "web", "api", "outbound.ledger"},
+    # The assembler: everything, the transports only through the plugin interface (twisted/plugins/).
+    "service": {"*"},
+    "config": {"*"},
+    # gatewayctl reads the config file and prints what the gateway's own modules compute.
+    "cli": MODEL | {"storage", "config", "ops.status", "ops.tuning", "outbound.ledger"},
+}
+
+
+def allows(me: str, name: str) -> bool:
+    """Whether layer ``me`` may import module ``name`` (``*``: anything but a transport)."""
+    allowed = LAYERS.get(me, set())
+    them = _layer(name)
+    if "*" in allowed:
+        return them != "transports"
+    return them in allowed or ".".join(name.split(".")[1:3]) in allowed
+
+
+def forbidden_imports(root: Path) -> list[str]:
+    """Imports in gateway/ that the layer table does not allow, as 'file:line importer -> imported'."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        me = _layer(module)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "gateway"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                them = _layer(name)
+                if me is None or them is None or them == me:
+                    continue
+                if not allows(me, name):
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {me} -> {name}")
+    return out
+
+
+def test_every_import_is_one_the_layer_table_allows():
+    assert forbidden_imports(ROOT / "gateway") == []
+
+
+def test_the_layer_check_sees_a_forbidden_import(tmp_path):
+    root = tmp_path / "gateway"
+    for package, text in {
+        "storage": "from gateway.readings import Reading\n",
+        "transports": "def f():\n    from gateway.storage.store import PostgresStore\n",
+        "outbound": "from gateway.transports import http\n",
+    }.items():
+        (root / package).mkdir(parents=True)
+        (root / package / "m.py").write_text(text)
+    (root / "service.py").write_text("from gateway.transports.tgp_adapter import DeviceFactory\nimport gateway.ops\n")
+    assert forbidden_imports(root) == [
+        "gateway/outbound/m.py:1 outbound -> gateway.transports",
+        "gateway/service.py:1 service -> gateway.transports.tgp_adapter",
+        "gateway/transports/m.py:2 transports -> gateway.storage.store",
+    ]

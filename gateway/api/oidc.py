@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
+from gateway.net.httpclient import QuietPool, VerifyingPolicy
 from gateway.trust import ca_file, loopback, secret_value, trust_root
 
 if TYPE_CHECKING:
@@ -176,8 +177,6 @@ class Keys:
     """The provider's signing keys by key id, fetched with treq; refetched when a token names an unknown one."""
 
     def __init__(self, settings: OidcSettings, reactor: Any, clock: IReactorTime | None = None) -> None:
-        from gateway.outbound.sender import QuietPool, VerifyingPolicy
-
         self.settings = settings
         self.clock = clock or reactor
         self.pool = QuietPool(reactor, persistent=False)

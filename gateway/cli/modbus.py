@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.cli.common import CommandError, note, reported_state, reports, seconds, when
 from protocols import modbus
-from gateway.transports.modbus_map import KINDS
+from protocols.modbus import KINDS
 from protocols.modbus import Kind
 
 ORDER_NAMES = {

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import protocol, task
 
 from gateway.cli.simulator import BACKOFF_CAP, SimDevice, readings_body
-from gateway.transports.devices import no_delay
+from gateway.net.tcp import no_delay
 from protocols import mqtt
 
 R = mqtt.Reason

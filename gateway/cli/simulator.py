@@ -30,7 +30,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from gateway.backoff import Backoff
 from gateway import tokens
 from gateway.readings import format_ts
-from gateway.transports.devices import no_delay
+from gateway.net.tcp import no_delay
 from gateway.ops.tuning import tune_gc
 from protocols import tgp
 

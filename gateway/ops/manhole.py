@@ -66,7 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.storage.files import write_private
+from gateway.files import write_private
 
 log = Logger()
 

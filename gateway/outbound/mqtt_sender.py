@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 
 from gateway.outbound.sender import Payload, Reply
 from gateway.outbound.sinks import Sink
-from gateway.transports.brokers import endpoint
-from gateway.transports.devices import no_delay
+from gateway.net.brokers import endpoint
+from gateway.net.tcp import no_delay
 from protocols import mqtt
 
 log = Logger()

@@ -13,17 +13,15 @@ import typing
 from typing import Any
 from collections.abc import Callable
 
-from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from gateway import __version__
 from gateway.backoff import backoff_delay
+from gateway.net.httpclient import QuietPool, VerifyingPolicy
 from gateway.outbound.sinks import Sink
 from gateway.trust import trust_root
 
@@ -120,21 +118,6 @@ def describe_failure(f: Failure) -> str:
     return f"{type(value).__name__}: {text}"[:300] if text else type(value).__name__
 
 
-@implementer(IPolicyForHTTPS)
-class VerifyingPolicy:
-    """Verify the certificate chain and the host name of every upload; TLS 1.2 or newer."""
-
-    def __init__(self, root: Any = None) -> None:
-        self._root = root
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._root,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-        )
-
-
 class _Snippet(Protocol):
     """Reads a response body, keeping its first bytes."""
 
@@ -151,16 +134,6 @@ class _Snippet(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.done.callback(b"".join(self.parts))
-
-
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" / "Stopping factory" pair per connection (per batch, once idle)
-
-
-class QuietPool(HTTPConnectionPool):
-    """Twisted's connection pool, without two log lines per connection it makes."""
-
-    _factory = _QuietHTTP11ClientFactory
 
 
 class HTTPSender:

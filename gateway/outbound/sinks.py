@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from gateway.readings import NAME_RULE, config_table, is_name
-from gateway.transports.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
+from gateway.net.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
 from gateway.trust import ca_file, loopback, secret_value
 
 # Headers the uploader sets itself; a sink may not override them.

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from gateway.readings import counted, is_name
 from gateway.storage.credentials import DEVICES, KNOWN_DEVICES, Credentials, KnownDevice
-from gateway.storage.files import write_private
+from gateway.files import write_private
 from gateway.storage.pool import first_line
 
 log = Logger()

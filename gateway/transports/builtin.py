@@ -17,7 +17,7 @@ from zope.interface import implementer
 from gateway.ops.reports import StatusReport
 from gateway.settings import Setting, duration, off_or, server_endpoint, text
 from gateway.transport import IDeviceTransport, Port, Transport, TransportContext
-from gateway.transports.brokers import SourceError, SourceSettings, check_unique, source_from_table, source_from_url
+from gateway.net.brokers import SourceError, SourceSettings, check_unique, source_from_table, source_from_url
 from gateway.transports.devices import SessionListeners
 from gateway.transports.http import ReadingsResource
 from gateway.transports.modbus_map import ModbusConfigError, ModbusDevice, device_from_table

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 
 from gateway.ingest.core import Ingest
 from gateway.net.endpoints import EndpointSpec
+from gateway.net.tcp import no_delay
 from gateway.readings import CloseReason, Device, Source
 from gateway.transport import DeviceRegistry, Port, Transport, TransportContext
 from gateway.transports.session import DeviceSession, Flow
@@ -347,12 +348,3 @@ def certificate_names(transport: Any, name: str) -> bool:
     except x509.ExtensionNotFound:
         pass
     return name in names
-
-
-def no_delay(transport: Any) -> None:
-    """Send small frames (ACKs) at once: Nagle's algorithm would hold them for the peer's delayed ACK."""
-    while transport is not None:
-        if hasattr(transport, "setTcpNoDelay"):
-            transport.setTcpNoDelay(True)
-            return
-        transport = getattr(transport, "transport", None)

@@ -15,7 +15,6 @@ from twisted.web import server
 
 from gateway.ingest.core import Ingest
 from gateway.readings import IngestError, InvalidInput, Source, WriteResult, format_ts
-from gateway.storage.interface import IStore
 from gateway.web.answers import answer_later, bearer_token, error_body, json_answer
 from gateway.web.site import GatewaySite, JsonResource, source_of
 
@@ -101,6 +100,6 @@ class ReadingsResource(JsonResource):
         return json_answer(request, 200, doc)
 
 
-def ingest_site(ingest: Ingest, store: IStore, **settings: Any) -> GatewaySite:
+def ingest_site(ingest: Ingest, store: Any, **settings: Any) -> GatewaySite:
     """A site that takes readings at /v1/readings (and serves the rest that ``settings`` gives)."""
     return GatewaySite(ingest, store, v1={b"readings": ReadingsResource(ingest)}, **settings)

@@ -17,9 +17,8 @@ from typing import Any
 
 from gateway.readings import NAME_RULE, config_table, is_name
 from protocols import modbus
-from protocols.modbus import Kind
+from protocols.modbus import KINDS, Kind
 
-KINDS = {"holding": Kind.HOLDING, "input": Kind.INPUT, "coil": Kind.COIL, "discrete": Kind.DISCRETE}
 TYPES = (*modbus.TYPES, "bool", "bit")
 DEVICE_KEYS = {
     "device", "host", "port", "unit", "interval", "timeout", "pause", "byte-order", "word-order", "gap", "register",

@@ -56,7 +56,8 @@ from gateway.ratelimit import RateLimitedLog
 from gateway.families import counter, gauge
 from gateway.ops.reports import StatusReport
 from gateway.readings import Device, IngestError, Reading, Source, WriteResult, counted
-from gateway.transports.devices import DeviceNames, no_delay
+from gateway.transports.devices import DeviceNames
+from gateway.net.tcp import no_delay
 from gateway.transports.modbus_map import ModbusDevice, Read, plan, readings_of
 from protocols import modbus
 from protocols.sentinels import NEED_DATA

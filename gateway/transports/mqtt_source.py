@@ -81,8 +81,9 @@ from gateway.readings import (
     WriteResult,
     is_name,
 )
-from gateway.transports.brokers import SourceSettings, endpoint
-from gateway.transports.devices import DeviceNames, no_delay
+from gateway.net.brokers import SourceSettings, endpoint
+from gateway.transports.devices import DeviceNames
+from gateway.net.tcp import no_delay
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.session import DeviceSession, Flow, Ticket
 from protocols import mqtt

@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-from gateway.transports.session import WINDOW_MAX
 from gateway.trust import ca_file, loopback, secret_value, trust_root
 from gateway.readings import NAME_RULE, config_table, is_name
 from protocols import mqtt
+
+IN_FLIGHT_MAX = 10_000  # messages a source may hold unacknowledged (at most a device session's largest window)
 
 SCHEMES = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
 VERSIONS = {"5.0": mqtt.V5, "5": mqtt.V5, "3.1.1": mqtt.V311}
@@ -271,7 +272,7 @@ def source_from_table(
                 raise ValueError(f"qos: {table['qos']!r}: give 1 or 2 (QoS 0 would lose what a restart interrupts)")
             values["qos"] = table["qos"]
         if "window" in table:
-            values["window"] = _number("window", 1, WINDOW_MAX, table["window"], whole=True)
+            values["window"] = _number("window", 1, IN_FLIGHT_MAX, table["window"], whole=True)
         for key, lo, hi in (
             ("session-expiry", 60, 0xFFFFFFFF),
             ("backoff", 0.01, 3600),
