@@ -9,6 +9,7 @@ what was wrong with it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.errors import StartError
@@ -50,6 +52,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
+
+
+log = Logger()
 
 
 class ConfigError(Exception):
@@ -411,6 +416,35 @@ def load_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("config", f"{str(path)!r} is not valid TOML: {e}") from None
     return {key.replace("_", "-"): value for key, value in data.items()}
+
+
+def changes(old: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, list[str], list[str]]:
+    """
+    What a SIGHUP's configuration changes: the running configuration with the live changes taken
+    (the rest kept), the names of the live changes, and the names of those that wait for a restart.
+    """
+    before, after = old.values(), new.values()
+    changed = [name for name in after if before.get(name) != after[name]]
+    live_now = {s.key for s in all_settings() if s.live} | LIVE_TABLES
+    live = [name for name in changed if name in live_now]
+    transport = {**old.transport, **{name: after[name] for name in live if name in old.transport}}
+    core = {name: after[name] for name in live if name not in old.transport}
+    running = dataclasses.replace(old, **core, transport=transport)
+    return running, live, [name for name in changed if name not in live_now]
+
+
+def reread(config: GatewayConfig, command_line: Mapping[str, Any]) -> tuple[Path | None, GatewayConfig | None]:
+    """The configuration file read again (a SIGHUP), the command line still winning; None (logged) when the
+    gateway has no file or the file has a mistake, and the running settings stay."""
+    path = config.config_file
+    if path is None:
+        log.info("SIGHUP: the gateway was started without --config; nothing to re-read")
+        return None, None
+    try:
+        return path, build_config(command_line, load_toml(path), path)
+    except ConfigError as e:
+        log.error("SIGHUP: {path} not applied, the running settings stay: {error}", path=str(path), error=str(e))
+        return path, None
 
 
 def all_settings() -> tuple[Setting, ...]:

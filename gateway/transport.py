@@ -23,7 +23,6 @@ answer; the transport never touches the store: it goes through ``Ingest``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -34,7 +33,7 @@ from zope.interface import Attribute, Interface
 
 from gateway.errors import StartError
 from gateway.ingest.core import Ingest
-from gateway.net.endpoints import EndpointSpec
+from gateway.net.listeners import Port
 from gateway.readings import CloseReason
 from gateway.settings import Setting
 
@@ -97,18 +96,6 @@ class TransportContext:
         return self._identity()
 
 
-@dataclass(frozen=True)
-class Port:
-    """A port a transport listens on; the gateway adds TLS and the connection limits."""
-
-    spec: EndpointSpec
-    factory: Any
-    option: str  # the option that asked for it (log lines, errors)
-    what: str  # what it serves, as the log says it ("TGP over TLS")
-    client_ca: Any = None  # PEM file: require client certificates signed by it (TLS only)
-    devices: bool = True  # takes readings: counted against the connection limits, opened once the gateway answers
-
-
 class Transport(MultiService):
     """
     A transport as built for one gateway. Every method has a default that
@@ -163,6 +150,68 @@ class Transport(MultiService):
     async def reconfigure(self, config: Any) -> list[str]:
         """A SIGHUP's configuration (live settings applied); returns what changed, as the log says it."""
         return []
+
+
+class Transports(list[Transport]):
+    """The transports of one gateway, as the assembler, /healthz, /metrics and the console ask of them all."""
+
+    def named(self, name: str) -> Transport | None:
+        return next((t for t in self if t.name == name), None)
+
+    def ports(self) -> list[Port]:
+        return [port for t in self for port in t.ports()]
+
+    def resources(self) -> dict[bytes, Any]:
+        return {name: resource for t in self for name, resource in t.resources().items()}
+
+    def sessions(self) -> list[Any]:
+        return [session for t in self for session in t.sessions()]
+
+    def online(self) -> dict[str, list[Any]]:
+        """Authenticated sessions by device name."""
+        out: dict[str, list[Any]] = {}
+        for session in self.sessions():
+            if session.device is not None:
+                out.setdefault(session.device.name, []).append(session)
+        return out
+
+    def close(self, name: str, reason: CloseReason, text: str) -> int:
+        """End every session of a device; how many there were."""
+        sessions = self.online().get(name, [])
+        for session in sessions:
+            session.end(reason, text)
+        return len(sessions)
+
+    def connections(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self:
+            for label, count in t.connections().items():
+                out[label] = out.get(label, 0) + count
+        return out
+
+    def live_metrics(self) -> Iterator[Any]:
+        for t in self:
+            yield from t.live_metrics()
+
+    def forget(self, names: list[str] | None) -> None:
+        for t in self:
+            t.forget(names)
+
+    async def start(self, parent: Any) -> None:
+        for t in self:
+            await t.prepare()
+            t.setServiceParent(parent)
+
+    async def reconfigure(self, config: Any) -> list[str]:
+        applied: list[str] = []
+        for t in self:
+            applied += await t.reconfigure(config)
+        return applied
+
+
+def built(config: Any, context: TransportContext) -> Transports:
+    """Every installed transport that has something to do with ``config``, built for one gateway."""
+    return Transports(t for t in (plugin.build(config, context) for plugin in transports()) if t is not None)
 
 
 def _discovered() -> list[Any]:

@@ -206,3 +206,12 @@ def test_the_layer_check_sees_a_forbidden_import(tmp_path):
         "gateway/service.py:1 service -> gateway.transports.tgp_adapter",
         "gateway/transports/m.py:2 transports -> gateway.storage.store",
     ]
+
+
+def test_the_assembler_only_assembles():
+    """service.py wires subsystems that build themselves (storage, outbound, surfaces, transports)."""
+    service = (ROOT / "gateway" / "service.py").read_text()
+    assert len(service.splitlines()) < 300
+    assert (
+        "gateway.transports" not in service and "gateway.transports" not in (ROOT / "gateway" / "config.py").read_text()
+    )

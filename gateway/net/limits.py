@@ -29,6 +29,13 @@ class ConnectionLimits:
         # told (address, why) for each connection refused
         self.refused = refused or (lambda address, why: None)
 
+    def refusal(self, address: str, why: str) -> tuple[str, str]:
+        """The code and message of a refusal ``admit`` reported as ``why`` ("total" or "address")."""
+        limit = self.max_total if why == "total" else self.max_per_address
+        count = self.total if why == "total" else self.by_address.get(address, 0)
+        scope = "in all" if why == "total" else "from this address"
+        return f"connection_limit_{why}", f"{count} open connections {scope} (limit {limit})"
+
     def admit(self, address: str) -> bool:
         if self.total >= self.max_total:
             self.refused(address, "total")

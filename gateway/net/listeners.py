@@ -20,10 +20,11 @@ fingerprints).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -32,6 +33,7 @@ from twisted.logger import Logger
 
 from gateway.errors import StartError
 from gateway.net.endpoints import EndpointSpec
+from gateway.net.limits import ConnectionLimits, LimitedFactory
 from gateway.net.stdtls import TLSServerFactory, server_context
 from gateway.net.tls import ServerCredentials, TLSConfigError, local_credentials
 
@@ -79,7 +81,45 @@ class Listener(StreamServerEndpointService):
         log.info("listening for {what} on {host}:{port}", what=self.what, host=host.host, port=host.port)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A port a transport listens on; the gateway adds TLS and the connection limits."""
+
+    spec: EndpointSpec
+    factory: Any
+    option: str  # the option that asked for it (log lines, errors)
+    what: str  # what it serves, as the log says it ("TGP over TLS")
+    client_ca: Any = None  # PEM file: require client certificates signed by it (TLS only)
+    devices: bool = True  # takes readings: counted against the connection limits, opened once the gateway answers
+
+
 class Listeners(MultiService):
+    """Every port of the gateway: bound in the privileged start, opened once the gateway can answer."""
+
+    def __init__(self, reactor: Any, tls: TLSWrapper, limits: ConnectionLimits) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.tls = tls
+        self.limits = limits
+
+    def add(self, port: Port) -> None:
+        """A listener for the port: TLS for ssl: endpoints; the connection limits for the ports devices use."""
+        factory = port.factory
+        if port.spec.tls:
+            factory = self.tls.wrap(port.spec, factory, port.option, port.client_ca)
+        if port.devices:  # outside TLS: a connection over the limits costs no handshake
+            factory = LimitedFactory(factory, self.limits)
+        # The ports that take readings open only once the gateway can answer.
+        Listener(self.reactor, port.spec, factory, port.option, port.what, held=port.devices).setServiceParent(self)
+
+    def open(self) -> None:
+        for listener in self:
+            listener.open()
+
+    def ports(self, option: str) -> list[Any]:
+        """The bound ports of that option (``port.getHost()`` says where)."""
+        return [s.port for s in self if s.option == option]
+
     def stopService(self) -> Deferred:
         if not self.running:
             return succeed(None)
@@ -118,6 +158,15 @@ class TLSWrapper:
             return self.cert, self.key, "tls-cert"
         made = self._local()
         return made.cert_path, made.key_path, "tls-cert"
+
+    def renewal(self, every: float) -> Any:
+        """A service that looks every ``every`` seconds whether the data directory's certificate is due
+        (None when the listeners use certificates of their own)."""
+        if self.local is None:
+            return None
+        service = TimerService(every, self.renew)
+        service.clock = self.reactor
+        return service
 
     def renew(self, now: Any = None) -> bool:
         """

@@ -190,7 +190,7 @@ class Console:
         g = self.gateway
         now = g.reactor.seconds()
         rows = []
-        for session in g.device_sessions():
+        for session in g.transports.sessions():
             if session.device is not None:
                 rows.append(
                     {
@@ -227,7 +227,7 @@ class Console:
         Close a device's TGP and MQTT connections (TGP: BYE NORMAL; MQTT 5.0: DISCONNECT 0x98); it may
         reconnect. Returns how many were closed.
         """
-        return self.gateway.close_device(name, CloseReason.NORMAL, "closed by an administrator")
+        return self.gateway.transports.close(name, CloseReason.NORMAL, "closed by an administrator")
 
     def sinks(self) -> list[str]:
         """The names of the uploader's sinks."""

@@ -464,6 +464,18 @@ class PostgresStore(Service):
     def session_ends(self, device_id: int, client_id: str) -> Deferred:
         return self.pool.run(lambda c: c.runOperation(SESSION_ENDS, (device_id, client_id)))
 
+    def query(self, sql: str, params: Any = None) -> Deferred:
+        """One query on a writer connection (rows); for the store's own helpers, not for the hot path."""
+        return self.pool.run(lambda c: c.runQuery(sql, params))
+
+    def known_devices(self) -> int:
+        """How many devices' credentials are held (known from the last run or seen since)."""
+        return int(self.credentials.known)
+
+    def last_error(self) -> str:
+        """Why the last connection attempt failed, as one line."""
+        return str(self.pool.last_error)
+
     def forget_credentials(self, names: list[str] | None = None) -> None:
         """Devices changed (revoked, rotated): look every token up again; forget the named for outages."""
         self.credentials.forget(names)

@@ -342,7 +342,7 @@ class GatewaySite(server.Site):
     def __init__(
         self,
         ingest: Ingest,
-        store: IStore,
+        store: IStore | None,
         *,
         clock: IReactorTime,
         max_body: int,
@@ -356,7 +356,9 @@ class GatewaySite(server.Site):
         # The API takes JSON, never forms: without form parsing twisted.web
         # skips its Content-Type parsing through the email package, which
         # cost a quarter of the CPU of a one-reading request.
-        health = health or Health(store, stall_after=300.0)
+        if health is None:
+            assert store is not None, "a site without a Health answers /healthz from the store"
+            health = Health(store, stall_after=300.0)
         super().__init__(
             Root(ingest, health, metrics_here, api, ui, v1),
             timeout=request_timeout,
