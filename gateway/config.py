@@ -27,7 +27,15 @@ from gateway.storage.journal import parse_size
 from gateway.ops.logs import FORMATS, LEVELS
 from gateway.ingest.vendor import DeviceType, DeviceTypeError, device_type_from_table
 from gateway.ingest.quality import QualityError, QualityRules, rules_from_table
-from gateway.outbound.sinks import Sink, SinkError, check_unique, check_url, name_from_url, sink_from_table
+from gateway.outbound.sinks import (
+    UPLOAD_SETTINGS,
+    Sink,
+    SinkError,
+    check_unique,
+    check_url,
+    name_from_url,
+    sink_from_table,
+)
 from gateway.settings import (
     Setting,
     age,
@@ -45,7 +53,7 @@ from gateway.settings import (
     server_endpoint,
 )
 from gateway.transport import transport_settings
-from gateway.trust import ca_file
+from gateway.tables import known_keys
 from gateway.api.oidc import OidcSettings, oidc_from_table
 
 if sys.version_info >= (3, 11):
@@ -187,47 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
         "past it HTTPS answers 429 and TGP a RATE_LIMITED NACK. 0: no limit.",
         live=True,
     ),
-    Setting(
-        "upload-url",
-        (),
-        check_url,
-        "Upload stored readings to this HTTPS URL, in gzipped JSON-lines batches; repeat for several "
-        "sinks (each keeps its own place). [[sink]] tables in the config file give names, headers "
-        "and edge reduction.",
-        multiple=True,
-        live=True,
-    ),
-    Setting(
-        "upload-ca",
-        None,
-        ca_file,
-        "PEM CA certificates to trust for upload URLs instead of the system's (a private CA).",
-        live=True,
-    ),
-    Setting("upload-batch", 5000, positive_int(1, 1_000_000), "Most readings in one upload batch.", live=True),
-    Setting(
-        "upload-batch-bytes",
-        1024 * 1024,
-        positive_int(1024, 256 * 1024 * 1024),
-        "Most compressed bytes in one upload batch.",
-        live=True,
-    ),
-    Setting(
-        "upload-flush",
-        5.0,
-        seconds(0.01, 86400),
-        "Seconds the oldest waiting reading may wait before a batch that is not full is sent (plus up to 20% jitter).",
-        live=True,
-    ),
-    Setting(
-        "upload-backoff",
-        1.0,
-        seconds(0.01, 3600),
-        "First retry delay in seconds after a failed upload; doubles per failure, with full jitter.",
-        live=True,
-    ),
-    Setting("upload-backoff-cap", 60.0, seconds(0.01, 86400), "Longest retry delay in seconds.", live=True),
-    Setting("upload-timeout", 30.0, seconds(1, 3600), "Seconds one upload request may take.", live=True),
+    *UPLOAD_SETTINGS,
     Setting(
         "sink-stall",
         300.0,
@@ -326,39 +294,39 @@ class GatewayConfig:
     max_batch: int
     commit_delay: float
     max_queue: int
-    journal_max_bytes: int = 1024**3
-    device_handshake_timeout: float = 10.0
-    shutdown_timeout: float = 30.0
-    db_wait: float = 30.0
-    max_connections: int = 20_000
-    max_connections_per_address: int = 1000
-    device_rate: float = 5000.0
-    upload_url: tuple[str, ...] = ()
-    upload_ca: Path | None = None
-    upload_batch: int = 5000
-    upload_batch_bytes: int = 1024 * 1024
-    upload_flush: float = 5.0
-    upload_backoff: float = 1.0
-    upload_backoff_cap: float = 60.0
-    upload_timeout: float = 30.0
-    retention: float | None = None
-    compress_after: float | None = 604800.0
-    pack_after: float | None = 3600.0
-    partition: float = 86400.0
-    sink_stall: float = 300.0
-    metrics: EndpointSpec | None = None
-    manhole: EndpointSpec | None = None
-    manhole_keys: Path | None = None
-    log_format: str = "text"
-    log_level: str = "info"
-    sinks: tuple[Sink, ...] = ()
-    config_file: Path | None = None
-    status_interval: float = 30.0
-    alert_webhook: str | None = None
-    alerts: tuple[AlertRule, ...] = ()
-    device_types: tuple[DeviceType, ...] = ()
-    quality: QualityRules = QualityRules()
-    oidc: OidcSettings | None = None
+    journal_max_bytes: int
+    device_handshake_timeout: float
+    shutdown_timeout: float
+    db_wait: float
+    max_connections: int
+    max_connections_per_address: int
+    device_rate: float
+    upload_url: tuple[str, ...]
+    upload_ca: Path | None
+    upload_batch: int
+    upload_batch_bytes: int
+    upload_flush: float
+    upload_backoff: float
+    upload_backoff_cap: float
+    upload_timeout: float
+    retention: float | None
+    compress_after: float | None
+    pack_after: float | None
+    partition: float
+    sink_stall: float
+    metrics: EndpointSpec | None
+    manhole: EndpointSpec | None
+    manhole_keys: Path | None
+    log_format: str
+    log_level: str
+    sinks: tuple[Sink, ...]
+    config_file: Path | None
+    status_interval: float
+    alert_webhook: str | None
+    alerts: tuple[AlertRule, ...]
+    device_types: tuple[DeviceType, ...]
+    quality: QualityRules
+    oidc: OidcSettings | None
     # The transports' settings, by Setting.key; read as attributes (config.modbus) like the rest.
     transport: Mapping[str, Any] = field(default_factory=dict)
 
@@ -469,10 +437,10 @@ def build_config(
     by_name = {s.name: s for s in settings}
     file_values = dict(file_values or {})
     tables = {key: file_values.pop(key) for key in TABLES if key in file_values}
-    for key in file_values:
-        if key not in by_name:
-            known = ", ".join(sorted([*by_name, *TABLES]))
-            raise ConfigError("config", f"{str(config_file)!r}: unknown key {key!r} (known: {known})")
+    try:
+        known_keys(file_values, [*by_name, *TABLES])
+    except ValueError as e:
+        raise ConfigError("config", f"{str(config_file)!r}: {e}") from None
     values: dict[str, Any] = {}
     for setting in settings:
         raw = command_line.get(setting.name) if setting.option else None

@@ -13,7 +13,6 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from collections.abc import Collection
 from typing import Any, NamedTuple, TypeGuard
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -268,30 +267,6 @@ def parse_value(value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError("must be finite")
     return number
-
-
-def config_table(table: dict[str, Any], allowed: Collection[str], what: str = "") -> dict[str, Any]:
-    """
-    A config file's table with its keys spelled with ``-`` (TOML files use either ``-`` or ``_``);
-    ValueError names the first key not in ``allowed`` (``what`` is added to the message).
-    """
-    out = {key.replace("_", "-"): value for key, value in table.items()}
-    unknown = sorted(set(out) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}{what}")
-    return out
-
-
-def table_number(
-    table: Any, key: str, where: str, error: type[Exception], default: float | None = None
-) -> float | None:
-    """A finite number from a config file's table (``default`` when absent), or ``error`` naming where.key."""
-    value = table.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise error(f"{where}.{key}: {value!r} is not a number")
-    return float(value)
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

@@ -9,7 +9,7 @@ names the option and what was wrong in one line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,10 +175,3 @@ def parse_setting(setting: Setting, raw: Any) -> Any:
     if setting.check is not None:
         setting.check(value)
     return value
-
-
-def table_keys(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
-    """Refuse a config-file table with a key that is not one of ``known``: one line naming it and the rest."""
-    for key in table:
-        if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")

@@ -135,7 +135,7 @@ def test_the_cycle_check_sees_a_cycle_round_about(tmp_path):
 # and the shared plumbing below every layer: readings, tokens, trust, errors, settings, the network layer (net),
 # and the one copy of each policy (backoff, deadband, families, ratelimit, files).
 MODEL = {
-    "readings", "tokens", "trust", "errors", "settings", "net", "files",
+    "readings", "tokens", "trust", "errors", "settings", "tables", "net", "files",
     "backoff", "deadband", "families", "ratelimit", "__version__",
 }  # fmt: skip
 LAYERS: dict[str, set[str]] = {

@@ -39,6 +39,7 @@ from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from gateway.net.httpclient import QuietPool, VerifyingPolicy
+from gateway.tables import known_keys
 from gateway.trust import ca_file, loopback, secret_value, trust_root
 
 if TYPE_CHECKING:
@@ -113,9 +114,7 @@ def oidc_from_table(table: Any, environ: Mapping[str, str]) -> OidcSettings:
         "token_endpoint", "client_secret", "redirect_uri", "scope", "ca",
     }  # fmt: skip
     table = {k.replace("-", "_"): v for k, v in table.items()}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    known_keys(table, known)
     for key in ("issuer", "jwks_url"):
         if key not in table:
             raise ValueError(f"{key}: required")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Sequence
 
-from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Quarantined, Reading, format_ts, is_name, table_number
+from gateway.readings import MAX_TS_US, MIN_TS_US, NAME_RULE, Quarantined, Reading, format_ts, is_name
+from gateway.tables import known_keys, table_number
 
 _SETTINGS = ("max_future", "max_past", "flag_failures", "flag_window")
 
@@ -106,9 +107,10 @@ def rules_from_table(table: Any, parse_age: Callable[[Any], float]) -> QualityRu
             where = f"[quality.{key}]"
             if not is_name(key):
                 raise QualityError(f"{where}: the metric name {NAME_RULE}")
-            unknown = sorted(set(value) - {"min", "max"})
-            if unknown:
-                raise QualityError(f"{where}: unknown key {unknown[0]!r} (known: min, max)")
+            try:
+                known_keys(value, ("min", "max"))
+            except ValueError as e:
+                raise QualityError(f"{where}: {e}") from None
             low, high = table_number(value, "min", where, QualityError), table_number(value, "max", where, QualityError)
             if low is None and high is None:
                 raise QualityError(f"{where}: give min, max or both")
@@ -133,7 +135,8 @@ def rules_from_table(table: Any, parse_age: Callable[[Any], float]) -> QualityRu
                 raise QualityError(f"[quality].flag_failures: {value!r} is not a whole number of at least 1")
             values[key] = value
         else:
-            raise QualityError(
-                f"[quality]: unknown key {key!r} (known: {', '.join(_SETTINGS)}; a metric's range is a table)"
-            )
+            try:
+                known_keys((key,), _SETTINGS, "; a metric's range is a table")
+            except ValueError as e:
+                raise QualityError(f"[quality]: {e}") from None
     return QualityRules(ranges=tuple(ranges), **values)

@@ -41,8 +41,8 @@ from gateway.readings import (
     Reading,
     is_name,
     parse_rfc3339,
-    table_number,
 )
+from gateway.tables import known_keys, table_number
 
 FORMATS = ("rfc3339", "epoch_s", "epoch_ms")
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
@@ -256,9 +256,10 @@ def device_type_from_table(name: str, table: Any, parse_age: Any) -> DeviceType:
     if not isinstance(table, dict):
         raise DeviceTypeError(f"{where}: must be a table")
     known = {"device", "records", "timestamp", "timestamp_format", "timezone", "expected_interval", "metrics"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise DeviceTypeError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        known_keys(table, known)
+    except ValueError as e:
+        raise DeviceTypeError(f"{where}: {e}") from None
     if "timestamp" not in table:
         raise DeviceTypeError(f"{where}: timestamp is missing (the path of each record's time)")
     fmt = table.get("timestamp_format", "rfc3339")
@@ -287,9 +288,10 @@ def device_type_from_table(name: str, table: Any, parse_age: Any) -> DeviceType:
         at = f"{where}.metrics[{i}]"
         if not isinstance(item, dict):
             raise DeviceTypeError(f'{at}: must be a table like {{ path = "Sensors.OilTemp", name = "oil_temp" }}')
-        unknown = sorted(set(item) - {"path", "name", "scale", "offset", "optional"})
-        if unknown:
-            raise DeviceTypeError(f"{at}: unknown key {unknown[0]!r} (known: name, offset, optional, path, scale)")
+        try:
+            known_keys(item, ("path", "name", "scale", "offset", "optional"))
+        except ValueError as e:
+            raise DeviceTypeError(f"{at}: {e}") from None
         path = _path(item.get("path"), f"{at}.path")
         stars = path.count("*")
         default = "_".join(f"{{{n + 1}}}" for n in range(stars)) if stars else path[-1]

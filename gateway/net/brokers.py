@@ -27,7 +27,8 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
 from gateway.trust import ca_file, loopback, secret_value, trust_root
-from gateway.readings import NAME_RULE, config_table, is_name
+from gateway.readings import NAME_RULE, is_name
+from gateway.tables import checked_number, config_table
 from protocols import mqtt
 
 IN_FLIGHT_MAX = 10_000  # messages a source may hold unacknowledged (at most a device session's largest window)
@@ -94,15 +95,6 @@ def parse_url(url: Any, plaintext: bool = False) -> tuple[str, int, bool]:
     return parts.hostname, port or default_port, tls
 
 
-def _whole(lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"{value!r} is not a whole number in {lo}..{hi}")
-        return value
-
-    return parse
-
-
 def broker_from_table(table: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Broker:
     """The broker of a table (keys with ``-``); ValueError names the key."""
     environ = os.environ if environ is None else environ
@@ -134,9 +126,9 @@ def broker_from_table(table: Mapping[str, Any], environ: Mapping[str, str] | Non
             raise ValueError(f"version: {table['version']!r} is not 5.0 or 3.1.1")
         values["version"] = VERSIONS[version]
     if "keepalive" in table:
-        values["keepalive"] = _whole(5, 65535)(table["keepalive"])
+        values["keepalive"] = checked_number(table["keepalive"], "", 5, 65535, whole=True)
     if "max-packet" in table:
-        values["max_packet"] = _whole(1024, 256 * 1024 * 1024)(table["max-packet"])
+        values["max_packet"] = checked_number(table["max-packet"], "", 1024, 256 * 1024 * 1024, whole=True)
     if "client-id" in table:
         client_id = table["client-id"]
         if not isinstance(client_id, str) or not client_id or not is_name(client_id):
@@ -220,14 +212,6 @@ class SourceSettings:
         return tuple(f"$share/{self.group}/{t}" if self.group else t for t in self.topics)
 
 
-def _number(key: str, lo: float, hi: float, value: Any, whole: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
-        raise ValueError(f"{key}: {value!r} is not a {'whole ' if whole else ''}number")
-    if not lo <= value <= hi:
-        raise ValueError(f"{key}: {value:g} is outside {lo:g}..{hi:g}")
-    return value
-
-
 def source_from_table(
     table: Any, index: int = 0, environ: Mapping[str, str] | None = None, duration: Callable[[Any], float] = float
 ) -> SourceSettings:
@@ -250,7 +234,7 @@ def source_from_table(
             except ValueError as e:
                 raise ValueError(f"topics: {e}") from None
         if "device-level" in table:
-            values["device_level"] = _number("device-level", 0, 63, table["device-level"], whole=True)
+            values["device_level"] = checked_number(table["device-level"], "device-level", 0, 63, whole=True)
         level = values.get("device_level", 1)
         for topic in values.get("topics", SourceSettings.topics):
             levels = topic.split("/")
@@ -272,7 +256,7 @@ def source_from_table(
                 raise ValueError(f"qos: {table['qos']!r}: give 1 or 2 (QoS 0 would lose what a restart interrupts)")
             values["qos"] = table["qos"]
         if "window" in table:
-            values["window"] = _number("window", 1, IN_FLIGHT_MAX, table["window"], whole=True)
+            values["window"] = checked_number(table["window"], "window", 1, IN_FLIGHT_MAX, whole=True)
         for key, lo, hi in (
             ("session-expiry", 60, 0xFFFFFFFF),
             ("backoff", 0.01, 3600),
@@ -284,7 +268,7 @@ def source_from_table(
                     seconds = duration(table[key])
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"{key}: {e}") from None
-                _number(key, lo, hi, seconds)
+                checked_number(seconds, key, lo, hi)
                 values[key.replace("-", "_")] = int(seconds) if key == "session-expiry" else seconds
     except ValueError as e:
         raise SourceError(f"{label}: {e}") from None

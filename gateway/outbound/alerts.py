@@ -49,7 +49,8 @@ from twisted.python.failure import Failure
 
 from gateway.families import counter, gauge
 from gateway.storage.pool import PgPool
-from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name, table_number
+from gateway.readings import NAME_RULE, Device, Reading, format_ts, is_name
+from gateway.tables import known_keys, table_number
 
 log = Logger()
 
@@ -130,9 +131,10 @@ def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[A
         if not is_name(name):
             raise AlertError(f"{where}.name: {NAME_RULE}")
         where = f"[[alert]] {name}"
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise AlertError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            known_keys(table, known)
+        except ValueError as e:
+            raise AlertError(f"{where}: {e}") from None
         if any(r.name == name for r in rules):
             raise AlertError(f"{where}: another rule has this name")
         metric = table.get("metric")

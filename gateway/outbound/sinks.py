@@ -20,7 +20,9 @@ from typing import Any
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
-from gateway.readings import NAME_RULE, config_table, is_name
+from gateway.readings import NAME_RULE, is_name
+from gateway.settings import Setting, positive_int, seconds
+from gateway.tables import checked_number, config_table, known_keys
 from gateway.net.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
 from gateway.trust import ca_file, loopback, secret_value
 
@@ -55,18 +57,65 @@ class MQTTSink:
     format: str = "reading"  # "reading": one message per reading; "batch": the batch's lines in one
 
 
+# The upload options: the defaults of every sink (a [[sink]] table may set its own).
+UPLOAD_SETTINGS = (
+    Setting(
+        "upload-url",
+        (),
+        lambda url: check_url(url),
+        "Upload stored readings to this HTTPS URL, in gzipped JSON-lines batches; repeat for several "
+        "sinks (each keeps its own place). [[sink]] tables in the config file give names, headers "
+        "and edge reduction.",
+        multiple=True,
+        live=True,
+    ),
+    Setting(
+        "upload-ca",
+        None,
+        ca_file,
+        "PEM CA certificates to trust for upload URLs instead of the system's (a private CA).",
+        live=True,
+    ),
+    Setting("upload-batch", 5000, positive_int(1, 1_000_000), "Most readings in one upload batch.", live=True),
+    Setting(
+        "upload-batch-bytes",
+        1024 * 1024,
+        positive_int(1024, 256 * 1024 * 1024),
+        "Most compressed bytes in one upload batch.",
+        live=True,
+    ),
+    Setting(
+        "upload-flush",
+        5.0,
+        seconds(0.01, 86400),
+        "Seconds the oldest waiting reading may wait before a batch that is not full is sent (plus up to 20% jitter).",
+        live=True,
+    ),
+    Setting(
+        "upload-backoff",
+        1.0,
+        seconds(0.01, 3600),
+        "First retry delay in seconds after a failed upload; doubles per failure, with full jitter.",
+        live=True,
+    ),
+    Setting("upload-backoff-cap", 60.0, seconds(0.01, 86400), "Longest retry delay in seconds.", live=True),
+    Setting("upload-timeout", 30.0, seconds(1, 3600), "Seconds one upload request may take.", live=True),
+)
+_DEFAULT = {s.key.removeprefix("upload_"): s.default for s in UPLOAD_SETTINGS}
+
+
 @dataclass(frozen=True)
 class Sink:
     name: str
     url: str
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     ca: Path | None = None
-    batch: int = 5000
-    batch_bytes: int = 1024 * 1024
-    flush: float = 5.0
-    backoff: float = 1.0
-    backoff_cap: float = 60.0
-    timeout: float = 30.0
+    batch: int = _DEFAULT["batch"]
+    batch_bytes: int = _DEFAULT["batch_bytes"]
+    flush: float = _DEFAULT["flush"]
+    backoff: float = _DEFAULT["backoff"]
+    backoff_cap: float = _DEFAULT["backoff_cap"]
+    timeout: float = _DEFAULT["timeout"]
     gzip_level: int = 6
     rules: tuple[Rule, ...] = ()
     mqtt: MQTTSink | None = None  # set for mqtt:// and mqtts:// URLs
@@ -124,22 +173,16 @@ def _headers(value: Any, environ: Mapping[str, str]) -> tuple[tuple[str, str], .
 
 
 def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise ValueError(f"{value!r} is not a {'whole ' if integer else ''}number")
-        if not lo <= value <= hi:
-            raise ValueError(f"{value:g} is outside {lo:g}..{hi:g}")
-        return value
-
-    return parse
+    return lambda value: checked_number(value, "", lo, hi, whole=integer)
 
 
 def _rule(value: Any) -> Rule:
     if not isinstance(value, dict):
         raise ValueError("reduce: each entry is a table with match and deadband or aggregate")
-    unknown = set(value) - {"match", "deadband", "heartbeat", "aggregate"}
-    if unknown:
-        raise ValueError(f"reduce: unknown key {sorted(unknown)[0]!r}")
+    try:
+        known_keys(value, ("match", "deadband", "heartbeat", "aggregate"))
+    except ValueError as e:
+        raise ValueError(f"reduce: {e}") from None
     match = value.get("match")
     if not isinstance(match, str) or not match:
         raise ValueError("reduce: match must be a metric name pattern such as 'oil_*'")
@@ -179,7 +222,7 @@ def sink_from_table(
         allowed = {"name", "url", "ca", "reduce", *_FIELDS}
         if is_mqtt:  # no HTTP headers, and the messages are not compressed
             allowed = (allowed - {"gzip-level"}) | BROKER_KEYS | {"topic", "format"}
-            table = config_table(table, allowed, " (an MQTT sink)")
+            table = config_table(table, allowed, "; an MQTT sink")
         else:
             table = config_table(table, allowed | {"headers"})
         mqtt = _mqtt_sink(table, environ) if is_mqtt else None

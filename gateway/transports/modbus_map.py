@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.readings import NAME_RULE, config_table, is_name
+from gateway.readings import NAME_RULE, is_name
+from gateway.tables import checked_number, config_table
 from protocols import modbus
 from protocols.modbus import KINDS, Kind
 
@@ -120,18 +121,6 @@ def readings_of(read: Read, values: Sequence[int]) -> list[tuple[str, float]]:
 # -- the config file ---------------------------------------------------------------
 
 
-def _whole(key: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{key}: {value!r} is not a whole number in {lo}..{hi}")
-    return value
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"{key}: {value!r} is not a number")
-    return float(value)
-
-
 def _seconds(key: str, value: Any, duration: Callable[[Any], float]) -> float:
     try:
         return duration(value)
@@ -154,7 +143,7 @@ def _register(table: Any, defaults: Mapping[str, str], duration: Callable[[Any],
         raise ValueError(f"metric: {NAME_RULE}")
     if "address" not in table:
         raise ValueError("address: missing (the register's number from 0, as the device's manual gives it)")
-    address = _whole("address", table["address"], 0, 0xFFFF)
+    address = checked_number(table["address"], "address", 0, 0xFFFF, whole=True)
     kind_name = table.get("kind", "holding")
     if kind_name not in KINDS:
         raise ValueError(f"kind: {kind_name!r} is not one of {', '.join(KINDS)}")
@@ -166,14 +155,14 @@ def _register(table: Any, defaults: Mapping[str, str], duration: Callable[[Any],
         raise ValueError(f'type: a {kind_name} is one bit: give type = "bool" (or leave type out)')
     values: dict[str, Any] = {}
     if type_name == "bit":
-        values["bit"] = _whole("bit", table.get("bit"), 0, 15)
+        values["bit"] = checked_number(table.get("bit"), "bit", 0, 15, whole=True)
     elif "bit" in table:
         raise ValueError('bit: goes with type = "bit"')
     for key in ("scale", "offset"):
         if key in table:
-            values[key] = _number(key, table[key])
+            values[key] = checked_number(table[key], key)
     if "deadband" in table:
-        values["deadband"] = _number("deadband", table["deadband"])
+        values["deadband"] = checked_number(table["deadband"], "deadband")
         if values["deadband"] < 0:
             raise ValueError("deadband: must be 0 or more")
     if "heartbeat" in table:
@@ -204,11 +193,11 @@ def device_from_table(table: Any, index: int, duration: Callable[[Any], float]) 
             raise ValueError("host: give the device's address or host name")
         values: dict[str, Any] = {}
         if "port" in table:
-            values["port"] = _whole("port", table["port"], 1, 65535)
+            values["port"] = checked_number(table["port"], "port", 1, 65535, whole=True)
         if "unit" in table:
-            values["unit"] = _whole("unit", table["unit"], 0, 255)
+            values["unit"] = checked_number(table["unit"], "unit", 0, 255, whole=True)
         if "gap" in table:
-            values["gap"] = _whole("gap", table["gap"], 0, 124)
+            values["gap"] = checked_number(table["gap"], "gap", 0, 124, whole=True)
         for key, lo in (("interval", 0.1), ("timeout", 0.05), ("pause", 0.0)):
             if key in table:
                 seconds = _seconds(key, table[key], duration)
