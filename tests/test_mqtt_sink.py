@@ -101,6 +101,41 @@ def test_a_batch_becomes_one_message_per_reading_or_one_for_all():
     assert one.topic == "txgateway/readings" and one.payload.splitlines() == [line.encode() for line in lines]
 
 
+def test_a_silent_broker_is_left_within_two_keepalives_and_the_batch_is_not_acknowledged():
+    """A half-open connection (the broker gone without a FIN) fails the batch in seconds, not at TCP's timeout."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.outbound.mqtt_sender import MQTTSender, Message, _Publisher
+    from protocols import mqtt
+
+    [sink] = sink_config({"url": "mqtt://127.0.0.1:1883", "keepalive": 10, "timeout": 600})
+    from twisted.internet import reactor
+
+    clock = Clock()
+    sender = MQTTSender(reactor, sink, None, "gw-1")
+    sender.reactor = clock  # the publisher's timers run on the test's clock
+    publisher = _Publisher(sender)
+    transport = StringTransport()
+    publisher.makeConnection(transport)
+    broker = mqtt.Connection(mqtt.SERVER)
+    broker.receive_data(transport.value())
+    assert isinstance(next(broker.events()), mqtt.Connect)
+    transport.clear()
+    publisher.dataReceived(broker.send(mqtt.ConnAck(False, 0)))
+    outcome = []
+    publisher.publish("k1", [Message("t/a", b"1", 1)]).addBoth(outcome.append)
+    assert b"t/a" in transport.value() and outcome == []
+    for _ in range(3):  # a PINGREQ every half keepalive, unanswered
+        clock.advance(5)
+        assert not transport.disconnecting and transport.value().endswith(b"\xc0\x00")
+    clock.advance(5)  # the first ping past 1.5 keepalives of silence
+    assert transport.disconnecting and "said nothing for 15 seconds" in sender.last_error
+    publisher.connectionLost()
+    [failure] = outcome
+    assert failure.check(ConnectionError) and "said nothing" in str(failure.value)
+
+
 def test_a_brokers_refusal_is_parked_or_retried_as_it_says():
     [sink] = sink_config({"url": "mqtts://h"})
     parked = judge(sink, Reply(400, error="MQTT t/a/b: not authorized (0x87)"), 0, 0.0, lambda: 0.5)

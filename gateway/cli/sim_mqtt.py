@@ -9,26 +9,24 @@ QoS 0 messages are counted when written: nothing confirms them.
 
 from __future__ import annotations
 
-from typing import Any
 
-from twisted.internet import protocol, task
+from twisted.python.failure import Failure
 
 from gateway.cli.simulator import BACKOFF_CAP, SimDevice, readings_body
-from gateway.net.tcp import no_delay
+from gateway.net.mqttclient import MQTTClientProtocol
 from protocols import mqtt
 
 R = mqtt.Reason
+KEEPALIVE = 60  # seconds: a PINGREQ every 30 while nothing else is sent
 
 
-class MQTTClient(protocol.Protocol):
-    transport: Any
-
+class MQTTClient(MQTTClientProtocol):
     def __init__(self, device: SimDevice) -> None:
+        super().__init__(device.sim.clock, mqtt.Connection(mqtt.CLIENT), KEEPALIVE)
         self.device = device
         self.sim = device.sim
         self.version = mqtt.V5 if self.sim.args.mqtt_version == "5" else mqtt.V311
         self.qos = self.sim.args.qos
-        self.conn = mqtt.Connection(mqtt.CLIENT)
         self.in_flight: dict[int, tuple[list[tuple[str, int, float]], float]] = {}
         self.releasing: set[int] = set()  # QoS 2: PUBREC came, PUBCOMP not yet
         self.window = self.sim.args.window
@@ -36,48 +34,44 @@ class MQTTClient(protocol.Protocol):
         self.retry_after: float | None = None
         self._next_id = 0
         self._quiet_until = 0.0
-        self._pinger: Any = None
         self.topic = f"devices/{device.name}/readings"
 
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-        self.device.client = self
-        connect = mqtt.Connect(
-            self.device.name, self.version, True, 60, self.device.name, self.device.token.encode("ascii")
-        )
-        self.transport.write(self.conn.send(connect))
+    def connect_packet(self) -> mqtt.Connect:
+        token = self.device.token.encode("ascii")
+        return mqtt.Connect(self.device.name, self.version, True, KEEPALIVE, self.device.name, token)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        try:
-            for event in self.conn.events():
-                self.handle(event)
-        except mqtt.RemoteProtocolError as e:
-            self.sim.stats.errors[f"protocol: {e.reason.name}"] += 1
-            self.transport.loseConnection()
+    def connectionMade(self) -> None:
+        self.device.client = self
+        super().connectionMade()
+
+    def failed(self, why: str) -> None:
+        self.sim.stats.errors[why.split(":")[0]] += 1
+
+    def refused(self, connack: mqtt.ConnAck) -> None:
+        self.sim.stats.errors[f"CONNACK {_name(connack.reason)}"] += 1
+        self.retry_after = BACKOFF_CAP if connack.reason in (R.BAD_USER_NAME_OR_PASSWORD, R.NOT_AUTHORIZED) else None
+        self.close()
+
+    def disconnected(self, event: mqtt.Disconnect) -> None:
+        self.sim.stats.errors[f"DISCONNECT {_name(event.reason)}"] += 1
+        if event.reason in (R.SERVER_BUSY, R.SERVER_SHUTTING_DOWN):
+            self.retry_after = 1.0
+        self.close()
+
+    def accepted(self, connack: mqtt.ConnAck) -> None:
+        self.deadline_met()
+        self.window = mqtt.prop(connack.properties, mqtt.Property.RECEIVE_MAXIMUM, self.window)
+        self.ready = True
+        self.sim.stats.connected += 1
+        self.pump()
 
     def handle(self, event: object) -> None:
         stats = self.sim.stats
-        if isinstance(event, mqtt.ConnAck):
-            if event.reason >= 0x80:
-                stats.errors[f"CONNACK {_name(event.reason)}"] += 1
-                self.retry_after = (
-                    BACKOFF_CAP if event.reason in (R.BAD_USER_NAME_OR_PASSWORD, R.NOT_AUTHORIZED) else None
-                )
-                self.transport.loseConnection()
-                return
-            self.window = mqtt.prop(event.properties, mqtt.Property.RECEIVE_MAXIMUM, self.window)
-            self.ready = True
-            stats.connected += 1
-            self._pinger = task.LoopingCall(self._ping)
-            self._pinger.clock = self.sim.clock
-            self._pinger.start(30, now=False)
-            self.pump()
-        elif isinstance(event, (mqtt.PubAck, mqtt.PubRec)):
+        if isinstance(event, (mqtt.PubAck, mqtt.PubRec)):
             readings, sent_at = self.in_flight.pop(event.packet_id, ([], 0.0))
             if isinstance(event, mqtt.PubRec):
                 self.releasing.add(event.packet_id)
-                self.transport.write(self.conn.send(mqtt.PubRel(event.packet_id)))
+                self.send(mqtt.PubRel(event.packet_id))
             if event.reason < 0x80:
                 stats.acked += len(readings)
                 counts = dict(v for k, v in event.properties if k == mqtt.Property.USER_PROPERTY)
@@ -97,15 +91,6 @@ class MQTTClient(protocol.Protocol):
         elif isinstance(event, mqtt.PubComp):
             self.releasing.discard(event.packet_id)
             self.pump()
-        elif isinstance(event, mqtt.Disconnect):
-            stats.errors[f"DISCONNECT {_name(event.reason)}"] += 1
-            if event.reason in (R.SERVER_BUSY, R.SERVER_SHUTTING_DOWN):
-                self.retry_after = 1.0
-            self.transport.loseConnection()
-
-    def _ping(self) -> None:
-        if self.ready:
-            self.transport.write(self.conn.send(mqtt.PingReq()))
 
     def _packet_id(self) -> int:
         while True:
@@ -126,16 +111,14 @@ class MQTTClient(protocol.Protocol):
             body = readings_body(readings)
             self.sim.stats.sent += len(readings)
             if self.qos == 0:
-                self.transport.write(self.conn.send(mqtt.Publish(self.topic, body)))
+                self.send(mqtt.Publish(self.topic, body))
                 self.sim.stats.acked += len(readings)  # at most once: counted when written
                 continue
             packet_id = self._packet_id()
             self.in_flight[packet_id] = (readings, self.sim.clock.seconds())
-            self.transport.write(self.conn.send(mqtt.Publish(self.topic, body, self.qos, packet_id)))
+            self.send(mqtt.Publish(self.topic, body, self.qos, packet_id))
 
-    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
+    def ended(self, reason: Failure) -> None:
         if self.ready:
             self.sim.stats.connected -= 1
         self.ready = False

@@ -30,14 +30,13 @@ from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.outbound.sender import Payload, Reply
 from gateway.outbound.sinks import Sink
 from gateway.net.brokers import endpoint
-from gateway.net.tcp import no_delay
+from gateway.net.mqttclient import MQTTClientProtocol
 from protocols import mqtt
 
 log = Logger()
@@ -78,15 +77,15 @@ def messages(sink: Sink, body: bytes) -> list[Message]:
     return out
 
 
-class _Publisher(protocol.Protocol):
+class _Publisher(MQTTClientProtocol):
     """One connection: CONNECT, then batches of QoS 1 PUBLISHes, each answered by PUBACK."""
 
-    transport: Any
+    close_timeout = CLOSE_TIMEOUT
 
     def __init__(self, sender: MQTTSender) -> None:
-        self.sender = sender
         broker = sender.broker
-        self.conn = mqtt.Connection(mqtt.CLIENT, max_packet=broker.max_packet)
+        super().__init__(sender.reactor, mqtt.Connection(mqtt.CLIENT, max_packet=broker.max_packet), broker.keepalive)
+        self.sender = sender
         self.ready = False  # CONNACK accepted the connection
         self._waiters: list[Deferred] = []
         self.window = WINDOW
@@ -96,44 +95,28 @@ class _Publisher(protocol.Protocol):
         self._done: Deferred | None = None
         self._key = ""
         self._refused: tuple[int, str] | None = None
-        self._pinger: Any = None
         self.lost = False
         self.closed: Deferred = Deferred()  # fires when the connection is gone
 
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
+    def connect_packet(self) -> mqtt.Connect:
         broker = self.sender.broker
         password = broker.password.encode() if broker.password is not None else None
-        connect = mqtt.Connect(broker.client_id, broker.version, True, broker.keepalive, broker.username, password)
-        self.transport.write(self.conn.send(connect))
+        return mqtt.Connect(broker.client_id, broker.version, True, broker.keepalive, broker.username, password)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        try:
-            for event in self.conn.events():
-                self._handle(event)
-        except mqtt.RemoteProtocolError as e:
-            self._lose(f"the broker broke the protocol: {e.message}")
+    def accepted(self, connack: mqtt.ConnAck) -> None:
+        self.deadline_met()
+        self.window = min(WINDOW, mqtt.prop(connack.properties, P.RECEIVE_MAXIMUM, WINDOW))
+        self.ready = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self)
 
-    def _handle(self, event: object) -> None:
+    def handle(self, event: object) -> None:
         if isinstance(event, mqtt.PubAck):
             self._acked(event)
-        elif isinstance(event, mqtt.ConnAck):
-            if event.reason >= 0x80:
-                self._lose(f"the broker refused the connection: {mqtt.reason_text(event.reason, event.properties)}")
-                return
-            self.window = min(WINDOW, mqtt.prop(event.properties, P.RECEIVE_MAXIMUM, WINDOW))
-            keepalive = mqtt.prop(event.properties, P.SERVER_KEEP_ALIVE, self.sender.broker.keepalive)
-            if keepalive:
-                self._pinger = LoopingCall(lambda: self._write(mqtt.PingReq()))
-                self._pinger.clock = self.sender.reactor
-                self._pinger.start(keepalive / 2, now=False)
-            self.ready = True
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(self)
-        elif isinstance(event, mqtt.Disconnect):
-            self._lose(f"the broker disconnected: {mqtt.reason_text(event.reason, event.properties)}")
+
+    def failed(self, why: str) -> None:
+        self.sender.last_error = why
 
     def when_ready(self) -> Deferred:
         """Fires with this publisher once the broker accepted the connection; errbacks if it is lost first."""
@@ -165,7 +148,7 @@ class _Publisher(protocol.Protocol):
                 properties = ((P.USER_PROPERTY, ("batch", self._key)), (P.USER_PROPERTY, ("line", str(message.line))))
             self._in_flight[packet_id] = message
             try:
-                self._write(mqtt.Publish(message.topic, message.payload, 1, packet_id, properties=properties))
+                self.send(mqtt.Publish(message.topic, message.payload, 1, packet_id, properties=properties))
             except mqtt.LocalProtocolError as e:  # too large for the broker, most likely
                 self._in_flight.pop(packet_id)
                 self._finish((e.reason, f"{message.topic}: {e.message}"))
@@ -195,17 +178,8 @@ class _Publisher(protocol.Protocol):
         if done is not None:
             done.callback(refused or self._refused)
 
-    def _write(self, event: mqtt.Event) -> None:
-        self.transport.write(self.conn.send(event))
-
-    def _lose(self, why: str) -> None:
-        self.sender.last_error = why
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+    def ended(self, reason: Failure) -> None:
         self.lost = True
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
         why = self.sender.last_error or f"the connection was lost: {reason.getErrorMessage()}"
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -284,8 +258,6 @@ class MQTTSender:
         if publisher is None or publisher.lost:
             return succeed(None)
         if publisher.ready:
-            publisher._write(mqtt.Disconnect())
-        publisher.transport.loseConnection()
-        # A TLS close waits for the broker's close_notify; a broker that never sends it is cut off.
-        cut = self.reactor.callLater(CLOSE_TIMEOUT, publisher.transport.abortConnection)
-        return publisher.closed.addBoth(lambda result: cut.cancel() if cut.active() else None)
+            publisher.send(mqtt.Disconnect())
+        publisher.close()  # a broker that never lets go is cut off after CLOSE_TIMEOUT
+        return publisher.closed

@@ -83,7 +83,7 @@ from gateway.readings import (
 )
 from gateway.net.brokers import SourceSettings, endpoint
 from gateway.transports.devices import DeviceNames
-from gateway.net.tcp import no_delay
+from gateway.net.mqttclient import MQTTClientProtocol
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.session import DeviceSession, Flow, Ticket
 from protocols import mqtt
@@ -130,36 +130,31 @@ class _Kept:
     message: str
 
 
-class BrokerClient(protocol.Protocol):
+class BrokerClient(MQTTClientProtocol):
     """One connection to the broker: CONNECT, SUBSCRIBE, then messages in and acknowledgements out."""
 
-    transport: Any
+    connack_timeout = CONNACK_TIMEOUT
+    close_timeout = CLOSE_TIMEOUT
+    too_slow = "no CONNACK or SUBACK within {seconds:g} seconds"
 
     def __init__(self, source: BrokerSource) -> None:
+        settings = source.settings
+        broker = settings.broker
+        conn = mqtt.Connection(mqtt.CLIENT, max_packet=broker.max_packet, receive_maximum=settings.window)
+        super().__init__(source.clock, conn, broker.keepalive)
         self.source = source
-        self.settings = source.settings
-        broker = self.settings.broker
-        self.conn = mqtt.Connection(mqtt.CLIENT, max_packet=broker.max_packet, receive_maximum=self.settings.window)
+        self.settings = settings
         self.session: DeviceSession[Any] = DeviceSession(self.settings.window)
         self.subscribed: Deferred = Deferred()  # fires once the subscription is granted; errbacks if refused
-        self._closing = False
         self._seq = 0
         self._packets: dict[int, tuple[int, int]] = {}  # ticket seq -> (packet id, QoS)
         self._drained: Deferred | None = None  # stopping: fires once every message taken is answered
-        self._timer: Any = None
-        self._pinger: Any = None
-        self._heard = 0.0
         self._unsubscribed = False  # retiring: the broker confirmed the UNSUBSCRIBE
         self._quiet: Any = None  # retiring: the timer that ends the session once nothing more comes
 
-    @property
-    def clock(self) -> Any:
-        return self.source.clock
-
     # -- connection ----------------------------------------------------
 
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
+    def connect_packet(self) -> mqtt.Connect:
         settings, broker = self.settings, self.settings.broker
         properties: tuple[tuple[int, Any], ...] = ()
         if broker.version == mqtt.V5:
@@ -172,55 +167,26 @@ class BrokerClient(protocol.Protocol):
         clean = self.source.clean_pass  # retiring a 3.1.1 session: the connection that discards it
         if clean:
             properties = ()
-        connect = mqtt.Connect(
+        return mqtt.Connect(
             broker.client_id, broker.version, clean, broker.keepalive, broker.username, password, None, properties
         )
-        self._heard = self.clock.seconds()
-        self.transport.write(self.conn.send(connect))
-        self._timer = self.clock.callLater(CONNACK_TIMEOUT, self._no_answer)
 
-    def _no_answer(self) -> None:
-        self._timer = None
-        self._fail(f"no CONNACK or SUBACK within {CONNACK_TIMEOUT:g} seconds")
+    def may_read(self) -> bool:
+        return self.session.may_read
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self._heard = self.clock.seconds()
-        self.conn.receive_data(data)
-        self._process()
-
-    def _process(self) -> None:
-        if self._closing or not self.session.may_read:
-            return
-        try:
-            for event in self.conn.events():
-                self._handle(event)
-                if self._closing or not self.session.may_read:
-                    return
-        except mqtt.RemoteProtocolError as e:
-            self._fail(f"the broker broke the protocol: {e.message}")
-
-    def _handle(self, event: object) -> None:
+    def handle(self, event: object) -> None:
         if isinstance(event, mqtt.Publish):
             self._message(event)
         elif isinstance(event, mqtt.PubRel):
             self._send(mqtt.PubComp(event.packet_id))  # stored before PUBREC went out
-        elif isinstance(event, mqtt.ConnAck):
-            self._connack(event)
         elif isinstance(event, mqtt.SubAck):
             self._suback(event)
         elif isinstance(event, mqtt.UnsubAck):
             self._unsubscribed = True
             self._retire_when_quiet()
-        elif isinstance(event, mqtt.Disconnect):
-            self._fail(f"the broker disconnected: {mqtt.reason_text(event.reason, event.properties)}")
-        # PINGRESP only shows the broker is there (dataReceived noted it).
 
-    def _connack(self, event: mqtt.ConnAck) -> None:
-        if event.reason >= 0x80:
-            self._fail(f"the broker refused the connection: {mqtt.reason_text(event.reason, event.properties)}")
-            return
+    def accepted(self, event: mqtt.ConnAck) -> None:
+        # The deadline holds until the SUBACK (or, retiring, is met now).
         self.source.counters.connections += 1
         if self.source.retiring:
             self._retiring(event)
@@ -242,10 +208,9 @@ class BrokerClient(protocol.Protocol):
         refused = [f for f, code in zip(self.settings.filters, event.reasons) if code >= 0x80]
         if refused:
             codes = ", ".join(mqtt.reason_text(c, ()) for c in event.reasons if c >= 0x80)
-            self._fail(f"the broker refused the subscription to {', '.join(refused)}: {codes}")
+            self.fail(f"the broker refused the subscription to {', '.join(refused)}: {codes}")
             return
-        self._cancel_timer()
-        self._start_pinger()
+        self.deadline_met()
         self.source.set_state("subscribed", "")
         log.info(
             "MQTT source {source}: subscribed to {filters} at QoS {qos}",
@@ -259,7 +224,7 @@ class BrokerClient(protocol.Protocol):
     # -- retiring a session no longer used ------------------------------
 
     def _retiring(self, event: mqtt.ConnAck) -> None:
-        self._cancel_timer()
+        self.deadline_met()
         self.source.set_state("retiring", "")
         if not self.subscribed.called:
             self.subscribed.callback(None)
@@ -273,11 +238,10 @@ class BrokerClient(protocol.Protocol):
             broker=self.settings.broker.address,
         )
         self._send(mqtt.Unsubscribe(1, tuple(self.source.retire_filters or ())))
-        self._start_pinger()
         self._retire_when_quiet()
 
     def _retire_when_quiet(self) -> None:
-        if not self.source.retiring or self._closing:
+        if not self.source.retiring or self.closing:
             return
         if self._quiet is not None and self._quiet.active():
             self._quiet.cancel()
@@ -296,24 +260,11 @@ class BrokerClient(protocol.Protocol):
             self._send(mqtt.Disconnect(R.SUCCESS, ((P.SESSION_EXPIRY_INTERVAL, 0),)))
         else:
             self._send(mqtt.Disconnect())
-        self._close()
+        self.close()
         if done:
             self.source.retired_now()
         else:
             self.source.clean_pass = True  # the service connects again: that connection discards the session
-
-    def _start_pinger(self) -> None:
-        self._pinger = LoopingCall(self._ping)
-        self._pinger.clock = self.clock
-        self._pinger.start(self.settings.broker.keepalive / 2, now=False)
-
-    def _ping(self) -> None:
-        if self.session.paused:  # not reading: the broker's answers wait in the kernel, unseen
-            self._heard = self.clock.seconds()
-        elif self.clock.seconds() - self._heard > 1.5 * self.settings.broker.keepalive:
-            self._fail(f"the broker said nothing for {1.5 * self.settings.broker.keepalive:g} seconds")
-            return
-        self._send(mqtt.PingReq())
 
     # -- messages ------------------------------------------------------
 
@@ -338,10 +289,10 @@ class BrokerClient(protocol.Protocol):
 
         def found(device: Device | None) -> None:
             self.session.busy = False
-            if not self._closing:
+            if not self.closing:
                 self._store(ticket, publish, device)
                 self._flow()
-                self._process()
+                self.process()
 
         def failed(f: Failure) -> None:
             # The store is away: not acknowledged (the connection closes, the broker sends it again), or for
@@ -349,7 +300,7 @@ class BrokerClient(protocol.Protocol):
             self.session.busy = False
             self._settle(ticket, f)
             self._flow()
-            self._process()
+            self.process()
 
         self.source.look_up(name).addCallbacks(found, failed)
 
@@ -428,11 +379,11 @@ class BrokerClient(protocol.Protocol):
 
         def room(_: Any) -> None:
             self.session.held = False
-            if self._closing:
+            if self.closing:
                 return
             self._store(ticket, publish, device)
             self._flow()
-            self._process()
+            self.process()
 
         self.source.ingest.wait_for_room().addCallback(room)
 
@@ -454,7 +405,7 @@ class BrokerClient(protocol.Protocol):
             return
         for ready in self.session.settle(ticket, outcome):
             packet_id, qos = self._packets.pop(ready.seq)
-            if not self._closing:
+            if not self.closing:
                 self._answer(packet_id, qos, ready.outcome)
         self._flow()
         if self._drained is not None and not self.session.unanswered:
@@ -474,43 +425,41 @@ class BrokerClient(protocol.Protocol):
             self.source.counters.acked += 1
             return
         if isinstance(outcome, _Unavailable):
-            self._fail(f"storage cannot take messages now ({outcome}); the broker keeps them")
+            self.fail(f"storage cannot take messages now ({outcome}); the broker keeps them")
             return
         f = outcome if isinstance(outcome, Failure) else Failure(outcome)
         if f.check(StoreUnavailable, StoreOverloaded):
-            self._fail(f"the device could not be looked up ({f.getErrorMessage()}); the broker keeps the messages")
+            self.fail(f"the device could not be looked up ({f.getErrorMessage()}); the broker keeps the messages")
             return
         log.failure("MQTT source {source}: storing a message failed", f, source=self.settings.name)
-        self._fail("the gateway failed to store a message; the broker keeps it")
+        self.fail("the gateway failed to store a message; the broker keeps it")
 
     # -- flow, sending, closing ------------------------------------------
 
     def _flow(self) -> None:
-        if self._closing:
+        if self.closing:
             return
         self.source.counters.in_flight = self.session.unanswered
         action = self.session.flow()
         if action is Flow.PAUSE:
+            self.paused = True
             self.transport.pauseProducing()
         elif action is Flow.RESUME:
+            self.paused = False
             self.transport.resumeProducing()
-            self._process()
+            self.process()
 
     def _send(self, event: mqtt.Event) -> None:
         try:
-            data = self.conn.send(event)
+            self.send(event)
         except mqtt.LocalProtocolError as e:
             log.debug("MQTT source {source}: not sent: {error}", source=self.settings.name, error=e.message)
-            return
-        self.transport.write(data)
 
-    def _fail(self, why: str) -> None:
-        """Close this connection; the service connects again after a backoff."""
-        if self._closing:
-            return
+    def failed(self, why: str) -> None:
+        """This connection is left (the service connects again after a backoff)."""
         log.warn("MQTT source {source}: {why}", source=self.settings.name, why=why)
         self.source.set_state("disconnected", why)
-        self._close()
+        self.session.stopped = True
         if not self.subscribed.called:
             self.subscribed.errback(ConnectionError(why))
 
@@ -520,7 +469,7 @@ class BrokerClient(protocol.Protocol):
         most ``timeout`` seconds), then DISCONNECT; the session stays with the broker.
         """
         done: Deferred = Deferred()
-        if self._closing:
+        if self.closing:
             done.callback(None)
             return done
         self.session.stopped = True
@@ -533,40 +482,26 @@ class BrokerClient(protocol.Protocol):
         return done
 
     def _disconnect(self) -> None:
-        if not self._closing:
+        if not self.closing:
             if self.conn.state == mqtt.CONNECTED:
                 self._send(mqtt.Disconnect())
-            self._close()
+            self.close()
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.callback(None)
 
-    def _close(self) -> None:
-        self._closing = True
+    def close(self) -> None:
         self.session.stopped = True
-        self._cancel_timer()
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
-        if self.session.paused:
-            # TLS closes once the broker's close_notify is read: a paused transport would never read it.
-            self.transport.resumeProducing()
-        self.transport.loseConnection()
-        self._timer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = None
+        super().close()
 
-    def _cancel_timer(self) -> None:
-        """The CONNACK/SUBACK deadline or the close's, and a retiring session's quiet timer."""
-        for timer in (self._timer, self._quiet):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._timer = self._quiet = None
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if not self._closing:
+    def ended(self, reason: Failure) -> None:
+        if not self.closing:
             self.source.set_state("disconnected", f"the connection was lost: {reason.getErrorMessage()}")
-        self._closing = True
-        self._cancel_timer()
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
         self.source.counters.in_flight = 0
         if self.source.client is self:
             self.source.client = None
