@@ -19,7 +19,8 @@ from gateway.config import ConfigError, build_config
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
 from gateway.net.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
-from gateway.transports.mqtt_source import BrokerSource, BrokerSources, _ClientFactory
+from gateway.transports.broker_client import _ClientFactory
+from gateway.transports.mqtt_source import BrokerSource, BrokerSources
 from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
 from protocols.mqtt import Property as P
