@@ -372,7 +372,7 @@ def test_connections_waiting_to_log_in_are_bounded_by_dropping_the_longest_waiti
 def test_authorized_keys_options_are_honoured(line, peer, allowed):
     import time
 
-    from gateway.ops.manhole import parse_authorized_key
+    from gateway.ops.authorized_keys import parse_authorized_key
 
     entry = parse_authorized_key(line.replace("KEY", PUBLIC))
     assert (entry.allows(peer, time.time()) is None) is allowed
@@ -380,7 +380,7 @@ def test_authorized_keys_options_are_honoured(line, peer, allowed):
 
 @pytest.mark.parametrize("option", ['command="ls"', "no-pty", "restrict", 'permitopen="x:1"', 'from="a'])
 def test_an_authorized_keys_option_the_console_cannot_honour_makes_the_line_unusable(option):
-    from gateway.ops.manhole import parse_authorized_key
+    from gateway.ops.authorized_keys import parse_authorized_key
 
     with pytest.raises(ValueError):
         parse_authorized_key(f"{option} {PUBLIC}")

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from gateway.ops.health import Health, sink_health
 from gateway.ops.logs import LevelFilter, json_line
 from gateway.ratelimit import RateLimitedLog
-from gateway.ops.manhole import HOST_KEY_NAME, AuthorizedKeys, PlainConsole, host_key
+from gateway.ops.authorized_keys import AuthorizedKeys
+from gateway.ops.manhole import HOST_KEY_NAME, PlainConsole, host_key
 from gateway.readings import Source
 from gateway.ops.metrics import GatewayMetrics, RateWindow
 from gateway.storage.memory import MemoryStore
