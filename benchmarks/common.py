@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.storage import embedded  # noqa: E402
 from gateway.storage import schema  # noqa: E402
 from gateway.storage.partitions import make_partitions  # noqa: E402
-from gateway.storage.store import EXECUTE_WRITE_BATCH, PREPARE_WRITE_BATCH, array_literals  # noqa: E402
+from gateway.storage.writes import EXECUTE_WRITE_BATCH, PREPARE_WRITE_BATCH, array_literals  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

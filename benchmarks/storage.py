@@ -65,7 +65,7 @@ from gateway.storage.packing import DROP_UPLOAD_INDEX, INDEXES_OF
 from gateway.storage.partitions import upload_index
 from gateway.storage import schema
 from gateway.storage.queries import ADD_METRICS
-from gateway.storage.store import write_batch_sql
+from gateway.storage.writes import write_batch_sql
 
 DEVICES, METRICS, BATCH = 100, 10, 5000
 START = datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)

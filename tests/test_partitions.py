@@ -263,7 +263,7 @@ def three_transactions(conn, column: str, value: str, order: str = "") -> None:
 
 
 def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_key(old_database):
-    from gateway.storage.store import write_batch_sql
+    from gateway.storage.writes import write_batch_sql
 
     conn = psycopg2.connect(old_database(14))
     try:
@@ -304,7 +304,7 @@ def test_the_metric_dictionary_migration_keeps_every_reading_its_order_and_its_k
 
 def test_the_lean_row_migration_keeps_every_reading_and_moves_no_cursor_past_an_unsent_one(old_database):
     from gateway.outbound.ledger import START
-    from gateway.storage.store import write_batch_sql
+    from gateway.storage.writes import write_batch_sql
 
     conn = psycopg2.connect(old_database(15))
     end = (2147483647, 2147483647, "infinity")
