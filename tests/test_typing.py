@@ -215,3 +215,13 @@ def test_the_assembler_only_assembles():
     assert (
         "gateway.transports" not in service and "gateway.transports" not in (ROOT / "gateway" / "config.py").read_text()
     )
+
+
+def test_no_module_is_over_650_lines():
+    long = {
+        str(path.relative_to(ROOT)): n
+        for tree in ("gateway", "protocols")
+        for path in (ROOT / tree).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 650
+    }
+    assert long == {}
