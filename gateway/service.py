@@ -35,6 +35,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor, as_reactor
 from gateway.config import GatewayConfig, Options, changes, reread
 from gateway.errors import StartError
 from gateway.ingest.core import Ingest
@@ -62,16 +63,17 @@ __all__ = ["Options", "makeService", "build", "GatewayService", "GatewayProcess"
 
 log = Logger()
 
+CommandLine = Mapping[str, Any] | None  # the options given on the command line, which a SIGHUP keeps
 TLS_RENEWAL_CHECK = 6 * 3600.0  # seconds between looks at whether the data directory's certificate is due
 
 
-def build(config: GatewayConfig, reactor: Any, *, command_line: Mapping[str, Any] | None = None) -> GatewayService:
+def build(config: GatewayConfig, reactor: Reactor, *, command_line: CommandLine = None) -> GatewayService:
     """The gateway's service tree for ``config``, on ``reactor``; the caller starts and stops it."""
     return GatewayService(config, reactor, command_line=command_line)
 
 
 class GatewayService(MultiService):
-    def __init__(self, config: GatewayConfig, reactor: Any, *, command_line: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config: GatewayConfig, reactor: Reactor, *, command_line: CommandLine = None) -> None:
         super().__init__()
         self.config, self.reactor = config, reactor
         self.command_line = dict(command_line or {})  # kept for SIGHUP: the command line still wins
@@ -80,10 +82,8 @@ class GatewayService(MultiService):
         self.storage = Storage(config, reactor, self.in_thread)
         self.store = self.storage.store
         self.store.batch_observers.append(self.metrics.committed)
-        rates = DeviceRates(config.device_rate, reactor)
-        self.ingest = Ingest(
-            self.store, reactor, self.metrics, rates, quality=config.quality, device_types=config.device_types
-        )
+        rates, quality, types = DeviceRates(config.device_rate, reactor), config.quality, config.device_types
+        self.ingest = Ingest(self.store, reactor, self.metrics, rates, quality=quality, device_types=types)
         self.outbound = Outbound(config, reactor, self.in_thread, self.store.listeners)
         self.alerts = self.outbound.alerts
         self.ingest.observers.append(self.alerts.observe)
@@ -290,9 +290,9 @@ def makeService(options: Options) -> GatewayProcess:
     from twisted.internet import reactor
 
     config = options.gateway_config
-    gateway = build(config, reactor, command_line=options.command_line)
+    gateway = build(config, as_reactor(reactor), command_line=options.command_line)
     twistd = options.parent
     observer = None
     if twistd is None or not twistd.get("syslog"):
         observer = make_observer(config.log_format, twistd_log_file(twistd), gateway.log_levels)
-    return GatewayProcess(gateway, reactor, observer, os.environ)
+    return GatewayProcess(gateway, gateway.reactor, observer, os.environ)

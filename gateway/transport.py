@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface
 
+from gateway.reactor import Reactor
 from gateway.errors import StartError
 from gateway.ingest.core import Ingest
 from gateway.net.listeners import Port
@@ -78,7 +79,7 @@ class TransportContext:
     def __init__(
         self,
         ingest: Ingest,
-        reactor: Any,
+        reactor: Reactor,
         registry: DeviceRegistry,
         identity: Callable[[], str],
         run: Callable[[Callable[[Any], Deferred]], Deferred],

@@ -135,7 +135,7 @@ def test_the_cycle_check_sees_a_cycle_round_about(tmp_path):
 # and the shared plumbing below every layer: readings, tokens, trust, errors, settings, the network layer (net),
 # and the one copy of each policy (backoff, deadband, families, ratelimit, files).
 MODEL = {
-    "readings", "tokens", "trust", "errors", "settings", "tables", "net", "files",
+    "readings", "tokens", "trust", "errors", "settings", "tables", "net", "files", "reactor",
     "backoff", "deadband", "families", "ratelimit", "__version__",
 }  # fmt: skip
 LAYERS: dict[str, set[str]] = {
@@ -225,3 +225,15 @@ def test_no_module_is_over_650_lines():
         if (n := len(path.read_text().splitlines())) > 650
     }
     assert long == {}
+
+
+def test_the_reactor_and_clocks_are_typed():
+    """Components take a Reactor or a Clock (gateway/reactor.py), never an untyped reactor."""
+    untyped = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in (ROOT / "gateway").rglob("*.py")
+        if path.name != "reactor.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "reactor: Any" in line or "clock: Any" in line
+    ]
+    assert untyped == []

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
+from gateway.reactor import Reactor
 from gateway.net.httpclient import QuietPool, VerifyingPolicy
 from gateway.tables import known_keys
 from gateway.trust import ca_file, loopback, secret_value, trust_root
@@ -175,7 +176,7 @@ def _claim(claims: Mapping[str, Any], path: str) -> Any:
 class Keys:
     """The provider's signing keys by key id, fetched with treq; refetched when a token names an unknown one."""
 
-    def __init__(self, settings: OidcSettings, reactor: Any, clock: IReactorTime | None = None) -> None:
+    def __init__(self, settings: OidcSettings, reactor: Reactor, clock: IReactorTime | None = None) -> None:
         self.settings = settings
         self.clock = clock or reactor
         self.pool = QuietPool(reactor, persistent=False)
@@ -443,7 +444,7 @@ async def finish_flow(settings: OidcSettings, keys: Keys, verifier: OidcVerifier
 class Oidc:
     """The provider as the gateway uses it: its settings, its keys, the verifier."""
 
-    def __init__(self, settings: OidcSettings, reactor: Any, clock: IReactorTime | None = None) -> None:
+    def __init__(self, settings: OidcSettings, reactor: Reactor, clock: IReactorTime | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings, reactor, clock)
         self.verifier = OidcVerifier(settings, self.keys, clock or reactor)

@@ -9,6 +9,7 @@ from typing import Any
 from pathlib import Path
 
 from gateway import tokens
+from gateway.reactor import Reactor
 from gateway.cli.common import CommandError, database, note, settings
 from gateway.readings import counted
 
@@ -59,7 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     note(f"simulating {what} over {args.protocol} against {args.target} for {args.duration:g}s")
     result: dict[str, Any] = {}
 
-    def go(reactor: Any) -> Any:
+    def go(reactor: Reactor) -> Any:
         return simulate.run(reactor, args, devices, trust).addCallback(result.update)
 
     _react(go)

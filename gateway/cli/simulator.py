@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
+from gateway.reactor import Reactor
 from gateway.backoff import Backoff
 from gateway import tokens
 from gateway.readings import format_ts
@@ -346,7 +347,7 @@ def readings_body(readings: list[tuple[str, int, float]]) -> bytes:
 
 
 class Simulation:
-    def __init__(self, reactor: Any, args: Any, devices: list[tuple[str, str]], trust: Any) -> None:
+    def __init__(self, reactor: Reactor, args: Any, devices: list[tuple[str, str]], trust: Any) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.args = args
@@ -459,7 +460,7 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
     }
 
 
-def run(reactor: Any, args: Any, devices: list[tuple[str, str]], trust: Any) -> defer.Deferred:
+def run(reactor: Reactor, args: Any, devices: list[tuple[str, str]], trust: Any) -> defer.Deferred:
     tune_gc()  # the load generator's own pauses would show as ack latency
     sim = Simulation(reactor, args, devices, trust)
     started = time.monotonic()

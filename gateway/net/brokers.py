@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
+from gateway.reactor import Reactor
 from gateway.trust import ca_file, loopback, secret_value, trust_root
 from gateway.readings import NAME_RULE, is_name
 from gateway.tables import checked_number, config_table
@@ -157,7 +158,7 @@ def check_filter(topic: Any) -> str:
     return topic
 
 
-def endpoint(reactor: Any, broker: Broker, timeout: float = 30.0) -> Any:
+def endpoint(reactor: Reactor, broker: Broker, timeout: float = 30.0) -> Any:
     """A client endpoint for the broker: verified TLS 1.2+ (the host name too) for mqtts://."""
     tcp = HostnameEndpoint(reactor, broker.host, broker.port, timeout=timeout)
     if not broker.tls:

@@ -31,6 +31,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.errors import StartError
 from gateway.net.endpoints import EndpointSpec
 from gateway.net.limits import ConnectionLimits, LimitedFactory
@@ -44,7 +45,7 @@ class Listener(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(
-        self, reactor: Any, spec: EndpointSpec, factory: Any, option: str, what: str, held: bool = False
+        self, reactor: Reactor, spec: EndpointSpec, factory: Any, option: str, what: str, held: bool = False
     ) -> None:
         super().__init__(serverFromString(reactor, spec.tcp_description()), factory)
         self.spec = spec
@@ -96,7 +97,7 @@ class Port:
 class Listeners(MultiService):
     """Every port of the gateway: bound in the privileged start, opened once the gateway can answer."""
 
-    def __init__(self, reactor: Any, tls: TLSWrapper, limits: ConnectionLimits) -> None:
+    def __init__(self, reactor: Reactor, tls: TLSWrapper, limits: ConnectionLimits) -> None:
         super().__init__()
         self.reactor = reactor
         self.tls = tls

@@ -29,6 +29,7 @@ from twisted.internet import protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from gateway.reactor import Clock
 from gateway.net.tcp import no_delay
 from protocols import mqtt
 
@@ -41,7 +42,7 @@ class MQTTClientProtocol(protocol.Protocol):
     close_timeout = 5.0  # seconds a close waits for the broker's side of it
     too_slow = "no CONNACK within {seconds:g} seconds"  # why the connection is left when the deadline passes
 
-    def __init__(self, clock: Any, connection: mqtt.Connection, keepalive: int) -> None:
+    def __init__(self, clock: Clock, connection: mqtt.Connection, keepalive: int) -> None:
         self.clock = clock
         self.conn = connection
         self.keepalive = keepalive  # seconds; the broker's Server Keep Alive replaces it

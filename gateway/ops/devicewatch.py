@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor
 from gateway.storage.pool import PgPool
 from gateway.storage.pool import first_line
 
@@ -43,7 +44,7 @@ class DeviceWatch:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Reactor,
         sessions: Callable[[], dict[str, list[Any]]],
         close: Callable[[Any, str], None],
         changed: Callable[[list[str] | None], None] = lambda names: None,

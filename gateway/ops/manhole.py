@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.reactor import Clock
 from gateway.files import write_private
 from gateway.ops.authorized_keys import USER_KEY_ALGORITHMS, fingerprint, AuthorizedKeys
 
@@ -344,7 +345,7 @@ class ConsoleFactory(manhole_ssh.ConchFactory):
     max_sessions = MAX_SESSIONS
     max_unauthenticated = MAX_UNAUTHENTICATED
 
-    def __init__(self, portal: Any, clock: Any) -> None:
+    def __init__(self, portal: Any, clock: Clock) -> None:
         super().__init__(portal)
         self.clock = clock
         self.waiting: deque[Any] = deque()  # connections not logged in yet, oldest first
@@ -422,7 +423,7 @@ class ConsoleFactory(manhole_ssh.ConchFactory):
 
 
 def console_factory(
-    key_dir: Path, authorized_keys: Path, namespace: Callable[[], dict[str, Any]], banner: str, clock: Any
+    key_dir: Path, authorized_keys: Path, namespace: Callable[[], dict[str, Any]], banner: str, clock: Clock
 ) -> ConsoleFactory:
     """An SSH factory for the console: public keys from ``authorized_keys``, a host key in ``key_dir``."""
     key, made = host_key(key_dir)

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor
 from gateway.errors import StartError
 from gateway.ops.systemd import SystemdNotifier
 from gateway.ops.tuning import tune_gc
@@ -37,7 +38,7 @@ class GatewayProcess(MultiService):
     def __init__(
         self,
         gateway: Any,  # gateway.service.GatewayService
-        reactor: Any,
+        reactor: Reactor,
         log_observer: Any = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:

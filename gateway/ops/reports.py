@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from gateway.reactor import Clock
 
 log = Logger()
 
@@ -31,7 +32,7 @@ class StatusReport:
         owner: str,
         statuses: Callable[[], dict[str, dict[str, Any]]],
         run: Callable[..., Any],
-        clock: Any,
+        clock: Clock,
     ) -> None:
         key = TABLES[table]
         self.sql = f"""

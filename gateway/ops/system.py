@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Clock
 from gateway.families import gauge
 
 log = Logger()
@@ -29,7 +30,7 @@ def connection_metrics(connections: Callable[[], Mapping[str, int]]) -> Callable
     return families
 
 
-def stop_within(stopping: Deferred, timeout: float, clock: Any, cut: Callable[[], Deferred]) -> Deferred:
+def stop_within(stopping: Deferred, timeout: float, clock: Clock, cut: Callable[[], Deferred]) -> Deferred:
     """
     Fires when ``stopping`` does, or ``timeout`` seconds from now once ``cut`` (close what is left) has
     finished, whichever comes first; never errbacks (a failure to stop is logged).

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor
 from gateway.outbound.sender import Payload, Reply
 from gateway.outbound.sinks import Sink
 from gateway.net.brokers import endpoint
@@ -205,7 +206,7 @@ class _Factory(protocol.Factory):
 class MQTTSender:
     """Sends a sink's batches to an MQTT broker; the same interface as HTTPSender."""
 
-    def __init__(self, reactor: Any, sink: Sink, in_thread: Any, owner: str) -> None:
+    def __init__(self, reactor: Reactor, sink: Sink, in_thread: Any, owner: str) -> None:
         assert sink.mqtt is not None
         self.reactor = reactor
         self.sink = sink

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor
 from gateway.families import counter
 from gateway.outbound.sender import HTTPSender, judge
 from gateway.outbound.sinks import Sink
@@ -88,7 +89,7 @@ class AlertNotifier(Service):
         self,
         sink: Sink,
         pool: PgPool,
-        clock: Any,
+        clock: Reactor,  # a task.Clock in tests that give their own sender
         gateway: str,
         sender: Any = None,
         rand: Callable[[], float] = random.random,

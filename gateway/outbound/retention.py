@@ -29,6 +29,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.outbound.ledger import XMIN
 from gateway.storage.positions import PLACE, UNSENT_IN, UPLOADED_FRONTIER, at, params, position
 from gateway.storage.partitions import BOUNDS, TABLES
@@ -104,7 +105,7 @@ QUARANTINE_ARRIVED = "SELECT coalesce(max(received_at) < now() - make_interval(s
 class Retention(PeriodicWork):
     """Drops old partitions and deletes old readings that every sink has sent, on its own connection."""
 
-    def __init__(self, reactor: Any, age: float) -> None:
+    def __init__(self, reactor: Reactor, age: float) -> None:
         super().__init__(reactor, RETENTION_INTERVAL, now=True)
         self.age = age
         self.deleted = 0  # readings deleted row by row

@@ -20,6 +20,7 @@ from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from gateway import __version__
+from gateway.reactor import Reactor
 from gateway.backoff import backoff_delay
 from gateway.net.httpclient import QuietPool, VerifyingPolicy
 from gateway.outbound.sinks import Sink
@@ -140,7 +141,11 @@ class HTTPSender:
     """POSTs batches to one sink over a persistent, verified connection."""
 
     def __init__(
-        self, reactor: Any, sink: Sink, content_type: bytes = b"application/x-ndjson", encoding: bytes | None = b"gzip"
+        self,
+        reactor: Reactor,
+        sink: Sink,
+        content_type: bytes = b"application/x-ndjson",
+        encoding: bytes | None = b"gzip",
     ) -> None:
         self.reactor = reactor
         self.sink = sink

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.service import IServiceCollection
 from twisted.internet.defer import Deferred
 
+from gateway.reactor import Reactor
 from gateway.outbound.alerts import AlertEngine
 from gateway.outbound.notices import AlertNotifier
 from gateway.outbound.retention import Retention
@@ -26,7 +27,7 @@ from gateway.storage.pool import PgPool
 
 class Outbound:
     def __init__(
-        self, config: Any, reactor: Any, in_thread: Callable[..., Deferred], committed: list[Callable[..., Any]]
+        self, config: Any, reactor: Reactor, in_thread: Callable[..., Deferred], committed: list[Callable[..., Any]]
     ) -> None:
         self.config = config
         self.reactor = reactor

@@ -26,6 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Reactor
 from gateway.families import counter, gauge
 from gateway.outbound.ledger import HOLD_OWNER_LOCK, LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
 from gateway.outbound.mqtt_sender import MQTTSender
@@ -323,7 +324,7 @@ class OwnerLock(PeriodicWork):
     their lease runs out. Taken again every ``OWNER_LOCK_INTERVAL`` seconds if the connection was lost.
     """
 
-    def __init__(self, reactor: Any, owner: str) -> None:
+    def __init__(self, reactor: Reactor, owner: str) -> None:
         super().__init__(reactor, OWNER_LOCK_INTERVAL, now=False)
         self.owner = owner
         self._refused = False
@@ -354,7 +355,7 @@ class Uploader(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Reactor,
         sinks: tuple[Sink, ...],
         owner: str,
         in_thread: Callable[..., Deferred],

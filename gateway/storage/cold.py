@@ -39,6 +39,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.storage.partitions import BOUNDS
 from gateway.storage.positions import UNSENT_IN, UPLOADED_FRONTIER, params
 from gateway.storage.pool import PeriodicWork, first_line
@@ -167,7 +168,7 @@ def hours_for_page(hours: list[tuple[int, int]], start_us: int | None, limit: in
 class Compressor(PeriodicWork):
     """Folds partitions older than ``after`` seconds, uploaded to every sink, into the cold tier."""
 
-    def __init__(self, reactor: Any, after: float) -> None:
+    def __init__(self, reactor: Reactor, after: float) -> None:
         super().__init__(reactor, COMPRESS_INTERVAL, now=True)
         self.after = after
         self.folded: list[str] = []  # partitions this process folded (first time)

@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.storage.partitions import BOUNDS
 from gateway.storage.pool import PeriodicWork, first_line
 
@@ -87,7 +88,7 @@ FORGET = f"DELETE FROM readings_packed k WHERE NOT EXISTS (SELECT 1 FROM ({BOUND
 class Packer(PeriodicWork):
     """Rebuilds the indexes of partitions closed ``after`` seconds ago, one a pass; on its own connection."""
 
-    def __init__(self, reactor: Any, after: float) -> None:
+    def __init__(self, reactor: Reactor, after: float) -> None:
         super().__init__(reactor, PACK_INTERVAL, now=False)
         self.after = after
         self.packed = 0  # partitions this process packed

@@ -31,6 +31,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.storage.pool import PeriodicWork, PgPool, first_line
 
 log = Logger()
@@ -206,7 +207,7 @@ def make_partitions(conn: Any, width: float, now: datetime.datetime | None = Non
 class PartitionKeeper(PeriodicWork):
     """Runs ``Partitions.maintain`` at start and every ``CHECK_INTERVAL`` seconds, on a connection of its own."""
 
-    def __init__(self, reactor: Any, width: float) -> None:
+    def __init__(self, reactor: Reactor, width: float) -> None:
         super().__init__(reactor, CHECK_INTERVAL, now=False)
         self.partitions = Partitions(self.pool, width)
         self.last_error = ""

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
+from gateway.reactor import Reactor
 from gateway.backoff import Backoff
 from gateway.readings import StoreOverloaded, StoreUnavailable
 
@@ -108,7 +109,7 @@ class _Slot:
 
 class PgPool:
     def __init__(
-        self, reactor: Any, size: int, max_waiters: int = 1000, rand: Callable[[], float] = random.random
+        self, reactor: Reactor, size: int, max_waiters: int = 1000, rand: Callable[[], float] = random.random
     ) -> None:
         self._reactor = reactor
         self._dsn = ""
@@ -285,7 +286,7 @@ def first_line(error: BaseException | None) -> str:
 class PeriodicWork(Service):
     """Work on a database connection of its own, every ``interval`` seconds while the service runs."""
 
-    def __init__(self, reactor: Any, interval: float, now: bool) -> None:
+    def __init__(self, reactor: Reactor, interval: float, now: bool) -> None:
         self.pool = PgPool(reactor, 1)
         self.interval = interval
         self.now = now  # run once as the service starts, too

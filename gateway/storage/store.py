@@ -63,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.reactor import Reactor
 from gateway.families import counter, gauge
 from gateway.storage.credentials import Credentials
 from gateway.storage.interface import IStore
@@ -114,7 +115,7 @@ MAX_METRICS_KNOWN = 100_000  # metric names remembered as in the dictionary
 class PostgresStore(Service):
     def __init__(
         self,
-        reactor: Any,
+        reactor: Reactor,
         *,
         clock: IReactorTime | None = None,
         pool_size: int = 4,

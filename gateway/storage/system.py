@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from gateway.reactor import Reactor
 from gateway.backoff import Backoff
 from gateway.errors import StartError
 from gateway.readings import counted
@@ -38,7 +39,7 @@ log = Logger()
 
 
 class Storage:
-    def __init__(self, config: Any, reactor: Any, in_thread: Callable[..., Deferred]) -> None:
+    def __init__(self, config: Any, reactor: Reactor, in_thread: Callable[..., Deferred]) -> None:
         self.config = config
         self.reactor = reactor
         self.in_thread = in_thread

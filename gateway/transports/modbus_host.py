@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
+from gateway.reactor import Clock, Reactor
 from gateway.backoff import Backoff
 from gateway.net.tcp import no_delay
 from gateway.transports.modbus_map import Read
@@ -112,7 +113,7 @@ class ModbusHost:
         self,
         host: str,
         port: int,
-        clock: Any,
+        clock: Clock,
         connect: Callable[[_Link], Deferred],
         connect_timeout: float,
         rand: Callable[[], float] = random.random,
@@ -316,7 +317,7 @@ class _OneLink(protocol.Factory):
         return self.link
 
 
-def tcp_connect(reactor: Any, host: str, port: int, timeout: float) -> Callable[[_Link], Deferred]:
+def tcp_connect(reactor: Reactor, host: str, port: int, timeout: float) -> Callable[[_Link], Deferred]:
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     return lambda link: endpoint.connect(_OneLink(link))
 

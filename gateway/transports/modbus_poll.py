@@ -46,6 +46,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.reactor import Clock, Reactor
 from gateway.deadband import worth_keeping
 from gateway.ingest.core import Ingest
 from gateway.ratelimit import RateLimitedLog
@@ -271,8 +272,8 @@ class ModbusPoller(Service):
         self,
         devices: tuple[ModbusDevice, ...],
         ingest: Ingest,
-        reactor: Any,
-        clock: Any = None,
+        reactor: Reactor,
+        clock: Clock | None = None,
         connect: Callable[[str, int, float], Callable[[_Link], Deferred]] | None = None,
         stale_intervals: int = 3,
         rand: Callable[[], float] = random.random,

@@ -62,6 +62,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from gateway.reactor import Clock, Reactor
 from gateway.ingest.core import Ingest
 from gateway.families import counter, gauge
 from gateway.ops.reports import StatusReport
@@ -88,8 +89,8 @@ class BrokerSource(ClientService):
         self,
         settings: SourceSettings,
         ingest: Ingest,
-        reactor: Any,
-        clock: Any = None,
+        reactor: Reactor,
+        clock: Clock | None = None,
         retire: tuple[str, ...] | None = None,
     ) -> None:
         self.settings = settings
@@ -199,7 +200,7 @@ class BrokerSources(MultiService):
     """Every [[mqtt_source]], their health, their /metrics and their state in the database."""
 
     def __init__(
-        self, sources: tuple[SourceSettings, ...], ingest: Ingest, reactor: Any, owner: str, run: Callable[..., Any]
+        self, sources: tuple[SourceSettings, ...], ingest: Ingest, reactor: Reactor, owner: str, run: Callable[..., Any]
     ) -> None:
         super().__init__()
         self.reactor = reactor

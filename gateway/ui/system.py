@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import server
 
+from gateway.reactor import Reactor
 from gateway.api import openapi
 from gateway.api.oidc import Oidc
 from gateway.api.read import ReadApi
@@ -35,7 +36,7 @@ class Surfaces:
     def __init__(
         self,
         config: Any,
-        reactor: Any,
+        reactor: Reactor,
         reads: Any,
         ingest: Any,
         health: Any,
@@ -82,7 +83,9 @@ class Surfaces:
         self.status_policy.reconfigure(config.quality, config.device_types)
 
 
-def operations_ports(config: Any, health: Any, metrics: Any, namespace: Callable[[], Any], reactor: Any) -> list[Port]:
+def operations_ports(
+    config: Any, health: Any, metrics: Any, namespace: Callable[[], Any], reactor: Reactor
+) -> list[Port]:
     """The --metrics endpoint (/metrics, /healthz) and the SSH console (--manhole), when given."""
     out = []
     if config.metrics is not None:
