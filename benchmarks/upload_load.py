@@ -110,7 +110,7 @@ def stored(dsn: str) -> int:
 
 
 def lag_seconds(dsn: str) -> float:
-    from gateway.outbound.ledger import STATUS, STATUS_FIELDS
+    from gateway.storage.sinkstatus import STATUS, STATUS_FIELDS
 
     conn = psycopg2.connect(dsn)
     try:

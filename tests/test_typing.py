@@ -147,13 +147,13 @@ LAYERS: dict[str, set[str]] = {
     "outbound": MODEL | {"storage"},
     "ops": MODEL | {"storage", "ingest"},
     "web": MODEL | {"storage", "ingest", "ops"},
-    "api": MODEL | {"storage", "ingest", "ops", "web", "outbound.ledger"},
-    "ui": MODEL | {"storage", "ingest", "ops", "web", "api", "outbound.ledger"},
+    "api": MODEL | {"storage", "ingest", "ops", "web"},
+    "ui": MODEL | {"storage", "ingest", "ops", "web", "api"},
     # The assembler: everything, the transports only through the plugin interface (twisted/plugins/).
     "service": {"*"},
     "config": {"*"},
     # gatewayctl reads the config file and prints what the gateway's own modules compute.
-    "cli": MODEL | {"storage", "config", "ops.status", "ops.tuning", "outbound.ledger"},
+    "cli": MODEL | {"storage", "config", "ops.status", "ops.tuning"},
 }
 
 

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from gateway.api.oidc import OidcError, OidcVerifier
 from gateway.api.sessions import Session, Sessions, csrf_matches
 from gateway import tokens
-from gateway.outbound.ledger import RETRY_DEAD, STATUS_FIELDS, sink_doc, status_sql
+from gateway.storage.sinkstatus import RETRY_DEAD, STATUS_FIELDS, sink_doc, status_sql
 from gateway.readings import NAME_RULE, format_ts, is_name, parse_ts
 from gateway.ops.status import StatusPolicy
 from gateway.storage.cold import COLD_HOURS, COLD_READINGS, COLD_ROWS, hours_for_page

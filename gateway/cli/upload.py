@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.outbound.ledger import RETRY_DEAD, STATUS, STATUS_FIELDS, sink_doc
+from gateway.storage.sinkstatus import RETRY_DEAD, STATUS, STATUS_FIELDS, sink_doc
 from gateway.storage.positions import at, params
 from gateway.cli.common import CommandError, database, note, when
 from gateway.readings import counted, format_ts

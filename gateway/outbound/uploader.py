@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 
 from gateway.reactor import Reactor
 from gateway.families import counter, gauge
-from gateway.outbound.ledger import HOLD_OWNER_LOCK, LIVE_FIELDS, LIVE_STATUS, Batch, Ledger, Wait
+from gateway.outbound.ledger import HOLD_OWNER_LOCK, Batch, Ledger, Wait
+from gateway.storage.sinkstatus import LIVE_FIELDS, LIVE_STATUS
 from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge
 from gateway.outbound.sinks import Sink
