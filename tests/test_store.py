@@ -356,6 +356,19 @@ async def test_unreachable_database_is_unavailable():
     await store.pool.close()
 
 
+async def write_until_stored(store, device, batch) -> list:
+    """Write until the store takes it (the pool reconnects with backoff: up to ~10 s); every outcome on the way."""
+    outcomes = []
+    for _ in range(100):
+        try:
+            outcomes.append(await store.write(device, batch))
+            break
+        except StoreUnavailable as e:
+            outcomes.append(e)
+            await deferLater(reactor, 0.1, lambda: None)
+    return outcomes
+
+
 @pytest_twisted.ensureDeferred
 async def test_reconnects_after_connections_are_killed(db_dsn, sql):
     store = await open_pg_store(db_dsn, pool_size=2, commit_delay=0)
@@ -367,14 +380,7 @@ async def test_reconnects_after_connections_are_killed(db_dsn, sql):
             "WHERE application_name = 'txgateway' AND datname = current_database()"
         )[0][0]
         assert killed == 2
-        outcomes = []
-        for _ in range(100):  # the pool reconnects with backoff; give it up to ~10 s
-            try:
-                outcomes.append(await store.write(device, readings(3, start=10)))
-                break
-            except StoreUnavailable as e:
-                outcomes.append(e)
-                await deferLater(reactor, 0.1, lambda: None)
+        outcomes = await write_until_stored(store, device, readings(3, start=10))
         assert outcomes[-1] in (WriteResult(3, 0), WriteResult(0, 3))
         assert sql("SELECT count(*) FROM readings")[0][0] == 6
         assert await store.check() is None
@@ -398,14 +404,7 @@ async def test_a_cluster_dsn_finds_the_writable_server_and_leaves_one_turned_rea
         device = await store.authenticate(add_pg_device(sql, "a"))
         assert await store.write(device, readings(3)) == WriteResult(3, 0)
         await store.pool.run(lambda c: c.runOperation("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"))
-        outcomes = []
-        for _ in range(100):  # the pool reconnects with backoff; give it up to ~10 s
-            try:
-                outcomes.append(await store.write(device, readings(3, start=10)))
-                break
-            except StoreUnavailable as e:
-                outcomes.append(e)
-                await deferLater(reactor, 0.1, lambda: None)
+        outcomes = await write_until_stored(store, device, readings(3, start=10))
         assert isinstance(outcomes[0], StoreUnavailable) and outcomes[-1] == WriteResult(3, 0)
         assert sql("SELECT count(*) FROM readings")[0][0] == 6
         assert sql("SELECT count(*) FROM rejected_input")[0][0] == 0

@@ -69,9 +69,9 @@ def _layer(module: str) -> str | None:
     return parts[1]
 
 
-def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
-    """(importing layer, imported layer) -> where, for every import in gateway/, at any depth of the code."""
-    edges: dict[tuple[str, str], list[str]] = {}
+def imports(root: Path):
+    """(file, line, importing layer, imported module) for every import of a gateway module in gateway/,
+    at any depth of the code (a function's imports too)."""
     for path in sorted(root.rglob("*.py")):
         me = _layer(".".join(path.relative_to(root.parent).with_suffix("").parts))
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -82,8 +82,15 @@ def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
                 names = [a.name for a in node.names]
             for name in names:
                 them = _layer(name)
-                if them is not None and me is not None and them != me:
-                    edges.setdefault((me, them), []).append(f"{path.relative_to(root.parent)}:{node.lineno}")
+                if me is not None and them is not None and them != me:
+                    yield f"{path.relative_to(root.parent)}:{node.lineno}", me, name
+
+
+def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
+    """(importing layer, imported layer) -> where, for every import in gateway/, at any depth of the code."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for where, me, name in imports(root):
+        edges.setdefault((me, _layer(name) or ""), []).append(where)
     return edges
 
 
@@ -168,23 +175,7 @@ def allows(me: str, name: str) -> bool:
 
 def forbidden_imports(root: Path) -> list[str]:
     """Imports in gateway/ that the layer table does not allow, as 'file:line importer -> imported'."""
-    out = []
-    for path in sorted(root.rglob("*.py")):
-        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
-        me = _layer(module)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "gateway"]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                them = _layer(name)
-                if me is None or them is None or them == me:
-                    continue
-                if not allows(me, name):
-                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {me} -> {name}")
-    return out
+    return [f"{where} {me} -> {name}" for where, me, name in imports(root) if not allows(me, name)]
 
 
 def test_every_import_is_one_the_layer_table_allows():
