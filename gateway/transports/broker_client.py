@@ -28,7 +28,8 @@ from gateway.readings import (
 )
 from gateway.net.mqttclient import MQTTClientProtocol
 from gateway.transports.mqtt_adapter import bare_number
-from gateway.transports.session import DeviceSession, Flow, Ticket
+from gateway.transports.flow import SessionFlow
+from gateway.transports.session import DeviceSession, Ticket
 from protocols import mqtt
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class _Kept:
     message: str
 
 
-class BrokerClient(MQTTClientProtocol):
+class BrokerClient(SessionFlow, MQTTClientProtocol):
     """One connection to the broker: CONNECT, SUBSCRIBE, then messages in and acknowledgements out."""
 
     connack_timeout = CONNACK_TIMEOUT
@@ -325,18 +326,7 @@ class BrokerClient(MQTTClientProtocol):
 
     def _hold(self, ticket: Any, publish: mqtt.Publish, device: Device) -> None:
         """No room in the store: keep this message, read nothing more until there is room."""
-        self.session.held = True
-        self._flow()
-
-        def room(_: Any) -> None:
-            self.session.held = False
-            if self.closing:
-                return
-            self._store(ticket, publish, device)
-            self._flow()
-            self.process()
-
-        self.source.ingest.wait_for_room().addCallback(room)
+        self.hold(self.source.ingest, lambda: self._store(ticket, publish, device))
 
     # -- acknowledgements, in order ---------------------------------------
 
@@ -387,18 +377,19 @@ class BrokerClient(MQTTClientProtocol):
 
     # -- flow, sending, closing ------------------------------------------
 
+    def flow_ended(self) -> bool:
+        return self.closing
+
+    def take(self) -> None:
+        self.process()
+
+    def flowed(self, paused: bool) -> None:
+        self.paused = paused
+
     def _flow(self) -> None:
-        if self.closing:
-            return
-        self.source.counters.in_flight = self.session.unanswered
-        action = self.session.flow()
-        if action is Flow.PAUSE:
-            self.paused = True
-            self.transport.pauseProducing()
-        elif action is Flow.RESUME:
-            self.paused = False
-            self.transport.resumeProducing()
-            self.process()
+        if not self.closing:
+            self.source.counters.in_flight = self.session.unanswered
+        self.flow()
 
     def _send(self, event: mqtt.Event) -> None:
         try:

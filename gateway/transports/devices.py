@@ -24,7 +24,8 @@ from gateway.net.endpoints import EndpointSpec
 from gateway.net.tcp import no_delay
 from gateway.readings import CloseReason, Device, Source
 from gateway.transport import DeviceRegistry, Port, Transport, TransportContext
-from gateway.transports.session import DeviceSession, Flow
+from gateway.transports.flow import SessionFlow
+from gateway.transports.session import DeviceSession
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class DeviceNames:
             self._devices.pop(name, None)
 
 
-class DeviceConnection(protocol.Protocol):
+class DeviceConnection(SessionFlow, protocol.Protocol):
     """
     One device connection. Subclasses set ``handshake_too_slow`` and
     ``idle_too_long`` (timer callbacks), implement ``_process`` (take the
@@ -105,7 +106,6 @@ class DeviceConnection(protocol.Protocol):
         "since",
         "readings",
         "last_error",
-        "_held",
         "_closing",
         "_timer",
     )
@@ -118,7 +118,6 @@ class DeviceConnection(protocol.Protocol):
         self.since = factory.clock.seconds()
         self.readings = 0  # readings stored new
         self.last_error = ""
-        self._held: Any = None  # the message waiting for room in the store
         self._closing = False
         self._timer: Any = None
 
@@ -154,42 +153,24 @@ class DeviceConnection(protocol.Protocol):
     def _looking_up(self, busy: bool) -> None:
         """A lookup of the device starts (read nothing meanwhile) or ends (read again, take what waits)."""
         self.session.busy = busy
-        self._flow()
+        self.flow()
         if not busy:
             self._process()
 
-    def _flow(self) -> None:
-        """Pause or resume the transport as the session says; take messages that arrived before a pause."""
-        if self._closing:
-            return
-        action = self.session.flow()
-        if action is Flow.PAUSE:
-            self.transport.pauseProducing()
-        elif action is Flow.RESUME:
-            self.transport.resumeProducing()
-            self._process()  # messages that arrived before the pause took effect
+    def flow_ended(self) -> bool:
+        return self._closing
+
+    def take(self) -> None:
+        self._process()
 
     def _hold(self, message: Any, again: Callable[[Any], None]) -> None:
         """Keep one message until the store has room (then ``again(message)``); take nothing more meanwhile."""
-        self._held = message
-        self.session.held = True
-        self._flow()
-
-        def room(_: Any) -> None:
-            held, self._held = self._held, None
-            self.session.held = False
-            if self._closing or held is None:
-                return
-            again(held)  # may hold it again if another connection took the room
-            self._flow()
-            self._process()
-
-        self.factory.ingest.wait_for_room().addCallback(room)
+        self.hold(self.factory.ingest, lambda: again(message))
 
     def stop_reading(self) -> None:
         """Take no more messages (shutdown); answers for those taken still go out."""
         self.session.stopped = True
-        self._flow()
+        self.flow()
 
     def _close(self) -> None:
         self._closing = True

@@ -425,7 +425,7 @@ class MQTTProtocol(DeviceConnection):
         ticket: Ticket[Any] = self.session.arrived(self._seq, self.factory.clock.seconds())
         assert publish.packet_id is not None
         self._packets[self._seq] = (publish.packet_id, publish.qos)
-        self._flow()
+        self.flow()
         return ticket
 
     def _queue_answer(self, publish: mqtt.Publish, d: Deferred) -> None:
@@ -433,7 +433,7 @@ class MQTTProtocol(DeviceConnection):
 
     def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
         self._settle(ticket, outcome)
-        self._flow()
+        self.flow()
 
     def _answers_ready(self, outcomes: Any, tickets: list[Ticket[Any] | None]) -> None:
         """The outcomes of messages stored together (or the one failure of all), answered in order."""
@@ -446,7 +446,7 @@ class MQTTProtocol(DeviceConnection):
                 self._count(outcome)
             else:
                 self._qos0_failed(outcome if isinstance(outcome, Failure) else Failure(outcome))
-        self._flow()
+        self.flow()
 
     def _settle(self, ticket: Ticket[Any], outcome: Any) -> None:
         for ready in self.session.settle(ticket, outcome):

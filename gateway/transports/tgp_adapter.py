@@ -203,14 +203,14 @@ class DeviceProtocol(DeviceConnection):
 
     def _queue_answer(self, seq: int, d: Deferred) -> None:
         ticket = self.session.arrived(seq, self.factory.clock.seconds())
-        self._flow()
+        self.flow()
         d.addBoth(self._answer_ready, ticket)
 
     def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
         for ready in self.session.settle(ticket, outcome):
             if not self._closing:
                 self._send_answer(ready.seq, ready.outcome, ready.arrived)
-        self._flow()
+        self.flow()
 
     def _send_answer(self, seq: int, outcome: Any, arrived: float) -> None:
         if isinstance(outcome, WriteResult):
