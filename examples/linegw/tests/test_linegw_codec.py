@@ -1,6 +1,6 @@
 """The line protocol's codec with no reactor: whole lines, split lines, and random or cut bytes."""
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linegw.codec import Auth, Bad, LineCodec, Value
@@ -23,6 +23,7 @@ def test_a_bad_or_over_long_line_ends_the_stream():
     assert LineCodec().receive(b"flow nan 1\n") == [Bad("'nan': the value must be finite")]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a busy machine must not fail it
 @given(st.binary(max_size=600), st.integers(min_value=0, max_value=600))
 def test_random_and_cut_bytes_give_events_or_one_bad_never_an_exception(data, cut):
     codec = LineCodec(max_line=64)
