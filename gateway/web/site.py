@@ -366,7 +366,6 @@ class GatewaySite(server.Site):
             reactor=clock,
         )
         self.ingest = ingest
-        self.store = store
         self.clock = clock
         self.max_body = max_body
         self.request_timeout = request_timeout
