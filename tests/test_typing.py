@@ -152,6 +152,7 @@ LAYERS: dict[str, set[str]] = {
     "transport": MODEL | {"ingest"},  # the transport interface
     "transports": MODEL | {"ingest", "transport", "web", "ops.metrics", "ops.logs", "ops.reports"},
     "outbound": MODEL | {"storage"},
+    "commands": MODEL | {"storage"},  # the command ledger and its delivery
     "ops": MODEL | {"storage", "ingest"},
     "web": MODEL | {"storage", "ingest", "ops"},
     "api": MODEL | {"storage", "ingest", "ops", "web"},

@@ -6,6 +6,8 @@ only followed by a new one.
 
 from __future__ import annotations
 
+from gateway.storage.commands_schema import COMMAND_MIGRATIONS
+
 
 def _day_partitions(table: str, rows_of: str) -> str:
     """SQL making a partition of ``table`` (``<table>_YYYYMMDD``) for each UTC day a row of ``rows_of`` falls on."""
@@ -610,4 +612,5 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX devices_natural_order ON devices (natural_name, name);
         """,
     ),
+    *COMMAND_MIGRATIONS,
 )

@@ -1,0 +1,291 @@
+"""
+The commands service of one gateway: it LISTENs for the ledger's notices,
+sends each device's commands over the downlink that device has here, and
+finishes what the devices answer (see the package's theory of operation).
+
+A downlink is whatever a transport gives for a device that can take
+commands now: an object providing ``IDownlink``. A transport ``attach``es
+it when the device can take commands (subscribed to its command topic,
+signed in with a protocol version that has them, polled by this gateway)
+and ``detach``es it when the device goes; the service then sends the
+device's waiting commands, oldest first, as many as the downlink has room
+for, and the rest as room comes back (``flush``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+from gateway.commands.ledger import Ledger
+from gateway.commands.model import FINAL, Command, CommandError, Request
+from gateway.reactor import Reactor
+from gateway.storage.pool import PgPool, first_line
+
+log = Logger()
+
+CHANNEL = "gateway_commands"
+TICK = 5.0  # seconds between looks for expired commands and sends due again
+PURGE_EVERY = 720  # ticks (an hour) between deletions of finished commands past retention
+MAX_WAIT = 60.0  # seconds a caller may wait for a command to finish
+
+
+class IDownlink(Interface):
+    """How a command reaches one device now, over one transport."""
+
+    transport = Attribute("The transport's name, as the ledger records it ('mqtt', 'tgp', …).")
+
+    def room() -> int:
+        """How many more commands it takes now (0: wait until it acknowledges some)."""
+
+    def deliver(command: Command) -> None:
+        """Send it. The transport reports the device's answers: ``Commands.delivered`` and ``finished``."""
+
+
+class Commands(Service):
+    def __init__(
+        self,
+        reactor: Reactor,
+        gateway_id: Callable[[], str],
+        *,
+        resend: float = 30.0,
+        retention: float = 30 * 86400.0,
+    ) -> None:
+        self.reactor = reactor
+        self.gateway_id = gateway_id
+        self.resend = resend
+        self.retention = retention
+        self.pool = PgPool(reactor, 2)
+        self.ledger = Ledger(self.pool.run)
+        self.listener = PgPool(reactor, 1)
+        self.listener.on_connect = self._listen
+        self.downlinks: dict[str, Any] = {}  # device -> its downlink on this gateway
+        self.waiting: set[str] = set()  # devices with commands to send (a hint: the ledger decides)
+        self._flushing: dict[str, list[Any]] = {}  # device -> [resend, waiters] of a flush to do after this one
+        self._waiters: dict[str, list[Deferred]] = {}
+        self.sent: Counter[str] = Counter()  # by transport, resends included
+        self.results: Counter[tuple[str, str]] = Counter()  # (transport, state)
+        self.counts: list[tuple[str, str, int, int]] = []  # (state, transport, commands, past half their expiry)
+        self._ticks = 0
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = reactor
+
+    # -- start and stop ------------------------------------------------
+
+    async def start(self, dsn: str) -> None:
+        await self.pool.start(dsn)
+        await self.listener.start(dsn)
+        self._loop.start(TICK, now=True).addErrback(lambda f: log.failure("command ticks stopped", f))
+
+    async def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        for waiters in self._waiters.values():
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+        await self.listener.close()
+        await self.pool.close()
+
+    def _listen(self, conn: Any) -> Deferred:
+        conn.addNotifyObserver(self._notified)
+        d = conn.runOperation(f"LISTEN {CHANNEL}")
+        # Notices sent while no connection listened are lost: look at the ledger now.
+        d.addCallback(lambda _: self.reactor.callLater(0, self.tick))
+        return d
+
+    def _notified(self, notify: Any) -> None:
+        if notify.channel != CHANNEL:
+            return
+        parts = notify.payload.split(" ")
+        if len(parts) != 3:
+            return
+        state, device, id_ = parts
+        if state == "queued":
+            self.waiting.add(device)
+            if device in self.downlinks:
+                self.flush(device)
+        if state in FINAL:
+            for d in self._waiters.pop(id_, []):
+                if not d.called:
+                    d.callback(None)
+
+    def tick(self) -> Deferred:
+        """Expire what is past its expiry, send again what is due, count; every hour, purge."""
+        return Deferred.fromCoroutine(self._tick()).addErrback(
+            lambda f: log.warn("commands not checked: {error}", error=first_line(f.value))
+        )
+
+    async def _tick(self) -> None:
+        self._ticks += 1
+        for id_, device, name in await self.ledger.expire():
+            log.info("command {id} ({name}) to {device} expired", id=id_, name=name, device=device)
+        self.waiting = await self.ledger.waiting_devices()
+        for device in sorted(self.waiting & set(self.downlinks)):
+            self.flush(device)
+        self.counts = await self.ledger.counts()
+        if self._ticks % PURGE_EVERY == 1:
+            purged = await self.ledger.purge(self.retention)
+            if purged:
+                log.info("deleted {n} finished commands past --command-retention", n=purged)
+
+    # -- downlinks -----------------------------------------------------
+
+    def attach(self, device: str, downlink: Any) -> None:
+        """``device`` takes commands over ``downlink`` now: send it what waits (sent before or not)."""
+        self.downlinks[device] = downlink
+        self.flush(device, resend=0.0)
+
+    def detach(self, device: str, downlink: Any) -> None:
+        if self.downlinks.get(device) is downlink:
+            del self.downlinks[device]
+
+    def flush(self, device: str, resend: float | None = None) -> Deferred:
+        """Send ``device``'s due commands over its downlink, as many as it has room for; sends younger than
+        ``resend`` seconds (by default the service's) are left alone. Fires when they are sent: a flush
+        asked for while one is under way is done after it (with the smaller resend of the two)."""
+        wanted = self.resend if resend is None else resend
+        waiting = self._flushing.get(device)
+        if waiting is not None:
+            d: Deferred = Deferred()
+            waiting[1].append(d)
+            waiting[0] = wanted if waiting[0] is None else min(waiting[0], wanted)
+            return d
+        self._flushing[device] = [None, []]
+        done = Deferred.fromCoroutine(self._flush(device, wanted))
+
+        def failed(f: Any) -> None:
+            log.warn("commands to {device} not sent yet: {error}", device=device, error=first_line(f.value))
+
+        def next_one(_: Any) -> None:
+            again, waiters = self._flushing.pop(device)
+            if again is None:
+                return
+            if device not in self.downlinks:
+                for w in waiters:
+                    w.callback(None)
+                return
+
+            def release(_: Any) -> None:
+                for w in waiters:
+                    w.callback(None)
+
+            self.flush(device, again).addCallback(release)
+
+        return done.addErrback(failed).addCallback(next_one)
+
+    async def _flush(self, device: str, resend: float) -> None:
+        downlink: Any = self.downlinks.get(device)
+        if downlink is None:
+            return
+        room = downlink.room()
+        if room <= 0:
+            return
+        commands = await self.ledger.claim(device, self.gateway_id(), downlink.transport, resend, room)
+        for command in commands:
+            if not self._holds(device, downlink):
+                return  # gone meanwhile: sent again when it is back
+            self.sent[downlink.transport] += 1
+            downlink.deliver(command)
+
+    def _holds(self, device: str, downlink: Any) -> bool:
+        return self.downlinks.get(device) is downlink
+
+    async def take(self, device: str, transport: str, limit: int, wait: bool = False) -> list[Command]:
+        """Claim ``device``'s due commands for a transport that answers with them (HTTPS)."""
+        if device not in self.waiting:
+            return []
+        commands = await self.ledger.claim(device, self.gateway_id(), transport, self.resend, limit)
+        self.sent[transport] += len(commands)
+        return commands
+
+    # -- what people and devices say -------------------------------------
+
+    async def send(self, device: str, request: Request, sender: str) -> tuple[Command, bool]:
+        command, new = await self.ledger.accept(device, request, sender)
+        if new:
+            log.info(
+                "command {id} ({name}) to {device} from {sender}, expires in {ttl:g} s",
+                id=command.id,
+                name=command.name,
+                device=device,
+                sender=sender,
+                ttl=request.ttl,
+            )
+        return command, new
+
+    async def delivered(self, device: str, id_: str) -> None:
+        """The device has the command (MQTT PUBACK, TGP's acknowledgement)."""
+        await self.ledger.delivered(device, id_)
+        downlink = self.downlinks.get(device)
+        if downlink is not None:
+            self.flush(device)  # room again
+
+    async def finished(self, device: str, id_: str, status: str, result: Any, transport: str) -> bool:
+        """Record a device's result; False when it is not the device's command or it was finished before."""
+        recorded = await self.ledger.finish(device, id_, status, result)
+        if recorded:
+            self.results[(transport, status)] += 1
+            log.info("command {id} to {device} {status}", id=id_, device=device, status=status)
+        return recorded
+
+    async def wait(self, id_: str, timeout: float) -> Command | None:
+        """The command once finished, or as it is after ``timeout`` seconds."""
+        d: Deferred = Deferred()
+        self._waiters.setdefault(id_, []).append(d)
+        try:
+            command = await self.ledger.find(id_)
+            if command is None or command.finished or timeout <= 0:
+                return command
+            call = self.reactor.callLater(min(timeout, MAX_WAIT), d.callback, None)
+            await d
+            if call.active():
+                call.cancel()
+            return await self.ledger.find(id_)
+        finally:
+            waiters = self._waiters.get(id_, [])
+            if d in waiters:
+                waiters.remove(d)
+            if not waiters:
+                self._waiters.pop(id_, None)
+
+    async def cancel(self, id_: str, who: str) -> Command:
+        return await self.ledger.cancel(id_, who)
+
+    # -- /metrics and /healthz -------------------------------------------
+
+    def live_metrics(self) -> Any:
+        by_state = GaugeMetricFamily(
+            "gateway_commands", "Commands in the ledger by state and transport", labels=["state", "transport"]
+        )
+        for state, transport, count, _ in self.counts:
+            by_state.add_metric([state, transport], count)
+        yield by_state
+        sent = CounterMetricFamily(
+            "gateway_commands_sent", "Commands sent by this gateway (resends included)", labels=["transport"]
+        )
+        for transport, count in sorted(self.sent.items()):
+            sent.add_metric([transport], count)
+        yield sent
+        results = CounterMetricFamily(
+            "gateway_command_results", "Results devices reported to this gateway", labels=["transport", "state"]
+        )
+        for (transport, state), count in sorted(self.results.items()):
+            results.add_metric([transport, state], count)
+        yield results
+
+    def health(self) -> dict[str, Any]:
+        late = sum(c[3] for c in self.counts)
+        waiting = sum(c[2] for c in self.counts if c[0] in ("queued", "sent", "delivered"))
+        return {"waiting": waiting, "past_half_expiry": late, "devices_here": len(self.downlinks)}
+
+
+__all__ = ["Commands", "CommandError", "IDownlink"]
