@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gateway.commands.model import COMMAND_SETTINGS
 from gateway.errors import StartError
 from gateway.outbound.alerts import AlertError, AlertRule, rules_from_tables
 from gateway.net.endpoints import EndpointSpec
@@ -196,6 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
         live=True,
     ),
     *UPLOAD_SETTINGS,
+    *COMMAND_SETTINGS,
     Setting(
         "sink-stall",
         300.0,
@@ -310,6 +312,8 @@ class GatewayConfig:
     upload_backoff_cap: float
     upload_timeout: float
     retention: float | None
+    command_retention: float
+    command_resend: float
     compress_after: float | None
     pack_after: float | None
     partition: float

@@ -6,21 +6,19 @@ the global reactor, and wraps the tree in ``GatewayProcess``
 (``ops/process.py``), which alone installs signal handlers, tunes the
 garbage collector, notifies systemd and sets the exit status.
 
-Start order. ``privilegedStartService`` makes the data directory, opens
-the journal, and binds every listening port (a ``Listener`` each, children
-of one ``Listeners`` service), so a port in use or a bad certificate stops
-the start at once with one line. ``startService`` then starts the embedded
-PostgreSQL and applies migrations in a thread (both block), and opens the
-store's connection pool. Only then do the HTTPS and device ports accept
-connections: until the gateway can answer, connections wait in the kernel's
-queue (the listen backlog) rather than get 503. Stop order is
-the reverse: stop listening, let the store commit and answer what is in
-flight, close the pools, stop the database.
+Start order. ``privilegedStartService`` makes the data directory, opens the
+journal, and binds every listening port (a ``Listener`` each, children of one
+``Listeners`` service), so a port in use or a bad certificate stops the start
+at once with one line. ``startService`` then starts the embedded PostgreSQL
+and applies migrations in a thread (both block), and opens the store's pool.
+Only then do the ports accept connections: until the gateway can answer,
+they wait in the listen backlog rather than get 503. Stop order is the
+reverse: stop listening, let the store commit and answer what is in flight,
+close the pools, stop the database.
 
-SIGHUP re-reads the config file; each component applies its own part
-through its ``reconfigure``, and the log says what changed and what waits
-for a restart. Each component that has live figures for /metrics yields
-them from its own ``live_metrics``.
+SIGHUP re-reads the config file; each component applies its own part through
+its ``reconfigure``, and the log says what changed and what waits for a
+restart. Each component yields its /metrics figures from ``live_metrics``.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.reactor import Reactor, as_reactor
+from gateway.commands.service import Commands
 from gateway.config import GatewayConfig, Options, changes, reread
 from gateway.errors import StartError
 from gateway.ingest.core import Ingest
@@ -89,15 +88,16 @@ class GatewayService(MultiService):
         self.ingest.observers.append(self.alerts.observe)
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_address, self._refused)
         self.reads = PgPool(reactor, 2)  # the read API, status checks and transports, apart from the writers
-        # The device transports: every installed plugin that has something to do with this configuration.
         self.registry = DeviceRegistry()
         identity = lambda: gateway_id(self.config.data_dir)  # noqa: E731 - known once the data directory is
-        self.transports = built(config, TransportContext(self.ingest, reactor, self.registry, identity, self.reads.run))
+        self.commands = Commands(reactor, identity, resend=config.command_resend, retention=config.command_retention)
+        context = TransportContext(self.ingest, reactor, self.registry, identity, self.reads.run, self.commands)
+        self.transports = built(config, context)  # every installed transport this configuration uses
         self.health = Health(
             self.store,
             stall_after=config.sink_stall,
             uploader=lambda: self.outbound.uploader,
-            transports=lambda: self.transports,
+            transports=lambda: [*self.transports, self.commands],
             retention=lambda: self.outbound.retention,
             compressor=lambda: self.storage.compressor,
             packer=lambda: self.storage.packer,
@@ -105,15 +105,15 @@ class GatewayService(MultiService):
             embedded=self.storage.supervisor.status if self.storage.supervisor else None,
         )
         v1, hub = self.transports.resources(), (self.reads, self.ingest, self.health, self.metrics, self.in_thread)
-        self.surfaces = Surfaces(config, reactor, *hub, v1)
+        self.surfaces = Surfaces(config, reactor, *hub, v1, self.commands)
         self.site, self.api = self.surfaces.site, self.surfaces.api
         query = lambda sql, params: self.reads.run(lambda c: c.runQuery(sql, params))  # noqa: E731
         self.status = StatusWatch(query, self.surfaces.status_policy, reactor, config.status_interval)
         self.console = Console(self)
         self.watch = DeviceWatch(reactor, self.transports.online, self._revoked, self._devices_changed)
-        for source in (connection_metrics(self.connections), self.storage.live_metrics, self.status.live_metrics):
-            self.metrics.live.sources.append(source)
-        self.metrics.live.sources += [self.outbound.live_metrics, self.transports.live_metrics]
+        self.metrics.live.sources += [connection_metrics(self.connections), self.storage.live_metrics]
+        self.metrics.live.sources += [self.status.live_metrics, self.outbound.live_metrics]
+        self.metrics.live.sources += [self.transports.live_metrics, self.commands.live_metrics]
         self.tls = TLSWrapper(reactor, config.tls_dir, config.tls_cert, config.tls_key)
         self.listeners = Listeners(reactor, self.tls, self.limits)
         self.listeners.setServiceParent(self)
@@ -178,6 +178,7 @@ class GatewayService(MultiService):
         await self.outbound.start_retention()
         await self.watch.start(dsn)
         await self.reads.start(dsn)
+        await self.commands.start(dsn)
         self.status.setServiceParent(self)
         await self.transports.start(self)
         await self.outbound.start_alerts()
@@ -205,8 +206,7 @@ class GatewayService(MultiService):
         self._failed(message)
 
     def _failed(self, message: str, ready: bool = True) -> StartError:
-        """Record why the start failed. Past ``privilegedStartService`` (which raises to its caller
-        instead) ``ready`` errbacks with it."""
+        """Record why the start failed; past ``privilegedStartService`` (which raises) ``ready`` errbacks."""
         self.failure = message
         error = StartError(message)
         if ready and not self.ready.called:
@@ -226,13 +226,13 @@ class GatewayService(MultiService):
         for session in sessions:
             session.end(CloseReason.SHUTTING_DOWN, "the gateway is stopping; reconnect later")
         await self.outbound.close()
+        await self.commands.stop()
         await self.reads.close()
         await self.storage.close()
 
     def stopService(self) -> Deferred:
         """Stop as in the module's docstring; past --shutdown-timeout, cut what is left and finish."""
-        self.stopping = True
-        timeout = self.config.shutdown_timeout
+        self.stopping, timeout = True, self.config.shutdown_timeout
 
         def cut() -> Deferred:
             for session in self.transports.sessions():
@@ -277,6 +277,7 @@ class GatewayService(MultiService):
         self.health.reconfigure(new.sink_stall)
         self.ingest.reconfigure(new.device_rate, new.quality, new.device_types)
         self.surfaces.reconfigure(new)
+        self.commands.reconfigure(new.command_resend, new.command_retention)
         self.status.set_interval(new.status_interval)
         applied += await self.transports.reconfigure(new)
         applied += await self.outbound.reconfigure(new)

@@ -83,12 +83,16 @@ class TransportContext:
         registry: DeviceRegistry,
         identity: Callable[[], str],
         run: Callable[[Callable[[Any], Deferred]], Deferred],
+        commands: Any = None,
     ) -> None:
         self.ingest = ingest  # the one way in: authenticate, admit, store, refuse
         self.reactor = reactor
         self.registry = registry  # one session per device across the session transports
         self._identity = identity
         self.run = run  # a read-pool connection: run(lambda c: c.runQuery(sql, params))
+        # The gateway's commands service (gateway.commands.service.Commands): a transport that can reach a
+        # device attaches the device's downlink to it and reports what the device answers.
+        self.commands = commands
 
     @property
     def gateway_id(self) -> str:

@@ -321,7 +321,8 @@ def test_every_read_api_error_code_has_its_http_status():
 
     from gateway.api.resource import STATUS
 
-    source = (Path(__file__).resolve().parent.parent / "gateway" / "api" / "read.py").read_text()
+    api = Path(__file__).resolve().parent.parent / "gateway" / "api"
+    source = (api / "read.py").read_text() + (api / "commands.py").read_text()
     codes = set(re.findall(r'ApiError\(\s*"([a-z_]+)"', source))
     assert codes and codes <= STATUS.keys(), codes - STATUS.keys()
 

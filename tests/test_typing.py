@@ -149,19 +149,19 @@ LAYERS: dict[str, set[str]] = {
     **{m: MODEL for m in MODEL},
     "storage": MODEL,
     "ingest": MODEL | {"storage.interface"},
-    "transport": MODEL | {"ingest"},  # the transport interface
-    "transports": MODEL | {"ingest", "transport", "web", "ops.metrics", "ops.logs", "ops.reports"},
+    "transport": MODEL | {"ingest", "commands"},  # the transport interface
+    "transports": MODEL | {"ingest", "commands", "transport", "web", "ops.metrics", "ops.logs", "ops.reports"},
     "outbound": MODEL | {"storage"},
     "commands": MODEL | {"storage"},  # the command ledger and its delivery
     "ops": MODEL | {"storage", "ingest"},
     "web": MODEL | {"storage", "ingest", "ops"},
-    "api": MODEL | {"storage", "ingest", "ops", "web"},
-    "ui": MODEL | {"storage", "ingest", "ops", "web", "api"},
+    "api": MODEL | {"storage", "ingest", "ops", "web", "commands"},
+    "ui": MODEL | {"storage", "ingest", "ops", "web", "api", "commands"},
     # The assembler: everything, the transports only through the plugin interface (twisted/plugins/).
     "service": {"*"},
     "config": {"*"},
     # gatewayctl reads the config file and prints what the gateway's own modules compute.
-    "cli": MODEL | {"storage", "config", "ops.status", "ops.tuning"},
+    "cli": MODEL | {"storage", "config", "ops.status", "ops.tuning", "commands"},
 }
 
 

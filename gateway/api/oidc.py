@@ -11,7 +11,7 @@ HMAC secret. The keys are fetched with treq at start and cached; a token
 signed with a key not in the cache (the provider rotated its keys) makes
 the gateway fetch them again, at most once a minute. The role comes from
 a claim (``groups``, ``roles``, ``realm_access.roles``, ``cognito:groups``,
-...) whose values ``[oidc.roles]`` maps to reader and admin.
+...) whose values ``[oidc.roles]`` maps to reader, operator and admin.
 
 With ``client_id``, ``authorization_endpoint`` and ``token_endpoint`` the
 dashboard also signs in through the provider: the authorization-code flow
@@ -76,6 +76,7 @@ class OidcSettings:
     roles_claim: str
     admin: tuple[str, ...]
     reader: tuple[str, ...]
+    operator: tuple[str, ...] = ()
     name: str = "single sign-on"
     authorization_endpoint: str | None = None
     token_endpoint: str | None = None
@@ -122,8 +123,8 @@ def oidc_from_table(table: Any, environ: Mapping[str, str]) -> OidcSettings:
     if not table.get("audience") and not table.get("client_id"):
         raise ValueError("audience: give the audience your tokens carry, or client_id for tokens without one")
     roles = table.get("roles")
-    if not isinstance(roles, dict) or not set(roles) <= {"admin", "reader"} or not roles:
-        raise ValueError('roles: give [oidc.roles] with admin = ["..."] and/or reader = ["..."]')
+    if not isinstance(roles, dict) or not set(roles) <= {"admin", "operator", "reader"} or not roles:
+        raise ValueError('roles: give [oidc.roles] with admin = ["..."], operator = ["..."] and/or reader = ["..."]')
     claim = table.get("roles_claim", "groups")
     if not isinstance(claim, str) or not claim:
         raise ValueError("roles_claim: give the claim holding the roles, such as groups or realm_access.roles")
@@ -135,6 +136,7 @@ def oidc_from_table(table: Any, environ: Mapping[str, str]) -> OidcSettings:
         roles_claim=claim,
         admin=_names("roles.admin", roles.get("admin", [])),
         reader=_names("roles.reader", roles.get("reader", [])),
+        operator=_names("roles.operator", roles.get("operator", [])),
         name=str(table.get("name", "single sign-on")),
         authorization_endpoint=_url("authorization_endpoint", table["authorization_endpoint"])
         if "authorization_endpoint" in table
@@ -360,6 +362,8 @@ class OidcVerifier:
         held = {v for v in listed if isinstance(v, str)}
         if held & set(self.settings.admin):
             return "admin"
+        if held & set(self.settings.operator):
+            return "operator"
         if held & set(self.settings.reader):
             return "reader"
         return None

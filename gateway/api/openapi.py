@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.commands.model import STATES
 
 _TS = {"type": "string", "format": "date-time", "example": "2026-11-22T10:00:00.25Z"}
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
@@ -156,6 +157,52 @@ SCHEMAS: dict[str, Any] = {
             "last_error": {"type": "string", "nullable": True},
         },
     },
+    "Command": {
+        "type": "object",
+        "properties": {
+            "id": _NAME,
+            "device": _NAME,
+            "name": {"type": "string"},
+            "params": {"type": "object"},
+            "sender": {"type": "string", "description": "the API token's name or the OIDC subject that sent it"},
+            "state": {"type": "string", "enum": list(STATES)},
+            "created": _TS,
+            "expires": _TS,
+            "attempts": {"type": "integer", "description": "times sent to the device"},
+            "transport": {"type": "string", "nullable": True, "description": "over which it was sent last"},
+            "result": {"nullable": True, "description": "the device's result, when it reported one"},
+            "history": {
+                "type": "array",
+                "description": "every change of state (and every send), oldest first",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "at": _TS,
+                        "state": {"type": "string"},
+                        "attempt": {"type": "integer"},
+                        "gateway": {"type": "string"},
+                        "transport": {"type": "string"},
+                        "note": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "NewCommand": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.:/-]{1,64}$"},
+            "params": {"type": "object", "description": "at most 16 KiB as JSON"},
+            "ttl": {"description": "seconds, or 90s, 10m, 12h, 30d (default 10m, at most 30d)"},
+            "id": {**_NAME, "description": "an idempotency key: posting it again answers the same command"},
+        },
+    },
+    "DeviceCommand": {
+        "type": "object",
+        "description": "a command as a device is given it; run it once per id",
+        "properties": {"id": _NAME, "name": {"type": "string"}, "params": {"type": "object"}, "expires": _TS},
+    },
     "Quarantined": {
         "type": "object",
         "properties": {
@@ -175,8 +222,9 @@ _ERRORS = {
     400: "A parameter or the body is malformed; the message names it.",
     401: "No token, or an unknown or revoked one.",
     403: "A device token on the read API, or a reader token where admin is needed.",
-    404: "No such device (or quarantined reading, or sink).",
+    404: "No such device (or quarantined reading, sink, command).",
     405: "Another method is needed (see Allow).",
+    409: "The command id names another command, or the command can no longer be canceled.",
     408: "The request did not arrive whole in time.",
     411: "No Content-Length and not chunked.",
     413: "The body is over --max-body.",
@@ -191,11 +239,19 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _op(summary: str, ok: dict[str, Any] | None, errors: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: dict[str, Any] | None,
+    errors: tuple[int, ...],
+    *,
+    ok_status: tuple[int, ...] = (200,),
+    **extra: Any,
+) -> dict[str, Any]:
     responses: dict[str, Any] = {
-        "200": {"description": "OK", "content": {"application/json": {"schema": ok}}}
+        str(status): {"description": "OK", "content": {"application/json": {"schema": ok}}}
         if ok is not None
         else {"description": "OK"}
+        for status in ok_status
     }
     for status in (*errors, 405):
         responses[str(status)] = {
@@ -229,6 +285,89 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
 _DEVICE = {"name": "name", "in": "path", "required": True, "schema": _NAME}
 _LIMIT = _query("limit", "at most this many (1..1000, default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
 _READ: dict[str, Any] = {"security": [{"apiToken": []}]}
+
+
+_DEVICE_TOKEN: dict[str, Any] = {"security": [{"deviceToken": []}]}
+_COMMAND = {"name": "id", "in": "path", "required": True, "schema": _NAME}
+_WAIT = _query("wait", "wait up to this many seconds (at most 60)", {"type": "number", "minimum": 0, "maximum": 60})
+
+
+def _command_paths(read_errors: tuple[int, ...]) -> dict[str, Any]:
+    body = {"required": True, "content": {"application/json": {"schema": _ref("NewCommand")}}}
+    result = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"type": "string", "enum": ["succeeded", "failed"]}, "result": {}},
+                }
+            }
+        },
+    }
+    return {
+        "/v1/devices/{name}/commands": {
+            "post": _op(
+                "Send a command (operator role): 202 when queued, 200 when the id was given before",
+                _ref("Command"),
+                (400, *read_errors, 404, 409),
+                ok_status=(200, 202),
+                requestBody=body,
+                **_READ,
+            ),
+            "get": _op(
+                "The device's commands, newest first",
+                _page("commands", "Command"),
+                (400, *read_errors, 404),
+                parameters=[
+                    _query("state", "only commands in this state", {"type": "string", "enum": list(STATES)}),
+                    _LIMIT,
+                    _query("cursor", "next_cursor"),
+                ],
+                **_READ,
+            ),
+            "parameters": [_DEVICE],
+        },
+        "/v1/commands/{id}": {
+            "get": _op(
+                "A command, its result and history",
+                _ref("Command"),
+                (400, *read_errors, 404),
+                parameters=[_WAIT],
+                **_READ,
+            ),
+            "parameters": [_COMMAND],
+        },
+        "/v1/commands/{id}/cancel": {
+            "post": _op(
+                "Cancel a command not yet delivered (operator role)", _ref("Command"), (*read_errors, 404, 409), **_READ
+            ),
+            "parameters": [_COMMAND],
+        },
+        "/v1/commands": {
+            "get": _op(
+                "A device's commands to run (device token); with wait, answered when one comes",
+                {"type": "object", "properties": {"commands": {"type": "array", "items": _ref("DeviceCommand")}}},
+                (400, 401, 503),
+                parameters=[_WAIT],
+                **_DEVICE_TOKEN,
+            )
+        },
+        "/v1/commands/{id}/result": {
+            "post": _op(
+                "A device reports a command's result (device token); recorded once",
+                {
+                    "type": "object",
+                    "properties": {"id": _NAME, "state": {"type": "string"}, "recorded": {"type": "boolean"}},
+                },
+                (400, 401, 404, 503),
+                requestBody=result,
+                **_DEVICE_TOKEN,
+            ),
+            "parameters": [_COMMAND],
+        },
+    }
 
 
 def document() -> dict[str, Any]:
@@ -389,6 +528,7 @@ def document() -> dict[str, Any]:
                 ),
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             },
+            **_command_paths(read_errors),
             "/healthz": {
                 "get": _op("Health of the database, the queue, the journal and the sinks", {"type": "object"}, (503,))
             },

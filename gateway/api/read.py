@@ -3,7 +3,7 @@ The read API on the HTTPS port: devices and their status, the digital
 twin, stored readings, alerts and (for admins) the quarantine.
 
 Callers present an API token (``gatewayctl token add NAME --role
-reader|admin``), never a device token: a device proves who sends, and
+reader|operator|admin``), never a device token: a device proves who sends, and
 reading the fleet's data is another right. Every answer is JSON; errors
 are ``{"error": code, "message": text}``. Routing is a table (``ROUTES``)
 that the OpenAPI document at ``/v1/openapi.json`` is checked against.
@@ -146,12 +146,24 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
+class Call:
+    """A request as a handler that takes more than its query sees it."""
+
+    args: dict[bytes, list[bytes]]
+    body: bytes
+    credentials: Credentials
+    who: str  # the API token's name, the OIDC subject, the dashboard session's subject; "" for a device
+    source: Any = None  # where the request came from (a readings.Source), for a device's refusals
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     template: str  # as in the OpenAPI document: /v1/devices/{name}
-    role: str | None  # "reader", "admin", or None: no token needed
-    handler: str  # ReadApi method
+    role: str | None  # "reader", "operator", "admin"; "device" (a device token, checked by the handler); None
+    handler: str  # ReadApi method, or "commands.<method>" of its CommandsApi
     params: tuple[str, ...] = ()  # query parameters allowed
+    call: bool = False  # the handler takes the whole Call (body, who asks), not the query alone
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -171,9 +183,16 @@ ROUTES = (
     Route("POST", "/v1/quarantine/{id}/release", "admin", "release"),
     Route("GET", "/v1/sinks", "reader", "sinks"),
     Route("POST", "/v1/sinks/{name}/retry", "admin", "retry_sink"),
+    # Commands (gateway/api/commands.py): people and programs send them, devices poll and answer over HTTPS.
+    Route("POST", "/v1/devices/{name}/commands", "operator", "commands.send", call=True),
+    Route("GET", "/v1/devices/{name}/commands", "reader", "commands.of_device", ("state", "limit", "cursor")),
+    Route("GET", "/v1/commands/{id}", "reader", "commands.show", ("wait",)),
+    Route("POST", "/v1/commands/{id}/cancel", "operator", "commands.cancel", call=True),
+    Route("GET", "/v1/commands", "device", "commands.poll", ("wait",), call=True),
+    Route("POST", "/v1/commands/{id}/result", "device", "commands.result", call=True),
 )
 
-ROLES = {"reader": 1, "admin": 2}
+ROLES = {"reader": 1, "operator": 2, "admin": 3}
 
 
 def _one(args: dict[bytes, list[bytes]], name: str) -> str | None:
@@ -258,9 +277,11 @@ class ReadApi:
         openapi: dict[str, Any],
         sessions: Sessions | None = None,
         oidc: OidcVerifier | None = None,
+        commands: Any = None,
     ) -> None:
         self.pool = pool
         self.clock = clock
+        self.commands = commands  # a CommandsApi, when the gateway takes commands
         self.policy = policy
         self.openapi_doc = openapi
         self.sessions = sessions
@@ -301,34 +322,52 @@ class ReadApi:
             raise ApiError("forbidden", "this request needs the session's X-CSRF-Token, from the gateway's own page")
         return session
 
-    async def _role(self, credentials: Credentials, changes: bool) -> str:
+    async def _caller(self, credentials: Credentials, changes: bool) -> tuple[str, str]:
+        """The role and name of who presents ``credentials``."""
         if credentials.token is None and credentials.cookie is not None:
-            return (await self.session_of(credentials, changes)).role
-        return (await self.api_token(credentials.token)).role
+            session = await self.session_of(credentials, changes)
+            return session.role, session.subject
+        token = await self.api_token(credentials.token)
+        return token.role, token.name
 
-    async def handle(self, method: str, path: str, args: dict[bytes, list[bytes]], credentials: Credentials) -> Any:
-        for route in ROUTES:
-            match = route.pattern.match(path)
-            if match is None:
-                continue
-            if route.method != method:
-                raise ApiError("method_not_allowed", f"use {route.method}")
-            unknown = sorted(k.decode("utf-8", "replace") for k in args if k.decode("latin-1") not in route.params)
-            if unknown:
-                allowed = ", ".join(route.params) or "none"
-                raise ApiError("invalid_parameter", f"{unknown[0]}: unknown parameter (allowed: {allowed})")
-            if route.role is not None:
-                role = await self._role(credentials, changes=route.method != "GET")
-                if ROLES[role] < ROLES[route.role]:
-                    raise ApiError("forbidden", f"this needs an API token with the {route.role} role")
-            handler = getattr(self, route.handler)
-            return await handler(args, *match.groups())
-        raise ApiError("not_found", f"no such resource: {path}")
+    async def handle(
+        self,
+        method: str,
+        path: str,
+        args: dict[bytes, list[bytes]],
+        credentials: Credentials,
+        body: bytes = b"",
+        source: Any = None,
+    ) -> Any:
+        matching = [r for r in ROUTES if r.pattern.match(path)]
+        if not matching:
+            raise ApiError("not_found", f"no such resource: {path}")
+        route = next((r for r in matching if r.method == method), None)
+        if route is None:
+            raise ApiError("method_not_allowed", f"use {' or '.join(r.method for r in matching)}")
+        match = route.pattern.match(path)
+        assert match is not None
+        unknown = sorted(k.decode("utf-8", "replace") for k in args if k.decode("latin-1") not in route.params)
+        if unknown:
+            allowed = ", ".join(route.params) or "none"
+            raise ApiError("invalid_parameter", f"{unknown[0]}: unknown parameter (allowed: {allowed})")
+        who = ""
+        if route.role not in (None, "device"):
+            role, who = await self._caller(credentials, changes=route.method != "GET")
+            if ROLES[role] < ROLES[route.role]:
+                raise ApiError("forbidden", f"this needs an API token with the {route.role} role")
+        handler: Any = self
+        for part in route.handler.split("."):
+            handler = getattr(handler, part)
+        if route.call:
+            return await handler(Call(args, body, credentials, who, source), *match.groups())
+        return await handler(args, *match.groups())
 
     @staticmethod
     def allowed(path: str) -> str | None:
-        """The method the route at ``path`` takes (for Allow), or None."""
-        return next((r.method for r in ROUTES if r.pattern.match(path)), None)
+        """The methods the routes at ``path`` take (for Allow), or None."""
+        methods = [r.method for r in ROUTES if r.pattern.match(path)]
+        return ", ".join(methods) or None
 
     # -- the routes --------------------------------------------------------
 

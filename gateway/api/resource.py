@@ -12,6 +12,7 @@ from twisted.web import resource, server
 from gateway.api.read import ApiError, Credentials, ReadApi
 from gateway.api.sessions import COOKIE
 from gateway.readings import StoreOverloaded, StoreUnavailable
+from gateway.web.site import source_of
 from gateway.web.answers import answer_later, bearer_token, error_body, json_answer, same_origin
 
 log = Logger()
@@ -25,6 +26,11 @@ STATUS = {
     "not_found": 404,
     "no_such_device": 404,
     "method_not_allowed": 405,
+    "invalid_json": 400,
+    "invalid_command": 400,
+    "invalid_result": 400,
+    "id_in_use": 409,
+    "not_cancelable": 409,
 }
 
 
@@ -54,10 +60,12 @@ class ApiResource(resource.Resource):
         if method == "HEAD":
             method = "GET"
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
-        d = Deferred.fromCoroutine(self.api.handle(method, path, request.args or {}, credentials_of(request)))
+        body = request.content.getvalue() if request.content is not None else b""
+        call = self.api.handle(method, path, request.args or {}, credentials_of(request), body, source_of(request))
+        d = Deferred.fromCoroutine(call)
 
         def done(doc: Any) -> bytes:
-            return json_answer(request, 200, doc)
+            return json_answer(request, getattr(doc, "status", 200), doc)
 
         def failed(f: Failure) -> bytes:
             e = f.value
@@ -65,7 +73,8 @@ class ApiResource(resource.Resource):
                 status = STATUS.get(e.code, 400)
                 if status == 405:
                     allowed = self.api.allowed(path) or "GET"
-                    request.setHeader(b"allow", b"GET, HEAD" if allowed == "GET" else allowed.encode())
+                    allowed = allowed.replace("GET", "GET, HEAD")
+                    request.setHeader(b"allow", allowed.encode())
                 return json_answer(request, status, error_body(e.code, e.message), e.retry_after)
             if isinstance(e, (StoreUnavailable, StoreOverloaded)):
                 return json_answer(request, 503, error_body("database_unavailable", e.message), 5)

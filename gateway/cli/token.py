@@ -34,7 +34,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     p = tsub.add_parser("add", parents=[common], help="make an API token; prints it on stdout")
     p.add_argument("name")
-    p.add_argument("--role", choices=("reader", "admin"), required=True, help="admin may also read the quarantine")
+    p.add_argument(
+        "--role",
+        choices=("reader", "operator", "admin"),
+        required=True,
+        help="reader reads; operator also sends commands and sets desired configuration; admin may do all of it "
+        "and read the quarantine",
+    )
     p.set_defaults(func=cmd_token_add)
     p = tsub.add_parser("list", parents=[common], help="list API tokens")
     p.set_defaults(func=cmd_token_list)

@@ -187,6 +187,9 @@ class Ledger:
             )
         return existing, False
 
+    async def device_exists(self, name: str) -> bool:
+        return bool(await self._query("SELECT 1 FROM devices WHERE name = %s", (name,)))
+
     async def find(self, id_: str, history: bool = False) -> Command | None:
         rows = await self._query(FIND, (id_,))
         if not rows:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.readings import format_ts, is_name
-from gateway.settings import duration
+from gateway.settings import Setting, duration
 
 STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "canceled")
 WAITING = ("queued", "sent", "delivered")  # not finished
@@ -23,6 +23,25 @@ MAX_PARAMS = 16 * 1024  # bytes of a command's parameters, as JSON
 MAX_RESULT = 16 * 1024  # bytes of a device's result, as JSON
 COMMAND_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}\Z")
 COMMAND_NAME_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . : / -"
+
+
+COMMAND_SETTINGS = (
+    Setting(
+        "command-retention",
+        30 * 86400.0,
+        lambda value: duration(value, lo=3600),
+        "Keep finished commands (succeeded, failed, expired, canceled) and their history this long (12h, 30d).",
+        live=True,
+    ),
+    Setting(
+        "command-resend",
+        30.0,
+        lambda value: duration(value, lo=1, hi=3600),
+        "Send a command again (same id) when the device has not acknowledged it after this many seconds "
+        "(it is sent again at once when the device reconnects).",
+        live=True,
+    ),
+)
 
 
 class CommandError(Exception):

@@ -78,6 +78,9 @@ class Commands(Service):
         self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
 
+    def reconfigure(self, resend: float, retention: float) -> None:
+        self.resend, self.retention = resend, retention
+
     # -- start and stop ------------------------------------------------
 
     async def start(self, dsn: str) -> None:
@@ -139,10 +142,11 @@ class Commands(Service):
 
     # -- downlinks -----------------------------------------------------
 
-    def attach(self, device: str, downlink: Any) -> None:
-        """``device`` takes commands over ``downlink`` now: send it what waits (sent before or not)."""
+    def attach(self, device: str, downlink: Any, resend: float | None = 0.0) -> None:
+        """``device`` takes commands over ``downlink`` now: send it what waits, by default what was sent
+        before and not acknowledged too (a device back on line; None: only what is due)."""
         self.downlinks[device] = downlink
-        self.flush(device, resend=0.0)
+        self.flush(device, resend=resend)
 
     def detach(self, device: str, downlink: Any) -> None:
         if self.downlinks.get(device) is downlink:
@@ -282,10 +286,13 @@ class Commands(Service):
             results.add_metric([transport, state], count)
         yield results
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, tuple[Any, bool | None]]:
+        """/healthz: commands not finished, and of those how many waited past half their expiry (a device
+        away, a transport that cannot reach it): told, not judged, like a silent field device."""
         late = sum(c[3] for c in self.counts)
         waiting = sum(c[2] for c in self.counts if c[0] in ("queued", "sent", "delivered"))
-        return {"waiting": waiting, "past_half_expiry": late, "devices_here": len(self.downlinks)}
+        doc = {"waiting": waiting, "past_half_expiry": late, "devices_reachable_here": len(self.downlinks)}
+        return {"commands": (doc, None)}
 
 
 __all__ = ["Commands", "CommandError", "IDownlink"]

@@ -37,7 +37,7 @@ class HttpsIngest(Transport):
 
     def __init__(self, context: TransportContext) -> None:
         super().__init__()
-        self.readings = ReadingsResource(context.ingest)
+        self.readings = ReadingsResource(context.ingest, context.commands)
 
     def resources(self) -> dict[bytes, Any]:
         return {b"readings": self.readings}

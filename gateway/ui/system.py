@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from gateway.reactor import Reactor
+from gateway.api.commands import CommandsApi
 from gateway.api import openapi
 from gateway.api.oidc import Oidc
 from gateway.api.read import ReadApi
@@ -43,13 +44,15 @@ class Surfaces:
         metrics: Any,
         in_thread: Callable[..., Deferred],
         v1: Mapping[bytes, Any],
+        commands: Any,
     ) -> None:
         self.label = "https" if config.https.tls else "http"  # its connections' transport label
         self.oidc = Oidc(config.oidc, reactor) if config.oidc is not None else None
         self.status_policy = StatusPolicy(config.quality, {t.name: t for t in config.device_types})
         self.sessions = Sessions(reads, reactor)
         verifier = self.oidc.verifier if self.oidc is not None else None
-        self.api = ReadApi(reads, reactor, self.status_policy, openapi.document(), self.sessions, verifier)
+        orders = CommandsApi(commands, ingest.authenticate, reactor)
+        self.api = ReadApi(reads, reactor, self.status_policy, openapi.document(), self.sessions, verifier, orders)
         self.site = GatewaySite(
             ingest,
             None,

@@ -316,7 +316,7 @@ class Root(resource.Resource):
         for name, child in (children or {}).items():
             v1.putChild(name, child)
         if api is not None:
-            for name in (b"devices", b"alerts", b"quarantine", b"sinks", b"openapi.json"):
+            for name in (b"devices", b"alerts", b"quarantine", b"sinks", b"commands", b"openapi.json"):
                 v1.putChild(name, api)
         if ui is not None:
             self.putChild(b"ui", ui)
