@@ -129,6 +129,14 @@ FROM commands GROUP BY 1, 2
 """
 
 
+KEPT_SUBSCRIPTION = """
+SELECT s.commands FROM mqtt_sessions s JOIN devices d ON d.id = s.device_id WHERE d.name = %s AND s.client_id = %s
+"""
+KEEP_SUBSCRIPTION = """
+UPDATE mqtt_sessions s SET commands = %s FROM devices d WHERE d.id = s.device_id AND d.name = %s AND s.client_id = %s
+"""
+
+
 def command_of(row: Any, events: Any = ()) -> Command:
     id_, device, name, params, sender, created, expires, state, attempts, result, transport = row
     return Command(
@@ -186,6 +194,14 @@ class Ledger:
                 "id_in_use", f"id {request.id!r} names another command ({existing.name} to {existing.device})"
             )
         return existing, False
+
+    def kept_subscription(self, device: str, client_id: str) -> Deferred:
+        """Whether the MQTT session a device kept under ``client_id`` is subscribed to its command topic."""
+        d = self._query(KEPT_SUBSCRIPTION, (device, client_id))
+        return d.addCallback(lambda rows: bool(rows and rows[0][0]))
+
+    def keep_subscription(self, device: str, client_id: str, on: bool) -> Deferred:
+        return self._query(KEEP_SUBSCRIPTION + " RETURNING 1", (on, device, client_id))
 
     async def device_exists(self, name: str) -> bool:
         return bool(await self._query("SELECT 1 FROM devices WHERE name = %s", (name,)))

@@ -250,7 +250,7 @@ class PostgresStore(Service):
 
     def session_begins(self, device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
         statement = SESSION_KEEP if expiry > 0 else SESSION_DROP
-        params = {"d": device_id, "c": client_id, "e": expiry}
+        params = {"d": device_id, "c": client_id, "e": expiry, "clean": clean_start}
         d = self.pool.run(lambda c: c.runQuery(statement, params))
         return d.addCallback(lambda rows: bool(rows[0][0]) and not clean_start)
 

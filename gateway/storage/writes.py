@@ -88,7 +88,10 @@ WITH o AS (
     SELECT ended_at, expiry_seconds FROM mqtt_sessions WHERE device_id = %(d)s AND client_id = %(c)s FOR UPDATE
 ), kept AS (
     INSERT INTO mqtt_sessions (device_id, client_id, expiry_seconds) VALUES (%(d)s, %(c)s, %(e)s)
-    ON CONFLICT (device_id, client_id) DO UPDATE SET expiry_seconds = EXCLUDED.expiry_seconds, ended_at = NULL
+    ON CONFLICT (device_id, client_id) DO UPDATE SET expiry_seconds = EXCLUDED.expiry_seconds, ended_at = NULL,
+        -- A clean start, or a session expired meanwhile, drops the subscription to its command topic.
+        commands = mqtt_sessions.commands AND NOT %(clean)s AND (mqtt_sessions.ended_at IS NULL
+            OR mqtt_sessions.ended_at + mqtt_sessions.expiry_seconds * interval '1 second' > now())
 ), expired AS (
     DELETE FROM mqtt_sessions o WHERE o.device_id = %(d)s AND o.client_id <> %(c)s AND NOT {_SESSION_LIVE}
 )

@@ -223,8 +223,10 @@ class DeviceListenerFactory(protocol.Factory):
         settings: DeviceSettings,
         tls: bool = False,
         require_client_cert: bool = False,
+        commands: Any = None,
     ) -> None:
         self.ingest = ingest
+        self.commands = commands  # the gateway's commands service; None: this endpoint carries no commands
         self.metrics = ingest.metrics
         self.registry = registry
         self.clock = clock
@@ -285,6 +287,7 @@ class SessionListeners(Transport):
                 settings=device_settings(config),
                 tls=spec.tls,
                 require_client_cert=spec.tls and config.device_ca is not None,
+                commands=context.commands,
             )
             for spec in specs
         ]

@@ -54,6 +54,14 @@ from gateway.readings import (
     check_reading,
     is_name,
 )
+from gateway.transports.mqtt_commands import (
+    MqttDownlink,
+    command_result,
+    result_of,
+    subscribe,
+    take_commands,
+    unsubscribe,
+)
 from gateway.transports.session import Ticket
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from protocols import mqtt
@@ -89,7 +97,7 @@ class _Refusal:
 
 
 class MQTTProtocol(DeviceConnection):
-    __slots__ = ("conn", "keepalive", "_seq", "_packets", "_pending", "_pending_size", "_kept_session")
+    __slots__ = ("conn", "keepalive", "_seq", "_packets", "_pending", "_pending_size", "_kept_session", "downlink")
 
     def __init__(self, factory: MQTTFactory) -> None:
         super().__init__(factory)
@@ -108,6 +116,7 @@ class MQTTProtocol(DeviceConnection):
         self._pending: list[tuple[mqtt.Publish, list[Reading], Ticket[Any] | None]] | None = None
         self._pending_size = 0  # their readings
         self._kept_session: tuple[Device, str] | None = None  # (device, client id) of a session kept after this
+        self.downlink: MqttDownlink | None = None  # once subscribed to its command topic (mqtt_commands.py)
 
     # -- connection ------------------------------------------------------
 
@@ -150,22 +159,19 @@ class MQTTProtocol(DeviceConnection):
         elif isinstance(event, mqtt.Disconnect):
             self._close()
         elif isinstance(event, mqtt.Subscribe):
-            refused = R.NOT_AUTHORIZED
-            self._send(
-                mqtt.SubAck(
-                    event.packet_id,
-                    tuple(refused for _ in event.subscriptions),
-                    self._why("this gateway takes readings; it has nothing to subscribe to"),
-                )
-            )
+            subscribe(self, event)
         elif isinstance(event, mqtt.Unsubscribe):
-            self._send(mqtt.UnsubAck(event.packet_id, tuple(R.NO_SUBSCRIPTION_EXISTED for _ in event.filters)))
+            unsubscribe(self, event)
+        elif isinstance(event, mqtt.PubAck) and self.downlink is not None:
+            self.downlink.acked(event)
         elif isinstance(event, mqtt.Auth):
             self._disconnect(R.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported")
-        # PUBACK, PUBREC and PUBCOMP answer messages the gateway never sends: the codec refuses them.
+        # PUBREC and PUBCOMP answer QoS 2 messages the gateway never sends: the codec refuses them.
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        if self.downlink is not None:
+            self.factory.commands.detach(self.downlink.device, self.downlink)
         if self._kept_session is not None:
             kept, self._kept_session = self._kept_session, None
             # The kept session's expiry counts from now. Not recorded (the database away), the session just
@@ -312,7 +318,7 @@ class MQTTProtocol(DeviceConnection):
                 (P.MAXIMUM_PACKET_SIZE, settings.max_frame),
                 (P.TOPIC_ALIAS_MAXIMUM, TOPIC_ALIASES),
                 (P.RETAIN_AVAILABLE, 0),
-                (P.WILDCARD_SUBSCRIPTION_AVAILABLE, 0),
+                (P.WILDCARD_SUBSCRIPTION_AVAILABLE, int(self.factory.commands is not None)),
                 (P.SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0),
                 (P.SHARED_SUBSCRIPTION_AVAILABLE, 0),
             ]
@@ -328,6 +334,9 @@ class MQTTProtocol(DeviceConnection):
         if self._closing:  # the CONNACK could not be sent
             return
         self._set_timer(self.keepalive, self.idle_too_long)
+        if present and self.factory.commands is not None:
+            kept = self.factory.commands.ledger.kept_subscription(device.name, client_id)
+            kept.addCallbacks(lambda on: take_commands(self) if on else None, lambda f: log.warn("{e}", e=f.value))
         log.info(
             "device {device} connected from {source} (MQTT {version}, client id {client_id!r})",
             device=device.name,
@@ -342,6 +351,10 @@ class MQTTProtocol(DeviceConnection):
         assert self.device is not None
         if publish.retain and self.conn.version == mqtt.V5:
             self._disconnect(R.RETAIN_NOT_SUPPORTED, "retained messages are not supported (CONNACK said so)")
+            return
+        command = result_of(self.device.name, publish.topic) if self.factory.commands is not None else None
+        if command is not None:
+            command_result(self, publish, command)
             return
         try:
             readings = self._readings(publish)
@@ -405,6 +418,14 @@ class MQTTProtocol(DeviceConnection):
         if not is_name(metric):
             raise _Misdirected(R.TOPIC_NAME_INVALID, f"topic {publish.topic!r}: {metric!r} is not a metric name")
         return [bare_number(metric, publish.payload, self.factory.clock.seconds())]
+
+    def send_command(self, publish: mqtt.Publish) -> bool:
+        """Publish a command; False when it cannot go (larger than the device takes)."""
+        try:
+            self.transport.write(self.conn.send(publish))
+        except mqtt.LocalProtocolError:
+            return False
+        return True
 
     def _count(self, result: WriteResult) -> None:
         self.readings += result.accepted
