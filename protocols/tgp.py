@@ -32,23 +32,24 @@ from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA, Sentinel
 
 # fmt: off
 from protocols.tgp_wire import (
-    _ACK, _ACK_V1, _CODE, _DATA_HEAD, _DECLARE_HEAD, _METRIC_HEAD, _NACK_HEAD, _Reader, _str16, _str8,
-    _TRANSITIONS, _TYPE_OF, _U16, _U64, _U8, _VALUE_STRUCTS, _varint, _WELCOME, _zigzag, Ack, Auth, AUTH_SENT,
-    Bye, Challenge, CHALLENGED, CLOSED, Data, Declare, DEFAULT_MAX_FRAME, DEFAULT_MAX_METRICS, DEVICE,
-    ErrorCode, Event, GATEWAY, HEADER, Hello, HELLO_SENT, InvalidFrame, LocalProtocolError, MAGIC, MAX_SEQ,
-    MessageType, Metric, Nack, NONCE_SIZE, OVERHEAD, Ping, Pong, PROOF_SIZE, ProtocolError, READY, Reject,
-    RemoteProtocolError, Role, START, TRAILER, UNIT_US, ValueType, VERSIONS, Welcome,
+    _ACK, _ACK_V1, _CODE, _DATA_HEAD, _DECLARE_HEAD, _I64, _METRIC_HEAD, _NACK_HEAD, _Reader, _str16, _str8,
+    _TRANSITIONS, _TYPE_OF, _U16, _U32, _U64, _U8, _VALUE_STRUCTS, _varint, _WELCOME, _zigzag, Ack, Auth, AUTH_SENT,
+    Bye, Challenge, CHALLENGED, CLOSED, Command, CommandStatus, Data, Declare, DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_METRICS, DEVICE, ErrorCode, Event, GATEWAY, HEADER, Hello, HELLO_SENT, InvalidFrame,
+    LocalProtocolError, MAGIC, MAX_SEQ, MessageType, Metric, Nack, NONCE_SIZE, OVERHEAD, Ping, Pong, PROOF_SIZE,
+    ProtocolError, READY, Reject, Received, RemoteProtocolError, Result, Role, SINCE_VERSION_3, START, TRAILER,
+    UNIT_US, ValueType, VERSIONS, Welcome,
 )
 # fmt: on
 
 # fmt: off
 __all__ = [  # what this module gives, its own and the wire's
     "Connection", "choose_version", "is_fatal", "AUTH_SENT", "Ack", "Auth", "Bye", "CHALLENGED", "CLOSED",
-    "Challenge", "DEFAULT_MAX_FRAME", "DEFAULT_MAX_METRICS", "DEVICE", "Data", "Declare", "ErrorCode", "Event",
-    "GATEWAY", "HEADER", "HELLO_SENT", "Hello", "InvalidFrame", "LocalProtocolError", "MAGIC", "MAX_SEQ",
-    "MessageType", "Metric", "NONCE_SIZE", "Nack", "OVERHEAD", "PROOF_SIZE", "Ping", "Pong", "ProtocolError",
-    "READY", "Reject", "RemoteProtocolError", "Role", "START", "TRAILER", "UNIT_US", "VERSIONS", "ValueType",
-    "Welcome",
+    "Challenge", "Command", "CommandStatus", "Received", "Result", "SINCE_VERSION_3", "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_METRICS", "DEVICE", "Data", "Declare", "ErrorCode", "Event", "GATEWAY", "HEADER", "HELLO_SENT",
+    "Hello", "InvalidFrame", "LocalProtocolError", "MAGIC", "MAX_SEQ", "MessageType", "Metric", "NONCE_SIZE",
+    "Nack", "OVERHEAD", "PROOF_SIZE", "Ping", "Pong", "ProtocolError", "READY", "Reject", "RemoteProtocolError",
+    "Role", "START", "TRAILER", "UNIT_US", "VERSIONS", "ValueType", "Welcome",
 ]
 # fmt: on
 
@@ -143,6 +144,8 @@ class Connection:
 
     def _advance(self, sender: Role, kind: MessageType, remote: bool) -> None:
         nxt = _TRANSITIONS.get((self.state, sender, kind))
+        if nxt is not None and kind in SINCE_VERSION_3 and (self.version or 0) < 3:
+            nxt = None  # a message of a version this session did not choose
         if nxt is None:
             message = f"{sender.value} may not send {kind.name} in state {self.state}"
             if remote:
@@ -172,6 +175,27 @@ class Connection:
             if seq:
                 self._answered(seq)
             return Nack(seq, _code(code), text, retry)
+        if kind is MessageType.COMMAND:
+            id_ = r.text(_U8)
+            (expires_us,) = r.unpack(_I64)
+            name = r.text(_U8)
+            params = r.text(_U16)
+            r.end()
+            return Command(id_, expires_us, name, params)
+        if kind is MessageType.RECEIVED:
+            id_ = r.text(_U8)
+            r.end()
+            return Received(id_)
+        if kind is MessageType.RESULT:
+            (seq,) = r.unpack(_U32)
+            self._check_seq(seq)
+            id_ = r.text(_U8)
+            (status,) = r.unpack(_U8)
+            result = r.text(_U16)
+            r.end()
+            if status not in (0, 1):
+                raise r.fail(f"status {status} is neither 0 (succeeded) nor 1 (failed)")
+            return Result(seq, id_, CommandStatus(status), result)
         if kind is MessageType.HELLO:
             (n,) = r.unpack(_U8)
             if n == 0:
@@ -371,6 +395,14 @@ class Connection:
             return _WELCOME.pack(e.version, e.server_time_us, e.max_frame, e.window, e.heartbeat_s, e.idle_timeout_s)
         if isinstance(e, (Ping, Pong)):
             return _U64.pack(e.payload)
+        if isinstance(e, Command):
+            return _str8(e.id) + _I64.pack(e.expires_us) + _str8(e.name) + _str16(e.params)
+        if isinstance(e, Received):
+            return _str8(e.id)
+        if isinstance(e, Result):
+            self._next_seq(e.seq)
+            self.last_seq_sent = e.seq
+            return _U32.pack(e.seq) + _str8(e.id) + _U8.pack(e.status) + _str16(e.result)
         assert isinstance(e, (Reject, Bye))
         return _CODE.pack(e.code) + _str16(e.reason)
 

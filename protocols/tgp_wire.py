@@ -13,7 +13,7 @@ from typing import Any
 
 
 MAGIC = b"TG"
-VERSIONS = (1, 2)  # protocol versions this codec speaks; 2 adds conflicts to ACK
+VERSIONS = (1, 2, 3)  # protocol versions this codec speaks; 2 adds conflicts to ACK, 3 commands
 HEADER = struct.Struct(">2sBBI")  # magic, type, flags, payload length
 TRAILER = struct.Struct(">I")  # CRC-32 of header and payload
 OVERHEAD = HEADER.size + TRAILER.size
@@ -43,9 +43,12 @@ class MessageType(enum.IntEnum):
     DATA = 0x11
     ACK = 0x12
     NACK = 0x13
+    RESULT = 0x14
     PING = 0x20
     PONG = 0x21
     BYE = 0x30
+    COMMAND = 0x40
+    RECEIVED = 0x41
 
 
 class ErrorCode(enum.IntEnum):
@@ -70,6 +73,7 @@ class ErrorCode(enum.IntEnum):
     INVALID_READING = 22
     REJECTED_BY_DATABASE = 23
     RATE_LIMITED = 24
+    UNKNOWN_COMMAND = 25
 
 
 class ValueType(enum.IntEnum):
@@ -277,6 +281,54 @@ class Bye:
         _check_text(self.reason, "reason", 0xFFFF)
 
 
+class CommandStatus(enum.IntEnum):
+    SUCCEEDED = 0
+    FAILED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Version 3: something for the device to do. ``params`` is a JSON object's text."""
+
+    id: str
+    expires_us: int  # the device must not run it after this time, µs since the epoch
+    name: str
+    params: str = "{}"
+
+    def __post_init__(self) -> None:
+        _check_text(self.id, "id", 255)
+        if not -(1 << 63) <= self.expires_us < (1 << 63):
+            raise ValueError("expires_us must fit in a signed 64-bit integer")
+        _check_text(self.name, "name", 255)
+        _check_text(self.params, "params", 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Version 3: the device has the command ``id`` (it runs it once, whatever is sent again)."""
+
+    id: str
+
+    def __post_init__(self) -> None:
+        _check_text(self.id, "id", 255)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Version 3: how a command went; numbered like DATA, answered by ACK once recorded. ``result`` is JSON text."""
+
+    seq: int
+    id: str
+    status: CommandStatus
+    result: str = "{}"
+
+    def __post_init__(self) -> None:
+        _check_uint(self.seq, "seq", 32)
+        _check_text(self.id, "id", 255)
+        CommandStatus(self.status)
+        _check_text(self.result, "result", 0xFFFF)
+
+
 @dataclass(frozen=True, slots=True)
 class InvalidFrame:
     """A numbered frame that parsed but cannot be used: NACK it, go on."""
@@ -287,7 +339,23 @@ class InvalidFrame:
     raw: bytes = field(repr=False, default=b"")
 
 
-Event = Hello | Challenge | Auth | Welcome | Reject | Declare | Data | Ack | Nack | Ping | Pong | Bye
+Event = (
+    Hello
+    | Challenge
+    | Auth
+    | Welcome
+    | Reject
+    | Declare
+    | Data
+    | Ack
+    | Nack
+    | Ping
+    | Pong
+    | Bye
+    | Command
+    | Received
+    | Result
+)
 
 _TYPE_OF = {
     Hello: MessageType.HELLO,
@@ -302,7 +370,11 @@ _TYPE_OF = {
     Ping: MessageType.PING,
     Pong: MessageType.PONG,
     Bye: MessageType.BYE,
+    Command: MessageType.COMMAND,
+    Received: MessageType.RECEIVED,
+    Result: MessageType.RESULT,
 }
+SINCE_VERSION_3 = frozenset({MessageType.COMMAND, MessageType.RECEIVED, MessageType.RESULT})
 
 # -- the state machine ---------------------------------------------------
 #
@@ -337,6 +409,9 @@ _TRANSITIONS: dict[tuple[str, Role, MessageType], str] = {
     (READY, GATEWAY, _T.PONG): READY,
     (READY, DEVICE, _T.BYE): CLOSED,
     (READY, GATEWAY, _T.BYE): CLOSED,
+    (READY, GATEWAY, _T.COMMAND): READY,
+    (READY, DEVICE, _T.RECEIVED): READY,
+    (READY, DEVICE, _T.RESULT): READY,
 }
 # A fatal NACK may come at any point of the handshake too (a bad frame
 # before READY); it ends the session like a REJECT.
@@ -360,6 +435,7 @@ _DATA_HEAD = struct.Struct(">IBqH")
 _DECLARE_HEAD = struct.Struct(">IH")
 _METRIC_HEAD = struct.Struct(">HB")
 _CODE = struct.Struct(">H")
+_I64 = struct.Struct(">q")
 
 
 def _str8(text: str) -> bytes:

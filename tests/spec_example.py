@@ -41,10 +41,38 @@ def session() -> list[tuple[str, str, bytes]]:
     return out
 
 
+COMMAND_ID = "rate-7"
+EXPIRES_US = SERVER_TIME_US + 600_000_000  # 2026-11-22T10:10:00Z
+
+
+def command_session() -> list[tuple[str, str, bytes]]:
+    """The version 3 command exchange, after a handshake that chose version 3: [(sender, name, bytes)]."""
+    gw, dev = tgp.Connection(tgp.GATEWAY), tgp.Connection(tgp.DEVICE)
+    out = []
+
+    def send(sender: str, event, keep: bool = True) -> None:
+        conn, other = (dev, gw) if sender == "device" else (gw, dev)
+        data = conn.send(event)
+        other.receive_data(data)
+        assert other.next_event() is not tgp.NEED_DATA
+        if keep:
+            out.append((sender, type(event).__name__.upper(), data))
+
+    send("device", tgp.Hello(DEVICE, (1, 2, 3), "fw-3.0"), keep=False)
+    send("gateway", tgp.Challenge(3, NONCE), keep=False)
+    send("device", tgp.Auth(tokens.auth_proof(TOKEN, NONCE, DEVICE)), keep=False)
+    send("gateway", tgp.Welcome(3, SERVER_TIME_US, 65536, 32, 30, 120), keep=False)
+    send("gateway", tgp.Command(COMMAND_ID, EXPIRES_US, "sample-rate", '{"hz":5}'))
+    send("device", tgp.Received(COMMAND_ID))
+    send("device", tgp.Result(1, COMMAND_ID, tgp.CommandStatus.SUCCEEDED, '{"hz":5}'))
+    send("gateway", tgp.Ack(1, 1, 0, 0))
+    return out
+
+
 if __name__ == "__main__":
     k = tokens.client_key(TOKEN)
     print("client_key", k.hex())
     print("stored_key", tokens.stored_key(k).hex())
     print("proof", tokens.auth_proof(TOKEN, NONCE, DEVICE).hex())
-    for sender, name, data in session():
+    for sender, name, data in session() + command_session():
         print(sender, name, len(data), data.hex(" "))

@@ -170,9 +170,9 @@ def test_wrong_token_unknown_and_revoked_devices_get_the_same_reject():
 
 def test_unsupported_version_is_rejected():
     h = Harness()
-    h.send(tgp.Hello("truck-17", versions=(3, 4)))
+    h.send(tgp.Hello("truck-17", versions=(4, 5)))
     [reject] = h.events()
-    assert reject.code == E.UNSUPPORTED_VERSION and "[1, 2]" in reject.reason
+    assert reject.code == E.UNSUPPORTED_VERSION and "[1, 2, 3]" in reject.reason
     assert h.transport.disconnecting
 
 
@@ -452,14 +452,15 @@ def test_random_bytes_never_escape_the_adapter(chunks, after_login):
 
 @pytest.mark.parametrize("version", tgp.VERSIONS)
 def test_a_conflicting_reading_is_reported_in_the_ack(version):
-    """Version 2's ACK counts conflicts apart; version 1's has no field for them and counts them as stored before."""
+    """Version 2's ACK (and 3's) counts conflicts apart; version 1's has no field for them and counts them as stored
+    before."""
     h = Harness()
     [welcome, _] = h.login(versions=(version,))
     assert welcome.version == version
     h.data(2, n=2, value=1.5)
     assert h.events() == [tgp.Ack(2, 2, 0, 0)]
     h.data(3, n=3, value=7.25)  # two of them stored before with 1.5
-    assert h.events() == [tgp.Ack(3, 1, 0, 2) if version == 2 else tgp.Ack(3, 1, 2, 0)]
+    assert h.events() == [tgp.Ack(3, 1, 0, 2) if version >= 2 else tgp.Ack(3, 1, 2, 0)]
     h.data(4, n=3, value=7.25)  # the third is a retransmission, the other two conflict again
-    assert h.events() == [tgp.Ack(4, 0, 1, 2) if version == 2 else tgp.Ack(4, 0, 3, 0)]
+    assert h.events() == [tgp.Ack(4, 0, 1, 2) if version >= 2 else tgp.Ack(4, 0, 3, 0)]
     assert len(h.store.conflicts) == 2

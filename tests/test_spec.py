@@ -15,9 +15,13 @@ SPEC = (Path(__file__).resolve().parent.parent / "protocols" / "SPEC.rst").read_
 HEADING = re.compile(r"^(device|gateway) → (device|gateway), ([A-Z]+) \((\d+) bytes\)::$")
 
 
-def spec_frames() -> list[tuple[str, str, bytes]]:
+COMMANDS = "A worked command exchange\n"
+
+
+def spec_frames(text: str = SPEC.split(COMMANDS)[0]) -> list[tuple[str, str, bytes]]:
+    """The frames dumped in ``text``: by default the worked session (version 2)."""
     frames, current = [], None
-    for line in SPEC.splitlines():
+    for line in text.splitlines():
         m = HEADING.match(line)
         if m:
             current = [m.group(1), m.group(3), int(m.group(4)), bytearray()]
@@ -31,6 +35,35 @@ def spec_frames() -> list[tuple[str, str, bytes]]:
 
 def test_the_worked_session_is_what_the_codec_sends():
     assert spec_frames() == spec_example.session()
+
+
+def test_the_worked_command_exchange_is_what_the_codec_sends():
+    assert spec_frames(SPEC.split(COMMANDS)[1]) == spec_example.command_session()
+
+
+def test_the_worked_command_exchange_decodes_on_both_ends():
+    gateway, device = tgp.Connection(tgp.GATEWAY), tgp.Connection(tgp.DEVICE)
+    for sender, event in [
+        ("device", tgp.Hello("truck-17", (1, 2, 3))),
+        ("gateway", tgp.Challenge(3, bytes(32))),
+        ("device", tgp.Auth(bytes(32))),
+        ("gateway", tgp.Welcome(3, 0, 65536, 32, 30, 120)),
+    ]:
+        sending, receiving = (device, gateway) if sender == "device" else (gateway, device)
+        receiving.receive_data(sending.send(event))
+        receiving.next_event()
+    seen = []
+    for sender, name, data in spec_frames(SPEC.split(COMMANDS)[1]):
+        receiver, sending_end = (gateway, device) if sender == "device" else (device, gateway)
+        receiver.receive_data(data)
+        event = receiver.next_event()
+        assert type(event).__name__.upper() == name
+        assert sending_end.send(event) == data, f"{name} re-encodes differently"
+        seen.append(event)
+    command, received, result, ack = seen
+    assert (command.id, command.name, command.params) == ("rate-7", "sample-rate", '{"hz":5}')
+    assert command.expires_us == spec_example.EXPIRES_US and received.id == "rate-7"
+    assert result == tgp.Result(1, "rate-7", tgp.CommandStatus.SUCCEEDED, '{"hz":5}') and ack == tgp.Ack(1, 1)
 
 
 def test_the_worked_session_decodes_on_both_ends():
@@ -88,7 +121,8 @@ def test_the_worked_sessions_time_comments_say_the_time_of_their_bytes():
     import datetime
 
     found = re.findall(r"base time (\d+) s \((\S+)\)", SPEC)
-    assert len(found) == 2
+    found += [(int(us) // 1_000_000, text) for us, text in re.findall(r"expires (\d+) µs \((\S+)\)", SPEC)]
+    assert len(found) == 3
     for seconds, text in found:
         when = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
         assert when.strftime("%Y-%m-%dT%H:%M:%SZ") == text

@@ -169,8 +169,9 @@ def test_eof_between_frames_and_inside_one():
 
 def test_version_choice():
     assert tgp.choose_version(tgp.Hello("a", (1, 2, 7))) == 2
+    assert tgp.choose_version(tgp.Hello("a", (1, 2, 3, 7))) == 3
     assert tgp.choose_version(tgp.Hello("a", (7, 1))) == 1
-    assert tgp.choose_version(tgp.Hello("a", (3, 4))) is None
+    assert tgp.choose_version(tgp.Hello("a", (4, 5))) is None
 
 
 def test_a_version_the_device_did_not_offer_is_refused_on_both_ends():
@@ -404,13 +405,19 @@ def test_random_bytes_raise_only_protocol_errors(data, role, state):
 
 
 @settings(max_examples=300)
-@given(st.sampled_from(list(tgp.MessageType)), st.binary(max_size=120), st.sampled_from([tgp.GATEWAY, tgp.DEVICE]))
-def test_well_framed_random_payloads_raise_only_protocol_errors(kind, payload, role):
-    """Frames with a good header and CRC and random contents, for every type, in READY."""
+@given(
+    st.sampled_from(list(tgp.MessageType)),
+    st.binary(max_size=120),
+    st.sampled_from([tgp.GATEWAY, tgp.DEVICE]),
+    st.sampled_from([None, *tgp.VERSIONS]),
+)
+def test_well_framed_random_payloads_raise_only_protocol_errors(kind, payload, role, version):
+    """Frames with a good header and CRC and random contents, for every type, in READY, in every version."""
     header = tgp.HEADER.pack(tgp.MAGIC, kind, 0, len(payload))
     frame = header + payload + struct.pack(">I", zlib.crc32(header + payload))
     conn = tgp.Connection(role)
     conn.state = tgp.READY
+    conn.version = version
     conn.last_seq_sent = 1000
     conn._theirs = {1: ("a", tgp.ValueType.F32), 2: ("b", tgp.ValueType.I64)}
     conn.receive_data(frame)
@@ -440,3 +447,76 @@ def test_every_single_bit_flip_is_caught(bit):
     flipped[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(tgp.RemoteProtocolError):
         gateway_reading(bytes(flipped))
+
+
+# -- version 3: commands ---------------------------------------------------
+
+ids = st.text(st.sampled_from("abcXYZ019_.:-"), min_size=1, max_size=64)
+json_text = st.dictionaries(names, st.integers() | names, max_size=5).map(lambda d: __import__("json").dumps(d))
+
+
+@given(ids, st.integers(-(2**63), 2**63 - 1), names, json_text, st.sampled_from(list(tgp.CommandStatus)), json_text)
+def test_commands_round_trip_in_version_3(id_, expires, name, params, status, result):
+    pair = ready_pair(3)
+    command = tgp.Command(id_, expires, name, params)
+    assert pair.send("gateway", command) == [command]
+    assert pair.send("device", tgp.Received(id_)) == [tgp.Received(id_)]
+    # A RESULT is numbered with DECLARE and DATA, and answered by ACK in that order.
+    pair.send("device", tgp.Data(1, ()))
+    report = tgp.Result(2, id_, status, result)
+    assert pair.send("device", report) == [report]
+    assert pair.send("gateway", tgp.Ack(1)) == [tgp.Ack(1)]
+    assert pair.send("gateway", tgp.Ack(2, 1)) == [tgp.Ack(2, 1)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_versions_1_and_2_have_no_commands(version):
+    pair = ready_pair(version)
+    for sender, event in [
+        ("gateway", tgp.Command("c1", 0, "reboot")),
+        ("device", tgp.Received("c1")),
+        ("device", tgp.Result(1, "c1", tgp.CommandStatus.SUCCEEDED)),
+    ]:
+        with pytest.raises(tgp.LocalProtocolError) as e:
+            (pair.gateway if sender == "gateway" else pair.device).send(event)
+        assert e.value.code == tgp.ErrorCode.UNEXPECTED_MESSAGE
+    # A peer that sends one anyway breaks the protocol.
+    v3 = ready_pair(3)
+    frame = v3.gateway.send(tgp.Command("c1", 0, "reboot"))
+    pair.device.receive_data(frame)
+    with pytest.raises(tgp.RemoteProtocolError) as e:
+        pair.device.next_event()
+    assert e.value.code == tgp.ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_a_result_with_an_unknown_status_is_a_bad_frame():
+    pair = ready_pair(3)
+    frame = bytearray(pair.device.send(tgp.Result(1, "c1", tgp.CommandStatus.FAILED, "{}")))
+    payload_at = tgp.HEADER.size
+    frame[payload_at + 4 + 3] = 7  # seq (4), id "c1" (3): the status byte
+    frame[-4:] = struct.pack(">I", zlib.crc32(bytes(frame[:-4])))
+    pair.gateway.receive_data(bytes(frame))
+    with pytest.raises(tgp.RemoteProtocolError, match="status 7") as e:
+        pair.gateway.next_event()
+    assert e.value.code == tgp.ErrorCode.BAD_FRAME
+
+
+@given(st.integers(0, 80), st.sampled_from([tgp.DEVICE, tgp.GATEWAY]))
+def test_truncated_command_frames_raise_only_protocol_errors(cut, receiver):
+    """A COMMAND (as a device receives it) or a RESULT (as the gateway does) cut anywhere."""
+    pair = ready_pair(3)
+    if receiver is tgp.DEVICE:
+        frame = pair.gateway.send(tgp.Command("c-1", 1_795_341_600_000_000, "set", '{"hz": 5}'))
+    else:
+        frame = pair.device.send(tgp.Result(1, "c-1", tgp.CommandStatus.SUCCEEDED, '{"ok": true}'))
+    conn = tgp.Connection(receiver)
+    conn.state, conn.version = tgp.READY, 3
+    conn.receive_data(frame[:cut])
+    conn.receive_data(b"")
+    try:
+        event = conn.next_event()
+    except tgp.RemoteProtocolError as e:
+        assert e.code == tgp.ErrorCode.BAD_FRAME and cut < len(frame)
+        return
+    assert (event is tgp.CONNECTION_CLOSED) == (cut == 0)
+    assert cut == 0 or cut >= len(frame)

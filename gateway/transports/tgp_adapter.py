@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway import tokens
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
+from gateway.transports.tgp_commands import VERSION as COMMANDS_VERSION, TgpDownlink
 from gateway.transports.session import Ticket
 from gateway.readings import (
     CloseReason,
@@ -69,7 +71,7 @@ _BYE = {
 
 
 class DeviceProtocol(DeviceConnection):
-    __slots__ = ("conn", "claimed_name", "stored_key", "_nonce")
+    __slots__ = ("conn", "claimed_name", "stored_key", "_nonce", "downlink")
 
     def __init__(self, factory: DeviceFactory) -> None:
         super().__init__(factory)
@@ -80,6 +82,7 @@ class DeviceProtocol(DeviceConnection):
         self.claimed_name: str | None = None
         self.stored_key: bytes | None = None
         self._nonce = b""
+        self.downlink: TgpDownlink | None = None  # version 3 sessions, when the gateway takes commands
 
     # -- connection ------------------------------------------------------
 
@@ -114,6 +117,11 @@ class DeviceProtocol(DeviceConnection):
             self._declare(event)
         elif isinstance(event, tgp.InvalidFrame):
             self._refuse_frame(event.seq, event.code, event.message, event.raw)
+        elif isinstance(event, tgp.Result):
+            self._result(event)
+        elif isinstance(event, tgp.Received):
+            if self.downlink is not None:
+                self.downlink.received(event)
         elif isinstance(event, tgp.Ping):
             self._send(tgp.Pong(event.payload))
         elif isinstance(event, tgp.Pong):
@@ -181,6 +189,14 @@ class DeviceProtocol(DeviceConnection):
         )
         self._set_timer(settings.idle_timeout, self.idle_too_long)
         log.info("device {device} connected from {source}", device=name, source=self.source)
+        if (self.conn.version or 1) >= COMMANDS_VERSION and self.factory.commands is not None:
+            self.downlink = TgpDownlink(self, name, self.factory.commands)
+            self.factory.commands.attach(name, self.downlink)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.downlink is not None:
+            self.factory.commands.detach(self.downlink.device, self.downlink)
 
     def _declare(self, declare: tgp.Declare) -> None:
         # Names were checked by the codec (valid_name): nothing to store.
@@ -198,6 +214,21 @@ class DeviceProtocol(DeviceConnection):
             return
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: _render(data))
         self._queue_answer(data.seq, stored)
+
+    def _result(self, event: tgp.Result) -> None:
+        if self.downlink is None:  # a version 3 session of a gateway that takes no commands
+            self._refuse_frame(event.seq, E.UNKNOWN_COMMAND, "this gateway takes no commands", _raw(event))
+            return
+
+        def answer(outcome: Any) -> Any:
+            if outcome == E.UNKNOWN_COMMAND:
+                message = f"no command {event.id!r} for this device"
+                name = self.device.name if self.device else None
+                self.factory.ingest.refuse(self.source, "unknown_command", message, device=name, raw=_raw(event))
+                return _Refusal(E.UNKNOWN_COMMAND, message)
+            return outcome
+
+        self._queue_answer(event.seq, self.downlink.result(event).addCallback(answer))
 
     # -- answers, in order -----------------------------------------------
 
@@ -330,6 +361,13 @@ def _code_name(code: int) -> str:
         return tgp.ErrorCode(code).name
     except ValueError:
         return str(code)
+
+
+def _raw(result: tgp.Result) -> bytes:
+    """A RESULT frame as JSON, for the rejected-input table."""
+    return json.dumps(
+        {"seq": result.seq, "id": result.id, "status": int(result.status), "result": result.result}
+    ).encode()
 
 
 def _render(data: tgp.Data) -> bytes:
