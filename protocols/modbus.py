@@ -3,7 +3,8 @@ Modbus/TCP as pure code: bytes in, events out; no Twisted, no I/O, no clock.
 
 The gateway polls field equipment, so its end is the client's: it sends
 read requests (coils, discrete inputs, holding and input registers) and
-takes their responses. ``ClientConnection`` keeps the transactions in flight
+write requests (a coil, a register, several coils, several registers:
+functions 5, 6, 15 and 16) and takes their responses. ``ClientConnection`` keeps the transactions in flight
 and matches each response to its request by transaction id; a response that
 comes after its request was given up (timed out) is a ``Late`` event, not an
 error. ``ServerConnection`` is the other end, for the simulator and tests.
@@ -82,6 +83,11 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not Modbus/TCP; close the connection."""
 
 
+# Functions that write (6.5, 6.6, 6.11, 6.12), and most items one request may write.
+WRITE_COIL, WRITE_REGISTER, WRITE_COILS, WRITE_REGISTERS = 0x05, 0x06, 0x0F, 0x10
+MAX_WRITE = {WRITE_COILS: 1968, WRITE_REGISTERS: 123}
+
+
 # -- events ----------------------------------------------------------------
 
 
@@ -100,6 +106,26 @@ class ReadResponse:
     unit: int
     kind: Kind
     values: tuple[int, ...]  # registers (0..65535) or bits (0 or 1), from the request's address on
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    transaction: int
+    unit: int
+    function: int  # WRITE_COIL, WRITE_REGISTER, WRITE_COILS or WRITE_REGISTERS
+    address: int
+    values: tuple[int, ...]  # registers (0..65535) or bits (0 or 1); one for the single-item functions
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResponse:
+    """The device's echo of a write: it took it (what it holds now is for a read to say)."""
+
+    transaction: int
+    unit: int
+    function: int
+    address: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +161,45 @@ def check_read(kind: Kind, address: int, count: int, unit: int = 0) -> None:
         raise ValueError(f"{kind.name.lower()}: addresses {address}..{address + count - 1} are outside 0..65535")
 
 
+def check_write(function: int, address: int, values: Sequence[int], unit: int = 0) -> None:
+    """ValueError unless Modbus can carry this write."""
+    if not 0 <= unit <= 255:
+        raise ValueError(f"unit {unit} is outside 0..255")
+    single = function in (WRITE_COIL, WRITE_REGISTER)
+    if function not in (WRITE_COIL, WRITE_REGISTER, WRITE_COILS, WRITE_REGISTERS):
+        raise ValueError(f"function {function:#04x} does not write")
+    most = 1 if single else MAX_WRITE[function]
+    if not 1 <= len(values) <= most:
+        raise ValueError(f"function {function}: a write is of 1 to {most} items, not {len(values)}")
+    if not 0 <= address <= 0xFFFF or address + len(values) > 0x10000:
+        raise ValueError(f"addresses {address}..{address + len(values) - 1} are outside 0..65535")
+    bits = function in (WRITE_COIL, WRITE_COILS)
+    for v in values:
+        if not (v in (0, 1) if bits else 0 <= v <= 0xFFFF):
+            raise ValueError(f"{v!r} is not a {'bit (0 or 1)' if bits else 'register value (0..65535)'}")
+
+
+def _pack_bits(values: Sequence[int]) -> bytes:
+    data = bytearray((len(values) + 7) // 8)
+    for i, bit in enumerate(values):
+        if bit:
+            data[i // 8] |= 1 << (i % 8)
+    return bytes(data)
+
+
+def encode_write(request: WriteRequest) -> bytes:
+    check_write(request.function, request.address, request.values, request.unit)
+    f, address, values = request.function, request.address, request.values
+    if f == WRITE_COIL:
+        pdu = struct.pack(">BHH", f, address, 0xFF00 if values[0] else 0x0000)
+    elif f == WRITE_REGISTER:
+        pdu = struct.pack(">BHH", f, address, values[0])
+    else:
+        data = _pack_bits(values) if f == WRITE_COILS else struct.pack(f">{len(values)}H", *values)
+        pdu = struct.pack(">BHHB", f, address, len(values), len(data)) + data
+    return _adu(request.transaction, request.unit, pdu)
+
+
 def _adu(transaction: int, unit: int, pdu: bytes) -> bytes:
     return MBAP.pack(transaction, 0, len(pdu) + 1, unit) + pdu
 
@@ -149,13 +214,7 @@ def encode_response(response: ReadResponse | ExceptionResponse) -> bytes:
     if isinstance(response, ExceptionResponse):
         return _adu(response.transaction, response.unit, bytes([response.function | 0x80, response.code]))
     values = response.values
-    if response.kind.bits:
-        data = bytearray((len(values) + 7) // 8)
-        for i, bit in enumerate(values):
-            if bit:
-                data[i // 8] |= 1 << (i % 8)
-    else:
-        data = bytearray(struct.pack(f">{len(values)}H", *values))
+    data = _pack_bits(values) if response.kind.bits else struct.pack(f">{len(values)}H", *values)
     if len(data) > MAX_PDU - 2:
         raise ValueError(f"{len(values)} values do not fit one response")
     return _adu(response.transaction, response.unit, bytes([response.kind, len(data)]) + bytes(data))
@@ -196,7 +255,7 @@ class ClientConnection(_Framer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._waiting: dict[int, ReadRequest] = {}
+        self._waiting: dict[int, ReadRequest | WriteRequest] = {}
         self._next = 0
 
     @property
@@ -206,21 +265,30 @@ class ClientConnection(_Framer):
     def request(self, unit: int, kind: Kind, address: int, count: int) -> tuple[ReadRequest, bytes]:
         """A new read with a free transaction id, and its bytes; ValueError if Modbus cannot carry it."""
         check_read(kind, address, count, unit)
+        request = ReadRequest(self._transaction(), unit, kind, address, count)
+        self._waiting[request.transaction] = request
+        return request, encode_request(request)
+
+    def write(self, unit: int, function: int, address: int, values: Sequence[int]) -> tuple[WriteRequest, bytes]:
+        """A new write with a free transaction id, and its bytes; ValueError if Modbus cannot carry it."""
+        check_write(function, address, values, unit)
+        request = WriteRequest(self._transaction(), unit, function, address, tuple(values))
+        self._waiting[request.transaction] = request
+        return request, encode_write(request)
+
+    def _transaction(self) -> int:
         if len(self._waiting) >= 0xFFFF:
             raise ValueError("65,535 requests are in flight already")
         while True:
             self._next = (self._next + 1) & 0xFFFF
             if self._next not in self._waiting:
-                break
-        request = ReadRequest(self._next, unit, kind, address, count)
-        self._waiting[request.transaction] = request
-        return request, encode_request(request)
+                return self._next
 
     def forget(self, transaction: int) -> None:
         """Stop waiting for a transaction (it timed out); its response, if it comes, is Late."""
         self._waiting.pop(transaction, None)
 
-    def next_event(self) -> ReadResponse | ExceptionResponse | Late | Sentinel:
+    def next_event(self) -> ReadResponse | WriteResponse | ExceptionResponse | Late | Sentinel:
         frame = self._frame()
         if frame is None:
             return NEED_DATA
@@ -228,6 +296,8 @@ class ClientConnection(_Framer):
         request = self._waiting.pop(transaction, None)
         if request is None:
             return Late(transaction, unit)
+        if isinstance(request, WriteRequest):
+            return _write_response(request, transaction, unit, pdu)
         function = pdu[0]
         if function == request.kind | 0x80:
             if len(pdu) != 2:
@@ -249,6 +319,37 @@ class ClientConnection(_Framer):
         else:
             values = struct.unpack(f">{request.count}H", data)
         return ReadResponse(transaction, unit, request.kind, values)
+
+
+def _write_response(
+    request: WriteRequest, transaction: int, unit: int, pdu: bytes
+) -> WriteResponse | ExceptionResponse:
+    """A write's answer: an exception, or the echo of the address and what was written (6.5, 6.6) or how many
+    (6.11, 6.12); anything else breaks the protocol."""
+    function = pdu[0]
+    if function == request.function | 0x80:
+        if len(pdu) != 2:
+            raise ProtocolError(f"transaction {transaction}: an exception response of {len(pdu)} bytes")
+        return ExceptionResponse(transaction, unit, request.function, pdu[1])
+    if function != request.function:
+        raise ProtocolError(f"transaction {transaction}: function {function:#04x} answers {request.function:#04x}")
+    if unit != request.unit:
+        raise ProtocolError(f"transaction {transaction}: unit {unit} answers a request to unit {request.unit}")
+    if len(pdu) != 5:
+        raise ProtocolError(f"transaction {transaction}: a write response of {len(pdu)} bytes (5)")
+    address, second = struct.unpack_from(">HH", pdu, 1)
+    if function == WRITE_COIL:
+        expected = 0xFF00 if request.values[0] else 0x0000
+    elif function == WRITE_REGISTER:
+        expected = request.values[0]
+    else:
+        expected = len(request.values)
+    if address != request.address or second != expected:
+        raise ProtocolError(
+            f"transaction {transaction}: the echo ({address}, {second}) is not of the write ({request.address}, "
+            f"{expected})"
+        )
+    return WriteResponse(transaction, unit, function, address, len(request.values))
 
 
 class ServerConnection(_Framer):

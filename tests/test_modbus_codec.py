@@ -265,3 +265,74 @@ def test_an_unread_request_is_an_event_once():
     request = ReadRequest(9, 3, Kind.INPUT, 100, 2)
     server.receive_data(modbus.encode_request(request) * 2)
     assert [server.next_event(), server.next_event(), server.next_event()] == [request, request, NEED_DATA]
+
+
+# The specification's write examples (6.5, 6.6, 6.11, 6.12): function, address, values, request PDU, response PDU.
+WRITES = [
+    (modbus.WRITE_COIL, 0xAC, [1], "05 00 AC FF 00", "05 00 AC FF 00"),
+    (modbus.WRITE_REGISTER, 0x01, [3], "06 00 01 00 03", "06 00 01 00 03"),
+    (modbus.WRITE_COILS, 0x13, [1, 0, 1, 1, 0, 0, 1, 1, 1, 0], "0F 00 13 00 0A 02 CD 01", "0F 00 13 00 0A"),
+    (modbus.WRITE_REGISTERS, 0x01, [0x000A, 0x0102], "10 00 01 00 02 04 00 0A 01 02", "10 00 01 00 02"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("function", "address", "values", "request_pdu", "response_pdu"), WRITES)
+def test_the_specifications_write_examples_byte_for_byte(function, address, values, request_pdu, response_pdu):
+    client = ClientConnection()
+    request, data = client.write(17, function, address, values)
+    assert data == mbap(request.transaction, 17, bytes.fromhex(request_pdu))
+    response = answer(client, mbap(request.transaction, 17, bytes.fromhex(response_pdu)))
+    assert response == modbus.WriteResponse(request.transaction, 17, function, address, len(values))
+
+
+@pytest.mark.parametrize(
+    "pdu,message",
+    [
+        ("06 00 02 00 03", "echo"),  # another address
+        ("06 00 01 00 04", "echo"),  # another value
+        ("06 00 01 00", "4 bytes"),
+        ("10 00 01 00 02", "answers"),  # a function 16 answer to a function 6 write
+    ],
+)
+def test_a_write_answer_that_is_not_its_echo_is_a_protocol_error(pdu, message):
+    client = ClientConnection()
+    request, _ = client.write(1, modbus.WRITE_REGISTER, 1, [3])
+    with pytest.raises(ProtocolError, match=message):
+        answer(client, mbap(request.transaction, 1, bytes.fromhex(pdu)))
+
+
+def test_a_write_refused_by_the_device_is_an_exception_event():
+    client = ClientConnection()
+    request, _ = client.write(1, modbus.WRITE_REGISTERS, 40, [1, 2])
+    event = answer(client, mbap(request.transaction, 1, bytes([0x90, ExceptionCode.ILLEGAL_DATA_ADDRESS])))
+    assert event == ExceptionResponse(request.transaction, 1, modbus.WRITE_REGISTERS, 2)
+
+
+@pytest.mark.parametrize(
+    "function,address,values,message",
+    [
+        (modbus.WRITE_REGISTER, 0, [1, 2], "1 to 1 items"),
+        (modbus.WRITE_REGISTERS, 0, [0] * 124, "1 to 123 items"),
+        (modbus.WRITE_COIL, 0, [2], "bit"),
+        (modbus.WRITE_REGISTER, 0, [65536], "register value"),
+        (modbus.WRITE_REGISTERS, 65535, [1, 2], "outside"),
+        (0x03, 0, [1], "does not write"),
+    ],
+)
+def test_writes_modbus_cannot_carry_are_refused_before_sending(function, address, values, message):
+    with pytest.raises(ValueError, match=message):
+        ClientConnection().write(1, function, address, values)
+
+
+@given(st.integers(0, 40))
+def test_a_truncated_write_answer_waits_for_the_rest(cut):
+    client = ClientConnection()
+    request, _ = client.write(1, modbus.WRITE_REGISTERS, 1, [10, 258])
+    whole = mbap(request.transaction, 1, bytes.fromhex("10 00 01 00 02"))
+    client.receive_data(whole[:cut])
+    event = client.next_event()
+    if cut < len(whole):
+        assert event is NEED_DATA
+        client.receive_data(whole[cut:])
+        event = client.next_event()
+    assert isinstance(event, modbus.WriteResponse)

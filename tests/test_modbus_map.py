@@ -145,6 +145,14 @@ def test_device_mistakes_name_the_table_and_the_key(change, message):
         ({"address": 1, "metric": "x", "heartbeat": 60}, "heartbeat: goes with deadband"),
         ({"address": 1, "metric": "x", "kind": "output"}, "kind: 'output' is not one of holding, input"),
         ({"address": 1, "metric": "x y"}, "register #1 (x y): metric: must be"),
+        ({"address": 1, "metric": "x", "kind": "input", "writable": True}, "input registers are read-only"),
+        ({"address": 1, "metric": "x", "kind": "discrete", "writable": True}, "discrete inputs are read-only"),
+        ({"address": 1, "metric": "x", "type": "bit", "bit": 2, "writable": True}, "cannot be written alone"),
+        ({"address": 1, "metric": "x", "writable": "yes"}, "writable: give true or false"),
+        ({"address": 1, "metric": "x", "write-function": 16}, "write-function: goes with writable = true"),
+        ({"address": 1, "metric": "x", "writable": True, "write-function": 5}, "is not 6 or 16 for a holding"),
+        ({"address": 1, "metric": "x", "type": "int32", "writable": True, "write-function": 6}, "int32 takes 2"),
+        ({"address": 1, "metric": "x", "writable": True, "scale": 0}, "scale cannot be 0"),
     ],
 )
 def test_register_mistakes_name_the_register_and_the_key(register, message):
@@ -157,3 +165,40 @@ def test_one_metric_from_two_registers_is_refused():
     twice = [{"address": 1, "metric": "x"}, {"address": 2, "metric": "x"}]
     with pytest.raises(ModbusConfigError, match="metric 'x' is read from two registers"):
         device_from_table({**TABLE, "register": twice}, 0, seconds)
+
+
+@pytest.mark.parametrize(
+    "register,value,items",
+    [
+        (Register("sp", 0, scale=0.1, writable=True), 21.5, (215,)),
+        (Register("sp", 0, offset=-40.0, writable=True), 0.0, (40,)),
+        (Register("t", 0, type="int16", writable=True), -2.0, (0xFFFE,)),
+        (Register("t", 0, type="int32", word_order="little", writable=True), 70000.0, (70000 & 0xFFFF, 1)),
+        (Register("f", 0, type="float32", writable=True), 3.25, (0x4050, 0)),
+        (Register("c", 0, kind=Kind.COIL, type="bool", writable=True), 1.0, (1,)),
+    ],
+)
+def test_a_written_value_is_encoded_as_a_read_decodes_it(register, value, items):
+    assert register.items_for(value) == items
+    assert register.value(items) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "register,value,message",
+    [
+        (Register("sp", 0, writable=True), 65536.0, "outside 0..65535"),
+        (Register("sp", 0, type="int16", writable=True), -40000.0, "outside -32768..32767"),
+        (Register("sp", 0, scale=0.1, writable=True), 21.55, "not whole"),
+        (Register("c", 0, kind=Kind.COIL, type="bool", writable=True), 2.0, "not 0 or 1"),
+    ],
+)
+def test_a_value_the_register_cannot_hold_is_refused(register, value, message):
+    with pytest.raises(ValueError, match=message):
+        register.items_for(value)
+
+
+def test_the_write_function_follows_the_register_unless_given():
+    assert Register("a", 0, writable=True).function == modbus.WRITE_REGISTER
+    assert Register("a", 0, type="float32", writable=True).function == modbus.WRITE_REGISTERS
+    assert Register("a", 0, kind=Kind.COIL, type="bool", writable=True).function == modbus.WRITE_COIL
+    assert Register("a", 0, writable=True, write_function=modbus.WRITE_REGISTERS).function == modbus.WRITE_REGISTERS

@@ -254,7 +254,7 @@ class Modbus(Transport):
 
     def _start(self, devices: tuple[ModbusDevice, ...]) -> None:
         c = self.context
-        self.poller = ModbusPoller(devices, c.ingest, c.reactor)
+        self.poller = ModbusPoller(devices, c.ingest, c.reactor, commands=c.commands)
         self.poller.reporter = StatusReport("modbus_devices", c.gateway_id, self.poller.status, c.run, c.reactor)
         self.poller.setServiceParent(self)
 

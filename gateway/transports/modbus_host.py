@@ -60,6 +60,8 @@ class _Request:
     transaction: int | None = None
     timer: Any = None
     retried: bool = False  # sent again after the connection closed under it
+    write: tuple[int, ...] | None = None  # a write of these items (with ``function``), not a read
+    function: int = 0
 
 
 class _Link(protocol.Protocol):
@@ -89,8 +91,12 @@ class _Link(protocol.Protocol):
         # Closed while reading: the rest of what came is not ours to read.
 
     def send(self, request: _Request) -> None:
-        read = request.read
-        sent, data = self.codec.request(request.poller.settings.unit, read.kind, read.address, read.count)
+        read, unit = request.read, request.poller.settings.unit
+        sent: Any
+        if request.write is not None:
+            sent, data = self.codec.write(unit, request.function, read.address, request.write)
+        else:
+            sent, data = self.codec.request(unit, read.kind, read.address, read.count)
         request.transaction = sent.transaction
         assert self.transport is not None
         self.transport.write(data)
@@ -144,13 +150,16 @@ class ModbusHost:
     def connected(self) -> bool:
         return self.link is not None and self.link.open
 
-    def submit(self, poller: PolledDevice, read: Read) -> Deferred:
-        """Queue a read; fires with (values, time of arrival), or fails with ReadFailed."""
+    def submit(
+        self, poller: PolledDevice, read: Read, write: tuple[int, ...] | None = None, function: int = 0
+    ) -> Deferred:
+        """Queue a read (or, with ``write``, a write of those items to ``read``'s address by ``function``); fires
+        with (values, time of arrival) (a write: the items written), or fails with ReadFailed."""
         if self.stopped:
             return fail(ReadFailed("stopped", "the poller is stopping"))
         if not self.connected and self.clock.seconds() < self.retry_at:
             return fail(ReadFailed("unreachable", f"{self.address} cannot be reached: {self.last_error}"))
-        request = _Request(poller, read, Deferred())
+        request = _Request(poller, read, Deferred(), write=write, function=function)
         self.queue.append(request)
         self._next()
         return request.done
@@ -220,10 +229,13 @@ class ModbusHost:
             request.done.errback(
                 ReadFailed(
                     "exception",
-                    f"exception {event.code} ({event.name}) reading {_describe(request.read)}",
+                    f"exception {event.code} ({event.name}) {'writing' if request.write else 'reading'} "
+                    f"{_describe(request.read)}",
                     event.code,
                 )
             )
+        elif isinstance(event, modbus.WriteResponse):
+            request.done.callback((request.write, self.clock.seconds()))
         else:
             assert isinstance(event, modbus.ReadResponse)
             request.done.callback((event.values, self.clock.seconds()))
@@ -281,8 +293,8 @@ class ModbusHost:
                     ReadFailed("closed", f"{self.address} closed the connection ({why}) during a read, twice")
                 )
             else:
-                # A read changes nothing on the device: ask again once on a new connection (a device that
-                # closes after each answer may close just as the next request goes out).
+                # A read changes nothing on the device, and a write sets the same value again: ask again once on
+                # a new connection (a device that closes after each answer may close as the next request goes out).
                 request.retried = True
                 request.poller.ready_at = 0.0
                 self.queue.appendleft(request)

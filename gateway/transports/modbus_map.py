@@ -26,7 +26,7 @@ DEVICE_KEYS = {
 }  # fmt: skip
 REGISTER_KEYS = {
     "address", "kind", "type", "metric", "scale", "offset", "deadband", "heartbeat", "bit", "byte-order",
-    "word-order",
+    "word-order", "writable", "write-function",
 }  # fmt: skip
 
 
@@ -47,6 +47,8 @@ class Register:
     word_order: str = "big"
     deadband: float | None = None  # store only a change beyond this...
     heartbeat: float | None = None  # ...or when this many seconds passed since the last one stored
+    writable: bool = False  # the write command may set it
+    write_function: int = 0  # the function a write uses (0: 5 or 6 for one item, 15 or 16 for more)
 
     @property
     def width(self) -> int:
@@ -67,6 +69,35 @@ class Register:
         else:
             raw = modbus.decode(items, self.type, self.byte_order, self.word_order)
         return raw * self.scale + self.offset
+
+    def items_for(self, value: float) -> tuple[int, ...]:
+        """The items (bits or registers) that hold ``value``: scale and offset undone, encoded in its type and
+        byte and word order; ValueError when the type cannot hold it."""
+        raw = (value - self.offset) / self.scale
+        if self.kind.bits or self.type == "bool":
+            if raw not in (0.0, 1.0):
+                raise ValueError(f"{self.metric} is a bit: {value!r} is {raw!r} before scaling, not 0 or 1")
+            return (int(raw),)
+        code = modbus.TYPES[self.type][1]
+        if code in "fd":
+            return modbus.encode(raw, self.type, self.byte_order, self.word_order)
+        whole = round(raw)
+        if abs(raw - whole) > 1e-9 * max(1.0, abs(raw)):
+            raise ValueError(f"{self.metric} is a {self.type}: {value!r} is {raw!r} before scaling, not whole")
+        bits = 8 * modbus.TYPES[self.type][0] * 2
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if code.islower() else (0, (1 << bits) - 1)
+        if not lo <= whole <= hi:
+            raise ValueError(f"{self.metric} is a {self.type}: {whole} is outside {lo}..{hi}")
+        return modbus.encode(whole, self.type, self.byte_order, self.word_order)
+
+    @property
+    def function(self) -> int:
+        """The function a write of it uses."""
+        if self.write_function:
+            return self.write_function
+        if self.kind.bits:
+            return modbus.WRITE_COIL
+        return modbus.WRITE_REGISTER if self.width == 1 else modbus.WRITE_REGISTERS
 
 
 @dataclass(frozen=True)
@@ -171,10 +202,44 @@ def _register(table: Any, defaults: Mapping[str, str], duration: Callable[[Any],
         values["heartbeat"] = _seconds("heartbeat", table["heartbeat"], duration)
     for key in ("byte-order", "word-order"):
         values[key.replace("-", "_")] = _order(key, table.get(key, defaults[key]))
+    values.update(_writable(table, kind, type_name))
+    if values.get("writable") and values.get("scale") == 0:
+        raise ValueError("scale: a writable register's scale cannot be 0 (a value could not be turned back)")
     register = Register(metric, address, kind, type_name, **values)
     if register.end > 0x10000:
         raise ValueError(f"address: a {type_name} at {address} runs past register 65535")
     return register
+
+
+def _writable(table: Mapping[str, Any], kind: Kind, type_name: str) -> dict[str, Any]:
+    writable = table.get("writable", False)
+    if not isinstance(writable, bool):
+        raise ValueError("writable: give true or false")
+    if not writable:
+        if "write-function" in table:
+            raise ValueError("write-function: goes with writable = true")
+        return {}
+    if kind not in (Kind.HOLDING, Kind.COIL):
+        what = "input registers" if kind is Kind.INPUT else "discrete inputs"
+        raise ValueError(f"writable: {what} are read-only in Modbus; holding registers and coils can be written")
+    if type_name == "bit":
+        raise ValueError("writable: a bit of a register cannot be written alone; map the whole register instead")
+    out: dict[str, Any] = {"writable": True}
+    if "write-function" in table:
+        allowed = (
+            (modbus.WRITE_COIL, modbus.WRITE_COILS) if kind.bits else (modbus.WRITE_REGISTER, modbus.WRITE_REGISTERS)
+        )
+        function = table["write-function"]
+        if function not in allowed or isinstance(function, bool):
+            raise ValueError(
+                f"write-function: {function!r} is not {allowed[0]} or {allowed[1]} for a {kind.name.lower()}"
+            )
+        if function == modbus.WRITE_REGISTER and modbus.registers_of(type_name) > 1:
+            raise ValueError(
+                f"write-function: 6 writes one register; {type_name} takes {modbus.registers_of(type_name)}"
+            )
+        out["write_function"] = function
+    return out
 
 
 def device_from_table(table: Any, index: int, duration: Callable[[Any], float]) -> ModbusDevice:

@@ -54,6 +54,7 @@ from gateway.families import counter, gauge
 from gateway.ops.reports import StatusReport
 from gateway.readings import Device, IngestError, Reading, Source, WriteResult, counted
 from gateway.transports.devices import DeviceNames
+from gateway.transports.modbus_commands import ModbusDownlink
 from gateway.transports.modbus_map import ModbusDevice, plan, readings_of
 from protocols import modbus
 from gateway.transports.modbus_host import ReadFailed, _Link, ModbusHost, tcp_connect
@@ -92,8 +93,13 @@ class PolledDevice:
         self._due = 0.0
         self._timer: Any = None
         self._stored: dict[str, tuple[float, int]] = {}  # metric → (value, time in µs) last stored, for deadbands
+        self.downlink: ModbusDownlink | None = None  # its writable registers, for commands
 
     def start(self) -> None:
+        commands = self.poller.commands
+        if commands is not None and any(r.writable for r in self.settings.registers):
+            self.downlink = ModbusDownlink(self, commands)
+            commands.attach(self.settings.device, self.downlink, resend=None)
         self.started_at = self.clock.seconds()
         self._due = self.clock.seconds() + self.poller.rand() * self.settings.interval
         self._timer = self.clock.callLater(self._due - self.clock.seconds(), self._tick)
@@ -102,6 +108,9 @@ class PolledDevice:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.downlink is not None:
+            self.poller.commands.detach(self.settings.device, self.downlink)
+            self.downlink = None
 
     def _tick(self) -> None:
         now = self.clock.seconds()
@@ -277,6 +286,7 @@ class ModbusPoller(Service):
         connect: Callable[[str, int, float], Callable[[_Link], Deferred]] | None = None,
         stale_intervals: int = 3,
         rand: Callable[[], float] = random.random,
+        commands: Any = None,
     ) -> None:
         self.ingest = ingest
         self.rand = rand  # spreads the devices' first polls and the hosts' reconnections (seeded in tests)
@@ -289,6 +299,7 @@ class ModbusPoller(Service):
         self.hosts: dict[tuple[str, int], ModbusHost] = {}
         self.polled: dict[str, PolledDevice] = {}
         self.reporter: StatusReport | None = None  # writes status() to modbus_devices, for gatewayctl
+        self.commands = commands  # the gateway's commands service: devices with writable registers take write
         self.configure(devices)
 
     def configure(self, devices: tuple[ModbusDevice, ...]) -> list[str]:
