@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
+from tests.gatewayproc import gatewayctl
 from tests.test_api import close_gateway, ctl, open_gateway
 from tests.test_store import add_pg_device
 
@@ -97,5 +101,54 @@ async def test_an_operator_sends_a_command_and_an_https_device_runs_it(tmp_path,
         assert code == 404
         assert (await call(gw, "GET", "/v1/commands", None))[0] == 401
         assert (await call(gw, "GET", "/v1/commands/rate-1", device))[0] == 403
+    finally:
+        await close_gateway(service, gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gatewayctl_sends_lists_shows_waits_for_and_cancels_commands(tmp_path, db_dsn, sql):
+    service, gw = await open_gateway(tmp_path, db_dsn)
+    try:
+        device = add_pg_device(sql, "truck-1")
+        proc = await deferToThread(
+            gatewayctl, "command", "send", "truck-1", "sample-rate", "--param", "hz=5", "--param", "unit=Hz",
+            "--ttl", "2m", "--id", "cli-1", "--db", db_dsn,
+        )  # fmt: skip
+        assert proc.stdout.strip() == "cli-1" and "queued" in proc.stderr
+        assert sql("SELECT params, sender FROM commands")[0][0] == {"hz": 5, "unit": "Hz"}
+        assert sql("SELECT sender FROM commands")[0][0].startswith("gatewayctl:")
+        listing = (await deferToThread(gatewayctl, "command", "list", "--db", db_dsn)).stdout.splitlines()
+        assert listing[0].split()[:4] == ["ID", "DEVICE", "NAME", "STATE"]
+        assert listing[1].split()[:4] == ["cli-1", "truck-1", "sample-rate", "queued"]
+
+        # --wait: the device takes the command on its next post and reports; gatewayctl prints the result.
+        waiting = deferToThread(
+            gatewayctl, "command", "send", "truck-1", "reboot", "--id", "cli-2", "--wait", "30", "--db", db_dsn
+        )
+        # Until the gateway has heard of it (the ledger's notice, or its next look).
+        for _ in range(1500):
+            if sql("SELECT 1 FROM commands WHERE id = 'cli-2'") and "truck-1" in service.commands.waiting:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        code, body = await gw.post(device, [{"metric": "t", "ts": 1763805600000, "value": 1}])
+        assert {c["id"] for c in body["commands"]} == {"cli-1", "cli-2"}
+        await call(gw, "POST", "/v1/commands/cli-2/result", device, {"status": "succeeded", "result": {"up": 1}})
+        proc = await waiting
+        assert json.loads(proc.stdout.splitlines()[-1]) == {"up": 1} and "succeeded" in proc.stderr
+
+        shown = json.loads((await deferToThread(gatewayctl, "command", "show", "cli-2", "--db", db_dsn)).stdout)
+        assert [e["state"] for e in shown["history"]] == ["queued", "sent", "succeeded"]
+        proc = await deferToThread(gatewayctl, "command", "cancel", "cli-2", "--db", db_dsn, check=False)
+        assert proc.returncode == 1 and "succeeded already" in proc.stderr
+        # A command nobody answers: --wait gives up with status 2.
+        proc = await deferToThread(
+            gatewayctl, "command", "send", "truck-1", "x", "--id", "cli-3", "--wait", "0.5", "--db", db_dsn,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "cli-3: queued" in proc.stderr
+        await deferToThread(gatewayctl, "command", "cancel", "cli-3", "--db", db_dsn)
+        assert sql("SELECT state FROM commands WHERE id = 'cli-3'") == [("canceled",)]
+        proc = await deferToThread(gatewayctl, "command", "send", "nobody", "x", "--db", db_dsn, check=False)
+        assert proc.returncode == 1 and "no device 'nobody'" in proc.stderr
     finally:
         await close_gateway(service, gw)

@@ -18,6 +18,7 @@ import sys
 import psycopg2
 
 from gateway.cli import (
+    command,
     conflicts,
     device,
     export,
@@ -53,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", parents=[common], help="apply schema migrations")
     p.set_defaults(func=cmd_migrate)
-    for noun in (device, export, token, session, quarantine, conflicts, upload, storage, mqtt, modbus, simulate, tls):
+    nouns = (
+        device,
+        command,
+        export,
+        token,
+        session,
+        quarantine,
+        conflicts,
+        upload,
+        storage,
+        mqtt,
+        modbus,
+        simulate,
+        tls,
+    )
+    for noun in nouns:
         noun.register(sub, common)
     return parser
 
