@@ -1,6 +1,7 @@
 """
 The commands API: people and programs send commands to a device and follow
-them (``/v1/devices/{name}/commands``, ``/v1/commands/{id}``); a device that
+them (``/v1/devices/{name}/commands``, ``/v1/commands/{id}``) and set its
+desired configuration (``/v1/devices/{name}/desired``); a device that
 speaks HTTPS polls for its own and reports their results
 (``GET /v1/commands?wait=30``, ``POST /v1/commands/{id}/result``) with its
 device token. Sending and canceling need the operator role (or admin);
@@ -126,6 +127,19 @@ class CommandsApi:
             "commands": [c.doc() for c in shown],
             "next_cursor": encode_cursor(shown[-1].id) if len(page) > limit else None,
         }
+
+    async def desired(self, args: Any, name: str) -> dict[str, Any]:
+        try:
+            return dict(await self.service.twin.get(name))
+        except CommandError as e:
+            raise _refused(e) from None
+
+    async def desire(self, call: Call, name: str) -> dict[str, Any]:
+        """Set the device's desired configuration: a new version, its delta queued to the device."""
+        try:
+            return dict(await self.service.twin.desire(name, _json(call.body), call.who))
+        except CommandError as e:
+            raise _refused(e) from None
 
     async def show(self, args: Any, id_: str) -> dict[str, Any]:
         wait = _wait(args)

@@ -188,6 +188,19 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Desired": {
+        "type": "object",
+        "properties": {
+            "device": _NAME,
+            "desired": {"type": "object", "description": "what people want the device's configuration to be"},
+            "version": {"type": "integer", "description": "1 more each time desired is set; 0 never set"},
+            "updated_by": {"type": "string", "nullable": True},
+            "updated_at": _NULL_TS,
+            "reported": {"type": "object", "description": "what the device last said it runs"},
+            "reported_at": _NULL_TS,
+            "delta": {"type": "object", "description": "the desired keys whose reported value differs"},
+        },
+    },
     "NewCommand": {
         "type": "object",
         "required": ["name"],
@@ -325,6 +338,22 @@ def _command_paths(read_errors: tuple[int, ...]) -> dict[str, Any]:
                     _LIMIT,
                     _query("cursor", "next_cursor"),
                 ],
+                **_READ,
+            ),
+            "parameters": [_DEVICE],
+        },
+        "/v1/devices/{name}/desired": {
+            "get": _op(
+                "The device's desired and reported configuration, and the delta",
+                _ref("Desired"),
+                (*read_errors, 404),
+                **_READ,
+            ),
+            "put": _op(
+                "Set the desired configuration (operator role): a new version; the delta goes to the device",
+                _ref("Desired"),
+                (400, *read_errors, 404),
+                requestBody={"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
                 **_READ,
             ),
             "parameters": [_DEVICE],

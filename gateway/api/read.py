@@ -185,6 +185,8 @@ ROUTES = (
     Route("POST", "/v1/sinks/{name}/retry", "admin", "retry_sink"),
     # Commands (gateway/api/commands.py): people and programs send them, devices poll and answer over HTTPS.
     Route("POST", "/v1/devices/{name}/commands", "operator", "commands.send", call=True),
+    Route("GET", "/v1/devices/{name}/desired", "reader", "commands.desired"),
+    Route("PUT", "/v1/devices/{name}/desired", "operator", "commands.desire", call=True),
     Route("GET", "/v1/devices/{name}/commands", "reader", "commands.of_device", ("state", "limit", "cursor")),
     Route("GET", "/v1/commands/{id}", "reader", "commands.show", ("wait",)),
     Route("POST", "/v1/commands/{id}/cancel", "operator", "commands.cancel", call=True),

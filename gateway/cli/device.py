@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 from typing import Any
 
 from gateway import tokens
+from gateway.commands import desired
+from gateway.commands.model import CommandError as Refused
 from gateway.readings import Source, NAME_RULE, is_name
 from gateway.cli.common import (
     CommandError,
@@ -165,6 +168,52 @@ def cmd_device_show(args: argparse.Namespace) -> None:
         print(f"{key.replace('_', ' ').ljust(width)}  {'-' if value is None else value}")
 
 
+def cmd_device_desire(args: argparse.Namespace) -> None:
+    """Set (or, with no values, show) a device's desired configuration; the delta goes to the device."""
+    doc: dict[str, Any] | None = None
+    if args.json is not None or args.values:
+        try:
+            doc = json.loads(args.json) if args.json is not None else {}
+        except ValueError as e:
+            raise CommandError(f"--json: not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise CommandError("--json: give a JSON object")
+        for text in args.values:
+            key, sep, value = text.partition("=")
+            if not sep or not key:
+                raise CommandError(f"{text!r}: give KEY=VALUE (VALUE is read as JSON when it is: 5, true, [1,2])")
+            try:
+                doc[key] = json.loads(value)
+            except ValueError:
+                doc[key] = value
+        try:
+            desired.check_document(doc, "desired")
+        except Refused as e:
+            raise CommandError(e.message) from None
+    who = f"gatewayctl:{getpass.getuser()}"
+    with database(args) as conn, conn.cursor() as cur:
+        cur.execute(desired.DEVICE, (args.name,))
+        row = cur.fetchone()
+        if row is None:
+            raise CommandError(f"no device {args.name!r} (or it is revoked)")
+        device = row[0]
+        if doc is not None:
+            cur.execute(desired.SET, {"device": device, "doc": json.dumps(doc), "who": who})
+            (version,) = cur.fetchone()
+            cur.execute(desired.SUPERSEDE, {"device": device, "note": f"superseded by desired version {version}"})
+        cur.execute(desired.STATE, (device,))
+        state = desired.state_of(args.name, cur.fetchone())
+        if doc is not None:
+            queued = desired.queued_delta(args.name, version, state, who)
+            if queued is not None:
+                cur.execute(desired.QUEUE, {**queued, "device": device})
+        conn.commit()
+    print(json.dumps(state, indent=2))
+    if doc is not None:
+        left = ", ".join(sorted(state["delta"])) or "nothing"
+        note(f"desired configuration of {args.name} is version {state['version']}; to be applied: {left}")
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     device = sub.add_parser("device", parents=[common], help="add, list, show, revoke and rotate devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
@@ -195,3 +244,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("name")
     p.set_defaults(func=cmd_device_rotate)
+    p = dsub.add_parser(
+        "desire", parents=[common], help="set a device's desired configuration (KEY=VALUE ...), or show it"
+    )
+    p.add_argument("name")
+    p.add_argument("values", nargs="*", metavar="KEY=VALUE", help="desired values (read as JSON when they are)")
+    p.add_argument("--json", help="the whole desired document, a JSON object (KEY=VALUE add to it)")
+    p.set_defaults(func=cmd_device_desire)

@@ -25,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from gateway.commands.desired import NAME as DESIRED, Twin
 from gateway.commands.ledger import Ledger
 from gateway.commands.model import FINAL, Command, CommandError, Request
 from gateway.reactor import Reactor
@@ -65,6 +66,7 @@ class Commands(Service):
         self.retention = retention
         self.pool = PgPool(reactor, 2)
         self.ledger = Ledger(self.pool.run)
+        self.twin = Twin(self.pool.run)
         self.listener = PgPool(reactor, 1)
         self.listener.on_connect = self._listen
         self.downlinks: dict[str, Any] = {}  # device -> its downlink on this gateway
@@ -146,7 +148,12 @@ class Commands(Service):
         """``device`` takes commands over ``downlink`` now: send it what waits, by default what was sent
         before and not acknowledged too (a device back on line; None: only what is due)."""
         self.downlinks[device] = downlink
-        self.flush(device, resend=resend)
+        if resend == 0.0:  # back on line: a desired delta it acknowledged without a matching report goes again
+            d = self.twin.again(device)
+            d.addErrback(lambda f: log.warn("desired of {device} not looked at: {e}", device=device, e=f.value))
+            d.addCallback(lambda _: self.flush(device, resend=resend))
+        else:
+            self.flush(device, resend=resend)
 
     def detach(self, device: str, downlink: Any) -> None:
         if self.downlinks.get(device) is downlink:
@@ -239,6 +246,12 @@ class Commands(Service):
         if recorded:
             self.results[(transport, status)] += 1
             log.info("command {id} to {device} {status}", id=id_, device=device, status=status)
+            if status == "succeeded":
+                command = await self.ledger.find(id_)
+                if command is not None and command.name == DESIRED:
+                    # What the device says it applied (or, saying nothing, the delta it was sent) is reported.
+                    applied = result if isinstance(result, dict) and result else command.params.get("delta", {})
+                    await self.twin.report(device, applied)
         return recorded
 
     async def wait(self, id_: str, timeout: float) -> Command | None:

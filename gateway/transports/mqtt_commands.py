@@ -12,6 +12,12 @@ command ``delivered`` (a v5 PUBACK with a failure reason code makes it
 "failed", "result": {...}}``, acknowledged once recorded. A kept session
 (3.1.1 clean session 0, v5 Session Expiry) keeps the subscription: the
 device gets its commands when it reconnects without subscribing again.
+
+Desired configuration: a device subscribed to ``devices/<device>/desired``
+gets each delta there as ``{"id", "version", "delta", "expires"}`` (else as
+the command ``desired`` on its command topic), and publishes what it runs to
+``devices/<device>/reported`` (a JSON object, merged into its reported
+document); when that matches the desired document the delta is done.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gateway.commands.desired import NAME as DESIRED, check_document
 from gateway.commands.model import Command, CommandError, parse_result
 from gateway.commands.service import IDownlink
 from gateway.readings import InvalidInput, WriteResult
@@ -32,20 +39,24 @@ log = Logger()
 
 P = mqtt.Property
 WINDOW = 10  # commands in flight (published, not yet PUBACKed) to one device
-FILTERS = ("commands/#", "commands/+")  # after devices/<device>/
+FILTERS = ("commands/#", "commands/+", "desired")  # after devices/<device>/
 RESULT = "result"
+REPORTED = ""  # what result_of gives for devices/<device>/reported
 
 
 def command_filter(device: str, topic_filter: str) -> bool:
-    """Whether a SUBSCRIBE filter is this device's command topic."""
+    """Whether a SUBSCRIBE filter is this device's command (or desired configuration) topic."""
     return topic_filter in (f"devices/{device}/{f}" for f in FILTERS)
 
 
 def result_of(device: str, topic: str) -> str | None:
-    """The command id a PUBLISH's topic reports the result of (devices/<device>/commands/<id>/result), or None."""
+    """The command id a PUBLISH's topic reports the result of (devices/<device>/commands/<id>/result), REPORTED
+    for devices/<device>/reported, or None."""
     parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "devices" and parts[1] == device and parts[2] == "reported":
+        return REPORTED
     if len(parts) == 5 and parts[0] == "devices" and parts[1] == device and parts[2] == "commands":
-        return parts[3] if parts[4] == RESULT else None
+        return parts[3] if parts[4] == RESULT and parts[3] else None
     return None
 
 
@@ -61,6 +72,7 @@ class MqttDownlink:
         self.commands = commands
         self.in_flight: dict[int, str] = {}  # packet id -> command id
         self._last_id = 0
+        self.filters: set[str] = set()  # what the device subscribed to (of FILTERS)
 
     def room(self) -> int:
         return max(0, min(WINDOW, self.protocol.conn.peer_receive_maximum) - len(self.in_flight))
@@ -73,7 +85,11 @@ class MqttDownlink:
 
     def deliver(self, command: Command) -> None:
         topic = f"devices/{self.device}/commands/{command.id}"
-        payload = json.dumps(command.wire(), separators=(",", ":")).encode()
+        body = command.wire()
+        if command.name == DESIRED and f"devices/{self.device}/desired" in self.filters:
+            topic = f"devices/{self.device}/desired"
+            body = {"id": command.id, **command.params, "expires": body["expires"]}
+        payload = json.dumps(body, separators=(",", ":")).encode()
         properties: mqtt.Properties = ()
         if self.protocol.conn.version == mqtt.V5:
             left = max(1, int(command.expires - self.protocol.factory.clock.seconds()))
@@ -81,7 +97,7 @@ class MqttDownlink:
                 (P.PAYLOAD_FORMAT_INDICATOR, 1),
                 (P.CONTENT_TYPE, "application/json"),
                 (P.MESSAGE_EXPIRY_INTERVAL, left),
-                (P.RESPONSE_TOPIC, f"{topic}/{RESULT}"),
+                (P.RESPONSE_TOPIC, f"devices/{self.device}/commands/{command.id}/{RESULT}"),
                 (P.CORRELATION_DATA, command.id.encode()),
             )
         packet_id = self._packet_id()
@@ -106,7 +122,14 @@ class MqttDownlink:
         return Deferred.fromCoroutine(self.commands.delivered(self.device, id_))
 
     def result(self, id_: str, payload: bytes) -> Deferred:
-        """A result the device published; fires when recorded (InvalidInput when it cannot be read)."""
+        """A result the device published (or, for REPORTED, what it runs); fires when recorded (InvalidInput
+        when it cannot be read)."""
+        if id_ == REPORTED:
+            try:
+                return self.commands.twin.report(self.device, check_document(json.loads(payload), "reported"))
+            except (ValueError, CommandError) as e:
+                message = e.message if isinstance(e, CommandError) else f"not JSON: {e}"
+                raise InvalidInput(f"devices/{self.device}/reported: {message}") from None
         try:
             status, result = parse_result(json.loads(payload))
         except (ValueError, CommandError) as e:
@@ -130,14 +153,16 @@ def subscribe(session: Any, event: mqtt.Subscribe) -> None:
     why = () if all(mine) else session._why("only devices/<device>/commands/# may be subscribed to")
     session._send(mqtt.SubAck(event.packet_id, reasons, why))
     if any(mine):
-        take_commands(session, keep=True)
+        take_commands(session, keep=True, filters=[f for ok, (f, _) in zip(mine, event.subscriptions) if ok])
 
 
-def take_commands(session: Any, keep: bool = False) -> None:
+def take_commands(session: Any, keep: bool = False, filters: Any = None) -> None:
     """The session is its device's downlink from now on (``keep``: and its kept session remembers it)."""
     commands, device = session.factory.commands, session.device
     if session.downlink is None:
         session.downlink = MqttDownlink(session, device.name, commands)
+    # A kept session remembers that it subscribed, not to which of the filters: its commands topic then.
+    session.downlink.filters.update(filters or [f"devices/{device.name}/commands/#"])
     kept = session._kept_session
     if keep and kept is not None:
         d = commands.ledger.keep_subscription(device.name, kept[1], True)
@@ -148,7 +173,9 @@ def take_commands(session: Any, keep: bool = False) -> None:
 def unsubscribe(session: Any, event: mqtt.Unsubscribe) -> None:
     commands, device, downlink = session.factory.commands, session.device, session.downlink
     mine = [device is not None and commands is not None and command_filter(device.name, f) for f in event.filters]
-    if any(mine) and downlink is not None:
+    if downlink is not None:
+        downlink.filters.difference_update(event.filters)
+    if any(mine) and downlink is not None and not downlink.filters:
         commands.detach(downlink.device, downlink)
         if session._kept_session is not None:
             d = commands.ledger.keep_subscription(downlink.device, session._kept_session[1], False)
