@@ -158,6 +158,21 @@ def check_filter(topic: Any) -> str:
     return topic
 
 
+def check_command_topic(template: Any) -> str:
+    """A topic template for commands: {device} and {id} each once, each a whole level, no wildcards."""
+    if not isinstance(template, str) or not template or template.startswith("$") or "\0" in template:
+        raise ValueError(
+            f"command-topic: {template!r} is not a topic template such as devices/{{device}}/commands/{{id}}"
+        )
+    levels = template.split("/")
+    for key in ("{device}", "{id}"):
+        if levels.count(key) != 1:
+            raise ValueError(f"command-topic: {template!r} must have {key} once, as a whole level")
+    if any("+" in level or "#" in level or ("{" in level and level not in ("{device}", "{id}")) for level in levels):
+        raise ValueError(f"command-topic: {template!r}: no wildcards, and only {{device}} and {{id}} as fields")
+    return template
+
+
 def endpoint(reactor: Reactor, broker: Broker, timeout: float = 30.0) -> Any:
     """A client endpoint for the broker: verified TLS 1.2+ (the host name too) for mqtts://."""
     tcp = HostnameEndpoint(reactor, broker.host, broker.port, timeout=timeout)
@@ -185,6 +200,7 @@ SOURCE_KEYS = {
     "backoff",
     "backoff-cap",
     "stall",
+    "command-topic",
 }
 
 
@@ -206,11 +222,19 @@ class SourceSettings:
     backoff: float = 1.0
     backoff_cap: float = 60.0
     stall: float = 120.0  # seconds without a subscription before /healthz says so
+    # Where commands to the devices on this broker are published: a template with {device} and {id}. Their
+    # results come back on the same topic with /result added (subscribed to as well). "": no commands.
+    command_topic: str = ""
+
+    @property
+    def result_filter(self) -> str:
+        return self.command_topic.replace("{device}", "+").replace("{id}", "+") + "/result"
 
     @property
     def filters(self) -> tuple[str, ...]:
-        """What is subscribed to: the topics, in the shared group when there is one."""
-        return tuple(f"$share/{self.group}/{t}" if self.group else t for t in self.topics)
+        """What is subscribed to: the topics (and the command results), in the shared group when there is one."""
+        topics = (*self.topics, self.result_filter) if self.command_topic else self.topics
+        return tuple(f"$share/{self.group}/{t}" if self.group else t for t in topics)
 
 
 def source_from_table(
@@ -243,6 +267,8 @@ def source_from_table(
                 raise ValueError(f"device-level: topic {topic!r} has no level {level} to name the device")
             if not levels[level] == "+" and not is_name(levels[level]):
                 raise ValueError(f"device-level: level {level} of {topic!r} is not a device name or +")
+        if "command-topic" in table:
+            values["command_topic"] = check_command_topic(table["command-topic"])
         if "payload" in table:
             if table["payload"] not in ("auto", "json"):
                 raise ValueError(f"payload: {table['payload']!r} is not auto or json")

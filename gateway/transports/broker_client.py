@@ -27,6 +27,7 @@ from gateway.readings import (
     is_name,
 )
 from gateway.net.mqttclient import MQTTClientProtocol
+from gateway.transports.broker_commands import parsed_result, result_of
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.flow import SessionFlow
 from gateway.transports.session import DeviceSession, Ticket
@@ -136,6 +137,8 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         elif isinstance(event, mqtt.UnsubAck):
             self._unsubscribed = True
             self._retire_when_quiet()
+        elif isinstance(event, mqtt.PubAck):
+            self.source.command_acked(event)  # a command this gateway published
 
     def accepted(self, event: mqtt.ConnAck) -> None:
         # The deadline holds until the SUBACK (or, retiring, is met now).
@@ -227,6 +230,11 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         if self.source.retiring:
             self._retire_when_quiet()
         ticket = self._ticket(publish) if publish.qos else None
+        if self.source.commands is not None:
+            result = result_of(self.settings.command_topic, publish.topic)
+            if result is not None:
+                self._result(ticket, publish, *result)
+                return
         name = _device_name(publish.topic, self.settings.device_level)
         if name is None:
             self._keep(ticket, publish, None, R.TOPIC_NAME_INVALID, f"topic {publish.topic!r} names no device")
@@ -256,6 +264,24 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
 
         self.source.look_up(name).addCallbacks(found, failed)
 
+    def _result(self, ticket: Ticket[Any] | None, publish: mqtt.Publish, device: str, id_: str) -> None:
+        """A device's result to a command: recorded once, then acknowledged."""
+        try:
+            status, result = parsed_result(id_, publish.payload)
+        except InvalidInput as e:
+            self._keep(ticket, publish, None, R.PAYLOAD_FORMAT_INVALID, e.message)
+            return
+        commands: Any = self.source.commands
+        d = Deferred.fromCoroutine(commands.finished(device, id_, status, result, "mqtt_source"))
+        d.addCallback(lambda _: WriteResult(0, 0))
+        if ticket is not None:
+            d.addBoth(self._settle_with, ticket)
+        else:
+            d.addErrback(lambda f: log.warn("a QoS 0 command result was not recorded: {e}", e=f.value))
+
+    def send_command(self, publish: mqtt.Publish) -> None:
+        self._send(publish)
+
     def _store(self, ticket: Ticket[Any] | None, publish: mqtt.Publish, device: Device | None) -> None:
         if device is None:
             name = _device_name(publish.topic, self.settings.device_level)
@@ -274,6 +300,7 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         if not ingest.admits(len(readings)):
             self._hold(ticket, publish, device)
             return
+        self.source.reachable(device.name)
         d = ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload)
         d.addCallback(self._stored, readings)
         d.addErrback(self._not_stored, ticket, publish, device)
@@ -447,6 +474,7 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         self.source.counters.in_flight = 0
         if self.source.client is self:
             self.source.client = None
+            self.source.connection_ended()
         if not self.subscribed.called:
             self.subscribed.errback(ConnectionError(self.source.counters.last_error or "connection lost"))
 

@@ -158,7 +158,7 @@ class Brokers(Transport):
 
     def _start(self, sources: tuple[SourceSettings, ...]) -> None:
         c = self.context
-        self.sources = BrokerSources(sources, c.ingest, c.reactor, c.gateway_id, c.run)
+        self.sources = BrokerSources(sources, c.ingest, c.reactor, c.gateway_id, c.run, c.commands)
         self.sources.setServiceParent(self)
 
     def live_metrics(self) -> Any:

@@ -72,6 +72,7 @@ from gateway.readings import (
 )
 from gateway.net.brokers import SourceSettings, endpoint
 from gateway.transports.devices import DeviceNames
+from gateway.transports.broker_commands import FIRST_ID, BrokerDownlink
 from gateway.transports.broker_client import CONNACK_TIMEOUT, SourceCounters, BrokerClient, _ClientFactory
 
 log = Logger()
@@ -92,8 +93,15 @@ class BrokerSource(ClientService):
         reactor: Reactor,
         clock: Clock | None = None,
         retire: tuple[str, ...] | None = None,
+        commands: Any = None,
     ) -> None:
         self.settings = settings
+        # Commands to the devices heard from on this broker (with command-topic): their downlinks, and the
+        # packet ids of commands published and not yet acknowledged by the broker.
+        self.commands: Any = commands if settings.command_topic and retire is None else None
+        self.downlinks: dict[str, BrokerDownlink] = {}
+        self.command_ids: dict[int, BrokerDownlink] = {}
+        self._last_packet_id = FIRST_ID - 1
         self.ingest = ingest
         self.clock = clock or reactor
         # Retiring a session no longer used: the filters it was subscribed to (to unsubscribe), else None.
@@ -137,6 +145,30 @@ class BrokerSource(ClientService):
         if error:
             c.last_error = error
 
+    @property
+    def subscribed_now(self) -> bool:
+        return self.counters.state == "subscribed"
+
+    def reachable(self, name: str) -> None:
+        """A registered device was heard from on this broker: commands to it go out here from now on."""
+        if self.commands is not None and name not in self.downlinks:
+            downlink = self.downlinks[name] = BrokerDownlink(self, name, self.commands)
+            self.commands.attach(name, downlink, resend=None)
+
+    def command_packet_id(self) -> int:
+        while True:
+            self._last_packet_id = max(FIRST_ID, (self._last_packet_id + 1) % 65536)
+            if self._last_packet_id not in self.command_ids:
+                return self._last_packet_id
+
+    def command_acked(self, ack: Any) -> None:
+        downlink = self.command_ids.pop(ack.packet_id, None)
+        if downlink is not None:
+            downlink.acked(ack)
+
+    def connection_ended(self) -> None:
+        self.command_ids.clear()  # sent again on the next connection, after --command-resend
+
     def device(self, name: str) -> tuple[bool, Device | None]:
         return self.devices.get(name)
 
@@ -166,6 +198,9 @@ class BrokerSource(ClientService):
         super().startService()
 
     def stopService(self) -> Deferred:
+        for name, downlink in self.downlinks.items():
+            self.commands.detach(name, downlink)
+        self.downlinks.clear()
         client = self.client
         drained = client.stop() if client is not None else succeed(None)
         self.set_state("stopped", "")
@@ -200,9 +235,16 @@ class BrokerSources(MultiService):
     """Every [[mqtt_source]], their health, their /metrics and their state in the database."""
 
     def __init__(
-        self, sources: tuple[SourceSettings, ...], ingest: Ingest, reactor: Reactor, owner: str, run: Callable[..., Any]
+        self,
+        sources: tuple[SourceSettings, ...],
+        ingest: Ingest,
+        reactor: Reactor,
+        owner: str,
+        run: Callable[..., Any],
+        commands: Any = None,
     ) -> None:
         super().__init__()
+        self.commands = commands  # the gateway's commands service, for sources with a command-topic
         self.reactor = reactor
         self.ingest = ingest
         self.owner = owner  # this gateway's id, the row's key in mqtt_sources
@@ -222,7 +264,7 @@ class BrokerSources(MultiService):
         return {s.name: dataclasses.replace(s, broker=s.broker.with_client_id(self.owner, s.name)) for s in sources}
 
     def _add(self, settings: SourceSettings) -> None:
-        source = self.sources[settings.name] = BrokerSource(settings, self.ingest, self.reactor)
+        source = self.sources[settings.name] = BrokerSource(settings, self.ingest, self.reactor, commands=self.commands)
         source.setServiceParent(self)  # started at once when this service runs
 
     async def reconfigure(self, sources: tuple[SourceSettings, ...]) -> list[str]:
