@@ -90,7 +90,7 @@ class GatewayService(MultiService):
         self.reads = PgPool(reactor, 2)  # the read API, status checks and transports, apart from the writers
         self.registry = DeviceRegistry()
         identity = lambda: gateway_id(self.config.data_dir)  # noqa: E731 - known once the data directory is
-        self.commands = Commands(reactor, identity, resend=config.command_resend, retention=config.command_retention)
+        self.commands = Commands(reactor, identity, config, [self.alerts.command_finished])
         context = TransportContext(self.ingest, reactor, self.registry, identity, self.reads.run, self.commands)
         self.transports = built(config, context)  # every installed transport this configuration uses
         self.health = Health(
@@ -277,7 +277,7 @@ class GatewayService(MultiService):
         self.health.reconfigure(new.sink_stall)
         self.ingest.reconfigure(new.device_rate, new.quality, new.device_types)
         self.surfaces.reconfigure(new)
-        self.commands.reconfigure(new.command_resend, new.command_retention)
+        self.commands.reconfigure(new)
         self.status.set_interval(new.status_interval)
         applied += await self.transports.reconfigure(new)
         applied += await self.outbound.reconfigure(new)

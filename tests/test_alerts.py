@@ -172,3 +172,15 @@ def test_rate_rule_memory_is_bounded_however_fast_a_device_sends():
     engine.observe(device, [Reading("oil_temp", 600_000_000, 30.0)])  # +20 within the window: fires
     engine.observe(device, [Reading("oil_temp", 600_010_000, 9.0)])  # rise now under 5: clears
     assert [sql for sql, _ in pool.statements] == [FIRE, CLEAR]
+
+
+def test_a_command_rule_watches_command_names_and_devices():
+    [rule] = rules_from_tables([{"name": "lost", "command": "reboot*", "devices": "truck-*"}], duration)
+    assert rule.watches("truck-1", "reboot-now") and not rule.watches("pump-1", "reboot")
+    assert not rule.watches("truck-1", "sample") and not rule.applies("truck-1", "command:reboot*")
+    for table, words in [
+        ({"name": "x", "command": "reboot", "above": 3}, "x.above: a command rule takes only command and devices"),
+        ({"name": "x", "command": ""}, "x.command: '' is not a command name"),
+    ]:
+        with pytest.raises(AlertError, match=words):
+            rules_from_tables([table], duration)

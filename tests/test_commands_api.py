@@ -152,3 +152,34 @@ async def test_gatewayctl_sends_lists_shows_waits_for_and_cancels_commands(tmp_p
         assert proc.returncode == 1 and "no device 'nobody'" in proc.stderr
     finally:
         await close_gateway(service, gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_command_fires_the_alert_rule_watching_it_and_a_success_clears_it(tmp_path, db_dsn, sql):
+    rules = [{"name": "reboot-lost", "command": "reboot*", "devices": "truck-*"}]
+    service, gw = await open_gateway(tmp_path, db_dsn, {"alert": rules})
+    try:
+        device = add_pg_device(sql, "truck-1")
+        add_pg_device(sql, "pump-1")
+        operator = (await ctl(db_dsn, "token", "add", "desk", "--role", "operator")).strip()
+        for name, command, id_ in [
+            ("truck-1", "reboot", "lost"),
+            ("truck-1", "sample", "other"),
+            ("pump-1", "reboot", "p"),
+        ]:
+            await call(gw, "POST", f"/v1/devices/{name}/commands", operator, {"name": command, "id": id_})
+        sql("UPDATE commands SET expires_at = now()")
+        await service.commands.tick()
+        await service.alerts.settled()
+        assert sql("SELECT state FROM commands ORDER BY id") == [("expired",), ("expired",), ("expired",)]
+        alerts = sql(
+            "SELECT a.rule, d.name, a.message, a.cleared_at IS NULL FROM alerts a JOIN devices d ON d.id = a.device_id"
+        )
+        assert alerts == [("reboot-lost", "truck-1", "command lost (reboot) expired unfinished", True)]
+        await call(gw, "POST", "/v1/devices/truck-1/commands", operator, {"name": "reboot-now", "id": "ok"})
+        await call(gw, "GET", "/v1/commands?wait=10", device)
+        await call(gw, "POST", "/v1/commands/ok/result", device, {"status": "succeeded"})
+        await service.alerts.settled()
+        assert sql("SELECT cleared_at IS NOT NULL FROM alerts") == [(True,)]
+    finally:
+        await close_gateway(service, gw)

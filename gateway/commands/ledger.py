@@ -94,7 +94,7 @@ FINISH = """
 UPDATE commands c SET state = %(state)s, result = %(result)s::jsonb, changed_at = now(), note = NULL
 FROM devices d
 WHERE c.id = %(id)s AND d.id = c.device_id AND d.name = %(device)s AND c.state IN ('queued', 'sent', 'delivered')
-RETURNING c.id
+RETURNING c.device_id, c.name, (extract(epoch FROM c.changed_at) * 1000000)::bigint
 """
 CANCEL = f"""
 WITH done AS (
@@ -107,7 +107,8 @@ SELECT {COLUMNS} FROM done c JOIN devices d ON d.id = c.device_id
 EXPIRE = """
 UPDATE commands c SET state = 'expired', changed_at = now(), note = 'not finished within its ttl'
 WHERE c.state IN ('queued', 'sent', 'delivered') AND c.expires_at <= now()
-RETURNING c.id, (SELECT name FROM devices WHERE id = c.device_id), c.name, c.state
+RETURNING c.id, (SELECT name FROM devices WHERE id = c.device_id), c.name, c.device_id,
+    (extract(epoch FROM c.changed_at) * 1000000)::bigint
 """
 # Devices with commands to send, for a gateway that starts (or missed notices while its LISTEN was down).
 WAITING_DEVICES = """
@@ -238,10 +239,12 @@ class Ledger:
     async def delivered(self, device: str, id_: str) -> bool:
         return bool(await self._query(DELIVERED, {"device": device, "id": id_}))
 
-    async def finish(self, device: str, id_: str, status: str, result: Any) -> bool:
-        """Record a device's result; False when the command is not this device's or was finished already."""
+    async def finish(self, device: str, id_: str, status: str, result: Any) -> tuple[int, str, int] | None:
+        """Record a device's result: (device id, command name, µs); None when the command is not this device's
+        or was finished already."""
         params = {"device": device, "id": id_, "state": status, "result": json.dumps(result)}
-        return bool(await self._query(FINISH, params))
+        rows = await self._query(FINISH, params)
+        return (int(rows[0][0]), str(rows[0][1]), int(rows[0][2])) if rows else None
 
     async def cancel(self, id_: str, who: str) -> Command:
         rows = await self._query(CANCEL, {"id": id_, "note": f"canceled by {who}"})
@@ -254,9 +257,9 @@ class Ledger:
             raise CommandError("not_cancelable", f"command {id_} is {existing.state} already")
         raise CommandError("not_cancelable", f"command {id_} is delivered: the device has it")
 
-    async def expire(self) -> list[tuple[str, str, str]]:
-        """Commands past their expiry, now expired: (id, device, name)."""
-        return [(r[0], r[1], r[2]) for r in await self._query(EXPIRE, ())]
+    async def expire(self) -> list[tuple[str, str, str, int, int]]:
+        """Commands past their expiry, now expired: (id, device, name, device id, when in µs)."""
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await self._query(EXPIRE, ())]
 
     async def waiting_devices(self) -> set[str]:
         return {r[0] for r in await self._query(WAITING_DEVICES, ())}

@@ -15,7 +15,7 @@ for, and the rest as room comes back (``flush``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -56,14 +56,16 @@ class Commands(Service):
         self,
         reactor: Reactor,
         gateway_id: Callable[[], str],
-        *,
-        resend: float = 30.0,
-        retention: float = 30 * 86400.0,
+        config: Any = None,
+        observers: Sequence[Callable[..., None]] = (),
     ) -> None:
         self.reactor = reactor
         self.gateway_id = gateway_id
-        self.resend = resend
-        self.retention = retention
+        self.resend = config.command_resend if config is not None else 30.0
+        self.retention = config.command_retention if config is not None else 30 * 86400.0
+        # Told when a command ends expired or succeeded: observer(device_id, device, name, id, state, at_us)
+        # (the edge alerts' command rules).
+        self.observers = list(observers)
         self.pool = PgPool(reactor, 2)
         self.ledger = Ledger(self.pool.run)
         self.twin = Twin(self.pool.run)
@@ -80,8 +82,8 @@ class Commands(Service):
         self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
 
-    def reconfigure(self, resend: float, retention: float) -> None:
-        self.resend, self.retention = resend, retention
+    def reconfigure(self, config: Any) -> None:
+        self.resend, self.retention = config.command_resend, config.command_retention
 
     # -- start and stop ------------------------------------------------
 
@@ -131,8 +133,9 @@ class Commands(Service):
 
     async def _tick(self) -> None:
         self._ticks += 1
-        for id_, device, name in await self.ledger.expire():
+        for id_, device, name, device_id, at_us in await self.ledger.expire():
             log.info("command {id} ({name}) to {device} expired", id=id_, name=name, device=device)
+            self._tell(device_id, device, name, id_, "expired", at_us)
         self.waiting = await self.ledger.waiting_devices()
         for device in sorted(self.waiting & set(self.downlinks)):
             self.flush(device)
@@ -243,16 +246,25 @@ class Commands(Service):
     async def finished(self, device: str, id_: str, status: str, result: Any, transport: str) -> bool:
         """Record a device's result; False when it is not the device's command or it was finished before."""
         recorded = await self.ledger.finish(device, id_, status, result)
-        if recorded:
+        if recorded is not None:
             self.results[(transport, status)] += 1
             log.info("command {id} to {device} {status}", id=id_, device=device, status=status)
             if status == "succeeded":
+                device_id, name, at_us = recorded
+                self._tell(device_id, device, name, id_, status, at_us)
                 command = await self.ledger.find(id_)
                 if command is not None and command.name == DESIRED:
                     # What the device says it applied (or, saying nothing, the delta it was sent) is reported.
                     applied = result if isinstance(result, dict) and result else command.params.get("delta", {})
                     await self.twin.report(device, applied)
-        return recorded
+        return recorded is not None
+
+    def _tell(self, *event: Any) -> None:
+        for observe in self.observers:
+            try:
+                observe(*event)
+            except Exception:  # noqa: BLE001 - an observer's failure is its own
+                log.failure("a command observer failed")
 
     async def wait(self, id_: str, timeout: float) -> Command | None:
         """The command once finished, or as it is after ``timeout`` seconds."""

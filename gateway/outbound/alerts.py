@@ -11,6 +11,11 @@ trip to the cloud.
     devices = "truck-*"  # which devices (a shell pattern) [default: all]
 
     [[alert]]
+    name = "reboot-lost"
+    command = "reboot*"  # fires when a command of this name (a shell pattern) expires unfinished;
+    devices = "truck-*"  # clears when one to the same device succeeds
+
+    [[alert]]
     name = "oil-climbing"
     metric = "oil_temp"
     rise = 15            # fires when the value rose by more than this (or: fall = ...)
@@ -76,13 +81,21 @@ class AlertRule:
     fall: float | None = None
     window: float | None = None
     clear: float | None = None
+    command: str | None = None  # a command rule: the command names it watches (a shell pattern)
 
     @property
     def rate(self) -> bool:
         return self.rise is not None or self.fall is not None
 
     def applies(self, device: str, metric: str) -> bool:
-        return metric == self.metric and fnmatch.fnmatchcase(device, self.devices)
+        return self.command is None and metric == self.metric and fnmatch.fnmatchcase(device, self.devices)
+
+    def watches(self, device: str, command: str) -> bool:
+        return (
+            self.command is not None
+            and fnmatch.fnmatchcase(command, self.command)
+            and (fnmatch.fnmatchcase(device, self.devices))
+        )
 
     def fires(self, x: float) -> bool:
         """x: the value (threshold) or its change within the window (rate)."""
@@ -122,7 +135,7 @@ def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[A
     if not isinstance(tables, list):
         raise AlertError("[[alert]]: give alert rules as an array of tables ([[alert]] headings)")
     rules: list[AlertRule] = []
-    known = {"name", "metric", "devices", "above", "below", "rise", "fall", "window", "clear"}
+    known = {"name", "metric", "devices", "above", "below", "rise", "fall", "window", "clear", "command"}
     for i, table in enumerate(tables):
         where = f"[[alert]] #{i + 1}"
         if not isinstance(table, dict):
@@ -137,6 +150,9 @@ def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[A
             raise AlertError(f"{where}: {e}") from None
         if any(r.name == name for r in rules):
             raise AlertError(f"{where}: another rule has this name")
+        if "command" in table:
+            rules.append(_command_rule(table, name, where))
+            continue
         metric = table.get("metric")
         if not is_name(metric):
             raise AlertError(f"{where}.metric: {NAME_RULE}")
@@ -182,6 +198,18 @@ def rules_from_tables(tables: Any, parse_age: Callable[[Any], float]) -> tuple[A
             )
         )
     return tuple(rules)
+
+
+def _command_rule(table: dict[str, Any], name: str, where: str) -> AlertRule:
+    pattern, devices = table["command"], table.get("devices", "*")
+    if not isinstance(pattern, str) or not pattern:
+        raise AlertError(f"{where}.command: {pattern!r} is not a command name or pattern such as reboot*")
+    if not isinstance(devices, str) or not devices:
+        raise AlertError(f"{where}.devices: {devices!r} is not a pattern such as truck-*")
+    extra = sorted(set(table) - {"name", "command", "devices"})
+    if extra:
+        raise AlertError(f"{where}.{extra[0]}: a command rule takes only command and devices")
+    return AlertRule(name, f"command:{pattern}", devices, command=pattern)
 
 
 FIRE = """
@@ -267,6 +295,17 @@ class AlertEngine:
             mine = [r for r in readings if rule.applies(device.name, r[0])]
             if mine:
                 self._evaluate(rule, device, sorted(mine, key=lambda r: r[1]))
+
+    def command_finished(self, device_id: int, device: str, command: str, id_: str, state: str, at_us: int) -> None:
+        """A command ended: expired fires the command rules watching it; succeeded clears them."""
+        for rule in self.rules:
+            if not rule.watches(device, command):
+                continue
+            key, who = (rule.name, device_id), Device(device_id, device)
+            if state == "expired" and key not in self.open:
+                self._change(FIRE, rule, who, at_us, 0.0, f"command {id_} ({command}) expired unfinished")
+            elif state == "succeeded" and key in self.open:
+                self._change(CLEAR, rule, who, at_us, 0.0, "")
 
     def _state(self, key: tuple[str, int]) -> _State:
         state = self._states.get(key)
