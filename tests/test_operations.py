@@ -210,6 +210,24 @@ async def test_console_helpers_show_and_control_the_live_gateway(tmp_path, db_ds
         else:
             raise AssertionError("an unknown sink must be named")
 
+        # Commands: listed at the console, counted in /metrics and /healthz.
+        from gateway.commands.model import parse_request
+
+        await service.commands.send("truck-7", parse_request({"name": "reboot", "id": "c-7"}), "ops")
+        await until(lambda: sql("SELECT state FROM commands") == [("sent",)], seconds=30)
+        assert isinstance(await device.events.get(), tgp.Command)
+        await service.commands.tick()
+        rows = ns["commands"]()
+        assert [(r["id"], r["device"], r["state"], r["sent"], r["here"]) for r in rows] == [
+            ("c-7", "truck-7", "sent", 1, True)  # sent over the TGP (version 3) session, not yet RECEIVED
+        ]
+        assert repr(rows).splitlines()[0].split()[:4] == ["ID", "DEVICE", "NAME", "STATE"]
+        samples = await scrape(gw)
+        assert samples[("gateway_commands", (("state", "sent"), ("transport", "tgp")))] == 1
+        assert samples[("gateway_commands_sent_total", (("transport", "tgp"),))] == 1
+        health = json.loads(await (await gw.http.get(gw.url + "/healthz")).content())
+        assert health["commands"] == {"waiting": 1, "past_half_expiry": 0, "devices_reachable_here": 1}
+
         assert ns["kick"]("truck-7") == 1
         bye = await device.events.get()
         assert isinstance(bye, tgp.Bye) and bye.code == tgp.ErrorCode.NORMAL

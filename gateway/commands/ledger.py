@@ -122,6 +122,12 @@ DELETE FROM commands WHERE id IN (
     LIMIT 10000)
 RETURNING 1
 """
+WAITING = f"""
+SELECT {COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id
+WHERE c.state IN ('queued', 'sent', 'delivered')
+ORDER BY c.created_at, c.id
+LIMIT %s
+"""
 COUNTS = """
 SELECT state, coalesce(transport, ''), count(*),
        count(*) FILTER (WHERE state IN ('queued', 'sent', 'delivered')
@@ -260,6 +266,10 @@ class Ledger:
     async def expire(self) -> list[tuple[str, str, str, int, int]]:
         """Commands past their expiry, now expired: (id, device, name, device id, when in µs)."""
         return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await self._query(EXPIRE, ())]
+
+    async def waiting(self, limit: int) -> list[Command]:
+        """Commands not finished, oldest first."""
+        return [command_of(row) for row in await self._query(WAITING, (limit,))]
 
     async def waiting_devices(self) -> set[str]:
         return {r[0] for r in await self._query(WAITING_DEVICES, ())}

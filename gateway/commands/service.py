@@ -37,6 +37,7 @@ CHANNEL = "gateway_commands"
 TICK = 5.0  # seconds between looks for expired commands and sends due again
 PURGE_EVERY = 720  # ticks (an hour) between deletions of finished commands past retention
 MAX_WAIT = 60.0  # seconds a caller may wait for a command to finish
+CONSOLE_ROWS = 50  # commands not finished the console lists
 
 
 class IDownlink(Interface):
@@ -78,6 +79,7 @@ class Commands(Service):
         self.sent: Counter[str] = Counter()  # by transport, resends included
         self.results: Counter[tuple[str, str]] = Counter()  # (transport, state)
         self.counts: list[tuple[str, str, int, int]] = []  # (state, transport, commands, past half their expiry)
+        self.pending: list[Command] = []  # the oldest commands not finished, as of the last tick (the console)
         self._ticks = 0
         self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
@@ -140,6 +142,7 @@ class Commands(Service):
         for device in sorted(self.waiting & set(self.downlinks)):
             self.flush(device)
         self.counts = await self.ledger.counts()
+        self.pending = await self.ledger.waiting(CONSOLE_ROWS)
         if self._ticks % PURGE_EVERY == 1:
             purged = await self.ledger.purge(self.retention)
             if purged:

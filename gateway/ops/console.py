@@ -19,6 +19,7 @@ BANNER = """txgateway console: a Python prompt inside the running gateway. Caref
                         heard lately over HTTPS or through an MQTT broker, and polled Modbus devices)
   attention()           devices silent or flagged for quality failures (as of the last status check)
   alerts()              open edge alerts
+  commands()            commands not finished (oldest first): device, state, sends, whether its device is here
   kick(name)            close a device's connections (it may reconnect)
   sinks()               the uploader's sinks; pause(sink), resume(sink), flush(sink) (no name: all)
   gateway, store, uploader, metrics, config   the live objects
@@ -105,6 +106,7 @@ class Console:
             "devices": self.devices,
             "attention": self.attention,
             "alerts": self.alerts,
+            "commands": self.commands,
             "kick": self.kick,
             "sinks": self.sinks,
             "pause": self.pause,
@@ -144,6 +146,27 @@ class Console:
         """Edge alerts open now, as this gateway knows them."""
         alerts = getattr(self.gateway, "alerts", None)
         return Table(alerts.open_alerts() if alerts is not None else [])
+
+    def commands(self) -> Table:
+        """Commands not finished, oldest first, as of the commands service's last look (every few seconds)."""
+        service = getattr(self.gateway, "commands", None)
+        if service is None:
+            return Table([])
+        now = self.gateway.reactor.seconds()
+        return Table(
+            {
+                "id": c.id,
+                "device": c.device,
+                "name": c.name,
+                "state": c.state,
+                "sent": c.attempts,
+                "transport": c.transport,
+                "age": _ago(now, c.created),
+                "expires_in": f"{max(0.0, c.expires - now):.0f}s",
+                "here": c.device in service.downlinks,
+            }
+            for c in service.pending
+        )
 
     def status(self) -> Report:
         """Uptime, connections per transport, readings/s over the last minute, store, sinks."""
