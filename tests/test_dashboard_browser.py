@@ -163,7 +163,9 @@ async def test_sign_in_watch_a_device_appear_chart_it_release_as_admin_and_be_re
         (held,) = sql("SELECT id FROM quarantine")
 
         def release_as_admin() -> None:
-            b.driver.find_element(By.CSS_SELECTOR, f"[data-release='{held[0]}']").click()
+            button = b.driver.find_element(By.CSS_SELECTOR, f"[data-release='{held[0]}']")
+            b.js("arguments[0].scrollIntoView({block: 'center'})", button)
+            button.click()
             b.until(
                 "the released reading to leave the table",
                 lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-release]"),
@@ -339,3 +341,65 @@ async def test_sign_in_through_the_provider_in_the_browser(tmp_path, db_dsn):
             await deferToThread(browser.close)
         await close_gateway(service, gw)
         await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operator_sends_a_command_from_the_device_page_and_watches_it_succeed(tmp_path, db_dsn, sql):
+    from selenium.webdriver.common.by import By
+
+    service, gw = await open_gateway(tmp_path, db_dsn)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser: Browser | None = None
+    try:
+        operator = (await ctl(db_dsn, "token", "add", "desk", "--role", "operator")).strip()
+        device = add_pg_device(sql, "truck-17")
+        assert (await gw.post(device, [{"metric": "oil_temp", "ts": NOW_MS, "value": 80.0}]))[0] == 200
+        browser = await deferToThread(Browser, tmp_path / "profile", shots)
+        b = browser
+
+        def send_from_the_page() -> None:
+            b.sign_in(gw.url, operator)
+            b.driver.get(gw.url + "/ui/#/device/truck-17")
+            field = b.until("the command form", lambda d: d.find_elements(By.ID, "command-name"))[0]
+            field.send_keys("sample-rate")
+            b.driver.find_element(By.ID, "command-params").send_keys('{"hz": 5}')
+            b.driver.find_element(By.CSS_SELECTOR, "#command-form button[type=submit]").click()
+            b.until(
+                "the command in the table",
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#device-commands [data-command]"),
+            )
+            b.shot("command-queued")
+
+        await deferToThread(send_from_the_page)
+        ((id_, params, sender),) = sql("SELECT id, params, sender FROM commands")
+        assert params == {"hz": 5} and sender == "desk"
+        # The device takes it on its next post, and reports.
+        for _ in range(50):
+            code, body = await gw.post(device, [{"metric": "oil_temp", "ts": NOW_MS + 1, "value": 81.0}])
+            if body.get("commands"):
+                break
+            await task.deferLater(reactor, 0.2)
+        assert [c["id"] for c in body["commands"]] == [id_]
+        response = await gw.http.post(
+            gw.url + f"/v1/commands/{id_}/result",
+            data=b'{"status": "succeeded", "result": {"hz": 5}}',
+            headers={"Authorization": f"Bearer {device}", "Content-Type": "application/json"},
+        )
+        assert response.code == 200
+        await response.content()
+
+        def watch_it_succeed() -> str:
+            b.until(
+                "the command to show succeeded",
+                lambda d: "succeeded" in d.find_element(By.CSS_SELECTOR, f"[data-command='{id_}']").text,
+            )
+            b.shot("command-succeeded")
+            return b.driver.find_element(By.ID, "device-commands").text
+
+        text = await deferToThread(watch_it_succeed)
+        assert '{"hz":5}' in text and "https" in text
+    finally:
+        if browser is not None:
+            await deferToThread(browser.close)
+        await close_gateway(service, gw)

@@ -215,6 +215,8 @@
       this.quarantine = el("div");
       this.alerts = el("div");
       this.rejected = el("div");
+      this.commands = el("div");
+      this.desired = el("div");
       const ranges = el("span", { role: "group", "aria-label": "Chart range" }, Object.keys(RANGES).map((r) => el("button", {
         type: "button", text: `last ${r}`, "aria-pressed": String(r === this.range), class: r === this.range ? "primary" : null,
         onclick: () => { location.hash = `#/device/${enc(name)}?range=${r}`; },
@@ -225,6 +227,8 @@
         el("div", { class: "toolbar" }, el("h2", { text: "Charts" }), ranges,
           el("button", { type: "button", text: "Follow now", onclick: () => { this.zoom = null; refresh(); } })),
         this.chartBox,
+        el("h2", { text: "Commands" }), this.commandForm(name), this.commands,
+        el("h2", { text: "Desired configuration" }), this.desired,
         el("h2", { text: "Quarantined readings" }), this.quarantine,
         el("h2", { text: "Alerts" }), this.alerts,
         el("h2", { text: "Rejected input" }), this.rejected,
@@ -248,6 +252,7 @@
           el("div", { class: "age" }, el("time", { datetime: v.ts, title: when(v.ts), text: ago(v.ts) })));
       }) : [el("p", { class: "empty", text: "no readings yet" })]));
       await this.draw(metrics);
+      await this.loadCommands();
       await this.loadQuarantine();
       this.alerts.replaceChildren(alertsTable("device-alerts", alerts.alerts, false));
       this.rejected.replaceChildren(table("device-rejected", "Rejected input", [
@@ -257,6 +262,54 @@
         { key: "bytes", label: "Bytes", num: true },
         { key: "sample", label: "Input (start)", wrap: true, cell: (r) => el("code", { text: r.sample }) },
       ], rejected.rejected));
+    },
+    commandForm(name) {
+      if (!["operator", "admin"].includes(state.session.role)) {
+        return el("p", { class: "empty", text: "Sending commands needs the operator role." });
+      }
+      const command = el("input", { id: "command-name", name: "name", required: true, placeholder: "reboot", "aria-label": "Command" });
+      const params = el("input", { id: "command-params", name: "params", placeholder: '{"hz": 5}', "aria-label": "Parameters (JSON)" });
+      const ttl = el("input", { id: "command-ttl", name: "ttl", value: "10m", size: 5, "aria-label": "Expires after" });
+      const send = async (event) => {
+        event.preventDefault();
+        let body;
+        try {
+          body = { name: command.value.trim(), params: params.value.trim() ? JSON.parse(params.value) : {}, ttl: ttl.value.trim() };
+        } catch (e) { say(`parameters: not JSON (${e.message})`); return; }
+        try {
+          const done = await call(`/v1/devices/${enc(name)}/commands`, "POST", body);
+          say(`command ${done.id} (${done.name}) ${done.state}`);
+          command.value = ""; params.value = "";
+        } catch (e) { say(`not sent: ${e.message}`); }
+        refresh();
+      };
+      return el("form", { id: "command-form", class: "toolbar", onsubmit: send },
+        el("label", {}, "Command ", command), el("label", {}, "Parameters ", params), el("label", {}, "Expires after ", ttl),
+        el("button", { type: "submit", class: "primary", text: "Send" }));
+    },
+    async loadCommands() {
+      const name = enc(this.name);
+      const [doc, desired] = await Promise.all([call(`/v1/devices/${name}/commands?limit=20`), call(`/v1/devices/${name}/desired`)]);
+      this.commands.replaceChildren(table("device-commands", "Commands", [
+        { key: "created", label: "Sent at", cell: (c) => when(c.created) },
+        { key: "name", label: "Command" },
+        { key: "params", label: "Parameters", wrap: true, cell: (c) => el("code", { text: JSON.stringify(c.params) }) },
+        { key: "state", label: "State", cell: (c) => el("span", { "data-command": c.id }, badge(c.state)) },
+        { key: "attempts", label: "Sent", num: true },
+        { key: "transport", label: "Over", cell: (c) => c.transport || "—" },
+        { key: "sender", label: "By" },
+        { key: "result", label: "Result", wrap: true, cell: (c) => (c.result === null ? "—" : el("code", { text: JSON.stringify(c.result) })) },
+        { key: "cancel", label: "", cell: (c) => (["queued", "sent"].includes(c.state) && ["operator", "admin"].includes(state.session.role) ? el("button", {
+          type: "button", text: "Cancel", "aria-label": `Cancel command ${c.id}`,
+          onclick: async () => {
+            try { await call(`/v1/commands/${enc(c.id)}/cancel`, "POST"); say(`command ${c.id} canceled`); } catch (e) { say(e.message); }
+            refresh();
+          },
+        }) : "") },
+      ], doc.commands));
+      this.desired.replaceChildren(desired.version ? tree({
+        version: desired.version, desired: desired.desired, reported: desired.reported, "still to apply": desired.delta,
+      }) : el("p", { class: "empty", text: "None set (PUT /v1/devices/{name}/desired, or gatewayctl device desire)." }));
     },
     async loadQuarantine() {
       if (state.session.role !== "admin") {
