@@ -288,3 +288,25 @@ def test_an_old_data_directory_keeps_its_certificate_until_gatewayctl_moves_it_a
         shown["layout"] == "local CA"
         and shown["server"]["sha256"].replace(":", "").lower() == served.fingerprint(hashes.SHA256()).hex()
     )
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "https", "mqtts"])
+def test_simulated_devices_run_commands_and_report_on_every_protocol(gateway, protocol):
+    """docs: commands walk-through (gatewayctl command send to a simulated device, and its result)."""
+    gateway.start()
+    port = {"tcp": gateway.tgp_port, "https": gateway.port, "mqtts": gateway.mqtt_tls_port}[protocol]
+    simulate = ["simulate", "--target", f"localhost:{port}", "--devices", "2", "--rate", "20", "--protocol", protocol]
+    gatewayctl(*simulate, "--duration", "0.5", "--quiet", data_dir=gateway.data_dir)  # makes sim-0 and sim-1
+    gatewayctl("command", "send", "sim-0", "reboot", "--param", "delay=0.2", "--id", "ok", data_dir=gateway.data_dir)
+    gatewayctl("command", "send", "sim-1", "reboot", "--param", "fail=true", "--id", "bad", data_dir=gateway.data_dir)
+    gatewayctl("device", "desire", "sim-0", "rate=5", data_dir=gateway.data_dir)
+    out = gatewayctl(*simulate, "--duration", "4", "--command-delay", "0.2", "--json", data_dir=gateway.data_dir)
+    summary = json.loads(out.stdout)
+    assert summary["commands"]["received"] == 3 and summary["commands"]["succeeded"] == 2
+    assert summary["commands"]["failed"] == 1
+    ok = json.loads(gatewayctl("command", "show", "ok", data_dir=gateway.data_dir).stdout)
+    assert ok["state"] == "succeeded" and ok["result"] == {"ran": "reboot", "params": {"delay": 0.2}, "device": "sim-0"}
+    bad = json.loads(gatewayctl("command", "show", "bad", data_dir=gateway.data_dir).stdout)
+    assert bad["state"] == "failed" and "on request" in bad["result"]["error"]
+    twin = json.loads(gatewayctl("device", "desire", "sim-0", data_dir=gateway.data_dir).stdout)
+    assert twin["reported"] == {"rate": 5} and twin["delta"] == {}

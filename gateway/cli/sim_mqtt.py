@@ -10,6 +10,8 @@ QoS 0 messages are counted when written: nothing confirms them.
 from __future__ import annotations
 
 
+import json
+
 from twisted.python.failure import Failure
 
 from gateway.cli.simulator import BACKOFF_CAP, SimDevice, readings_body
@@ -63,6 +65,11 @@ class MQTTClient(MQTTClientProtocol):
         self.window = mqtt.prop(connack.properties, mqtt.Property.RECEIVE_MAXIMUM, self.window)
         self.ready = True
         self.sim.stats.connected += 1
+        # Its commands: a subscription like any device that takes them (its id holds a place in the window).
+        packet_id = self._packet_id()
+        self.in_flight[packet_id] = ([], self.sim.clock.seconds())
+        self.send(mqtt.Subscribe(packet_id, ((f"devices/{self.device.name}/commands/#", 1),)))
+        self.device.report_waiting()
         self.pump()
 
     def handle(self, event: object) -> None:
@@ -91,6 +98,30 @@ class MQTTClient(MQTTClientProtocol):
         elif isinstance(event, mqtt.PubComp):
             self.releasing.discard(event.packet_id)
             self.pump()
+        elif isinstance(event, mqtt.SubAck):
+            self.in_flight.pop(event.packet_id, None)
+            self.pump()
+        elif isinstance(event, mqtt.Publish):
+            self._command(event)
+
+    def _command(self, publish: mqtt.Publish) -> None:
+        """A command: PUBACK at once (the device has it), its result later on .../result."""
+        if publish.qos and publish.packet_id is not None:
+            self.send(mqtt.PubAck(publish.packet_id))
+        try:
+            command = json.loads(publish.payload)
+            id_, name, params = command["id"], command["name"], command.get("params", {})
+        except (ValueError, KeyError, TypeError):
+            self.sim.stats.errors["unreadable command"] += 1
+            return
+        report = lambda status, result: self.device.report(id_, status, result)  # noqa: E731
+        self.sim.commands.receive(self.device.name, id_, name, params, report)
+
+    def send_result(self, id_: str, status: str, result: object) -> None:
+        packet_id = self._packet_id()
+        self.in_flight[packet_id] = ([], self.sim.clock.seconds())
+        body = json.dumps({"status": status, "result": result}).encode()
+        self.send(mqtt.Publish(f"devices/{self.device.name}/commands/{id_}/result", body, 1, packet_id))
 
     def _packet_id(self) -> int:
         while True:

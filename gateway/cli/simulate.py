@@ -72,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             f"ack latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
             f"p99 {result['p99_ms']:.1f} ms; "
             f"duplicates {result['duplicates']:,}; reconnects {result['reconnects']}; "
-            f"errors {result['errors'] or 'none'}"
+            f"errors {result['errors'] or 'none'}" + (f"; commands {result['commands']}" if result["commands"] else "")
         )
     if result["acked"] == 0:
         raise CommandError("no reading was acknowledged")
@@ -127,4 +127,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", help="certificate to trust for tls/https [default: DATA_DIR/tls/ca.crt]")
     p.add_argument("--tls-name", help="host name the gateway's certificate must show [default: the target host]")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument(
+        "--command-delay", type=float, default=1.0, metavar="SECONDS",
+        help="how long a device takes to run a command before it reports (a command's delay param wins; "
+        "params fail=true makes it fail) [default: 1]",
+    )  # fmt: skip
     p.set_defaults(func=cmd_simulate)

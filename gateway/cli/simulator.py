@@ -32,6 +32,7 @@ from gateway.backoff import Backoff
 from gateway import tokens
 from gateway.readings import format_ts
 from gateway.net.tcp import no_delay
+from gateway.cli.sim_commands import CommandRunner
 from gateway.ops.tuning import tune_gc
 from protocols import tgp
 
@@ -78,12 +79,26 @@ class SimDevice:
     def __init__(self, sim: Simulation, name: str, token: str) -> None:
         self.sim = sim
         self.name = name
+        self.unreported: list[tuple[str, str, Any]] = []  # command results waiting for a connection
         self.token = token
         self.backlog: deque[tuple[str, int, float]] = deque()
         self.last_ts = 0
         self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP, "equal")
         self.client: Any = None
         self.stopped = False
+
+    def report(self, id_: str, status: str, result: Any) -> None:
+        """Report a command's result over this device's connection (or requests); kept until one is up."""
+        client = self.client
+        if client is not None and getattr(client, "ready", True) and hasattr(client, "send_result"):
+            client.send_result(id_, status, result)
+        else:
+            self.unreported.append((id_, status, result))
+
+    def report_waiting(self) -> None:
+        waiting, self.unreported = self.unreported, []
+        for item in waiting:
+            self.report(*item)
 
     def make_readings(self, n: int) -> None:
         now_us = int(self.sim.clock.seconds() * 1_000_000)
@@ -204,6 +219,7 @@ class TGPClient(protocol.Protocol):
             self.transport.write(self.conn.send(tgp.Declare(1, (tgp.Metric(1, tgp.ValueType.F64, METRIC),))))
             self.in_flight[1] = ([], self.sim.clock.seconds())
             self.ready = True
+            self.device.report_waiting()
             self.sim.stats.connected += 1
             if event.heartbeat_s:
                 self._heartbeat = task.LoopingCall(self.ping)
@@ -212,6 +228,11 @@ class TGPClient(protocol.Protocol):
             self.pump()
         elif isinstance(event, tgp.Ping):
             self.transport.write(self.conn.send(tgp.Pong(event.payload)))
+        elif isinstance(event, tgp.Command):
+            self.transport.write(self.conn.send(tgp.Received(event.id)))
+            params = _json(event.params)
+            report = lambda status, result: self.device.report(event.id, status, result)  # noqa: E731
+            self.sim.commands.receive(self.device.name, event.id, event.name, params, report)
         elif isinstance(event, (tgp.Reject, tgp.Bye)):
             stats.errors[_code_name(event.code)] += 1
             if event.code in (tgp.ErrorCode.RETRY_LATER, tgp.ErrorCode.SHUTTING_DOWN):
@@ -219,6 +240,13 @@ class TGPClient(protocol.Protocol):
             elif event.code == tgp.ErrorCode.AUTH_FAILED:
                 self.retry_after = BACKOFF_CAP
             self.transport.loseConnection()
+
+    def send_result(self, id_: str, status: str, result: Any) -> None:
+        """A command's result, as a numbered RESULT frame (acknowledged like DATA)."""
+        self.seq += 1
+        self.in_flight[self.seq] = ([], self.sim.clock.seconds())
+        code = tgp.CommandStatus.SUCCEEDED if status == "succeeded" else tgp.CommandStatus.FAILED
+        self.transport.write(self.conn.send(tgp.Result(self.seq, id_, code, json.dumps(result))))
 
     def ping(self) -> None:
         now = self.sim.clock.seconds()
@@ -296,6 +324,11 @@ class HTTPSDevice:
             stats = self.sim.stats
             if response.code == 200:
                 result = json.loads(content)
+                for command in result.get("commands", ()):
+                    report = lambda status, outcome, i=command["id"]: self.send_result(i, status, outcome)  # noqa: E731
+                    self.sim.commands.receive(
+                        self.device.name, command["id"], command["name"], command["params"], report
+                    )
                 stats.acked += len(readings)
                 stats.duplicates += result["duplicates"]
                 stats.conflicts += result.get("conflicts", 0)
@@ -331,6 +364,31 @@ class HTTPSDevice:
         self.busy = False
         self.pump()
 
+    def send_result(self, id_: str, status: str, result: Any) -> None:
+        """POST /v1/commands/{id}/result; sent again a second later until the gateway answers."""
+        url = self.sim.url.replace(b"/v1/readings", f"/v1/commands/{id_}/result".encode())
+        body = json.dumps({"status": status, "result": result}).encode()
+        headers = {"Authorization": [f"Bearer {self.device.token}"], "Content-Type": ["application/json"]}
+        d = self.sim.http.post(url, data=body, headers=headers)
+
+        def answered(response: Any) -> Any:
+            if response.code >= 500 or response.code == 429:
+                self.sim.clock.callLater(1.0, self.send_result, id_, status, result)
+            return response.content()
+
+        def failed(f: Any) -> None:
+            if not self.sim.stopping:
+                self.sim.clock.callLater(1.0, self.send_result, id_, status, result)
+
+        d.addCallbacks(answered, failed)
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
+
 
 def _connected(client: Any) -> bool:
     """A device on a connection of its own (TGP or MQTT), rather than HTTPS requests."""
@@ -354,6 +412,7 @@ class Simulation:
         self.rate = args.rate
         self.batch = args.batch
         self.stats = Stats()
+        self.commands = CommandRunner(reactor, getattr(args, "command_delay", 1.0))
         self.stopping = False
         host, _, port = args.target.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
@@ -455,6 +514,7 @@ def summary(sim: Simulation, elapsed: float) -> dict[str, Any]:
         "latency_samples": len(s.latencies),
         "errors": dict(s.errors),
         "reconnects": s.reconnects,
+        "commands": dict(sim.commands.counts),
         "unacked": sum(len(d.backlog) for d in sim.devices)
         + sum(sum(len(r) for r, _ in d.client.in_flight.values()) for d in sim.devices if _connected(d.client)),
     }
