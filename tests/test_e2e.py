@@ -296,11 +296,15 @@ def test_simulated_devices_run_commands_and_report_on_every_protocol(gateway, pr
     gateway.start()
     port = {"tcp": gateway.tgp_port, "https": gateway.port, "mqtts": gateway.mqtt_tls_port}[protocol]
     simulate = ["simulate", "--target", f"localhost:{port}", "--devices", "2", "--rate", "20", "--protocol", protocol]
-    gatewayctl(*simulate, "--duration", "0.5", "--quiet", data_dir=gateway.data_dir)  # makes sim-0 and sim-1
+    for name in ("sim-0", "sim-1"):  # the simulator gives them tokens of its own when it starts
+        gatewayctl("device", "add", name, data_dir=gateway.data_dir)
     gatewayctl("command", "send", "sim-0", "reboot", "--param", "delay=0.2", "--id", "ok", data_dir=gateway.data_dir)
     gatewayctl("command", "send", "sim-1", "reboot", "--param", "fail=true", "--id", "bad", data_dir=gateway.data_dir)
     gatewayctl("device", "desire", "sim-0", "rate=5", data_dir=gateway.data_dir)
-    out = gatewayctl(*simulate, "--duration", "4", "--command-delay", "0.2", "--json", data_dir=gateway.data_dir)
+    # Until the gateway has recorded the three results (at most a minute).
+    out = gatewayctl(
+        *simulate, "--duration", "60", "--commands", "3", "--command-delay", "0.2", "--json", data_dir=gateway.data_dir
+    )
     summary = json.loads(out.stdout)
     assert summary["commands"]["received"] == 3 and summary["commands"]["succeeded"] == 2
     assert summary["commands"]["failed"] == 1

@@ -14,13 +14,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 REMEMBERED = 10_000  # command ids a simulation remembers, to run each once
 
 Report = Callable[[str, Any], None]  # report(status, result)
 
 
 class CommandRunner:
-    def __init__(self, clock: Any, delay: float) -> None:
+    def __init__(self, clock: IReactorTime, delay: float) -> None:
         self.clock = clock
         self.delay = delay
         self.counts: Counter[str] = Counter()

@@ -37,6 +37,7 @@ class MQTTClient(MQTTClientProtocol):
         self._next_id = 0
         self._quiet_until = 0.0
         self.topic = f"devices/{device.name}/readings"
+        self.results: set[int] = set()  # packet ids of command results not yet acknowledged
 
     def connect_packet(self) -> mqtt.Connect:
         token = self.device.token.encode("ascii")
@@ -76,6 +77,9 @@ class MQTTClient(MQTTClientProtocol):
         stats = self.sim.stats
         if isinstance(event, (mqtt.PubAck, mqtt.PubRec)):
             readings, sent_at = self.in_flight.pop(event.packet_id, ([], 0.0))
+            if event.packet_id in self.results:
+                self.results.discard(event.packet_id)
+                self.sim.commands.counts["recorded"] += 1
             if isinstance(event, mqtt.PubRec):
                 self.releasing.add(event.packet_id)
                 self.send(mqtt.PubRel(event.packet_id))
@@ -120,6 +124,7 @@ class MQTTClient(MQTTClientProtocol):
     def send_result(self, id_: str, status: str, result: object) -> None:
         packet_id = self._packet_id()
         self.in_flight[packet_id] = ([], self.sim.clock.seconds())
+        self.results.add(packet_id)
         body = json.dumps({"status": status, "result": result}).encode()
         self.send(mqtt.Publish(f"devices/{self.device.name}/commands/{id_}/result", body, 1, packet_id))
 

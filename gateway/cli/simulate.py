@@ -74,8 +74,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             f"duplicates {result['duplicates']:,}; reconnects {result['reconnects']}; "
             f"errors {result['errors'] or 'none'}" + (f"; commands {result['commands']}" if result["commands"] else "")
         )
-    if result["acked"] == 0:
+    if result["acked"] == 0 and not args.commands:
         raise CommandError("no reading was acknowledged")
+    if args.commands and result["commands"].get("recorded", 0) < args.commands:
+        raise CommandError(f"{result['commands'].get('recorded', 0)} of {args.commands} command results recorded")
 
 
 def _react(main: Any) -> None:
@@ -131,5 +133,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--command-delay", type=float, default=1.0, metavar="SECONDS",
         help="how long a device takes to run a command before it reports (a command's delay param wins; "
         "params fail=true makes it fail) [default: 1]",
+    )  # fmt: skip
+    p.add_argument(
+        "--commands", type=int, metavar="N",
+        help="stop once the gateway has recorded N command results (--duration is then the longest it runs)",
     )  # fmt: skip
     p.set_defaults(func=cmd_simulate)

@@ -159,6 +159,7 @@ class TGPClient(protocol.Protocol):
         self._idle_timeout = 0.0
         self._heartbeat: Any = None
         self._quiet_until = 0.0  # rate-limited: send nothing before then
+        self.results: set[int] = set()  # seqs of RESULT frames not yet acknowledged
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -183,6 +184,9 @@ class TGPClient(protocol.Protocol):
         stats = self.sim.stats
         if isinstance(event, tgp.Ack):
             readings, sent_at = self.in_flight.pop(event.seq, ([], 0.0))
+            if event.seq in self.results:
+                self.results.discard(event.seq)
+                self.sim.commands.counts["recorded"] += 1
             if readings:
                 stats.acked += len(readings)
                 stats.duplicates += event.duplicates
@@ -245,6 +249,7 @@ class TGPClient(protocol.Protocol):
         """A command's result, as a numbered RESULT frame (acknowledged like DATA)."""
         self.seq += 1
         self.in_flight[self.seq] = ([], self.sim.clock.seconds())
+        self.results.add(self.seq)
         code = tgp.CommandStatus.SUCCEEDED if status == "succeeded" else tgp.CommandStatus.FAILED
         self.transport.write(self.conn.send(tgp.Result(self.seq, id_, code, json.dumps(result))))
 
@@ -374,6 +379,8 @@ class HTTPSDevice:
         def answered(response: Any) -> Any:
             if response.code >= 500 or response.code == 429:
                 self.sim.clock.callLater(1.0, self.send_result, id_, status, result)
+            elif response.code == 200:
+                self.sim.commands.counts["recorded"] += 1
             return response.content()
 
         def failed(f: Any) -> None:
@@ -562,5 +569,24 @@ def run(reactor: Reactor, args: Any, devices: list[tuple[str, str]], trust: Any)
             sim.pool.closeCachedConnections()
         reactor.callLater(0.2, done.callback, result)
 
-    reactor.callLater(args.duration, finish)
+    ending = reactor.callLater(args.duration, finish)
+    wanted = getattr(args, "commands", None)
+    if wanted:  # done once that many command results are recorded by the gateway (--duration: at most)
+
+        def enough() -> None:
+            if sim.commands.counts["recorded"] >= wanted and ending.active():
+                ending.cancel()
+                watch.stop()
+                finish()
+
+        watch = task.LoopingCall(enough)
+        watch.clock = reactor
+        watch.start(0.1, now=False)
+
+        def unwatched(result: Any) -> Any:
+            if watch.running:
+                watch.stop()
+            return result
+
+        done.addBoth(unwatched)
     return done
