@@ -7,9 +7,9 @@ reads it back: the command succeeds only if the device holds the value.
 The device's answer to the write (its echo) makes the command ``delivered``;
 an exception answer fails it with the exception's code. A write that gets no
 answer (a timeout, the host unreachable) is not known to have happened: the
-command stays ``sent`` and the same write goes again after
-``--command-resend`` seconds (setting a value twice is setting it once), until
-it is answered or expires.
+command stays ``sent`` and the same write goes again as soon as the host may
+be tried again (setting a value twice is setting it once), until it is
+answered or expires.
 """
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ class ModbusDownlink:
             return
         await self.commands.delivered(self.device, command.id)
         await self._read_back(command, register, read, items)
+
+    def _again(self, host: Any) -> None:
+        clock = self.polled.clock
+        delay = max(1.0, host.retry_at - clock.seconds())
+
+        def flush() -> None:
+            if self.commands.downlinks.get(self.device) is self:
+                self.commands.flush(self.device, resend=0.0)
+
+        clock.callLater(delay, flush)
 
     async def _read_back(self, command: Command, register: Register, read: Read, items: tuple[int, ...]) -> None:
         try:
