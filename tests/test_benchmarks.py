@@ -81,3 +81,21 @@ def test_the_soak_reports_every_tenth(tmp_path):
         assert tenth["gateway_rss_mb"] > 0 and tenth["postgres_rss_mb"] > 0 and tenth["bytes_per_reading"] > 0
     assert figures["readings_acked"] == sum(t["acked"] for t in figures["tenths"]) > 0
     assert len(figures["targets"]) == 3 and "gateway RSS" in out.stdout
+
+
+def test_the_commands_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "commands.py"), "--devices", "5", "--duration", "1",
+         "--senders", "2", "--json", str(tmp_path / "commands.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "commands.json").read_text())
+    for protocol in ("mqtt", "tcp"):
+        run = figures[f"round_trip_{protocol}"]
+        assert run["sent"] > 0 and run["succeeded"] == run["sent"] and run["refused"] == 0, run
+        assert 0 < run["p50_ms"] <= run["p99_ms"], run
+    ingest = figures["ingest"]
+    assert ingest["most_rps_alone"] > 0 and ingest["most_rps_with_commands"] > 0
+    assert ingest["flood_commands_per_s"] > 0 and ingest["half_rps_with_flood"] > 0
+    assert "round trip over mqtt" in out.stdout and "commands/s finished" in out.stdout
