@@ -98,7 +98,7 @@ class Provider:
             "audience": AUDIENCE,
             "client_id": CLIENT_ID,
             "roles_claim": "groups",
-            "roles": {"admin": ["gateway-admins"], "reader": ["gateway-readers"]},
+            "roles": {"admin": ["gateway-admins"], "operator": ["gateway-operators"], "reader": ["gateway-readers"]},
             "name": "Plant SSO",
             "authorization_endpoint": self.url + "/authorize",
             "token_endpoint": self.url + "/token",

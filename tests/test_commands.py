@@ -193,3 +193,20 @@ async def test_of_two_gateways_only_the_one_holding_the_device_sends(db_dsn, sql
     finally:
         await first.stop()
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_deletes_finished_commands_and_their_history_and_keeps_the_rest(db_dsn, sql):
+    add_pg_device(sql, "truck-1")
+    commands = await started(db_dsn)
+    try:
+        for id_ in ("old", "recent", "waiting"):
+            await commands.send("truck-1", parse_request({"name": "x", "id": id_}), "ops")
+        await commands.cancel("old", "ops")
+        await commands.cancel("recent", "ops")
+        sql("UPDATE commands SET changed_at = now() - interval '31 days' WHERE id IN ('old', 'waiting')")
+        assert await commands.ledger.purge(30 * 86400) == 1
+        assert sql("SELECT id FROM commands ORDER BY id") == [("recent",), ("waiting",)]
+        assert sql("SELECT DISTINCT command_id FROM command_events ORDER BY 1") == [("recent",), ("waiting",)]
+    finally:
+        await commands.stop()

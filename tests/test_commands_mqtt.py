@@ -201,3 +201,22 @@ async def test_an_unacknowledged_command_is_sent_again_with_the_same_id(service,
         assert sql("SELECT attempts FROM commands") == [(2,)]
     finally:
         await deferToThread(again.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_that_expired_while_the_device_was_away_is_not_sent(service, sql):
+    token = add_pg_device(sql, "truck-1")
+    await service.commands.send("truck-1", parse_request({"name": "reboot", "id": "stale", "ttl": "1m"}), "ops")
+    await service.commands.send("truck-1", parse_request({"name": "reboot", "id": "fresh"}), "ops")
+    sql("UPDATE commands SET expires_at = now() - interval '1 second' WHERE id = 'stale'")
+    await service.commands.tick()
+    device = Device("3.1.1", port_of(service), token)
+    try:
+        await deferToThread(device.connect)
+        await deferToThread(device.subscribe)
+        assert (await deferToThread(device.next)).topic == "devices/truck-1/commands/fresh"
+        with pytest.raises(queue.Empty):
+            await deferToThread(device.next, 0.5)
+        assert sql("SELECT state, attempts FROM commands WHERE id = 'stale'") == [("expired", 0)]
+    finally:
+        await deferToThread(device.close)

@@ -155,16 +155,19 @@ async def test_a_version_3_device_runs_a_command_and_reports_once(service, sql):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_command_not_received_is_sent_again_and_a_version_2_device_gets_none(service, sql):
+async def test_a_command_not_received_is_sent_again_and_version_1_and_2_devices_get_none(service, sql):
     token = add_pg_device(sql, "truck-17")
     old_token = add_pg_device(sql, "truck-2")
     port = service.device_ports[0].getHost().port
     await service.commands.send("truck-17", parse_request({"name": "reboot", "id": "again"}), "ops")
     await service.commands.send("truck-2", parse_request({"name": "reboot", "id": "old"}), "ops")
     old = SpecDevice(port, "truck-2", old_token, versions=b"\x01\x02")
+    oldest = SpecDevice(port, "truck-1", add_pg_device(sql, "truck-1"), versions=b"\x01")
+    await service.commands.send("truck-1", parse_request({"name": "reboot", "id": "oldest"}), "ops")
     first = SpecDevice(port, "truck-17", token)
     try:
         assert await deferToThread(old.handshake) == 2
+        assert await deferToThread(oldest.handshake) == 1
         assert await deferToThread(first.handshake) == 3
         assert (await deferToThread(first.command))[0] == "again"
     finally:
@@ -176,10 +179,16 @@ async def test_a_command_not_received_is_sent_again_and_a_version_2_device_gets_
         await deferToThread(second.received, "again")
         await state_of(sql, "again", "delivered")
         assert sql("SELECT attempts FROM commands WHERE id = 'again'") == [(2,)]
-        # The version 2 device still speaks: a PING is answered by PONG, and its command waits.
-        await deferToThread(old.send, 0x20, struct.pack(">Q", 9))
-        assert await deferToThread(old.receive) == (0x21, struct.pack(">Q", 9))
-        assert sql("SELECT state FROM commands WHERE id = 'old'") == [("queued",)]
+        # The version 1 and 2 devices still speak: a PING is answered by PONG (the next frame they get), and
+        # their commands wait.
+        for device in (old, oldest):
+            await deferToThread(device.send, 0x20, struct.pack(">Q", 9))
+            assert await deferToThread(device.receive) == (0x21, struct.pack(">Q", 9))
+        assert sql("SELECT id, state FROM commands WHERE id IN ('old', 'oldest') ORDER BY id") == [
+            ("old", "queued"),
+            ("oldest", "queued"),
+        ]
     finally:
         await deferToThread(second.close)
         await deferToThread(old.close)
+        await deferToThread(oldest.close)

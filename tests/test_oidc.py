@@ -66,6 +66,9 @@ async def test_only_a_good_token_is_let_in():
             assert e.code == "unauthorized", what
         assert (await refused(v, provider.token(groups=["visitors"]))).code == "forbidden"
         assert (await v.identity(provider.token(groups=["gateway-readers"]))).role == "reader"
+        assert (await v.identity(provider.token(groups=["gateway-operators"]))).role == "operator"
+        both = provider.token(groups=["gateway-readers", "gateway-operators"])
+        assert (await v.identity(both)).role == "operator"  # the most a token's groups give
         # An unknown key fetched the keys again at most once a minute: not within the first minute.
         assert provider.jwks_fetches == 1
     finally:

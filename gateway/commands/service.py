@@ -207,6 +207,10 @@ class Commands(Service):
         if room <= 0:
             return
         commands = await self.ledger.claim(device, self.gateway_id(), downlink.transport, resend, room)
+        if len(commands) < room:
+            self.waiting.discard(device)  # nothing more due now: its next notice (or the next tick) says when
+        else:
+            self.waiting.add(device)  # more may wait: taken as the device makes room
         for command in commands:
             if not self._holds(device, downlink):
                 return  # gone meanwhile: sent again when it is back
@@ -242,9 +246,8 @@ class Commands(Service):
     async def delivered(self, device: str, id_: str) -> None:
         """The device has the command (MQTT PUBACK, TGP's acknowledgement)."""
         await self.ledger.delivered(device, id_)
-        downlink = self.downlinks.get(device)
-        if downlink is not None:
-            self.flush(device)  # room again
+        if device in self.waiting and device in self.downlinks:
+            self.flush(device)  # room again for what waits
 
     async def finished(self, device: str, id_: str, status: str, result: Any, transport: str) -> bool:
         """Record a device's result; False when it is not the device's command or it was finished before."""
@@ -255,8 +258,8 @@ class Commands(Service):
             if status == "succeeded":
                 device_id, name, at_us = recorded
                 self._tell(device_id, device, name, id_, status, at_us)
-                command = await self.ledger.find(id_)
-                if command is not None and command.name == DESIRED:
+                command = await self.ledger.find(id_) if name == DESIRED else None
+                if command is not None:
                     # What the device says it applied (or, saying nothing, the delta it was sent) is reported.
                     applied = result if isinstance(result, dict) and result else command.params.get("delta", {})
                     await self.twin.report(device, applied)
