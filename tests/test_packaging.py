@@ -145,3 +145,19 @@ async def test_pip_install_dot_runs_the_gateway_and_single_sign_on_works(tmp_pat
     finally:
         await deferToThread(gw.close)
         await provider.close()
+
+
+def test_every_package_of_the_source_tree_is_in_the_distribution():
+    """setup.cfg lists packages by name: a new one left out installs a gateway that cannot import itself."""
+    import configparser
+
+    root = Path(__file__).resolve().parent.parent
+    config = configparser.ConfigParser()
+    config.read(root / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {
+        ".".join(path.parent.relative_to(root).parts)
+        for top in ("gateway", "protocols")
+        for path in (root / top).rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
