@@ -162,7 +162,7 @@ class CommandsApi:
         commands = await self.service.take(device.name, "https", POLL_LIMIT)
         if not commands and wait:
             poll = _Poll(self.clock)
-            self.service.attach(device.name, poll, resend=None)
+            self.service.attach(device.name, poll, back=False)
             timer = self.clock.callLater(wait, poll._answer)
             try:
                 await poll.done

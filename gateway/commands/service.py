@@ -38,6 +38,7 @@ TICK = 5.0  # seconds between looks for expired commands and sends due again
 PURGE_EVERY = 720  # ticks (an hour) between deletions of finished commands past retention
 MAX_WAIT = 60.0  # seconds a caller may wait for a command to finish
 CONSOLE_ROWS = 50  # commands not finished the console lists
+BACK = -1.0  # flush's resend for a device back on line: what was sent before its downlink came
 
 
 class IDownlink(Interface):
@@ -73,6 +74,7 @@ class Commands(Service):
         self.listener = PgPool(reactor, 1)
         self.listener.on_connect = self._listen
         self.downlinks: dict[str, Any] = {}  # device -> its downlink on this gateway
+        self._attached: dict[str, float] = {}  # device -> when its downlink came back (attach with back)
         self.waiting: set[str] = set()  # devices with commands to send (a hint: the ledger decides)
         self._flushing: dict[str, list[Any]] = {}  # device -> [resend, waiters] of a flush to do after this one
         self._waiters: dict[str, list[Deferred]] = {}
@@ -135,8 +137,9 @@ class Commands(Service):
 
     async def _tick(self) -> None:
         self._ticks += 1
-        for id_, device, name, device_id, at_us in await self.ledger.expire():
+        for id_, device, name, device_id, at_us, transport in await self.ledger.expire():
             log.info("command {id} ({name}) to {device} expired", id=id_, name=name, device=device)
+            self.results[(transport, "expired")] += 1
             self._tell(device_id, device, name, id_, "expired", at_us)
         self.waiting = await self.ledger.waiting_devices()
         for device in sorted(self.waiting & set(self.downlinks)):
@@ -150,20 +153,23 @@ class Commands(Service):
 
     # -- downlinks -----------------------------------------------------
 
-    def attach(self, device: str, downlink: Any, resend: float | None = 0.0) -> None:
-        """``device`` takes commands over ``downlink`` now: send it what waits, by default what was sent
-        before and not acknowledged too (a device back on line; None: only what is due)."""
+    def attach(self, device: str, downlink: Any, back: bool = True) -> None:
+        """``device`` takes commands over ``downlink`` now: send it what waits, and (``back``: a device back on
+        line) what was sent to it before and not acknowledged, whenever that was."""
         self.downlinks[device] = downlink
-        if resend == 0.0:  # back on line: a desired delta it acknowledged without a matching report goes again
-            d = self.twin.again(device)
-            d.addErrback(lambda f: log.warn("desired of {device} not looked at: {e}", device=device, e=f.value))
-            d.addCallback(lambda _: self.flush(device, resend=resend))
-        else:
-            self.flush(device, resend=resend)
+        if not back:
+            self.flush(device)
+            return
+        self._attached[device] = self.reactor.seconds()
+        # A desired delta it acknowledged without a matching report goes again too.
+        d = self.twin.again(device)
+        d.addErrback(lambda f: log.warn("desired of {device} not looked at: {e}", device=device, e=f.value))
+        d.addCallback(lambda _: self.flush(device, resend=BACK))
 
     def detach(self, device: str, downlink: Any) -> None:
         if self.downlinks.get(device) is downlink:
             del self.downlinks[device]
+            self._attached.pop(device, None)
 
     def flush(self, device: str, resend: float | None = None) -> Deferred:
         """Send ``device``'s due commands over its downlink, as many as it has room for; sends younger than
@@ -203,6 +209,8 @@ class Commands(Service):
         downlink: Any = self.downlinks.get(device)
         if downlink is None:
             return
+        if resend == BACK:  # what was sent before the downlink came (not what was sent over it since)
+            resend = max(0.0, self.reactor.seconds() - self._attached.get(device, self.reactor.seconds()))
         room = downlink.room()
         if room <= 0:
             return
@@ -299,7 +307,9 @@ class Commands(Service):
 
     def live_metrics(self) -> Any:
         by_state = GaugeMetricFamily(
-            "gateway_commands", "Commands in the ledger by state and transport", labels=["state", "transport"]
+            "gateway_commands",
+            "Commands not finished (queued, sent, delivered) by state and the transport that last sent them",
+            labels=["state", "transport"],
         )
         for state, transport, count, _ in self.counts:
             by_state.add_metric([state, transport], count)
@@ -311,7 +321,9 @@ class Commands(Service):
             sent.add_metric([transport], count)
         yield sent
         results = CounterMetricFamily(
-            "gateway_command_results", "Results devices reported to this gateway", labels=["transport", "state"]
+            "gateway_command_results",
+            "Commands this gateway finished: results devices reported (succeeded, failed), and those it expired",
+            labels=["transport", "state"],
         )
         for (transport, state), count in sorted(self.results.items()):
             results.add_metric([transport, state], count)
@@ -321,7 +333,7 @@ class Commands(Service):
         """/healthz: commands not finished, and of those how many waited past half their expiry (a device
         away, a transport that cannot reach it): told, not judged, like a silent field device."""
         late = sum(c[3] for c in self.counts)
-        waiting = sum(c[2] for c in self.counts if c[0] in ("queued", "sent", "delivered"))
+        waiting = sum(c[2] for c in self.counts)
         doc = {"waiting": waiting, "past_half_expiry": late, "devices_reachable_here": len(self.downlinks)}
         return {"commands": (doc, None)}
 

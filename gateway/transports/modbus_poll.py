@@ -99,7 +99,7 @@ class PolledDevice:
         commands = self.poller.commands
         if commands is not None and any(r.writable for r in self.settings.registers):
             self.downlink = ModbusDownlink(self, commands)
-            commands.attach(self.settings.device, self.downlink, resend=None)
+            commands.attach(self.settings.device, self.downlink, back=False)
         self.started_at = self.clock.seconds()
         self._due = self.clock.seconds() + self.poller.rand() * self.settings.interval
         self._timer = self.clock.callLater(self._due - self.clock.seconds(), self._tick)

@@ -153,7 +153,7 @@ class BrokerSource(ClientService):
         """A registered device was heard from on this broker: commands to it go out here from now on."""
         if self.commands is not None and name not in self.downlinks:
             downlink = self.downlinks[name] = BrokerDownlink(self, name, self.commands)
-            self.commands.attach(name, downlink, resend=None)
+            self.commands.attach(name, downlink, back=False)
 
     def command_packet_id(self) -> int:
         while True:
