@@ -298,15 +298,9 @@ class ClientConnection(_Framer):
             return Late(transaction, unit)
         if isinstance(request, WriteRequest):
             return _write_response(request, transaction, unit, pdu)
-        function = pdu[0]
-        if function == request.kind | 0x80:
-            if len(pdu) != 2:
-                raise ProtocolError(f"transaction {transaction}: an exception response of {len(pdu)} bytes")
-            return ExceptionResponse(transaction, unit, request.kind, pdu[1])
-        if function != request.kind:
-            raise ProtocolError(f"transaction {transaction}: function {function:#04x} answers {request.kind:#04x}")
-        if unit != request.unit:
-            raise ProtocolError(f"transaction {transaction}: unit {unit} answers a request to unit {request.unit}")
+        refused = _exception_or_mismatch(request.kind, request.unit, transaction, unit, pdu)
+        if refused is not None:
+            return refused
         size = (request.count + 7) // 8 if request.kind.bits else 2 * request.count
         if len(pdu) < 2 or pdu[1] != size or len(pdu) != 2 + size:
             raise ProtocolError(
@@ -321,20 +315,31 @@ class ClientConnection(_Framer):
         return ReadResponse(transaction, unit, request.kind, values)
 
 
+def _exception_or_mismatch(
+    function: int, asked: int, transaction: int, unit: int, pdu: bytes
+) -> ExceptionResponse | None:
+    """The device's exception response to a request of ``function`` to unit ``asked``, or None for a normal
+    answer; ProtocolError when the answer is of another function or from another unit."""
+    if pdu[0] == function | 0x80:
+        if len(pdu) != 2:
+            raise ProtocolError(f"transaction {transaction}: an exception response of {len(pdu)} bytes")
+        return ExceptionResponse(transaction, unit, function, pdu[1])
+    if pdu[0] != function:
+        raise ProtocolError(f"transaction {transaction}: function {pdu[0]:#04x} answers {function:#04x}")
+    if unit != asked:
+        raise ProtocolError(f"transaction {transaction}: unit {unit} answers a request to unit {asked}")
+    return None
+
+
 def _write_response(
     request: WriteRequest, transaction: int, unit: int, pdu: bytes
 ) -> WriteResponse | ExceptionResponse:
     """A write's answer: an exception, or the echo of the address and what was written (6.5, 6.6) or how many
     (6.11, 6.12); anything else breaks the protocol."""
+    refused = _exception_or_mismatch(request.function, request.unit, transaction, unit, pdu)
+    if refused is not None:
+        return refused
     function = pdu[0]
-    if function == request.function | 0x80:
-        if len(pdu) != 2:
-            raise ProtocolError(f"transaction {transaction}: an exception response of {len(pdu)} bytes")
-        return ExceptionResponse(transaction, unit, request.function, pdu[1])
-    if function != request.function:
-        raise ProtocolError(f"transaction {transaction}: function {function:#04x} answers {request.function:#04x}")
-    if unit != request.unit:
-        raise ProtocolError(f"transaction {transaction}: unit {unit} answers a request to unit {request.unit}")
     if len(pdu) != 5:
         raise ProtocolError(f"transaction {transaction}: a write response of {len(pdu)} bytes (5)")
     address, second = struct.unpack_from(">HH", pdu, 1)

@@ -6,9 +6,6 @@ of its own); a pymodbus client reads back what the gateway wrote.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import pytest_twisted
@@ -19,7 +16,7 @@ from twisted.internet.threads import deferToThread
 
 from gateway.commands.model import parse_request
 from tests.conftest import start_service
-from tests.test_modbus_e2e import ROOT, modbus_table
+from tests.test_modbus_e2e import modbus_table, running_slaves
 from tests.test_store import add_pg_device
 
 SERVERS = {"plc": {"units": {"1": {"holding": {"0": 200, "1": 55}, "coil": {"3": 0, "4": 0}, "bad": ["holding:30"]}}}}
@@ -35,18 +32,8 @@ REGISTERS = [
 
 @pytest.fixture
 def plc(tmp_path):
-    spec = tmp_path / "slaves.json"
-    spec.write_text(json.dumps({"servers": SERVERS}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.modbus_server", str(spec)], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line, "the Modbus slave did not start"
-        yield json.loads(line)["plc"]
-    finally:
-        proc.kill()
-        proc.wait()
+    with running_slaves(tmp_path, SERVERS) as ports:
+        yield ports["plc"]
 
 
 async def finished(service, id_: str) -> dict:

@@ -136,6 +136,8 @@ async def test_a_version_3_device_runs_a_command_and_reports_once(service, sql):
         await state_of(sql, "rate-7", "delivered")
         assert await deferToThread(device.result, 1, id_, False, {"hz": 5}) == (0x12, 1, 1, 0)
         assert sql("SELECT state, result, transport FROM commands") == [("succeeded", {"hz": 5}, "tgp")]
+        [session] = [s for s in service.transport("tgp").sessions() if s.device and s.device.name == "truck-17"]
+        assert session.readings == 0  # a result is not a reading
         # The same RESULT again (its ACK lost, say): a duplicate, recorded once.
         assert await deferToThread(device.result, 2, id_, True, {}) == (0x12, 2, 0, 1)
         assert sql("SELECT state FROM commands") == [("succeeded",)]

@@ -16,12 +16,14 @@ could not pass:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,10 +119,11 @@ SERVERS = {
 }
 
 
-@pytest.fixture
-def slaves(tmp_path):
+@contextlib.contextmanager
+def running_slaves(tmp_path: Path, servers: dict) -> Iterator[dict[str, int]]:
+    """tests/modbus_server.py in a process of its own serving ``servers``; their ports by name."""
     spec = tmp_path / "slaves.json"
-    spec.write_text(json.dumps({"servers": SERVERS}))
+    spec.write_text(json.dumps({"servers": servers}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.modbus_server", str(spec)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
@@ -131,6 +134,12 @@ def slaves(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def slaves(tmp_path):
+    with running_slaves(tmp_path, SERVERS) as ports:
+        yield ports
 
 
 def tables(ports: dict[str, int]) -> list[dict]:

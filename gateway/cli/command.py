@@ -9,21 +9,11 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.common import CommandError, database, note, print_table
+from gateway.cli.common import CommandError, database, key_value, note, print_table
 from gateway.commands import ledger
 from gateway.commands.model import FINAL, STATES, Command, CommandError as Refused, parse_request
 
 POLL = 0.2  # seconds between looks at a command being waited for
-
-
-def _param(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise CommandError(f"--param {text!r}: give KEY=VALUE (VALUE is read as JSON when it is: 5, true, [1,2])")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def _find(cur: Any, id_: str, history: bool = False) -> Command | None:
@@ -42,7 +32,7 @@ def cmd_command_send(args: argparse.Namespace) -> None:
     params: dict[str, Any] = json.loads(args.params) if args.params else {}
     if not isinstance(params, dict):
         raise CommandError("--params: give a JSON object")
-    params.update(_param(p) for p in args.param)
+    params.update(key_value(p) for p in args.param)
     doc: dict[str, Any] = {"name": args.name, "params": params, "ttl": args.ttl}
     if args.id:
         doc["id"] = args.id

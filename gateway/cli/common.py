@@ -111,6 +111,17 @@ def interval(text: str | None) -> float | None:
         raise CommandError(f"--interval: {e}") from None
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE from the command line, VALUE read as JSON when it is (5, true, [1,2]) and as text otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CommandError(f"{text!r}: give KEY=VALUE (VALUE is read as JSON when it is: 5, true, [1,2])")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -18,6 +18,7 @@ from gateway.cli.common import (
     device_type,
     gateway_config,
     interval,
+    key_value,
     note,
     print_table,
     revoke,
@@ -178,14 +179,7 @@ def cmd_device_desire(args: argparse.Namespace) -> None:
             raise CommandError(f"--json: not JSON: {e}") from None
         if not isinstance(doc, dict):
             raise CommandError("--json: give a JSON object")
-        for text in args.values:
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise CommandError(f"{text!r}: give KEY=VALUE (VALUE is read as JSON when it is: 5, true, [1,2])")
-            try:
-                doc[key] = json.loads(value)
-            except ValueError:
-                doc[key] = value
+        doc.update(key_value(text) for text in args.values)
         try:
             desired.check_document(doc, "desired")
         except Refused as e:

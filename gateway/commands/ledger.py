@@ -108,7 +108,7 @@ EXPIRE = """
 UPDATE commands c SET state = 'expired', changed_at = now(), note = 'not finished within its ttl'
 WHERE c.state IN ('queued', 'sent', 'delivered') AND c.expires_at <= now()
 RETURNING c.id, (SELECT name FROM devices WHERE id = c.device_id), c.name, c.device_id,
-    (extract(epoch FROM c.changed_at) * 1000000)::bigint
+    (extract(epoch FROM c.changed_at) * 1000000)::bigint, coalesce(c.transport, '')
 """
 # Devices with commands to send, for a gateway that starts (or missed notices while its LISTEN was down).
 WAITING_DEVICES = """
@@ -128,11 +128,11 @@ WHERE c.state IN ('queued', 'sent', 'delivered')
 ORDER BY c.created_at, c.id
 LIMIT %s
 """
+# Commands not finished, from the partial index (finished ones are counted as they finish, by each gateway).
 COUNTS = """
 SELECT state, coalesce(transport, ''), count(*),
-       count(*) FILTER (WHERE state IN ('queued', 'sent', 'delivered')
-                        AND now() > created_at + (expires_at - created_at) / 2)
-FROM commands GROUP BY 1, 2
+       count(*) FILTER (WHERE now() > created_at + (expires_at - created_at) / 2)
+FROM commands WHERE state IN ('queued', 'sent', 'delivered') GROUP BY 1, 2
 """
 
 
@@ -263,9 +263,9 @@ class Ledger:
             raise CommandError("not_cancelable", f"command {id_} is {existing.state} already")
         raise CommandError("not_cancelable", f"command {id_} is delivered: the device has it")
 
-    async def expire(self) -> list[tuple[str, str, str, int, int]]:
-        """Commands past their expiry, now expired: (id, device, name, device id, when in µs)."""
-        return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await self._query(EXPIRE, ())]
+    async def expire(self) -> list[tuple[str, str, str, int, int, str]]:
+        """Commands past their expiry, now expired: (id, device, name, device id, when in µs, transport)."""
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5]) for r in await self._query(EXPIRE, ())]
 
     async def waiting(self, limit: int) -> list[Command]:
         """Commands not finished, oldest first."""

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from gateway import tokens
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
-from gateway.transports.tgp_commands import VERSION as COMMANDS_VERSION, TgpDownlink
+from gateway.transports.tgp_commands import VERSION as COMMANDS_VERSION, Recorded, TgpDownlink
 from gateway.transports.session import Ticket
 from gateway.readings import (
     CloseReason,
@@ -252,7 +252,8 @@ class DeviceProtocol(DeviceConnection):
                 tgp.Ack(seq, min(accepted, 0xFFFF), min(outcome.duplicates, 0xFFFF), min(outcome.conflicts, 0xFFFF))
             )
             self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
-            self.readings += outcome.accepted
+            if not isinstance(outcome, Recorded):
+                self.readings += outcome.accepted
             return
         if isinstance(outcome, _Refusal):
             self.last_error = f"{outcome.code.name}: {outcome.message}"

@@ -10,6 +10,7 @@ the id names no command of this device.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,6 +26,11 @@ log = Logger()
 
 WINDOW = 10  # commands sent and not yet RECEIVED, per session
 VERSION = 3  # the first version with commands
+
+
+@dataclass(frozen=True)
+class Recorded(WriteResult):
+    """A RESULT's answer, in an ACK's counts (accepted 1: recorded now; duplicates 1: before): no reading."""
 
 
 @implementer(IDownlink)
@@ -65,10 +71,10 @@ class TgpDownlink:
         self.in_flight.pop(event.id, None)
         return Deferred.fromCoroutine(self._record(event.id, status, value))
 
-    async def _record(self, id_: str, status: str, value: Any) -> WriteResult | tgp.ErrorCode:
+    async def _record(self, id_: str, status: str, value: Any) -> Recorded | tgp.ErrorCode:
         if await self.commands.finished(self.device, id_, status, value, "tgp"):
-            return WriteResult(1, 0)
+            return Recorded(1, 0)
         known = await self.commands.ledger.find(id_)
         if known is None or known.device != self.device:
             return tgp.ErrorCode.UNKNOWN_COMMAND
-        return WriteResult(0, 1)  # recorded before (or expired or canceled): changes nothing
+        return Recorded(0, 1)  # recorded before (or expired or canceled): changes nothing
