@@ -147,3 +147,20 @@ def test_unreachable_db_is_one_line(tmp_path):
     out = gatewayctl("device", "list", "--db", "host=127.0.0.1 port=1 dbname=x connect_timeout=2", check=False)
     assert out.returncode == 1
     assert out.stderr.startswith("gatewayctl: cannot connect to the database:") and out.stderr.count("\n") == 1
+
+
+def test_a_tracker_is_bound_to_its_imei_once(db_dsn, sql):
+    """gatewayctl device add --imei binds a tracker's IMEI to a device; one device an IMEI; set changes it."""
+    from tests.gatewayproc import gatewayctl
+
+    gatewayctl("device", "add", "truck-9", "--imei", "356307042441013", "--db", db_dsn)
+    again = gatewayctl("device", "add", "truck-10", "--imei", "356307042441013", "--db", db_dsn, check=False)
+    assert again.returncode == 1 and "bound to another device" in again.stderr
+    bad = gatewayctl("device", "add", "truck-11", "--imei", "3563070424", "--db", db_dsn, check=False)
+    assert bad.returncode == 1 and "15 digits" in bad.stderr
+    gatewayctl("device", "add", "truck-10", "--db", db_dsn)
+    taken = gatewayctl("device", "set", "truck-10", "--imei", "356307042441013", "--db", db_dsn, check=False)
+    assert taken.returncode == 1 and "bound to another device" in taken.stderr
+    gatewayctl("device", "set", "truck-9", "--imei", "", "--db", db_dsn)
+    gatewayctl("device", "set", "truck-10", "--imei", "356307042441013", "--db", db_dsn)
+    assert sql("SELECT name, imei FROM devices ORDER BY name") == [("truck-10", "356307042441013"), ("truck-9", None)]

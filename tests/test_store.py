@@ -117,6 +117,23 @@ async def test_device_key_for_the_binary_protocol(kit):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_tracker_is_found_by_its_imei_unless_revoked(kit, request):
+    store, add, _, _ = kit
+    add("truck-9")
+    add("truck-8", revoked=True)
+    if isinstance(store, MemoryStore):
+        store.imeis.update({"356307042441013": "truck-9", "356307042441014": "truck-8"})
+    else:
+        sql = request.getfixturevalue("sql")
+        sql("UPDATE devices SET imei = '356307042441013' WHERE name = 'truck-9'")
+        sql("UPDATE devices SET imei = '356307042441014' WHERE name = 'truck-8'")
+    device = await store.device_by_imei("356307042441013")
+    assert isinstance(device, Device) and device.name == "truck-9"
+    assert await store.device_by_imei("356307042441014") is None  # revoked
+    assert await store.device_by_imei("000000000000000") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_revoked_device_is_refused(kit):
     store, add, _, _ = kit
     token = add("old-truck", revoked=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+
+import psycopg2
+import psycopg2.errors
 from typing import Any
 
 from gateway import tokens
@@ -26,12 +29,24 @@ from gateway.cli.common import (
 )
 
 
+def _imei(text: str) -> str:
+    if not (len(text) == 15 and text.isdigit() and text.isascii()):
+        raise CommandError(f"--imei {text!r}: an IMEI is 15 digits (the tracker's label or *#06# on a phone)")
+    return text
+
+
 def cmd_device_add(args: argparse.Namespace) -> None:
     if not is_name(args.name):
         raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
     kind = device_type(args)
     expected = interval(args.interval)
-    add_with_token(args, "devices", {"device_type": kind, "expected_interval": expected}, "device")
+    columns: dict[str, Any] = {"device_type": kind, "expected_interval": expected}
+    if args.imei is not None:
+        columns["imei"] = _imei(args.imei)
+    try:
+        add_with_token(args, "devices", columns, "device")
+    except psycopg2.errors.UniqueViolation:
+        raise CommandError(f"IMEI {args.imei} is bound to another device already") from None
 
 
 def cmd_device_set(args: argparse.Namespace) -> None:
@@ -40,14 +55,20 @@ def cmd_device_set(args: argparse.Namespace) -> None:
         changes["device_type"] = None if args.type == "" else device_type(args)
     if args.interval is not None:
         changes["expected_interval"] = None if args.interval == "" else interval(args.interval)
+    if args.imei is not None:
+        changes["imei"] = None if args.imei == "" else _imei(args.imei)
     if not changes:
-        raise CommandError("nothing to set: give --type and/or --interval ('' to clear)")
+        raise CommandError("nothing to set: give --type, --interval and/or --imei ('' to clear)")
     with database(args) as conn:
         with conn.cursor() as cur:
             assignments = ", ".join(f"{column} = %({column})s" for column in changes)
-            cur.execute(
-                f"UPDATE devices SET {assignments} WHERE name = %(name)s RETURNING 1", {**changes, "name": args.name}
-            )
+            try:
+                cur.execute(
+                    f"UPDATE devices SET {assignments} WHERE name = %(name)s RETURNING 1",
+                    {**changes, "name": args.name},
+                )
+            except psycopg2.errors.UniqueViolation:
+                raise CommandError(f"IMEI {args.imei} is bound to another device already") from None
             if cur.fetchone() is None:
                 raise CommandError(f"no device {args.name!r}")
             cur.execute(NOTIFY_DEVICE, (args.name,))
@@ -215,11 +236,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--type", help="its [device_types.NAME] in the config file: it posts that vendor JSON")
     p.add_argument("--interval", help="silent when nothing is heard for this long (90s, 10m, 1h) [default: its type's]")
+    p.add_argument("--imei", help="a tracker's IMEI (15 digits): trackers sign in by it (Teltonika, GT06)")
     p.set_defaults(func=cmd_device_add)
-    p = dsub.add_parser("set", parents=[common], help="change a device's type or expected interval")
+    p = dsub.add_parser("set", parents=[common], help="change a device's type, expected interval or IMEI")
     p.add_argument("name")
     p.add_argument("--type", help="its [device_types.NAME]; '' for none (it then posts the gateway's JSON)")
     p.add_argument("--interval", help="silent when nothing is heard for this long; '' for its type's")
+    p.add_argument("--imei", help="a tracker's IMEI (15 digits); '' to unbind it")
     p.set_defaults(func=cmd_device_set)
     p = dsub.add_parser("list", parents=[common], help="list devices: type, last seen, silent, quality flags")
     p.add_argument("--json", action="store_true", help="print them as one JSON list (as GET /v1/devices)")

@@ -231,6 +231,11 @@ class Ingest:
         d: Deferred[Any] = self.store.device_key(name)
         return d
 
+    def device_by_imei(self, imei: str) -> Deferred[Any]:
+        """The registered, unrevoked Device an IMEI is bound to, or None: trackers say who they are by IMEI."""
+        d: Deferred[Any] = self.store.device_by_imei(imei)
+        return d
+
     def session_begins(self, device: Device, client_id: str, clean_start: bool, expiry: int) -> Deferred[bool]:
         """
         A device connects with a session (MQTT): whether one it kept under ``client_id`` is still there; the

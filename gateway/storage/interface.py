@@ -22,6 +22,9 @@ class IStore(Interface):
     def device_key(name: str) -> Deferred:
         """Fire with (Device, stored key) of a device that is not revoked, or None."""
 
+    def device_by_imei(imei: str) -> Deferred:
+        """Fire with the Device an IMEI is bound to (gatewayctl device add --imei), not revoked, or None."""
+
     def write(
         device: Device,
         readings: Sequence[Reading],

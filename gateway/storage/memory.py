@@ -19,6 +19,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.devices: dict[str, tuple[Device, bytes, bool]] = {}
+        self.imeis: dict[str, str] = {}  # IMEI -> device name
         self.readings: dict[tuple[int, str, int], float] = {}
         self.rejected: list[tuple[str, str | None, str, bytes]] = []
         self.quarantined: dict[tuple[int, str, int], tuple[float, str]] = {}
@@ -28,11 +29,20 @@ class MemoryStore:
         self.sessions: dict[tuple[int, str], tuple[int, float | None]] = {}  # -> (expiry, ended at or None)
         self.now = time.time
 
-    def add_device(self, name: str, device_type: str | None = None) -> str:
+    def add_device(self, name: str, device_type: str | None = None, imei: str | None = None) -> str:
         new = tokens.new_token()
         self.devices[new.token_id] = (Device(self._next_id, name, device_type), new.digest, False)
+        if imei is not None:
+            self.imeis[imei] = name
         self._next_id += 1
         return new.token
+
+    def device_by_imei(self, imei: str) -> Deferred:
+        name = self.imeis.get(imei)
+        for device, _, revoked in self.devices.values():
+            if device.name == name and not revoked:
+                return succeed(device)
+        return succeed(None)
 
     def revoke(self, name: str) -> None:
         for token_id, (device, digest, _) in list(self.devices.items()):

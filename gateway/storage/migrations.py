@@ -7,6 +7,7 @@ only followed by a new one.
 from __future__ import annotations
 
 from gateway.storage.commands_schema import COMMAND_MIGRATIONS
+from gateway.storage.trackers_schema import TRACKER_MIGRATIONS
 
 
 def _day_partitions(table: str, rows_of: str) -> str:
@@ -613,4 +614,5 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         """,
     ),
     *COMMAND_MIGRATIONS,
+    *TRACKER_MIGRATIONS,
 )

@@ -104,6 +104,7 @@ from gateway.storage.writes import (
 
 log = Logger()
 
+DEVICE_BY_IMEI = "SELECT id, name, device_type FROM devices WHERE imei = %s AND revoked_at IS NULL"
 DEADLOCK_RETRIES = 5
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
@@ -247,6 +248,10 @@ class PostgresStore(Service):
 
     def device_key(self, name: str) -> Deferred:
         return self.credentials.device_key(name)
+
+    def device_by_imei(self, imei: str) -> Deferred:
+        d = self.pool.run(lambda c: c.runQuery(DEVICE_BY_IMEI, (imei,)))
+        return d.addCallback(lambda rows: Device(int(rows[0][0]), rows[0][1], rows[0][2]) if rows else None)
 
     def session_begins(self, device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
         statement = SESSION_KEEP if expiry > 0 else SESSION_DROP
