@@ -1,9 +1,11 @@
 """The gateway's built-in device transports, found as IDeviceTransport plugins (gateway/transport.py)."""
 
 from gateway.transports.builtin import BrokerPlugin, HttpsPlugin, ModbusPlugin, MqttPlugin, TgpPlugin
+from gateway.transports.tracker_plugins import TeltonikaPlugin
 
 https = HttpsPlugin()
 tgp = TgpPlugin()
 mqtt = MqttPlugin()
 mqtt_source = BrokerPlugin()
 modbus = ModbusPlugin()
+teltonika = TeltonikaPlugin()

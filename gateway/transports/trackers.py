@@ -1,0 +1,150 @@
+"""
+What a tracker's records become: positions and IO elements as readings.
+
+Each record's GPS element becomes the readings ``lat``, ``lon`` (degrees),
+``alt`` (m), ``speed`` (km/h), ``heading`` (degrees) and ``satellites``,
+timed with the record's own time, when the tracker had a fix (satellites in
+view and not 0°N 0°E: a tracker without a fix sends that, and it is never
+stored as a position). IO elements become readings by the tracker's model:
+``[tracker_types.NAME]`` tables map an IO id to a metric, with scale and
+offset, as ``[device_types]`` map vendor JSON::
+
+    [tracker_types.fmb920]
+    66 = { metric = "external_voltage", scale = 0.001 }   # mV -> V
+    16 = "odometer_m"
+
+An IO id with no mapping is stored as ``io_<id>``, so nothing is lost; a
+variable-length IO value (Codec 8 Extended's NX) is stored as an unsigned
+number when it is at most 8 bytes, and otherwise left in the raw packet
+(counted as not stored). A device gets its model with ``gatewayctl device
+add NAME --imei IMEI --type fmb920``.
+
+The built-in tables (``BUILT_IN``) are from Teltonika's published "AVL ID"
+lists for the FMB920 and the FMC130 (Teltonika Wiki, "FMB920 Teltonika
+Data Sending Parameters ID" and "FMC130 Teltonika Data Sending Parameters
+ID"), the IO elements those models send unless configured otherwise; a
+config-file table of the same name replaces a built-in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.readings import Reading, check_reading, is_name, NAME_RULE
+
+POSITION_METRICS = ("lat", "lon", "alt", "speed", "heading", "satellites")
+
+
+@dataclass(frozen=True)
+class IoMetric:
+    metric: str
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+TrackerType = Mapping[int, IoMetric]
+
+# IO ids both models send by default, and those of the FMC130's extra inputs.
+_COMMON: dict[int, IoMetric] = {
+    239: IoMetric("ignition"),
+    240: IoMetric("movement"),
+    80: IoMetric("data_mode"),
+    21: IoMetric("gsm_signal"),
+    200: IoMetric("sleep_mode"),
+    69: IoMetric("gnss_status"),
+    181: IoMetric("gnss_pdop", 0.1),
+    182: IoMetric("gnss_hdop", 0.1),
+    66: IoMetric("external_voltage", 0.001),  # mV -> V
+    24: IoMetric("speed_io"),  # km/h, the GNSS speed as an IO element
+    205: IoMetric("gsm_cell_id"),
+    206: IoMetric("gsm_area_code"),
+    67: IoMetric("battery_voltage", 0.001),  # mV -> V
+    68: IoMetric("battery_current", 0.001),  # mA -> A
+    241: IoMetric("active_gsm_operator"),
+    199: IoMetric("trip_odometer_m"),
+    16: IoMetric("odometer_m"),
+    1: IoMetric("digital_input_1"),
+    179: IoMetric("digital_output_1"),
+    12: IoMetric("fuel_used_gps", 0.001),  # ml -> l
+    13: IoMetric("fuel_rate_gps", 0.01),  # l/100 km
+    17: IoMetric("axis_x_mg"),
+    18: IoMetric("axis_y_mg"),
+    19: IoMetric("axis_z_mg"),
+    113: IoMetric("battery_level_percent"),
+    78: IoMetric("ibutton"),
+}
+BUILT_IN: dict[str, TrackerType] = {
+    "fmb920": dict(_COMMON),
+    "fmc130": {
+        **_COMMON,
+        2: IoMetric("digital_input_2"),
+        3: IoMetric("digital_input_3"),
+        9: IoMetric("analog_input_1", 0.001),  # mV -> V
+        6: IoMetric("analog_input_2", 0.001),
+        180: IoMetric("digital_output_2"),
+        72: IoMetric("dallas_temperature_1", 0.1),  # 0.1 °C
+    },
+}
+
+
+def tracker_types_from_tables(tables: Any) -> dict[str, TrackerType]:
+    """``[tracker_types.NAME]`` tables over the built-in ones; ValueError naming the table and the id."""
+    if tables is None:
+        return dict(BUILT_IN)
+    if not isinstance(tables, dict):
+        raise ValueError("give each model as a [tracker_types.NAME] table")
+    out = dict(BUILT_IN)
+    for name, table in tables.items():
+        where = f"[tracker_types.{name}]"
+        if not is_name(name):
+            raise ValueError(f"{where}: the name {NAME_RULE}")
+        if not isinstance(table, dict):
+            raise ValueError(f'{where}: give IO ids as keys: 66 = {{ metric = "external_voltage", scale = 0.001 }}')
+        mapping: dict[int, IoMetric] = {}
+        for key, value in table.items():
+            if not str(key).isdigit() or not 0 <= int(key) <= 0xFFFF:
+                raise ValueError(f"{where}: {key!r} is not an IO id (0..65535)")
+            if isinstance(value, str):
+                value = {"metric": value}
+            if not isinstance(value, dict) or not set(value) <= {"metric", "scale", "offset"}:
+                raise ValueError(f"{where}.{key}: give a metric name, or {{ metric, scale, offset }}")
+            metric = value.get("metric")
+            if not is_name(metric):
+                raise ValueError(f"{where}.{key}.metric: {NAME_RULE}")
+            numbers = {}
+            for k in ("scale", "offset"):
+                if k in value:
+                    if isinstance(value[k], bool) or not isinstance(value[k], (int, float)):
+                        raise ValueError(f"{where}.{key}.{k}: {value[k]!r} is not a number")
+                    numbers[k] = float(value[k])
+            mapping[int(key)] = IoMetric(metric, **numbers)
+        out[name] = mapping
+    return out
+
+
+def record_readings(
+    timestamp_ms: int, gps: Any, io: tuple[tuple[int, int | bytes], ...], model: TrackerType | None
+) -> tuple[list[Reading], int]:
+    """A record's readings, and how many of its IO values could not be stored (too long to be a number)."""
+    ts_us = timestamp_ms * 1000
+    out: list[Reading] = []
+    if gps.fixed:
+        for metric, value in zip(
+            POSITION_METRICS, (gps.latitude, gps.longitude, gps.altitude, gps.speed, gps.angle, gps.satellites)
+        ):
+            out.append(check_reading(metric, ts_us, float(value), metric))
+    skipped = 0
+    for io_id, raw in io:
+        if isinstance(raw, bytes):
+            if len(raw) > 8:
+                skipped += 1
+                continue
+            raw = int.from_bytes(raw, "big")
+        mapped = model.get(io_id) if model is not None else None
+        if mapped is None:
+            out.append(Reading(f"io_{io_id}", ts_us, float(raw)))
+        else:
+            out.append(Reading(mapped.metric, ts_us, raw * mapped.scale + mapped.offset))
+    return out, skipped

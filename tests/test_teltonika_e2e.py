@@ -1,0 +1,170 @@
+"""
+Teltonika trackers end to end: the real service and PostgreSQL on a
+loopback --teltonika endpoint, and a tracker written here from Teltonika's
+documentation (struct and the CRC; not the gateway's codec), sending
+Teltonika's own example packet and packets of positions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import struct
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from gateway.commands.model import parse_request
+from tests.conftest import start_service
+from tests.gatewayproc import gatewayctl
+from tests.test_teltonika_codec import CODEC_8, GETINFO, GETINFO_ANSWER
+
+IMEI = "356307042441013"
+T0 = 1_795_341_600_000  # 2026-11-22T10:00:00Z, ms
+
+
+def crc16(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def packet(records: list[tuple[int, float, float, int]]) -> bytes:
+    """A Codec 8 packet of (ms, lat, lon, satellites) records, each with IO 66 (external voltage) = 12600 mV."""
+    body = b"".join(
+        struct.pack(">qBiihHBH", ms, 0, round(lon * 1e7), round(lat * 1e7), 250, 90, sats, 42)
+        + bytes([0, 1, 0, 1]) + bytes([66]) + struct.pack(">H", 12600) + bytes([0, 0])
+        for ms, lat, lon, sats in records
+    )  # fmt: skip
+    data = bytes([8, len(records)]) + body + bytes([len(records)])
+    return struct.pack(">II", 0, len(data)) + data + struct.pack(">I", crc16(data))
+
+
+class Tracker:
+    """A blocking tracker: IMEI, packets, and the server's four-byte answers."""
+
+    def __init__(self, port: int, imei: str = IMEI) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.sock.sendall(struct.pack(">H", len(imei)) + imei.encode())
+
+    def accepted(self) -> bytes:
+        return self.sock.recv(1)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def started(tmp_path, db_dsn):
+    return await start_service(tmp_path, db_dsn, teltonika=["tcp:0:interface=127.0.0.1"])
+
+
+def port_of(service) -> int:
+    return service.listeners.ports("teltonika")[0].getHost().port
+
+
+async def until(check, seconds: float = 30.0):
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    assert check(), "not in time"
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_are_answered_after_commit_and_stored_once_by_the_trackers_model(tmp_path, db_dsn, sql):
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--type", "fmb920", "--db", db_dsn)
+    service = await started(tmp_path, db_dsn)
+    tracker = None
+    try:
+        tracker = await deferToThread(Tracker, port_of(service))
+        assert await deferToThread(tracker.accepted) == b"\x01"
+        # Teltonika's own example: one record, IO 21=3, 1=1, 66=24079, 241=24602, 78=0, and no fix.
+        await deferToThread(tracker.send, CODEC_8)
+        assert await deferToThread(tracker.read, 4) == b"\x00\x00\x00\x01"
+        # Answered: committed already.
+        rows = sql("SELECT k.name, r.value, r.ts FROM readings r JOIN metrics k ON k.id = r.metric_id ORDER BY k.name")
+        when = datetime.datetime(2019, 6, 10, 10, 4, 46, tzinfo=datetime.timezone.utc)
+        assert [(name, value) for name, value, _ in rows] == [
+            ("active_gsm_operator", 24602.0), ("digital_input_1", 1.0), ("external_voltage", 24.079),
+            ("gsm_signal", 3.0), ("ibutton", 0.0),
+        ]  # fmt: skip
+        assert {ts for _, _, ts in rows} == {when}  # the record's own time; no position without a fix
+        # Sent again (the answer lost): answered again, nothing stored twice.
+        await deferToThread(tracker.send, CODEC_8)
+        assert await deferToThread(tracker.read, 4) == b"\x00\x00\x00\x01"
+        assert sql("SELECT count(*) FROM readings") == [(5,)]
+
+        # Positions: stored when fixed, at each record's time; a record without a fix keeps its IO only.
+        records = [(T0, 54.6872, 25.2797, 9), (T0 + 1000, 54.6873, 25.2799, 8), (T0 + 2000, 0.0, 0.0, 0)]
+        # A packet with a wrong CRC first: not answered (the tracker sends it again), kept with the reason.
+        bad = bytearray(packet(records[:1]))
+        bad[-1] ^= 0xFF
+        await deferToThread(tracker.send, bytes(bad) + packet(records))
+        assert await deferToThread(tracker.read, 4) == b"\x00\x00\x00\x03"  # the good packet's answer, alone
+        positions = sql(
+            "SELECT k.name, count(*) FROM readings r JOIN metrics k ON k.id = r.metric_id "
+            "WHERE r.ts >= '2026-11-22' GROUP BY k.name ORDER BY k.name"
+        )
+        assert positions == [
+            ("alt", 2), ("external_voltage", 3), ("heading", 2), ("lat", 2), ("lon", 2), ("satellites", 2), ("speed", 2)
+        ]  # fmt: skip
+        assert sql("SELECT value FROM twin WHERE metric = 'lat'") == [(54.6873,)]
+        await until(lambda: sql("SELECT count(*) FROM rejected_input WHERE device = 'truck-9'") == [(1,)])
+        assert "CRC" in sql("SELECT reason FROM rejected_input")[0][0]
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_imei_is_refused_and_kept(tmp_path, db_dsn, sql):
+    service = await started(tmp_path, db_dsn)
+    tracker = None
+    try:
+        tracker = await deferToThread(Tracker, port_of(service), "356307042441099")
+        assert await deferToThread(tracker.accepted) == b"\x00"
+        assert await deferToThread(tracker.read, 1) == b""  # closed
+        await until(lambda: sql("SELECT count(*) FROM rejected_input") == [(1,)])
+        assert "unknown or revoked IMEI 356307042441099" in sql("SELECT reason FROM rejected_input")[0][0]
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_codec_12_command_and_the_trackers_answer(tmp_path, db_dsn, sql):
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--db", db_dsn)
+    service = await started(tmp_path, db_dsn)
+    tracker = None
+    try:
+        await service.commands.send("truck-9", parse_request({"name": "getinfo", "id": "info-1"}), "ops")
+        tracker = await deferToThread(Tracker, port_of(service))
+        assert await deferToThread(tracker.accepted) == b"\x01"
+        assert await deferToThread(tracker.read, len(GETINFO)) == GETINFO  # Teltonika's example, byte for byte
+        await deferToThread(tracker.send, GETINFO_ANSWER)
+        await until(lambda: sql("SELECT state FROM commands") == [("succeeded",)])
+        (result,) = sql("SELECT result FROM commands")[0]
+        assert result["response"].startswith("INI:2019/7/22 7:22 RTC:2019/7/22 7:53")
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()
