@@ -95,10 +95,16 @@ def device_type(args: argparse.Namespace) -> str | None:
         return None
     if not is_name(kind):
         raise CommandError(f"--type {kind!r}: {NAME_RULE}")
+    config = gateway_config(args)
+    trackers = getattr(config, "tracker_types", {})  # the built-in models, and the config file's
+    if kind in trackers:
+        return kind
     if not args.config:
         note(f"--type {kind}: not checked against a config file (give --config to check it)")
-    elif gateway_config(args).device_type(kind) is None:
-        raise CommandError(f"--type {kind!r}: {args.config} has no [device_types.{kind}] table")
+    elif config.device_type(kind) is None:
+        raise CommandError(
+            f"--type {kind!r}: {args.config} has no [device_types.{kind}] table, and no tracker model is named so"
+        )
     return kind
 
 
