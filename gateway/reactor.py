@@ -22,11 +22,18 @@ if TYPE_CHECKING:
         IReactorFromThreads,
         IReactorPluggableNameResolver,
         IReactorTCP,
+        IReactorUDP,
         IReactorThreads,
     )
 
     class Reactor(
-        IReactorCore, IReactorTime, IReactorThreads, IReactorFromThreads, IReactorTCP, IReactorPluggableNameResolver
+        IReactorCore,
+        IReactorTime,
+        IReactorThreads,
+        IReactorFromThreads,
+        IReactorTCP,
+        IReactorUDP,
+        IReactorPluggableNameResolver,
     ):
         """What the gateway's reactor provides (a make-believe interface, as Twisted's own ``_IReactorCommon``)."""
 

@@ -168,3 +168,28 @@ async def test_a_codec_12_command_and_the_trackers_answer(tmp_path, db_dsn, sql)
         if tracker is not None:
             await deferToThread(tracker.close)
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_datagrams_are_answered_after_commit_and_a_resent_one_stores_nothing_new(tmp_path, db_dsn, sql):
+    from tests.test_teltonika_codec import UDP
+
+    await deferToThread(gatewayctl, "device", "add", "van-3", "--imei", "352093086403655", "--db", db_dsn)
+    service = await start_service(tmp_path, db_dsn, teltonika=["udp:0:interface=127.0.0.1"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(20)
+    try:
+        port = service.transport("teltonika").udp_ports()[0].getHost().port
+        for _ in range(2):  # the second time as after a lost answer
+            await deferToThread(sock.sendto, UDP, ("127.0.0.1", port))
+            answer, _ = await deferToThread(sock.recvfrom, 64)
+            assert answer == bytes.fromhex("0005CAFE010501")  # Teltonika's example answer
+            assert sql("SELECT count(*) FROM readings") == [(3,)]  # committed before the answer, once
+        # An unknown IMEI: no answer, the datagram kept with the reason.
+        stranger = UDP.replace(b"352093086403655", b"352093086403699")
+        await deferToThread(sock.sendto, stranger, ("127.0.0.1", port))
+        await until(lambda: sql("SELECT count(*) FROM rejected_input") == [(1,)])
+        assert "unknown or revoked IMEI 352093086403699" in sql("SELECT reason FROM rejected_input")[0][0]
+    finally:
+        sock.close()
+        await service.stopService()

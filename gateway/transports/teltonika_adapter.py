@@ -27,6 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet import protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,6 +41,7 @@ from gateway.readings import (
     Device,
     InvalidInput,
     RateLimited,
+    Source,
     StoreOverloaded,
     StoreRejected,
     StoreUnavailable,
@@ -251,3 +254,85 @@ class TeltonikaFactory(DeviceListenerFactory):
     protocol = TeltonikaProtocol
     transport_name = "teltonika"
     tracker_types: dict[str, Any] = {}  # model name -> IO mapping; set by the plugin
+
+
+class TeltonikaUdp(protocol.DatagramProtocol):
+    """
+    Teltonika over UDP: each datagram names its tracker by IMEI and is answered, after its records are
+    committed, with its packet ids and the count of records. A datagram sent again (its answer lost) is
+    stored once (the natural key) and answered again. A datagram that cannot be read is kept and not
+    answered; with no room in the store, nothing is answered (the tracker sends it again).
+    """
+
+    noisy = False
+    transport: Any  # set by the reactor when it listens
+    KNOWN_FOR = 30.0  # seconds an IMEI's device is trusted before it is looked up again
+    KNOWN_MAX = 100_000
+    IN_FLIGHT_MAX = 1_000  # datagrams being stored at once; past it they go unanswered (and come again)
+
+    def __init__(self, ingest: Any, clock: IReactorTime, types: dict[str, Any]) -> None:
+        self.ingest = ingest
+        self.clock = clock
+        self.tracker_types = types
+        self.in_flight = 0
+        self._known: dict[str, tuple[Device | None, float]] = {}
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        source = Source("teltonika+udp", str(addr[0]), int(addr[1]))
+        try:
+            packet = teltonika.decode_datagram(data)
+        except teltonika.ProtocolError as e:
+            self.ingest.refuse(source, "bad_frame", str(e), raw=data[:1024])
+            return
+        except ValueError as e:
+            self.ingest.refuse(source, "bad_packet", str(e), raw=data)
+            return
+        if self.in_flight >= self.IN_FLIGHT_MAX:
+            self.ingest.refuse(source, "overloaded", f"{self.in_flight} datagrams are being stored; send it again")
+            return
+        self.in_flight += 1
+        d = Deferred.fromCoroutine(self._store(packet, data, source, addr))
+        d.addErrback(lambda f: log.failure("a Teltonika datagram failed", f))
+
+    async def _device(self, imei: str) -> Device | None:
+        known = self._known.get(imei)
+        if known is not None and known[1] > self.clock.seconds():
+            return known[0]
+        device = await self.ingest.device_by_imei(imei)
+        if len(self._known) >= self.KNOWN_MAX:
+            self._known.clear()
+        self._known[imei] = (device, self.clock.seconds() + self.KNOWN_FOR)
+        return device
+
+    async def _store(self, packet: teltonika.UdpPacket, data: bytes, source: Source, addr: Any) -> None:
+        try:
+            try:
+                device = await self._device(packet.imei)
+            except (StoreUnavailable, StoreOverloaded):
+                return  # not answered: the tracker sends it again
+            if device is None:
+                message = f"unknown or revoked IMEI {packet.imei} (gatewayctl device add NAME --imei {packet.imei})"
+                self.ingest.refuse(source, "unknown_imei", message, raw=data)
+                return
+            model = self.tracker_types.get(device.type or "")
+            readings = []
+            for record in packet.records:
+                readings += record_readings(record.timestamp_ms, record.gps, record.io, model)[0]
+            if not self.ingest.admits(len(readings)):
+                return  # no room: unanswered, sent again
+            arrived = self.clock.seconds()
+            try:
+                await self.ingest.store_readings(device, readings, source, lambda: data)
+            except (StoreUnavailable, StoreOverloaded):
+                return
+            except (StoreRejected, RateLimited):
+                pass  # kept in rejected_input by the ingest path: answered, or the tracker would send it for ever
+            self.ingest.metrics.acked(source, self.clock.seconds() - arrived)
+            self.transport.write(teltonika.udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.records)), addr)
+        except InvalidInput as e:
+            self.ingest.refuse(source, "invalid_reading", e.message, device=None, raw=data)
+        finally:
+            self.in_flight -= 1

@@ -15,7 +15,8 @@ from zope.interface import implementer
 from gateway.settings import Setting, server_endpoint
 from gateway.transport import IDeviceTransport, Transport, TransportContext
 from gateway.transports.devices import SessionListeners
-from gateway.transports.teltonika_adapter import TeltonikaFactory
+from gateway.net.endpoints import EndpointSpec
+from gateway.transports.teltonika_adapter import TeltonikaFactory, TeltonikaUdp
 from gateway.transports.trackers import tracker_types_from_tables
 
 log = Logger()
@@ -32,19 +33,55 @@ TRACKER_TYPES = Setting(
 
 
 class TrackerListeners(SessionListeners):
-    """A tracker protocol's endpoints; each factory knows the models (a SIGHUP gives new ones)."""
+    """
+    A tracker protocol's endpoints: TCP and TLS ones as every session transport's, and UDP ones, bound once
+    the database answers (a datagram is answered only after its records are stored). Each knows the
+    trackers' models; a SIGHUP gives new ones.
+    """
 
-    def __init__(self, *args: Any, types: dict[str, Any]) -> None:
-        super().__init__(*args)
-        self._types(types)
+    def __init__(self, name: str, factory: type, specs: tuple[EndpointSpec, ...], *args: Any, **kw: Any) -> None:
+        self.types = kw.pop("types")
+        self.udp_specs = tuple(s for s in specs if s.kind == "udp")
+        self.udp_kind = kw.pop("udp")
+        super().__init__(name, factory, tuple(s for s in specs if s.kind != "udp"), *args)
+        self.context = args[-1]
+        self.udp: list[Any] = []  # (protocol, listening port)
+        self._types(self.types)
 
     def _types(self, types: dict[str, Any]) -> None:
         for factory in self.factories:
             setattr(factory, "tracker_types", types)  # noqa: B010 - a TeltonikaFactory's, not the base class's
+        for udp, _ in self.udp:
+            udp.tracker_types = types
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.context
+        for spec in self.udp_specs:
+            udp = self.udp_kind(c.ingest, c.reactor, self.types)
+            port = c.reactor.listenUDP(spec.port, udp, interface=spec.interface)
+            self.udp.append((udp, port))
+            host = port.getHost()
+            log.info("listening for {what} over UDP on {host}:{port}", what=self.what, host=host.host, port=host.port)
+
+    def stopService(self) -> Any:
+        for _, port in self.udp:
+            port.stopListening()
+        self.udp = []
+        return super().stopService()
+
+    def udp_ports(self) -> list[Any]:
+        return [port for _, port in self.udp]
+
+    def forget(self, names: list[str] | None) -> None:
+        super().forget(names)
+        for udp, _ in self.udp:
+            udp.forget()
 
     async def reconfigure(self, config: Any) -> list[str]:
         applied = await super().reconfigure(config)
-        self._types(config.tracker_types)
+        self.types = config.tracker_types
+        self._types(self.types)
         return applied
 
 
@@ -56,9 +93,10 @@ class TeltonikaPlugin:
         Setting(
             "teltonika",
             (),
-            server_endpoint(("ssl", "tcp")),
-            "Endpoint for Teltonika trackers (FMB/FMC/FMM; Codec 8, 8 Extended, 16, and 12 for commands), such as "
-            "tcp:5027; repeat for several. Trackers sign in by IMEI (gatewayctl device add NAME --imei IMEI).",
+            server_endpoint(("ssl", "tcp", "udp")),
+            "Endpoint for Teltonika trackers (FMB/FMC/FMM; Codec 8, 8 Extended, 16, and 12 for commands): tcp:5027, "
+            "ssl:5028 or udp:5027; repeat for several. Trackers sign in by IMEI (gatewayctl device add NAME "
+            "--imei IMEI).",
             multiple=True,
         ),
         TRACKER_TYPES,
@@ -69,5 +107,5 @@ class TeltonikaPlugin:
             return None
         return TrackerListeners(
             "teltonika", TeltonikaFactory, config.teltonika, "teltonika", "Teltonika", config, context,
-            types=config.tracker_types,
+            types=config.tracker_types, udp=TeltonikaUdp,
         )  # fmt: skip
