@@ -1,7 +1,7 @@
 """
 The tracker transports as plugins (gateway/transport.py): Teltonika's
 protocol on ``--teltonika`` endpoints, with the trackers' models in
-``[tracker_types.NAME]`` tables (``trackers.py``).
+``[tracker_types.NAME]`` tables (``trackers.py``), and GT06 on ``--gt06``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from gateway.settings import Setting, server_endpoint
 from gateway.transport import IDeviceTransport, Transport, TransportContext
 from gateway.transports.devices import SessionListeners
 from gateway.net.endpoints import EndpointSpec
+from gateway.transports.gt06_adapter import Gt06Factory
 from gateway.transports.teltonika_adapter import TeltonikaFactory, TeltonikaUdp
 from gateway.transports.trackers import tracker_types_from_tables
 
@@ -109,3 +110,24 @@ class TeltonikaPlugin:
             "teltonika", TeltonikaFactory, config.teltonika, "teltonika", "Teltonika", config, context,
             types=config.tracker_types, udp=TeltonikaUdp,
         )  # fmt: skip
+
+
+@implementer(IPlugin, IDeviceTransport)
+class Gt06Plugin:
+    name = "gt06"
+    order = 51
+    settings = (
+        Setting(
+            "gt06",
+            (),
+            server_endpoint(("ssl", "tcp")),
+            "Endpoint for GT06 trackers (Concox/Jimi: login, locations, status, alarms, online commands), such as "
+            "tcp:5023; repeat for several. Trackers sign in by IMEI (gatewayctl device add NAME --imei IMEI).",
+            multiple=True,
+        ),
+    )
+
+    def build(self, config: Any, context: TransportContext) -> Transport | None:
+        if not config.gt06:
+            return None
+        return SessionListeners("gt06", Gt06Factory, config.gt06, "gt06", "GT06", config, context)

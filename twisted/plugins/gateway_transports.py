@@ -1,7 +1,7 @@
 """The gateway's built-in device transports, found as IDeviceTransport plugins (gateway/transport.py)."""
 
 from gateway.transports.builtin import BrokerPlugin, HttpsPlugin, ModbusPlugin, MqttPlugin, TgpPlugin
-from gateway.transports.tracker_plugins import TeltonikaPlugin
+from gateway.transports.tracker_plugins import Gt06Plugin, TeltonikaPlugin
 
 https = HttpsPlugin()
 tgp = TgpPlugin()
@@ -9,3 +9,4 @@ mqtt = MqttPlugin()
 mqtt_source = BrokerPlugin()
 modbus = ModbusPlugin()
 teltonika = TeltonikaPlugin()
+gt06 = Gt06Plugin()
