@@ -193,3 +193,32 @@ async def test_udp_datagrams_are_answered_after_commit_and_a_resent_one_stores_n
     finally:
         sock.close()
         await service.stopService()
+
+
+def test_allowed_networks_are_ranges_and_none_means_any():
+    from gateway.transports.trackers import allowed, network
+
+    apn = [network("10.64.0.0/10"), network("2001:db8::/32")]
+    assert allowed("10.64.1.2", apn) and allowed("10.127.255.255", apn) and allowed("2001:db8::7", apn)
+    assert allowed("::ffff:10.64.1.2", apn)  # an IPv4 peer on a dual-stack socket
+    assert not allowed("10.128.0.1", apn) and not allowed("192.0.2.1", apn) and not allowed("?", apn)
+    assert allowed("192.0.2.1", [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tracker_outside_the_allowed_networks_is_refused_before_its_imei(tmp_path, db_dsn, sql):
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--db", db_dsn)
+    service = await start_service(
+        tmp_path, db_dsn, teltonika=["tcp:0:interface=127.0.0.1"], tracker_allow=["10.64.0.0/10"]
+    )
+    tracker = None
+    try:
+        tracker = await deferToThread(Tracker, port_of(service))
+        assert await deferToThread(tracker.accepted) == b""  # closed without an answer
+        labels = {"transport": "teltonika", "reason": "not_allowed"}
+        refused = lambda: service.metrics.registry.get_sample_value("gateway_inputs_rejected_total", labels)  # noqa: E731
+        await until(lambda: (refused() or 0) >= 1)
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()

@@ -43,6 +43,7 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
+from gateway.transports.trackers import allowed
 from protocols import gt06
 
 log = Logger()
@@ -79,6 +80,13 @@ class Gt06Protocol(DeviceConnection):
         self._seq = 0
         self._serial = 0
         self.downlink: Gt06Downlink | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not allowed(self.source.host, self.factory.allow):
+            message = f"{self.source.host} is outside --tracker-allow"
+            self.factory.ingest.refuse(self.source, "not_allowed", message, closing=True)
+            self._close()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -276,3 +284,4 @@ class Gt06Downlink:
 class Gt06Factory(DeviceListenerFactory):
     protocol = Gt06Protocol
     transport_name = "gt06"
+    allow: tuple[Any, ...] = ()  # --tracker-allow: the address ranges trackers may connect from (none: any)

@@ -49,7 +49,7 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
-from gateway.transports.trackers import record_readings
+from gateway.transports.trackers import allowed, record_readings
 from protocols import teltonika
 
 log = Logger()
@@ -64,6 +64,13 @@ class TeltonikaProtocol(DeviceConnection):
         self._seq = 0
         self.downlink: TeltonikaDownlink | None = None
         self.unstored_io = 0  # variable-length IO values too long to be a number (kept in the raw packet only)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not allowed(self.source.host, self.factory.allow):
+            message = f"{self.source.host} is outside --tracker-allow"
+            self.factory.ingest.refuse(self.source, "not_allowed", message, closing=True)
+            self._close()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -254,6 +261,7 @@ class TeltonikaFactory(DeviceListenerFactory):
     protocol = TeltonikaProtocol
     transport_name = "teltonika"
     tracker_types: dict[str, Any] = {}  # model name -> IO mapping; set by the plugin
+    allow: tuple[Any, ...] = ()  # --tracker-allow: the address ranges trackers may connect from (none: any)
 
 
 class TeltonikaUdp(protocol.DatagramProtocol):
@@ -266,6 +274,7 @@ class TeltonikaUdp(protocol.DatagramProtocol):
 
     noisy = False
     transport: Any  # set by the reactor when it listens
+    allow: tuple[Any, ...] = ()  # --tracker-allow
     KNOWN_FOR = 30.0  # seconds an IMEI's device is trusted before it is looked up again
     KNOWN_MAX = 100_000
     IN_FLIGHT_MAX = 1_000  # datagrams being stored at once; past it they go unanswered (and come again)
@@ -282,6 +291,9 @@ class TeltonikaUdp(protocol.DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         source = Source("teltonika+udp", str(addr[0]), int(addr[1]))
+        if not allowed(source.host, self.allow):
+            self.ingest.refuse(source, "not_allowed", f"{source.host} is outside --tracker-allow")
+            return
         try:
             packet = teltonika.decode_datagram(data)
         except teltonika.ProtocolError as e:

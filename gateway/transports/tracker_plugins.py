@@ -18,7 +18,7 @@ from gateway.transports.devices import SessionListeners
 from gateway.net.endpoints import EndpointSpec
 from gateway.transports.gt06_adapter import Gt06Factory
 from gateway.transports.teltonika_adapter import TeltonikaFactory, TeltonikaUdp
-from gateway.transports.trackers import tracker_types_from_tables
+from gateway.transports.trackers import network, tracker_types_from_tables
 
 log = Logger()
 
@@ -33,6 +33,17 @@ TRACKER_TYPES = Setting(
 )
 
 
+TRACKER_ALLOW = Setting(
+    "tracker-allow",
+    (),
+    network,
+    "An address range trackers may connect from (10.64.0.0/10: the carrier's private APN); repeat for several. "
+    "Without it any address may; a tracker from elsewhere is refused before its IMEI is read.",
+    multiple=True,
+    live=True,
+)
+
+
 class TrackerListeners(SessionListeners):
     """
     A tracker protocol's endpoints: TCP and TLS ones as every session transport's, and UDP ones, bound once
@@ -42,6 +53,7 @@ class TrackerListeners(SessionListeners):
 
     def __init__(self, name: str, factory: type, specs: tuple[EndpointSpec, ...], *args: Any, **kw: Any) -> None:
         self.types = kw.pop("types")
+        self.allow = kw.pop("allow")
         self.udp_specs = tuple(s for s in specs if s.kind == "udp")
         self.udp_kind = kw.pop("udp")
         super().__init__(name, factory, tuple(s for s in specs if s.kind != "udp"), *args)
@@ -52,14 +64,16 @@ class TrackerListeners(SessionListeners):
     def _types(self, types: dict[str, Any]) -> None:
         for factory in self.factories:
             setattr(factory, "tracker_types", types)  # noqa: B010 - a TeltonikaFactory's, not the base class's
+            setattr(factory, "allow", self.allow)  # noqa: B010
         for udp, _ in self.udp:
-            udp.tracker_types = types
+            udp.tracker_types, udp.allow = types, self.allow
 
     def startService(self) -> None:
         super().startService()
         c = self.context
         for spec in self.udp_specs:
             udp = self.udp_kind(c.ingest, c.reactor, self.types)
+            udp.allow = self.allow
             port = c.reactor.listenUDP(spec.port, udp, interface=spec.interface)
             self.udp.append((udp, port))
             host = port.getHost()
@@ -81,7 +95,7 @@ class TrackerListeners(SessionListeners):
 
     async def reconfigure(self, config: Any) -> list[str]:
         applied = await super().reconfigure(config)
-        self.types = config.tracker_types
+        self.types, self.allow = config.tracker_types, config.tracker_allow
         self._types(self.types)
         return applied
 
@@ -101,6 +115,7 @@ class TeltonikaPlugin:
             multiple=True,
         ),
         TRACKER_TYPES,
+        TRACKER_ALLOW,
     )
 
     def build(self, config: Any, context: TransportContext) -> Transport | None:
@@ -108,7 +123,7 @@ class TeltonikaPlugin:
             return None
         return TrackerListeners(
             "teltonika", TeltonikaFactory, config.teltonika, "teltonika", "Teltonika", config, context,
-            types=config.tracker_types, udp=TeltonikaUdp,
+            types=config.tracker_types, udp=TeltonikaUdp, allow=config.tracker_allow,
         )  # fmt: skip
 
 
@@ -130,4 +145,7 @@ class Gt06Plugin:
     def build(self, config: Any, context: TransportContext) -> Transport | None:
         if not config.gt06:
             return None
-        return SessionListeners("gt06", Gt06Factory, config.gt06, "gt06", "GT06", config, context)
+        return TrackerListeners(
+            "gt06", Gt06Factory, config.gt06, "gt06", "GT06", config, context,
+            types=config.tracker_types, udp=None, allow=config.tracker_allow,
+        )  # fmt: skip
