@@ -11,6 +11,7 @@ import datetime
 import socket
 import struct
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -218,6 +219,44 @@ async def test_a_tracker_outside_the_allowed_networks_is_refused_before_its_imei
         labels = {"transport": "teltonika", "reason": "not_allowed"}
         refused = lambda: service.metrics.registry.get_sample_value("gateway_inputs_rejected_total", labels)  # noqa: E731
         await until(lambda: (refused() or 0) >= 1)
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()
+
+
+def test_the_impossible_jump_rule_holds_a_fix_no_vehicle_could_reach_and_believes_two_that_agree():
+    from gateway.transports.trackers import Jumps, speed_kmh
+
+    hour = 3_600_000_000
+    assert speed_kmh((0, 54.0, 25.0), (hour, 55.0, 25.0)) == pytest.approx(111.2, abs=0.1)  # a degree of latitude
+    jumps = Jumps(300)
+    assert jumps.check("t", 0, 54.0, 25.0) is None
+    assert jumps.check("t", hour, 55.0, 25.0) is None  # 111 km/h
+    rule = jumps.check("t", hour + 60_000_000, -33.9, 151.2)  # Sydney a minute later
+    assert rule is not None and rule.startswith("jump: ") and "more than 300" in rule
+    assert jumps.check("t", hour + 120_000_000, 55.001, 25.0) is None  # back where it was: believed
+    # Moved for real (a ferry without a fix on board): the second fix that agrees with the first is believed.
+    assert jumps.check("t", 2 * hour, 59.3, 18.1) is not None
+    assert jumps.check("t", 2 * hour + 60_000_000, 59.301, 18.1) is None
+    assert Jumps(None).check("t", 0, 0.5, 0.5) is None  # off
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_jump_is_kept_in_quarantine_and_its_record_is_answered(tmp_path, db_dsn, sql):
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--db", db_dsn)
+    service = await started(tmp_path, db_dsn)
+    tracker = None
+    try:
+        tracker = await deferToThread(Tracker, port_of(service))
+        assert await deferToThread(tracker.accepted) == b"\x01"
+        records = [(T0, 54.6872, 25.2797, 9), (T0 + 1000, -33.8688, 151.2093, 9)]  # Vilnius, then Sydney
+        await deferToThread(tracker.send, packet(records))
+        assert await deferToThread(tracker.read, 4) == b"\x00\x00\x00\x02"
+        assert sql("SELECT value FROM twin WHERE metric = 'lat'") == [(54.6872,)]
+        held = sql("SELECT metric, rule FROM quarantine ORDER BY metric")
+        assert [m for m, _ in held] == ["alt", "heading", "lat", "lon", "satellites", "speed"]
+        assert all(rule.startswith("jump: ") for _, rule in held)
     finally:
         if tracker is not None:
             await deferToThread(tracker.close)

@@ -30,6 +30,7 @@ from gateway.readings import (
     Device,
     DeviceTypeUnknown,
     InvalidInput,
+    Quarantined,
     RateLimited,
     Reading,
     Source,
@@ -77,18 +78,27 @@ class Ingest:
         return device
 
     def store_readings(
-        self, device: Device, readings: Sequence[Reading], source: Source, raw: Callable[[], bytes]
+        self,
+        device: Device,
+        readings: Sequence[Reading],
+        source: Source,
+        raw: Callable[[], bytes],
+        held: Sequence[Quarantined] = (),
     ) -> Deferred[WriteResult]:
         """
         Store readings; fires with WriteResult or fails with IngestError. ``raw()`` renders the input for
-        the rejected-input table if refused. A plain chain of callbacks rather than a coroutine: it runs for
-        every message, and a coroutine's machinery costs as much as the rest of it at one reading a message.
+        the rejected-input table if refused. ``held``: readings a transport's own rule failed (a tracker's
+        impossible jump), kept in quarantine with the rest. A plain chain of callbacks rather than a
+        coroutine: it runs for every message, and a coroutine's machinery costs as much as the rest of it at
+        one reading a message.
         """
         try:
             self.rates.take(device.name, len(readings))
         except OverLimit as e:
             return fail(self._rate_limited(device, source, e))
         good, failed = self.quality.split(readings, self.clock.seconds())
+        if held:
+            failed = [*failed, *held]
         # One write: the readings and those held in quarantine commit (or go to the journal)
         # together, before the answer, so an ack covers both.
         d: Deferred[WriteResult] = self.store.write(device, good, source, failed)

@@ -20,6 +20,7 @@ tracker's answer (0x15) is that command's result, ``{"response": …}``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -43,7 +44,7 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
-from gateway.transports.trackers import allowed
+from gateway.transports.trackers import Jumps, allowed, held_back
 from protocols import gt06
 
 log = Logger()
@@ -51,12 +52,15 @@ log = Logger()
 WINDOW = 4  # commands in flight to one tracker
 
 
-def position_readings(p: gt06.Position) -> list[Reading]:
+def position_readings(p: gt06.Position, jump: Any = lambda ts, lat, lon: None) -> tuple[list[Reading], list[Any]]:
+    """A position's readings when fixed, or (failing ``jump``, which names the rule) held with the rule."""
     if not p.fixed or p.satellites == 0 or (p.latitude == 0 and p.longitude == 0):
-        return []
+        return [], []
     ts = p.time_s * 1_000_000
     values = (("lat", p.latitude), ("lon", p.longitude), ("speed", p.speed), ("heading", p.course))
-    return [check_reading(m, ts, float(v), m) for m, v in (*values, ("satellites", p.satellites))]
+    readings = [check_reading(m, ts, float(v), m) for m, v in (*values, ("satellites", p.satellites))]
+    rule = jump(ts, p.latitude, p.longitude)
+    return ([], [(r, rule) for r in readings]) if rule else (readings, [])
 
 
 def status_readings(s: gt06.TerminalStatus, ts_us: int, alarm: bool = False) -> list[Reading]:
@@ -124,14 +128,14 @@ class Gt06Protocol(DeviceConnection):
                                        closing=True)  # fmt: skip
             self._close()
         elif isinstance(event, gt06.Location):
-            self._store(event.protocol, event.serial, position_readings(event.position))
+            self._store(event.protocol, event.serial, *position_readings(event.position, self._jump))
         elif isinstance(event, gt06.Status):
             now = int(self.factory.clock.seconds() * 1_000_000)
             self._store(gt06.STATUS, event.serial, status_readings(event.status, now))
         elif isinstance(event, gt06.Alarm):
             when = event.position.time_s * 1_000_000
-            readings = position_readings(event.position) + status_readings(event.status, when, alarm=True)
-            self._store(event.protocol, event.serial, readings)
+            readings, held = position_readings(event.position, self._jump)
+            self._store(event.protocol, event.serial, readings + status_readings(event.status, when, alarm=True), held)
         elif isinstance(event, gt06.CommandAnswer) and self.downlink is not None:
             self.downlink.answered(event.server_flag, event.text)
 
@@ -168,16 +172,22 @@ class Gt06Protocol(DeviceConnection):
 
         self.factory.ingest.device_by_imei(login.imei).addCallbacks(found, failed)
 
-    def _store(self, protocol: int, serial: int, readings: list[Reading]) -> None:
+    def _jump(self, ts_us: int, lat: float, lon: float) -> str | None:
         assert self.device is not None
-        if not readings:  # a location without a fix: nothing to store, answered
+        return self.factory.jumps.check(self.device.name, ts_us, lat, lon)
+
+    def _store(self, protocol: int, serial: int, readings: list[Reading], held: Sequence[Any] = ()) -> None:
+        assert self.device is not None
+        if not readings and not held:  # a location without a fix: nothing to store, answered
             self._queue(protocol, serial, Deferred.fromCoroutine(self._nothing()))
             return
-        if not self.factory.ingest.admits(len(readings)):
-            self._hold((protocol, serial, readings), lambda held: self._store(*held))
+        if not self.factory.ingest.admits(len(readings) + len(held)):
+            self._hold((protocol, serial, readings, held), lambda waiting: self._store(*waiting))
             return
         raw = lambda: f"GT06 {protocol:#04x} serial {serial}: {readings}".encode()  # noqa: E731
-        self._queue(protocol, serial, self.factory.ingest.store_readings(self.device, readings, self.source, raw))
+        kept = held_back(held, len(readings))
+        stored = self.factory.ingest.store_readings(self.device, readings, self.source, raw, kept)
+        self._queue(protocol, serial, stored)
 
     async def _nothing(self) -> None:
         return None
@@ -285,3 +295,4 @@ class Gt06Factory(DeviceListenerFactory):
     protocol = Gt06Protocol
     transport_name = "gt06"
     allow: tuple[Any, ...] = ()  # --tracker-allow: the address ranges trackers may connect from (none: any)
+    jumps = Jumps(None)  # the impossible-jump rule (--tracker-max-speed); set by the plugin

@@ -41,6 +41,7 @@ from gateway.readings import (
     Device,
     InvalidInput,
     RateLimited,
+    Reading,
     Source,
     StoreOverloaded,
     StoreRejected,
@@ -49,7 +50,7 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
 from gateway.transports.session import Ticket
-from gateway.transports.trackers import allowed, record_readings
+from gateway.transports.trackers import Jumps, allowed, held_back, record_readings
 from protocols import teltonika
 
 log = Logger()
@@ -149,12 +150,16 @@ class TeltonikaProtocol(DeviceConnection):
     def _records(self, avl: teltonika.AvlData) -> None:
         if self.device is None:  # records before the IMEI was accepted cannot come: the codec wants the IMEI first
             return
-        readings = []
+        readings: list[Reading] = []
+        held: list[tuple[Reading, str]] = []
         model = self.factory.tracker_types.get(self.device.type or "")
+        name, jumps = self.device.name, self.factory.jumps
+        jump = lambda ts, lat, lon: jumps.check(name, ts, lat, lon)  # noqa: E731
         try:
             for record in avl.records:
-                got, skipped = record_readings(record.timestamp_ms, record.gps, record.io, model)
+                got, doubtful, skipped = record_readings(record.timestamp_ms, record.gps, record.io, model, jump)
                 readings += got
+                held += doubtful
                 self.unstored_io += skipped
         except InvalidInput as e:  # a value not finite, a time out of range: kept, and answered (nothing to resend)
             self.factory.ingest.refuse(self.source, "invalid_reading", e.message, device=self.device.name, raw=avl.raw)
@@ -163,7 +168,8 @@ class TeltonikaProtocol(DeviceConnection):
         if not self.factory.ingest.admits(len(readings)):
             self._hold(avl, self._records)
             return
-        stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: avl.raw)
+        kept = held_back(held, len(readings))
+        stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: avl.raw, kept)
         self._queue(stored.addCallback(lambda result: (result, len(avl.records))))
 
     async def _kept(self, count: int) -> tuple[WriteResult, int]:
@@ -262,6 +268,7 @@ class TeltonikaFactory(DeviceListenerFactory):
     transport_name = "teltonika"
     tracker_types: dict[str, Any] = {}  # model name -> IO mapping; set by the plugin
     allow: tuple[Any, ...] = ()  # --tracker-allow: the address ranges trackers may connect from (none: any)
+    jumps = Jumps(None)  # the impossible-jump rule (--tracker-max-speed); set by the plugin
 
 
 class TeltonikaUdp(protocol.DatagramProtocol):
@@ -275,6 +282,7 @@ class TeltonikaUdp(protocol.DatagramProtocol):
     noisy = False
     transport: Any  # set by the reactor when it listens
     allow: tuple[Any, ...] = ()  # --tracker-allow
+    jumps = Jumps(None)  # the impossible-jump rule (--tracker-max-speed); set by the plugin
     KNOWN_FOR = 30.0  # seconds an IMEI's device is trusted before it is looked up again
     KNOWN_MAX = 100_000
     IN_FLIGHT_MAX = 1_000  # datagrams being stored at once; past it they go unanswered (and come again)
@@ -330,14 +338,18 @@ class TeltonikaUdp(protocol.DatagramProtocol):
                 self.ingest.refuse(source, "unknown_imei", message, raw=data)
                 return
             model = self.tracker_types.get(device.type or "")
-            readings = []
+            readings: list[Reading] = []
+            held: list[tuple[Reading, str]] = []
+            jump = lambda ts, lat, lon: self.jumps.check(device.name, ts, lat, lon)  # noqa: E731
             for record in packet.records:
-                readings += record_readings(record.timestamp_ms, record.gps, record.io, model)[0]
+                got, doubtful, _ = record_readings(record.timestamp_ms, record.gps, record.io, model, jump)
+                readings += got
+                held += doubtful
             if not self.ingest.admits(len(readings)):
                 return  # no room: unanswered, sent again
             arrived = self.clock.seconds()
             try:
-                await self.ingest.store_readings(device, readings, source, lambda: data)
+                await self.ingest.store_readings(device, readings, source, lambda: data, held_back(held, len(readings)))
             except (StoreUnavailable, StoreOverloaded):
                 return
             except (StoreRejected, RateLimited):

@@ -18,7 +18,7 @@ from gateway.transports.devices import SessionListeners
 from gateway.net.endpoints import EndpointSpec
 from gateway.transports.gt06_adapter import Gt06Factory
 from gateway.transports.teltonika_adapter import TeltonikaFactory, TeltonikaUdp
-from gateway.transports.trackers import network, tracker_types_from_tables
+from gateway.transports.trackers import Jumps, max_speed, network, tracker_types_from_tables
 
 log = Logger()
 
@@ -44,6 +44,16 @@ TRACKER_ALLOW = Setting(
 )
 
 
+TRACKER_MAX_SPEED = Setting(
+    "tracker-max-speed",
+    300.0,
+    max_speed,
+    "The impossible-jump rule: a tracker's fix that implies more than this many km/h from its last believed "
+    "one is kept in quarantine, not stored as its position; 'off' believes every fix.",
+    live=True,
+)
+
+
 class TrackerListeners(SessionListeners):
     """
     A tracker protocol's endpoints: TCP and TLS ones as every session transport's, and UDP ones, bound once
@@ -54,6 +64,7 @@ class TrackerListeners(SessionListeners):
     def __init__(self, name: str, factory: type, specs: tuple[EndpointSpec, ...], *args: Any, **kw: Any) -> None:
         self.types = kw.pop("types")
         self.allow = kw.pop("allow")
+        self.jumps = Jumps(kw.pop("max_speed"))
         self.udp_specs = tuple(s for s in specs if s.kind == "udp")
         self.udp_kind = kw.pop("udp")
         super().__init__(name, factory, tuple(s for s in specs if s.kind != "udp"), *args)
@@ -65,15 +76,16 @@ class TrackerListeners(SessionListeners):
         for factory in self.factories:
             setattr(factory, "tracker_types", types)  # noqa: B010 - a TeltonikaFactory's, not the base class's
             setattr(factory, "allow", self.allow)  # noqa: B010
+            setattr(factory, "jumps", self.jumps)  # noqa: B010
         for udp, _ in self.udp:
-            udp.tracker_types, udp.allow = types, self.allow
+            udp.tracker_types, udp.allow, udp.jumps = types, self.allow, self.jumps
 
     def startService(self) -> None:
         super().startService()
         c = self.context
         for spec in self.udp_specs:
             udp = self.udp_kind(c.ingest, c.reactor, self.types)
-            udp.allow = self.allow
+            udp.allow, udp.jumps = self.allow, self.jumps
             port = c.reactor.listenUDP(spec.port, udp, interface=spec.interface)
             self.udp.append((udp, port))
             host = port.getHost()
@@ -96,6 +108,7 @@ class TrackerListeners(SessionListeners):
     async def reconfigure(self, config: Any) -> list[str]:
         applied = await super().reconfigure(config)
         self.types, self.allow = config.tracker_types, config.tracker_allow
+        self.jumps.max_kmh = config.tracker_max_speed
         self._types(self.types)
         return applied
 
@@ -116,6 +129,7 @@ class TeltonikaPlugin:
         ),
         TRACKER_TYPES,
         TRACKER_ALLOW,
+        TRACKER_MAX_SPEED,
     )
 
     def build(self, config: Any, context: TransportContext) -> Transport | None:
@@ -124,6 +138,7 @@ class TeltonikaPlugin:
         return TrackerListeners(
             "teltonika", TeltonikaFactory, config.teltonika, "teltonika", "Teltonika", config, context,
             types=config.tracker_types, udp=TeltonikaUdp, allow=config.tracker_allow,
+            max_speed=config.tracker_max_speed,
         )  # fmt: skip
 
 
@@ -147,5 +162,5 @@ class Gt06Plugin:
             return None
         return TrackerListeners(
             "gt06", Gt06Factory, config.gt06, "gt06", "GT06", config, context,
-            types=config.tracker_types, udp=None, allow=config.tracker_allow,
+            types=config.tracker_types, udp=None, allow=config.tracker_allow, max_speed=config.tracker_max_speed,
         )  # fmt: skip

@@ -29,11 +29,13 @@ config-file table of the same name replaces a built-in one.
 from __future__ import annotations
 
 import ipaddress
+import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.readings import Reading, check_reading, is_name, NAME_RULE
+from gateway.readings import NAME_RULE, Quarantined, Reading, check_reading, format_ts, is_name
 
 POSITION_METRICS = ("lat", "lon", "alt", "speed", "heading", "satellites")
 
@@ -126,16 +128,30 @@ def tracker_types_from_tables(tables: Any) -> dict[str, TrackerType]:
 
 
 def record_readings(
-    timestamp_ms: int, gps: Any, io: tuple[tuple[int, int | bytes], ...], model: TrackerType | None
-) -> tuple[list[Reading], int]:
-    """A record's readings, and how many of its IO values could not be stored (too long to be a number)."""
+    timestamp_ms: int,
+    gps: Any,
+    io: tuple[tuple[int, int | bytes], ...],
+    model: TrackerType | None,
+    jump: Any = lambda ts_us, lat, lon: None,
+) -> tuple[list[Reading], list[tuple[Reading, str]], int]:
+    """A record's readings; its position's readings held back by ``jump`` (which names the rule they failed,
+    or None), each with the rule; and how many of its IO values could not be stored (too long to be a
+    number)."""
     ts_us = timestamp_ms * 1000
     out: list[Reading] = []
+    held: list[tuple[Reading, str]] = []
     if gps.fixed:
-        for metric, value in zip(
-            POSITION_METRICS, (gps.latitude, gps.longitude, gps.altitude, gps.speed, gps.angle, gps.satellites)
-        ):
-            out.append(check_reading(metric, ts_us, float(value), metric))
+        position = [
+            check_reading(metric, ts_us, float(value), metric)
+            for metric, value in zip(
+                POSITION_METRICS, (gps.latitude, gps.longitude, gps.altitude, gps.speed, gps.angle, gps.satellites)
+            )
+        ]
+        rule = jump(ts_us, gps.latitude, gps.longitude)
+        if rule:
+            held += [(r, rule) for r in position]
+        else:
+            out += position
     skipped = 0
     for io_id, raw in io:
         if isinstance(raw, bytes):
@@ -148,7 +164,7 @@ def record_readings(
             out.append(Reading(f"io_{io_id}", ts_us, float(raw)))
         else:
             out.append(Reading(mapped.metric, ts_us, raw * mapped.scale + mapped.offset))
-    return out, skipped
+    return out, held, skipped
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -173,3 +189,78 @@ def allowed(host: str, networks: Sequence[Network]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in n for n in networks)
+
+
+EARTH_KM = 6371.0088  # the mean radius
+
+
+def speed_kmh(a: tuple[int, float, float], b: tuple[int, float, float]) -> float:
+    """The speed between two fixes (µs, lat, lon): great-circle distance over the time between them."""
+    (t1, lat1, lon1), (t2, lat2, lon2) = a, b
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    h = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    km = 2 * EARTH_KM * math.asin(min(1.0, math.sqrt(h)))
+    hours = abs(t2 - t1) / 3.6e9
+    if hours == 0:
+        return 0.0 if km < 0.001 else math.inf
+    return km / hours
+
+
+def max_speed(value: Any) -> float | None:
+    """--tracker-max-speed: km/h, or off."""
+    if str(value).strip().lower() == "off":
+        return None
+    try:
+        kmh = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a speed in km/h (or off)") from None
+    if not 1 <= kmh <= 100_000:
+        raise ValueError(f"{kmh:g} km/h is outside 1..100000")
+    return kmh
+
+
+class Jumps:
+    """
+    The impossible-jump rule: a fix that implies a speed above ``max_kmh`` from the device's last believed
+    one is held in quarantine (GPS multipath, a fix from another continent). Two held fixes in a row that
+    agree with each other are believed (the vehicle was moved: a ferry, a tow). Per gateway, in memory, for
+    the devices seen lately.
+    """
+
+    SIZE = 100_000
+
+    def __init__(self, max_kmh: float | None) -> None:
+        self.max_kmh = max_kmh
+        self._last: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+        self._doubt: dict[str, tuple[int, float, float]] = {}
+
+    def check(self, device: str, ts_us: int, lat: float, lon: float) -> str | None:
+        """The rule's name when this fix is held, else None."""
+        if self.max_kmh is None:
+            return None
+        here = (ts_us, lat, lon)
+        last = self._last.get(device)
+        if last is None or speed_kmh(last, here) <= self.max_kmh:
+            self._believe(device, here)
+            return None
+        doubt = self._doubt.get(device)
+        if doubt is not None and speed_kmh(doubt, here) <= self.max_kmh:
+            self._believe(device, here)
+            return None
+        if len(self._doubt) >= self.SIZE:
+            self._doubt.clear()
+        self._doubt[device] = here
+        kmh = speed_kmh(last, here)
+        return f"jump: {kmh:.0f} km/h from the fix of {format_ts(last[0])} (more than {self.max_kmh:g})"
+
+    def _believe(self, device: str, fix: tuple[int, float, float]) -> None:
+        self._doubt.pop(device, None)
+        self._last[device] = fix
+        self._last.move_to_end(device)
+        if len(self._last) > self.SIZE:
+            self._last.popitem(last=False)
+
+
+def held_back(held: Sequence[tuple[Reading, str]], first: int) -> list[Quarantined]:
+    """Readings a tracker rule failed, as quarantine entries (indexes after the stored readings')."""
+    return [Quarantined(first + i, r, rule) for i, (r, rule) in enumerate(held)]
