@@ -16,7 +16,8 @@ import psutil
 from tests.conftest import script
 
 LISTENING = re.compile(
-    r"listening for (HTTPS|TGP|TGP over TLS|MQTT|MQTT over TLS|the SSH console|/metrics and /healthz \(HTTP\)) "
+    r"listening for (HTTPS|TGP|TGP over TLS|MQTT|MQTT over TLS|Teltonika|GT06|the SSH console"
+    r"|/metrics and /healthz \(HTTP\)) "
     r"on [\d.]+:(\d+)"
 )
 PORTS = {
@@ -25,6 +26,8 @@ PORTS = {
     "TGP over TLS": "tgp_tls_port",
     "MQTT": "mqtt_port",
     "MQTT over TLS": "mqtt_tls_port",
+    "Teltonika": "teltonika_port",
+    "GT06": "gt06_port",
     "the SSH console": "manhole_port",
     "/metrics and /healthz (HTTP)": "metrics_port",
 }
@@ -51,6 +54,8 @@ class GatewayProcess:
         self.tgp_tls_port: int | None = None
         self.mqtt_port: int | None = None
         self.mqtt_tls_port: int | None = None
+        self.teltonika_port: int | None = None
+        self.gt06_port: int | None = None
         self.manhole_port: int | None = None
         self.metrics_port: int | None = None
         self.lines: list[str] = []

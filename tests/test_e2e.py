@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.conftest import script
 from tests.gatewayproc import GatewayProcess, gatewayctl, postmaster
 
 BODY = '{"readings": [{"metric": "oil_temp", "ts": "2026-11-22T10:00:00.250Z", "value": 81.5}]}'
@@ -314,3 +315,34 @@ def test_simulated_devices_run_commands_and_report_on_every_protocol(gateway, pr
     assert bad["state"] == "failed" and "on request" in bad["result"]["error"]
     twin = json.loads(gatewayctl("device", "desire", "sim-0", data_dir=gateway.data_dir).stdout)
     assert twin["reported"] == {"rate": 5} and twin["delta"] == {}
+
+
+@pytest.mark.parametrize("protocol,command,answer", [("teltonika", "getinfo", "getinfo: succeeded"),
+                                                      ("gt06", "RELAY", "RELAY:succeeded")])  # fmt: skip
+def test_simulated_trackers_as_in_the_docs(workdir, protocol, command, answer):
+    """docs/transports/trackers.rst: gatewayctl simulate --protocol teltonika|gt06, and a command to a tracker."""
+    gateway = GatewayProcess(workdir / "gateway-data", f"--{protocol}", "tcp:0:interface=127.0.0.1", cwd=workdir)
+    try:
+        gateway.start()
+        port = gateway.teltonika_port if protocol == "teltonika" else gateway.gt06_port
+        simulate = ["simulate", "--target", f"localhost:{port}", "--protocol", protocol, "--devices", "3"]
+        for name in ("sim-0", "sim-1", "sim-2"):  # the simulator binds their IMEIs when it starts
+            gatewayctl("device", "add", name, data_dir=gateway.data_dir)
+        argv = [script("gatewayctl"), *simulate, "--rate", "30", "--batch", "5", "--duration", "60", "--commands", "1",
+                "--json", "--data-dir", str(gateway.data_dir)]  # fmt: skip
+        sim = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # Sent while the trackers run: the command waits for sim-2 to sign in, then for its answer.
+            sent = gatewayctl("command", "send", "sim-2", command, "--id", "c1", "--wait", "50", check=False,
+                              data_dir=gateway.data_dir)  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+            assert json.loads(sent.stdout.splitlines()[-1]) == {"response": answer}
+        finally:
+            out, err = sim.communicate(timeout=90)  # it stops once it has answered the command
+        summary = json.loads(out)
+        assert summary["errors"] == {} and summary["acked"] > 0 and summary["duplicates"] == 0, summary
+        rows = gatewayctl("export", "--format", "csv", data_dir=gateway.data_dir).stdout.splitlines()
+        metrics = {line.split(",")[1] for line in rows[1:]}
+        assert {"lat", "lon", "speed", "heading", "satellites"} <= metrics
+    finally:
+        gateway.close()

@@ -32,6 +32,19 @@ def provision_simulated(conn: Any, count: int) -> list[tuple[str, str]]:
     return [(name, t.token) for name, t in devices]
 
 
+def bind_imeis(conn: Any, names: list[str]) -> None:
+    """Simulated trackers sign in by IMEI: sim-7 is 359900000000007."""
+    from gateway.cli.sim_trackers import imei_of
+
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE devices d SET imei = v.imei FROM unnest(%s::text[], %s::text[]) AS v(name, imei) "
+            "WHERE d.name = v.name",
+            (names, [imei_of(n) for n in names]),
+        )
+    conn.commit()
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     from twisted.internet import ssl
 
@@ -56,6 +69,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError(f"--ca {str(ca)!r}: cannot load a certificate to trust ({e})") from None
     with database(args) as conn:
         devices = provision_simulated(conn, args.devices)
+        if args.protocol in ("teltonika", "gt06"):
+            bind_imeis(conn, [name for name, _ in devices])
     what = counted(len(devices), "device")
     note(f"simulating {what} over {args.protocol} against {args.target} for {args.duration:g}s")
     result: dict[str, Any] = {}
@@ -111,9 +126,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("tcp", "tls", "https", "mqtt", "mqtts"),
+        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "gt06"),
         default="tcp",
-        help="TGP over tcp or tls, https, or MQTT over TCP (mqtt) or TLS (mqtts) [default: tcp]",
+        help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), or trackers (teltonika, gt06: "
+        "a reading is a record) [default: tcp]",
     )
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="5", help="for mqtt/mqtts [default: 5]")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="for mqtt/mqtts [default: 1]")

@@ -101,9 +101,10 @@ class SimDevice:
             self.report(*item)
 
     def make_readings(self, n: int) -> None:
-        now_us = int(self.sim.clock.seconds() * 1_000_000)
+        step = self.sim.step_us  # a tracker's records are timed in milliseconds (Teltonika) or seconds (GT06)
+        now_us = int(self.sim.clock.seconds() * 1_000_000) // step * step
         for _ in range(n):
-            self.last_ts = max(now_us, self.last_ts + 1)
+            self.last_ts = max(now_us, self.last_ts + step)
             self.backlog.append((METRIC, self.last_ts, round(random.uniform(60, 90), 3)))
         overflow = len(self.backlog) - MAX_BACKLOG
         for _ in range(max(0, overflow)):
@@ -420,6 +421,7 @@ class Simulation:
         self.batch = args.batch
         self.stats = Stats()
         self.commands = CommandRunner(reactor, getattr(args, "command_delay", 1.0))
+        self.step_us = {"teltonika": 1000, "gt06": 1_000_000}.get(args.protocol, 1)
         self.stopping = False
         host, _, port = args.target.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
@@ -439,6 +441,11 @@ class Simulation:
             from gateway.cli.sim_mqtt import MQTTClient
 
             return endpoint.connect(protocol.Factory.forProtocol(lambda: MQTTClient(device)))
+        if self.args.protocol in ("teltonika", "gt06"):
+            from gateway.cli.sim_trackers import Gt06Tracker, TeltonikaTracker
+
+            tracker = TeltonikaTracker if self.args.protocol == "teltonika" else Gt06Tracker
+            return endpoint.connect(protocol.Factory.forProtocol(lambda: tracker(device)))
         return endpoint.connect(protocol.Factory.forProtocol(lambda: TGPClient(device)))
 
     def start(self) -> None:

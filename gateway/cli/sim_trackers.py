@@ -1,0 +1,197 @@
+"""
+The trackers of ``gatewayctl simulate --protocol teltonika`` (or ``gt06``):
+each signs in with its IMEI (the simulator binds one to each simulated
+device), drives a loop around its own point (a few km/h: a vehicle in a
+yard), and sends its readings as records: Teltonika packets of ``--batch``
+records (Codec 8: a position and IO 66, external voltage, 239, ignition,
+and 16, odometer) or GT06 locations, one a packet. Records wait in the
+tracker's buffer until they are answered and are sent again after a
+reconnect, as a tracker's are; commands are answered (Codec 12, GT06's
+0x15) after ``--command-delay``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.internet import protocol
+
+from gateway.cli.simulator import SimDevice
+from gateway.net.tcp import no_delay
+from protocols import gt06, teltonika
+
+IMEI_PREFIX = "3599"  # simulated trackers' IMEIs: 3599 and the device's number in 11 digits
+
+
+def imei_of(name: str) -> str:
+    """sim-7 -> 359900000000007."""
+    return f"{IMEI_PREFIX}{int(name.rsplit('-', 1)[1]):011d}"
+
+
+def position(name: str, ts_us: int) -> tuple[float, float, int]:
+    """Where a simulated tracker is at a time: a loop of about 2 km around a point of its own; and its heading."""
+    n = int(name.rsplit("-", 1)[1])
+    lat0, lon0 = 54.0 + (n % 100) * 0.01, 25.0 + (n // 100 % 100) * 0.01
+    angle = ts_us / 1e6 / 600 + n
+    return lat0 + 0.01 * math.sin(angle), lon0 + 0.01 * math.cos(angle), int(math.degrees(angle)) % 360
+
+
+class _Tracker(protocol.Protocol):
+    """What both trackers share: the buffer, the window, the stats."""
+
+    transport: Any
+
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+        self.sim = device.sim
+        self.ready = False
+        self.in_flight: dict[int, tuple[list[tuple[str, int, float]], float]] = {}
+        self.window = 4
+        self.retry_after: float | None = None
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        self.device.client = self
+        self.hello()
+
+    def hello(self) -> None:
+        raise NotImplementedError
+
+    def acked(self, key: int) -> None:
+        readings, sent_at = self.in_flight.pop(key, ([], 0.0))
+        if readings:
+            stats = self.sim.stats
+            stats.acked += len(readings)
+            now = self.sim.clock.seconds()
+            stats.latency(now - sent_at, now)
+            self.device.backoff.succeeded()
+        self.pump()
+
+    def pump(self) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        if self.ready:
+            self.sim.stats.connected -= 1
+        self.ready = False
+        self.device.client = None
+        for key in sorted(self.in_flight, reverse=True):
+            self.device.give_back(self.in_flight[key][0])
+        self.in_flight.clear()
+        self.device.retry(self.retry_after)
+
+
+class TeltonikaTracker(_Tracker):
+    def __init__(self, device: SimDevice) -> None:
+        super().__init__(device)
+        self.conn = teltonika.DeviceConnection()
+        self._seq = 0
+        self._order: list[int] = []  # packets in flight, oldest first: answers come in order
+
+    def hello(self) -> None:
+        self.transport.write(teltonika.imei_packet(imei_of(self.device.name)))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            event = self.conn.next_event()
+            if event is teltonika.NEED_DATA or event is teltonika.CONNECTION_CLOSED:
+                return
+            if isinstance(event, teltonika.Accepted):
+                if not event.accepted:
+                    self.sim.stats.errors["IMEI refused"] += 1
+                    self.retry_after = 10.0
+                    self.transport.loseConnection()
+                    return
+                self.ready = True
+                self.sim.stats.connected += 1
+                self.pump()
+            elif isinstance(event, teltonika.Acked) and self._order:
+                self.acked(self._order.pop(0))
+            elif isinstance(event, teltonika.CommandRequest):
+                name, _, args = event.text.partition(" ")
+
+                def report(status: str, result: Any, n: str = name) -> None:
+                    self.transport.write(teltonika.codec12(teltonika.RESPONSE, f"{n}: {status}"))
+                    self.sim.commands.counts["recorded"] += 1  # Codec 12 answers are not acknowledged: written
+
+                self._seq += 1
+                self.sim.commands.receive(self.device.name, f"codec12-{self._seq}", name, {"args": args}, report)
+
+    def pump(self) -> None:
+        if not self.ready:
+            return
+        while len(self.in_flight) < self.window and not self.sim.stopping:
+            readings = self.device.take(min(self.sim.batch, 255))
+            if not readings:
+                return
+            records = []
+            for _, ts_us, value in readings:
+                lat, lon, heading = position(self.device.name, ts_us)
+                gps = teltonika.Gps(lon, lat, 120, heading, 9, 7)
+                io = ((239, 1), (66, int(value * 200)), (16, ts_us // 1_000_000 % 10_000_000))
+                records.append(teltonika.Record(ts_us // 1000, 0, gps, 0, io))
+            self._seq += 1
+            self.in_flight[self._seq] = (readings, self.sim.clock.seconds())
+            self._order.append(self._seq)
+            self.sim.stats.sent += len(readings)
+            self.transport.write(teltonika.avl_packet(teltonika.CODEC_8, records))
+
+
+class Gt06Tracker(_Tracker):
+    def __init__(self, device: SimDevice) -> None:
+        super().__init__(device)
+        self.conn = gt06.DeviceConnection()
+        self._serial = 0
+        self.window = 16
+
+    def _next(self) -> int:
+        self._serial = self._serial % 0xFFFF + 1
+        return self._serial
+
+    def hello(self) -> None:
+        self.transport.write(gt06.DeviceConnection.login(imei_of(self.device.name), self._next()))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except gt06.ProtocolError:
+                self.transport.loseConnection()
+                return
+            if event is gt06.NEED_DATA or event is gt06.CONNECTION_CLOSED:
+                return
+            if isinstance(event, gt06.Answer) and event.protocol == gt06.LOGIN and not self.ready:
+                self.ready = True
+                self.sim.stats.connected += 1
+                self.pump()
+            elif isinstance(event, gt06.Answer):
+                self.acked(event.serial)
+            elif isinstance(event, gt06.CommandRequest):
+                flag = event.server_flag
+
+                name, _, args = event.text.rstrip("#").partition(",")
+
+                def report(status: str, result: Any, flag: int = flag, name: str = name) -> None:
+                    answer = gt06.DeviceConnection.command_answer(flag, f"{name}:{status}", self._next())
+                    self.transport.write(answer)
+                    self.sim.commands.counts["recorded"] += 1  # GT06's 0x15 is not acknowledged: written
+
+                self.sim.commands.receive(self.device.name, f"gt06-{flag}", name, {"args": args}, report)
+
+    def pump(self) -> None:
+        if not self.ready:
+            return
+        while len(self.in_flight) < self.window and not self.sim.stopping:
+            readings = self.device.take(1)
+            if not readings:
+                return
+            _, ts_us, _ = readings[0]
+            lat, lon, heading = position(self.device.name, ts_us)
+            where = gt06.Position(ts_us // 1_000_000, lat, lon, 7, heading, 9, True)
+            serial = self._next()
+            self.in_flight[serial] = (readings, self.sim.clock.seconds())
+            self.sim.stats.sent += 1
+            self.transport.write(gt06.DeviceConnection.location(where, serial))
