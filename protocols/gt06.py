@@ -26,7 +26,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA, Sentinel
+from protocols.sentinels import Sentinel
+from protocols.stream import Stream
 
 LOGIN, LOCATION, STATUS, STRING, ALARM, LOCATION_2, ALARM_2, COMMAND = 0x01, 0x12, 0x13, 0x15, 0x16, 0x22, 0x26, 0x80
 LOCATIONS = (LOCATION, LOCATION_2)
@@ -225,19 +226,11 @@ def packet(protocol: int, info: bytes, serial: int) -> bytes:
 # -- the connections ------------------------------------------------------------------
 
 
-class _Stream:
-    __slots__ = ("_buffer", "_eof", "max_packet")
+class _Stream(Stream):
+    __slots__ = ()
 
-    def __init__(self, max_packet: int) -> None:
-        self._buffer = bytearray()
-        self._eof = False
-        self.max_packet = max_packet
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
+    def _short(self) -> Sentinel:  # type: ignore[override]
+        return super()._short(ProtocolError)
 
     def _frame(self) -> tuple[int, bytes, int] | BadPacket | Sentinel:
         """The next packet: (protocol, information, serial), a BadPacket, or a sentinel."""
@@ -270,13 +263,6 @@ class _Stream:
             return BadPacket(f"CRC {crc:#06x} does not match the packet's {crc_itu(framed):#06x}", raw)
         body = raw[head:-4]
         return body[0], body[1:-2], int.from_bytes(body[-2:], "big")
-
-    def _short(self) -> Sentinel:
-        if self._eof:
-            if self._buffer:
-                raise ProtocolError("the connection closed in the middle of a packet")
-            return CONNECTION_CLOSED
-        return NEED_DATA
 
 
 class ServerConnection(_Stream):

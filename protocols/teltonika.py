@@ -34,7 +34,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA, Sentinel
+from protocols.sentinels import Sentinel
+from protocols.stream import Stream
 
 CODEC_8, CODEC_8E, CODEC_16, CODEC_12 = 0x08, 0x8E, 0x10, 0x0C
 AVL_CODECS = (CODEC_8, CODEC_8E, CODEC_16)
@@ -271,31 +272,11 @@ def imei_packet(imei: str) -> bytes:
 # -- the connections -------------------------------------------------------------
 
 
-class _Stream:
-    __slots__ = ("_buffer", "_eof", "max_packet")
+class _Stream(Stream):
+    __slots__ = ()
 
-    def __init__(self, max_packet: int) -> None:
-        self._buffer = bytearray()
-        self._eof = False
-        self.max_packet = max_packet
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the peer; ``b""`` means the peer closed."""
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def _short(self) -> Sentinel:
-        if self._eof:
-            if self._buffer:
-                raise ProtocolError("the connection closed in the middle of a packet")
-            return CONNECTION_CLOSED
-        return NEED_DATA
+    def _short(self) -> Sentinel:  # type: ignore[override]
+        return super()._short(ProtocolError)
 
     def _packet(self) -> tuple[bytes, bytes] | Sentinel | BadPacket:
         """The next framed packet: (data, the whole packet), a sentinel, or a BadPacket for a wrong CRC."""

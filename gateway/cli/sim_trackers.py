@@ -20,6 +20,7 @@ from twisted.internet import protocol
 from gateway.cli.simulator import SimDevice
 from gateway.net.tcp import no_delay
 from protocols import gt06, teltonika
+from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA
 
 IMEI_PREFIX = "3599"  # simulated trackers' IMEIs: 3599 and the device's number in 11 digits
 
@@ -96,7 +97,7 @@ class TeltonikaTracker(_Tracker):
         self.conn.receive_data(data)
         while True:
             event = self.conn.next_event()
-            if event is teltonika.NEED_DATA or event is teltonika.CONNECTION_CLOSED:
+            if event is NEED_DATA or event is CONNECTION_CLOSED:
                 return
             if isinstance(event, teltonika.Accepted):
                 if not event.accepted:
@@ -161,7 +162,7 @@ class Gt06Tracker(_Tracker):
             except gt06.ProtocolError:
                 self.transport.loseConnection()
                 return
-            if event is gt06.NEED_DATA or event is gt06.CONNECTION_CLOSED:
+            if event is NEED_DATA or event is CONNECTION_CLOSED:
                 return
             if isinstance(event, gt06.Answer) and event.protocol == gt06.LOGIN and not self.ready:
                 self.ready = True

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -32,8 +31,6 @@ from zope.interface import implementer
 from gateway.commands.model import Command
 from gateway.commands.service import IDownlink
 from gateway.readings import (
-    CloseReason,
-    Device,
     InvalidInput,
     RateLimited,
     Reading,
@@ -42,9 +39,9 @@ from gateway.readings import (
     StoreUnavailable,
     check_reading,
 )
-from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
-from gateway.transports.session import Ticket
-from gateway.transports.trackers import Jumps, allowed, held_back
+from gateway.transports.devices import DeviceListenerFactory
+from gateway.transports.tracker_session import TrackerSession
+from gateway.transports.trackers import Jumps, held_back
 from protocols import gt06
 
 log = Logger()
@@ -75,54 +72,22 @@ def status_readings(s: gt06.TerminalStatus, ts_us: int, alarm: bool = False) -> 
     return out
 
 
-class Gt06Protocol(DeviceConnection):
-    __slots__ = ("conn", "_seq", "_serial", "downlink")
+class Gt06Protocol(TrackerSession):
+    __slots__ = ("_serial",)
+    framing_error = gt06.ProtocolError
+    protocol_name = "GT06"
 
     def __init__(self, factory: Gt06Factory) -> None:
         super().__init__(factory)
         self.conn = gt06.ServerConnection()
-        self._seq = 0
         self._serial = 0
-        self.downlink: Gt06Downlink | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if not allowed(self.source.host, self.factory.allow):
-            message = f"{self.source.host} is outside --tracker-allow"
-            self.factory.ingest.refuse(self.source, "not_allowed", message, closing=True)
-            self._close()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self.conn.receive_data(data)
-        if self.device is not None:
-            self._touch(self.factory.settings.idle_timeout)
-        self._process()
-
-    def _process(self) -> None:
-        while not self._closing and self.session.may_read:
-            try:
-                event = self.conn.next_event()
-            except gt06.ProtocolError as e:
-                name = self.device.name if self.device else None
-                self.factory.ingest.refuse(self.source, "bad_frame", str(e), device=name, closing=True)
-                self._close()
-                return
-            if event is gt06.NEED_DATA:
-                return
-            if event is gt06.CONNECTION_CLOSED:
-                self._close()
-                return
-            self._handle(event)
 
     def _handle(self, event: object) -> None:
         if isinstance(event, gt06.Login):
-            self._login(event)
+            answer = self.conn.answer(gt06.LOGIN, event.serial)
+            self.sign_in(event.imei, accepted=lambda: self.transport.write(answer), refused=lambda: None)
         elif isinstance(event, gt06.BadPacket):
-            name = self.device.name if self.device else None
-            self.last_error = event.reason
-            self.factory.ingest.refuse(self.source, "bad_packet", event.reason, device=name, raw=event.raw)
+            self._bad_packet(event.reason, event.raw)
         elif self.device is None:  # nothing counts before the login is answered
             self.factory.ingest.refuse(self.source, "not_logged_in", f"{type(event).__name__} before a login",
                                        closing=True)  # fmt: skip
@@ -139,38 +104,8 @@ class Gt06Protocol(DeviceConnection):
         elif isinstance(event, gt06.CommandAnswer) and self.downlink is not None:
             self.downlink.answered(event.server_flag, event.text)
 
-    def _login(self, login: gt06.Login) -> None:
-        self._looking_up(True)
-
-        def found(device: Device | None) -> None:
-            self.session.busy = False
-            if self._closing:
-                return
-            if device is None:
-                message = f"unknown or revoked IMEI {login.imei} (gatewayctl device add NAME --imei {login.imei})"
-                self.factory.ingest.refuse(self.source, "unknown_imei", message, raw=login.imei.encode(), closing=True)
-                self._close()  # no answer: the GT06 way of refusing
-                return
-            self.device = device
-            self.factory.registry.register(device.name, self)
-            self.transport.write(self.conn.answer(gt06.LOGIN, login.serial))
-            self._set_timer(self.factory.settings.idle_timeout, self.idle_too_long)
-            log.info("tracker {device} (IMEI {imei}, GT06) connected from {source}", device=device.name,
-                     imei=login.imei, source=self.source)  # fmt: skip
-            if self.factory.commands is not None:
-                self.downlink = Gt06Downlink(self, device.name, self.factory.commands)
-                self.factory.commands.attach(device.name, self.downlink)
-            self._looking_up(False)
-
-        def failed(f: Failure) -> None:
-            self.session.busy = False
-            if not isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
-                log.failure("IMEI lookup failed", f)
-            self.factory.ingest.refuse(self.source, "retry_later", "the gateway cannot look the IMEI up now",
-                                       closing=True)  # fmt: skip
-            self._close()
-
-        self.factory.ingest.device_by_imei(login.imei).addCallbacks(found, failed)
+    def make_downlink(self, device: str) -> Gt06Downlink:
+        return Gt06Downlink(self, device, self.factory.commands)
 
     def _jump(self, ts_us: int, lat: float, lon: float) -> str | None:
         assert self.device is not None
@@ -179,7 +114,7 @@ class Gt06Protocol(DeviceConnection):
     def _store(self, protocol: int, serial: int, readings: list[Reading], held: Sequence[Any] = ()) -> None:
         assert self.device is not None
         if not readings and not held:  # a location without a fix: nothing to store, answered
-            self._queue(protocol, serial, Deferred.fromCoroutine(self._nothing()))
+            self._queue(Deferred.fromCoroutine(self._nothing()), protocol, serial)
             return
         if not self.factory.ingest.admits(len(readings) + len(held)):
             self._hold((protocol, serial, readings, held), lambda waiting: self._store(*waiting))
@@ -187,25 +122,12 @@ class Gt06Protocol(DeviceConnection):
         raw = lambda: f"GT06 {protocol:#04x} serial {serial}: {readings}".encode()  # noqa: E731
         kept = held_back(held, len(readings))
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, raw, kept)
-        self._queue(protocol, serial, stored)
+        self._queue(stored, protocol, serial)
 
     async def _nothing(self) -> None:
         return None
 
-    def _queue(self, protocol: int, serial: int, d: Deferred) -> None:
-        self._seq += 1
-        ticket = self.session.arrived(self._seq, self.factory.clock.seconds())
-        self.flow()
-        d.addBoth(lambda outcome: (protocol, serial, outcome)).addCallback(self._answer_ready, ticket)
-
-    def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
-        for ready in self.session.settle(ticket, outcome):
-            if not self._closing:
-                answered: Any = ready.outcome  # (protocol, serial, the write's outcome), as _queue made it
-                self._answer(*answered)
-        self.flow()
-
-    def _answer(self, protocol: int, serial: int, outcome: Any) -> None:
+    def _answer(self, protocol: int, serial: int, outcome: Any, arrived: float) -> None:
         if isinstance(outcome, Failure):
             error = outcome.value
             self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
@@ -219,34 +141,12 @@ class Gt06Protocol(DeviceConnection):
             # Refused for good and kept by the ingest path: answered, or the tracker would send it for ever.
         else:
             self.readings += getattr(outcome, "accepted", 0)
+            self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
         self.transport.write(self.conn.answer(protocol, serial))
 
     def next_serial(self) -> int:
         self._serial = self._serial % 0xFFFF + 1
         return self._serial
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        super().connectionLost(reason)
-        if self.downlink is not None:
-            self.factory.commands.detach(self.downlink.device, self.downlink)
-
-    def end(self, code: CloseReason, reason: str) -> None:
-        if not self._closing:
-            self._close()
-
-    def handshake_too_slow(self) -> None:
-        self._timer = None
-        if self.device is not None or self._closing:
-            return
-        seconds = self.factory.settings.handshake_timeout
-        self.factory.ingest.refuse(self.source, "timeout", f"no login within {seconds:g} seconds", closing=True)
-        self._close()
-
-    def idle_too_long(self) -> None:
-        self._timer = None
-        if self._not_reading(self.factory.settings.idle_timeout):
-            return
-        self._close()
 
 
 @implementer(IDownlink)

@@ -29,7 +29,6 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet import protocol
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,7 +36,6 @@ from zope.interface import implementer
 from gateway.commands.model import Command
 from gateway.commands.service import IDownlink
 from gateway.readings import (
-    CloseReason,
     Device,
     InvalidInput,
     RateLimited,
@@ -48,104 +46,40 @@ from gateway.readings import (
     StoreUnavailable,
     WriteResult,
 )
-from gateway.transports.devices import DeviceConnection, DeviceListenerFactory
-from gateway.transports.session import Ticket
+from gateway.transports.devices import DeviceListenerFactory
+from gateway.transports.tracker_session import TrackerSession
 from gateway.transports.trackers import Jumps, allowed, held_back, record_readings
 from protocols import teltonika
 
 log = Logger()
 
 
-class TeltonikaProtocol(DeviceConnection):
-    __slots__ = ("conn", "_seq", "downlink", "unstored_io")
+class TeltonikaProtocol(TrackerSession):
+    __slots__ = ("unstored_io",)
+    framing_error = teltonika.ProtocolError
+    protocol_name = "Teltonika"
 
     def __init__(self, factory: TeltonikaFactory) -> None:
         super().__init__(factory)
         self.conn = teltonika.ServerConnection(max_packet=factory.settings.max_frame)
-        self._seq = 0
-        self.downlink: TeltonikaDownlink | None = None
         self.unstored_io = 0  # variable-length IO values too long to be a number (kept in the raw packet only)
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if not allowed(self.source.host, self.factory.allow):
-            message = f"{self.source.host} is outside --tracker-allow"
-            self.factory.ingest.refuse(self.source, "not_allowed", message, closing=True)
-            self._close()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self.conn.receive_data(data)
-        if self.device is not None:
-            self._touch(self.factory.settings.idle_timeout)
-        self._process()
-
-    def _process(self) -> None:
-        while not self._closing and self.session.may_read:
-            try:
-                event = self.conn.next_event()
-            except teltonika.ProtocolError as e:
-                name = self.device.name if self.device else None
-                self.factory.ingest.refuse(self.source, "bad_frame", str(e), device=name, closing=True)
-                self._close()
-                return
-            if event is teltonika.NEED_DATA:
-                return
-            if event is teltonika.CONNECTION_CLOSED:
-                self._close()
-                return
-            self._handle(event)
 
     def _handle(self, event: object) -> None:
         if isinstance(event, teltonika.AvlData):
             self._records(event)
         elif isinstance(event, teltonika.Imei):
-            self._imei(event.imei)
+            self.sign_in(
+                event.imei,
+                accepted=lambda: self.transport.write(self.conn.accept(True)),
+                refused=lambda: self.transport.write(self.conn.accept(False)),
+            )
         elif isinstance(event, teltonika.BadPacket):
-            # Not answered: the tracker sends the packet again. Kept, with the reason.
-            name = self.device.name if self.device else None
-            self.last_error = event.reason
-            self.factory.ingest.refuse(self.source, "bad_packet", event.reason, device=name, raw=event.raw)
+            self._bad_packet(event.reason, event.raw)
         elif isinstance(event, teltonika.CommandResponse) and self.downlink is not None:
             self.downlink.answered(event.text)
 
-    def _imei(self, imei: str) -> None:
-        self._looking_up(True)
-
-        def found(device: Device | None) -> None:
-            self.session.busy = False
-            if self._closing:
-                return
-            if device is None:
-                message = f"unknown or revoked IMEI {imei} (gatewayctl device add NAME --imei {imei})"
-                # Counted, logged at a bounded rate per address, and kept: an operator sees which IMEI knocked.
-                self.factory.ingest.refuse(self.source, "unknown_imei", message, raw=imei.encode(), closing=True)
-                self.transport.write(self.conn.accept(False))
-                self._close()
-                return
-            self.device = device
-            self.factory.registry.register(device.name, self)
-            self.transport.write(self.conn.accept(True))
-            self._set_timer(self.factory.settings.idle_timeout, self.idle_too_long)
-            log.info("tracker {device} (IMEI {imei}) connected from {source}", device=device.name, imei=imei,
-                     source=self.source)  # fmt: skip
-            if self.factory.commands is not None:
-                self.downlink = TeltonikaDownlink(self, device.name, self.factory.commands)
-                self.factory.commands.attach(device.name, self.downlink)
-            self._looking_up(False)
-
-        def failed(f: Failure) -> None:
-            self.session.busy = False
-            if isinstance(f.value, (StoreUnavailable, StoreOverloaded)):
-                message = f"the gateway cannot look the IMEI up now: {f.value.message}"
-            else:
-                log.failure("IMEI lookup failed", f)
-                message = "the gateway failed; retry later"
-            self.factory.ingest.refuse(self.source, "retry_later", message, closing=True)
-            self._close()  # no answer at all: the tracker tries again later
-
-        self.factory.ingest.device_by_imei(imei).addCallbacks(found, failed)
+    def make_downlink(self, device: str) -> TeltonikaDownlink:
+        return TeltonikaDownlink(self, device, self.factory.commands)
 
     def _records(self, avl: teltonika.AvlData) -> None:
         if self.device is None:  # records before the IMEI was accepted cannot come: the codec wants the IMEI first
@@ -163,38 +97,25 @@ class TeltonikaProtocol(DeviceConnection):
                 self.unstored_io += skipped
         except InvalidInput as e:  # a value not finite, a time out of range: kept, and answered (nothing to resend)
             self.factory.ingest.refuse(self.source, "invalid_reading", e.message, device=self.device.name, raw=avl.raw)
-            self._queue(Deferred.fromCoroutine(self._kept(len(avl.records))))
+            self._queue(Deferred.fromCoroutine(self._kept()), len(avl.records))
             return
         if not self.factory.ingest.admits(len(readings)):
             self._hold(avl, self._records)
             return
         kept = held_back(held, len(readings))
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: avl.raw, kept)
-        self._queue(stored.addCallback(lambda result: (result, len(avl.records))))
+        self._queue(stored, len(avl.records))
 
-    async def _kept(self, count: int) -> tuple[WriteResult, int]:
-        return WriteResult(0, 0), count
+    async def _kept(self) -> WriteResult:
+        return WriteResult(0, 0)
 
-    def _queue(self, d: Deferred) -> None:
-        self._seq += 1
-        ticket = self.session.arrived(self._seq, self.factory.clock.seconds())
-        self.flow()
-        d.addBoth(self._answer_ready, ticket)
-
-    def _answer_ready(self, outcome: Any, ticket: Ticket[Any]) -> None:
-        for ready in self.session.settle(ticket, outcome):
-            if not self._closing:
-                self._answer(ready.outcome, ready.arrived)
-        self.flow()
-
-    def _answer(self, outcome: Any, arrived: float) -> None:
-        if isinstance(outcome, tuple):
-            result, count = outcome
+    def _answer(self, count: int, outcome: Any, arrived: float) -> None:
+        if not isinstance(outcome, Failure):
             self.transport.write(self.conn.ack(count))
             self.factory.metrics.acked(self.source, self.factory.clock.seconds() - arrived)
-            self.readings += result.accepted
+            self.readings += outcome.accepted
             return
-        error = outcome.value if isinstance(outcome, Failure) else outcome
+        error = outcome.value
         self.last_error = f"{type(error).__name__}: {getattr(error, 'message', error)}"
         if isinstance(error, (StoreRejected, RateLimited)):
             # Kept in rejected_input by the ingest path: answered as taken, or the tracker would resend it for ever.
@@ -202,32 +123,8 @@ class TeltonikaProtocol(DeviceConnection):
         elif isinstance(error, (StoreUnavailable, StoreOverloaded)):
             self._close()  # no answer: the tracker keeps its records and sends them again
         else:
-            log.failure("storing tracker records failed", outcome if isinstance(outcome, Failure) else None)
+            log.failure("storing tracker records failed", outcome)
             self._close()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        super().connectionLost(reason)
-        if self.downlink is not None:
-            self.factory.commands.detach(self.downlink.device, self.downlink)
-
-    def end(self, code: CloseReason, reason: str) -> None:
-        """The protocol has no goodbye: close."""
-        if not self._closing:
-            self._close()
-
-    def handshake_too_slow(self) -> None:
-        self._timer = None
-        if self.device is not None or self._closing:
-            return
-        seconds = self.factory.settings.handshake_timeout
-        self.factory.ingest.refuse(self.source, "timeout", f"no IMEI within {seconds:g} seconds", closing=True)
-        self._close()
-
-    def idle_too_long(self) -> None:
-        self._timer = None
-        if self._not_reading(self.factory.settings.idle_timeout):
-            return
-        self._close()
 
 
 @implementer(IDownlink)
