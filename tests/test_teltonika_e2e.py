@@ -261,3 +261,23 @@ async def test_a_jump_is_kept_in_quarantine_and_its_record_is_answered(tmp_path,
         if tracker is not None:
             await deferToThread(tracker.close)
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_record_that_cannot_be_a_reading_is_kept_then_answered(tmp_path, db_dsn, sql):
+    """A time past year 9999: kept in rejected_input with the reason before the answer (sent again, it would be
+    refused again)."""
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--db", db_dsn)
+    service = await started(tmp_path, db_dsn)
+    tracker = None
+    try:
+        tracker = await deferToThread(Tracker, port_of(service))
+        assert await deferToThread(tracker.accepted) == b"\x01"
+        await deferToThread(tracker.send, packet([(2**62, 54.6872, 25.2797, 9)]))
+        assert await deferToThread(tracker.read, 4) == b"\x00\x00\x00\x01"
+        assert sql("SELECT count(*) FROM readings") == [(0,)]
+        assert sql("SELECT count(*) FROM rejected_input WHERE device = 'truck-9'") == [(1,)]  # kept before the answer
+    finally:
+        if tracker is not None:
+            await deferToThread(tracker.close)
+        await service.stopService()

@@ -95,9 +95,10 @@ class TeltonikaProtocol(TrackerSession):
                 readings += got
                 held += doubtful
                 self.unstored_io += skipped
-        except InvalidInput as e:  # a value not finite, a time out of range: kept, and answered (nothing to resend)
-            self.factory.ingest.refuse(self.source, "invalid_reading", e.message, device=self.device.name, raw=avl.raw)
-            self._queue(Deferred.fromCoroutine(self._kept()), len(avl.records))
+        except InvalidInput as e:  # a value not finite, a time out of range: answered once kept (nothing to resend)
+            name, raw = self.device.name, avl.raw
+            kept = self.factory.ingest.refuse(self.source, "invalid_reading", e.message, device=name, raw=raw)
+            self._queue(kept.addCallback(lambda _: WriteResult(0, 0)), len(avl.records))
             return
         if not self.factory.ingest.admits(len(readings)):
             self._hold(avl, self._records)
@@ -105,9 +106,6 @@ class TeltonikaProtocol(TrackerSession):
         kept = held_back(held, len(readings))
         stored = self.factory.ingest.store_readings(self.device, readings, self.source, lambda: avl.raw, kept)
         self._queue(stored, len(avl.records))
-
-    async def _kept(self) -> WriteResult:
-        return WriteResult(0, 0)
 
     def _answer(self, count: int, outcome: Any, arrived: float) -> None:
         if not isinstance(outcome, Failure):
@@ -253,7 +251,8 @@ class TeltonikaUdp(protocol.DatagramProtocol):
                 pass  # kept in rejected_input by the ingest path: answered, or the tracker would send it for ever
             self.ingest.metrics.acked(source, self.clock.seconds() - arrived)
             self.transport.write(teltonika.udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.records)), addr)
-        except InvalidInput as e:
-            self.ingest.refuse(source, "invalid_reading", e.message, device=None, raw=data)
+        except InvalidInput as e:  # answered once kept: sent again, it would be refused again
+            await self.ingest.refuse(source, "invalid_reading", e.message, raw=data)
+            self.transport.write(teltonika.udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.records)), addr)
         finally:
             self.in_flight -= 1
