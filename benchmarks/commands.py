@@ -11,7 +11,7 @@ ingest.
    devices chosen at random) for ``--duration`` seconds. The round trip is
    from just before the POST to the time the ledger recorded the device's
    result (``command_events``, same machine, same clock): p50 and p99.
-2. Ingest and commands together, over TGP with 100 devices: the most
+2. Ingest and commands together, over TGP with ``--ingest-devices`` (100): the most
    readings/s the gateway acknowledges alone; then readings at half that
    with commands POSTed as fast as ``--senders`` connections can: commands
    finished per second, and the readings/s ingest kept meanwhile; then
@@ -179,8 +179,7 @@ def round_trip(gateway: Gateway, dsn: str, token: str, protocol: str, devices: i
     }
 
 
-def ingest_with_commands(gateway: Gateway, dsn: str, token: str, seconds: float, senders: int) -> dict:
-    devices = 100
+def ingest_with_commands(gateway: Gateway, dsn: str, token: str, seconds: float, senders: int, devices: int) -> dict:
     alone = simulate(gateway, dsn, "tcp", devices, 0, seconds)
     most = alone["rate"]
     # Half the most, with commands as fast as they go.
@@ -231,6 +230,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000, help="connected devices in the round trip [1000]")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of each measured part [20]")
     parser.add_argument("--senders", type=int, default=8, help="connections POSTing commands in the flood [8]")
+    parser.add_argument("--ingest-devices", type=int, default=100, help="TGP devices sending readings in part 2 [100]")
     parser.add_argument("--db", help="a PostgreSQL server DSN (default: an embedded one)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
@@ -250,7 +250,9 @@ def main() -> None:
                     f"round trip over {protocol}, {rt['devices']} devices connected, {ROUND_TRIP_RATE:g} commands/s:"
                     f" p50 {rt['p50_ms']} ms, p99 {rt['p99_ms']} ms ({rt['succeeded']} of {rt['sent']})"
                 )
-            figures["ingest"] = ing = ingest_with_commands(gateway, dsn, token, args.duration, args.senders)
+            figures["ingest"] = ing = ingest_with_commands(
+                gateway, dsn, token, args.duration, args.senders, args.ingest_devices
+            )
             print(
                 f"ingest alone {ing['most_rps_alone']:,.0f} readings/s; at half that, commands as fast as they "
                 f"go: {ing['flood_commands_per_s']:,.1f} commands/s finished, ingest {ing['half_rps_with_flood']:,.0f}"

@@ -86,7 +86,7 @@ def test_the_soak_reports_every_tenth(tmp_path):
 def test_the_commands_benchmark_reports_every_figure(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "commands.py"), "--devices", "5", "--duration", "1",
-         "--senders", "2", "--json", str(tmp_path / "commands.json")],
+         "--senders", "2", "--ingest-devices", "5", "--json", str(tmp_path / "commands.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -97,5 +97,8 @@ def test_the_commands_benchmark_reports_every_figure(tmp_path):
         assert 0 < run["p50_ms"] <= run["p99_ms"], run
     ingest = figures["ingest"]
     assert ingest["most_rps_alone"] > 0 and ingest["most_rps_with_commands"] > 0
-    assert ingest["flood_commands_per_s"] > 0 and ingest["half_rps_with_flood"] > 0
+    # How many finish within the second is the benchmark's figure, not this test's: on a busy machine it may be none.
+    assert (
+        ingest["flood_commands_sent"] > 0 and ingest["flood_commands_per_s"] >= 0 and ingest["half_rps_with_flood"] > 0
+    )
     assert "round trip over mqtt" in out.stdout and "commands/s finished" in out.stdout
