@@ -12,6 +12,7 @@ reactor, as in production.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -399,6 +400,48 @@ async def test_an_operator_sends_a_command_from_the_device_page_and_watches_it_s
 
         text = await deferToThread(watch_it_succeed)
         assert '{"hz":5}' in text and "https" in text
+    finally:
+        if browser is not None:
+            await deferToThread(browser.close)
+        await close_gateway(service, gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trackers_page_draws_its_track_from_its_positions(tmp_path, db_dsn, sql):
+    service, gw = await open_gateway(tmp_path, db_dsn)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser: Browser | None = None
+    try:
+        reader = (await ctl(db_dsn, "token", "add", "lead", "--role", "reader")).strip()
+        device = add_pg_device(sql, "van-1")
+        t0 = (NOW_MS // 60_000) * 60_000 - 1_800_000
+        readings = []
+        for i in range(30):  # a quarter circle, a fix a minute
+            angle = i / 29 * 1.5708
+            when = t0 + i * 60_000
+            readings += [
+                {"metric": "lat", "ts": when, "value": 54.68 + 0.01 * math.sin(angle)},
+                {"metric": "lon", "ts": when, "value": 25.27 + 0.01 * math.cos(angle)},
+            ]
+        assert (await gw.post(device, readings))[0] == 200
+        browser = await deferToThread(Browser, tmp_path / "profile", shots)
+        b = browser
+
+        def the_track() -> dict:
+            b.sign_in(gw.url, reader)
+            b.driver.get(gw.url + "/ui/#/device/van-1")
+            b.until("the track", lambda d: b.js("const g = document.getElementById('chart-track'); "
+                                                 "return g && g.data && g.data.length"))  # fmt: skip
+            b.shot("track")
+            return b.js(
+                "const g = document.getElementById('chart-track');"
+                "return {points: Number(g.dataset.points), x: g.data[0].x, y: g.data[0].y}"
+            )
+
+        track = await deferToThread(the_track)
+        assert track["points"] == len(track["x"]) == len(track["y"]) > 10
+        assert min(track["y"]) >= 54.68 - 1e-9 and max(track["x"]) <= 25.28 + 1e-9
     finally:
         if browser is not None:
             await deferToThread(browser.close)

@@ -311,6 +311,31 @@
         version: desired.version, desired: desired.desired, reported: desired.reported, "still to apply": desired.delta,
       }) : el("p", { class: "empty", text: "None set (PUT /v1/devices/{name}/desired, or gatewayctl device desire)." }));
     },
+    // A tracker's track: its positions over the chart's window, longitude across and latitude up, drawn from
+    // the series API (the mean position of each time bucket) with no map tiles fetched from anywhere.
+    async drawTrack(since, until) {
+      let box = this.charts["(track)"];
+      if (!box) {
+        box = this.charts["(track)"] = el("div", { class: "chart", id: "chart-track", role: "img", "aria-label": "Track" });
+        this.chartBox.prepend(box);
+      }
+      const points = Math.max(50, Math.min(2000, Math.round(box.clientWidth || 600)));
+      const ask = (m) => call(`/v1/devices/${enc(this.name)}/series${q({ metric: m, since: Math.round(since), until: Math.round(until), points })}`);
+      const [lat, lon] = await Promise.all([ask("lat"), ask("lon")]);
+      const lons = new Map(lon.t.map((t, i) => [t, lon.mean[i]]));
+      const pairs = lat.t.map((t, i) => [lons.get(t), lat.mean[i], t]).filter(([x]) => x !== undefined);
+      box.dataset.points = String(pairs.length);
+      const traces = [{
+        x: pairs.map((p) => p[0]), y: pairs.map((p) => p[1]), text: pairs.map((p) => new Date(p[2]).toLocaleString()),
+        mode: "lines+markers", name: "track", marker: { size: 4, color: "#0b5cad" }, line: { color: "#0b5cad", width: 1.5 },
+        hovertemplate: "%{text}<br>%{y:.5f}, %{x:.5f}<extra></extra>",
+      }];
+      const layout = {
+        title: { text: "track", font: { size: 14 } }, margin: { l: 60, r: 16, t: 36, b: 36 }, height: 360,
+        xaxis: { title: { text: "longitude" } }, yaxis: { title: { text: "latitude" }, scaleanchor: "x" }, showlegend: false,
+      };
+      await Plotly.react(box, traces, layout, { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["toImage"] });
+    },
     async loadQuarantine() {
       if (state.session.role !== "admin") {
         this.quarantine.replaceChildren(el("p", { class: "empty", text: "Quarantined readings need the admin role." }));
@@ -323,6 +348,7 @@
       if (typeof Plotly === "undefined") { say("the chart library has not loaded"); return; }
       const until = this.zoom ? this.zoom[1] : Date.now();
       const since = this.zoom ? this.zoom[0] : until - RANGES[this.range];
+      if (metrics.includes("lat") && metrics.includes("lon")) await this.drawTrack(since, until);
       for (const m of metrics) {
         let box = this.charts[m];
         if (!box) {
