@@ -160,7 +160,7 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
     }
 
 
-LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT) on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT|Teltonika|GT06) on [\d.]+:(\d+)")
 
 
 class Gateway:
@@ -206,9 +206,9 @@ class Gateway:
             seen.append(line)
             m = LISTENING.search(line)
             if m:
-                self.ports[{"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls", "MQTT": "mqtt"}[m.group(1)]] = int(
-                    m.group(2)
-                )
+                names = {"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls", "MQTT": "mqtt"}
+                names.update({"Teltonika": "teltonika", "GT06": "gt06"})
+                self.ports[names[m.group(1)]] = int(m.group(2))
             if "gateway ready" in line:
                 break
         else:

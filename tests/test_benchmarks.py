@@ -102,3 +102,17 @@ def test_the_commands_benchmark_reports_every_figure(tmp_path):
         ingest["flood_commands_sent"] > 0 and ingest["flood_commands_per_s"] >= 0 and ingest["half_rps_with_flood"] > 0
     )
     assert "round trip over mqtt" in out.stdout and "commands/s finished" in out.stdout
+
+
+def test_the_trackers_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "trackers.py"), "--devices", "5", "--duration", "1",
+         "--idle", "20", "--json", str(tmp_path / "trackers.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "trackers.json").read_text())
+    for run in ("teltonika_max", "tgp_max", "teltonika_half"):
+        assert figures[run]["acked"] > 0 and not figures[run]["errors"], (run, figures[run])
+    assert figures["idle"]["connected"] == 20 and figures["idle_trackers_rss_mb"] > 0
+    assert "Teltonika trackers" in out.stdout and "idle trackers" in out.stdout

@@ -1,0 +1,130 @@
+"""
+Vehicle trackers through the gateway, beside TGP in the same run.
+
+    python benchmarks/trackers.py [--devices 1000] [--duration 20] [--idle 10000] [--db DSN] [--json FILE]
+
+1. The most records a second the gateway answers from ``--devices``
+   simulated Teltonika trackers (Codec 8, 10 records a packet, each record a
+   position and three IO elements: nine readings), and the most readings a
+   second from as many TGP devices (10 readings a frame), each on a fresh
+   database; then the trackers at half their most: the answer's p50 and p99.
+2. The gateway's RSS with ``--idle`` Teltonika trackers connected, each
+   sending a record a minute.
+
+Each run is ``gatewayctl simulate`` against ``twistd -n gateway``; the load
+generator shares the cores with the gateway and PostgreSQL. ``--json``
+writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from common import Gateway, drop_database, fresh_database, machine, raise_fd_limit, simulate, simulate_argv, workspace
+
+
+def fresh(tmp: Path, server: str, name: str) -> tuple[Gateway, str]:
+    dsn = fresh_database(server, name)
+    extra = ("--teltonika", "tcp:0:interface=127.0.0.1")
+    return Gateway(dsn, tmp / f"gw-{name}", *extra), dsn
+
+
+def run(tmp: Path, server: str, name: str, protocol: str, devices: int, rate: float, seconds: float) -> dict:
+    gateway, dsn = fresh(tmp, server, name)
+    process = psutil.Process(gateway.proc.pid)
+    try:
+        before = process.cpu_times()
+        result = simulate(gateway, dsn, protocol, devices, rate, seconds, 10)
+        after = process.cpu_times()
+        cpu = (after.user + after.system) - (before.user + before.system)
+        result["gateway_cpu_s_per_million"] = cpu / max(1, result["acked"]) * 1e6
+        result["gateway_rss_mb"] = process.memory_info().rss / 2**20
+        return result
+    finally:
+        gateway.stop()
+        drop_database(server, name)
+
+
+def idle(tmp: Path, server: str, devices: int) -> dict:
+    """RSS once ``devices`` trackers are connected, a record a minute each."""
+    gateway, dsn = fresh(tmp, server, "trackers_idle")
+    process = psutil.Process(gateway.proc.pid)
+    before = process.memory_info().rss
+    argv = simulate_argv(gateway, dsn, "teltonika", devices, rate=devices / 60, duration=3600, batch=1)
+    sim = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    try:
+        connected = 0
+        port = gateway.ports["teltonika"]
+        while time.monotonic() - started < 300:
+            connected = sum(
+                1
+                for c in process.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+            )
+            if connected >= devices:
+                break
+            time.sleep(1)
+        all_in = time.monotonic() - started
+        time.sleep(3)
+        rss = process.memory_info().rss
+    finally:
+        sim.terminate()
+        sim.wait(60)
+        gateway.stop()
+        drop_database(server, "trackers_idle")
+    return {
+        "devices": devices,
+        "connected": connected,
+        "connect_s": round(all_in, 1),
+        "rss_mb": round(rss / 2**20, 1),
+        "kb_per_tracker": round((rss - before) / 1024 / max(1, connected), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1000, help="trackers, and TGP devices [1000]")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of each run [20]")
+    parser.add_argument("--idle", type=int, default=10_000, help="idle trackers for the RSS figure [10000]")
+    parser.add_argument("--db", help="a PostgreSQL server DSN (default: an embedded one)")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    raise_fd_limit()
+    figures: dict = {}
+    with workspace(args.db) as (tmp, server):
+        figures["machine"] = machine(server)
+        most = figures["teltonika_max"] = run(tmp, server, "trk_max", "teltonika", args.devices, 0, args.duration)
+        tgp = figures["tgp_max"] = run(tmp, server, "trk_tgp", "tcp", args.devices, 0, args.duration)
+        half = figures["teltonika_half"] = run(
+            tmp, server, "trk_half", "teltonika", args.devices, most["rate"] / 2, args.duration
+        )
+        print(
+            f"{args.devices} Teltonika trackers: {most['rate']:,.0f} records/s at most ({most['rate'] * 9:,.0f} "
+            f"readings/s); {args.devices} TGP devices: {tgp['rate']:,.0f} readings/s; at half the trackers' most: "
+            f"answers p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms"
+        )
+        figures["idle"] = quiet = idle(tmp, server, args.idle)
+        print(
+            f"{quiet['connected']:,} idle trackers: gateway RSS {quiet['rss_mb']} MB "
+            f"({quiet['kb_per_tracker']} KB a tracker)"
+        )
+    figures.update({
+        "teltonika_records_per_s": most["rate"],
+        "teltonika_readings_per_s": most["rate"] * 9,
+        "tgp_readings_per_s": tgp["rate"],
+        "teltonika_half_p99_ms": half["p99_ms"],
+        "idle_trackers_rss_mb": quiet["rss_mb"],
+    })  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
