@@ -346,3 +346,38 @@ def test_simulated_trackers_as_in_the_docs(workdir, protocol, command, answer):
         assert {"lat", "lon", "speed", "heading", "satellites"} <= metrics
     finally:
         gateway.close()
+
+
+def test_a_tracker_is_answered_from_the_journal_while_the_database_is_away(workdir, outage_db):
+    """Teltonika over TCP: answered after the journal's fsync during an outage, replayed after; a tracker that
+    signs in meanwhile gets no answer (its IMEI cannot be looked up) and keeps its records."""
+    from tests.test_teltonika_e2e import IMEI, T0, Tracker, packet
+
+    gateway = GatewayProcess(
+        workdir / "gateway-data", "--db", outage_db.dsn, "--teltonika", "tcp:0:interface=127.0.0.1", cwd=workdir
+    )
+    tracker = None
+    try:
+        gateway.start()
+        gatewayctl("device", "add", "truck-9", "--imei", IMEI, "--db", outage_db.dsn)
+        tracker = Tracker(gateway.teltonika_port)
+        assert tracker.accepted() == b"\x01"
+        tracker.send(packet([(T0, 54.6872, 25.2797, 9)]))
+        assert tracker.read(4) == b"\x00\x00\x00\x01"
+
+        outage_db.stop()
+        tracker.send(packet([(T0 + 1000, 54.6873, 25.2798, 9)]))
+        assert tracker.read(4) == b"\x00\x00\x00\x01"  # journaled: answered all the same
+        newcomer = Tracker(gateway.teltonika_port, "356307042441099")
+        assert newcomer.accepted() == b""  # not looked up now: no answer, the connection closes
+        newcomer.close()
+
+        outage_db.start()  # the record's six position readings and its external voltage
+        gateway.wait_for_line(r"journal: replayed \d+\.seg: 7 readings stored, 0 were stored already", timeout=60)
+        rows = gatewayctl("export", "--format", "csv", "--db", outage_db.dsn).stdout.splitlines()[1:]
+        lats = sorted(float(r.split(",")[3]) for r in rows if r.split(",")[1] == "lat")
+        assert lats == [54.6872, 54.6873]
+    finally:
+        if tracker is not None:
+            tracker.close()
+        gateway.close()
