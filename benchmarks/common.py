@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg2
 import psycopg2.extensions
 
@@ -260,3 +261,53 @@ def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def idle(tmp: Path, dsn: str, protocol: str, devices: int, *extra: str) -> dict:
+    """The gateway's RSS once ``devices`` devices are connected, each sending one reading a minute (``extra``:
+    the gateway's options for the protocol's endpoint, when it has none by default)."""
+    gateway = Gateway(dsn, tmp / f"gw-idle-{protocol}", *extra)  # fresh: RSS not inflated by the load runs
+    process = psutil.Process(gateway.proc.pid)
+    before = process.memory_info().rss
+    sim = subprocess.Popen(
+        simulate_argv(gateway, dsn, protocol, devices, rate=devices / 60, duration=3600, batch=1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    try:
+        connected = 0
+        while time.monotonic() - started < 300:
+            port = gateway.ports[protocol]
+            connected = sum(
+                1
+                for c in process.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+            )
+            if connected >= devices:
+                break
+            time.sleep(1)
+        all_in = time.monotonic() - started
+        time.sleep(3)  # the last handshakes finished, the declarations acknowledged
+        rss = process.memory_info().rss
+    finally:
+        stop(sim)
+        gateway.stop()
+    return {
+        "protocol": protocol,
+        "devices": devices,
+        "connected": connected,
+        "connect_s": all_in,
+        "rss_mb": rss / 2**20,
+        "rss_before_mb": before / 2**20,
+        "kb_per_device": (rss - before) / 1024 / max(1, connected),
+    }

@@ -60,6 +60,8 @@ from types import SimpleNamespace
 import psutil
 
 from common import (
+    idle,
+    stop,
     BIN,
     ROOT,
     Gateway,
@@ -69,7 +71,6 @@ from common import (
     machine,
     raise_fd_limit,
     simulate,
-    simulate_argv,
     workspace,
 )
 import modbus_poll
@@ -97,15 +98,6 @@ def port_from(path: Path, proc: subprocess.Popen, what: str) -> int:
             raise SystemExit(f"{what} did not start")
         time.sleep(0.05)
     return int(path.read_text())
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- baselines -----------------------------------------------------------------
@@ -349,46 +341,6 @@ def gateway_runs(tmp: Path, server_dsn: str, args: argparse.Namespace, figures: 
         half = figures[f"mqtt{n}_max"]["rate"] / 2
         figures[f"mqtt{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"mqtt{n}_half", tgp("mqtt", half, n))
     return backlog
-
-
-def idle(tmp: Path, dsn: str, protocol: str, devices: int) -> dict:
-    """The gateway's RSS once ``devices`` devices are connected, each sending one reading a minute."""
-    gateway = Gateway(dsn, tmp / f"gw-idle-{protocol}")  # fresh: RSS not inflated by the load runs
-    process = psutil.Process(gateway.proc.pid)
-    before = process.memory_info().rss
-    sim = subprocess.Popen(
-        simulate_argv(gateway, dsn, protocol, devices, rate=devices / 60, duration=3600, batch=1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    started = time.monotonic()
-    try:
-        connected = 0
-        while time.monotonic() - started < 300:
-            port = gateway.ports[protocol]
-            connected = sum(
-                1
-                for c in process.net_connections("tcp")
-                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
-            )
-            if connected >= devices:
-                break
-            time.sleep(1)
-        all_in = time.monotonic() - started
-        time.sleep(3)  # the last handshakes finished, the declarations acknowledged
-        rss = process.memory_info().rss
-    finally:
-        stop(sim)
-        gateway.stop()
-    return {
-        "protocol": protocol,
-        "devices": devices,
-        "connected": connected,
-        "connect_s": all_in,
-        "rss_mb": rss / 2**20,
-        "rss_before_mb": before / 2**20,
-        "kb_per_device": (rss - before) / 1024 / max(1, connected),
-    }
 
 
 def uploader(tmp: Path, server_dsn: str, dsn: str, args: argparse.Namespace, figures: dict) -> None:

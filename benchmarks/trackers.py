@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import psutil
 
-from common import Gateway, drop_database, fresh_database, machine, raise_fd_limit, simulate, simulate_argv, workspace
+from common import Gateway, drop_database, fresh_database, idle, machine, raise_fd_limit, simulate, workspace
+
+
+TELTONIKA = ("--teltonika", "tcp:0:interface=127.0.0.1")
 
 
 def fresh(tmp: Path, server: str, name: str) -> tuple[Gateway, str]:
     dsn = fresh_database(server, name)
-    extra = ("--teltonika", "tcp:0:interface=127.0.0.1")
-    return Gateway(dsn, tmp / f"gw-{name}", *extra), dsn
+    return Gateway(dsn, tmp / f"gw-{name}", *TELTONIKA), dsn
 
 
 def run(tmp: Path, server: str, name: str, protocol: str, devices: int, rate: float, seconds: float) -> dict:
@@ -49,43 +49,6 @@ def run(tmp: Path, server: str, name: str, protocol: str, devices: int, rate: fl
     finally:
         gateway.stop()
         drop_database(server, name)
-
-
-def idle(tmp: Path, server: str, devices: int) -> dict:
-    """RSS once ``devices`` trackers are connected, a record a minute each."""
-    gateway, dsn = fresh(tmp, server, "trackers_idle")
-    process = psutil.Process(gateway.proc.pid)
-    before = process.memory_info().rss
-    argv = simulate_argv(gateway, dsn, "teltonika", devices, rate=devices / 60, duration=3600, batch=1)
-    sim = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = time.monotonic()
-    try:
-        connected = 0
-        port = gateway.ports["teltonika"]
-        while time.monotonic() - started < 300:
-            connected = sum(
-                1
-                for c in process.net_connections("tcp")
-                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
-            )
-            if connected >= devices:
-                break
-            time.sleep(1)
-        all_in = time.monotonic() - started
-        time.sleep(3)
-        rss = process.memory_info().rss
-    finally:
-        sim.terminate()
-        sim.wait(60)
-        gateway.stop()
-        drop_database(server, "trackers_idle")
-    return {
-        "devices": devices,
-        "connected": connected,
-        "connect_s": round(all_in, 1),
-        "rss_mb": round(rss / 2**20, 1),
-        "kb_per_tracker": round((rss - before) / 1024 / max(1, connected), 1),
-    }
 
 
 def main() -> None:
@@ -110,10 +73,12 @@ def main() -> None:
             f"readings/s); {args.devices} TGP devices: {tgp['rate']:,.0f} readings/s; at half the trackers' most: "
             f"answers p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms"
         )
-        figures["idle"] = quiet = idle(tmp, server, args.idle)
+        dsn = fresh_database(server, "trackers_idle")
+        figures["idle"] = quiet = idle(tmp, dsn, "teltonika", args.idle, *TELTONIKA)
+        drop_database(server, "trackers_idle")
         print(
-            f"{quiet['connected']:,} idle trackers: gateway RSS {quiet['rss_mb']} MB "
-            f"({quiet['kb_per_tracker']} KB a tracker)"
+            f"{quiet['connected']:,} idle trackers: gateway RSS {quiet['rss_mb']:.1f} MB "
+            f"({quiet['kb_per_device']:.1f} KB a tracker)"
         )
     figures.update({
         "teltonika_records_per_s": most["rate"],
