@@ -40,7 +40,7 @@ from gateway.readings import (
     check_reading,
 )
 from gateway.transports.devices import DeviceListenerFactory
-from gateway.transports.tracker_session import TrackerSession
+from gateway.transports.tracker_session import TrackerDownlink, TrackerSession
 from gateway.transports.trackers import Jumps, held_back
 from protocols import gt06
 
@@ -150,15 +150,13 @@ class Gt06Protocol(TrackerSession):
 
 
 @implementer(IDownlink)
-class Gt06Downlink:
+class Gt06Downlink(TrackerDownlink):
     """Online commands (0x80) to one tracker; the server flag of each names its answer."""
 
     transport = "gt06"
 
     def __init__(self, session: Gt06Protocol, device: str, commands: Any) -> None:
-        self.session = session
-        self.device = device
-        self.commands = commands
+        super().__init__(session, device, commands)
         self.in_flight: dict[int, Command] = {}  # server flag -> command
         self._flag = 0
 
@@ -183,12 +181,8 @@ class Gt06Downlink:
 
     def answered(self, flag: int, text: str) -> None:
         command = self.in_flight.pop(flag, None)
-        if command is None:
-            return
-        d = Deferred.fromCoroutine(self.commands.finished(self.device, command.id, "succeeded", {"response": text},
-                                                          self.transport))  # fmt: skip
-        d.addErrback(lambda f: log.warn("the answer to {id} not recorded: {e}", id=command.id, e=f.value))
-        d.addBoth(lambda _: self.commands.flush(self.device))
+        if command is not None:
+            self._succeeded(command, text)
 
 
 class Gt06Factory(DeviceListenerFactory):

@@ -47,7 +47,7 @@ from gateway.readings import (
     WriteResult,
 )
 from gateway.transports.devices import DeviceListenerFactory
-from gateway.transports.tracker_session import TrackerSession
+from gateway.transports.tracker_session import TrackerDownlink, TrackerSession
 from gateway.transports.trackers import Jumps, allowed, held_back, record_readings
 from protocols import teltonika
 
@@ -126,15 +126,13 @@ class TeltonikaProtocol(TrackerSession):
 
 
 @implementer(IDownlink)
-class TeltonikaDownlink:
+class TeltonikaDownlink(TrackerDownlink):
     """Codec 12 commands to one tracker: one in flight; its answer is its result."""
 
     transport = "teltonika"
 
     def __init__(self, session: TeltonikaProtocol, device: str, commands: Any) -> None:
-        self.session = session
-        self.device = device
-        self.commands = commands
+        super().__init__(session, device, commands)
         self.in_flight: Command | None = None
 
     def room(self) -> int:
@@ -150,12 +148,8 @@ class TeltonikaDownlink:
 
     def answered(self, text: str) -> None:
         command, self.in_flight = self.in_flight, None
-        if command is None:
-            return
-        d = Deferred.fromCoroutine(self.commands.finished(self.device, command.id, "succeeded", {"response": text},
-                                                          self.transport))  # fmt: skip
-        d.addErrback(lambda f: log.warn("the answer to {id} not recorded: {e}", id=command.id, e=f.value))
-        d.addBoth(lambda _: self.commands.flush(self.device))
+        if command is not None:
+            self._succeeded(command, text)
 
 
 class TeltonikaFactory(DeviceListenerFactory):

@@ -27,6 +27,24 @@ from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA
 log = Logger()
 
 
+class TrackerDownlink:
+    """What a tracker's downlink has whatever its protocol: the session it writes on, and the recording of
+    an answer (the command succeeded, with the tracker's text) before the next due command is sent."""
+
+    transport = ""  # the protocol's name, for the ledger's counts
+
+    def __init__(self, session: Any, device: str, commands: Any) -> None:
+        self.session = session
+        self.device = device
+        self.commands = commands
+
+    def _succeeded(self, command: Any, text: str) -> None:
+        d = Deferred.fromCoroutine(self.commands.finished(self.device, command.id, "succeeded", {"response": text},
+                                                          self.transport))  # fmt: skip
+        d.addErrback(lambda f: log.warn("the answer to {id} not recorded: {e}", id=command.id, e=f.value))
+        d.addBoth(lambda _: self.commands.flush(self.device))
+
+
 class TrackerSession(DeviceConnection):
     """A tracker's connection; a subclass gives ``conn`` (its codec), ``framing_error``, ``_handle`` and
     ``_answer``, and the downlink it attaches (``make_downlink``)."""
