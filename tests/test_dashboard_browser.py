@@ -75,13 +75,21 @@ class Browser:
         self.taken.append(path.name)
 
     def until(self, what: str, check) -> object:
+        """Wait for check to hold; an element the page re-rendered meanwhile is looked up again."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        wait = WebDriverWait(
+            self.driver,
+            WAIT,
+            poll_frequency=0.2,
+            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        )
         try:
-            return WebDriverWait(self.driver, WAIT, poll_frequency=0.2).until(lambda d: check(d))
-        except Exception:
+            return wait.until(lambda d: check(d))
+        except Exception as e:
             self.shot(f"failed-{what}")
-            raise AssertionError(f"waited {WAIT:g}s for {what}; screenshots in {self.shots}") from None
+            raise AssertionError(f"waited for {what}: {type(e).__name__}: {e}; screenshots in {self.shots}") from None
 
     def js(self, script: str, *args: object) -> object:
         return self.driver.execute_script(script, *args)
@@ -391,12 +399,11 @@ async def test_an_operator_sends_a_command_from_the_device_page_and_watches_it_s
         await response.content()
 
         def watch_it_succeed() -> str:
-            b.until(
-                "the command to show succeeded",
-                lambda d: "succeeded" in d.find_element(By.CSS_SELECTOR, f"[data-command='{id_}']").text,
-            )
+            # The table is drawn again every few seconds: read it in one step inside the page.
+            row = f"const r = document.querySelector(\"[data-command='{id_}']\"); return r ? r.innerText : ''"
+            b.until("the command to show succeeded", lambda d: "succeeded" in b.js(row))
             b.shot("command-succeeded")
-            return b.driver.find_element(By.ID, "device-commands").text
+            return b.js("return document.getElementById('device-commands').innerText")
 
         text = await deferToThread(watch_it_succeed)
         assert '{"hz":5}' in text and "https" in text
