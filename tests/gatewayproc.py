@@ -16,7 +16,7 @@ import psutil
 from tests.conftest import script
 
 LISTENING = re.compile(
-    r"listening for (HTTPS|TGP|TGP over TLS|MQTT|MQTT over TLS|Teltonika|GT06|the SSH console"
+    r"listening for (HTTPS|TGP|TGP over TLS|MQTT|MQTT over TLS|Teltonika|Teltonika over UDP|GT06|the SSH console"
     r"|/metrics and /healthz \(HTTP\)) "
     r"on [\d.]+:(\d+)"
 )
@@ -27,6 +27,7 @@ PORTS = {
     "MQTT": "mqtt_port",
     "MQTT over TLS": "mqtt_tls_port",
     "Teltonika": "teltonika_port",
+    "Teltonika over UDP": "teltonika_udp_port",
     "GT06": "gt06_port",
     "the SSH console": "manhole_port",
     "/metrics and /healthz (HTTP)": "metrics_port",
@@ -55,6 +56,7 @@ class GatewayProcess:
         self.mqtt_port: int | None = None
         self.mqtt_tls_port: int | None = None
         self.teltonika_port: int | None = None
+        self.teltonika_udp_port: int | None = None
         self.gt06_port: int | None = None
         self.manhole_port: int | None = None
         self.metrics_port: int | None = None
