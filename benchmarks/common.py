@@ -161,7 +161,7 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
     }
 
 
-LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT|Teltonika|GT06) on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT|Teltonika|Teltonika over UDP|GT06) on [\d.]+:(\d+)")
 
 
 class Gateway:
@@ -208,7 +208,7 @@ class Gateway:
             m = LISTENING.search(line)
             if m:
                 names = {"HTTPS": "https", "TGP": "tcp", "TGP over TLS": "tls", "MQTT": "mqtt"}
-                names.update({"Teltonika": "teltonika", "GT06": "gt06"})
+                names.update({"Teltonika": "teltonika", "Teltonika over UDP": "teltonika-udp", "GT06": "gt06"})
                 self.ports[names[m.group(1)]] = int(m.group(2))
             if "gateway ready" in line:
                 break

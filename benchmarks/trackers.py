@@ -7,7 +7,10 @@ Vehicle trackers through the gateway, beside TGP in the same run.
    simulated Teltonika trackers (Codec 8, 10 records a packet, each record a
    position and three IO elements: nine readings), and the most readings a
    second from as many TGP devices (10 readings a frame), each on a fresh
-   database; then the trackers at half their most: the answer's p50 and p99.
+   database; then the trackers at half their most: the answer's p50 and p99;
+   then as many trackers over UDP (a datagram of 10 records, sent again
+   unchanged until answered): records a second at most, and a check that
+   every answered record is stored.
 2. The gateway's RSS with ``--idle`` Teltonika trackers connected, each
    sending a record a minute.
 
@@ -23,11 +26,23 @@ import json
 from pathlib import Path
 
 import psutil
+import psycopg2
 
 from common import Gateway, drop_database, fresh_database, idle, machine, raise_fd_limit, simulate, workspace
 
 
-TELTONIKA = ("--teltonika", "tcp:0:interface=127.0.0.1")
+TELTONIKA = ("--teltonika", "tcp:0:interface=127.0.0.1", "--teltonika", "udp:0:interface=127.0.0.1")
+
+
+def stored_records(dsn: str) -> int:
+    """Records stored: one latitude each (every simulated record has a fix)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM readings r JOIN metrics m ON m.id = r.metric_id WHERE m.name = 'lat'")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
 
 
 def fresh(tmp: Path, server: str, name: str) -> tuple[Gateway, str]:
@@ -45,6 +60,11 @@ def run(tmp: Path, server: str, name: str, protocol: str, devices: int, rate: fl
         cpu = (after.user + after.system) - (before.user + before.system)
         result["gateway_cpu_s_per_million"] = cpu / max(1, result["acked"]) * 1e6
         result["gateway_rss_mb"] = process.memory_info().rss / 2**20
+        if protocol.startswith("teltonika"):
+            # Every answered record is stored (more may be: stored, but the answer was on its way at the end).
+            result["stored_records"] = stored_records(dsn)
+            if result["stored_records"] < result["acked"]:
+                raise SystemExit(f"{protocol}: {result['acked']} records answered, {result['stored_records']} stored")
         return result
     finally:
         gateway.stop()
@@ -68,10 +88,17 @@ def main() -> None:
         half = figures["teltonika_half"] = run(
             tmp, server, "trk_half", "teltonika", args.devices, most["rate"] / 2, args.duration
         )
+        udp = figures["teltonika_udp_max"] = run(
+            tmp, server, "trk_udp", "teltonika-udp", args.devices, 0, args.duration
+        )
         print(
             f"{args.devices} Teltonika trackers: {most['rate']:,.0f} records/s at most ({most['rate'] * 9:,.0f} "
             f"readings/s); {args.devices} TGP devices: {tgp['rate']:,.0f} readings/s; at half the trackers' most: "
             f"answers p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms"
+        )
+        print(
+            f"{args.devices} Teltonika trackers over UDP: {udp['rate']:,.0f} records/s at most "
+            f"({udp['rate'] / most['rate']:.2f} of TCP); {udp['acked']:,} answered, {udp['stored_records']:,} stored"
         )
         dsn = fresh_database(server, "trackers_idle")
         figures["idle"] = quiet = idle(tmp, dsn, "teltonika", args.idle, *TELTONIKA)
@@ -85,6 +112,7 @@ def main() -> None:
         "teltonika_readings_per_s": most["rate"] * 9,
         "tgp_readings_per_s": tgp["rate"],
         "teltonika_half_p99_ms": half["p99_ms"],
+        "teltonika_udp_records_per_s": udp["rate"],
         "idle_trackers_rss_mb": quiet["rss_mb"],
     })  # fmt: skip
     if args.json:

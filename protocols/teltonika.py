@@ -47,6 +47,7 @@ _HEAD = struct.Struct(">II")  # preamble, data length
 _CRC = struct.Struct(">I")
 _GPS = struct.Struct(">qBiihHBH")  # timestamp ms, priority, longitude, latitude, altitude, angle, satellites, speed
 _UDP_HEAD = struct.Struct(">HHBBH")  # length, packet id, not usable, AVL packet id, IMEI length
+_UDP_ACK = struct.Struct(">HHBBB")  # length (5), packet id, not usable, AVL packet id, records accepted
 
 
 class ProtocolError(Exception):
@@ -413,7 +414,17 @@ def decode_datagram(data: bytes) -> UdpPacket:
 
 
 def udp_ack(packet_id: int, avl_packet_id: int, accepted: int) -> bytes:
-    return struct.pack(">HHBBB", 5, packet_id, 1, avl_packet_id, accepted)
+    return _UDP_ACK.pack(5, packet_id, 1, avl_packet_id, accepted)
+
+
+def decode_udp_ack(data: bytes) -> tuple[int, int, int]:
+    """The tracker's end: a server's UDP answer as (packet id, AVL packet id, records accepted)."""
+    if len(data) != _UDP_ACK.size:
+        raise ProtocolError(f"an answer of {len(data)} bytes; a UDP answer has {_UDP_ACK.size}")
+    length, packet_id, _, avl_packet_id, accepted = _UDP_ACK.unpack(data)
+    if length != _UDP_ACK.size - 2:
+        raise ProtocolError(f"the answer says {length} bytes follow its length; {_UDP_ACK.size - 2} do")
+    return packet_id, avl_packet_id, accepted
 
 
 def encode_datagram(packet_id: int, avl_packet_id: int, imei: str, codec: int, records: list[Record]) -> bytes:

@@ -93,6 +93,20 @@ def test_the_udp_example_decodes_and_is_answered_with_its_ids():
     assert t.udp_ack(packet.packet_id, packet.avl_packet_id, 1) == bytes.fromhex("0005CAFE010501")
     again = t.encode_datagram(0xCAFE, 5, packet.imei, packet.codec, list(packet.records))
     assert t.decode_datagram(again) == packet
+    assert t.decode_udp_ack(bytes.fromhex("0005CAFE010501")) == (0xCAFE, 5, 1)  # the tracker's reading of it
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 255), st.integers(0, 255))
+def test_udp_answers_round_trip(packet_id, avl_packet_id, accepted):
+    assert t.decode_udp_ack(t.udp_ack(packet_id, avl_packet_id, accepted)) == (packet_id, avl_packet_id, accepted)
+
+
+@given(st.binary(max_size=12))
+def test_a_udp_answer_of_random_bytes_raises_only_protocol_errors(data):
+    try:
+        t.decode_udp_ack(data)
+    except t.ProtocolError:
+        assert data[:2] != b"\x00\x05" or len(data) != 7
 
 
 @pytest.mark.parametrize(

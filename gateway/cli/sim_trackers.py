@@ -1,5 +1,5 @@
 """
-The trackers of ``gatewayctl simulate --protocol teltonika`` (or ``gt06``):
+The trackers of ``gatewayctl simulate --protocol teltonika`` (``teltonika-udp``, ``gt06``):
 each signs in with its IMEI (the simulator binds one to each simulated
 device), drives a loop around its own point (a few km/h: a vehicle in a
 yard), and sends its readings as records: Teltonika packets of ``--batch``
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from twisted.internet import protocol
+from twisted.internet import protocol, task
 
 from gateway.cli.simulator import SimDevice
 from gateway.net.tcp import no_delay
@@ -36,6 +36,27 @@ def position(name: str, ts_us: int) -> tuple[float, float, int]:
     lat0, lon0 = 54.0 + (n % 100) * 0.01, 25.0 + (n // 100 % 100) * 0.01
     angle = ts_us / 1e6 / 600 + n
     return lat0 + 0.01 * math.sin(angle), lon0 + 0.01 * math.cos(angle), int(math.degrees(angle)) % 360
+
+
+def answered(device: SimDevice, readings: list[tuple[str, int, float]], sent_at: float) -> None:
+    """A tracker's packet answered: its records counted, with the answer's latency."""
+    if readings:
+        stats = device.sim.stats
+        stats.acked += len(readings)
+        now = device.sim.clock.seconds()
+        stats.latency(now - sent_at, now)
+        device.backoff.succeeded()
+
+
+def teltonika_records(device: SimDevice, readings: list[tuple[str, int, float]]) -> list[teltonika.Record]:
+    """A Teltonika record for each reading: where the tracker is then, and IO 239, 66 and 16."""
+    records = []
+    for _, ts_us, value in readings:
+        lat, lon, heading = position(device.name, ts_us)
+        gps = teltonika.Gps(lon, lat, 120, heading, 9, 7)
+        io = ((239, 1), (66, int(value * 200)), (16, ts_us // 1_000_000 % 10_000_000))
+        records.append(teltonika.Record(ts_us // 1000, 0, gps, 0, io))
+    return records
 
 
 class _Tracker(protocol.Protocol):
@@ -60,13 +81,7 @@ class _Tracker(protocol.Protocol):
         raise NotImplementedError
 
     def acked(self, key: int) -> None:
-        readings, sent_at = self.in_flight.pop(key, ([], 0.0))
-        if readings:
-            stats = self.sim.stats
-            stats.acked += len(readings)
-            now = self.sim.clock.seconds()
-            stats.latency(now - sent_at, now)
-            self.device.backoff.succeeded()
+        answered(self.device, *self.in_flight.pop(key, ([], 0.0)))
         self.pump()
 
     def pump(self) -> None:
@@ -127,17 +142,11 @@ class TeltonikaTracker(_Tracker):
             readings = self.device.take(min(self.sim.batch, 255))
             if not readings:
                 return
-            records = []
-            for _, ts_us, value in readings:
-                lat, lon, heading = position(self.device.name, ts_us)
-                gps = teltonika.Gps(lon, lat, 120, heading, 9, 7)
-                io = ((239, 1), (66, int(value * 200)), (16, ts_us // 1_000_000 % 10_000_000))
-                records.append(teltonika.Record(ts_us // 1000, 0, gps, 0, io))
             self._seq += 1
             self.in_flight[self._seq] = (readings, self.sim.clock.seconds())
             self._order.append(self._seq)
             self.sim.stats.sent += len(readings)
-            self.transport.write(teltonika.avl_packet(teltonika.CODEC_8, records))
+            self.transport.write(teltonika.avl_packet(teltonika.CODEC_8, teltonika_records(self.device, readings)))
 
 
 class Gt06Tracker(_Tracker):
@@ -196,3 +205,88 @@ class Gt06Tracker(_Tracker):
             self.in_flight[serial] = (readings, self.sim.clock.seconds())
             self.sim.stats.sent += 1
             self.transport.write(gt06.DeviceConnection.location(where, serial))
+
+
+class TeltonikaUdpTracker(protocol.DatagramProtocol):
+    """
+    Teltonika over UDP, a socket of its own: up to four datagrams of ``--batch``
+    records in flight, each sent again unchanged (same packet ids) every
+    RESEND seconds until its answer comes, as a tracker does; the gateway
+    stores a datagram once however often it comes. No commands: Codec 12
+    needs the TCP connection.
+    """
+
+    RESEND = 2.0
+    transport: Any  # the socket, connected to the gateway once started
+
+    def __init__(self, device: SimDevice, address: str) -> None:
+        self.device = device
+        self.sim = device.sim
+        self.address = address  # the gateway's
+        self.ready = False
+        self.window = 4
+        self.in_flight: dict[int, tuple[list[tuple[str, int, float]], float]] = {}
+        self._datagrams: dict[int, tuple[bytes, float]] = {}  # packet id: the datagram, when it was last sent
+        self._packet_id = 0
+        self._resender: task.LoopingCall | None = None
+
+    def startProtocol(self) -> None:
+        self.transport.connect(self.address, self.sim.port)
+        self.device.client = self
+        self.ready = True
+        self.sim.stats.connected += 1
+        self._resender = task.LoopingCall(self._resend)
+        self._resender.clock = self.sim.clock
+        self._resender.start(self.RESEND / 4, now=False)
+        self.pump()
+
+    def stopProtocol(self) -> None:
+        if self._resender is not None and self._resender.running:
+            self._resender.stop()
+        if self.ready:
+            self.sim.stats.connected -= 1
+        self.ready = False
+
+    def pump(self) -> None:
+        while self.ready and len(self.in_flight) < self.window and not self.sim.stopping:
+            readings = self.device.take(min(self.sim.batch, 255))
+            if not readings:
+                return
+            self._packet_id = self._packet_id % 0xFFFF + 1
+            records = teltonika_records(self.device, readings)
+            imei = imei_of(self.device.name)
+            datagram = teltonika.encode_datagram(
+                self._packet_id, self._packet_id % 256, imei, teltonika.CODEC_8, records
+            )
+            now = self.sim.clock.seconds()
+            self.in_flight[self._packet_id] = (readings, now)
+            self._datagrams[self._packet_id] = (datagram, now)
+            self.sim.stats.sent += len(readings)
+            self.transport.write(datagram)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        try:
+            packet_id, _, accepted = teltonika.decode_udp_ack(data)
+        except teltonika.ProtocolError:
+            self.sim.stats.errors["a bad UDP answer"] += 1
+            return
+        if packet_id not in self.in_flight:
+            return  # the answer to a datagram sent twice, already counted
+        readings, sent_at = self.in_flight.pop(packet_id)
+        del self._datagrams[packet_id]
+        if accepted < len(readings):  # the rest go again in a later datagram
+            self.device.give_back(readings[accepted:])
+            self.sim.stats.errors["records not accepted"] += len(readings) - accepted
+        answered(self.device, readings[:accepted], sent_at)
+        self.pump()
+
+    def _resend(self) -> None:
+        now = self.sim.clock.seconds()
+        for packet_id, (datagram, last) in list(self._datagrams.items()):
+            if now - last >= self.RESEND:
+                self._datagrams[packet_id] = (datagram, now)
+                self.sim.stats.errors["UDP datagrams sent again"] += 1
+                self.transport.write(datagram)
+
+    def connectionRefused(self) -> None:
+        self.sim.stats.errors["UDP port unreachable"] += 1

@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError(f"--ca {str(ca)!r}: cannot load a certificate to trust ({e})") from None
     with database(args) as conn:
         devices = provision_simulated(conn, args.devices)
-        if args.protocol in ("teltonika", "gt06"):
+        if args.protocol in ("teltonika", "teltonika-udp", "gt06"):
             bind_imeis(conn, [name for name, _ in devices])
     what = counted(len(devices), "device")
     note(f"simulating {what} over {args.protocol} against {args.target} for {args.duration:g}s")
@@ -126,10 +126,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "gt06"),
+        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "teltonika-udp", "gt06"),
         default="tcp",
-        help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), or trackers (teltonika, gt06: "
-        "a reading is a record) [default: tcp]",
+        help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), or trackers (teltonika, "
+        "teltonika-udp, gt06: a reading is a record) [default: tcp]",
     )
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="5", help="for mqtt/mqtts [default: 5]")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="for mqtt/mqtts [default: 1]")

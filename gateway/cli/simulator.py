@@ -400,7 +400,7 @@ def _json(text: str) -> Any:
 
 def _connected(client: Any) -> bool:
     """A device on a connection of its own (TGP or MQTT), rather than HTTPS requests."""
-    return isinstance(client, protocol.Protocol)
+    return isinstance(client, (protocol.Protocol, protocol.DatagramProtocol))
 
 
 def readings_body(readings: list[tuple[str, int, float]]) -> bytes:
@@ -421,7 +421,7 @@ class Simulation:
         self.batch = args.batch
         self.stats = Stats()
         self.commands = CommandRunner(reactor, getattr(args, "command_delay", 1.0))
-        self.step_us = {"teltonika": 1000, "gt06": 1_000_000}.get(args.protocol, 1)
+        self.step_us = {"teltonika": 1000, "teltonika-udp": 1000, "gt06": 1_000_000}.get(args.protocol, 1)
         self.stopping = False
         host, _, port = args.target.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
@@ -441,6 +441,13 @@ class Simulation:
             from gateway.cli.sim_mqtt import MQTTClient
 
             return endpoint.connect(protocol.Factory.forProtocol(lambda: MQTTClient(device)))
+        if self.args.protocol == "teltonika-udp":
+            from gateway.cli.sim_trackers import TeltonikaUdpTracker
+
+            def listen(address: str) -> None:  # a UDP socket is connected to an address, not a name
+                self.reactor.listenUDP(0, TeltonikaUdpTracker(device, address), "", 2048)
+
+            return self.reactor.resolve(self.host).addCallback(listen)
         if self.args.protocol in ("teltonika", "gt06"):
             from gateway.cli.sim_trackers import Gt06Tracker, TeltonikaTracker
 
