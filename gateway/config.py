@@ -56,6 +56,7 @@ from gateway.settings import (
 from gateway.transport import transport_settings
 from gateway.tables import known_keys
 from gateway.api.oidc import OidcSettings, oidc_from_table
+from gateway.ui.tiles import TILE_SETTINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -198,6 +199,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     *UPLOAD_SETTINGS,
     *COMMAND_SETTINGS,
+    *TILE_SETTINGS,
     Setting(
         "sink-stall",
         300.0,
@@ -314,6 +316,8 @@ class GatewayConfig:
     retention: float | None
     command_retention: float
     command_resend: float
+    ui_tiles: str | None
+    ui_tiles_attribution: str | None
     compress_after: float | None
     pack_after: float | None
     partition: float

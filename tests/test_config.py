@@ -65,6 +65,10 @@ def test_options_read_the_config_file(tmp_path):
         ({"log-format": "xml"}, "log-format", "'xml' is not one of text, json"),
         ({"log-level": "chatty"}, "log-level", "is not one of debug"),
         ({"sink-stall": "1"}, "sink-stall", "outside"),
+        ({"ui-tiles": "http://tiles.example/{z}/{x}/{y}.png"}, "ui-tiles", "give an https:// tile URL"),
+        ({"ui-tiles": "https://tiles.example/{z}/{x}.png"}, "ui-tiles", "lacks {y}"),
+        ({"ui-tiles": "https://tiles.example/{z}/{x}/{y}.png; script-src *"}, "ui-tiles", "cannot be in a tile URL"),
+        ({"ui-tiles": "https://me:pw@tiles.example/{z}/{x}/{y}.png"}, "ui-tiles", "credentials"),
     ],
 )
 def test_bad_values_name_the_option(values, option, words):
@@ -170,3 +174,20 @@ def test_twistd_port_in_use_stops_with_one_line(tmp_path):
     assert "twistd gateway: --https: cannot listen on" in output
     assert "Address already in use" in output
     assert "Traceback" not in output
+
+
+def test_a_tile_server_widens_the_dashboards_policy_by_its_origin_alone():
+    from gateway.ui.resource import CSP
+    from gateway.ui.tiles import page_meta, page_policy
+
+    assert page_policy(CSP, None) == CSP and page_meta(None, None) == b""
+    config = build_config(
+        {"ui-tiles": "https://tiles.example:8443/osm/{z}/{x}/{y}.png", "ui-tiles-attribution": "© <b>"}
+    )
+    policy = page_policy(CSP, config.ui_tiles).decode()
+    assert "img-src 'self' data: blob: https://tiles.example:8443;" in policy
+    assert "connect-src 'self' https://tiles.example:8443;" in policy
+    assert policy.endswith("; worker-src blob:") and "script-src 'self';" in policy
+    assert policy.replace(" https://tiles.example:8443", "").replace("; worker-src blob:", "") == CSP.decode()
+    meta = page_meta(config.ui_tiles, config.ui_tiles_attribution).decode()
+    assert 'content="https://tiles.example:8443/osm/{z}/{x}/{y}.png"' in meta and "&lt;b&gt;" in meta

@@ -453,3 +453,95 @@ async def test_a_trackers_page_draws_its_track_from_its_positions(tmp_path, db_d
         if browser is not None:
             await deferToThread(browser.close)
         await close_gateway(service, gw)
+
+
+def one_tile() -> bytes:
+    """A 256×256 PNG of one colour, made here (zlib and struct), as a tile server would send."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xdd\xe8\xd0" * 256 for _ in range(256))
+    header = struct.pack(">IIBBBBB", 256, 256, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_tile_server_the_track_is_drawn_on_its_tiles_and_nothing_else_is_fetched(tmp_path, db_dsn, sql):
+    """--ui-tiles: the page's policy allows that origin (and the map's worker), the map fetches its tiles, and
+    the browser reports no violation; without the option the policy is the plain one (the test above)."""
+    from twisted.internet import ssl
+    from twisted.web import resource, server
+
+    asked: list[str] = []
+    png = one_tile()
+
+    class Tiles(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            asked.append(request.path.decode())
+            request.setHeader(b"content-type", b"image/png")
+            request.setHeader(b"access-control-allow-origin", b"*")  # as public tile servers answer
+            return png
+
+    # The tile server gets a certificate of its own making (the browser here accepts any).
+    key = ssl.KeyPair.generate(size=2048)
+    cert = key.selfSignedCert(1, CN="tiles")
+    tiles_port = reactor.listenSSL(0, server.Site(Tiles()), cert.options(), interface="127.0.0.1")
+    url = f"https://127.0.0.1:{tiles_port.getHost().port}/osm/{{z}}/{{x}}/{{y}}.png"
+    service, gw = await open_gateway(tmp_path, db_dsn, ui_tiles=url, ui_tiles_attribution="© test tiles")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser: Browser | None = None
+    try:
+        reader = (await ctl(db_dsn, "token", "add", "lead", "--role", "reader")).strip()
+        device = add_pg_device(sql, "van-2")
+        t0 = (NOW_MS // 60_000) * 60_000 - 1_200_000
+        readings = []
+        for i in range(20):
+            readings += [
+                {"metric": "lat", "ts": t0 + i * 60_000, "value": 54.68 + 0.0005 * i},
+                {"metric": "lon", "ts": t0 + i * 60_000, "value": 25.27 + 0.0005 * i},
+            ]
+        assert (await gw.post(device, readings))[0] == 200
+        browser = await deferToThread(Browser, tmp_path / "profile", shots)
+        b = browser
+
+        def the_map() -> dict:
+            b.sign_in(gw.url, reader)
+            b.driver.get(gw.url + "/ui/#/device/van-2")
+            b.until("the track on a map", lambda d: b.js(
+                "const g = document.getElementById('chart-track');"
+                "return g && g.dataset.map === 'tiles' && g.data && g.data[0].type === 'scattermap'"))  # fmt: skip
+            b.until("a tile fetched", lambda d: asked)
+            b.until("the tiles drawn", lambda d: b.js("return !!document.querySelector('#chart-track canvas')"))
+            b.shot("track-on-tiles")
+            return b.js(
+                "const g = document.getElementById('chart-track');"
+                "return {points: Number(g.dataset.points), lat: g.data[0].lat, zoom: g._fullLayout.map.zoom}"
+            )
+
+        drawn = await deferToThread(the_map)
+        assert drawn["points"] == len(drawn["lat"]) >= 5 and 10 <= drawn["zoom"] <= 16, drawn
+        assert all(path.startswith("/osm/") and path.endswith(".png") for path in asked), asked
+        zoom = round(drawn["zoom"])
+        assert any(path.startswith(f"/osm/{z}/") for path in asked for z in (zoom - 1, zoom, zoom + 1)), (zoom, asked)
+
+        # The page's policy names the tile server and nothing else new; no violation was reported.
+        response = await gw.http.get(gw.url + "/ui/")
+        policy = response.headers.getRawHeaders(b"content-security-policy")[0].decode()
+        await response.content()
+        origin = url.split("/osm/")[0]
+        assert f"img-src 'self' data: blob: {origin};" in policy and f"connect-src 'self' {origin};" in policy
+        assert "worker-src blob:" in policy and policy.count(origin) == 2
+        assert service.metrics.registry.get_sample_value("gateway_ui_csp_reports_total") == 0.0
+        logged = await deferToThread(b.driver.get_log, "browser")
+        assert [e for e in logged if e["level"] == "SEVERE" and e["source"] != "network"] == []
+    finally:
+        if browser is not None:
+            await deferToThread(browser.close)
+        await close_gateway(service, gw)
+        await tiles_port.stopListening()

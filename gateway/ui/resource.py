@@ -39,6 +39,7 @@ from gateway.api.sessions import COOKIE, NewSession, Sessions
 from gateway.ratelimit import RateLimitedLog
 from gateway.ops.metrics import GatewayMetrics
 from gateway.readings import format_ts
+from gateway.ui.tiles import page_meta, page_policy
 from gateway.web.site import NotFound
 from gateway.web.answers import answer_later, error_body, json_answer, same_origin
 
@@ -120,10 +121,16 @@ class Asset(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, read: Callable[[], bytes], content_type: bytes, in_thread: Callable[..., Deferred], immutable: bool
+        self,
+        read: Callable[[], bytes],
+        content_type: bytes,
+        in_thread: Callable[..., Deferred],
+        immutable: bool,
+        policy: bytes = CSP,
     ) -> None:
         super().__init__()
         self.read = read
+        self.policy = policy  # the page's Content-Security-Policy (the dashboard's, widened for a tile server)
         self.content_type = content_type
         self.in_thread = in_thread
         self.immutable = immutable
@@ -151,6 +158,7 @@ class Asset(resource.Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         secure_headers(request)
+        request.setHeader(b"content-security-policy", self.policy)
 
         def answer(file: Loaded) -> bytes:
             request.setHeader(b"content-type", self.content_type)
@@ -397,16 +405,22 @@ class UiResource(resource.Resource):
         metrics: GatewayMetrics,
         in_thread: Callable[..., Deferred],
         oidc: Oidc | None = None,
+        tiles: tuple[str | None, str | None] = (None, None),
     ) -> None:
         super().__init__()
         static = resources.files("gateway.ui") / "static"
         plotly_js, plotly_version = plotly_file()
         self.plotly_path = f"/ui/vendor/plotly-{plotly_version}.min.js"
+        tile_url, attribution = tiles
 
         def page() -> bytes:
-            return (static / "index.html").read_bytes().replace(b"{{plotly}}", self.plotly_path.encode())
+            body = (static / "index.html").read_bytes().replace(b"{{plotly}}", self.plotly_path.encode())
+            return body.replace(b"{{tiles}}", page_meta(tile_url, attribution))
 
-        self.putChild(b"", Asset(page, b"text/html; charset=utf-8", in_thread, immutable=False))
+        self.putChild(
+            b"",
+            Asset(page, b"text/html; charset=utf-8", in_thread, immutable=False, policy=page_policy(CSP, tile_url)),
+        )
         self.putChild(b"app.js", Asset((static / "app.js").read_bytes, b"text/javascript", in_thread, False))
         self.putChild(b"app.css", Asset((static / "app.css").read_bytes, b"text/css", in_thread, False))
         vendor = Folder()

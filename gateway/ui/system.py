@@ -62,7 +62,9 @@ class Surfaces:
             health=health,
             metrics_here=config.metrics is None,
             api=ApiResource(self.api),
-            ui=UiResource(self.api, self.sessions, metrics, in_thread, self.oidc),
+            ui=UiResource(
+                self.api, self.sessions, metrics, in_thread, self.oidc, (config.ui_tiles, config.ui_tiles_attribution)
+            ),
             v1=v1,
         )
 

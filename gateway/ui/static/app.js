@@ -6,6 +6,11 @@
   const REFRESH_MS = 5000;
   const PAGE = 100;
   const RANGES = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3 };
+  // The tile server an administrator configured (--ui-tiles), or null: tracks are then drawn on plain axes.
+  const TILES = (() => {
+    const meta = document.querySelector('meta[name="gateway-tiles"]');
+    return meta ? { url: meta.content, attribution: meta.dataset.attribution || "" } : null;
+  })();
   // Names in natural order, as the read API lists devices: sim-2 before sim-10.
   const NATURAL = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
   const state = { session: null, timer: null, view: null, sort: {}, busy: false };
@@ -322,18 +327,47 @@
       const points = Math.max(50, Math.min(2000, Math.round(box.clientWidth || 600)));
       const ask = (m) => call(`/v1/devices/${enc(this.name)}/series${q({ metric: m, since: Math.round(since), until: Math.round(until), points })}`);
       const [lat, lon] = await Promise.all([ask("lat"), ask("lon")]);
-      const lons = new Map(lon.t.map((t, i) => [t, lon.mean[i]]));
-      const pairs = lat.t.map((t, i) => [lons.get(t), lat.mean[i], t]).filter(([x]) => x !== undefined);
+      const lonAt = new Map(lon.t.map((t, i) => [t, lon.mean[i]]));
+      const pairs = lat.t.map((t, i) => [lonAt.get(t), lat.mean[i], t]).filter(([x]) => x !== undefined);
       box.dataset.points = String(pairs.length);
-      const traces = [{
-        x: pairs.map((p) => p[0]), y: pairs.map((p) => p[1]), text: pairs.map((p) => new Date(p[2]).toLocaleString()),
-        mode: "lines+markers", name: "track", marker: { size: 4, color: "#0b5cad" }, line: { color: "#0b5cad", width: 1.5 },
-        hovertemplate: "%{text}<br>%{y:.5f}, %{x:.5f}<extra></extra>",
-      }];
-      const layout = {
-        title: { text: "track", font: { size: 14 } }, margin: { l: 60, r: 16, t: 36, b: 36 }, height: 360,
-        xaxis: { title: { text: "longitude" } }, yaxis: { title: { text: "latitude" }, scaleanchor: "x" }, showlegend: false,
+      const lons = pairs.map((p) => p[0]), lats = pairs.map((p) => p[1]);
+      const common = {
+        text: pairs.map((p) => new Date(p[2]).toLocaleString()), mode: "lines+markers", name: "track",
+        marker: { size: 4, color: "#0b5cad" }, line: { color: "#0b5cad", width: 1.5 },
+        hovertemplate: "%{text}<br>%{lat:.5f}, %{lon:.5f}<extra></extra>",
       };
+      const title = { text: "track", font: { size: 14 } };
+      let traces, layout;
+      if (TILES) {
+        // Over the administrator's tile server (--ui-tiles), the only other origin the page's policy allows.
+        const span = (v) => (v.length ? Math.max(...v) - Math.min(...v) : 0);
+        const mid = (v, dflt) => (v.length ? (Math.max(...v) + Math.min(...v)) / 2 : dflt);
+        // The zoom that fits the track: the map's world is 512 px wide at zoom 0, and latitudes stretch by 1/cos.
+        const stretch = 1 / Math.cos((mid(lats, 0) * Math.PI) / 180);
+        const fit = (degrees, px) => Math.log2((360 * px) / (512 * Math.max(degrees, 0.0005)));
+        const zoom = Math.max(1, Math.min(16, Math.min(fit(span(lons), (box.clientWidth || 600) - 16),
+                                                       fit(span(lats) * stretch, 376)) - 0.4));
+        traces = [{ type: "scattermap", lon: lons, lat: lats, ...common }];
+        layout = {
+          title, margin: { l: 8, r: 8, t: 36, b: 8 }, height: 420, showlegend: false,
+          map: {
+            style: {
+              version: 8,
+              sources: { tiles: { type: "raster", tiles: [TILES.url], tileSize: 256, attribution: TILES.attribution } },
+              layers: [{ id: "tiles", type: "raster", source: "tiles" }],
+            },
+            center: { lat: mid(lats, 0), lon: mid(lons, 0) }, zoom,
+          },
+        };
+        box.dataset.map = "tiles";
+      } else {
+        traces = [{ x: lons, y: lats, ...common, hovertemplate: "%{text}<br>%{y:.5f}, %{x:.5f}<extra></extra>" }];
+        layout = {
+          title, margin: { l: 60, r: 16, t: 36, b: 36 }, height: 360, showlegend: false,
+          xaxis: { title: { text: "longitude" } }, yaxis: { title: { text: "latitude" }, scaleanchor: "x" },
+        };
+        box.dataset.map = "axes";
+      }
       await Plotly.react(box, traces, layout, { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["toImage"] });
     },
     async loadQuarantine() {
