@@ -55,6 +55,8 @@ class Device:
     id: int
     name: str
     type: str | None = None  # its [device_types.NAME] mapping, for vendor JSON
+    # The address ranges a tracker bound to it may connect from (gatewayctl device set --allow); () any.
+    networks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,3 +164,20 @@ def test_a_tracker_is_bound_to_its_imei_once(db_dsn, sql):
     gatewayctl("device", "set", "truck-9", "--imei", "", "--db", db_dsn)
     gatewayctl("device", "set", "truck-10", "--imei", "356307042441013", "--db", db_dsn)
     assert sql("SELECT name, imei FROM devices ORDER BY name") == [("truck-10", "356307042441013"), ("truck-9", None)]
+
+
+def test_a_trackers_allowed_ranges_are_set_shown_and_cleared(db_dsn, sql):
+    """gatewayctl device add/set --allow: address ranges (repeatable), checked; '' clears them."""
+    import json
+
+    from tests.gatewayproc import gatewayctl
+
+    gatewayctl("device", "add", "truck-9", "--imei", "356307042441013", "--allow", "10.64.0.0/10", "--db", db_dsn)
+    assert sql("SELECT allow::text[] FROM devices") == [(["10.64.0.0/10"],)]
+    gatewayctl("device", "set", "truck-9", "--allow", "10.64.1.7/10", "--allow", "2001:db8::/32", "--db", db_dsn)
+    shown = json.loads(gatewayctl("device", "show", "truck-9", "--json", "--db", db_dsn).stdout)
+    assert shown["allowed_from"] == ["10.64.0.0/10", "2001:db8::/32"] and shown["imei"] == "356307042441013"
+    bad = gatewayctl("device", "set", "truck-9", "--allow", "10.64.0.0/33", "--db", db_dsn, check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("is not an address range such as 10.64.0.0/10")
+    gatewayctl("device", "set", "truck-9", "--allow", "", "--db", db_dsn)
+    assert sql("SELECT allow FROM devices") == [(None,)]

@@ -281,3 +281,48 @@ async def test_a_record_that_cannot_be_a_reading_is_kept_then_answered(tmp_path,
         if tracker is not None:
             await deferToThread(tracker.close)
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_allowed_from_its_carriers_range_alone_refuses_its_imei_from_elsewhere(tmp_path, db_dsn, sql):
+    """gatewayctl device set --allow: its IMEI from 127.0.0.1 is refused (00) and the refusal says why; from
+    its range (127.0.0.0/8 here) it is accepted; another device without ranges is accepted from anywhere."""
+    from tests.test_teltonika_codec import UDP
+
+    await deferToThread(gatewayctl, "device", "add", "truck-9", "--imei", IMEI, "--allow", "10.64.0.0/10",
+                        "--db", db_dsn)  # fmt: skip
+    await deferToThread(gatewayctl, "device", "add", "van-3", "--imei", "352093086403655", "--allow", "10.0.0.0/8",
+                        "--db", db_dsn)  # fmt: skip
+    service = await start_service(
+        tmp_path, db_dsn, teltonika=["tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"]
+    )
+    trackers = []
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tracker = await deferToThread(Tracker, port_of(service))
+        trackers.append(tracker)
+        assert await deferToThread(tracker.accepted) == b"\x00"  # refused: not from its range
+        await until(lambda: sql("SELECT count(*) FROM rejected_input WHERE reason LIKE '%may connect only%'") == [(1,)])
+        assert sql("SELECT reason FROM rejected_input")[0][0] == (
+            f"not_allowed: IMEI {IMEI} is truck-9's, which may connect only from 10.64.0.0/10 "
+            "(gatewayctl device set --allow)"
+        )
+        # A datagram from outside van-3's range: not answered, and kept with the reason.
+        udp_port = service.transport("teltonika").udp_ports()[0].getHost().port
+        await deferToThread(sock.sendto, UDP, ("127.0.0.1", udp_port))
+        await until(lambda: sql("SELECT count(*) FROM rejected_input WHERE reason LIKE '%van-3''s%'") == [(1,)])
+        assert sql("SELECT count(*) FROM readings") == [(0,)]
+
+        await deferToThread(gatewayctl, "device", "set", "truck-9", "--allow", "127.0.0.0/8", "--db", db_dsn)
+        tracker = await deferToThread(Tracker, port_of(service))
+        trackers.append(tracker)
+        assert await deferToThread(tracker.accepted) == b"\x01"
+        await deferToThread(gatewayctl, "device", "set", "truck-9", "--allow", "", "--db", db_dsn)
+        tracker = await deferToThread(Tracker, port_of(service))
+        trackers.append(tracker)
+        assert await deferToThread(tracker.accepted) == b"\x01"
+    finally:
+        sock.close()
+        for tracker in trackers:
+            await deferToThread(tracker.close)
+        await service.stopService()

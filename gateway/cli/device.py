@@ -8,12 +8,14 @@ import json
 
 import psycopg2
 import psycopg2.errors
+from psycopg2.extensions import AsIs
 from typing import Any
 
 from gateway import tokens
 from gateway.commands import desired
 from gateway.commands.model import CommandError as Refused
 from gateway.readings import Source, NAME_RULE, is_name
+from gateway.transports.trackers import network
 from gateway.cli.common import (
     CommandError,
     add_with_token,
@@ -35,6 +37,20 @@ def _imei(text: str) -> str:
     return text
 
 
+def _networks(given: list[str]) -> AsIs | None:
+    """--allow, as many as given: address ranges, as a cidr[] value; '' or 'any' alone clears them."""
+    if given in ([""], ["any"]):
+        return None
+    if len(given) > 64:
+        raise CommandError(f"--allow: {len(given)} ranges; 64 at most (give wider ones)")
+    try:
+        ranges = [str(network(text)) for text in given]
+    except ValueError as e:
+        raise CommandError(f"--allow: {e}") from None
+    # Each is an address range as ipaddress writes it (hex digits, '.', ':' and '/'): safe between quotes.
+    return AsIs("ARRAY[" + ",".join(f"'{r}'" for r in ranges) + "]::cidr[]")
+
+
 def cmd_device_add(args: argparse.Namespace) -> None:
     if not is_name(args.name):
         raise CommandError(f"device name {args.name!r}: {NAME_RULE}")
@@ -43,6 +59,8 @@ def cmd_device_add(args: argparse.Namespace) -> None:
     columns: dict[str, Any] = {"device_type": kind, "expected_interval": expected}
     if args.imei is not None:
         columns["imei"] = _imei(args.imei)
+    if args.allow:
+        columns["allow"] = _networks(args.allow)
     try:
         add_with_token(args, "devices", columns, "device")
     except psycopg2.errors.UniqueViolation:
@@ -57,8 +75,10 @@ def cmd_device_set(args: argparse.Namespace) -> None:
         changes["expected_interval"] = None if args.interval == "" else interval(args.interval)
     if args.imei is not None:
         changes["imei"] = None if args.imei == "" else _imei(args.imei)
+    if args.allow:
+        changes["allow"] = _networks(args.allow)
     if not changes:
-        raise CommandError("nothing to set: give --type, --interval and/or --imei ('' to clear)")
+        raise CommandError("nothing to set: give --type, --interval, --imei and/or --allow ('' to clear)")
     with database(args) as conn:
         with conn.cursor() as cur:
             assignments = ", ".join(f"{column} = %({column})s" for column in changes)
@@ -75,7 +95,10 @@ def cmd_device_set(args: argparse.Namespace) -> None:
         conn.commit()
     note(
         f"device {args.name}: "
-        + ", ".join(f"{k.replace('_', ' ')} {v if v is not None else 'cleared'}" for k, v in changes.items())
+        + ", ".join(
+            f"{k.replace('_', ' ')} {'cleared' if v is None else ' '.join(args.allow) if k == 'allow' else v}"
+            for k, v in changes.items()
+        )
     )
 
 
@@ -154,7 +177,8 @@ SELECT d.id, d.name, d.created_at, d.last_seen, d.last_source, d.revoked_at,
        (SELECT max(r.ts) FROM readings r WHERE r.device_id = d.id),
        (SELECT count(*) FROM rejected_input j WHERE j.device = d.name),
        (SELECT j.reason FROM rejected_input j WHERE j.device = d.name ORDER BY j.received_at DESC LIMIT 1),
-       (SELECT max(j.received_at) FROM rejected_input j WHERE j.device = d.name)
+       (SELECT max(j.received_at) FROM rejected_input j WHERE j.device = d.name),
+       d.imei, d.allow::text[]
 FROM devices d WHERE d.name = %s
 """
 
@@ -165,7 +189,7 @@ def cmd_device_show(args: argparse.Namespace) -> None:
         row = cur.fetchone()
     if row is None:
         raise CommandError(f"no device {args.name!r}")
-    _, name, created, seen, source, revoked, readings, metrics, newest, rejected, reason, rejected_at = row
+    _, name, created, seen, source, revoked, readings, metrics, newest, rejected, reason, rejected_at, imei, allow = row
     last = Source.parse(source)
     doc = {
         "name": name,
@@ -181,6 +205,8 @@ def cmd_device_show(args: argparse.Namespace) -> None:
         "rejected_inputs": rejected,
         "last_rejected": when(rejected_at) or None,
         "last_rejection": reason,
+        "imei": imei,
+        "allowed_from": allow,
     }
     if args.json:
         print(json.dumps(doc))
@@ -229,6 +255,12 @@ def cmd_device_desire(args: argparse.Namespace) -> None:
         note(f"desired configuration of {args.name} is version {state['version']}; to be applied: {left}")
 
 
+ALLOW_HELP = (
+    "an address range its tracker may connect from (10.64.0.0/10, the carrier's APN range), repeated for several; "
+    "from anywhere else its IMEI is refused"
+)
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     device = sub.add_parser("device", parents=[common], help="add, list, show, revoke and rotate devices")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
@@ -237,12 +269,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--type", help="its [device_types.NAME] in the config file: it posts that vendor JSON")
     p.add_argument("--interval", help="silent when nothing is heard for this long (90s, 10m, 1h) [default: its type's]")
     p.add_argument("--imei", help="a tracker's IMEI (15 digits): trackers sign in by it (Teltonika, GT06)")
+    p.add_argument("--allow", action="append", metavar="RANGE", help=ALLOW_HELP)
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("set", parents=[common], help="change a device's type, expected interval or IMEI")
     p.add_argument("name")
     p.add_argument("--type", help="its [device_types.NAME]; '' for none (it then posts the gateway's JSON)")
     p.add_argument("--interval", help="silent when nothing is heard for this long; '' for its type's")
     p.add_argument("--imei", help="a tracker's IMEI (15 digits); '' to unbind it")
+    p.add_argument("--allow", action="append", metavar="RANGE", help=ALLOW_HELP + "; '' for anywhere")
     p.set_defaults(func=cmd_device_set)
     p = dsub.add_parser("list", parents=[common], help="list devices: type, last seen, silent, quality flags")
     p.add_argument("--json", action="store_true", help="print them as one JSON list (as GET /v1/devices)")

@@ -49,6 +49,7 @@ outage keep being recognised from the last answer the database gave
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 from collections.abc import Callable, Iterator, Sequence
@@ -104,7 +105,7 @@ from gateway.storage.writes import (
 
 log = Logger()
 
-DEVICE_BY_IMEI = "SELECT id, name, device_type FROM devices WHERE imei = %s AND revoked_at IS NULL"
+DEVICE_BY_IMEI = "SELECT id, name, device_type, allow::text[] FROM devices WHERE imei = %s AND revoked_at IS NULL"
 DEADLOCK_RETRIES = 5
 MAX_REJECTS_IN_FLIGHT = 64
 CHECK_TIMEOUT = 2.0
@@ -250,8 +251,13 @@ class PostgresStore(Service):
         return self.credentials.device_key(name)
 
     def device_by_imei(self, imei: str) -> Deferred:
-        d = self.pool.run(lambda c: c.runQuery(DEVICE_BY_IMEI, (imei,)))
-        return d.addCallback(lambda rows: Device(int(rows[0][0]), rows[0][1], rows[0][2]) if rows else None)
+        def device(rows: list[tuple[Any, ...]]) -> Device | None:
+            if not rows:
+                return None
+            id_, name, kind, allow = rows[0]
+            return Device(int(id_), name, kind, tuple(ipaddress.ip_network(n) for n in allow or ()))
+
+        return self.pool.run(lambda c: c.runQuery(DEVICE_BY_IMEI, (imei,))).addCallback(device)
 
     def session_begins(self, device_id: int, client_id: str, clean_start: bool, expiry: int) -> Deferred:
         statement = SESSION_KEEP if expiry > 0 else SESSION_DROP

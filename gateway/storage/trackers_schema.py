@@ -15,4 +15,13 @@ TRACKER_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE devices ADD COLUMN imei text UNIQUE CHECK (imei ~ '^[0-9]{15}$');
         """,
     ),
+    (
+        21,
+        "the address ranges a tracker may connect from",
+        """
+        -- gatewayctl device set NAME --allow 10.64.0.0/10: a tracker bound to the device is refused from
+        -- anywhere else (an IMEI proves nothing; the carrier's APN range narrows who can claim it). NULL: any.
+        ALTER TABLE devices ADD COLUMN allow cidr[] CHECK (cardinality(allow) BETWEEN 1 AND 64);
+        """,
+    ),
 )

@@ -48,7 +48,7 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceListenerFactory
 from gateway.transports.tracker_session import TrackerDownlink, TrackerSession
-from gateway.transports.trackers import Jumps, allowed, held_back, record_readings
+from gateway.transports.trackers import Jumps, allowed, held_back, outside_networks, record_readings
 from protocols import teltonika
 
 log = Logger()
@@ -225,6 +225,9 @@ class TeltonikaUdp(protocol.DatagramProtocol):
             if device is None:
                 message = f"unknown or revoked IMEI {packet.imei} (gatewayctl device add NAME --imei {packet.imei})"
                 self.ingest.refuse(source, "unknown_imei", message, raw=data)
+                return
+            if not allowed(source.host, device.networks):
+                self.ingest.refuse(source, "not_allowed", outside_networks(device, packet.imei), raw=data)
                 return
             model = self.tracker_types.get(device.type or "")
             readings: list[Reading] = []

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from gateway.readings import CloseReason, Device, StoreOverloaded, StoreUnavailable
 from gateway.transports.devices import DeviceConnection
 from gateway.transports.session import Ticket
-from gateway.transports.trackers import allowed
+from gateway.transports.trackers import allowed, outside_networks
 from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA
 
 log = Logger()
@@ -114,6 +114,13 @@ class TrackerSession(DeviceConnection):
                 message = f"unknown or revoked IMEI {imei} (gatewayctl device add NAME --imei {imei})"
                 # Counted, logged at a bounded rate per address, and kept: an operator sees which IMEI knocked.
                 self.factory.ingest.refuse(self.source, "unknown_imei", message, raw=imei.encode(), closing=True)
+                refused()
+                self._close()
+                return
+            if not allowed(self.source.host, device.networks):
+                self.factory.ingest.refuse(
+                    self.source, "not_allowed", outside_networks(device, imei), raw=imei.encode(), closing=True
+                )
                 refused()
                 self._close()
                 return

@@ -191,6 +191,12 @@ def allowed(host: str, networks: Sequence[Network]) -> bool:
     return any(address in n for n in networks)
 
 
+def outside_networks(device: Any, imei: str) -> str:
+    """Why a tracker from outside its device's ranges (gatewayctl device set --allow) is refused."""
+    ranges = ", ".join(str(n) for n in device.networks)
+    return f"IMEI {imei} is {device.name}'s, which may connect only from {ranges} (gatewayctl device set --allow)"
+
+
 EARTH_KM = 6371.0088  # the mean radius
 
 
