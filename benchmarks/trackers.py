@@ -7,7 +7,8 @@ Vehicle trackers through the gateway, beside TGP in the same run.
    simulated Teltonika trackers (Codec 8, 10 records a packet, each record a
    position and three IO elements: nine readings), and the most readings a
    second from as many TGP devices (10 readings a frame), each on a fresh
-   database; then the trackers at half their most: the answer's p50 and p99;
+   database; then the trackers at half their most: the answer's p50 and p99,
+   beside TGP's at half of its most;
    then as many trackers over UDP (a datagram of 10 records, sent again
    unchanged until answered): records a second at most, and a check that
    every answered record is stored.
@@ -88,13 +89,18 @@ def main() -> None:
         half = figures["teltonika_half"] = run(
             tmp, server, "trk_half", "teltonika", args.devices, most["rate"] / 2, args.duration
         )
+        # The same number of TGP devices at half of their most, for the answers' p99 of a protocol without the
+        # trackers' code: what the machine itself adds at this load.
+        tgp_half = figures["tgp_half"] = run(tmp, server, "trk_tgp_half", "tcp", args.devices, tgp["rate"] / 2,
+                                             args.duration)  # fmt: skip
         udp = figures["teltonika_udp_max"] = run(
             tmp, server, "trk_udp", "teltonika-udp", args.devices, 0, args.duration
         )
         print(
             f"{args.devices} Teltonika trackers: {most['rate']:,.0f} records/s at most ({most['rate'] * 9:,.0f} "
             f"readings/s); {args.devices} TGP devices: {tgp['rate']:,.0f} readings/s; at half the trackers' most: "
-            f"answers p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms"
+            f"answers p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms; TGP at half its most: p50 "
+            f"{tgp_half['p50_ms']} ms, p99 {tgp_half['p99_ms']} ms"
         )
         print(
             f"{args.devices} Teltonika trackers over UDP: {udp['rate']:,.0f} records/s at most "
@@ -112,6 +118,7 @@ def main() -> None:
         "teltonika_readings_per_s": most["rate"] * 9,
         "tgp_readings_per_s": tgp["rate"],
         "teltonika_half_p99_ms": half["p99_ms"],
+        "tgp_half_p99_ms": tgp_half["p99_ms"],
         "teltonika_udp_records_per_s": udp["rate"],
         "idle_trackers_rss_mb": quiet["rss_mb"],
     })  # fmt: skip

@@ -115,6 +115,7 @@ def test_the_trackers_benchmark_reports_every_figure(tmp_path):
     for run in ("teltonika_max", "tgp_max", "teltonika_half"):
         assert figures[run]["acked"] > 0 and not figures[run]["errors"], (run, figures[run])
     assert figures["idle"]["connected"] == 20 and figures["idle_trackers_rss_mb"] > 0
+    assert figures["tgp_half_p99_ms"] > 0 and figures["tgp_half"]["acked"] > 0
     udp = figures["teltonika_udp_max"]
     assert udp["acked"] > 0 and udp["stored_records"] >= udp["acked"] and figures["teltonika_udp_records_per_s"] > 0
     assert "Teltonika trackers" in out.stdout and "idle trackers" in out.stdout and "over UDP" in out.stdout
