@@ -197,7 +197,7 @@ async def test_udp_datagrams_are_answered_after_commit_and_a_resent_one_stores_n
 
 
 def test_allowed_networks_are_ranges_and_none_means_any():
-    from gateway.transports.trackers import allowed, network
+    from gateway.net.ranges import allowed, network
 
     apn = [network("10.64.0.0/10"), network("2001:db8::/32")]
     assert allowed("10.64.1.2", apn) and allowed("10.127.255.255", apn) and allowed("2001:db8::7", apn)

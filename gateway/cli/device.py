@@ -15,7 +15,7 @@ from gateway import tokens
 from gateway.commands import desired
 from gateway.commands.model import CommandError as Refused
 from gateway.readings import Source, NAME_RULE, is_name
-from gateway.transports.trackers import network
+from gateway.net.ranges import network
 from gateway.cli.common import (
     CommandError,
     add_with_token,

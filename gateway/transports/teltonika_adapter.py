@@ -48,7 +48,8 @@ from gateway.readings import (
 )
 from gateway.transports.devices import DeviceListenerFactory
 from gateway.transports.tracker_session import TrackerDownlink, TrackerSession
-from gateway.transports.trackers import Jumps, allowed, held_back, outside_networks, record_readings
+from gateway.net.ranges import allowed
+from gateway.transports.trackers import Jumps, held_back, outside_networks, record_readings
 from protocols import teltonika
 
 log = Logger()

@@ -18,7 +18,8 @@ from gateway.transports.devices import SessionListeners
 from gateway.net.endpoints import EndpointSpec
 from gateway.transports.gt06_adapter import Gt06Factory
 from gateway.transports.teltonika_adapter import TeltonikaFactory, TeltonikaUdp
-from gateway.transports.trackers import Jumps, max_speed, network, tracker_types_from_tables
+from gateway.net.ranges import network
+from gateway.transports.trackers import Jumps, max_speed, tracker_types_from_tables
 
 log = Logger()
 

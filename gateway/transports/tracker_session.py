@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from gateway.readings import CloseReason, Device, StoreOverloaded, StoreUnavailable
 from gateway.transports.devices import DeviceConnection
 from gateway.transports.session import Ticket
-from gateway.transports.trackers import allowed, outside_networks
+from gateway.net.ranges import allowed
+from gateway.transports.trackers import outside_networks
 from protocols.sentinels import CONNECTION_CLOSED, NEED_DATA
 
 log = Logger()

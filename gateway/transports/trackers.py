@@ -28,7 +28,6 @@ config-file table of the same name replaces a built-in one.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -165,30 +164,6 @@ def record_readings(
         else:
             out.append(Reading(mapped.metric, ts_us, raw * mapped.scale + mapped.offset))
     return out, held, skipped
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def network(value: Any) -> Network:
-    """--tracker-allow: an address range such as 10.64.0.0/10 (the carrier's APN range)."""
-    try:
-        return ipaddress.ip_network(str(value), strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an address range such as 10.64.0.0/10") from None
-
-
-def allowed(host: str, networks: Sequence[Network]) -> bool:
-    """Whether a tracker at ``host`` may connect: any address when no range is given."""
-    if not networks:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in n for n in networks)
 
 
 def outside_networks(device: Any, imei: str) -> str:
