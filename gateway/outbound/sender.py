@@ -119,7 +119,7 @@ def describe_failure(f: Failure) -> str:
     return f"{type(value).__name__}: {text}"[:300] if text else type(value).__name__
 
 
-class _Snippet(Protocol):
+class Snippet(Protocol):
     """Reads a response body, keeping its first bytes."""
 
     def __init__(self, done: Deferred, limit: int) -> None:
@@ -170,7 +170,7 @@ class HTTPSender:
 
         def read(response: Any) -> Deferred:
             done: Deferred = Deferred()
-            response.deliverBody(_Snippet(done, RESPONSE_KEEP))
+            response.deliverBody(Snippet(done, RESPONSE_KEEP))
             retry_after = response.headers.getRawHeaders(b"retry-after", [None])[0]
             return done.addCallback(
                 lambda body: Reply(

@@ -57,6 +57,23 @@ class MQTTSink:
     format: str = "reading"  # "reading": one message per reading; "batch": the batch's lines in one
 
 
+@dataclass(frozen=True)
+class KinesisSink:
+    """What makes a sink an Amazon Kinesis Data Streams one (``kind = "kinesis"``)."""
+
+    stream: str  # a name, or an ARN (which names the region too)
+    region: str
+    endpoint: str  # https://kinesis.REGION.amazonaws.com, or the one given (an emulator, a VPC endpoint)
+    partition_key: str = "{device}"  # "device": with {device}; "reading": {device} and {metric}
+    format: str = "device"  # "device": one record of NDJSON lines per device; "reading": one per reading
+    profile: str | None = None  # a profile of the shared AWS config and credentials files
+
+    @property
+    def display(self) -> str:
+        """How status output names the stream."""
+        return self.stream if self.stream.startswith("arn:") else f"kinesis://{self.region}/{self.stream}"
+
+
 # The upload options: the defaults of every sink (a [[sink]] table may set its own).
 UPLOAD_SETTINGS = (
     Setting(
@@ -119,6 +136,7 @@ class Sink:
     gzip_level: int = 6
     rules: tuple[Rule, ...] = ()
     mqtt: MQTTSink | None = None  # set for mqtt:// and mqtts:// URLs
+    kinesis: KinesisSink | None = None  # set for kind = "kinesis"; url then names the stream
 
     @property
     def reduced(self) -> bool:
@@ -216,9 +234,17 @@ def sink_from_table(
     environ = os.environ if environ is None else environ
     if not isinstance(table, dict):
         raise SinkError(f"[[sink]] #{index + 1}: not a table")
-    label = f"[[sink]] {table.get('name') or table.get('url') or '#' + str(index + 1)!r}"
+    label = f"[[sink]] {table.get('name') or table.get('url') or table.get('stream') or '#' + str(index + 1)!r}"
+    kind = table.get("kind")
+    if kind == "kinesis":
+        return _kinesis_sink(table, defaults, environ, label)
     try:
+        if kind not in (None, "https", "mqtt"):
+            raise ValueError(f"kind: {kind!r} is not https, mqtt or kinesis")
+        table = {k: v for k, v in table.items() if k != "kind"}
         is_mqtt = isinstance(table.get("url"), str) and urlsplit(table["url"]).scheme in SCHEMES
+        if kind is not None and (kind == "mqtt") != is_mqtt:
+            raise ValueError(f"kind: {kind} does not go with url {table.get('url')!r} (MQTT's are mqtt:// or mqtts://)")
         allowed = {"name", "url", "ca", "reduce", *_FIELDS}
         if is_mqtt:  # no HTTP headers, and the messages are not compressed
             allowed = (allowed - {"gzip-level"}) | BROKER_KEYS | {"topic", "format"}
@@ -246,6 +272,75 @@ def sink_from_table(
     if mqtt is not None and mqtt.broker.ca is None and values.get("ca") is not None:
         mqtt = dataclasses.replace(mqtt, broker=dataclasses.replace(mqtt.broker, ca=values["ca"]))  # --upload-ca
     return Sink(name=name, url=url, headers=headers, rules=rules, mqtt=mqtt, **values)
+
+
+KINESIS_KEYS = {"kind", "name", "stream", "region", "endpoint", "partition-key", "format", "profile", "ca"}
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_ARN = re.compile(r"^arn:aws[a-z-]*:kinesis:([a-z0-9-]+):\d{12}:stream/([A-Za-z0-9_.-]{1,128})$")
+_STREAM = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _kinesis_sink(table: dict[str, Any], defaults: Mapping[str, Any], environ: Mapping[str, str], label: str) -> Sink:
+    """A [[sink]] with kind = "kinesis". Credentials come from AWS's own sources, never from this table."""
+    try:
+        spelled = {key.replace("_", "-") for key in table}
+        for secret in ("access-key", "secret-key", "aws-access-key-id", "aws-secret-access-key", "password"):
+            if secret in spelled:
+                raise ValueError(
+                    f"{secret}: AWS credentials are not taken from the config file; give them in the environment "
+                    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile of ~/.aws/credentials, or a role"
+                )
+        table = config_table(table, KINESIS_KEYS | set(_FIELDS), "; a Kinesis sink")
+        stream = table.get("stream")
+        if not isinstance(stream, str) or not stream:
+            raise ValueError("stream: give the stream's name or ARN")
+        arn = _ARN.match(stream)
+        if arn is None and not _STREAM.match(stream):
+            raise ValueError(f"stream: {stream!r} is neither a stream name (A-Z a-z 0-9 _ . -) nor a stream ARN")
+        region = table.get(
+            "region", arn.group(1) if arn else environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        )
+        if not isinstance(region, str) or not _REGION.match(region):
+            raise ValueError(f"region: {region!r} is not an AWS region such as eu-west-1 (give region = ...)")
+        if arn is not None and arn.group(1) != region:
+            raise ValueError(f"region: {region} is not the stream's ({arn.group(1)}, from its ARN)")
+        endpoint = table.get("endpoint")
+        if endpoint is None:
+            suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+            endpoint = f"https://kinesis.{region}.{suffix}"
+        else:
+            endpoint = check_url(endpoint)
+        kind = table.get("format", "device")
+        if kind not in ("device", "reading"):
+            raise ValueError(f"format: {kind!r} is not device (a record per device) or reading (one per reading)")
+        key = table.get("partition-key", "{device}")
+        if not isinstance(key, str) or not key:
+            raise ValueError("partition-key: give a template such as '{device}'")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(key) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"partition-key: {key!r}: {e}") from None
+        allowed = {"device", "metric"} if kind == "reading" else {"device"}
+        if fields - allowed:
+            given = ", ".join("{" + f + "}" for f in sorted(fields - allowed))
+            may = " and ".join("{" + f + "}" for f in sorted(allowed))
+            raise ValueError(f"partition-key: {key!r} has {given}; it may hold {may}")
+        profile = table.get("profile")
+        if profile is not None and (not isinstance(profile, str) or not profile):
+            raise ValueError("profile: give the name of a profile of ~/.aws/config")
+        kinesis = KinesisSink(stream, region, endpoint.rstrip("/"), key, kind, profile)
+        name = table.get("name", (arn.group(2) if arn else stream)[:64])
+        if not is_name(name):
+            raise ValueError(f"name: {NAME_RULE}")
+        values: dict[str, Any] = {**defaults, "gzip_level": 1}  # the body is unpacked into records: pack it lightly
+        for k, (attr, parse) in _FIELDS.items():
+            if k in table:
+                values[attr] = parse(table[k])
+        if "ca" in table:
+            values["ca"] = _ca_path(table["ca"])
+    except ValueError as e:
+        raise SinkError(f"{label}: {e}") from None
+    return Sink(name=name, url=kinesis.display, kinesis=kinesis, **values)
 
 
 def _mqtt_sink(table: Mapping[str, Any], environ: Mapping[str, str]) -> MQTTSink:

@@ -30,6 +30,7 @@ from gateway.reactor import Reactor
 from gateway.families import counter, gauge
 from gateway.outbound.ledger import HOLD_OWNER_LOCK, Batch, Ledger, Wait
 from gateway.storage.sinkstatus import LIVE_FIELDS, LIVE_STATUS
+from gateway.outbound.kinesis_sender import KinesisSender
 from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge
 from gateway.outbound.sinks import Sink
@@ -378,11 +379,13 @@ class Uploader(MultiService):
         self._monitor.clock = reactor
 
     def _loop(self, sink: Sink) -> SinkUploader:
-        sender: HTTPSender | MQTTSender
-        if sink.mqtt is None:
-            sender = HTTPSender(self.reactor, sink)
-        else:
+        sender: HTTPSender | MQTTSender | KinesisSender
+        if sink.mqtt is not None:
             sender = MQTTSender(self.reactor, sink, self.in_thread, self.owner)
+        elif sink.kinesis is not None:
+            sender = KinesisSender(self.reactor, sink, self.in_thread)
+        else:
+            sender = HTTPSender(self.reactor, sink)
         return SinkUploader(sink, self.ledger, sender, self.reactor)
 
     async def connect(self, dsn: str) -> None:
@@ -446,6 +449,7 @@ class Uploader(MultiService):
                 "readings_sent": c.readings_sent,
                 "failures": c.failures,
                 "last_error": c.last_error or None,
+                **(loop.sender.status() if isinstance(loop.sender, KinesisSender) else {}),
             }
         return out
 
@@ -463,6 +467,13 @@ class Uploader(MultiService):
             "batches": counter("gateway_upload_batches_sent", "Batches this process sent.", ["sink"]),
             "readings": counter("gateway_upload_readings_sent", "Readings this process sent.", ["sink"]),
             "failures": counter("gateway_upload_failures", "Failed attempts (to be retried).", ["sink"]),
+            "records_sent": counter("gateway_upload_records_sent", "Kinesis records the stream accepted.", ["sink"]),
+            "records_failed": counter(
+                "gateway_upload_records_failed",
+                "Kinesis records a partial answer did not accept (sent again).",
+                ["sink"],
+            ),
+            "throttles": counter("gateway_upload_throttles", "Kinesis calls throttled, whole or in part.", ["sink"]),
         }
         for name, s in self.sink_status().items():
             families["lag"].add_metric([name], s.get("lag_seconds") or 0.0)
@@ -472,6 +483,9 @@ class Uploader(MultiService):
             families["batches"].add_metric([name], s["batches_sent"])
             families["readings"].add_metric([name], s["readings_sent"])
             families["failures"].add_metric([name], s["failures"])
+            for key in ("records_sent", "records_failed", "throttles"):
+                if key in s:
+                    families[key].add_metric([name], s[key])
         yield from families.values()
 
     # -- changing sinks while running (SIGHUP) ------------------------------
