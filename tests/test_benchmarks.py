@@ -119,3 +119,18 @@ def test_the_trackers_benchmark_reports_every_figure(tmp_path):
     udp = figures["teltonika_udp_max"]
     assert udp["acked"] > 0 and udp["stored_records"] >= udp["acked"] and figures["teltonika_udp_records_per_s"] > 0
     assert "Teltonika trackers" in out.stdout and "idle trackers" in out.stdout and "over UDP" in out.stdout
+
+
+def test_the_kinesis_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kinesis.py"), "--backlog-seconds", "1", "--devices", "5",
+         "--json", str(tmp_path / "kinesis.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "kinesis.json").read_text())
+    assert figures["backlog"] > 0
+    for sink in ("https", "kinesis"):
+        f = figures[sink]
+        assert f["rate"] > 0 and f["gateway_cpu_s_per_million"] > 0 and f["ledger_sent"] >= figures["backlog"], f
+    assert figures["kinesis_over_https"] > 0 and "Kinesis sink" in out.stdout
