@@ -501,3 +501,70 @@ def test_a_lines_device_and_metric_are_read_off_its_head_and_escaped_names_are_p
     assert names(odd) == ('a"b', "m\\n")
     reordered = b'{"metric":"rpm","device":"truck-2","ts":"x","value":1}'
     assert names(reordered) == ("truck-2", "rpm")
+
+
+def test_credentials_that_expire_are_refreshed_before_they_lapse_and_looked_up_again_when_refused():
+    """botocore says when a refresh is due (15 minutes before the expiry); the refresh runs in the thread."""
+    import datetime
+
+    from botocore.credentials import RefreshableCredentials
+    from twisted.internet.defer import Deferred, succeed
+
+    from gateway.outbound.kinesis_sender import Credentials
+
+    made = []
+
+    def fetch(minutes: float) -> dict:
+        made.append(minutes)
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=minutes)
+        return {"access_key": f"AK{len(made)}", "secret_key": "s", "token": "t", "expiry_time": expiry.isoformat()}
+
+    in_thread_calls = []
+
+    def in_thread(f, *args):
+        in_thread_calls.append(getattr(f, "__name__", f))
+        return succeed(f(*args))
+
+    lasting = [60.0]
+    role = RefreshableCredentials.create_from_metadata(fetch(60), lambda: fetch(lasting[0]), "test-role")
+    creds = Credentials(None, in_thread)
+    creds._look_up = lambda: role  # the chain found this role (as an instance or container role is found)
+
+    def current():
+        return Deferred.fromCoroutine(creds.current()).result
+
+    assert current().access_key == "AK1" and len(made) == 1  # an hour left: no refresh
+    assert current().access_key == "AK1" and len(made) == 1
+    role._expiry_time = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=10)
+    assert current().access_key == "AK2" and len(made) == 2  # 10 minutes left: refreshed before it lapses
+    assert "get_frozen_credentials" in in_thread_calls  # in the thread, never on the reactor
+    assert in_thread_calls.count("<lambda>") == 1
+    creds.expired()  # the service said ExpiredTokenException
+    assert current().access_key == "AK2" and in_thread_calls.count("<lambda>") == 2  # the chain is asked again
+
+
+@pytest.mark.parametrize(
+    "kind, status, verdict",
+    [
+        ("ProvisionedThroughputExceededException", 400, "retry"),
+        ("LimitExceededException", 400, "retry"),
+        ("ExpiredTokenException", 400, "retry"),
+        ("ResourceNotFoundException", 400, "retry"),
+        ("InternalFailure", 500, "retry"),
+        ("AccessDeniedException", 400, "park"),
+        ("ValidationException", 400, "park"),
+        ("KMSAccessDeniedException", 400, "park"),
+    ],
+)
+def test_whole_call_refusals_are_retried_or_parked_as_they_say(kind, status, verdict):
+    from twisted.internet import reactor
+
+    from gateway.outbound.kinesis_sender import KinesisSender
+    from gateway.outbound.sender import judge
+
+    [sink] = sinks({"kind": "kinesis", "stream": "fleet", "region": REGION})
+    sender = KinesisSender(reactor, sink, None)
+    reply = sender._refused(status, {"__type": f"com.amazonaws.kinesis#{kind}", "message": "m"}, "{}")
+    assert judge(sink, reply, 0, 0.0, lambda: 0.5).kind == verdict and kind in reply.error
+    if kind == "ExpiredTokenException":
+        assert sender.credentials._source is None  # looked up again before the next call
