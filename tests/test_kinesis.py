@@ -317,6 +317,9 @@ async def test_a_backlog_reaches_the_stream_once_in_order_per_device(tmp_path, d
             assert {x["_key"] for x in lines if x["device"] == name} == {name}
         status = svc.uploader.sink_status()["stream"]
         assert status["stream"] == "fleet" and status["records_sent"] >= 3 and status["records_failed"] == 0
+        sample = svc.metrics.registry.get_sample_value
+        assert sample("gateway_upload_records_sent_total", {"sink": "stream"}) == status["records_sent"]
+        assert sample("gateway_upload_throttles_total", {"sink": "stream"}) == 0
         out = json.loads((await deferToThread(gatewayctl, "upload", "status", "--json", "--db", db_dsn)).stdout)
         assert [(s["name"], s["url"], s["lag_readings"]) for s in out] == [("stream", "kinesis://eu-west-1/fleet", 0)]
     finally:
