@@ -1,5 +1,6 @@
 """The gateway's built-in device transports, found as IDeviceTransport plugins (gateway/transport.py)."""
 
+from gateway.transports.amqp_source import AmqpPlugin
 from gateway.transports.builtin import BrokerPlugin, HttpsPlugin, ModbusPlugin, MqttPlugin, TgpPlugin
 from gateway.transports.tracker_plugins import Gt06Plugin, TeltonikaPlugin
 
@@ -7,6 +8,7 @@ https = HttpsPlugin()
 tgp = TgpPlugin()
 mqtt = MqttPlugin()
 mqtt_source = BrokerPlugin()
+amqp_source = AmqpPlugin()
 modbus = ModbusPlugin()
 teltonika = TeltonikaPlugin()
 gt06 = Gt06Plugin()
