@@ -35,14 +35,15 @@ def test_amqp_source_tables_are_read(monkeypatch):
     monkeypatch.setenv("AMQP_PASSWORD", "s3cret")
     [s] = sources({"name": "plant", "url": "amqps://gateway@rabbit.example/iot", "password": {"env": "AMQP_PASSWORD"},
                    "queue": "readings", "device_header": "device"})  # fmt: skip
-    assert (s.name, s.host, s.port, s.vhost, s.username, s.tls, s.queue, s.prefetch, s.format) == (
+    b = s.broker
+    assert (s.name, b.host, b.port, b.vhost, b.username, b.tls, s.queue, s.prefetch, s.format) == (
         "plant", "rabbit.example", 5671, "iot", "gateway", True, "readings", 200, "json",
     )  # fmt: skip
-    assert s.password == "s3cret" and "s3cret" not in repr(s)
+    assert b.password == "s3cret" and "s3cret" not in repr(s)
     [s] = sources({"url": "amqp://127.0.0.1", "queue": "q", "declare": True, "exchange": "iot",
                    "routing-keys": ["devices.#"], "dead-letter-exchange": "dlx", "device-routing-level": 1,
                    "format": "number", "prefetch": 50})  # fmt: skip
-    assert (s.name, s.port, s.vhost, s.username, s.device_header, s.device_routing_level) == (
+    assert (s.name, s.broker.port, s.broker.vhost, s.broker.username, s.device_header, s.device_routing_level) == (
         "q", 5672, "/", "guest", None, 1,
     )  # fmt: skip
     assert (s.exchange, s.routing_keys, s.dead_letter_exchange, s.prefetch) == ("iot", ("devices.#",), "dlx", 50)

@@ -10,18 +10,15 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from gateway.net.amqp import BROKER_KEYS, AmqpBroker, broker_from_table
 from gateway.tables import checked_number, config_table
-from gateway.trust import ca_file, loopback, secret_value
 
-KEYS = {
-    "name", "url", "username", "password", "ca", "plaintext", "queue", "declare", "exchange", "routing-keys",
-    "dead-letter-exchange", "prefetch", "format", "device-header", "device-routing-level", "device-field",
-    "heartbeat", "backoff", "backoff-cap", "stall",
+KEYS = BROKER_KEYS | {
+    "name", "queue", "declare", "exchange", "routing-keys", "dead-letter-exchange", "prefetch", "format",
+    "device-header", "device-routing-level", "device-field", "backoff", "backoff-cap", "stall",
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
@@ -33,14 +30,7 @@ class AmqpSourceError(ValueError):
 @dataclass(frozen=True)
 class AmqpSourceSettings:
     name: str
-    url: str  # as given, without the password
-    host: str
-    port: int
-    vhost: str
-    username: str
-    password: str = field(repr=False)
-    tls: bool
-    ca: Path | None
+    broker: AmqpBroker
     queue: str
     declare: bool = False
     exchange: str | None = None
@@ -51,7 +41,6 @@ class AmqpSourceSettings:
     device_header: str | None = "device"
     device_routing_level: int | None = None
     device_field: str | None = None
-    heartbeat: int = 60
     backoff: float = 1.0
     backoff_cap: float = 60.0
     stall: float = 300.0
@@ -83,27 +72,7 @@ def source_from_table(table: Any, environ: Mapping[str, str] | None = None) -> A
     label = f"[[amqp_source]] {table.get('name') or table.get('queue') or '?'!r}"
     try:
         table = config_table(table, KEYS, "; an AMQP source")
-        url = table.get("url")
-        if not isinstance(url, str):
-            raise ValueError("url: give amqps://user@host:5671/vhost (or amqp:// to loopback)")
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError(f"url: {url!r} is not an amqp:// or amqps:// URL")
-        tls = parts.scheme == "amqps"
-        if not tls and not loopback(parts.hostname) and table.get("plaintext") is not True:
-            raise ValueError(
-                f"url: {url!r}: amqp:// (no TLS) is allowed to a loopback address only; use amqps://, "
-                "or plaintext = true on a network you trust"
-            )
-        if parts.password:
-            raise ValueError("url: put the password in password = { env = ... } or { file = ... }, not in the URL")
-        try:
-            port = parts.port or (5671 if tls else 5672)
-        except ValueError:
-            raise ValueError(f"url: {url!r} has a bad port") from None
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        username = table.get("username", unquote(parts.username) if parts.username else "guest")
-        password = secret_value("password", table["password"], environ) if "password" in table else "guest"
+        broker = broker_from_table(table, environ)
         queue = table.get("queue")
         if not isinstance(queue, str) or not queue or len(queue.encode()) > 255:
             raise ValueError("queue: give the name of the queue to consume")
@@ -137,21 +106,13 @@ def source_from_table(table: Any, environ: Mapping[str, str] | None = None) -> A
             raise ValueError("declare: true or false")
         if (exchange is None) != (not keys) and declare:
             raise ValueError("exchange and routing-keys go together: the queue is bound to the exchange by each key")
-        ca = ca_file(table["ca"]) if "ca" in table else None
 
         def number(key: str, lo: float, hi: float, default: float) -> Any:
             return checked_number(table.get(key, default), key, lo, hi)
 
         return AmqpSourceSettings(
             name=name,
-            url=url,
-            host=parts.hostname,
-            port=port,
-            vhost=vhost,
-            username=username,
-            password=password,
-            tls=tls,
-            ca=ca,
+            broker=broker,
             queue=queue,
             declare=declare,
             exchange=exchange,
@@ -162,7 +123,6 @@ def source_from_table(table: Any, environ: Mapping[str, str] | None = None) -> A
             device_header=header,
             device_routing_level=level,
             device_field=field_name,
-            heartbeat=int(number("heartbeat", 0, 3600, 60)),
             backoff=float(number("backoff", 0.01, 3600, 1.0)),
             backoff_cap=float(number("backoff-cap", 0.01, 86400, 60.0)),
             stall=float(number("stall", 1, 86400, 300.0)),

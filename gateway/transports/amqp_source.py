@@ -49,9 +49,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import protocol, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -74,11 +72,11 @@ from gateway.readings import (
 )
 from gateway.settings import Setting
 from gateway.transport import IDeviceTransport, Transport, TransportContext
+from gateway.net import amqp
 from gateway.transports.amqp_settings import AmqpSourceError, AmqpSourceSettings, source_from_table
 from gateway.transports.devices import DeviceNames
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.session import DeviceSession, Ticket
-from gateway.trust import trust_root
 
 log = Logger()
 
@@ -283,40 +281,16 @@ class AmqpSource(ClientService):
         self.counters = AmqpCounters(since=reactor.seconds())
         self.consumer: AmqpConsumer | None = None
         self.devices = DeviceNames(ingest, reactor)
-        self.origin = Source("amqps" if settings.tls else "amqp", settings.host, settings.port, settings.tls)
-        endpoint: Any = HostnameEndpoint(reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT)
-        if settings.tls:
-            options = ssl.optionsForClientTLS(settings.host, trust_root(settings.ca))
-            endpoint = wrapClientTLS(options, endpoint)
+        broker = settings.broker
+        self.origin = Source("amqps" if broker.tls else "amqp", broker.host, broker.port, broker.tls)
         policy = backoffPolicy(initialDelay=settings.backoff, maxDelay=settings.backoff_cap, factor=2.0)
-        super().__init__(endpoint, self._factory(), retryPolicy=policy, clock=reactor, prepareConnection=self._ready)
-
-    def _factory(self) -> protocol.Factory:
-        import pika
-        from pika.adapters.twisted_connection import TwistedProtocolConnection
-
-        s = self.settings
-        parameters = pika.ConnectionParameters(
-            virtual_host=s.vhost,
-            credentials=pika.PlainCredentials(s.username, s.password),
-            heartbeat=s.heartbeat,
-            client_properties={"connection_name": f"txgateway {s.name}"},
+        super().__init__(
+            amqp.endpoint(reactor, broker, CONNECT_TIMEOUT),
+            amqp.connection_factory(broker, settings.name, self._lost),
+            retryPolicy=policy,
+            clock=reactor,
+            prepareConnection=self._ready,
         )
-        source = self
-
-        class Factory(protocol.Factory):
-            def buildProtocol(self, addr: Any) -> Any:
-                connection = TwistedProtocolConnection(parameters)
-                lost = connection.connectionLost
-
-                def connection_lost(reason: Failure = protocol.connectionDone) -> None:
-                    lost(reason)
-                    source._lost(connection, reason)
-
-                connection.connectionLost = connection_lost
-                return connection
-
-        return Factory()
 
     def _ready(self, connection: Any) -> Deferred:
         """The AMQP handshake done (the connection is then handed to ClientService): start consuming."""
@@ -358,7 +332,7 @@ class AmqpSource(ClientService):
             "AMQP source {source}: consuming queue {queue} on {url}",
             source=self.settings.name,
             queue=self.settings.queue,
-            url=self.settings.url,
+            url=self.settings.broker.url,
         )
         super().startService()
 
@@ -373,7 +347,7 @@ class AmqpSource(ClientService):
         c = self.counters
         now = self.clock.seconds()
         return {
-            "url": self.settings.url,
+            "url": self.settings.broker.url,
             "queue": self.settings.queue,
             "state": c.state,
             "state_seconds": now - c.since,
