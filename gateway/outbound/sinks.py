@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from gateway.readings import NAME_RULE, is_name
 from gateway.settings import Setting, positive_int, seconds
 from gateway.tables import checked_number, config_table, known_keys
+from gateway.net import amqp
 from gateway.net.brokers import BROKER_KEYS, SCHEMES, Broker, broker_from_table
 from gateway.trust import ca_file, loopback, secret_value
 
@@ -72,6 +73,16 @@ class KinesisSink:
     def display(self) -> str:
         """How status output names the stream."""
         return self.stream if self.stream.startswith("arn:") else f"kinesis://{self.region}/{self.stream}"
+
+
+@dataclass(frozen=True)
+class AmqpSink:
+    """What makes a sink a RabbitMQ one (``kind = "amqp"``, or an amqp:// or amqps:// URL)."""
+
+    broker: amqp.AmqpBroker
+    exchange: str  # "" for the default exchange (the routing key names a queue)
+    routing_key: str = "readings.{device}.{metric}"  # "reading": {device} and {metric}; "batch": no placeholder
+    format: str = "reading"  # "reading": a message per reading (its JSON line); "batch": the batch's lines in one
 
 
 # The upload options: the defaults of every sink (a [[sink]] table may set its own).
@@ -137,6 +148,7 @@ class Sink:
     rules: tuple[Rule, ...] = ()
     mqtt: MQTTSink | None = None  # set for mqtt:// and mqtts:// URLs
     kinesis: KinesisSink | None = None  # set for kind = "kinesis"; url then names the stream
+    amqp: AmqpSink | None = None  # set for kind = "amqp" and amqp:// or amqps:// URLs
 
     @property
     def reduced(self) -> bool:
@@ -238,9 +250,12 @@ def sink_from_table(
     kind = table.get("kind")
     if kind == "kinesis":
         return _kinesis_sink(table, defaults, environ, label)
+    url = table.get("url")
+    if kind == "amqp" or (kind is None and isinstance(url, str) and urlsplit(url).scheme in ("amqp", "amqps")):
+        return _amqp_sink(table, defaults, environ, label)
     try:
         if kind not in (None, "https", "mqtt"):
-            raise ValueError(f"kind: {kind!r} is not https, mqtt or kinesis")
+            raise ValueError(f"kind: {kind!r} is not https, mqtt, amqp or kinesis")
         table = {k: v for k, v in table.items() if k != "kind"}
         is_mqtt = isinstance(table.get("url"), str) and urlsplit(table["url"]).scheme in SCHEMES
         if kind is not None and (kind == "mqtt") != is_mqtt:
@@ -341,6 +356,45 @@ def _kinesis_sink(table: dict[str, Any], defaults: Mapping[str, Any], environ: M
     except ValueError as e:
         raise SinkError(f"{label}: {e}") from None
     return Sink(name=name, url=kinesis.display, kinesis=kinesis, **values)
+
+
+AMQP_KEYS = amqp.BROKER_KEYS | {"kind", "name", "exchange", "routing-key", "format"}
+
+
+def _amqp_sink(table: dict[str, Any], defaults: Mapping[str, Any], environ: Mapping[str, str], label: str) -> Sink:
+    """A [[sink]] that publishes to a RabbitMQ exchange, persistent, with publisher confirms."""
+    try:
+        table = config_table(table, AMQP_KEYS | (set(_FIELDS) - {"gzip-level"}), "; an AMQP sink")
+        broker = amqp.broker_from_table(table, environ)
+        exchange = table.get("exchange", "amq.topic")
+        if not isinstance(exchange, str) or len(exchange.encode()) > 255:
+            raise ValueError("exchange: give an exchange's name ('' for the default exchange)")
+        kind = table.get("format", "reading")
+        if kind not in ("reading", "batch"):
+            raise ValueError(f"format: {kind!r} is not reading (a message per reading) or batch")
+        key = table.get("routing-key", "readings.{device}.{metric}" if kind == "reading" else "readings")
+        if not isinstance(key, str) or len(key.encode()) > 255:
+            raise ValueError("routing-key: give a routing key template such as 'readings.{device}.{metric}'")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(key) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"routing-key: {key!r}: {e}") from None
+        allowed = {"device", "metric"} if kind == "reading" else set()
+        if fields - allowed:
+            given = ", ".join("{" + f + "}" for f in sorted(fields - allowed))
+            may = "{device} and {metric}" if kind == "reading" else "no placeholder (format = batch)"
+            raise ValueError(f"routing-key: {key!r} has {given}; it may hold {may}")
+        name = table.get("name", f"{broker.host}-{exchange or 'default'}"[:64])
+        if not is_name(name):
+            raise ValueError(f"name: {NAME_RULE}")
+        values: dict[str, Any] = dict(defaults)
+        for k, (attr, parse) in _FIELDS.items():
+            if k in table:
+                values[attr] = parse(table[k])
+    except ValueError as e:
+        raise SinkError(f"{label}: {e}") from None
+    shown = f"{broker.url.rstrip('/')}/exchange/{exchange or '(default)'}"
+    return Sink(name=name, url=shown, amqp=AmqpSink(broker, exchange, key, kind), **values)
 
 
 def _mqtt_sink(table: Mapping[str, Any], environ: Mapping[str, str]) -> MQTTSink:

@@ -30,6 +30,7 @@ from gateway.reactor import Reactor
 from gateway.families import counter, gauge
 from gateway.outbound.ledger import HOLD_OWNER_LOCK, Batch, Ledger, Wait
 from gateway.storage.sinkstatus import LIVE_FIELDS, LIVE_STATUS
+from gateway.outbound.amqp_sender import AMQPSender
 from gateway.outbound.kinesis_sender import KinesisSender
 from gateway.outbound.mqtt_sender import MQTTSender
 from gateway.outbound.sender import HTTPSender, Reply, judge
@@ -379,9 +380,11 @@ class Uploader(MultiService):
         self._monitor.clock = reactor
 
     def _loop(self, sink: Sink) -> SinkUploader:
-        sender: HTTPSender | MQTTSender | KinesisSender
+        sender: HTTPSender | MQTTSender | KinesisSender | AMQPSender
         if sink.mqtt is not None:
             sender = MQTTSender(self.reactor, sink, self.in_thread, self.owner)
+        elif sink.amqp is not None:
+            sender = AMQPSender(self.reactor, sink, self.in_thread)
         elif sink.kinesis is not None:
             sender = KinesisSender(self.reactor, sink, self.in_thread)
         else:
