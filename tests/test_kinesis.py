@@ -79,7 +79,7 @@ def test_kinesis_sink_tables_are_read(monkeypatch):
         ({"stream": "s", "region": REGION, "endpoint": "http://kinesis.example"}, "loopback address only"),
         ({"stream": "s", "region": REGION, "aws_secret_access_key": "x"}, "not taken from the config file"),
         ({"stream": "s", "region": REGION, "headers": {"A": "b"}}, "unknown key 'headers'"),
-        ({"kind": "sqs", "url": "https://x.example"}, "kind: 'sqs' is not https, mqtt or kinesis"),
+        ({"kind": "sqs", "url": "https://x.example"}, "kind: 'sqs' is not https, mqtt, amqp or kinesis"),
     ],
 )
 def test_kinesis_sink_mistakes_name_the_sink_and_the_key(table, message, monkeypatch):
