@@ -16,6 +16,8 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from gateway.config import ConfigError, build_config
@@ -176,6 +178,20 @@ async def test_persistent_messages_are_stored_then_acknowledged_and_bad_ones_dea
         assert health[1] is True and health[0]["readings"]["consumed"] == 54
         sample = svc.metrics.registry.get_sample_value
         assert sample("gateway_amqp_source_rejected_total", {"source": "readings"}) == 3
+        from tests.gatewayproc import gatewayctl
+
+        def reported() -> list:
+            return json.loads(gatewayctl("amqp", "status", "--json", "--db", db_dsn).stdout)
+
+        for _ in range(60):  # the gateways write their status every few seconds
+            rows = await deferToThread(reported)
+            if rows and rows[0]["acked"] == 51:
+                break
+            await deferLater(reactor, 0.5)
+        [row] = rows
+        assert (row["source"], row["queue"], row["state"], row["rejected"]) == ("readings", "readings", "consuming", 3)
+        text = (await deferToThread(gatewayctl, "amqp", "status", "--db", db_dsn)).stdout
+        assert "source readings" in text and "51 acknowledged" in text and "3 messages (kept" in text
     finally:
         await svc.stopService()
 

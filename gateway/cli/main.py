@@ -18,6 +18,7 @@ import sys
 import psycopg2
 
 from gateway.cli import (
+    amqp,
     command,
     conflicts,
     device,
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         upload,
         storage,
         mqtt,
+        amqp,
         modbus,
         simulate,
         tls,

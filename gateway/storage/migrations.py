@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gateway.storage.commands_schema import COMMAND_MIGRATIONS
 from gateway.storage.trackers_schema import TRACKER_MIGRATIONS
+from gateway.storage.amqp_schema import AMQP_MIGRATIONS
 
 
 def _day_partitions(table: str, rows_of: str) -> str:
@@ -615,4 +616,5 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     ),
     *COMMAND_MIGRATIONS,
     *TRACKER_MIGRATIONS,
+    *AMQP_MIGRATIONS,
 )

@@ -73,6 +73,7 @@ from gateway.readings import (
 from gateway.settings import Setting
 from gateway.transport import IDeviceTransport, Transport, TransportContext
 from gateway.net import amqp
+from gateway.ops.reports import StatusReport
 from gateway.transports.amqp_settings import AmqpSourceError, AmqpSourceSettings, source_from_table
 from gateway.transports.devices import DeviceNames
 from gateway.transports.mqtt_adapter import bare_number
@@ -367,13 +368,23 @@ class AmqpSource(ClientService):
 class AmqpSources(MultiService):
     """Every [[amqp_source]], their health and their /metrics."""
 
-    def __init__(self, sources: tuple[AmqpSourceSettings, ...], ingest: Ingest, reactor: Reactor) -> None:
+    def __init__(
+        self, sources: tuple[AmqpSourceSettings, ...], ingest: Ingest, reactor: Reactor, owner: str, run: Any
+    ) -> None:
         super().__init__()
         self.ingest = ingest
         self.reactor = reactor
         self.sources: dict[str, AmqpSource] = {}
         for settings in sources:
             self._add(settings)
+        self.reporter = StatusReport("amqp_sources", owner, self.status, run, reactor)
+
+    def startService(self) -> None:
+        super().startService()
+        self.reporter.start()
+
+    def stopService(self) -> Deferred:
+        return super().stopService().addCallback(lambda _: self.reporter.stop())
 
     def _add(self, settings: AmqpSourceSettings) -> None:
         source = self.sources[settings.name] = AmqpSource(settings, self.ingest, self.reactor)
@@ -474,7 +485,7 @@ class AmqpTransport(Transport):
 
     def _start(self, sources: tuple[AmqpSourceSettings, ...]) -> None:
         c = self.context
-        self.sources = AmqpSources(sources, c.ingest, c.reactor)
+        self.sources = AmqpSources(sources, c.ingest, c.reactor, c.gateway_id, c.run)
         self.sources.setServiceParent(self)
 
     def live_metrics(self) -> Any:

@@ -1,0 +1,24 @@
+"""
+The schema of RabbitMQ sources: migrations that follow those of
+``trackers_schema.py`` (``migrations.py`` appends them), in the same form.
+"""
+
+from __future__ import annotations
+
+AMQP_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        22,
+        "the state of RabbitMQ sources",
+        """
+        -- Each gateway writes the state of each of its [[amqp_source]] consumers here every few seconds
+        -- (gatewayctl amqp status reads it): one row per gateway and source.
+        CREATE TABLE amqp_sources (
+            gateway     text NOT NULL,
+            source      text NOT NULL,
+            status      jsonb NOT NULL,
+            updated_at  timestamptz NOT NULL,
+            PRIMARY KEY (gateway, source)
+        );
+        """,
+    ),
+)
