@@ -95,6 +95,8 @@ def connection_factory(
     )
 
     class Factory(protocol.Factory):
+        noisy = False  # the source and the sink log connections themselves
+
         def buildProtocol(self, addr: Any) -> Any:
             connection = TwistedProtocolConnection(parameters)
             if lost is not None:

@@ -133,7 +133,15 @@ class AmqpConsumer:
         self.channel = await self.connection.channel()
         await self.channel.basic_qos(prefetch_count=s.prefetch)
         if s.declare:
-            arguments = {"x-dead-letter-exchange": s.dead_letter_exchange} if s.dead_letter_exchange else None
+            arguments = None
+            if s.dead_letter_exchange:
+                # Where rejected messages go: the exchange, and a durable queue <queue>.dead that keeps them.
+                arguments = {"x-dead-letter-exchange": s.dead_letter_exchange}
+                await self.channel.exchange_declare(
+                    exchange=s.dead_letter_exchange, exchange_type="fanout", durable=True
+                )
+                await self.channel.queue_declare(queue=f"{s.queue}.dead", durable=True)
+                await self.channel.queue_bind(queue=f"{s.queue}.dead", exchange=s.dead_letter_exchange)
             await self.channel.queue_declare(queue=s.queue, durable=True, arguments=arguments)
             for key in s.routing_keys:
                 await self.channel.queue_bind(queue=s.queue, exchange=s.exchange, routing_key=key)
