@@ -34,13 +34,21 @@ def _free_port() -> int:
 
 
 class Rabbit:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: bool = False) -> None:
         need_rabbitmq()
         self.root = Path(root)
         (self.root / "home").mkdir(parents=True, exist_ok=True)
         (self.root / "enabled_plugins").write_text("[].\n")
         self.node = f"gwtest{os.getpid()}x{id(self) % 100000}@localhost"
         self.port = 0
+        self.tls_port = 0  # AMQP over TLS (with tls): a certificate for localhost from the test CA in ca.pem
+        self.ca: Path | None = None
+        if tls:
+            from tests.certs import TestCA
+
+            ca = TestCA("rabbit test CA")
+            self.ca = ca.write(self.root / "ca.pem")
+            (self.root / "server.pem").write_bytes(ca.issue("localhost", ("localhost", "127.0.0.1")))
         self.proc: subprocess.Popen | None = None
         self.epmd: subprocess.Popen | None = None
         self.epmd_port = 0
@@ -74,10 +82,17 @@ class Rabbit:
                 )
             if not keep:
                 self.port = _free_port()
-            (self.root / "rabbitmq.conf").write_text(
-                f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
-                "log.console = true\nlog.file = false\n"
-            )
+                self.tls_port = _free_port() if self.ca else 0
+            conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            conf += "log.console = true\nlog.file = false\n"
+            if self.ca:
+                pem = self.root / "server.pem"
+                conf += (
+                    f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\nssl_options.cacertfile = {self.ca}\n"
+                    f"ssl_options.certfile = {pem}\nssl_options.keyfile = {pem}\nssl_options.verify = verify_none\n"
+                    "ssl_options.fail_if_no_peer_cert = false\n"
+                )
+            (self.root / "rabbitmq.conf").write_text(conf)
             out = (self.root / "server.log").open("ab")
             self.proc = subprocess.Popen(
                 [SERVER], env=self._env(_free_port()), stdout=out, stderr=out, start_new_session=True

@@ -38,8 +38,10 @@ def test_amqp_sink_tables_are_read(monkeypatch):
         100,
     )
     assert (a.exchange, a.routing_key, a.format, a.broker.vhost, a.broker.password) == (
-        "cloud", "readings.{device}.{metric}", "reading", "iot", "pw",
+        "cloud", "readings.{device}", "device", "iot", "pw",
     )  # fmt: skip
+    [sink] = sinks({"url": "amqp://127.0.0.1", "format": "reading"})
+    assert sink.amqp.routing_key == "readings.{device}.{metric}"
     [sink] = sinks({"kind": "amqp", "name": "hub", "url": "amqp://127.0.0.1", "format": "batch", "exchange": ""})
     assert (sink.amqp.routing_key, sink.amqp.format, sink.amqp.exchange) == ("readings", "batch", "")
 
@@ -48,9 +50,10 @@ def test_amqp_sink_tables_are_read(monkeypatch):
     "table, message",
     [
         ({"url": "amqp://rabbit.example"}, "loopback address only"),
-        ({"url": "amqps://h", "routing-key": "r.{value}"}, "has {value}; it may hold {device} and {metric}"),
+        ({"url": "amqps://h", "routing-key": "r.{metric}"}, "has {metric}; it may hold {device} (format = device)"),
+        ({"url": "amqps://h", "format": "reading", "routing-key": "r.{value}"}, "it may hold {device} and {metric}"),
         ({"url": "amqps://h", "format": "batch", "routing-key": "r.{device}"}, "no placeholder (format = batch)"),
-        ({"url": "amqps://h", "format": "csv"}, "format: 'csv' is not reading"),
+        ({"url": "amqps://h", "format": "csv"}, "format: 'csv' is not device"),
         ({"url": "amqps://h", "gzip-level": 9}, "unknown key 'gzip-level'"),
     ],
 )
@@ -91,7 +94,7 @@ async def test_readings_reach_the_exchange_confirmed_and_an_unroutable_key_parks
     )  # fmt: skip
     add_pg_device(sql, "truck-1")
     table = {"kind": "amqp", "name": "cloud", "url": node.url, "exchange": "cloud", "flush": 0.2, "backoff": 0.2,
-             "backoff-cap": 1, "batch": 40}  # fmt: skip
+             "backoff-cap": 1, "batch": 40, "format": "reading"}  # fmt: skip
     svc = await start_service(tmp_path, db_dsn, {"sink": [table]})
     try:
         loop = svc.uploader.loops["cloud"]
@@ -124,3 +127,25 @@ async def test_readings_reach_the_exchange_confirmed_and_an_unroutable_key_parks
         assert await deferToThread(depth, node, "cloud.oil") == 0
     finally:
         await svc.stopService()
+
+
+def test_a_batch_becomes_a_message_per_device_by_default():
+    import gzip
+
+    from gateway.outbound.amqp_sender import messages
+
+    lines = [
+        b'{"device":"truck-1","metric":"rpm","ts":"2026-11-22T10:00:00.000000Z","value":1}',
+        b'{"device":"truck-2","metric":"rpm","ts":"2026-11-22T10:00:00.000000Z","value":2}',
+        b'{"device":"truck-1","metric":"oil","ts":"2026-11-22T10:00:01.000000Z","value":3}',
+    ]
+    body = gzip.compress(b"\n".join(lines) + b"\n")
+    [sink] = sinks({"url": "amqp://127.0.0.1", "exchange": "cloud"})
+    made = messages(sink.amqp, body)
+    assert [(m.routing_key, m.body, m.line) for m in made] == [
+        ("readings.truck-1", lines[0] + b"\n" + lines[2] + b"\n", 0),
+        ("readings.truck-2", lines[1] + b"\n", 1),
+    ]
+    [sink] = sinks({"url": "amqp://127.0.0.1", "format": "batch"})
+    [one] = messages(sink.amqp, body)
+    assert one.routing_key == "readings" and one.body == b"\n".join(lines) + b"\n"

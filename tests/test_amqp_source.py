@@ -138,12 +138,10 @@ async def test_persistent_messages_are_stored_then_acknowledged_and_bad_ones_dea
     tmp_path, db_dsn, sql, rabbit
 ):
     await deferToThread(
-        declare, rabbit,
+        declare,
+        rabbit,
         ("exchange_declare", {"exchange": "iot", "exchange_type": "topic", "durable": True}),
-        ("exchange_declare", {"exchange": "dlx", "exchange_type": "fanout", "durable": True}),
-        ("queue_declare", {"queue": "readings.dead", "durable": True}),
-        ("queue_bind", {"queue": "readings.dead", "exchange": "dlx"}),
-    )  # fmt: skip
+    )  # fmt: skip  (the gateway declares the queue, its bindings, the dead-letter exchange and readings.dead)
     add_pg_device(sql, "truck-1")
     add_pg_device(sql, "truck-2")
     source = table(rabbit, "readings", declare=True, exchange="iot", **{"routing-keys": ["readings.#"],
@@ -348,3 +346,46 @@ def test_kill_9_with_messages_unacknowledged_then_each_is_stored_once(workdir, r
         print(f"kill -9 with {left} messages back in the queue: {source['redelivered']} redelivered, all stored once")
     finally:
         gw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_amqps_verifies_the_brokers_certificate_and_consumes(tmp_path, db_dsn, sql):
+    node = await deferToThread(lambda: Rabbit(tmp_path / "tls-node", tls=True).start())
+    add_pg_device(sql, "truck-1")
+    svc = None
+    try:
+        await deferToThread(declare, node, ("queue_declare", {"queue": "secure", "durable": True}))
+        source = {"name": "secure", "url": f"amqps://localhost:{node.tls_port}/", "queue": "secure",
+                  "ca": str(node.ca), "backoff": 0.2, "backoff-cap": 1}  # fmt: skip
+        svc = await start_service(tmp_path, db_dsn, {"amqp-source": [source]})
+        consumer = svc.transport("amqp_source").sources.sources["secure"]
+        assert await until(lambda: consumer.counters.state == "consuming", 30), consumer.counters
+        assert consumer.origin.transport == "amqps" and consumer.origin.tls
+        await deferToThread(publish, node, "", "secure", [body([7])], [{"device": "truck-1"}])
+        assert await until(lambda: consumer.counters.acked == 1, 30), consumer.counters
+        assert sql("SELECT value FROM readings") == [(7.0,)]
+    finally:
+        if svc is not None:
+            await svc.stopService()
+        await deferToThread(node.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_amqps_refuses_a_broker_its_ca_does_not_vouch_for(tmp_path, db_dsn, sql):
+    from tests.certs import TestCA
+
+    node = await deferToThread(lambda: Rabbit(tmp_path / "tls-node", tls=True).start())
+    other = TestCA("another CA").write(tmp_path / "other-ca.pem")
+    svc = None
+    try:
+        source = {"name": "secure", "url": f"amqps://localhost:{node.tls_port}/", "queue": "secure",
+                  "ca": str(other), "backoff": 0.2, "backoff-cap": 1}  # fmt: skip
+        svc = await start_service(tmp_path, db_dsn, {"amqp-source": [source]})
+        consumer = svc.transport("amqp_source").sources.sources["secure"]
+        assert await until(lambda: consumer.counters.last_error != "", 30), consumer.counters
+        assert consumer.counters.state != "consuming" and consumer.counters.connections == 0
+        assert "certificate" in consumer.counters.last_error.lower(), consumer.counters.last_error
+    finally:
+        if svc is not None:
+            await svc.stopService()
+        await deferToThread(node.stop)

@@ -134,3 +134,20 @@ def test_the_kinesis_benchmark_reports_every_figure(tmp_path):
         f = figures[sink]
         assert f["rate"] > 0 and f["gateway_cpu_s_per_million"] > 0 and f["ledger_sent"] >= figures["backlog"], f
     assert figures["kinesis_over_https"] > 0 and "Kinesis sink" in out.stdout
+
+
+def test_the_amqp_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "amqp.py"), "--readings", "5000", "--devices", "5",
+         "--duration", "1", "--backlog-seconds", "1", "--json", str(tmp_path / "amqp.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "amqp.json").read_text())
+    for run in ("amqp100", "amqp1"):
+        assert figures[run]["readings"] == figures[run]["messages"] * (100 if run == "amqp100" else 1) > 0
+        assert figures[run]["readings_per_s"] > 0 and figures[run]["gateway_cpu_s_per_million"] > 0
+    assert figures["mqtt_source"]["readings_per_s"] > 0
+    for sink in ("https_sink", "amqp_sink"):
+        assert figures[sink]["rate"] > 0 and figures[sink]["ledger_sent"] >= figures["sink_backlog"], figures[sink]
+    assert "AMQP source" in out.stdout and "AMQP sink" in out.stdout

@@ -497,7 +497,7 @@ def test_kill_9_mid_upload_then_the_stream_holds_every_acknowledged_reading(work
 
 
 def test_a_lines_device_and_metric_are_read_off_its_head_and_escaped_names_are_parsed():
-    from gateway.outbound.kinesis_sender import names
+    from gateway.outbound.lines import names
 
     assert names(line("truck-1", "oil_temp", 3)) == ("truck-1", "oil_temp")
     odd = json.dumps({"device": 'a"b', "metric": "m\\n", "ts": "x", "value": 1}, separators=(",", ":")).encode()

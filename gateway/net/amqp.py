@@ -103,8 +103,8 @@ def connection_factory(
                 ended = connection.connectionLost
 
                 def connection_lost(reason: Failure = protocol.connectionDone) -> None:
+                    lost(connection, reason)  # first: pika's own answer to it (ready's errback) may ask why
                     ended(reason)
-                    lost(connection, reason)
 
                 connection.connectionLost = connection_lost
             return connection

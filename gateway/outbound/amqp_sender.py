@@ -2,10 +2,12 @@
 Sending upload batches to a RabbitMQ exchange (a ``[[sink]]`` with ``kind =
 "amqp"`` or an ``amqp://``/``amqps://`` URL), with pika on the reactor.
 
-A batch becomes one message per reading (``format = "reading"``: the routing
-key made from the template with the reading's ``{device}`` and ``{metric}``,
-the body its JSON line) or one message holding the batch's JSON lines
-(``format = "batch"``). Every message is persistent (delivery mode 2) and
+A batch becomes one message per device (``format = "device"``, the default:
+the device's JSON lines of the batch, the routing key made from the template
+with its ``{device}``), one message per reading (``format = "reading"``: the
+routing key made with the reading's ``{device}`` and ``{metric}``, the body
+its JSON line) or one message holding the batch's JSON lines (``format =
+"batch"``). Every message is persistent (delivery mode 2) and
 ``mandatory``, on a channel in publisher-confirm mode; ``send`` fires with a
 2xx ``Reply`` only once the broker has confirmed every message of the batch,
 so the uploader moves the sink's cursor only then. A message no queue is
@@ -22,7 +24,6 @@ One connection and channel per sink, kept open between batches.
 from __future__ import annotations
 
 import gzip
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
 from gateway.net import amqp
+from gateway.outbound.lines import by_device, names
 from gateway.outbound.sender import Payload, Reply
 from gateway.outbound.sinks import AmqpSink, Sink
 from gateway.reactor import Reactor
@@ -49,10 +51,15 @@ def messages(sink: AmqpSink, body: bytes) -> list[Message]:
     text = gzip.decompress(body)
     if sink.format == "batch":
         return [Message(sink.routing_key, text, 0)] if text else []
+    if sink.format == "device":  # numbered by device: the device's place in the batch
+        return [
+            Message(sink.routing_key.format(device=device), b"\n".join(lines) + b"\n", i)
+            for i, (device, lines) in enumerate(by_device(text).items())
+        ]
     out = []
     for i, line in enumerate(text.splitlines()):
-        reading = json.loads(line)
-        out.append(Message(sink.routing_key.format(device=reading["device"], metric=reading["metric"]), line, i))
+        device, metric = names(line)
+        out.append(Message(sink.routing_key.format(device=device, metric=metric), line, i))
     return out
 
 
@@ -100,7 +107,7 @@ class AMQPSender:
 
             made = await self.in_thread(messages, self.target, body)
             channel = await self._open()
-            content = "application/x-ndjson" if self.target.format == "batch" else "application/json"
+            content = "application/json" if self.target.format == "reading" else "application/x-ndjson"
             confirmed = [
                 channel.basic_publish(
                     self.target.exchange,

@@ -47,6 +47,7 @@ from twisted.web.http_headers import Headers
 
 from gateway import __version__
 from gateway.net.httpclient import QuietPool, VerifyingPolicy
+from gateway.outbound.lines import by_device, names
 from gateway.outbound.sender import Payload, Reply, Snippet
 from gateway.outbound.sinks import KinesisSink, Sink
 from gateway.reactor import Reactor
@@ -89,24 +90,6 @@ class Record:
         return len(self.data) + len(self.key.encode())
 
 
-_DEVICE = b'{"device":"'
-_METRIC = b',"metric":"'
-
-
-def names(line: bytes) -> tuple[str, str]:
-    """A line's device and metric: read off its head (the ledger writes them first), else parsed as JSON."""
-    if line.startswith(_DEVICE):
-        end = line.find(b'"', len(_DEVICE))
-        if line.startswith(_METRIC, end + 1):
-            start = end + 1 + len(_METRIC)
-            stop = line.find(b'"', start)
-            device, metric = line[len(_DEVICE) : end], line[start:stop]
-            if stop > 0 and b"\\" not in device and b"\\" not in metric:  # no escapes: the text is the name
-                return device.decode(), metric.decode()
-    doc = json.loads(line)
-    return doc["device"], doc["metric"]
-
-
 def records(sink: KinesisSink, body: bytes) -> list[Record]:
     """The records of a batch body (gzip-compressed JSON lines), in order. CPU work: run it in a thread."""
     text = gzip.decompress(body)
@@ -117,19 +100,8 @@ def records(sink: KinesisSink, body: bytes) -> list[Record]:
             key = sink.partition_key.format(device=device, metric=metric)[:MAX_KEY]
             out.append(Record(key, line + b"\n", 1))
         return out
-    by_device: dict[bytes, list[bytes]] = {}
-    for line in text.splitlines():
-        # The device's name as the line's head writes it (the ledger puts it first; names have no escapes).
-        end = line.find(b'"', len(_DEVICE)) if line.startswith(_DEVICE) else -1
-        head = line[len(_DEVICE) : end] if end > 0 else b"\\"
-        if b"\\" in head:
-            head = names(line)[0].encode()
-        lines = by_device.get(head)
-        if lines is None:
-            lines = by_device[head] = []
-        lines.append(line)
-    for name, lines in by_device.items():
-        key = sink.partition_key.format(device=name.decode())[:MAX_KEY]
+    for name, lines in by_device(text).items():
+        key = sink.partition_key.format(device=name)[:MAX_KEY]
         room = MAX_RECORD_BYTES - len(key.encode())
         first, size = 0, 0
         for i, line in enumerate(lines):

@@ -81,8 +81,8 @@ class AmqpSink:
 
     broker: amqp.AmqpBroker
     exchange: str  # "" for the default exchange (the routing key names a queue)
-    routing_key: str = "readings.{device}.{metric}"  # "reading": {device} and {metric}; "batch": no placeholder
-    format: str = "reading"  # "reading": a message per reading (its JSON line); "batch": the batch's lines in one
+    routing_key: str = "readings.{device}"  # "device": {device}; "reading": and {metric}; "batch": no placeholder
+    format: str = "device"  # a message per device (its lines), per reading (its line), or the batch's lines in one
 
 
 # The upload options: the defaults of every sink (a [[sink]] table may set its own).
@@ -369,21 +369,24 @@ def _amqp_sink(table: dict[str, Any], defaults: Mapping[str, Any], environ: Mapp
         exchange = table.get("exchange", "amq.topic")
         if not isinstance(exchange, str) or len(exchange.encode()) > 255:
             raise ValueError("exchange: give an exchange's name ('' for the default exchange)")
-        kind = table.get("format", "reading")
-        if kind not in ("reading", "batch"):
-            raise ValueError(f"format: {kind!r} is not reading (a message per reading) or batch")
-        key = table.get("routing-key", "readings.{device}.{metric}" if kind == "reading" else "readings")
+        kind = table.get("format", "device")
+        if kind not in ("device", "reading", "batch"):
+            raise ValueError(
+                f"format: {kind!r} is not device (a message per device), reading (per reading) or batch (one)"
+            )
+        default_key = {"device": "readings.{device}", "reading": "readings.{device}.{metric}", "batch": "readings"}
+        key = table.get("routing-key", default_key[kind])
         if not isinstance(key, str) or len(key.encode()) > 255:
             raise ValueError("routing-key: give a routing key template such as 'readings.{device}.{metric}'")
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(key) if f is not None}
         except ValueError as e:
             raise ValueError(f"routing-key: {key!r}: {e}") from None
-        allowed = {"device", "metric"} if kind == "reading" else set()
+        allowed = {"device": {"device"}, "reading": {"device", "metric"}, "batch": set()}[kind]
         if fields - allowed:
             given = ", ".join("{" + f + "}" for f in sorted(fields - allowed))
-            may = "{device} and {metric}" if kind == "reading" else "no placeholder (format = batch)"
-            raise ValueError(f"routing-key: {key!r} has {given}; it may hold {may}")
+            may = {"device": "{device}", "reading": "{device} and {metric}", "batch": "no placeholder"}[kind]
+            raise ValueError(f"routing-key: {key!r} has {given}; it may hold {may} (format = {kind})")
         name = table.get("name", f"{broker.host}-{exchange or 'default'}"[:64])
         if not is_name(name):
             raise ValueError(f"name: {NAME_RULE}")

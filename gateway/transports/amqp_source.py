@@ -289,6 +289,7 @@ class AmqpSource(ClientService):
         self.clock = reactor
         self.counters = AmqpCounters(since=reactor.seconds())
         self.consumer: AmqpConsumer | None = None
+        self._lost_reason: Failure | None = None  # why the last connection ended
         self.devices = DeviceNames(ingest, reactor)
         broker = settings.broker
         self.origin = Source("amqps" if broker.tls else "amqp", broker.host, broker.port, broker.tls)
@@ -305,12 +306,22 @@ class AmqpSource(ClientService):
         """The AMQP handshake done (the connection is then handed to ClientService): start consuming."""
 
         def consume(_: Any) -> None:
+            self._lost_reason = None
             self.counters.connections += 1
             consumer = self.consumer = AmqpConsumer(self, connection)
             d = Deferred.fromCoroutine(consumer.run())
             d.addErrback(self._consumer_ended, consumer)
 
-        return connection.ready.addCallback(consume)
+        def refused(f: Failure) -> Failure:  # TLS or sign-in refused, or the broker gone: ClientService retries
+            why = self._lost_reason if self._lost_reason is not None else f  # pika's own error says little
+            error = why.getErrorMessage()[:300] or type(why.value).__name__
+            if "certificate verify failed" in error:
+                error = f"TLS: the broker's certificate is not trusted (see ca): {error}"
+            self.set_state("reconnecting", error)
+            log.warn("AMQP source {source}: {error}", source=self.settings.name, error=error)
+            return f
+
+        return connection.ready.addCallbacks(consume, refused)
 
     def _consumer_ended(self, f: Failure, consumer: AmqpConsumer) -> None:
         if consumer.closing:
@@ -320,6 +331,7 @@ class AmqpSource(ClientService):
         consumer.close()
 
     def _lost(self, connection: Any, reason: Failure) -> None:
+        self._lost_reason = reason
         consumer = self.consumer
         if consumer is not None and consumer.connection is connection:
             consumer.closing = True
