@@ -65,13 +65,15 @@ def backlog(node: Rabbit, queue: str, devices: int, readings: int, per_message: 
 
 
 def devices_named(dsn: str, count: int) -> None:
-    """sim-0 … sim-N-1 registered, as the simulator names them."""
+    """The schema made and sim-0 … sim-N-1 registered, as the simulator names them."""
     import psycopg2
 
     from gateway.cli.simulate import provision_simulated
+    from gateway.storage import schema
 
     conn = psycopg2.connect(dsn)
     try:
+        schema.migrate(conn)
         provision_simulated(conn, count)
         conn.commit()
     finally:
@@ -83,8 +85,6 @@ def source(tmp: Path, server: str, node: Rabbit, name: str, readings: int, per_m
     try:
         config = tmp / f"{name}.toml"
         config.write_text(f'[[amqp_source]]\nname = "bench"\nurl = "{node.url}"\nqueue = "{name}"\nprefetch = 1000\n')
-        first = Gateway(dsn, tmp / f"gw-{name}-setup")  # makes the schema
-        first.stop()
         devices_named(dsn, devices)
         messages = backlog(node, name, devices, readings, per_message)
         gateway = Gateway(dsn, tmp / f"gw-{name}", "--config", str(config))

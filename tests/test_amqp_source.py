@@ -348,9 +348,16 @@ def test_kill_9_with_messages_unacknowledged_then_each_is_stored_once(workdir, r
         gw.close()
 
 
+@pytest.fixture(scope="module")
+def tls_rabbit(tmp_path_factory):
+    node = Rabbit(tmp_path_factory.mktemp("tls-rabbit"), tls=True).start()
+    yield node
+    node.stop()
+
+
 @pytest_twisted.ensureDeferred
-async def test_amqps_verifies_the_brokers_certificate_and_consumes(tmp_path, db_dsn, sql):
-    node = await deferToThread(lambda: Rabbit(tmp_path / "tls-node", tls=True).start())
+async def test_amqps_verifies_the_brokers_certificate_and_consumes(tmp_path, db_dsn, sql, tls_rabbit):
+    node = tls_rabbit
     add_pg_device(sql, "truck-1")
     svc = None
     try:
@@ -367,14 +374,13 @@ async def test_amqps_verifies_the_brokers_certificate_and_consumes(tmp_path, db_
     finally:
         if svc is not None:
             await svc.stopService()
-        await deferToThread(node.stop)
 
 
 @pytest_twisted.ensureDeferred
-async def test_amqps_refuses_a_broker_its_ca_does_not_vouch_for(tmp_path, db_dsn, sql):
+async def test_amqps_refuses_a_broker_its_ca_does_not_vouch_for(tmp_path, db_dsn, sql, tls_rabbit):
     from tests.certs import TestCA
 
-    node = await deferToThread(lambda: Rabbit(tmp_path / "tls-node", tls=True).start())
+    node = tls_rabbit
     other = TestCA("another CA").write(tmp_path / "other-ca.pem")
     svc = None
     try:
@@ -388,4 +394,3 @@ async def test_amqps_refuses_a_broker_its_ca_does_not_vouch_for(tmp_path, db_dsn
     finally:
         if svc is not None:
             await svc.stopService()
-        await deferToThread(node.stop)
