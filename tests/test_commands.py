@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -30,6 +30,7 @@ class Downlink:
         self.space = room
         self.got: list = []
         self.arrived: Deferred = Deferred()
+        self._waiting: list[tuple[int, Deferred]] = []
 
     def room(self) -> int:
         return self.space - len(self.got)
@@ -38,10 +39,18 @@ class Downlink:
         self.got.append(command)
         if not self.arrived.called:
             self.arrived.callback(command)
+        ready = [d for n, d in self._waiting if len(self.got) >= n]
+        self._waiting = [(n, d) for n, d in self._waiting if len(self.got) < n]
+        for d in ready:
+            d.callback(self.got)
 
-    def next(self) -> Deferred:
-        self.arrived = Deferred()
-        return self.arrived
+    def holding(self, n: int) -> Deferred:
+        """Fires once ``n`` commands were delivered in all (at once if they were already)."""
+        if len(self.got) >= n:
+            return succeed(self.got)
+        d: Deferred = Deferred()
+        self._waiting.append((n, d))
+        return d
 
 
 async def started(db_dsn: str, name: str = "gw-1", **kw) -> Commands:
@@ -182,7 +191,7 @@ async def test_of_two_gateways_only_the_one_holding_the_device_sends(db_dsn, sql
         second.attach("truck-1", here)
         for i in range(3):
             await first.send("truck-1", parse_request({"name": "ping", "id": f"p{i}"}), "dave")
-            await within(here.next() if here.got else here.arrived)
+            await within(here.holding(i + 1))  # it may come before send returns: count, never wait for "the next"
         assert [c.id for c in here.got] == ["p0", "p1", "p2"]
         assert sql("SELECT DISTINCT gateway FROM commands") == [("gw-2",)]
         # The first gateway's tick looks too, but has no downlink for the device, and the second's sends are

@@ -33,8 +33,8 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert f"exec {command}" in ci_lines
     script = (ROOT / command).read_text()
-    assert script.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -n 2 "$@"'
-    for package in ("openssh-client", "wrk", "curl", "mosquitto", "haproxy"):
+    assert script.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -n 2 --dist worksteal "$@"'
+    for package in ("openssh-client", "wrk", "curl", "mosquitto", "haproxy", "rabbitmq-server"):
         assert package in script, package
 
 
