@@ -28,9 +28,8 @@ from pathlib import Path
 
 import psutil
 
-from common import Gateway, drop_database, fresh_database, machine, simulate, workspace
-from kinesis import drain, sent
-from upload_load import Receiver, stored, upload_args
+from common import Gateway, drop_database, fresh_database, machine, workspace
+from upload_load import drain, https_drain, sent, stored, tgp_backlog
 
 from tests.rabbit import Rabbit
 
@@ -134,19 +133,8 @@ def main() -> None:
 
             dsn = fresh_database(server, "bench_amqp_sink")
             try:
-                loader = Gateway(dsn, tmp / "gw-load")
-                try:
-                    simulate(loader, dsn, "tcp", args.devices, 0, args.backlog_seconds, 100)
-                finally:
-                    loader.stop()
-                count = figures["sink_backlog"] = stored(dsn)
-                receiver = Receiver(tmp / "receiver")
-                try:
-                    gateway = Gateway(dsn, tmp / "gw-https", *upload_args(receiver))
-                    name = receiver.url.split("//")[1].split("/")[0]
-                    figures["https_sink"] = drain(gateway, dsn, name, count, lambda: receiver.stats()["readings"])
-                finally:
-                    receiver.stop()
+                count = figures["sink_backlog"] = tgp_backlog(tmp, dsn, args.devices, args.backlog_seconds)
+                figures["https_sink"] = https_drain(tmp, dsn, count)
                 connection = node.connection()
                 channel = connection.channel()
                 channel.exchange_declare("out", "topic", durable=True)

@@ -23,28 +23,13 @@ import os
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
 
-import psutil
-import psycopg2
 
-from common import BIN, Gateway, drop_database, fresh_database, machine, simulate, workspace
-from upload_load import Receiver, stored, upload_args
+from common import BIN, Gateway, drop_database, fresh_database, machine, workspace
+from upload_load import drain, https_drain, sent, tgp_backlog
 
 REGION = "eu-west-1"
-
-
-def sent(dsn: str, sink: str) -> int:
-    """Readings the sink's ledger counts as sent."""
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT readings_sent FROM upload_sinks WHERE name = %s", (sink,))
-            row = cur.fetchone()
-            return row[0] if row else 0
-    finally:
-        conn.close()
 
 
 class Moto:
@@ -77,32 +62,6 @@ class Moto:
         self.proc.wait(30)
 
 
-def drain(gateway: Gateway, dsn: str, sink: str, backlog: int, count) -> dict:
-    """Time from the first reading sent to the whole backlog, and the gateway's CPU for it."""
-    process = psutil.Process(gateway.proc.pid)
-    before = process.cpu_times()
-    try:
-        first = 0
-        while first == 0:
-            first = count()
-            time.sleep(0.01)
-        began = time.perf_counter()
-        while count() < backlog:
-            time.sleep(0.05)
-        done = time.perf_counter()
-        after = process.cpu_times()
-    finally:
-        gateway.stop()
-    cpu = (after.user + after.system) - (before.user + before.system)
-    return {
-        "readings": backlog,
-        "seconds": round(done - began, 3),
-        "rate": round((backlog - first) / (done - began), 1),
-        "gateway_cpu_s_per_million": round(cpu / backlog * 1e6, 3),
-        "ledger_sent": sent(dsn, sink),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backlog-seconds", type=float, default=10.0, help="seconds of TGP load stored first [10]")
@@ -115,20 +74,8 @@ def main() -> None:
         figures["machine"] = machine(server)
         dsn = fresh_database(server, "bench_kinesis")
         try:
-            loader = Gateway(dsn, tmp / "gw-load")
-            try:
-                simulate(loader, dsn, "tcp", args.devices, 0, args.backlog_seconds, 100)
-            finally:
-                loader.stop()
-            backlog = figures["backlog"] = stored(dsn)
-
-            receiver = Receiver(tmp / "receiver")
-            try:
-                gateway = Gateway(dsn, tmp / "gw-https", *upload_args(receiver))
-                name = receiver.url.split("//")[1].split("/")[0]  # the sink's name from its URL: localhost:PORT
-                figures["https"] = drain(gateway, dsn, name, backlog, lambda: receiver.stats()["readings"])
-            finally:
-                receiver.stop()
+            backlog = figures["backlog"] = tgp_backlog(tmp, dsn, args.devices, args.backlog_seconds)
+            figures["https"] = https_drain(tmp, dsn, backlog)
 
             moto = Moto(tmp)
             config = tmp / "kinesis.toml"

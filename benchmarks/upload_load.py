@@ -16,9 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import psycopg2
 
-from common import Gateway, simulate_argv
+from common import Gateway, simulate, simulate_argv
 
 FLUSH = 5.0
 
@@ -186,6 +187,68 @@ def outage(tmp: Path, dsn: str, receiver: Receiver, rate: float, seconds: float,
         "backlog_delivered_s": backlog_s,
         "lag_under_2_flush_s": lag_ok_s,
     }
+
+
+# -- a sink's drain of a stored backlog (benchmarks/kinesis.py, benchmarks/amqp.py) ----------
+
+
+def sent(dsn: str, sink: str) -> int:
+    """Readings the sink's ledger counts as sent."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT readings_sent FROM upload_sinks WHERE name = %s", (sink,))
+            row = cur.fetchone()
+            return row[0] if row else 0
+    finally:
+        conn.close()
+
+
+def drain(gateway: Gateway, dsn: str, sink: str, backlog: int, count) -> dict:
+    """Time from the first reading sent to the whole backlog, and the gateway's CPU for it."""
+    process = psutil.Process(gateway.proc.pid)
+    before = process.cpu_times()
+    try:
+        first = 0
+        while first == 0:
+            first = count()
+            time.sleep(0.01)
+        began = time.perf_counter()
+        while count() < backlog:
+            time.sleep(0.05)
+        done = time.perf_counter()
+        after = process.cpu_times()
+    finally:
+        gateway.stop()
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return {
+        "readings": backlog,
+        "seconds": round(done - began, 3),
+        "rate": round((backlog - first) / (done - began), 1),
+        "gateway_cpu_s_per_million": round(cpu / backlog * 1e6, 3),
+        "ledger_sent": sent(dsn, sink),
+    }
+
+
+def tgp_backlog(tmp: Path, dsn: str, devices: int, seconds: float) -> int:
+    """Readings stored by TGP devices at the most the gateway takes for ``seconds``: a sink's backlog."""
+    loader = Gateway(dsn, tmp / "gw-load")
+    try:
+        simulate(loader, dsn, "tcp", devices, 0, seconds, 100)
+    finally:
+        loader.stop()
+    return stored(dsn)
+
+
+def https_drain(tmp: Path, dsn: str, backlog: int) -> dict:
+    """The backlog delivered by a gateway with the HTTPS sink to a local receiver (``drain``'s figures)."""
+    receiver = Receiver(tmp / "receiver")
+    try:
+        gateway = Gateway(dsn, tmp / "gw-https", *upload_args(receiver))
+        name = receiver.url.split("//")[1].split("/")[0]  # the sink's name from its URL: localhost:PORT
+        return drain(gateway, dsn, name, backlog, lambda: receiver.stats()["readings"])
+    finally:
+        receiver.stop()
 
 
 def main() -> None:

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # runs as the calling user (/usr/sbin's wrapper switches)
 
 
 def need_rabbitmq() -> None:
     if not Path(SERVER).exists() or shutil.which("epmd") is None:
+        import pytest  # here, not above: benchmarks/amqp.py starts nodes too, without the test extra
+
         pytest.fail("these tests need RabbitMQ: install it (Debian: apt-get install rabbitmq-server)")
 
 

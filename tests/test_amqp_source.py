@@ -394,3 +394,35 @@ async def test_amqps_refuses_a_broker_its_ca_does_not_vouch_for(tmp_path, db_dsn
     finally:
         if svc is not None:
             await svc.stopService()
+
+
+def test_a_broker_that_never_finishes_the_handshake_is_cut_off_and_said_so():
+    """No heartbeat runs before the AMQP handshake ends: the source's own timer (on a task.Clock) ends the wait."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from gateway.transports.amqp_source import CONNECT_TIMEOUT, AmqpSource
+
+    [settings] = sources({"url": "amqp://127.0.0.1", "queue": "q"})
+    clock = Clock()
+    source = AmqpSource(settings, None, reactor)  # type: ignore[arg-type]  (nothing is stored here)
+    source.clock = clock  # its timers
+
+    class Silent:
+        ready: Deferred = Deferred()
+        transport = StringTransport()
+
+    connection = Silent()
+    outcome = []
+    source._ready(connection).addErrback(outcome.append)
+    clock.advance(CONNECT_TIMEOUT - 1)
+    assert not connection.transport.disconnecting and outcome == []
+    clock.advance(1)
+    assert connection.transport.disconnecting  # aborted; pika then fails the handshake
+    connection.ready.errback(ConnectionError("1"))
+    assert len(outcome) == 1 and source.counters.state == "reconnecting"
+    assert (
+        source.counters.last_error == f"the broker did not finish the AMQP handshake within {CONNECT_TIMEOUT:g} seconds"
+    )
+    assert clock.getDelayedCalls() == []

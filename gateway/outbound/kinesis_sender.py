@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from collections import Counter
 from collections.abc import Iterator
 from io import BytesIO
 from dataclasses import dataclass, field
@@ -226,7 +227,6 @@ class KinesisSender:
         self.figures = KinesisFigures()
         self._pending: tuple[str, list[Record]] | None = None  # the batch being sent, and its records not accepted
         self._described = False
-        self._round_codes: dict[str, int] = {}  # the error codes of the last call's failed records
         stream = self.stream.stream
         self._stream_field = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
 
@@ -249,15 +249,15 @@ class KinesisSender:
                 outcome = await self._put(call)
                 if isinstance(outcome, Reply):
                     return outcome
-                accepted = {id(r) for r, ok in zip(call, outcome) if ok}
+                accepted = {id(r) for r, code in zip(call, outcome) if code is None}
                 pending[:] = [r for r in pending if id(r) not in accepted]
                 self.figures.records_sent += len(accepted)
-                failed = len(call) - len(accepted)
+                failed = Counter(code for code in outcome if code is not None)
                 if failed:
-                    self.figures.records_failed += failed
-                    if "ProvisionedThroughputExceededException" in self._round_codes:
+                    self.figures.records_failed += failed.total()
+                    if "ProvisionedThroughputExceededException" in failed:
                         self.figures.throttles += 1
-                    codes = ", ".join(f"{c} ×{n}" for c, n in sorted(self._round_codes.items()))
+                    codes = ", ".join(f"{c} ×{n}" for c, n in sorted(failed.items()))
                     return Reply(
                         429,
                         error=f"Kinesis accepted {len(accepted)} of {len(call)} records ({codes}); "
@@ -285,8 +285,8 @@ class KinesisSender:
             answer = {}
         return response.code, answer if isinstance(answer, dict) else {}, text
 
-    async def _put(self, call: list[Record]) -> list[bool] | Reply:
-        """One PutRecords call: which records it accepted, or the Reply that ends this attempt."""
+    async def _put(self, call: list[Record]) -> list[str | None] | Reply:
+        """One PutRecords call: each record's error code (None: accepted), or the Reply that ends this attempt."""
         doc = {
             **self._stream_field,
             "Records": [{"Data": base64.b64encode(r.data).decode("ascii"), "PartitionKey": r.key} for r in call],
@@ -297,18 +297,16 @@ class KinesisSender:
         results = answer.get("Records")
         if not isinstance(results, list) or len(results) != len(call):
             return Reply(502, body=text[:500], error="Kinesis answered PutRecords without a result for each record")
-        ok = []
-        self._round_codes = {}
+        codes: list[str | None] = []
         for result in results:
-            code = result.get("ErrorCode") if isinstance(result, dict) else "no result"
-            ok.append(not code)
+            code = (result.get("ErrorCode") or None) if isinstance(result, dict) else "no result"
+            codes.append(code)
             if code:
-                self._round_codes[code] = self._round_codes.get(code, 0) + 1
                 self.figures.codes[code] = self.figures.codes.get(code, 0) + 1
                 if code in FOR_GOOD:
                     message = result.get("ErrorMessage", "") if isinstance(result, dict) else ""
                     return Reply(400, body=text[:500], error=f"Kinesis refused a record: {code}: {message}"[:300])
-        return ok
+        return codes
 
     def _refused(self, status: int, answer: dict[str, Any], text: str) -> Reply:
         kind = str(answer.get("__type", "")).rsplit("#", 1)[-1]

@@ -75,7 +75,7 @@ from gateway.transport import IDeviceTransport, Transport, TransportContext
 from gateway.net import amqp
 from gateway.ops.reports import StatusReport
 from gateway.transports.amqp_settings import AmqpSourceError, AmqpSourceSettings, source_from_table
-from gateway.transports.devices import DeviceNames
+from gateway.transports.devices import DeviceNames, source_health
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.session import DeviceSession, Ticket
 
@@ -303,7 +303,20 @@ class AmqpSource(ClientService):
         )
 
     def _ready(self, connection: Any) -> Deferred:
-        """The AMQP handshake done (the connection is then handed to ClientService): start consuming."""
+        """The AMQP handshake done (the connection is then handed to ClientService): start consuming. A peer that
+        does not finish the handshake within CONNECT_TIMEOUT is cut off (heartbeats only start after it)."""
+        silent = []
+
+        def too_slow() -> None:
+            silent.append(True)
+            connection.transport.abortConnection()
+
+        timer = self.clock.callLater(CONNECT_TIMEOUT, too_slow)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
 
         def consume(_: Any) -> None:
             self._lost_reason = None
@@ -315,13 +328,15 @@ class AmqpSource(ClientService):
         def refused(f: Failure) -> Failure:  # TLS or sign-in refused, or the broker gone: ClientService retries
             why = self._lost_reason if self._lost_reason is not None else f  # pika's own error says little
             error = why.getErrorMessage()[:300] or type(why.value).__name__
-            if "certificate verify failed" in error:
+            if silent:
+                error = f"the broker did not finish the AMQP handshake within {CONNECT_TIMEOUT:g} seconds"
+            elif "certificate verify failed" in error:
                 error = f"TLS: the broker's certificate is not trusted (see ca): {error}"
             self.set_state("reconnecting", error)
             log.warn("AMQP source {source}: {error}", source=self.settings.name, error=error)
             return f
 
-        return connection.ready.addCallbacks(consume, refused)
+        return connection.ready.addBoth(settled).addCallbacks(consume, refused)
 
     def _consumer_ended(self, f: Failure, consumer: AmqpConsumer) -> None:
         if consumer.closing:
@@ -433,17 +448,9 @@ class AmqpSources(MultiService):
         return {name: source.status() for name, source in sorted(self.sources.items())}
 
     def health(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name, source in sorted(self.sources.items()):
-            doc = {**source.status(), "ok": True}
-            if doc["state"] != "consuming" and doc["state_seconds"] > source.settings.stall:
-                doc.update(
-                    ok=False,
-                    problem=f"not consuming for {doc['state_seconds']:.0f}s"
-                    + (f": {doc['last_error']}" if doc["last_error"] else ""),
-                )
-            out[name] = doc
-        return out
+        return {
+            name: source_health(s.status(), "consuming", s.settings.stall) for name, s in sorted(self.sources.items())
+        }
 
     def live_metrics(self) -> Iterator[Any]:
         families = {

@@ -43,6 +43,19 @@ class DeviceSettings:
         return max(1, min(self.max_heartbeat, int(self.idle_timeout // 3)))
 
 
+def source_health(status: dict[str, Any], working: str, stall: float) -> dict[str, Any]:
+    """A broker source's /healthz entry: its status, ``ok``, and the problem in words once it has not been
+    ``working`` (its state while it takes messages) for longer than ``stall`` seconds."""
+    doc = {**status, "ok": True}
+    if doc["state"] != working and doc["state_seconds"] > stall:
+        doc.update(
+            ok=False,
+            problem=f"not {working} for {doc['state_seconds']:.0f}s"
+            + (f": {doc['last_error']}" if doc["last_error"] else ""),
+        )
+    return doc
+
+
 class DeviceNames:
     """
     Devices looked up by name, for transports where a device does not sign in

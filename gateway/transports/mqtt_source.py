@@ -71,7 +71,7 @@ from gateway.readings import (
     Source,
 )
 from gateway.net.brokers import SourceSettings, endpoint
-from gateway.transports.devices import DeviceNames
+from gateway.transports.devices import DeviceNames, source_health
 from gateway.transports.broker_commands import FIRST_ID, BrokerDownlink
 from gateway.transports.broker_client import CONNACK_TIMEOUT, SourceCounters, BrokerClient, _ClientFactory
 
@@ -384,14 +384,7 @@ class BrokerSources(MultiService):
                 f"end it, then run gatewayctl mqtt forget {name}",
             }
         for name, source in sorted(self.sources.items()):
-            doc = {**source.status(), "ok": True}
-            if doc["state"] != "subscribed" and doc["state_seconds"] > source.settings.stall:
-                doc.update(
-                    ok=False,
-                    problem=f"not subscribed for {doc['state_seconds']:.0f}s"
-                    + (f": {doc['last_error']}" if doc["last_error"] else ""),
-                )
-            out[name] = doc
+            out[name] = source_health(source.status(), "subscribed", source.settings.stall)
         return out
 
     def live_metrics(self) -> Iterator[Any]:
