@@ -25,6 +25,7 @@ from gateway.cli import (
     export,
     modbus,
     mqtt,
+    opcua,
     quarantine,
     session,
     simulate,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         mqtt,
         amqp,
         modbus,
+        opcua,
         simulate,
         tls,
     )

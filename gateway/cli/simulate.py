@@ -53,6 +53,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     host, _, port = args.target.rpartition(":")
     if not port.isdigit():
         raise CommandError(f"--target {args.target!r}: give HOST:PORT")
+    if args.protocol == "opcua":
+        from gateway.cli import sim_opcua
+
+        note(f"an OPC UA server on {args.target} (namespace {sim_opcua.NAMESPACE}); Ctrl-C stops it")
+        sim_opcua.run(args)
+        return
+    if args.duration is None:
+        args.duration = 10.0
     if args.devices < 1:
         raise CommandError("--devices must be at least 1")
     if args.batch < 1 or args.batch > 10_000:
@@ -126,11 +134,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "teltonika-udp", "gt06"),
+        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "teltonika-udp", "gt06", "opcua"),
         default="tcp",
-        help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), or trackers (teltonika, "
-        "teltonika-udp, gt06: a reading is a record) [default: tcp]",
+        help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), trackers (teltonika, "
+        "teltonika-udp, gt06: a reading is a record), or opcua: serve a simulated OPC UA server on --target "
+        "[default: tcp]",
     )
+    p.add_argument("--items", type=int, default=0, help="opcua: also N Double tags Bench.TagNNNNN [default: 0]")
+    p.add_argument("--period", type=float, default=1.0, help="opcua: seconds between value changes [default: 1]")
+    p.add_argument(
+        "--security-dir", metavar="DIR",
+        help="opcua: offer only Sign and SignAndEncrypt, with a server certificate made in DIR",
+    )  # fmt: skip
+    p.add_argument("--shift", type=int, default=0, help=argparse.SUPPRESS)  # namespaces registered before ours
+    p.add_argument("--control", action="store_true", help=argparse.SUPPRESS)  # test hooks on stdin
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="5", help="for mqtt/mqtts [default: 5]")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="for mqtt/mqtts [default: 1]")
     p.add_argument(
@@ -139,7 +156,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=32,
         help="MQTT 3.1.1 messages in flight per device (5.0 takes the gateway's Receive Maximum) [default: 32]",
     )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds [default: 10]")
+    p.add_argument("--duration", type=float, help="seconds [default: 10; opcua: until stopped]")
     p.add_argument("--batch", type=int, default=100, help="readings per frame or request [default: 100]")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--ca", help="certificate to trust for tls/https [default: DATA_DIR/tls/ca.crt]")

@@ -20,7 +20,7 @@ log = Logger()
 INTERVAL = 5.0
 
 # The tables and their key columns; nothing else is ever formatted into the statement.
-TABLES = {"mqtt_sources": "source", "modbus_devices": "device", "amqp_sources": "source"}
+TABLES = {"mqtt_sources": "source", "modbus_devices": "device", "amqp_sources": "source", "opcua_sources": "source"}
 
 
 class StatusReport:

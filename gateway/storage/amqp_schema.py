@@ -1,5 +1,5 @@
 """
-The schema of RabbitMQ sources: migrations that follow those of
+The schema of RabbitMQ sources and OPC UA servers: migrations that follow those of
 ``trackers_schema.py`` (``migrations.py`` appends them), in the same form.
 """
 
@@ -13,6 +13,21 @@ AMQP_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         -- Each gateway writes the state of each of its [[amqp_source]] consumers here every few seconds
         -- (gatewayctl amqp status reads it): one row per gateway and source.
         CREATE TABLE amqp_sources (
+            gateway     text NOT NULL,
+            source      text NOT NULL,
+            status      jsonb NOT NULL,
+            updated_at  timestamptz NOT NULL,
+            PRIMARY KEY (gateway, source)
+        );
+        """,
+    ),
+    (
+        23,
+        "the state of OPC UA servers",
+        """
+        -- Each gateway writes the state of each of its [[opcua]] sessions here every few seconds
+        -- (gatewayctl opcua status reads it): one row per gateway and server.
+        CREATE TABLE opcua_sources (
             gateway     text NOT NULL,
             source      text NOT NULL,
             status      jsonb NOT NULL,
