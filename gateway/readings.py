@@ -190,6 +190,13 @@ def is_name(text: Any) -> TypeGuard[str]:
     return True
 
 
+def metric_name(text: str) -> str:
+    """Another system's name for a value ('Motor/RPM', 'Node Control/Rebirth') as a metric name: '/' as '.',
+    any other character a name cannot hold as '_', at most 64 characters."""
+    out = "".join(c if c.isascii() and (c.isalnum() or c in "_.:-") else "." if c == "/" else "_" for c in text)
+    return out[:64] or "_"
+
+
 NAMES_SEEN_MAX = 10_000
 NAMES_SEEN: set[str] = set()
 

@@ -61,6 +61,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         return
     if args.duration is None:
         args.duration = 10.0
+    if args.protocol == "sparkplug":
+        _sparkplug(args)
+        return
     if args.devices < 1:
         raise CommandError("--devices must be at least 1")
     if args.batch < 1 or args.batch > 10_000:
@@ -103,6 +106,29 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         raise CommandError(f"{result['commands'].get('recorded', 0)} of {args.commands} command results recorded")
 
 
+def _sparkplug(args: argparse.Namespace) -> None:
+    from gateway.cli import sim_sparkplug
+
+    with database(args) as conn:
+        names = [name for name, _ in provision_simulated(conn, args.devices)]
+    note(
+        f"Sparkplug B edge nodes of group {sim_sparkplug.GROUP} on {args.target}: devices sim-0 … "
+        f"sim-{args.devices - 1}, {args.batch} metrics a DDATA, QoS {args.qos}, for {args.duration:g}s"
+    )
+    try:
+        result = sim_sparkplug.run(args, names)
+    except (OSError, ConnectionError) as e:
+        raise CommandError(f"--target {args.target}: {e}") from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"published {result['readings']:,} readings in {result['messages']:,} DDATA from {result['nodes']} edge "
+            f"nodes in {result['duration']:.1f}s ({result['rate']:,.0f} readings/s); rebirths {result['rebirths']}, "
+            f"writes {result['writes']}"
+        )
+
+
 def _react(main: Any) -> None:
     """Run the reactor until main's Deferred fires (task.react without its sys.exit)."""
     from twisted.internet import reactor
@@ -134,11 +160,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "teltonika-udp", "gt06", "opcua"),
+        choices=("tcp", "tls", "https", "mqtt", "mqtts", "teltonika", "teltonika-udp", "gt06", "opcua", "sparkplug"),
         default="tcp",
         help="TGP over tcp or tls, https, MQTT over TCP (mqtt) or TLS (mqtts), trackers (teltonika, "
-        "teltonika-udp, gt06: a reading is a record), or opcua: serve a simulated OPC UA server on --target "
-        "[default: tcp]",
+        "teltonika-udp, gt06: a reading is a record), sparkplug: Sparkplug B edge nodes on the broker at "
+        "--target (--batch metrics a DDATA), or opcua: serve a simulated OPC UA server on --target [default: tcp]",
     )
     p.add_argument("--items", type=int, default=0, help="opcua: also N Double tags Bench.TagNNNNN [default: 0]")
     p.add_argument("--period", type=float, default=1.0, help="opcua: seconds between value changes [default: 1]")

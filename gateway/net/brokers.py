@@ -201,7 +201,13 @@ SOURCE_KEYS = {
     "backoff-cap",
     "stall",
     "command-topic",
+    "format",
+    "host-id",
+    "device-name",
+    "node-name",
+    "rebirth-interval",
 }
+SPARKPLUG_ONLY = ("host-id", "device-name", "node-name", "rebirth-interval")
 
 
 class SourceError(Exception):
@@ -225,6 +231,16 @@ class SourceSettings:
     # Where commands to the devices on this broker are published: a template with {device} and {id}. Their
     # results come back on the same topic with /result added (subscribed to as well). "": no commands.
     command_topic: str = ""
+    # "gateway": the gateway's topics and payloads; "sparkplug": a Sparkplug B host application (sparkplug.py)
+    format: str = "gateway"
+    host_id: str = ""  # sparkplug: the host application's id (spBv1.0/STATE/<host_id>)
+    device_name: str = "{node}-{device}"  # sparkplug: the registered device of a group/node/device
+    node_name: str = "{node}"  # sparkplug: the registered device of an edge node's own metrics
+    rebirth_interval: float = 10.0  # sparkplug: seconds between two rebirth requests to one edge node
+
+    @property
+    def state_topic(self) -> str:
+        return f"spBv1.0/STATE/{self.host_id}"
 
     @property
     def result_filter(self) -> str:
@@ -260,8 +276,14 @@ def source_from_table(
                 raise ValueError(f"topics: {e}") from None
         if "device-level" in table:
             values["device_level"] = checked_number(table["device-level"], "device-level", 0, 63, whole=True)
+        if table.get("format", "gateway") == "sparkplug":
+            values.update(_sparkplug(table, duration))
+        elif "format" in table and table["format"] != "gateway":
+            raise ValueError(f"format: {table['format']!r} is not gateway or sparkplug")
+        elif any(k in table for k in SPARKPLUG_ONLY):
+            raise ValueError(f'{[k for k in SPARKPLUG_ONLY if k in table][0]}: only for format = "sparkplug"')
         level = values.get("device_level", 1)
-        for topic in values.get("topics", SourceSettings.topics):
+        for topic in values.get("topics", SourceSettings.topics) if values.get("format") != "sparkplug" else ():
             levels = topic.split("/")
             if level >= len(levels) and levels[-1] != "#" or "#" in levels[: level + 1]:
                 raise ValueError(f"device-level: topic {topic!r} has no level {level} to name the device")
@@ -300,6 +322,43 @@ def source_from_table(
     except ValueError as e:
         raise SourceError(f"{label}: {e}") from None
     return SourceSettings(**values)
+
+
+def _sparkplug(table: Mapping[str, Any], duration: Callable[[Any], float]) -> dict[str, Any]:
+    """The settings of a Sparkplug B host application (format = "sparkplug")."""
+    for key in ("device-level", "payload", "command-topic", "group"):
+        if key in table:
+            raise ValueError(f'{key}: not for format = "sparkplug" (Sparkplug names devices and payloads itself)')
+    host_id = table.get("host-id")
+    if not is_name(host_id):
+        raise ValueError("host-id: give the host application's id (letters, digits and _.:-), as in spBv1.0/STATE/<id>")
+    values: dict[str, Any] = {"format": "sparkplug", "host_id": host_id, "group": "", "topics": ("spBv1.0/#",)}
+    if "topics" in table:
+        topics = [table["topics"]] if isinstance(table["topics"], str) else table["topics"]
+        if not isinstance(topics, list) or not all(isinstance(t, str) and t.startswith("spBv1.0/") for t in topics):
+            raise ValueError("topics: give Sparkplug filters, such as spBv1.0/# or spBv1.0/plant-1/#")
+        values["topics"] = tuple(check_filter(t) for t in topics)
+    for key, needed in (("device-name", "{device}"), ("node-name", "{node}")):
+        if key in table:
+            template = table[key]
+            try:
+                sample = template.format(group="g", node="n", device="d") if isinstance(template, str) else None
+            except (KeyError, IndexError, ValueError):
+                sample = None
+            if sample is None or needed not in template or not is_name(sample):
+                raise ValueError(
+                    f"{key}: {template!r}: a device name made of {{group}}, {{node}}, {{device}} and letters, "
+                    f"digits and _.:-, with {needed} in it"
+                )
+            values[key.replace("-", "_")] = template
+    if "rebirth-interval" in table:
+        try:
+            values["rebirth_interval"] = checked_number(
+                duration(table["rebirth-interval"]), "rebirth-interval", 1, 3600
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rebirth-interval: {e}") from None
+    return values
 
 
 def source_from_url(url: str) -> SourceSettings:

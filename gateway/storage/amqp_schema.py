@@ -1,5 +1,5 @@
 """
-The schema of RabbitMQ sources and OPC UA servers: migrations that follow those of
+The schema of RabbitMQ sources, OPC UA servers and Sparkplug births: migrations that follow those of
 ``trackers_schema.py`` (``migrations.py`` appends them), in the same form.
 """
 
@@ -33,6 +33,25 @@ AMQP_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             status      jsonb NOT NULL,
             updated_at  timestamptz NOT NULL,
             PRIMARY KEY (gateway, source)
+        );
+        """,
+    ),
+    (
+        24,
+        "Sparkplug B births kept across restarts",
+        """
+        -- The last NBIRTH of each edge node, and DBIRTH of each of its devices (device '' for the node's own),
+        -- as a Sparkplug host application received them: after a restart they name the aliases of the data
+        -- the broker sends again.
+        CREATE TABLE sparkplug_births (
+            gateway     text NOT NULL,
+            source      text NOT NULL,
+            group_id    text NOT NULL,
+            node        text NOT NULL,
+            device      text NOT NULL,
+            payload     bytea NOT NULL,
+            updated_at  timestamptz NOT NULL,
+            PRIMARY KEY (gateway, source, group_id, node, device)
         );
         """,
     ),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -31,6 +31,7 @@ from gateway.transports.broker_commands import parsed_result, result_of
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.flow import SessionFlow
 from gateway.transports.session import DeviceSession, Ticket
+from gateway.transports.sparkplug_link import state_payload, will
 from protocols import mqtt
 
 if TYPE_CHECKING:
@@ -120,8 +121,12 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         clean = self.source.clean_pass  # retiring a 3.1.1 session: the connection that discards it
         if clean:
             properties = ()
+        last_will = None
+        if self.source.sparkplug is not None:  # offline, retained, should this connection end unasked
+            self.source.state_ts = int(self.clock.seconds() * 1000)
+            last_will = will(settings, self.source.state_ts)
         return mqtt.Connect(
-            broker.client_id, broker.version, clean, broker.keepalive, broker.username, password, None, properties
+            broker.client_id, broker.version, clean, broker.keepalive, broker.username, password, last_will, properties
         )
 
     def may_read(self) -> bool:
@@ -151,6 +156,10 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         qos = min(self.settings.qos, maximum)
         subscribe = mqtt.Subscribe(1, tuple((f, qos) for f in self.settings.filters))
         self._send(subscribe)
+        if self.source.sparkplug is not None:  # the host application is online (the Will has this timestamp)
+            online = state_payload(True, self.source.state_ts)
+            packet_id = self.source.command_packet_id()
+            self._send(mqtt.Publish(self.settings.state_topic, online, 1, packet_id, retain=True))
         log.info(
             "MQTT source {source}: connected to {broker} as {client_id} (session {present})",
             source=self.settings.name,
@@ -230,6 +239,9 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         if self.source.retiring:
             self._retire_when_quiet()
         ticket = self._ticket(publish) if publish.qos else None
+        if self.source.sparkplug is not None:
+            self._sparkplug(ticket, publish)
+            return
         if self.source.commands is not None:
             result = result_of(self.settings.command_topic, publish.topic)
             if result is not None:
@@ -239,9 +251,13 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         if name is None:
             self._keep(ticket, publish, None, R.TOPIC_NAME_INVALID, f"topic {publish.topic!r} names no device")
             return
+        self._for_device(ticket, publish, name, lambda device: self._store(ticket, publish, device))
+
+    def _for_device(self, ticket: Ticket[Any] | None, publish: mqtt.Publish, name: str, then: Any) -> None:
+        """``then(device)`` with the device of that name (None: unknown), looked up if need be, in order."""
         known, device = self.source.device(name)
         if known:
-            self._store(ticket, publish, device)
+            then(device)
             return
         # Not known yet: look it up, and take no further message meanwhile (they keep their order).
         self.session.busy = True
@@ -250,7 +266,7 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         def found(device: Device | None) -> None:
             self.session.busy = False
             if not self.closing:
-                self._store(ticket, publish, device)
+                then(device)
                 self._flow()
                 self.process()
 
@@ -282,14 +298,68 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
     def send_command(self, publish: mqtt.Publish) -> None:
         self._send(publish)
 
-    def _store(self, ticket: Ticket[Any] | None, publish: mqtt.Publish, device: Device | None) -> None:
+    # -- Sparkplug B (sparkplug.py) ----------------------------------------
+
+    def _sparkplug(self, ticket: Ticket[Any] | None, publish: mqtt.Publish) -> None:
+        ready = self.source.births_ready
+        if ready is not None and not ready.called:  # births of before a restart: read them first
+            self.session.busy = True
+            self._flow()
+
+            def go(_: Any) -> None:
+                self.session.busy = False
+                if not self.closing:
+                    self._sparkplug(ticket, publish)
+                    self._flow()
+                    self.process()
+
+            ready.addCallback(go)
+            return
+        host = self.source.sparkplug
+        assert host is not None
+        now = self.clock.seconds()
+        out = host.message(publish.topic, publish.payload, now)
+        if out.rebirth is not None:
+            topic, payload = host.rebirth_message(*out.rebirth, now)
+            self._send(mqtt.Publish(topic, payload, qos=0))
+            log.info("Sparkplug: asked {group}/{node} for a rebirth", group=out.rebirth[0], node=out.rebirth[1])
+        if out.kind in ("NDEATH", "DDEATH"):
+            self.source.sparkplug_offline()
+        if out.keep is not None:
+            reason, message = out.keep
+            self._keep(ticket, publish, None, R.PAYLOAD_FORMAT_INVALID, message, code=f"sparkplug_{reason}")
+            return
+        birth = out.birth
+        keep_birth = (lambda: self.source.save_birth(*birth, publish.payload)) if birth is not None else None
+        if out.device is None or not out.readings:
+            if ticket is not None:
+                done = keep_birth() if keep_birth is not None else succeed(None)
+                done.addCallback(lambda _: WriteResult(0, 0)).addBoth(self._settle_with, ticket)
+            return
+        name, readings = out.device, out.readings
+
+        def store(device: Device | None) -> None:
+            self._store(ticket, publish, device, readings, keep_birth, name)
+
+        self._for_device(ticket, publish, name, store)
+
+    def _store(
+        self,
+        ticket: Ticket[Any] | None,
+        publish: mqtt.Publish,
+        device: Device | None,
+        given: list[Reading] | None = None,
+        then: Any = None,
+        name: str | None = None,
+    ) -> None:
+        """Store the message's readings (``given``, else read from its payload); ``then()`` before the answer."""
         if device is None:
-            name = _device_name(publish.topic, self.settings.device_level)
+            name = name or _device_name(publish.topic, self.settings.device_level)
             message = f"device {name!r} is not registered on this gateway (gatewayctl device add {name})"
             self._keep(ticket, publish, None, R.NOT_AUTHORIZED, message)
             return
         try:
-            readings = self._readings(publish, device)
+            readings = given if given is not None else self._readings(publish, device)
         except InvalidInput as e:
             self._keep(ticket, publish, device, R.PAYLOAD_FORMAT_INVALID, e.message)
             return
@@ -298,11 +368,16 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
             return
         ingest = self.source.ingest
         if not ingest.admits(len(readings)):
-            self._hold(ticket, publish, device)
+            self._hold(ticket, publish, device, given, then)
             return
         self.source.reachable(device.name)
         d = ingest.store_readings(device, readings, self.source.origin, lambda: publish.payload)
         d.addCallback(self._stored, readings)
+        downlink = self.source.downlinks.get(device.name)
+        if given is not None and downlink is not None and hasattr(downlink, "reported"):
+            d.addCallback(lambda r: (downlink.reported(readings), r)[1])
+        if then is not None:
+            d.addCallback(lambda r: then().addCallback(lambda _: r))
         d.addErrback(self._not_stored, ticket, publish, device)
         if ticket is not None:
             d.addBoth(self._settle_with, ticket)
@@ -341,19 +416,25 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         return f
 
     def _keep(
-        self, ticket: Any, publish: mqtt.Publish, device: Device | None, reason: mqtt.Reason, message: str
+        self,
+        ticket: Any,
+        publish: mqtt.Publish,
+        device: Device | None,
+        reason: mqtt.Reason,
+        message: str,
+        code: str | None = None,
     ) -> None:
         """Keep a message that can never be stored, then acknowledge it."""
         self.source.counters.rejected += 1
         name = device.name if device else None
         raw = publish.payload
-        kept = self.source.ingest.refuse(self.source.origin, reason.name.lower(), message, device=name, raw=raw)
+        kept = self.source.ingest.refuse(self.source.origin, code or reason.name.lower(), message, device=name, raw=raw)
         if ticket is not None:
             kept.addCallback(lambda _: _Kept(reason, message)).addBoth(self._settle_with, ticket)
 
-    def _hold(self, ticket: Any, publish: mqtt.Publish, device: Device) -> None:
+    def _hold(self, ticket: Any, publish: mqtt.Publish, device: Device, given: Any = None, then: Any = None) -> None:
         """No room in the store: keep this message, read nothing more until there is room."""
-        self.hold(self.source.ingest, lambda: self._store(ticket, publish, device))
+        self.hold(self.source.ingest, lambda: self._store(ticket, publish, device, given, then))
 
     # -- acknowledgements, in order ---------------------------------------
 
@@ -453,6 +534,9 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
     def _disconnect(self) -> None:
         if not self.closing:
             if self.conn.state == mqtt.CONNECTED:
+                if self.source.sparkplug is not None:  # offline, said before a DISCONNECT (which sends no Will)
+                    offline = state_payload(False, self.source.state_ts)
+                    self._send(mqtt.Publish(self.settings.state_topic, offline, 0, None, retain=True))
                 self._send(mqtt.Disconnect())
             self.close()
         drained, self._drained = self._drained, None

@@ -73,6 +73,8 @@ from gateway.readings import (
 from gateway.net.brokers import SourceSettings, endpoint
 from gateway.transports.devices import DeviceNames, source_health
 from gateway.transports.broker_commands import FIRST_ID, BrokerDownlink
+from gateway.transports.sparkplug import SparkplugHost
+from gateway.transports.sparkplug_link import SparkplugDownlink
 from gateway.transports.broker_client import CONNACK_TIMEOUT, SourceCounters, BrokerClient, _ClientFactory
 
 log = Logger()
@@ -98,8 +100,20 @@ class BrokerSource(ClientService):
         self.settings = settings
         # Commands to the devices heard from on this broker (with command-topic): their downlinks, and the
         # packet ids of commands published and not yet acknowledged by the broker.
-        self.commands: Any = commands if settings.command_topic and retire is None else None
-        self.downlinks: dict[str, BrokerDownlink] = {}
+        sparkplug = settings.format == "sparkplug"
+        self.commands: Any = commands if (settings.command_topic or sparkplug) and retire is None else None
+        self.downlinks: dict[str, Any] = {}  # BrokerDownlink, or SparkplugDownlink
+        # A Sparkplug B host application (sparkplug.py): its births, read back from the database before the
+        # first message is taken (births_ready), so that data sent again after a restart can be read.
+        self.sparkplug = (
+            SparkplugHost(settings.host_id, settings.device_name, settings.node_name, settings.rebirth_interval)
+            if sparkplug and retire is None
+            else None
+        )
+        self.run: Callable[..., Any] | None = None  # the read pool, for births
+        self.owner = ""
+        self.births_ready: Deferred | None = None
+        self.state_ts = 0  # the timestamp of this connection's STATE (the Will's and the online message's)
         self.command_ids: dict[int, BrokerDownlink] = {}
         self._last_packet_id = FIRST_ID - 1
         self.ingest = ingest
@@ -152,8 +166,52 @@ class BrokerSource(ClientService):
     def reachable(self, name: str) -> None:
         """A registered device was heard from on this broker: commands to it go out here from now on."""
         if self.commands is not None and name not in self.downlinks:
-            downlink = self.downlinks[name] = BrokerDownlink(self, name, self.commands)
+            kind = SparkplugDownlink if self.sparkplug is not None else BrokerDownlink
+            downlink = self.downlinks[name] = kind(self, name, self.commands)
             self.commands.attach(name, downlink, back=False)
+
+    def sparkplug_offline(self) -> None:
+        """After an NDEATH or DDEATH: commands to devices now offline wait for their rebirth."""
+        assert self.sparkplug is not None
+        for name, online in self.sparkplug.online().items():
+            downlink = self.downlinks.get(name)
+            if not online and downlink is not None:
+                downlink.gone()
+                self.commands.detach(name, self.downlinks.pop(name))
+
+    def load_births(self) -> Deferred:
+        """The births kept before a restart (never errbacks)."""
+        host, run = self.sparkplug, self.run
+        if host is None or run is None:
+            return succeed(None)
+        sql = "SELECT group_id, node, device, payload FROM sparkplug_births WHERE gateway = %s AND source = %s"
+        d = run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
+
+        def restore(rows: list[tuple]) -> None:
+            for group, node, device, payload in rows:
+                try:
+                    host.restore(group, node, device or None, bytes(payload))
+                except Exception as e:  # noqa: BLE001 - a birth that no longer decodes: the node is asked again
+                    log.warn("Sparkplug birth of {group}/{node} not read back: {e}", group=group, node=node, e=e)
+
+        return d.addCallbacks(restore, lambda f: log.warn("Sparkplug births not read back: {e}", e=f.value))
+
+    def save_birth(self, group: str, node: str, device: str | None, payload: bytes) -> Deferred:
+        """Keep a birth for after a restart (the message is acknowledged once it is kept)."""
+        if self.run is None:
+            return succeed(None)
+        sql = (
+            "INSERT INTO sparkplug_births (gateway, source, group_id, node, device, payload, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (gateway, source, group_id, node, device) "
+            "DO UPDATE SET payload = EXCLUDED.payload, updated_at = now()"
+        )
+        args = (self.owner, self.settings.name, group, node, device or "", payload)
+        if device is None:  # a node's birth starts it over: its devices' births are of its last life
+            clear = "DELETE FROM sparkplug_births WHERE gateway = %s AND source = %s AND group_id = %s AND node = %s"
+            return self.run(lambda c: c.runOperation(clear, args[:4])).addCallback(
+                lambda _: self.run(lambda c: c.runOperation(sql, args))
+            )
+        return self.run(lambda c: c.runOperation(sql, args))
 
     def command_packet_id(self) -> int:
         while True:
@@ -228,6 +286,20 @@ class BrokerSource(ClientService):
             "oldest_unacked_seconds": None if oldest is None else now - oldest,
             "last_message_seconds": None if c.last_message_at is None else now - c.last_message_at,
             "delay_seconds": c.delay,
+            **(self._sparkplug_status() if self.sparkplug is not None else {}),
+        }
+
+    def _sparkplug_status(self) -> dict[str, Any]:
+        host = self.sparkplug
+        assert host is not None
+        online = host.online()
+        return {
+            "sparkplug": {
+                "host_id": host.host_id,
+                "messages": dict(sorted(host.counts.items())),
+                "online": sorted(n for n, up in online.items() if up),
+                "offline": sorted(n for n, up in online.items() if not up),
+            }
         }
 
 
@@ -265,6 +337,9 @@ class BrokerSources(MultiService):
 
     def _add(self, settings: SourceSettings) -> None:
         source = self.sources[settings.name] = BrokerSource(settings, self.ingest, self.reactor, commands=self.commands)
+        source.run, source.owner = self.run, self.owner
+        if source.sparkplug is not None:
+            source.births_ready = source.load_births()
         source.setServiceParent(self)  # started at once when this service runs
 
     async def reconfigure(self, sources: tuple[SourceSettings, ...]) -> list[str]:

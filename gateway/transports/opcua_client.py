@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from gateway.reactor import Reactor
+from gateway.readings import metric_name
 from gateway.transports.opcua_settings import Item, OpcuaSource
 
 APPLICATION_URI = "urn:txgateway:client"
@@ -314,7 +315,15 @@ class UaSession:
                     if ns and ns < len(namespaces):
                         text = f"nsu={namespaces[ns]};{text.split(';', 1)[1]}"
                     found.append(
-                        Item(text, b.prefix + name, b.device, b.sampling, b.queue_size, b.deadband, writable=b.writable)
+                        Item(
+                            text,
+                            metric_name(b.prefix + name),
+                            b.device,
+                            b.sampling,
+                            b.queue_size,
+                            b.deadband,
+                            writable=b.writable,
+                        )
                     )
         return found
 

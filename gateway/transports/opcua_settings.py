@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.readings import NAME_RULE, is_name
 from gateway.tables import checked_number, config_table
 
 KEYS = {
@@ -34,7 +35,6 @@ POLICIES = {
 }
 MODES = {"sign": "Sign", "signandencrypt": "SignAndEncrypt"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 _NODE = re.compile(r"^(nsu=[^;]+;|ns=\d+;)?[isgb]=.+$", re.S)
 
 
@@ -223,8 +223,8 @@ def source_from_table(
             what = f"node {t.get('node')!r}"
             node = check_node(t.get("node"), f"node #{n + 1}")
             metric = t.get("metric")
-            if not isinstance(metric, str) or not _METRIC.match(metric):
-                raise ValueError(f"{what}: metric: {metric!r} is not a metric name")
+            if not is_name(metric):
+                raise ValueError(f"{what}: metric: {metric!r} is not a metric name ({NAME_RULE})")
             scale = float(checked_number(t.get("scale", 1.0), "scale"))
             if scale == 0:
                 raise ValueError(f"{what}: scale: 0 would make every value 0")
