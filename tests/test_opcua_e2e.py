@@ -148,6 +148,16 @@ async def test_every_type_stored_one_bad_node_never_stops_the_rest_and_a_restart
             ) in metrics
             assert 'gateway_opcua_subscribed{source="press-4"} 1.0' in metrics
 
+            # What a user maps: gatewayctl opcua browse lists the nodes by namespace URI, with type and value.
+            out = await deferToThread(gatewayctl, "opcua", "browse", server.url, "--json")
+            nodes = {row["node"]: row for row in json.loads(out.stdout)}
+            assert nodes[node("Types.Int16")]["type"] == "Int16" and isinstance(
+                nodes[node("Types.Int16")]["value"], int
+            )
+            assert nodes[node("Press4.Temperature")]["status"] == "BadSensorFailure"
+            text = (await deferToThread(gatewayctl, "opcua", "browse", server.url, "--node", node("Press4"))).stdout
+            assert f"{node('Press4.Setpoint')}  Setpoint  Double  = " in text
+
             # The server goes away and comes back on the same port with another namespace index.
             port = int(server.url.rsplit(":", 1)[1].strip("/"))
             server.stop()

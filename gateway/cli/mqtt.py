@@ -25,6 +25,12 @@ def cmd_mqtt_status(args: argparse.Namespace) -> None:
             f"  lag           oldest unacknowledged {_seconds(s['oldest_unacked_seconds'])}, "
             f"last message {_seconds(s['last_message_seconds'])} ago, reading to commit {_seconds(s['delay_seconds'])}"
         )
+        spb = s.get("sparkplug")
+        if spb:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in spb["messages"].items())
+            print(f"  sparkplug     host {spb['host_id']}: {kinds or 'no messages yet'}")
+            print(f"  online        {', '.join(spb['online']) or '-'}")
+            print(f"  offline       {', '.join(spb['offline']) or '-'}")
         if s["last_error"]:
             print(f"  last error    {s['last_error']}")
 

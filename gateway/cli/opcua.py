@@ -83,7 +83,7 @@ async def _browse(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if cls == ua.NodeClass.Variable:
                     try:
                         row["type"] = (await child.read_data_type_as_variant_type()).name
-                        value = await child.read_data_value()
+                        value = await child.read_data_value(raise_on_bad_status=False)
                         row["value"] = value.Value.Value if value.Value is not None else None
                         row["status"] = value.StatusCode.name if value.StatusCode is not None else "Good"
                     except ua.UaError as e:

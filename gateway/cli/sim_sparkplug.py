@@ -74,6 +74,7 @@ class EdgeNode:
         self.seq = itertools.count()
         self.bd_seq = bd_seq
         self.lock = threading.Lock()
+        self.last_ms = 0
         self.rebirths = 0
         self.writes = 0
         self.published = 0  # readings in DDATA
@@ -84,6 +85,11 @@ class EdgeNode:
         self.client.on_message = self._message
         self.host, self.port = host, port
         self.connected = threading.Event()
+
+    def stamp(self) -> int:
+        """Now in ms, always later than the last stamp (two messages of one metric never share a time)."""
+        self.last_ms = max(now_ms(), self.last_ms + 1)
+        return self.last_ms
 
     def topic(self, kind: str, device: str | None = None) -> str:
         return f"spBv1.0/{self.group}/{kind}/{self.node}" + (f"/{device}" if device else "")
@@ -110,7 +116,7 @@ class EdgeNode:
     def births(self) -> None:
         with self.lock:
             self.seq = itertools.count()
-            now = now_ms()
+            now = self.stamp()
             node_metrics = [
                 {"name": "bdSeq", "datatype": INT64, "value": self.bd_seq, "timestamp": now},
                 {"name": "Node Control/Rebirth", "datatype": BOOLEAN, "value": False, "timestamp": now},
@@ -135,7 +141,7 @@ class EdgeNode:
     def data(self, device: str, k: int, skip_seq: bool = False) -> None:
         """DDATA of every metric of ``device`` (aliases only); ``skip_seq``: as if one message were lost."""
         with self.lock:
-            now = now_ms()
+            now = self.stamp()
             if skip_seq:
                 next(self.seq)
             metrics = []
@@ -166,7 +172,9 @@ class EdgeNode:
                     self.values[device][name] = value
                     i = self.names.index(name)
                     metric = {"alias": self.alias(device, i), "datatype": self.types[i], "value": value}
-                    self._publish(self.topic("DDATA", device), self.encode(now_ms(), next(self.seq) % 256, [metric]))
+                    self._publish(
+                        self.topic("DDATA", device), self.encode(self.stamp(), next(self.seq) % 256, [metric])
+                    )
                     self.writes += 1
 
     def death(self) -> None:
