@@ -124,3 +124,28 @@ def test_the_single_sign_on_example_is_a_valid_config():
         ("gateway-admins",),
         ("gateway-readers", "maintenance"),
     )
+
+
+def test_the_opcua_and_sparkplug_examples_are_valid_configs(monkeypatch):
+    import textwrap
+    import tomllib
+
+    from gateway.config import build_config
+
+    block = page("transports/opcua.rst").split("rules, quarantine, the twin, alerts, upload)::", 1)[1]
+    block = block.split("\nA node is named", 1)[0]
+    [press] = build_config({}, tomllib.loads(textwrap.dedent(block))).opcua
+    assert (press.name, press.security) == ("press-4", "None")
+    pressure = press.items[1]
+    assert (pressure.metric, pressure.scale, pressure.deadband, pressure.sampling, pressure.queue_size) == (
+        "pressure_kpa", 100.0, 0.5, 0.1, 10
+    )  # fmt: skip
+    assert press.items[2].writable and press.browse[0].match == "Motor*" and press.browse[0].depth == 2
+
+    monkeypatch.setenv("BROKER_PASSWORD", "x")
+    block = page("transports/sparkplug.rst").split('``format = "sparkplug"``::', 1)[1].split("\n``device-name``", 1)[0]
+    doc = {key.replace("_", "-"): value for key, value in tomllib.loads(textwrap.dedent(block)).items()}
+    doc["mqtt-source"][0].pop("ca")  # a file of the example's machine
+    [plant] = build_config({}, doc).mqtt_source
+    assert (plant.format, plant.host_id, plant.group, plant.topics) == ("sparkplug", "txgateway-1", "", ("spBv1.0/#",))
+    assert (plant.device_name, plant.node_name, plant.rebirth_interval) == ("{node}-{device}", "{node}", 10.0)

@@ -32,7 +32,7 @@ from twisted.internet.threads import deferToThread
 from gateway.cli.sim_opcua import NAMESPACE, NUMERIC
 from gateway.commands.model import parse_request
 from gateway.config import ConfigError, build_config
-from tests.conftest import start_service
+from tests.conftest import log_lines, start_service
 from tests.gatewayproc import gatewayctl, script
 from tests.test_commands_modbus import finished
 from tests.test_store import add_pg_device
@@ -184,7 +184,9 @@ async def test_sign_and_encrypt_with_the_gateways_certificate_and_a_write_read_b
     add_pg_device(sql, "press-4")
     with opcua_server("--security-dir", str(tmp_path / "server-pki")) as server:
         table = press_table(server.url, security="SignAndEncrypt:Basic256Sha256")
-        svc = await start_service(tmp_path, db_dsn, {"opcua": [table]})
+        with log_lines() as lines:
+            svc = await start_service(tmp_path, db_dsn, {"opcua": [table]})
+            assert await until(lambda: any("SHA-1 thumbprint" in line for line in lines), 30)
         try:
             source = svc.transport("opcua").sources.sources["press-4"]
             assert await until(lambda: len(stored(sql, "double")) >= 3), source.status()

@@ -35,7 +35,8 @@ def cmd_opcua_status(args: argparse.Namespace) -> None:
             print(f"  refused       {key}: {why}")
         print(f"  values        {s['values']} received, {s['readings']} readings stored new")
         p99 = s["commit_p99_seconds"]
-        print(f"  last value    {_seconds(s['last_value_seconds'])} ago; to COMMIT p99 {_seconds(p99)}")
+        to_commit = "-" if p99 is None else f"{p99 * 1000:.0f} ms"
+        print(f"  last value    {_seconds(s['last_value_seconds'])} ago; publish to COMMIT p99 {to_commit}")
         for key, codes in s["bad"].items():
             print(f"  not stored    {key}: " + ", ".join(f"{n} {code}" for code, n in codes.items()))
         reasons = ", ".join(f"{n} {reason}" for reason, n in s["gaps_by_reason"].items())

@@ -435,3 +435,13 @@ class _Listener:
 
     def lost(self, reason: str, message: str) -> None:
         self.source.lost(reason, message)
+
+    def certificate(self, path: str, thumbprint: str) -> None:
+        log.info(
+            "OPC UA {source}: the gateway's client certificate is {path} (SHA-1 thumbprint {thumbprint}): "
+            "trust it on the server ({endpoint})",
+            source=self.source.settings.name,
+            path=path,
+            thumbprint=thumbprint,
+            endpoint=self.source.settings.endpoint,
+        )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import logging
 import math
 import threading
@@ -51,6 +52,7 @@ class Listener(Protocol):
     def session(self, items: tuple[Item, ...], refused: dict[int, str], info: dict[str, Any]) -> None: ...
     def values(self, batch: list[tuple[int, Any, float, int, str]], arrived: float) -> None: ...
     def lost(self, reason: str, message: str) -> None: ...
+    def certificate(self, path: str, thumbprint: str) -> None: ...
 
 
 class UaLoop:
@@ -169,6 +171,7 @@ class UaSession:
         self.client: Client | None = None
         self.nodes: dict[str, Node] = {}  # metric key (device/metric) → node, for writes
         self.lost_event = asyncio.Event()
+        self._told = False
 
     def tell(self, method: Callable[..., Any], *args: Any) -> None:
         self.reactor.callFromThread(method, *args)
@@ -199,6 +202,10 @@ class UaSession:
         client.name = client.description = "txgateway"
         if s.policy is not None:
             cert, key = await client.setup_self_signed_certificate(self.pki / "client-key.pem", self.pki / "client.der")
+            if not self._told:  # once: the server's administrator trusts this certificate
+                self._told = True
+                thumbprint = hashlib.sha1(Path(cert).read_bytes()).hexdigest()  # noqa: S324 - OPC UA's thumbprint
+                self.tell(self.listener.certificate, str(cert), thumbprint)
             await client.set_security_string(
                 ",".join(
                     [s.policy, s.mode or "SignAndEncrypt", str(cert), str(key)]

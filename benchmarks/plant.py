@@ -1,0 +1,258 @@
+"""
+The plant floor's protocols: OPC UA subscriptions and Sparkplug B.
+
+    python benchmarks/plant.py [--items 10000] [--duration 20] [--devices 100] [--db DSN] [--json FILE]
+
+1. OPC UA: the simulated server (``gatewayctl simulate --protocol opcua``,
+   asyncua's server, a process of its own) changes ``--items`` Double tags
+   every second, all in one source timestamp a round; the gateway monitors
+   every one (100 devices of ``items/100`` nodes, 1 s publishing, 1 s
+   sampling). Each tag holds its round's number, so the readings with a
+   source time in the ``--duration`` s window tell the rounds the server
+   made (its share of the target rate) and the share of their values stored;
+   notification-to-COMMIT p50/p99 (``gatewayctl opcua status``), the
+   gateway's CPU per thousand values, and its RSS.
+2. TGP with and without OPC UA in the gateway: TGP at its most (simulated
+   devices, 100 readings a frame) against a gateway with no ``[[opcua]]``,
+   then against one that also monitors ``--tgp-items`` tags changing every
+   second: the cost of asyncua's thread to the reactor's transports.
+3. Sparkplug B against MQTT JSON, both consumed from Mosquitto: simulated
+   edge nodes publish DDATA of 100 metrics at QoS 1 as fast as the broker
+   takes them, to a gateway that is the Sparkplug host application; then
+   simulated devices publish the gateway's JSON, 100 readings a message, to
+   a gateway with an ``--mqtt-source`` (``run.py``'s measure): readings a
+   second stored, first message to last reading, and CPU per million.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import psycopg2
+
+from common import BIN, Gateway, drop_database, fresh_database, machine, simulate, workspace
+from run import mqtt_source, running_mosquitto
+from upload_load import stored
+
+NAMESPACE = "urn:txgateway:simulator"
+
+
+def opcua_server(items: int) -> tuple[subprocess.Popen, str]:
+    argv = [str(BIN / "gatewayctl"), "simulate", "--protocol", "opcua", "--target", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*argv, "--items", str(items), "--period", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("ready "):
+        proc.kill()
+        raise SystemExit(f"the OPC UA server did not start: {line!r}")
+    return proc, line.split()[1]
+
+
+def opcua_config(url: str, items: int, devices: int = 100) -> str:
+    per = max(1, items // devices)
+    lines = []
+    for d in range(0, items, per):
+        lines += ["[[opcua]]", f'name = "bench-{d // per}"', f'device = "sim-{d // per}"', f'endpoint = "{url}"']
+        lines += ['publishing = "1s"', 'sampling = "1s"', "queue-size = 2"]
+        for i in range(d, min(d + per, items)):
+            lines += ["[[opcua.node]]", f'node = "nsu={NAMESPACE};s=Bench.Tag{i:05d}"', f'metric = "tag{i:05d}"']
+    return "\n".join(lines) + "\n"
+
+
+def provision(dsn: str, devices: int) -> None:
+    from gateway.cli.simulate import provision_simulated
+
+    conn = psycopg2.connect(dsn)
+    try:
+        provision_simulated(conn, devices)
+    finally:
+        conn.close()
+
+
+def opcua_status(dsn: str) -> list[dict]:
+    argv = [str(BIN / "gatewayctl"), "opcua", "status", "--json", "--db", dsn]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+
+def rounds_stored(dsn: str, start: float, end: float) -> tuple[int, int]:
+    """The server's rounds with a source time in the window (every tag holds its round's number), and the
+    readings stored of them."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT min(value), max(value), count(*) FROM readings "
+                "WHERE ts >= to_timestamp(%s) AND ts < to_timestamp(%s)",
+                (start, end),
+            )
+            low, high, count = cur.fetchone()
+    finally:
+        conn.close()
+    return (int(high - low) + 1 if count else 0), count
+
+
+def opcua(tmp: Path, server_dsn: str, items: int, duration: float) -> dict:
+    dsn = fresh_database(server_dsn, "bench_opcua")
+    server, url = opcua_server(items)
+    try:
+        provision(dsn, 100)
+        config = tmp / "opcua.toml"
+        config.write_text(opcua_config(url, items))
+        gateway = Gateway(dsn, tmp / "gw-opcua", "--config", str(config))
+        process = psutil.Process(gateway.proc.pid)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # every session subscribed and values flowing
+                time.sleep(1)
+                status = opcua_status(dsn)
+                if len(status) == 100 and all(s["state"] == "subscribed" and s["readings"] for s in status):
+                    break
+            cpu_before = sum(process.cpu_times()[:2])
+            server_before = sum(psutil.Process(server.pid).cpu_times()[:2])
+            start = time.time()
+            time.sleep(duration)
+            end = time.time()
+            cpu = sum(process.cpu_times()[:2]) - cpu_before
+            server_cpu = sum(psutil.Process(server.pid).cpu_times()[:2]) - server_before
+            time.sleep(6)  # the window's values committed, and reported (every 5 s)
+            rounds, kept = rounds_stored(dsn, start, end)
+            status = opcua_status(dsn)
+            p99s = sorted(s["commit_p99_seconds"] for s in status if s["commit_p99_seconds"] is not None)
+            rss = process.memory_info().rss / 2**20
+        finally:
+            gateway.stop()
+    finally:
+        server.kill()
+        server.wait()
+        drop_database(server_dsn, "bench_opcua")
+    elapsed = end - start
+    return {
+        "items": items,
+        "duration_s": duration,
+        "rounds": rounds,
+        "values_per_s": items * rounds / elapsed,
+        "server_share_of_target": rounds / elapsed,
+        "stored_share": kept / (items * rounds) if rounds else 0.0,
+        "commit_p99_ms_median_source": p99s[len(p99s) // 2] * 1000 if p99s else None,
+        "commit_p99_ms_worst_source": p99s[-1] * 1000 if p99s else None,
+        "gateway_cpu_ms_per_thousand_values": cpu / max(1, kept) * 1e6,
+        "gateway_cpu_share": cpu / elapsed,
+        "server_cpu_share": server_cpu / elapsed,
+        "rss_mb": rss,
+    }
+
+
+def tgp_beside_opcua(tmp: Path, server_dsn: str, items: int, duration: float, devices: int) -> dict:
+    out = {}
+    for label, with_opcua in (("without", False), ("with", True)):
+        dsn = fresh_database(server_dsn, f"bench_tgp_{label}")
+        server = None
+        try:
+            extra: list[str] = []
+            if with_opcua:
+                server, url = opcua_server(items)
+                provision(dsn, devices)
+                config = tmp / "tgp-opcua.toml"
+                config.write_text(opcua_config(url, items, min(devices, 100)))
+                extra = ["--config", str(config)]
+            gateway = Gateway(dsn, tmp / f"gw-tgp-{label}", *extra)
+            try:
+                time.sleep(5 if with_opcua else 1)  # subscribed
+                result = simulate(gateway, dsn, "tcp", devices, 0, duration, 100)
+            finally:
+                gateway.stop()
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+            drop_database(server_dsn, f"bench_tgp_{label}")
+        out[label] = {"readings_per_s": result["rate"], "p99_ms": result["p99_ms"]}
+    out["ratio"] = out["with"]["readings_per_s"] / out["without"]["readings_per_s"]
+    out["opcua_items"] = items
+    return out
+
+
+def sparkplug(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict:
+    dsn = fresh_database(server_dsn, "bench_sparkplug")
+    try:
+        with running_mosquitto(tmp, "max_queued_messages 0\n") as port:
+            config = tmp / "sparkplug.toml"
+            config.write_text(
+                "[[mqtt_source]]\n"
+                f'name = "plant"\nurl = "mqtt://127.0.0.1:{port}"\nformat = "sparkplug"\nhost-id = "bench"\n'
+                'device-name = "{device}"\n'
+            )
+            gateway = Gateway(dsn, tmp / "gw-sparkplug", "--config", str(config))
+            process = psutil.Process(gateway.proc.pid)
+            try:
+                time.sleep(1)
+                cpu_before = sum(process.cpu_times()[:2])
+                target = SimpleNamespace(data_dir=tmp / "sparkplug-sim", ports={"sparkplug": port})
+                started = time.monotonic()
+                result = simulate_sparkplug(target, dsn, devices, duration)
+                ended = time.monotonic()
+                expected = result["readings"] + devices * 100  # and each device's DBIRTH
+                deadline = ended + max(60.0, 10 * duration)
+                while (count := stored(dsn)) < expected and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                drained = time.monotonic()
+                cpu = sum(process.cpu_times()[:2]) - cpu_before
+            finally:
+                gateway.stop()
+    finally:
+        drop_database(server_dsn, "bench_sparkplug")
+    return {
+        "published": result["readings"],
+        "stored": count,
+        "expected": expected,
+        "readings_per_s": count / (drained - started),
+        "catch_up_s": drained - ended,
+        "gateway_cpu_s_per_million": cpu / max(1, count) * 1e6,
+    }
+
+
+def simulate_sparkplug(target: SimpleNamespace, dsn: str, devices: int, duration: float) -> dict:
+    argv = [
+        str(BIN / "gatewayctl"), "simulate", "--db", dsn, "--data-dir", str(target.data_dir),
+        "--target", f"127.0.0.1:{target.ports['sparkplug']}", "--protocol", "sparkplug", "--devices", str(devices),
+        "--rate", "0", "--duration", str(duration), "--batch", "100", "--qos", "1", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"simulate --protocol sparkplug failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=10_000, help="OPC UA tags changing every second [10000]")
+    parser.add_argument("--tgp-items", type=int, default=1000, help="OPC UA tags beside the TGP run [1000]")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured in each run [20]")
+    parser.add_argument("--devices", type=int, default=100, help="TGP devices, and Sparkplug/MQTT devices [100]")
+    parser.add_argument("--db", help="PostgreSQL server DSN (default: embedded, in a temporary directory)")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    with workspace(args.db) as (tmp, server_dsn):
+        figures = {"machine": machine(server_dsn)}
+        figures["opcua"] = opcua(tmp, server_dsn, args.items, args.duration)
+        figures["tgp_beside_opcua"] = tgp_beside_opcua(tmp, server_dsn, args.tgp_items, args.duration, args.devices)
+        figures["sparkplug"] = sparkplug(tmp, server_dsn, args.duration, args.devices)
+        figures["mqtt_json_source"] = mqtt_source(tmp, server_dsn, args.duration, args.devices, 0)
+        figures["sparkplug_x_mqtt_json"] = (
+            figures["sparkplug"]["readings_per_s"] / figures["mqtt_json_source"]["readings_per_s"]
+        )
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
