@@ -63,6 +63,7 @@ _FIELD = {
     DataType.BYTES: "bytes_value",
     DataType.FILE: "bytes_value",
 }
+_TYPES = {int(t): t for t in DataType}
 _SIGNED = {DataType.INT8: 32, DataType.INT16: 32, DataType.INT32: 32, DataType.INT64: 64}
 
 
@@ -131,28 +132,32 @@ class Message:
     metrics: list[Metric] = field(default_factory=list)
 
 
-def decode(raw: bytes) -> Message:
+def decode(data: bytes) -> Message:
     """A payload; ValueError when the bytes are not one."""
     try:
-        pb = _Payload.FromString(raw)
+        pb = _Payload.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ValueError(f"not a Sparkplug B payload: {e}") from None
     out = Message(pb.timestamp if pb.HasField("timestamp") else None, pb.seq if pb.HasField("seq") else None)
+    append = out.metrics.append
     for m in pb.metrics:
         which = m.WhichOneof("value")
-        datatype = DataType(m.datatype) if m.datatype in DataType._value2member_map_ else DataType.UNKNOWN
+        datatype = _TYPES.get(m.datatype, DataType.UNKNOWN)
+        raw: Any = getattr(m, which) if which is not None else None
         metric = Metric(
-            name=m.name if m.HasField("name") else None,
-            alias=m.alias if m.HasField("alias") else None,
-            timestamp=m.timestamp if m.HasField("timestamp") else None,
-            datatype=datatype,
-            is_historical=m.is_historical,
-            is_transient=m.is_transient,
-            is_null=m.is_null,
-            raw=getattr(m, which) if which is not None else None,
+            m.name if m.HasField("name") else None,
+            m.alias if m.HasField("alias") else None,
+            m.timestamp if m.HasField("timestamp") else None,
+            datatype,
+            raw if datatype not in _SIGNED else None,
+            m.is_historical,
+            m.is_transient,
+            m.is_null,
+            raw,
         )
-        metric.value = metric.typed(datatype) if datatype != DataType.UNKNOWN else metric.raw
-        out.metrics.append(metric)
+        if datatype in _SIGNED:
+            metric.value = metric.typed(datatype)
+        append(metric)
     return out
 
 

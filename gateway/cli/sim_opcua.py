@@ -110,8 +110,10 @@ async def serve(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + args.duration if args.duration else math.inf
         k = 0
+        due = loop.time()
         while loop.time() < end:
-            await asyncio.sleep(args.period)
+            due += args.period  # a fixed rate: a round that took long shortens the wait for the next
+            await asyncio.sleep(max(0.0, due - loop.time()))
             k += 1
             for path, node in variables.items():
                 if path in bad or path in ("Press4.Setpoint", "Press4.Recipe") or path.startswith("Bench."):
@@ -129,7 +131,8 @@ async def serve(args: argparse.Namespace) -> None:
             if bench:
                 now = datetime.now(timezone.utc)
                 value = ua.DataValue(ua.Variant(float(k), ua.VariantType.Double), SourceTimestamp=now)  # type: ignore[arg-type]
-                await asyncio.gather(*(n.write_value(value) for n in bench))
+                for n in bench:  # the server's direct write: a round of 10,000 in well under a second
+                    await server.write_attribute_value(n.nodeid, value)
 
 
 async def _control(variables: dict[str, Any], bad: set[str], ua: Any) -> None:

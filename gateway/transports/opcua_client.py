@@ -197,7 +197,9 @@ class UaSession:
 
     async def _client(self) -> Client:
         s = self.source
-        client = Client(s.endpoint, timeout=s.timeout, watchdog_intervall=1.0)
+        # The watchdog reads the server's state every 5 s and gives it 5 s to answer: a busy server is not
+        # taken for a dead one (a closed connection is seen at once, without it).
+        client = Client(s.endpoint, timeout=s.timeout, watchdog_intervall=5.0)
         client.application_uri = APPLICATION_URI
         client.name = client.description = "txgateway"
         if s.policy is not None:

@@ -191,7 +191,7 @@ def source_from_table(
 
         publishing = seconds(table, "publishing", 1.0, 0.05)
         sampling = seconds(table, "sampling", publishing)
-        default_queue = table.get("queue-size", max(1, round(publishing / max(sampling, 0.001))) + 1)
+        default_queue = table.get("queue-size", 10)  # values a node keeps between two publishes, server side
         device = table.get("device")
         if device is not None and (not isinstance(device, str) or not device):
             raise ValueError("device: give the name of a registered device")

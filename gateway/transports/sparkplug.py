@@ -119,6 +119,7 @@ class SparkplugHost:
         self.rebirth_interval = rebirth_interval
         self.nodes: dict[tuple[str, str], EdgeNode] = {}
         self.counts: collections.Counter[str] = collections.Counter()  # message kinds, gaps, rebirths, not stored
+        self._names: dict[str, str] = {}  # Sparkplug name → metric name: every message repeats them
 
     # -- births kept across restarts ----------------------------------------
 
@@ -257,7 +258,13 @@ class SparkplugHost:
                 self.counts["metrics_not_stored"] += 1
                 continue
             number = (1.0 if value else 0.0) if isinstance(value, bool) else float(value)
-            out.append(Reading(metric_name(m.name or f"alias_{m.alias}"), int(ts_ms) * 1000, number))
+            name = m.name or f"alias_{m.alias}"
+            metric = self._names.get(name)
+            if metric is None:
+                if len(self._names) >= 100_000:
+                    self._names.clear()
+                metric = self._names[name] = metric_name(name)
+            out.append(Reading(metric, int(ts_ms) * 1000, number))
         return out
 
     # -- what goes out ----------------------------------------------------------
