@@ -99,6 +99,27 @@ def rounds_stored(dsn: str, start: float, end: float) -> tuple[int, int]:
     return (int(high - low) + 1 if count else 0), count
 
 
+def subscribed(dsn: str, timeout: float = 120) -> None:
+    """Wait until the gateway reports its sessions subscribed and values stored."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = opcua_status(dsn)
+        if status and all(s["state"] == "subscribed" and s["readings"] for s in status):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the OPC UA sessions did not come up: {status}")
+
+
+def reported_since(dsn: str, since: float, timeout: float = 30) -> list[dict]:
+    """The gateway's OPC UA status once it reported after ``since`` (a time.time())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = opcua_status(dsn)
+        if all(time.time() - s["reported_seconds_ago"] > since for s in status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
 def opcua(tmp: Path, server_dsn: str, items: int, duration: float) -> dict:
     dsn = fresh_database(server_dsn, "bench_opcua")
     server, url = opcua_server(items)
@@ -109,12 +130,7 @@ def opcua(tmp: Path, server_dsn: str, items: int, duration: float) -> dict:
         gateway = Gateway(dsn, tmp / "gw-opcua", "--config", str(config))
         process = psutil.Process(gateway.proc.pid)
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # every session subscribed and values flowing
-                time.sleep(1)
-                status = opcua_status(dsn)
-                if status and all(s["state"] == "subscribed" and s["readings"] for s in status):
-                    break
+            subscribed(dsn)
             cpu_before = sum(process.cpu_times()[:2])
             server_before = sum(psutil.Process(server.pid).cpu_times()[:2])
             start = time.time()
@@ -122,9 +138,8 @@ def opcua(tmp: Path, server_dsn: str, items: int, duration: float) -> dict:
             end = time.time()
             cpu = sum(process.cpu_times()[:2]) - cpu_before
             server_cpu = sum(psutil.Process(server.pid).cpu_times()[:2]) - server_before
-            time.sleep(6)  # the window's values committed, and reported (every 5 s)
+            status = reported_since(dsn, end + 1)  # the window's values committed, and reported
             rounds, kept = rounds_stored(dsn, start, end)
-            status = opcua_status(dsn)
             p99s = sorted(s["commit_p99_seconds"] for s in status if s["commit_p99_seconds"] is not None)
             rss = process.memory_info().rss / 2**20
         finally:
@@ -165,7 +180,8 @@ def tgp_beside_opcua(tmp: Path, server_dsn: str, items: int, duration: float, de
                 extra = ["--config", str(config)]
             gateway = Gateway(dsn, tmp / f"gw-tgp-{label}", *extra)
             try:
-                time.sleep(5 if with_opcua else 1)  # subscribed
+                if with_opcua:
+                    subscribed(dsn)
                 result = simulate(gateway, dsn, "tcp", devices, 0, duration, 100)
             finally:
                 gateway.stop()

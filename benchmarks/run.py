@@ -326,20 +326,29 @@ def gateway_runs(tmp: Path, server_dsn: str, args: argparse.Namespace, figures: 
 
         return go
 
-    figures["tcp_max"], backlog = on_fresh_gateway(tmp, server_dsn, "tcp_max", tgp("tcp", 0), keep=True)
-    figures["tls_max"], _ = on_fresh_gateway(tmp, server_dsn, "tls_max", tgp("tls", 0))
+    def pair(name: str, at_most, at_half, keep: bool = False) -> str:
+        """``name`` at its most, then at about half of that (``at_half(result)`` makes that run): each on a
+        new gateway; with --quick (a check that every figure comes out), both on one."""
+        if args.quick:
+
+            def both(gateway, dsn, tokens_file, measured):
+                first = at_most(gateway, dsn, tokens_file, measured)
+                return first, at_half(first)(gateway, dsn, tokens_file, measured)
+
+            (figures[f"{name}_max"], figures[f"{name}_half"]), dsn = on_fresh_gateway(
+                tmp, server_dsn, f"{name}_max", both, keep=keep
+            )
+            return dsn
+        figures[f"{name}_max"], dsn = on_fresh_gateway(tmp, server_dsn, f"{name}_max", at_most, keep=keep)
+        figures[f"{name}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"{name}_half", at_half(figures[f"{name}_max"]))
+        return dsn
+
+    backlog = pair("tcp", tgp("tcp", 0), lambda most: tgp("tcp", most["rate"] / 2), keep=True)
+    pair("tls", tgp("tls", 0), lambda most: tgp("tls", most["rate"] / 2))
     for run, n in enumerate((1, 100)):
-        figures[f"https{n}_max"], _ = on_fresh_gateway(tmp, server_dsn, f"https{n}_max", https(n, run))
-    for protocol in ("tcp", "tls"):
-        half = figures[f"{protocol}_max"]["rate"] / 2
-        figures[f"{protocol}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"{protocol}_half", tgp(protocol, half))
-    for run, n in enumerate((1, 100), start=2):
-        most = figures[f"https{n}_max"]["requests_per_s"]
-        figures[f"https{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"https{n}_half", https(n, run, most))
+        pair(f"https{n}", https(n, run), lambda most, n=n, run=run: https(n, run + 2, most["requests_per_s"]))
     for n in (100, 1):  # MQTT 5.0 at QoS 1 over TCP, as Mosquitto is driven below
-        figures[f"mqtt{n}_max"], _ = on_fresh_gateway(tmp, server_dsn, f"mqtt{n}_max", tgp("mqtt", 0, n))
-        half = figures[f"mqtt{n}_max"]["rate"] / 2
-        figures[f"mqtt{n}_half"], _ = on_fresh_gateway(tmp, server_dsn, f"mqtt{n}_half", tgp("mqtt", half, n))
+        pair(f"mqtt{n}", tgp("mqtt", 0, n), lambda most, n=n: tgp("mqtt", most["rate"] / 2, n))
     return backlog
 
 

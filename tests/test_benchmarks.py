@@ -151,3 +151,18 @@ def test_the_amqp_benchmark_reports_every_figure(tmp_path):
     for sink in ("https_sink", "amqp_sink"):
         assert figures[sink]["rate"] > 0 and figures[sink]["ledger_sent"] >= figures["sink_backlog"], figures[sink]
     assert "AMQP source" in out.stdout and "AMQP sink" in out.stdout
+
+
+def test_the_plant_benchmark_reports_every_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plant.py"), "--items", "200", "--tgp-items", "50",
+         "--duration", "3", "--devices", "2", "--json", str(tmp_path / "plant.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "plant.json").read_text())
+    opcua = figures["opcua"]
+    assert opcua["rounds"] > 0 and opcua["stored_share"] > 0 and opcua["commit_p99_ms"] > 0, opcua
+    assert figures["tgp_beside_opcua"]["ratio"] > 0
+    assert figures["sparkplug"]["stored"] == figures["sparkplug"]["expected"] > 0, figures["sparkplug"]
+    assert figures["sparkplug_x_mqtt_json"] > 0

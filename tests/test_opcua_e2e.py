@@ -111,7 +111,9 @@ async def test_every_type_stored_one_bad_node_never_stops_the_rest_and_a_restart
 ):
     add_pg_device(sql, "press-4")
     with opcua_server() as server:
-        svc = await start_service(tmp_path, db_dsn, {"opcua": [press_table(server.url, backoff="200ms")]})
+        browse = [{"under": node("Press4"), "match": "Strok*", "prefix": "press_"}]
+        table = press_table(server.url, backoff="200ms", browse=browse, max_items_per_subscription=4)
+        svc = await start_service(tmp_path, db_dsn, {"opcua": [table]})
         try:
             source = svc.transport("opcua").sources.sources["press-4"]
             assert await until(lambda: all(len(stored(sql, t.lower())) >= 3 for t in NUMERIC)), source.status()
@@ -130,7 +132,10 @@ async def test_every_type_stored_one_bad_node_never_stops_the_rest_and_a_restart
             assert pressure and all(round((v - 1) / 100, 3) in {1 + k / 10 for k in range(7)} for v in pressure)
 
             status = source.status()
-            assert status["state"] == "subscribed" and status["monitored"] == len(NUMERIC) + 4
+            # Every node and the one the browse table found, four to a subscription as the table asks.
+            assert status["state"] == "subscribed" and status["monitored"] == len(NUMERIC) + 5
+            assert status["subscriptions"] == -(-(len(NUMERIC) + 6) // 4)  # the refused node had its place too
+            assert stored(sql, "press_Strokes"), "the browsed node is monitored"
             assert "BadNodeIdUnknown" in status["refused"]["press-4/missing"]
             assert status["bad"]["press-4/recipe"] == {"not_a_number": 1}
             assert stored(sql, "recipe") == []
