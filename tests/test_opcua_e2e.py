@@ -32,7 +32,7 @@ from twisted.internet.threads import deferToThread
 from gateway.cli.sim_opcua import NAMESPACE, NUMERIC
 from gateway.commands.model import parse_request
 from gateway.config import ConfigError, build_config
-from tests.conftest import log_lines, start_service
+from tests.conftest import log_lines, start_from_file, start_service
 from tests.gatewayproc import gatewayctl, script
 from tests.test_commands_modbus import finished
 from tests.test_store import add_pg_device
@@ -225,3 +225,34 @@ def test_a_wrong_opcua_table_stops_the_start_with_one_line():
     assert "password-env" in error({**good, "user": "plc"})
     assert "[[opcua]] 'press-4'" in error({**good, "publishing": "0.01s"})
     assert "\n" not in error({**good, "endpoint": "http://x"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_adds_changes_and_removes_servers(tmp_path, db_dsn, sql):
+    add_pg_device(sql, "press-4")
+    config = tmp_path / "gateway.toml"
+
+    def write(*nodes: tuple[str, str]) -> None:
+        lines = [f'db = "{db_dsn}"']
+        if nodes:
+            lines += ["[[opcua]]", 'device = "press-4"', f'endpoint = "{server.url}"', 'publishing = "200ms"']
+            for path, metric in nodes:
+                lines += ["[[opcua.node]]", f'node = "{node(path)}"', f'metric = "{metric}"']
+        config.write_text("\n".join(lines) + "\n")
+
+    with opcua_server() as server:
+        write()
+        service = await start_from_file(tmp_path, config)
+        try:
+            assert service.transport("opcua").sources is None
+            write(("Press4.Strokes", "strokes"))
+            assert await service.reload() == ["OPC UA server press-4 added"]
+            assert await until(lambda: len(stored(sql, "strokes")) >= 2)
+            write(("Press4.Strokes", "strokes"), ("Types.Int32", "int32"))
+            assert await service.reload() == ["OPC UA server press-4 subscribed again"]
+            assert await until(lambda: len(stored(sql, "int32")) >= 2)
+            write()
+            assert await service.reload() == ["OPC UA server press-4 removed"]
+            assert service.transport("opcua").sources is None
+        finally:
+            await service.stopService()

@@ -103,8 +103,10 @@ class Opcua(Transport):
         if new == old:
             return []
         if self.sources is not None:  # new sessions for the new tables: a few seconds without values, counted
-            await self.sources.disownServiceParent()
+            stopped = self.sources.disownServiceParent()
             self.sources = None
+            if stopped is not None:
+                await stopped
         if new:
             self._start(new)
         before, after = {s.name for s in old}, {s.name for s in new}
