@@ -156,7 +156,7 @@ def test_the_amqp_benchmark_reports_every_figure(tmp_path):
 def test_the_plant_benchmark_reports_every_figure(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "plant.py"), "--items", "200", "--tgp-items", "50",
-         "--duration", "3", "--devices", "2", "--json", str(tmp_path / "plant.json")],
+         "--duration", "1", "--devices", "2", "--json", str(tmp_path / "plant.json")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
