@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -58,11 +59,17 @@ class Server:
 
 
 @contextlib.contextmanager
-def opcua_server(*args: str, port: int = 0) -> Iterator[Server]:
+def opcua_server(*args: str, port: int = 0, env: dict | None = None) -> Iterator[Server]:
     argv = [script("gatewayctl"), "simulate", "--protocol", "opcua", "--target", f"127.0.0.1:{port}"]
     argv += ["--period", str(PERIOD), "--control", *args]
     proc = subprocess.Popen(
-        argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        argv,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         assert proc.stdout is not None
@@ -185,12 +192,22 @@ async def test_every_type_stored_one_bad_node_never_stops_the_rest_and_a_restart
 
 
 @pytest_twisted.ensureDeferred
-async def test_sign_and_encrypt_with_the_gateways_certificate_and_a_write_read_back(tmp_path, db_dsn, sql):
+async def test_sign_and_encrypt_with_the_gateways_certificate_a_user_and_a_write_read_back(
+    tmp_path, db_dsn, sql, monkeypatch
+):
     add_pg_device(sql, "press-4")
-    with opcua_server("--security-dir", str(tmp_path / "server-pki")) as server:
-        table = press_table(server.url, security="SignAndEncrypt:Basic256Sha256")
+    monkeypatch.setenv("PLC_PASSWORD", "s3cret-plc")
+    monkeypatch.setenv("WRONG_PASSWORD", "guess")
+    server_args = ("--security-dir", str(tmp_path / "server-pki"), "--user", "plc", "--password-env", "SIM_PW")
+    with opcua_server(*server_args, env={"SIM_PW": "s3cret-plc"}) as server:
+        secure = {"security": "SignAndEncrypt:Basic256Sha256", "user": "plc"}
+        table = press_table(server.url, **secure, password_env="PLC_PASSWORD")
+        wrong = {
+            "name": "intruder", "device": "press-9", "endpoint": server.url, **secure, "password-env": "WRONG_PASSWORD",
+            "node": [{"node": node("Types.Double"), "metric": "double"}],
+        }  # fmt: skip
         with log_lines() as lines:
-            svc = await start_service(tmp_path, db_dsn, {"opcua": [table]})
+            svc = await start_service(tmp_path, db_dsn, {"opcua": [table, wrong]})
             assert await until(lambda: any("SHA-1 thumbprint" in line for line in lines), 30)
         try:
             source = svc.transport("opcua").sources.sources["press-4"]
@@ -208,6 +225,10 @@ async def test_sign_and_encrypt_with_the_gateways_certificate_and_a_write_read_b
             assert await until(lambda: any(v == 72.5 for v, _ in stored(sql, "setpoint")))
             refused = await send("w2", {"metric": "temperature", "value": 1})
             assert refused["state"] == "failed" and "not a writable node" in refused["result"]["error"]
+            # The same server with a wrong password: no session, the server's refusal named, the other unharmed.
+            intruder = svc.transport("opcua").sources.sources["intruder"]
+            assert intruder.state != "subscribed" and intruder.attempts >= 1
+            assert "BadUserAccessDenied" in intruder.last_error, intruder.last_error
         finally:
             await svc.stopService()
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,8 +49,30 @@ async def serve(args: argparse.Namespace) -> None:
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    server = Server()
+    from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.server.user_managers import UserManager
+
+    class OneUser(UserManager):
+        """The one user the simulated server knows."""
+
+        def __init__(self, name: str, password: str) -> None:
+            self.name, self.password = name, password
+
+        def get_user(self, iserver: Any, username: Any = None, password: Any = None, certificate: Any = None) -> Any:
+            if username == self.name and password == self.password:
+                return User(role=UserRole.User, name=username)
+            return None
+
+    users = None
+    if args.user:
+        password = os.environ.get(args.password_env or "")
+        if password is None:
+            raise SystemExit("--user: give --password-env, the environment variable holding the password")
+        users = OneUser(args.user, password)
+    server = Server(user_manager=users)
     await server.init()
+    if users is not None:  # a user name and password, and nothing else, open a session
+        server.set_identity_tokens([ua.UserNameIdentityToken])
     host, _, port = args.target.rpartition(":")
     server.set_endpoint(f"opc.tcp://{host or '127.0.0.1'}:{port}/")
     server.set_server_name("txgateway simulator")

@@ -345,7 +345,7 @@ class OpcuaSources(Service):
     def _run(self, source: ServerSource) -> None:
         def make() -> Any:
             session = source.session = UaSession(
-                source.settings, _Listener(source), self.reactor, self.loop.loop, self.pki
+                source.settings, _Listener(source), self.reactor, self.loop.loop, self.pki, self.loop.pki_lock
             )
             return session.run()
 

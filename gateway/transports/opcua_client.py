@@ -63,6 +63,7 @@ class UaLoop:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="opcua", daemon=True)
         self.tasks: set[Any] = set()  # concurrent futures of the calls not finished
+        self.pki_lock = asyncio.Lock()  # the sessions share the client certificate in the data directory
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -161,13 +162,20 @@ class UaSession:
     """One ``[[opcua]]`` table's session, kept up for as long as the gateway runs."""
 
     def __init__(
-        self, source: OpcuaSource, listener: Listener, reactor: Reactor, loop: asyncio.AbstractEventLoop, pki: Path
+        self,
+        source: OpcuaSource,
+        listener: Listener,
+        reactor: Reactor,
+        loop: asyncio.AbstractEventLoop,
+        pki: Path,
+        pki_lock: asyncio.Lock,
     ) -> None:
         self.source = source
         self.listener = listener
         self.reactor = reactor
         self.loop = loop
         self.pki = pki  # the gateway's client certificate and key live here
+        self.pki_lock = pki_lock
         self.client: Client | None = None
         self.nodes: dict[str, Node] = {}  # metric key (device/metric) → node, for writes
         self.lost_event = asyncio.Event()
@@ -203,7 +211,10 @@ class UaSession:
         client.application_uri = APPLICATION_URI
         client.name = client.description = "txgateway"
         if s.policy is not None:
-            cert, key = await client.setup_self_signed_certificate(self.pki / "client-key.pem", self.pki / "client.der")
+            async with self.pki_lock:  # one certificate for every session: made once, not by two at a time
+                cert, key = await client.setup_self_signed_certificate(
+                    self.pki / "client-key.pem", self.pki / "client.der"
+                )
             if not self._told:  # once: the server's administrator trusts this certificate
                 self._told = True
                 thumbprint = hashlib.sha1(Path(cert).read_bytes()).hexdigest()  # noqa: S324 - OPC UA's thumbprint
