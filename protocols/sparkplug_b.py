@@ -132,12 +132,45 @@ class Message:
     metrics: list[Metric] = field(default_factory=list)
 
 
-def decode(data: bytes) -> Message:
-    """A payload; ValueError when the bytes are not one."""
+def parse(data: bytes) -> Any:
+    """The payload as protobuf's message (for ``numbers``); ValueError when the bytes are not one."""
     try:
-        pb = _Payload.FromString(data)
+        return _Payload.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ValueError(f"not a Sparkplug B payload: {e}") from None
+
+
+def numbers(pb: Any, names: dict[int, str], types: dict[str, DataType]) -> tuple[list[tuple[str, int, Any]], int]:
+    """
+    A data message's numeric values, named and typed as its birth gave them (``names`` by alias, ``types`` by
+    name): ([(name, time in ms, value)], how many metrics are not numbers, null, transient or timeless).
+    KeyError for an alias or a name no birth gave. One pass, no object a metric: data messages are the stream.
+    """
+    out = []
+    skipped = 0
+    default_ts = pb.timestamp if pb.HasField("timestamp") else None
+    for m in pb.metrics:
+        name = m.name if m.HasField("name") else names[m.alias]
+        datatype = m.datatype or types[name]
+        which = m.WhichOneof("value")
+        if which is None or m.is_null or m.is_transient or datatype not in NUMERIC:
+            skipped += 1
+            continue
+        value = getattr(m, which)
+        bits = _SIGNED.get(datatype)
+        if bits is not None and value >= 1 << (bits - 1):
+            value -= 1 << bits
+        ts = m.timestamp if m.HasField("timestamp") else default_ts
+        if ts is None:
+            skipped += 1
+            continue
+        out.append((name, ts, value))
+    return out, skipped
+
+
+def decode(data: bytes) -> Message:
+    """A payload; ValueError when the bytes are not one."""
+    pb = parse(data)
     out = Message(pb.timestamp if pb.HasField("timestamp") else None, pb.seq if pb.HasField("seq") else None)
     append = out.metrics.append
     for m in pb.metrics:

@@ -154,6 +154,8 @@ class SparkplugHost:
                 Outcome(keep=("not_sparkplug", f"{kind} on {topic!r}: a device is named wrongly")), "other"
             )
         try:
+            if kind in ("NDATA", "DDATA"):
+                return self._kind(self._data(edge, group, node, kind, device, spb.parse(payload), now), kind)
             message = spb.decode(payload)
             if kind == "NBIRTH":
                 return self._kind(self._nbirth(group, node, message), kind)
@@ -197,6 +199,44 @@ class SparkplugHost:
         edge = self.nodes.setdefault((group, node), EdgeNode(group, node))
         self.counts["before_birth"] += 1
         return Outcome(keep=("no_birth", f"{kind} {why}: its aliases cannot be read"), rebirth=self._ask(edge, now))
+
+    def _data(
+        self, edge: EdgeNode | None, group: str, node: str, kind: str, device: str | None, pb: Any, now: float
+    ) -> Outcome:
+        """NDATA and DDATA: the stream, read in one pass (``spb.numbers``)."""
+        if edge is None or edge.birth is None:
+            return self._unborn(group, node, kind, now, "before the node's NBIRTH")
+        birth = edge.birth
+        if device is not None:
+            dev = edge.devices.get(device)
+            if dev is None:
+                return self._unborn(group, node, kind, now, f"of device {device} before its DBIRTH")
+            birth = dev.birth
+        try:
+            values, skipped = spb.numbers(pb, birth.names, birth.types)
+        except KeyError as e:
+            return Outcome(keep=("unknown_alias", f"{kind}: {e} is in no birth"), rebirth=self._ask(edge, now))
+        rebirth = None
+        if not self._seq(edge, pb.seq if pb.HasField("seq") else None):
+            self.counts["seq_gaps"] += 1
+            rebirth = self._ask(edge, now)
+        if skipped:
+            self.counts["metrics_not_stored"] += skipped
+        readings = []
+        names = self._names
+        for name, ts_ms, value in values:
+            metric = names.get(name)
+            if metric is None:
+                if name == "bdSeq" or name.startswith("Node Control/"):
+                    continue
+                if len(names) >= 100_000:
+                    names.clear()
+                metric = names[name] = metric_name(name)
+            readings.append(Reading(metric, ts_ms * 1000, float(value)))
+        fields = {"group": group, "node": node, "device": device or ""}
+        return Outcome(
+            device=(self.device_name if device else self.node_name).format(**fields), readings=readings, rebirth=rebirth
+        )
 
     def _after_birth(self, edge: EdgeNode, kind: str, device: str | None, message: spb.Message, now: float) -> Outcome:
         if kind == "DBIRTH":
