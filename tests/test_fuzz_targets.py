@@ -5,7 +5,7 @@ the normal suite, so they keep working between long fuzzing runs.
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.fuzz_gateway import http_target, journal_target, json_target, tgp_target
@@ -21,6 +21,8 @@ HTTP_START = st.sampled_from(
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=600), start=HTTP_START)
+# An answer, then a malformed request closing the connection, then the idle timeout on the closing connection.
+@example(data=b"+L\r\n\xab\xc2\x98\x83\xb3t\xa1\xbf\xcd\xd1 ", start=b"GET /healthz HTTP/1.1\r\n\r\n")
 def test_http_target(data, start):
     http_target(start + data)
 

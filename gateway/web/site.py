@@ -188,6 +188,11 @@ class GatewayChannel(http.HTTPChannel):
         # idle sockets that is a flood. A keep-alive connection going quiet
         # after its requests is normal; one that never sent a whole request
         # is refused like the others, counted and rate-limited.
+        if self.transport is not None and self.transport.disconnecting:
+            # Closed already (an answer to a malformed request), and the peer has not taken the answer since:
+            # cut it. Closing it again would undo the producer registration a second time.
+            self.transport.abortConnection()
+            return
         self.request_begun()
         if self.requests or not self._served or self._heard:
             self._refuse_connection("idle for {seconds:g}s before a whole request arrived")
