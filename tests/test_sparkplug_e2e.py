@@ -153,8 +153,10 @@ async def test_births_data_rebirth_commands_deaths_and_state(tmp_path, db_dsn, s
         if node is not None:
             node.stop()
         await svc.stopService()
-    assert await until(lambda: (watcher.state("scada-1") or {}).get("online") is False)
-    watcher.stop()
+        try:
+            assert await until(lambda: (watcher.state("scada-1") or {}).get("online") is False)
+        finally:
+            watcher.stop()
 
 
 def publish(port: int, topic: str, payload: bytes) -> None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.net.opcua_ids import with_index, with_uri
 from gateway.cli.common import CommandError, note, reported_state, reports, when
 from gateway.cli.common import seconds as _seconds
 
@@ -64,12 +65,10 @@ async def _browse(args: argparse.Namespace) -> list[dict[str, Any]]:
     await client.connect()
     try:
         namespaces = await client.get_namespace_array()
-        start = client.get_node(args.node) if args.node else client.nodes.objects
-        if args.node and args.node.startswith("nsu="):
-            uri, _, rest = args.node[4:].partition(";")
-            if uri not in namespaces:
-                raise CommandError(f"--node: namespace {uri!r} is not in the server's array {namespaces}")
-            start = client.get_node(f"ns={namespaces.index(uri)};{rest}")
+        try:
+            start = client.get_node(with_index(args.node, namespaces)) if args.node else client.nodes.objects
+        except LookupError as e:
+            raise CommandError(f"--node: {e} {namespaces}") from None
         rows: list[dict[str, Any]] = []
 
         async def walk(node: Any, depth: int, path: str) -> None:
@@ -77,10 +76,11 @@ async def _browse(args: argparse.Namespace) -> list[dict[str, Any]]:
                 name = (await child.read_browse_name()).Name
                 cls = await child.read_node_class()
                 nid = child.nodeid
-                text = nid.to_string()
-                if nid.NamespaceIndex and nid.NamespaceIndex < len(namespaces):
-                    text = f"nsu={namespaces[nid.NamespaceIndex]};{text.split(';', 1)[1]}"
-                row: dict[str, Any] = {"node": text, "path": f"{path}/{name}", "class": cls.name}
+                row: dict[str, Any] = {
+                    "node": with_uri(nid.to_string(), nid.NamespaceIndex, namespaces),
+                    "path": f"{path}/{name}",
+                    "class": cls.name,
+                }
                 if cls == ua.NodeClass.Variable:
                     try:
                         row["type"] = (await child.read_data_type_as_variant_type()).name

@@ -37,6 +37,7 @@ from asyncua import Client, Node, ua
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from gateway.net.opcua_ids import with_index, with_uri
 from gateway.reactor import Reactor
 from gateway.readings import metric_name
 from gateway.transports.opcua_settings import Item, OpcuaSource
@@ -124,12 +125,7 @@ def number(value: Any) -> float | None:
 
 async def node_id(client: Client, text: str, namespaces: list[str]) -> ua.NodeId:
     """A NodeId from its text; ``nsu=URI;`` is looked up in this session's namespace array."""
-    if text.startswith("nsu="):
-        uri, _, rest = text[4:].partition(";")
-        if uri not in namespaces:
-            raise LookupError(f"namespace {uri!r} is not in the server's namespace array")
-        text = f"ns={namespaces.index(uri)};{rest}"
-    return ua.NodeId.from_string(text)
+    return ua.NodeId.from_string(with_index(text, namespaces))
 
 
 class Handler:
@@ -330,10 +326,7 @@ class UaSession:
                 continue
             for node, name in variables:
                 if fnmatch.fnmatchcase(name, b.match):
-                    text = node.nodeid.to_string()
-                    ns = node.nodeid.NamespaceIndex
-                    if ns and ns < len(namespaces):
-                        text = f"nsu={namespaces[ns]};{text.split(';', 1)[1]}"
+                    text = with_uri(node.nodeid.to_string(), node.nodeid.NamespaceIndex, namespaces)
                     found.append(
                         Item(
                             text,

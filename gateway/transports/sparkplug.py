@@ -46,6 +46,7 @@ from protocols import sparkplug_b as spb
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
+MAX_NODES = 100_000  # edge nodes remembered; one not born yet is not remembered beyond it
 
 
 class Birth:
@@ -61,18 +62,6 @@ class Birth:
             if m.alias is not None:
                 self.names[m.alias] = m.name
             self.types[m.name] = m.datatype
-
-    def read(self, message: spb.Message) -> spb.Message:
-        """A data message's metrics named and typed as born; KeyError for an alias or name it never gave."""
-        for m in message.metrics:
-            if m.name is None:
-                if m.alias is None:
-                    raise KeyError("a metric with neither name nor alias")
-                m.name = self.names[m.alias]
-            if m.datatype == spb.DataType.UNKNOWN:
-                m.datatype = self.types[m.name]
-                m.value = m.typed(m.datatype)
-        return message
 
 
 @dataclass
@@ -196,9 +185,14 @@ class SparkplugHost:
         return Outcome()
 
     def _unborn(self, group: str, node: str, kind: str, now: float, why: str) -> Outcome:
-        edge = self.nodes.setdefault((group, node), EdgeNode(group, node))
         self.counts["before_birth"] += 1
-        return Outcome(keep=("no_birth", f"{kind} {why}: its aliases cannot be read"), rebirth=self._ask(edge, now))
+        keep = ("no_birth", f"{kind} {why}: its aliases cannot be read")
+        edge = self.nodes.get((group, node))
+        if edge is None:
+            if len(self.nodes) >= MAX_NODES:  # names made up by a publisher on the broker: not remembered
+                return Outcome(keep=keep)
+            edge = self.nodes[(group, node)] = EdgeNode(group, node)
+        return Outcome(keep=keep, rebirth=self._ask(edge, now))
 
     def _data(
         self, edge: EdgeNode | None, group: str, node: str, kind: str, device: str | None, pb: Any, now: float
@@ -239,20 +233,11 @@ class SparkplugHost:
         )
 
     def _after_birth(self, edge: EdgeNode, kind: str, device: str | None, message: spb.Message, now: float) -> Outcome:
+        """DBIRTH and DDEATH (a DDEATH's metrics, if any, are not read)."""
         if kind == "DBIRTH":
             born = Birth(message)
-        else:
-            birth = edge.birth
-            if device is not None:
-                dev = edge.devices.get(device)
-                if dev is None:
-                    return self._unborn(edge.group, edge.node, kind, now, f"of device {device} before its DBIRTH")
-                birth = dev.birth
-            assert birth is not None
-            try:
-                birth.read(message)
-            except KeyError as e:
-                return Outcome(keep=("unknown_alias", f"{kind}: {e} is in no birth"), rebirth=self._ask(edge, now))
+        elif device not in edge.devices:
+            return self._unborn(edge.group, edge.node, kind, now, f"of device {device} before its DBIRTH")
         rebirth = None
         if not self._seq(edge, message.seq):
             self.counts["seq_gaps"] += 1
