@@ -95,11 +95,16 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration(value: Any, lo: float = 1.0, hi: float = 100 * 365 * 86400) -> float:
-    """A duration: seconds, or a number with s, m, h or d ('30d'); ValueError otherwise."""
+    """A duration: seconds, or a number with ms, s, m, h or d ('500ms', '30d'); ValueError otherwise."""
     text = str(value).strip() if not isinstance(value, bool) else ""
-    unit = _UNITS.get(text[-1:], None) if text else None
+    unit: float | None
+    if text.endswith("ms"):
+        text, unit = text[:-2], 0.001
+    else:
+        unit = _UNITS.get(text[-1:], None) if text else None
+        text = text[:-1] if unit else text
     try:
-        seconds = float(text[:-1] if unit else text) * (unit or 1)
+        seconds = float(text) * (unit or 1)
     except ValueError:
         raise ValueError(f"{value!r} is not a duration such as 3600, 90m, 12h or 30d") from None
     if not lo <= seconds <= hi:

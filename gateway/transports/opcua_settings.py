@@ -179,10 +179,7 @@ def source_from_table(
         def seconds(t: Mapping[str, Any], key: str, default: float, lo: float = 0.0) -> float:
             raw = t.get(key, default)
             try:
-                if isinstance(raw, str) and raw.strip().endswith("ms"):
-                    value = duration(float(raw.strip()[:-2]) / 1000)
-                else:
-                    value = duration(raw)
+                value = duration(raw)
             except ValueError:
                 raise ValueError(f"{key}: {raw!r} is not a duration such as 500ms, 2s or 1m") from None
             if value < lo:
