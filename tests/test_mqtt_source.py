@@ -12,10 +12,12 @@ import json
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gateway.config import ConfigError, build_config
+from gateway.readings import StoreUnavailable
 from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
 from gateway.net.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
@@ -25,6 +27,7 @@ from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
 from protocols.mqtt import Property as P
 from tests.test_device_adapter import NO_TIME_RULES, ManualStore
+from tests import test_sparkplug_host as spb_host
 from tests.test_mqtt_codec import drain
 
 both = pytest.mark.parametrize("version", [V311, V5])
@@ -375,3 +378,48 @@ def test_a_source_never_holds_more_than_a_device_session_takes():
     from gateway.transports.session import WINDOW_MAX
 
     assert IN_FLIGHT_MAX <= WINDOW_MAX
+
+
+def test_sparkplug_data_waits_unacknowledged_until_the_births_kept_are_read_back():
+    # After a restart the database may not answer at once; data the broker sends again then waits (no PUBACK,
+    # nothing kept aside as unreadable) and the births are asked for again until they are read.
+    h = Harness(format="sparkplug", host_id="scada-1", group="", topics=("spBv1.0/#",))
+    h.store.add_device("line-1-press")
+    asked: list[float] = []
+
+    def run(work):
+        asked.append(h.clock.seconds())
+        if len(asked) < 3:
+            return fail(StoreUnavailable("database unavailable: the database system is starting up"))
+        return succeed([("plant", "line-1", "", spb_host.nbirth()), ("plant", "line-1", "press", spb_host.dbirth(1))])
+
+    h.source.run = run
+    h.source.births_ready = h.source.load_births()
+    h.events()
+    h.send(mqtt.ConnAck(Reason.SUCCESS, True))
+    subscribe = next(e for e in h.events() if isinstance(e, mqtt.Subscribe))
+    h.send(mqtt.SubAck(subscribe.packet_id, (1,)))
+    h.publish(1, spb_host.ddata(37), topic=spb_host.topic("DDATA", "press"))
+    h.clock.pump([1.0, 1.9])
+    assert asked == [0.0, 1.0] and h.store.pending == [] and h.events() == []
+    assert h.transport.producerState == "paused"
+    h.clock.advance(0.1)  # asked again after 1 s, then 2 s: read back, the data is read with them
+    assert asked == [0.0, 1.0, 3.0]
+    [(_, device, readings)] = h.store.pending
+    assert device.name == "line-1-press" and [r.metric for r in readings] == ["Temperature", "Motor.RPM"]
+    h.store.finish(0)
+    assert [(type(e), e.packet_id) for e in h.events()] == [(mqtt.PubAck, 1)]
+    assert h.store.rejected == []
+
+
+def test_a_source_stopped_while_the_births_are_asked_for_again_stops_asking():
+    h = Harness(format="sparkplug", host_id="scada-1", group="", topics=("spBv1.0/#",))
+    asked: list[float] = []
+    h.source.run = lambda work: asked.append(h.clock.seconds()) or fail(StoreUnavailable("database unavailable"))
+    ready = h.source.load_births()
+    h.clock.advance(1)
+    waiting = len(h.clock.getDelayedCalls())
+    h.source.stopService()
+    assert ready.called and len(h.clock.getDelayedCalls()) == waiting - 1  # the pause before asking again
+    h.clock.advance(60)
+    assert asked == [0.0, 1.0]

@@ -200,7 +200,7 @@ def test_kill_9_mid_stream_then_every_reading_stored_once(make_gateway, broker, 
         assert done.wait(60)
         gw.start()
         expected = 10 * (messages + 1)  # the DBIRTH's values, then every DDATA's
-        assert wait_until(lambda: stored()[0] >= expected, 90), stored()
+        assert wait_until(lambda: stored()[0] >= expected, 90), (stored(), "".join(gw.lines[-60:]))
         total, distinct = stored()
         assert total == distinct == expected
     finally:

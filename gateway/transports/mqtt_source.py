@@ -58,8 +58,8 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from gateway.reactor import Clock, Reactor
@@ -81,6 +81,7 @@ log = Logger()
 
 
 GONE_CHECK = 30.0  # seconds between looks for sources this gateway reported before and no longer has
+BIRTHS_RETRY, BIRTHS_RETRY_CAP = 1.0, 10.0  # seconds: Sparkplug births asked for again while the database is away
 
 # -- the state a source reports ----------------------------------------------
 
@@ -113,6 +114,7 @@ class BrokerSource(ClientService):
         self.run: Callable[..., Any] | None = None  # the read pool, for births
         self.owner = ""
         self.births_ready: Deferred | None = None
+        self._births_wait: Deferred | None = None  # the pause before the births are asked for again
         self.state_ts = 0  # the timestamp of this connection's STATE (the Will's and the online message's)
         self.command_ids: dict[int, BrokerDownlink] = {}
         self._last_packet_id = FIRST_ID - 1
@@ -180,21 +182,43 @@ class BrokerSource(ClientService):
                 self.commands.detach(name, self.downlinks.pop(name))
 
     def load_births(self) -> Deferred:
-        """The births kept before a restart (never errbacks)."""
+        """
+        The births kept before a restart (never errbacks). Without them the data the broker sends again
+        could not be read, so while the database does not answer they are asked for again (1 s doubling
+        to 10 s) and the messages wait at the broker, unacknowledged; stopping the source ends the wait.
+        """
+        return Deferred.fromCoroutine(self._load_births())
+
+    async def _load_births(self) -> None:
         host, run = self.sparkplug, self.run
         if host is None or run is None:
-            return succeed(None)
+            return
         sql = "SELECT group_id, node, device, payload FROM sparkplug_births WHERE gateway = %s AND source = %s"
-        d = run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
-
-        def restore(rows: list[tuple]) -> None:
-            for group, node, device, payload in rows:
-                try:
-                    host.restore(group, node, device or None, bytes(payload))
-                except Exception as e:  # noqa: BLE001 - a birth that no longer decodes: the node is asked again
-                    log.warn("Sparkplug birth of {group}/{node} not read back: {e}", group=group, node=node, e=e)
-
-        return d.addCallbacks(restore, lambda f: log.warn("Sparkplug births not read back: {e}", e=f.value))
+        delay = BIRTHS_RETRY
+        while True:
+            try:
+                rows = await run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
+                break
+            except Exception as e:  # noqa: BLE001 - the database away: asked again
+                log.warn(
+                    "MQTT source {source}: Sparkplug births not read back yet ({error}); asking again in {delay} s",
+                    source=self.settings.name,
+                    error=str(e),
+                    delay=delay,
+                )
+            self._births_wait = deferLater(self.clock, delay, lambda: None)
+            try:
+                await self._births_wait
+            except CancelledError:
+                return  # the source stopped
+            finally:
+                self._births_wait = None
+            delay = min(delay * 2, BIRTHS_RETRY_CAP)
+        for group, node, device, payload in rows:
+            try:
+                host.restore(group, node, device or None, bytes(payload))
+            except Exception as e:  # noqa: BLE001 - a birth that no longer decodes: the node is asked again
+                log.warn("Sparkplug birth of {group}/{node} not read back: {e}", group=group, node=node, e=e)
 
     def save_birth(self, group: str, node: str, device: str | None, payload: bytes) -> Deferred:
         """Keep a birth for after a restart (the message is acknowledged once it is kept)."""
@@ -256,6 +280,8 @@ class BrokerSource(ClientService):
         super().startService()
 
     def stopService(self) -> Deferred:
+        if self._births_wait is not None:
+            self._births_wait.cancel()
         for name, downlink in self.downlinks.items():
             self.commands.detach(name, downlink)
         self.downlinks.clear()
