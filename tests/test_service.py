@@ -15,6 +15,7 @@ import stat
 import pytest
 import pytest_twisted
 import treq
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.ssl import Certificate
@@ -319,3 +320,46 @@ def test_the_embedded_database_leaves_the_data_directory_closed_to_others(tmp_pa
         assert stat.S_IMODE(outer.stat().st_mode) == expected
     finally:
         pg.stop()
+
+
+class _Starting(MultiService):
+    """What GatewayProcess needs of the gateway: its ready and listening Deferreds, and reload."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: Deferred = Deferred()
+        self.listening: Deferred = Deferred()
+        self.stopping = False
+        self.reloads = 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sighup_while_starting_is_applied_once_ready_and_never_ends_the_process():
+    import gc
+    import os
+    import signal
+
+    from gateway.ops.process import GatewayProcess
+
+    kept = ({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}, gc.get_threshold())
+    gateway = _Starting()
+    process = GatewayProcess(gateway, reactor, environ={})
+    try:
+        process.startService()
+        for _ in range(2):  # two while starting: one re-read once ready
+            os.kill(os.getpid(), signal.SIGHUP)
+            await deferLater(reactor, 0.05, lambda: None)
+        assert gateway.reloads == 0
+        gateway.ready.callback(gateway)
+        assert gateway.reloads == 1
+        os.kill(os.getpid(), signal.SIGHUP)  # once ready: at once
+        await deferLater(reactor, 0.05, lambda: None)
+        assert gateway.reloads == 2
+    finally:
+        await process.stopService()
+        for s, handler in kept[0].items():
+            signal.signal(s, handler)
+        gc.set_threshold(*kept[1])

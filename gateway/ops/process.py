@@ -47,6 +47,7 @@ class GatewayProcess(MultiService):
         self.reactor = reactor
         self.log_observer = log_observer  # installed as the application's ILogObserver
         self.systemd = SystemdNotifier(environ or {}, reactor)
+        self._reload_when_ready = False  # a SIGHUP came while starting
         gateway.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
@@ -65,6 +66,9 @@ class GatewayProcess(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # SIGHUP's default action ends the process: it is taken from the start, and one that comes before
+        # the gateway is ready re-reads the file once it is.
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload))
         self.reactor.callWhenRunning(self._take_signals)
         self.gateway.ready.addCallbacks(self._ready, self._failed)
         self.gateway.listening.addCallback(lambda _: self.systemd.ready("accepting devices and requests"))
@@ -85,8 +89,21 @@ class GatewayProcess(MultiService):
         )
         self.reactor.stop()
 
+    def _reload(self) -> None:
+        ready = self.gateway.ready
+        if ready.called:
+            self.gateway.reload()
+        elif not self._reload_when_ready:
+            self._reload_when_ready = True
+            log.info("SIGHUP while starting: the config file is re-read once the gateway is ready")
+            ready.addCallback(self._reload_now)
+
+    def _reload_now(self, result: Any) -> Any:
+        self._reload_when_ready = False
+        self.gateway.reload()
+        return result
+
     def _ready(self, _: Any) -> None:
-        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.gateway.reload))
         tune_gc()
 
     def stopService(self) -> Deferred:
