@@ -400,7 +400,6 @@ class BrokerSources(MultiService):
         source.setServiceParent(self)
 
         def ended(messages: Any) -> Deferred:
-            self.retiring.pop(key, None)
             d = self.run(
                 lambda c: c.runOperation(
                     "DELETE FROM mqtt_sources WHERE gateway = %s AND source = %s AND status->>'client_id' = %s",
@@ -408,8 +407,12 @@ class BrokerSources(MultiService):
                 )
             )
             d.addErrback(lambda f: log.warn("MQTT source {source}: its old row stays: {e}", source=key[0], e=f.value))
-            d.addBoth(lambda _: source.disownServiceParent())
-            return d
+
+            def done(_: Any) -> Any:
+                self.retiring.pop(key, None)  # retired once its row is gone too, so it is never retired twice
+                return source.disownServiceParent()
+
+            return d.addBoth(done)
 
         source.retired.addCallback(ended)
 
