@@ -12,6 +12,7 @@ module of this package with a ``register(sub, common)`` for its commands.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -113,5 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The ``gatewayctl`` command: ``main``, then an exit that does not collect what the process drops anyway."""
+    code = main()
+    # The interpreter's last garbage collections would walk every object the imports made, a fifth of a
+    # second of each command; frozen, they are left to the exit. Nothing of ours waits on a collection.
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

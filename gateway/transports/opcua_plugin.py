@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -11,8 +11,10 @@ from zope.interface import implementer
 from gateway.ops.reports import StatusReport
 from gateway.settings import Setting, duration
 from gateway.transport import IDeviceTransport, Transport, TransportContext
-from gateway.transports.opcua import OpcuaSources
 from gateway.transports.opcua_settings import OpcuaConfigError, OpcuaSource, source_from_table
+
+if TYPE_CHECKING:
+    from gateway.transports.opcua import OpcuaSources
 
 
 def _opcua(tables: Any) -> tuple[OpcuaSource, ...]:
@@ -49,6 +51,10 @@ class Opcua(Transport):
             self._start(self.config.opcua)
 
     def _start(self, sources: tuple[OpcuaSource, ...]) -> None:
+        # asyncua (a quarter of a second to import) only where [[opcua]] tables are: not for every
+        # gateway start and gatewayctl command.
+        from gateway.transports.opcua import OpcuaSources
+
         c = self.context
         self.sources = OpcuaSources(sources, c.ingest, c.reactor, self.config.data_dir / "opcua", c.commands)
         self.sources.reporter = StatusReport("opcua_sources", c.gateway_id, self.sources.status, c.run, c.reactor)
