@@ -19,8 +19,10 @@ What goes wrong stays where it happens:
 - a lost session (a server restart, the network) is counted as a gap, by
   device and reason, and another is made with backoff, with new
   subscriptions; values are not stored for the time no session held them;
-- more values waiting than ``MAX_WAITING`` (the database far behind) are
-  counted as a gap (``overflow``) rather than held without bound.
+- more values waiting than ``MAX_WAITING`` (the database far behind), or
+  more than ``opcua_client.MAX_HANDED`` on their way from the OPC UA thread
+  (the reactor held up), are counted as a gap (``overflow``) rather than
+  held without bound.
 
 OPC UA keeps no history the gateway reads: like Modbus, a value the gateway
 did not receive while its session was down is a reading that never exists,
@@ -105,8 +107,13 @@ class ServerSource:
                 key, "OPC UA {source}: {node} not monitored: {why}", source=self.settings.name, node=key, why=why
             )
 
-    def values_in(self, batch: list[tuple[int, Any, float, int, str]], arrived: float) -> None:
+    def values_in(
+        self, batch: list[tuple[int, Any, float, int, str]], arrived: float, dropped: dict[int, int] | None = None
+    ) -> None:
         items = self.items
+        for handle, n in (dropped or {}).items():  # dropped on their way here (opcua_client.Handler)
+            if handle < len(items):
+                self.gaps[(items[handle].device, "overflow")] += n
         self.values += len(batch)
         self.last_value_at = self.clock.seconds()
         for handle, raw, ts, _, status in batch:
@@ -430,8 +437,8 @@ class _Listener:
     def session(self, items: tuple[Item, ...], refused: dict[int, str], info: dict[str, Any]) -> None:
         self.source.subscribed(items, refused, info)
 
-    def values(self, batch: list[tuple[int, Any, float, int, str]], arrived: float) -> None:
-        self.source.values_in(batch, arrived)
+    def values(self, batch: list[tuple[int, Any, float, int, str]], dropped: dict[int, int], arrived: float) -> None:
+        self.source.values_in(batch, arrived, dropped)
 
     def lost(self, reason: str, message: str) -> None:
         self.source.lost(reason, message)

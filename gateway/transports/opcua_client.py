@@ -22,6 +22,7 @@ namespace array.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fnmatch
 import hashlib
 import logging
@@ -43,6 +44,7 @@ from gateway.readings import metric_name
 from gateway.transports.opcua_settings import Item, OpcuaSource
 
 APPLICATION_URI = "urn:txgateway:client"
+MAX_HANDED = 100_000  # values on their way from the OPC UA thread to the reactor (Handler)
 # asyncua logs every reconnect attempt at WARNING with a traceback; the gateway counts and logs them itself.
 logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 
@@ -51,7 +53,10 @@ class Listener(Protocol):
     """The reactor side of a session (``opcua.py``); each is called in the reactor thread."""
 
     def session(self, items: tuple[Item, ...], refused: dict[int, str], info: dict[str, Any]) -> None: ...
-    def values(self, batch: list[tuple[int, Any, float, int, str]], arrived: float) -> None: ...
+    def values(self, batch: list[tuple[int, Any, float, int, str]], dropped: dict[int, int], arrived: float) -> None:
+        """A publish response's values (handle, value, time, status code, status name when not Good), and
+        how many values of each handle were dropped before it (``Handler``)."""
+
     def lost(self, reason: str, message: str) -> None: ...
     def certificate(self, path: str, thumbprint: str) -> None: ...
 
@@ -129,11 +134,19 @@ async def node_id(client: Client, text: str, namespaces: list[str]) -> ua.NodeId
 
 
 class Handler:
-    """asyncua's subscription handler: values of one publish response go to the reactor together."""
+    """
+    asyncua's subscription handler: values of one publish response go to the reactor together. At most
+    ``MAX_HANDED`` values are on their way to the reactor (a reactor held up must not let the handoff grow
+    at the server's rate): past it a batch is dropped, and its values are counted by item and told with
+    the next batch that goes, as ``overflow`` gaps.
+    """
 
     def __init__(self, session: UaSession) -> None:
         self.session = session
         self.pending: list[tuple[int, Any, float, int, str]] = []
+        self.lock = threading.Lock()  # over what follows, which the reactor's thread changes too
+        self.handed = 0  # values handed to the reactor and not yet taken
+        self.dropped: collections.Counter[int] = collections.Counter()  # item handle → values dropped
 
     def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
         dv = data.monitored_item.Value
@@ -147,8 +160,21 @@ class Handler:
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
-        if batch:
-            self.session.reactor.callFromThread(self.session.listener.values, batch, time.time())
+        if not batch:
+            return
+        with self.lock:
+            if self.handed + len(batch) > MAX_HANDED:
+                self.dropped.update(handle for handle, *_ in batch)
+                return
+            self.handed += len(batch)
+            dropped, self.dropped = self.dropped, collections.Counter()
+        self.session.reactor.callFromThread(self.taken, batch, dropped, time.time())
+
+    def taken(self, batch: list[tuple[int, Any, float, int, str]], dropped: dict[int, int], arrived: float) -> None:
+        """In the reactor's thread."""
+        with self.lock:
+            self.handed -= len(batch)
+        self.session.listener.values(batch, dropped, arrived)
 
     def status_change_notification(self, status: Any) -> None:
         self.session.lost_event.set()
