@@ -10,7 +10,8 @@ PostgreSQL:
   the others go on;
 - the server killed and started again (on another namespace index): values
   resume without a restart of the gateway, the gap is counted;
-- SignAndEncrypt (Basic256Sha256) with the gateway's own certificate;
+- SignAndEncrypt (Basic256Sha256) with the gateway's own certificate, with a
+  user and password or an X.509 user identity (an unknown one refused);
 - a ``write`` command is written, read back, and succeeds.
 """
 
@@ -233,6 +234,65 @@ async def test_sign_and_encrypt_with_the_gateways_certificate_a_user_and_a_write
             intruder = svc.transport("opcua").sources.sources["intruder"]
             assert intruder.state != "subscribed" and intruder.attempts >= 1
             assert "BadUserAccessDenied" in intruder.last_error, intruder.last_error
+        finally:
+            await svc.stopService()
+
+
+def user_identity(folder: Path, name: str) -> tuple[Path, Path]:
+    """An X.509 user identity: a self-signed RSA certificate (PEM) and its key, as a plant's PKI would issue."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_x509_user_identity_opens_the_session_and_an_unknown_one_is_refused(tmp_path, db_dsn, sql):
+    add_pg_device(sql, "press-4")
+    operator = user_identity(tmp_path / "users", "plant-gateway")
+    stranger = user_identity(tmp_path / "users", "stranger")
+    server_args = ("--security-dir", str(tmp_path / "server-pki"), "--user-certificate", str(operator[0]))
+    with opcua_server(*server_args) as server:
+        secure = {"security": "SignAndEncrypt:Basic256Sha256"}
+        table = {
+            "device": "press-4", "endpoint": server.url, **secure,
+            "certificate": str(operator[0]), "private-key": str(operator[1]),
+            "node": [{"node": node("Types.Double"), "metric": "double"}],
+        }  # fmt: skip
+        wrong = {
+            **table, "name": "intruder", "device": "press-9",
+            "certificate": str(stranger[0]), "private-key": str(stranger[1]),
+        }  # fmt: skip
+        svc = await start_service(tmp_path, db_dsn, {"opcua": [table, wrong]})
+        try:
+            sources = svc.transport("opcua").sources.sources
+            assert await until(lambda: len(stored(sql, "double")) >= 3), sources["press-4"].status()
+            intruder = sources["intruder"]
+            assert await until(lambda: "BadUserAccessDenied" in intruder.last_error, 30), intruder.last_error
+            assert intruder.state != "subscribed"
         finally:
             await svc.stopService()
 

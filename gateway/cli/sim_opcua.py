@@ -13,6 +13,9 @@ The address space, in namespace ``urn:txgateway:simulator``:
 
 With ``--security-dir`` it offers only Sign and SignAndEncrypt (Basic256Sha256,
 Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss), with a certificate made there.
+With ``--user`` (and ``--password-env``) or ``--user-certificate`` a session
+needs that identity: that user and password, or an X.509 identity signed
+with that certificate's key; anonymous sessions are refused.
 """
 
 from __future__ import annotations
@@ -50,29 +53,42 @@ async def serve(args: argparse.Namespace) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.crypto.uacrypto import der_from_x509, load_certificate
     from asyncua.server.user_managers import UserManager
 
-    class OneUser(UserManager):
-        """The one user the simulated server knows."""
+    class Users(UserManager):
+        """The user (name and password) and the X.509 user identity the simulated server knows."""
 
-        def __init__(self, name: str, password: str) -> None:
-            self.name, self.password = name, password
+        def __init__(self, name: str | None, password: str | None, certificate: bytes | None) -> None:
+            self.name, self.password, self.certificate = name, password, certificate
 
         def get_user(self, iserver: Any, username: Any = None, password: Any = None, certificate: Any = None) -> Any:
-            if username == self.name and password == self.password:
+            if self.name is not None and username == self.name and password == self.password:
                 return User(role=UserRole.User, name=username)
+            if self.certificate is not None and certificate == self.certificate:  # its signature checked by asyncua
+                return User(role=UserRole.User, name="x509")
             return None
 
     users = None
+    tokens: list[Any] = []
+    password = None
     if args.user:
         password = os.environ.get(args.password_env or "")
         if password is None:
             raise SystemExit("--user: give --password-env, the environment variable holding the password")
-        users = OneUser(args.user, password)
+        tokens.append(ua.UserNameIdentityToken)
+    trusted = None
+    if getattr(args, "user_certificate", None):
+        if not args.security_dir:
+            raise SystemExit("--user-certificate: give --security-dir too (an X.509 identity is signed)")
+        trusted = der_from_x509(await load_certificate(args.user_certificate))
+        tokens.append(ua.X509IdentityToken)
+    if tokens:
+        users = Users(args.user, password, trusted)
     server = Server(user_manager=users)
     await server.init()
-    if users is not None:  # a user name and password, and nothing else, open a session
-        server.set_identity_tokens([ua.UserNameIdentityToken])
+    if tokens:  # these identities, and no anonymous session
+        server.set_identity_tokens(tokens)
     host, _, port = args.target.rpartition(":")
     server.set_endpoint(f"opc.tcp://{host or '127.0.0.1'}:{port}/")
     server.set_server_name("txgateway simulator")

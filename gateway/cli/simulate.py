@@ -174,6 +174,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--user", help="opcua: the user name the server requires (with --password-env)")
     p.add_argument("--password-env", help="opcua: the environment variable holding that user's password")
+    p.add_argument(
+        "--user-certificate", metavar="FILE",
+        help="opcua: a user's X.509 certificate (PEM or DER) the server takes as an identity (with --security-dir)",
+    )  # fmt: skip
     p.add_argument("--shift", type=int, default=0, help=argparse.SUPPRESS)  # namespaces registered before ours
     p.add_argument("--control", action="store_true", help=argparse.SUPPRESS)  # test hooks on stdin
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="5", help="for mqtt/mqtts [default: 5]")
