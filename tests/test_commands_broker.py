@@ -92,3 +92,43 @@ async def test_a_command_reaches_a_device_on_the_broker_and_its_result_comes_bac
         if device is not None:
             await deferToThread(device.close)
         await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_restart_a_device_heard_before_gets_its_commands_without_publishing_first(
+    tmp_path,
+    db_dsn,
+    sql,
+    broker,  # noqa: F811 - the fixture
+    monkeypatch,
+):
+    monkeypatch.setenv("TEST_BROKER_PASSWORD", PASSWORD)
+    add_pg_device(sql, "truck-17")
+    add_pg_device(sql, "truck-18")
+    table = source_table(broker, **{"command-topic": "devices/{device}/commands/{id}"})
+    first = await start_service(tmp_path, db_dsn, {"mqtt-source": [table]})
+    try:
+        source = first.transport("mqtt_source").sources.sources["plant"]
+        assert await until(lambda: source.counters.state == "subscribed"), source.counters.last_error
+        await deferToThread(publish, broker.port, [("devices/truck-17/readings", payload(1))])
+        assert await until(lambda: sql("SELECT count(*) FROM readings")[0][0] == 5)
+    finally:
+        await first.stopService()  # what was heard is written at the latest when the source stops
+    assert sql("SELECT device FROM broker_devices") == [("truck-17",)]
+    # truck-18 was heard there too, but eight days ago: its commands wait for it to be heard again.
+    sql(
+        "INSERT INTO broker_devices (gateway, source, device, heard_at) "
+        "SELECT gateway, source, 'truck-18', now() - interval '8 days' FROM broker_devices"
+    )
+    device = await deferToThread(BrokerDevice, broker.port)
+    second = await start_service(tmp_path, db_dsn, {"mqtt-source": [table]})
+    try:
+        await second.commands.send("truck-18", parse_request({"name": "reboot", "id": "old-1"}), "ops")
+        await second.commands.send("truck-17", parse_request({"name": "reboot", "id": "r-1"}), "ops")
+        message = await deferToThread(device.got.get, True, 30)
+        assert message.topic == "devices/truck-17/commands/r-1"
+        await state_of(sql, "r-1", "delivered")
+        assert sql("SELECT state FROM commands WHERE id = 'old-1'") == [("queued",)]
+    finally:
+        await deferToThread(device.close)
+        await second.stopService()

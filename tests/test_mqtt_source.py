@@ -22,6 +22,7 @@ from gateway.ingest.core import Ingest
 from gateway.ops.metrics import GatewayMetrics
 from gateway.net.brokers import Broker, SourceError, SourceSettings, source_from_table, source_from_url
 from gateway.transports.broker_client import _ClientFactory
+from gateway.transports import mqtt_source
 from gateway.transports.mqtt_source import BrokerSource, BrokerSources
 from protocols import mqtt
 from protocols.mqtt import V5, V311, Reason
@@ -423,3 +424,49 @@ def test_a_source_stopped_while_the_births_are_asked_for_again_stops_asking():
     assert ready.called and len(h.clock.getDelayedCalls()) == waiting - 1  # the pause before asking again
     h.clock.advance(60)
     assert asked == [0.0, 1.0]
+
+
+class Commands:
+    """The commands service as a broker source sees it: downlinks attached and detached."""
+
+    def __init__(self) -> None:
+        self.attached: list[str] = []
+
+    def attach(self, name, downlink, back=True) -> None:
+        self.attached.append(name)
+
+    def detach(self, name, downlink) -> None:
+        self.attached.remove(name)
+
+
+def test_devices_heard_are_written_together_and_again_at_most_every_heard_every(monkeypatch):
+    monkeypatch.setattr(mqtt_source, "HEARD_EVERY", 10.0)  # an hour; shorter here than the keepalive
+    h = Harness(command_topic="devices/{device}/commands/{id}")
+    h.store.add_device("truck-18")
+    commands = Commands()
+    h.source.commands = commands
+    writes: list[list[str]] = []
+
+    def run(work):
+        class Conn:
+            def runOperation(self, sql, params):
+                assert sql.startswith("INSERT INTO broker_devices")
+                writes.append(params[2])
+                return succeed(None)
+
+        return work(Conn())
+
+    h.source.run = run
+    h.subscribe()
+    for i, device in enumerate(("truck-17", "truck-18", "truck-17")):
+        h.publish(i + 1, body(1.0, start=i), topic=f"devices/{device}/readings")
+    assert commands.attached == ["truck-17", "truck-18"] and writes == []
+    h.clock.advance(mqtt_source.HEARD_FLUSH)  # both, in one statement
+    assert writes == [["truck-17", "truck-18"]]
+    h.clock.advance(1)
+    h.publish(4, body(2.0), topic="devices/truck-17/readings")
+    h.clock.advance(mqtt_source.HEARD_FLUSH)
+    assert len(writes) == 1  # written 6 s ago
+    h.publish(5, body(3.0), topic="devices/truck-17/readings")
+    h.clock.advance(mqtt_source.HEARD_FLUSH)
+    assert writes[1:] == [["truck-17"]]

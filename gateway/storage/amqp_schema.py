@@ -1,5 +1,6 @@
 """
-The schema of RabbitMQ sources, OPC UA servers and Sparkplug births: migrations that follow those of
+The schema of RabbitMQ sources, OPC UA servers, Sparkplug births and the devices heard on MQTT brokers:
+migrations that follow those of
 ``trackers_schema.py`` (``migrations.py`` appends them), in the same form.
 """
 
@@ -52,6 +53,22 @@ AMQP_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             payload     bytea NOT NULL,
             updated_at  timestamptz NOT NULL,
             PRIMARY KEY (gateway, source, group_id, node, device)
+        );
+        """,
+    ),
+    (
+        25,
+        "the devices heard on each MQTT broker source",
+        """
+        -- A registered device heard from on an [[mqtt_source]] with a command-topic (or a Sparkplug device),
+        -- and when it was last heard (written at most hourly): after a restart, commands go out to it on that
+        -- broker at once, without waiting for it to publish first. Rows older than a week are not taken.
+        CREATE TABLE broker_devices (
+            gateway     text NOT NULL,
+            source      text NOT NULL,
+            device      text NOT NULL,
+            heard_at    timestamptz NOT NULL,
+            PRIMARY KEY (gateway, source, device)
         );
         """,
     ),

@@ -81,7 +81,10 @@ log = Logger()
 
 
 GONE_CHECK = 30.0  # seconds between looks for sources this gateway reported before and no longer has
-BIRTHS_RETRY, BIRTHS_RETRY_CAP = 1.0, 10.0  # seconds: Sparkplug births asked for again while the database is away
+READ_BACK_RETRY, READ_BACK_RETRY_CAP = 1.0, 10.0  # seconds: rows kept before a restart asked for again
+HEARD_WITHIN = 7 * 86400.0  # seconds: devices heard on a broker this recently get its commands after a restart
+HEARD_EVERY = 3600.0  # seconds: how often a device's heard_at is written again while it is heard
+HEARD_FLUSH = 5.0  # seconds: devices newly heard are written together after this
 
 # -- the state a source reports ----------------------------------------------
 
@@ -114,7 +117,11 @@ class BrokerSource(ClientService):
         self.run: Callable[..., Any] | None = None  # the read pool, for births
         self.owner = ""
         self.births_ready: Deferred | None = None
-        self._births_wait: Deferred | None = None  # the pause before the births are asked for again
+        self._waits: set[Deferred] = set()  # pauses before rows kept before a restart are asked for again
+        # The devices heard here: when each was last written to broker_devices, those to write, the write's call.
+        self._heard_written: dict[str, float] = {}
+        self._heard_pending: set[str] = set()
+        self._heard_flush: Any = None
         self.state_ts = 0  # the timestamp of this connection's STATE (the Will's and the online message's)
         self.command_ids: dict[int, BrokerDownlink] = {}
         self._last_packet_id = FIRST_ID - 1
@@ -165,9 +172,16 @@ class BrokerSource(ClientService):
     def subscribed_now(self) -> bool:
         return self.counters.state == "subscribed"
 
-    def reachable(self, name: str) -> None:
-        """A registered device was heard from on this broker: commands to it go out here from now on."""
-        if self.commands is not None and name not in self.downlinks:
+    def reachable(self, name: str, heard: bool = True) -> None:
+        """
+        A registered device was heard from on this broker (or was, before a restart: ``heard`` false):
+        commands to it go out here from now on.
+        """
+        if self.commands is None:
+            return
+        if heard:
+            self._heard(name)
+        if name not in self.downlinks:
             kind = SparkplugDownlink if self.sparkplug is not None else BrokerDownlink
             downlink = self.downlinks[name] = kind(self, name, self.commands)
             self.commands.attach(name, downlink, back=False)
@@ -184,41 +198,105 @@ class BrokerSource(ClientService):
     def load_births(self) -> Deferred:
         """
         The births kept before a restart (never errbacks). Without them the data the broker sends again
-        could not be read, so while the database does not answer they are asked for again (1 s doubling
-        to 10 s) and the messages wait at the broker, unacknowledged; stopping the source ends the wait.
+        could not be read, so the messages wait at the broker, unacknowledged, until they are read back.
         """
         return Deferred.fromCoroutine(self._load_births())
 
     async def _load_births(self) -> None:
-        host, run = self.sparkplug, self.run
-        if host is None or run is None:
+        host = self.sparkplug
+        if host is None:
             return
         sql = "SELECT group_id, node, device, payload FROM sparkplug_births WHERE gateway = %s AND source = %s"
-        delay = BIRTHS_RETRY
-        while True:
-            try:
-                rows = await run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
-                break
-            except Exception as e:  # noqa: BLE001 - the database away: asked again
-                log.warn(
-                    "MQTT source {source}: Sparkplug births not read back yet ({error}); asking again in {delay} s",
-                    source=self.settings.name,
-                    error=str(e),
-                    delay=delay,
-                )
-            self._births_wait = deferLater(self.clock, delay, lambda: None)
-            try:
-                await self._births_wait
-            except CancelledError:
-                return  # the source stopped
-            finally:
-                self._births_wait = None
-            delay = min(delay * 2, BIRTHS_RETRY_CAP)
-        for group, node, device, payload in rows:
+        for group, node, device, payload in await self._read_back(sql, "Sparkplug births"):
             try:
                 host.restore(group, node, device or None, bytes(payload))
             except Exception as e:  # noqa: BLE001 - a birth that no longer decodes: the node is asked again
                 log.warn("Sparkplug birth of {group}/{node} not read back: {e}", group=group, node=node, e=e)
+
+    def load_heard(self) -> Deferred:
+        """
+        The devices heard on this broker within ``HEARD_WITHIN`` before a restart (never errbacks): commands
+        go out to them at once, as to the devices heard since, without waiting for them to publish first.
+        """
+        return Deferred.fromCoroutine(self._load_heard())
+
+    async def _load_heard(self) -> None:
+        if self.commands is None:
+            return
+        if self.births_ready is not None:  # a Sparkplug device's command is typed from its birth
+            await self.births_ready
+        sql = (
+            "SELECT device FROM broker_devices WHERE gateway = %s AND source = %s "
+            f"AND heard_at > now() - interval '{int(HEARD_WITHIN)} seconds' ORDER BY device"
+        )
+        for (name,) in await self._read_back(sql, "the devices heard on this broker"):
+            self.reachable(name, heard=False)
+
+    async def _read_back(self, sql: str, what: str) -> list[tuple]:
+        """
+        Rows this gateway kept for this source, asked for again (1 s doubling to 10 s) while the database
+        does not answer; none once the source stops.
+        """
+        run = self.run
+        if run is None:
+            return []
+        delay = READ_BACK_RETRY
+        while True:
+            try:
+                rows: list[tuple] = await run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
+                return rows
+            except Exception as e:  # noqa: BLE001 - the database away: asked again
+                log.warn(
+                    "MQTT source {source}: {what} not read back yet ({error}); asking again in {delay} s",
+                    source=self.settings.name,
+                    what=what,
+                    error=str(e),
+                    delay=delay,
+                )
+            wait = deferLater(self.clock, delay, lambda: None)
+            self._waits.add(wait)
+            try:
+                await wait
+            except CancelledError:
+                return []  # the source stopped
+            finally:
+                self._waits.discard(wait)
+            delay = min(delay * 2, READ_BACK_RETRY_CAP)
+
+    def _heard(self, name: str) -> None:
+        """Note that ``name`` was heard here (written with others heard meanwhile, at most hourly each)."""
+        now = self.clock.seconds()
+        last = self._heard_written.get(name)
+        if self.run is None or (last is not None and now - last < HEARD_EVERY):
+            return
+        self._heard_written[name] = now
+        self._heard_pending.add(name)
+        if self._heard_flush is None:
+            self._heard_flush = self.clock.callLater(HEARD_FLUSH, self._write_heard)
+
+    def _write_heard(self) -> Deferred:
+        self._heard_flush = None
+        names, self._heard_pending = sorted(self._heard_pending), set()
+        if not names or self.run is None:
+            return succeed(None)
+        sql = (
+            "INSERT INTO broker_devices (gateway, source, device, heard_at) "
+            "SELECT %s, %s, d, now() FROM unnest(%s::text[]) AS d "
+            "ON CONFLICT (gateway, source, device) DO UPDATE SET heard_at = EXCLUDED.heard_at"
+        )
+        d: Deferred = self.run(lambda c: c.runOperation(sql, (self.owner, self.settings.name, names)))
+
+        def failed(f: Any) -> None:
+            for name in names:  # written again when next heard
+                self._heard_written.pop(name, None)
+            log.warn(
+                "MQTT source {source}: the devices heard not kept ({error}); their commands wait for them after "
+                "a restart",
+                source=self.settings.name,
+                error=str(f.value),
+            )
+
+        return d.addErrback(failed)
 
     def save_birth(self, group: str, node: str, device: str | None, payload: bytes) -> Deferred:
         """Keep a birth for after a restart (the message is acknowledged once it is kept)."""
@@ -280,14 +358,19 @@ class BrokerSource(ClientService):
         super().startService()
 
     def stopService(self) -> Deferred:
-        if self._births_wait is not None:
-            self._births_wait.cancel()
+        for wait in list(self._waits):
+            wait.cancel()
+        kept = succeed(None)
+        if self._heard_flush is not None:
+            self._heard_flush.cancel()
+            kept = self._write_heard()
         for name, downlink in self.downlinks.items():
             self.commands.detach(name, downlink)
         self.downlinks.clear()
         client = self.client
         drained = client.stop() if client is not None else succeed(None)
         self.set_state("stopped", "")
+        drained.addCallback(lambda _: kept)
         return drained.addCallback(lambda _: super(BrokerSource, self).stopService())
 
     def status(self) -> dict[str, Any]:
@@ -366,6 +449,7 @@ class BrokerSources(MultiService):
         source.run, source.owner = self.run, self.owner
         if source.sparkplug is not None:
             source.births_ready = source.load_births()
+        source.load_heard()
         source.setServiceParent(self)  # started at once when this service runs
 
     async def reconfigure(self, sources: tuple[SourceSettings, ...]) -> list[str]:
