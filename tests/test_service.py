@@ -363,3 +363,48 @@ async def test_a_sighup_while_starting_is_applied_once_ready_and_never_ends_the_
         for s, handler in kept[0].items():
             signal.signal(s, handler)
         gc.set_threshold(*kept[1])
+
+
+def test_a_postmaster_left_a_zombie_is_restarted_past_the_lock_files_naming_it(tmp_path):
+    """
+    A postmaster killed with SIGKILL leaves its lock files (of the data directory and of the socket); while
+    its zombie is not reaped its pid still exists, and PostgreSQL refuses to start over a lock of a live pid.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from gateway.storage.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    pg.start()
+    # Exited and not reaped until the end: its pid exists, as a zombie's does; of PostgreSQL's own user, as
+    # the postmaster is, else PostgreSQL may not signal it and takes its lock for a stale one.
+    owner = (tmp_path / "pg").stat().st_uid
+    zombie = subprocess.Popen(["true"], user=owner if os.geteuid() == 0 else None)
+    try:
+        killed = psutil.Process(pg.postmaster())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+        time.sleep(0.2)  # let the zombie be one
+        locks = [pg.pg_dir / "postmaster.pid", *pg.pg_dir.glob(".s.PGSQL.*.lock")]
+        assert len(locks) == 2, locks
+        for lock in locks:  # as though the killed postmaster's own zombie were still there
+            first, rest = lock.read_text().split("\n", 1)
+            lock.write_text(f"{zombie.pid}\n{rest}")
+        assert pg.postmaster() is None  # a zombie is not a running postmaster
+        deadline, error = time.monotonic() + 30, None
+        while time.monotonic() < deadline:  # the killed postmaster's backends may hold its memory a moment
+            try:
+                pg.restart()
+                break
+            except Exception as e:  # noqa: BLE001 - tried again, as the supervisor does
+                error = e
+                time.sleep(0.5)
+        assert pg.postmaster() is not None, error
+    finally:
+        zombie.wait()
+        pg.stop()

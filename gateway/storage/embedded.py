@@ -122,6 +122,15 @@ class EmbeddedPostgres:
         except psutil.Error:
             return pid, False
 
+    def _remove_locks_of(self, pid: int) -> None:
+        """Remove postmaster.pid and the socket's lock file where they name ``pid`` (a postmaster gone)."""
+        for lock in (self.pg_dir / "postmaster.pid", *self.pg_dir.glob(".s.PGSQL.*.lock")):
+            try:
+                if int(lock.read_text().split("\n", 1)[0]) == pid:
+                    lock.unlink()
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not a lock file PostgreSQL wrote
+
     def postmaster(self) -> int | None:
         """The running postmaster's pid, or None when none runs (an exited one's pid file does not count)."""
         found = self._pid_file()
@@ -134,10 +143,11 @@ class EmbeddedPostgres:
         pgserver = _pgserver()
         found = self._pid_file()
         if found is not None and not found[1]:
-            # The postmaster has exited (a zombie not yet reaped still holds its pid): its lock file is
-            # stale, and PostgreSQL would not start while that pid exists. Its backends, if still
-            # attached to shared memory, make the start fail instead, and it is tried again.
-            (self.pg_dir / "postmaster.pid").unlink(missing_ok=True)
+            # The postmaster has exited (a zombie not yet reaped still holds its pid): its lock files, of
+            # the data directory and of the socket beside it, are stale, and PostgreSQL would not start
+            # while that pid exists. Its backends, if still attached to shared memory, make the start fail
+            # instead, and it is tried again.
+            self._remove_locks_of(found[0])
         try:
             with pgserver.postgres_server.PostgresServer._lock, traversal_only(self.pg_dir):
                 self._server.ensure_postgres_running()
