@@ -4,7 +4,8 @@ edge nodes whose payloads are written byte by byte from the specification
 (``tests/sparkplug_wire.py``, no protobuf library) and whose MQTT is
 paho-mqtt's:
 
-- STATE online (retained) while the gateway runs, offline once it stops;
+- STATE online (retained) while the gateway runs, offline once it stops; an
+  offline STATE of its own seen while it runs answered by online again;
 - births then data stored with the Sparkplug names and the metrics' times;
 - a seq gap → an NCMD Node Control/Rebirth on the broker → the node's births
   again; a stale Will (another bdSeq) changes nothing; NDEATH marks the
@@ -142,6 +143,16 @@ async def test_births_data_rebirth_commands_deaths_and_state(tmp_path, db_dsn, s
         assert await until(lambda: source.sparkplug.counts["stale_death"] == 1)
         assert source.sparkplug.online()["line-1-press"] is True
 
+        # This host's own STATE said offline while it runs (an earlier session's Will come late): the host
+        # says online again at once, with this session's timestamp.
+        topic = "spBv1.0/STATE/scada-1"
+        online = watcher.state("scada-1")
+        seen = len(watcher.seen[topic])
+        late = json.dumps({"online": False, "timestamp": online["timestamp"] - 60_000}).encode()
+        await deferToThread(publish, broker.port, topic, late, True)
+        assert await until(lambda: len(watcher.seen[topic]) >= seen + 2), watcher.seen[topic][seen:]
+        assert [json.loads(p) for p in watcher.seen[topic][seen:]] == [json.loads(late), online]
+
         # NDEATH of this session: the node and its devices are offline.
         await deferToThread(node.death)
         node = None
@@ -159,12 +170,12 @@ async def test_births_data_rebirth_commands_deaths_and_state(tmp_path, db_dsn, s
             watcher.stop()
 
 
-def publish(port: int, topic: str, payload: bytes) -> None:
+def publish(port: int, topic: str, payload: bytes, retain: bool = False) -> None:
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
-        c.publish(topic, payload, qos=1).wait_for_publish(30)
+        c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(30)
     finally:
         c.disconnect()
         c.loop_stop()

@@ -31,7 +31,7 @@ from gateway.transports.broker_commands import parsed_result, result_of
 from gateway.transports.mqtt_adapter import bare_number
 from gateway.transports.flow import SessionFlow
 from gateway.transports.session import DeviceSession, Ticket
-from gateway.transports.sparkplug_link import state_payload, will
+from gateway.transports.sparkplug_link import state_online, state_payload, will
 from protocols import mqtt
 
 if TYPE_CHECKING:
@@ -319,6 +319,8 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
         assert host is not None
         now = self.clock.seconds()
         out = host.message(publish.topic, publish.payload, now)
+        if out.kind == "state" and publish.topic == self.settings.state_topic and not self.session.stopped:
+            self._state_again(publish.payload)
         if out.rebirth is not None:
             topic, payload = host.rebirth_message(*out.rebirth, now)
             self._send(mqtt.Publish(topic, payload, qos=0))
@@ -342,6 +344,18 @@ class BrokerClient(SessionFlow, MQTTClientProtocol):
             self._store(ticket, publish, device, readings, keep_birth, name)
 
         self._for_device(ticket, publish, name, store)
+
+    def _state_again(self, payload: bytes) -> None:
+        """
+        This host's own STATE said offline while it is online (an earlier session's Will come late, or a
+        client publishing it): the online message again at once, with this session's timestamp, so that
+        edge nodes waiting for their primary host do not take it for gone (Sparkplug 3.0, host session).
+        """
+        if state_online(payload) is not False:
+            return
+        online = state_payload(True, self.source.state_ts)
+        self._send(mqtt.Publish(self.settings.state_topic, online, 1, self.source.command_packet_id(), retain=True))
+        log.info("MQTT source {source}: STATE offline seen while online; online again", source=self.settings.name)
 
     def _store(
         self,

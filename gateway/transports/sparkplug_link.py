@@ -36,6 +36,15 @@ def state_payload(online: bool, timestamp_ms: int) -> bytes:
     return json.dumps({"online": online, "timestamp": timestamp_ms}, separators=(",", ":")).encode()
 
 
+def state_online(payload: bytes) -> bool | None:
+    """A STATE payload's ``online``; None when it is not a STATE payload."""
+    try:
+        online = json.loads(payload).get("online")
+    except (ValueError, AttributeError):
+        return None
+    return online if isinstance(online, bool) else None
+
+
 def will(settings: Any, timestamp_ms: int) -> mqtt.Will:
     return mqtt.Will(settings.state_topic, state_payload(False, timestamp_ms), qos=1, retain=True)
 
