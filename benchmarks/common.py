@@ -161,6 +161,40 @@ def ceiling(dsn: str, duration: float, batch: int = 5000, connections: tuple[int
     }
 
 
+class CpuSplit:
+    """
+    CPU seconds (user + system) spent by PostgreSQL, Mosquitto and this script's finished children (the
+    load generators) from when it is made to ``spent()``: where the time of a run went besides the
+    gateway's own. PostgreSQL and Mosquitto are every process of that name on the machine, so this is for
+    runs on a machine doing nothing else.
+    """
+
+    NAMES = {"postgres": "postgres", "mosquitto": "broker"}
+
+    def __init__(self) -> None:
+        self.before = self._now()
+
+    @classmethod
+    def _now(cls) -> dict[str, float]:
+        import resource
+
+        seen: dict[str, float] = collections.defaultdict(float)
+        for p in psutil.process_iter(["name", "cpu_times"]):
+            what, times = cls.NAMES.get(p.info["name"] or ""), p.info["cpu_times"]
+            if what is not None and times is not None:
+                seen[f"{what}:{p.pid}"] = times.user + times.system
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seen["load"] = children.ru_utime + children.ru_stime
+        return seen
+
+    def spent(self) -> dict[str, float]:
+        """Seconds by ``postgres``, ``broker`` and ``load`` (a process gone before now is not counted)."""
+        out = {"postgres": 0.0, "broker": 0.0, "load": 0.0}
+        for key, seconds in self._now().items():
+            out[key.split(":")[0]] += seconds - self.before.get(key, 0.0)
+        return out
+
+
 LISTENING = re.compile(r"listening for (HTTPS|TGP|TGP over TLS|MQTT|Teltonika|Teltonika over UDP|GT06) on [\d.]+:(\d+)")
 
 

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import psutil
 import psycopg2
 
-from common import BIN, Gateway, drop_database, fresh_database, machine, simulate, workspace
+from common import BIN, CpuSplit, Gateway, drop_database, fresh_database, machine, simulate, workspace
 from run import mqtt_source, running_mosquitto
 from upload_load import stored
 
@@ -216,6 +216,7 @@ def sparkplug(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict
             try:
                 time.sleep(1)
                 cpu_before = sum(process.cpu_times()[:2])
+                split = CpuSplit()
                 target = SimpleNamespace(data_dir=tmp / "sparkplug-sim", ports={"sparkplug": port})
                 started = time.monotonic()
                 result = simulate_sparkplug(target, dsn, devices, duration)
@@ -226,6 +227,7 @@ def sparkplug(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict
                     time.sleep(0.1)
                 drained = time.monotonic()
                 cpu = sum(process.cpu_times()[:2]) - cpu_before
+                others = split.spent()
             finally:
                 gateway.stop()
     finally:
@@ -237,6 +239,7 @@ def sparkplug(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict
         "readings_per_s": count / (drained - started),
         "catch_up_s": drained - ended,
         "gateway_cpu_s_per_million": cpu / max(1, count) * 1e6,
+        **{f"{k}_cpu_s_per_million": v / max(1, count) * 1e6 for k, v in others.items()},
     }
 
 
@@ -260,11 +263,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100, help="TGP devices, and Sparkplug/MQTT devices [100]")
     parser.add_argument("--db", help="PostgreSQL server DSN (default: embedded, in a temporary directory)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--sparkplug-only", action="store_true", help="only Sparkplug B against MQTT JSON")
     args = parser.parse_args()
     with workspace(args.db) as (tmp, server_dsn):
         figures = {"machine": machine(server_dsn)}
-        figures["opcua"] = opcua(tmp, server_dsn, args.items, args.duration)
-        figures["tgp_beside_opcua"] = tgp_beside_opcua(tmp, server_dsn, args.tgp_items, args.duration, args.devices)
+        if not args.sparkplug_only:
+            figures["opcua"] = opcua(tmp, server_dsn, args.items, args.duration)
+            figures["tgp_beside_opcua"] = tgp_beside_opcua(tmp, server_dsn, args.tgp_items, args.duration, args.devices)
         figures["sparkplug"] = sparkplug(tmp, server_dsn, args.duration, args.devices)
         figures["mqtt_json_source"] = mqtt_source(tmp, server_dsn, args.duration, args.devices, 0)
         figures["sparkplug_x_mqtt_json"] = (

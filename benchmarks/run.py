@@ -63,6 +63,7 @@ from common import (
     idle,
     stop,
     BIN,
+    CpuSplit,
     ROOT,
     Gateway,
     ceiling,
@@ -207,6 +208,7 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
             try:
                 time.sleep(1)  # subscribed: a loopback broker answers in milliseconds
                 cpu_before = sum(process.cpu_times()[:2])
+                split = CpuSplit()
                 target = SimpleNamespace(data_dir=tmp / "source-sim", ports={"mqtt": port})
                 started = time.monotonic()
                 result = simulate(target, dsn, "mqtt", devices, rate, duration, 100)
@@ -216,6 +218,7 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
                     time.sleep(0.1)
                 drained = time.monotonic()
                 cpu = sum(process.cpu_times()[:2]) - cpu_before
+                others = split.spent()
             finally:
                 gateway.stop()
     finally:
@@ -227,6 +230,7 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
         "readings_per_s": count / (drained - started),
         "catch_up_s": drained - ended,
         "gateway_cpu_s_per_million": cpu / max(1, count) * 1e6,
+        **{f"{k}_cpu_s_per_million": v / max(1, count) * 1e6 for k, v in others.items()},
     }
 
 

@@ -166,3 +166,6 @@ def test_the_plant_benchmark_reports_every_figure(tmp_path):
     assert figures["tgp_beside_opcua"]["ratio"] > 0
     assert figures["sparkplug"]["stored"] == figures["sparkplug"]["expected"] > 0, figures["sparkplug"]
     assert figures["sparkplug_x_mqtt_json"] > 0
+    for run in ("sparkplug", "mqtt_json_source"):  # where the CPU of each run went besides the gateway's
+        assert all(figures[run][f"{what}_cpu_s_per_million"] >= 0 for what in ("postgres", "broker", "load")), run
+        assert figures[run]["postgres_cpu_s_per_million"] > 0, run
