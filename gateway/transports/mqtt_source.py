@@ -62,6 +62,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from gateway.backoff import Backoff
 from gateway.reactor import Clock, Reactor
 from gateway.ingest.core import Ingest
 from gateway.families import counter, gauge
@@ -240,12 +241,13 @@ class BrokerSource(ClientService):
         run = self.run
         if run is None:
             return []
-        delay = READ_BACK_RETRY
+        backoff = Backoff(READ_BACK_RETRY, READ_BACK_RETRY_CAP)
         while True:
             try:
                 rows: list[tuple] = await run(lambda c: c.runQuery(sql, (self.owner, self.settings.name)))
                 return rows
             except Exception as e:  # noqa: BLE001 - the database away: asked again
+                delay = backoff.failed()
                 log.warn(
                     "MQTT source {source}: {what} not read back yet ({error}); asking again in {delay} s",
                     source=self.settings.name,
@@ -261,7 +263,6 @@ class BrokerSource(ClientService):
                 return []  # the source stopped
             finally:
                 self._waits.discard(wait)
-            delay = min(delay * 2, READ_BACK_RETRY_CAP)
 
     def _heard(self, name: str) -> None:
         """Note that ``name`` was heard here (written with others heard meanwhile, at most hourly each)."""
