@@ -389,7 +389,7 @@ def test_a_postmaster_left_a_zombie_is_restarted_past_the_lock_files_naming_it(t
         killed = psutil.Process(pg.postmaster())
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
-        time.sleep(0.2)  # let the zombie be one
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # it has exited, and stays a zombie
         locks = [pg.pg_dir / "postmaster.pid", *pg.pg_dir.glob(".s.PGSQL.*.lock")]
         assert len(locks) == 2, locks
         for lock in locks:  # as though the killed postmaster's own zombie were still there
