@@ -37,8 +37,9 @@ from types import SimpleNamespace
 import psutil
 import psycopg2
 
-from common import BIN, CpuSplit, Gateway, drop_database, fresh_database, machine, simulate, workspace
-from run import mqtt_source, running_mosquitto
+from common import BIN, Gateway, drop_database, fresh_database, machine, simulate, workspace
+from modbus_poll import provision
+from run import mqtt_source, through_broker
 from upload_load import stored
 
 NAMESPACE = "urn:txgateway:simulator"
@@ -65,16 +66,6 @@ def opcua_config(url: str, items: int, devices: int = 100) -> str:
         lines += ["[[opcua.node]]", f'node = "nsu={NAMESPACE};s=Bench.Tag{i:05d}"', f'metric = "tag{i:05d}"']
         lines += [f'device = "sim-{i // per}"']
     return "\n".join(lines) + "\n"
-
-
-def provision(dsn: str, devices: int) -> None:
-    from gateway.cli.simulate import provision_simulated
-
-    conn = psycopg2.connect(dsn)
-    try:
-        provision_simulated(conn, devices)
-    finally:
-        conn.close()
 
 
 def opcua_status(dsn: str) -> list[dict]:
@@ -202,45 +193,24 @@ def tgp_beside_opcua(tmp: Path, server_dsn: str, items: int, duration: float, de
 
 
 def sparkplug(tmp: Path, server_dsn: str, duration: float, devices: int) -> dict:
-    dsn = fresh_database(server_dsn, "bench_sparkplug")
-    try:
-        with running_mosquitto(tmp, "max_queued_messages 0\n") as port:
-            config = tmp / "sparkplug.toml"
-            config.write_text(
-                "[[mqtt_source]]\n"
-                f'name = "plant"\nurl = "mqtt://127.0.0.1:{port}"\nformat = "sparkplug"\nhost-id = "bench"\n'
-                'device-name = "{device}"\n'
-            )
-            gateway = Gateway(dsn, tmp / "gw-sparkplug", "--config", str(config))
-            process = psutil.Process(gateway.proc.pid)
-            try:
-                time.sleep(1)
-                cpu_before = sum(process.cpu_times()[:2])
-                split = CpuSplit()
-                target = SimpleNamespace(data_dir=tmp / "sparkplug-sim", ports={"sparkplug": port})
-                started = time.monotonic()
-                result = simulate_sparkplug(target, dsn, devices, duration)
-                ended = time.monotonic()
-                expected = result["readings"] + devices * 100  # and each device's DBIRTH
-                deadline = ended + max(60.0, 10 * duration)
-                while (count := stored(dsn)) < expected and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                drained = time.monotonic()
-                cpu = sum(process.cpu_times()[:2]) - cpu_before
-                others = split.spent()
-            finally:
-                gateway.stop()
-    finally:
-        drop_database(server_dsn, "bench_sparkplug")
-    return {
-        "published": result["readings"],
-        "stored": count,
-        "expected": expected,
-        "readings_per_s": count / (drained - started),
-        "catch_up_s": drained - ended,
-        "gateway_cpu_s_per_million": cpu / max(1, count) * 1e6,
-        **{f"{k}_cpu_s_per_million": v / max(1, count) * 1e6 for k, v in others.items()},
-    }
+    """Edge nodes publishing DDATA of 100 metrics at QoS 1 to Mosquitto, the gateway their host application."""
+    config = tmp / "sparkplug.toml"
+
+    def options(port: int) -> list[str]:
+        config.write_text(
+            "[[mqtt_source]]\n"
+            f'name = "plant"\nurl = "mqtt://127.0.0.1:{port}"\nformat = "sparkplug"\nhost-id = "bench"\n'
+            'device-name = "{device}"\n'
+        )
+        return ["--config", str(config)]
+
+    def load(port: int, dsn: str) -> tuple[dict, int]:
+        target = SimpleNamespace(data_dir=tmp / "sparkplug-sim", ports={"sparkplug": port})
+        result = simulate_sparkplug(target, dsn, devices, duration)
+        expected = result["readings"] + devices * 100  # and each device's DBIRTH
+        return {"published": result["readings"], "expected": expected}, expected
+
+    return through_broker(tmp, server_dsn, "sparkplug", options, load)
 
 
 def simulate_sparkplug(target: SimpleNamespace, dsn: str, devices: int, duration: float) -> dict:

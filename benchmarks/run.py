@@ -53,7 +53,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,21 +200,42 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
     unacknowledged when the simulator stopped reach the gateway too), and how long it needed past the
     load's end.
     """
-    dsn = fresh_database(server_dsn, "bench_source")
+
+    def load(port: int, dsn: str) -> tuple[dict, int]:
+        target = SimpleNamespace(data_dir=tmp / "source-sim", ports={"mqtt": port})
+        result = simulate(target, dsn, "mqtt", devices, rate, duration, 100)
+        return {"offered_rps": result["rate"], "published": result["acked"]}, result["acked"]
+
+    return through_broker(tmp, server_dsn, "source", lambda port: ["--mqtt-source", f"mqtt://127.0.0.1:{port}"], load)
+
+
+def through_broker(
+    tmp: Path,
+    server_dsn: str,
+    name: str,
+    options: Callable[[int], list[str]],
+    load: Callable[[int, str], tuple[dict, int]],
+) -> dict:
+    """
+    A gateway (``options(port)``: how it consumes from the broker) taking what ``load(port, dsn)`` publishes
+    to Mosquitto; ``load`` gives its figures and the readings to wait for. The rate is what the gateway
+    stored per second from the load's start until it had them all; with the CPU of the gateway, PostgreSQL,
+    Mosquitto and the load per million readings.
+    """
+    dsn = fresh_database(server_dsn, f"bench_{name}")
     try:
         with running_mosquitto(tmp, "max_queued_messages 0\n") as port:
-            gateway = Gateway(dsn, tmp / "gw-source", "--mqtt-source", f"mqtt://127.0.0.1:{port}")
+            gateway = Gateway(dsn, tmp / f"gw-{name}", *options(port))
             process = psutil.Process(gateway.proc.pid)
             try:
                 time.sleep(1)  # subscribed: a loopback broker answers in milliseconds
                 cpu_before = sum(process.cpu_times()[:2])
                 split = CpuSplit()
-                target = SimpleNamespace(data_dir=tmp / "source-sim", ports={"mqtt": port})
                 started = time.monotonic()
-                result = simulate(target, dsn, "mqtt", devices, rate, duration, 100)
+                figures, expected = load(port, dsn)
                 ended = time.monotonic()
-                deadline = ended + max(60.0, 10 * duration)
-                while (count := stored(dsn)) < result["acked"] and time.monotonic() < deadline:
+                deadline = ended + max(60.0, 10 * (ended - started))
+                while (count := stored(dsn)) < expected and time.monotonic() < deadline:
                     time.sleep(0.1)
                 drained = time.monotonic()
                 cpu = sum(process.cpu_times()[:2]) - cpu_before
@@ -222,10 +243,9 @@ def mqtt_source(tmp: Path, server_dsn: str, duration: float, devices: int, rate:
             finally:
                 gateway.stop()
     finally:
-        drop_database(server_dsn, "bench_source")
+        drop_database(server_dsn, f"bench_{name}")
     return {
-        "offered_rps": result["rate"],
-        "published": result["acked"],
+        **figures,
         "stored": count,
         "readings_per_s": count / (drained - started),
         "catch_up_s": drained - ended,
