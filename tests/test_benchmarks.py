@@ -25,16 +25,21 @@ FLAT_KEYS = (
 ).split()
 
 
+def bench(tmp_path, script: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``benchmarks/<script>.py`` small: what it printed, and the figures of its --json file."""
+    figures = tmp_path / f"{script}.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--json", str(figures)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out, json.loads(figures.read_text())
+
+
 def test_the_benchmark_reports_every_figure(tmp_path):
     assert shutil.which("wrk"), "wrk drives the benchmark's HTTP runs: scripts/test installs it (apt-get install wrk)"
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--duration", "1", "--devices", "5",
-         "--idle", "20", "--modbus", "20",
-         "--outage", "2", "--steady", "1", "--json", str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=600,
+    out, figures = bench(
+        tmp_path, "run", "--quick", "--duration", "1", "--devices", "5", "--idle", "20", "--modbus", "20",
+        "--outage", "2", "--steady", "1",
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "out.json").read_text())
     for key in FLAT_KEYS:
         assert figures[key] > 0, key
     assert figures["idle_conns"] == figures["idle_mqtt_conns"] == 20
@@ -84,13 +89,9 @@ def test_the_soak_reports_every_tenth(tmp_path):
 
 
 def test_the_commands_benchmark_reports_every_figure(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "commands.py"), "--devices", "5", "--duration", "1",
-         "--senders", "2", "--ingest-devices", "5", "--json", str(tmp_path / "commands.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "commands.json").read_text())
+    out, figures = bench(
+        tmp_path, "commands", "--devices", "5", "--duration", "1", "--senders", "2", "--ingest-devices", "5"
+    )
     for protocol in ("mqtt", "tcp"):
         run = figures[f"round_trip_{protocol}"]
         assert run["sent"] > 0 and run["succeeded"] == run["sent"] and run["refused"] == 0, run
@@ -105,13 +106,7 @@ def test_the_commands_benchmark_reports_every_figure(tmp_path):
 
 
 def test_the_trackers_benchmark_reports_every_figure(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "trackers.py"), "--devices", "5", "--duration", "1",
-         "--idle", "20", "--json", str(tmp_path / "trackers.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "trackers.json").read_text())
+    out, figures = bench(tmp_path, "trackers", "--devices", "5", "--duration", "1", "--idle", "20")
     for run in ("teltonika_max", "tgp_max", "teltonika_half"):
         assert figures[run]["acked"] > 0 and not figures[run]["errors"], (run, figures[run])
     assert figures["idle"]["connected"] == 20 and figures["idle_trackers_rss_mb"] > 0
@@ -122,13 +117,7 @@ def test_the_trackers_benchmark_reports_every_figure(tmp_path):
 
 
 def test_the_kinesis_benchmark_reports_every_figure(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kinesis.py"), "--backlog-seconds", "1", "--devices", "5",
-         "--json", str(tmp_path / "kinesis.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "kinesis.json").read_text())
+    out, figures = bench(tmp_path, "kinesis", "--backlog-seconds", "1", "--devices", "5")
     assert figures["backlog"] > 0
     for sink in ("https", "kinesis"):
         f = figures[sink]
@@ -137,13 +126,9 @@ def test_the_kinesis_benchmark_reports_every_figure(tmp_path):
 
 
 def test_the_amqp_benchmark_reports_every_figure(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "amqp.py"), "--readings", "5000", "--devices", "5",
-         "--duration", "1", "--backlog-seconds", "1", "--json", str(tmp_path / "amqp.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "amqp.json").read_text())
+    out, figures = bench(
+        tmp_path, "amqp", "--readings", "5000", "--devices", "5", "--duration", "1", "--backlog-seconds", "1"
+    )
     for run in ("amqp100", "amqp1"):
         assert figures[run]["readings"] == figures[run]["messages"] * (100 if run == "amqp100" else 1) > 0
         assert figures[run]["readings_per_s"] > 0 and figures[run]["gateway_cpu_s_per_million"] > 0
@@ -154,13 +139,7 @@ def test_the_amqp_benchmark_reports_every_figure(tmp_path):
 
 
 def test_the_plant_benchmark_reports_every_figure(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "plant.py"), "--items", "200", "--tgp-items", "50",
-         "--duration", "1", "--devices", "2", "--json", str(tmp_path / "plant.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    figures = json.loads((tmp_path / "plant.json").read_text())
+    out, figures = bench(tmp_path, "plant", "--items", "200", "--tgp-items", "50", "--duration", "1", "--devices", "2")
     opcua = figures["opcua"]
     assert opcua["rounds"] > 0 and opcua["stored_share"] > 0 and opcua["commit_p99_ms"] > 0, opcua
     assert figures["tgp_beside_opcua"]["ratio"] > 0
