@@ -47,6 +47,7 @@ from protocols import sparkplug_b as spb
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 MAX_NODES = 100_000  # edge nodes remembered; one not born yet is not remembered beyond it
+MAX_NAMES = 100_000  # Sparkplug metric names whose stored name is kept
 
 
 class Birth:
@@ -108,7 +109,7 @@ class SparkplugHost:
         self.rebirth_interval = rebirth_interval
         self.nodes: dict[tuple[str, str], EdgeNode] = {}
         self.counts: collections.Counter[str] = collections.Counter()  # message kinds, gaps, rebirths, not stored
-        self._names: dict[str, str] = {}  # Sparkplug name → metric name: every message repeats them
+        self._names: dict[str, str] = {}  # Sparkplug name → metric name ("" for control metrics): _metric
 
     # -- births kept across restarts ----------------------------------------
 
@@ -221,12 +222,9 @@ class SparkplugHost:
         for name, ts_ms, value in values:
             metric = names.get(name)
             if metric is None:
-                if name == "bdSeq" or name.startswith("Node Control/"):
-                    continue
-                if len(names) >= 100_000:
-                    names.clear()
-                metric = names[name] = metric_name(name)
-            readings.append(Reading(metric, ts_ms * 1000, float(value)))
+                metric = self._metric(name)
+            if metric:
+                readings.append(Reading(metric, ts_ms * 1000, float(value)))
         fields = {"group": group, "node": node, "device": device or ""}
         return Outcome(
             device=(self.device_name if device else self.node_name).format(**fields), readings=readings, rebirth=rebirth
@@ -272,7 +270,11 @@ class SparkplugHost:
     def _readings(self, message: spb.Message) -> list[Reading]:
         out = []
         for m in message.metrics:
-            if m.name == "bdSeq" or (m.name or "").startswith("Node Control/"):
+            name = m.name or f"alias_{m.alias}"
+            metric = self._names.get(name)
+            if metric is None:
+                metric = self._metric(name)
+            if not metric:
                 continue
             value = m.value
             if m.is_null or value is None or m.is_transient or m.datatype not in spb.NUMERIC:
@@ -283,14 +285,20 @@ class SparkplugHost:
                 self.counts["metrics_not_stored"] += 1
                 continue
             number = (1.0 if value else 0.0) if isinstance(value, bool) else float(value)
-            name = m.name or f"alias_{m.alias}"
-            metric = self._names.get(name)
-            if metric is None:
-                if len(self._names) >= 100_000:
-                    self._names.clear()
-                metric = self._names[name] = metric_name(name)
             out.append(Reading(metric, int(ts_ms) * 1000, number))
         return out
+
+    def _metric(self, name: str) -> str:
+        """
+        The metric a Sparkplug name is stored as, kept for the next message (every message repeats them,
+        at most ``MAX_NAMES`` kept); "" for the node's own control metrics (bdSeq, Node Control/…), which
+        are not readings.
+        """
+        if len(self._names) >= MAX_NAMES:
+            self._names.clear()
+        control = name == "bdSeq" or name.startswith("Node Control/")
+        metric = self._names[name] = "" if control else metric_name(name)
+        return metric
 
     # -- what goes out ----------------------------------------------------------
 
